@@ -1,0 +1,351 @@
+//! The content store: file bytes addressed by their BLAKE3 hash, stored once.
+//!
+//! Two tiers, because of what we measured (see ARCHITECTURE.md, "Content store"):
+//!
+//! - **Inline**: content of at most [`INLINE_BYTES_MAX`] lives in the path-tree database
+//!   (`blob.data`), written in the same transaction as the entry that names it — one
+//!   durability domain, and no file or fsync per small file.
+//! - **Files**: larger content lives in `content/<hh>/<hash>`, immutable, named by its hash.
+//!   An import copies and hashes in one pass ([`copy_and_hash`]): the kernel copies a chunk
+//!   (`copy_file_range`) while another thread hashes the previous chunk *of the copy*, so the
+//!   hash always describes the bytes we keep. The file is fsynced and renamed into place before
+//!   the commit that references it.
+//!
+//! The iroh-blobs file store (`blobs/`) *indexes* these for verified streaming to peers:
+//! file blobs by reference (`ImportMode::TryReference`, no second copy), inline ones by value.
+//! Indexing hashes once more, so it runs behind the commit ([`ContentStore::index`]), never in
+//! the write path. Local reads do not need the index: they stream the bytes and check the
+//! BLAKE3 as they go.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use crate::proto::entry::ContentHash;
+
+/// Content up to this size is stored inline in the database (matches iroh-blobs' inline limit).
+pub const INLINE_BYTES_MAX: usize = 16 * 1024;
+/// Bytes copied (and then hashed) per step of [`copy_and_hash`]: large enough for the hasher
+/// to use both cores, small enough that the last step adds little after the copy ends.
+pub const COPY_CHUNK_BYTES: u64 = 32 << 20;
+/// Read buffer for sources that are not regular files (stdin, pipes).
+pub const STREAM_BUF_BYTES: usize = 4 << 20;
+
+/// Errors of the content store.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    /// The disk is full.
+    #[error("the disk holding {0} is full: free space and retry (nothing was changed)")]
+    DiskFull(PathBuf),
+    /// Stored bytes no longer match their hash.
+    #[error("blob {hash} is corrupt (its bytes hash to {actual}): restore it from a peer or a backup")]
+    Corrupt {
+        /// The expected hash.
+        hash: ContentHash,
+        /// What the bytes hash to now.
+        actual: ContentHash,
+    },
+    /// A blob the tree names is not in the store.
+    #[error("blob {0} is missing from the content store: restore it from a peer or a backup")]
+    Missing(ContentHash),
+    /// Anything else from the file system.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The iroh-blobs index failed.
+    #[error("blob index (iroh-blobs): {0}")]
+    Index(String),
+}
+
+impl ContentError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error, dir: &Path) -> Self {
+        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+            return ContentError::DiskFull(dir.to_path_buf());
+        }
+        ContentError::Io { context: context.into(), source }
+    }
+}
+
+/// A blob ready to be committed: its hash, size, and (if small) its bytes for the inline tier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imported {
+    /// BLAKE3 of the bytes.
+    pub hash: ContentHash,
+    /// Length in bytes.
+    pub size: u64,
+    /// The bytes themselves when at most [`INLINE_BYTES_MAX`]; `None` for a file blob.
+    pub inline: Option<Vec<u8>>,
+}
+
+/// Copies `src` to `dst` (both regular files, `dst` empty) and returns the BLAKE3 of what
+/// was written and its length. The copy runs in the kernel, chunk by chunk; a second thread
+/// hashes each chunk of `dst` once it is written, through a memory map of `dst`.
+pub fn copy_and_hash(src: &File, dst: &File, len: u64, mut progress: impl FnMut(u64)) -> io::Result<(ContentHash, u64)> {
+    dst.set_len(0)?;
+    let (tx, rx) = mpsc::sync_channel::<(u64, u64)>(4);
+    let dst_for_hash = dst.try_clone()?;
+    let hasher = std::thread::Builder::new().name("alkfs-hash".into()).spawn(move || -> io::Result<blake3::Hash> {
+        let mut hasher = blake3::Hasher::new();
+        for (start, end) in rx {
+            // SAFETY: the region [start, end) of the staging file was fully written before it
+            // was sent, nothing writes it again, and the map lives only for this block.
+            let map = unsafe { memmap2::MmapOptions::new().offset(start).len((end - start) as usize).map(&dst_for_hash)? };
+            hasher.update_rayon(&map);
+        }
+        Ok(hasher.finalize())
+    })?;
+    let mut copied = 0u64;
+    let result = (|| -> io::Result<()> {
+        while copied < len {
+            let step = COPY_CHUNK_BYTES.min(len - copied);
+            let mut done = 0u64;
+            while done < step {
+                let n = copy_range(src, dst, copied + done, (step - done) as usize)?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the source file shrank while being copied"));
+                }
+                done += n as u64;
+            }
+            tx.send((copied, copied + done)).map_err(|_| io::Error::other("hash thread stopped"))?;
+            copied += done;
+            progress(copied);
+        }
+        Ok(())
+    })();
+    drop(tx);
+    let hash = hasher.join().map_err(|_| io::Error::other("hash thread panicked"))??;
+    result?;
+    Ok((ContentHash(*hash.as_bytes()), copied))
+}
+
+/// One `copy_file_range` at `offset` in both files, falling back to read+write where the
+/// kernel or file system cannot.
+fn copy_range(src: &File, dst: &File, offset: u64, len: usize) -> io::Result<usize> {
+    let (mut off_in, mut off_out) = (offset as libc::loff_t, offset as libc::loff_t);
+    // SAFETY: plain syscall on two open descriptors with valid offset pointers.
+    let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, len, 0) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; len.min(STREAM_BUF_BYTES)];
+            let n = src.read_at(&mut buf, offset)?;
+            dst.write_all_at(&buf[..n], offset)?;
+            Ok(n)
+        }
+        _ => Err(err),
+    }
+}
+
+/// Hashes a whole file through a memory map, on all cores.
+pub fn hash_file(file: &File) -> io::Result<(ContentHash, u64)> {
+    let len = file.metadata()?.len();
+    let mut hasher = blake3::Hasher::new();
+    if len > 0 {
+        // SAFETY: staging and content files are private to this process while hashed.
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        hasher.update_rayon(&map);
+    }
+    Ok((ContentHash(*hasher.finalize().as_bytes()), len))
+}
+
+/// The content directories of a data dir.
+#[derive(Clone, Debug)]
+pub struct ContentStore {
+    root: PathBuf,
+}
+
+impl ContentStore {
+    /// The content store under `root` (`DATA/content`); creates its directories.
+    pub fn open(root: &Path) -> Result<Self, ContentError> {
+        let store = ContentStore { root: root.to_path_buf() };
+        fs::create_dir_all(store.staging_dir()).map_err(|e| ContentError::io(format!("create {}", root.display()), e, root))?;
+        Ok(store)
+    }
+
+    /// Where write sessions and imports stage bytes; same file system as the blobs, so a
+    /// finished file is renamed, never copied.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    /// Removes leftover staging files (from a crash). Only call while holding the data dir's
+    /// write lock: otherwise they may belong to a live writer.
+    pub fn clear_staging(&self) -> Result<usize, ContentError> {
+        let mut n = 0;
+        let entries = fs::read_dir(self.staging_dir()).map_err(|e| ContentError::io("read staging dir", e, &self.root))?;
+        for entry in entries.flatten() {
+            if fs::remove_file(entry.path()).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The path of file blob `hash`.
+    pub fn blob_path(&self, hash: &ContentHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// True when file blob `hash` is present.
+    pub fn has_file(&self, hash: &ContentHash) -> bool {
+        self.blob_path(hash).exists()
+    }
+
+    /// A new, empty staging file, removed again when the guard drops unless kept.
+    pub fn stage(&self) -> Result<StagingFile, ContentError> {
+        let tmp = tempfile::Builder::new()
+            .prefix("stage-")
+            .tempfile_in(self.staging_dir())
+            .map_err(|e| ContentError::io("create a staging file", e, &self.root))?;
+        Ok(StagingFile { tmp })
+    }
+
+    /// Imports a regular file: one pass of copy and hash into staging, then [`finish`](Self::finish).
+    pub fn import_file(&self, src: &Path, progress: impl FnMut(u64)) -> Result<Imported, ContentError> {
+        let io = |what: &str, e| ContentError::io(format!("{what} {}", src.display()), e, &self.root);
+        let file = File::open(src).map_err(|e| io("open", e))?;
+        let len = file.metadata().map_err(|e| io("stat", e))?.len();
+        if len <= INLINE_BYTES_MAX as u64 {
+            let mut data = Vec::with_capacity(len as usize);
+            (&file).take(INLINE_BYTES_MAX as u64 + 1).read_to_end(&mut data).map_err(|e| io("read", e))?;
+            if data.len() <= INLINE_BYTES_MAX {
+                return Ok(inline(data));
+            }
+        }
+        let staging = self.stage()?;
+        let (hash, size) = copy_and_hash(&file, staging.file(), len, progress).map_err(|e| io("copy", e))?;
+        self.finish(staging, hash, size)
+    }
+
+    /// Imports everything `reader` yields (stdin, a pipe): buffered, hashed as it is written.
+    pub fn import_reader(&self, mut reader: impl Read, mut progress: impl FnMut(u64)) -> Result<Imported, ContentError> {
+        let io = |what: &str, e| ContentError::io(what.to_string(), e, &self.root);
+        let mut head = Vec::with_capacity(INLINE_BYTES_MAX + 1);
+        (&mut reader).take(INLINE_BYTES_MAX as u64 + 1).read_to_end(&mut head).map_err(|e| io("read input", e))?;
+        if head.len() <= INLINE_BYTES_MAX {
+            return Ok(inline(head));
+        }
+        let mut staging = self.stage()?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        staging.tmp.write_all(&head).map_err(|e| io("write staging file", e))?;
+        let mut size = head.len() as u64;
+        let mut buf = vec![0u8; STREAM_BUF_BYTES];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io("read input", e)),
+            };
+            hasher.update_rayon(&buf[..n]);
+            staging.tmp.write_all(&buf[..n]).map_err(|e| io("write staging file", e))?;
+            size += n as u64;
+            progress(size);
+        }
+        self.finish(staging, ContentHash(*hasher.finalize().as_bytes()), size)
+    }
+
+    /// Makes a fully written staging file the blob `hash`: fsync, then rename into place (or
+    /// drop it when the blob is already there: dedup). Small content goes inline instead.
+    pub fn finish(&self, staging: StagingFile, hash: ContentHash, size: u64) -> Result<Imported, ContentError> {
+        let io = |what: &str, e| ContentError::io(what.to_string(), e, &self.root);
+        if size <= INLINE_BYTES_MAX as u64 {
+            let data = fs::read(staging.tmp.path()).map_err(|e| io("read staging file", e))?;
+            return Ok(inline(data));
+        }
+        let target = self.blob_path(&hash);
+        if !target.exists() {
+            staging.file().sync_data().map_err(|e| io("fsync staging file", e))?;
+            let dir = target.parent().expect("blob path has a parent");
+            fs::create_dir_all(dir).map_err(|e| io("create blob dir", e))?;
+            staging.tmp.persist(&target).map_err(|e| io("move blob into place", e.error))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync blob dir", e))?;
+        }
+        Ok(Imported { hash, size, inline: None })
+    }
+
+    /// Opens file blob `hash` for reading.
+    pub fn open_file(&self, hash: &ContentHash) -> Result<File, ContentError> {
+        File::open(self.blob_path(hash)).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ContentError::Missing(*hash),
+            _ => ContentError::io(format!("open blob {hash}"), e, &self.root),
+        })
+    }
+
+    /// Copies file blob `hash` to `out`, checking its BLAKE3 on the way; on a mismatch the
+    /// bytes already written are the caller's to discard (see `Engine::get`).
+    pub fn read_to(&self, hash: &ContentHash, out: &mut impl Write, mut progress: impl FnMut(u64)) -> Result<u64, ContentError> {
+        let mut file = self.open_file(hash)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; STREAM_BUF_BYTES];
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| ContentError::io(format!("read blob {hash}"), e, &self.root))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update_rayon(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| ContentError::Io { context: "write output".into(), source: e })?;
+            total += n as u64;
+            progress(total);
+        }
+        check(hash, hasher.finalize())?;
+        Ok(total)
+    }
+
+    /// Copies file blob `hash` into the regular file `dst` in one pass (kernel copy, hashing
+    /// the copy), and checks the BLAKE3.
+    pub fn export_file(&self, hash: &ContentHash, dst: &File, progress: impl FnMut(u64)) -> Result<u64, ContentError> {
+        let src = self.open_file(hash)?;
+        let len = src.metadata().map_err(|e| ContentError::io("stat blob", e, &self.root))?.len();
+        let (actual, n) = copy_and_hash(&src, dst, len, progress).map_err(|e| ContentError::io("copy out", e, &self.root))?;
+        check(hash, blake3::Hash::from_bytes(actual.0))?;
+        Ok(n)
+    }
+}
+
+/// Fails with [`ContentError::Corrupt`] unless `actual` is `hash`.
+pub fn check(hash: &ContentHash, actual: blake3::Hash) -> Result<(), ContentError> {
+    if actual.as_bytes() != &hash.0 {
+        return Err(ContentError::Corrupt { hash: *hash, actual: ContentHash(*actual.as_bytes()) });
+    }
+    Ok(())
+}
+
+fn inline(data: Vec<u8>) -> Imported {
+    Imported { hash: ContentHash(*blake3::hash(&data).as_bytes()), size: data.len() as u64, inline: Some(data) }
+}
+
+/// A staging file, deleted on drop unless [`ContentStore::finish`] moved it into place.
+pub struct StagingFile {
+    tmp: tempfile::NamedTempFile,
+}
+
+impl StagingFile {
+    /// The open file.
+    pub fn file(&self) -> &File {
+        self.tmp.as_file()
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
+/// Opens `path` for writing a new file, failing if it exists.
+pub fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new().write(true).create_new(true).open(path)
+}

@@ -1,0 +1,496 @@
+//! The engine: one data directory and the operations on it.
+//!
+//! Layout of a data dir:
+//!
+//! ```text
+//! DATA/lock        held (flock) by the one process that writes; holds its pid
+//! DATA/tree.db     the path tree, history, outbox (SQLite, WAL)
+//! DATA/content/    file blobs by hash (content/<hh>/<hash>) and staging/
+//! DATA/blobs/      the iroh-blobs store indexing the blobs for peers
+//! ```
+//!
+//! Writers take the lock; readers (ls, get, log, watch, …) do not need it: SQLite's WAL gives
+//! them a consistent snapshot and blob files never change once written.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::content::{ContentError, ContentStore, Imported};
+use crate::proto::entry::{ContentHash, Entry, EntryKind};
+use crate::proto::limits::COMMIT_ENTRIES_MAX;
+use crate::proto::path::TreePath;
+use crate::session::WriteSession;
+use crate::store::merge::{ConflictRow, MergeReport};
+use crate::store::read::{self, View};
+use crate::store::{Branch, StoreError, TreeStore, VersionRow, TREE_DB_FILE};
+
+/// The default bucket `init` creates.
+pub const DEFAULT_BUCKET: &str = "default";
+/// Default mode of files from stdin.
+pub const FILE_MODE_DEFAULT: u32 = 0o644;
+
+/// Errors of the engine: the store's, the content store's, and the data dir's own.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// From the path tree.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// From the content store.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// No store in this data dir yet.
+    #[error("no alknet-fs store at {0}: run `alkfs --data {0} init` first (or pass the right --data)")]
+    NotInitialised(PathBuf),
+    /// Another process holds the write lock.
+    #[error("the data dir {dir} is in use by another alkfs process{pid}: wait for it to finish, or stop the node")]
+    Locked {
+        /// The data dir.
+        dir: PathBuf,
+        /// " (pid N)" when known.
+        pid: String,
+    },
+    /// A local file the user named could not be used.
+    #[error("{path}: {source}")]
+    Local {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+impl EngineError {
+    fn local(path: &Path, source: io::Error) -> Self {
+        EngineError::Local { path: path.to_path_buf(), source }
+    }
+}
+
+/// Result of engine operations.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Which bucket and branch an operation acts on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// The bucket (tenant).
+    pub bucket: String,
+    /// The branch within it.
+    pub branch: String,
+}
+
+impl Scope {
+    /// A scope.
+    pub fn new(bucket: &str, branch: &str) -> Self {
+        Scope { bucket: bucket.to_string(), branch: branch.to_string() }
+    }
+}
+
+/// Whether the engine may write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Takes the data dir's lock; may write.
+    Write,
+    /// No lock; reads only.
+    Read,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// An open data directory.
+pub struct Engine {
+    dir: PathBuf,
+    tree: TreeStore,
+    content: ContentStore,
+    _lock: Option<File>,
+}
+
+impl Engine {
+    /// Creates a store in `dir` (and `dir` itself) with the bucket `default` and its `main`
+    /// branch. Returns false when one was there already (nothing is changed then).
+    pub fn init(dir: &Path) -> Result<bool> {
+        fs::create_dir_all(dir).map_err(|e| EngineError::local(dir, e))?;
+        let lock = take_lock(dir)?;
+        let db = dir.join(TREE_DB_FILE);
+        let fresh = !db.exists();
+        let mut tree = TreeStore::open(&db, true)?;
+        ContentStore::open(&dir.join("content"))?;
+        if tree.buckets()?.is_empty() {
+            tree.transact(now_ms(), |tx| tx.create_bucket(DEFAULT_BUCKET).map(|_| ()))?;
+        }
+        drop(lock);
+        Ok(fresh)
+    }
+
+    /// Opens the store in `dir`.
+    pub fn open(dir: &Path, access: Access) -> Result<Self> {
+        let db = dir.join(TREE_DB_FILE);
+        if !db.exists() {
+            return Err(EngineError::NotInitialised(dir.to_path_buf()));
+        }
+        let lock = match access {
+            Access::Write => Some(take_lock(dir)?),
+            Access::Read => None,
+        };
+        let tree = TreeStore::open(&db, false)?;
+        let content = ContentStore::open(&dir.join("content"))?;
+        if access == Access::Write {
+            let n = content.clear_staging()?;
+            if n > 0 {
+                tracing::info!(files = n, "removed staging files left by an interrupted write");
+            }
+        }
+        Ok(Engine { dir: dir.to_path_buf(), tree, content, _lock: lock })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path tree.
+    pub fn tree(&self) -> &TreeStore {
+        &self.tree
+    }
+
+    /// The path tree, for writes.
+    pub fn tree_mut(&mut self) -> &mut TreeStore {
+        &mut self.tree
+    }
+
+    /// The content store.
+    pub fn content(&self) -> &ContentStore {
+        &self.content
+    }
+
+    /// The branch a scope names.
+    pub fn branch(&self, scope: &Scope) -> Result<Branch> {
+        Ok(self.tree.branch(&scope.bucket, &scope.branch)?)
+    }
+
+    fn head(&self, scope: &Scope) -> Result<(Branch, View)> {
+        let branch = self.branch(scope)?;
+        let view = View::head(self.tree.conn(), &branch)?;
+        Ok((branch, view))
+    }
+
+    // ---- writes ----
+
+    /// Opens a write session on `path`. With `truncate` it starts empty; otherwise it starts
+    /// with the current bytes of the file (if any).
+    pub fn open_session(&self, scope: &Scope, path: &TreePath, truncate: bool) -> Result<WriteSession> {
+        let (_, view) = self.head(scope)?;
+        let current = read::live(self.tree.conn(), &view, path)?;
+        if let Some(e) = current.as_ref().and_then(|r| r.entry()) {
+            if e.kind == EntryKind::Dir {
+                return Err(StoreError::IsADirectory(path.to_string()).into());
+            }
+        }
+        let staging = self.content.stage()?;
+        let mode = current.as_ref().and_then(|r| r.entry()).map(|e| e.mode).unwrap_or(FILE_MODE_DEFAULT);
+        let mut initial = 0;
+        if let (false, Some(e)) = (truncate, current.as_ref().and_then(|r| r.entry())) {
+            let mut out = staging.file().try_clone().map_err(|e| ContentError::io("staging", e, self.content.staging_dir().as_path()))?;
+            self.read_entry(e, &mut out, |_| {})?;
+            initial = e.size;
+        }
+        Ok(WriteSession::new(path.clone(), mode, staging, initial))
+    }
+
+    /// Closes `sessions` and commits them together: every file changes, or none does.
+    pub fn commit(&mut self, scope: &Scope, sessions: Vec<WriteSession>) -> Result<Vec<i64>> {
+        let mut sealed = Vec::with_capacity(sessions.len());
+        for s in sessions {
+            sealed.push(s.seal(&self.content)?);
+        }
+        let now = now_ms();
+        let items: Vec<(TreePath, Entry, Imported)> = sealed
+            .into_iter()
+            .map(|(path, mode, blob)| {
+                let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode, mtime_ms: now };
+                (path, entry, blob)
+            })
+            .collect();
+        self.commit_entries(scope, &items)
+    }
+
+    /// Commits already imported blobs as entries, all in one transaction.
+    pub fn commit_entries(&mut self, scope: &Scope, items: &[(TreePath, Entry, Imported)]) -> Result<Vec<i64>> {
+        let branch = self.branch(scope)?;
+        let seqs = self.tree.transact(now_ms(), |tx| {
+            let mut seqs = Vec::with_capacity(items.len());
+            for (path, entry, blob) in items {
+                tx.record_blob(blob)?;
+                seqs.push(tx.put(&branch, path, entry.clone())?);
+            }
+            Ok::<_, StoreError>(seqs)
+        })?;
+        Ok(seqs)
+    }
+
+    /// Imports the local file `src` to `dest`, keeping its mode and mtime.
+    pub fn put_file(&mut self, scope: &Scope, src: &Path, dest: &TreePath, progress: impl FnMut(u64)) -> Result<i64> {
+        self.branch(scope)?; // fail on a bad scope before copying anything
+        let meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
+        if !meta.is_file() {
+            return Err(EngineError::local(src, io::Error::other("not a regular file (use -r for a directory)")));
+        }
+        let blob = self.content.import_file(src, progress)?;
+        let entry = file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta));
+        Ok(self.commit_entries(scope, &[(dest.clone(), entry, blob)])?[0])
+    }
+
+    /// Imports everything `reader` yields to `dest`.
+    pub fn put_reader(&mut self, scope: &Scope, reader: impl Read, dest: &TreePath, progress: impl FnMut(u64)) -> Result<i64> {
+        self.branch(scope)?;
+        let blob = self.content.import_reader(reader, progress)?;
+        let entry = file_entry(&blob, FILE_MODE_DEFAULT, now_ms());
+        Ok(self.commit_entries(scope, &[(dest.clone(), entry, blob)])?[0])
+    }
+
+    /// Imports the local directory tree `src` to `dest`: files, directories and symlinks;
+    /// commits in batches of [`COMMIT_ENTRIES_MAX`]. Returns how many entries it wrote.
+    pub fn put_tree(&mut self, scope: &Scope, src: &Path, dest: &TreePath, mut progress: impl FnMut(u64)) -> Result<u64> {
+        self.branch(scope)?;
+        let mut batch: Vec<(TreePath, Entry, Imported)> = Vec::new();
+        let mut count = 0u64;
+        let mut stack = vec![(src.to_path_buf(), dest.clone())];
+        let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
+        if !dir_meta.is_dir() {
+            return Err(EngineError::local(src, io::Error::other("not a directory")));
+        }
+        batch.push((dest.clone(), Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)), empty_blob()));
+        while let Some((local, remote)) = stack.pop() {
+            let mut names: Vec<_> = fs::read_dir(&local)
+                .map_err(|e| EngineError::local(&local, e))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<io::Result<_>>()
+                .map_err(|e| EngineError::local(&local, e))?;
+            names.sort();
+            for name in names {
+                let lpath = local.join(&name);
+                let name = name.to_str().ok_or_else(|| EngineError::local(&lpath, io::Error::other("file name is not UTF-8")))?;
+                let rpath = remote.join(name).map_err(StoreError::from)?;
+                let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+                let ft = meta.file_type();
+                let item = if ft.is_dir() {
+                    stack.push((lpath.clone(), rpath.clone()));
+                    (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
+                } else if ft.is_symlink() {
+                    let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+                    let blob = self.content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
+                    let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
+                    (rpath, entry, blob)
+                } else if ft.is_file() {
+                    let blob = self.content.import_file(&lpath, |_| {})?;
+                    (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
+                } else {
+                    tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
+                    continue;
+                };
+                batch.push(item);
+                if batch.len() >= COMMIT_ENTRIES_MAX {
+                    count += batch.len() as u64;
+                    self.commit_tree_batch(scope, &mut batch)?;
+                    progress(count);
+                }
+            }
+        }
+        count += batch.len() as u64;
+        self.commit_tree_batch(scope, &mut batch)?;
+        progress(count);
+        Ok(count)
+    }
+
+    fn commit_tree_batch(&mut self, scope: &Scope, batch: &mut Vec<(TreePath, Entry, Imported)>) -> Result<()> {
+        let branch = self.branch(scope)?;
+        self.tree.transact(now_ms(), |tx| {
+            for (path, entry, blob) in batch.iter() {
+                if entry.kind == EntryKind::Dir {
+                    tx.mkdir(&branch, path, true, entry.mode)?;
+                } else {
+                    tx.record_blob(blob)?;
+                    tx.put(&branch, path, entry.clone())?;
+                }
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        batch.clear();
+        Ok(())
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&mut self, scope: &Scope, path: &TreePath, parents: bool) -> Result<()> {
+        let branch = self.branch(scope)?;
+        self.tree.transact(now_ms(), |tx| tx.mkdir(&branch, path, parents, crate::store::tx::DIR_MODE_DEFAULT))?;
+        Ok(())
+    }
+
+    /// Removes a path (recursively for directories when asked). Returns how many paths.
+    pub fn remove(&mut self, scope: &Scope, path: &TreePath, recursive: bool) -> Result<usize> {
+        let branch = self.branch(scope)?;
+        Ok(self.tree.transact(now_ms(), |tx| tx.remove(&branch, path, recursive))?)
+    }
+
+    /// Renames `from` to `to`; when `to` is an existing directory, moves `from` into it.
+    pub fn rename(&mut self, scope: &Scope, from: &TreePath, to: &TreePath) -> Result<TreePath> {
+        let (branch, view) = self.head(scope)?;
+        let mut target = to.clone();
+        if let Some(row) = read::live(self.tree.conn(), &view, to)? {
+            if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) && !from.is_root() {
+                target = to.join(from.name()).map_err(StoreError::from)?;
+            }
+        }
+        self.tree.transact(now_ms(), |tx| tx.rename(&branch, from, &target))?;
+        Ok(target)
+    }
+
+    /// Makes version `seq` of `path` its head again.
+    pub fn restore(&mut self, scope: &Scope, path: &TreePath, seq: i64) -> Result<i64> {
+        let branch = self.branch(scope)?;
+        Ok(self.tree.transact(now_ms(), |tx| tx.restore(&branch, path, seq))?)
+    }
+
+    /// Creates bucket `name`.
+    pub fn create_bucket(&mut self, name: &str) -> Result<()> {
+        self.tree.transact(now_ms(), |tx| tx.create_bucket(name).map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Creates branch `name` in `scope`'s bucket, forked from `from` (default: scope's branch).
+    pub fn create_branch(&mut self, scope: &Scope, name: &str, from: Option<&str>) -> Result<Branch> {
+        let from = self.tree.branch(&scope.bucket, from.unwrap_or(&scope.branch))?;
+        Ok(self.tree.transact(now_ms(), |tx| tx.create_branch(&scope.bucket, &from, name))?)
+    }
+
+    /// Deletes branch `name` of `scope`'s bucket.
+    pub fn delete_branch(&mut self, scope: &Scope, name: &str) -> Result<()> {
+        Ok(self.tree.transact(now_ms(), |tx| tx.delete_branch(&scope.bucket, name))?)
+    }
+
+    /// Merges branch `from` into `into` (default: scope's branch).
+    pub fn merge(&mut self, scope: &Scope, from: &str, into: Option<&str>) -> Result<MergeReport> {
+        let from = self.tree.branch(&scope.bucket, from)?;
+        let into = self.tree.branch(&scope.bucket, into.unwrap_or(&scope.branch))?;
+        Ok(self.tree.transact(now_ms(), |tx| tx.merge(&from, &into))?)
+    }
+
+    // ---- reads ----
+
+    /// The live entry at `path` (the root is a directory).
+    pub fn stat(&self, scope: &Scope, path: &TreePath) -> Result<Option<VersionRow>> {
+        let (_, view) = self.head(scope)?;
+        Ok(read::live(self.tree.conn(), &view, path)?)
+    }
+
+    /// Lists `path`: a directory's children, or the entry itself for a file.
+    pub fn list(&self, scope: &Scope, path: &TreePath) -> Result<Vec<(String, VersionRow)>> {
+        let (_, view) = self.head(scope)?;
+        if !path.is_root() {
+            let row = read::live(self.tree.conn(), &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+            if row.entry().is_some_and(|e| e.kind != EntryKind::Dir) {
+                return Ok(vec![(path.name().to_string(), row)]);
+            }
+        }
+        Ok(read::list(self.tree.conn(), &view, path)?.into_iter().collect())
+    }
+
+    /// Every version of `path` visible from the branch, newest first.
+    pub fn log(&self, scope: &Scope, path: &TreePath) -> Result<Vec<VersionRow>> {
+        let (_, view) = self.head(scope)?;
+        let rows = read::history(self.tree.conn(), &view, path)?;
+        if rows.is_empty() {
+            return Err(StoreError::NotFound(path.to_string()).into());
+        }
+        Ok(rows)
+    }
+
+    /// Conflicts recorded on the branch.
+    pub fn conflicts(&self, scope: &Scope) -> Result<Vec<ConflictRow>> {
+        let branch = self.branch(scope)?;
+        Ok(crate::store::merge::conflicts(self.tree.conn(), &branch)?)
+    }
+
+    /// The file entry at `path`, or a clear error for a missing path or a directory.
+    pub fn file_entry(&self, scope: &Scope, path: &TreePath) -> Result<Entry> {
+        let row = self.stat(scope, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        let entry = row.version.entry.expect("live rows have entries");
+        if entry.kind == EntryKind::Dir {
+            return Err(StoreError::IsADirectory(path.to_string()).into());
+        }
+        Ok(entry)
+    }
+
+    /// Writes the bytes of `entry` to `out`, verifying them against its hash.
+    pub fn read_entry(&self, entry: &Entry, out: &mut impl Write, progress: impl FnMut(u64)) -> Result<u64> {
+        if let Some(data) = self.inline_bytes(&entry.hash)? {
+            out.write_all(&data).map_err(|e| ContentError::Io { context: "write output".into(), source: e })?;
+            return Ok(data.len() as u64);
+        }
+        Ok(self.content.read_to(&entry.hash, out, progress)?)
+    }
+
+    /// The bytes of an inline blob, verified; `None` for a file blob.
+    fn inline_bytes(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>> {
+        if *hash == ContentHash::EMPTY {
+            return Ok(Some(Vec::new()));
+        }
+        let Some(data) = read::inline_blob(self.tree.conn(), hash)? else { return Ok(None) };
+        crate::content::check(hash, blake3::hash(&data))?;
+        Ok(Some(data))
+    }
+
+    /// Copies the file at `path` to the local file `dest`: written to a temporary file beside
+    /// it and renamed only once its hash checked out, so `dest` is never half-written.
+    pub fn export(&self, scope: &Scope, path: &TreePath, dest: &Path, progress: impl FnMut(u64)) -> Result<u64> {
+        let entry = self.file_entry(scope, path)?;
+        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new().prefix(".alkfs-get-").tempfile_in(dir).map_err(|e| EngineError::local(dest, e))?;
+        let n = match self.inline_bytes(&entry.hash)? {
+            Some(data) => {
+                tmp.as_file().write_all(&data).map_err(|e| EngineError::local(dest, e))?;
+                data.len() as u64
+            }
+            None => self.content.export_file(&entry.hash, tmp.as_file(), progress)?,
+        };
+        let perms = fs::Permissions::from_mode(entry.mode & 0o7777);
+        tmp.as_file().set_permissions(perms).map_err(|e| EngineError::local(dest, e))?;
+        tmp.persist(dest).map_err(|e| EngineError::local(dest, e.error))?;
+        Ok(n)
+    }
+}
+
+fn file_entry(blob: &Imported, mode: u32, mtime_ms: i64) -> Entry {
+    Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode, mtime_ms }
+}
+
+fn empty_blob() -> Imported {
+    Imported { hash: ContentHash::EMPTY, size: 0, inline: Some(Vec::new()) }
+}
+
+fn mtime_ms(meta: &fs::Metadata) -> i64 {
+    meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000
+}
+
+/// Takes the data dir's write lock, or says who holds it.
+fn take_lock(dir: &Path) -> Result<File> {
+    let path = dir.join("lock");
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| EngineError::local(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).and_then(|_| file.write_all(std::process::id().to_string().as_bytes())).map_err(|e| EngineError::local(&path, e))?;
+            Ok(file)
+        }
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            Err(EngineError::Locked { dir: dir.to_path_buf(), pid: if pid.is_empty() { String::new() } else { format!(" (pid {pid})") } })
+        }
+        Err(fs::TryLockError::Error(e)) => Err(EngineError::local(&path, e)),
+    }
+}

@@ -1,0 +1,12 @@
+//! The sans-IO core: rules and plain data with no tokio, iroh, rusqlite or ractor, so the
+//! simulations can run them deterministically and every rule is testable as a pure function.
+//!
+//! - [`path`]: what a path may be and its normal form;
+//! - [`entry`]: what the tree stores at a path;
+//! - [`merge`]: the three-way decision and the last-writer-wins order;
+//! - [`limits`]: every bound, named, with units.
+
+pub mod entry;
+pub mod limits;
+pub mod merge;
+pub mod path;

@@ -1,0 +1,97 @@
+//! Write sessions: branch on write, merge on close.
+//!
+//! A session stages a file's new bytes in a private staging file; writes may come in any
+//! order and size, leave holes (sparse) or truncate. Readers keep seeing the committed version
+//! the whole time. [`Engine::commit`](crate::engine::Engine::commit) hashes and stores each
+//! session's bytes and then writes all their entries in *one* SQLite transaction, so several
+//! files can change together atomically. Dropping a session (abort, or a crash) deletes the
+//! staging file and leaves the tree as it was.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::content::{hash_file, ContentError, ContentStore, Imported, StagingFile};
+use crate::proto::limits::FILE_BYTES_MAX;
+use crate::proto::path::TreePath;
+
+/// An open write to one path. Obtain one from [`Engine::open_session`](crate::engine::Engine::open_session).
+pub struct WriteSession {
+    pub(crate) path: TreePath,
+    pub(crate) mode: u32,
+    staging: StagingFile,
+    len: u64,
+    /// BLAKE3 of bytes `0..len` while every write so far was an append at the end: then close
+    /// needs no second pass over the file.
+    appending: Option<blake3::Hasher>,
+}
+
+impl WriteSession {
+    pub(crate) fn new(path: TreePath, mode: u32, staging: StagingFile, initial_len: u64) -> Self {
+        let appending = (initial_len == 0).then(blake3::Hasher::new);
+        WriteSession { path, mode, staging, len: initial_len, appending }
+    }
+
+    /// The path this session will write.
+    pub fn path(&self) -> &TreePath {
+        &self.path
+    }
+
+    /// The staged length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes `data` at `offset`; a write past the end leaves a hole of zeros.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ContentError> {
+        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= FILE_BYTES_MAX).ok_or_else(|| ContentError::Io {
+            context: format!("write to {}", self.path),
+            source: io::Error::new(io::ErrorKind::FileTooLarge, format!("files are limited to {FILE_BYTES_MAX} bytes")),
+        })?;
+        self.staging
+            .file()
+            .write_all_at(data, offset)
+            .map_err(|e| ContentError::io(format!("write to {}", self.path), e, self.staging.path()))?;
+        match &mut self.appending {
+            Some(h) if offset == self.len => {
+                h.update(data);
+            }
+            _ => self.appending = None,
+        }
+        self.len = self.len.max(end);
+        Ok(())
+    }
+
+    /// Sets the length to `len`, cutting or zero-extending.
+    pub fn truncate(&mut self, len: u64) -> Result<(), ContentError> {
+        self.staging
+            .file()
+            .set_len(len)
+            .map_err(|e| ContentError::io(format!("truncate {}", self.path), e, self.staging.path()))?;
+        if len != self.len {
+            self.appending = if len == 0 { Some(blake3::Hasher::new()) } else { None };
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Reads staged bytes at `offset` (a writer reading its own file back).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ContentError> {
+        self.staging.file().read_at(buf, offset).map_err(|e| ContentError::io("read staging file", e, self.staging.path()))
+    }
+
+    /// Hashes the staged bytes and moves them into the content store.
+    pub(crate) fn seal(self, content: &ContentStore) -> Result<(TreePath, u32, Imported), ContentError> {
+        let WriteSession { path, mode, staging, len, appending } = self;
+        let (hash, size) = match appending {
+            Some(h) => (crate::proto::entry::ContentHash(*h.finalize().as_bytes()), len),
+            None => hash_file(staging.file()).map_err(|e| ContentError::io("hash staging file", e, staging.path()))?,
+        };
+        let imported = content.finish(staging, hash, size)?;
+        Ok((path, mode, imported))
+    }
+}

@@ -1,0 +1,290 @@
+//! The path tree in SQLite: buckets → branches → paths → versions, with the outbox.
+//!
+//! One database file per node (`tree.db` in the data dir). Reads go through a [`View`]: the
+//! chain of a branch and its ancestors, each with the last seq it may see, so a branch costs
+//! nothing to create and is a snapshot of its parent at the fork. Every mutation goes through
+//! a [`Tx`](tx::Tx), which writes the version rows and the outbox events in one SQLite
+//! transaction: nothing is visible, to readers or to outbox consumers, before commit.
+//!
+//! - [`schema`]: tables and versioned migrations;
+//! - [`read`]: resolving a path, listing a directory, history, through a view;
+//! - [`tx`]: mutations (write, delete, rename, mkdir, restore, branches);
+//! - [`merge`]: three-way merge of branches;
+//! - [`outbox`]: the honker stream of committed events and its consumers' cursors.
+
+pub mod merge;
+pub mod outbox;
+pub mod read;
+pub mod schema;
+pub mod tx;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::proto::entry::{ContentHash, Entry, EntryKind, Version};
+use crate::proto::path::{PathError, TreePath};
+
+pub use read::View;
+pub use tx::Tx;
+
+/// Errors of the path tree, each worded so the user knows what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A path was refused by the path rules.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// No such path on the branch.
+    #[error("{0}: no such file or directory")]
+    NotFound(String),
+    /// Something exists where a new thing was to be created.
+    #[error("{0}: already exists")]
+    Exists(String),
+    /// A file where a directory is needed.
+    #[error("{0}: not a directory")]
+    NotADirectory(String),
+    /// A directory where a file is needed.
+    #[error("{0}: is a directory (use -r for directories)")]
+    IsADirectory(String),
+    /// Removing a non-empty directory without recursion.
+    #[error("{0}: directory not empty (use rm -r)")]
+    DirectoryNotEmpty(String),
+    /// Bad request that the message explains.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such bucket.
+    #[error("no bucket {0:?}: create it with `alkfs bucket create {0}` or pick one from `alkfs bucket list`")]
+    NoBucket(String),
+    /// No such branch.
+    #[error("no branch {0:?}: see `alkfs branch list`")]
+    NoBranch(String),
+    /// The database was written by a newer alkfs.
+    #[error("the database has schema version {found}, newer than this alkfs supports ({supported}): upgrade alkfs")]
+    SchemaTooNew {
+        /// The version found.
+        found: i64,
+        /// The newest this build knows.
+        supported: i64,
+    },
+    /// The database file is damaged or not a database.
+    #[error("the path-tree database {path} is damaged ({detail}): restore the data dir from a backup or a peer")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's words.
+        detail: String,
+    },
+    /// The disk is full.
+    #[error("the disk holding the data dir is full: free space and retry (nothing was changed)")]
+    DiskFull,
+    /// Any other SQLite failure.
+    #[error("path-tree database error: {0}")]
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ffi::ErrorCode;
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => StoreError::DiskFull,
+            Some(ErrorCode::DatabaseCorrupt) | Some(ErrorCode::NotADatabase) => {
+                StoreError::Corrupt { path: PathBuf::new(), detail: e.to_string() }
+            }
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
+impl From<honker_core::Error> for StoreError {
+    fn from(e: honker_core::Error) -> Self {
+        match e {
+            honker_core::Error::Sqlite(e) => e.into(),
+        }
+    }
+}
+
+/// A branch as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// Row id, unique across buckets.
+    pub id: i64,
+    /// The bucket it belongs to.
+    pub bucket_id: i64,
+    /// Its name within the bucket.
+    pub name: String,
+    /// The branch it forked from; `None` for a bucket's root branch (`main`).
+    pub parent_id: Option<i64>,
+    /// The last seq of the parent this branch sees.
+    pub fork_seq: i64,
+    /// Links below it in the chain (0 for the root).
+    pub depth: i64,
+    /// When it was created.
+    pub created_ms: i64,
+}
+
+/// One stored version of one path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionRow {
+    /// The version id: the commit seq, unique and increasing across the database.
+    pub seq: i64,
+    /// The branch whose history holds it.
+    pub branch_id: i64,
+    /// The path.
+    pub path: TreePath,
+    /// The entry and write time.
+    pub version: Version,
+    /// What wrote it: write, delete, rename, mkdir, merge, conflict-loser, restore.
+    pub origin: String,
+}
+
+impl VersionRow {
+    /// The entry, `None` for a tombstone.
+    pub fn entry(&self) -> Option<&Entry> {
+        self.version.entry.as_ref()
+    }
+}
+
+/// The name of the path-tree database inside the data dir.
+pub const TREE_DB_FILE: &str = "tree.db";
+
+/// The root branch every bucket starts with.
+pub const ROOT_BRANCH: &str = "main";
+
+/// The path tree: one SQLite connection and the file it came from.
+pub struct TreeStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl TreeStore {
+    /// Opens (and with `create`, creates) the database at `path`, migrating it to the current
+    /// schema. A file that is not a database, or is damaged, is reported as such.
+    pub fn open(path: &Path, create: bool) -> Result<Self, StoreError> {
+        if !create && !path.exists() {
+            return Err(StoreError::Invalid(format!("no path-tree database at {}", path.display())));
+        }
+        let corrupt = |e: StoreError| match e {
+            StoreError::Corrupt { detail, .. } => StoreError::Corrupt { path: path.to_path_buf(), detail },
+            other => other,
+        };
+        let text = path.to_str().ok_or_else(|| StoreError::Invalid(format!("data dir path {path:?} is not UTF-8")))?;
+        let mut conn = honker_core::open_conn(text, false).map_err(StoreError::from).map_err(corrupt)?;
+        honker_core::attach_honker_functions(&conn).map_err(StoreError::from)?;
+        // Reading the schema is enough to catch a file that is not a database; damage deeper
+        // in shows as SQLITE_CORRUPT where it is met. (A full check reads the whole file:
+        // too slow for every command.)
+        schema::migrate(&mut conn).map_err(corrupt)?;
+        Ok(TreeStore { conn, path: path.to_path_buf() })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The connection, for reads.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Runs `f` in one write transaction and commits it with its outbox events; on error
+    /// nothing of it is kept. `now_ms` stamps every version written.
+    pub fn transact<T, E>(&mut self, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let mut tx = Tx::new(tx, now_ms).map_err(E::from)?;
+        let out = f(&mut tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The id of bucket `name`.
+    pub fn bucket_id(&self, name: &str) -> Result<i64, StoreError> {
+        bucket_id(&self.conn, name)
+    }
+
+    /// Every bucket's name, sorted.
+    pub fn buckets(&self) -> Result<Vec<String>, StoreError> {
+        let mut st = self.conn.prepare_cached("SELECT name FROM bucket ORDER BY name")?;
+        let names = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(names)
+    }
+
+    /// The live branch `name` of `bucket`.
+    pub fn branch(&self, bucket: &str, name: &str) -> Result<Branch, StoreError> {
+        let bucket_id = self.bucket_id(bucket)?;
+        branch_by_name(&self.conn, bucket_id, name)
+    }
+
+    /// Every live branch of `bucket`, sorted by name.
+    pub fn branches(&self, bucket: &str) -> Result<Vec<Branch>, StoreError> {
+        let bucket_id = self.bucket_id(bucket)?;
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {BRANCH_COLS} FROM branch WHERE bucket_id = ?1 AND deleted_seq IS NULL ORDER BY name"
+        ))?;
+        let rows = st.query_map([bucket_id], branch_from_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// A branch by id, live or deleted.
+    pub fn branch_by_id(&self, id: i64) -> Result<Branch, StoreError> {
+        branch_by_id(&self.conn, id)
+    }
+}
+
+pub(crate) const BRANCH_COLS: &str = "id, bucket_id, name, parent_id, fork_seq, depth, created_ms";
+
+pub(crate) fn branch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Branch> {
+    Ok(Branch {
+        id: r.get(0)?,
+        bucket_id: r.get(1)?,
+        name: r.get(2)?,
+        parent_id: r.get(3)?,
+        fork_seq: r.get(4)?,
+        depth: r.get(5)?,
+        created_ms: r.get(6)?,
+    })
+}
+
+pub(crate) fn bucket_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT id FROM bucket WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NoBucket(name.to_string()))
+}
+
+pub(crate) fn branch_by_name(conn: &Connection, bucket_id: i64, name: &str) -> Result<Branch, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {BRANCH_COLS} FROM branch WHERE bucket_id = ?1 AND name = ?2 AND deleted_seq IS NULL"
+    ))?
+    .query_row(rusqlite::params![bucket_id, name], branch_from_row)
+    .optional()?
+    .ok_or_else(|| StoreError::NoBranch(name.to_string()))
+}
+
+pub(crate) fn branch_by_id(conn: &Connection, id: i64) -> Result<Branch, StoreError> {
+    conn.prepare_cached(&format!("SELECT {BRANCH_COLS} FROM branch WHERE id = ?1"))?
+        .query_row([id], branch_from_row)
+        .optional()?
+        .ok_or_else(|| StoreError::Invalid(format!("branch id {id} is missing: the database is inconsistent")))
+}
+
+/// Decodes the entry columns (kind, hash, size, mode, mtime_ms) of a version row.
+pub(crate) fn entry_from_cols(
+    kind: Option<String>,
+    hash: Option<Vec<u8>>,
+    size: i64,
+    mode: i64,
+    mtime_ms: i64,
+) -> rusqlite::Result<Option<Entry>> {
+    let Some(kind) = kind else { return Ok(None) };
+    let bad = |what: &str| rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Blob);
+    let kind = EntryKind::from_code(&kind).ok_or_else(|| bad("kind"))?;
+    let hash: [u8; 32] = hash.ok_or_else(|| bad("hash"))?.try_into().map_err(|_| bad("hash"))?;
+    Ok(Some(Entry { kind, hash: ContentHash(hash), size: size as u64, mode: mode as u32, mtime_ms }))
+}

@@ -1,0 +1,152 @@
+//! The transactional outbox: every mutation's [`Event`] is published to the honker stream
+//! `tree` inside the transaction that made the change, so a consumer sees an event if and only
+//! if its change committed. Consumers keep a cursor (honker's per-consumer offset) and read
+//! after it: at-least-once, in commit order, nothing skipped.
+
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
+
+use super::{Branch, StoreError};
+use crate::proto::entry::{ContentHash, EntryKind};
+use crate::proto::path::TreePath;
+
+/// The honker stream topic of path-tree events.
+pub const TOPIC: &str = "tree";
+
+/// Most events one [`read_after`] returns.
+pub const READ_BATCH_EVENTS_MAX: i64 = 1024;
+
+/// One committed change, as consumers (watch, GC, sync) see it. `first_seq..=last_seq` are the
+/// version rows it wrote, so a consumer can read exactly those rows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// write, mkdir, delete, rename, restore, merge, branch-create, branch-delete, bucket-create.
+    pub op: String,
+    /// The bucket's id.
+    pub bucket_id: i64,
+    /// The branch's name.
+    pub branch: String,
+    /// The first seq this change wrote.
+    pub first_seq: i64,
+    /// The last seq this change wrote.
+    pub last_seq: i64,
+    /// The path it concerns, if one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path: Option<String>,
+    /// The destination of a rename, or the source branch of a merge.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub to: Option<String>,
+    /// For a write: the content hash, hex.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hash: Option<String>,
+    /// For a write: the size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub size: Option<u64>,
+    /// For a write: f, d or l.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kind: Option<String>,
+}
+
+impl Event {
+    fn base(op: &str, branch: &Branch, first_seq: i64, last_seq: i64) -> Self {
+        Event {
+            op: op.to_string(),
+            bucket_id: branch.bucket_id,
+            branch: branch.name.clone(),
+            first_seq,
+            last_seq,
+            path: None,
+            to: None,
+            hash: None,
+            size: None,
+            kind: None,
+        }
+    }
+
+    /// A file, symlink or directory written.
+    pub fn write(branch: &Branch, seq: i64, path: &TreePath, kind: EntryKind, hash: ContentHash, size: u64) -> Self {
+        Event {
+            path: Some(path.to_string()),
+            hash: Some(hash.to_hex()),
+            size: Some(size),
+            kind: Some(kind.code().to_string()),
+            ..Self::base("write", branch, seq, seq)
+        }
+    }
+
+    /// An operation on one path (mkdir, delete, restore) spanning `first..=last`.
+    pub fn path_op(op: &str, branch: &Branch, first: i64, last: i64, path: &TreePath) -> Self {
+        Event { path: Some(path.to_string()), ..Self::base(op, branch, first, last) }
+    }
+
+    /// A rename of `from` to `to`.
+    pub fn rename(branch: &Branch, first: i64, last: i64, from: &TreePath, to: &TreePath) -> Self {
+        Event { path: Some(from.to_string()), to: Some(to.to_string()), ..Self::base("rename", branch, first, last) }
+    }
+
+    /// A branch or bucket created or deleted.
+    pub fn branch_op(op: &str, _bucket: &str, branch: &Branch, seq: i64) -> Self {
+        Self::base(op, branch, seq, seq)
+    }
+
+    /// A merge of `from` into `branch`.
+    pub fn merge(branch: &Branch, first: i64, last: i64, from: &str) -> Self {
+        Event { to: Some(from.to_string()), ..Self::base("merge", branch, first, last) }
+    }
+}
+
+/// Publishes `events` on the connection's open transaction.
+pub(crate) fn publish(conn: &Connection, events: &[Event]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut st = conn.prepare_cached("SELECT honker_stream_publish(?1, NULL, ?2)")?;
+    for e in events {
+        let payload = serde_json::to_string(e).expect("events serialise");
+        st.query_row(params![TOPIC, payload], |r| r.get::<_, i64>(0))?;
+    }
+    Ok(())
+}
+
+/// Up to `limit` events after `offset`, with their offsets, in commit order.
+pub fn read_after(conn: &Connection, offset: i64, limit: i64) -> Result<Vec<(i64, Event)>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT offset, payload FROM _honker_stream WHERE topic = ?1 AND offset > ?2 ORDER BY offset LIMIT ?3",
+    )?;
+    let rows = st.query_map(params![TOPIC, offset, limit.min(READ_BATCH_EVENTS_MAX)], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (off, payload) = row?;
+        let event = serde_json::from_str(&payload)
+            .map_err(|e| StoreError::Invalid(format!("outbox event {off} is not readable ({e}): the database is damaged")))?;
+        out.push((off, event));
+    }
+    Ok(out)
+}
+
+/// The saved cursor of `consumer` (0 when it has none).
+pub fn cursor(conn: &Connection, consumer: &str) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT honker_stream_get_offset(?1, ?2)", params![consumer, TOPIC], |r| r.get(0))?)
+}
+
+/// Moves `consumer`'s cursor forward to `offset` (never back).
+pub fn save_cursor(conn: &Connection, consumer: &str, offset: i64) -> Result<(), StoreError> {
+    conn.query_row("SELECT honker_stream_save_offset(?1, ?2, ?3)", params![consumer, TOPIC, offset], |r| r.get::<_, i64>(0))?;
+    Ok(())
+}
+
+/// Deletes events every registered consumer has passed. Returns how many.
+pub fn prune(conn: &Connection) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM _honker_stream WHERE topic = ?1 AND offset <=
+           (SELECT COALESCE(MIN(offset), 0) FROM _honker_stream_consumers WHERE topic = ?1)",
+        [TOPIC],
+    )?)
+}
+
+/// The offset of the newest event (0 when none).
+pub fn head(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT COALESCE(MAX(offset), 0) FROM _honker_stream WHERE topic = ?1", [TOPIC], |r| r.get(0))?)
+}

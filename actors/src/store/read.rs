@@ -1,0 +1,206 @@
+//! Reads through a [`View`]: the chain of a branch and its ancestors, each link with the last
+//! seq it may see. A path resolves to its newest row in the nearest link that has one; a
+//! tombstone there hides anything farther up. Every query is a range scan of the clustered
+//! `version` table, one per link, so cost grows with the chain (bounded) and the answer,
+//! not with the history of the bucket.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{branch_by_id, entry_from_cols, Branch, StoreError, VersionRow};
+use crate::proto::entry::Version;
+use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
+use crate::proto::path::TreePath;
+
+/// A branch as of some seq: `links[0]` is the branch itself, then its parent, …; each
+/// `(branch_id, seq_max)` sees that branch's rows with `seq <= seq_max`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    /// Nearest first.
+    pub links: Vec<(i64, i64)>,
+}
+
+impl View {
+    /// The branch as it is now (its head).
+    pub fn head(conn: &Connection, branch: &Branch) -> Result<View, StoreError> {
+        Self::at(conn, branch, i64::MAX)
+    }
+
+    /// The branch as it was at `seq`: its own rows up to `seq`, its parent's up to the fork
+    /// point (or `seq`, whichever is earlier), and so on.
+    pub fn at(conn: &Connection, branch: &Branch, seq: i64) -> Result<View, StoreError> {
+        let mut links = vec![(branch.id, seq)];
+        let mut limit = seq.min(branch.fork_seq);
+        let mut parent = branch.parent_id;
+        while let Some(id) = parent {
+            if links.len() > BRANCH_CHAIN_DEPTH_MAX {
+                return Err(StoreError::Invalid(format!("branch chain of {} is deeper than {BRANCH_CHAIN_DEPTH_MAX}", branch.name)));
+            }
+            let p = branch_by_id(conn, id)?;
+            links.push((p.id, limit));
+            limit = limit.min(p.fork_seq);
+            parent = p.parent_id;
+        }
+        Ok(View { links })
+    }
+
+    /// A view that sees nothing (the base of two unrelated histories).
+    pub fn empty() -> View {
+        View { links: Vec::new() }
+    }
+
+    /// The last seq this view sees of `branch_id`, if the branch is in the chain.
+    pub fn limit_of(&self, branch_id: i64) -> Option<i64> {
+        self.links.iter().find(|(b, _)| *b == branch_id).map(|(_, s)| *s)
+    }
+}
+
+const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin";
+
+fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+    let dir: String = r.get(2)?;
+    let name: String = r.get(3)?;
+    let joined = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+    let path = TreePath::parse(&joined)
+        .map_err(|e| rusqlite::Error::InvalidColumnType(2, e.to_string(), rusqlite::types::Type::Text))?;
+    Ok(VersionRow {
+        seq: r.get(0)?,
+        branch_id: r.get(1)?,
+        path,
+        version: Version { entry: entry_from_cols(r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)?, written_ms: r.get(9)? },
+        origin: r.get(10)?,
+    })
+}
+
+/// Splits a non-root path into the (dir, name) columns.
+pub(crate) fn dir_name(path: &TreePath) -> (String, String) {
+    match path.split() {
+        Some((dir, name)) => (dir.as_str().to_string(), name.to_string()),
+        None => ("".to_string(), "".to_string()),
+    }
+}
+
+/// The newest row of `path` visible in `view` (a tombstone included), if any.
+pub fn resolve(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<VersionRow>, StoreError> {
+    if path.is_root() {
+        return Ok(None);
+    }
+    let (dir, name) = dir_name(path);
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND seq <= ?4
+         ORDER BY seq DESC LIMIT 1"
+    ))?;
+    for (branch, limit) in &view.links {
+        if let Some(row) = st.query_row(params![branch, dir, name, limit], row_from).optional()? {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
+
+/// The live row of `path` in `view`: `None` when absent or deleted.
+pub fn live(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<VersionRow>, StoreError> {
+    Ok(resolve(conn, view, path)?.filter(|r| r.version.entry.is_some()))
+}
+
+/// The live children of directory `dir` in `view`, by name. Does not check that `dir` is a
+/// directory; callers that care call [`live`] on it first.
+pub fn list(conn: &Connection, view: &View, dir: &TreePath) -> Result<BTreeMap<String, VersionRow>, StoreError> {
+    // For each name, the newest row with seq <= limit: SQLite's bare-column max() picks the
+    // columns of the row holding the max, in one pass over the clustered range.
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT max(seq), branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin
+         FROM version WHERE branch_id = ?1 AND dir = ?2 AND seq <= ?3 GROUP BY name"
+    ))?;
+    let mut seen: BTreeMap<String, VersionRow> = BTreeMap::new();
+    for (branch, limit) in &view.links {
+        let rows = st.query_map(params![branch, dir.as_str(), limit], row_from)?;
+        for row in rows {
+            let row = row?;
+            // Nearer links come first and shadow farther ones, tombstones included.
+            seen.entry(row.path.name().to_string()).or_insert(row);
+        }
+    }
+    seen.retain(|_, r| r.version.entry.is_some());
+    Ok(seen)
+}
+
+/// Every live path strictly below `root` in `view`, by path (parents before children).
+pub fn subtree(conn: &Connection, view: &View, root: &TreePath) -> Result<BTreeMap<TreePath, VersionRow>, StoreError> {
+    // Rows whose dir is `root` or lies below it: `dir = root OR dir in [root/, root0)`, '0' being
+    // the byte after '/'.
+    let base = root.as_str().trim_end_matches('/');
+    let (lo, hi) = (format!("{base}/"), format!("{base}0"));
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT max(seq), branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin
+         FROM version WHERE branch_id = ?1 AND (dir = ?2 OR (dir >= ?3 AND dir < ?4)) AND seq <= ?5
+         GROUP BY dir, name"
+    ))?;
+    let mut seen: BTreeMap<TreePath, VersionRow> = BTreeMap::new();
+    let root_dir = if root.is_root() { "/".to_string() } else { root.as_str().to_string() };
+    for (branch, limit) in &view.links {
+        for row in st.query_map(params![branch, root_dir, lo, hi, limit], row_from)? {
+            let row = row?;
+            seen.entry(row.path.clone()).or_insert(row);
+        }
+    }
+    seen.retain(|_, r| r.version.entry.is_some());
+    // A live row under a dead directory is not reachable: drop it, so callers see a tree.
+    let dead_parent = |p: &TreePath, seen: &BTreeMap<TreePath, VersionRow>| {
+        p.ancestors().iter().any(|a| a.is_within(root) && a != root && !seen.contains_key(a))
+    };
+    let unreachable: Vec<TreePath> = seen.keys().filter(|p| dead_parent(p, &seen)).cloned().collect();
+    for p in unreachable {
+        seen.remove(&p);
+    }
+    Ok(seen)
+}
+
+/// Every version of `path` visible in `view`, newest first.
+pub fn history(conn: &Connection, view: &View, path: &TreePath) -> Result<Vec<VersionRow>, StoreError> {
+    let (dir, name) = dir_name(path);
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND seq <= ?4
+         ORDER BY seq DESC"
+    ))?;
+    let mut out = Vec::new();
+    for (branch, limit) in &view.links {
+        for row in st.query_map(params![branch, dir, name, limit], row_from)? {
+            out.push(row?);
+        }
+    }
+    Ok(out)
+}
+
+/// The version with id `seq`, if it exists.
+pub fn by_seq(conn: &Connection, seq: i64) -> Result<Option<VersionRow>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {ROW_COLS} FROM version WHERE seq = ?1"))?
+        .query_row([seq], row_from)
+        .optional()?)
+}
+
+/// Paths with a row on `branch_id` in the seq range `(after, upto]`.
+pub fn changed_paths(conn: &Connection, branch_id: i64, after: i64, upto: i64) -> Result<Vec<TreePath>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT DISTINCT dir, name FROM version WHERE branch_id = ?1 AND seq > ?2 AND seq <= ?3",
+    )?;
+    let rows = st.query_map(params![branch_id, after, upto], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (dir, name) = row?;
+        let joined = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+        out.push(TreePath::parse(&joined)?);
+    }
+    Ok(out)
+}
+
+/// The bytes of inline blob `hash`: `Ok(None)` when the blob is a file blob or unknown.
+pub fn inline_blob(conn: &Connection, hash: &crate::proto::entry::ContentHash) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT data FROM blob WHERE hash = ?1")?
+        .query_row([hash.0.to_vec()], |r| r.get::<_, Option<Vec<u8>>>(0))
+        .optional()?
+        .flatten())
+}

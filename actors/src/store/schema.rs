@@ -1,0 +1,120 @@
+//! The SQLite schema and its migrations, versioned with `PRAGMA user_version` from day one.
+//!
+//! Each entry of [`MIGRATIONS`] moves the schema from version `i` to `i + 1` and runs in the
+//! same transaction as the version bump, so a crash mid-migration leaves the old schema.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1: buckets, branches, the version history, merge points, conflicts, the clock.
+    r#"
+    CREATE TABLE bucket(
+        id         INTEGER PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL
+    );
+    -- A branch reads its own rows, then its parent's up to fork_seq, and so on up the chain.
+    -- A deleted branch keeps its rows while children read through it; only its name is freed.
+    CREATE TABLE branch(
+        id          INTEGER PRIMARY KEY,
+        bucket_id   INTEGER NOT NULL REFERENCES bucket(id),
+        name        TEXT NOT NULL,
+        parent_id   INTEGER REFERENCES branch(id),
+        fork_seq    INTEGER NOT NULL,
+        depth       INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        deleted_seq INTEGER
+    );
+    CREATE UNIQUE INDEX branch_live_name ON branch(bucket_id, name) WHERE deleted_seq IS NULL;
+    -- Every version of every path, append-only; the head of a path in a branch is its row with
+    -- the largest seq. Clustered by (branch, dir, name, seq) so listing a directory and reading
+    -- a path's history are range scans. kind NULL is a tombstone.
+    CREATE TABLE version(
+        branch_id  INTEGER NOT NULL,
+        dir        TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        kind       TEXT,
+        hash       BLOB,
+        size       INTEGER NOT NULL,
+        mode       INTEGER NOT NULL,
+        mtime_ms   INTEGER NOT NULL,
+        written_ms INTEGER NOT NULL,
+        origin     TEXT NOT NULL,
+        PRIMARY KEY(branch_id, dir, name, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX version_seq ON version(seq);
+    CREATE INDEX version_branch_seq ON version(branch_id, seq);
+    CREATE INDEX version_hash ON version(hash) WHERE hash IS NOT NULL;
+    -- Where a merge left two branches in step: the next merge between them starts from here.
+    CREATE TABLE merge_point(
+        id          INTEGER PRIMARY KEY,
+        from_branch INTEGER NOT NULL,
+        into_branch INTEGER NOT NULL,
+        from_seq    INTEGER NOT NULL,
+        into_seq    INTEGER NOT NULL
+    );
+    CREATE INDEX merge_point_pair ON merge_point(from_branch, into_branch, into_seq);
+    -- A path both sides of a merge changed: the winner became the head, the loser is a
+    -- version row (loser_seq) on the same branch, restorable.
+    CREATE TABLE conflict(
+        id          INTEGER PRIMARY KEY,
+        branch_id   INTEGER NOT NULL,
+        path        TEXT NOT NULL,
+        from_branch TEXT NOT NULL,
+        winner_seq  INTEGER NOT NULL,
+        loser_seq   INTEGER NOT NULL,
+        at_ms       INTEGER NOT NULL
+    );
+    CREATE INDEX conflict_branch ON conflict(branch_id, id);
+    -- The commit clock: the last seq handed out. Kept in a row of its own, not derived from
+    -- max(version.seq), so pruning old versions can never make a seq come back.
+    CREATE TABLE clock(id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
+    -- Every blob the tree has named: small ones carry their bytes (the inline tier, committed
+    -- with the entry); `indexed` once the iroh-blobs store holds it for verified streaming.
+    CREATE TABLE blob(
+        hash    BLOB PRIMARY KEY,
+        size    INTEGER NOT NULL,
+        data    BLOB,
+        indexed INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    INSERT INTO clock VALUES (0, 0);
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database to [`SCHEMA_VERSION`], one migration per transaction. Refuses a
+/// database from a newer build rather than guess at it.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    loop {
+        let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if current > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found: current, supported: SCHEMA_VERSION });
+        }
+        if current == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Re-read under the write lock: another process may have migrated meanwhile.
+        let again: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if again == current {
+            if current == 0 {
+                // honker's own tables (the outbox stream) come with the first schema.
+                honker_core::bootstrap_honker_schema(&tx)?;
+            }
+            tx.execute_batch(MIGRATIONS[current as usize])?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", current + 1))?;
+        }
+        tx.commit()?;
+    }
+}
+
+/// The schema version of an open database.
+pub fn version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}

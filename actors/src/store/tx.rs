@@ -1,0 +1,328 @@
+//! Mutations of the path tree. A [`Tx`] wraps one SQLite write transaction: it hands out seqs
+//! from the clock, writes version rows, and gathers outbox events, which it publishes in the
+//! same transaction at [`commit`](Tx::commit). Dropping a `Tx` without committing rolls it all
+//! back, events included.
+
+use std::collections::HashSet;
+
+use rusqlite::{params, Transaction};
+
+use super::outbox::{self, Event};
+use super::read::{self, dir_name, View};
+use super::{branch_by_name, bucket_id, Branch, StoreError, VersionRow, ROOT_BRANCH};
+use crate::proto::entry::{Entry, EntryKind, Version};
+use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
+use crate::proto::path::{check_label, TreePath};
+
+/// Default permission bits of a directory the tree creates on its own.
+pub const DIR_MODE_DEFAULT: u32 = 0o755;
+
+/// One write transaction on the path tree.
+pub struct Tx<'c> {
+    tx: Transaction<'c>,
+    clock: i64,
+    clock_start: i64,
+    now_ms: i64,
+    events: Vec<Event>,
+    /// Directories known to exist in this transaction, by (branch, path): saves re-resolving
+    /// the parents of every file in a bulk import.
+    known_dirs: HashSet<(i64, TreePath)>,
+}
+
+impl<'c> Tx<'c> {
+    pub(super) fn new(tx: Transaction<'c>, now_ms: i64) -> Result<Self, StoreError> {
+        let clock: i64 = tx.query_row("SELECT seq FROM clock WHERE id = 0", [], |r| r.get(0))?;
+        Ok(Tx { tx, clock, clock_start: clock, now_ms, events: Vec::new(), known_dirs: HashSet::new() })
+    }
+
+    /// The connection inside the transaction, for reads that must see this transaction's
+    /// own writes.
+    pub fn conn(&self) -> &rusqlite::Connection {
+        &self.tx
+    }
+
+    /// The wall clock this transaction stamps on what it writes.
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    /// The last seq handed out (by this transaction or before it).
+    pub fn clock(&self) -> i64 {
+        self.clock
+    }
+
+    fn next_seq(&mut self) -> i64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Queues an outbox event, published at commit.
+    pub(crate) fn emit(&mut self, event: Event) {
+        self.events.push(event);
+    }
+
+    /// Writes the clock and the events, then commits.
+    pub fn commit(self) -> Result<(), StoreError> {
+        let Tx { tx, clock, clock_start, events, .. } = self;
+        if clock != clock_start {
+            tx.execute("UPDATE clock SET seq = ?1 WHERE id = 0", [clock])?;
+        }
+        outbox::publish(&tx, &events)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Appends one version row for `path` on `branch` and returns its seq.
+    pub(crate) fn insert_row(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str) -> Result<i64, StoreError> {
+        let seq = self.next_seq();
+        let (dir, name) = dir_name(path);
+        let e = version.entry.as_ref();
+        self.tx
+            .prepare_cached(
+                "INSERT INTO version(branch_id, dir, name, seq, kind, hash, size, mode, mtime_ms, written_ms, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                branch,
+                dir,
+                name,
+                seq,
+                e.map(|e| e.kind.code()),
+                e.map(|e| e.hash.0.to_vec()),
+                e.map(|e| e.size as i64).unwrap_or(0),
+                e.map(|e| e.mode as i64).unwrap_or(0),
+                e.map(|e| e.mtime_ms).unwrap_or(0),
+                version.written_ms,
+                origin,
+            ])?;
+        if e.is_some_and(|e| e.kind == EntryKind::Dir) {
+            self.known_dirs.insert((branch, path.clone()));
+        } else {
+            self.known_dirs.remove(&(branch, path.clone()));
+        }
+        Ok(seq)
+    }
+
+    fn stamp(&self, entry: Option<Entry>) -> Version {
+        Version { entry, written_ms: self.now_ms }
+    }
+
+    /// Makes every ancestor of `path` a live directory on `branch`, creating missing ones;
+    /// fails if one of them is a file or symlink.
+    pub(crate) fn ensure_parents(&mut self, branch: &Branch, view: &View, path: &TreePath) -> Result<(), StoreError> {
+        for dir in path.ancestors() {
+            if self.known_dirs.contains(&(branch.id, dir.clone())) {
+                continue;
+            }
+            match read::live(&self.tx, view, &dir)? {
+                Some(row) if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {
+                    self.known_dirs.insert((branch.id, dir));
+                }
+                Some(_) => return Err(StoreError::NotADirectory(dir.to_string())),
+                None => {
+                    let v = self.stamp(Some(Entry::dir(DIR_MODE_DEFAULT, self.now_ms)));
+                    self.insert_row(branch.id, &dir, &v, "mkdir")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `entry` at `path` (a file or symlink, or a directory's attributes), creating
+    /// missing parent directories. Refuses to replace a directory with a non-directory.
+    pub fn put(&mut self, branch: &Branch, path: &TreePath, entry: Entry) -> Result<i64, StoreError> {
+        if path.is_root() {
+            return Err(StoreError::IsADirectory("/".into()));
+        }
+        let view = View::head(&self.tx, branch)?;
+        self.ensure_parents(branch, &view, path)?;
+        if let Some(cur) = read::live(&self.tx, &view, path)? {
+            if cur.entry().is_some_and(|e| e.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir {
+                return Err(StoreError::IsADirectory(path.to_string()));
+            }
+        }
+        let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
+        let v = self.stamp(Some(entry));
+        let seq = self.insert_row(branch.id, path, &v, "write")?;
+        self.emit(Event::write(branch, seq, path, kind, hash, size));
+        Ok(seq)
+    }
+
+    /// Creates directory `path`; with `parents`, missing parents too and no error if it exists.
+    pub fn mkdir(&mut self, branch: &Branch, path: &TreePath, parents: bool, mode: u32) -> Result<Option<i64>, StoreError> {
+        let view = View::head(&self.tx, branch)?;
+        match read::live(&self.tx, &view, path)? {
+            Some(row) if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {
+                return if parents || path.is_root() { Ok(None) } else { Err(StoreError::Exists(path.to_string())) };
+            }
+            Some(_) => return Err(StoreError::Exists(path.to_string())),
+            None if path.is_root() => return Ok(None),
+            None => {}
+        }
+        if !parents {
+            let parent = path.parent().expect("not root");
+            if !parent.is_root() && !read::live(&self.tx, &view, &parent)?.is_some_and(|r| r.entry().is_some_and(|e| e.kind == EntryKind::Dir)) {
+                return Err(StoreError::NotFound(format!("{parent} (use mkdir -p)")));
+            }
+        }
+        self.ensure_parents(branch, &view, path)?;
+        let v = self.stamp(Some(Entry::dir(mode, self.now_ms)));
+        let seq = self.insert_row(branch.id, path, &v, "mkdir")?;
+        self.emit(Event::path_op("mkdir", branch, seq, seq, path));
+        Ok(Some(seq))
+    }
+
+    /// Deletes `path` (with `recursive`, a directory and everything below it) by writing
+    /// tombstones. Returns how many paths were removed.
+    pub fn remove(&mut self, branch: &Branch, path: &TreePath, recursive: bool) -> Result<usize, StoreError> {
+        if path.is_root() {
+            return Err(StoreError::Invalid("refusing to remove the root '/'".into()));
+        }
+        let view = View::head(&self.tx, branch)?;
+        let cur = read::live(&self.tx, &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        let mut doomed = vec![path.clone()];
+        if cur.entry().is_some_and(|e| e.kind == EntryKind::Dir) {
+            let below = read::subtree(&self.tx, &view, path)?;
+            if !below.is_empty() && !recursive {
+                return Err(StoreError::DirectoryNotEmpty(path.to_string()));
+            }
+            doomed.extend(below.into_keys());
+        }
+        let first = self.clock + 1;
+        let tomb = self.stamp(None);
+        for p in &doomed {
+            self.insert_row(branch.id, p, &tomb, "delete")?;
+        }
+        self.emit(Event::path_op("delete", branch, first, self.clock, path));
+        Ok(doomed.len())
+    }
+
+    /// Moves `from` (and, for a directory, everything below it) to `to`. An existing file at
+    /// `to` is replaced, as rename(2) does; an existing directory or anything below `from`
+    /// is refused.
+    pub fn rename(&mut self, branch: &Branch, from: &TreePath, to: &TreePath) -> Result<usize, StoreError> {
+        if from.is_root() || to.is_root() {
+            return Err(StoreError::Invalid("cannot move the root '/' or onto it".into()));
+        }
+        if to.is_within(from) {
+            return Err(StoreError::Invalid(format!("cannot move {from} into itself ({to})")));
+        }
+        let view = View::head(&self.tx, branch)?;
+        let src = read::live(&self.tx, &view, from)?.ok_or_else(|| StoreError::NotFound(from.to_string()))?;
+        let src_is_dir = src.entry().is_some_and(|e| e.kind == EntryKind::Dir);
+        if let Some(dst) = read::live(&self.tx, &view, to)? {
+            if dst.entry().is_some_and(|e| e.kind == EntryKind::Dir) || src_is_dir {
+                return Err(StoreError::Exists(to.to_string()));
+            }
+        }
+        let mut moves = vec![(from.clone(), src)];
+        if src_is_dir {
+            moves.extend(read::subtree(&self.tx, &view, from)?);
+        }
+        self.ensure_parents(branch, &view, to)?;
+        let first = self.clock + 1;
+        let tomb = self.stamp(None);
+        for (old, row) in &moves {
+            let new = old.rebase(from, to)?;
+            let moved = self.stamp(row.version.entry.clone());
+            self.insert_row(branch.id, &new, &moved, "rename")?;
+            self.insert_row(branch.id, old, &tomb, "rename")?;
+        }
+        self.emit(Event::rename(branch, first, self.clock, from, to));
+        Ok(moves.len())
+    }
+
+    /// Makes version `seq` of `path` the head again. The version must be in the branch's
+    /// view of that path's history, so no version crosses a bucket or an unrelated branch.
+    pub fn restore(&mut self, branch: &Branch, path: &TreePath, seq: i64) -> Result<i64, StoreError> {
+        let view = View::head(&self.tx, branch)?;
+        let old = read::history(&self.tx, &view, path)?
+            .into_iter()
+            .find(|r| r.seq == seq)
+            .ok_or_else(|| StoreError::NotFound(format!("{path} has no version {seq} on branch {} (see `alkfs log {path}`)", branch.name)))?;
+        if let Some(e) = old.entry() {
+            if e.kind != EntryKind::Dir {
+                if let Some(cur) = read::live(&self.tx, &view, path)? {
+                    if cur.entry().is_some_and(|c| c.kind == EntryKind::Dir) {
+                        return Err(StoreError::IsADirectory(path.to_string()));
+                    }
+                }
+            }
+            self.ensure_parents(branch, &view, path)?;
+        }
+        let v = self.stamp(old.version.entry.clone());
+        let new_seq = self.insert_row(branch.id, path, &v, "restore")?;
+        self.emit(Event::path_op("restore", branch, new_seq, new_seq, path));
+        Ok(new_seq)
+    }
+
+    /// Creates bucket `name` with its root branch `main`.
+    pub fn create_bucket(&mut self, name: &str) -> Result<Branch, StoreError> {
+        check_label("bucket", name).map_err(StoreError::Invalid)?;
+        if bucket_id(&self.tx, name).is_ok() {
+            return Err(StoreError::Exists(format!("bucket {name}")));
+        }
+        self.tx.execute("INSERT INTO bucket(name, created_ms) VALUES (?1, ?2)", params![name, self.now_ms])?;
+        let id = self.tx.last_insert_rowid();
+        self.tx.execute(
+            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (?1, ?2, NULL, 0, 0, ?3)",
+            params![id, ROOT_BRANCH, self.now_ms],
+        )?;
+        let branch = branch_by_name(&self.tx, id, ROOT_BRANCH)?;
+        self.emit(Event::branch_op("bucket-create", name, &branch, self.clock));
+        Ok(branch)
+    }
+
+    /// Creates branch `name` forked from `from` at this moment. Copies nothing.
+    pub fn create_branch(&mut self, bucket: &str, from: &Branch, name: &str) -> Result<Branch, StoreError> {
+        check_label("branch", name).map_err(StoreError::Invalid)?;
+        let bucket_id = bucket_id(&self.tx, bucket)?;
+        if from.bucket_id != bucket_id {
+            return Err(StoreError::Invalid("a branch can only fork from a branch of its own bucket".into()));
+        }
+        if branch_by_name(&self.tx, bucket_id, name).is_ok() {
+            return Err(StoreError::Exists(format!("branch {name}")));
+        }
+        if from.depth as usize + 1 >= BRANCH_CHAIN_DEPTH_MAX {
+            return Err(StoreError::Invalid(format!(
+                "branch {} is {} forks deep; the limit is {BRANCH_CHAIN_DEPTH_MAX}: fork from a shallower branch",
+                from.name, from.depth
+            )));
+        }
+        self.tx.execute(
+            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![bucket_id, name, from.id, self.clock, from.depth + 1, self.now_ms],
+        )?;
+        let branch = branch_by_name(&self.tx, bucket_id, name)?;
+        self.emit(Event::branch_op("branch-create", bucket, &branch, self.clock));
+        Ok(branch)
+    }
+
+    /// Deletes branch `name`. Its rows stay while branches forked from it read through them;
+    /// the root branch cannot be deleted.
+    pub fn delete_branch(&mut self, bucket: &str, name: &str) -> Result<(), StoreError> {
+        let bucket_id = bucket_id(&self.tx, bucket)?;
+        let branch = branch_by_name(&self.tx, bucket_id, name)?;
+        if branch.parent_id.is_none() {
+            return Err(StoreError::Invalid(format!("{name} is the bucket's root branch and cannot be deleted")));
+        }
+        let seq = self.next_seq();
+        self.tx.execute("UPDATE branch SET deleted_seq = ?1 WHERE id = ?2", params![seq, branch.id])?;
+        self.emit(Event::branch_op("branch-delete", bucket, &branch, seq));
+        Ok(())
+    }
+
+    /// Records a blob the entries of this transaction name (its bytes too, when inline).
+    pub fn record_blob(&mut self, blob: &crate::content::Imported) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO blob(hash, size, data) VALUES (?1, ?2, ?3)")?
+            .execute(params![blob.hash.0.to_vec(), blob.size as i64, blob.inline])?;
+        Ok(())
+    }
+
+    /// Reads the head of `path` inside this transaction.
+    pub fn resolve(&self, branch: &Branch, path: &TreePath) -> Result<Option<VersionRow>, StoreError> {
+        let view = View::head(&self.tx, branch)?;
+        read::live(&self.tx, &view, path)
+    }
+}
