@@ -1,0 +1,164 @@
+//! The command line: what `alkfs` accepts. Parsing only; [`crate::commands`] runs it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// alknet-fs: a peer-to-peer filesystem with branches. Every command acts on one bucket and
+/// one branch (`--bucket`, `--branch`).
+#[derive(Debug, Parser)]
+#[command(name = "alkfs", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The data directory [default: $XDG_DATA_HOME/alknet-fs, or ~/.local/share/alknet-fs].
+    #[arg(long, global = true, env = "ALKFS_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// The bucket (tenant) to act on.
+    #[arg(long, global = true, env = "ALKFS_BUCKET", default_value = "default")]
+    pub bucket: String,
+    /// The branch to act on.
+    #[arg(long, global = true, env = "ALKFS_BRANCH", default_value = "main")]
+    pub branch: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a store in the data directory (with bucket `default`, branch `main`).
+    Init,
+    /// Store a local file (or `-` for stdin; a directory with -r) at PATH.
+    Put {
+        /// Import a directory tree.
+        #[arg(short, long)]
+        recursive: bool,
+        /// Local source: a file, `-` for stdin, or a directory with -r.
+        src: PathBuf,
+        /// Destination path in the tree.
+        path: String,
+    },
+    /// Write the file at PATH to DEST, or to stdout.
+    Get {
+        /// Path in the tree.
+        path: String,
+        /// Local destination file (stdout when absent).
+        dest: Option<PathBuf>,
+    },
+    /// List a directory (or show a file).
+    Ls {
+        /// Path in the tree.
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long format: kind, mode, size, mtime, version.
+        #[arg(short, long)]
+        long: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a file (or a directory tree with -r).
+    Rm {
+        /// Remove directories and their contents.
+        #[arg(short, long)]
+        recursive: bool,
+        /// Path in the tree.
+        path: String,
+    },
+    /// Move or rename; into DEST when DEST is a directory.
+    Mv {
+        /// Source path.
+        from: String,
+        /// Destination path.
+        to: String,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// Create parents as needed; no error if it exists.
+        #[arg(short, long)]
+        parents: bool,
+        /// Path in the tree.
+        path: String,
+    },
+    /// Show every version of PATH, newest first.
+    Log {
+        /// Path in the tree.
+        path: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an old version of PATH current again.
+    Restore {
+        /// Path in the tree.
+        path: String,
+        /// The version (from `alkfs log`).
+        #[arg(long)]
+        version: i64,
+    },
+    /// Create, list or delete branches.
+    #[command(subcommand)]
+    Branch(BranchCmd),
+    /// Create or list buckets.
+    #[command(subcommand)]
+    Bucket(BucketCmd),
+    /// Merge branch FROM into the current branch (or --into).
+    Merge {
+        /// The branch to merge from.
+        from: String,
+        /// The branch to merge into [default: --branch].
+        #[arg(long)]
+        into: Option<String>,
+    },
+    /// List paths a merge changed on both sides, with the losing version to restore.
+    Conflicts {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stream of committed changes (JSON lines), from this consumer's saved cursor.
+    Watch(WatchArgs),
+}
+
+/// Branch subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BranchCmd {
+    /// Create a branch (free: copies nothing).
+    Create {
+        /// Its name.
+        name: String,
+        /// The branch to fork from [default: --branch].
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// List branches.
+    List,
+    /// Delete a branch.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Bucket subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BucketCmd {
+    /// Create a bucket with its `main` branch.
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// List buckets.
+    List,
+}
+
+/// Options of `watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The consumer whose cursor to read and advance.
+    #[arg(long, default_value = "watch")]
+    pub consumer: String,
+    /// Print what is pending and exit instead of following.
+    #[arg(long)]
+    pub once: bool,
+}

@@ -1,0 +1,172 @@
+//! Runs one parsed command against a data directory: opens the engine with the access the
+//! command needs (writers take the lock, readers do not), and prints results.
+
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use alknet_actors::engine::{Access, Engine, Scope};
+use alknet_actors::proto::path::TreePath;
+use anyhow::{bail, Context, Result};
+
+use crate::cli::{BranchCmd, BucketCmd, Cli, Command};
+use crate::output;
+use crate::progress::Progress;
+
+/// The data dir: `--data`, `$ALKFS_DATA`, or the XDG data dir.
+pub fn data_dir(cli: &Cli) -> Result<PathBuf> {
+    if let Some(d) = &cli.data {
+        return Ok(d.clone());
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("alknet-fs"));
+    }
+    let home = std::env::var_os("HOME").context("neither --data, ALKFS_DATA, XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
+    Ok(PathBuf::from(home).join(".local/share/alknet-fs"))
+}
+
+fn tree_path(raw: &str) -> Result<TreePath> {
+    Ok(TreePath::parse(raw)?)
+}
+
+fn file_path(raw: &str) -> Result<TreePath> {
+    Ok(TreePath::parse_non_root(raw)?)
+}
+
+/// Runs `cli`.
+pub fn run(cli: Cli) -> Result<()> {
+    let dir = data_dir(&cli)?;
+    let scope = Scope::new(&cli.bucket, &cli.branch);
+    let out = io::stdout();
+    let mut out = BufWriter::new(out.lock());
+    match cli.command {
+        Command::Init => {
+            if Engine::init(&dir)? {
+                writeln!(out, "initialised an alknet-fs store at {}", dir.display())?;
+            } else {
+                writeln!(out, "a store is already initialised at {}", dir.display())?;
+            }
+        }
+        Command::Put { recursive, src, path } => put(&dir, &scope, recursive, &src, &path)?,
+        Command::Get { path, dest } => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            let path = file_path(&path)?;
+            let entry = engine.file_entry(&scope, &path)?;
+            let mut bar = Progress::bytes(entry.size, "get");
+            match dest {
+                Some(dest) => {
+                    let dest = if dest.is_dir() { dest.join(path.name()) } else { dest };
+                    engine.export(&scope, &path, &dest, |n| bar.set(n))?;
+                }
+                None => {
+                    engine.read_entry(&entry, &mut out, |n| bar.set(n))?;
+                }
+            }
+            bar.finish();
+        }
+        Command::Ls { path, long, json } => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            let rows = engine.list(&scope, &tree_path(&path)?)?;
+            output::list(&mut out, &rows, long, json)?;
+        }
+        Command::Rm { recursive, path } => {
+            let n = write_engine(&dir)?.remove(&scope, &file_path(&path)?, recursive)?;
+            tracing::debug!(paths = n, "removed");
+        }
+        Command::Mv { from, to } => {
+            write_engine(&dir)?.rename(&scope, &file_path(&from)?, &file_path(&to)?)?;
+        }
+        Command::Mkdir { parents, path } => write_engine(&dir)?.mkdir(&scope, &file_path(&path)?, parents)?,
+        Command::Log { path, json } => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            let rows = engine.log(&scope, &file_path(&path)?)?;
+            output::log(&mut out, &engine, &rows, json)?;
+        }
+        Command::Restore { path, version } => {
+            let seq = write_engine(&dir)?.restore(&scope, &file_path(&path)?, version)?;
+            writeln!(out, "restored {path} from version {version} as version {seq}")?;
+        }
+        Command::Branch(cmd) => branch(&dir, &scope, cmd, &mut out)?,
+        Command::Bucket(BucketCmd::Create { name }) => write_engine(&dir)?.create_bucket(&name)?,
+        Command::Bucket(BucketCmd::List) => {
+            for name in Engine::open(&dir, Access::Read)?.tree().buckets()? {
+                writeln!(out, "{name}")?;
+            }
+        }
+        Command::Merge { from, into } => {
+            let report = write_engine(&dir)?.merge(&scope, &from, into.as_deref())?;
+            output::merge(&mut out, &from, into.as_deref().unwrap_or(&scope.branch), &report)?;
+        }
+        Command::Conflicts { json } => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            output::conflicts(&mut out, &engine.conflicts(&scope)?, json)?;
+        }
+        Command::Watch(args) => {
+            drop(out);
+            crate::watch::run(&dir, &args)?;
+            return Ok(());
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn write_engine(dir: &Path) -> Result<Engine> {
+    Ok(Engine::open(dir, Access::Write)?)
+}
+
+fn put(dir: &Path, scope: &Scope, recursive: bool, src: &Path, path: &str) -> Result<()> {
+    let dest = file_path(path)?;
+    let mut engine = write_engine(dir)?;
+    if src == Path::new("-") {
+        if recursive {
+            bail!("put -r reads a directory, not stdin: drop -r or name a directory");
+        }
+        let mut bar = Progress::bytes(0, "put");
+        engine.put_reader(scope, io::stdin().lock(), &dest, |n| bar.set(n))?;
+        bar.finish();
+        return Ok(());
+    }
+    let meta = std::fs::metadata(src).with_context(|| format!("{}", src.display()))?;
+    if meta.is_dir() {
+        if !recursive {
+            bail!("{} is a directory: use put -r to import a directory tree", src.display());
+        }
+        let mut bar = Progress::count("put -r");
+        let n = engine.put_tree(scope, src, &dest, |n| bar.set(n))?;
+        bar.finish();
+        tracing::debug!(entries = n, "imported tree");
+        return Ok(());
+    }
+    let mut bar = Progress::bytes(meta.len(), "put");
+    engine.put_file(scope, src, &dest, |n| bar.set(n))?;
+    bar.finish();
+    Ok(())
+}
+
+fn branch(dir: &Path, scope: &Scope, cmd: BranchCmd, out: &mut impl Write) -> Result<()> {
+    match cmd {
+        BranchCmd::Create { name, from } => {
+            let b = write_engine(dir)?.create_branch(scope, &name, from.as_deref())?;
+            writeln!(out, "created branch {} from {} at version {}", b.name, from.as_deref().unwrap_or(&scope.branch), b.fork_seq)?;
+        }
+        BranchCmd::List => {
+            let engine = Engine::open(dir, Access::Read)?;
+            let all = engine.tree().branches(&scope.bucket)?;
+            for b in &all {
+                let parent = b.parent_id.and_then(|p| all.iter().find(|x| x.id == p)).map(|p| p.name.as_str());
+                match parent {
+                    Some(p) => writeln!(out, "{}\t(from {p} at version {})", b.name, b.fork_seq)?,
+                    None if b.parent_id.is_some() => writeln!(out, "{}\t(from a deleted branch at version {})", b.name, b.fork_seq)?,
+                    None => writeln!(out, "{}", b.name)?,
+                }
+            }
+        }
+        BranchCmd::Delete { name } => write_engine(dir)?.delete_branch(scope, &name)?,
+    }
+    Ok(())
+}
+
+/// True when progress bars should be drawn.
+pub fn stderr_is_terminal() -> bool {
+    io::stderr().is_terminal()
+}

@@ -1,0 +1,132 @@
+//! How results are printed: plain text for people, `--json` for programs.
+
+use std::io::Write;
+
+use alknet_actors::engine::Engine;
+use alknet_actors::proto::entry::EntryKind;
+use alknet_actors::store::merge::{ConflictRow, MergeReport};
+use alknet_actors::store::VersionRow;
+use anyhow::Result;
+use serde_json::json;
+
+fn kind_name(row: &VersionRow) -> &'static str {
+    match row.entry().map(|e| e.kind) {
+        Some(EntryKind::File) => "file",
+        Some(EntryKind::Dir) => "dir",
+        Some(EntryKind::Symlink) => "symlink",
+        None => "deleted",
+    }
+}
+
+fn row_json(name: &str, row: &VersionRow) -> serde_json::Value {
+    let e = row.entry();
+    json!({
+        "name": name,
+        "path": row.path.as_str(),
+        "kind": kind_name(row),
+        "size": e.map(|e| e.size),
+        "mode": e.map(|e| format!("{:o}", e.mode)),
+        "mtime_ms": e.map(|e| e.mtime_ms),
+        "hash": e.map(|e| e.hash.to_hex()),
+        "version": row.seq,
+        "written_ms": row.version.written_ms,
+        "origin": row.origin,
+    })
+}
+
+fn time(ms: i64) -> String {
+    // ISO-8601 UTC without a date library: days from the epoch to a civil date.
+    let (secs, days) = (ms.div_euclid(1000), ms.div_euclid(86_400_000));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let s = secs.rem_euclid(86_400);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// `ls`.
+pub fn list(out: &mut impl Write, rows: &[(String, VersionRow)], long: bool, json: bool) -> Result<()> {
+    if json {
+        let items: Vec<_> = rows.iter().map(|(n, r)| row_json(n, r)).collect();
+        writeln!(out, "{}", serde_json::Value::Array(items))?;
+        return Ok(());
+    }
+    for (name, row) in rows {
+        let e = row.entry().expect("ls lists live entries");
+        let suffix = if e.kind == EntryKind::Dir { "/" } else { "" };
+        if long {
+            let k = match e.kind {
+                EntryKind::File => '-',
+                EntryKind::Dir => 'd',
+                EntryKind::Symlink => 'l',
+            };
+            writeln!(out, "{k} {:04o} {:>12} {} v{:<8} {name}{suffix}", e.mode, e.size, time(e.mtime_ms), row.seq)?;
+        } else {
+            writeln!(out, "{name}{suffix}")?;
+        }
+    }
+    Ok(())
+}
+
+/// `log`.
+pub fn log(out: &mut impl Write, engine: &Engine, rows: &[VersionRow], json: bool) -> Result<()> {
+    if json {
+        let items: Vec<_> = rows.iter().map(|r| row_json(r.path.name(), r)).collect();
+        writeln!(out, "{}", serde_json::Value::Array(items))?;
+        return Ok(());
+    }
+    for row in rows {
+        let branch = engine.tree().branch_by_id(row.branch_id).map(|b| b.name).unwrap_or_else(|_| "?".into());
+        let what = match row.entry() {
+            Some(e) => format!("{:<7} {:>12} {}", kind_name(row), e.size, &e.hash.to_hex()[..16]),
+            None => format!("{:<7} {:>12} {}", "deleted", "-", "-"),
+        };
+        writeln!(out, "v{:<8} {} {what} {:<14} on {branch}", row.seq, time(row.version.written_ms), row.origin)?;
+    }
+    Ok(())
+}
+
+/// `merge`.
+pub fn merge(out: &mut impl Write, from: &str, into: &str, r: &MergeReport) -> Result<()> {
+    let how = if r.fast_forward { "fast-forward" } else { "three-way" };
+    writeln!(out, "merged {from} into {into} ({how}): {} paths taken, {} conflicts", r.taken.len(), r.conflicts.len())?;
+    for (path, winner) in &r.conflicts {
+        writeln!(out, "conflict {path}: kept the {winner:?} side's version (last writer wins); see `alkfs conflicts`")?;
+    }
+    Ok(())
+}
+
+/// `conflicts`.
+pub fn conflicts(out: &mut impl Write, rows: &[ConflictRow], json: bool) -> Result<()> {
+    if json {
+        let items: Vec<_> = rows
+            .iter()
+            .map(|c| json!({"path": c.path, "from_branch": c.from_branch, "winner_version": c.winner_seq, "loser_version": c.loser_seq, "at_ms": c.at_ms}))
+            .collect();
+        writeln!(out, "{}", serde_json::Value::Array(items))?;
+        return Ok(());
+    }
+    for c in rows {
+        writeln!(
+            out,
+            "{}\tmerged from {} at {}: kept v{}, lost v{} (alkfs restore {} --version {})",
+            c.path, c.from_branch, time(c.at_ms), c.winner_seq, c.loser_seq, c.path, c.loser_seq
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_iso() {
+        assert_eq!(super::time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::time(1_700_000_000_123), "2023-11-14T22:13:20Z");
+    }
+}
