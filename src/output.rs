@@ -51,13 +51,14 @@ fn time(ms: i64) -> String {
 }
 
 /// `ls`.
-pub fn list(out: &mut impl Write, rows: &[(String, VersionRow)], long: bool, json: bool) -> Result<()> {
+pub fn list(out: &mut impl Write, rows: &[VersionRow], long: bool, json: bool) -> Result<()> {
     if json {
-        let items: Vec<_> = rows.iter().map(|(n, r)| row_json(n, r)).collect();
+        let items: Vec<_> = rows.iter().map(|r| row_json(r.path.name(), r)).collect();
         writeln!(out, "{}", serde_json::Value::Array(items))?;
         return Ok(());
     }
-    for (name, row) in rows {
+    for row in rows {
+        let name = row.path.name();
         let e = row.entry().expect("ls lists live entries");
         let suffix = if e.kind == EntryKind::Dir { "/" } else { "" };
         if long {

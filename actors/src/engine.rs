@@ -388,15 +388,15 @@ impl Engine {
     }
 
     /// Lists `path`: a directory's children, or the entry itself for a file.
-    pub fn list(&self, scope: &Scope, path: &TreePath) -> Result<Vec<(String, VersionRow)>> {
+    pub fn list(&self, scope: &Scope, path: &TreePath) -> Result<Vec<VersionRow>> {
         let (_, view) = self.head(scope)?;
         if !path.is_root() {
             let row = read::live(self.tree.conn(), &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
             if row.entry().is_some_and(|e| e.kind != EntryKind::Dir) {
-                return Ok(vec![(path.name().to_string(), row)]);
+                return Ok(vec![row]);
             }
         }
-        Ok(read::list(self.tree.conn(), &view, path)?.into_iter().collect())
+        Ok(read::list(self.tree.conn(), &view, path)?)
     }
 
     /// Every version of `path` visible from the branch, newest first.

@@ -62,9 +62,12 @@ impl TreePath {
             return Err(PathError::TooLong(raw.len()));
         }
         let body = raw.strip_prefix('/').unwrap_or(raw);
-        let body = body.strip_suffix('/').unwrap_or(body);
         if body.is_empty() {
             return Ok(Self::root());
+        }
+        let body = body.strip_suffix('/').unwrap_or(body);
+        if body.is_empty() {
+            return Err(PathError::EmptyComponent(raw.to_string()));
         }
         let mut depth = 0;
         for part in body.split('/') {
@@ -127,6 +130,17 @@ impl TreePath {
             return Err(PathError::EmptyComponent(name.to_string()));
         }
         Self::parse(&format!("{}/{}", self.0.trim_end_matches('/'), name))
+    }
+
+    /// `self` joined with `name`, where `name` comes from a store that only ever held
+    /// validated names (a listing of this directory): checks only what is cheap.
+    pub fn child_unchecked(&self, name: &str) -> TreePath {
+        debug_assert!(!name.is_empty() && !name.contains('/') && name != "..");
+        let mut s = String::with_capacity(self.0.len() + 1 + name.len());
+        s.push_str(self.0.trim_end_matches('/'));
+        s.push('/');
+        s.push_str(name);
+        TreePath(s)
     }
 
     /// Every proper ancestor, nearest the root first, excluding the root itself.

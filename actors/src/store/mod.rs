@@ -150,6 +150,9 @@ pub const TREE_DB_FILE: &str = "tree.db";
 /// The root branch every bucket starts with.
 pub const ROOT_BRANCH: &str = "main";
 
+/// How much of the database SQLite may map into memory for reads.
+const MMAP_BYTES_MAX: u64 = 1 << 30;
+
 /// The path tree: one SQLite connection and the file it came from.
 pub struct TreeStore {
     conn: Connection,
@@ -174,6 +177,9 @@ impl TreeStore {
         // in shows as SQLITE_CORRUPT where it is met. (A full check reads the whole file:
         // too slow for every command.)
         schema::migrate(&mut conn).map_err(corrupt)?;
+        // Read pages through a memory map: a short-lived CLI process otherwise pays one
+        // pread per page of every listing.
+        conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)?;
         Ok(TreeStore { conn, path: path.to_path_buf() })
     }
 

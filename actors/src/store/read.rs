@@ -64,6 +64,19 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
     let joined = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
     let path = TreePath::parse(&joined)
         .map_err(|e| rusqlite::Error::InvalidColumnType(2, e.to_string(), rusqlite::types::Type::Text))?;
+    row_with_path(r, path)
+}
+
+/// A row of a listing of `dir`: its path is `dir` joined with the name column, without the
+/// cost of re-validating a path that was validated when written.
+fn row_in(dir: &TreePath) -> impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> + '_ {
+    move |r| {
+        let name = r.get_ref(3)?.as_str()?;
+        row_with_path(r, dir.child_unchecked(name))
+    }
+}
+
+fn row_with_path(r: &rusqlite::Row<'_>, path: TreePath) -> rusqlite::Result<VersionRow> {
     Ok(VersionRow {
         seq: r.get(0)?,
         branch_id: r.get(1)?,
@@ -104,26 +117,54 @@ pub fn live(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<Ve
     Ok(resolve(conn, view, path)?.filter(|r| r.version.entry.is_some()))
 }
 
-/// The live children of directory `dir` in `view`, by name. Does not check that `dir` is a
-/// directory; callers that care call [`live`] on it first.
-pub fn list(conn: &Connection, view: &View, dir: &TreePath) -> Result<BTreeMap<String, VersionRow>, StoreError> {
-    // For each name, the newest row with seq <= limit: SQLite's bare-column max() picks the
-    // columns of the row holding the max, in one pass over the clustered range.
+/// The live children of directory `dir` in `view`, sorted by name. Does not check that `dir`
+/// is a directory; callers that care call [`live`] on it first.
+pub fn list(conn: &Connection, view: &View, dir: &TreePath) -> Result<Vec<VersionRow>, StoreError> {
+    // The clustered key is (branch, dir, name, seq DESC): the first row of each name's run is
+    // its newest within the limit, and later rows of the run are skipped. Each link's rows
+    // arrive sorted by name (BINARY collation, the same order as Rust's `str`), so the links
+    // are combined by a merge, nearer links shadowing farther ones, tombstones included.
     let mut st = conn.prepare_cached(&format!(
-        "SELECT max(seq), branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin
-         FROM version WHERE branch_id = ?1 AND dir = ?2 AND seq <= ?3 GROUP BY name"
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND seq <= ?3 ORDER BY name, seq DESC"
     ))?;
-    let mut seen: BTreeMap<String, VersionRow> = BTreeMap::new();
+    let make = row_in(dir);
+    let mut merged: Vec<VersionRow> = Vec::new();
     for (branch, limit) in &view.links {
-        let rows = st.query_map(params![branch, dir.as_str(), limit], row_from)?;
-        for row in rows {
-            let row = row?;
-            // Nearer links come first and shadow farther ones, tombstones included.
-            seen.entry(row.path.name().to_string()).or_insert(row);
+        let mut link = Vec::new();
+        let mut rows = st.query(params![branch, dir.as_str(), limit])?;
+        while let Some(r) = rows.next()? {
+            let name = r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?;
+            if link.last().is_some_and(|prev: &VersionRow| prev.path.name() == name) {
+                continue;
+            }
+            link.push(make(r)?);
+        }
+        merged = if merged.is_empty() { link } else { shadow_merge(merged, link) };
+    }
+    merged.retain(|r| r.version.entry.is_some());
+    Ok(merged)
+}
+
+/// Merges two name-sorted listings; on equal names the `near` row wins.
+fn shadow_merge(near: Vec<VersionRow>, far: Vec<VersionRow>) -> Vec<VersionRow> {
+    let mut out = Vec::with_capacity(near.len() + far.len());
+    let (mut a, mut b) = (near.into_iter().peekable(), far.into_iter().peekable());
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.path.name().cmp(y.path.name()),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => return out,
+        };
+        match order {
+            std::cmp::Ordering::Less => out.extend(a.next()),
+            std::cmp::Ordering::Greater => out.extend(b.next()),
+            std::cmp::Ordering::Equal => {
+                out.extend(a.next());
+                b.next();
+            }
         }
     }
-    seen.retain(|_, r| r.version.entry.is_some());
-    Ok(seen)
 }
 
 /// Every live path strictly below `root` in `view`, by path (parents before children).
@@ -133,15 +174,20 @@ pub fn subtree(conn: &Connection, view: &View, root: &TreePath) -> Result<BTreeM
     let base = root.as_str().trim_end_matches('/');
     let (lo, hi) = (format!("{base}/"), format!("{base}0"));
     let mut st = conn.prepare_cached(&format!(
-        "SELECT max(seq), branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin
-         FROM version WHERE branch_id = ?1 AND (dir = ?2 OR (dir >= ?3 AND dir < ?4)) AND seq <= ?5
-         GROUP BY dir, name"
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND (dir = ?2 OR (dir >= ?3 AND dir < ?4)) AND seq <= ?5
+         ORDER BY dir, name, seq DESC"
     ))?;
     let mut seen: BTreeMap<TreePath, VersionRow> = BTreeMap::new();
     let root_dir = if root.is_root() { "/".to_string() } else { root.as_str().to_string() };
     for (branch, limit) in &view.links {
-        for row in st.query_map(params![branch, root_dir, lo, hi, limit], row_from)? {
-            let row = row?;
+        let mut rows = st.query(params![branch, root_dir, lo, hi, limit])?;
+        let mut last: Option<TreePath> = None;
+        while let Some(r) = rows.next()? {
+            let row = row_from(r)?;
+            if last.as_ref() == Some(&row.path) {
+                continue;
+            }
+            last = Some(row.path.clone());
             seen.entry(row.path.clone()).or_insert(row);
         }
     }

@@ -30,8 +30,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE UNIQUE INDEX branch_live_name ON branch(bucket_id, name) WHERE deleted_seq IS NULL;
     -- Every version of every path, append-only; the head of a path in a branch is its row with
-    -- the largest seq. Clustered by (branch, dir, name, seq) so listing a directory and reading
-    -- a path's history are range scans. kind NULL is a tombstone.
+    -- the largest seq. Clustered by (branch, dir, name, seq DESC) so listing a directory is one
+    -- range scan in which each name's newest row comes first, and a path's history is a range
+    -- read newest first. kind NULL is a tombstone.
     CREATE TABLE version(
         branch_id  INTEGER NOT NULL,
         dir        TEXT NOT NULL,
@@ -44,7 +45,7 @@ const MIGRATIONS: &[&str] = &[
         mtime_ms   INTEGER NOT NULL,
         written_ms INTEGER NOT NULL,
         origin     TEXT NOT NULL,
-        PRIMARY KEY(branch_id, dir, name, seq)
+        PRIMARY KEY(branch_id, dir, name, seq DESC)
     ) WITHOUT ROWID;
     CREATE UNIQUE INDEX version_seq ON version(seq);
     CREATE INDEX version_branch_seq ON version(branch_id, seq);

@@ -1,0 +1,345 @@
+//! The engine through its API, on real data dirs: write sessions, branches and merges,
+//! buckets, the outbox. (The CLI's end-to-end tests live in the root package's tests/.)
+
+use std::fs;
+
+use alknet_actors::engine::{Access, Engine, EngineError, Scope};
+use alknet_actors::proto::path::TreePath;
+use alknet_actors::store::outbox;
+use alknet_actors::store::StoreError;
+
+fn p(s: &str) -> TreePath {
+    TreePath::parse(s).unwrap()
+}
+
+fn fresh() -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    Engine::init(dir.path()).unwrap();
+    let engine = Engine::open(dir.path(), Access::Write).unwrap();
+    (dir, engine)
+}
+
+fn main_scope() -> Scope {
+    Scope::new("default", "main")
+}
+
+fn put(engine: &mut Engine, scope: &Scope, path: &str, bytes: &[u8]) -> i64 {
+    engine.put_reader(scope, bytes, &p(path), |_| {}).unwrap()
+}
+
+fn get(engine: &Engine, scope: &Scope, path: &str) -> Option<Vec<u8>> {
+    let entry = match engine.file_entry(scope, &p(path)) {
+        Ok(e) => e,
+        Err(EngineError::Store(StoreError::NotFound(_))) => return None,
+        Err(e) => panic!("get {path}: {e}"),
+    };
+    let mut out = Vec::new();
+    engine.read_entry(&entry, &mut out, |_| {}).unwrap();
+    Some(out)
+}
+
+fn names(engine: &Engine, scope: &Scope, dir: &str) -> Vec<String> {
+    engine.list(scope, &p(dir)).unwrap().iter().map(|r| r.path.name().to_string()).collect()
+}
+
+#[test]
+fn readers_see_the_old_version_until_commit_and_abort_leaves_nothing() {
+    let (dir, mut engine) = fresh();
+    let s = main_scope();
+    put(&mut engine, &s, "/doc", b"old");
+    let big = vec![7u8; 100_000];
+    let mut session = engine.open_session(&s, &p("/doc"), true).unwrap();
+    session.write_at(0, &big).unwrap();
+    // A second, lockless reader process would see this: the committed version.
+    let reader = Engine::open(dir.path(), Access::Read).unwrap();
+    assert_eq!(get(&reader, &s, "/doc").unwrap(), b"old");
+    assert_eq!(get(&engine, &s, "/doc").unwrap(), b"old");
+    engine.commit(&s, vec![session]).unwrap();
+    assert_eq!(get(&reader, &s, "/doc").unwrap(), big);
+
+    let history_before = engine.log(&s, &p("/doc")).unwrap().len();
+    let mut aborted = engine.open_session(&s, &p("/doc"), true).unwrap();
+    aborted.write_at(0, b"never").unwrap();
+    drop(aborted);
+    assert_eq!(get(&engine, &s, "/doc").unwrap(), big);
+    assert_eq!(engine.log(&s, &p("/doc")).unwrap().len(), history_before, "an abort wrote history");
+    let staging = fs::read_dir(dir.path().join("content/staging")).unwrap().count();
+    assert_eq!(staging, 0, "an aborted session left its staging file");
+}
+
+#[test]
+fn sessions_take_writes_in_any_order_sparse_and_truncated() {
+    let (_dir, mut engine) = fresh();
+    let s = main_scope();
+    put(&mut engine, &s, "/f", b"0123456789");
+    // Not truncated: starts from the current bytes.
+    let mut a = engine.open_session(&s, &p("/f"), false).unwrap();
+    a.write_at(8, b"XYZ").unwrap();
+    a.write_at(0, b"ab").unwrap();
+    let mut b = engine.open_session(&s, &p("/sparse"), true).unwrap();
+    b.write_at(40_000, b"tail").unwrap();
+    b.write_at(10, b"head").unwrap();
+    let mut c = engine.open_session(&s, &p("/cut"), true).unwrap();
+    c.write_at(0, &[1u8; 50_000]).unwrap();
+    c.truncate(3).unwrap();
+    engine.commit(&s, vec![a, b, c]).unwrap();
+    assert_eq!(get(&engine, &s, "/f").unwrap(), b"ab234567XYZ");
+    let sparse = get(&engine, &s, "/sparse").unwrap();
+    assert_eq!(sparse.len(), 40_004);
+    assert_eq!(&sparse[10..14], b"head");
+    assert!(sparse[14..40_000].iter().all(|b| *b == 0));
+    assert_eq!(get(&engine, &s, "/cut").unwrap(), vec![1u8; 3]);
+}
+
+#[test]
+fn a_multi_file_commit_is_all_or_nothing() {
+    let (_dir, mut engine) = fresh();
+    let s = main_scope();
+    put(&mut engine, &s, "/blocker", b"a file");
+    let mut ok = engine.open_session(&s, &p("/a/new"), true).unwrap();
+    ok.write_at(0, b"fine").unwrap();
+    // The parent of this one is a file: the whole commit must fail.
+    let mut bad = engine.open_session(&s, &p("/blocker/child"), true).unwrap();
+    bad.write_at(0, b"nope").unwrap();
+    let err = engine.commit(&s, vec![ok, bad]).unwrap_err();
+    assert!(err.to_string().contains("not a directory"), "{err}");
+    assert_eq!(get(&engine, &s, "/a/new"), None, "half of a failed commit is visible");
+    assert_eq!(names(&engine, &s, "/"), ["blocker"]);
+}
+
+#[test]
+fn identical_content_is_stored_once_across_paths_branches_and_buckets() {
+    let (dir, mut engine) = fresh();
+    let s = main_scope();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    put(&mut engine, &s, "/one", &data);
+    engine.create_bucket("other").unwrap();
+    engine.create_branch(&s, "b", None).unwrap();
+    put(&mut engine, &Scope::new("default", "b"), "/two", &data);
+    put(&mut engine, &Scope::new("other", "main"), "/three", &data);
+    let files: Vec<_> = walk(&dir.path().join("content")).into_iter().filter(|f| !f.contains("staging")).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(get(&engine, &Scope::new("other", "main"), "/three").unwrap(), data);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn buckets_do_not_see_each_other() {
+    let (_dir, mut engine) = fresh();
+    engine.create_bucket("tenant-b").unwrap();
+    let (a, b) = (main_scope(), Scope::new("tenant-b", "main"));
+    put(&mut engine, &a, "/secret", b"a's");
+    assert_eq!(get(&engine, &b, "/secret"), None);
+    assert!(names(&engine, &b, "/").is_empty());
+    // A version id from bucket a cannot be restored into bucket b.
+    let seq = engine.log(&a, &p("/secret")).unwrap()[0].seq;
+    assert!(engine.restore(&b, &p("/secret"), seq).is_err());
+    // Branches are per bucket too.
+    engine.create_branch(&a, "feature", None).unwrap();
+    assert!(engine.merge(&b, "feature", None).is_err());
+    let err = engine.put_reader(&Scope::new("nope", "main"), &b"x"[..], &p("/x"), |_| {}).unwrap_err();
+    assert!(err.to_string().contains("bucket create"), "{err}");
+}
+
+#[test]
+fn a_branch_is_a_snapshot_of_its_parent_at_the_fork() {
+    let (_dir, mut engine) = fresh();
+    let main = main_scope();
+    put(&mut engine, &main, "/a", b"a1");
+    engine.create_branch(&main, "f", None).unwrap();
+    let f = Scope::new("default", "f");
+    put(&mut engine, &main, "/a", b"a2");
+    put(&mut engine, &main, "/late", b"late");
+    assert_eq!(get(&engine, &f, "/a").unwrap(), b"a1");
+    assert_eq!(get(&engine, &f, "/late"), None);
+    put(&mut engine, &f, "/mine", b"m");
+    engine.remove(&f, &p("/a"), false).unwrap();
+    assert_eq!(get(&engine, &main, "/mine"), None);
+    assert_eq!(get(&engine, &main, "/a").unwrap(), b"a2");
+    assert_eq!(names(&engine, &f, "/"), ["mine"]);
+}
+
+#[test]
+fn chains_are_bounded() {
+    let (_dir, mut engine) = fresh();
+    let mut from = "main".to_string();
+    let mut made = 0;
+    for i in 0..64 {
+        let name = format!("b{i}");
+        match engine.create_branch(&main_scope(), &name, Some(&from)) {
+            Ok(_) => {
+                made += 1;
+                from = name;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("shallower"), "{e}");
+                break;
+            }
+        }
+    }
+    assert!(made < 64 && made >= 16, "made {made} nested branches");
+    put(&mut engine, &Scope::new("default", &from), "/deep", b"ok");
+}
+
+/// A merge case: steps on main and on a branch `f` forked from main after `setup`, then a
+/// merge of `f` into main, and what main must hold afterwards.
+struct Case {
+    name: &'static str,
+    setup: &'static [(&'static str, Option<&'static str>)],
+    on_main: &'static [(&'static str, Option<&'static str>)],
+    on_branch: &'static [(&'static str, Option<&'static str>)],
+    expect: &'static [(&'static str, Option<&'static str>)],
+    conflicts: usize,
+}
+
+fn apply(engine: &mut Engine, scope: &Scope, steps: &[(&str, Option<&str>)]) {
+    for (path, content) in steps {
+        match content {
+            Some(c) => {
+                put(engine, scope, path, c.as_bytes());
+            }
+            None => {
+                engine.remove(scope, &p(path), true).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn three_way_merge_cases() {
+    let cases = [
+        Case { name: "new file on branch", setup: &[], on_main: &[], on_branch: &[("/n", Some("n"))], expect: &[("/n", Some("n"))], conflicts: 0 },
+        Case { name: "edit on branch", setup: &[("/a", Some("1"))], on_main: &[], on_branch: &[("/a", Some("2"))], expect: &[("/a", Some("2"))], conflicts: 0 },
+        Case { name: "edit on main only", setup: &[("/a", Some("1"))], on_main: &[("/a", Some("m"))], on_branch: &[], expect: &[("/a", Some("m"))], conflicts: 0 },
+        Case { name: "delete on branch", setup: &[("/a", Some("1"))], on_main: &[], on_branch: &[("/a", None)], expect: &[("/a", None)], conflicts: 0 },
+        Case { name: "delete on main survives", setup: &[("/a", Some("1"))], on_main: &[("/a", None)], on_branch: &[], expect: &[("/a", None)], conflicts: 0 },
+        Case { name: "same edit both sides", setup: &[("/a", Some("1"))], on_main: &[("/a", Some("x"))], on_branch: &[("/a", Some("x"))], expect: &[("/a", Some("x"))], conflicts: 0 },
+        Case { name: "different paths both sides", setup: &[], on_main: &[("/m", Some("m"))], on_branch: &[("/b", Some("b"))], expect: &[("/m", Some("m")), ("/b", Some("b"))], conflicts: 0 },
+        Case { name: "both edit: branch wrote last", setup: &[("/a", Some("1"))], on_main: &[("/a", Some("main"))], on_branch: &[("/a", Some("branch"))], expect: &[("/a", Some("branch"))], conflicts: 1 },
+        Case { name: "deleted dir with a new child on main", setup: &[("/d/x", Some("x"))], on_main: &[("/d/new", Some("new"))], on_branch: &[("/d", None)], expect: &[("/d/new", Some("new")), ("/d/x", None)], conflicts: 0 },
+    ];
+    for case in cases {
+        let (_dir, mut engine) = fresh();
+        let main = main_scope();
+        apply(&mut engine, &main, case.setup);
+        engine.create_branch(&main, "f", None).unwrap();
+        let f = Scope::new("default", "f");
+        apply(&mut engine, &main, case.on_main);
+        // Make sure the branch's writes are strictly later in wall-clock time.
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        apply(&mut engine, &f, case.on_branch);
+        let report = engine.merge(&main, "f", None).unwrap();
+        assert_eq!(report.conflicts.len(), case.conflicts, "{}: conflicts", case.name);
+        for (path, want) in case.expect {
+            let got = get(&engine, &main, path).map(|b| String::from_utf8(b).unwrap());
+            assert_eq!(got.as_deref(), *want, "{}: {path}", case.name);
+        }
+        // Merging again changes nothing.
+        let again = engine.merge(&main, "f", None).unwrap();
+        assert!(again.taken.is_empty() && again.conflicts.is_empty(), "{}: second merge {again:?}", case.name);
+    }
+}
+
+#[test]
+fn the_losing_side_of_a_conflict_stays_restorable() {
+    let (_dir, mut engine) = fresh();
+    let main = main_scope();
+    put(&mut engine, &main, "/s", b"base");
+    engine.create_branch(&main, "f", None).unwrap();
+    let f = Scope::new("default", "f");
+    put(&mut engine, &f, "/s", b"branch side");
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    put(&mut engine, &main, "/s", b"main side");
+    let report = engine.merge(&main, "f", None).unwrap();
+    assert_eq!(report.conflicts.len(), 1);
+    assert_eq!(get(&engine, &main, "/s").unwrap(), b"main side");
+    let conflicts = engine.conflicts(&main).unwrap();
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].path, "/s");
+    // The loser outlives its branch.
+    engine.delete_branch(&main, "f").unwrap();
+    engine.restore(&main, &p("/s"), conflicts[0].loser_seq).unwrap();
+    assert_eq!(get(&engine, &main, "/s").unwrap(), b"branch side");
+}
+
+#[test]
+fn merging_in_either_direction_agrees() {
+    // Two branches edit the same paths; merging a into b and b into a (on separate stores
+    // built the same way) leaves identical contents.
+    let build = |a_into_b: bool| {
+        let (dir, mut engine) = fresh();
+        let main = main_scope();
+        put(&mut engine, &main, "/x", b"0");
+        put(&mut engine, &main, "/y", b"0");
+        engine.create_branch(&main, "a", None).unwrap();
+        engine.create_branch(&main, "b", None).unwrap();
+        let (a, b) = (Scope::new("default", "a"), Scope::new("default", "b"));
+        // Each write a few ms after the last, so both builds order them the same way in
+        // wall-clock time (LWW compares write times; equal times fall back to content).
+        let tick = || std::thread::sleep(std::time::Duration::from_millis(3));
+        put(&mut engine, &a, "/x", b"a");
+        tick();
+        put(&mut engine, &b, "/y", b"b");
+        tick();
+        put(&mut engine, &b, "/x", b"b");
+        tick();
+        engine.remove(&a, &p("/y"), false).unwrap();
+        let (from, into) = if a_into_b { ("a", &b) } else { ("b", &a) };
+        engine.merge(into, from, None).unwrap();
+        let state: Vec<_> = ["/x", "/y"].iter().map(|path| get(&engine, into, path)).collect();
+        drop(dir);
+        state
+    };
+    assert_eq!(build(true), build(false));
+}
+
+#[test]
+fn every_committed_mutation_has_one_event_and_a_rollback_has_none() {
+    let (dir, mut engine) = fresh();
+    let s = main_scope();
+    let start = outbox::head(engine.tree().conn()).unwrap();
+    put(&mut engine, &s, "/a", b"1");
+    engine.mkdir(&s, &p("/d"), false).unwrap();
+    engine.rename(&s, &p("/a"), &p("/d")).unwrap();
+    engine.remove(&s, &p("/d"), true).unwrap();
+    engine.create_branch(&s, "f", None).unwrap();
+    engine.merge(&s, "f", None).unwrap();
+    engine.delete_branch(&s, "f").unwrap();
+    assert!(engine.remove(&s, &p("/missing"), false).is_err());
+    assert!(engine.mkdir(&s, &p("/x/y"), false).is_err());
+    let events = outbox::read_after(engine.tree().conn(), start, 100).unwrap();
+    let ops: Vec<_> = events.iter().map(|(_, e)| e.op.as_str()).collect();
+    assert_eq!(ops, ["write", "mkdir", "rename", "delete", "branch-create", "merge", "branch-delete"]);
+    assert_eq!(events[2].1.to.as_deref(), Some("/d/a"));
+
+    // A consumer's cursor survives closing and reopening the store.
+    let conn = engine.tree().conn();
+    outbox::save_cursor(conn, "gc", events[3].0).unwrap();
+    drop(engine);
+    let engine = Engine::open(dir.path(), Access::Read).unwrap();
+    let cursor = outbox::cursor(engine.tree().conn(), "gc").unwrap();
+    let rest = outbox::read_after(engine.tree().conn(), cursor, 100).unwrap();
+    assert_eq!(rest.len(), 3);
+}
+
+#[test]
+fn a_second_writer_is_refused_with_a_clear_message() {
+    let (dir, engine) = fresh();
+    let err = Engine::open(dir.path(), Access::Write).err().expect("second writer opened");
+    assert!(err.to_string().contains("in use"), "{err}");
+    // Readers are welcome.
+    Engine::open(dir.path(), Access::Read).unwrap();
+    drop(engine);
+    Engine::open(dir.path(), Access::Write).unwrap();
+}
