@@ -118,6 +118,18 @@ pub enum Command {
     },
     /// Print the stream of committed changes (JSON lines), from this consumer's saved cursor.
     Watch(WatchArgs),
+    /// Maintain the content store.
+    #[command(subcommand)]
+    Blobs(BlobsCmd),
+}
+
+/// Blob subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BlobsCmd {
+    /// Add blobs not yet indexed to the iroh-blobs store (for verified streaming to peers).
+    Index,
+    /// Re-hash every blob and report any that is missing or corrupt (reads the whole store).
+    Check,
 }
 
 /// Branch subcommands.

@@ -8,7 +8,7 @@ use alknet_actors::engine::{Access, Engine, Scope};
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{BranchCmd, BucketCmd, Cli, Command};
+use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command};
 use crate::output;
 use crate::progress::Progress;
 
@@ -100,6 +100,24 @@ pub fn run(cli: Cli) -> Result<()> {
             let engine = Engine::open(&dir, Access::Read)?;
             output::conflicts(&mut out, &engine.conflicts(&scope)?, json)?;
         }
+        Command::Blobs(BlobsCmd::Index) => {
+            let engine = write_engine(&dir)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let report = rt.block_on(async {
+                let index = alknet_actors::index::BlobIndex::open(engine.dir()).await?;
+                let report = engine.index_blobs(&index).await;
+                index.shutdown().await?;
+                anyhow::Ok(report?)
+            })?;
+            blob_report(&mut out, "indexed", &report)?;
+        }
+        Command::Blobs(BlobsCmd::Check) => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            let mut bar = Progress::count("checking blobs");
+            let report = engine.check_blobs(|n| bar.set(n))?;
+            bar.finish();
+            blob_report(&mut out, "intact", &report)?;
+        }
         Command::Watch(args) => {
             drop(out);
             crate::watch::run(&dir, &args)?;
@@ -107,6 +125,18 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+fn blob_report(out: &mut impl Write, verb: &str, report: &alknet_actors::engine::BlobReport) -> Result<()> {
+    writeln!(out, "{} blobs {verb}, {} failed", report.ok, report.failed.len())?;
+    for (hash, why) in &report.failed {
+        writeln!(out, "{hash}: {why}")?;
+    }
+    out.flush()?;
+    if !report.failed.is_empty() {
+        bail!("{} blobs failed; see above", report.failed.len());
+    }
     Ok(())
 }
 

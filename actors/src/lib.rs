@@ -8,6 +8,7 @@
 //! - behind the `runtime` feature, the parts that do I/O:
 //!   - `store` — the path tree in SQLite with its honker outbox (one database file per node);
 //!   - `content` — the iroh-blobs file store and the one-pass import;
+//!   - `index` — the iroh-blobs store indexing the content for verified streaming;
 //!   - `session` — write sessions: branch on write, merge on close;
 //!   - `engine` — the data directory: its lock, its layout, and the operations the CLI and
 //!     (later) the actors call.
@@ -20,6 +21,8 @@ pub mod proto;
 pub mod content;
 #[cfg(feature = "runtime")]
 pub mod engine;
+#[cfg(feature = "runtime")]
+pub mod index;
 #[cfg(feature = "runtime")]
 pub mod session;
 #[cfg(feature = "runtime")]

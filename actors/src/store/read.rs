@@ -250,3 +250,35 @@ pub fn inline_blob(conn: &Connection, hash: &crate::proto::entry::ContentHash) -
         .optional()?
         .flatten())
 }
+
+/// A blob the iroh-blobs index does not hold yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingBlob {
+    /// Its hash.
+    pub hash: crate::proto::entry::ContentHash,
+    /// Its size.
+    pub size: u64,
+    /// Its bytes, for inline blobs.
+    pub inline: Option<Vec<u8>>,
+}
+
+/// Up to `limit` blobs after `after` (by hash), all of them or only those not yet indexed.
+pub fn blobs_after(conn: &Connection, after: &[u8], only_pending: bool, limit: i64) -> Result<Vec<PendingBlob>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT hash, size, data FROM blob WHERE hash > ?1 AND (indexed = 0 OR NOT ?2) ORDER BY hash LIMIT ?3",
+    )?;
+    let rows = st.query_map(rusqlite::params![after, only_pending, limit], |r| {
+        let hash: Vec<u8> = r.get(0)?;
+        let hash: [u8; 32] = hash
+            .try_into()
+            .map_err(|_| rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob))?;
+        Ok(PendingBlob { hash: crate::proto::entry::ContentHash(hash), size: r.get::<_, i64>(1)? as u64, inline: r.get(2)? })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Marks `hash` as held by the iroh-blobs index.
+pub fn mark_indexed(conn: &Connection, hash: &crate::proto::entry::ContentHash) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE blob SET indexed = 1 WHERE hash = ?1")?.execute([hash.0.to_vec()])?;
+    Ok(())
+}
