@@ -13,7 +13,6 @@
 //!   - `engine` — the data directory: its lock, its layout, and the operations the CLI and
 //!     (later) the actors call.
 #![deny(missing_docs)]
-#![allow(missing_docs)] // TEMP
 
 pub mod proto;
 
