@@ -121,6 +121,17 @@ pub enum Command {
     /// Maintain the content store.
     #[command(subcommand)]
     Blobs(BlobsCmd),
+    /// Prune history past the retention policy and free blobs nothing references.
+    /// A version survives if it is among the newest --keep-versions of its path or younger
+    /// than --keep-days; give one flag alone to use only that rule.
+    Gc {
+        /// Old versions kept per path besides the current one.
+        #[arg(long)]
+        keep_versions: Option<u32>,
+        /// Keep old versions younger than this many days.
+        #[arg(long)]
+        keep_days: Option<u32>,
+    },
 }
 
 /// Blob subcommands.

@@ -118,6 +118,15 @@ pub fn run(cli: Cli) -> Result<()> {
             bar.finish();
             blob_report(&mut out, "intact", &report)?;
         }
+        Command::Gc { keep_versions, keep_days } => {
+            let policy = retention(keep_versions, keep_days);
+            let report = write_engine(&dir)?.gc(policy)?;
+            writeln!(
+                out,
+                "gc: freed {} blobs ({} bytes), pruned {} old versions and {} outbox events; {} blobs live; {} ms",
+                report.blobs_freed, report.bytes_freed, report.versions_pruned, report.events_pruned, report.blobs_live, report.took_ms
+            )?;
+        }
         Command::Watch(args) => {
             drop(out);
             crate::watch::run(&dir, &args)?;
@@ -138,6 +147,15 @@ fn blob_report(out: &mut impl Write, verb: &str, report: &alknet_actors::engine:
         bail!("{} blobs failed; see above", report.failed.len());
     }
     Ok(())
+}
+
+/// The retention policy from the flags: one flag alone means only that rule applies.
+fn retention(keep_versions: Option<u32>, keep_days: Option<u32>) -> alknet_actors::gc::Retention {
+    let default = alknet_actors::gc::Retention::default();
+    match (keep_versions, keep_days) {
+        (None, None) => default,
+        (v, d) => alknet_actors::gc::Retention { keep_versions: v.unwrap_or(0), keep_days: d.unwrap_or(0) },
+    }
 }
 
 fn write_engine(dir: &Path) -> Result<Engine> {

@@ -21,7 +21,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Mutex};
 
 use crate::proto::entry::ContentHash;
 
@@ -65,7 +66,10 @@ pub enum ContentError {
 
 impl ContentError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error, dir: &Path) -> Self {
-        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+        // tempfile wraps OS errors with the path and drops the raw code; the kind survives.
+        let full = matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+            || matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded);
+        if full {
             return ContentError::DiskFull(dir.to_path_buf());
         }
         ContentError::Io { context: context.into(), source }
@@ -73,7 +77,8 @@ impl ContentError {
 }
 
 /// A blob ready to be committed: its hash, size, and (if small) its bytes for the inline tier.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A file blob carries a [`Hold`] until the commit that names it is done, so GC keeps its file.
+#[derive(Clone, Debug)]
 pub struct Imported {
     /// BLAKE3 of the bytes.
     pub hash: ContentHash,
@@ -81,6 +86,57 @@ pub struct Imported {
     pub size: u64,
     /// The bytes themselves when at most [`INLINE_BYTES_MAX`]; `None` for a file blob.
     pub inline: Option<Vec<u8>>,
+    /// Keeps GC off this blob's file until dropped (after the commit).
+    pub hold: Option<Arc<Hold>>,
+}
+
+/// Blobs that writes in flight (imports, sessions, later downloads) are about to reference:
+/// GC never deletes a held blob. Shared by every clone of a [`ContentStore`].
+#[derive(Clone, Debug, Default)]
+pub struct Holds(Arc<Mutex<HashMap<ContentHash, usize>>>);
+
+impl Holds {
+    /// Holds `hash` until the returned guard drops.
+    pub fn hold(&self, hash: ContentHash) -> Arc<Hold> {
+        *self.0.lock().expect("holds lock").entry(hash).or_insert(0) += 1;
+        Arc::new(Hold { holds: self.clone(), hash })
+    }
+
+    /// Runs `f` (which deletes blob `hash`) unless the blob is held; the check and `f` happen
+    /// under one lock, so no hold can slip in between. Returns whether `f` ran.
+    pub fn unless_held(&self, hash: &ContentHash, f: impl FnOnce()) -> bool {
+        let map = self.0.lock().expect("holds lock");
+        if map.contains_key(hash) {
+            return false;
+        }
+        f();
+        drop(map);
+        true
+    }
+
+    /// True when `hash` is held now.
+    pub fn is_held(&self, hash: &ContentHash) -> bool {
+        self.0.lock().expect("holds lock").contains_key(hash)
+    }
+}
+
+/// One hold on one blob; released on drop.
+#[derive(Debug)]
+pub struct Hold {
+    holds: Holds,
+    hash: ContentHash,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut map = self.holds.0.lock().expect("holds lock");
+        if let Some(n) = map.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.hash);
+            }
+        }
+    }
 }
 
 /// Copies `src` to `dst` (both regular files, `dst` empty) and returns the BLAKE3 of what
@@ -162,14 +218,25 @@ pub fn hash_file(file: &File) -> io::Result<(ContentHash, u64)> {
 #[derive(Clone, Debug)]
 pub struct ContentStore {
     root: PathBuf,
+    holds: Holds,
 }
 
 impl ContentStore {
     /// The content store under `root` (`DATA/content`); creates its directories.
     pub fn open(root: &Path) -> Result<Self, ContentError> {
-        let store = ContentStore { root: root.to_path_buf() };
+        let store = ContentStore { root: root.to_path_buf(), holds: Holds::default() };
         fs::create_dir_all(store.staging_dir()).map_err(|e| ContentError::io(format!("create {}", root.display()), e, root))?;
         Ok(store)
+    }
+
+    /// The holds of writes in flight.
+    pub fn holds(&self) -> &Holds {
+        &self.holds
+    }
+
+    /// The content root (`DATA/content`).
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Where write sessions and imports stage bytes; same file system as the blobs, so a
@@ -265,6 +332,8 @@ impl ContentStore {
             let data = fs::read(staging.tmp.path()).map_err(|e| io("read staging file", e))?;
             return Ok(inline(data));
         }
+        // Hold before looking: once held, GC cannot delete an existing copy we dedup onto.
+        let hold = self.holds.hold(hash);
         let target = self.blob_path(&hash);
         if !target.exists() {
             staging.file().sync_data().map_err(|e| io("fsync staging file", e))?;
@@ -273,7 +342,7 @@ impl ContentStore {
             staging.tmp.persist(&target).map_err(|e| io("move blob into place", e.error))?;
             File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync blob dir", e))?;
         }
-        Ok(Imported { hash, size, inline: None })
+        Ok(Imported { hash, size, inline: None, hold: Some(hold) })
     }
 
     /// Opens file blob `hash` for reading.
@@ -325,7 +394,7 @@ pub fn check(hash: &ContentHash, actual: blake3::Hash) -> Result<(), ContentErro
 }
 
 fn inline(data: Vec<u8>) -> Imported {
-    Imported { hash: ContentHash(*blake3::hash(&data).as_bytes()), size: data.len() as u64, inline: Some(data) }
+    Imported { hash: ContentHash(*blake3::hash(&data).as_bytes()), size: data.len() as u64, inline: Some(data), hold: None }
 }
 
 /// A staging file, deleted on drop unless [`ContentStore::finish`] moved it into place.

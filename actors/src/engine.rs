@@ -379,6 +379,14 @@ impl Engine {
         Ok(self.tree.transact(now_ms(), |tx| tx.merge(&from, &into))?)
     }
 
+    /// Collects garbage: prunes history past `policy`, frees blobs nothing names.
+    pub fn gc(&mut self, policy: crate::gc::Retention) -> Result<crate::gc::GcReport> {
+        crate::gc::collect(&mut self.tree, &self.content, policy, now_ms()).map_err(|e| match e {
+            crate::gc::GcError::Store(e) => EngineError::Store(e),
+            crate::gc::GcError::Content(e) => EngineError::Content(e),
+        })
+    }
+
     // ---- reads ----
 
     /// The live entry at `path` (the root is a directory).
@@ -534,7 +542,7 @@ fn file_entry(blob: &Imported, mode: u32, mtime_ms: i64) -> Entry {
 }
 
 fn empty_blob() -> Imported {
-    Imported { hash: ContentHash::EMPTY, size: 0, inline: Some(Vec::new()) }
+    Imported { hash: ContentHash::EMPTY, size: 0, inline: Some(Vec::new()), hold: None }
 }
 
 fn mtime_ms(meta: &fs::Metadata) -> i64 {

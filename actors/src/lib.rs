@@ -8,6 +8,7 @@
 //! - behind the `runtime` feature, the parts that do I/O:
 //!   - `store` — the path tree in SQLite with its honker outbox (one database file per node);
 //!   - `content` — the iroh-blobs file store and the one-pass import;
+//!   - `gc` — history retention and mark-and-sweep of blobs;
 //!   - `index` — the iroh-blobs store indexing the content for verified streaming;
 //!   - `session` — write sessions: branch on write, merge on close;
 //!   - `engine` — the data directory: its lock, its layout, and the operations the CLI and
@@ -20,6 +21,8 @@ pub mod proto;
 pub mod content;
 #[cfg(feature = "runtime")]
 pub mod engine;
+#[cfg(feature = "runtime")]
+pub mod gc;
 #[cfg(feature = "runtime")]
 pub mod index;
 #[cfg(feature = "runtime")]

@@ -63,14 +63,14 @@ impl Event {
         }
     }
 
-    /// A file, symlink or directory written.
-    pub fn write(branch: &Branch, seq: i64, path: &TreePath, kind: EntryKind, hash: ContentHash, size: u64) -> Self {
+    /// A file, symlink or directory written, with the parent directories it created.
+    pub fn write(branch: &Branch, first: i64, seq: i64, path: &TreePath, kind: EntryKind, hash: ContentHash, size: u64) -> Self {
         Event {
             path: Some(path.to_string()),
             hash: Some(hash.to_hex()),
             size: Some(size),
             kind: Some(kind.code().to_string()),
-            ..Self::base("write", branch, seq, seq)
+            ..Self::base("write", branch, first, seq)
         }
     }
 

@@ -135,6 +135,7 @@ impl<'c> Tx<'c> {
             return Err(StoreError::IsADirectory("/".into()));
         }
         let view = View::head(&self.tx, branch)?;
+        let first = self.clock + 1;
         self.ensure_parents(branch, &view, path)?;
         if let Some(cur) = read::live(&self.tx, &view, path)? {
             if cur.entry().is_some_and(|e| e.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir {
@@ -144,7 +145,7 @@ impl<'c> Tx<'c> {
         let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
         let v = self.stamp(Some(entry));
         let seq = self.insert_row(branch.id, path, &v, "write")?;
-        self.emit(Event::write(branch, seq, path, kind, hash, size));
+        self.emit(Event::write(branch, first, seq, path, kind, hash, size));
         Ok(seq)
     }
 
@@ -161,14 +162,19 @@ impl<'c> Tx<'c> {
         }
         if !parents {
             let parent = path.parent().expect("not root");
-            if !parent.is_root() && !read::live(&self.tx, &view, &parent)?.is_some_and(|r| r.entry().is_some_and(|e| e.kind == EntryKind::Dir)) {
-                return Err(StoreError::NotFound(format!("{parent} (use mkdir -p)")));
+            if !parent.is_root() {
+                match read::live(&self.tx, &view, &parent)? {
+                    Some(r) if r.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {}
+                    Some(_) => return Err(StoreError::NotADirectory(parent.to_string())),
+                    None => return Err(StoreError::NotFound(format!("{parent} (use mkdir -p)"))),
+                }
             }
         }
+        let first = self.clock + 1;
         self.ensure_parents(branch, &view, path)?;
         let v = self.stamp(Some(Entry::dir(mode, self.now_ms)));
         let seq = self.insert_row(branch.id, path, &v, "mkdir")?;
-        self.emit(Event::path_op("mkdir", branch, seq, seq, path));
+        self.emit(Event::path_op("mkdir", branch, first, seq, path));
         Ok(Some(seq))
     }
 
@@ -219,8 +225,8 @@ impl<'c> Tx<'c> {
         if src_is_dir {
             moves.extend(read::subtree(&self.tx, &view, from)?);
         }
-        self.ensure_parents(branch, &view, to)?;
         let first = self.clock + 1;
+        self.ensure_parents(branch, &view, to)?;
         let tomb = self.stamp(None);
         for (old, row) in &moves {
             let new = old.rebase(from, to)?;
@@ -240,6 +246,7 @@ impl<'c> Tx<'c> {
             .into_iter()
             .find(|r| r.seq == seq)
             .ok_or_else(|| StoreError::NotFound(format!("{path} has no version {seq} on branch {} (see `alkfs log {path}`)", branch.name)))?;
+        let first = self.clock + 1;
         if let Some(e) = old.entry() {
             if e.kind != EntryKind::Dir {
                 if let Some(cur) = read::live(&self.tx, &view, path)? {
@@ -252,7 +259,7 @@ impl<'c> Tx<'c> {
         }
         let v = self.stamp(old.version.entry.clone());
         let new_seq = self.insert_row(branch.id, path, &v, "restore")?;
-        self.emit(Event::path_op("restore", branch, new_seq, new_seq, path));
+        self.emit(Event::path_op("restore", branch, first, new_seq, path));
         Ok(new_seq)
     }
 
