@@ -101,12 +101,29 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The data dir's write lock (an `flock` on `DATA/lock`), held while this value lives.
+/// The node holds one for its whole life and opens its engines under it.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock of `dir`, or says which process holds it.
+    pub fn take(dir: &Path) -> Result<Self> {
+        Ok(DirLock { _file: take_lock(dir)? })
+    }
+}
+
+/// One entry of a commit: a path, its entry, and the blob the entry names.
+pub type CommitItem = (TreePath, Entry, Imported);
+
 /// An open data directory.
 pub struct Engine {
     dir: PathBuf,
     tree: TreeStore,
     content: ContentStore,
-    _lock: Option<File>,
+    _lock: Option<std::sync::Arc<DirLock>>,
 }
 
 impl Engine {
@@ -126,25 +143,50 @@ impl Engine {
         Ok(fresh)
     }
 
-    /// Opens the store in `dir`.
+    /// Opens the store in `dir`. With [`Access::Write`] it takes the lock and clears staging
+    /// files an interrupted writer left.
     pub fn open(dir: &Path, access: Access) -> Result<Self> {
-        let db = dir.join(TREE_DB_FILE);
-        if !db.exists() {
-            return Err(EngineError::NotInitialised(dir.to_path_buf()));
-        }
-        let lock = match access {
-            Access::Write => Some(take_lock(dir)?),
-            Access::Read => None,
-        };
-        let tree = TreeStore::open(&db, false)?;
-        let content = ContentStore::open(&dir.join("content"))?;
-        if access == Access::Write {
-            let n = content.clear_staging()?;
-            if n > 0 {
-                tracing::info!(files = n, "removed staging files left by an interrupted write");
+        Self::check_initialised(dir)?;
+        match access {
+            Access::Write => {
+                let lock = std::sync::Arc::new(DirLock::take(dir)?);
+                let content = ContentStore::open(&dir.join("content"))?;
+                Self::clear_staging(&content)?;
+                Self::open_under(dir, lock, content)
+            }
+            Access::Read => {
+                let tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
+                let content = ContentStore::open(&dir.join("content"))?;
+                Ok(Engine { dir: dir.to_path_buf(), tree, content, _lock: None })
             }
         }
-        Ok(Engine { dir: dir.to_path_buf(), tree, content, _lock: lock })
+    }
+
+    /// Opens a writing engine under a lock the caller holds, sharing `content` (and so its
+    /// holds) with the caller's other users of it. Clears nothing: staging files may belong to
+    /// the caller's writes in flight.
+    pub fn open_under(dir: &Path, lock: std::sync::Arc<DirLock>, content: ContentStore) -> Result<Self> {
+        Self::check_initialised(dir)?;
+        let tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
+        Ok(Engine { dir: dir.to_path_buf(), tree, content, _lock: Some(lock) })
+    }
+
+    /// Fails with [`EngineError::NotInitialised`] unless `dir` holds a store.
+    pub fn check_initialised(dir: &Path) -> Result<()> {
+        if !dir.join(TREE_DB_FILE).exists() {
+            return Err(EngineError::NotInitialised(dir.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Removes staging files left by an interrupted writer; call only under the lock, before
+    /// any write of this process starts.
+    pub fn clear_staging(content: &ContentStore) -> Result<()> {
+        let n = content.clear_staging()?;
+        if n > 0 {
+            tracing::info!(files = n, "removed staging files left by an interrupted write");
+        }
+        Ok(())
     }
 
     /// The data directory.
@@ -218,17 +260,11 @@ impl Engine {
         self.commit_entries(scope, &items)
     }
 
-    /// Commits already imported blobs as entries, all in one transaction.
-    pub fn commit_entries(&mut self, scope: &Scope, items: &[(TreePath, Entry, Imported)]) -> Result<Vec<i64>> {
+    /// Commits already imported blobs as entries, all in one transaction. A directory entry
+    /// is created if missing (as `mkdir -p`) and its seq is 0 when it already existed.
+    pub fn commit_entries(&mut self, scope: &Scope, items: &[CommitItem]) -> Result<Vec<i64>> {
         let branch = self.branch(scope)?;
-        let seqs = self.tree.transact(now_ms(), |tx| {
-            let mut seqs = Vec::with_capacity(items.len());
-            for (path, entry, blob) in items {
-                tx.record_blob(blob)?;
-                seqs.push(tx.put(&branch, path, entry.clone())?);
-            }
-            Ok::<_, StoreError>(seqs)
-        })?;
+        let seqs = self.tree.transact(now_ms(), |tx| commit_items(tx, &branch, items))?;
         Ok(seqs)
     }
 
@@ -256,71 +292,14 @@ impl Engine {
     /// commits in batches of [`COMMIT_ENTRIES_MAX`]. Returns how many entries it wrote.
     pub fn put_tree(&mut self, scope: &Scope, src: &Path, dest: &TreePath, mut progress: impl FnMut(u64)) -> Result<u64> {
         self.branch(scope)?;
-        let mut batch: Vec<(TreePath, Entry, Imported)> = Vec::new();
-        let mut count = 0u64;
-        let mut stack = vec![(src.to_path_buf(), dest.clone())];
-        let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
-        if !dir_meta.is_dir() {
-            return Err(EngineError::local(src, io::Error::other("not a directory")));
-        }
-        batch.push((dest.clone(), Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)), empty_blob()));
-        while let Some((local, remote)) = stack.pop() {
-            let mut names: Vec<_> = fs::read_dir(&local)
-                .map_err(|e| EngineError::local(&local, e))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<io::Result<_>>()
-                .map_err(|e| EngineError::local(&local, e))?;
-            names.sort();
-            for name in names {
-                let lpath = local.join(&name);
-                let name = name.to_str().ok_or_else(|| EngineError::local(&lpath, io::Error::other("file name is not UTF-8")))?;
-                let rpath = remote.join(name).map_err(StoreError::from)?;
-                let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-                let ft = meta.file_type();
-                let item = if ft.is_dir() {
-                    stack.push((lpath.clone(), rpath.clone()));
-                    (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
-                } else if ft.is_symlink() {
-                    let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-                    let blob = self.content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
-                    let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
-                    (rpath, entry, blob)
-                } else if ft.is_file() {
-                    let blob = self.content.import_file(&lpath, |_| {})?;
-                    (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
-                } else {
-                    tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
-                    continue;
-                };
-                batch.push(item);
-                if batch.len() >= COMMIT_ENTRIES_MAX {
-                    count += batch.len() as u64;
-                    self.commit_tree_batch(scope, &mut batch)?;
-                    progress(count);
-                }
-            }
-        }
-        count += batch.len() as u64;
-        self.commit_tree_batch(scope, &mut batch)?;
-        progress(count);
-        Ok(count)
-    }
-
-    fn commit_tree_batch(&mut self, scope: &Scope, batch: &mut Vec<(TreePath, Entry, Imported)>) -> Result<()> {
-        let branch = self.branch(scope)?;
-        self.tree.transact(now_ms(), |tx| {
-            for (path, entry, blob) in batch.iter() {
-                if entry.kind == EntryKind::Dir {
-                    tx.mkdir(&branch, path, true, entry.mode)?;
-                } else {
-                    tx.record_blob(blob)?;
-                    tx.put(&branch, path, entry.clone())?;
-                }
-            }
-            Ok::<_, StoreError>(())
-        })?;
-        batch.clear();
-        Ok(())
+        let content = self.content.clone();
+        let mut done = 0u64;
+        import_tree(&content, src, dest, |batch| {
+            self.commit_entries(scope, &batch)?;
+            done += batch.len() as u64;
+            progress(done);
+            Ok(())
+        })
     }
 
     /// Creates a directory.
@@ -537,7 +516,74 @@ impl Engine {
     }
 }
 
-fn file_entry(blob: &Imported, mode: u32, mtime_ms: i64) -> Entry {
+/// Writes `items` in the open transaction: files and symlinks as puts, directories as
+/// `mkdir -p` with their mode (seq 0 when the directory was already there).
+pub fn commit_items(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[CommitItem]) -> Result<Vec<i64>, StoreError> {
+    let mut seqs = Vec::with_capacity(items.len());
+    for (path, entry, blob) in items {
+        if entry.kind == EntryKind::Dir {
+            seqs.push(tx.mkdir(branch, path, true, entry.mode)?.unwrap_or(0));
+        } else {
+            tx.record_blob(blob)?;
+            seqs.push(tx.put(branch, path, entry.clone())?);
+        }
+    }
+    Ok(seqs)
+}
+
+/// Walks the local tree `src` (sorted, depth first), imports every file and symlink into
+/// `content`, and hands `sink` batches of at most [`COMMIT_ENTRIES_MAX`] items to commit
+/// (directories before what they hold). Special files are skipped with a warning.
+pub fn import_tree(content: &ContentStore, src: &Path, dest: &TreePath, mut sink: impl FnMut(Vec<CommitItem>) -> Result<()>) -> Result<u64> {
+    let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
+    if !dir_meta.is_dir() {
+        return Err(EngineError::local(src, io::Error::other("not a directory")));
+    }
+    let mut batch: Vec<CommitItem> = vec![(dest.clone(), Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)), empty_blob())];
+    let mut count = 0u64;
+    let mut stack = vec![(src.to_path_buf(), dest.clone())];
+    while let Some((local, remote)) = stack.pop() {
+        let mut names: Vec<_> = fs::read_dir(&local)
+            .map_err(|e| EngineError::local(&local, e))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()
+            .map_err(|e| EngineError::local(&local, e))?;
+        names.sort();
+        for name in names {
+            let lpath = local.join(&name);
+            let name = name.to_str().ok_or_else(|| EngineError::local(&lpath, io::Error::other("file name is not UTF-8")))?;
+            let rpath = remote.join(name).map_err(StoreError::from)?;
+            let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+            let ft = meta.file_type();
+            let item = if ft.is_dir() {
+                stack.push((lpath.clone(), rpath.clone()));
+                (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+                let blob = content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
+                let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
+                (rpath, entry, blob)
+            } else if ft.is_file() {
+                let blob = content.import_file(&lpath, |_| {})?;
+                (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
+            } else {
+                tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
+                continue;
+            };
+            batch.push(item);
+            if batch.len() >= COMMIT_ENTRIES_MAX {
+                count += batch.len() as u64;
+                sink(std::mem::take(&mut batch))?;
+            }
+        }
+    }
+    count += batch.len() as u64;
+    sink(batch)?;
+    Ok(count)
+}
+
+/// The entry for a stored local file.
+pub fn file_entry(blob: &Imported, mode: u32, mtime_ms: i64) -> Entry {
     Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode, mtime_ms }
 }
 
@@ -545,7 +591,8 @@ fn empty_blob() -> Imported {
     Imported { hash: ContentHash::EMPTY, size: 0, inline: Some(Vec::new()), hold: None }
 }
 
-fn mtime_ms(meta: &fs::Metadata) -> i64 {
+/// A local file's mtime in milliseconds.
+pub fn mtime_ms(meta: &fs::Metadata) -> i64 {
     meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000
 }
 

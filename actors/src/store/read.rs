@@ -264,10 +264,14 @@ pub struct PendingBlob {
 
 /// Up to `limit` blobs after `after` (by hash), all of them or only those not yet indexed.
 pub fn blobs_after(conn: &Connection, after: &[u8], only_pending: bool, limit: i64) -> Result<Vec<PendingBlob>, StoreError> {
-    let mut st = conn.prepare_cached(
-        "SELECT hash, size, data FROM blob WHERE hash > ?1 AND (indexed = 0 OR NOT ?2) ORDER BY hash LIMIT ?3",
-    )?;
-    let rows = st.query_map(rusqlite::params![after, only_pending, limit], |r| {
+    // Two statements, so the pending one can use the partial index `blob_pending`.
+    let sql = if only_pending {
+        "SELECT hash, size, data FROM blob WHERE hash > ?1 AND indexed = 0 ORDER BY hash LIMIT ?2"
+    } else {
+        "SELECT hash, size, data FROM blob WHERE hash > ?1 ORDER BY hash LIMIT ?2"
+    };
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = st.query_map(rusqlite::params![after, limit], |r| {
         let hash: Vec<u8> = r.get(0)?;
         let hash: [u8; 32] = hash
             .try_into()

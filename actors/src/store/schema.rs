@@ -82,6 +82,7 @@ const MIGRATIONS: &[&str] = &[
         data    BLOB,
         indexed INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
+    CREATE INDEX blob_pending ON blob(hash) WHERE indexed = 0;
     INSERT INTO clock VALUES (0, 0);
     "#,
 ];
