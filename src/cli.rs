@@ -121,6 +121,21 @@ pub enum Command {
     /// Maintain the content store.
     #[command(subcommand)]
     Blobs(BlobsCmd),
+    /// Run the node (the daemon) in the foreground.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Show the running node: id, uptime, actors and restarts, store, blobs, last GC.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the effective configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Test hooks of a node started with ALKFS_FAULT_INJECTION=1.
+    #[command(subcommand, hide = true)]
+    Debug(DebugCmd),
     /// Prune history past the retention policy and free blobs nothing references.
     /// A version survives if it is among the newest --keep-versions of its path or younger
     /// than --keep-days; give one flag alone to use only that rule.
@@ -131,6 +146,41 @@ pub enum Command {
         /// Keep old versions younger than this many days.
         #[arg(long)]
         keep_days: Option<u32>,
+    },
+}
+
+/// Node subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Run the node in the foreground until SIGINT/SIGTERM.
+    Run {
+        /// Log format (overrides log.format).
+        #[arg(long, value_parser = ["text", "json"])]
+        log_format: Option<String>,
+        /// Override a setting, as section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+/// Config subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective configuration (file, then env, then --set).
+    Show {
+        /// Override a setting, as section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+/// Test hooks.
+#[derive(Debug, Subcommand)]
+pub enum DebugCmd {
+    /// Make an actor of the running node panic (store, outbox, blobs or gc).
+    InjectPanic {
+        /// The actor.
+        actor: String,
     },
 }
 

@@ -8,9 +8,12 @@ use alknet_actors::engine::{Access, Engine, Scope};
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command};
+use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, DebugCmd, NodeCmd};
+use crate::control::client::Client;
+use crate::control::{Reply, Request};
 use crate::output;
 use crate::progress::Progress;
+use crate::writer::Writer;
 
 /// The data dir: `--data`, `$ALKFS_DATA`, or the XDG data dir.
 pub fn data_dir(cli: &Cli) -> Result<PathBuf> {
@@ -69,31 +72,31 @@ pub fn run(cli: Cli) -> Result<()> {
             output::list(&mut out, &rows, long, json)?;
         }
         Command::Rm { recursive, path } => {
-            let n = write_engine(&dir)?.remove(&scope, &file_path(&path)?, recursive)?;
+            let n = Writer::open(&dir)?.remove(&scope, &file_path(&path)?, recursive)?;
             tracing::debug!(paths = n, "removed");
         }
         Command::Mv { from, to } => {
-            write_engine(&dir)?.rename(&scope, &file_path(&from)?, &file_path(&to)?)?;
+            Writer::open(&dir)?.rename(&scope, &file_path(&from)?, &file_path(&to)?)?;
         }
-        Command::Mkdir { parents, path } => write_engine(&dir)?.mkdir(&scope, &file_path(&path)?, parents)?,
+        Command::Mkdir { parents, path } => Writer::open(&dir)?.mkdir(&scope, &file_path(&path)?, parents)?,
         Command::Log { path, json } => {
             let engine = Engine::open(&dir, Access::Read)?;
             let rows = engine.log(&scope, &file_path(&path)?)?;
             output::log(&mut out, &engine, &rows, json)?;
         }
         Command::Restore { path, version } => {
-            let seq = write_engine(&dir)?.restore(&scope, &file_path(&path)?, version)?;
+            let seq = Writer::open(&dir)?.restore(&scope, &file_path(&path)?, version)?;
             writeln!(out, "restored {path} from version {version} as version {seq}")?;
         }
         Command::Branch(cmd) => branch(&dir, &scope, cmd, &mut out)?,
-        Command::Bucket(BucketCmd::Create { name }) => write_engine(&dir)?.create_bucket(&name)?,
+        Command::Bucket(BucketCmd::Create { name }) => Writer::open(&dir)?.create_bucket(&name)?,
         Command::Bucket(BucketCmd::List) => {
             for name in Engine::open(&dir, Access::Read)?.tree().buckets()? {
                 writeln!(out, "{name}")?;
             }
         }
         Command::Merge { from, into } => {
-            let report = write_engine(&dir)?.merge(&scope, &from, into.as_deref())?;
+            let report = Writer::open(&dir)?.merge(&scope, &from, into.as_deref())?;
             output::merge(&mut out, &from, into.as_deref().unwrap_or(&scope.branch), &report)?;
         }
         Command::Conflicts { json } => {
@@ -101,14 +104,7 @@ pub fn run(cli: Cli) -> Result<()> {
             output::conflicts(&mut out, &engine.conflicts(&scope)?, json)?;
         }
         Command::Blobs(BlobsCmd::Index) => {
-            let engine = write_engine(&dir)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let report = rt.block_on(async {
-                let index = alknet_actors::index::BlobIndex::open(engine.dir()).await?;
-                let report = engine.index_blobs(&index).await;
-                index.shutdown().await?;
-                anyhow::Ok(report?)
-            })?;
+            let report = Writer::open(&dir)?.index_blobs()?;
             blob_report(&mut out, "indexed", &report)?;
         }
         Command::Blobs(BlobsCmd::Check) => {
@@ -119,13 +115,35 @@ pub fn run(cli: Cli) -> Result<()> {
             blob_report(&mut out, "intact", &report)?;
         }
         Command::Gc { keep_versions, keep_days } => {
-            let policy = retention(keep_versions, keep_days);
-            let report = write_engine(&dir)?.gc(policy)?;
+            let report = Writer::open(&dir)?.gc(keep_versions, keep_days)?;
             writeln!(
                 out,
                 "gc: freed {} blobs ({} bytes), pruned {} old versions and {} outbox events; {} blobs live; {} ms",
                 report.blobs_freed, report.bytes_freed, report.versions_pruned, report.events_pruned, report.blobs_live, report.took_ms
             )?;
+        }
+        Command::Node(NodeCmd::Run { log_format, set }) => {
+            drop(out);
+            let mut config = crate::config::Config::load(&dir, &set)?;
+            if let Some(f) = log_format {
+                config.log.format = f;
+            }
+            crate::logging::init(&config.log.format, "info");
+            let code = crate::daemon::run(&dir, &config)?;
+            std::process::exit(code);
+        }
+        Command::Status { json } => {
+            let client = Client::connect(&dir).with_context(|| format!("no node is running on {}: start one with `alkfs --data {} node run`", dir.display(), dir.display()))?;
+            let Reply::Status { status } = client.call(&Request::Status)? else { bail!("unexpected reply to status") };
+            output::status(&mut out, &status, json)?;
+        }
+        Command::Config(ConfigCmd::Show { set }) => {
+            let config = crate::config::Config::load(&dir, &set)?;
+            write!(out, "{}", toml::to_string(&config)?)?;
+        }
+        Command::Debug(DebugCmd::InjectPanic { actor }) => {
+            let client = Client::connect(&dir).context("no node is running")?;
+            client.call(&Request::InjectPanic { actor })?;
         }
         Command::Watch(args) => {
             drop(out);
@@ -149,22 +167,10 @@ fn blob_report(out: &mut impl Write, verb: &str, report: &alknet_actors::engine:
     Ok(())
 }
 
-/// The retention policy from the flags: one flag alone means only that rule applies.
-fn retention(keep_versions: Option<u32>, keep_days: Option<u32>) -> alknet_actors::gc::Retention {
-    let default = alknet_actors::gc::Retention::default();
-    match (keep_versions, keep_days) {
-        (None, None) => default,
-        (v, d) => alknet_actors::gc::Retention { keep_versions: v.unwrap_or(0), keep_days: d.unwrap_or(0) },
-    }
-}
-
-fn write_engine(dir: &Path) -> Result<Engine> {
-    Ok(Engine::open(dir, Access::Write)?)
-}
 
 fn put(dir: &Path, scope: &Scope, recursive: bool, src: &Path, path: &str) -> Result<()> {
     let dest = file_path(path)?;
-    let mut engine = write_engine(dir)?;
+    let mut engine = Writer::open(dir)?;
     if src == Path::new("-") {
         if recursive {
             bail!("put -r reads a directory, not stdin: drop -r or name a directory");
@@ -194,7 +200,7 @@ fn put(dir: &Path, scope: &Scope, recursive: bool, src: &Path, path: &str) -> Re
 fn branch(dir: &Path, scope: &Scope, cmd: BranchCmd, out: &mut impl Write) -> Result<()> {
     match cmd {
         BranchCmd::Create { name, from } => {
-            let b = write_engine(dir)?.create_branch(scope, &name, from.as_deref())?;
+            let b = Writer::open(dir)?.create_branch(scope, &name, from.as_deref())?;
             writeln!(out, "created branch {} from {} at version {}", b.name, from.as_deref().unwrap_or(&scope.branch), b.fork_seq)?;
         }
         BranchCmd::List => {
@@ -209,7 +215,7 @@ fn branch(dir: &Path, scope: &Scope, cmd: BranchCmd, out: &mut impl Write) -> Re
                 }
             }
         }
-        BranchCmd::Delete { name } => write_engine(dir)?.delete_branch(scope, &name)?,
+        BranchCmd::Delete { name } => Writer::open(dir)?.delete_branch(scope, &name)?,
     }
     Ok(())
 }

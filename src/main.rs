@@ -6,13 +6,23 @@
 //! - [`commands`]: runs a command against a data dir through the engine;
 //! - [`output`]: text and JSON formats;
 //! - [`progress`]: progress bars on a terminal;
-//! - [`watch`]: the outbox follower.
+//! - [`watch`]: the outbox follower;
+//! - [`config`]: the node's configuration (file, env, flags);
+//! - [`control`]: the local control API (socket protocol, client, server);
+//! - [`daemon`]: `alkfs node run`;
+//! - [`writer`]: writes go to the node when one runs, else to the engine;
+//! - [`logging`]: tracing set-up.
 
 mod cli;
 mod commands;
+mod config;
+mod control;
+mod daemon;
+mod logging;
 mod output;
 mod progress;
 mod watch;
+mod writer;
 
 use clap::Parser;
 
@@ -23,11 +33,10 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = cli::Cli::parse();
+    if !matches!(cli.command, cli::Command::Node(_)) {
+        logging::init("text", "warn");
+    }
     if let Err(err) = commands::run(cli) {
         eprintln!("alkfs: error: {err:#}");
         std::process::exit(1);

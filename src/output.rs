@@ -131,3 +131,26 @@ mod tests {
         assert_eq!(super::time(1_700_000_000_123), "2023-11-14T22:13:20Z");
     }
 }
+
+/// `status`.
+pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(s)?)?;
+        return Ok(());
+    }
+    writeln!(out, "node id:    {}", s.node_id)?;
+    writeln!(out, "pid:        {}   uptime: {} s", s.pid, s.uptime_secs)?;
+    writeln!(out, "data dir:   {} ({} bytes on disk)", s.data_dir.display(), s.store_bytes)?;
+    writeln!(out, "blobs:      {} named; {} pending index, {} indexed this run, {} failed", s.blob_count, s.blobs.pending, s.blobs.indexed, s.blobs.failed)?;
+    writeln!(out, "outbox:     cursor {} of {}", s.outbox_cursor, s.outbox_head)?;
+    match &s.last_gc {
+        Some((at, r)) => writeln!(out, "last gc:    {}: freed {} blobs ({} bytes), pruned {} versions, {} ms", time(*at), r.blobs_freed, r.bytes_freed, r.versions_pruned, r.took_ms)?,
+        None => writeln!(out, "last gc:    not yet")?,
+    }
+    writeln!(out, "actors:")?;
+    for a in &s.actors {
+        let failure = a.last_failure.as_deref().map(|f| format!("  last failure: {f}")).unwrap_or_default();
+        writeln!(out, "  {:<16} {:<10} restarts {}{failure}", a.name, a.state, a.restarts)?;
+    }
+    Ok(())
+}

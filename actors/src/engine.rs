@@ -366,6 +366,17 @@ impl Engine {
         })
     }
 
+    /// Records `hashes` as held by the iroh-blobs index, in one transaction.
+    pub fn mark_indexed(&mut self, hashes: &[ContentHash]) -> Result<()> {
+        self.tree.transact(now_ms(), |tx| {
+            for h in hashes {
+                read::mark_indexed(tx.conn(), h)?;
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(())
+    }
+
     // ---- reads ----
 
     /// The live entry at `path` (the root is a directory).

@@ -82,7 +82,7 @@ impl BlobIndex {
     }
 
     /// Commits and closes the store. Without this the last writes may be lost.
-    pub async fn shutdown(self) -> Result<(), ContentError> {
+    pub async fn shutdown(&self) -> Result<(), ContentError> {
         self.store.shutdown().await.map_err(index_err)
     }
 }

@@ -10,6 +10,7 @@
 //!   - `content` — the iroh-blobs file store and the one-pass import;
 //!   - `gc` — history retention and mark-and-sweep of blobs;
 //!   - `index` — the iroh-blobs store indexing the content for verified streaming;
+//!   - `node` — the actors: supervisor, store, outbox watcher, blobs, GC;
 //!   - `session` — write sessions: branch on write, merge on close;
 //!   - `engine` — the data directory: its lock, its layout, and the operations the CLI and
 //!     (later) the actors call.
@@ -25,6 +26,8 @@ pub mod engine;
 pub mod gc;
 #[cfg(feature = "runtime")]
 pub mod index;
+#[cfg(feature = "runtime")]
+pub mod node;
 #[cfg(feature = "runtime")]
 pub mod session;
 #[cfg(feature = "runtime")]

@@ -10,7 +10,7 @@ use std::cmp::Ordering;
 use super::entry::{EntryKind, Version};
 
 /// Which side of a merge a version came from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Side {
     /// The branch being merged from.
     Source,

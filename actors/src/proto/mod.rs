@@ -4,9 +4,11 @@
 //! - [`path`]: what a path may be and its normal form;
 //! - [`entry`]: what the tree stores at a path;
 //! - [`merge`]: the three-way decision and the last-writer-wins order;
+//! - [`frame`]: length-prefixed frames of the control socket;
 //! - [`limits`]: every bound, named, with units.
 
 pub mod entry;
+pub mod frame;
 pub mod limits;
 pub mod merge;
 pub mod path;

@@ -173,6 +173,20 @@ impl TreePath {
     }
 }
 
+impl serde::Serialize for TreePath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TreePath {
+    /// Deserialising validates: a path from the wire passes the same rules as any other.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        TreePath::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for TreePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -29,7 +29,7 @@ use crate::proto::merge::{decide, Decision, Side};
 use crate::proto::path::TreePath;
 
 /// What a merge did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MergeReport {
     /// True when the target had no changes of its own since the base.
     pub fast_forward: bool,

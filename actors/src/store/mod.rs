@@ -104,7 +104,7 @@ impl From<honker_core::Error> for StoreError {
 }
 
 /// A branch as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Branch {
     /// Row id, unique across buckets.
     pub id: i64,
@@ -257,14 +257,16 @@ pub(crate) fn branch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Branch>
     })
 }
 
-pub(crate) fn bucket_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
+/// The id of bucket `name`.
+pub fn bucket_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
     conn.prepare_cached("SELECT id FROM bucket WHERE name = ?1")?
         .query_row([name], |r| r.get(0))
         .optional()?
         .ok_or_else(|| StoreError::NoBucket(name.to_string()))
 }
 
-pub(crate) fn branch_by_name(conn: &Connection, bucket_id: i64, name: &str) -> Result<Branch, StoreError> {
+/// The live branch `name` of a bucket.
+pub fn branch_by_name(conn: &Connection, bucket_id: i64, name: &str) -> Result<Branch, StoreError> {
     conn.prepare_cached(&format!(
         "SELECT {BRANCH_COLS} FROM branch WHERE bucket_id = ?1 AND name = ?2 AND deleted_seq IS NULL"
     ))?
@@ -273,7 +275,8 @@ pub(crate) fn branch_by_name(conn: &Connection, bucket_id: i64, name: &str) -> R
     .ok_or_else(|| StoreError::NoBranch(name.to_string()))
 }
 
-pub(crate) fn branch_by_id(conn: &Connection, id: i64) -> Result<Branch, StoreError> {
+/// A branch by id, live or deleted.
+pub fn branch_by_id(conn: &Connection, id: i64) -> Result<Branch, StoreError> {
     conn.prepare_cached(&format!("SELECT {BRANCH_COLS} FROM branch WHERE id = ?1"))?
         .query_row([id], branch_from_row)
         .optional()?

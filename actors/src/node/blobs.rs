@@ -1,0 +1,189 @@
+//! The blob actor: owns the queue of blobs to obtain and index.
+//!
+//! Today "obtain" means indexing local blobs into the iroh-blobs store (so peers can fetch
+//! them verified); the mesh adds fetching from peers through the same queue. The queue is
+//! bounded ([`NodeConfig::blob_queue_max`](super::NodeConfig)) and de-duplicated; it is filled
+//! by scanning the `blob` table for unindexed rows, so nothing is lost when it is full or
+//! when the actor restarts: the next scan finds what is still pending. A failed blob is
+//! retried with exponential backoff, up to [`ATTEMPTS_MAX`] times per node run.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::store::{StoreMsg, WriteOp};
+use super::{NodeContext, STORE_ACTOR};
+use crate::content::ContentStore;
+use crate::index::BlobIndex;
+use crate::proto::entry::ContentHash;
+use crate::store::read::{self, PendingBlob};
+use crate::store::{TreeStore, TREE_DB_FILE};
+
+/// Tries per blob before giving up until the next node start.
+pub const ATTEMPTS_MAX: u32 = 8;
+/// First retry delay; doubles per attempt.
+pub const RETRY_BASE: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+pub const RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// Messages of the blob actor.
+pub enum BlobMsg {
+    /// New blobs may be pending: scan the table and work the queue.
+    Scan,
+    /// Work the queue (also the retry timer).
+    Work,
+    /// Queue length and blobs indexed so far.
+    Stats(RpcReplyPort<BlobStats>),
+    /// Fault injection (tests only): panic in the handler.
+    Panic,
+}
+
+/// What the blob actor reports.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct BlobStats {
+    /// Blobs waiting.
+    pub pending: u64,
+    /// Blobs indexed since the node started.
+    pub indexed: u64,
+    /// Blobs that failed every attempt.
+    pub failed: u64,
+}
+
+/// The blob actor.
+pub struct BlobActor;
+
+struct Entry {
+    blob: PendingBlob,
+    attempts: u32,
+    not_before: Instant,
+}
+
+/// Its state.
+pub struct BlobState {
+    tree: TreeStore,
+    content: ContentStore,
+    index: Arc<BlobIndex>,
+    queue: VecDeque<ContentHash>,
+    entries: HashMap<ContentHash, Entry>,
+    queue_max: usize,
+    given_up: std::collections::HashSet<ContentHash>,
+    stats: BlobStats,
+    timer_armed: bool,
+}
+
+impl Actor for BlobActor {
+    type Msg = BlobMsg;
+    type State = BlobState;
+    type Arguments = NodeContext;
+
+    async fn pre_start(&self, me: ActorRef<BlobMsg>, ctx: NodeContext) -> Result<BlobState, ActorProcessingErr> {
+        let tree = TreeStore::open(&ctx.dir.join(TREE_DB_FILE), false)?;
+        me.cast(BlobMsg::Scan)?;
+        Ok(BlobState {
+            tree,
+            content: ctx.content.clone(),
+            index: ctx.index.clone(),
+            queue: VecDeque::new(),
+            entries: HashMap::new(),
+            queue_max: ctx.config.blob_queue_max,
+            given_up: Default::default(),
+            stats: BlobStats::default(),
+            timer_armed: false,
+        })
+    }
+
+    async fn handle(&self, me: ActorRef<BlobMsg>, msg: BlobMsg, state: &mut BlobState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            BlobMsg::Scan => {
+                state.scan()?;
+                state.work(&me).await?;
+            }
+            BlobMsg::Work => {
+                state.timer_armed = false;
+                state.work(&me).await?;
+            }
+            BlobMsg::Stats(reply) => {
+                let mut stats = state.stats.clone();
+                stats.pending = state.queue.len() as u64;
+                let _ = reply.send(stats);
+            }
+            BlobMsg::Panic => panic!("fault injection: blob actor"),
+        }
+        Ok(())
+    }
+}
+
+impl BlobState {
+    /// Fills the queue from the table, de-duplicated, up to the bound.
+    fn scan(&mut self) -> Result<(), ActorProcessingErr> {
+        let mut after = Vec::new();
+        while self.queue.len() < self.queue_max {
+            let page = read::blobs_after(self.tree.conn(), &after, true, 256)?;
+            let Some(last) = page.last() else { break };
+            after = last.hash.0.to_vec();
+            for blob in page {
+                if self.queue.len() >= self.queue_max {
+                    break;
+                }
+                if self.entries.contains_key(&blob.hash) || self.given_up.contains(&blob.hash) {
+                    continue;
+                }
+                self.queue.push_back(blob.hash);
+                self.entries.insert(blob.hash, Entry { blob, attempts: 0, not_before: Instant::now() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes every queued blob that is due; arms a timer for the earliest retry.
+    async fn work(&mut self, me: &ActorRef<BlobMsg>) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let mut later = VecDeque::new();
+        while let Some(hash) = self.queue.pop_front() {
+            let entry = self.entries.get_mut(&hash).expect("queued blobs have entries");
+            if entry.not_before > now {
+                later.push_back(hash);
+                continue;
+            }
+            match self.index.add(&self.content, &entry.blob).await {
+                Ok(()) => {
+                    self.entries.remove(&hash);
+                    done.push(hash);
+                }
+                Err(e) => {
+                    entry.attempts += 1;
+                    if entry.attempts >= ATTEMPTS_MAX {
+                        tracing::error!(%hash, error = %e, "giving up indexing a blob until the node restarts; run `alkfs blobs check`");
+                        self.entries.remove(&hash);
+                        self.given_up.insert(hash);
+                        self.stats.failed += 1;
+                    } else {
+                        let delay = RETRY_BASE.saturating_mul(1 << entry.attempts.min(20)).min(RETRY_MAX);
+                        tracing::warn!(%hash, error = %e, attempt = entry.attempts, ?delay, "indexing a blob failed; will retry");
+                        entry.not_before = Instant::now() + delay;
+                        later.push_back(hash);
+                    }
+                }
+            }
+        }
+        self.queue = later;
+        if !done.is_empty() {
+            self.stats.indexed += done.len() as u64;
+            if let Some(store) = ActorRef::<StoreMsg>::where_is(STORE_ACTOR.to_string()) {
+                // Fire and forget: a blob not marked is indexed again next time (idempotent).
+                let (tx, _rx) = ractor::concurrency::oneshot();
+                let _ = store.cast(StoreMsg::Write(WriteOp::MarkIndexed { hashes: done }, tx.into()));
+            }
+        }
+        if let Some(next) = self.queue.iter().filter_map(|h| self.entries.get(h)).map(|e| e.not_before).min() {
+            if !self.timer_armed {
+                self.timer_armed = true;
+                me.send_after(next.saturating_duration_since(Instant::now()), || BlobMsg::Work);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! The GC actor: runs collections on a schedule and on demand, and remembers the last one.
+//! The collection itself runs in the store's writer thread (it must not interleave with
+//! commits); this actor owns the schedule, the policy and the record.
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::store::{StoreMsg, WriteOp, WriteOutcome};
+use super::{NodeContext, STORE_ACTOR};
+use crate::engine::now_ms;
+use crate::gc::{GcReport, Retention};
+
+/// How long one collection may take before the caller stops waiting.
+pub const GC_CALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Messages of the GC actor.
+pub enum GcMsg {
+    /// Collect now with this policy (the configured one when `None`).
+    Run(Option<Retention>, RpcReplyPort<Result<GcReport, String>>),
+    /// The schedule's tick.
+    Tick,
+    /// When the last collection ran and what it did.
+    Last(RpcReplyPort<Option<(i64, GcReport)>>),
+    /// Fault injection (tests only): panic in the handler.
+    Panic,
+}
+
+/// The GC actor.
+pub struct GcActor;
+
+/// Its state.
+pub struct GcState {
+    policy: Retention,
+    last: Option<(i64, GcReport)>,
+}
+
+impl Actor for GcActor {
+    type Msg = GcMsg;
+    type State = GcState;
+    type Arguments = NodeContext;
+
+    async fn pre_start(&self, me: ActorRef<GcMsg>, ctx: NodeContext) -> Result<GcState, ActorProcessingErr> {
+        if !ctx.config.gc_interval.is_zero() {
+            me.send_interval(ctx.config.gc_interval, || GcMsg::Tick);
+        }
+        Ok(GcState { policy: ctx.config.retention, last: None })
+    }
+
+    async fn handle(&self, _me: ActorRef<GcMsg>, msg: GcMsg, state: &mut GcState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            GcMsg::Run(policy, reply) => {
+                let result = collect(policy.unwrap_or(state.policy)).await;
+                if let Ok(report) = &result {
+                    state.last = Some((now_ms(), report.clone()));
+                }
+                let _ = reply.send(result);
+            }
+            GcMsg::Tick => match collect(state.policy).await {
+                Ok(report) => state.last = Some((now_ms(), report)),
+                Err(e) => tracing::warn!(error = %e, "scheduled gc failed; the next tick retries"),
+            },
+            GcMsg::Last(reply) => {
+                let _ = reply.send(state.last.clone());
+            }
+            GcMsg::Panic => panic!("fault injection: gc actor"),
+        }
+        Ok(())
+    }
+}
+
+async fn collect(policy: Retention) -> Result<GcReport, String> {
+    let store = ActorRef::<StoreMsg>::where_is(STORE_ACTOR.to_string()).ok_or("the store is restarting; retry")?;
+    let outcome = store
+        .call(|reply| StoreMsg::Write(WriteOp::Gc { policy }, reply), Some(GC_CALL_TIMEOUT))
+        .await
+        .map_err(|e| e.to_string())?;
+    match outcome {
+        ractor::rpc::CallResult::Success(Ok(WriteOutcome::Gc(report))) => Ok(report),
+        ractor::rpc::CallResult::Success(Ok(_)) => Err("unexpected reply from the store".into()),
+        ractor::rpc::CallResult::Success(Err(e)) => Err(e),
+        ractor::rpc::CallResult::Timeout => Err("gc timed out".into()),
+        ractor::rpc::CallResult::SenderError => Err("the store restarted during gc; retry".into()),
+    }
+}

@@ -1,0 +1,252 @@
+//! The node: the engine run as a tree of ractor actors, each owning one piece of state.
+//!
+//! ```text
+//! supervisor ─┬─ store   the SQLite writer (a thread that batches commits)
+//!             ├─ outbox  reads committed events, fans them out
+//!             ├─ blobs   the queue of blobs to index (to fetch, with the mesh)
+//!             └─ gc      schedule and record of collections
+//! ```
+//! Sync sessions (one per peer) join this tree with the mesh.
+//!
+//! Children are registered by name and looked up per call by [`NodeHandle`], so a caller
+//! never keeps a reference to a child that has since been restarted.
+
+pub mod blobs;
+pub mod gc;
+pub mod outbox;
+pub mod store;
+pub mod supervisor;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorRef, RpcReplyPort};
+
+use crate::content::ContentStore;
+use crate::engine::DirLock;
+use crate::gc::{GcReport, Retention};
+use crate::index::BlobIndex;
+
+/// Registered name of the supervisor.
+pub const SUPERVISOR_ACTOR: &str = "alkfs-supervisor";
+/// Registered name of the store actor.
+pub const STORE_ACTOR: &str = "alkfs-store";
+/// Registered name of the outbox watcher.
+pub const OUTBOX_ACTOR: &str = "alkfs-outbox";
+/// Registered name of the blob actor.
+pub const BLOB_ACTOR: &str = "alkfs-blobs";
+/// Registered name of the GC actor.
+pub const GC_ACTOR: &str = "alkfs-gc";
+
+/// How long a call waits for a child that is restarting before giving up.
+pub const RESTART_WAIT: Duration = Duration::from_secs(15);
+/// How long a write may take before its caller stops waiting.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a status query may take.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The supervised children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Child {
+    /// The path-tree store.
+    Store,
+    /// The outbox watcher.
+    Outbox,
+    /// The blob actor.
+    Blobs,
+    /// The GC actor.
+    Gc,
+}
+
+impl Child {
+    /// In start order: the store first.
+    pub const ALL: [Child; 4] = [Child::Store, Child::Outbox, Child::Blobs, Child::Gc];
+
+    /// The registered name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Child::Store => STORE_ACTOR,
+            Child::Outbox => OUTBOX_ACTOR,
+            Child::Blobs => BLOB_ACTOR,
+            Child::Gc => GC_ACTOR,
+        }
+    }
+
+    /// The child named `name` (short or registered name).
+    pub fn from_name(name: &str) -> Option<Child> {
+        Child::ALL.into_iter().find(|c| c.name() == name || c.name().trim_start_matches("alkfs-") == name)
+    }
+}
+
+/// The node's tunables (from the config file, env and flags).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Most commits the store writes in one transaction.
+    pub batch_max: usize,
+    /// How long the store waits for more commits to batch (0: only what is queued).
+    pub batch_delay: Duration,
+    /// Time between scheduled collections (0: none).
+    pub gc_interval: Duration,
+    /// The retention policy of scheduled collections.
+    pub retention: Retention,
+    /// honker's poll interval, the outbox watcher's fallback wake.
+    pub outbox_poll: Duration,
+    /// Bound of the blob actor's queue.
+    pub blob_queue_max: usize,
+    /// Failures a child may have within `restart_window` before the node gives up.
+    pub restart_budget: u32,
+    /// The window of the restart budget.
+    pub restart_window: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            batch_max: 256,
+            batch_delay: Duration::ZERO,
+            gc_interval: Duration::from_secs(3600),
+            retention: Retention::default(),
+            outbox_poll: outbox::OUTBOX_POLL_DEFAULT,
+            blob_queue_max: 10_000,
+            restart_budget: 5,
+            restart_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What every actor is started with.
+#[derive(Clone)]
+pub struct NodeContext {
+    /// The data dir.
+    pub dir: PathBuf,
+    /// The write lock the node holds.
+    pub lock: Arc<DirLock>,
+    /// The content store, shared (with its holds) by importers and GC.
+    pub content: ContentStore,
+    /// The iroh-blobs index (kept outside the actors: it survives their restarts).
+    pub index: Arc<BlobIndex>,
+    /// Tunables.
+    pub config: NodeConfig,
+}
+
+/// Errors of calls into the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The child did not come back within [`RESTART_WAIT`].
+    #[error("the node's {0} is not running (restarting?); retry, or check `alkfs status`")]
+    Unavailable(&'static str),
+    /// The call timed out.
+    #[error("the node's {0} did not answer in time")]
+    Timeout(&'static str),
+    /// The operation failed; the message is for the user.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A cheap handle to the running node's actors.
+#[derive(Clone, Default)]
+pub struct NodeHandle;
+
+impl NodeHandle {
+    /// Calls `child` with a message built around a reply port, looking the child up by name
+    /// and waiting (up to [`RESTART_WAIT`]) while it restarts. A call whose child died holding
+    /// the reply is not retried: it may have had an effect, so the caller decides.
+    async fn call<M: ractor::Message, T: Send + 'static>(
+        &self,
+        child: Child,
+        build: impl Fn(RpcReplyPort<T>) -> M,
+        timeout: Duration,
+    ) -> Result<T, NodeError> {
+        let deadline = Instant::now() + RESTART_WAIT;
+        loop {
+            if let Some(actor) = ActorRef::<M>::where_is(child.name().to_string()) {
+                match actor.call(&build, Some(timeout)).await {
+                    Ok(ractor::rpc::CallResult::Success(v)) => return Ok(v),
+                    Ok(ractor::rpc::CallResult::Timeout) => return Err(NodeError::Timeout(child.name())),
+                    Ok(ractor::rpc::CallResult::SenderError) => {
+                        return Err(NodeError::Failed(format!("the node's {} restarted during the request; it may or may not have been applied: check, then retry", child.name())))
+                    }
+                    Err(_) => {} // stopping: wait for the restart
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::Unavailable(child.name()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Performs a write through the store; answers after commit.
+    pub async fn write(&self, op: store::WriteOp) -> Result<store::WriteOutcome, NodeError> {
+        // The op moves into the first attempt only; a retry after a lookup miss needs it again.
+        let op = std::sync::Mutex::new(Some(op));
+        let result = self
+            .call(
+                Child::Store,
+                |reply| match op.lock().expect("op lock").take() {
+                    Some(op) => store::StoreMsg::Write(op, reply),
+                    None => store::StoreMsg::Write(store::WriteOp::MarkIndexed { hashes: vec![] }, reply),
+                },
+                WRITE_TIMEOUT,
+            )
+            .await?;
+        result.map_err(NodeError::Failed)
+    }
+
+    /// Runs a collection now.
+    pub async fn gc(&self, policy: Option<Retention>) -> Result<GcReport, NodeError> {
+        self.call(Child::Gc, |reply| gc::GcMsg::Run(policy, reply), gc::GC_CALL_TIMEOUT).await?.map_err(NodeError::Failed)
+    }
+
+    /// The last collection, if any.
+    pub async fn last_gc(&self) -> Result<Option<(i64, GcReport)>, NodeError> {
+        self.call(Child::Gc, gc::GcMsg::Last, QUERY_TIMEOUT).await
+    }
+
+    /// The blob actor's figures.
+    pub async fn blob_stats(&self) -> Result<blobs::BlobStats, NodeError> {
+        self.call(Child::Blobs, blobs::BlobMsg::Stats, QUERY_TIMEOUT).await
+    }
+
+    /// The outbox cursor and head.
+    pub async fn outbox_stats(&self) -> Result<(i64, i64), NodeError> {
+        self.call(Child::Outbox, outbox::OutboxMsg::Stats, QUERY_TIMEOUT).await
+    }
+
+    /// Each child's health.
+    pub async fn health(&self) -> Result<Vec<supervisor::ChildHealth>, NodeError> {
+        let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(SUPERVISOR_ACTOR.to_string()).ok_or(NodeError::Unavailable("supervisor"))?;
+        match sup.call(supervisor::SupervisorMsg::Health, Some(QUERY_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(h)) => Ok(h),
+            _ => Err(NodeError::Timeout("supervisor")),
+        }
+    }
+
+    /// Fault injection for tests: makes `child` panic in its handler.
+    pub fn inject_panic(&self, child: Child) -> Result<(), NodeError> {
+        let sent = match child {
+            Child::Store => ActorRef::<store::StoreMsg>::where_is(child.name()).map(|a| a.cast(store::StoreMsg::Panic).is_ok()),
+            Child::Outbox => ActorRef::<outbox::OutboxMsg>::where_is(child.name()).map(|a| a.cast(outbox::OutboxMsg::Panic).is_ok()),
+            Child::Blobs => ActorRef::<blobs::BlobMsg>::where_is(child.name()).map(|a| a.cast(blobs::BlobMsg::Panic).is_ok()),
+            Child::Gc => ActorRef::<gc::GcMsg>::where_is(child.name()).map(|a| a.cast(gc::GcMsg::Panic).is_ok()),
+        };
+        match sent {
+            Some(true) => Ok(()),
+            _ => Err(NodeError::Unavailable(child.name())),
+        }
+    }
+}
+
+/// Starts the supervision tree. The returned handle completes when the supervisor ends:
+/// cleanly after [`stop`], or because a child exhausted its restart budget.
+pub async fn start(ctx: NodeContext) -> Result<(ActorRef<supervisor::SupervisorMsg>, tokio::task::JoinHandle<()>), NodeError> {
+    Actor::spawn(Some(SUPERVISOR_ACTOR.to_string()), supervisor::Supervisor, ctx)
+        .await
+        .map_err(|e| NodeError::Failed(format!("starting the node: {e}")))
+}
+
+/// Stops the tree gracefully: the store finishes queued writes first.
+pub async fn stop(sup: &ActorRef<supervisor::SupervisorMsg>) {
+    let _ = sup.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(60))).await;
+}

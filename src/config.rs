@@ -1,0 +1,181 @@
+//! The node's configuration: `DATA/config.toml`, then environment variables
+//! `ALKFS_<SECTION>_<KEY>` (e.g. `ALKFS_GC_KEEP_VERSIONS=3`), then `--set section.key=value`
+//! flags, each overriding the one before. Unknown keys and wrong types are errors that name
+//! the key, not silent defaults.
+
+use std::path::Path;
+use std::time::Duration;
+
+use alknet_actors::gc::Retention;
+use alknet_actors::node::NodeConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The config file inside the data dir.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Everything configurable.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The node's actors.
+    pub node: NodeSection,
+    /// Garbage collection.
+    pub gc: GcSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// `[node]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Most commits in one transaction.
+    pub batch_max: usize,
+    /// Wait for more commits to batch, in ms (0: only what is queued).
+    pub batch_delay_ms: u64,
+    /// Fallback poll of the outbox watcher, in ms.
+    pub outbox_poll_ms: u64,
+    /// Bound of the blob queue.
+    pub blob_queue_max: usize,
+    /// Failures per child within the window before the node stops.
+    pub restart_budget: u32,
+    /// The restart budget's window, in seconds.
+    pub restart_window_secs: u64,
+}
+
+/// `[gc]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcSection {
+    /// Seconds between scheduled collections (0: none).
+    pub interval_secs: u64,
+    /// Old versions kept per path.
+    pub keep_versions: u32,
+    /// Old versions younger than this are kept.
+    pub keep_days: u32,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let n = NodeConfig::default();
+        Config {
+            node: NodeSection {
+                batch_max: n.batch_max,
+                batch_delay_ms: n.batch_delay.as_millis() as u64,
+                outbox_poll_ms: n.outbox_poll.as_millis() as u64,
+                blob_queue_max: n.blob_queue_max,
+                restart_budget: n.restart_budget,
+                restart_window_secs: n.restart_window.as_secs(),
+            },
+            gc: GcSection { interval_secs: n.gc_interval.as_secs(), keep_versions: n.retention.keep_versions, keep_days: n.retention.keep_days },
+            log: LogSection { format: "text".into() },
+        }
+    }
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Config::default().node
+    }
+}
+impl Default for GcSection {
+    fn default() -> Self {
+        Config::default().gc
+    }
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: "text".into() }
+    }
+}
+
+impl Config {
+    /// Loads the effective config of `dir`: file, then env, then `sets` (`section.key=value`).
+    pub fn load(dir: &Path, sets: &[String]) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        let mut table: toml::Table = match std::fs::read_to_string(&path) {
+            Ok(text) => text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let keys = toml::Table::try_from(Config::default())?;
+        for (section, fields) in &keys {
+            let Some(fields) = fields.as_table() else { continue };
+            for key in fields.keys() {
+                let var = format!("ALKFS_{}_{}", section.to_uppercase(), key.to_uppercase());
+                if let Ok(value) = std::env::var(&var) {
+                    set(&mut table, section, key, &value).with_context(|| format!("in ${var}"))?;
+                }
+            }
+        }
+        for s in sets {
+            let Some((name, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
+            let Some((section, key)) = name.split_once('.') else { bail!("--set {s}: expected section.key=value") };
+            set(&mut table, section, key, value).with_context(|| format!("in --set {s}"))?;
+        }
+        let config: Config = toml::Value::Table(table).try_into().with_context(|| format!("invalid configuration (file {}, env, --set)", path.display()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.node.batch_max == 0 || self.node.blob_queue_max == 0 || self.node.outbox_poll_ms == 0 {
+            bail!("node.batch_max, node.blob_queue_max and node.outbox_poll_ms must be at least 1");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format must be \"text\" or \"json\", not {:?}", self.log.format);
+        }
+        Ok(())
+    }
+
+    /// The actors' tunables.
+    pub fn node_config(&self) -> NodeConfig {
+        NodeConfig {
+            batch_max: self.node.batch_max,
+            batch_delay: Duration::from_millis(self.node.batch_delay_ms),
+            gc_interval: Duration::from_secs(self.gc.interval_secs),
+            retention: Retention { keep_versions: self.gc.keep_versions, keep_days: self.gc.keep_days },
+            outbox_poll: Duration::from_millis(self.node.outbox_poll_ms),
+            blob_queue_max: self.node.blob_queue_max,
+            restart_budget: self.node.restart_budget,
+            restart_window: Duration::from_secs(self.node.restart_window_secs),
+        }
+    }
+}
+
+/// Sets `section.key` to `raw`, read as TOML (a number, a bool, a quoted string) or else as a
+/// bare string.
+fn set(table: &mut toml::Table, section: &str, key: &str, raw: &str) -> Result<()> {
+    let value = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(section_table) = entry.as_table_mut() else { bail!("{section} is not a section") };
+    section_table.insert(key.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_env_and_flags_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), "[gc]\nkeep_versions = 3\ninterval_secs = 10\n").unwrap();
+        let c = Config::load(dir.path(), &["gc.interval_secs=20".into(), "log.format=json".into()]).unwrap();
+        assert_eq!((c.gc.keep_versions, c.gc.interval_secs, c.log.format.as_str()), (3, 20, "json"));
+        assert_eq!(c.node, NodeSection::default());
+        let err = Config::load(dir.path(), &["gc.nope=1".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("nope"), "{err:#}");
+        let err = Config::load(dir.path(), &["gc.keep_days=many".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("keep_days"), "{err:#}");
+    }
+}

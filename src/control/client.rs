@@ -1,0 +1,60 @@
+//! The CLI's side of the control socket: blocking, one request per connection.
+
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{read_frame, write_frame, Reply, Request, SOCKET_FILE, STREAM_CHUNK_BYTES};
+
+/// A connection to a running node.
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client for the node of `dir`, if one answers on its socket. A socket file that
+    /// refuses connections is a leftover of a node that died: treated as no node.
+    pub fn connect(dir: &Path) -> Option<Client> {
+        let socket = dir.join(SOCKET_FILE);
+        UnixStream::connect(&socket).ok().map(|_| Client { socket })
+    }
+
+    fn open(&self) -> Result<UnixStream> {
+        UnixStream::connect(&self.socket).with_context(|| format!("connecting to the node at {} (is it still running?)", self.socket.display()))
+    }
+
+    /// Sends `req` and returns the node's reply; a reply of `Error` becomes an `Err`.
+    pub fn call(&self, req: &Request) -> Result<Reply> {
+        let mut stream = self.open()?;
+        write_frame(&mut stream, &serde_json::to_vec(req)?)?;
+        read_reply(&mut stream)
+    }
+
+    /// Sends `req` followed by everything `data` yields, in frames, then an empty frame.
+    pub fn call_streaming(&self, req: &Request, mut data: impl Read) -> Result<Reply> {
+        let mut stream = self.open()?;
+        write_frame(&mut stream, &serde_json::to_vec(req)?)?;
+        let mut buf = vec![0u8; STREAM_CHUNK_BYTES];
+        loop {
+            let n = match data.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("reading input"),
+            };
+            write_frame(&mut stream, &buf[..n]).context("sending data to the node")?;
+        }
+        write_frame(&mut stream, &[])?;
+        read_reply(&mut stream)
+    }
+}
+
+fn read_reply(stream: &mut UnixStream) -> Result<Reply> {
+    let payload = read_frame(stream).context("the node closed the connection without answering")?;
+    match serde_json::from_slice(&payload).map_err(|e| anyhow!("unreadable reply from the node: {e}"))? {
+        Reply::Error { message } => bail!("{message}"),
+        reply => Ok(reply),
+    }
+}

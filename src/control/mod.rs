@@ -1,0 +1,141 @@
+//! The local control API: what the CLI and a running node say over `DATA/alkfs.sock`.
+//!
+//! Each request is one frame of JSON ([`Request`]); a streamed put follows it with frames
+//! of raw bytes and an empty frame to end; the node answers with one frame of JSON
+//! ([`Reply`]). Frames are length-prefixed and bounded
+//! ([`CONTROL_FRAME_BYTES_MAX`](alknet_actors::proto::frame::CONTROL_FRAME_BYTES_MAX)); a
+//! malformed or oversized one closes that connection, and the node keeps serving the others.
+//!
+//! Writes go through the node (it holds the data dir's lock). Reads do not need it: the CLI
+//! reads the store directly (SQLite's WAL gives it a snapshot; blob files never change), so
+//! `ls`, `get`, `log` give the same answers with or without a node by construction.
+
+pub mod client;
+pub mod server;
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use alknet_actors::gc::GcReport;
+use alknet_actors::node::blobs::BlobStats;
+use alknet_actors::node::supervisor::ChildHealth;
+use alknet_actors::proto::frame::{self, CONTROL_FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+use alknet_actors::store::merge::MergeReport;
+use alknet_actors::store::Branch;
+use serde::{Deserialize, Serialize};
+
+/// The socket's file name inside the data dir.
+pub const SOCKET_FILE: &str = "alkfs.sock";
+/// Bytes per data frame of a streamed put.
+pub const STREAM_CHUNK_BYTES: usize = 1 << 20;
+
+/// Which bucket and branch a request acts on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WireScope {
+    /// Bucket.
+    pub bucket: String,
+    /// Branch.
+    pub branch: String,
+}
+
+/// A request to the node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Store a local file (the node reads it: same machine, same user).
+    PutFile { scope: WireScope, path: String, src: PathBuf },
+    /// Store a local directory tree.
+    PutTree { scope: WireScope, path: String, src: PathBuf },
+    /// Store the bytes that follow in data frames, up to an empty frame.
+    PutStream { scope: WireScope, path: String },
+    /// Remove.
+    Remove { scope: WireScope, path: String, recursive: bool },
+    /// Rename.
+    Rename { scope: WireScope, from: String, to: String },
+    /// Make a directory.
+    Mkdir { scope: WireScope, path: String, parents: bool },
+    /// Restore a version.
+    Restore { scope: WireScope, path: String, version: i64 },
+    /// Create a branch.
+    BranchCreate { scope: WireScope, name: String, from: Option<String> },
+    /// Delete a branch.
+    BranchDelete { scope: WireScope, name: String },
+    /// Create a bucket.
+    BucketCreate { name: String },
+    /// Merge.
+    Merge { scope: WireScope, from: String, into: Option<String> },
+    /// Collect garbage.
+    Gc { keep_versions: Option<u32>, keep_days: Option<u32> },
+    /// The node's status.
+    Status,
+    /// Tests only, when the node was started with fault injection on: panic an actor.
+    InjectPanic { actor: String },
+}
+
+/// The node's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Done, nothing to report.
+    Done,
+    /// The version written.
+    Seq { seq: i64 },
+    /// How many paths.
+    Count { count: u64 },
+    /// Where a rename put the path.
+    Path { path: String },
+    /// A branch created.
+    Branch { branch: Branch },
+    /// A merge's report.
+    Merge { report: MergeReport },
+    /// A collection's report.
+    Gc { report: GcReport },
+    /// The node's status.
+    Status { status: Box<Status> },
+    /// The request failed; the message is for the user.
+    Error { message: String },
+}
+
+/// What `alkfs status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// The node's id (its iroh public key).
+    pub node_id: String,
+    /// The daemon's pid.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_secs: u64,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Each actor's health and restarts.
+    pub actors: Vec<ChildHealth>,
+    /// Bytes the data dir takes on disk.
+    pub store_bytes: u64,
+    /// Blobs the tree names.
+    pub blob_count: u64,
+    /// The blob actor's queue and record.
+    pub blobs: BlobStats,
+    /// The outbox: the node's cursor and the newest event.
+    pub outbox_cursor: i64,
+    /// The newest event's offset.
+    pub outbox_head: i64,
+    /// When the last collection ran (ms since the epoch) and what it did.
+    pub last_gc: Option<(i64, GcReport)>,
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(payload.len() + FRAME_HEADER_BYTES);
+    frame::encode(payload, &mut buf);
+    w.write_all(&buf)
+}
+
+/// Reads one frame (blocking).
+pub fn read_frame(r: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    r.read_exact(&mut header)?;
+    let len = frame::check_header(header, CONTROL_FRAME_BYTES_MAX).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok(payload)
+}

@@ -1,0 +1,292 @@
+//! The node's side of the control socket.
+//!
+//! One task per connection, at most [`CONNECTIONS_MAX`] at once (a semaphore); the first
+//! frame must arrive within [`REQUEST_READ_TIMEOUT`]. Imports (copying and hashing the
+//! user's bytes) run on blocking threads in the connection's task, not in the store: the
+//! store only commits. A client that disconnects mid-stream leaves nothing: its staging file
+//! is dropped and nothing was committed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alknet_actors::content::ContentStore;
+use alknet_actors::engine::{self, file_entry, mtime_ms, CommitItem, Scope};
+use alknet_actors::gc::Retention;
+use alknet_actors::node::store::{WriteOp, WriteOutcome};
+use alknet_actors::node::{Child, NodeHandle};
+use alknet_actors::proto::frame::{self, CONTROL_FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+use alknet_actors::proto::path::TreePath;
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::{Reply, Request, Status, WireScope};
+
+/// Connections served at once; more wait in the listen backlog.
+pub const CONNECTIONS_MAX: usize = 64;
+/// How long a new connection may take to send its request.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for requests in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Data frames buffered between the socket and a streamed import.
+const STREAM_QUEUE_CHUNKS: usize = 8;
+
+/// What request handlers need.
+#[derive(Clone)]
+pub struct ServerCtx {
+    /// The data dir.
+    pub dir: PathBuf,
+    /// The content store (shared holds with the node's GC).
+    pub content: ContentStore,
+    /// The actors.
+    pub node: NodeHandle,
+    /// The node's id.
+    pub node_id: String,
+    /// When the node started.
+    pub started: Instant,
+    /// Whether `InjectPanic` is allowed (tests).
+    pub fault_injection: bool,
+}
+
+/// Serves `listener` until `shutdown` resolves, then waits for requests in flight.
+pub async fn serve(listener: UnixListener, ctx: ServerCtx, shutdown: impl std::future::Future<Output = ()>) {
+    let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let ctx = ctx.clone();
+                tasks.spawn(async move {
+                    handle(stream, ctx).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}: abandoning them (nothing half-committed)");
+    }
+}
+
+async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    stream.read_exact(&mut header).await?;
+    let len = frame::check_header(header, CONTROL_FRAME_BYTES_MAX).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+async fn handle(mut stream: UnixStream, ctx: ServerCtx) {
+    let first = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut stream)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => return tracing::debug!(error = %e, "dropping a control connection: bad frame"),
+        Err(_) => return tracing::debug!("dropping a control connection: no request in time"),
+    };
+    let reply = match serde_json::from_slice::<Request>(&first) {
+        Ok(req) => dispatch(req, &mut stream, &ctx).await.unwrap_or_else(|e| Reply::Error { message: format!("{e:#}") }),
+        Err(e) => Reply::Error { message: format!("malformed request: {e}") },
+    };
+    let mut out = Vec::new();
+    frame::encode(&serde_json::to_vec(&reply).expect("replies serialise"), &mut out);
+    let _ = stream.write_all(&out).await;
+}
+
+fn scope(s: WireScope) -> Scope {
+    Scope { bucket: s.bucket, branch: s.branch }
+}
+
+fn path(raw: &str) -> Result<TreePath> {
+    Ok(TreePath::parse_non_root(raw)?)
+}
+
+async fn write(ctx: &ServerCtx, op: WriteOp) -> Result<WriteOutcome> {
+    Ok(ctx.node.write(op).await?)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("import task failed: {e}"))?
+}
+
+async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<Reply> {
+    match write(ctx, WriteOp::Commit { scope, items: vec![item] }).await? {
+        WriteOutcome::Seqs(s) => Ok(Reply::Seq { seq: s.first().copied().unwrap_or(0) }),
+        other => bail!("unexpected store outcome {other:?}"),
+    }
+}
+
+async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &ServerCtx) -> Result<Reply> {
+    Ok(match req {
+        Request::PutFile { scope: s, path: p, src } => {
+            let dest = path(&p)?;
+            let content = ctx.content.clone();
+            let item = blocking(move || {
+                let meta = std::fs::metadata(&src).with_context(|| src.display().to_string())?;
+                if !meta.is_file() {
+                    bail!("{}: not a regular file (use -r for a directory)", src.display());
+                }
+                let blob = content.import_file(&src, |_| {})?;
+                let entry = file_entry(&blob, std::os::unix::fs::MetadataExt::mode(&meta) & 0o7777, mtime_ms(&meta));
+                Ok((dest, entry, blob))
+            })
+            .await?;
+            commit_one(ctx, scope(s), item).await?
+        }
+        Request::PutTree { scope: s, path: p, src } => {
+            let dest = path(&p)?;
+            let (content, node, scope) = (ctx.content.clone(), ctx.node.clone(), scope(s));
+            let rt = tokio::runtime::Handle::current();
+            let count = blocking(move || {
+                Ok(engine::import_tree(&content, &src, &dest, |items| {
+                    rt.block_on(node.write(WriteOp::Commit { scope: scope.clone(), items }))
+                        .map(|_| ())
+                        .map_err(|e| engine::EngineError::Store(alknet_actors::store::StoreError::Invalid(e.to_string())))
+                })?)
+            })
+            .await?;
+            Reply::Count { count }
+        }
+        Request::PutStream { scope: s, path: p } => {
+            let dest = path(&p)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(STREAM_QUEUE_CHUNKS);
+            let content = ctx.content.clone();
+            let import = tokio::task::spawn_blocking(move || content.import_reader(ChannelReader { rx, buf: Vec::new(), pos: 0 }, |_| {}));
+            loop {
+                match read_frame(stream).await {
+                    Ok(chunk) if chunk.is_empty() => break,
+                    Ok(chunk) => {
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            break; // the import failed; its error is below
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, format!("client went away: {e}")))).await;
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            let blob = import.await.map_err(|e| anyhow!("import task failed: {e}"))??;
+            let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
+            commit_one(ctx, scope(s), (dest, entry, blob)).await?
+        }
+        Request::Remove { scope: s, path: p, recursive } => match write(ctx, WriteOp::Remove { scope: scope(s), path: path(&p)?, recursive }).await? {
+            WriteOutcome::Count(count) => Reply::Count { count },
+            _ => Reply::Done,
+        },
+        Request::Rename { scope: s, from, to } => match write(ctx, WriteOp::Rename { scope: scope(s), from: path(&from)?, to: path(&to)? }).await? {
+            WriteOutcome::Path(p) => Reply::Path { path: p.to_string() },
+            _ => Reply::Done,
+        },
+        Request::Mkdir { scope: s, path: p, parents } => {
+            write(ctx, WriteOp::Mkdir { scope: scope(s), path: path(&p)?, parents }).await?;
+            Reply::Done
+        }
+        Request::Restore { scope: s, path: p, version } => match write(ctx, WriteOp::Restore { scope: scope(s), path: path(&p)?, seq: version }).await? {
+            WriteOutcome::Seqs(v) => Reply::Seq { seq: v.first().copied().unwrap_or(0) },
+            _ => Reply::Done,
+        },
+        Request::BranchCreate { scope: s, name, from } => match write(ctx, WriteOp::CreateBranch { scope: scope(s), name, from }).await? {
+            WriteOutcome::Branch(branch) => Reply::Branch { branch },
+            _ => Reply::Done,
+        },
+        Request::BranchDelete { scope: s, name } => {
+            write(ctx, WriteOp::DeleteBranch { scope: scope(s), name }).await?;
+            Reply::Done
+        }
+        Request::BucketCreate { name } => {
+            write(ctx, WriteOp::CreateBucket { name }).await?;
+            Reply::Done
+        }
+        Request::Merge { scope: s, from, into } => match write(ctx, WriteOp::Merge { scope: scope(s), from, into }).await? {
+            WriteOutcome::Merge(report) => Reply::Merge { report },
+            _ => Reply::Done,
+        },
+        Request::Gc { keep_versions, keep_days } => {
+            let policy = match (keep_versions, keep_days) {
+                (None, None) => None,
+                (v, d) => Some(Retention { keep_versions: v.unwrap_or(0), keep_days: d.unwrap_or(0) }),
+            };
+            Reply::Gc { report: ctx.node.gc(policy).await? }
+        }
+        Request::Status => Reply::Status { status: Box::new(status(ctx).await?) },
+        Request::InjectPanic { actor } => {
+            if !ctx.fault_injection {
+                bail!("fault injection is off (start the node with ALKFS_FAULT_INJECTION=1, for tests only)");
+            }
+            let child = Child::from_name(&actor).ok_or_else(|| anyhow!("no actor {actor:?}: store, outbox, blobs or gc"))?;
+            ctx.node.inject_panic(child)?;
+            Reply::Done
+        }
+    })
+}
+
+async fn status(ctx: &ServerCtx) -> Result<Status> {
+    let dir = ctx.dir.clone();
+    let (store_bytes, blob_count) = blocking(move || {
+        let tree = alknet_actors::store::TreeStore::open(&dir.join(alknet_actors::store::TREE_DB_FILE), false)?;
+        let blobs: i64 = tree.conn().query_row("SELECT count(*) FROM blob", [], |r| r.get(0))?;
+        Ok((disk_usage(&dir), blobs as u64))
+    })
+    .await?;
+    let (outbox_cursor, outbox_head) = ctx.node.outbox_stats().await?;
+    Ok(Status {
+        node_id: ctx.node_id.clone(),
+        pid: std::process::id(),
+        uptime_secs: ctx.started.elapsed().as_secs(),
+        data_dir: ctx.dir.clone(),
+        actors: ctx.node.health().await?,
+        store_bytes,
+        blob_count,
+        blobs: ctx.node.blob_stats().await?,
+        outbox_cursor,
+        outbox_head,
+        last_gc: ctx.node.last_gc().await?,
+    })
+}
+
+/// Bytes under `dir` (allocated blocks, as `du` counts them).
+pub fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        total += if meta.is_dir() { disk_usage(&entry.path()) } else { std::os::unix::fs::MetadataExt::blocks(&meta) * 512 };
+    }
+    total
+}
+
+/// Adapts the chunks of a streamed put to `Read`, for the blocking import.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
