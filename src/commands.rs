@@ -124,6 +124,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Node(NodeCmd::Run { log_format, set }) => {
             drop(out);
+            // A node on a fresh machine starts on its embedded defaults: make the store.
+            if Engine::check_initialised(&dir).is_err() && Engine::init(&dir)? {
+                eprintln!("initialised an alknet-fs store at {}", dir.display());
+            }
             let mut config = crate::config::Config::load(&dir, &set)?;
             if let Some(f) = log_format {
                 config.log.format = f;

@@ -1,6 +1,6 @@
 //! `alkfs node run`: the node in the foreground.
 //!
-//! Start-up: take the data dir's lock (a second node, or any writing CLI, is refused with a
+//! Start-up (the CLI has created the store if the data dir had none): take the data dir's lock (a second node, or any writing CLI, is refused with a
 //! message naming the holder), clear staging left by a crash, open the iroh-blobs index,
 //! start the supervision tree, then listen on `DATA/alkfs.sock` (owner-only). Shutdown on
 //! SIGINT or SIGTERM: stop accepting, let requests in flight finish, stop the actors (the
@@ -57,7 +57,14 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("alkfs-node").build()?;
     rt.block_on(async move {
         let index = Arc::new(BlobIndex::open(dir).await?);
-        let ctx = NodeContext { dir: dir.to_path_buf(), lock, content: content.clone(), index: index.clone(), config: config.node_config() };
+        let ctx = NodeContext {
+            dir: dir.to_path_buf(),
+            lock,
+            content: content.clone(),
+            index: index.clone(),
+            config: config.node_config(),
+            last_commit_ms: Default::default(),
+        };
         let (sup, mut sup_done) = node::start(ctx).await?;
         let socket = dir.join(SOCKET_FILE);
         // We hold the lock: any socket file here is a leftover of a node that died.
@@ -68,7 +75,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let server_ctx = ServerCtx {
             dir: dir.to_path_buf(),
             content,
-            node: NodeHandle,
+            node: NodeHandle::default(),
             node_id,
             started: Instant::now(),
             fault_injection: std::env::var_os("ALKFS_FAULT_INJECTION").is_some_and(|v| v == "1"),

@@ -1,29 +1,6 @@
-//! # alkfs
-//!
-//! The `alkfs` binary: the command line of alknet-fs.
-//!
-//! - [`cli`]: the commands and flags (clap);
-//! - [`commands`]: runs a command against a data dir through the engine;
-//! - [`output`]: text and JSON formats;
-//! - [`progress`]: progress bars on a terminal;
-//! - [`watch`]: the outbox follower;
-//! - [`config`]: the node's configuration (file, env, flags);
-//! - [`control`]: the local control API (socket protocol, client, server);
-//! - [`daemon`]: `alkfs node run`;
-//! - [`writer`]: writes go to the node when one runs, else to the engine;
-//! - [`logging`]: tracing set-up.
+//! The `alkfs` binary: parses the command line and hands it to [`alknet_fs::commands`].
 
-mod cli;
-mod commands;
-mod config;
-mod control;
-mod daemon;
-mod logging;
-mod output;
-mod progress;
-mod watch;
-mod writer;
-
+use alknet_fs::{cli, commands, logging};
 use clap::Parser;
 
 fn main() {

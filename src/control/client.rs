@@ -1,4 +1,5 @@
-//! The CLI's side of the control socket: blocking, one request per connection.
+//! The client side of the control socket: blocking. A `Client` keeps its connection for the
+//! requests that follow (the node serves them in order on one connection); the CLI makes one.
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
@@ -11,6 +12,7 @@ use super::{read_frame, write_frame, Reply, Request, SOCKET_FILE, STREAM_CHUNK_B
 /// A connection to a running node.
 pub struct Client {
     socket: PathBuf,
+    stream: std::sync::Mutex<Option<UnixStream>>,
 }
 
 impl Client {
@@ -18,23 +20,35 @@ impl Client {
     /// refuses connections is a leftover of a node that died: treated as no node.
     pub fn connect(dir: &Path) -> Option<Client> {
         let socket = dir.join(SOCKET_FILE);
-        UnixStream::connect(&socket).ok().map(|_| Client { socket })
+        let stream = UnixStream::connect(&socket).ok()?;
+        Some(Client { socket, stream: std::sync::Mutex::new(Some(stream)) })
     }
 
-    fn open(&self) -> Result<UnixStream> {
+    /// The open connection, or a new one. A connection that failed is not reused: after an
+    /// error the reply stream may be out of step.
+    fn take(&self) -> Result<UnixStream> {
+        if let Some(s) = self.stream.lock().expect("client stream").take() {
+            return Ok(s);
+        }
         UnixStream::connect(&self.socket).with_context(|| format!("connecting to the node at {} (is it still running?)", self.socket.display()))
+    }
+
+    fn give_back(&self, stream: UnixStream) {
+        *self.stream.lock().expect("client stream") = Some(stream);
     }
 
     /// Sends `req` and returns the node's reply; a reply of `Error` becomes an `Err`.
     pub fn call(&self, req: &Request) -> Result<Reply> {
-        let mut stream = self.open()?;
+        let mut stream = self.take()?;
         write_frame(&mut stream, &serde_json::to_vec(req)?)?;
-        read_reply(&mut stream)
+        let reply = read_reply(&mut stream)?;
+        self.give_back(stream);
+        reply.into_result()
     }
 
     /// Sends `req` followed by everything `data` yields, in frames, then an empty frame.
     pub fn call_streaming(&self, req: &Request, mut data: impl Read) -> Result<Reply> {
-        let mut stream = self.open()?;
+        let mut stream = self.take()?;
         write_frame(&mut stream, &serde_json::to_vec(req)?)?;
         let mut buf = vec![0u8; STREAM_CHUNK_BYTES];
         loop {
@@ -47,14 +61,23 @@ impl Client {
             write_frame(&mut stream, &buf[..n]).context("sending data to the node")?;
         }
         write_frame(&mut stream, &[])?;
-        read_reply(&mut stream)
+        let reply = read_reply(&mut stream)?;
+        self.give_back(stream);
+        reply.into_result()
     }
 }
 
 fn read_reply(stream: &mut UnixStream) -> Result<Reply> {
     let payload = read_frame(stream).context("the node closed the connection without answering")?;
-    match serde_json::from_slice(&payload).map_err(|e| anyhow!("unreadable reply from the node: {e}"))? {
-        Reply::Error { message } => bail!("{message}"),
-        reply => Ok(reply),
+    serde_json::from_slice(&payload).map_err(|e| anyhow!("unreadable reply from the node: {e}"))
+}
+
+impl Reply {
+    /// `Error` as an `Err`.
+    fn into_result(self) -> Result<Reply> {
+        match self {
+            Reply::Error { message } => bail!("{message}"),
+            reply => Ok(reply),
+        }
     }
 }

@@ -29,6 +29,8 @@ use super::{Reply, Request, Status, WireScope};
 pub const CONNECTIONS_MAX: usize = 64;
 /// How long a new connection may take to send its request.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may sit idle between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long shutdown waits for requests in flight.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Data frames buffered between the socket and a streamed import.
@@ -87,19 +89,30 @@ async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
     Ok(payload)
 }
 
+/// Serves one connection: requests one after another until the client closes it, a frame is
+/// bad, or the client stays silent for [`REQUEST_READ_TIMEOUT`] (first request) or
+/// [`IDLE_TIMEOUT`] (later ones). A malformed request gets an error reply and the connection
+/// is closed: after garbage the stream cannot be trusted to be in step.
 async fn handle(mut stream: UnixStream, ctx: ServerCtx) {
-    let first = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut stream)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => return tracing::debug!(error = %e, "dropping a control connection: bad frame"),
-        Err(_) => return tracing::debug!("dropping a control connection: no request in time"),
-    };
-    let reply = match serde_json::from_slice::<Request>(&first) {
-        Ok(req) => dispatch(req, &mut stream, &ctx).await.unwrap_or_else(|e| Reply::Error { message: format!("{e:#}") }),
-        Err(e) => Reply::Error { message: format!("malformed request: {e}") },
-    };
-    let mut out = Vec::new();
-    frame::encode(&serde_json::to_vec(&reply).expect("replies serialise"), &mut out);
-    let _ = stream.write_all(&out).await;
+    let mut wait = REQUEST_READ_TIMEOUT;
+    loop {
+        let first = match tokio::time::timeout(wait, read_frame(&mut stream)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "dropping a control connection: bad frame"),
+            Err(_) => return tracing::debug!("dropping a control connection: idle"),
+        };
+        let (reply, keep) = match serde_json::from_slice::<Request>(&first) {
+            Ok(req) => (dispatch(req, &mut stream, &ctx).await.unwrap_or_else(|e| Reply::Error { message: format!("{e:#}") }), true),
+            Err(e) => (Reply::Error { message: format!("malformed request: {e}") }, false),
+        };
+        let mut out = Vec::new();
+        frame::encode(&serde_json::to_vec(&reply).expect("replies serialise"), &mut out);
+        if stream.write_all(&out).await.is_err() || !keep {
+            return;
+        }
+        wait = IDLE_TIMEOUT;
+    }
 }
 
 fn scope(s: WireScope) -> Scope {
@@ -158,27 +171,20 @@ async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &ServerCtx) -> Res
         }
         Request::PutStream { scope: s, path: p } => {
             let dest = path(&p)?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(STREAM_QUEUE_CHUNKS);
-            let content = ctx.content.clone();
-            let import = tokio::task::spawn_blocking(move || content.import_reader(ChannelReader { rx, buf: Vec::new(), pos: 0 }, |_| {}));
-            loop {
-                match read_frame(stream).await {
-                    Ok(chunk) if chunk.is_empty() => break,
-                    Ok(chunk) => {
-                        if tx.send(Ok(chunk)).await.is_err() {
-                            break; // the import failed; its error is below
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, format!("client went away: {e}")))).await;
-                        break;
-                    }
+            // Small content (one data frame, then the end) is imported right here: hashing a
+            // few KiB costs less than handing it to a blocking thread.
+            let first = read_frame(stream).await.context("reading the data")?;
+            let mut pending = vec![first];
+            if pending[0].len() <= alknet_actors::content::INLINE_BYTES_MAX && !pending[0].is_empty() {
+                let next = read_frame(stream).await.context("reading the data")?;
+                if next.is_empty() {
+                    let blob = ctx.content.import_reader(&pending[0][..], |_| {})?;
+                    let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
+                    return commit_one(ctx, scope(s), (dest, entry, blob)).await;
                 }
+                pending.push(next);
             }
-            drop(tx);
-            let blob = import.await.map_err(|e| anyhow!("import task failed: {e}"))??;
-            let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
-            commit_one(ctx, scope(s), (dest, entry, blob)).await?
+            stream_import(ctx, scope(s), dest, stream, pending).await?
         }
         Request::Remove { scope: s, path: p, recursive } => match write(ctx, WriteOp::Remove { scope: scope(s), path: path(&p)?, recursive }).await? {
             WriteOutcome::Count(count) => Reply::Count { count },
@@ -229,6 +235,36 @@ async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &ServerCtx) -> Res
             Reply::Done
         }
     })
+}
+
+/// A streamed put: the bytes flow through a bounded channel into a blocking import, which
+/// stages them to disk while they arrive. `already` holds frames read before the decision
+/// (an empty one is the end).
+async fn stream_import(ctx: &ServerCtx, scope: Scope, dest: TreePath, stream: &mut UnixStream, already: Vec<Vec<u8>>) -> Result<Reply> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(STREAM_QUEUE_CHUNKS);
+    let content = ctx.content.clone();
+    let import = tokio::task::spawn_blocking(move || content.import_reader(ChannelReader { rx, buf: Vec::new(), pos: 0 }, |_| {}));
+    let mut ended = false;
+    for chunk in already {
+        if chunk.is_empty() || tx.send(Ok(chunk)).await.is_err() {
+            ended = true;
+            break;
+        }
+    }
+    while !ended {
+        match read_frame(stream).await {
+            Ok(chunk) if chunk.is_empty() => ended = true,
+            Ok(chunk) => ended = tx.send(Ok(chunk)).await.is_err(), // a failed import: its error is below
+            Err(e) => {
+                let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, format!("client went away: {e}")))).await;
+                ended = true;
+            }
+        }
+    }
+    drop(tx);
+    let blob = import.await.map_err(|e| anyhow!("import task failed: {e}"))??;
+    let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
+    commit_one(ctx, scope, (dest, entry, blob)).await
 }
 
 async fn status(ctx: &ServerCtx) -> Result<Status> {

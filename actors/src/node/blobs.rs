@@ -27,6 +27,14 @@ pub const ATTEMPTS_MAX: u32 = 8;
 pub const RETRY_BASE: Duration = Duration::from_millis(500);
 /// Longest retry delay.
 pub const RETRY_MAX: Duration = Duration::from_secs(600);
+/// Scans closer together than this are merged into one: indexing is background work and
+/// should come in batches, not chase every commit.
+pub const SCAN_COALESCE: Duration = Duration::from_millis(200);
+/// Indexing waits until the store has not committed for this long: a burst of writes is not
+/// slowed by the background hashing of what it wrote ...
+pub const QUIET_BEFORE_WORK: Duration = Duration::from_millis(250);
+/// ... but never waits longer than this, so a steady load still gets its blobs indexed.
+pub const DEFER_MAX: Duration = Duration::from_secs(10);
 
 /// Messages of the blob actor.
 pub enum BlobMsg {
@@ -71,6 +79,10 @@ pub struct BlobState {
     given_up: std::collections::HashSet<ContentHash>,
     stats: BlobStats,
     timer_armed: bool,
+    last_scan: Option<Instant>,
+    scan_deferred: bool,
+    last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
+    deferred_since: Option<Instant>,
 }
 
 impl Actor for BlobActor {
@@ -91,12 +103,25 @@ impl Actor for BlobActor {
             given_up: Default::default(),
             stats: BlobStats::default(),
             timer_armed: false,
+            last_scan: None,
+            scan_deferred: false,
+            last_commit_ms: ctx.last_commit_ms.clone(),
+            deferred_since: None,
         })
     }
 
     async fn handle(&self, me: ActorRef<BlobMsg>, msg: BlobMsg, state: &mut BlobState) -> Result<(), ActorProcessingErr> {
         match msg {
             BlobMsg::Scan => {
+                if let Some(wait) = state.last_scan.map(|t| SCAN_COALESCE.saturating_sub(t.elapsed())).filter(|w| !w.is_zero()) {
+                    if !state.scan_deferred {
+                        state.scan_deferred = true;
+                        me.send_after(wait, || BlobMsg::Scan);
+                    }
+                    return Ok(());
+                }
+                state.scan_deferred = false;
+                state.last_scan = Some(Instant::now());
                 state.scan()?;
                 state.work(&me).await?;
             }
@@ -137,8 +162,22 @@ impl BlobState {
         Ok(())
     }
 
-    /// Indexes every queued blob that is due; arms a timer for the earliest retry.
+    /// Indexes every queued blob that is due; arms a timer for the earliest retry. Waits for
+    /// the store to be quiet first (see [`QUIET_BEFORE_WORK`]).
     async fn work(&mut self, me: &ActorRef<BlobMsg>) -> Result<(), ActorProcessingErr> {
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let since_commit = crate::engine::now_ms() - self.last_commit_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let waited = self.deferred_since.get_or_insert_with(Instant::now).elapsed();
+        if since_commit < QUIET_BEFORE_WORK.as_millis() as i64 && waited < DEFER_MAX {
+            if !self.timer_armed {
+                self.timer_armed = true;
+                me.send_after(QUIET_BEFORE_WORK, || BlobMsg::Work);
+            }
+            return Ok(());
+        }
+        self.deferred_since = None;
         let now = Instant::now();
         let mut done = Vec::new();
         let mut later = VecDeque::new();

@@ -128,6 +128,8 @@ pub struct NodeContext {
     pub index: Arc<BlobIndex>,
     /// Tunables.
     pub config: NodeConfig,
+    /// When the store last committed (ms since the epoch): background work waits for quiet.
+    pub last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Errors of calls into the node.
@@ -144,9 +146,12 @@ pub enum NodeError {
     Failed(String),
 }
 
-/// A cheap handle to the running node's actors.
+/// A cheap handle to the running node's actors. Writes go over a cached direct line to the
+/// store's writer thread, renewed from the store actor after a restart.
 #[derive(Clone, Default)]
-pub struct NodeHandle;
+pub struct NodeHandle {
+    writer: Arc<std::sync::Mutex<Option<store::StoreWriter>>>,
+}
 
 impl NodeHandle {
     /// Calls `child` with a message built around a reply port, looking the child up by name
@@ -177,21 +182,44 @@ impl NodeHandle {
         }
     }
 
-    /// Performs a write through the store; answers after commit.
+    /// Performs a write through the store; answers after commit. A write the store handed
+    /// back untouched (it was restarting) is sent again to its successor, until
+    /// [`RESTART_WAIT`] runs out.
     pub async fn write(&self, op: store::WriteOp) -> Result<store::WriteOutcome, NodeError> {
-        // The op moves into the first attempt only; a retry after a lookup miss needs it again.
-        let op = std::sync::Mutex::new(Some(op));
-        let result = self
-            .call(
-                Child::Store,
-                |reply| match op.lock().expect("op lock").take() {
-                    Some(op) => store::StoreMsg::Write(op, reply),
-                    None => store::StoreMsg::Write(store::WriteOp::MarkIndexed { hashes: vec![] }, reply),
+        let deadline = Instant::now() + RESTART_WAIT;
+        let mut op = op;
+        loop {
+            let cached = self.writer.lock().expect("writer cache").clone();
+            let writer = match cached {
+                Some(w) => w,
+                None => {
+                    let w = self.call(Child::Store, store::StoreMsg::Writer, QUERY_TIMEOUT).await?;
+                    *self.writer.lock().expect("writer cache") = Some(w.clone());
+                    w
+                }
+            };
+            let returned = match writer.send(op) {
+                Ok(rx) => match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
+                    Ok(Ok(Ok(result))) => return result.map_err(NodeError::Failed),
+                    Ok(Ok(Err(back))) => back,
+                    Ok(Err(_)) => {
+                        *self.writer.lock().expect("writer cache") = None;
+                        return Err(NodeError::Failed(
+                            "the node's store restarted during the request; it may or may not have been applied: check, then retry".into(),
+                        ));
+                    }
+                    Err(_) => return Err(NodeError::Timeout(STORE_ACTOR)),
                 },
-                WRITE_TIMEOUT,
-            )
-            .await?;
-        result.map_err(NodeError::Failed)
+                Err(back) => back,
+            };
+            // Not applied: the writer was going away. Ask the (new) actor for a new line.
+            *self.writer.lock().expect("writer cache") = None;
+            if Instant::now() >= deadline {
+                return Err(NodeError::Unavailable(STORE_ACTOR));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            op = returned;
+        }
     }
 
     /// Runs a collection now.

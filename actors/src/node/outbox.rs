@@ -18,6 +18,10 @@ use crate::store::{outbox, TreeStore, TREE_DB_FILE};
 
 /// The consumer name of the node's cursor in the honker stream.
 pub const CONSUMER: &str = "node";
+/// Wakes closer together than this are handled together: under load the watcher reads (and
+/// saves its cursor) at most this often instead of after every commit, leaving the disk and
+/// the cores to the writes themselves.
+pub const COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Messages of the outbox watcher.
 pub enum OutboxMsg {
@@ -37,6 +41,8 @@ pub struct OutboxState {
     tree: TreeStore,
     watcher: std::sync::Arc<honker_core::SharedUpdateWatcher>,
     handed_on: u64,
+    last_read: Option<std::time::Instant>,
+    deferred: bool,
 }
 
 impl Actor for OutboxActor {
@@ -60,12 +66,21 @@ impl Actor for OutboxActor {
             }
         })?;
         me.cast(OutboxMsg::Wake)?; // catch up on what committed while we were down
-        Ok(OutboxState { tree, watcher, handed_on: 0 })
+        Ok(OutboxState { tree, watcher, handed_on: 0, last_read: None, deferred: false })
     }
 
-    async fn handle(&self, _me: ActorRef<OutboxMsg>, msg: OutboxMsg, state: &mut OutboxState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<OutboxMsg>, msg: OutboxMsg, state: &mut OutboxState) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Wake => {
+                if let Some(wait) = state.last_read.map(|t| COALESCE.saturating_sub(t.elapsed())).filter(|w| !w.is_zero()) {
+                    if !state.deferred {
+                        state.deferred = true;
+                        me.send_after(wait, || OutboxMsg::Wake);
+                    }
+                    return Ok(());
+                }
+                state.deferred = false;
+                state.last_read = Some(std::time::Instant::now());
                 let conn = state.tree.conn();
                 let mut cursor = outbox::cursor(conn, CONSUMER)?;
                 loop {

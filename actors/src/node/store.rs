@@ -82,22 +82,96 @@ pub type WriteResult = Result<WriteOutcome, String>;
 pub enum StoreMsg {
     /// Perform a write and answer after it committed.
     Write(WriteOp, RpcReplyPort<WriteResult>),
+    /// A direct line to this actor's writer thread, valid while this actor lives.
+    Writer(RpcReplyPort<StoreWriter>),
+    /// The writer thread ended (it panicked, or its engine failed): fail, so the supervisor
+    /// restarts the store.
+    WriterDied,
     /// Fault injection (tests only, when the node allows it): panic in the handler.
     Panic,
+}
+
+/// A direct line to the writer thread, skipping the actor's mailbox on the hot path (the
+/// handle pattern of iroh-docs). It dies with the actor that handed it out: the thread
+/// refuses jobs once that actor is gone, handing each job back untouched, and the caller
+/// asks the restarted actor for a new line.
+#[derive(Clone)]
+pub struct StoreWriter {
+    jobs: Sender<Job>,
+}
+
+/// What the writer answers a direct job: the write's result, or the job back when this
+/// writer is shutting down and did not touch it (safe to send again elsewhere).
+pub type DirectResult = Result<WriteResult, WriteOp>;
+
+impl StoreWriter {
+    /// Sends `op`; the answer arrives after commit. `Err(op)` when this writer is gone.
+    pub fn send(&self, op: WriteOp) -> Result<tokio::sync::oneshot::Receiver<DirectResult>, WriteOp> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.jobs.send(Job { op, reply: ReplyTo::Direct(tx) }) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::SendError(job)) => Err(job.op),
+        }
+    }
 }
 
 /// The store actor.
 pub struct StoreActor;
 
-/// Its state: the channel to the writer thread.
+/// Its state: the channel to the writer thread and the thread's liveness flag.
 pub struct StoreState {
     jobs: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for StoreState {
+    /// However the actor ends (stop, panic, kill), its writer stops taking jobs.
+    fn drop(&mut self) {
+        self.alive.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Where a job's answer goes.
+enum ReplyTo {
+    Port(RpcReplyPort<WriteResult>),
+    Direct(tokio::sync::oneshot::Sender<DirectResult>),
 }
 
 struct Job {
     op: WriteOp,
-    reply: RpcReplyPort<WriteResult>,
+    reply: ReplyTo,
+}
+
+impl ReplyTo {
+    fn answer(self, result: WriteResult) {
+        match self {
+            ReplyTo::Port(p) => {
+                let _ = p.send(result);
+            }
+            ReplyTo::Direct(tx) => {
+                let _ = tx.send(Ok(result));
+            }
+        }
+    }
+}
+
+impl Job {
+    fn answer(self, result: WriteResult) {
+        self.reply.answer(result);
+    }
+
+    /// Refuses the job untouched (the writer is shutting down).
+    fn refuse(self) {
+        match self.reply {
+            ReplyTo::Port(p) => {
+                let _ = p.send(Err("the store is restarting; retry".into()));
+            }
+            ReplyTo::Direct(tx) => {
+                let _ = tx.send(Err(self.op));
+            }
+        }
+    }
 }
 
 impl Actor for StoreActor {
@@ -105,29 +179,40 @@ impl Actor for StoreActor {
     type State = StoreState;
     type Arguments = NodeContext;
 
-    async fn pre_start(&self, _me: ActorRef<StoreMsg>, ctx: NodeContext) -> Result<StoreState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<StoreMsg>, ctx: NodeContext) -> Result<StoreState, ActorProcessingErr> {
         let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?;
         let (tx, rx) = mpsc::channel();
-        let (batch_max, batch_delay) = (ctx.config.batch_max, ctx.config.batch_delay);
-        let thread = std::thread::Builder::new()
-            .name("alkfs-store".into())
-            .spawn(move || writer(engine, rx, batch_max, batch_delay))?;
-        Ok(StoreState { jobs: Some(tx), thread: Some(thread) })
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let writer_ctx = WriterCtx {
+            batch_max: ctx.config.batch_max,
+            batch_delay: ctx.config.batch_delay,
+            last_commit: ctx.last_commit_ms.clone(),
+            alive: alive.clone(),
+            actor: me,
+        };
+        let thread = std::thread::Builder::new().name("alkfs-store".into()).spawn(move || writer(engine, rx, writer_ctx))?;
+        Ok(StoreState { jobs: Some(tx), thread: Some(thread), alive })
     }
 
     async fn handle(&self, _me: ActorRef<StoreMsg>, msg: StoreMsg, state: &mut StoreState) -> Result<(), ActorProcessingErr> {
         match msg {
             StoreMsg::Write(op, reply) => {
                 let jobs = state.jobs.as_ref().ok_or("store writer is gone")?;
-                jobs.send(Job { op, reply }).map_err(|_| "the store writer thread stopped")?;
+                jobs.send(Job { op, reply: ReplyTo::Port(reply) }).map_err(|_| "the store writer thread stopped")?;
             }
+            StoreMsg::Writer(reply) => {
+                let jobs = state.jobs.clone().ok_or("store writer is gone")?;
+                let _ = reply.send(StoreWriter { jobs });
+            }
+            StoreMsg::WriterDied => return Err("the store writer thread ended unexpectedly".into()),
             StoreMsg::Panic => panic!("fault injection: store actor"),
         }
         Ok(())
     }
 
     async fn post_stop(&self, _me: ActorRef<StoreMsg>, state: &mut StoreState) -> Result<(), ActorProcessingErr> {
-        // Drain: closing the channel lets the writer finish what is queued, then it exits.
+        // Drain: the writer finishes what is queued (refusing what comes later), then exits.
+        state.alive.store(false, std::sync::atomic::Ordering::SeqCst);
         state.jobs.take();
         if let Some(thread) = state.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -136,33 +221,67 @@ impl Actor for StoreActor {
     }
 }
 
-/// The writer thread: owns the engine, batches commits, answers after commit.
-fn writer(mut engine: Engine, jobs: Receiver<Job>, batch_max: usize, batch_delay: Duration) {
+struct WriterCtx {
+    batch_max: usize,
+    batch_delay: Duration,
+    last_commit: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    actor: ActorRef<StoreMsg>,
+}
+
+/// Tells the actor when the writer thread ends for any reason but the actor's own end.
+struct DeathNotice(ActorRef<StoreMsg>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DeathNotice {
+    fn drop(&mut self) {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.0.cast(StoreMsg::WriterDied);
+        }
+    }
+}
+
+/// The writer thread: owns the engine, batches commits, answers after commit. Once its actor
+/// is gone (`alive` false) it finishes the job in hand, refuses the rest untouched and ends.
+fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
+    let _notice = DeathNotice(ctx.actor.clone(), ctx.alive.clone());
+    let alive = || ctx.alive.load(std::sync::atomic::Ordering::SeqCst);
+    let committed = || {
+        ctx.last_commit.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        wake_outbox();
+    };
     let mut held: Option<Job> = None;
     loop {
         let job = match held.take() {
             Some(j) => j,
-            None => match jobs.recv() {
+            None => match jobs.recv_timeout(Duration::from_millis(500)) {
                 Ok(j) => j,
-                Err(_) => return, // channel closed and drained: shut down
+                Err(RecvTimeoutError::Timeout) if alive() => continue,
+                Err(_) => return, // closed, or the actor is gone and nothing is queued
             },
         };
+        if !alive() {
+            job.refuse();
+            while let Ok(j) = jobs.try_recv() {
+                j.refuse();
+            }
+            return;
+        }
         if !matches!(job.op, WriteOp::Commit { .. }) {
-            let result = run_alone(&mut engine, job.op);
-            let _ = job.reply.send(result);
-            committed();
+            let quiet = matches!(job.op, WriteOp::MarkIndexed { .. } | WriteOp::Gc { .. });
+            let Job { op, reply } = job;
+            reply.answer(run_alone(&mut engine, op));
+            if !quiet {
+                committed();
+            }
             continue;
         }
         let mut batch = vec![job];
-        let deadline = Instant::now() + batch_delay;
-        while batch.len() < batch_max {
+        let deadline = Instant::now() + ctx.batch_delay;
+        while batch.len() < ctx.batch_max {
             let next = match jobs.try_recv() {
                 Ok(j) => Some(j),
-                Err(_) if batch_delay.is_zero() => None,
-                Err(_) => match jobs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(j) => Some(j),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-                },
+                Err(_) if ctx.batch_delay.is_zero() => None,
+                Err(_) => jobs.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok(),
             };
             match next {
                 Some(j) if matches!(j.op, WriteOp::Commit { .. }) => batch.push(j),
@@ -179,7 +298,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, batch_max: usize, batch_delay
 }
 
 /// Tells the outbox watcher that something committed (it reads what).
-fn committed() {
+fn wake_outbox() {
     if let Some(outbox) = ActorRef::<OutboxMsg>::where_is(OUTBOX_ACTOR.to_string()) {
         let _ = outbox.cast(OutboxMsg::Wake);
     }
@@ -198,17 +317,19 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
     match shared {
         Ok(all) => {
             for (job, seqs) in batch.into_iter().zip(all) {
-                let _ = job.reply.send(Ok(WriteOutcome::Seqs(seqs)));
+                job.answer(Ok(WriteOutcome::Seqs(seqs)));
             }
         }
         Err(_) if batch.len() > 1 => {
             for job in batch {
-                let result = run_alone(engine, job.op);
-                let _ = job.reply.send(result);
+                let Job { op, reply } = job;
+                reply.answer(run_alone(engine, op));
             }
         }
         Err(e) => {
-            let _ = batch.into_iter().next().map(|j| j.reply.send(Err(e.to_string())));
+            if let Some(job) = batch.into_iter().next() {
+                job.answer(Err(e.to_string()));
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ pub struct Tx<'c> {
 
 impl<'c> Tx<'c> {
     pub(super) fn new(tx: Transaction<'c>, now_ms: i64) -> Result<Self, StoreError> {
-        let clock: i64 = tx.query_row("SELECT seq FROM clock WHERE id = 0", [], |r| r.get(0))?;
+        let clock: i64 = tx.prepare_cached("SELECT seq FROM clock WHERE id = 0")?.query_row([], |r| r.get(0))?;
         Ok(Tx { tx, clock, clock_start: clock, now_ms, events: Vec::new(), known_dirs: HashSet::new() })
     }
 
@@ -65,7 +65,7 @@ impl<'c> Tx<'c> {
     pub fn commit(self) -> Result<(), StoreError> {
         let Tx { tx, clock, clock_start, events, .. } = self;
         if clock != clock_start {
-            tx.execute("UPDATE clock SET seq = ?1 WHERE id = 0", [clock])?;
+            tx.prepare_cached("UPDATE clock SET seq = ?1 WHERE id = 0")?.execute([clock])?;
         }
         outbox::publish(&tx, &events)?;
         tx.commit()?;
