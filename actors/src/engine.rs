@@ -130,6 +130,9 @@ impl Engine {
     /// Creates a store in `dir` (and `dir` itself) with the bucket `default` and its `main`
     /// branch. Returns false when one was there already (nothing is changed then).
     pub fn init(dir: &Path) -> Result<bool> {
+        if Self::check_initialised(dir).is_ok() {
+            return Ok(false); // no lock needed to see that: works while a node runs
+        }
         fs::create_dir_all(dir).map_err(|e| EngineError::local(dir, e))?;
         let lock = take_lock(dir)?;
         let db = dir.join(TREE_DB_FILE);
