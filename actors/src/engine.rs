@@ -130,8 +130,10 @@ impl Engine {
     /// Creates a store in `dir` (and `dir` itself) with the bucket `default` and its `main`
     /// branch. Returns false when one was there already (nothing is changed then).
     pub fn init(dir: &Path) -> Result<bool> {
-        if Self::check_initialised(dir).is_ok() {
-            return Ok(false); // no lock needed to see that: works while a node runs
+        // A complete store needs no lock to be recognised (so this works while a node runs);
+        // one an interrupted init left without its bucket is finished below, under the lock.
+        if Self::check_initialised(dir).is_ok() && !TreeStore::open(&dir.join(TREE_DB_FILE), false)?.buckets()?.is_empty() {
+            return Ok(false);
         }
         fs::create_dir_all(dir).map_err(|e| EngineError::local(dir, e))?;
         let lock = take_lock(dir)?;
