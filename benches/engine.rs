@@ -78,15 +78,15 @@ fn ingest(scratch: &Path, rows: &mut Vec<Row>) {
     for i in 0..5 {
         let dst = scratch.join("ingest.cp");
         theirs.push(timed(|| {
-            run(&mut Command::new("cp").arg(&src).arg(&dst));
+            run(Command::new("cp").arg(&src).arg(&dst));
             run(&mut Command::new("sync"));
         }));
         std::fs::remove_file(&dst).unwrap();
         let data = scratch.join(format!("ingest.data{i}"));
-        run(&mut alkfs(&data).arg("init"));
+        run(alkfs(&data).arg("init"));
         run(&mut Command::new("sync"));
         ours.push(timed(|| {
-            run(&mut alkfs(&data).arg("put").arg(&src).arg("/big"));
+            run(alkfs(&data).arg("put").arg(&src).arg("/big"));
             run(&mut Command::new("sync"));
         }));
         std::fs::remove_dir_all(&data).unwrap();
@@ -170,8 +170,8 @@ fn put_tree(scratch: &Path, rows: &mut Vec<Row>) {
     let mut times = Vec::new();
     for i in 0..3 {
         let data = scratch.join(format!("tree.data{i}"));
-        run(&mut alkfs(&data).arg("init"));
-        times.push(timed(|| run(&mut alkfs(&data).arg("put").arg("-r").arg(&tree).arg("/small"))));
+        run(alkfs(&data).arg("init"));
+        times.push(timed(|| run(alkfs(&data).arg("put").arg("-r").arg(&tree).arg("/small"))));
         std::fs::remove_dir_all(&data).unwrap();
     }
     let n = dirs * per;
@@ -195,16 +195,16 @@ fn list(scratch: &Path, rows: &mut Vec<Row>) {
         std::fs::File::create(wide.join(format!("e{i}"))).unwrap();
     }
     let data = scratch.join("ls.data");
-    run(&mut alkfs(&data).arg("init"));
-    run(&mut alkfs(&data).args(["put", "-r"]).arg(&wide).arg("/wide"));
+    run(alkfs(&data).arg("init"));
+    run(alkfs(&data).args(["put", "-r"]).arg(&wide).arg("/wide"));
     let mut prev = "main".to_string();
     for b in 1..=5 {
-        run(&mut alkfs(&data).args(["branch", "create", &format!("b{b}"), "--from", &prev]));
+        run(alkfs(&data).args(["branch", "create", &format!("b{b}"), "--from", &prev]));
         prev = format!("b{b}");
     }
     let runs = 31;
-    let ours = median((0..runs).map(|_| timed(|| run(&mut alkfs(&data).args(["--branch", "b5", "ls", "/wide"])))).collect());
-    let local = median((0..runs).map(|_| timed(|| run(&mut Command::new("ls").arg(&wide)))).collect());
+    let ours = median((0..runs).map(|_| timed(|| run(alkfs(&data).args(["--branch", "b5", "ls", "/wide"])))).collect());
+    let local = median((0..runs).map(|_| timed(|| run(Command::new("ls").arg(&wide)))).collect());
     let engine = Engine::open(&data, Access::Read).unwrap();
     let scope = Scope::new("default", "b5");
     let path = TreePath::parse("/wide").unwrap();

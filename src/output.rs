@@ -123,15 +123,6 @@ pub fn conflicts(out: &mut impl Write, rows: &[ConflictRow], json: bool) -> Resu
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn times_are_iso() {
-        assert_eq!(super::time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::time(1_700_000_000_123), "2023-11-14T22:13:20Z");
-    }
-}
-
 /// `status`.
 pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> Result<()> {
     if json {
@@ -153,4 +144,13 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
         writeln!(out, "  {:<16} {:<10} restarts {}{failure}", a.name, a.state, a.restarts)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_iso() {
+        assert_eq!(super::time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::time(1_700_000_000_123), "2023-11-14T22:13:20Z");
+    }
 }

@@ -17,8 +17,8 @@ use crate::control::{Reply, Request, WireScope};
 
 /// A place to send writes.
 pub enum Writer {
-    /// This process writes (it holds the lock).
-    Direct(Engine),
+    /// This process writes (it holds the lock). Boxed: an engine is much larger than a client.
+    Direct(Box<Engine>),
     /// The running node writes.
     Node(Client),
 }
@@ -45,7 +45,7 @@ impl Writer {
         if let Some(client) = Client::connect(dir) {
             return Ok(Writer::Node(client));
         }
-        Ok(Writer::Direct(Engine::open(dir, Access::Write)?))
+        Ok(Writer::Direct(Box::new(Engine::open(dir, Access::Write)?)))
     }
 
     fn seq(reply: Reply) -> Result<i64> {

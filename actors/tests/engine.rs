@@ -188,7 +188,7 @@ fn chains_are_bounded() {
             }
         }
     }
-    assert!(made < 64 && made >= 16, "made {made} nested branches");
+    assert!((16..64).contains(&made), "made {made} nested branches");
     put(&mut engine, &Scope::new("default", &from), "/deep", b"ok");
 }
 

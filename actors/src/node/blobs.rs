@@ -211,7 +211,7 @@ impl BlobState {
         self.queue = later;
         if !done.is_empty() {
             self.stats.indexed += done.len() as u64;
-            if let Some(store) = ActorRef::<StoreMsg>::where_is(STORE_ACTOR.to_string()) {
+            if let Some(store) = ActorRef::<StoreMsg>::where_is(STORE_ACTOR) {
                 // Fire and forget: a blob not marked is indexed again next time (idempotent).
                 let (tx, _rx) = ractor::concurrency::oneshot();
                 let _ = store.cast(StoreMsg::Write(WriteOp::MarkIndexed { hashes: done }, tx.into()));

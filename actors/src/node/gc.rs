@@ -70,7 +70,7 @@ impl Actor for GcActor {
 }
 
 async fn collect(policy: Retention) -> Result<GcReport, String> {
-    let store = ActorRef::<StoreMsg>::where_is(STORE_ACTOR.to_string()).ok_or("the store is restarting; retry")?;
+    let store = ActorRef::<StoreMsg>::where_is(STORE_ACTOR).ok_or("the store is restarting; retry")?;
     let outcome = store
         .call(|reply| StoreMsg::Write(WriteOp::Gc { policy }, reply), Some(GC_CALL_TIMEOUT))
         .await

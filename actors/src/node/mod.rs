@@ -165,7 +165,7 @@ impl NodeHandle {
     ) -> Result<T, NodeError> {
         let deadline = Instant::now() + RESTART_WAIT;
         loop {
-            if let Some(actor) = ActorRef::<M>::where_is(child.name().to_string()) {
+            if let Some(actor) = ActorRef::<M>::where_is(child.name()) {
                 match actor.call(&build, Some(timeout)).await {
                     Ok(ractor::rpc::CallResult::Success(v)) => return Ok(v),
                     Ok(ractor::rpc::CallResult::Timeout) => return Err(NodeError::Timeout(child.name())),
@@ -244,7 +244,7 @@ impl NodeHandle {
 
     /// Each child's health.
     pub async fn health(&self) -> Result<Vec<supervisor::ChildHealth>, NodeError> {
-        let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(SUPERVISOR_ACTOR.to_string()).ok_or(NodeError::Unavailable("supervisor"))?;
+        let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(SUPERVISOR_ACTOR).ok_or(NodeError::Unavailable("supervisor"))?;
         match sup.call(supervisor::SupervisorMsg::Health, Some(QUERY_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(h)) => Ok(h),
             _ => Err(NodeError::Timeout("supervisor")),

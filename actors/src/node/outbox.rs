@@ -88,7 +88,7 @@ impl Actor for OutboxActor {
                     let Some(&(last, _)) = batch.last() else { break };
                     let new_blobs = batch.iter().any(|(_, e)| matches!(e.op.as_str(), "write" | "merge" | "restore" | "rename"));
                     if new_blobs {
-                        if let Some(blobs) = ActorRef::<BlobMsg>::where_is(BLOB_ACTOR.to_string()) {
+                        if let Some(blobs) = ActorRef::<BlobMsg>::where_is(BLOB_ACTOR) {
                             let _ = blobs.cast(BlobMsg::Scan);
                         }
                     }

@@ -299,7 +299,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
 
 /// Tells the outbox watcher that something committed (it reads what).
 fn wake_outbox() {
-    if let Some(outbox) = ActorRef::<OutboxMsg>::where_is(OUTBOX_ACTOR.to_string()) {
+    if let Some(outbox) = ActorRef::<OutboxMsg>::where_is(OUTBOX_ACTOR) {
         let _ = outbox.cast(OutboxMsg::Wake);
     }
 }

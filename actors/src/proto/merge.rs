@@ -83,11 +83,14 @@ mod tests {
         Version { entry: Some(Entry::dir(0o755, at)), written_ms: at }
     }
 
-    /// The data-driven table of three-way cases: (name, base, source, target, expected).
+    /// One row of the table: (name, base, source, target, expected).
+    type Case = (&'static str, Option<Version>, Option<Version>, Option<Version>, Decision);
+
+    /// The data-driven table of three-way cases.
     #[test]
     fn three_way_table() {
         let (a1, b2, c3) = (file(1, 1), file(2, 2), file(3, 3));
-        let cases: Vec<(&str, Option<Version>, Option<Version>, Option<Version>, Decision)> = vec![
+        let cases: Vec<Case> = vec![
             ("untouched", Some(a1.clone()), Some(a1.clone()), Some(a1.clone()), Decision::Keep),
             ("changed on source only", Some(a1.clone()), Some(b2.clone()), Some(a1.clone()), Decision::Take),
             ("changed on target only", Some(a1.clone()), Some(a1.clone()), Some(b2.clone()), Decision::Keep),
