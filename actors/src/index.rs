@@ -23,10 +23,15 @@ use crate::store::read::PendingBlob;
 
 /// The directory of the iroh-blobs store inside the data dir.
 pub const BLOBS_DIR: &str = "blobs";
+/// The tag prefix of every blob the index holds for the tree.
+pub const TAG_PREFIX: &str = "alkfs/";
+/// How often iroh-blobs' own GC drops entries no tag holds any more. It only ever deletes
+/// what we released (untagged); by-reference files are never its to delete.
+pub const INDEX_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The tag that holds blob `hash` in the index.
 pub fn tag_name(hash: &ContentHash) -> String {
-    format!("alkfs/{}", hash.to_hex())
+    format!("{TAG_PREFIX}{}", hash.to_hex())
 }
 
 /// An open iroh-blobs file store.
@@ -43,7 +48,11 @@ impl BlobIndex {
     pub async fn open(data_dir: &Path) -> Result<Self, ContentError> {
         let dir = data_dir.join(BLOBS_DIR);
         let dir = std::path::absolute(&dir).map_err(|e| ContentError::io("resolve the blobs dir", e, data_dir))?;
-        let store = FsStore::load(&dir).await.map_err(|e| ContentError::Index(format!("open {}: {e}", dir.display())))?;
+        let mut options = iroh_blobs::store::fs::options::Options::new(&dir);
+        options.gc = Some(iroh_blobs::store::GcConfig { interval: INDEX_GC_INTERVAL, add_protected: None });
+        let store = FsStore::load_with_opts(dir.join("blobs.db"), options)
+            .await
+            .map_err(|e| ContentError::Index(format!("open {}: {e}", dir.display())))?;
         Ok(BlobIndex { store })
     }
 
@@ -72,6 +81,26 @@ impl BlobIndex {
             // Do not leave a tag pointing at the wrong bytes.
             let _ = self.store.tags().delete(&tag).await;
             return Err(ContentError::Corrupt { hash: blob.hash, actual: ContentHash(*got.hash.as_bytes()) });
+        }
+        Ok(())
+    }
+
+    /// Every blob the index holds a tag for.
+    pub async fn tagged(&self) -> Result<Vec<ContentHash>, ContentError> {
+        use futures_lite::StreamExt;
+        let mut tags = self.store.tags().list_prefix(TAG_PREFIX).await.map_err(index_err)?;
+        let mut out = Vec::new();
+        while let Some(tag) = tags.next().await {
+            out.push(ContentHash(*tag.map_err(index_err)?.hash.as_bytes()));
+        }
+        Ok(out)
+    }
+
+    /// Releases the tags of `hashes` (blobs the tree's GC freed); iroh-blobs' own GC then
+    /// drops their entries.
+    pub async fn release(&self, hashes: &[ContentHash]) -> Result<(), ContentError> {
+        for hash in hashes {
+            self.store.tags().delete(tag_name(hash)).await.map_err(index_err)?;
         }
         Ok(())
     }

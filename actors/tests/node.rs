@@ -14,19 +14,28 @@ use alknet_actors::node::store::{WriteOp, WriteOutcome};
 use alknet_actors::node::{self, Child, NodeConfig, NodeContext, NodeHandle};
 use alknet_actors::proto::path::TreePath;
 
-async fn start(dir: &std::path::Path, config: NodeConfig) -> (NodeHandle, ractor::ActorRef<node::supervisor::SupervisorMsg>, tokio::task::JoinHandle<()>, ContentStore) {
+struct Started {
+    handle: NodeHandle,
+    sup: ractor::ActorRef<node::supervisor::SupervisorMsg>,
+    done: tokio::task::JoinHandle<()>,
+    content: ContentStore,
+    index: Arc<BlobIndex>,
+}
+
+async fn start(dir: &std::path::Path, config: NodeConfig) -> Started {
     Engine::init(dir).unwrap();
     let content = ContentStore::open(&dir.join("content")).unwrap();
+    let index = Arc::new(BlobIndex::open(dir).await.unwrap());
     let ctx = NodeContext {
         dir: dir.to_path_buf(),
         lock: Arc::new(DirLock::take(dir).unwrap()),
         content: content.clone(),
-        index: Arc::new(BlobIndex::open(dir).await.unwrap()),
+        index: index.clone(),
         config,
         last_commit_ms: Default::default(),
     };
     let (sup, done) = node::start(ctx).await.unwrap();
-    (NodeHandle::default(), sup, done, content)
+    Started { handle: NodeHandle::default(), sup, done, content, index }
 }
 
 async fn put(handle: &NodeHandle, content: &ContentStore, path: &str, bytes: &[u8]) -> Result<i64, String> {
@@ -58,7 +67,7 @@ async fn wait_running(handle: &NodeHandle, child: Child, restarts: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_child_restarts_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let (handle, sup, _done, content) = start(dir.path(), NodeConfig::default()).await;
+    let Started { handle, sup, content, .. } = start(dir.path(), NodeConfig::default()).await;
     let mut acked = Vec::new();
     for (i, child) in Child::ALL.into_iter().enumerate() {
         acked.push((format!("/before-{i}"), put(&handle, &content, &format!("/before-{i}"), format!("b{i}").as_bytes()).await.unwrap()));
@@ -84,10 +93,35 @@ async fn every_child_restarts_and_the_node_keeps_serving() {
 async fn a_child_that_keeps_failing_escalates() {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig { restart_budget: 1, restart_window: Duration::from_secs(60), ..NodeConfig::default() };
-    let (handle, _sup, done, _content) = start(dir.path(), config).await;
+    let Started { handle, done, .. } = start(dir.path(), config).await;
     handle.inject_panic(Child::Gc).unwrap();
     wait_running(&handle, Child::Gc, 1).await;
     handle.inject_panic(Child::Gc).unwrap();
     // Past the budget the supervisor stops: the node's join handle completes.
     tokio::time::timeout(Duration::from_secs(10), done).await.expect("supervisor did not escalate").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_get_indexed_and_freed_ones_leave_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let Started { handle, sup, content, index, .. } = start(dir.path(), NodeConfig::default()).await;
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    put(&handle, &content, "/big", &big).await.unwrap();
+    put(&handle, &content, "/small", b"small").await.unwrap();
+    let t = Instant::now();
+    while handle.blob_stats().await.unwrap().indexed < 2 {
+        assert!(t.elapsed() < Duration::from_secs(15), "blobs not indexed: {:?}", handle.blob_stats().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(index.tagged().await.unwrap().len(), 2);
+    assert_eq!(index.verified_bytes(&alknet_actors::proto::entry::ContentHash(*blake3::hash(&big).as_bytes())).await.unwrap(), big);
+    handle.write(WriteOp::Remove { scope: Scope::new("default", "main"), path: TreePath::parse("/big").unwrap(), recursive: false }).await.unwrap();
+    let report = handle.gc(Some(alknet_actors::gc::Retention { keep_versions: 0, keep_days: 0 })).await.unwrap();
+    assert_eq!(report.blobs_freed, 1, "{report:?}");
+    let t = Instant::now();
+    while index.tagged().await.unwrap().len() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the freed blob's tag stayed in the index");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node::stop(&sup).await;
 }

@@ -42,6 +42,8 @@ pub enum BlobMsg {
     Scan,
     /// Work the queue (also the retry timer).
     Work,
+    /// Release index tags of blobs the tree no longer names (after a collection).
+    Reconcile,
     /// Queue length and blobs indexed so far.
     Stats(RpcReplyPort<BlobStats>),
     /// Fault injection (tests only): panic in the handler.
@@ -92,6 +94,7 @@ impl Actor for BlobActor {
 
     async fn pre_start(&self, me: ActorRef<BlobMsg>, ctx: NodeContext) -> Result<BlobState, ActorProcessingErr> {
         let tree = TreeStore::open(&ctx.dir.join(TREE_DB_FILE), false)?;
+        me.cast(BlobMsg::Reconcile)?; // a collection may have run while no node did
         me.cast(BlobMsg::Scan)?;
         Ok(BlobState {
             tree,
@@ -129,6 +132,14 @@ impl Actor for BlobActor {
                 state.timer_armed = false;
                 state.work(&me).await?;
             }
+            BlobMsg::Reconcile => {
+                let tagged = state.index.tagged().await?;
+                let freed = state.not_named(&tagged)?;
+                if !freed.is_empty() {
+                    state.index.release(&freed).await?;
+                    tracing::info!(released = freed.len(), "released index tags of freed blobs");
+                }
+            }
             BlobMsg::Stats(reply) => {
                 let mut stats = state.stats.clone();
                 stats.pending = state.queue.len() as u64;
@@ -141,6 +152,18 @@ impl Actor for BlobActor {
 }
 
 impl BlobState {
+    /// Those of `hashes` the tree no longer names.
+    fn not_named(&self, hashes: &[ContentHash]) -> Result<Vec<ContentHash>, ActorProcessingErr> {
+        let mut named = self.tree.conn().prepare_cached("SELECT 1 FROM blob WHERE hash = ?1")?;
+        let mut out = Vec::new();
+        for h in hashes {
+            if !named.exists([h.0.to_vec()])? {
+                out.push(*h);
+            }
+        }
+        Ok(out)
+    }
+
     /// Fills the queue from the table, de-duplicated, up to the bound.
     fn scan(&mut self) -> Result<(), ActorProcessingErr> {
         let mut after = Vec::new();

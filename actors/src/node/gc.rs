@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use super::blobs::BlobMsg;
 use super::store::{StoreMsg, WriteOp, WriteOutcome};
-use super::{NodeContext, STORE_ACTOR};
+use super::{NodeContext, BLOB_ACTOR, STORE_ACTOR};
 use crate::engine::now_ms;
 use crate::gc::{GcReport, Retention};
 
@@ -70,6 +71,16 @@ impl Actor for GcActor {
 }
 
 async fn collect(policy: Retention) -> Result<GcReport, String> {
+    let report = collect_in_store(policy).await?;
+    if report.blobs_freed > 0 {
+        if let Some(blobs) = ActorRef::<BlobMsg>::where_is(BLOB_ACTOR) {
+            let _ = blobs.cast(BlobMsg::Reconcile);
+        }
+    }
+    Ok(report)
+}
+
+async fn collect_in_store(policy: Retention) -> Result<GcReport, String> {
     let store = ActorRef::<StoreMsg>::where_is(STORE_ACTOR).ok_or("the store is restarting; retry")?;
     let outcome = store
         .call(|reply| StoreMsg::Write(WriteOp::Gc { policy }, reply), Some(GC_CALL_TIMEOUT))
