@@ -11,6 +11,15 @@
 //!
 //! Writers take the lock; readers (ls, get, log, watch, …) do not need it: SQLite's WAL gives
 //! them a consistent snapshot and blob files never change once written.
+//!
+//! - [`import`]: local files and trees into commit batches (shared with the node);
+//! - [`maintenance`]: scrubbing, indexing and collecting the blobs.
+
+pub mod import;
+pub mod maintenance;
+
+pub use import::{commit_items, file_entry, import_tree, mtime_ms};
+pub use maintenance::BlobReport;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -20,7 +29,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::content::{ContentError, ContentStore, Imported};
 use crate::proto::entry::{ContentHash, Entry, EntryKind};
-use crate::proto::limits::COMMIT_ENTRIES_MAX;
 use crate::proto::path::TreePath;
 use crate::session::WriteSession;
 use crate::store::merge::{ConflictRow, MergeReport};
@@ -63,7 +71,7 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    fn local(path: &Path, source: io::Error) -> Self {
+    pub(crate) fn local(path: &Path, source: io::Error) -> Self {
         EngineError::Local { path: path.to_path_buf(), source }
     }
 }
@@ -294,7 +302,7 @@ impl Engine {
     }
 
     /// Imports the local directory tree `src` to `dest`: files, directories and symlinks;
-    /// commits in batches of [`COMMIT_ENTRIES_MAX`]. Returns how many entries it wrote.
+    /// commits in batches of [`COMMIT_ENTRIES_MAX`](crate::proto::limits::COMMIT_ENTRIES_MAX). Returns how many entries it wrote.
     pub fn put_tree(&mut self, scope: &Scope, src: &Path, dest: &TreePath, mut progress: impl FnMut(u64)) -> Result<u64> {
         self.branch(scope)?;
         let content = self.content.clone();
@@ -361,25 +369,6 @@ impl Engine {
         let from = self.tree.branch(&scope.bucket, from)?;
         let into = self.tree.branch(&scope.bucket, into.unwrap_or(&scope.branch))?;
         Ok(self.tree.transact(now_ms(), |tx| tx.merge(&from, &into))?)
-    }
-
-    /// Collects garbage: prunes history past `policy`, frees blobs nothing names.
-    pub fn gc(&mut self, policy: crate::gc::Retention) -> Result<crate::gc::GcReport> {
-        crate::gc::collect(&mut self.tree, &self.content, policy, now_ms()).map_err(|e| match e {
-            crate::gc::GcError::Store(e) => EngineError::Store(e),
-            crate::gc::GcError::Content(e) => EngineError::Content(e),
-        })
-    }
-
-    /// Records `hashes` as held by the iroh-blobs index, in one transaction.
-    pub fn mark_indexed(&mut self, hashes: &[ContentHash]) -> Result<()> {
-        self.tree.transact(now_ms(), |tx| {
-            for h in hashes {
-                read::mark_indexed(tx.conn(), h)?;
-            }
-            Ok::<_, StoreError>(())
-        })?;
-        Ok(())
     }
 
     // ---- reads ----
@@ -465,151 +454,6 @@ impl Engine {
         tmp.persist(dest).map_err(|e| EngineError::local(dest, e.error))?;
         Ok(n)
     }
-}
-
-/// What an indexing or checking pass over the blobs found.
-#[derive(Clone, Debug, Default)]
-pub struct BlobReport {
-    /// Blobs that passed.
-    pub ok: u64,
-    /// Blobs that failed, with why.
-    pub failed: Vec<(ContentHash, String)>,
-}
-
-/// Blobs read per step of a pass over the blob table.
-const BLOB_PAGE: i64 = 256;
-
-impl Engine {
-    /// Visits every blob (or every one not yet indexed), a page at a time.
-    fn each_blob(&self, only_pending: bool, mut f: impl FnMut(&read::PendingBlob)) -> Result<()> {
-        let mut after = Vec::new();
-        loop {
-            let page = read::blobs_after(self.tree.conn(), &after, only_pending, BLOB_PAGE)?;
-            let Some(last) = page.last() else { return Ok(()) };
-            after = last.hash.0.to_vec();
-            page.iter().for_each(&mut f);
-        }
-    }
-
-    /// Re-hashes every blob the tree has named and reports those whose bytes are missing or
-    /// no longer match (a scrub; reads the whole store).
-    pub fn check_blobs(&self, mut progress: impl FnMut(u64)) -> Result<BlobReport> {
-        let mut report = BlobReport::default();
-        self.each_blob(false, |blob| {
-            let verdict = match &blob.inline {
-                Some(data) => crate::content::check(&blob.hash, blake3::hash(data)).map_err(|e| e.to_string()),
-                None => self
-                    .content
-                    .open_file(&blob.hash)
-                    .and_then(|f| crate::content::hash_file(&f).map_err(|e| ContentError::io("hash blob", e, self.dir.as_path())))
-                    .map_err(|e| e.to_string())
-                    .and_then(|(h, _)| crate::content::check(&blob.hash, blake3::Hash::from_bytes(h.0)).map_err(|e| e.to_string())),
-            };
-            match verdict {
-                Ok(()) => report.ok += 1,
-                Err(why) => report.failed.push((blob.hash, why)),
-            }
-            progress(report.ok + report.failed.len() as u64);
-        })?;
-        Ok(report)
-    }
-
-    /// Adds every blob not yet in the iroh-blobs index to it.
-    pub async fn index_blobs(&self, index: &crate::index::BlobIndex) -> Result<BlobReport> {
-        let mut pending = Vec::new();
-        self.each_blob(true, |b| pending.push(b.clone()))?;
-        let mut report = BlobReport::default();
-        for blob in pending {
-            match index.add(&self.content, &blob).await {
-                Ok(()) => {
-                    read::mark_indexed(self.tree.conn(), &blob.hash)?;
-                    report.ok += 1;
-                }
-                Err(e) => report.failed.push((blob.hash, e.to_string())),
-            }
-        }
-        Ok(report)
-    }
-}
-
-/// Writes `items` in the open transaction: files and symlinks as puts, directories as
-/// `mkdir -p` with their mode (seq 0 when the directory was already there).
-pub fn commit_items(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[CommitItem]) -> Result<Vec<i64>, StoreError> {
-    let mut seqs = Vec::with_capacity(items.len());
-    for (path, entry, blob) in items {
-        if entry.kind == EntryKind::Dir {
-            seqs.push(tx.mkdir(branch, path, true, entry.mode)?.unwrap_or(0));
-        } else {
-            tx.record_blob(blob)?;
-            seqs.push(tx.put(branch, path, entry.clone())?);
-        }
-    }
-    Ok(seqs)
-}
-
-/// Walks the local tree `src` (sorted, depth first), imports every file and symlink into
-/// `content`, and hands `sink` batches of at most [`COMMIT_ENTRIES_MAX`] items to commit
-/// (directories before what they hold). Special files are skipped with a warning.
-pub fn import_tree(content: &ContentStore, src: &Path, dest: &TreePath, mut sink: impl FnMut(Vec<CommitItem>) -> Result<()>) -> Result<u64> {
-    let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
-    if !dir_meta.is_dir() {
-        return Err(EngineError::local(src, io::Error::other("not a directory")));
-    }
-    let mut batch: Vec<CommitItem> = vec![(dest.clone(), Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)), empty_blob())];
-    let mut count = 0u64;
-    let mut stack = vec![(src.to_path_buf(), dest.clone())];
-    while let Some((local, remote)) = stack.pop() {
-        let mut names: Vec<_> = fs::read_dir(&local)
-            .map_err(|e| EngineError::local(&local, e))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()
-            .map_err(|e| EngineError::local(&local, e))?;
-        names.sort();
-        for name in names {
-            let lpath = local.join(&name);
-            let name = name.to_str().ok_or_else(|| EngineError::local(&lpath, io::Error::other("file name is not UTF-8")))?;
-            let rpath = remote.join(name).map_err(StoreError::from)?;
-            let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-            let ft = meta.file_type();
-            let item = if ft.is_dir() {
-                stack.push((lpath.clone(), rpath.clone()));
-                (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-                let blob = content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
-                let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
-                (rpath, entry, blob)
-            } else if ft.is_file() {
-                let blob = content.import_file(&lpath, |_| {})?;
-                (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
-            } else {
-                tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
-                continue;
-            };
-            batch.push(item);
-            if batch.len() >= COMMIT_ENTRIES_MAX {
-                count += batch.len() as u64;
-                sink(std::mem::take(&mut batch))?;
-            }
-        }
-    }
-    count += batch.len() as u64;
-    sink(batch)?;
-    Ok(count)
-}
-
-/// The entry for a stored local file.
-pub fn file_entry(blob: &Imported, mode: u32, mtime_ms: i64) -> Entry {
-    Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode, mtime_ms }
-}
-
-fn empty_blob() -> Imported {
-    Imported { hash: ContentHash::EMPTY, size: 0, inline: Some(Vec::new()), hold: None }
-}
-
-/// A local file's mtime in milliseconds.
-pub fn mtime_ms(meta: &fs::Metadata) -> i64 {
-    meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000
 }
 
 /// Takes the data dir's write lock, or says who holds it.
