@@ -57,13 +57,7 @@ impl Store {
 
     /// `alkfs --data DATA ARGS…`, with the environment's ALKFS_* and RUST_LOG removed.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--data").arg(&self.data).args(args);
-        for var in ["ALKFS_DATA", "ALKFS_BUCKET", "ALKFS_BRANCH", "RUST_LOG", "XDG_DATA_HOME"] {
-            c.env_remove(var);
-        }
-        c.stdin(Stdio::null());
-        c
+        cmd_in(&self.data, args)
     }
 
     /// Runs a command to completion.
@@ -163,6 +157,35 @@ impl Store {
         }
         out
     }
+}
+
+/// `alkfs --data DATA ARGS…` for any data dir (also from threads that do not own a [`Store`]),
+/// with the environment's ALKFS_* (flags, config overrides, fault injection) and RUST_LOG
+/// removed and stdin closed.
+pub fn cmd_in(data: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--data").arg(data).args(args);
+    for var in ["RUST_LOG", "XDG_DATA_HOME"] {
+        c.env_remove(var);
+    }
+    for (var, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("ALKFS_")) {
+        c.env_remove(var);
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Runs `alkfs --data DATA put - PATH` with `input` on stdin.
+pub fn put_stdin_in(data: &Path, path: &str, input: &[u8]) -> Output {
+    let mut child = cmd_in(data, &["put", "-", path]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn alkfs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input); // a put that fails early closes its stdin
+    });
+    let out = child.wait_with_output().expect("wait alkfs");
+    writer.join().expect("stdin writer");
+    out
 }
 
 /// Asserts that a run succeeded; returns its stdout.
@@ -322,4 +345,338 @@ pub fn await_cond(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
         assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The node: `alkfs node run` as a child process, its status, and a load of concurrent puts.
+// ---------------------------------------------------------------------------------------
+
+/// How long a node may take to answer `status` after it was started.
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends `sig` to process `pid`.
+pub fn send_signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with a pid we spawned (and have not reaped yet) and a valid signal.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+}
+
+/// A running `alkfs node run`, with its stderr (the log) in a file. Dropping it SIGTERMs the
+/// node, then SIGKILLs it if it has not exited within a few seconds, and reaps it: a failing
+/// test leaves no node behind.
+pub struct Node {
+    child: Child,
+    log: PathBuf,
+    data: PathBuf,
+    exited: Option<std::process::ExitStatus>,
+}
+
+impl Node {
+    /// Spawns `alkfs --data DATA node run ARGS…` with `env` added; does not wait for it.
+    pub fn spawn(s: &Store, args: &[&str], env: &[(&str, &str)]) -> Node {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = s.scratch().join(format!("node-{n}.log"));
+        let mut full = vec!["node", "run"];
+        full.extend_from_slice(args);
+        let mut cmd = s.cmd(&full);
+        cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(File::create(&log).expect("node log file"));
+        let child = cmd.spawn().expect("spawn alkfs node run");
+        Node { child, log, data: s.data().to_path_buf(), exited: None }
+    }
+
+    /// Spawns a node and waits until it answers `status` (see [`Node::await_ready`]).
+    pub fn start(s: &Store, args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut node = Self::spawn(s, args, env);
+        node.await_ready();
+        node
+    }
+
+    /// A node with fault injection enabled (`ALKFS_FAULT_INJECTION=1`), ready.
+    pub fn start_faulty(s: &Store, args: &[&str]) -> Node {
+        Self::start(s, args, &[("ALKFS_FAULT_INJECTION", "1")])
+    }
+
+    /// Polls `status --json` until this node (by pid) answers; panics, with the node's log, if
+    /// it exits first or does not answer within [`NODE_READY_TIMEOUT`].
+    pub fn await_ready(&mut self) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + NODE_READY_TIMEOUT;
+        loop {
+            if let Some(st) = status_json(&self.data) {
+                if st["pid"] == self.pid() {
+                    return st;
+                }
+            }
+            if let Some(status) = self.try_wait() {
+                panic!("the node exited with {status} before it was ready; its log:\n{}", self.log());
+            }
+            assert!(std::time::Instant::now() < deadline, "the node did not answer status within {NODE_READY_TIMEOUT:?}; its log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the node wrote to stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its exit status if it has exited (reaps it).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait node");
+        }
+        self.exited
+    }
+
+    /// Waits up to `timeout` for the node to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_wait() {
+                return Some(st);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `sig` to the node (it must still be running).
+    pub fn signal(&mut self, sig: libc::c_int) {
+        assert!(self.try_wait().is_none(), "signalling a node that already exited with {:?}; its log:\n{}", self.exited, self.log());
+        send_signal(self.pid(), sig);
+    }
+
+    /// Sends `sig` and waits up to `timeout` for the exit; panics (with the log) on timeout.
+    pub fn stop_with(&mut self, sig: libc::c_int, timeout: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        self.signal(sig);
+        match self.wait_timeout(timeout) {
+            Some(st) => st,
+            None => panic!("the node did not exit within {timeout:?} of signal {sig} ({:?} so far); its log:\n{}", started.elapsed(), self.log()),
+        }
+    }
+
+    /// SIGKILLs the node and reaps it.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let st = self.wait_timeout(Duration::from_secs(10)).expect("a SIGKILLed node is reaped");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL), "the node ended with {st} instead of the kill");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.try_wait().is_some() {
+            return;
+        }
+        // SAFETY: the child has not been reaped, so its pid is still ours.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        if self.wait_timeout(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `alkfs status --json` of the node of `data`, parsed; `None` when no node answers.
+pub fn status_json(data: &Path) -> Option<serde_json::Value> {
+    let out = cmd_in(data, &["status", "--json"]).output().expect("spawn alkfs status");
+    if !out.status.success() {
+        return None;
+    }
+    Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))))
+}
+
+/// The health entry of `actor` (`store`, `outbox`, `blobs`, `gc`) in a status.
+pub fn actor_health<'a>(status: &'a serde_json::Value, actor: &str) -> &'a serde_json::Value {
+    let name = format!("alkfs-{actor}");
+    status["actors"]
+        .as_array()
+        .and_then(|all| all.iter().find(|a| a["name"] == name.as_str()))
+        .unwrap_or_else(|| panic!("no actor {name} in status {status:#}"))
+}
+
+/// Polls `status --json` until `cond` holds for it, or panics after `timeout` (showing the last
+/// status). Returns the status that satisfied it.
+pub fn await_status(data: &Path, timeout: Duration, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(st) = status_json(data) {
+            if cond(&st) {
+                return st;
+            }
+            last = Some(st);
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; last status: {last:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One put of the load: its path and the seed and length of its bytes.
+#[derive(Clone, Debug)]
+pub struct Put {
+    /// Path in the tree.
+    pub path: String,
+    /// Length of the content.
+    pub len: usize,
+    /// Seed of the content.
+    pub seed: u64,
+}
+
+impl Put {
+    /// The content.
+    pub fn bytes(&self) -> Vec<u8> {
+        random_bytes(self.len, self.seed)
+    }
+}
+
+/// Client threads that each keep running `alkfs put - /cN/fI` (distinct paths and contents),
+/// recording which puts were acknowledged (exit 0) and which failed (with their stderr).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<Put>>>,
+    failed: std::sync::Arc<std::sync::Mutex<Vec<(Put, String)>>>,
+}
+
+impl Load {
+    /// Starts `clients` writer threads against `data`, writing `/cN/fI`. Sizes cycle through
+    /// inline content, one data frame, several frames (the streamed path) and tiny files.
+    pub fn start(data: &Path, clients: usize) -> Load {
+        Self::start_in(data, clients, "", 0)
+    }
+
+    /// Like [`Load::start`], writing `PREFIX/cN/fI` with contents seeded by `round` too (so
+    /// several loads on one store never share a path or a content).
+    pub fn start_in(data: &Path, clients: usize, prefix: &str, round: u64) -> Load {
+        let mut load = Load { stop: Default::default(), threads: Vec::new(), acked: Default::default(), failed: Default::default() };
+        for c in 0..clients {
+            let (stop, acked, failed, data, prefix) = (load.stop.clone(), load.acked.clone(), load.failed.clone(), data.to_path_buf(), prefix.to_string());
+            load.threads.push(std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let len = match i % 5 {
+                        0 => 100 + i as usize,
+                        1 => 16 * 1024 + 1 + i as usize,
+                        2 => 300_000 + i as usize,
+                        3 => (1 << 20) + 12_345 + i as usize,
+                        _ => 1,
+                    };
+                    let put = Put { path: format!("{prefix}/c{c}/f{i}"), len, seed: round << 48 | (c as u64) << 32 | i };
+                    let out = put_stdin_in(&data, &put.path, &put.bytes());
+                    if out.status.success() {
+                        acked.lock().unwrap().push(put);
+                    } else {
+                        failed.lock().unwrap().push((put, String::from_utf8_lossy(&out.stderr).into_owned()));
+                    }
+                    i += 1;
+                }
+            }));
+        }
+        load
+    }
+
+    /// Puts acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Puts failed so far.
+    pub fn failed(&self) -> usize {
+        self.failed.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` puts were acknowledged, or panics after `timeout`.
+    pub fn await_acked(&self, n: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.acked() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {n} acknowledged puts ({} so far, {} failed: {:?})",
+                self.acked(),
+                self.failed(),
+                self.failed.lock().unwrap().last()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the clients (each finishes the put in hand); returns (acknowledged, failed).
+    pub fn stop(mut self) -> (Vec<Put>, Vec<(Put, String)>) {
+        self.halt();
+        (std::mem::take(&mut *self.acked.lock().unwrap()), std::mem::take(&mut *self.failed.lock().unwrap()))
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            t.join().expect("a load client panicked");
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The distinct error messages of failed puts (paths and numbers masked), with their counts:
+/// for the test's output.
+pub fn failure_kinds(failed: &[(Put, String)]) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for (put, why) in failed {
+        let line = why.lines().find(|l| l.starts_with("alkfs: error:")).unwrap_or(why.as_str()).replace(&put.path, "PATH");
+        let masked: String = line.chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect();
+        *kinds.entry(masked).or_insert(0) += 1;
+    }
+    kinds
+}
+
+/// Checks the store (read directly, as `get` does) against a load's outcome: every
+/// acknowledged put reads back with its exact bytes, and a failed put either left nothing at
+/// its path or its exact bytes (it may have committed before the failure was reported), never
+/// anything else. Reads run on a few threads.
+pub fn verify_puts(data: &Path, acked: &[Put], failed: &[(Put, String)]) {
+    let listed: std::collections::HashSet<String> = {
+        let dirs: std::collections::BTreeSet<&str> = acked.iter().chain(failed.iter().map(|(p, _)| p)).map(|p| p.path.rsplit_once('/').unwrap().0).collect();
+        let mut names = std::collections::HashSet::new();
+        for dir in dirs {
+            let out = cmd_in(data, &["ls", "--json", dir]).output().expect("spawn alkfs ls");
+            if !out.status.success() {
+                continue; // a client none of whose puts committed
+            }
+            for row in parse_json_array(&String::from_utf8_lossy(&out.stdout)) {
+                names.insert(row["path"].as_str().expect("path").to_string());
+            }
+        }
+        names
+    };
+    let missing: Vec<&str> = acked.iter().filter(|p| !listed.contains(&p.path)).map(|p| p.path.as_str()).collect();
+    assert!(missing.is_empty(), "{} acknowledged puts are missing from the tree: {missing:?}", missing.len());
+    let mut to_read: Vec<(Put, bool)> = acked.iter().map(|p| (p.clone(), true)).collect();
+    to_read.extend(failed.iter().filter(|(p, _)| listed.contains(&p.path)).map(|(p, _)| (p.clone(), false)));
+    let chunks: Vec<Vec<(Put, bool)>> = to_read.chunks(to_read.len().div_ceil(4).max(1)).map(<[_]>::to_vec).collect();
+    std::thread::scope(|scope| {
+        for chunk in chunks {
+            scope.spawn(move || {
+                for (put, was_acked) in chunk {
+                    let out = cmd_in(data, &["get", &put.path]).output().expect("spawn alkfs get");
+                    assert!(out.status.success(), "get {} (acknowledged: {was_acked}) failed: {}", put.path, String::from_utf8_lossy(&out.stderr));
+                    assert!(out.stdout == put.bytes(), "{} (acknowledged: {was_acked}) reads back {} bytes, not its {} bytes", put.path, out.stdout.len(), put.len);
+                }
+            });
+        }
+    });
 }
