@@ -15,24 +15,15 @@ use serde_json::{json, Value};
 const MIB: usize = 1 << 20;
 
 fn connect(s: &Store) -> UnixStream {
-    let stream = UnixStream::connect(s.data().join("alkfs.sock")).expect("connect to the node");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream
+    common::raw_connect(s.data())
 }
 
 fn send(stream: &mut UnixStream, payload: &[u8]) {
-    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload);
-    stream.write_all(&frame).expect("send a frame");
+    common::send_frame(stream, payload);
 }
 
 fn recv(stream: &mut UnixStream) -> Value {
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).expect("read a reply header");
-    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut payload).expect("read a reply");
-    serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("the reply is not JSON ({e}): {}", String::from_utf8_lossy(&payload)))
+    common::recv_reply(stream).expect("a reply, not a closed connection")
 }
 
 /// One request on a new connection; its reply.

@@ -1,7 +1,8 @@
 //! Faults inside a running node (`ALKFS_FAULT_INJECTION=1`, `alkfs debug inject-panic`): an
 //! actor that panics is restarted by the supervisor while clients keep writing, and no
 //! acknowledged write is lost; an actor that keeps panicking past its restart budget stops the
-//! node (exit 1), which leaves the data dir ready for the next node.
+//! node (exit 1), promptly even with a request in flight, and leaves the data dir ready for
+//! the next node.
 
 mod common;
 
@@ -71,21 +72,25 @@ fn each_actor_panics_under_load_and_every_acknowledged_write_survives() {
     assert!(text.contains("restarts 1") && text.contains("fault injection"), "status shows restarts and failures: {text}");
 }
 
-/// Waits for the node to either exit (true) or show `actor` running with more than `before`
-/// restarts (false).
-fn await_restart_or_exit(node: &mut Node, s: &Store, actor: &str, before: u64, timeout: Duration) -> bool {
+/// Waits until the node's JSON log records restart number `n` of `actor`, or the node exits
+/// (true). Watching the log, not polling `status`, keeps the test's own requests out of the
+/// node while it stops (see the test after this one).
+fn await_logged_restart_or_exit(node: &mut Node, actor: &str, n: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    let name = format!("alkfs-{actor}");
     loop {
         if node.try_wait().is_some() {
             return true;
         }
-        if let Some(st) = status_json(s.data()) {
-            if actor_health(&st, actor)["state"] == "running" && restarts(&st, actor) > before {
-                return false;
-            }
+        let restarted = node.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).any(|l| {
+            let f = &l["fields"];
+            f["message"] == "child restarted" && f["child"] == name.as_str() && f["restarts"] == n
+        });
+        if restarted {
+            return false;
         }
-        assert!(Instant::now() < deadline, "after a panic of {actor}, the node neither restarted it nor exited within {timeout:?}; its log:\n{}", node.log());
-        std::thread::sleep(Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "after panic {n} of {actor}, the node neither restarted it nor exited within {timeout:?}; its log:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -93,37 +98,30 @@ fn await_restart_or_exit(node: &mut Node, s: &Store, actor: &str, before: u64, t
 fn an_actor_failing_past_its_restart_budget_stops_the_node_with_exit_1() {
     let s = Store::new();
     s.put_bytes("/before-the-node.txt", b"written directly");
-    let mut node = Node::start_faulty(&s, &["--set", "node.restart_budget=1", "--set", "node.restart_window_secs=60"]);
+    let budget = ["--set", "node.restart_budget=1", "--set", "node.restart_window_secs=60", "--log-format", "json"];
+    let mut node = Node::start_faulty(&s, &budget);
     s.put_bytes("/through-the-node.txt", b"written by the node");
     let socket = s.data().join("alkfs.sock");
     assert!(socket.exists());
 
-    let started = Instant::now();
     let mut injections = 0;
-    let mut last_injection = Instant::now();
-    loop {
-        assert!(started.elapsed() < Duration::from_secs(20), "the node did not stop after {injections} panics of gc");
-        let Some(st) = status_json(s.data()) else {
-            break; // the node has stopped serving
-        };
-        let before = restarts(&st, "gc");
-        last_injection = Instant::now();
-        let out = s.run(&["debug", "inject-panic", "gc"]);
-        if !out.status.success() {
-            break; // it stopped between the status and the injection
-        }
+    let escalating = loop {
+        assert!(injections < 5, "the node did not stop after {injections} panics of gc; its log:\n{}", node.log());
+        let injected = Instant::now();
+        s.ok(&["debug", "inject-panic", "gc"]);
         injections += 1;
-        if await_restart_or_exit(&mut node, &s, "gc", before, Duration::from_secs(20)) {
-            break;
+        if await_logged_restart_or_exit(&mut node, "gc", injections, Duration::from_secs(20)) {
+            break injected;
         }
-    }
-    let code = node.wait_timeout(Duration::from_secs(20).saturating_sub(last_injection.elapsed()));
+    };
+    let code = node.wait_timeout(Duration::from_secs(20).saturating_sub(escalating.elapsed()));
     let log = node.log();
     let code = code.unwrap_or_else(|| panic!("the node did not exit within 20 s of the escalating panic; its log:\n{log}"));
+    println!("exited {:?} after the escalating panic", escalating.elapsed());
     assert_eq!(code.code(), Some(1), "escalation exits 1, not {code}; log:\n{log}");
     assert_eq!(injections, 2, "a budget of 1 restarts once and stops at the second failure; log:\n{log}");
     assert!(log.contains("alkfs-gc") && log.contains("stop"), "the log names the actor and says the node stops:\n{log}");
-    assert!(!log.contains("panicked at") || log.matches("panicked at").count() == injections, "only the injected panics:\n{log}");
+    assert_eq!(log.matches("panicked at").count() as u64, injections, "only the injected panics:\n{log}");
     assert!(!socket.exists(), "the stopped node removed its socket");
 
     // A fresh node on the same dir starts, has the data, and serves.
@@ -135,4 +133,43 @@ fn an_actor_failing_past_its_restart_budget_stops_the_node_with_exit_1() {
     let st = status_json(s.data()).expect("the fresh node answers");
     assert_eq!(st["pid"], fresh.pid());
     assert!(ACTORS.iter().all(|a| restarts(&st, a) == 0), "a fresh node starts with no restarts: {st:#}");
+}
+
+/// A node that escalates has already stopped its actors when it drains the requests in
+/// flight, so those cannot finish: they must fail fast instead of waiting for a restart that
+/// will never come (and holding the exit that long). A streamed put is in flight (its data
+/// sent, its end frame not yet) when the gc actor fails past a budget of 0; its end frame is
+/// sent once the node logs that it is stopping.
+#[test]
+fn a_request_in_flight_during_an_escalation_does_not_hold_up_the_exit() {
+    let s = Store::new();
+    let mut node = Node::start_faulty(&s, &["--set", "node.restart_budget=0", "--log-format", "json"]);
+    let mut stream = common::raw_connect(s.data());
+    stream.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let request = serde_json::json!({"op": "put_stream", "scope": {"bucket": "default", "branch": "main"}, "path": "/in-flight.bin"});
+    common::send_frame(&mut stream, request.to_string().as_bytes());
+    let data = common::random_bytes(1 << 20, 11);
+    common::send_frame(&mut stream, &data);
+    common::await_cond(Duration::from_secs(10), "the put to be staging its data", || !s.staging_files().is_empty());
+
+    let injected = Instant::now();
+    s.ok(&["debug", "inject-panic", "gc"]);
+    common::await_cond(Duration::from_secs(10), "the node to log that it stops", || node.log().contains(r#""reason":"escalation""#));
+    common::send_frame(&mut stream, &[]);
+    let reply = common::recv_reply(&mut stream);
+    let replied = injected.elapsed();
+    drop(stream); // an idle connection would hold the exit by itself (see node_badinput)
+    let code = node.wait_timeout(Duration::from_secs(40));
+    let took = injected.elapsed();
+    let log = node.log();
+    assert_eq!(code.and_then(|c| c.code()), Some(1), "escalation exits 1; log:\n{log}");
+    println!("reply {reply:?} after {replied:?}; exit after {took:?}");
+    match reply.as_ref().map(|r| r["reply"].as_str()) {
+        Some(Some("seq")) => assert_eq!(s.get_bytes("/in-flight.bin"), data, "a put acknowledged while stopping is kept"),
+        _ => assert!(s.ls("/").is_empty(), "a put not acknowledged left nothing: {:?}", s.ls("/")),
+    }
+    assert!(
+        took < Duration::from_secs(5),
+        "the node took {took:?} to exit after the escalating panic (the reply to the put in flight came after {replied:?}: {reply:?}); log:\n{log}"
+    );
 }

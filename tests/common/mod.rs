@@ -680,3 +680,31 @@ pub fn verify_puts(data: &Path, acked: &[Put], failed: &[(Put, String)]) {
         }
     });
 }
+
+/// A raw connection to the control socket of the node of `data` (10 s read and write timeouts).
+pub fn raw_connect(data: &Path) -> std::os::unix::net::UnixStream {
+    let stream = std::os::unix::net::UnixStream::connect(data.join("alkfs.sock")).expect("connect to the node");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}
+
+/// Sends one frame: 4-byte big-endian length, then `payload`.
+pub fn send_frame(stream: &mut impl Write, payload: &[u8]) {
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload);
+    stream.write_all(&frame).expect("send a frame");
+}
+
+/// Reads one reply frame and parses it; `None` when the node closed the connection instead.
+pub fn recv_reply(stream: &mut impl Read) -> Option<serde_json::Value> {
+    let mut header = [0u8; 4];
+    match stream.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => return None,
+        Err(e) => panic!("reading a reply: {e}"),
+    }
+    let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut payload).expect("read a reply");
+    Some(serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("the reply is not JSON ({e}): {}", String::from_utf8_lossy(&payload))))
+}
