@@ -72,6 +72,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
         tracing::info!(%node_id, dir = %dir.display(), socket = %socket.display(), "node running");
+        let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
         let server_ctx = ServerCtx {
             dir: dir.to_path_buf(),
             content,
@@ -79,6 +80,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
             node_id,
             started: Instant::now(),
             fault_injection: std::env::var_os("ALKFS_FAULT_INJECTION").is_some_and(|v| v == "1"),
+            stopping: stopping_rx,
         };
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
@@ -92,6 +94,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
             _ = &mut sup_done => "escalation",
         };
         tracing::info!(reason, "node stopping");
+        let _ = stopping_tx.send(true);
         let _ = stop_tx.send(reason);
         let _ = server.await;
         let escalated = reason == "escalation";

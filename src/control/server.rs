@@ -51,6 +51,8 @@ pub struct ServerCtx {
     pub started: Instant,
     /// Whether `InjectPanic` is allowed (tests).
     pub fault_injection: bool,
+    /// Turns true when the node stops: idle connections close at once.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves `listener` until `shutdown` resolves, then waits for requests in flight.
@@ -59,18 +61,23 @@ pub async fn serve(listener: UnixListener, ctx: ServerCtx, shutdown: impl std::f
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Wait for a free slot first (more clients wait in the listen backlog), but never
+        // past a shutdown.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let Ok(permit) = permits.clone().acquire_owned().await else { break };
                 let ctx = ctx.clone();
                 tasks.spawn(async move {
                     handle(stream, ctx).await;
                     drop(permit);
                 });
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
     drop(listener);
@@ -93,17 +100,24 @@ async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
 /// bad, or the client stays silent for [`REQUEST_READ_TIMEOUT`] (first request) or
 /// [`IDLE_TIMEOUT`] (later ones). A malformed request gets an error reply and the connection
 /// is closed: after garbage the stream cannot be trusted to be in step.
-async fn handle(mut stream: UnixStream, ctx: ServerCtx) {
+async fn handle(mut stream: UnixStream, mut ctx: ServerCtx) {
     let mut wait = REQUEST_READ_TIMEOUT;
+    let mut stopping = ctx.stopping.clone();
     loop {
-        let first = match tokio::time::timeout(wait, read_frame(&mut stream)).await {
+        // Between requests a connection is idle: shutdown closes it at once (no request of
+        // its is lost: none was read). A request being served is finished first.
+        let read = tokio::select! {
+            read = tokio::time::timeout(wait, read_frame(&mut stream)) => read,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        let first = match read {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
             Ok(Err(e)) => return tracing::debug!(error = %e, "dropping a control connection: bad frame"),
             Err(_) => return tracing::debug!("dropping a control connection: idle"),
         };
         let (reply, keep) = match serde_json::from_slice::<Request>(&first) {
-            Ok(req) => (dispatch(req, &mut stream, &ctx).await.unwrap_or_else(|e| Reply::Error { message: format!("{e:#}") }), true),
+            Ok(req) => (dispatch(req, &mut stream, &mut ctx).await.unwrap_or_else(|e| Reply::Error { message: format!("{e:#}") }), true),
             Err(e) => (Reply::Error { message: format!("malformed request: {e}") }, false),
         };
         let mut out = Vec::new();
@@ -138,7 +152,8 @@ async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<R
     }
 }
 
-async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &ServerCtx) -> Result<Reply> {
+async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &mut ServerCtx) -> Result<Reply> {
+    let ctx: &ServerCtx = ctx;
     Ok(match req {
         Request::PutFile { scope: s, path: p, src } => {
             let dest = path(&p)?;

@@ -175,7 +175,7 @@ impl NodeHandle {
                     Err(_) => {} // stopping: wait for the restart
                 }
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || !tree_alive() {
                 return Err(NodeError::Unavailable(child.name()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -214,7 +214,7 @@ impl NodeHandle {
             };
             // Not applied: the writer was going away. Ask the (new) actor for a new line.
             *self.writer.lock().expect("writer cache") = None;
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || !tree_alive() {
                 return Err(NodeError::Unavailable(STORE_ACTOR));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -264,6 +264,12 @@ impl NodeHandle {
             _ => Err(NodeError::Unavailable(child.name())),
         }
     }
+}
+
+/// False once the supervisor is gone (the node is stopping or gave up): no child will come
+/// back, so callers stop waiting for one.
+fn tree_alive() -> bool {
+    ActorRef::<supervisor::SupervisorMsg>::where_is(SUPERVISOR_ACTOR).is_some_and(|s| s.get_status() <= ractor::ActorStatus::Running)
 }
 
 /// Starts the supervision tree. The returned handle completes when the supervisor ends:

@@ -107,8 +107,10 @@ impl Actor for OutboxActor {
     }
 
     async fn post_stop(&self, _me: ActorRef<OutboxMsg>, state: &mut OutboxState) -> Result<(), ActorProcessingErr> {
+        // close() joins the poll thread, which may be asleep for a whole poll interval: let it
+        // finish on its own rather than hold up the node's shutdown.
         let watcher = state.watcher.clone();
-        let _ = tokio::task::spawn_blocking(move || watcher.close()).await;
+        tokio::task::spawn_blocking(move || watcher.close());
         Ok(())
     }
 }

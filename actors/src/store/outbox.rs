@@ -146,7 +146,8 @@ pub fn prune(conn: &Connection) -> Result<usize, StoreError> {
     )?)
 }
 
-/// The offset of the newest event (0 when none).
+/// The offset of the newest event ever published (0 when none), pruned or not: the stream's
+/// AUTOINCREMENT counter, which is never reissued.
 pub fn head(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("SELECT COALESCE(MAX(offset), 0) FROM _honker_stream WHERE topic = ?1", [TOPIC], |r| r.get(0))?)
+    Ok(conn.query_row("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_honker_stream'), 0)", [], |r| r.get(0))?)
 }
