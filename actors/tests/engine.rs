@@ -4,20 +4,11 @@
 use std::fs;
 
 use alknet_actors::engine::{Access, Engine, EngineError, Scope};
-use alknet_actors::proto::path::TreePath;
 use alknet_actors::store::outbox;
 use alknet_actors::store::StoreError;
 
-fn p(s: &str) -> TreePath {
-    TreePath::parse(s).unwrap()
-}
-
-fn fresh() -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    Engine::init(dir.path()).unwrap();
-    let engine = Engine::open(dir.path(), Access::Write).unwrap();
-    (dir, engine)
-}
+mod common;
+use common::{fresh, p};
 
 fn main_scope() -> Scope {
     Scope::new("default", "main")

@@ -1,19 +1,10 @@
 //! Garbage collection on real data dirs: what it frees, what it must never free.
 
-use alknet_actors::engine::{Access, Engine, Scope};
+use alknet_actors::engine::Scope;
 use alknet_actors::gc::Retention;
-use alknet_actors::proto::path::TreePath;
 
-fn p(s: &str) -> TreePath {
-    TreePath::parse(s).unwrap()
-}
-
-fn fresh() -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    Engine::init(dir.path()).unwrap();
-    let engine = Engine::open(dir.path(), Access::Write).unwrap();
-    (dir, engine)
-}
+mod common;
+use common::{fresh, p};
 
 fn bytes(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()

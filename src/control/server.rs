@@ -121,12 +121,26 @@ async fn handle(mut stream: UnixStream, mut ctx: ServerCtx) {
             Err(e) => (Reply::Error { message: format!("malformed request: {e}") }, false),
         };
         let mut out = Vec::new();
-        frame::encode(&serde_json::to_vec(&reply).expect("replies serialise"), &mut out);
+        frame::encode(&encode_reply(&reply), &mut out);
         if stream.write_all(&out).await.is_err() || !keep {
             return;
         }
         wait = IDLE_TIMEOUT;
     }
+}
+
+/// The reply as JSON, or, when it would not fit in one frame (a merge that touched millions
+/// of paths lists them all), an error that says the operation itself completed.
+fn encode_reply(reply: &Reply) -> Vec<u8> {
+    let bytes = serde_json::to_vec(reply).expect("replies serialise");
+    if bytes.len() <= CONTROL_FRAME_BYTES_MAX {
+        return bytes;
+    }
+    let message = format!(
+        "the operation completed, but its report ({} bytes) is larger than a control frame; see `alkfs log`, `ls` and `conflicts` for the result",
+        bytes.len()
+    );
+    serde_json::to_vec(&Reply::Error { message }).expect("replies serialise")
 }
 
 fn scope(s: WireScope) -> Scope {
