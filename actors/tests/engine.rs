@@ -322,6 +322,16 @@ fn every_committed_mutation_has_one_event_and_a_rollback_has_none() {
     let cursor = outbox::cursor(engine.tree().conn(), "gc").unwrap();
     let rest = outbox::read_after(engine.tree().conn(), cursor, 100).unwrap();
     assert_eq!(rest.len(), 3);
+
+    // Pruning drops what every consumer passed; the head (newest offset ever) stays put.
+    let head = outbox::head(engine.tree().conn()).unwrap();
+    drop(engine);
+    let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
+    outbox::save_cursor(engine.tree().conn(), "watch-all", head).unwrap();
+    outbox::save_cursor(engine.tree().conn(), "gc", head).unwrap();
+    let report = engine.gc(alknet_actors::gc::Retention::default()).unwrap();
+    assert!(report.events_pruned >= 7, "{report:?}");
+    assert_eq!(outbox::head(engine.tree().conn()).unwrap(), head);
 }
 
 #[test]
