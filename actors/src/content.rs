@@ -17,7 +17,7 @@
 //! the write path. Local reads do not need the index: they stream the bytes and check the
 //! BLAKE3 as they go.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -264,11 +264,6 @@ impl ContentStore {
         self.root.join(&hex[..2]).join(hex)
     }
 
-    /// True when file blob `hash` is present.
-    pub fn has_file(&self, hash: &ContentHash) -> bool {
-        self.blob_path(hash).exists()
-    }
-
     /// A new, empty staging file, removed again when the guard drops unless kept.
     pub fn stage(&self) -> Result<StagingFile, ContentError> {
         let tmp = tempfile::Builder::new()
@@ -412,9 +407,4 @@ impl StagingFile {
     pub fn path(&self) -> &Path {
         self.tmp.path()
     }
-}
-
-/// Opens `path` for writing a new file, failing if it exists.
-pub fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).open(path)
 }

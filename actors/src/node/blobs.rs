@@ -81,8 +81,7 @@ pub struct BlobState {
     given_up: std::collections::HashSet<ContentHash>,
     stats: BlobStats,
     timer_armed: bool,
-    last_scan: Option<Instant>,
-    scan_deferred: bool,
+    scan_gate: super::Coalesce,
     last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
     deferred_since: Option<Instant>,
 }
@@ -106,8 +105,7 @@ impl Actor for BlobActor {
             given_up: Default::default(),
             stats: BlobStats::default(),
             timer_armed: false,
-            last_scan: None,
-            scan_deferred: false,
+            scan_gate: Default::default(),
             last_commit_ms: ctx.last_commit_ms.clone(),
             deferred_since: None,
         })
@@ -116,15 +114,14 @@ impl Actor for BlobActor {
     async fn handle(&self, me: ActorRef<BlobMsg>, msg: BlobMsg, state: &mut BlobState) -> Result<(), ActorProcessingErr> {
         match msg {
             BlobMsg::Scan => {
-                if let Some(wait) = state.last_scan.map(|t| SCAN_COALESCE.saturating_sub(t.elapsed())).filter(|w| !w.is_zero()) {
-                    if !state.scan_deferred {
-                        state.scan_deferred = true;
+                match state.scan_gate.admit(SCAN_COALESCE) {
+                    super::Admit::Now => {}
+                    super::Admit::Later(wait) => {
                         me.send_after(wait, || BlobMsg::Scan);
+                        return Ok(());
                     }
-                    return Ok(());
+                    super::Admit::Scheduled => return Ok(()),
                 }
-                state.scan_deferred = false;
-                state.last_scan = Some(Instant::now());
                 state.scan()?;
                 state.work(&me).await?;
             }

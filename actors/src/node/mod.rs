@@ -266,6 +266,43 @@ impl NodeHandle {
     }
 }
 
+/// Merges triggers that arrive closer together than a window into one run: background work
+/// (outbox reads, blob scans) runs at most once per window instead of after every commit.
+#[derive(Debug, Default)]
+pub(crate) struct Coalesce {
+    last: Option<Instant>,
+    scheduled: bool,
+}
+
+/// What a [`Coalesce`] gate says to a trigger.
+pub(crate) enum Admit {
+    /// Run now (recorded as the latest run).
+    Now,
+    /// Too soon: schedule the trigger again after this long.
+    Later(Duration),
+    /// Too soon, and a later run is already scheduled: drop this trigger.
+    Scheduled,
+}
+
+impl Coalesce {
+    /// Decides what to do with a trigger arriving now.
+    pub(crate) fn admit(&mut self, window: Duration) -> Admit {
+        let wait = self.last.map(|t| window.saturating_sub(t.elapsed())).filter(|w| !w.is_zero());
+        match wait {
+            Some(_) if self.scheduled => Admit::Scheduled,
+            Some(wait) => {
+                self.scheduled = true;
+                Admit::Later(wait)
+            }
+            None => {
+                self.scheduled = false;
+                self.last = Some(Instant::now());
+                Admit::Now
+            }
+        }
+    }
+}
+
 /// False once the supervisor is gone (the node is stopping or gave up): no child will come
 /// back, so callers stop waiting for one.
 fn tree_alive() -> bool {

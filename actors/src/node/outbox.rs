@@ -41,8 +41,7 @@ pub struct OutboxState {
     tree: TreeStore,
     watcher: std::sync::Arc<honker_core::SharedUpdateWatcher>,
     handed_on: u64,
-    last_read: Option<std::time::Instant>,
-    deferred: bool,
+    gate: super::Coalesce,
 }
 
 impl Actor for OutboxActor {
@@ -66,21 +65,20 @@ impl Actor for OutboxActor {
             }
         })?;
         me.cast(OutboxMsg::Wake)?; // catch up on what committed while we were down
-        Ok(OutboxState { tree, watcher, handed_on: 0, last_read: None, deferred: false })
+        Ok(OutboxState { tree, watcher, handed_on: 0, gate: Default::default() })
     }
 
     async fn handle(&self, me: ActorRef<OutboxMsg>, msg: OutboxMsg, state: &mut OutboxState) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Wake => {
-                if let Some(wait) = state.last_read.map(|t| COALESCE.saturating_sub(t.elapsed())).filter(|w| !w.is_zero()) {
-                    if !state.deferred {
-                        state.deferred = true;
+                match state.gate.admit(COALESCE) {
+                    super::Admit::Now => {}
+                    super::Admit::Later(wait) => {
                         me.send_after(wait, || OutboxMsg::Wake);
+                        return Ok(());
                     }
-                    return Ok(());
+                    super::Admit::Scheduled => return Ok(()),
                 }
-                state.deferred = false;
-                state.last_read = Some(std::time::Instant::now());
                 let conn = state.tree.conn();
                 let mut cursor = outbox::cursor(conn, CONSUMER)?;
                 loop {

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::outbox::Event;
 use super::read::{self, View};
@@ -49,7 +49,7 @@ fn merge_base(tx: &Tx<'_>, from: &Branch, into: &Branch) -> Result<View, StoreEr
              ORDER BY into_seq DESC LIMIT 1",
         )?
         .query_row(params![from.id, into.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .ok();
+        .optional()?;
     if let Some((merged_from, from_seq, _)) = last {
         let side = if merged_from == from.id { from } else { into };
         return View::at(conn, side, from_seq);

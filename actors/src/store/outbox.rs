@@ -85,7 +85,7 @@ impl Event {
     }
 
     /// A branch or bucket created or deleted.
-    pub fn branch_op(op: &str, _bucket: &str, branch: &Branch, seq: i64) -> Self {
+    pub fn branch_op(op: &str, branch: &Branch, seq: i64) -> Self {
         Self::base(op, branch, seq, seq)
     }
 

@@ -9,7 +9,7 @@ use rusqlite::{params, Transaction};
 
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
-use super::{branch_by_name, bucket_id, Branch, StoreError, VersionRow, ROOT_BRANCH};
+use super::{branch_by_name, bucket_id, Branch, StoreError, ROOT_BRANCH};
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::{check_label, TreePath};
@@ -276,7 +276,7 @@ impl<'c> Tx<'c> {
             params![id, ROOT_BRANCH, self.now_ms],
         )?;
         let branch = branch_by_name(&self.tx, id, ROOT_BRANCH)?;
-        self.emit(Event::branch_op("bucket-create", name, &branch, self.clock));
+        self.emit(Event::branch_op("bucket-create", &branch, self.clock));
         Ok(branch)
     }
 
@@ -301,7 +301,7 @@ impl<'c> Tx<'c> {
             params![bucket_id, name, from.id, self.clock, from.depth + 1, self.now_ms],
         )?;
         let branch = branch_by_name(&self.tx, bucket_id, name)?;
-        self.emit(Event::branch_op("branch-create", bucket, &branch, self.clock));
+        self.emit(Event::branch_op("branch-create", &branch, self.clock));
         Ok(branch)
     }
 
@@ -315,7 +315,7 @@ impl<'c> Tx<'c> {
         }
         let seq = self.next_seq();
         self.tx.execute("UPDATE branch SET deleted_seq = ?1 WHERE id = ?2", params![seq, branch.id])?;
-        self.emit(Event::branch_op("branch-delete", bucket, &branch, seq));
+        self.emit(Event::branch_op("branch-delete", &branch, seq));
         Ok(())
     }
 
@@ -325,11 +325,5 @@ impl<'c> Tx<'c> {
             .prepare_cached("INSERT OR IGNORE INTO blob(hash, size, data) VALUES (?1, ?2, ?3)")?
             .execute(params![blob.hash.0.to_vec(), blob.size as i64, blob.inline])?;
         Ok(())
-    }
-
-    /// Reads the head of `path` inside this transaction.
-    pub fn resolve(&self, branch: &Branch, path: &TreePath) -> Result<Option<VersionRow>, StoreError> {
-        let view = View::head(&self.tx, branch)?;
-        read::live(&self.tx, &view, path)
     }
 }
