@@ -110,11 +110,21 @@ pub enum Command {
         #[arg(long)]
         into: Option<String>,
     },
-    /// List paths a merge changed on both sides, with the losing version to restore.
+    /// List paths a merge changed on both sides, with the losing version to restore; or
+    /// dismiss them (their versions then fall under ordinary retention).
     Conflicts {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Dismiss instead of list.
+        #[command(subcommand)]
+        action: Option<ConflictsCmd>,
+    },
+    /// Print a shell completion script: `source <(alkfs completions bash)`, or save it where
+    /// your shell looks (e.g. `alkfs completions fish > ~/.config/fish/completions/alkfs.fish`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Print the stream of committed changes (JSON lines), from this consumer's saved cursor.
     Watch(WatchArgs),
@@ -146,6 +156,21 @@ pub enum Command {
         /// Keep old versions younger than this many days.
         #[arg(long)]
         keep_days: Option<u32>,
+    },
+}
+
+/// Conflicts subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConflictsCmd {
+    /// Take a listed conflict off the list once you have looked at it (or all with --all).
+    /// Until dismissed, the losing version stays restorable whatever the retention.
+    Dismiss {
+        /// The conflicted path.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        path: Option<String>,
+        /// Dismiss every conflict listed on the branch.
+        #[arg(long)]
+        all: bool,
     },
 }
 

@@ -8,7 +8,7 @@ use alknet_actors::engine::{Access, Engine, Scope};
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, DebugCmd, NodeCmd};
+use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, ConflictsCmd, DebugCmd, NodeCmd};
 use crate::control::client::Client;
 use crate::control::{Reply, Request};
 use crate::output;
@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
             tracing::debug!(paths = n, "removed");
         }
         Command::Mv { from, to } => {
-            Writer::open(&dir)?.rename(&scope, &file_path(&from)?, &file_path(&to)?)?;
+            Writer::open(&dir)?.rename(&scope, &file_path(&from)?, &tree_path(&to)?)?;
         }
         Command::Mkdir { parents, path } => Writer::open(&dir)?.mkdir(&scope, &file_path(&path)?, parents)?,
         Command::Log { path, json } => {
@@ -99,9 +99,18 @@ pub fn run(cli: Cli) -> Result<()> {
             let report = Writer::open(&dir)?.merge(&scope, &from, into.as_deref())?;
             output::merge(&mut out, &from, into.as_deref().unwrap_or(&scope.branch), &report)?;
         }
-        Command::Conflicts { json } => {
+        Command::Conflicts { json, action: None } => {
             let engine = Engine::open(&dir, Access::Read)?;
             output::conflicts(&mut out, &engine.conflicts(&scope)?, json)?;
+        }
+        Command::Conflicts { action: Some(ConflictsCmd::Dismiss { path, all }), .. } => {
+            let path = if all { None } else { path.as_deref().map(file_path).transpose()? };
+            let n = Writer::open(&dir)?.dismiss_conflicts(&scope, path.as_ref())?;
+            writeln!(out, "dismissed {n} conflict{}", if n == 1 { "" } else { "s" })?;
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "alkfs", &mut out);
         }
         Command::Blobs(BlobsCmd::Index) => {
             let report = Writer::open(&dir)?.index_blobs()?;
@@ -115,7 +124,8 @@ pub fn run(cli: Cli) -> Result<()> {
             blob_report(&mut out, "intact", &report)?;
         }
         Command::Gc { keep_versions, keep_days } => {
-            let report = Writer::open(&dir)?.gc(keep_versions, keep_days)?;
+            let configured = crate::config::Config::load(&dir, &[])?.retention();
+            let report = Writer::open(&dir)?.gc(configured, keep_versions, keep_days)?;
             writeln!(
                 out,
                 "gc: freed {} blobs ({} bytes), pruned {} old versions and {} outbox events; {} blobs live; {} ms",

@@ -11,6 +11,9 @@ use alknet_actors::node::NodeConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// Default of `node.client_timeout_secs`.
+pub const CLIENT_TIMEOUT_SECS_DEFAULT: u64 = 30;
+
 /// The config file inside the data dir.
 pub const CONFIG_FILE: &str = "config.toml";
 
@@ -42,6 +45,10 @@ pub struct NodeSection {
     pub restart_budget: u32,
     /// The restart budget's window, in seconds.
     pub restart_window_secs: u64,
+    /// How long a control-socket client may stay silent: before its first request, and
+    /// between the data frames of a streamed put (a stalled client is dropped, its staging
+    /// file removed). Idle connections between requests get ten times as long.
+    pub client_timeout_secs: u64,
 }
 
 /// `[gc]`.
@@ -54,6 +61,8 @@ pub struct GcSection {
     pub keep_versions: u32,
     /// Old versions younger than this are kept.
     pub keep_days: u32,
+    /// Outbox consumers idle this many days expire; with none active, older events go.
+    pub outbox_keep_days: u32,
 }
 
 /// `[log]`.
@@ -75,8 +84,14 @@ impl Default for Config {
                 blob_queue_max: n.blob_queue_max,
                 restart_budget: n.restart_budget,
                 restart_window_secs: n.restart_window.as_secs(),
+                client_timeout_secs: CLIENT_TIMEOUT_SECS_DEFAULT,
             },
-            gc: GcSection { interval_secs: n.gc_interval.as_secs(), keep_versions: n.retention.keep_versions, keep_days: n.retention.keep_days },
+            gc: GcSection {
+                interval_secs: n.gc_interval.as_secs(),
+                keep_versions: n.retention.keep_versions,
+                keep_days: n.retention.keep_days,
+                outbox_keep_days: n.retention.outbox_keep_days,
+            },
             log: LogSection { format: "text".into() },
         }
     }
@@ -128,13 +143,36 @@ impl Config {
     }
 
     fn check(&self) -> Result<()> {
-        if self.node.batch_max == 0 || self.node.blob_queue_max == 0 || self.node.outbox_poll_ms == 0 {
-            bail!("node.batch_max, node.blob_queue_max and node.outbox_poll_ms must be at least 1");
+        if self.node.batch_max == 0 || self.node.blob_queue_max == 0 || self.node.outbox_poll_ms == 0 || self.gc.outbox_keep_days == 0 {
+            bail!("node.batch_max, node.blob_queue_max, node.outbox_poll_ms and gc.outbox_keep_days must be at least 1");
+        }
+        // Durations become timers and deadlines: bound them so none can overflow a clock.
+        let bounds = [
+            ("node.batch_delay_ms", self.node.batch_delay_ms, BATCH_DELAY_MS_MAX),
+            ("node.outbox_poll_ms", self.node.outbox_poll_ms, POLL_MS_MAX),
+            ("node.restart_window_secs", self.node.restart_window_secs, INTERVAL_SECS_MAX),
+            ("node.client_timeout_secs", self.node.client_timeout_secs, INTERVAL_SECS_MAX),
+            ("gc.interval_secs", self.gc.interval_secs, INTERVAL_SECS_MAX),
+            ("gc.keep_days", u64::from(self.gc.keep_days), DAYS_MAX),
+            ("gc.outbox_keep_days", u64::from(self.gc.outbox_keep_days), DAYS_MAX),
+        ];
+        for (key, value, max) in bounds {
+            if value > max {
+                bail!("{key} = {value} is too large: the most is {max}");
+            }
+        }
+        if self.node.client_timeout_secs == 0 {
+            bail!("node.client_timeout_secs must be at least 1");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\", not {:?}", self.log.format);
         }
         Ok(())
+    }
+
+    /// The retention policy configured for collections.
+    pub fn retention(&self) -> Retention {
+        Retention { keep_versions: self.gc.keep_versions, keep_days: self.gc.keep_days, outbox_keep_days: self.gc.outbox_keep_days }
     }
 
     /// The actors' tunables.
@@ -143,7 +181,7 @@ impl Config {
             batch_max: self.node.batch_max,
             batch_delay: Duration::from_millis(self.node.batch_delay_ms),
             gc_interval: Duration::from_secs(self.gc.interval_secs),
-            retention: Retention { keep_versions: self.gc.keep_versions, keep_days: self.gc.keep_days },
+            retention: self.retention(),
             outbox_poll: Duration::from_millis(self.node.outbox_poll_ms),
             blob_queue_max: self.node.blob_queue_max,
             restart_budget: self.node.restart_budget,
@@ -151,6 +189,15 @@ impl Config {
         }
     }
 }
+
+/// Longest wait for more commits to batch: beyond a few seconds writes just stall.
+pub const BATCH_DELAY_MS_MAX: u64 = 10_000;
+/// Longest outbox fallback poll.
+pub const POLL_MS_MAX: u64 = 3_600_000;
+/// Longest interval or window in seconds (a year).
+pub const INTERVAL_SECS_MAX: u64 = 366 * 86_400;
+/// Longest retention in days (a hundred years).
+pub const DAYS_MAX: u64 = 36_600;
 
 /// Sets `section.key` to `raw`, read as TOML (a number, a bool, a quoted string) or else as a
 /// bare string.
@@ -177,5 +224,17 @@ mod tests {
         assert!(format!("{err:#}").contains("nope"), "{err:#}");
         let err = Config::load(dir.path(), &["gc.keep_days=many".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("keep_days"), "{err:#}");
+    }
+
+    #[test]
+    fn durations_that_would_overflow_a_clock_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        for set in ["node.batch_delay_ms=18446744073709551615", "gc.interval_secs=18446744073709551615", "node.restart_window_secs=99999999999"] {
+            let err = Config::load(dir.path(), &[set.into()]).unwrap_err();
+            let key = set.split('=').next().unwrap();
+            assert!(format!("{err:#}").contains(&format!("{key} = ")) && format!("{err:#}").contains("too large"), "{set}: {err:#}");
+        }
+        let ok = Config::load(dir.path(), &[format!("node.batch_delay_ms={BATCH_DELAY_MS_MAX}")]).unwrap();
+        assert_eq!(ok.node_config().batch_delay, Duration::from_millis(BATCH_DELAY_MS_MAX));
     }
 }

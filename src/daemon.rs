@@ -15,7 +15,7 @@ use std::time::Instant;
 use alknet_actors::content::ContentStore;
 use alknet_actors::engine::{DirLock, Engine};
 use alknet_actors::index::BlobIndex;
-use alknet_actors::node::{self, NodeContext, NodeHandle};
+use alknet_actors::node::{self, NodeContext};
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -27,6 +27,11 @@ use crate::control::SOCKET_FILE;
 pub const NODE_KEY_FILE: &str = "node.key";
 
 /// The node's id: the public half of the key in `DATA/node.key`, created on first use.
+///
+/// The key is the node's identity (its iroh endpoint in the mesh), so it is created with mode
+/// 0600 from its first byte, written in full and fsynced under a temporary name, then renamed
+/// into place and the directory fsynced: no moment where another user could read it, and no
+/// power loss that leaves half a key.
 pub fn node_id(dir: &Path) -> Result<String> {
     let path = dir.join(NODE_KEY_FILE);
     let key = match std::fs::read(&path) {
@@ -36,15 +41,32 @@ pub fn node_id(dir: &Path) -> Result<String> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = iroh::SecretKey::generate();
-            let tmp = dir.join(format!("{NODE_KEY_FILE}.tmp"));
-            std::fs::write(&tmp, key.to_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-            std::fs::rename(&tmp, &path)?;
+            write_secret(dir, &path, &key.to_bytes())?;
             key
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     Ok(key.public().to_string())
+}
+
+/// Writes `bytes` to `path` (in `dir`) readable by the owner alone from the start, durably.
+fn write_secret(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{NODE_KEY_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp); // a leftover of an interrupted first start
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    // The umask may only take bits away; make sure of exactly 0600 all the same.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("moving {} into place", tmp.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
+    Ok(())
 }
 
 /// Runs the node until a signal or an escalation; returns the exit code.
@@ -57,15 +79,8 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("alkfs-node").build()?;
     rt.block_on(async move {
         let index = Arc::new(BlobIndex::open(dir).await?);
-        let ctx = NodeContext {
-            dir: dir.to_path_buf(),
-            lock,
-            content: content.clone(),
-            index: index.clone(),
-            config: config.node_config(),
-            last_commit_ms: Default::default(),
-        };
-        let (sup, mut sup_done) = node::start(ctx).await?;
+        let ctx = NodeContext::new(dir, lock, content.clone(), index.clone(), config.node_config());
+        let node::Started { supervisor: sup, done: mut sup_done, handle } = node::start(ctx).await?;
         let socket = dir.join(SOCKET_FILE);
         // We hold the lock: any socket file here is a leftover of a node that died.
         let _ = std::fs::remove_file(&socket);
@@ -76,11 +91,13 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let server_ctx = ServerCtx {
             dir: dir.to_path_buf(),
             content,
-            node: NodeHandle::default(),
+            node: handle,
             node_id,
             started: Instant::now(),
             fault_injection: std::env::var_os("ALKFS_FAULT_INJECTION").is_some_and(|v| v == "1"),
             stopping: stopping_rx,
+            client_timeout: std::time::Duration::from_secs(config.node.client_timeout_secs),
+            retention: config.retention(),
         };
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;

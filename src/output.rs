@@ -134,6 +134,10 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
     writeln!(out, "data dir:   {} ({} bytes on disk)", s.data_dir.display(), s.store_bytes)?;
     writeln!(out, "blobs:      {} named; {} pending index, {} indexed this run, {} failed", s.blob_count, s.blobs.pending, s.blobs.indexed, s.blobs.failed)?;
     writeln!(out, "outbox:     cursor {} of {}", s.outbox_cursor, s.outbox_head)?;
+    for c in &s.consumers {
+        let state = if c.expired { "expired: idle past gc.outbox_keep_days, holds nothing back" } else { "active" };
+        writeln!(out, "  consumer {:<12} cursor {:<8} last seen {}  {state}", c.name, c.cursor, time(c.seen_ms))?;
+    }
     match &s.last_gc {
         Some((at, r)) => writeln!(out, "last gc:    {}: freed {} blobs ({} bytes), pruned {} versions, {} ms", time(*at), r.blobs_freed, r.bytes_freed, r.versions_pruned, r.took_ms)?,
         None => writeln!(out, "last gc:    not yet")?,

@@ -18,6 +18,8 @@ use crate::cli::WatchArgs;
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Re-read at least this often even without a wake, in case a wake was missed.
 const SAFETY_POLL: Duration = Duration::from_secs(5);
+/// How often an idle follower records that it is alive (well inside any outbox retention).
+const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Runs the watch loop.
 pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
@@ -27,8 +29,10 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
     let watcher = honker_core::SharedUpdateWatcher::new_with_config(engine.tree().path().to_path_buf(), config);
     let (_id, wake) = watcher.subscribe();
     let stdout = std::io::stdout();
+    let mut cursor = outbox::cursor(conn, &args.consumer)?;
+    warn_if_events_were_missed(conn, &args.consumer, cursor)?;
+    let mut touched = std::time::Instant::now();
     loop {
-        let mut cursor = outbox::cursor(conn, &args.consumer)?;
         loop {
             let batch = outbox::read_after(conn, cursor, outbox::READ_BATCH_EVENTS_MAX)?;
             let Some(&(last, _)) = batch.last() else { break };
@@ -39,7 +43,8 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
                 writeln!(out, "{line}")?;
             }
             out.flush()?;
-            outbox::save_cursor(conn, &args.consumer, last).context("saving the watch cursor")?;
+            outbox::save_cursor(conn, &args.consumer, last, alknet_actors::engine::now_ms()).context("saving the watch cursor")?;
+            touched = std::time::Instant::now();
             cursor = last;
         }
         if args.once {
@@ -49,5 +54,25 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the database file was replaced or removed while watching: restart watch"),
         }
+        // A follower with nothing to read is still a consumer: say so, so it does not expire.
+        if touched.elapsed() >= TOUCH_INTERVAL {
+            outbox::touch(conn, &args.consumer, alknet_actors::engine::now_ms()).context("saving the watch cursor")?;
+            touched = std::time::Instant::now();
+        }
     }
+}
+
+/// Says on stderr when events after this consumer's cursor were pruned (it was idle past the
+/// outbox retention and expired): what follows starts at the oldest event still kept.
+fn warn_if_events_were_missed(conn: &rusqlite::Connection, consumer: &str, cursor: i64) -> Result<()> {
+    if let Some(oldest) = outbox::oldest(conn)? {
+        if oldest > cursor + 1 {
+            eprintln!(
+                "alkfs: warning: consumer {consumer:?} missed events {}..={} (pruned while it was idle past the outbox retention, gc.outbox_keep_days); continuing from {oldest}",
+                cursor + 1,
+                oldest - 1
+            );
+        }
+    }
+    Ok(())
 }

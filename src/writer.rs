@@ -31,14 +31,6 @@ fn unexpected(reply: Reply) -> anyhow::Error {
     anyhow::anyhow!("unexpected reply from the node: {reply:?}")
 }
 
-/// The retention policy from `gc` flags: one flag alone means only that rule applies.
-pub fn retention(keep_versions: Option<u32>, keep_days: Option<u32>) -> Retention {
-    match (keep_versions, keep_days) {
-        (None, None) => Retention::default(),
-        (v, d) => Retention { keep_versions: v.unwrap_or(0), keep_days: d.unwrap_or(0) },
-    }
-}
-
 impl Writer {
     /// The node of `dir` if one runs, else the engine.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -165,12 +157,25 @@ impl Writer {
         }
     }
 
-    /// Collects garbage.
-    pub fn gc(&mut self, keep_versions: Option<u32>, keep_days: Option<u32>) -> Result<GcReport> {
+    /// Collects garbage: the configured retention (`configured`, from the data dir's config;
+    /// a running node uses its own), with `gc`'s flags applied the one way
+    /// ([`Retention::with_flags`]).
+    pub fn gc(&mut self, configured: Retention, keep_versions: Option<u32>, keep_days: Option<u32>) -> Result<GcReport> {
         match self {
-            Writer::Direct(e) => Ok(e.gc(retention(keep_versions, keep_days))?),
+            Writer::Direct(e) => Ok(e.gc(configured.with_flags(keep_versions, keep_days))?),
             Writer::Node(c) => match c.call(&Request::Gc { keep_versions, keep_days })? {
                 Reply::Gc { report } => Ok(report),
+                other => Err(unexpected(other)),
+            },
+        }
+    }
+
+    /// Takes the conflict at `path` (all, without one) off the branch's list; returns how many.
+    pub fn dismiss_conflicts(&mut self, scope: &Scope, path: Option<&TreePath>) -> Result<u64> {
+        match self {
+            Writer::Direct(e) => Ok(e.dismiss_conflicts(scope, path)? as u64),
+            Writer::Node(c) => match c.call(&Request::ConflictsDismiss { scope: wire(scope), path: path.map(|p| p.to_string()) })? {
+                Reply::Count { count } => Ok(count),
                 other => Err(unexpected(other)),
             },
         }

@@ -219,13 +219,24 @@ pub fn hash_file(file: &File) -> io::Result<(ContentHash, u64)> {
 pub struct ContentStore {
     root: PathBuf,
     holds: Holds,
+    /// The fan-out directories (`content/<hh>`) this process knows to be durable: created,
+    /// and their entry in `content/` fsynced. Until then a blob renamed into one could vanish
+    /// with its directory on power loss, after the commit that names it.
+    durable_dirs: Arc<Mutex<[bool; 256]>>,
 }
 
 impl ContentStore {
     /// The content store under `root` (`DATA/content`); creates its directories.
     pub fn open(root: &Path) -> Result<Self, ContentError> {
-        let store = ContentStore { root: root.to_path_buf(), holds: Holds::default() };
-        fs::create_dir_all(store.staging_dir()).map_err(|e| ContentError::io(format!("create {}", root.display()), e, root))?;
+        let store = ContentStore { root: root.to_path_buf(), holds: Holds::default(), durable_dirs: Arc::new(Mutex::new([false; 256])) };
+        if !store.staging_dir().is_dir() {
+            let io = |e| ContentError::io(format!("create {}", root.display()), e, root);
+            fs::create_dir_all(store.staging_dir()).map_err(io)?;
+            sync_dir(root).map_err(io)?;
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent).map_err(io)?;
+            }
+        }
         Ok(store)
     }
 
@@ -333,11 +344,24 @@ impl ContentStore {
         if !target.exists() {
             staging.file().sync_data().map_err(|e| io("fsync staging file", e))?;
             let dir = target.parent().expect("blob path has a parent");
-            fs::create_dir_all(dir).map_err(|e| io("create blob dir", e))?;
+            self.make_fan_out_durable(hash.0[0], dir).map_err(|e| io("create blob dir", e))?;
             staging.tmp.persist(&target).map_err(|e| io("move blob into place", e.error))?;
-            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync blob dir", e))?;
+            sync_dir(dir).map_err(|e| io("fsync blob dir", e))?;
         }
         Ok(Imported { hash, size, inline: None, hold: Some(hold) })
+    }
+
+    /// Creates fan-out directory `dir` (for blobs starting with byte `first`) if needed and
+    /// fsyncs `content/`, once per directory and process, so the directory entry is on disk
+    /// before any blob in it is committed.
+    fn make_fan_out_durable(&self, first: u8, dir: &Path) -> io::Result<()> {
+        let mut known = self.durable_dirs.lock().expect("durable dirs lock");
+        if !known[first as usize] {
+            fs::create_dir_all(dir)?;
+            sync_dir(&self.root)?;
+            known[first as usize] = true;
+        }
+        Ok(())
     }
 
     /// Opens file blob `hash` for reading.
@@ -378,6 +402,11 @@ impl ContentStore {
         check(hash, blake3::Hash::from_bytes(actual.0))?;
         Ok(n)
     }
+}
+
+/// fsyncs a directory: makes the entries created or renamed in it durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Fails with [`ContentError::Corrupt`] unless `actual` is `hash`.

@@ -1,16 +1,21 @@
 //! Garbage collection: history retention, then mark and sweep of blobs.
 //!
-//! 1. **Retention** decides which version rows live. A row is kept when some live branch's
-//!    view reaches it *and* it is the head of its path in that view, or one of the
-//!    `keep_versions` newest versions before the head, or written within `keep_days`. Rows
-//!    of deleted branches live on only as far as a live child's view reaches into them.
+//! 1. **Retention** decides which version rows live. A row is kept when some retained view
+//!    reaches it *and* it is the head of its path in that view, or one of the
+//!    `keep_versions` newest versions before the head, or written within `keep_days`. The
+//!    retained views are every live branch's head and the base of the next merge between
+//!    every two live branches (their last merge point), so a later merge always finds its
+//!    base. Rows of deleted branches live on only as far as a retained view reaches into
+//!    them. The versions a listed conflict names (its loser above all) stay until the user
+//!    dismisses the conflict (`alkfs conflicts dismiss`).
 //! 2. **Mark**: every hash a kept row names.
 //! 3. **Sweep**: blob rows no kept row names and no write in flight holds ([`Holds`]) are
 //!    deleted in the same transaction as the pruned rows; their files after the commit,
 //!    each under the holds lock, so an import that dedups onto a blob in that instant keeps
 //!    it. Files in `content/` that no blob row names (a crash between the rename and the
 //!    commit) are swept too.
-//! 4. The outbox drops events every consumer has passed.
+//! 4. The outbox drops events no active consumer needs ([`outbox::prune`]); consumers idle
+//!    for `outbox_keep_days` expire.
 //!
 //! All of it is one SQLite write transaction plus file deletions: concurrent commits wait
 //! for it, and a crash halfway leaves at worst orphan files for the next run.
@@ -31,13 +36,29 @@ use crate::store::{outbox, StoreError, TreeStore};
 pub struct Retention {
     /// Old versions kept per path besides the head.
     pub keep_versions: u32,
-    /// Old versions younger than this many days are kept whatever their number.
+    /// Old versions younger than this many days are kept whatever their number (0: no
+    /// time rule).
     pub keep_days: u32,
+    /// Outbox consumers idle for this many days expire; with none active, events older than
+    /// this are pruned (at least 1).
+    pub outbox_keep_days: u32,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { keep_versions: 16, keep_days: 30 }
+        Retention { keep_versions: 16, keep_days: 30, outbox_keep_days: 7 }
+    }
+}
+
+impl Retention {
+    /// The policy of `alkfs gc [--keep-versions N] [--keep-days D]` on top of the configured
+    /// one: no flag keeps the configured policy; one flag alone means only that rule applies.
+    /// The one mapping of flags, used with and without a node.
+    pub fn with_flags(self, keep_versions: Option<u32>, keep_days: Option<u32>) -> Retention {
+        match (keep_versions, keep_days) {
+            (None, None) => self,
+            (v, d) => Retention { keep_versions: v.unwrap_or(0), keep_days: d.unwrap_or(0), ..self },
+        }
     }
 }
 
@@ -89,14 +110,9 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
         days => now_ms - i64::from(days) * 86_400_000,
     };
     let mut doomed: Vec<(ContentHash, bool, u64)> = Vec::new();
-    tree.transact(now_ms, |tx| -> Result<(), GcError> {
+    tree.transact(crate::store::Ids::AtMost(0), now_ms, |tx| -> Result<(), GcError> {
         let conn = tx.conn();
         conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS gc_keep(seq INTEGER PRIMARY KEY); DELETE FROM gc_keep;")?;
-        let live: Vec<crate::store::Branch> = {
-            let mut st = conn.prepare(&format!("SELECT {} FROM branch WHERE deleted_seq IS NULL", crate::store::BRANCH_COLS))?;
-            let rows = st.query_map([], crate::store::branch_from_row)?.collect::<Result<_, _>>()?;
-            rows
-        };
         let mut keep = conn.prepare(
             "INSERT OR IGNORE INTO gc_keep(seq)
              SELECT seq FROM (SELECT seq, written_ms,
@@ -104,20 +120,24 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
                     FROM version WHERE branch_id = ?1 AND seq <= ?2)
              WHERE rank <= ?3 OR written_ms >= ?4",
         )?;
-        for branch in &live {
-            for (branch_id, limit) in View::head(conn, branch)?.links {
+        for view in retained_views(conn)? {
+            for (branch_id, limit) in view.links {
                 keep.execute(params![branch_id, limit, i64::from(policy.keep_versions) + 1, cutoff_ms])?;
             }
         }
         drop(keep);
+        // Conflicts of deleted branches are moot; the versions the others name stay listed
+        // and restorable until dismissed.
+        conn.execute("DELETE FROM conflict WHERE branch_id IN (SELECT id FROM branch WHERE deleted_seq IS NOT NULL)", [])?;
+        conn.execute("INSERT OR IGNORE INTO gc_keep(seq) SELECT loser_seq FROM conflict UNION SELECT winner_seq FROM conflict", [])?;
         report.versions_pruned = conn.execute("DELETE FROM version WHERE seq NOT IN (SELECT seq FROM gc_keep)", [])? as u64;
-        conn.execute("DELETE FROM conflict WHERE loser_seq NOT IN (SELECT seq FROM gc_keep)", [])?;
         conn.execute(
             "DELETE FROM branch WHERE deleted_seq IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM version v WHERE v.branch_id = branch.id)
                AND NOT EXISTS (SELECT 1 FROM branch c WHERE c.parent_id = branch.id)",
             [],
         )?;
+        crate::store::merge::prune_merge_points(conn)?;
         let mut unreferenced = conn.prepare(
             "SELECT hash, data IS NULL, size FROM blob b
              WHERE NOT EXISTS (SELECT 1 FROM version v WHERE v.hash = b.hash)",
@@ -140,7 +160,8 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
         }
         drop(delete);
         drop(unreferenced);
-        report.events_pruned = outbox::prune(conn)? as u64;
+        let outbox_since_ms = now_ms - i64::from(policy.outbox_keep_days.max(1)) * 86_400_000;
+        report.events_pruned = outbox::prune(conn, outbox_since_ms)? as u64;
         report.blobs_live = conn.query_row("SELECT count(*) FROM blob", [], |r| r.get::<_, i64>(0))? as u64;
         Ok(())
     })?;
@@ -155,6 +176,22 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
     report.took_ms = started.elapsed().as_millis() as u64;
     tracing::info!(?report, "gc done");
     Ok(report)
+}
+
+/// The views whose heads retention keeps: every live branch as it is now, and, for every two
+/// live branches that merged before, the base their next merge will start from.
+fn retained_views(conn: &rusqlite::Connection) -> Result<Vec<View>, StoreError> {
+    let live: Vec<crate::store::Branch> = {
+        let mut st = conn.prepare(&format!("SELECT {} FROM branch WHERE deleted_seq IS NULL", crate::store::BRANCH_COLS))?;
+        let rows = st.query_map([], crate::store::branch_from_row)?.collect::<Result<_, _>>()?;
+        rows
+    };
+    let mut views = Vec::with_capacity(live.len());
+    for branch in &live {
+        views.push(View::head(conn, branch)?);
+    }
+    views.extend(crate::store::merge::next_merge_bases(conn, &live)?);
+    Ok(views)
 }
 
 /// Deletes file blob `hash` unless held; true when it is gone.

@@ -19,7 +19,7 @@ fn du(dir: &std::path::Path) -> u64 {
     total
 }
 
-const ONLY_HEADS: Retention = Retention { keep_versions: 0, keep_days: 0 };
+const ONLY_HEADS: Retention = Retention { keep_versions: 0, keep_days: 0, outbox_keep_days: 1 };
 
 #[test]
 fn frees_blobs_of_deleted_paths_branches_and_expired_versions_and_the_disk_shrinks() {

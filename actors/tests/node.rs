@@ -26,16 +26,9 @@ async fn start(dir: &std::path::Path, config: NodeConfig) -> Started {
     Engine::init(dir).unwrap();
     let content = ContentStore::open(&dir.join("content")).unwrap();
     let index = Arc::new(BlobIndex::open(dir).await.unwrap());
-    let ctx = NodeContext {
-        dir: dir.to_path_buf(),
-        lock: Arc::new(DirLock::take(dir).unwrap()),
-        content: content.clone(),
-        index: index.clone(),
-        config,
-        last_commit_ms: Default::default(),
-    };
-    let (sup, done) = node::start(ctx).await.unwrap();
-    Started { handle: NodeHandle::default(), sup, done, content, index }
+    let ctx = NodeContext::new(dir, Arc::new(DirLock::take(dir).unwrap()), content.clone(), index.clone(), config);
+    let node::Started { supervisor: sup, done, handle } = node::start(ctx).await.unwrap();
+    Started { handle, sup, done, content, index }
 }
 
 async fn put(handle: &NodeHandle, content: &ContentStore, path: &str, bytes: &[u8]) -> Result<i64, String> {
@@ -116,7 +109,7 @@ async fn blobs_get_indexed_and_freed_ones_leave_the_index() {
     assert_eq!(index.tagged().await.unwrap().len(), 2);
     assert_eq!(index.verified_bytes(&alknet_actors::proto::entry::ContentHash(*blake3::hash(&big).as_bytes())).await.unwrap(), big);
     handle.write(WriteOp::Remove { scope: Scope::new("default", "main"), path: TreePath::parse("/big").unwrap(), recursive: false }).await.unwrap();
-    let report = handle.gc(Some(alknet_actors::gc::Retention { keep_versions: 0, keep_days: 0 })).await.unwrap();
+    let report = handle.gc(Some(0), Some(0)).await.unwrap();
     assert_eq!(report.blobs_freed, 1, "{report:?}");
     let t = Instant::now();
     while index.tagged().await.unwrap().len() != 1 {

@@ -58,12 +58,26 @@ impl Client {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("reading input"),
             };
-            write_frame(&mut stream, &buf[..n]).context("sending data to the node")?;
+            if let Err(e) = write_frame(&mut stream, &buf[..n]) {
+                return Err(answer_after_failed_send(&mut stream, e));
+            }
         }
-        write_frame(&mut stream, &[])?;
+        if let Err(e) = write_frame(&mut stream, &[]) {
+            return Err(answer_after_failed_send(&mut stream, e));
+        }
         let reply = read_reply(&mut stream)?;
         self.give_back(stream);
         reply.into_result()
+    }
+}
+
+/// The node stops reading a streamed put that failed (disk full, a bad path) and answers at
+/// once, closing the connection: our next write then fails. Its answer is waiting in the
+/// socket: that is the error to show, not "broken pipe".
+fn answer_after_failed_send(stream: &mut UnixStream, send_error: io::Error) -> anyhow::Error {
+    match read_reply(stream) {
+        Ok(Reply::Error { message }) => anyhow!("{message}"),
+        _ => anyhow!(send_error).context("sending data to the node"),
     }
 }
 

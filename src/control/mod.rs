@@ -66,6 +66,8 @@ pub enum Request {
     Merge { scope: WireScope, from: String, into: Option<String> },
     /// Collect garbage.
     Gc { keep_versions: Option<u32>, keep_days: Option<u32> },
+    /// Take a listed conflict (or all, without a path) off the branch's list.
+    ConflictsDismiss { scope: WireScope, path: Option<String> },
     /// The node's status.
     Status,
     /// Tests only, when the node was started with fault injection on: panic an actor.
@@ -121,6 +123,8 @@ pub struct Status {
     pub outbox_head: i64,
     /// When the last collection ran (ms since the epoch) and what it did.
     pub last_gc: Option<(i64, GcReport)>,
+    /// The outbox's consumers: cursor, last seen, expired or not.
+    pub consumers: Vec<alknet_actors::store::outbox::Consumer>,
 }
 
 /// Writes one frame.

@@ -1,10 +1,16 @@
 //! The node's side of the control socket.
 //!
 //! One task per connection, at most [`CONNECTIONS_MAX`] at once (a semaphore); the first
-//! frame must arrive within [`REQUEST_READ_TIMEOUT`]. Imports (copying and hashing the
-//! user's bytes) run on blocking threads in the connection's task, not in the store: the
-//! store only commits. A client that disconnects mid-stream leaves nothing: its staging file
-//! is dropped and nothing was committed.
+//! frame, and each data frame of a streamed put, must arrive within the client timeout
+//! (`node.client_timeout_secs`). Imports (copying and hashing the user's bytes) run on
+//! blocking threads in the connection's task, not in the store: the store only commits. A
+//! client that disconnects or stalls mid-stream, or a shutdown that comes first, leaves
+//! nothing: its staging file is dropped and nothing was committed.
+//!
+//! **Framing after a failure.** A request with a body (a streamed put) that fails before its
+//! end frame was read is answered with the error and its connection closed: the unread data
+//! frames must never be parsed as requests. The client reads that answer even when its own
+//! writes fail on the closed socket, and prints the node's error.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,10 +33,12 @@ use super::{Reply, Request, Status, WireScope};
 
 /// Connections served at once; more wait in the listen backlog.
 pub const CONNECTIONS_MAX: usize = 64;
-/// How long a new connection may take to send its request.
-pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a connection may sit idle between requests.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// An idle connection between requests gets this many client timeouts.
+pub const IDLE_TIMEOUTS_BETWEEN_REQUESTS: u32 = 10;
+/// First pause after a failed accept (out of file descriptors, say); doubles per failure.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause after failed accepts.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How long shutdown waits for requests in flight.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Data frames buffered between the socket and a streamed import.
@@ -53,6 +61,10 @@ pub struct ServerCtx {
     pub fault_injection: bool,
     /// Turns true when the node stops: idle connections close at once.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// How long a client may stay silent before its request or inside a streamed body.
+    pub client_timeout: Duration,
+    /// The configured retention (for `gc` without flags, and consumers' expiry in status).
+    pub retention: Retention,
 }
 
 /// Serves `listener` until `shutdown` resolves, then waits for requests in flight.
@@ -60,6 +72,7 @@ pub async fn serve(listener: UnixListener, ctx: ServerCtx, shutdown: impl std::f
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         // Wait for a free slot first (more clients wait in the listen backlog), but never
         // past a shutdown.
@@ -68,15 +81,29 @@ pub async fn serve(listener: UnixListener, ctx: ServerCtx, shutdown: impl std::f
             permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        tokio::select! {
+        let accepted = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
                 let ctx = ctx.clone();
                 tasks.spawn(async move {
                     handle(stream, ctx).await;
                     drop(permit);
                 });
+            }
+            Err(e) => {
+                // Out of descriptors or memory: retrying at once would spin a core. Pause,
+                // longer each time, while connections in flight finish and free what they hold.
+                tracing::warn!(error = %e, ?backoff, "accepting a control connection failed; pausing");
+                drop(permit);
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }
@@ -97,11 +124,12 @@ async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// Serves one connection: requests one after another until the client closes it, a frame is
-/// bad, or the client stays silent for [`REQUEST_READ_TIMEOUT`] (first request) or
-/// [`IDLE_TIMEOUT`] (later ones). A malformed request gets an error reply and the connection
-/// is closed: after garbage the stream cannot be trusted to be in step.
-async fn handle(mut stream: UnixStream, mut ctx: ServerCtx) {
-    let mut wait = REQUEST_READ_TIMEOUT;
+/// bad, or the client stays silent for the client timeout (first request) or ten of them
+/// (later ones). A malformed request gets an error reply and the connection is closed: after
+/// garbage the stream cannot be trusted to be in step; likewise a streamed put that failed
+/// before its end frame.
+async fn handle(mut stream: UnixStream, ctx: ServerCtx) {
+    let mut wait = ctx.client_timeout;
     let mut stopping = ctx.stopping.clone();
     loop {
         // Between requests a connection is idle: shutdown closes it at once (no request of
@@ -116,16 +144,57 @@ async fn handle(mut stream: UnixStream, mut ctx: ServerCtx) {
             Ok(Err(e)) => return tracing::debug!(error = %e, "dropping a control connection: bad frame"),
             Err(_) => return tracing::debug!("dropping a control connection: idle"),
         };
-        let (reply, keep) = match serde_json::from_slice::<Request>(&first) {
-            Ok(req) => (dispatch(req, &mut stream, &mut ctx).await.unwrap_or_else(|e| Reply::Error { message: format!("{e:#}") }), true),
+        let error = |e: anyhow::Error| Reply::Error { message: format!("{e:#}") };
+        let (reply, in_step) = match serde_json::from_slice::<Request>(&first) {
+            Ok(Request::PutStream { scope: s, path: p }) => {
+                let mut body = Body { stream: &mut stream, timeout: ctx.client_timeout, stopping: ctx.stopping.clone(), ended: false };
+                match put_stream(&ctx, scope(s), &p, &mut body).await {
+                    Ok(reply) => (reply, true),
+                    Err(e) => {
+                        let ended = body.ended;
+                        (error(e), ended)
+                    }
+                }
+            }
+            Ok(req) => (dispatch(req, &ctx).await.unwrap_or_else(error), true),
             Err(e) => (Reply::Error { message: format!("malformed request: {e}") }, false),
         };
         let mut out = Vec::new();
         frame::encode(&encode_reply(&reply), &mut out);
-        if stream.write_all(&out).await.is_err() || !keep {
+        if stream.write_all(&out).await.is_err() || !in_step {
             return;
         }
-        wait = IDLE_TIMEOUT;
+        wait = ctx.client_timeout * IDLE_TIMEOUTS_BETWEEN_REQUESTS;
+    }
+}
+
+/// The data frames that follow a streamed put: each must come within the client timeout and
+/// before a shutdown; `ended` once the empty end frame was read (the connection is then
+/// in step again, whatever the put's outcome).
+struct Body<'s> {
+    stream: &'s mut UnixStream,
+    timeout: Duration,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    ended: bool,
+}
+
+impl Body<'_> {
+    /// The next chunk of data; `None` at the end frame.
+    async fn next(&mut self) -> Result<Option<Vec<u8>>> {
+        let read = tokio::select! {
+            read = tokio::time::timeout(self.timeout, read_frame(self.stream)) => read,
+            _ = self.stopping.wait_for(|s| *s) => bail!("the node is shutting down: nothing was written; retry once it runs again"),
+        };
+        let frame = match read {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => bail!("the client went away mid-stream ({e}): nothing was written"),
+            Err(_) => bail!("no data from the client for {:?}: the put was dropped, nothing was written", self.timeout),
+        };
+        if frame.is_empty() {
+            self.ended = true;
+            return Ok(None);
+        }
+        Ok(Some(frame))
     }
 }
 
@@ -166,8 +235,7 @@ async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<R
     }
 }
 
-async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &mut ServerCtx) -> Result<Reply> {
-    let ctx: &ServerCtx = ctx;
+async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
     Ok(match req {
         Request::PutFile { scope: s, path: p, src } => {
             let dest = path(&p)?;
@@ -198,28 +266,12 @@ async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &mut ServerCtx) ->
             .await?;
             Reply::Count { count }
         }
-        Request::PutStream { scope: s, path: p } => {
-            let dest = path(&p)?;
-            // Small content (one data frame, then the end) is imported right here: hashing a
-            // few KiB costs less than handing it to a blocking thread.
-            let first = read_frame(stream).await.context("reading the data")?;
-            let mut pending = vec![first];
-            if pending[0].len() <= alknet_actors::content::INLINE_BYTES_MAX && !pending[0].is_empty() {
-                let next = read_frame(stream).await.context("reading the data")?;
-                if next.is_empty() {
-                    let blob = ctx.content.import_reader(&pending[0][..], |_| {})?;
-                    let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
-                    return commit_one(ctx, scope(s), (dest, entry, blob)).await;
-                }
-                pending.push(next);
-            }
-            stream_import(ctx, scope(s), dest, stream, pending).await?
-        }
+        Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
         Request::Remove { scope: s, path: p, recursive } => match write(ctx, WriteOp::Remove { scope: scope(s), path: path(&p)?, recursive }).await? {
             WriteOutcome::Count(count) => Reply::Count { count },
             _ => Reply::Done,
         },
-        Request::Rename { scope: s, from, to } => match write(ctx, WriteOp::Rename { scope: scope(s), from: path(&from)?, to: path(&to)? }).await? {
+        Request::Rename { scope: s, from, to } => match write(ctx, WriteOp::Rename { scope: scope(s), from: path(&from)?, to: TreePath::parse(&to)? }).await? {
             WriteOutcome::Path(p) => Reply::Path { path: p.to_string() },
             _ => Reply::Done,
         },
@@ -247,12 +299,13 @@ async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &mut ServerCtx) ->
             WriteOutcome::Merge(report) => Reply::Merge { report },
             _ => Reply::Done,
         },
-        Request::Gc { keep_versions, keep_days } => {
-            let policy = match (keep_versions, keep_days) {
-                (None, None) => None,
-                (v, d) => Some(Retention { keep_versions: v.unwrap_or(0), keep_days: d.unwrap_or(0) }),
-            };
-            Reply::Gc { report: ctx.node.gc(policy).await? }
+        Request::Gc { keep_versions, keep_days } => Reply::Gc { report: ctx.node.gc(keep_versions, keep_days).await? },
+        Request::ConflictsDismiss { scope: s, path: p } => {
+            let path = p.as_deref().map(path).transpose()?;
+            match write(ctx, WriteOp::DismissConflicts { scope: scope(s), path }).await? {
+                WriteOutcome::Count(count) => Reply::Count { count },
+                _ => Reply::Done,
+            }
         }
         Request::Status => Reply::Status { status: Box::new(status(ctx).await?) },
         Request::InjectPanic { actor } => {
@@ -267,26 +320,39 @@ async fn dispatch(req: Request, stream: &mut UnixStream, ctx: &mut ServerCtx) ->
 }
 
 /// A streamed put: the bytes flow through a bounded channel into a blocking import, which
-/// stages them to disk while they arrive. `already` holds frames read before the decision
-/// (an empty one is the end).
-async fn stream_import(ctx: &ServerCtx, scope: Scope, dest: TreePath, stream: &mut UnixStream, already: Vec<Vec<u8>>) -> Result<Reply> {
+/// stages them to disk while they arrive. Small content (one data frame, then the end) is
+/// imported right here: hashing a few KiB costs less than handing it to a blocking thread.
+async fn put_stream(ctx: &ServerCtx, scope: Scope, raw_path: &str, body: &mut Body<'_>) -> Result<Reply> {
+    let dest = path(raw_path)?;
+    let mut pending = Vec::new();
+    match body.next().await? {
+        None => return commit_bytes(ctx, scope, dest, &[]).await,
+        Some(first) if first.len() <= alknet_actors::content::INLINE_BYTES_MAX => match body.next().await? {
+            None => return commit_bytes(ctx, scope, dest, &first).await,
+            Some(next) => pending.extend([first, next]),
+        },
+        Some(first) => pending.push(first),
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(STREAM_QUEUE_CHUNKS);
     let content = ctx.content.clone();
     let import = tokio::task::spawn_blocking(move || content.import_reader(ChannelReader { rx, buf: Vec::new(), pos: 0 }, |_| {}));
-    let mut ended = false;
-    for chunk in already {
-        if chunk.is_empty() || tx.send(Ok(chunk)).await.is_err() {
-            ended = true;
+    let mut import_stopped = false;
+    for chunk in pending {
+        import_stopped = tx.send(Ok(chunk)).await.is_err();
+        if import_stopped {
             break;
         }
     }
-    while !ended {
-        match read_frame(stream).await {
-            Ok(chunk) if chunk.is_empty() => ended = true,
-            Ok(chunk) => ended = tx.send(Ok(chunk)).await.is_err(), // a failed import: its error is below
+    while !import_stopped {
+        match body.next().await {
+            Ok(Some(chunk)) => import_stopped = tx.send(Ok(chunk)).await.is_err(), // a failed import: its error is below
+            Ok(None) => break,
             Err(e) => {
-                let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, format!("client went away: {e}")))).await;
-                ended = true;
+                // Abort the import (its staging file goes with it) before answering.
+                let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.to_string()))).await;
+                drop(tx);
+                let _ = import.await;
+                return Err(e);
             }
         }
     }
@@ -296,12 +362,21 @@ async fn stream_import(ctx: &ServerCtx, scope: Scope, dest: TreePath, stream: &m
     commit_one(ctx, scope, (dest, entry, blob)).await
 }
 
+/// Imports `bytes` (small) and commits them at `dest`.
+async fn commit_bytes(ctx: &ServerCtx, scope: Scope, dest: TreePath, bytes: &[u8]) -> Result<Reply> {
+    let blob = ctx.content.import_reader(bytes, |_| {})?;
+    let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
+    commit_one(ctx, scope, (dest, entry, blob)).await
+}
+
 async fn status(ctx: &ServerCtx) -> Result<Status> {
     let dir = ctx.dir.clone();
-    let (store_bytes, blob_count) = blocking(move || {
+    let active_since_ms = engine::now_ms() - i64::from(ctx.retention.outbox_keep_days) * 86_400_000;
+    let (store_bytes, blob_count, consumers) = blocking(move || {
         let tree = alknet_actors::store::TreeStore::open(&dir.join(alknet_actors::store::TREE_DB_FILE), false)?;
         let blobs: i64 = tree.conn().query_row("SELECT count(*) FROM blob", [], |r| r.get(0))?;
-        Ok((disk_usage(&dir), blobs as u64))
+        let consumers = alknet_actors::store::outbox::consumers(tree.conn(), active_since_ms)?;
+        Ok((disk_usage(&dir), blobs as u64, consumers))
     })
     .await?;
     let (outbox_cursor, outbox_head) = ctx.node.outbox_stats().await?;
@@ -317,6 +392,7 @@ async fn status(ctx: &ServerCtx) -> Result<Status> {
         outbox_cursor,
         outbox_head,
         last_gc: ctx.node.last_gc().await?,
+        consumers,
     })
 }
 

@@ -29,16 +29,62 @@ pub fn commit_items(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[Com
     Ok(seqs)
 }
 
+/// The most ids committing `items` takes ([`crate::store::Ids`]): per item its version, one
+/// per parent it may create, and its outbox event.
+pub fn ids_of(items: &[CommitItem]) -> u64 {
+    items.iter().map(|(path, _, _)| path.ancestors().len() as u64 + 1).sum()
+}
+
+/// Most names an import's refusal lists; the count says how many more.
+const BAD_NAMES_SHOWN_MAX: usize = 5;
+
 /// Walks the local tree `src` (sorted, depth first), imports every file and symlink into
 /// `content`, and hands `sink` batches of at most [`COMMIT_ENTRIES_MAX`] items to commit
 /// (directories before what they hold). Special files are skipped with a warning.
+///
+/// The whole tree is walked and checked first: a name that cannot be a path (not UTF-8,
+/// too long) or two names that are one path in Unicode NFC fail the import before anything
+/// is copied or committed, so a refused import never leaves half a tree behind.
 pub fn import_tree(content: &ContentStore, src: &Path, dest: &TreePath, mut sink: impl FnMut(Vec<CommitItem>) -> Result<()>) -> Result<u64> {
+    let plan = plan_tree(src, dest)?;
+    let mut batch: Vec<CommitItem> = Vec::with_capacity(plan.len().min(COMMIT_ENTRIES_MAX));
+    let mut count = 0u64;
+    for (lpath, rpath, meta) in plan {
+        let ft = meta.file_type();
+        let item = if ft.is_dir() {
+            (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+            let blob = content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
+            let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
+            (rpath, entry, blob)
+        } else {
+            let blob = content.import_file(&lpath, |_| {})?;
+            (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
+        };
+        batch.push(item);
+        if batch.len() >= COMMIT_ENTRIES_MAX {
+            count += batch.len() as u64;
+            sink(std::mem::take(&mut batch))?;
+        }
+    }
+    count += batch.len() as u64;
+    sink(batch)?;
+    Ok(count)
+}
+
+/// One entry to import: where it is, where it goes, what it is.
+type Planned = (std::path::PathBuf, TreePath, fs::Metadata);
+
+/// Walks `src` and lists what to import, `src` itself first, refusing the whole tree if any
+/// name cannot be stored (see [`import_tree`]).
+fn plan_tree(src: &Path, dest: &TreePath) -> Result<Vec<Planned>> {
     let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
     if !dir_meta.is_dir() {
         return Err(EngineError::local(src, io::Error::other("not a directory")));
     }
-    let mut batch: Vec<CommitItem> = vec![(dest.clone(), Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)), empty_blob())];
-    let mut count = 0u64;
+    let mut plan = vec![(src.to_path_buf(), dest.clone(), dir_meta)];
+    let mut bad: Vec<String> = Vec::new();
     let mut stack = vec![(src.to_path_buf(), dest.clone())];
     while let Some((local, remote)) = stack.pop() {
         let mut names: Vec<_> = fs::read_dir(&local)
@@ -47,37 +93,42 @@ pub fn import_tree(content: &ContentStore, src: &Path, dest: &TreePath, mut sink
             .collect::<io::Result<_>>()
             .map_err(|e| EngineError::local(&local, e))?;
         names.sort();
+        let mut seen: std::collections::HashMap<TreePath, std::path::PathBuf> = std::collections::HashMap::new();
         for name in names {
             let lpath = local.join(&name);
-            let name = name.to_str().ok_or_else(|| EngineError::local(&lpath, io::Error::other("file name is not UTF-8")))?;
-            let rpath = remote.join(name).map_err(StoreError::from)?;
-            let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-            let ft = meta.file_type();
-            let item = if ft.is_dir() {
-                stack.push((lpath.clone(), rpath.clone()));
-                (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-                let blob = content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
-                let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
-                (rpath, entry, blob)
-            } else if ft.is_file() {
-                let blob = content.import_file(&lpath, |_| {})?;
-                (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
-            } else {
-                tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
+            let Some(name) = name.to_str() else {
+                bad.push(format!("{}: the name is not valid UTF-8", lpath.display()));
                 continue;
             };
-            batch.push(item);
-            if batch.len() >= COMMIT_ENTRIES_MAX {
-                count += batch.len() as u64;
-                sink(std::mem::take(&mut batch))?;
+            let rpath = match remote.join(name) {
+                Ok(p) => p,
+                Err(e) => {
+                    bad.push(format!("{}: {e}", lpath.display()));
+                    continue;
+                }
+            };
+            if let Some(other) = seen.insert(rpath.clone(), lpath.clone()) {
+                bad.push(format!("{} and {} are one name in Unicode NFC ({rpath})", other.display(), lpath.display()));
+                continue;
             }
+            let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                stack.push((lpath.clone(), rpath.clone()));
+            } else if !ft.is_symlink() && !ft.is_file() {
+                tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
+                continue;
+            }
+            plan.push((lpath, rpath, meta));
         }
     }
-    count += batch.len() as u64;
-    sink(batch)?;
-    Ok(count)
+    if !bad.is_empty() {
+        let shown = bad.iter().take(BAD_NAMES_SHOWN_MAX).cloned().collect::<Vec<_>>().join("; ");
+        let more = bad.len().saturating_sub(BAD_NAMES_SHOWN_MAX);
+        let more = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+        return Err(EngineError::BadNames { src: src.to_path_buf(), count: bad.len(), shown: format!("{shown}{more}") });
+    }
+    Ok(plan)
 }
 
 /// The entry for a stored local file.

@@ -1,7 +1,7 @@
 //! Looking after the blobs: re-hashing them all (`alkfs blobs check`), adding them to the
 //! iroh-blobs index, and garbage collection.
 
-use super::{now_ms, Engine, EngineError, Result};
+use super::{Engine, EngineError, Result};
 use crate::content::ContentError;
 use crate::proto::entry::ContentHash;
 use crate::store::read;
@@ -22,7 +22,8 @@ const BLOB_PAGE: i64 = 256;
 impl Engine {
     /// Collects garbage: prunes history past `policy`, frees blobs nothing names.
     pub fn gc(&mut self, policy: crate::gc::Retention) -> Result<crate::gc::GcReport> {
-        crate::gc::collect(&mut self.tree, &self.content, policy, now_ms()).map_err(|e| match e {
+        let now = self.now_ms();
+        crate::gc::collect(&mut self.tree, &self.content, policy, now).map_err(|e| match e {
             crate::gc::GcError::Store(e) => EngineError::Store(e),
             crate::gc::GcError::Content(e) => EngineError::Content(e),
         })
@@ -30,7 +31,8 @@ impl Engine {
 
     /// Records `hashes` as held by the iroh-blobs index, in one transaction.
     pub fn mark_indexed(&mut self, hashes: &[ContentHash]) -> Result<()> {
-        self.tree.transact(now_ms(), |tx| {
+        let now = self.now_ms();
+        self.tree.transact(crate::store::Ids::AtMost(0), now, |tx| {
             for h in hashes {
                 read::mark_indexed(tx.conn(), h)?;
             }

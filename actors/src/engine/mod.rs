@@ -28,12 +28,13 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::content::{ContentError, ContentStore, Imported};
+use crate::proto::clock::Clock;
 use crate::proto::entry::{ContentHash, Entry, EntryKind};
 use crate::proto::path::TreePath;
 use crate::session::WriteSession;
 use crate::store::merge::{ConflictRow, MergeReport};
 use crate::store::read::{self, View};
-use crate::store::{Branch, StoreError, TreeStore, VersionRow, TREE_DB_FILE};
+use crate::store::{Branch, Ids, StoreError, TreeStore, VersionRow, TREE_DB_FILE};
 
 /// The default bucket `init` creates.
 pub const DEFAULT_BUCKET: &str = "default";
@@ -59,6 +60,16 @@ pub enum EngineError {
         dir: PathBuf,
         /// " (pid N)" when known.
         pid: String,
+    },
+    /// Names in a tree to import that cannot be stored; nothing was imported.
+    #[error("{src}: {count} names cannot be stored, so nothing was imported: {shown}. Rename them and retry")]
+    BadNames {
+        /// The tree.
+        src: PathBuf,
+        /// How many names.
+        count: usize,
+        /// The first few, with why.
+        shown: String,
     },
     /// A local file the user named could not be used.
     #[error("{path}: {source}")]
@@ -104,9 +115,24 @@ pub enum Access {
     Read,
 }
 
-/// Milliseconds since the Unix epoch, now.
+/// Milliseconds since the Unix epoch, now, by the system clock.
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The system's wall clock: what production stamps versions with.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}
+
+/// The clock of an engine that was given none.
+pub fn system_clock() -> std::sync::Arc<dyn Clock> {
+    std::sync::Arc::new(SystemClock)
 }
 
 /// The data dir's write lock (an `flock` on `DATA/lock`), held while this value lives.
@@ -131,6 +157,7 @@ pub struct Engine {
     dir: PathBuf,
     tree: TreeStore,
     content: ContentStore,
+    clock: std::sync::Arc<dyn Clock>,
     _lock: Option<std::sync::Arc<DirLock>>,
 }
 
@@ -150,7 +177,7 @@ impl Engine {
         let mut tree = TreeStore::open(&db, true)?;
         ContentStore::open(&dir.join("content"))?;
         if tree.buckets()?.is_empty() {
-            tree.transact(now_ms(), |tx| tx.create_bucket(DEFAULT_BUCKET).map(|_| ()))?;
+            tree.transact(Ids::AtMost(1), now_ms(), |tx| tx.create_bucket(DEFAULT_BUCKET).map(|_| ()))?;
         }
         drop(lock);
         Ok(fresh)
@@ -170,7 +197,7 @@ impl Engine {
             Access::Read => {
                 let tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
                 let content = ContentStore::open(&dir.join("content"))?;
-                Ok(Engine { dir: dir.to_path_buf(), tree, content, _lock: None })
+                Ok(Engine { dir: dir.to_path_buf(), tree, content, clock: system_clock(), _lock: None })
             }
         }
     }
@@ -180,8 +207,20 @@ impl Engine {
     /// the caller's writes in flight.
     pub fn open_under(dir: &Path, lock: std::sync::Arc<DirLock>, content: ContentStore) -> Result<Self> {
         Self::check_initialised(dir)?;
-        let tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
-        Ok(Engine { dir: dir.to_path_buf(), tree, content, _lock: Some(lock) })
+        let mut tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
+        tree.recover_ids()?;
+        Ok(Engine { dir: dir.to_path_buf(), tree, content, clock: system_clock(), _lock: Some(lock) })
+    }
+
+    /// This engine with its time taken from `clock` (tests set it; the system clock by default).
+    pub fn with_clock(mut self, clock: std::sync::Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by this engine's clock: what new versions are stamped with.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Fails with [`EngineError::NotInitialised`] unless `dir` holds a store.
@@ -262,7 +301,7 @@ impl Engine {
         for s in sessions {
             sealed.push(s.seal(&self.content)?);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let items: Vec<(TreePath, Entry, Imported)> = sealed
             .into_iter()
             .map(|(path, mode, blob)| {
@@ -277,7 +316,8 @@ impl Engine {
     /// is created if missing (as `mkdir -p`) and its seq is 0 when it already existed.
     pub fn commit_entries(&mut self, scope: &Scope, items: &[CommitItem]) -> Result<Vec<i64>> {
         let branch = self.branch(scope)?;
-        let seqs = self.tree.transact(now_ms(), |tx| commit_items(tx, &branch, items))?;
+        let now = self.now_ms();
+        let seqs = self.tree.transact(Ids::AtMost(import::ids_of(items)), now, |tx| commit_items(tx, &branch, items))?;
         Ok(seqs)
     }
 
@@ -297,7 +337,7 @@ impl Engine {
     pub fn put_reader(&mut self, scope: &Scope, reader: impl Read, dest: &TreePath, progress: impl FnMut(u64)) -> Result<i64> {
         self.branch(scope)?;
         let blob = self.content.import_reader(reader, progress)?;
-        let entry = file_entry(&blob, FILE_MODE_DEFAULT, now_ms());
+        let entry = file_entry(&blob, FILE_MODE_DEFAULT, self.now_ms());
         Ok(self.commit_entries(scope, &[(dest.clone(), entry, blob)])?[0])
     }
 
@@ -318,57 +358,79 @@ impl Engine {
     /// Creates a directory.
     pub fn mkdir(&mut self, scope: &Scope, path: &TreePath, parents: bool) -> Result<()> {
         let branch = self.branch(scope)?;
-        self.tree.transact(now_ms(), |tx| tx.mkdir(&branch, path, parents, crate::store::tx::DIR_MODE_DEFAULT))?;
+        let (ids, now) = (ids_of_path(path), self.now_ms());
+        self.tree.transact(ids, now, |tx| tx.mkdir(&branch, path, parents, crate::store::tx::DIR_MODE_DEFAULT))?;
         Ok(())
     }
 
     /// Removes a path (recursively for directories when asked). Returns how many paths.
     pub fn remove(&mut self, scope: &Scope, path: &TreePath, recursive: bool) -> Result<usize> {
         let branch = self.branch(scope)?;
-        Ok(self.tree.transact(now_ms(), |tx| tx.remove(&branch, path, recursive))?)
+        let now = self.now_ms();
+        Ok(self.tree.transact(Ids::Unbounded, now, |tx| tx.remove(&branch, path, recursive))?)
     }
 
-    /// Renames `from` to `to`; when `to` is an existing directory, moves `from` into it.
+    /// Renames `from` to `to`; when `to` is an existing directory (the root included), moves
+    /// `from` into it, as `mv` does.
     pub fn rename(&mut self, scope: &Scope, from: &TreePath, to: &TreePath) -> Result<TreePath> {
         let (branch, view) = self.head(scope)?;
         let mut target = to.clone();
-        if let Some(row) = read::live(self.tree.conn(), &view, to)? {
-            if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) && !from.is_root() {
-                target = to.join(from.name()).map_err(StoreError::from)?;
-            }
+        let into_dir = to.is_root() || read::live(self.tree.conn(), &view, to)?.is_some_and(|row| row.entry().is_some_and(|e| e.kind == EntryKind::Dir));
+        if into_dir && !from.is_root() {
+            target = to.join(from.name()).map_err(StoreError::from)?;
         }
-        self.tree.transact(now_ms(), |tx| tx.rename(&branch, from, &target))?;
+        let now = self.now_ms();
+        self.tree.transact(Ids::Unbounded, now, |tx| tx.rename(&branch, from, &target))?;
         Ok(target)
     }
 
     /// Makes version `seq` of `path` its head again.
     pub fn restore(&mut self, scope: &Scope, path: &TreePath, seq: i64) -> Result<i64> {
         let branch = self.branch(scope)?;
-        Ok(self.tree.transact(now_ms(), |tx| tx.restore(&branch, path, seq))?)
+        let (ids, now) = (ids_of_path(path), self.now_ms());
+        Ok(self.tree.transact(ids, now, |tx| tx.restore(&branch, path, seq))?)
     }
 
     /// Creates bucket `name`.
     pub fn create_bucket(&mut self, name: &str) -> Result<()> {
-        self.tree.transact(now_ms(), |tx| tx.create_bucket(name).map(|_| ()))?;
+        let now = self.now_ms();
+        self.tree.transact(Ids::AtMost(1), now, |tx| tx.create_bucket(name).map(|_| ()))?;
         Ok(())
     }
 
     /// Creates branch `name` in `scope`'s bucket, forked from `from` (default: scope's branch).
     pub fn create_branch(&mut self, scope: &Scope, name: &str, from: Option<&str>) -> Result<Branch> {
         let from = self.tree.branch(&scope.bucket, from.unwrap_or(&scope.branch))?;
-        Ok(self.tree.transact(now_ms(), |tx| tx.create_branch(&scope.bucket, &from, name))?)
+        let now = self.now_ms();
+        Ok(self.tree.transact(Ids::AtMost(1), now, |tx| tx.create_branch(&scope.bucket, &from, name))?)
     }
 
     /// Deletes branch `name` of `scope`'s bucket.
     pub fn delete_branch(&mut self, scope: &Scope, name: &str) -> Result<()> {
-        Ok(self.tree.transact(now_ms(), |tx| tx.delete_branch(&scope.bucket, name))?)
+        let now = self.now_ms();
+        Ok(self.tree.transact(Ids::AtMost(1), now, |tx| tx.delete_branch(&scope.bucket, name))?)
     }
 
     /// Merges branch `from` into `into` (default: scope's branch).
     pub fn merge(&mut self, scope: &Scope, from: &str, into: Option<&str>) -> Result<MergeReport> {
         let from = self.tree.branch(&scope.bucket, from)?;
         let into = self.tree.branch(&scope.bucket, into.unwrap_or(&scope.branch))?;
-        Ok(self.tree.transact(now_ms(), |tx| tx.merge(&from, &into))?)
+        let now = self.now_ms();
+        Ok(self.tree.transact(Ids::Unbounded, now, |tx| tx.merge(&from, &into))?)
+    }
+
+    /// Takes the conflict at `path` (all of them when `None`) off the branch's list; their
+    /// versions then fall under ordinary retention. Returns how many were dismissed.
+    pub fn dismiss_conflicts(&mut self, scope: &Scope, path: Option<&TreePath>) -> Result<usize> {
+        let branch = self.branch(scope)?;
+        let now = self.now_ms();
+        let n = self.tree.transact(Ids::AtMost(0), now, |tx| crate::store::merge::dismiss_conflicts(tx.conn(), &branch, path))?;
+        if n == 0 {
+            if let Some(p) = path {
+                return Err(StoreError::NotFound(format!("{p}: no conflict listed on branch {} (see `alkfs conflicts`)", branch.name)).into());
+            }
+        }
+        Ok(n)
     }
 
     // ---- reads ----
@@ -454,6 +516,11 @@ impl Engine {
         tmp.persist(dest).map_err(|e| EngineError::local(dest, e.error))?;
         Ok(n)
     }
+}
+
+/// The most ids a write of one path takes: its version and one per missing parent.
+fn ids_of_path(path: &TreePath) -> Ids {
+    Ids::AtMost(path.ancestors().len() as u64 + 1)
 }
 
 /// Takes the data dir's write lock, or says who holds it.

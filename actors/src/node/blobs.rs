@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::store::{StoreMsg, WriteOp};
-use super::{NodeContext, STORE_ACTOR};
+use super::{Child, Names, NodeContext};
 use crate::content::ContentStore;
 use crate::index::BlobIndex;
 use crate::proto::entry::ContentHash;
@@ -84,6 +84,7 @@ pub struct BlobState {
     scan_gate: super::Coalesce,
     last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
     deferred_since: Option<Instant>,
+    names: Names,
 }
 
 impl Actor for BlobActor {
@@ -108,6 +109,7 @@ impl Actor for BlobActor {
             scan_gate: Default::default(),
             last_commit_ms: ctx.last_commit_ms.clone(),
             deferred_since: None,
+            names: ctx.names.clone(),
         })
     }
 
@@ -231,7 +233,7 @@ impl BlobState {
         self.queue = later;
         if !done.is_empty() {
             self.stats.indexed += done.len() as u64;
-            if let Some(store) = ActorRef::<StoreMsg>::where_is(STORE_ACTOR) {
+            if let Some(store) = self.names.find::<StoreMsg>(Child::Store) {
                 // Fire and forget: a blob not marked is indexed again next time (idempotent).
                 let (tx, _rx) = ractor::concurrency::oneshot();
                 let _ = store.cast(StoreMsg::Write(WriteOp::MarkIndexed { hashes: done }, tx.into()));

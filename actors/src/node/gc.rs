@@ -8,7 +8,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::blobs::BlobMsg;
 use super::store::{StoreMsg, WriteOp, WriteOutcome};
-use super::{NodeContext, BLOB_ACTOR, STORE_ACTOR};
+use super::{Child, Names, NodeContext};
 use crate::engine::now_ms;
 use crate::gc::{GcReport, Retention};
 
@@ -17,8 +17,9 @@ pub const GC_CALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Messages of the GC actor.
 pub enum GcMsg {
-    /// Collect now with this policy (the configured one when `None`).
-    Run(Option<Retention>, RpcReplyPort<Result<GcReport, String>>),
+    /// Collect now with the configured policy, or the one `gc` flags make of it
+    /// ([`Retention::with_flags`]: keep_versions, keep_days).
+    Run((Option<u32>, Option<u32>), RpcReplyPort<Result<GcReport, String>>),
     /// The schedule's tick.
     Tick,
     /// When the last collection ran and what it did.
@@ -34,6 +35,7 @@ pub struct GcActor;
 pub struct GcState {
     policy: Retention,
     last: Option<(i64, GcReport)>,
+    names: Names,
 }
 
 impl Actor for GcActor {
@@ -45,19 +47,19 @@ impl Actor for GcActor {
         if !ctx.config.gc_interval.is_zero() {
             me.send_interval(ctx.config.gc_interval, || GcMsg::Tick);
         }
-        Ok(GcState { policy: ctx.config.retention, last: None })
+        Ok(GcState { policy: ctx.config.retention, last: None, names: ctx.names.clone() })
     }
 
     async fn handle(&self, _me: ActorRef<GcMsg>, msg: GcMsg, state: &mut GcState) -> Result<(), ActorProcessingErr> {
         match msg {
-            GcMsg::Run(policy, reply) => {
-                let result = collect(policy.unwrap_or(state.policy)).await;
+            GcMsg::Run((keep_versions, keep_days), reply) => {
+                let result = collect(&state.names, state.policy.with_flags(keep_versions, keep_days)).await;
                 if let Ok(report) = &result {
                     state.last = Some((now_ms(), report.clone()));
                 }
                 let _ = reply.send(result);
             }
-            GcMsg::Tick => match collect(state.policy).await {
+            GcMsg::Tick => match collect(&state.names, state.policy).await {
                 Ok(report) => state.last = Some((now_ms(), report)),
                 Err(e) => tracing::warn!(error = %e, "scheduled gc failed; the next tick retries"),
             },
@@ -70,18 +72,18 @@ impl Actor for GcActor {
     }
 }
 
-async fn collect(policy: Retention) -> Result<GcReport, String> {
-    let report = collect_in_store(policy).await?;
+async fn collect(names: &Names, policy: Retention) -> Result<GcReport, String> {
+    let report = collect_in_store(names, policy).await?;
     if report.blobs_freed > 0 {
-        if let Some(blobs) = ActorRef::<BlobMsg>::where_is(BLOB_ACTOR) {
+        if let Some(blobs) = names.find::<BlobMsg>(Child::Blobs) {
             let _ = blobs.cast(BlobMsg::Reconcile);
         }
     }
     Ok(report)
 }
 
-async fn collect_in_store(policy: Retention) -> Result<GcReport, String> {
-    let store = ActorRef::<StoreMsg>::where_is(STORE_ACTOR).ok_or("the store is restarting; retry")?;
+async fn collect_in_store(names: &Names, policy: Retention) -> Result<GcReport, String> {
+    let store = names.find::<StoreMsg>(Child::Store).ok_or("the store is restarting; retry")?;
     let outcome = store
         .call(|reply| StoreMsg::Write(WriteOp::Gc { policy }, reply), Some(GC_CALL_TIMEOUT))
         .await

@@ -9,7 +9,9 @@
 //! Sync sessions (one per peer) join this tree with the mesh.
 //!
 //! Children are registered by name and looked up per call by [`NodeHandle`], so a caller
-//! never keeps a reference to a child that has since been restarted.
+//! never keeps a reference to a child that has since been restarted. Registered names are
+//! process-wide in ractor, so each node instance has its own ([`Names`]): several nodes can
+//! run in one process (tests under `cargo test`, benches).
 
 pub mod blobs;
 pub mod gc;
@@ -28,16 +30,71 @@ use crate::engine::DirLock;
 use crate::gc::{GcReport, Retention};
 use crate::index::BlobIndex;
 
-/// Registered name of the supervisor.
+/// The supervisor's name (before the instance suffix).
 pub const SUPERVISOR_ACTOR: &str = "alkfs-supervisor";
-/// Registered name of the store actor.
+/// The store actor's name.
 pub const STORE_ACTOR: &str = "alkfs-store";
-/// Registered name of the outbox watcher.
+/// The outbox watcher's name.
 pub const OUTBOX_ACTOR: &str = "alkfs-outbox";
-/// Registered name of the blob actor.
+/// The blob actor's name.
 pub const BLOB_ACTOR: &str = "alkfs-blobs";
-/// Registered name of the GC actor.
+/// The GC actor's name.
 pub const GC_ACTOR: &str = "alkfs-gc";
+
+/// The registered names of one node instance's actors: `alkfs-store#3` for the store of the
+/// third node this process started. Children find each other through these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    instance: u64,
+}
+
+impl Names {
+    /// Names for a new node instance, unique in this process.
+    pub fn unique() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Names { instance: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) }
+    }
+
+    /// The registered name of `child`.
+    pub fn child(&self, child: Child) -> String {
+        format!("{}#{}", child.name(), self.instance)
+    }
+
+    /// The registered name of the supervisor.
+    pub fn supervisor(&self) -> String {
+        format!("{SUPERVISOR_ACTOR}#{}", self.instance)
+    }
+
+    /// The running actor `child` of this node, if it is registered now.
+    pub fn find<M: ractor::Message>(&self, child: Child) -> Option<ActorRef<M>> {
+        ActorRef::<M>::where_is(self.child(child))
+    }
+}
+
+/// Test hooks that make the real actors fail in ways a test cannot cause from outside.
+#[derive(Debug, Default)]
+pub struct Faults {
+    failing_starts: std::sync::Mutex<std::collections::HashMap<Child, u32>>,
+}
+
+impl Faults {
+    /// Makes the next `n` starts of `child` fail (as if its `pre_start` hit an error).
+    pub fn fail_next_starts(&self, child: Child, n: u32) {
+        self.failing_starts.lock().expect("faults lock").insert(child, n);
+    }
+
+    /// Called by each child's start: an error when a failure was asked for.
+    pub(crate) fn check_start(&self, child: Child) -> Result<(), ractor::ActorProcessingErr> {
+        let mut map = self.failing_starts.lock().expect("faults lock");
+        match map.get_mut(&child) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Err(format!("fault injection: {} failed to start", child.name()).into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 /// How long a call waits for a child that is restarting before giving up.
 pub const RESTART_WAIT: Duration = Duration::from_secs(15);
@@ -130,6 +187,29 @@ pub struct NodeContext {
     pub config: NodeConfig,
     /// When the store last committed (ms since the epoch): background work waits for quiet.
     pub last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// This node's actor names.
+    pub names: Names,
+    /// The time versions are stamped with (the system clock outside tests).
+    pub clock: Arc<dyn crate::proto::clock::Clock>,
+    /// Test hooks.
+    pub faults: Arc<Faults>,
+}
+
+impl NodeContext {
+    /// The context of a node on `dir`, with fresh names, the system clock and no faults.
+    pub fn new(dir: &std::path::Path, lock: Arc<DirLock>, content: ContentStore, index: Arc<BlobIndex>, config: NodeConfig) -> Self {
+        NodeContext {
+            dir: dir.to_path_buf(),
+            lock,
+            content,
+            index,
+            config,
+            last_commit_ms: Default::default(),
+            names: Names::unique(),
+            clock: crate::engine::system_clock(),
+            faults: Default::default(),
+        }
+    }
 }
 
 /// Errors of calls into the node.
@@ -148,12 +228,18 @@ pub enum NodeError {
 
 /// A cheap handle to the running node's actors. Writes go over a cached direct line to the
 /// store's writer thread, renewed from the store actor after a restart.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct NodeHandle {
+    names: Names,
     writer: Arc<std::sync::Mutex<Option<store::StoreWriter>>>,
 }
 
 impl NodeHandle {
+    /// A handle to the node whose actors have these names.
+    pub fn new(names: Names) -> Self {
+        NodeHandle { names, writer: Default::default() }
+    }
+
     /// Calls `child` with a message built around a reply port, looking the child up by name
     /// and waiting (up to [`RESTART_WAIT`]) while it restarts. A call whose child died holding
     /// the reply is not retried: it may have had an effect, so the caller decides.
@@ -165,7 +251,7 @@ impl NodeHandle {
     ) -> Result<T, NodeError> {
         let deadline = Instant::now() + RESTART_WAIT;
         loop {
-            if let Some(actor) = ActorRef::<M>::where_is(child.name()) {
+            if let Some(actor) = self.names.find::<M>(child) {
                 match actor.call(&build, Some(timeout)).await {
                     Ok(ractor::rpc::CallResult::Success(v)) => return Ok(v),
                     Ok(ractor::rpc::CallResult::Timeout) => return Err(NodeError::Timeout(child.name())),
@@ -175,7 +261,7 @@ impl NodeHandle {
                     Err(_) => {} // stopping: wait for the restart
                 }
             }
-            if Instant::now() >= deadline || !tree_alive() {
+            if Instant::now() >= deadline || !tree_alive(&self.names) {
                 return Err(NodeError::Unavailable(child.name()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -214,7 +300,7 @@ impl NodeHandle {
             };
             // Not applied: the writer was going away. Ask the (new) actor for a new line.
             *self.writer.lock().expect("writer cache") = None;
-            if Instant::now() >= deadline || !tree_alive() {
+            if Instant::now() >= deadline || !tree_alive(&self.names) {
                 return Err(NodeError::Unavailable(STORE_ACTOR));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -222,9 +308,10 @@ impl NodeHandle {
         }
     }
 
-    /// Runs a collection now.
-    pub async fn gc(&self, policy: Option<Retention>) -> Result<GcReport, NodeError> {
-        self.call(Child::Gc, |reply| gc::GcMsg::Run(policy, reply), gc::GC_CALL_TIMEOUT).await?.map_err(NodeError::Failed)
+    /// Runs a collection now: the configured policy, with `gc`'s flags applied
+    /// ([`Retention::with_flags`]).
+    pub async fn gc(&self, keep_versions: Option<u32>, keep_days: Option<u32>) -> Result<GcReport, NodeError> {
+        self.call(Child::Gc, |reply| gc::GcMsg::Run((keep_versions, keep_days), reply), gc::GC_CALL_TIMEOUT).await?.map_err(NodeError::Failed)
     }
 
     /// The last collection, if any.
@@ -244,7 +331,7 @@ impl NodeHandle {
 
     /// Each child's health.
     pub async fn health(&self) -> Result<Vec<supervisor::ChildHealth>, NodeError> {
-        let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(SUPERVISOR_ACTOR).ok_or(NodeError::Unavailable("supervisor"))?;
+        let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(self.names.supervisor()).ok_or(NodeError::Unavailable("supervisor"))?;
         match sup.call(supervisor::SupervisorMsg::Health, Some(QUERY_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(h)) => Ok(h),
             _ => Err(NodeError::Timeout("supervisor")),
@@ -253,11 +340,12 @@ impl NodeHandle {
 
     /// Fault injection for tests: makes `child` panic in its handler.
     pub fn inject_panic(&self, child: Child) -> Result<(), NodeError> {
+        let n = &self.names;
         let sent = match child {
-            Child::Store => ActorRef::<store::StoreMsg>::where_is(child.name()).map(|a| a.cast(store::StoreMsg::Panic).is_ok()),
-            Child::Outbox => ActorRef::<outbox::OutboxMsg>::where_is(child.name()).map(|a| a.cast(outbox::OutboxMsg::Panic).is_ok()),
-            Child::Blobs => ActorRef::<blobs::BlobMsg>::where_is(child.name()).map(|a| a.cast(blobs::BlobMsg::Panic).is_ok()),
-            Child::Gc => ActorRef::<gc::GcMsg>::where_is(child.name()).map(|a| a.cast(gc::GcMsg::Panic).is_ok()),
+            Child::Store => n.find::<store::StoreMsg>(child).map(|a| a.cast(store::StoreMsg::Panic).is_ok()),
+            Child::Outbox => n.find::<outbox::OutboxMsg>(child).map(|a| a.cast(outbox::OutboxMsg::Panic).is_ok()),
+            Child::Blobs => n.find::<blobs::BlobMsg>(child).map(|a| a.cast(blobs::BlobMsg::Panic).is_ok()),
+            Child::Gc => n.find::<gc::GcMsg>(child).map(|a| a.cast(gc::GcMsg::Panic).is_ok()),
         };
         match sent {
             Some(true) => Ok(()),
@@ -305,16 +393,28 @@ impl Coalesce {
 
 /// False once the supervisor is gone (the node is stopping or gave up): no child will come
 /// back, so callers stop waiting for one.
-fn tree_alive() -> bool {
-    ActorRef::<supervisor::SupervisorMsg>::where_is(SUPERVISOR_ACTOR).is_some_and(|s| s.get_status() <= ractor::ActorStatus::Running)
+fn tree_alive(names: &Names) -> bool {
+    ActorRef::<supervisor::SupervisorMsg>::where_is(names.supervisor()).is_some_and(|s| s.get_status() <= ractor::ActorStatus::Running)
 }
 
-/// Starts the supervision tree. The returned handle completes when the supervisor ends:
-/// cleanly after [`stop`], or because a child exhausted its restart budget.
-pub async fn start(ctx: NodeContext) -> Result<(ActorRef<supervisor::SupervisorMsg>, tokio::task::JoinHandle<()>), NodeError> {
-    Actor::spawn(Some(SUPERVISOR_ACTOR.to_string()), supervisor::Supervisor, ctx)
+/// A started node: its supervisor, what completes when the supervisor ends (cleanly after
+/// [`stop`], or because a child exhausted its restart budget), and a handle for calls.
+pub struct Started {
+    /// The supervisor.
+    pub supervisor: ActorRef<supervisor::SupervisorMsg>,
+    /// Completes when the supervisor ends.
+    pub done: tokio::task::JoinHandle<()>,
+    /// Calls into the node.
+    pub handle: NodeHandle,
+}
+
+/// Starts the supervision tree.
+pub async fn start(ctx: NodeContext) -> Result<Started, NodeError> {
+    let handle = NodeHandle::new(ctx.names.clone());
+    let (supervisor, done) = Actor::spawn(Some(ctx.names.supervisor()), supervisor::Supervisor, ctx)
         .await
-        .map_err(|e| NodeError::Failed(format!("starting the node: {e}")))
+        .map_err(|e| NodeError::Failed(format!("starting the node: {e}")))?;
+    Ok(Started { supervisor, done, handle })
 }
 
 /// Stops the tree gracefully: the store finishes queued writes first.

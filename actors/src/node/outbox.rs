@@ -13,7 +13,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::blobs::BlobMsg;
-use super::{NodeContext, BLOB_ACTOR};
+use super::{Child, Names, NodeContext};
 use crate::store::{outbox, TreeStore, TREE_DB_FILE};
 
 /// The consumer name of the node's cursor in the honker stream.
@@ -27,6 +27,9 @@ pub const COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
 pub enum OutboxMsg {
     /// Something may have committed: read what is new.
     Wake,
+    /// Record that the node's consumer is alive even when there is nothing to read, so it
+    /// never expires while the node runs.
+    Touch,
     /// The cursor and the newest event offset.
     Stats(RpcReplyPort<(i64, i64)>),
     /// Fault injection (tests only): panic in the handler.
@@ -42,7 +45,11 @@ pub struct OutboxState {
     watcher: std::sync::Arc<honker_core::SharedUpdateWatcher>,
     handed_on: u64,
     gate: super::Coalesce,
+    names: Names,
 }
+
+/// How often the node's consumer says it is alive while idle (well inside any retention).
+pub const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Actor for OutboxActor {
     type Msg = OutboxMsg;
@@ -65,7 +72,9 @@ impl Actor for OutboxActor {
             }
         })?;
         me.cast(OutboxMsg::Wake)?; // catch up on what committed while we were down
-        Ok(OutboxState { tree, watcher, handed_on: 0, gate: Default::default() })
+        me.cast(OutboxMsg::Touch)?;
+        me.send_interval(TOUCH_INTERVAL, || OutboxMsg::Touch);
+        Ok(OutboxState { tree, watcher, handed_on: 0, gate: Default::default(), names: ctx.names.clone() })
     }
 
     async fn handle(&self, me: ActorRef<OutboxMsg>, msg: OutboxMsg, state: &mut OutboxState) -> Result<(), ActorProcessingErr> {
@@ -86,15 +95,16 @@ impl Actor for OutboxActor {
                     let Some(&(last, _)) = batch.last() else { break };
                     let new_blobs = batch.iter().any(|(_, e)| matches!(e.op.as_str(), "write" | "merge" | "restore" | "rename"));
                     if new_blobs {
-                        if let Some(blobs) = ActorRef::<BlobMsg>::where_is(BLOB_ACTOR) {
+                        if let Some(blobs) = state.names.find::<BlobMsg>(Child::Blobs) {
                             let _ = blobs.cast(BlobMsg::Scan);
                         }
                     }
                     state.handed_on += batch.len() as u64;
-                    outbox::save_cursor(conn, CONSUMER, last)?;
+                    outbox::save_cursor(conn, CONSUMER, last, crate::engine::now_ms())?;
                     cursor = last;
                 }
             }
+            OutboxMsg::Touch => outbox::touch(state.tree.conn(), CONSUMER, crate::engine::now_ms())?,
             OutboxMsg::Stats(reply) => {
                 let conn = state.tree.conn();
                 let _ = reply.send((outbox::cursor(conn, CONSUMER)?, outbox::head(conn)?));

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::{outbox::OutboxMsg, NodeContext, OUTBOX_ACTOR};
+use super::{outbox::OutboxMsg, Child, Names, NodeContext};
 use crate::engine::{commit_items, now_ms, CommitItem, Engine, Scope};
 use crate::gc::{GcReport, Retention};
 use crate::proto::path::TreePath;
@@ -50,6 +50,8 @@ pub enum WriteOp {
     CreateBucket { name: String },
     /// Merge a branch into another.
     Merge { scope: Scope, from: String, into: Option<String> },
+    /// Take conflicts off the list (one path, or all).
+    DismissConflicts { scope: Scope, path: Option<TreePath> },
     /// Collect garbage.
     Gc { policy: Retention },
     /// Record blobs as held by the iroh-blobs index.
@@ -180,7 +182,7 @@ impl Actor for StoreActor {
     type Arguments = NodeContext;
 
     async fn pre_start(&self, me: ActorRef<StoreMsg>, ctx: NodeContext) -> Result<StoreState, ActorProcessingErr> {
-        let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?;
+        let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?.with_clock(ctx.clock.clone());
         let (tx, rx) = mpsc::channel();
         let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let writer_ctx = WriterCtx {
@@ -189,6 +191,7 @@ impl Actor for StoreActor {
             last_commit: ctx.last_commit_ms.clone(),
             alive: alive.clone(),
             actor: me,
+            names: ctx.names.clone(),
         };
         let thread = std::thread::Builder::new().name("alkfs-store".into()).spawn(move || writer(engine, rx, writer_ctx))?;
         Ok(StoreState { jobs: Some(tx), thread: Some(thread), alive })
@@ -227,6 +230,7 @@ struct WriterCtx {
     last_commit: std::sync::Arc<std::sync::atomic::AtomicI64>,
     alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
     actor: ActorRef<StoreMsg>,
+    names: Names,
 }
 
 /// Tells the actor when the writer thread ends for any reason but the actor's own end.
@@ -247,7 +251,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
     let alive = || ctx.alive.load(std::sync::atomic::Ordering::SeqCst);
     let committed = || {
         ctx.last_commit.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-        wake_outbox();
+        wake_outbox(&ctx.names);
     };
     let mut held: Option<Job> = None;
     loop {
@@ -298,14 +302,20 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
 }
 
 /// Tells the outbox watcher that something committed (it reads what).
-fn wake_outbox() {
-    if let Some(outbox) = ActorRef::<OutboxMsg>::where_is(OUTBOX_ACTOR) {
+fn wake_outbox(names: &Names) {
+    if let Some(outbox) = names.find::<OutboxMsg>(Child::Outbox) {
         let _ = outbox.cast(OutboxMsg::Wake);
     }
 }
 
 fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
-    let shared = engine.tree_mut().transact(now_ms(), |tx| {
+    let ids = batch.iter().map(|job| match &job.op {
+        WriteOp::Commit { items, .. } => crate::engine::import::ids_of(items),
+        _ => unreachable!("batches hold commits only"),
+    });
+    let ids = crate::store::Ids::AtMost(ids.sum());
+    let now = engine.now_ms();
+    let shared = engine.tree_mut().transact(ids, now, |tx| {
         let mut all = Vec::with_capacity(batch.len());
         for job in &batch {
             let WriteOp::Commit { scope, items } = &job.op else { unreachable!("batches hold commits only") };
@@ -345,6 +355,7 @@ fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
         WriteOp::DeleteBranch { scope, name } => engine.delete_branch(&scope, &name).map(|_| WriteOutcome::Done),
         WriteOp::CreateBucket { name } => engine.create_bucket(&name).map(|_| WriteOutcome::Done),
         WriteOp::Merge { scope, from, into } => engine.merge(&scope, &from, into.as_deref()).map(WriteOutcome::Merge),
+        WriteOp::DismissConflicts { scope, path } => engine.dismiss_conflicts(&scope, path.as_ref()).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Gc { policy } => engine.gc(policy).map(WriteOutcome::Gc),
         WriteOp::MarkIndexed { hashes } => engine.mark_indexed(&hashes).map(|_| WriteOutcome::Done),
     };

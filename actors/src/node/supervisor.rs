@@ -1,8 +1,8 @@
 //! The supervisor: builds the node's actor tree and keeps it alive.
 //!
 //! **Restart policy** (one-for-one):
-//! - a child that fails (a panic or an error in a handler) or stops unexpectedly is restarted
-//!   alone, after a backoff of `RESTART_BACKOFF_BASE × 2^(n-1)` for its n-th failure within the
+//! - a child that fails (a panic or an error in a handler), stops unexpectedly, or whose
+//!   restart itself fails (an error in its `pre_start`) is restarted alone, after a backoff of `RESTART_BACKOFF_BASE × 2^(n-1)` for its n-th failure within the
 //!   window, capped at [`RESTART_BACKOFF_MAX`];
 //! - each child may fail at most `restart_budget` times within `restart_window` (config);
 //!   one more failure **escalates**: the supervisor stops itself with an error, which ends the
@@ -67,7 +67,8 @@ pub struct SupervisorState {
 }
 
 async fn spawn_child(child: Child, ctx: &NodeContext, sup: ActorCell) -> Result<ActorCell, ActorProcessingErr> {
-    let name = Some(child.name().to_string());
+    ctx.faults.check_start(child)?;
+    let name = Some(ctx.names.child(child));
     let cell = match child {
         Child::Store => Actor::spawn_linked(name, StoreActor, ctx.clone(), sup).await?.0.get_cell(),
         Child::Outbox => Actor::spawn_linked(name, OutboxActor, ctx.clone(), sup).await?.0.get_cell(),
@@ -75,6 +76,29 @@ async fn spawn_child(child: Child, ctx: &NodeContext, sup: ActorCell) -> Result<
         Child::Gc => Actor::spawn_linked(name, GcActor, ctx.clone(), sup).await?.0.get_cell(),
     };
     Ok(cell)
+}
+
+/// Records a failure of `child` and either schedules its restart after the backoff or, past
+/// the budget, escalates (the error stops the supervisor, and with it the node).
+fn failed(me: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, child: Child, why: String) -> Result<(), ActorProcessingErr> {
+    let slot = state.children.get_mut(&child).expect("every child has a slot");
+    slot.cell = None;
+    slot.last_failure = Some(why.clone());
+    let now = Instant::now();
+    let window = state.ctx.config.restart_window;
+    while slot.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+        slot.recent.pop_front();
+    }
+    slot.recent.push_back(now);
+    let failures = slot.recent.len() as u32;
+    if failures > state.ctx.config.restart_budget {
+        tracing::error!(child = child.name(), failures, ?window, error = %why, "child keeps failing: escalating, the node stops");
+        return Err(format!("{} failed {failures} times within {window:?} (last: {why}); the node stops", child.name()).into());
+    }
+    let backoff = RESTART_BACKOFF_BASE.saturating_mul(1 << (failures - 1).min(16)).min(RESTART_BACKOFF_MAX);
+    tracing::warn!(child = child.name(), error = %why, ?backoff, "child failed; restarting");
+    me.send_after(backoff, move || SupervisorMsg::Restart(child));
+    Ok(())
 }
 
 impl Actor for Supervisor {
@@ -94,13 +118,16 @@ impl Actor for Supervisor {
 
     async fn handle(&self, me: ActorRef<SupervisorMsg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::Restart(child) => {
-                let cell = spawn_child(child, &state.ctx, me.get_cell()).await?;
-                let slot = state.children.get_mut(&child).expect("every child has a slot");
-                slot.cell = Some(cell);
-                slot.restarts += 1;
-                tracing::info!(child = child.name(), restarts = slot.restarts, "child restarted");
-            }
+            SupervisorMsg::Restart(child) => match spawn_child(child, &state.ctx, me.get_cell()).await {
+                Ok(cell) => {
+                    let slot = state.children.get_mut(&child).expect("every child has a slot");
+                    slot.cell = Some(cell);
+                    slot.restarts += 1;
+                    tracing::info!(child = child.name(), restarts = slot.restarts, "child restarted");
+                }
+                // A restart that fails is one more failure of the child, under the same budget.
+                Err(e) => failed(&me, state, child, format!("restart failed: {e}"))?,
+            },
             SupervisorMsg::Health(reply) => {
                 let mut out: Vec<ChildHealth> = Child::ALL
                     .iter()
@@ -128,26 +155,10 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, format!("stopped: {}", reason.unwrap_or_else(|| "no reason".into()))),
             _ => return Ok(()),
         };
-        let Some((&child, slot)) = state.children.iter_mut().find(|(_, s)| s.cell.as_ref().is_some_and(|c| c.get_id() == cell.get_id())) else {
+        let Some(child) = state.children.iter().find(|(_, s)| s.cell.as_ref().is_some_and(|c| c.get_id() == cell.get_id())).map(|(c, _)| *c) else {
             return Ok(());
         };
-        slot.cell = None;
-        slot.last_failure = Some(why.clone());
-        let now = Instant::now();
-        let window = state.ctx.config.restart_window;
-        while slot.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
-            slot.recent.pop_front();
-        }
-        slot.recent.push_back(now);
-        let failures = slot.recent.len() as u32;
-        if failures > state.ctx.config.restart_budget {
-            tracing::error!(child = child.name(), failures, ?window, error = %why, "child keeps failing: escalating, the node stops");
-            return Err(format!("{} failed {failures} times within {window:?} (last: {why}); the node stops", child.name()).into());
-        }
-        let backoff = RESTART_BACKOFF_BASE.saturating_mul(1 << (failures - 1).min(16)).min(RESTART_BACKOFF_MAX);
-        tracing::warn!(child = child.name(), error = %why, ?backoff, "child failed; restarting");
-        me.send_after(backoff, move || SupervisorMsg::Restart(child));
-        Ok(())
+        failed(&me, state, child, why)
     }
 
     async fn post_stop(&self, me: ActorRef<SupervisorMsg>, _state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {

@@ -1,12 +1,14 @@
 //! The sans-IO core: rules and plain data with no tokio, iroh, rusqlite or ractor, so the
 //! simulations can run them deterministically and every rule is testable as a pure function.
 //!
+//! - [`clock`]: time as an input (the system clock in production, set by tests);
 //! - [`path`]: what a path may be and its normal form;
 //! - [`entry`]: what the tree stores at a path;
 //! - [`merge`]: the three-way decision and the last-writer-wins order;
 //! - [`frame`]: length-prefixed frames of the control socket;
 //! - [`limits`]: every bound, named, with units.
 
+pub mod clock;
 pub mod entry;
 pub mod frame;
 pub mod limits;

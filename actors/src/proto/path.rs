@@ -49,8 +49,10 @@ impl TreePath {
         TreePath("/".to_string())
     }
 
-    /// Parses and normalises `raw`. A missing leading `/` is added (`a/b` is `/a/b`) and one
-    /// trailing `/` is dropped; anything else irregular is refused.
+    /// Parses and normalises `raw`. A missing leading `/` is added (`a/b` is `/a/b`), one
+    /// trailing `/` is dropped, and the text is put in Unicode NFC, so `café` typed on Linux
+    /// (NFC) and sent by macOS (NFD) is one path; anything else irregular is refused. The
+    /// length limits apply to the normal form, the one the store keeps.
     pub fn parse(raw: &str) -> Result<Self, PathError> {
         if raw.is_empty() {
             return Err(PathError::Empty);
@@ -58,10 +60,13 @@ impl TreePath {
         if raw.contains('\0') {
             return Err(PathError::Nul);
         }
-        if raw.len() > PATH_BYTES_MAX {
+        // Bound the work before normalising: NFC never more than triples a string's bytes,
+        // and a normal form longer than the limit is refused below anyway.
+        if raw.len() > 3 * PATH_BYTES_MAX {
             return Err(PathError::TooLong(raw.len()));
         }
-        let body = raw.strip_prefix('/').unwrap_or(raw);
+        let text = nfc(raw);
+        let body = text.strip_prefix('/').unwrap_or(&text);
         if body.is_empty() {
             return Ok(Self::root());
         }
@@ -81,7 +86,11 @@ impl TreePath {
         if depth > PATH_DEPTH_MAX {
             return Err(PathError::TooDeep(depth));
         }
-        Ok(TreePath(format!("/{body}")))
+        let normal = format!("/{body}");
+        if normal.len() > PATH_BYTES_MAX {
+            return Err(PathError::TooLong(normal.len()));
+        }
+        Ok(TreePath(normal))
     }
 
     /// Like [`parse`](Self::parse) but refuses the root: for operations on a file or a
@@ -199,6 +208,11 @@ impl fmt::Debug for TreePath {
     }
 }
 
+/// `text` in Unicode Normalization Form C (borrowed when it already is, the common case).
+pub fn nfc(text: &str) -> std::borrow::Cow<'_, str> {
+    icu_normalizer::ComposingNormalizerBorrowed::new_nfc().normalize(text)
+}
+
 /// Checks a bucket or branch name: 1..=[`LABEL_BYTES_MAX`](super::limits::LABEL_BYTES_MAX)
 /// bytes of ASCII letters, digits, `-`, `_` and `.`, not starting with `.`.
 pub fn check_label(kind: &str, name: &str) -> Result<(), String> {
@@ -239,10 +253,30 @@ mod tests {
             ("/a\0b", Err(PathError::Nul)),
             (&long, Err(PathError::NameTooLong(300))),
             (&deep, Err(PathError::TooDeep(PATH_DEPTH_MAX + 1))),
+            // NFD (as macOS sends it) becomes NFC: one name, one path.
+            ("/cafe\u{301}/x", Ok("/caf\u{e9}/x")),
+            ("/caf\u{e9}/x", Ok("/caf\u{e9}/x")),
         ];
         for (raw, expect) in cases {
             check(raw, expect);
         }
+    }
+
+    #[test]
+    fn the_length_limit_applies_to_the_normal_form() {
+        // 16 names of 255 bytes and their separators: 4096 bytes with the leading '/'.
+        let names: Vec<String> = (0..16).map(|i| format!("{i:x}").repeat(255)[..255].to_string()).collect();
+        let exact = format!("/{}", names.join("/"));
+        assert_eq!(exact.len(), PATH_BYTES_MAX);
+        assert_eq!(TreePath::parse(&exact).unwrap().as_str(), exact);
+        // 17 names of 240 bytes: 4096 bytes as typed without the leading '/', 4097 in normal form.
+        let over = (0..17).map(|i| format!("{i:x}").repeat(240)[..240].to_string()).collect::<Vec<_>>().join("/");
+        assert_eq!(over.len(), PATH_BYTES_MAX);
+        assert_eq!(TreePath::parse(&over), Err(PathError::TooLong(PATH_BYTES_MAX + 1)));
+        // A trailing '/' takes the input over the limit, not its normal form.
+        assert_eq!(TreePath::parse(&format!("{exact}/")).unwrap().as_str(), exact);
+        // A name is measured in NFC too: 100 'é' are 300 bytes as NFD, 200 as NFC.
+        assert!(TreePath::parse(&format!("/{}", "e\u{301}".repeat(100))).is_ok());
     }
 
     #[test]

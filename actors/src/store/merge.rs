@@ -11,19 +11,24 @@
 //!    before the winner, so `alkfs log` shows it and `alkfs restore` brings it back; the pair is
 //!    listed by `alkfs conflicts`.
 //! 4. **Tree shape.** A live path whose parent ended up deleted gets its parent back as a
-//!    directory, so a merge never leaves orphans.
+//!    directory, so a merge never leaves orphans. Where one side made a path a file and the
+//!    other put something below it, the directory wins (as in [`crate::proto::merge::lww`])
+//!    and the file is recorded as the conflict's loser, restorable like any other.
+//!
+//! The base of the next merge between two branches must outlive GC retention:
+//! [`next_merge_bases`] names those views for the collector.
 //!
 //! When the target changed nothing since the base, the merge is a fast-forward: the target
 //! takes the source's versions of every changed path, and no conflict is possible.
 
 use std::collections::BTreeSet;
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::outbox::Event;
 use super::read::{self, View};
 use super::tx::{Tx, DIR_MODE_DEFAULT};
-use super::{Branch, StoreError};
+use super::{Branch, StoreError, VersionRow};
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::merge::{decide, Decision, Side};
 use crate::proto::path::TreePath;
@@ -39,18 +44,21 @@ pub struct MergeReport {
     pub conflicts: Vec<(TreePath, Side)>,
 }
 
-/// The base view of a merge of `from` into `into`.
-fn merge_base(tx: &Tx<'_>, from: &Branch, into: &Branch) -> Result<View, StoreError> {
-    let conn = tx.conn();
-    let last: Option<(i64, i64, i64)> = conn
+/// The last merge between branches `a` and `b`, either direction: (merged from, its seq).
+fn last_merge_point(conn: &Connection, a: i64, b: i64) -> Result<Option<(i64, i64)>, StoreError> {
+    Ok(conn
         .prepare_cached(
-            "SELECT from_branch, from_seq, into_seq FROM merge_point
+            "SELECT from_branch, from_seq FROM merge_point
              WHERE (from_branch = ?1 AND into_branch = ?2) OR (from_branch = ?2 AND into_branch = ?1)
              ORDER BY into_seq DESC LIMIT 1",
         )?
-        .query_row(params![from.id, into.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    if let Some((merged_from, from_seq, _)) = last {
+        .query_row(params![a, b], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// The base view of a merge of `from` into `into`.
+fn merge_base(conn: &Connection, from: &Branch, into: &Branch) -> Result<View, StoreError> {
+    if let Some((merged_from, from_seq)) = last_merge_point(conn, from.id, into.id)? {
         let side = if merged_from == from.id { from } else { into };
         return View::at(conn, side, from_seq);
     }
@@ -62,6 +70,41 @@ fn merge_base(tx: &Tx<'_>, from: &Branch, into: &Branch) -> Result<View, StoreEr
         }
     }
     Ok(View::empty())
+}
+
+/// The bases the next merges between `live` branches will start from, for every two that
+/// merged before: GC keeps what these views see. (Two branches that never merged start from
+/// their common ancestor as of a fork, which a live branch's own view already reaches.)
+pub fn next_merge_bases(conn: &Connection, live: &[Branch]) -> Result<Vec<View>, StoreError> {
+    let by_id: std::collections::HashMap<i64, &Branch> = live.iter().map(|b| (b.id, b)).collect();
+    let mut pairs = BTreeSet::new();
+    let mut st = conn.prepare_cached("SELECT from_branch, into_branch FROM merge_point")?;
+    for row in st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+        let (a, b) = row?;
+        if by_id.contains_key(&a) && by_id.contains_key(&b) {
+            pairs.insert((a.min(b), a.max(b)));
+        }
+    }
+    let mut bases = Vec::with_capacity(pairs.len());
+    for (a, b) in pairs {
+        bases.push(merge_base(conn, by_id[&a], by_id[&b])?);
+    }
+    Ok(bases)
+}
+
+/// Deletes merge points no later merge will read: all but the last of each pair of
+/// branches, and those of branches that no longer exist.
+pub fn prune_merge_points(conn: &Connection) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM merge_point WHERE
+             NOT EXISTS (SELECT 1 FROM branch WHERE id = merge_point.from_branch AND deleted_seq IS NULL)
+          OR NOT EXISTS (SELECT 1 FROM branch WHERE id = merge_point.into_branch AND deleted_seq IS NULL)
+          OR EXISTS (SELECT 1 FROM merge_point later
+                     WHERE ((later.from_branch = merge_point.from_branch AND later.into_branch = merge_point.into_branch)
+                         OR (later.from_branch = merge_point.into_branch AND later.into_branch = merge_point.from_branch))
+                       AND later.into_seq > merge_point.into_seq)",
+        [],
+    )?)
 }
 
 /// Paths with rows that `view` sees and `base` does not, or the other way round.
@@ -92,7 +135,7 @@ impl Tx<'_> {
             return Err(StoreError::Invalid("branches of different buckets cannot be merged".into()));
         }
         let now_seq = self.clock();
-        let base = merge_base(self, from, into)?;
+        let base = merge_base(self.conn(), from, into)?;
         let (vf, vi) = (View::head(self.conn(), from)?, View::head(self.conn(), into)?);
         let mut candidates = BTreeSet::new();
         changed_between(self, &vf, &base, now_seq, &mut candidates)?;
@@ -102,7 +145,7 @@ impl Tx<'_> {
         for path in &candidates {
             self.merge_path(from, into, &base, &vf, &vi, path, &mut report)?;
         }
-        self.restore_parents(into, &report)?;
+        self.repair_shape(from, into, &candidates, &mut report)?;
         self.conn().execute(
             "INSERT INTO merge_point(from_branch, into_branch, from_seq, into_seq) VALUES (?1, ?2, ?3, ?4)",
             params![from.id, into.id, now_seq, self.clock()],
@@ -142,41 +185,56 @@ impl Tx<'_> {
                     Side::Source => (s.unwrap_or_else(tomb), t.unwrap_or_else(tomb)),
                     Side::Target => (t.unwrap_or_else(tomb), s.unwrap_or_else(tomb)),
                 };
-                let loser_seq = self.insert_row(into.id, path, &lose, "conflict-loser")?;
-                let winner_seq = self.insert_row(into.id, path, &win, "merge")?;
-                self.conn().execute(
-                    "INSERT INTO conflict(branch_id, path, from_branch, winner_seq, loser_seq, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![into.id, path.as_str(), from.name, winner_seq, loser_seq, self.now_ms()],
-                )?;
+                self.record_conflict(from, into, path, lose, win)?;
                 report.conflicts.push((path.clone(), winner));
             }
         }
         Ok(())
     }
 
-    /// Gives every live path the merge touched its parent directories back, where the merge
-    /// deleted them.
-    fn restore_parents(&mut self, into: &Branch, report: &MergeReport) -> Result<(), StoreError> {
+    /// Writes `lose` then `win` at `path` on `into` and lists the pair as a conflict: the
+    /// winner is the head, the loser a version `alkfs conflicts` names and `restore` brings back.
+    fn record_conflict(&mut self, from: &Branch, into: &Branch, path: &TreePath, lose: Version, win: Version) -> Result<(), StoreError> {
+        let loser_seq = self.insert_row(into.id, path, &lose, "conflict-loser")?;
+        let winner_seq = self.insert_row(into.id, path, &win, "merge")?;
+        self.conn().execute(
+            "INSERT INTO conflict(branch_id, path, from_branch, winner_seq, loser_seq, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![into.id, path.as_str(), from.name, winner_seq, loser_seq, self.now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Makes the merged branch a tree again. Every live candidate needs its ancestors to be
+    /// live directories, and a candidate that ended as a file or tombstone with live paths
+    /// below it needs to be a directory. A missing directory is recreated; a file where a
+    /// directory is needed loses to it as a conflict (a directory beats a file, as in `lww`).
+    fn repair_shape(&mut self, from: &Branch, into: &Branch, candidates: &BTreeSet<TreePath>, report: &mut MergeReport) -> Result<(), StoreError> {
         let view = View::head(self.conn(), into)?;
-        let touched = report.taken.iter().chain(report.conflicts.iter().map(|(p, _)| p));
+        let is_dir = |row: &VersionRow| row.entry().is_some_and(|e| e.kind == EntryKind::Dir);
         let mut needed = BTreeSet::new();
-        for path in touched {
-            if read::live(self.conn(), &view, path)?.is_some() {
+        for path in candidates {
+            let row = read::live(self.conn(), &view, path)?;
+            if row.is_some() {
                 needed.extend(path.ancestors());
             }
-        }
-        // Also the children of directories this merge deleted, if they are still live.
-        for path in &report.taken {
-            if read::live(self.conn(), &view, path)?.is_none() && !read::subtree(self.conn(), &view, path)?.is_empty() {
+            if !row.as_ref().is_some_and(is_dir) && !read::subtree(self.conn(), &view, path)?.is_empty() {
                 needed.insert(path.clone());
             }
         }
+        let now = self.now_ms();
+        let fresh_dir = || Version { entry: Some(Entry::dir(DIR_MODE_DEFAULT, now)), written_ms: now };
+        // Parents before children (BTreeSet order), so each repair sees its parent repaired.
         for dir in needed {
             match read::live(self.conn(), &view, &dir)? {
-                Some(r) if r.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {}
-                _ => {
-                    let v = Version { entry: Some(Entry::dir(DIR_MODE_DEFAULT, self.now_ms())), written_ms: self.now_ms() };
-                    self.insert_row(into.id, &dir, &v, "merge")?;
+                Some(row) if is_dir(&row) => {}
+                None => {
+                    self.insert_row(into.id, &dir, &fresh_dir(), "merge")?;
+                }
+                Some(file) => {
+                    let file_from_source =
+                        report.taken.contains(&dir) || report.conflicts.iter().any(|(p, w)| p == &dir && *w == Side::Source);
+                    self.record_conflict(from, into, &dir, file.version, fresh_dir())?;
+                    report.conflicts.push((dir, if file_from_source { Side::Target } else { Side::Source }));
                 }
             }
         }
@@ -208,4 +266,14 @@ pub fn conflicts(conn: &rusqlite::Connection, branch: &Branch) -> Result<Vec<Con
         Ok(ConflictRow { path: r.get(0)?, from_branch: r.get(1)?, winner_seq: r.get(2)?, loser_seq: r.get(3)?, at_ms: r.get(4)? })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Takes conflicts off `branch`'s list: the one at `path`, or all of them. Their versions then
+/// fall under ordinary retention. Returns how many were dismissed.
+pub fn dismiss_conflicts(conn: &Connection, branch: &Branch, path: Option<&TreePath>) -> Result<usize, StoreError> {
+    let n = match path {
+        Some(p) => conn.execute("DELETE FROM conflict WHERE branch_id = ?1 AND path = ?2", params![branch.id, p.as_str()])?,
+        None => conn.execute("DELETE FROM conflict WHERE branch_id = ?1", [branch.id])?,
+    };
+    Ok(n)
 }

@@ -153,10 +153,72 @@ pub const ROOT_BRANCH: &str = "main";
 /// How much of the database SQLite may map into memory for reads.
 const MMAP_BYTES_MAX: u64 = 1 << 30;
 
+/// How many ids a transaction may hand out: version seqs, and outbox offsets, each.
+///
+/// Ids leave the process (a client is told "version 7", a peer keeps a cursor), so one must
+/// never be handed out twice, not even after a power loss. SQLite runs with
+/// `synchronous=NORMAL`: a commit survives a killed process but the last ones may roll back
+/// on power loss, counters included. So ids are *leased*: the `clock` row records how far ids
+/// may go ([`ID_LEASE`] ahead), and only a transaction that commits with `synchronous=FULL`
+/// (on disk before anyone sees it) moves the lease. A transaction that fits in the lease commits
+/// with NORMAL; one that might not, or whose size is unknown ([`Ids::Unbounded`]: merges,
+/// recursive deletes), commits with FULL and renews the lease. After a crash the writer
+/// resumes past the durable lease ([`TreeStore::recover_ids`]), so ids lost with the last commits are
+/// skipped, never reissued; a clean close gives the unused rest back ([`Drop`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ids {
+    /// At most this many seqs and this many outbox events.
+    AtMost(u64),
+    /// Unknown in advance: the transaction commits durably.
+    Unbounded,
+}
+
+/// How far ids run ahead of the last durable commit. After a crash at most this many ids
+/// (of each kind) are skipped; while running, one FULL commit per this many ids is paid.
+pub const ID_LEASE: i64 = 4096;
+
+/// The id counters and their leases, as committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Counters {
+    /// The last version seq handed out.
+    pub seq: i64,
+    /// The last outbox offset handed out.
+    pub offset: i64,
+    /// Seqs up to here may be handed out without a durable commit.
+    pub seq_leased: i64,
+    /// Offsets up to here likewise.
+    pub offset_leased: i64,
+}
+
+impl Counters {
+    pub(crate) fn read(conn: &Connection) -> Result<Counters, StoreError> {
+        let (seq, seq_leased, offset_leased) = conn
+            .prepare_cached("SELECT seq, seq_leased, offset_leased FROM clock WHERE id = 0")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(Counters { seq, offset: outbox::head(conn)?, seq_leased, offset_leased })
+    }
+
+    /// True when `ids` more of each kind stay within the lease.
+    fn covers(&self, ids: Ids) -> bool {
+        match ids {
+            Ids::AtMost(n) => {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                self.seq.saturating_add(n) <= self.seq_leased && self.offset.saturating_add(n) <= self.offset_leased
+            }
+            Ids::Unbounded => false,
+        }
+    }
+}
+
 /// The path tree: one SQLite connection and the file it came from.
 pub struct TreeStore {
     conn: Connection,
     path: PathBuf,
+    /// The counters after this connection's last commit (it is the only writer while it
+    /// writes: the data dir's lock); `None` until read or after a failed transaction.
+    counters: Option<Counters>,
+    /// True once this connection renewed the lease: on drop it gives the unused part back.
+    leased: bool,
 }
 
 impl TreeStore {
@@ -180,7 +242,7 @@ impl TreeStore {
         // Read pages through a memory map: a short-lived CLI process otherwise pays one
         // pread per page of every listing.
         conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)?;
-        Ok(TreeStore { conn, path: path.to_path_buf() })
+        Ok(TreeStore { conn, path: path.to_path_buf(), counters: None, leased: false })
     }
 
     /// The database file.
@@ -194,19 +256,80 @@ impl TreeStore {
     }
 
     /// Runs `f` in one write transaction and commits it with its outbox events; on error
-    /// nothing of it is kept. `now_ms` stamps every version written.
-    pub fn transact<T, E>(&mut self, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<T, E>
+    /// nothing of it is kept. `now_ms` stamps every version written; `ids` bounds the ids `f`
+    /// may hand out (see [`Ids`]): within the lease the commit is cheap, past it durable.
+    pub fn transact<T, E>(&mut self, ids: Ids, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<T, E>
     where
         E: From<StoreError>,
     {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(StoreError::from)?;
-        let mut tx = Tx::new(tx, now_ms).map_err(E::from)?;
+        let counters = match self.counters {
+            Some(c) => c,
+            None => Counters::read(&self.conn)?,
+        };
+        let durable = !counters.covers(ids);
+        if durable {
+            // SQLite refuses to change this inside a transaction, so it is decided up front.
+            self.conn.execute_batch("PRAGMA synchronous = FULL").map_err(StoreError::from)?;
+        }
+        let result = Self::run(&mut self.conn, durable, now_ms, f);
+        if durable {
+            self.conn.execute_batch("PRAGMA synchronous = NORMAL").map_err(StoreError::from)?;
+        }
+        match result {
+            Ok((out, after)) => {
+                self.counters = Some(after);
+                self.leased |= durable;
+                Ok(out)
+            }
+            Err(e) => {
+                self.counters = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn run<T, E>(conn: &mut Connection, durable: bool, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<(T, Counters), E>
+    where
+        E: From<StoreError>,
+    {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(StoreError::from)?;
+        let mut tx = Tx::new(tx, now_ms, durable).map_err(E::from)?;
         let out = f(&mut tx)?;
+        let after = tx.commit()?;
+        Ok((out, after))
+    }
+
+    /// Moves the id counters past the durable lease, for a writer opening the store: ids the
+    /// last writer may have handed out in commits a power loss then took back are skipped.
+    /// After a clean close the lease was given back and nothing is skipped.
+    pub fn recover_ids(&mut self) -> Result<(), StoreError> {
+        let c = Counters::read(&self.conn)?;
+        if c.seq >= c.seq_leased && c.offset >= c.offset_leased {
+            return Ok(());
+        }
+        tracing::info!(seq = c.seq, seq_leased = c.seq_leased, offset = c.offset, offset_leased = c.offset_leased, "the last writer did not close cleanly: skipping the ids it had leased");
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("UPDATE clock SET seq = max(seq, seq_leased) WHERE id = 0", [])?;
+        outbox::set_head_at_least(&tx, c.offset_leased)?;
         tx.commit()?;
-        Ok(out)
+        self.counters = None;
+        Ok(())
+    }
+
+    /// Gives back the unused part of the lease, durably: the next writer starts right after
+    /// the last id handed out. Only the lease this connection took: if another writer has
+    /// renewed it since (a restarted store), it is left alone.
+    fn release_ids(&mut self) -> Result<(), StoreError> {
+        let Some(mine) = self.counters else { return Ok(()) };
+        self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let head = outbox::head(&tx)?;
+        tx.execute(
+            "UPDATE clock SET seq_leased = seq, offset_leased = ?1 WHERE id = 0 AND seq_leased = ?2 AND offset_leased = ?3",
+            [head, mine.seq_leased, mine.offset_leased],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// The id of bucket `name`.
@@ -240,6 +363,16 @@ impl TreeStore {
     /// A branch by id, live or deleted.
     pub fn branch_by_id(&self, id: i64) -> Result<Branch, StoreError> {
         branch_by_id(&self.conn, id)
+    }
+}
+
+impl Drop for TreeStore {
+    fn drop(&mut self) {
+        if self.leased {
+            if let Err(e) = self.release_ids() {
+                tracing::warn!(error = %e, "could not give back the id lease; the next writer skips it");
+            }
+        }
     }
 }
 

@@ -131,23 +131,93 @@ pub fn cursor(conn: &Connection, consumer: &str) -> Result<i64, StoreError> {
     Ok(conn.query_row("SELECT honker_stream_get_offset(?1, ?2)", params![consumer, TOPIC], |r| r.get(0))?)
 }
 
-/// Moves `consumer`'s cursor forward to `offset` (never back).
-pub fn save_cursor(conn: &Connection, consumer: &str, offset: i64) -> Result<(), StoreError> {
+/// Moves `consumer`'s cursor forward to `offset` (never back), and records that it was
+/// active at `now_ms`.
+pub fn save_cursor(conn: &Connection, consumer: &str, offset: i64, now_ms: i64) -> Result<(), StoreError> {
     conn.query_row("SELECT honker_stream_save_offset(?1, ?2, ?3)", params![consumer, TOPIC, offset], |r| r.get::<_, i64>(0))?;
+    touch(conn, consumer, now_ms)
+}
+
+/// Records that `consumer` is active at `now_ms` without moving its cursor: a follower with
+/// nothing to read says so now and then, so it does not expire while it waits.
+pub fn touch(conn: &Connection, consumer: &str, now_ms: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO outbox_consumer(name, seen_ms) VALUES (?1, ?2)
+         ON CONFLICT(name) DO UPDATE SET seen_ms = max(seen_ms, excluded.seen_ms)",
+    )?
+    .execute(params![consumer, now_ms])?;
     Ok(())
 }
 
-/// Deletes events every registered consumer has passed. Returns how many.
-pub fn prune(conn: &Connection) -> Result<usize, StoreError> {
+/// A consumer of the outbox, for `alkfs status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consumer {
+    /// Its name (`node`, `watch`, or what `watch --consumer` named).
+    pub name: String,
+    /// The last event it has passed.
+    pub cursor: i64,
+    /// When it last read or said it was waiting (ms since the epoch).
+    pub seen_ms: i64,
+    /// Idle past the outbox retention: it no longer holds events back from pruning, and
+    /// when it comes back it is told what it missed.
+    pub expired: bool,
+}
+
+/// Every consumer with a cursor; those not seen since `active_since_ms` are expired.
+pub fn consumers(conn: &Connection, active_since_ms: i64) -> Result<Vec<Consumer>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT c.name, c.offset, COALESCE(s.seen_ms, 0) FROM _honker_stream_consumers c
+         LEFT JOIN outbox_consumer s ON s.name = c.name WHERE c.topic = ?1 ORDER BY c.name",
+    )?;
+    let rows = st.query_map([TOPIC], |r| {
+        let seen_ms: i64 = r.get(2)?;
+        Ok(Consumer { name: r.get(0)?, cursor: r.get(1)?, seen_ms, expired: seen_ms < active_since_ms })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Deletes the events no active consumer still needs: those every consumer seen since
+/// `active_since_ms` has passed; with no active consumer, those published before
+/// `active_since_ms`. Expired consumers hold nothing back, so one `watch` that never
+/// returns cannot make the outbox grow forever. Returns how many.
+pub fn prune(conn: &Connection, active_since_ms: i64) -> Result<usize, StoreError> {
     Ok(conn.execute(
-        "DELETE FROM _honker_stream WHERE topic = ?1 AND offset <=
-           (SELECT COALESCE(MIN(offset), 0) FROM _honker_stream_consumers WHERE topic = ?1)",
-        [TOPIC],
+        "WITH active AS (
+             SELECT c.offset FROM _honker_stream_consumers c JOIN outbox_consumer s ON s.name = c.name
+             WHERE c.topic = ?1 AND s.seen_ms >= ?2)
+         DELETE FROM _honker_stream WHERE topic = ?1 AND (
+             CASE WHEN EXISTS (SELECT 1 FROM active)
+                  THEN offset <= (SELECT MIN(offset) FROM active)
+                  ELSE created_at * 1000 < ?2 END)",
+        params![TOPIC, active_since_ms],
     )?)
 }
 
 /// The offset of the newest event ever published (0 when none), pruned or not: the stream's
 /// AUTOINCREMENT counter, which is never reissued.
 pub fn head(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_honker_stream'), 0)", [], |r| r.get(0))?)
+    Ok(conn
+        .prepare_cached("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_honker_stream'), 0)")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// The offset of the oldest event still kept, if any: a consumer whose cursor is further
+/// behind missed the events in between (they were pruned while it was expired).
+pub fn oldest(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT MIN(offset) FROM _honker_stream WHERE topic = ?1")?
+        .query_row([TOPIC], |r| r.get(0))?)
+}
+
+/// Makes the next event's offset larger than `floor` (used after a crash, to skip offsets
+/// a power loss may have taken back; see `store::Ids`).
+pub(crate) fn set_head_at_least(conn: &Connection, floor: i64) -> Result<(), StoreError> {
+    if head(conn)? >= floor {
+        return Ok(());
+    }
+    let updated = conn.execute("UPDATE sqlite_sequence SET seq = ?1 WHERE name = '_honker_stream'", [floor])?;
+    if updated == 0 {
+        conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('_honker_stream', ?1)", [floor])?;
+    }
+    Ok(())
 }

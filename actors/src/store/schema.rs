@@ -85,6 +85,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX blob_pending ON blob(hash) WHERE indexed = 0;
     INSERT INTO clock VALUES (0, 0);
     "#,
+    // 1 → 2: id leases, so no id is handed out twice after a power loss (see `store::Ids`),
+    // and when each outbox consumer last read (consumers idle past retention expire).
+    r#"
+    ALTER TABLE clock ADD COLUMN seq_leased INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE clock ADD COLUMN offset_leased INTEGER NOT NULL DEFAULT 0;
+    UPDATE clock SET seq_leased = seq,
+        offset_leased = COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_honker_stream'), 0);
+    CREATE TABLE outbox_consumer(
+        name    TEXT PRIMARY KEY,
+        seen_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO outbox_consumer SELECT name, unixepoch() * 1000 FROM _honker_stream_consumers WHERE topic = 'tree';
+    "#,
 ];
 
 /// The schema version this build writes.

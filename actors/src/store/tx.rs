@@ -9,7 +9,7 @@ use rusqlite::{params, Transaction};
 
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
-use super::{branch_by_name, bucket_id, Branch, StoreError, ROOT_BRANCH};
+use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, ID_LEASE, ROOT_BRANCH};
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::{check_label, TreePath};
@@ -22,6 +22,10 @@ pub struct Tx<'c> {
     tx: Transaction<'c>,
     clock: i64,
     clock_start: i64,
+    /// The counters and leases as this transaction found them.
+    before: Counters,
+    /// Commits with `synchronous=FULL`: may, and does, renew the id lease.
+    durable: bool,
     now_ms: i64,
     events: Vec<Event>,
     /// Directories known to exist in this transaction, by (branch, path): saves re-resolving
@@ -30,9 +34,10 @@ pub struct Tx<'c> {
 }
 
 impl<'c> Tx<'c> {
-    pub(super) fn new(tx: Transaction<'c>, now_ms: i64) -> Result<Self, StoreError> {
-        let clock: i64 = tx.prepare_cached("SELECT seq FROM clock WHERE id = 0")?.query_row([], |r| r.get(0))?;
-        Ok(Tx { tx, clock, clock_start: clock, now_ms, events: Vec::new(), known_dirs: HashSet::new() })
+    pub(super) fn new(tx: Transaction<'c>, now_ms: i64, durable: bool) -> Result<Self, StoreError> {
+        let before = Counters::read(&tx)?;
+        let clock = before.seq;
+        Ok(Tx { tx, clock, clock_start: clock, before, durable, now_ms, events: Vec::new(), known_dirs: HashSet::new() })
     }
 
     /// The connection inside the transaction, for reads that must see this transaction's
@@ -61,15 +66,31 @@ impl<'c> Tx<'c> {
         self.events.push(event);
     }
 
-    /// Writes the clock and the events, then commits.
-    pub fn commit(self) -> Result<(), StoreError> {
-        let Tx { tx, clock, clock_start, events, .. } = self;
+    /// Writes the clock and the events, renews the id lease when this transaction is
+    /// durable, then commits. A transaction that is not durable and went past the lease is
+    /// refused whole: its ids could come back after a power loss (see [`super::Ids`]).
+    pub(super) fn commit(self) -> Result<Counters, StoreError> {
+        let Tx { tx, clock, clock_start, before, durable, events, .. } = self;
         if clock != clock_start {
             tx.prepare_cached("UPDATE clock SET seq = ?1 WHERE id = 0")?.execute([clock])?;
         }
         outbox::publish(&tx, &events)?;
+        let offset = if events.is_empty() { before.offset } else { outbox::head(&tx)? };
+        let mut after = Counters { seq: clock, offset, ..before };
+        if durable {
+            after.seq_leased = clock + ID_LEASE;
+            after.offset_leased = offset + ID_LEASE;
+            tx.prepare_cached("UPDATE clock SET seq_leased = ?1, offset_leased = ?2 WHERE id = 0")?
+                .execute([after.seq_leased, after.offset_leased])?;
+        } else if clock > before.seq_leased || offset > before.offset_leased {
+            return Err(StoreError::Invalid(format!(
+                "a transaction handed out more ids than it declared ({} seqs, {} events); nothing was written. This is a bug: please report it",
+                clock - before.seq,
+                offset - before.offset
+            )));
+        }
         tx.commit()?;
-        Ok(())
+        Ok(after)
     }
 
     /// Appends one version row for `path` on `branch` and returns its seq.
