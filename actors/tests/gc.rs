@@ -2,6 +2,7 @@
 
 use alknet_actors::engine::Scope;
 use alknet_actors::gc::Retention;
+use alknet_actors::proto::clock::Clock;
 
 mod common;
 use common::{fresh, p};
@@ -72,35 +73,105 @@ fn a_child_branch_keeps_what_it_sees_of_its_parent() {
     assert!(engine.file_entry(&Scope::new("default", "leaf"), &p("/f")).is_ok());
 }
 
+/// GC and imports race for real: one thread collects without pause while another, over and
+/// over, makes a blob garbage and then imports the same bytes again (dedup onto the existing
+/// file) outside the engine's lock, and commits. The window between GC's hold check and its
+/// delete must never take the bytes from under an import.
 #[test]
-fn a_blob_held_by_a_write_in_flight_is_never_freed() {
-    // Race GC against imports that dedup onto a blob nothing references: many iterations.
-    let (_dir, mut engine) = fresh();
+fn gc_racing_imports_that_dedup_onto_a_garbage_blob_never_loses_their_bytes() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    const ROUNDS: usize = 400;
+    let (_dir, engine) = fresh();
+    let content = engine.content().clone();
+    let engine = Arc::new(Mutex::new(engine));
     let main = Scope::new("default", "main");
     let data = bytes(9, 200_000);
-    for round in 0..50 {
-        // The blob exists but nothing names it any more.
-        engine.put_reader(&main, &data[..], &p("/x"), |_| {}).unwrap();
-        engine.remove(&main, &p("/x"), false).unwrap();
-        // A write in flight imports the same bytes (dedups onto the existing file) ...
-        let imported = engine.content().import_reader(&data[..], |_| {}).unwrap();
-        // ... GC runs before its commit ...
-        let report = engine.gc(ONLY_HEADS).unwrap();
-        assert!(report.blobs_held >= 1, "round {round}: {report:?}");
-        // ... and the commit still finds its bytes.
-        let entry = alknet_actors::proto::entry::Entry {
-            kind: alknet_actors::proto::entry::EntryKind::File,
-            hash: imported.hash,
-            size: imported.size,
-            mode: 0o644,
-            mtime_ms: 0,
-        };
-        engine.commit_entries(&main, &[(p("/y"), entry.clone(), imported)]).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let (collections, held) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let collector = {
+        let (engine, done, collections, held) = (engine.clone(), done.clone(), collections.clone(), held.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                let report = engine.lock().unwrap().gc(ONLY_HEADS).unwrap();
+                collections.fetch_add(1, Ordering::SeqCst);
+                held.fetch_add(report.blobs_held, Ordering::SeqCst);
+                // Let the other thread take the lock (std's mutex is not fair).
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    for round in 0..ROUNDS {
+        {
+            let mut e = engine.lock().unwrap();
+            e.put_reader(&main, &data[..], &p("/x"), |_| {}).unwrap();
+            e.remove(&main, &p("/x"), false).unwrap(); // the blob is garbage now
+        }
+        // The import runs outside the lock, racing the collector.
+        let imported = content.import_reader(&data[..], |_| {}).unwrap();
+        let entry = alknet_actors::engine::file_entry(&imported, 0o644, 0);
+        let mut e = engine.lock().unwrap();
+        e.commit_entries(&main, &[(p("/y"), entry.clone(), imported)]).unwrap();
         let mut out = Vec::new();
-        engine.read_entry(&entry, &mut out, |_| {}).unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(out, data);
-        engine.remove(&main, &p("/y"), false).unwrap();
+        e.read_entry(&entry, &mut out, |_| {}).unwrap_or_else(|err| panic!("round {round}: the committed blob is gone: {err}"));
+        assert_eq!(out, data, "round {round}");
+        e.remove(&main, &p("/y"), false).unwrap();
     }
+    done.store(true, Ordering::SeqCst);
+    collector.join().unwrap();
+    let (collections, held) = (collections.load(Ordering::SeqCst), held.load(Ordering::SeqCst));
+    println!("{ROUNDS} rounds, {collections} collections, {held} times a held blob was spared");
+    assert!(collections >= ROUNDS as u64 / 4, "the collector barely ran ({collections} collections): no race was exercised");
+    assert!(held > 0, "no collection ever met an import in flight: the race window was never hit");
+}
+
+/// Consumers idle past the outbox retention expire: they no longer hold events back, and
+/// with no active consumer events older than the retention go.
+#[test]
+fn idle_outbox_consumers_expire_and_hold_nothing_back() {
+    use alknet_actors::store::outbox;
+    const DAY_MS: i64 = 86_400_000;
+    let (_dir, mut engine, clock) = common::fresh_with_clock();
+    clock.set(alknet_actors::engine::now_ms()); // events carry the real time of their commit
+    let main = Scope::new("default", "main");
+    let retention = Retention { outbox_keep_days: 7, ..Retention::default() };
+    for i in 0..3 {
+        common::put(&mut engine, &main, &format!("/a{i}"), b"a");
+    }
+    let head = outbox::head(engine.tree().conn()).unwrap();
+    outbox::save_cursor(engine.tree().conn(), "stuck-watch", head - 2, clock.now_ms()).unwrap();
+    outbox::save_cursor(engine.tree().conn(), "node", head, clock.now_ms()).unwrap();
+    // The stuck watcher pins the outbox while it is within retention: only what it passed goes.
+    assert_eq!(engine.gc(retention).unwrap().events_pruned, (head - 2) as u64);
+    assert_eq!(outbox::oldest(engine.tree().conn()).unwrap(), Some(head - 1));
+    clock.advance(8 * DAY_MS);
+    common::put(&mut engine, &main, "/later", b"b");
+    let head = outbox::head(engine.tree().conn()).unwrap();
+    outbox::save_cursor(engine.tree().conn(), "node", head, clock.now_ms()).unwrap();
+    // Past retention it expires: everything the active consumer passed goes.
+    let report = engine.gc(retention).unwrap();
+    assert_eq!(report.events_pruned, 3, "{report:?}");
+    assert_eq!(outbox::oldest(engine.tree().conn()).unwrap(), None);
+    let listed = outbox::consumers(engine.tree().conn(), clock.now_ms() - 7 * DAY_MS).unwrap();
+    let expired: Vec<_> = listed.iter().map(|c| (c.name.as_str(), c.expired)).collect();
+    assert_eq!(expired, [("node", false), ("stuck-watch", true)]);
+}
+
+#[test]
+fn with_no_consumer_events_older_than_the_retention_are_pruned() {
+    use alknet_actors::store::outbox;
+    let (_dir, mut engine, clock) = common::fresh_with_clock();
+    clock.set(alknet_actors::engine::now_ms());
+    let main = Scope::new("default", "main");
+    for i in 0..4 {
+        common::put(&mut engine, &main, &format!("/a{i}"), b"a");
+    }
+    let retention = Retention { outbox_keep_days: 2, ..Retention::default() };
+    assert_eq!(engine.gc(retention).unwrap().events_pruned, 0, "recent events went with no consumer to read them");
+    clock.advance(3 * 86_400_000);
+    let head = outbox::head(engine.tree().conn()).unwrap();
+    assert_eq!(engine.gc(retention).unwrap().events_pruned, head as u64);
+    assert!(outbox::read_after(engine.tree().conn(), 0, 100).unwrap().is_empty());
 }
 
 #[test]

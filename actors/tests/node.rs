@@ -1,8 +1,7 @@
 //! The node's actor tree in-process, through its handle, on a real data dir: restarts keep
-//! the node serving; a child that keeps failing escalates.
-//!
-//! Actor names are process-global, so each test here starts its own node and nextest runs
-//! every test in its own process (the project's test command).
+//! the node serving; a restart that fails counts as a failure; a child that keeps failing
+//! escalates; several nodes share a process (each has its own actor names), so these tests
+//! pass under `cargo test` (one process) as under nextest.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ struct Started {
     done: tokio::task::JoinHandle<()>,
     content: ContentStore,
     index: Arc<BlobIndex>,
+    faults: Arc<node::Faults>,
 }
 
 async fn start(dir: &std::path::Path, config: NodeConfig) -> Started {
@@ -27,8 +27,9 @@ async fn start(dir: &std::path::Path, config: NodeConfig) -> Started {
     let content = ContentStore::open(&dir.join("content")).unwrap();
     let index = Arc::new(BlobIndex::open(dir).await.unwrap());
     let ctx = NodeContext::new(dir, Arc::new(DirLock::take(dir).unwrap()), content.clone(), index.clone(), config);
+    let faults = ctx.faults.clone();
     let node::Started { supervisor: sup, done, handle } = node::start(ctx).await.unwrap();
-    Started { handle, sup, done, content, index }
+    Started { handle, sup, done, content, index, faults }
 }
 
 async fn put(handle: &NodeHandle, content: &ContentStore, path: &str, bytes: &[u8]) -> Result<i64, String> {
@@ -92,6 +93,53 @@ async fn a_child_that_keeps_failing_escalates() {
     handle.inject_panic(Child::Gc).unwrap();
     // Past the budget the supervisor stops: the node's join handle completes.
     tokio::time::timeout(Duration::from_secs(10), done).await.expect("supervisor did not escalate").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_fails_counts_as_a_failure_and_is_retried_under_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let Started { handle, sup, content, faults, .. } = start(dir.path(), NodeConfig::default()).await;
+    // The outbox panics, and its next two starts fail too: four failures in all, within the
+    // budget of five. The node must ride it out, not end at the first failed restart.
+    faults.fail_next_starts(Child::Outbox, 2);
+    handle.inject_panic(Child::Outbox).unwrap();
+    wait_running(&handle, Child::Outbox, 1).await;
+    let health = handle.health().await.unwrap().into_iter().find(|h| h.name == Child::Outbox.name()).unwrap();
+    assert_eq!(health.restarts, 1, "{health:?}");
+    put(&handle, &content, "/after", b"served").await.unwrap();
+    node::stop(&sup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_that_keep_failing_escalate_like_any_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig { restart_budget: 2, restart_window: Duration::from_secs(60), ..NodeConfig::default() };
+    let Started { handle, done, faults, .. } = start(dir.path(), config).await;
+    faults.fail_next_starts(Child::Gc, 100);
+    handle.inject_panic(Child::Gc).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done).await.expect("a child that never starts again did not escalate").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_run_side_by_side_in_one_process() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(dir_a.path(), NodeConfig::default()).await;
+    let b = start(dir_b.path(), NodeConfig::default()).await;
+    put(&a.handle, &a.content, "/on-a", b"a").await.unwrap();
+    put(&b.handle, &b.content, "/on-b", b"b").await.unwrap();
+    // A fault in one node's store restarts that store alone.
+    a.handle.inject_panic(Child::Store).unwrap();
+    wait_running(&a.handle, Child::Store, 1).await;
+    assert_eq!(restarts_of(&b.handle, Child::Store).await, 0);
+    put(&a.handle, &a.content, "/on-a-again", b"a").await.unwrap();
+    put(&b.handle, &b.content, "/on-b-again", b"b").await.unwrap();
+    node::stop(&a.sup).await;
+    node::stop(&b.sup).await;
+    for (dir, mine, theirs) in [(&dir_a, "on-a", "on-b"), (&dir_b, "on-b", "on-a")] {
+        let engine = Engine::open(dir.path(), alknet_actors::engine::Access::Read).unwrap();
+        let names: Vec<String> = engine.list(&Scope::new("default", "main"), &TreePath::root()).unwrap().iter().map(|r| r.path.name().to_string()).collect();
+        assert_eq!(names, [mine.to_string(), format!("{mine}-again")], "each node wrote its own store only (not {theirs})");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

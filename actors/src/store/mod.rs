@@ -217,8 +217,9 @@ pub struct TreeStore {
     /// The counters after this connection's last commit (it is the only writer while it
     /// writes: the data dir's lock); `None` until read or after a failed transaction.
     counters: Option<Counters>,
-    /// True once this connection renewed the lease: on drop it gives the unused part back.
-    leased: bool,
+    /// The lease this connection last took (seq_leased, offset_leased): on drop it gives
+    /// back the unused part, if no other writer renewed it since.
+    leased: Option<(i64, i64)>,
 }
 
 impl TreeStore {
@@ -242,7 +243,7 @@ impl TreeStore {
         // Read pages through a memory map: a short-lived CLI process otherwise pays one
         // pread per page of every listing.
         conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)?;
-        Ok(TreeStore { conn, path: path.to_path_buf(), counters: None, leased: false })
+        Ok(TreeStore { conn, path: path.to_path_buf(), counters: None, leased: None })
     }
 
     /// The database file.
@@ -278,7 +279,9 @@ impl TreeStore {
         match result {
             Ok((out, after)) => {
                 self.counters = Some(after);
-                self.leased |= durable;
+                if durable {
+                    self.leased = Some((after.seq_leased, after.offset_leased));
+                }
                 Ok(out)
             }
             Err(e) => {
@@ -320,13 +323,13 @@ impl TreeStore {
     /// the last id handed out. Only the lease this connection took: if another writer has
     /// renewed it since (a restarted store), it is left alone.
     fn release_ids(&mut self) -> Result<(), StoreError> {
-        let Some(mine) = self.counters else { return Ok(()) };
+        let Some((seq_leased, offset_leased)) = self.leased else { return Ok(()) };
         self.conn.execute_batch("PRAGMA synchronous = FULL")?;
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let head = outbox::head(&tx)?;
         tx.execute(
             "UPDATE clock SET seq_leased = seq, offset_leased = ?1 WHERE id = 0 AND seq_leased = ?2 AND offset_leased = ?3",
-            [head, mine.seq_leased, mine.offset_leased],
+            [head, seq_leased, offset_leased],
         )?;
         tx.commit()?;
         Ok(())
@@ -368,7 +371,7 @@ impl TreeStore {
 
 impl Drop for TreeStore {
     fn drop(&mut self) {
-        if self.leased {
+        if self.leased.is_some() {
             if let Err(e) = self.release_ids() {
                 tracing::warn!(error = %e, "could not give back the id lease; the next writer skips it");
             }
