@@ -29,7 +29,7 @@ fn row_json(name: &str, row: &VersionRow) -> serde_json::Value {
         "mtime_ms": e.map(|e| e.mtime_ms),
         "hash": e.map(|e| e.hash.to_hex()),
         "version": row.seq,
-        "written_ms": row.version.written_ms,
+        "written_ms": row.version.written.ms,
         "origin": row.origin,
     })
 }
@@ -88,7 +88,7 @@ pub fn log(out: &mut impl Write, engine: &Engine, rows: &[VersionRow], json: boo
             Some(e) => format!("{:<7} {:>12} {}", kind_name(row), e.size, &e.hash.to_hex()[..16]),
             None => format!("{:<7} {:>12} {}", "deleted", "-", "-"),
         };
-        writeln!(out, "v{:<8} {} {what} {:<14} on {branch}", row.seq, time(row.version.written_ms), row.origin)?;
+        writeln!(out, "v{:<8} {} {what} {:<14} on {branch}", row.seq, time(row.version.written.ms), row.origin)?;
     }
     Ok(())
 }

@@ -2,6 +2,12 @@
 //! last-writer-wins orders by it, so where the time comes from is a decision, not a detail:
 //! production reads the system clock (`engine::SystemClock`), tests set it exactly
 //! ([`ManualClock`]), and the simulations will drive one clock per simulated node.
+//!
+//! Versions are stamped with a hybrid logical clock ([`Stamp`]): the wall clock's
+//! milliseconds, and a counter for what happens within one millisecond or while the wall
+//! clock stands still or goes back. Each commit's stamp is later than every stamp the store
+//! handed out before, so of two writes made one after the other, the second is the later
+//! writer whatever the clock said (the mesh adds the rule for stamps received from peers).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -35,5 +41,48 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A hybrid logical clock stamp (Kulkarni et al., 2014), ordered as (ms, counter).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Stamp {
+    /// Wall-clock milliseconds since the Unix epoch (never less than any earlier stamp's).
+    pub ms: i64,
+    /// Orders stamps that share `ms`.
+    pub counter: u32,
+}
+
+impl Stamp {
+    /// A stamp at `ms` with counter 0.
+    pub fn at(ms: i64) -> Self {
+        Stamp { ms, counter: 0 }
+    }
+
+    /// The stamp of a new local event after `last`, the wall clock reading `now_ms`: the wall
+    /// clock when it is ahead of `last`, else `last` with the counter moved on.
+    pub fn tick(last: Stamp, now_ms: i64) -> Stamp {
+        if now_ms > last.ms {
+            Stamp::at(now_ms)
+        } else {
+            Stamp { ms: last.ms, counter: last.counter.saturating_add(1) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tick_is_later_than_the_last_stamp_whatever_the_wall_clock_says() {
+        let last = Stamp { ms: 1_000, counter: 4 };
+        assert_eq!(Stamp::tick(last, 2_000), Stamp::at(2_000));
+        assert_eq!(Stamp::tick(last, 1_000), Stamp { ms: 1_000, counter: 5 });
+        // An hour behind: still later.
+        assert_eq!(Stamp::tick(last, 1_000 - 3_600_000), Stamp { ms: 1_000, counter: 5 });
+        for now in [0, 999, 1_000, 1_001] {
+            assert!(Stamp::tick(last, now) > last);
+        }
     }
 }

@@ -106,14 +106,14 @@ impl Entry {
 }
 
 /// One version of a path: present (`entry` is `Some`) or deleted (a tombstone), and when it
-/// was written. `written_ms` orders writers for last-writer-wins; it is the commit's wall
-/// clock, not the file's mtime, which a user may set to anything.
+/// was written. `written` orders writers for last-writer-wins; it is the commit's hybrid
+/// logical clock stamp, not the file's mtime, which a user may set to anything.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Version {
     /// The entry, or `None` for a tombstone.
     pub entry: Option<Entry>,
-    /// When this version was committed, in milliseconds since the Unix epoch.
-    pub written_ms: i64,
+    /// When this version was committed (see [`Stamp`](super::clock::Stamp)).
+    pub written: super::clock::Stamp,
 }
 
 impl Version {

@@ -54,11 +54,11 @@ pub fn decide(base: Option<&Version>, source: Option<&Version>, target: Option<&
 ///
 /// The rule, in order: a directory beats a non-directory (replacing a directory that may have
 /// children with a file would orphan them; the file is kept as a losing version); then the later
-/// `written_ms`; then, for equal times, a present entry beats a tombstone, then the larger
+/// `written` stamp; then, for equal times, a present entry beats a tombstone, then the larger
 /// (kind, hash, mode). The last steps make it total, so two nodes never disagree.
 pub fn lww(a: Option<&Version>, b: Option<&Version>) -> Ordering {
     let is_dir = |v: Option<&Version>| v.and_then(|v| v.entry.as_ref()).is_some_and(|e| e.kind == EntryKind::Dir);
-    let time = |v: Option<&Version>| v.map(|v| v.written_ms).unwrap_or(i64::MIN);
+    let time = |v: Option<&Version>| v.map(|v| v.written).unwrap_or(crate::proto::clock::Stamp { ms: i64::MIN, counter: 0 });
     is_dir(a)
         .cmp(&is_dir(b))
         .then(time(a).cmp(&time(b)))
@@ -73,14 +73,14 @@ mod tests {
     fn file(byte: u8, at: i64) -> Version {
         Version {
             entry: Some(Entry { kind: EntryKind::File, hash: ContentHash([byte; 32]), size: 1, mode: 0o644, mtime_ms: at }),
-            written_ms: at,
+            written: crate::proto::clock::Stamp::at(at),
         }
     }
     fn gone(at: i64) -> Version {
-        Version { entry: None, written_ms: at }
+        Version { entry: None, written: crate::proto::clock::Stamp::at(at) }
     }
     fn dir(at: i64) -> Version {
-        Version { entry: Some(Entry::dir(0o755, at)), written_ms: at }
+        Version { entry: Some(Entry::dir(0o755, at)), written: crate::proto::clock::Stamp::at(at) }
     }
 
     /// One row of the table: (name, base, source, target, expected).

@@ -170,8 +170,8 @@ impl Tx<'_> {
         let b = read::resolve(conn, base, path)?.map(|r| r.version);
         let s = read::resolve(conn, vf, path)?.map(|r| r.version);
         let t = read::resolve(conn, vi, path)?.map(|r| r.version);
-        let now = self.now_ms();
-        let tomb = || Version { entry: None, written_ms: now };
+        let now = self.stamp();
+        let tomb = || Version { entry: None, written: now };
         match decide(b.as_ref(), s.as_ref(), t.as_ref()) {
             Decision::Keep => {}
             Decision::Take => {
@@ -221,8 +221,8 @@ impl Tx<'_> {
                 needed.insert(path.clone());
             }
         }
-        let now = self.now_ms();
-        let fresh_dir = || Version { entry: Some(Entry::dir(DIR_MODE_DEFAULT, now)), written_ms: now };
+        let now = self.stamp();
+        let fresh_dir = || Version { entry: Some(Entry::dir(DIR_MODE_DEFAULT, now.ms)), written: now };
         // Parents before children (BTreeSet order), so each repair sees its parent repaired.
         for dir in needed {
             match read::live(self.conn(), &view, &dir)? {

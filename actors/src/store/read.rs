@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{branch_by_id, entry_from_cols, Branch, StoreError, VersionRow};
+use crate::proto::clock::Stamp;
 use crate::proto::entry::Version;
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::TreePath;
@@ -56,7 +57,7 @@ impl View {
     }
 }
 
-const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin";
+const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
     let dir: String = r.get(2)?;
@@ -81,7 +82,10 @@ fn row_with_path(r: &rusqlite::Row<'_>, path: TreePath) -> rusqlite::Result<Vers
         seq: r.get(0)?,
         branch_id: r.get(1)?,
         path,
-        version: Version { entry: entry_from_cols(r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)?, written_ms: r.get(9)? },
+        version: Version {
+            entry: entry_from_cols(r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)?,
+            written: Stamp { ms: r.get(9)?, counter: r.get(11)? },
+        },
         origin: r.get(10)?,
     })
 }

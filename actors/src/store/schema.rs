@@ -85,9 +85,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX blob_pending ON blob(hash) WHERE indexed = 0;
     INSERT INTO clock VALUES (0, 0);
     "#,
-    // 1 → 2: id leases, so no id is handed out twice after a power loss (see `store::Ids`),
-    // and when each outbox consumer last read (consumers idle past retention expire).
+    // 1 → 2: id leases, so no id is handed out twice after a power loss (see `store::Ids`);
+    // hybrid logical clock stamps (a counter beside written_ms, and the last stamp handed
+    // out); when each outbox consumer last read (consumers idle past retention expire).
     r#"
+    ALTER TABLE version ADD COLUMN written_lc INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE clock ADD COLUMN last_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE clock ADD COLUMN last_lc INTEGER NOT NULL DEFAULT 0;
+    UPDATE clock SET last_ms = COALESCE((SELECT max(written_ms) FROM version), 0);
     ALTER TABLE clock ADD COLUMN seq_leased INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE clock ADD COLUMN offset_leased INTEGER NOT NULL DEFAULT 0;
     UPDATE clock SET seq_leased = seq,

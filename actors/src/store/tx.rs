@@ -10,6 +10,7 @@ use rusqlite::{params, Transaction};
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
 use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, ID_LEASE, ROOT_BRANCH};
+use crate::proto::clock::Stamp;
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::{check_label, TreePath};
@@ -26,7 +27,10 @@ pub struct Tx<'c> {
     before: Counters,
     /// Commits with `synchronous=FULL`: may, and does, renew the id lease.
     durable: bool,
-    now_ms: i64,
+    /// What this transaction's versions are stamped with: later than any stamp before it.
+    stamp: Stamp,
+    /// The last stamp handed out before this transaction.
+    stamp_before: Stamp,
     events: Vec<Event>,
     /// Directories known to exist in this transaction, by (branch, path): saves re-resolving
     /// the parents of every file in a bulk import.
@@ -37,7 +41,11 @@ impl<'c> Tx<'c> {
     pub(super) fn new(tx: Transaction<'c>, now_ms: i64, durable: bool) -> Result<Self, StoreError> {
         let before = Counters::read(&tx)?;
         let clock = before.seq;
-        Ok(Tx { tx, clock, clock_start: clock, before, durable, now_ms, events: Vec::new(), known_dirs: HashSet::new() })
+        let stamp_before = tx
+            .prepare_cached("SELECT last_ms, last_lc FROM clock WHERE id = 0")?
+            .query_row([], |r| Ok(Stamp { ms: r.get(0)?, counter: r.get(1)? }))?;
+        let stamp = Stamp::tick(stamp_before, now_ms);
+        Ok(Tx { tx, clock, clock_start: clock, before, durable, stamp, stamp_before, events: Vec::new(), known_dirs: HashSet::new() })
     }
 
     /// The connection inside the transaction, for reads that must see this transaction's
@@ -46,9 +54,15 @@ impl<'c> Tx<'c> {
         &self.tx
     }
 
-    /// The wall clock this transaction stamps on what it writes.
+    /// The wall-clock part of the stamp this transaction writes (mtimes of directories it
+    /// creates, the time of a conflict).
     pub fn now_ms(&self) -> i64 {
-        self.now_ms
+        self.stamp.ms
+    }
+
+    /// The stamp every version this transaction writes carries.
+    pub fn stamp(&self) -> Stamp {
+        self.stamp
     }
 
     /// The last seq handed out (by this transaction or before it).
@@ -70,10 +84,12 @@ impl<'c> Tx<'c> {
     /// durable, then commits. A transaction that is not durable and went past the lease is
     /// refused whole: its ids could come back after a power loss (see [`super::Ids`]).
     pub(super) fn commit(self) -> Result<Counters, StoreError> {
-        let Tx { tx, clock, clock_start, before, durable, events, .. } = self;
+        let Tx { tx, clock, clock_start, before, durable, stamp, stamp_before, events, .. } = self;
         if clock != clock_start {
-            tx.prepare_cached("UPDATE clock SET seq = ?1 WHERE id = 0")?.execute([clock])?;
+            tx.prepare_cached("UPDATE clock SET seq = ?1, last_ms = ?2, last_lc = ?3 WHERE id = 0")?
+                .execute(params![clock, stamp.ms, stamp.counter])?;
         }
+        debug_assert!(clock == clock_start || stamp > stamp_before);
         outbox::publish(&tx, &events)?;
         let offset = if events.is_empty() { before.offset } else { outbox::head(&tx)? };
         let mut after = Counters { seq: clock, offset, ..before };
@@ -100,8 +116,8 @@ impl<'c> Tx<'c> {
         let e = version.entry.as_ref();
         self.tx
             .prepare_cached(
-                "INSERT INTO version(branch_id, dir, name, seq, kind, hash, size, mode, mtime_ms, written_ms, origin)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO version(branch_id, dir, name, seq, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
                 branch,
@@ -113,8 +129,9 @@ impl<'c> Tx<'c> {
                 e.map(|e| e.size as i64).unwrap_or(0),
                 e.map(|e| e.mode as i64).unwrap_or(0),
                 e.map(|e| e.mtime_ms).unwrap_or(0),
-                version.written_ms,
+                version.written.ms,
                 origin,
+                version.written.counter,
             ])?;
         if e.is_some_and(|e| e.kind == EntryKind::Dir) {
             self.known_dirs.insert((branch, path.clone()));
@@ -124,8 +141,8 @@ impl<'c> Tx<'c> {
         Ok(seq)
     }
 
-    fn stamp(&self, entry: Option<Entry>) -> Version {
-        Version { entry, written_ms: self.now_ms }
+    fn version(&self, entry: Option<Entry>) -> Version {
+        Version { entry, written: self.stamp }
     }
 
     /// Makes every ancestor of `path` a live directory on `branch`, creating missing ones;
@@ -141,7 +158,7 @@ impl<'c> Tx<'c> {
                 }
                 Some(_) => return Err(StoreError::NotADirectory(dir.to_string())),
                 None => {
-                    let v = self.stamp(Some(Entry::dir(DIR_MODE_DEFAULT, self.now_ms)));
+                    let v = self.version(Some(Entry::dir(DIR_MODE_DEFAULT, self.stamp.ms)));
                     self.insert_row(branch.id, &dir, &v, "mkdir")?;
                 }
             }
@@ -164,7 +181,7 @@ impl<'c> Tx<'c> {
             }
         }
         let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
-        let v = self.stamp(Some(entry));
+        let v = self.version(Some(entry));
         let seq = self.insert_row(branch.id, path, &v, "write")?;
         self.emit(Event::write(branch, first, seq, path, kind, hash, size));
         Ok(seq)
@@ -193,7 +210,7 @@ impl<'c> Tx<'c> {
         }
         let first = self.clock + 1;
         self.ensure_parents(branch, &view, path)?;
-        let v = self.stamp(Some(Entry::dir(mode, self.now_ms)));
+        let v = self.version(Some(Entry::dir(mode, self.stamp.ms)));
         let seq = self.insert_row(branch.id, path, &v, "mkdir")?;
         self.emit(Event::path_op("mkdir", branch, first, seq, path));
         Ok(Some(seq))
@@ -216,7 +233,7 @@ impl<'c> Tx<'c> {
             doomed.extend(below.into_keys());
         }
         let first = self.clock + 1;
-        let tomb = self.stamp(None);
+        let tomb = self.version(None);
         for p in &doomed {
             self.insert_row(branch.id, p, &tomb, "delete")?;
         }
@@ -248,10 +265,10 @@ impl<'c> Tx<'c> {
         }
         let first = self.clock + 1;
         self.ensure_parents(branch, &view, to)?;
-        let tomb = self.stamp(None);
+        let tomb = self.version(None);
         for (old, row) in &moves {
             let new = old.rebase(from, to)?;
-            let moved = self.stamp(row.version.entry.clone());
+            let moved = self.version(row.version.entry.clone());
             self.insert_row(branch.id, &new, &moved, "rename")?;
             self.insert_row(branch.id, old, &tomb, "rename")?;
         }
@@ -278,7 +295,7 @@ impl<'c> Tx<'c> {
             }
             self.ensure_parents(branch, &view, path)?;
         }
-        let v = self.stamp(old.version.entry.clone());
+        let v = self.version(old.version.entry.clone());
         let new_seq = self.insert_row(branch.id, path, &v, "restore")?;
         self.emit(Event::path_op("restore", branch, first, new_seq, path));
         Ok(new_seq)
@@ -290,11 +307,11 @@ impl<'c> Tx<'c> {
         if bucket_id(&self.tx, name).is_ok() {
             return Err(StoreError::Exists(format!("bucket {name}")));
         }
-        self.tx.execute("INSERT INTO bucket(name, created_ms) VALUES (?1, ?2)", params![name, self.now_ms])?;
+        self.tx.execute("INSERT INTO bucket(name, created_ms) VALUES (?1, ?2)", params![name, self.stamp.ms])?;
         let id = self.tx.last_insert_rowid();
         self.tx.execute(
             "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (?1, ?2, NULL, 0, 0, ?3)",
-            params![id, ROOT_BRANCH, self.now_ms],
+            params![id, ROOT_BRANCH, self.stamp.ms],
         )?;
         let branch = branch_by_name(&self.tx, id, ROOT_BRANCH)?;
         self.emit(Event::branch_op("bucket-create", &branch, self.clock));
@@ -319,7 +336,7 @@ impl<'c> Tx<'c> {
         }
         self.tx.execute(
             "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![bucket_id, name, from.id, self.clock, from.depth + 1, self.now_ms],
+            params![bucket_id, name, from.id, self.clock, from.depth + 1, self.stamp.ms],
         )?;
         let branch = branch_by_name(&self.tx, bucket_id, name)?;
         self.emit(Event::branch_op("branch-create", &branch, self.clock));
