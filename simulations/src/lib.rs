@@ -26,10 +26,10 @@ mod tests {
         let r = next(x);
         match r % 4 {
             0 => None,
-            1 => Some(Version { entry: None, written_ms: (r >> 8) as i64 % 5 }),
+            1 => Some(Version { entry: None, written: alknet_actors::proto::clock::Stamp::at((r >> 8) as i64 % 5) }),
             _ => Some(Version {
                 entry: Some(Entry { kind: EntryKind::File, hash: ContentHash([(r >> 16) as u8 % 3; 32]), size: 1, mode: 0o644, mtime_ms: 0 }),
-                written_ms: (r >> 8) as i64 % 5,
+                written: alknet_actors::proto::clock::Stamp::at((r >> 8) as i64 % 5),
             }),
         }
     }
