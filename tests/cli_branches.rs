@@ -2,6 +2,9 @@
 
 mod common;
 
+use std::io::Write;
+use std::process::Stdio;
+
 use common::Store;
 
 const MAIN: &[&str] = &["--branch", "main"];
@@ -70,17 +73,29 @@ fn merging_a_child_fast_forwards_its_new_files_into_the_parent() {
     assert_eq!(s.ls_with(MAIN, "/"), ["base.txt", "main-only.txt", "new/", "three.txt", "two.txt"]);
 }
 
-/// One three-way conflict on /shared.txt: `first` writes its side, then `second` writes its
-/// side later; merging `feat` into main must keep the later write.
+/// Stores `bytes` at /shared.txt on `branch`, the process's wall clock set to `time` (UTC).
+fn put_at(s: &Store, branch: &str, bytes: &[u8], time: &str) {
+    let args = [on(branch).as_slice(), &["put", "-", "/shared.txt"]].concat();
+    let mut child = common::at_time(&s.cmd(&args), time).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    common::expect_ok(&args, child.wait_with_output().unwrap());
+}
+
+/// One three-way conflict on /shared.txt: `first` writes its side at noon, then `second`
+/// writes its side with the machine's clock set an hour *back*. The second write still came
+/// later (versions carry a hybrid logical clock stamp, later than every earlier one), so
+/// merging `feat` into main must keep it, whatever the clock said.
 fn check_conflict(first: &str, second: &str) {
     let s = Store::new();
     s.put_bytes("/shared.txt", b"common ancestor");
     s.ok(&["branch", "create", "feat"]);
     let (early, late) = (format!("early write on {first}").into_bytes(), format!("late write on {second}").into_bytes());
-    s.put_bytes_with(&on(first), "/shared.txt", &early);
-    s.put_bytes_with(&on(second), "/shared.txt", &late);
+    put_at(&s, first, &early, "2027-06-01 12:00:00");
+    put_at(&s, second, &late, "2027-06-01 11:00:00");
     let written = |b: &str| s.log_json(&on(b), "/shared.txt")[0]["written_ms"].as_i64().unwrap();
-    assert!(written(second) > written(first), "precondition: the second write is later by the clock");
+    let noon_ms = 1_811_851_200_000; // 2027-06-01T12:00:00Z: after any real write of this test
+    assert!((noon_ms..noon_ms + 5_000).contains(&written(first)), "the first write is stamped with its clock: {}", written(first));
+    assert_eq!(written(second), written(first), "a clock an hour behind does not stamp the later write earlier");
 
     let report = s.ok(&["merge", "feat", "--into", "main"]);
     assert!(report.contains("1 conflicts") && report.contains("conflict /shared.txt"), "{report}");
@@ -101,10 +116,18 @@ fn check_conflict(first: &str, second: &str) {
     let out = s.ok(&["restore", "/shared.txt", "--version", &loser.to_string()]);
     assert!(out.contains(&format!("from version {loser}")), "{out}");
     assert_eq!(s.get_bytes_with(MAIN, "/shared.txt"), early, "restore --version <loser> brings the loser's bytes back");
+
+    // Once looked at, the conflict can be dismissed (then ordinary retention applies).
+    assert_eq!(s.ok(&["conflicts", "dismiss", "/shared.txt"]).trim(), "dismissed 1 conflict");
+    assert!(s.err(&["conflicts", "dismiss", "/shared.txt"]).contains("no conflict listed"));
+    assert_eq!(common::parse_json_array(&s.ok(&["conflicts", "--json"])), Vec::<serde_json::Value>::new());
 }
 
 #[test]
 fn a_conflict_keeps_the_later_write_and_the_loser_is_restorable() {
+    if !common::precondition(common::have_tool("faketime"), "faketime (apt install faketime) sets each write's clock") {
+        return;
+    }
     // (first writer, second writer): whichever side wrote last must win.
     for (first, second) in [("main", "feat"), ("feat", "main")] {
         check_conflict(first, second);

@@ -708,3 +708,41 @@ pub fn recv_reply(stream: &mut impl Read) -> Option<serde_json::Value> {
     stream.read_exact(&mut payload).expect("read a reply");
     Some(serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("the reply is not JSON ({e}): {}", String::from_utf8_lossy(&payload))))
 }
+
+/// What a test does when something it needs from the machine is missing (root, a tool):
+/// under CI (`CI` set, as `.ci/run` does) that is a broken set-up and the test fails loudly;
+/// in a local run it says what it skipped and why, and returns false.
+pub fn precondition(holds: bool, what: &str) -> bool {
+    if holds {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "precondition missing in CI: {what} (.ci/run installs and runs as root)");
+    eprintln!("SKIPPED (local run): {what}");
+    false
+}
+
+/// True when `tool` runs (`tool --version` succeeds).
+pub fn have_tool(tool: &str) -> bool {
+    Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// True when this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `cmd` run under libfaketime with the wall clock starting at `time` (`YYYY-MM-DD hh:mm:ss`
+/// UTC) and ticking on from there; monotonic clocks are left alone.
+pub fn at_time(cmd: &Command, time: &str) -> Command {
+    let mut c = Command::new("faketime");
+    c.arg("-f").arg(format!("@{time}")).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.env("TZ", "UTC").env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    c
+}
