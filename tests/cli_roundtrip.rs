@@ -203,6 +203,14 @@ fn mv_renames_files_and_moves_into_directories() {
     assert_eq!(s.get_bytes("/dst/src/inner/f"), b"F");
     assert_eq!(s.get_bytes("/dst/b.txt"), b"A");
 
+    // Into the root, like `mv dir/x .` in a shell.
+    s.ok(&["mv", "/dst/b.txt", "/"]);
+    s.ok(&["mv", "/dst/src", "/"]);
+    assert_eq!(s.ls("/"), ["b.txt", "dst/", "src/"]);
+    assert_eq!(s.get_bytes("/src/inner/f"), b"F");
+    s.ok(&["mv", "/src", "/dst"]);
+    s.ok(&["mv", "/b.txt", "/dst"]);
+
     // Moving a directory into itself, or a missing path, fails and changes nothing.
     let before = s.ok(&["ls", "--json", "/dst"]);
     for (from, to) in [("/dst", "/dst/src/x"), ("/missing", "/y")] {
@@ -261,4 +269,73 @@ fn a_file_used_as_a_directory_is_refused_as_not_a_directory() {
     }
     assert_eq!(s.ls("/"), ["f", "g"]);
     assert_eq!(s.get_bytes("/f"), b"a file");
+}
+
+/// A name typed as NFC (Linux) and sent as NFD (macOS) is one path: stored in NFC, found by
+/// either form.
+#[test]
+fn names_are_one_path_in_unicode_nfc_whichever_form_they_arrive_in() {
+    let s = Store::new();
+    let (nfc, nfd) = ("/caf\u{e9}/r\u{e9}sum\u{e9}.txt", "/cafe\u{301}/re\u{301}sume\u{301}.txt");
+    s.put_bytes(nfd, b"first");
+    s.put_bytes(nfc, b"second");
+    assert_eq!(s.ls("/"), ["caf\u{e9}/"]);
+    assert_eq!(s.ls("/caf\u{e9}"), ["r\u{e9}sum\u{e9}.txt"], "one entry, in NFC");
+    assert_eq!(s.get_bytes(nfd), b"second");
+    assert_eq!(s.log_json(&[], nfc).len(), 2, "both writes are versions of one path");
+    s.ok(&["mv", nfd, "/cafe\u{301}/cv.txt"]);
+    assert_eq!(s.ls("/caf\u{e9}"), ["cv.txt"]);
+
+    // A local tree holding both forms of one name cannot be imported as two paths: refused
+    // whole, before anything is stored.
+    let top = s.scratch().join("both");
+    fs::create_dir(&top).unwrap();
+    fs::write(top.join("caf\u{e9}"), b"nfc").unwrap();
+    fs::write(top.join("cafe\u{301}"), b"nfd").unwrap();
+    fs::write(top.join("plain"), b"plain").unwrap();
+    let err = s.err(&["put", "-r", top.to_str().unwrap(), "/both"]);
+    assert!(err.contains("one name in Unicode NFC") && err.contains("nothing was imported"), "{err}");
+    assert_eq!(s.ls("/"), ["caf\u{e9}/"], "a refused import stored nothing");
+}
+
+/// `put -r` of a tree with a name that is not valid UTF-8 fails before it commits anything:
+/// never half an import.
+#[test]
+fn put_recursive_refuses_a_tree_with_a_name_that_is_not_utf8_before_storing_anything() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Store::new();
+    let top = s.scratch().join("tree");
+    // Enough files that a batched import would have committed some before meeting the bad
+    // name (batches are 4096 entries, and the walk takes z/ before a/).
+    fs::create_dir_all(top.join("z")).unwrap();
+    for i in 0..5000 {
+        fs::write(top.join("z").join(format!("f{i:05}")), i.to_string()).unwrap();
+    }
+    fs::write(top.join("z").join("big"), random_bytes(100_000, 1)).unwrap();
+    fs::create_dir_all(top.join("a")).unwrap();
+    fs::write(top.join("a").join(std::ffi::OsStr::from_bytes(b"bad-\xff-name")), b"x").unwrap();
+    let err = s.err(&["put", "-r", top.to_str().unwrap(), "/tree"]);
+    assert!(err.contains("not valid UTF-8") && err.contains("nothing was imported"), "{err}");
+    assert!(s.ls("/").is_empty(), "a refused import committed part of the tree: {:?}", s.ls("/"));
+    assert!(s.blob_files().is_empty() && s.staging_files().is_empty(), "a refused import left bytes behind");
+}
+
+/// `alkfs completions SHELL` prints a script the shell accepts.
+#[test]
+fn completions_load_into_bash_and_name_the_commands() {
+    let s = Store::new();
+    let script = s.ok(&["completions", "bash"]);
+    for word in ["conflicts", "dismiss", "put", "node"] {
+        assert!(script.contains(word), "the bash completions do not know {word:?}");
+    }
+    let file = s.scratch().join("alkfs.bash");
+    fs::write(&file, &script).unwrap();
+    let out = std::process::Command::new("bash").arg("-c").arg(format!("source {} && complete -p alkfs", file.display())).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("alkfs"), "bash did not load them: {}", String::from_utf8_lossy(&out.stderr));
+    for shell in ["zsh", "fish"] {
+        assert!(s.ok(&["completions", shell]).contains("alkfs"), "{shell}");
+    }
+    let out = s.run(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error exits 2, as clap's do");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: bash"));
 }

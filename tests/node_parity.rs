@@ -55,6 +55,10 @@ fn steps() -> Vec<Step> {
         ok(&["mkdir", "-p", "/a/b/c"]),
         fails(&["mkdir", "/a"]), // exists, no -p
         ok(&["mv", "/hello.txt", "/a/b"]),
+        ok(&["mv", "/a/b/hello.txt", "/"]), // into the root
+        ok(&["mv", "/hello.txt", "/a/b"]),
+        ok_in(&["put", "-", "/cafe\u{301}.txt"], "sent as NFD"),
+        get("/caf\u{e9}.txt", b"sent as NFD"),
         ok(&["mv", "/tree/sub/deep.txt", "/tree/renamed.txt"]),
         ok(&["rm", "/notes/stdin.txt"]),
         fails(&["rm", "/missing.txt"]),
@@ -77,6 +81,9 @@ fn steps() -> Vec<Step> {
         ok(&["conflicts", "--json"]),
         ok(&["restore", "/shared.txt", "--version", "{LOSER}"]),
         get("/shared.txt", b"main's edit"),
+        ok(&["conflicts", "dismiss", "/shared.txt"]),
+        fails(&["conflicts", "dismiss", "/shared.txt"]), // no longer listed
+        ok(&["conflicts", "dismiss", "--all"]),
         fails(&["restore", "/shared.txt", "--version", "999999"]),
         ok(&["branch", "create", "tmp", "--from", "feat"]),
         ok(&["branch", "delete", "tmp"]),
@@ -265,4 +272,31 @@ fn every_command_gives_the_same_result_with_and_without_a_node() {
         assert_eq!(v, &state_with[k], "{k}: without a node vs with one");
     }
     assert!(state_without.keys().any(|k| k.contains("photos") && k.ends_with("/cat.jpg bytes")), "the table reached the photos bucket");
+}
+
+/// `gc` without flags collects by the retention in `DATA/config.toml`, with or without a node:
+/// one source of settings, one mapping of flags.
+#[test]
+fn gc_follows_the_configured_retention_with_and_without_a_node() {
+    let versions_left = |s: &Store| s.log_json(&[], "/f").len();
+    let direct = Store::new();
+    let served = Store::new();
+    for s in [&direct, &served] {
+        fs::write(s.data().join("config.toml"), "[gc]\nkeep_versions = 1\nkeep_days = 0\n").unwrap();
+    }
+    let node = Node::start(&served, &[], &[]);
+    for s in [&direct, &served] {
+        for i in 0..5 {
+            s.put_bytes("/f", format!("version {i}").as_bytes());
+        }
+        s.ok(&["gc"]);
+    }
+    assert_eq!(versions_left(&direct), 2, "gc without a node ignored config.toml (head + keep_versions = 1)");
+    assert_eq!(versions_left(&served), 2, "the node's gc follows config.toml");
+    // A flag overrides the configured rule the same way on both.
+    for s in [&direct, &served] {
+        s.ok(&["gc", "--keep-versions", "0"]);
+    }
+    assert_eq!((versions_left(&direct), versions_left(&served)), (1, 1));
+    drop(node);
 }
