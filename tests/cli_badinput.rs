@@ -238,16 +238,16 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Fills a 20 MiB tmpfs with a 50 MiB put (from a file, or from stdin): the put must fail
-/// saying the disk is full, and the store must be as it was, and still writable.
-fn check_full_disk(from_stdin: bool) {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("the full-disk check needs root (to mount a small tmpfs): skipped");
+/// Fills a 20 MiB tmpfs with a 50 MiB put (from a file, or from stdin; straight into the store
+/// or through a running node): the put must fail saying the disk is full, and the store must
+/// be as it was, and still writable.
+fn check_full_disk(from_stdin: bool, with_node: bool) {
+    if !common::precondition(common::is_root(), "the full-disk checks mount a small tmpfs, which needs root") {
         return;
     }
     let mnt = Tmpfs::mount("20m");
     let s = Store::at(&mnt.path().join("data"));
+    let node = with_node.then(|| common::Node::start(&s, &[], &[]));
     let one = s.scratch().join("one");
     fs::write(&one, random_bytes(1 << 20, 1)).unwrap();
     s.ok(&["put", one.to_str().unwrap(), "/one"]);
@@ -266,16 +266,29 @@ fn check_full_disk(from_stdin: bool) {
     assert!(s.staging_files().is_empty(), "the failed put left its staging file filling the disk");
     s.put_bytes("/small.txt", b"there is room for this");
     assert_eq!(s.ls("/"), ["one", "small.txt"]);
+    if let Some(node) = &node {
+        assert!(!node.log().contains("panicked"), "{}", node.log());
+    }
     // Last, so a wrong message does not hide the checks above.
-    assert!(err.contains("is full"), "the error should say the disk is full: {err}");
+    assert!(err.contains("is full") && !err.contains("roken pipe"), "the error should say the disk is full: {err}");
 }
 
 #[test]
 fn a_full_disk_fails_a_put_from_a_file_cleanly() {
-    check_full_disk(false);
+    check_full_disk(false, false);
 }
 
 #[test]
 fn a_full_disk_fails_a_put_from_stdin_cleanly() {
-    check_full_disk(true);
+    check_full_disk(true, false);
+}
+
+#[test]
+fn a_full_disk_fails_a_put_through_the_node_with_the_nodes_error() {
+    check_full_disk(false, true);
+}
+
+#[test]
+fn a_full_disk_fails_a_streamed_put_through_the_node_with_the_nodes_error_not_a_broken_pipe() {
+    check_full_disk(true, true);
 }

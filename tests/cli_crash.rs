@@ -63,46 +63,98 @@ fn a_put_killed_at_any_point_leaves_the_old_or_the_new_file() {
     assert!(interrupted > 0, "no kill landed inside a put: the test did not exercise a crash");
 }
 
+/// Where a kill of a merge landed, read while the process was stopped just before it.
+#[derive(Debug, PartialEq)]
+enum Landed {
+    /// Before the merge's transaction began (start-up).
+    Before,
+    /// Inside the merge's write transaction: the case the test is for.
+    Inside,
+    /// After it committed.
+    After,
+}
+
+/// True when some connection holds `db`'s write lock: a write transaction is open.
+fn write_transaction_open(db: &std::path::Path) -> bool {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::ZERO).unwrap();
+    match conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;") {
+        Ok(()) => false,
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => true,
+        Err(e) => panic!("probing the write lock: {e}"),
+    }
+}
+
+/// Runs `merge` and kills it after `delay`: stops it first (SIGSTOP), looks whether its write
+/// transaction is open, then SIGKILLs it. Returns whether it was in the transaction, and
+/// whether the kill is what ended it.
+fn kill_merge_after(s: &Store, branch: &str, delay: Duration) -> (bool, bool) {
+    let mut child = s.cmd(&["merge", branch, "--into", "main"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(delay); // the varying point of the crash is the point of the test
+    common::send_signal(child.id(), libc::SIGSTOP);
+    let inside = write_transaction_open(&s.data().join("tree.db"));
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    (inside, status.signal() == Some(libc::SIGKILL))
+}
+
 #[test]
 fn a_merge_killed_at_any_point_is_all_or_nothing() {
+    const FILES: usize = 3000;
+    const INSIDE_MIN: usize = 4;
+    const ROUNDS_MAX: usize = 40;
     let s = Store::new();
     s.put_bytes("/base.txt", b"base");
     let tree = s.scratch().join("tree");
     fs::create_dir(&tree).unwrap();
-    let names: Vec<String> = (0..300).map(|i| format!("file-{i:03}.txt")).collect();
+    let names: Vec<String> = (0..FILES).map(|i| format!("file-{i:04}.txt")).collect();
     for (i, name) in names.iter().enumerate() {
         fs::write(tree.join(name), format!("small file {i}")).unwrap();
     }
-    let (mut none, mut all) = (0, 0);
-
-    for round in 0..ROUNDS {
+    let mut seen = Vec::new();
+    // The kill point walks towards the merge's transaction, later after a kill that came too
+    // early and earlier after one that came too late, so the machine's speed does not matter;
+    // inside it, it moves on, so the kills land at different points of the transaction.
+    let mut delay = Duration::from_millis(5);
+    for round in 0..ROUNDS_MAX {
         let (branch, dir) = (format!("b{round}"), format!("/m{round}"));
         s.ok(&["branch", "create", &branch, "--from", "main"]);
         s.ok(&["--branch", &branch, "put", "-r", tree.to_str().unwrap(), &dir]);
-        assert_eq!(s.ls_with(&["--branch", &branch], &dir).len(), 300);
 
-        let child = s.cmd(&["merge", &branch, "--into", "main"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        let killed = kill_after(child, Duration::from_micros(round * 1000)); // 0 .. 7 ms: a merge of 300 files takes ~7 ms
-
-        let root = s.ls("/");
-        let merged = root.contains(&format!("m{round}/"));
+        let (inside, killed) = kill_merge_after(&s, &branch, delay);
+        let merged = s.ls("/").contains(&format!("m{round}/"));
+        let landed = match (inside, merged) {
+            (true, false) => Landed::Inside,
+            (true, true) => panic!("round {round}: the merge committed while its transaction was still open"),
+            (false, true) => Landed::After,
+            (false, false) => Landed::Before,
+        };
         if merged {
             assert_eq!(s.ls(&dir), names, "round {round}: a partial merge reached main");
-            all += 1;
         } else {
             assert!(killed, "round {round}: the merge exited by itself but merged nothing");
-            assert!(s.err(&["ls", &dir]).contains("no such file"), "round {round}");
-            none += 1;
+            assert!(s.err(&["ls", &dir]).contains("no such file"), "round {round}: a killed merge left part of its work");
         }
+        delay = match landed {
+            Landed::Before => delay * 3 / 2,
+            Landed::After => delay * 2 / 3,
+            Landed::Inside => delay * 6 / 5,
+        };
+        seen.push(landed);
         // The store takes new writes, and the merge can be finished.
         let probe = format!("/probe-{round}");
         s.put_bytes(&probe, probe.as_bytes());
         assert_eq!(s.get_bytes(&probe), probe.as_bytes());
         s.ok(&["merge", &branch, "--into", "main"]);
         assert_eq!(s.ls(&dir), names, "round {round}: merging again after the kill must bring every file");
-        assert_eq!(s.get_bytes(&format!("{dir}/file-299.txt")), b"small file 299");
+        if seen.iter().filter(|l| **l == Landed::Inside).count() >= INSIDE_MIN {
+            break;
+        }
     }
-    println!("{none} merges interrupted before commit, {all} committed");
+    let count = |l: Landed| seen.iter().filter(|x| **x == l).count();
+    let (before, inside, after) = (count(Landed::Before), count(Landed::Inside), count(Landed::After));
+    println!("kills: {before} before the merge's transaction, {inside} inside it, {after} after its commit");
+    assert!(inside >= INSIDE_MIN, "only {inside} of {} kills landed inside the merge's transaction: the test did not exercise a crash mid-merge", seen.len());
 }
 
 #[test]

@@ -192,8 +192,8 @@ fn put_file_and_put_tree_of_a_wrong_source_get_error_replies() {
     let cases = [
         ("put_file", &dir, "not a regular file"),
         ("put_file", &missing, "missing"),
-        ("put_tree", &file, ""),
-        ("put_tree", &missing, ""),
+        ("put_tree", &file, "a-file: not a directory"),
+        ("put_tree", &missing, "missing: No such file or directory"),
     ];
     for (op, src, needle) in cases {
         let reply = call(&s, &json!({"op": op, "scope": scope(), "path": "/dest", "src": src}));
@@ -243,4 +243,123 @@ fn the_socket_is_private_to_its_owner() {
     let meta = std::fs::metadata(s.data().join("alkfs.sock")).unwrap();
     assert!(meta.file_type().is_socket(), "{meta:?}");
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the socket is owner-only: {:o}", meta.permissions().mode());
+}
+
+/// Sends one frame, tolerating a connection the node already closed.
+fn send_lenient(stream: &mut UnixStream, payload: &[u8]) {
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload);
+    let _ = stream.write_all(&frame);
+}
+
+/// A streamed put refused before its data was read (a bad path) is answered with the error,
+/// and the data frames the client sends anyway are never parsed as requests: the node closes
+/// the connection after its answer.
+#[test]
+fn a_failed_streamed_put_is_answered_and_its_data_never_read_as_requests() {
+    let s = Store::new();
+    let node = Node::start(&s, &[], &[]);
+    let mut stream = connect(&s);
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": "/../escape.bin"}).to_string().as_bytes());
+    // The data: one frame that would parse as a request, were the node to read it as one.
+    send_lenient(&mut stream, json!({"op": "mkdir", "scope": scope(), "path": "/smuggled", "parents": true}).to_string().as_bytes());
+    for seed in 0..3 {
+        send_lenient(&mut stream, &random_bytes(MIB, seed));
+    }
+    send_lenient(&mut stream, &[]);
+    assert_error(&recv(&mut stream), "put_stream to /../escape.bin", "..");
+    assert_closed(&mut stream, "after a failed streamed put");
+    assert!(s.ls("/").is_empty(), "a data frame was run as a request: {:?}", s.ls("/"));
+    assert_serving(&s, &node, "after-failed-stream");
+}
+
+/// A client that stalls inside a streamed put is dropped after the client timeout: it holds
+/// no slot, no blocking thread and no staging file past it.
+#[test]
+fn a_stalled_streamed_put_is_dropped_after_the_client_timeout() {
+    let s = Store::new();
+    let node = Node::start(&s, &["--set", "node.client_timeout_secs=1"], &[]);
+    let mut stream = connect(&s);
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": "/stalled.bin"}).to_string().as_bytes());
+    send(&mut stream, &random_bytes(MIB, 1));
+    await_cond(Duration::from_secs(10), "a staging file for the stalled put", || !s.staging_files().is_empty());
+    let stalled = Instant::now();
+    // ... and nothing more: the node gives up on it after a second.
+    assert_error(&recv(&mut stream), "a stalled put", "no data from the client");
+    assert!(stalled.elapsed() < Duration::from_secs(5), "dropped after {:?}", stalled.elapsed());
+    assert_closed(&mut stream, "a stalled put");
+    await_cond(Duration::from_secs(5), "the stalled put's staging file to go", || s.staging_files().is_empty());
+    assert!(s.ls("/").is_empty(), "a dropped put committed: {:?}", s.ls("/"));
+    assert_serving(&s, &node, "after-stalled-stream");
+}
+
+/// SIGTERM does not wait for a client stalled inside a streamed put: the put is abandoned
+/// (nothing written, its staging file removed) and the node exits at once.
+#[test]
+fn sigterm_is_not_held_up_by_a_stalled_streamed_put() {
+    let s = Store::new();
+    let mut node = Node::start(&s, &[], &[]);
+    let mut stream = connect(&s);
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": "/stalled.bin"}).to_string().as_bytes());
+    send(&mut stream, &random_bytes(MIB, 2));
+    await_cond(Duration::from_secs(10), "a staging file for the stalled put", || !s.staging_files().is_empty());
+    let signalled = Instant::now();
+    let status = node.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "log:\n{}", node.log());
+    assert!(signalled.elapsed() < Duration::from_secs(5), "SIGTERM took {:?} with a stalled put open", signalled.elapsed());
+    assert_error(&recv(&mut stream), "a put cut by shutdown", "shutting down");
+    assert!(s.staging_files().is_empty(), "the abandoned put left its staging file");
+    assert!(s.ls("/").is_empty());
+}
+
+/// CPU seconds (user + system) `pid` has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
+}
+
+/// Sets the soft limit of open files of `pid`; returns the old limits.
+fn limit_open_files(pid: u32, soft: u64) -> libc::rlimit {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a read of the current limits into a valid struct.
+    assert_eq!(unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let new = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
+    // SAFETY: valid structs; the target is our own child.
+    assert_eq!(unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }, 0, "prlimit");
+    old
+}
+
+/// Out of file descriptors, accepting a connection fails while clients keep waiting: the node
+/// backs off instead of retrying in a busy loop, and serves again once descriptors free up.
+#[test]
+fn failed_accepts_back_off_instead_of_spinning() {
+    let s = Store::new();
+    let node = Node::start(&s, &[], &[]);
+    let open_now = std::fs::read_dir(format!("/proc/{}/fd", node.pid())).unwrap().count() as u64;
+    let old = limit_open_files(node.pid(), open_now + 2);
+    let waiting: Vec<UnixStream> = (0..10).map(|_| connect(&s)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_secs(node.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_secs(node.pid()) - before;
+    limit_open_files(node.pid(), old.rlim_cur);
+    drop(waiting);
+    assert!(used < 0.5, "the node used {used:.2} s of CPU in 2 s while out of descriptors: a busy accept loop");
+    assert!(node.log().contains("accepting a control connection failed"), "the node never hit the limit, so this proved nothing:\n{}", node.log());
+    assert_serving(&s, &node, "after-fd-exhaustion");
+}
+
+/// A duration that would overflow a timer is refused when the node starts, with the key named.
+#[test]
+fn a_setting_that_would_overflow_a_clock_is_refused_at_start() {
+    let s = Store::new();
+    for set in ["node.batch_delay_ms=9223372036854775807", "gc.interval_secs=9223372036854775807"] {
+        let args = ["node", "run", "--set", set];
+        let err = common::expect_err(&args, s.run(&args));
+        let key = set.split('=').next().unwrap();
+        assert!(err.contains(key) && err.contains("too large"), "{set}: {err}");
+    }
 }
