@@ -62,17 +62,20 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
     }
 }
 
-/// Says on stderr when events after this consumer's cursor were pruned (it was idle past the
-/// outbox retention and expired): what follows starts at the oldest event still kept.
+/// Says on stderr when events after this consumer's cursor were pruned (it is new, or it was
+/// idle past the outbox retention and expired): what follows starts at the oldest event kept.
 fn warn_if_events_were_missed(conn: &rusqlite::Connection, consumer: &str, cursor: i64) -> Result<()> {
-    if let Some(oldest) = outbox::oldest(conn)? {
-        if oldest > cursor + 1 {
-            eprintln!(
-                "alkfs: warning: consumer {consumer:?} missed events {}..={} (pruned while it was idle past the outbox retention, gc.outbox_keep_days); continuing from {oldest}",
-                cursor + 1,
-                oldest - 1
-            );
-        }
+    // The next event this consumer can still read: the oldest kept, or the next to come.
+    let next = match outbox::oldest(conn)? {
+        Some(oldest) => oldest,
+        None => outbox::head(conn)? + 1,
+    };
+    if next > cursor + 1 {
+        eprintln!(
+            "alkfs: warning: consumer {consumer:?} missed events {}..={} (pruned before it read them: it is new, or was idle past the outbox retention, gc.outbox_keep_days); continuing from {next}",
+            cursor + 1,
+            next - 1
+        );
     }
     Ok(())
 }

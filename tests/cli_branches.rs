@@ -125,7 +125,7 @@ fn check_conflict(first: &str, second: &str) {
 
 #[test]
 fn a_conflict_keeps_the_later_write_and_the_loser_is_restorable() {
-    if !common::precondition(common::have_tool("faketime"), "faketime (apt install faketime) sets each write's clock") {
+    if !common::precondition(common::libfaketime().is_some(), "libfaketime (apt install faketime) sets each write's clock") {
         return;
     }
     // (first writer, second writer): whichever side wrote last must win.

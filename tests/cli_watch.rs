@@ -147,3 +147,34 @@ fn every_version_written_is_covered_by_an_event() {
         hi = written.iter().map(|(_, s)| *s).chain(ranges.iter().map(|r| r.1)).max().unwrap().max(hi);
     }
 }
+
+/// Consumers show in `status`; one idle past the outbox retention (`gc.outbox_keep_days`)
+/// expires: status says so, it no longer holds events back from pruning, and when it reads
+/// again it is told which events it missed.
+#[test]
+fn an_idle_consumer_expires_shows_so_in_status_and_is_told_what_it_missed() {
+    if !common::precondition(common::libfaketime().is_some(), "libfaketime (apt install faketime) runs the node two days ahead") {
+        return;
+    }
+    let s = Store::new();
+    std::fs::write(s.data().join("config.toml"), "[gc]\noutbox_keep_days = 1\n").unwrap();
+    s.put_bytes("/a", b"a");
+    assert_eq!(watch_once(&s, "old").len(), 2, "bucket-create and the write");
+    // Two days later (by the node's clock) the consumer `old` has been idle past retention.
+    let env = common::faketime_env("+2d");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let node = common::Node::start(&s, &[], &env);
+    s.put_bytes("/b", b"b");
+    s.put_bytes("/c", b"c");
+    let status = common::await_status(s.data(), Duration::from_secs(10), "the node's consumer to pass the writes", |st| st["outbox_cursor"] == st["outbox_head"]);
+    let consumers: Vec<(String, bool)> = status["consumers"].as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["expired"].as_bool().unwrap())).collect();
+    assert_eq!(consumers, [("node".to_string(), false), ("old".to_string(), true)], "{status:#}");
+    assert!(s.ok(&["status"]).contains("expired"), "status in text says so too");
+    let gc = s.ok(&["gc"]);
+    assert!(gc.contains("and 4 outbox events"), "the expired consumer no longer held events back: {gc}");
+    drop(node);
+
+    let out = s.run(&["watch", "--once", "--consumer", "old"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("missed events 3..=4"), "{stderr}");
+}

@@ -732,17 +732,32 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// `cmd` run under libfaketime with the wall clock starting at `time` (`YYYY-MM-DD hh:mm:ss`
-/// UTC) and ticking on from there; monotonic clocks are left alone.
+/// libfaketime (its thread-safe build), if installed (Debian's `faketime` package).
+pub fn libfaketime() -> Option<PathBuf> {
+    ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// The environment that runs a process under libfaketime with its wall clock at `spec`
+/// (libfaketime's FAKETIME: `@2027-06-01 12:00:00` starts there and ticks on, `+2d` runs two
+/// days ahead); monotonic clocks are left alone. Same pid: no wrapper process.
+pub fn faketime_env(spec: &str) -> Vec<(&'static str, String)> {
+    let lib = libfaketime().expect("libfaketime is installed (apt install faketime)");
+    vec![("LD_PRELOAD", lib.display().to_string()), ("FAKETIME", spec.to_string()), ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()), ("TZ", "UTC".into())]
+}
+
+/// `cmd` with its wall clock starting at `time` (`YYYY-MM-DD hh:mm:ss` UTC) and ticking on.
 pub fn at_time(cmd: &Command, time: &str) -> Command {
-    let mut c = Command::new("faketime");
-    c.arg("-f").arg(format!("@{time}")).arg(cmd.get_program()).args(cmd.get_args());
+    let mut c = Command::new(cmd.get_program());
+    c.args(cmd.get_args());
     for (k, v) in cmd.get_envs() {
         match v {
             Some(v) => c.env(k, v),
             None => c.env_remove(k),
         };
     }
-    c.env("TZ", "UTC").env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    c.envs(faketime_env(&format!("@{time}")));
     c
 }
