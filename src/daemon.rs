@@ -78,6 +78,9 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
     let node_id = node_id(dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("alkfs-node").build()?;
     rt.block_on(async move {
+        // Before anything can see the node (its socket): a SIGTERM from then on stops it cleanly.
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
         let index = Arc::new(BlobIndex::open(dir).await?);
         let ctx = NodeContext::new(dir, lock, content.clone(), index.clone(), config.node_config());
         let node::Started { supervisor: sup, done: mut sup_done, handle } = node::start(ctx).await?;
@@ -99,8 +102,6 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
             client_timeout: std::time::Duration::from_secs(config.node.client_timeout_secs),
             retention: config.retention(),
         };
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sigint = signal(SignalKind::interrupt())?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
         let server = tokio::spawn(server::serve(listener, server_ctx, async move {
             let _ = stop_rx.await;
