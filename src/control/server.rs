@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn a_reply_too_large_for_a_frame_becomes_an_error_that_says_it_completed() {
         let taken = (0..200_000).map(|i| TreePath::parse(&format!("/a-rather-long-directory-name/file-{i:08}")).unwrap()).collect();
-        let report = alknet_actors::store::merge::MergeReport { fast_forward: true, taken, conflicts: vec![] };
+        let report = alknet_actors::store::merge::MergeReport { fast_forward: true, taken, conflicts: vec![], examined: 0 };
         let bytes = encode_reply(&Reply::Merge { report });
         assert!(bytes.len() <= CONTROL_FRAME_BYTES_MAX);
         let text = String::from_utf8(bytes).unwrap();

@@ -5,7 +5,9 @@
 //!    Otherwise the nearest common ancestor in the fork chains, as of the earlier of the two
 //!    forks. Unrelated histories merge from an empty base.
 //! 2. **Candidates.** Only paths with rows in the seq ranges one view sees and the other does
-//!    not: the cost follows what changed, not the size of the tree.
+//!    not, leaving out rows an earlier merge between the two already took in: the cost
+//!    follows what changed since they were last in step, not the size of the tree or its
+//!    history ([`MergeReport::examined`]).
 //! 3. **Decide** each path with [`crate::proto::merge::decide`]; a path changed on both sides is
 //!    settled by last-writer-wins, and the loser is written as a version (`conflict-loser`) just
 //!    before the winner, so `alkfs log` shows it and `alkfs restore` brings it back; the pair is
@@ -42,6 +44,10 @@ pub struct MergeReport {
     pub taken: Vec<TreePath>,
     /// Paths both sides changed, with the side that won.
     pub conflicts: Vec<(TreePath, Side)>,
+    /// Paths the merge looked at: those changed on either side since the branches were last
+    /// in step (the merge's cost follows this, not the size of the tree or its history).
+    #[serde(default)]
+    pub examined: u64,
 }
 
 /// The last merge between branches `a` and `b`, either direction: (merged from, its seq).
@@ -92,28 +98,40 @@ pub fn next_merge_bases(conn: &Connection, live: &[Branch]) -> Result<Vec<View>,
     Ok(bases)
 }
 
-/// Deletes merge points no later merge will read: all but the last of each pair of
-/// branches, and those of branches that no longer exist.
+/// Deletes merge points no later merge will read: all but the last in each direction between
+/// two branches (the last of either is the next base; the last of each is a scan floor), and
+/// those of branches that no longer exist.
 pub fn prune_merge_points(conn: &Connection) -> Result<usize, StoreError> {
     Ok(conn.execute(
         "DELETE FROM merge_point WHERE
              NOT EXISTS (SELECT 1 FROM branch WHERE id = merge_point.from_branch AND deleted_seq IS NULL)
           OR NOT EXISTS (SELECT 1 FROM branch WHERE id = merge_point.into_branch AND deleted_seq IS NULL)
           OR EXISTS (SELECT 1 FROM merge_point later
-                     WHERE ((later.from_branch = merge_point.from_branch AND later.into_branch = merge_point.into_branch)
-                         OR (later.from_branch = merge_point.into_branch AND later.into_branch = merge_point.from_branch))
+                     WHERE later.from_branch = merge_point.from_branch AND later.into_branch = merge_point.into_branch
                        AND later.into_seq > merge_point.into_seq)",
         [],
     )?)
 }
 
-/// Paths with rows that `view` sees and `base` does not, or the other way round.
-fn changed_between(tx: &Tx<'_>, view: &View, base: &View, upto: i64, out: &mut BTreeSet<TreePath>) -> Result<bool, StoreError> {
+/// The last seq of `from` that a merge into `into` already took in (0 when none): rows of
+/// `from` up to it were weighed by that merge, and `into` holds its result.
+fn merged_upto(conn: &Connection, from: i64, into: i64) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT COALESCE(MAX(from_seq), 0) FROM merge_point WHERE from_branch = ?1 AND into_branch = ?2")?
+        .query_row(params![from, into], |r| r.get(0))?)
+}
+
+/// Paths with rows that `view` sees and `base` does not, or the other way round, leaving
+/// out each branch's rows up to its floor in `floors` (what an earlier merge already took
+/// in): so the scan covers what changed since the two branches were last in step, not whole
+/// histories.
+fn changed_between(tx: &Tx<'_>, view: &View, base: &View, floors: &[(i64, i64)], upto: i64, out: &mut BTreeSet<TreePath>) -> Result<bool, StoreError> {
+    let floor = |branch: i64| floors.iter().find(|(b, _)| *b == branch).map_or(0, |(_, seq)| *seq);
     let mut any = false;
     for (a, b) in [(view, base), (base, view)] {
         for (branch, limit) in &a.links {
             let hi = (*limit).min(upto);
-            let lo = b.limit_of(*branch).unwrap_or(0).min(hi);
+            let lo = b.limit_of(*branch).unwrap_or(0).max(floor(*branch)).min(hi);
             if hi > lo {
                 let paths = read::changed_paths(tx.conn(), *branch, lo, hi)?;
                 any |= !paths.is_empty();
@@ -137,10 +155,11 @@ impl Tx<'_> {
         let now_seq = self.clock();
         let base = merge_base(self.conn(), from, into)?;
         let (vf, vi) = (View::head(self.conn(), from)?, View::head(self.conn(), into)?);
+        let floors = [(from.id, merged_upto(self.conn(), from.id, into.id)?), (into.id, merged_upto(self.conn(), into.id, from.id)?)];
         let mut candidates = BTreeSet::new();
-        changed_between(self, &vf, &base, now_seq, &mut candidates)?;
-        let into_changed = changed_between(self, &vi, &base, now_seq, &mut candidates)?;
-        let mut report = MergeReport { fast_forward: !into_changed, ..Default::default() };
+        changed_between(self, &vf, &base, &floors, now_seq, &mut candidates)?;
+        let into_changed = changed_between(self, &vi, &base, &floors, now_seq, &mut candidates)?;
+        let mut report = MergeReport { fast_forward: !into_changed, examined: candidates.len() as u64, ..Default::default() };
         let first = self.clock() + 1;
         for path in &candidates {
             self.merge_path(from, into, &base, &vf, &vi, path, &mut report)?;
