@@ -339,3 +339,21 @@ fn completions_load_into_bash_and_name_the_commands() {
     assert_eq!(out.status.code(), Some(2), "a usage error exits 2, as clap's do");
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: bash"));
 }
+
+/// Special files (fifos, sockets, devices) are skipped by `put -r`, whatever their names: a
+/// fifo whose name is not UTF-8 does not fail the import of the files beside it.
+#[test]
+fn put_recursive_skips_special_files_whatever_their_names() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Store::new();
+    let top = s.scratch().join("with-fifo");
+    fs::create_dir(&top).unwrap();
+    fs::write(top.join("file.txt"), b"kept").unwrap();
+    let fifo = top.join(std::ffi::OsStr::from_bytes(b"fifo-\xff"));
+    let path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+    s.ok(&["put", "-r", top.to_str().unwrap(), "/t"]);
+    assert_eq!(s.ls("/t"), ["file.txt"]);
+    assert_eq!(s.get_bytes("/t/file.txt"), b"kept");
+}

@@ -210,3 +210,40 @@ fn a_second_writer_is_refused_with_a_clear_message() {
     drop(engine);
     Engine::open(dir.path(), Access::Write).unwrap();
 }
+
+/// A store an older alkfs wrote (schema 1) with names in NFD, as files copied from a Mac
+/// arrive: the upgrade rewrites them in NFC, so they stay reachable by either form and one
+/// name is one path.
+#[test]
+fn an_older_store_with_nfd_names_is_rewritten_in_nfc_on_upgrade() {
+    use alknet_actors::store::schema::MIGRATIONS;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tree.db");
+    {
+        let conn = honker_core::open_conn(db.to_str().unwrap(), false).unwrap();
+        honker_core::bootstrap_honker_schema(&conn).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        let hash = blake3::hash(b"old bytes");
+        conn.execute_batch(&format!(
+            "PRAGMA user_version = 1;
+             INSERT INTO bucket VALUES (1, 'default', 0);
+             INSERT INTO branch(id, bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (1, 1, 'main', NULL, 0, 0, 0);
+             INSERT INTO version VALUES (1, '/', 'cafe\u{301}', 1, 'd', x'{empty}', 0, 493, 0, 0, 'mkdir');
+             INSERT INTO version VALUES (1, '/cafe\u{301}', 're\u{301}sume\u{301}.txt', 2, 'f', x'{hash}', 9, 420, 0, 0, 'write');
+             INSERT INTO blob(hash, size, data) VALUES (x'{hash}', 9, CAST('old bytes' AS BLOB));
+             UPDATE clock SET seq = 2;",
+            empty = alknet_actors::proto::entry::ContentHash::EMPTY.to_hex(),
+            hash = hash.to_hex()
+        ))
+        .unwrap();
+    }
+    std::fs::create_dir_all(dir.path().join("content/staging")).unwrap();
+    let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
+    let s = main_scope();
+    assert_eq!(names(&engine, &s, "/"), ["caf\u{e9}"], "the directory's name is NFC now");
+    assert_eq!(get(&engine, &s, "/caf\u{e9}/r\u{e9}sum\u{e9}.txt").unwrap(), b"old bytes", "found by its NFC name");
+    assert_eq!(get(&engine, &s, "/cafe\u{301}/re\u{301}sume\u{301}.txt").unwrap(), b"old bytes", "and by its NFD name");
+    put(&mut engine, &s, "/caf\u{e9}/r\u{e9}sum\u{e9}.txt", b"new bytes");
+    assert_eq!(names(&engine, &s, "/caf\u{e9}"), ["r\u{e9}sum\u{e9}.txt"], "one path, not two");
+    assert_eq!(engine.log(&s, &p("/cafe\u{301}/re\u{301}sume\u{301}.txt")).unwrap().len(), 2, "the old row is the path's history");
+}

@@ -333,23 +333,26 @@ async fn put_stream(ctx: &ServerCtx, scope: Scope, raw_path: &str, body: &mut Bo
         },
         Some(first) => pending.push(first),
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(STREAM_QUEUE_CHUNKS);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(STREAM_QUEUE_CHUNKS);
     let content = ctx.content.clone();
-    let import = tokio::task::spawn_blocking(move || content.import_reader(ChannelReader { rx, buf: Vec::new(), pos: 0 }, |_| {}));
+    let import = tokio::task::spawn_blocking(move || content.import_reader(ChannelReader::new(rx), |_| {}));
     let mut import_stopped = false;
     for chunk in pending {
-        import_stopped = tx.send(Ok(chunk)).await.is_err();
+        import_stopped = tx.send(Chunk::Data(chunk)).await.is_err();
         if import_stopped {
             break;
         }
     }
     while !import_stopped {
         match body.next().await {
-            Ok(Some(chunk)) => import_stopped = tx.send(Ok(chunk)).await.is_err(), // a failed import: its error is below
-            Ok(None) => break,
+            Ok(Some(chunk)) => import_stopped = tx.send(Chunk::Data(chunk)).await.is_err(), // a failed import: its error is below
+            Ok(None) => {
+                let _ = tx.send(Chunk::End).await;
+                break;
+            }
             Err(e) => {
                 // Abort the import (its staging file goes with it) before answering.
-                let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.to_string()))).await;
+                let _ = tx.send(Chunk::Abort(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.to_string()))).await;
                 drop(tx);
                 let _ = import.await;
                 return Err(e);
@@ -406,23 +409,46 @@ pub fn disk_usage(dir: &Path) -> u64 {
     total
 }
 
-/// Adapts the chunks of a streamed put to `Read`, for the blocking import.
+/// What the connection hands the blocking import of a streamed put.
+enum Chunk {
+    /// More bytes.
+    Data(Vec<u8>),
+    /// The client's end frame: the bytes are complete.
+    End,
+    /// The put was cut short (the client went away or stalled, the node is stopping).
+    Abort(std::io::Error),
+}
+
+/// Adapts the chunks of a streamed put to `Read`, for the blocking import. Only an explicit
+/// [`Chunk::End`] ends the bytes: a channel closed without one (the connection's task was
+/// dropped) is an error, so a cut-off stream can never pass for a whole file.
 struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
     buf: Vec<u8>,
     pos: usize,
+    ended: bool,
+}
+
+impl ChannelReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Chunk>) -> Self {
+        ChannelReader { rx, buf: Vec::new(), pos: 0, ended: false }
+    }
 }
 
 impl std::io::Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.buf.len() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => {
+                Some(Chunk::Data(chunk)) => {
                     self.buf = chunk;
                     self.pos = 0;
                 }
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
+                Some(Chunk::End) => self.ended = true,
+                Some(Chunk::Abort(e)) => return Err(e),
+                None => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the streamed put was dropped before its end")),
             }
         }
         let n = out.len().min(self.buf.len() - self.pos);

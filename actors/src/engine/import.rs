@@ -42,30 +42,47 @@ const BAD_NAMES_SHOWN_MAX: usize = 5;
 /// `content`, and hands `sink` batches of at most [`COMMIT_ENTRIES_MAX`] items to commit
 /// (directories before what they hold). Special files are skipped with a warning.
 ///
-/// The whole tree is walked and checked first: a name that cannot be a path (not UTF-8,
-/// too long) or two names that are one path in Unicode NFC fail the import before anything
-/// is copied or committed, so a refused import never leaves half a tree behind.
+/// The whole tree's names are checked first ([`check_names`]): a name that cannot be a path
+/// (not UTF-8, too long) or two names that are one path in Unicode NFC fail the import
+/// before anything is copied or committed, so a refused import never leaves half a tree.
 pub fn import_tree(content: &ContentStore, src: &Path, dest: &TreePath, mut sink: impl FnMut(Vec<CommitItem>) -> Result<()>) -> Result<u64> {
-    let plan = plan_tree(src, dest)?;
-    let mut batch: Vec<CommitItem> = Vec::with_capacity(plan.len().min(COMMIT_ENTRIES_MAX));
+    let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
+    if !dir_meta.is_dir() {
+        return Err(EngineError::local(src, io::Error::other("not a directory")));
+    }
+    check_names(src, dest)?;
+    let mut batch: Vec<CommitItem> = vec![(dest.clone(), Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)), empty_blob())];
     let mut count = 0u64;
-    for (lpath, rpath, meta) in plan {
-        let ft = meta.file_type();
-        let item = if ft.is_dir() {
-            (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
-        } else if ft.is_symlink() {
-            let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-            let blob = content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
-            let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
-            (rpath, entry, blob)
-        } else {
-            let blob = content.import_file(&lpath, |_| {})?;
-            (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
-        };
-        batch.push(item);
-        if batch.len() >= COMMIT_ENTRIES_MAX {
-            count += batch.len() as u64;
-            sink(std::mem::take(&mut batch))?;
+    let mut stack = vec![(src.to_path_buf(), dest.clone())];
+    while let Some((local, remote)) = stack.pop() {
+        for name in sorted_names(&local)? {
+            let lpath = local.join(&name);
+            let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+            let ft = meta.file_type();
+            if !ft.is_dir() && !ft.is_symlink() && !ft.is_file() {
+                tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
+                continue;
+            }
+            // Checked above; the tree changing under the import is reported, not panicked on.
+            let name = name.to_str().ok_or_else(|| EngineError::local(&lpath, io::Error::other("file name is not UTF-8")))?;
+            let rpath = remote.join(name).map_err(StoreError::from)?;
+            let item = if ft.is_dir() {
+                stack.push((lpath.clone(), rpath.clone()));
+                (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
+                let blob = content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
+                let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
+                (rpath, entry, blob)
+            } else {
+                let blob = content.import_file(&lpath, |_| {})?;
+                (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
+            };
+            batch.push(item);
+            if batch.len() >= COMMIT_ENTRIES_MAX {
+                count += batch.len() as u64;
+                sink(std::mem::take(&mut batch))?;
+            }
         }
     }
     count += batch.len() as u64;
@@ -73,29 +90,33 @@ pub fn import_tree(content: &ContentStore, src: &Path, dest: &TreePath, mut sink
     Ok(count)
 }
 
-/// One entry to import: where it is, where it goes, what it is.
-type Planned = (std::path::PathBuf, TreePath, fs::Metadata);
+/// The names in directory `dir`, sorted.
+fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| EngineError::local(dir, e))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .map_err(|e| EngineError::local(dir, e))?;
+    names.sort();
+    Ok(names)
+}
 
-/// Walks `src` and lists what to import, `src` itself first, refusing the whole tree if any
-/// name cannot be stored (see [`import_tree`]).
-fn plan_tree(src: &Path, dest: &TreePath) -> Result<Vec<Planned>> {
-    let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
-    if !dir_meta.is_dir() {
-        return Err(EngineError::local(src, io::Error::other("not a directory")));
-    }
-    let mut plan = vec![(src.to_path_buf(), dest.clone(), dir_meta)];
+/// Checks every name of the tree `src` (to be imported at `dest`) before anything is stored:
+/// one pass of directory reads, no file is opened. Special files, which the import skips
+/// anyway, are not held against it.
+fn check_names(src: &Path, dest: &TreePath) -> Result<()> {
     let mut bad: Vec<String> = Vec::new();
     let mut stack = vec![(src.to_path_buf(), dest.clone())];
     while let Some((local, remote)) = stack.pop() {
-        let mut names: Vec<_> = fs::read_dir(&local)
-            .map_err(|e| EngineError::local(&local, e))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()
-            .map_err(|e| EngineError::local(&local, e))?;
-        names.sort();
         let mut seen: std::collections::HashMap<TreePath, std::path::PathBuf> = std::collections::HashMap::new();
-        for name in names {
-            let lpath = local.join(&name);
+        for entry in fs::read_dir(&local).map_err(|e| EngineError::local(&local, e))? {
+            let entry = entry.map_err(|e| EngineError::local(&local, e))?;
+            let lpath = entry.path();
+            let ft = entry.file_type().map_err(|e| EngineError::local(&lpath, e))?;
+            if !ft.is_dir() && !ft.is_symlink() && !ft.is_file() {
+                continue;
+            }
+            let name = entry.file_name();
             let Some(name) = name.to_str() else {
                 bad.push(format!("{}: the name is not valid UTF-8", lpath.display()));
                 continue;
@@ -108,27 +129,23 @@ fn plan_tree(src: &Path, dest: &TreePath) -> Result<Vec<Planned>> {
                 }
             };
             if let Some(other) = seen.insert(rpath.clone(), lpath.clone()) {
-                bad.push(format!("{} and {} are one name in Unicode NFC ({rpath})", other.display(), lpath.display()));
+                let (first, second) = if other < lpath { (other, lpath) } else { (lpath, other) };
+                bad.push(format!("{} and {} are one name in Unicode NFC ({rpath})", first.display(), second.display()));
                 continue;
             }
-            let meta = fs::symlink_metadata(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
-            let ft = meta.file_type();
             if ft.is_dir() {
-                stack.push((lpath.clone(), rpath.clone()));
-            } else if !ft.is_symlink() && !ft.is_file() {
-                tracing::warn!(path = %lpath.display(), "skipping a special file (device, socket or fifo)");
-                continue;
+                stack.push((lpath, rpath));
             }
-            plan.push((lpath, rpath, meta));
         }
     }
-    if !bad.is_empty() {
-        let shown = bad.iter().take(BAD_NAMES_SHOWN_MAX).cloned().collect::<Vec<_>>().join("; ");
-        let more = bad.len().saturating_sub(BAD_NAMES_SHOWN_MAX);
-        let more = if more > 0 { format!(" (and {more} more)") } else { String::new() };
-        return Err(EngineError::BadNames { src: src.to_path_buf(), count: bad.len(), shown: format!("{shown}{more}") });
+    if bad.is_empty() {
+        return Ok(());
     }
-    Ok(plan)
+    bad.sort();
+    let shown = bad.iter().take(BAD_NAMES_SHOWN_MAX).cloned().collect::<Vec<_>>().join("; ");
+    let more = bad.len().saturating_sub(BAD_NAMES_SHOWN_MAX);
+    let more = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+    Err(EngineError::BadNames { src: src.to_path_buf(), count: bad.len(), shown: format!("{shown}{more}") })
 }
 
 /// The entry for a stored local file.

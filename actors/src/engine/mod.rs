@@ -179,6 +179,7 @@ impl Engine {
         if tree.buckets()?.is_empty() {
             tree.transact(Ids::AtMost(1), now_ms(), |tx| tx.create_bucket(DEFAULT_BUCKET).map(|_| ()))?;
         }
+        drop(tree); // gives its id lease back while the lock is still held
         drop(lock);
         Ok(fresh)
     }

@@ -193,6 +193,8 @@ pub struct NodeContext {
     pub clock: Arc<dyn crate::proto::clock::Clock>,
     /// Test hooks.
     pub faults: Arc<Faults>,
+    /// The store's writer thread, across the store actor's restarts.
+    pub store_writer: store::WriterThread,
 }
 
 impl NodeContext {
@@ -208,6 +210,7 @@ impl NodeContext {
             names: Names::unique(),
             clock: crate::engine::system_clock(),
             faults: Default::default(),
+            store_writer: Default::default(),
         }
     }
 }

@@ -120,11 +120,25 @@ impl StoreWriter {
 /// The store actor.
 pub struct StoreActor;
 
-/// Its state: the channel to the writer thread and the thread's liveness flag.
+/// Its state: the channel to the writer thread, the thread's liveness flag, and the slot
+/// (shared with the next incarnation of this actor) that holds the thread's handle.
 pub struct StoreState {
     jobs: Option<Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    thread: WriterThread,
     alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The handle of the store's writer thread, kept across restarts of the store actor: a new
+/// store waits for the old writer to finish the job in hand before it opens the database, so
+/// two writers never overlap (a store that failed does not run `post_stop`).
+pub type WriterThread = std::sync::Arc<std::sync::Mutex<Option<JoinHandle<()>>>>;
+
+/// Waits (off the executor) until the writer thread in `slot`, if any, has ended.
+async fn join_writer(slot: &WriterThread) {
+    let old = slot.lock().expect("writer thread slot").take();
+    if let Some(old) = old {
+        let _ = tokio::task::spawn_blocking(move || old.join()).await;
+    }
 }
 
 impl Drop for StoreState {
@@ -182,6 +196,7 @@ impl Actor for StoreActor {
     type Arguments = NodeContext;
 
     async fn pre_start(&self, me: ActorRef<StoreMsg>, ctx: NodeContext) -> Result<StoreState, ActorProcessingErr> {
+        join_writer(&ctx.store_writer).await;
         let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?.with_clock(ctx.clock.clone());
         let (tx, rx) = mpsc::channel();
         let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -194,7 +209,8 @@ impl Actor for StoreActor {
             names: ctx.names.clone(),
         };
         let thread = std::thread::Builder::new().name("alkfs-store".into()).spawn(move || writer(engine, rx, writer_ctx))?;
-        Ok(StoreState { jobs: Some(tx), thread: Some(thread), alive })
+        *ctx.store_writer.lock().expect("writer thread slot") = Some(thread);
+        Ok(StoreState { jobs: Some(tx), thread: ctx.store_writer.clone(), alive })
     }
 
     async fn handle(&self, _me: ActorRef<StoreMsg>, msg: StoreMsg, state: &mut StoreState) -> Result<(), ActorProcessingErr> {
@@ -217,9 +233,7 @@ impl Actor for StoreActor {
         // Drain: the writer finishes what is queued (refusing what comes later), then exits.
         state.alive.store(false, std::sync::atomic::Ordering::SeqCst);
         state.jobs.take();
-        if let Some(thread) = state.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        join_writer(&state.thread).await;
         Ok(())
     }
 }

@@ -152,6 +152,17 @@ impl TreePath {
         TreePath(s)
     }
 
+    /// The path of a stored row, from its `dir` and `name` columns, without re-validating
+    /// (and re-normalising) what was validated when it was written.
+    pub fn stored(dir: &str, name: &str) -> TreePath {
+        debug_assert!(dir.starts_with('/') && !name.is_empty() && !name.contains('/'));
+        let mut s = String::with_capacity(dir.len() + 1 + name.len());
+        s.push_str(dir.trim_end_matches('/'));
+        s.push('/');
+        s.push_str(name);
+        TreePath(s)
+    }
+
     /// Every proper ancestor, nearest the root first, excluding the root itself.
     pub fn ancestors(&self) -> Vec<TreePath> {
         let mut out = Vec::new();

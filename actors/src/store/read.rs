@@ -60,11 +60,7 @@ impl View {
 const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
-    let dir: String = r.get(2)?;
-    let name: String = r.get(3)?;
-    let joined = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
-    let path = TreePath::parse(&joined)
-        .map_err(|e| rusqlite::Error::InvalidColumnType(2, e.to_string(), rusqlite::types::Type::Text))?;
+    let path = TreePath::stored(r.get_ref(2)?.as_str()?, r.get_ref(3)?.as_str()?);
     row_with_path(r, path)
 }
 
@@ -236,14 +232,8 @@ pub fn changed_paths(conn: &Connection, branch_id: i64, after: i64, upto: i64) -
     let mut st = conn.prepare_cached(
         "SELECT DISTINCT dir, name FROM version WHERE branch_id = ?1 AND seq > ?2 AND seq <= ?3",
     )?;
-    let rows = st.query_map(params![branch_id, after, upto], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (dir, name) = row?;
-        let joined = if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
-        out.push(TreePath::parse(&joined)?);
-    }
-    Ok(out)
+    let rows = st.query_map(params![branch_id, after, upto], |r| Ok(TreePath::stored(r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// The bytes of inline blob `hash`: `Ok(None)` when the blob is a file blob or unknown.

@@ -7,8 +7,9 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-/// Migration `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+/// Migration `i` takes the schema from version `i` to `i + 1` (public so tests can build a
+/// database as an older alkfs left it).
+pub const MIGRATIONS: &[&str] = &[
     // 0 → 1: buckets, branches, the version history, merge points, conflicts, the clock.
     r#"
     CREATE TABLE bucket(
@@ -128,10 +129,58 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
                 honker_core::bootstrap_honker_schema(&tx)?;
             }
             tx.execute_batch(MIGRATIONS[current as usize])?;
+            if current == 1 {
+                normalise_stored_names(&tx)?;
+            }
             tx.execute_batch(&format!("PRAGMA user_version = {}", current + 1))?;
         }
         tx.commit()?;
     }
+}
+
+/// Part of migration 1 → 2: paths are stored in Unicode NFC from schema 2 on (one name is one
+/// path, whichever form it arrived in); rewrite the rows an older alkfs stored in another
+/// form, so they stay reachable. Two forms of one path become one path's history (their seqs
+/// differ). A name whose NFC form would break a limit is left as it was, with a warning.
+fn normalise_stored_names(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    use crate::proto::path::{nfc, TreePath};
+    let mut changes = Vec::new();
+    {
+        let mut st = tx.prepare("SELECT branch_id, dir, name, seq FROM version")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (dir, name): (String, String) = (r.get(1)?, r.get(2)?);
+            let (dir, name) = (dir.as_str(), name.as_str());
+            let (new_dir, new_name) = (nfc(dir), nfc(name));
+            if new_dir == dir && new_name == name {
+                continue;
+            }
+            let joined = if new_dir == "/" { format!("/{new_name}") } else { format!("{new_dir}/{new_name}") };
+            if TreePath::parse(&joined).is_err() {
+                tracing::warn!(dir, name, "a stored name is not in NFC and its NFC form breaks a limit: left as it was");
+                continue;
+            }
+            changes.push((r.get::<_, i64>(0)?, dir.to_string(), name.to_string(), r.get::<_, i64>(3)?, new_dir.into_owned(), new_name.into_owned()));
+        }
+    }
+    let mut update = tx.prepare("UPDATE version SET dir = ?5, name = ?6 WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND seq = ?4")?;
+    for (branch, dir, name, seq, new_dir, new_name) in &changes {
+        update.execute(rusqlite::params![branch, dir, name, seq, new_dir, new_name])?;
+    }
+    let conflicts: Vec<(i64, String)> = {
+        let mut st = tx.prepare("SELECT id, path FROM conflict")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (id, path) in conflicts {
+        if let std::borrow::Cow::Owned(normal) = nfc(&path) {
+            tx.execute("UPDATE conflict SET path = ?1 WHERE id = ?2", rusqlite::params![normal, id])?;
+        }
+    }
+    if !changes.is_empty() {
+        tracing::info!(rows = changes.len(), "stored paths rewritten in Unicode NFC");
+    }
+    Ok(())
 }
 
 /// The schema version of an open database.
