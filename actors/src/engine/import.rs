@@ -32,7 +32,13 @@ pub fn commit_items(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[Com
 /// The most ids committing `items` takes ([`crate::store::Ids`]): per item its version, one
 /// per parent it may create, and its outbox event.
 pub fn ids_of(items: &[CommitItem]) -> u64 {
-    items.iter().map(|(path, _, _)| path.ancestors().len() as u64 + 1).sum()
+    items.iter().map(|(path, _, _)| ids_of_path(path)).sum()
+}
+
+/// The most ids a write of one path takes: its version, one per parent it may create, and
+/// its outbox event.
+pub fn ids_of_path(path: &TreePath) -> u64 {
+    path.ancestors().len() as u64 + 1
 }
 
 /// Most names an import's refusal lists; the count says how many more.

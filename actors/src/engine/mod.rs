@@ -359,7 +359,7 @@ impl Engine {
     /// Creates a directory.
     pub fn mkdir(&mut self, scope: &Scope, path: &TreePath, parents: bool) -> Result<()> {
         let branch = self.branch(scope)?;
-        let (ids, now) = (ids_of_path(path), self.now_ms());
+        let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
         self.tree.transact(ids, now, |tx| tx.mkdir(&branch, path, parents, crate::store::tx::DIR_MODE_DEFAULT))?;
         Ok(())
     }
@@ -388,7 +388,7 @@ impl Engine {
     /// Makes version `seq` of `path` its head again.
     pub fn restore(&mut self, scope: &Scope, path: &TreePath, seq: i64) -> Result<i64> {
         let branch = self.branch(scope)?;
-        let (ids, now) = (ids_of_path(path), self.now_ms());
+        let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
         Ok(self.tree.transact(ids, now, |tx| tx.restore(&branch, path, seq))?)
     }
 
@@ -517,11 +517,6 @@ impl Engine {
         tmp.persist(dest).map_err(|e| EngineError::local(dest, e.error))?;
         Ok(n)
     }
-}
-
-/// The most ids a write of one path takes: its version and one per missing parent.
-fn ids_of_path(path: &TreePath) -> Ids {
-    Ids::AtMost(path.ancestors().len() as u64 + 1)
 }
 
 /// Takes the data dir's write lock, or says who holds it.
