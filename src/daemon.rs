@@ -23,59 +23,13 @@ use crate::config::Config;
 use crate::control::server::{self, ServerCtx};
 use crate::control::SOCKET_FILE;
 
-/// The node's secret key file inside the data dir.
-pub const NODE_KEY_FILE: &str = "node.key";
-
-/// The node's id: the public half of the key in `DATA/node.key`, created on first use.
-///
-/// The key is the node's identity (its iroh endpoint in the mesh), so it is created with mode
-/// 0600 from its first byte, written in full and fsynced under a temporary name, then renamed
-/// into place and the directory fsynced: no moment where another user could read it, and no
-/// power loss that leaves half a key.
-pub fn node_id(dir: &Path) -> Result<String> {
-    let path = dir.join(NODE_KEY_FILE);
-    let key = match std::fs::read(&path) {
-        Ok(bytes) => {
-            let bytes: [u8; 32] = bytes.try_into().map_err(|_| anyhow::anyhow!("{} is damaged (not 32 bytes): remove it to make a new node id", path.display()))?;
-            iroh::SecretKey::from_bytes(&bytes)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = iroh::SecretKey::generate();
-            write_secret(dir, &path, &key.to_bytes())?;
-            key
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    Ok(key.public().to_string())
-}
-
-/// Writes `bytes` to `path` (in `dir`) readable by the owner alone from the start, durably.
-fn write_secret(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!("{NODE_KEY_FILE}.tmp"));
-    let _ = std::fs::remove_file(&tmp); // a leftover of an interrupted first start
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    // The umask may only take bits away; make sure of exactly 0600 all the same.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    file.write_all(bytes).and_then(|_| file.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("moving {} into place", tmp.display()))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
-    Ok(())
-}
-
 /// Runs the node until a signal or an escalation; returns the exit code.
 pub fn run(dir: &Path, config: &Config) -> Result<i32> {
     Engine::check_initialised(dir)?;
     let lock = Arc::new(DirLock::take(dir)?);
     let content = ContentStore::open(&dir.join("content"))?;
     Engine::clear_staging(&content)?;
-    let node_id = node_id(dir)?;
+    let node_id = alknet_actors::identity::node_id(&alknet_actors::identity::load_or_create(dir)?).to_hex();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("alkfs-node").build()?;
     rt.block_on(async move {
         // Before anything can see the node (its socket): a SIGTERM from then on stops it cleanly.

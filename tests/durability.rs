@@ -1,15 +1,14 @@
 //! What the real `alkfs` asks of the kernel where a crash or another user could otherwise
-//! see too much or keep too little, read off `strace`: the node's secret key exists only ever
-//! as a 0600 file, and a new blob directory is fsynced into `content/` before any commit
+//! see too much or keep too little, read off `strace`: the node's secret key (made with the
+//! store) exists only ever as a 0600 file, and a new blob directory is fsynced into `content/` before any commit
 //! names a blob in it.
 
 mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::{await_cond, random_bytes, Store, BIN};
+use common::{random_bytes, Store, BIN};
 
 /// `strace` of `alkfs --data DATA ARGS…` (every thread), its trace written to `log`.
 fn traced(s: &Store, log: &Path, syscalls: &str, args: &[&str]) -> Command {
@@ -28,15 +27,20 @@ fn the_node_key_is_created_owner_only_from_its_first_byte() {
     if !have_strace() {
         return;
     }
+    // The key is made with the store (every version the store writes is named after it).
     let s = Store::new();
+    let fresh = s.scratch().join("fresh");
     let log = s.scratch().join("strace.log");
-    let mut node = traced(&s, &log, "openat,creat,chmod,fchmod,fchmodat", &["node", "run"]).spawn().unwrap();
-    let socket = s.data().join("alkfs.sock");
-    await_cond(Duration::from_secs(60), "the traced node to listen", || socket.exists());
-    let pid: i32 = std::fs::read_to_string(s.data().join("lock")).unwrap().trim().parse().unwrap();
-    common::send_signal(pid as u32, libc::SIGTERM);
-    assert!(node.wait().unwrap().success());
-
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-e", "trace=openat,creat,chmod,fchmod,fchmodat", "-o"])
+        .arg(&log)
+        .arg(BIN)
+        .arg("--data")
+        .arg(&fresh)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let trace = std::fs::read_to_string(&log).unwrap();
     let creates: Vec<&str> = trace.lines().filter(|l| l.contains("node.key") && (l.contains("O_CREAT") || l.contains("creat("))).collect();
     assert!(!creates.is_empty(), "the node did not create its key? trace:\n{trace}");
@@ -45,7 +49,7 @@ fn the_node_key_is_created_owner_only_from_its_first_byte() {
     }
     let widened: Vec<&str> = trace.lines().filter(|l| l.contains("node.key") && l.contains("chmod") && !l.contains("0600")).collect();
     assert!(widened.is_empty(), "the key's mode was changed to something else: {widened:?}");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(s.data().join("node.key")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(fresh.join("node.key")).unwrap().permissions());
     assert_eq!(mode & 0o7777, 0o600);
 }
 

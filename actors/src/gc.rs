@@ -116,13 +116,13 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
         let mut keep = conn.prepare(
             "INSERT OR IGNORE INTO gc_keep(seq)
              SELECT seq FROM (SELECT seq, written_ms,
-                    ROW_NUMBER() OVER (PARTITION BY dir, name ORDER BY seq DESC) AS rank
-                    FROM version WHERE branch_id = ?1 AND seq <= ?2)
+                    ROW_NUMBER() OVER (PARTITION BY dir, name ORDER BY vkey DESC) AS rank
+                    FROM version WHERE branch_id = ?1 AND seq <= ?2 AND vkey <= ?5)
              WHERE rank <= ?3 OR written_ms >= ?4",
         )?;
         for view in retained_views(conn)? {
-            for (branch_id, limit) in view.links {
-                keep.execute(params![branch_id, limit, i64::from(policy.keep_versions) + 1, cutoff_ms])?;
+            for l in view.links {
+                keep.execute(params![l.branch, l.seq_max, i64::from(policy.keep_versions) + 1, cutoff_ms, l.key_max.0])?;
             }
         }
         drop(keep);

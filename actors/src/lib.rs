@@ -8,6 +8,7 @@
 //! - behind the `runtime` feature, the parts that do I/O:
 //!   - `store` — the path tree in SQLite with its honker outbox (one database file per node);
 //!   - `content` — the iroh-blobs file store and the one-pass import;
+//!   - `identity` — the node's key (`DATA/node.key`): its iroh identity and its node id;
 //!   - `gc` — history retention and mark-and-sweep of blobs;
 //!   - `index` — the iroh-blobs store indexing the content for verified streaming;
 //!   - `node` — the actors: supervisor, store, outbox watcher, blobs, GC;
@@ -24,6 +25,8 @@ pub mod content;
 pub mod engine;
 #[cfg(feature = "runtime")]
 pub mod gc;
+#[cfg(feature = "runtime")]
+pub mod identity;
 #[cfg(feature = "runtime")]
 pub mod index;
 #[cfg(feature = "runtime")]

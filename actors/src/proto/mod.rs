@@ -3,6 +3,8 @@
 //!
 //! - [`clock`]: time as an input (the system clock in production, set by tests);
 //! - [`path`]: what a path may be and its normal form;
+//! - [`ids`]: names that mean the same on every node (node, version, bucket and branch ids)
+//!   and the order of a path's versions;
 //! - [`entry`]: what the tree stores at a path;
 //! - [`merge`]: the three-way decision and the last-writer-wins order;
 //! - [`frame`]: length-prefixed frames of the control socket;
@@ -11,6 +13,7 @@
 pub mod clock;
 pub mod entry;
 pub mod frame;
+pub mod ids;
 pub mod limits;
 pub mod merge;
 pub mod path;

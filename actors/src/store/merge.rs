@@ -69,10 +69,10 @@ fn merge_base(conn: &Connection, from: &Branch, into: &Branch) -> Result<View, S
         return View::at(conn, side, from_seq);
     }
     let (vf, vi) = (View::head(conn, from)?, View::head(conn, into)?);
-    for (branch_id, limit_f) in &vf.links {
-        if let Some(limit_i) = vi.limit_of(*branch_id) {
-            let common = super::branch_by_id(conn, *branch_id)?;
-            return View::at(conn, &common, (*limit_f).min(limit_i));
+    for lf in &vf.links {
+        if let Some(li) = vi.link_of(lf.branch) {
+            let common = super::branch_by_id(conn, lf.branch)?;
+            return View::within(conn, &common, lf.seq_max.min(li.seq_max), lf.key_max.min(li.key_max));
         }
     }
     Ok(View::empty())
@@ -124,16 +124,23 @@ fn merged_upto(conn: &Connection, from: i64, into: i64) -> Result<i64, StoreErro
 /// Paths with rows that `view` sees and `base` does not, or the other way round, leaving
 /// out each branch's rows up to its floor in `floors` (what an earlier merge already took
 /// in): so the scan covers what changed since the two branches were last in step, not whole
-/// histories.
+/// histories. Two links of one branch differ by the rows that arrived between their seq
+/// bounds and those ordered between their fork stamps.
 fn changed_between(tx: &Tx<'_>, view: &View, base: &View, floors: &[(i64, i64)], upto: i64, out: &mut BTreeSet<TreePath>) -> Result<bool, StoreError> {
     let floor = |branch: i64| floors.iter().find(|(b, _)| *b == branch).map_or(0, |(_, seq)| *seq);
     let mut any = false;
     for (a, b) in [(view, base), (base, view)] {
-        for (branch, limit) in &a.links {
-            let hi = (*limit).min(upto);
-            let lo = b.limit_of(*branch).unwrap_or(0).max(floor(*branch)).min(hi);
+        for l in &a.links {
+            let hi = l.seq_max.min(upto);
+            let other = b.link_of(l.branch);
+            let lo = other.map_or(0, |o| o.seq_max).max(floor(l.branch)).min(hi);
             if hi > lo {
-                let paths = read::changed_paths(tx.conn(), *branch, lo, hi)?;
+                let paths = read::changed_paths(tx.conn(), l.branch, lo, hi)?;
+                any |= !paths.is_empty();
+                out.extend(paths);
+            }
+            if let Some(o) = other.filter(|o| o.key_max < l.key_max) {
+                let paths = read::changed_paths_by_key(tx.conn(), l.branch, &o.key_max, &l.key_max, floor(l.branch), hi)?;
                 any |= !paths.is_empty();
                 out.extend(paths);
             }

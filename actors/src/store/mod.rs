@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::proto::entry::{ContentHash, Entry, EntryKind, Version};
+use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use crate::proto::path::{PathError, TreePath};
 
 pub use read::View;
@@ -114,8 +115,14 @@ pub struct Branch {
     pub name: String,
     /// The branch it forked from; `None` for a bucket's root branch (`main`).
     pub parent_id: Option<i64>,
-    /// The last seq of the parent this branch sees.
+    /// The last local seq of the parent this branch sees (`i64::MAX` for branches forked by
+    /// stamp, which see what `fork_key` bounds on every node alike).
     pub fork_seq: i64,
+    /// The last order key of the parent this branch sees: its fork stamp. `None` for a root
+    /// branch and for branches forked before schema 3 (bounded by `fork_seq` alone).
+    pub fork_key: Option<OrderKey>,
+    /// Its identity on every node.
+    pub uid: Uid,
     /// Links below it in the chain (0 for the root).
     pub depth: i64,
     /// When it was created.
@@ -125,7 +132,8 @@ pub struct Branch {
 /// One stored version of one path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionRow {
-    /// The version id: the commit seq, unique and increasing across the database.
+    /// The local seq: when it arrived in this store (unique and increasing here; for a
+    /// version written here, also its seq in its [`VersionId`]).
     pub seq: i64,
     /// The branch whose history holds it.
     pub branch_id: i64,
@@ -135,9 +143,18 @@ pub struct VersionRow {
     pub version: Version,
     /// What wrote it: write, delete, rename, mkdir, merge, conflict-loser, restore.
     pub origin: String,
+    /// Its place in the path's history: commit stamp, writer, writer's seq.
+    pub key: OrderKey,
+    /// The version it replaced, as its writer saw the path (`None`: the path was new to it).
+    pub pred: Option<VersionId>,
 }
 
 impl VersionRow {
+    /// Its name on every node.
+    pub fn id(&self) -> VersionId {
+        self.key.version()
+    }
+
     /// The entry, `None` for a tombstone.
     pub fn entry(&self) -> Option<&Entry> {
         self.version.entry.as_ref()
@@ -214,6 +231,8 @@ impl Counters {
 pub struct TreeStore {
     conn: Connection,
     path: PathBuf,
+    /// The node this store writes as.
+    me: NodeId,
     /// The counters after this connection's last commit (it is the only writer while it
     /// writes: the data dir's lock); `None` until read or after a failed transaction.
     counters: Option<Counters>,
@@ -239,11 +258,18 @@ impl TreeStore {
         // Reading the schema is enough to catch a file that is not a database; damage deeper
         // in shows as SQLITE_CORRUPT where it is met. (A full check reads the whole file:
         // too slow for every command.)
-        schema::migrate(&mut conn).map_err(corrupt)?;
+        let data_dir = path.parent().unwrap_or(Path::new("."));
+        schema::migrate(&mut conn, data_dir).map_err(corrupt)?;
+        let me = self_node(&conn)?;
         // Read pages through a memory map: a short-lived CLI process otherwise pays one
         // pread per page of every listing.
         conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)?;
-        Ok(TreeStore { conn, path: path.to_path_buf(), counters: None, leased: None })
+        Ok(TreeStore { conn, path: path.to_path_buf(), me, counters: None, leased: None })
+    }
+
+    /// The node this store writes as: the node id of `DATA/node.key`.
+    pub fn me(&self) -> NodeId {
+        self.me
     }
 
     /// The database file.
@@ -272,7 +298,7 @@ impl TreeStore {
             // SQLite refuses to change this inside a transaction, so it is decided up front.
             self.conn.execute_batch("PRAGMA synchronous = FULL").map_err(StoreError::from)?;
         }
-        let result = Self::run(&mut self.conn, durable, now_ms, f);
+        let result = Self::run(&mut self.conn, self.me, durable, now_ms, f);
         if durable {
             // The transaction's outcome stands whatever this says: a connection left on FULL
             // is slower, never less safe.
@@ -295,12 +321,12 @@ impl TreeStore {
         }
     }
 
-    fn run<T, E>(conn: &mut Connection, durable: bool, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<(T, Counters), E>
+    fn run<T, E>(conn: &mut Connection, me: NodeId, durable: bool, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<(T, Counters), E>
     where
         E: From<StoreError>,
     {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let mut tx = Tx::new(tx, now_ms, durable).map_err(E::from)?;
+        let mut tx = Tx::new(tx, me, now_ms, durable).map_err(E::from)?;
         let out = f(&mut tx)?;
         let after = tx.commit()?;
         Ok((out, after))
@@ -383,7 +409,7 @@ impl Drop for TreeStore {
     }
 }
 
-pub(crate) const BRANCH_COLS: &str = "id, bucket_id, name, parent_id, fork_seq, depth, created_ms";
+pub(crate) const BRANCH_COLS: &str = "id, bucket_id, name, parent_id, fork_seq, depth, created_ms, fork_key, uid";
 
 pub(crate) fn branch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Branch> {
     Ok(Branch {
@@ -394,7 +420,25 @@ pub(crate) fn branch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Branch>
         fork_seq: r.get(4)?,
         depth: r.get(5)?,
         created_ms: r.get(6)?,
+        fork_key: match r.get_ref(7)?.as_blob_or_null()? {
+            None => None,
+            Some(b) => Some(OrderKey::from_bytes(b).ok_or_else(|| bad_blob(7, "fork_key"))?),
+        },
+        uid: Uid::from_bytes(r.get_ref(8)?.as_blob()?).ok_or_else(|| bad_blob(8, "uid"))?,
     })
+}
+
+fn bad_blob(i: usize, name: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(i, name.into(), rusqlite::types::Type::Blob)
+}
+
+/// The node id the store at `conn` writes as (recorded by the upgrade to schema 3).
+fn self_node(conn: &Connection) -> Result<NodeId, StoreError> {
+    let bytes: Option<Vec<u8>> = conn.query_row("SELECT self_node FROM clock WHERE id = 0", [], |r| r.get(0))?;
+    bytes
+        .and_then(|b| b.try_into().ok())
+        .map(NodeId)
+        .ok_or_else(|| StoreError::Invalid("the path-tree database names no node id (clock.self_node): the database is inconsistent".into()))
 }
 
 /// The id of bucket `name`.

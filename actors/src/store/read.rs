@@ -11,36 +11,56 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{branch_by_id, entry_from_cols, Branch, StoreError, VersionRow};
 use crate::proto::clock::Stamp;
 use crate::proto::entry::Version;
+use crate::proto::ids::{OrderKey, VersionId};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::TreePath;
 
-/// A branch as of some seq: `links[0]` is the branch itself, then its parent, …; each
-/// `(branch_id, seq_max)` sees that branch's rows with `seq <= seq_max`.
+/// One link of a [`View`]: a branch's rows that arrived here by `seq_max` (a local bound:
+/// what this node had at a moment) and are ordered at or before `key_max` (a bound that
+/// means the same on every node: a fork stamp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// The branch.
+    pub branch: i64,
+    /// Rows with a larger local seq are not seen.
+    pub seq_max: i64,
+    /// Rows with a larger order key are not seen.
+    pub key_max: OrderKey,
+}
+
+/// A branch as of some moment: `links[0]` is the branch itself, then its parent, …. Within a
+/// link a path resolves to its visible row with the largest order key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {
     /// Nearest first.
-    pub links: Vec<(i64, i64)>,
+    pub links: Vec<Link>,
 }
 
 impl View {
     /// The branch as it is now (its head).
     pub fn head(conn: &Connection, branch: &Branch) -> Result<View, StoreError> {
-        Self::at(conn, branch, i64::MAX)
+        Self::within(conn, branch, i64::MAX, OrderKey::MAX)
     }
 
-    /// The branch as it was at `seq`: its own rows up to `seq`, its parent's up to the fork
-    /// point (or `seq`, whichever is earlier), and so on.
+    /// The branch as it was at local seq `seq`: its own rows up to `seq`, its parent's up to
+    /// the fork (or `seq`, whichever is earlier), and so on.
     pub fn at(conn: &Connection, branch: &Branch, seq: i64) -> Result<View, StoreError> {
-        let mut links = vec![(branch.id, seq)];
-        let mut limit = seq.min(branch.fork_seq);
+        Self::within(conn, branch, seq, OrderKey::MAX)
+    }
+
+    /// The branch's rows up to `seq` and `key`, and its ancestors' as its forks bound them.
+    pub fn within(conn: &Connection, branch: &Branch, seq: i64, key: OrderKey) -> Result<View, StoreError> {
+        let mut links = vec![Link { branch: branch.id, seq_max: seq, key_max: key }];
+        let (mut seq_max, mut key_max) = (seq.min(branch.fork_seq), key.min(branch.fork_key.unwrap_or(OrderKey::MAX)));
         let mut parent = branch.parent_id;
         while let Some(id) = parent {
             if links.len() > BRANCH_CHAIN_DEPTH_MAX {
                 return Err(StoreError::Invalid(format!("branch chain of {} is deeper than {BRANCH_CHAIN_DEPTH_MAX}", branch.name)));
             }
             let p = branch_by_id(conn, id)?;
-            links.push((p.id, limit));
-            limit = limit.min(p.fork_seq);
+            links.push(Link { branch: p.id, seq_max, key_max });
+            seq_max = seq_max.min(p.fork_seq);
+            key_max = key_max.min(p.fork_key.unwrap_or(OrderKey::MAX));
             parent = p.parent_id;
         }
         Ok(View { links })
@@ -51,13 +71,13 @@ impl View {
         View { links: Vec::new() }
     }
 
-    /// The last seq this view sees of `branch_id`, if the branch is in the chain.
-    pub fn limit_of(&self, branch_id: i64) -> Option<i64> {
-        self.links.iter().find(|(b, _)| *b == branch_id).map(|(_, s)| *s)
+    /// This view's link of `branch_id`, if the branch is in the chain.
+    pub fn link_of(&self, branch_id: i64) -> Option<&Link> {
+        self.links.iter().find(|l| l.branch == branch_id)
     }
 }
 
-const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc";
+const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc, vkey, pred";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
     let path = TreePath::stored(r.get_ref(2)?.as_str()?, r.get_ref(3)?.as_str()?);
@@ -83,7 +103,16 @@ fn row_with_path(r: &rusqlite::Row<'_>, path: TreePath) -> rusqlite::Result<Vers
             written: Stamp { ms: r.get(9)?, counter: r.get(11)? },
         },
         origin: r.get(10)?,
+        key: OrderKey::from_bytes(r.get_ref(12)?.as_blob()?).ok_or_else(|| bad_column(12, "vkey"))?,
+        pred: match r.get_ref(13)?.as_blob_or_null()? {
+            None => None,
+            Some(b) => Some(VersionId::from_bytes(b).ok_or_else(|| bad_column(13, "pred"))?),
+        },
     })
+}
+
+fn bad_column(i: usize, name: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(i, name.into(), rusqlite::types::Type::Blob)
 }
 
 /// Splits a non-root path into the (dir, name) columns.
@@ -101,11 +130,11 @@ pub fn resolve(conn: &Connection, view: &View, path: &TreePath) -> Result<Option
     }
     let (dir, name) = dir_name(path);
     let mut st = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND seq <= ?4
-         ORDER BY seq DESC LIMIT 1"
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND vkey <= ?4 AND seq <= ?5
+         ORDER BY vkey DESC LIMIT 1"
     ))?;
-    for (branch, limit) in &view.links {
-        if let Some(row) = st.query_row(params![branch, dir, name, limit], row_from).optional()? {
+    for l in &view.links {
+        if let Some(row) = st.query_row(params![l.branch, dir, name, l.key_max.0, l.seq_max], row_from).optional()? {
             return Ok(Some(row));
         }
     }
@@ -120,18 +149,18 @@ pub fn live(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<Ve
 /// The live children of directory `dir` in `view`, sorted by name. Does not check that `dir`
 /// is a directory; callers that care call [`live`] on it first.
 pub fn list(conn: &Connection, view: &View, dir: &TreePath) -> Result<Vec<VersionRow>, StoreError> {
-    // The clustered key is (branch, dir, name, seq DESC): the first row of each name's run is
-    // its newest within the limit, and later rows of the run are skipped. Each link's rows
+    // The clustered key is (branch, dir, name, vkey DESC): the first row of each name's run is
+    // its newest within the limits, and later rows of the run are skipped. Each link's rows
     // arrive sorted by name (BINARY collation, the same order as Rust's `str`), so the links
     // are combined by a merge, nearer links shadowing farther ones, tombstones included.
     let mut st = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND seq <= ?3 ORDER BY name, seq DESC"
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND vkey <= ?3 AND seq <= ?4 ORDER BY name, vkey DESC"
     ))?;
     let make = row_in(dir);
     let mut merged: Vec<VersionRow> = Vec::new();
-    for (branch, limit) in &view.links {
+    for l in &view.links {
         let mut link = Vec::new();
-        let mut rows = st.query(params![branch, dir.as_str(), limit])?;
+        let mut rows = st.query(params![l.branch, dir.as_str(), l.key_max.0, l.seq_max])?;
         while let Some(r) = rows.next()? {
             let name = r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?;
             if link.last().is_some_and(|prev: &VersionRow| prev.path.name() == name) {
@@ -174,13 +203,13 @@ pub fn subtree(conn: &Connection, view: &View, root: &TreePath) -> Result<BTreeM
     let base = root.as_str().trim_end_matches('/');
     let (lo, hi) = (format!("{base}/"), format!("{base}0"));
     let mut st = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND (dir = ?2 OR (dir >= ?3 AND dir < ?4)) AND seq <= ?5
-         ORDER BY dir, name, seq DESC"
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND (dir = ?2 OR (dir >= ?3 AND dir < ?4)) AND vkey <= ?5 AND seq <= ?6
+         ORDER BY dir, name, vkey DESC"
     ))?;
     let mut seen: BTreeMap<TreePath, VersionRow> = BTreeMap::new();
     let root_dir = if root.is_root() { "/".to_string() } else { root.as_str().to_string() };
-    for (branch, limit) in &view.links {
-        let mut rows = st.query(params![branch, root_dir, lo, hi, limit])?;
+    for l in &view.links {
+        let mut rows = st.query(params![l.branch, root_dir, lo, hi, l.key_max.0, l.seq_max])?;
         let mut last: Option<TreePath> = None;
         while let Some(r) = rows.next()? {
             let row = row_from(r)?;
@@ -207,12 +236,12 @@ pub fn subtree(conn: &Connection, view: &View, root: &TreePath) -> Result<BTreeM
 pub fn history(conn: &Connection, view: &View, path: &TreePath) -> Result<Vec<VersionRow>, StoreError> {
     let (dir, name) = dir_name(path);
     let mut st = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND seq <= ?4
-         ORDER BY seq DESC"
+        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND vkey <= ?4 AND seq <= ?5
+         ORDER BY vkey DESC"
     ))?;
     let mut out = Vec::new();
-    for (branch, limit) in &view.links {
-        for row in st.query_map(params![branch, dir, name, limit], row_from)? {
+    for l in &view.links {
+        for row in st.query_map(params![l.branch, dir, name, l.key_max.0, l.seq_max], row_from)? {
             out.push(row?);
         }
     }
@@ -233,6 +262,25 @@ pub fn changed_paths(conn: &Connection, branch_id: i64, after: i64, upto: i64) -
         "SELECT DISTINCT dir, name FROM version WHERE branch_id = ?1 AND seq > ?2 AND seq <= ?3",
     )?;
     let rows = st.query_map(params![branch_id, after, upto], |r| Ok(TreePath::stored(r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Paths with a row on `branch_id` ordered in `(after, upto]` that arrived after seq `floor`
+/// and by seq `seq_max`: what a fork stamp lets one view see and another not.
+pub fn changed_paths_by_key(
+    conn: &Connection,
+    branch_id: i64,
+    after: &OrderKey,
+    upto: &OrderKey,
+    floor: i64,
+    seq_max: i64,
+) -> Result<Vec<TreePath>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT DISTINCT dir, name FROM version WHERE branch_id = ?1 AND vkey > ?2 AND vkey <= ?3 AND seq > ?4 AND seq <= ?5",
+    )?;
+    let rows = st.query_map(params![branch_id, after.0, upto.0, floor, seq_max], |r| {
+        Ok(TreePath::stored(r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

@@ -104,14 +104,59 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     INSERT INTO outbox_consumer SELECT name, unixepoch() * 1000 FROM _honker_stream_consumers WHERE topic = 'tree';
     "#,
+    // 2 → 3: names that mean the same on every node (see `proto::ids`). The store records the
+    // node id it writes as; buckets and branches get unique ids; a version is named by its
+    // writer and the writer's seq (vseq), remembers the version it replaced (pred: what its
+    // writer had seen), and is ordered by vkey (stamp, writer, seq), the same order on every
+    // node, instead of by local seq. A branch forked from now on sees its parent up to its
+    // fork stamp (fork_key), which means the same on every node; branches forked before keep
+    // their fork seq. The version table is rebuilt around its new key (`rekey_versions`).
+    r#"
+    ALTER TABLE clock ADD COLUMN self_node BLOB;
+    ALTER TABLE bucket ADD COLUMN uid BLOB;
+    UPDATE bucket SET uid = randomblob(16);
+    CREATE UNIQUE INDEX bucket_uid ON bucket(uid);
+    ALTER TABLE branch ADD COLUMN uid BLOB;
+    UPDATE branch SET uid = randomblob(16);
+    CREATE UNIQUE INDEX branch_uid ON branch(uid);
+    ALTER TABLE branch ADD COLUMN fork_key BLOB;
+    CREATE TABLE version3(
+        branch_id  INTEGER NOT NULL,
+        dir        TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        vkey       BLOB NOT NULL,
+        seq        INTEGER NOT NULL,
+        vseq       INTEGER NOT NULL,
+        pred       BLOB,
+        kind       TEXT,
+        hash       BLOB,
+        size       INTEGER NOT NULL,
+        mode       INTEGER NOT NULL,
+        mtime_ms   INTEGER NOT NULL,
+        written_ms INTEGER NOT NULL,
+        written_lc INTEGER NOT NULL,
+        origin     TEXT NOT NULL,
+        PRIMARY KEY(branch_id, dir, name, vkey DESC)
+    ) WITHOUT ROWID;
+    "#,
 ];
+
+/// Indexes of the version table as of schema 3 (made after its rows are in place).
+const VERSION_INDEXES_3: &str = r#"
+    CREATE UNIQUE INDEX version_seq ON version(seq);
+    CREATE INDEX version_branch_seq ON version(branch_id, seq);
+    CREATE INDEX version_hash ON version(hash) WHERE hash IS NOT NULL;
+    CREATE INDEX version_vseq ON version(vseq);
+    CREATE INDEX version_branch_key ON version(branch_id, vkey);
+"#;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the database to [`SCHEMA_VERSION`], one migration per transaction. Refuses a
-/// database from a newer build rather than guess at it.
-pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// database from a newer build rather than guess at it. `db_dir` is the data dir: the
+/// upgrade to schema 3 names the versions already stored after the node's key there.
+pub fn migrate(conn: &mut Connection, db_dir: &std::path::Path) -> Result<(), StoreError> {
     loop {
         let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if current > SCHEMA_VERSION {
@@ -131,6 +176,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             tx.execute_batch(MIGRATIONS[current as usize])?;
             if current == 1 {
                 normalise_stored_names(&tx)?;
+            }
+            if current == 2 {
+                rekey_versions(&tx, db_dir)?;
             }
             tx.execute_batch(&format!("PRAGMA user_version = {}", current + 1))?;
         }
@@ -180,6 +228,63 @@ fn normalise_stored_names(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreErr
     if !changes.is_empty() {
         tracing::info!(rows = changes.len(), "stored paths rewritten in Unicode NFC");
     }
+    Ok(())
+}
+
+/// Part of migration 2 → 3: records the node id this store writes as (from `DATA/node.key`,
+/// created if missing) and moves every version into the table keyed by its order key, named
+/// `seq@this node` and pointing at the version it replaced. Stamps of older rows are made
+/// increasing along each path's history where an old wall clock went back (as the hybrid
+/// clock would have), so every path keeps the head it had.
+fn rekey_versions(tx: &rusqlite::Transaction<'_>, db_dir: &std::path::Path) -> Result<(), StoreError> {
+    use crate::proto::clock::Stamp;
+    use crate::proto::ids::{OrderKey, VersionId};
+    let key = crate::identity::load_or_create(db_dir).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let me = crate::identity::node_id(&key);
+    tx.execute("UPDATE clock SET self_node = ?1", [me.0.to_vec()])?;
+    {
+        let mut read = tx.prepare(
+            "SELECT branch_id, dir, name, seq, kind, hash, size, mode, mtime_ms, written_ms, written_lc, origin
+             FROM version ORDER BY branch_id, dir, name, seq",
+        )?;
+        let mut write = tx.prepare(
+            "INSERT INTO version3(branch_id, dir, name, vkey, seq, vseq, pred, kind, hash, size, mode, mtime_ms, written_ms, written_lc, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )?;
+        let mut rows = read.query([])?;
+        let mut prev: Option<((i64, String, String), Stamp, VersionId)> = None;
+        let mut latest = Stamp::default();
+        while let Some(r) = rows.next()? {
+            let path: (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let seq: i64 = r.get(3)?;
+            let mut stamp = Stamp { ms: r.get(9)?, counter: r.get(10)? };
+            let mut pred = None;
+            if let Some((p, last, id)) = &prev {
+                if *p == path {
+                    pred = Some(id.to_bytes().to_vec());
+                    if stamp <= *last {
+                        stamp = Stamp::tick(*last, stamp.ms);
+                    }
+                }
+            }
+            let id = VersionId { node: me, seq };
+            let vkey = OrderKey::new(stamp, &id);
+            write.execute(rusqlite::params![
+                path.0, path.1, path.2, vkey.0.to_vec(), seq, pred,
+                r.get::<_, Option<String>>(4)?, r.get::<_, Option<Vec<u8>>>(5)?, r.get::<_, i64>(6)?, r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?, stamp.ms, stamp.counter, r.get::<_, String>(11)?,
+            ])?;
+            latest = latest.max(stamp);
+            prev = Some((path, stamp, id));
+        }
+        // A stamp moved on above may pass the last one handed out: the clock must stay ahead.
+        tx.execute(
+            "UPDATE clock SET last_ms = ?1, last_lc = ?2 WHERE (last_ms, last_lc) < (?1, ?2)",
+            rusqlite::params![latest.ms, latest.counter],
+        )?;
+    }
+    tx.execute_batch("DROP TABLE version; ALTER TABLE version3 RENAME TO version;")?;
+    tx.execute_batch(VERSION_INDEXES_3)?;
     Ok(())
 }
 

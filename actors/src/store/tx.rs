@@ -5,13 +5,14 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{params, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
 use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, ID_LEASE, ROOT_BRANCH};
 use crate::proto::clock::Stamp;
 use crate::proto::entry::{Entry, EntryKind, Version};
+use crate::proto::ids::{NodeId, OrderKey, VersionId};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::{check_label, TreePath};
 
@@ -21,6 +22,8 @@ pub const DIR_MODE_DEFAULT: u32 = 0o755;
 /// One write transaction on the path tree.
 pub struct Tx<'c> {
     tx: Transaction<'c>,
+    /// The node this store writes as: every version this transaction writes is named by it.
+    me: NodeId,
     clock: i64,
     clock_start: i64,
     /// The counters and leases as this transaction found them.
@@ -31,6 +34,12 @@ pub struct Tx<'c> {
     stamp: Stamp,
     /// The last stamp handed out before this transaction.
     stamp_before: Stamp,
+    /// This transaction's stamp orders something (a fork) though no version was written.
+    stamp_used: bool,
+    /// The latest stamp received from peers in this transaction: the clock moves past it
+    /// (the hybrid clock's receive rule), so what this node writes next is later than
+    /// everything it has seen.
+    observed: Stamp,
     events: Vec<Event>,
     /// Directories known to exist in this transaction, by (branch, path): saves re-resolving
     /// the parents of every file in a bulk import.
@@ -38,14 +47,14 @@ pub struct Tx<'c> {
 }
 
 impl<'c> Tx<'c> {
-    pub(super) fn new(tx: Transaction<'c>, now_ms: i64, durable: bool) -> Result<Self, StoreError> {
+    pub(super) fn new(tx: Transaction<'c>, me: NodeId, now_ms: i64, durable: bool) -> Result<Self, StoreError> {
         let before = Counters::read(&tx)?;
         let clock = before.seq;
         let stamp_before = tx
             .prepare_cached("SELECT last_ms, last_lc FROM clock WHERE id = 0")?
             .query_row([], |r| Ok(Stamp { ms: r.get(0)?, counter: r.get(1)? }))?;
         let stamp = Stamp::tick(stamp_before, now_ms);
-        Ok(Tx { tx, clock, clock_start: clock, before, durable, stamp, stamp_before, events: Vec::new(), known_dirs: HashSet::new() })
+        Ok(Tx { tx, me, clock, clock_start: clock, before, durable, stamp, stamp_before, stamp_used: false, observed: Stamp::default(), events: Vec::new(), known_dirs: HashSet::new() })
     }
 
     /// The connection inside the transaction, for reads that must see this transaction's
@@ -63,6 +72,11 @@ impl<'c> Tx<'c> {
     /// The stamp every version this transaction writes carries.
     pub fn stamp(&self) -> Stamp {
         self.stamp
+    }
+
+    /// The node this transaction writes as.
+    pub fn me(&self) -> NodeId {
+        self.me
     }
 
     /// The last seq handed out (by this transaction or before it).
@@ -84,12 +98,13 @@ impl<'c> Tx<'c> {
     /// durable, then commits. A transaction that is not durable and went past the lease is
     /// refused whole: its ids could come back after a power loss (see [`super::Ids`]).
     pub(super) fn commit(self) -> Result<Counters, StoreError> {
-        let Tx { tx, clock, clock_start, before, durable, stamp, stamp_before, events, .. } = self;
-        if clock != clock_start {
+        let Tx { tx, clock, clock_start, before, durable, stamp, stamp_before, stamp_used, observed, events, .. } = self;
+        let used = if clock != clock_start || stamp_used { stamp } else { stamp_before };
+        let last = used.max(observed);
+        if clock != clock_start || last != stamp_before {
             tx.prepare_cached("UPDATE clock SET seq = ?1, last_ms = ?2, last_lc = ?3 WHERE id = 0")?
-                .execute(params![clock, stamp.ms, stamp.counter])?;
+                .execute(params![clock, last.ms, last.counter])?;
         }
-        debug_assert!(clock == clock_start || stamp > stamp_before);
         outbox::publish(&tx, &events)?;
         let offset = if events.is_empty() { before.offset } else { outbox::head(&tx)? };
         let mut after = Counters { seq: clock, offset, ..before };
@@ -109,15 +124,47 @@ impl<'c> Tx<'c> {
         Ok(after)
     }
 
-    /// Appends one version row for `path` on `branch` and returns its seq.
+    /// Appends one version row for `path` on `branch`, written here, and returns its seq. It
+    /// is ordered by this transaction's stamp, so it becomes the path's head on the branch, and
+    /// it names the head it replaces there as its predecessor.
     pub(crate) fn insert_row(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str) -> Result<i64, StoreError> {
         let seq = self.next_seq();
+        let id = VersionId { node: self.me, seq };
+        let key = OrderKey::new(self.stamp, &id);
+        let pred = self.own_head(branch, path)?;
+        self.write_row(branch, path, seq, &key, pred, version, origin)?;
+        Ok(seq)
+    }
+
+    /// The id of the newest row of `path` among `branch`'s own rows (not its ancestors').
+    pub(crate) fn own_head(&self, branch: i64, path: &TreePath) -> Result<Option<VersionId>, StoreError> {
+        let (dir, name) = dir_name(path);
+        let key: Option<Vec<u8>> = self
+            .tx
+            .prepare_cached("SELECT vkey FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 ORDER BY vkey DESC LIMIT 1")?
+            .query_row(params![branch, dir, name], |r| r.get(0))
+            .optional()?;
+        Ok(key.and_then(|k| OrderKey::from_bytes(&k)).map(|k| k.version()))
+    }
+
+    /// Writes one version row as given.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_row(
+        &mut self,
+        branch: i64,
+        path: &TreePath,
+        seq: i64,
+        key: &OrderKey,
+        pred: Option<VersionId>,
+        version: &Version,
+        origin: &str,
+    ) -> Result<(), StoreError> {
         let (dir, name) = dir_name(path);
         let e = version.entry.as_ref();
         self.tx
             .prepare_cached(
-                "INSERT INTO version(branch_id, dir, name, seq, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT INTO version(branch_id, dir, name, seq, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc, vkey, vseq, pred)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?
             .execute(params![
                 branch,
@@ -132,13 +179,16 @@ impl<'c> Tx<'c> {
                 version.written.ms,
                 origin,
                 version.written.counter,
+                key.0.to_vec(),
+                key.version().seq,
+                pred.map(|p| p.to_bytes().to_vec()),
             ])?;
         if e.is_some_and(|e| e.kind == EntryKind::Dir) {
             self.known_dirs.insert((branch, path.clone()));
         } else {
             self.known_dirs.remove(&(branch, path.clone()));
         }
-        Ok(seq)
+        Ok(())
     }
 
     fn version(&self, entry: Option<Entry>) -> Version {
@@ -307,10 +357,10 @@ impl<'c> Tx<'c> {
         if bucket_id(&self.tx, name).is_ok() {
             return Err(StoreError::Exists(format!("bucket {name}")));
         }
-        self.tx.execute("INSERT INTO bucket(name, created_ms) VALUES (?1, ?2)", params![name, self.stamp.ms])?;
+        self.tx.execute("INSERT INTO bucket(name, created_ms, uid) VALUES (?1, ?2, randomblob(16))", params![name, self.stamp.ms])?;
         let id = self.tx.last_insert_rowid();
         self.tx.execute(
-            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (?1, ?2, NULL, 0, 0, ?3)",
+            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms, uid) VALUES (?1, ?2, NULL, 0, 0, ?3, randomblob(16))",
             params![id, ROOT_BRANCH, self.stamp.ms],
         )?;
         let branch = branch_by_name(&self.tx, id, ROOT_BRANCH)?;
@@ -318,7 +368,10 @@ impl<'c> Tx<'c> {
         Ok(branch)
     }
 
-    /// Creates branch `name` forked from `from` at this moment. Copies nothing.
+    /// Creates branch `name` forked from `from` at this moment. Copies nothing. The fork is
+    /// this transaction's stamp: the branch sees the parent's versions ordered up to it, which
+    /// means the same on every node (a version of the parent that was written before the fork
+    /// elsewhere and arrives later shows through, here as there).
     pub fn create_branch(&mut self, bucket: &str, from: &Branch, name: &str) -> Result<Branch, StoreError> {
         check_label("branch", name).map_err(StoreError::Invalid)?;
         let bucket_id = bucket_id(&self.tx, bucket)?;
@@ -335,9 +388,12 @@ impl<'c> Tx<'c> {
             )));
         }
         self.tx.execute(
-            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![bucket_id, name, from.id, self.clock, from.depth + 1, self.stamp.ms],
+            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms, fork_key, uid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, randomblob(16))",
+            params![bucket_id, name, from.id, i64::MAX, from.depth + 1, self.stamp.ms, OrderKey::upto(self.stamp).0],
         )?;
+        // Stamps after this one sort after the fork, though no version was written.
+        self.stamp_used = true;
         let branch = branch_by_name(&self.tx, bucket_id, name)?;
         self.emit(Event::branch_op("branch-create", &branch, self.clock));
         Ok(branch)
