@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use alknet_actors::proto::ids::VersionRef;
 use clap::{Args, Parser, Subcommand};
 
 /// alknet-fs: a peer-to-peer filesystem with branches. Every command acts on one bucket and
@@ -92,9 +93,10 @@ pub enum Command {
     Restore {
         /// Path in the tree.
         path: String,
-        /// The version (from `alkfs log`).
-        #[arg(long)]
-        version: i64,
+        /// The version, as `alkfs log` or `alkfs conflicts` prints it (e.g. 17@3f2a9c1b02; the
+        /// same id on every node); a bare number names a version this node wrote.
+        #[arg(long, value_parser = parse_version)]
+        version: VersionRef,
     },
     /// Create, list or delete branches.
     #[command(subcommand)]
@@ -259,4 +261,8 @@ pub struct WatchArgs {
     /// Print what is pending and exit instead of following.
     #[arg(long)]
     pub once: bool,
+}
+
+fn parse_version(s: &str) -> Result<VersionRef, String> {
+    VersionRef::parse(s)
 }

@@ -5,6 +5,7 @@ use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use alknet_actors::engine::{Access, Engine, Scope};
+use alknet_actors::proto::ids::VersionId;
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
@@ -85,8 +86,9 @@ pub fn run(cli: Cli) -> Result<()> {
             output::log(&mut out, &engine, &rows, json)?;
         }
         Command::Restore { path, version } => {
-            let seq = Writer::open(&dir)?.restore(&scope, &file_path(&path)?, version)?;
-            writeln!(out, "restored {path} from version {version} as version {seq}")?;
+            let seq = Writer::open(&dir)?.restore(&scope, &file_path(&path)?, &version)?;
+            let me = Engine::open(&dir, Access::Read)?.tree().me();
+            writeln!(out, "restored {path} from version {version} as version {}", VersionId { node: me, seq })?;
         }
         Command::Branch(cmd) => branch(&dir, &scope, cmd, &mut out)?,
         Command::Bucket(BucketCmd::Create { name }) => Writer::open(&dir)?.create_bucket(&name)?,
@@ -215,7 +217,7 @@ fn branch(dir: &Path, scope: &Scope, cmd: BranchCmd, out: &mut impl Write) -> Re
     match cmd {
         BranchCmd::Create { name, from } => {
             let b = Writer::open(dir)?.create_branch(scope, &name, from.as_deref())?;
-            writeln!(out, "created branch {} from {} at version {}", b.name, from.as_deref().unwrap_or(&scope.branch), b.fork_seq)?;
+            writeln!(out, "created branch {} from {} at {}", b.name, from.as_deref().unwrap_or(&scope.branch), output::fork_point(&b))?;
         }
         BranchCmd::List => {
             let engine = Engine::open(dir, Access::Read)?;
@@ -223,8 +225,8 @@ fn branch(dir: &Path, scope: &Scope, cmd: BranchCmd, out: &mut impl Write) -> Re
             for b in &all {
                 let parent = b.parent_id.and_then(|p| all.iter().find(|x| x.id == p)).map(|p| p.name.as_str());
                 match parent {
-                    Some(p) => writeln!(out, "{}\t(from {p} at version {})", b.name, b.fork_seq)?,
-                    None if b.parent_id.is_some() => writeln!(out, "{}\t(from a deleted branch at version {})", b.name, b.fork_seq)?,
+                    Some(p) => writeln!(out, "{}\t(from {p} at {})", b.name, output::fork_point(b))?,
+                    None if b.parent_id.is_some() => writeln!(out, "{}\t(from a deleted branch at {})", b.name, output::fork_point(b))?,
                     None => writeln!(out, "{}", b.name)?,
                 }
             }

@@ -28,7 +28,7 @@ fn row_json(name: &str, row: &VersionRow) -> serde_json::Value {
         "mode": e.map(|e| format!("{:o}", e.mode)),
         "mtime_ms": e.map(|e| e.mtime_ms),
         "hash": e.map(|e| e.hash.to_hex()),
-        "version": row.seq,
+        "version": row.id().to_string(),
         "written_ms": row.version.written.ms,
         "origin": row.origin,
     })
@@ -67,7 +67,7 @@ pub fn list(out: &mut impl Write, rows: &[VersionRow], long: bool, json: bool) -
                 EntryKind::Dir => 'd',
                 EntryKind::Symlink => 'l',
             };
-            writeln!(out, "{k} {:04o} {:>12} {} v{:<8} {name}{suffix}", e.mode, e.size, time(e.mtime_ms), row.seq)?;
+            writeln!(out, "{k} {:04o} {:>12} {} v{:<8} {name}{suffix}", e.mode, e.size, time(e.mtime_ms), row.id().to_string())?;
         } else {
             writeln!(out, "{name}{suffix}")?;
         }
@@ -88,9 +88,18 @@ pub fn log(out: &mut impl Write, engine: &Engine, rows: &[VersionRow], json: boo
             Some(e) => format!("{:<7} {:>12} {}", kind_name(row), e.size, &e.hash.to_hex()[..16]),
             None => format!("{:<7} {:>12} {}", "deleted", "-", "-"),
         };
-        writeln!(out, "v{:<8} {} {what} {:<14} on {branch}", row.seq, time(row.version.written.ms), row.origin)?;
+        writeln!(out, "v{:<16} {} {what} {:<14} on {branch}", row.id().to_string(), time(row.version.written.ms), row.origin)?;
     }
     Ok(())
+}
+
+/// Where a branch forked: its fork stamp's time, or (a fork an older alkfs made) the local
+/// version it forked at.
+pub fn fork_point(b: &alknet_actors::store::Branch) -> String {
+    match b.fork_key {
+        Some(key) => time(key.stamp().ms),
+        None => format!("local version {}", b.fork_seq),
+    }
 }
 
 /// `merge`.
@@ -103,12 +112,17 @@ pub fn merge(out: &mut impl Write, from: &str, into: &str, r: &MergeReport) -> R
     Ok(())
 }
 
+/// A version's id as printed; "-" for one retention has dropped.
+fn shown(id: Option<alknet_actors::proto::ids::VersionId>) -> String {
+    id.map_or_else(|| "-".to_string(), |id| id.to_string())
+}
+
 /// `conflicts`.
 pub fn conflicts(out: &mut impl Write, rows: &[ConflictRow], json: bool) -> Result<()> {
     if json {
         let items: Vec<_> = rows
             .iter()
-            .map(|c| json!({"path": c.path, "from_branch": c.from_branch, "winner_version": c.winner_seq, "loser_version": c.loser_seq, "at_ms": c.at_ms}))
+            .map(|c| json!({"path": c.path, "from_branch": c.from_branch, "winner_version": shown(c.winner), "loser_version": shown(c.loser), "at_ms": c.at_ms}))
             .collect();
         writeln!(out, "{}", serde_json::Value::Array(items))?;
         return Ok(());
@@ -117,7 +131,7 @@ pub fn conflicts(out: &mut impl Write, rows: &[ConflictRow], json: bool) -> Resu
         writeln!(
             out,
             "{}\tmerged from {} at {}: kept v{}, lost v{} (alkfs restore {} --version {})",
-            c.path, c.from_branch, time(c.at_ms), c.winner_seq, c.loser_seq, c.path, c.loser_seq
+            c.path, c.from_branch, time(c.at_ms), shown(c.winner), shown(c.loser), c.path, shown(c.loser)
         )?;
     }
     Ok(())

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use alknet_actors::engine::{Access, Engine, Scope};
 use alknet_actors::gc::{GcReport, Retention};
+use alknet_actors::proto::ids::VersionRef;
 use alknet_actors::proto::path::TreePath;
 use alknet_actors::store::merge::MergeReport;
 use alknet_actors::store::Branch;
@@ -112,10 +113,10 @@ impl Writer {
     }
 
     /// Restores a version; returns the new version.
-    pub fn restore(&mut self, scope: &Scope, path: &TreePath, version: i64) -> Result<i64> {
+    pub fn restore(&mut self, scope: &Scope, path: &TreePath, version: &VersionRef) -> Result<i64> {
         match self {
             Writer::Direct(e) => Ok(e.restore(scope, path, version)?),
-            Writer::Node(c) => Self::seq(c.call(&Request::Restore { scope: wire(scope), path: path.to_string(), version })?),
+            Writer::Node(c) => Self::seq(c.call(&Request::Restore { scope: wire(scope), path: path.to_string(), version: version.to_string() })?),
         }
     }
 

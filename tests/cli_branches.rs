@@ -105,15 +105,15 @@ fn check_conflict(first: &str, second: &str) {
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
     assert_eq!(conflicts[0]["path"], "/shared.txt");
     assert_eq!(conflicts[0]["from_branch"], "feat");
-    let loser = conflicts[0]["loser_version"].as_i64().unwrap();
+    let loser = conflicts[0]["loser_version"].as_str().unwrap().to_string();
     let text = s.ok(&["conflicts"]);
     assert!(text.contains("/shared.txt") && text.contains(&format!("--version {loser}")), "{text}");
 
     let log = s.log_json(MAIN, "/shared.txt");
     assert!(log.len() >= 2, "log keeps both sides: {log:?}");
-    assert!(log.iter().any(|v| v["version"] == loser), "the loser version {loser} is in the log: {log:?}");
+    assert!(log.iter().any(|v| v["version"] == loser.as_str()), "the loser version {loser} is in the log: {log:?}");
 
-    let out = s.ok(&["restore", "/shared.txt", "--version", &loser.to_string()]);
+    let out = s.ok(&["restore", "/shared.txt", "--version", &loser]);
     assert!(out.contains(&format!("from version {loser}")), "{out}");
     assert_eq!(s.get_bytes_with(MAIN, "/shared.txt"), early, "restore --version <loser> brings the loser's bytes back");
 
@@ -142,20 +142,21 @@ fn log_lists_versions_and_restore_brings_an_old_one_back() {
     }
     let log = s.log_json(&[], "/notes.txt");
     assert_eq!(log.len(), 3, "{log:?}");
-    let versions: Vec<i64> = log.iter().map(|v| v["version"].as_i64().unwrap()).collect();
-    assert!(versions.windows(2).all(|w| w[0] > w[1]), "log is newest first: {versions:?}");
+    let versions: Vec<String> = log.iter().map(|v| v["version"].as_str().unwrap().to_string()).collect();
+    let seqs: Vec<i64> = log.iter().map(|v| common::version_seq(&v["version"])).collect();
+    assert!(seqs.windows(2).all(|w| w[0] > w[1]), "log is newest first: {versions:?}");
     let text = s.ok(&["log", "/notes.txt"]);
     assert_eq!(text.lines().count(), 3, "{text}");
     assert!(text.lines().all(|l| l.contains("on main")), "{text}");
 
-    let oldest = versions[2].to_string();
+    let oldest = versions[2].clone();
     s.ok(&["restore", "/notes.txt", "--version", &oldest]);
     assert_eq!(s.get_bytes("/notes.txt"), b"first");
     assert_eq!(s.log_json(&[], "/notes.txt").len(), 4, "a restore is a new version");
 
     // A deleted file comes back too; a version that is not in the log is refused.
     s.ok(&["rm", "/notes.txt"]);
-    s.ok(&["restore", "/notes.txt", "--version", &versions[1].to_string()]);
+    s.ok(&["restore", "/notes.txt", "--version", &versions[1]]);
     assert_eq!(s.get_bytes("/notes.txt"), b"second");
     let err = s.err(&["restore", "/notes.txt", "--version", "999999"]);
     assert!(err.contains("no version 999999"), "{err}");

@@ -224,7 +224,7 @@ fn paths_with_dotdot_get_error_replies_and_change_nothing() {
         json!({"op": "rename", "scope": scope(), "from": "/ok.txt", "to": "/../ok.txt"}),
         json!({"op": "rename", "scope": scope(), "from": "/x/../ok.txt", "to": "/moved.txt"}),
         json!({"op": "mkdir", "scope": scope(), "path": "/d/../../e", "parents": true}),
-        json!({"op": "restore", "scope": scope(), "path": "../ok.txt", "version": 1}),
+        json!({"op": "restore", "scope": scope(), "path": "../ok.txt", "version": "1"}),
     ];
     for req in &requests {
         assert_error(&call(&s, req), &req.to_string(), "..");

@@ -4,6 +4,7 @@
 use std::fs;
 
 use alknet_actors::engine::{Access, Engine, Scope};
+use alknet_actors::proto::ids::VersionRef;
 use alknet_actors::store::outbox;
 
 mod common;
@@ -110,8 +111,8 @@ fn buckets_do_not_see_each_other() {
     assert_eq!(get(&engine, &b, "/secret"), None);
     assert!(names(&engine, &b, "/").is_empty());
     // A version id from bucket a cannot be restored into bucket b.
-    let seq = engine.log(&a, &p("/secret")).unwrap()[0].seq;
-    assert!(engine.restore(&b, &p("/secret"), seq).is_err());
+    let id = engine.log(&a, &p("/secret")).unwrap()[0].id();
+    assert!(engine.restore(&b, &p("/secret"), &VersionRef::parse(&id.to_string()).unwrap()).is_err());
     // Branches are per bucket too.
     engine.create_branch(&a, "feature", None).unwrap();
     assert!(engine.merge(&b, "feature", None).is_err());
@@ -246,4 +247,58 @@ fn an_older_store_with_nfd_names_is_rewritten_in_nfc_on_upgrade() {
     put(&mut engine, &s, "/caf\u{e9}/r\u{e9}sum\u{e9}.txt", b"new bytes");
     assert_eq!(names(&engine, &s, "/caf\u{e9}"), ["r\u{e9}sum\u{e9}.txt"], "one path, not two");
     assert_eq!(engine.log(&s, &p("/cafe\u{301}/re\u{301}sume\u{301}.txt")).unwrap().len(), 2, "the old row is the path's history");
+}
+
+/// A store an older alkfs wrote (schema 2), whose wall clock once went back between two
+/// writes of a path, with a branch forked by seq: the upgrade to global names keeps every
+/// head and every branch's view as they were, names each version `seq@this node`, and links
+/// each to the one it replaced.
+#[test]
+fn an_older_store_keeps_its_heads_and_forks_when_versions_get_global_names() {
+    use alknet_actors::store::schema::MIGRATIONS;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tree.db");
+    let (one, two, three) = (blake3::hash(b"one"), blake3::hash(b"two"), blake3::hash(b"three"));
+    {
+        let conn = honker_core::open_conn(db.to_str().unwrap(), false).unwrap();
+        honker_core::bootstrap_honker_schema(&conn).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[1]).unwrap();
+        // seq 2 was written at a wall clock earlier than seq 1's; feat forked at seq 2, then
+        // main moved on (seq 3), which feat must not see.
+        conn.execute_batch(&format!(
+            "PRAGMA user_version = 2;
+             INSERT INTO bucket VALUES (1, 'default', 0);
+             INSERT INTO branch(id, bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (1, 1, 'main', NULL, 0, 0, 0);
+             INSERT INTO branch(id, bucket_id, name, parent_id, fork_seq, depth, created_ms) VALUES (2, 1, 'feat', 1, 2, 1, 0);
+             INSERT INTO version VALUES (1, '/', 'f', 1, 'f', x'{one}', 3, 420, 0, 5000, 'write', 0);
+             INSERT INTO version VALUES (1, '/', 'f', 2, 'f', x'{two}', 3, 420, 0, 4000, 'write', 0);
+             INSERT INTO version VALUES (1, '/', 'f', 3, 'f', x'{three}', 5, 420, 0, 6000, 'write', 0);
+             INSERT INTO blob(hash, size, data) VALUES (x'{one}', 3, CAST('one' AS BLOB)), (x'{two}', 3, CAST('two' AS BLOB)), (x'{three}', 5, CAST('three' AS BLOB));
+             UPDATE clock SET seq = 3, seq_leased = 3, last_ms = 6000;",
+            one = one.to_hex(),
+            two = two.to_hex(),
+            three = three.to_hex(),
+        ))
+        .unwrap();
+    }
+    std::fs::create_dir_all(dir.path().join("content/staging")).unwrap();
+    assert!(!dir.path().join("node.key").exists());
+    let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
+    assert!(dir.path().join("node.key").exists(), "the upgrade made the node's key");
+    let me = engine.tree().me();
+    let (main, feat) = (main_scope(), Scope::new("default", "feat"));
+    assert_eq!(get(&engine, &main, "/f").unwrap(), b"three");
+    assert_eq!(get(&engine, &feat, "/f").unwrap(), b"two", "the fork by seq still sees main as it was at seq 2, though seq 2's clock read earlier");
+    let log = engine.log(&main, &p("/f")).unwrap();
+    let ids: Vec<String> = log.iter().map(|r| r.id().to_string()).collect();
+    assert_eq!(ids, [3, 2, 1].map(|n| format!("{n}@{}", me.short())), "newest first, named seq@this node");
+    assert_eq!(log[0].pred, Some(log[1].id()));
+    assert_eq!(log[1].pred, Some(log[2].id()));
+    assert_eq!(log[2].pred, None);
+    // New writes come after the old ones whatever the migrated stamps say.
+    put(&mut engine, &main, "/f", b"four");
+    assert_eq!(get(&engine, &main, "/f").unwrap(), b"four");
+    let log = engine.log(&main, &p("/f")).unwrap();
+    assert_eq!(log[0].pred, Some(log[1].id()));
 }

@@ -175,7 +175,7 @@ fn a_file_against_a_directory_is_a_conflict_and_the_file_stays_restorable() {
 
         // The loser comes back: move the directory aside, restore the file.
         engine.rename(&main, &p("/x"), &p("/x.dir")).unwrap();
-        engine.restore(&main, &p("/x"), conflict.loser_seq).unwrap();
+        engine.restore(&main, &p("/x"), &mine(conflict.loser_seq)).unwrap();
         assert_eq!(read(&engine, &main, "/x").as_deref(), Some("now a file"), "{name}");
         assert_eq!(read(&engine, &main, "/x.dir/a").as_deref(), Some("child"), "{name}");
     }
@@ -200,7 +200,7 @@ fn the_losing_side_of_a_conflict_stays_restorable() {
     assert_eq!(conflicts[0].path, "/s");
     // The loser outlives its branch.
     engine.delete_branch(&main, "f").unwrap();
-    engine.restore(&main, &p("/s"), conflicts[0].loser_seq).unwrap();
+    engine.restore(&main, &p("/s"), &mine(conflicts[0].loser_seq)).unwrap();
     assert_eq!(get(&engine, &main, "/s").unwrap(), b"branch side");
 }
 
@@ -237,7 +237,7 @@ fn a_conflict_loser_outlives_retention_until_dismissed() {
     assert!(engine.dismiss_conflicts(&main, Some(&p("/nothing"))).unwrap_err().to_string().contains("no conflict"));
     engine.gc(ONLY_HEADS).unwrap();
     assert!(!engine.log(&main, &p("/s")).unwrap().iter().any(|r| r.seq == loser_of("/s")), "a dismissed loser outlived retention");
-    engine.restore(&main, &p("/t"), loser_of("/t")).unwrap();
+    engine.restore(&main, &p("/t"), &mine(loser_of("/t"))).unwrap();
     assert_eq!(get(&engine, &main, "/t").unwrap(), b"branch t");
     assert_eq!(engine.dismiss_conflicts(&main, None).unwrap(), 1);
     assert!(engine.conflicts(&main).unwrap().is_empty());
@@ -361,4 +361,9 @@ fn back_and_forth_merges_always_bring_two_branches_into_step() {
         engine.merge(&f, "main", None).unwrap();
         assert_eq!(tree(&engine, &main), tree(&engine, &f), "seed {seed}: the branches are not in step after merging both ways");
     }
+}
+
+/// A version this node wrote, by its seq.
+fn mine(seq: i64) -> alknet_actors::proto::ids::VersionRef {
+    alknet_actors::proto::ids::VersionRef { seq, node_prefix: None }
 }

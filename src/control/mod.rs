@@ -55,7 +55,7 @@ pub enum Request {
     /// Make a directory.
     Mkdir { scope: WireScope, path: String, parents: bool },
     /// Restore a version.
-    Restore { scope: WireScope, path: String, version: i64 },
+    Restore { scope: WireScope, path: String, version: String },
     /// Create a branch.
     BranchCreate { scope: WireScope, name: String, from: Option<String> },
     /// Delete a branch.

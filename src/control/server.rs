@@ -22,6 +22,7 @@ use alknet_actors::gc::Retention;
 use alknet_actors::node::store::{WriteOp, WriteOutcome};
 use alknet_actors::node::{Child, NodeHandle};
 use alknet_actors::proto::frame::{self, CONTROL_FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+use alknet_actors::proto::ids::VersionRef;
 use alknet_actors::proto::path::TreePath;
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -279,7 +280,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             write(ctx, WriteOp::Mkdir { scope: scope(s), path: path(&p)?, parents }).await?;
             Reply::Done
         }
-        Request::Restore { scope: s, path: p, version } => match write(ctx, WriteOp::Restore { scope: scope(s), path: path(&p)?, seq: version }).await? {
+        Request::Restore { scope: s, path: p, version } => match write(ctx, WriteOp::Restore { scope: scope(s), path: path(&p)?, version: VersionRef::parse(&version).map_err(|e| anyhow!(e))? }).await? {
             WriteOutcome::Seqs(v) => Reply::Seq { seq: v.first().copied().unwrap_or(0) },
             _ => Reply::Done,
         },

@@ -211,6 +211,12 @@ pub fn expect_err(args: &[&str], out: Output) -> String {
 }
 
 /// Parses a JSON array printed by `--json`.
+/// The writer's seq of a version id as printed (`17@3f2a9c1b02` → 17).
+pub fn version_seq(v: &serde_json::Value) -> i64 {
+    let text = v.as_str().unwrap_or_else(|| panic!("a version id is a string: {v}"));
+    text.split('@').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("not a version id: {text}"))
+}
+
 pub fn parse_json_array(text: &str) -> Vec<serde_json::Value> {
     match serde_json::from_str(text) {
         Ok(serde_json::Value::Array(items)) => items,

@@ -30,6 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::content::{ContentError, ContentStore, Imported};
 use crate::proto::clock::Clock;
 use crate::proto::entry::{ContentHash, Entry, EntryKind};
+use crate::proto::ids::VersionRef;
 use crate::proto::path::TreePath;
 use crate::session::WriteSession;
 use crate::store::merge::{ConflictRow, MergeReport};
@@ -385,11 +386,11 @@ impl Engine {
         Ok(target)
     }
 
-    /// Makes version `seq` of `path` its head again.
-    pub fn restore(&mut self, scope: &Scope, path: &TreePath, seq: i64) -> Result<i64> {
+    /// Makes `version` of `path` its head again.
+    pub fn restore(&mut self, scope: &Scope, path: &TreePath, version: &VersionRef) -> Result<i64> {
         let branch = self.branch(scope)?;
         let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
-        Ok(self.tree.transact(ids, now, |tx| tx.restore(&branch, path, seq))?)
+        Ok(self.tree.transact(ids, now, |tx| tx.restore(&branch, path, version))?)
     }
 
     /// Creates bucket `name`.

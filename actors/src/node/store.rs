@@ -18,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use super::{outbox::OutboxMsg, Child, Names, NodeContext};
 use crate::engine::{commit_items, now_ms, CommitItem, Engine, Scope};
 use crate::gc::{GcReport, Retention};
+use crate::proto::ids::VersionRef;
 use crate::proto::path::TreePath;
 use crate::store::merge::MergeReport;
 use crate::store::Branch;
@@ -41,7 +42,7 @@ pub enum WriteOp {
     /// Create a directory.
     Mkdir { scope: Scope, path: TreePath, parents: bool },
     /// Make an old version current.
-    Restore { scope: Scope, path: TreePath, seq: i64 },
+    Restore { scope: Scope, path: TreePath, version: VersionRef },
     /// Create a branch.
     CreateBranch { scope: Scope, name: String, from: Option<String> },
     /// Delete a branch.
@@ -364,7 +365,7 @@ fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
         WriteOp::Remove { scope, path, recursive } => engine.remove(&scope, &path, recursive).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Rename { scope, from, to } => engine.rename(&scope, &from, &to).map(WriteOutcome::Path),
         WriteOp::Mkdir { scope, path, parents } => engine.mkdir(&scope, &path, parents).map(|_| WriteOutcome::Done),
-        WriteOp::Restore { scope, path, seq } => engine.restore(&scope, &path, seq).map(|s| WriteOutcome::Seqs(vec![s])),
+        WriteOp::Restore { scope, path, version } => engine.restore(&scope, &path, &version).map(|s| WriteOutcome::Seqs(vec![s])),
         WriteOp::CreateBranch { scope, name, from } => engine.create_branch(&scope, &name, from.as_deref()).map(WriteOutcome::Branch),
         WriteOp::DeleteBranch { scope, name } => engine.delete_branch(&scope, &name).map(|_| WriteOutcome::Done),
         WriteOp::CreateBucket { name } => engine.create_bucket(&name).map(|_| WriteOutcome::Done),

@@ -122,6 +122,15 @@ impl VersionRef {
     }
 }
 
+impl fmt::Display for VersionRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.node_prefix {
+            Some(node) => write!(f, "{}@{node}", self.seq),
+            None => write!(f, "{}", self.seq),
+        }
+    }
+}
+
 /// The order of a path's versions, as bytes that compare like the order itself (so SQLite can
 /// keep rows clustered by it): stamp ms (sign bit flipped), stamp counter, node id, seq.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

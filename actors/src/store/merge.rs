@@ -32,6 +32,7 @@ use super::read::{self, View};
 use super::tx::{Tx, DIR_MODE_DEFAULT};
 use super::{Branch, StoreError, VersionRow};
 use crate::proto::entry::{Entry, EntryKind, Version};
+use crate::proto::ids::{OrderKey, VersionId};
 use crate::proto::merge::{decide, Decision, Side};
 use crate::proto::path::TreePath;
 
@@ -275,10 +276,14 @@ pub struct ConflictRow {
     pub path: String,
     /// The branch merged from.
     pub from_branch: String,
-    /// The version that became the head.
+    /// The version that became the head (its local seq).
     pub winner_seq: i64,
-    /// The losing version, restorable with `alkfs restore PATH --version N`.
+    /// The losing version (its local seq).
     pub loser_seq: i64,
+    /// The winner's name on every node (`None` once retention dropped it).
+    pub winner: Option<VersionId>,
+    /// The loser's name on every node, restorable with `alkfs restore PATH --version ID`.
+    pub loser: Option<VersionId>,
     /// When the merge ran.
     pub at_ms: i64,
 }
@@ -286,10 +291,21 @@ pub struct ConflictRow {
 /// Conflicts recorded on `branch`, newest first.
 pub fn conflicts(conn: &rusqlite::Connection, branch: &Branch) -> Result<Vec<ConflictRow>, StoreError> {
     let mut st = conn.prepare_cached(
-        "SELECT path, from_branch, winner_seq, loser_seq, at_ms FROM conflict WHERE branch_id = ?1 ORDER BY id DESC",
+        "SELECT c.path, c.from_branch, c.winner_seq, c.loser_seq, c.at_ms, w.vkey, l.vkey FROM conflict c
+         LEFT JOIN version w ON w.seq = c.winner_seq LEFT JOIN version l ON l.seq = c.loser_seq
+         WHERE c.branch_id = ?1 ORDER BY c.id DESC",
     )?;
+    let id = |b: Option<Vec<u8>>| b.and_then(|b| OrderKey::from_bytes(&b)).map(|k| k.version());
     let rows = st.query_map([branch.id], |r| {
-        Ok(ConflictRow { path: r.get(0)?, from_branch: r.get(1)?, winner_seq: r.get(2)?, loser_seq: r.get(3)?, at_ms: r.get(4)? })
+        Ok(ConflictRow {
+            path: r.get(0)?,
+            from_branch: r.get(1)?,
+            winner_seq: r.get(2)?,
+            loser_seq: r.get(3)?,
+            at_ms: r.get(4)?,
+            winner: id(r.get(5)?),
+            loser: id(r.get(6)?),
+        })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -9,10 +9,10 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
-use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, ID_LEASE, ROOT_BRANCH};
+use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, VersionRow, ID_LEASE, ROOT_BRANCH};
 use crate::proto::clock::Stamp;
 use crate::proto::entry::{Entry, EntryKind, Version};
-use crate::proto::ids::{NodeId, OrderKey, VersionId};
+use crate::proto::ids::{NodeId, OrderKey, VersionId, VersionRef};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::{check_label, TreePath};
 
@@ -326,14 +326,15 @@ impl<'c> Tx<'c> {
         Ok(moves.len())
     }
 
-    /// Makes version `seq` of `path` the head again. The version must be in the branch's
-    /// view of that path's history, so no version crosses a bucket or an unrelated branch.
-    pub fn restore(&mut self, branch: &Branch, path: &TreePath, seq: i64) -> Result<i64, StoreError> {
+    /// Makes `version` of `path` the head again. The version must be in the branch's view of
+    /// that path's history, so no version crosses a bucket or an unrelated branch.
+    pub fn restore(&mut self, branch: &Branch, path: &TreePath, version: &VersionRef) -> Result<i64, StoreError> {
         let view = View::head(&self.tx, branch)?;
-        let old = read::history(&self.tx, &view, path)?
-            .into_iter()
-            .find(|r| r.seq == seq)
-            .ok_or_else(|| StoreError::NotFound(format!("{path} has no version {seq} on branch {} (see `alkfs log {path}`)", branch.name)))?;
+        let mut found: Vec<VersionRow> = read::history(&self.tx, &view, path)?.into_iter().filter(|r| version.names(&r.id(), &self.me)).collect();
+        if found.len() > 1 {
+            return Err(StoreError::Invalid(format!("{path}: several versions match that id; give more digits of the node id (see `alkfs log {path}`)")));
+        }
+        let old = found.pop().ok_or_else(|| StoreError::NotFound(format!("{path} has no version {version} on branch {} (see `alkfs log {path}`)", branch.name)))?;
         let first = self.clock + 1;
         if let Some(e) = old.entry() {
             if e.kind != EntryKind::Dir {
