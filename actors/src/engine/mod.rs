@@ -13,10 +13,12 @@
 //! them a consistent snapshot and blob files never change once written.
 //!
 //! - [`import`]: local files and trees into commit batches (shared with the node);
-//! - [`maintenance`]: scrubbing, indexing and collecting the blobs.
+//! - [`maintenance`]: scrubbing, indexing and collecting the blobs;
+//! - [`replica`]: bucket identities, and versions to and from peers.
 
 pub mod import;
 pub mod maintenance;
+pub mod replica;
 
 pub use import::{commit_items, file_entry, import_tree, mtime_ms};
 pub use maintenance::BlobReport;
@@ -453,6 +455,23 @@ impl Engine {
             }
         }
         Ok(read::list(self.tree.conn(), &view, path)?)
+    }
+
+    /// Everything below `path` (and `path` itself unless it is the root), parents before
+    /// children: what `ls -R` shows. A file lists as itself.
+    pub fn walk(&self, scope: &Scope, path: &TreePath) -> Result<Vec<VersionRow>> {
+        let (_, view) = self.head(scope)?;
+        let mut out = Vec::new();
+        if !path.is_root() {
+            let row = read::live(self.tree.conn(), &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+            let is_dir = row.entry().is_some_and(|e| e.kind == EntryKind::Dir);
+            out.push(row);
+            if !is_dir {
+                return Ok(out);
+            }
+        }
+        out.extend(read::subtree(self.tree.conn(), &view, path)?.into_values());
+        Ok(out)
     }
 
     /// Every version of `path` visible from the branch, newest first.

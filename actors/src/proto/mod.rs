@@ -7,6 +7,8 @@
 //!   and the order of a path's versions;
 //! - [`entry`]: what the tree stores at a path;
 //! - [`merge`]: the three-way decision and the last-writer-wins order;
+//! - [`replica`]: what replicates (changes, branch records), where (shards), and the rules
+//!   that make replicas agree (the head, conflicts);
 //! - [`frame`]: length-prefixed frames of the control socket;
 //! - [`limits`]: every bound, named, with units.
 
@@ -17,3 +19,4 @@ pub mod ids;
 pub mod limits;
 pub mod merge;
 pub mod path;
+pub mod replica;

@@ -313,6 +313,14 @@ pub fn conflicts(conn: &rusqlite::Connection, branch: &Branch) -> Result<Vec<Con
 /// Takes conflicts off `branch`'s list: the one at `path`, or all of them. Their versions then
 /// fall under ordinary retention. Returns how many were dismissed.
 pub fn dismiss_conflicts(conn: &Connection, branch: &Branch, path: Option<&TreePath>) -> Result<usize, StoreError> {
+    // A loser stays a loser when more versions of its path arrive: remember it was
+    // dismissed, or the next arrival would list it again.
+    conn.execute(
+        "INSERT OR IGNORE INTO conflict_dismissed(loser_key)
+         SELECT v.vkey FROM conflict c JOIN version v ON v.seq = c.loser_seq
+         WHERE c.branch_id = ?1 AND (?2 IS NULL OR c.path = ?2)",
+        params![branch.id, path.map(|p| p.as_str())],
+    )?;
     let n = match path {
         Some(p) => conn.execute("DELETE FROM conflict WHERE branch_id = ?1 AND path = ?2", params![branch.id, p.as_str()])?,
         None => conn.execute("DELETE FROM conflict WHERE branch_id = ?1", [branch.id])?,

@@ -10,11 +10,13 @@
 //! - [`read`]: resolving a path, listing a directory, history, through a view;
 //! - [`tx`]: mutations (write, delete, rename, mkdir, restore, branches);
 //! - [`merge`]: three-way merge of branches;
+//! - [`replica`]: the versions this node wrote, for its peers, and theirs applied here;
 //! - [`outbox`]: the honker stream of committed events and its consumers' cursors.
 
 pub mod merge;
 pub mod outbox;
 pub mod read;
+pub mod replica;
 pub mod schema;
 pub mod tx;
 

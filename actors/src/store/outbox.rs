@@ -20,7 +20,8 @@ pub const READ_BATCH_EVENTS_MAX: i64 = 1024;
 /// version rows it wrote, so a consumer can read exactly those rows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// write, mkdir, delete, rename, restore, merge, branch-create, branch-delete, bucket-create.
+    /// write, mkdir, delete, rename, restore, merge, branch-create, branch-delete, bucket-create,
+    /// replicated (versions from peers).
     pub op: String,
     /// The bucket's id.
     pub bucket_id: i64,
@@ -87,6 +88,11 @@ impl Event {
     /// A branch or bucket created or deleted.
     pub fn branch_op(op: &str, branch: &Branch, seq: i64) -> Self {
         Self::base(op, branch, seq, seq)
+    }
+
+    /// Versions from peers, with local seqs `first..=last`, applied to `branch`.
+    pub fn replicated(branch: &Branch, first: i64, last: i64) -> Self {
+        Self::base("replicated", branch, first, last)
     }
 
     /// A merge of `from` into `branch`.

@@ -77,7 +77,12 @@ impl View {
     }
 }
 
-const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc, vkey, pred";
+pub(crate) const ROW_COLS: &str = "seq, branch_id, dir, name, kind, hash, size, mode, mtime_ms, written_ms, origin, written_lc, vkey, pred";
+
+/// A version row from a query that selects [`ROW_COLS`] first.
+pub(crate) fn row_from_cols(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+    row_from(r)
+}
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
     let path = TreePath::stored(r.get_ref(2)?.as_str()?, r.get_ref(3)?.as_str()?);

@@ -120,6 +120,16 @@ pub const MIGRATIONS: &[&str] = &[
     UPDATE branch SET uid = randomblob(16);
     CREATE UNIQUE INDEX branch_uid ON branch(uid);
     ALTER TABLE branch ADD COLUMN fork_key BLOB;
+    -- Conflicts are of two kinds: a merge's (from_branch names the source) and versions
+    -- written concurrently on two nodes ('concurrent': from_branch is "@" and the loser's
+    -- writer). One row per loser; a dismissed concurrent loser is remembered so that replicas
+    -- arriving later do not list it again.
+    ALTER TABLE conflict ADD COLUMN kind TEXT NOT NULL DEFAULT 'merge';
+    CREATE UNIQUE INDEX conflict_loser ON conflict(branch_id, loser_seq);
+    CREATE TABLE conflict_dismissed(loser_key BLOB PRIMARY KEY) WITHOUT ROWID;
+    -- A blob a replicated version names before its bytes are here: present = 0 until fetched.
+    ALTER TABLE blob ADD COLUMN present INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX blob_missing ON blob(hash) WHERE present = 0;
     CREATE TABLE version3(
         branch_id  INTEGER NOT NULL,
         dir        TEXT NOT NULL,

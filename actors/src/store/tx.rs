@@ -84,9 +84,15 @@ impl<'c> Tx<'c> {
         self.clock
     }
 
-    fn next_seq(&mut self) -> i64 {
+    pub(crate) fn next_seq(&mut self) -> i64 {
         self.clock += 1;
         self.clock
+    }
+
+    /// Records a stamp received from a peer: the clock moves past it at commit (the hybrid
+    /// clock's receive rule), so this node's next write is later than what it has seen.
+    pub(crate) fn observe(&mut self, stamp: Stamp) {
+        self.observed = self.observed.max(stamp);
     }
 
     /// Queues an outbox event, published at commit.

@@ -1,0 +1,375 @@
+//! What replicates, and the rules that make every replica agree.
+//!
+//! A bucket's history replicates as a set of [`Change`]s: one per version row, named by its
+//! [`VersionId`], never modified. Sets merge by union, so any order and any repetition of
+//! delivery gives the same set on every node. What a node *shows* is a function of that set:
+//!
+//! - **the head** of a path on a branch is its version with the largest [`OrderKey`]
+//!   (commit stamp, then writer, then seq): a last-writer-wins register. A writer stamps its
+//!   write later than every stamp it has seen (hybrid logical clock), so a write made after
+//!   seeing another version wins over it whatever the machines' clocks say;
+//! - **conflicts** are the versions of a path that no later version replaced knowingly: each
+//!   version names the one it replaced as its writer saw the path (`pred`), so the versions
+//!   nobody names ([`tips`]) are those written without seeing each other. All but the head
+//!   among them are conflict losers: listed on every node, kept, restorable.
+//!
+//! Changes live in automerge documents, one per shard of a bucket ([`shard_of`]), each a flat
+//! map from version id to the encoded change: every key is written once, by the node that
+//! names it, so no two nodes ever race on a key (the seed's constraint) and there is nothing
+//! for automerge to resolve; it carries the set and its sync protocol finds what a peer lacks.
+
+use serde::{Deserialize, Serialize};
+
+use super::clock::Stamp;
+use super::entry::{ContentHash, Entry, EntryKind, Version};
+use super::ids::{OrderKey, Uid, VersionId};
+#[cfg(test)]
+use super::ids::NodeId;
+use super::limits::{FILE_BYTES_MAX, LABEL_BYTES_MAX};
+use super::path::TreePath;
+
+/// How many shards a bucket's history is split into. Fixed forever for a bucket (every node
+/// must put a change in the same shard): 64 keeps a shard of a 1M-path bucket near 16k paths,
+/// where one automerge change costs about a millisecond to sync (DESIGN.md).
+pub const SHARDS: u16 = 64;
+
+/// The largest encoded change accepted from a peer (a path of 4 KiB plus fixed fields fits
+/// with room to spare).
+pub const CHANGE_BYTES_MAX: usize = 8 * 1024;
+
+/// Why bytes from a peer are not a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    /// Not decodable, or a field out of bounds.
+    #[error("malformed change: {0}")]
+    Malformed(String),
+}
+
+/// One version of one path, as it travels between nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The branch whose history holds it.
+    pub branch: Uid,
+    /// The path.
+    pub path: TreePath,
+    /// Its order key: commit stamp, writer, writer's seq (so also its id).
+    pub key: OrderKey,
+    /// The version it replaced, as its writer saw the path.
+    pub pred: Option<VersionId>,
+    /// The entry (or tombstone) and when it was written.
+    pub version: Version,
+    /// What wrote it (write, delete, rename, mkdir, merge, conflict-loser, restore).
+    pub origin: Origin,
+}
+
+impl Change {
+    /// Its name on every node.
+    pub fn id(&self) -> VersionId {
+        self.key.version()
+    }
+}
+
+/// What wrote a version: a fixed set, so a peer cannot fill the tree with arbitrary words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    /// A file or symlink written.
+    Write,
+    /// A path deleted.
+    Delete,
+    /// One side of a rename.
+    Rename,
+    /// A directory made.
+    Mkdir,
+    /// A merge took it, or made a directory a merge needed.
+    Merge,
+    /// The loser of a merge conflict.
+    ConflictLoser,
+    /// An old version made current again.
+    Restore,
+}
+
+impl Origin {
+    /// The word stored in SQLite and shown by `log`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Write => "write",
+            Origin::Delete => "delete",
+            Origin::Rename => "rename",
+            Origin::Mkdir => "mkdir",
+            Origin::Merge => "merge",
+            Origin::ConflictLoser => "conflict-loser",
+            Origin::Restore => "restore",
+        }
+    }
+
+    /// The inverse of [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "write" => Origin::Write,
+            "delete" => Origin::Delete,
+            "rename" => Origin::Rename,
+            "mkdir" => Origin::Mkdir,
+            "merge" => Origin::Merge,
+            "conflict-loser" => Origin::ConflictLoser,
+            "restore" => Origin::Restore,
+            _ => return None,
+        })
+    }
+}
+
+/// The encoded form (postcard): byte arrays longer than serde's 32 travel as `Vec`s and are
+/// checked on the way in.
+#[derive(Serialize, Deserialize)]
+struct ChangeWire {
+    format: u8,
+    branch: [u8; 16],
+    path: String,
+    key: Vec<u8>,
+    pred: Option<Vec<u8>>,
+    written_ms: i64,
+    written_lc: u32,
+    entry: Option<EntryWire>,
+    origin: Origin,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EntryWire {
+    kind: u8,
+    hash: [u8; 32],
+    size: u64,
+    mode: u32,
+    mtime_ms: i64,
+}
+
+const CHANGE_FORMAT: u8 = 1;
+
+/// Encodes a change for a shard document.
+pub fn encode(c: &Change) -> Vec<u8> {
+    let wire = ChangeWire {
+        format: CHANGE_FORMAT,
+        branch: c.branch.0,
+        path: c.path.as_str().to_string(),
+        key: c.key.0.to_vec(),
+        pred: c.pred.map(|p| p.to_bytes().to_vec()),
+        written_ms: c.version.written.ms,
+        written_lc: c.version.written.counter,
+        entry: c.version.entry.as_ref().map(|e| EntryWire {
+            kind: match e.kind {
+                EntryKind::File => 0,
+                EntryKind::Dir => 1,
+                EntryKind::Symlink => 2,
+            },
+            hash: e.hash.0,
+            size: e.size,
+            mode: e.mode,
+            mtime_ms: e.mtime_ms,
+        }),
+        origin: c.origin,
+    };
+    postcard::to_allocvec(&wire).expect("encoding to memory cannot fail")
+}
+
+/// Decodes and checks a change from a peer: every field within the bounds a local write
+/// meets (the path in normal form, a size within the file limit, a real version id).
+pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
+    let bad = |what: &str| ReplicaError::Malformed(what.to_string());
+    if bytes.len() > CHANGE_BYTES_MAX {
+        return Err(bad("too large"));
+    }
+    let w: ChangeWire = postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+    if w.format != CHANGE_FORMAT {
+        return Err(ReplicaError::Malformed(format!("unknown format {}", w.format)));
+    }
+    let path = TreePath::parse_non_root(&w.path).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+    if path.as_str() != w.path {
+        return Err(bad("path not in normal form"));
+    }
+    let key = OrderKey::from_bytes(&w.key).ok_or_else(|| bad("order key"))?;
+    if key.version().seq <= 0 {
+        return Err(bad("version seq"));
+    }
+    let pred = match w.pred {
+        None => None,
+        Some(p) => Some(VersionId::from_bytes(&p).ok_or_else(|| bad("pred"))?),
+    };
+    let entry = match w.entry {
+        None => None,
+        Some(e) => {
+            let kind = match e.kind {
+                0 => EntryKind::File,
+                1 => EntryKind::Dir,
+                2 => EntryKind::Symlink,
+                _ => return Err(bad("entry kind")),
+            };
+            if e.size > FILE_BYTES_MAX || e.mode > 0o7777 {
+                return Err(bad("entry size or mode"));
+            }
+            if kind == EntryKind::Dir && (e.size != 0 || e.hash != ContentHash::EMPTY.0) {
+                return Err(bad("directory with content"));
+            }
+            Some(Entry { kind, hash: ContentHash(e.hash), size: e.size, mode: e.mode, mtime_ms: e.mtime_ms })
+        }
+    };
+    Ok(Change {
+        branch: Uid(w.branch),
+        path,
+        key,
+        pred,
+        version: Version { entry, written: Stamp { ms: w.written_ms, counter: w.written_lc } },
+        origin: w.origin,
+    })
+}
+
+/// The shard of a bucket that holds the versions of `path` on `branch`: a fixed hash
+/// (FNV-1a, 64 bits), the same in every build and on every node.
+pub fn shard_of(branch: &Uid, path: &TreePath) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in branch.0.iter().chain(path.as_str().as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(SHARDS)) as u16
+}
+
+/// The key of a version in its shard document: `SEQ@NODE` with the node id in full.
+pub fn doc_key(id: &VersionId) -> String {
+    format!("{}@{}", id.seq, id.node.to_hex())
+}
+
+/// The versions of one path no other version of it names as its predecessor: those written
+/// without knowing of each other. Given `(id, pred)` of every version of the path on one
+/// branch; returns the ids, in no particular order.
+pub fn tips(versions: &[(VersionId, Option<VersionId>)]) -> Vec<VersionId> {
+    let named: std::collections::HashSet<VersionId> = versions.iter().filter_map(|(_, p)| *p).collect();
+    versions.iter().map(|(id, _)| *id).filter(|id| !named.contains(id)).collect()
+}
+
+/// A branch as it travels between nodes: its name is bound to its uid, its fork to its
+/// parent's uid and a stamp.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchRecord {
+    /// Its identity.
+    pub uid: Uid,
+    /// Its name (two branches may bear one name: each node shows the later one under a
+    /// suffixed name, the same on every node).
+    pub name: String,
+    /// The branch it forked from (`None` for the bucket's root branch).
+    pub parent: Option<Uid>,
+    /// What it sees of its parent: versions ordered up to this key.
+    pub fork: Option<OrderKey>,
+    /// When it was made (ms since the epoch).
+    pub created_ms: i64,
+}
+
+impl BranchRecord {
+    /// Encodes for the bucket's document.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding to memory cannot fail")
+    }
+
+    /// Decodes and checks a record from a peer.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ReplicaError> {
+        if bytes.len() > CHANGE_BYTES_MAX {
+            return Err(ReplicaError::Malformed("branch record too large".into()));
+        }
+        let r: BranchRecord = postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+        super::path::check_label("branch", &r.name).map_err(ReplicaError::Malformed)?;
+        if r.name.len() > LABEL_BYTES_MAX || (r.parent.is_none() != r.fork.is_none()) {
+            return Err(ReplicaError::Malformed("branch record fields".into()));
+        }
+        Ok(r)
+    }
+
+    /// The key of a branch in its bucket's document.
+    pub fn doc_key(uid: &Uid) -> String {
+        format!("branch/{}", uid.to_hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn change(path: &str, entry: Option<Entry>) -> Change {
+        let id = VersionId { node: NodeId([7; 32]), seq: 42 };
+        Change {
+            branch: Uid([1; 16]),
+            path: TreePath::parse(path).unwrap(),
+            key: OrderKey::new(Stamp { ms: 1_700_000_000_000, counter: 3 }, &id),
+            pred: Some(VersionId { node: NodeId([9; 32]), seq: 41 }),
+            version: Version { entry, written: Stamp { ms: 1_600_000_000_000, counter: 0 } },
+            origin: Origin::Merge,
+        }
+    }
+
+    #[test]
+    fn a_change_survives_the_round_trip_and_garbage_is_refused_not_panicked_on() {
+        let file = Entry { kind: EntryKind::File, hash: ContentHash([5; 32]), size: 9, mode: 0o644, mtime_ms: 12 };
+        for c in [change("/a/b.txt", Some(file)), change("/d", Some(Entry::dir(0o755, 1))), change("/gone", None)] {
+            assert_eq!(decode(&encode(&c)).unwrap(), c);
+        }
+        let good = encode(&change("/x", None));
+        for cut in 0..good.len() {
+            assert!(decode(&good[..cut]).is_err(), "a truncated change at {cut}");
+        }
+        let mut other_format = good.clone();
+        other_format[0] = 9;
+        assert!(decode(&other_format).is_err());
+    }
+
+    #[test]
+    fn a_peer_cannot_send_what_a_local_write_could_not_store() {
+        let mut bad_path = change("/x", None);
+        bad_path.path = TreePath::stored("/", "..");
+        assert!(decode(&encode(&bad_path)).is_err(), "a `..` component");
+        let mut nfd = change("/x", None);
+        nfd.path = TreePath::stored("/", "cafe\u{301}");
+        assert!(decode(&encode(&nfd)).is_err(), "a name not in NFC");
+        let huge = Entry { kind: EntryKind::File, hash: ContentHash([5; 32]), size: FILE_BYTES_MAX + 1, mode: 0o644, mtime_ms: 0 };
+        assert!(decode(&encode(&change("/x", Some(huge)))).is_err(), "a size past the file limit");
+        let fat_dir = Entry { kind: EntryKind::Dir, hash: ContentHash([5; 32]), size: 3, mode: 0o755, mtime_ms: 0 };
+        assert!(decode(&encode(&change("/x", Some(fat_dir)))).is_err(), "a directory with bytes");
+        assert!(decode(&vec![0u8; CHANGE_BYTES_MAX + 1]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes);
+            let _ = BranchRecord::decode(&bytes);
+        }
+
+        #[test]
+        fn shards_spread_paths_and_never_move_them(n in 0u32..10_000) {
+            let p = TreePath::parse(&format!("/dir/file-{n}")).unwrap();
+            let s = shard_of(&Uid([3; 16]), &p);
+            prop_assert!(s < SHARDS);
+            prop_assert_eq!(s, shard_of(&Uid([3; 16]), &p));
+        }
+    }
+
+    #[test]
+    fn the_shard_function_is_pinned() {
+        // Every node must put a version in the same shard, in every build: changing this
+        // function is a format change.
+        let p = TreePath::parse("/docs/report.txt").unwrap();
+        assert_eq!(shard_of(&Uid([0; 16]), &p), shard_of(&Uid([0; 16]), &p));
+        let spread: std::collections::HashSet<u16> =
+            (0..1000).map(|i| shard_of(&Uid([0; 16]), &TreePath::parse(&format!("/f{i}")).unwrap())).collect();
+        assert!(spread.len() > 60, "1000 paths fall in {} of {SHARDS} shards", spread.len());
+        assert_eq!(shard_of(&Uid([0; 16]), &p), 46, "FNV-1a 64 of the uid and path, computed independently");
+    }
+
+    #[test]
+    fn tips_are_the_versions_nobody_replaced_knowingly() {
+        let v = |n: u8, s: i64| VersionId { node: NodeId([n; 32]), seq: s };
+        // a1 ← a2 (A overwrote its own), b1 written without seeing either.
+        let mut t = tips(&[(v(1, 1), None), (v(1, 2), Some(v(1, 1))), (v(2, 1), None)]);
+        t.sort();
+        assert_eq!(t, [v(1, 2), v(2, 1)]);
+        // B then wrote having seen a2, but nobody replaced b1 knowingly: it stays a tip.
+        assert_eq!(tips(&[(v(1, 1), None), (v(1, 2), Some(v(1, 1))), (v(2, 1), None), (v(2, 2), Some(v(1, 2)))]).len(), 2);
+        assert_eq!(tips(&[(v(1, 1), None), (v(2, 2), Some(v(1, 1)))]), [v(2, 2)]);
+    }
+}
