@@ -14,7 +14,6 @@ use super::outbox::Event;
 use super::read::{dir_name, row_from_cols, ROW_COLS};
 use super::tx::Tx;
 use super::{branch_by_id, Branch, StoreError, VersionRow};
-use crate::proto::clock::Stamp;
 use crate::proto::entry::{ContentHash, EntryKind};
 use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use crate::proto::path::TreePath;
