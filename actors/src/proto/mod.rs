@@ -9,6 +9,8 @@
 //! - [`merge`]: the three-way decision and the last-writer-wins order;
 //! - [`replica`]: what replicates (changes, branch records), where (shards), and the rules
 //!   that make replicas agree (the head, conflicts);
+//! - [`ticket`]: invitations to a bucket and the inviter's decision;
+//! - [`sync`]: the frames of the sync protocol between two nodes and their limits;
 //! - [`frame`]: length-prefixed frames of the control socket;
 //! - [`limits`]: every bound, named, with units.
 
@@ -20,3 +22,5 @@ pub mod limits;
 pub mod merge;
 pub mod path;
 pub mod replica;
+pub mod sync;
+pub mod ticket;

@@ -1,0 +1,226 @@
+//! The sync protocol between two nodes, on the ALPN [`SYNC_ALPN`]: one QUIC connection per
+//! pair of nodes, one bi-directional stream, [`Frame`]s of a 4-byte length and a postcard body
+//! (the same header as [`super::frame`], with its own limit).
+//!
+//! ```text
+//! joiner                      inviter            member A                  member B
+//!   Join{bucket, secret} ───►                      Hello{buckets} ────────►
+//!   ◄─── Joined{name, root}  (or Refused)          ◄──────── Welcome{buckets} (or Refused)
+//!   …then as a member                              Summary{bucket, digests} ◄──►
+//!                                                  Sync{bucket, doc, msg}   ◄──► until quiet
+//! ```
+//!
+//! Each bucket's history is [`DOCS`] automerge documents (the shards and the bucket's own
+//! document of branches and members). A summary carries a digest of each document's heads,
+//! so two nodes in step exchange one small frame per bucket and nothing else; for each
+//! document whose digests differ they run automerge's sync protocol, which sends only the
+//! changes the other lacks. A node announces new local changes to a connected peer by
+//! sending a sync message for the document they touched.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::frame::FRAME_HEADER_BYTES;
+use super::ids::Uid;
+use super::replica::SHARDS;
+use super::ticket::{SECRET_BYTES, TICKET_ADDRS_MAX};
+
+/// The protocol's name on the wire; the version is part of it.
+pub const SYNC_ALPN: &[u8] = b"/alknet-fs/sync/1";
+
+/// The largest frame accepted: a sync message carrying a shard's first full exchange (a
+/// shard of a 1M-path bucket holds ~16k versions of ~200 bytes) fits several times over.
+pub const SYNC_FRAME_BYTES_MAX: usize = 32 << 20;
+
+/// The document of a bucket that holds its branches and members (the shards are `0..SHARDS`).
+pub const META_DOC: u16 = SHARDS;
+
+/// Documents per bucket: the shards and the bucket's own.
+pub const DOCS: u16 = SHARDS + 1;
+
+/// Most buckets one session carries.
+pub const SESSION_BUCKETS_MAX: usize = 1024;
+
+/// One frame of a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// A joiner's first frame: the ticket's bucket and secret, and where the joiner listens.
+    Join {
+        /// The bucket the ticket names.
+        bucket: Uid,
+        /// The ticket's secret.
+        secret: [u8; SECRET_BYTES],
+        /// The joiner's addresses, for the other members.
+        addrs: Vec<SocketAddr>,
+    },
+    /// The inviter's answer to a good `Join`: the joiner is a member from now on; the bucket's
+    /// name there and its root branch (encoded [`super::replica::BranchRecord`]).
+    Joined {
+        /// The bucket.
+        bucket: Uid,
+        /// Its name at the inviter.
+        name: String,
+        /// Its root branch.
+        root: Vec<u8>,
+    },
+    /// A member's first frame: the buckets it wants to sync, and its addresses.
+    Hello {
+        /// Buckets.
+        buckets: Vec<Uid>,
+        /// Where it listens.
+        addrs: Vec<SocketAddr>,
+    },
+    /// The answer to `Hello`: the buckets of which the caller is a member here (the others
+    /// are not mentioned: a non-member learns nothing about them).
+    Welcome {
+        /// Buckets accepted.
+        buckets: Vec<Uid>,
+    },
+    /// Why the session or join is refused; the connection closes after it.
+    Refused {
+        /// For the user.
+        reason: String,
+    },
+    /// A digest of each document's heads in one bucket.
+    Summary {
+        /// The bucket.
+        bucket: Uid,
+        /// One digest per document, index = document.
+        digests: Vec<u64>,
+    },
+    /// An automerge sync message for one document.
+    Sync {
+        /// The bucket.
+        bucket: Uid,
+        /// The document (shard, or [`META_DOC`]).
+        doc: u16,
+        /// The encoded automerge sync message.
+        msg: Vec<u8>,
+    },
+}
+
+/// Why bytes from a peer are not a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// Over [`SYNC_FRAME_BYTES_MAX`].
+    #[error("frame of {0} bytes is over the limit of {SYNC_FRAME_BYTES_MAX}")]
+    TooLarge(usize),
+    /// Not a frame of this protocol, or a field out of bounds.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl Frame {
+    /// The frame with its length header.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = postcard::to_allocvec(self).expect("encoding to memory cannot fail");
+        let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// The body length a header announces, refused past the limit before anything is read.
+    pub fn body_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, SyncError> {
+        let len = u32::from_be_bytes(header) as usize;
+        if len > SYNC_FRAME_BYTES_MAX {
+            return Err(SyncError::TooLarge(len));
+        }
+        Ok(len)
+    }
+
+    /// Decodes and checks a body.
+    pub fn decode(body: &[u8]) -> Result<Frame, SyncError> {
+        if body.len() > SYNC_FRAME_BYTES_MAX {
+            return Err(SyncError::TooLarge(body.len()));
+        }
+        let frame: Frame = postcard::from_bytes(body).map_err(|e| SyncError::Malformed(e.to_string()))?;
+        let ok = match &frame {
+            Frame::Join { addrs, .. } | Frame::Hello { addrs, .. } if addrs.len() > TICKET_ADDRS_MAX => false,
+            Frame::Hello { buckets, .. } | Frame::Welcome { buckets } => buckets.len() <= SESSION_BUCKETS_MAX,
+            Frame::Summary { digests, .. } => digests.len() == DOCS as usize,
+            Frame::Sync { doc, .. } => *doc < DOCS,
+            Frame::Refused { reason } => reason.len() <= 4096,
+            Frame::Joined { name, root, .. } => name.len() <= 256 && root.len() <= 4096,
+            _ => true,
+        };
+        if !ok {
+            return Err(SyncError::Malformed("a field is out of bounds".into()));
+        }
+        Ok(frame)
+    }
+}
+
+/// The documents whose digests differ between two summaries of one bucket: the ones to sync.
+pub fn differing(ours: &[u64], theirs: &[u64]) -> Vec<u16> {
+    (0..DOCS).filter(|d| ours.get(*d as usize) != theirs.get(*d as usize)).collect()
+}
+
+/// A digest of a document's heads (sorted hashes of its latest changes): equal digests mean
+/// equal documents. FNV-1a over the concatenated heads; empty for a document with no changes.
+pub fn heads_digest<'a>(heads: impl IntoIterator<Item = &'a [u8; 32]>) -> u64 {
+    let mut sorted: Vec<&[u8; 32]> = heads.into_iter().collect();
+    sorted.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for head in sorted {
+        for b in head {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// When to try a peer again after a failed or lost session: 1 s doubling to 60 s, so a peer
+/// that is down costs a dial a minute, and one back up is found within a minute.
+pub fn redial_after_ms(failures: u32) -> u64 {
+    1_000u64.saturating_mul(1 << failures.min(6)).min(60_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip_and_bounds_hold() {
+        let frames = [
+            Frame::Hello { buckets: vec![Uid([1; 16])], addrs: vec!["127.0.0.1:9".parse().unwrap()] },
+            Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; DOCS as usize] },
+            Frame::Sync { bucket: Uid([1; 16]), doc: META_DOC, msg: vec![1, 2, 3] },
+            Frame::Refused { reason: "no".into() },
+        ];
+        for f in frames {
+            let bytes = f.encode();
+            let len = Frame::body_len(bytes[..4].try_into().unwrap()).unwrap();
+            assert_eq!(Frame::decode(&bytes[4..4 + len]).unwrap(), f);
+        }
+        assert!(Frame::body_len(((SYNC_FRAME_BYTES_MAX + 1) as u32).to_be_bytes()).is_err());
+        let bad_doc = Frame::Sync { bucket: Uid([1; 16]), doc: DOCS, msg: vec![] }.encode();
+        assert!(Frame::decode(&bad_doc[4..]).is_err());
+        let short = Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; 3] }.encode();
+        assert!(Frame::decode(&short[4..]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_is_refused_not_panicked_on(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Frame::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn digests_and_differences() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert_eq!(heads_digest([&a, &b]), heads_digest([&b, &a]), "order of heads does not matter");
+        assert_ne!(heads_digest([&a]), heads_digest([&b]));
+        let ours = vec![1; DOCS as usize];
+        let mut theirs = ours.clone();
+        theirs[3] = 9;
+        theirs[META_DOC as usize] = 9;
+        assert_eq!(differing(&ours, &theirs), [3, META_DOC]);
+        assert_eq!(redial_after_ms(0), 1_000);
+        assert_eq!(redial_after_ms(30), 60_000);
+    }
+}
