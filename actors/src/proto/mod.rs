@@ -10,11 +10,13 @@
 //! - [`replica`]: what replicates (changes, branch records), where (shards), and the rules
 //!   that make replicas agree (the head, conflicts);
 //! - [`ticket`]: invitations to a bucket and the inviter's decision;
+//! - [`doc`]: a replicated document of write-once entries (automerge) and its sync;
 //! - [`sync`]: the frames of the sync protocol between two nodes and their limits;
 //! - [`frame`]: length-prefixed frames of the control socket;
 //! - [`limits`]: every bound, named, with units.
 
 pub mod clock;
+pub mod doc;
 pub mod entry;
 pub mod frame;
 pub mod ids;

@@ -1,0 +1,228 @@
+//! One replicated document: an automerge document whose root map holds scalar byte values
+//! under keys each written once, by one node (see [`super::replica`]). It carries a set; what
+//! the entries mean is for the caller. Pure computation (automerge does no I/O), so the node
+//! and the simulations run the same code.
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{ActorId, AutoCommit, ChangeHash, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::transaction::Transactable;
+
+use super::sync::heads_digest;
+
+/// Why a document or a message from a peer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    /// Bytes that are not an automerge document or sync message, or a change automerge
+    /// refuses (bad dependencies, a duplicate sequence number).
+    #[error("automerge refused the data: {0}")]
+    Automerge(String),
+}
+
+/// A document of write-once entries.
+pub struct ReplicaDoc {
+    doc: AutoCommit,
+}
+
+impl std::fmt::Debug for ReplicaDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaDoc").finish_non_exhaustive()
+    }
+}
+
+/// A sync session's state with one peer for one document.
+pub type PeerState = sync::State;
+
+impl ReplicaDoc {
+    /// An empty document whose new changes are made as `actor`. Every session of a node
+    /// must use its own actor (e.g. the node id and a random part): after a crash a node may
+    /// have lost changes its peers already hold, and reusing an actor's sequence numbers for
+    /// different changes would be refused by every peer that has the old ones.
+    pub fn new(actor: &[u8]) -> Self {
+        ReplicaDoc { doc: AutoCommit::new().with_actor(ActorId::from(actor)) }
+    }
+
+    /// A document from saved bytes (a full save followed by incremental ones).
+    pub fn load(full: &[u8], increments: &[&[u8]], actor: &[u8]) -> Result<Self, DocError> {
+        let mut doc = if full.is_empty() { AutoCommit::new() } else { AutoCommit::load(full).map_err(am)? };
+        for inc in increments {
+            doc.load_incremental(inc).map_err(am)?;
+        }
+        Ok(ReplicaDoc { doc: doc.with_actor(ActorId::from(actor)) })
+    }
+
+    /// Whether `key` has a value.
+    pub fn contains(&self, key: &str) -> bool {
+        matches!(self.doc.get(ROOT, key), Ok(Some(_)))
+    }
+
+    /// Sets `key` (not set before) to `value`. A key already present is left alone.
+    pub fn put(&mut self, key: &str, value: &[u8]) -> Result<bool, DocError> {
+        if self.contains(key) {
+            return Ok(false);
+        }
+        self.doc.put(ROOT, key, ScalarValue::Bytes(value.to_vec())).map_err(am)?;
+        Ok(true)
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match self.doc.get(ROOT, key) {
+            Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Bytes(b) => Some(b.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Every (key, value) pair, in key order.
+    pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
+        self.doc.keys(ROOT).filter_map(|k| self.get(&k).map(|v| (k, v))).collect()
+    }
+
+    /// How many keys it holds.
+    pub fn len(&self) -> usize {
+        self.doc.length(ROOT)
+    }
+
+    /// True when it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A digest of its heads: equal for equal documents.
+    pub fn digest(&mut self) -> u64 {
+        let heads = self.doc.get_heads();
+        heads_digest(heads.iter().map(|h| &h.0))
+    }
+
+    /// Its heads.
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// The whole document, compacted.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// What changed since the last save or incremental save (empty when nothing did).
+    pub fn save_incremental(&mut self) -> Vec<u8> {
+        self.doc.save_incremental()
+    }
+
+    /// The next sync message for the peer whose state is `state`, if it lacks anything we
+    /// have or we lack anything it announced.
+    pub fn generate(&mut self, state: &mut PeerState) -> Option<Vec<u8>> {
+        self.doc.sync().generate_sync_message(state).map(|m| m.encode())
+    }
+
+    /// Applies a sync message from the peer whose state is `state`; returns the entries it
+    /// added (key, value), in no particular order. Garbage is refused, not panicked on.
+    pub fn receive(&mut self, state: &mut PeerState, msg: &[u8]) -> Result<Vec<(String, Vec<u8>)>, DocError> {
+        let msg = sync::Message::decode(msg).map_err(|e| DocError::Automerge(e.to_string()))?;
+        let before = self.doc.get_heads();
+        self.doc.sync().receive_sync_message(state, msg).map_err(am)?;
+        let after = self.doc.get_heads();
+        if before == after {
+            return Ok(Vec::new());
+        }
+        let mut added = Vec::new();
+        for patch in self.doc.diff(&before, &after) {
+            if patch.obj != ROOT {
+                continue;
+            }
+            if let automerge::PatchAction::PutMap { key, value: (Value::Scalar(s), _), .. } = patch.action {
+                if let ScalarValue::Bytes(b) = s.as_ref() {
+                    added.push((key, b.clone()));
+                }
+            }
+        }
+        Ok(added)
+    }
+}
+
+fn am(e: automerge::AutomergeError) -> DocError {
+    DocError::Automerge(e.to_string())
+}
+
+/// A peer's sync state as saved between sessions (only what stays true across them).
+pub fn encode_state(state: &PeerState) -> Vec<u8> {
+    state.encode()
+}
+
+/// The inverse of [`encode_state`]; a damaged saved state starts afresh.
+pub fn decode_state(bytes: &[u8]) -> PeerState {
+    sync::State::decode(bytes).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the sync protocol between two documents until neither has anything to say;
+    /// returns what each received.
+    fn sync_pair(a: &mut ReplicaDoc, b: &mut ReplicaDoc) -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>, usize) {
+        let (mut sa, mut sb) = (PeerState::new(), PeerState::new());
+        let (mut got_a, mut got_b, mut rounds) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let mut quiet = true;
+            if let Some(m) = a.generate(&mut sa) {
+                got_b.extend(b.receive(&mut sb, &m).unwrap());
+                quiet = false;
+            }
+            if let Some(m) = b.generate(&mut sb) {
+                got_a.extend(a.receive(&mut sa, &m).unwrap());
+                quiet = false;
+            }
+            rounds += 1;
+            if quiet || rounds > 20 {
+                return (got_a, got_b, rounds);
+            }
+        }
+    }
+
+    #[test]
+    fn two_documents_exchange_exactly_what_the_other_lacks() {
+        let (mut a, mut b) = (ReplicaDoc::new(b"node-a"), ReplicaDoc::new(b"node-b"));
+        a.put("1@a", b"one").unwrap();
+        a.put("2@a", b"two").unwrap();
+        b.put("1@b", b"uno").unwrap();
+        assert!(!a.put("1@a", b"changed").unwrap(), "a key is written once");
+        let (got_a, got_b, rounds) = sync_pair(&mut a, &mut b);
+        assert!(rounds < 10, "converged in {rounds} rounds");
+        assert_eq!(got_a, [("1@b".to_string(), b"uno".to_vec())]);
+        let mut got_b = got_b;
+        got_b.sort();
+        assert_eq!(got_b, [("1@a".to_string(), b"one".to_vec()), ("2@a".to_string(), b"two".to_vec())]);
+        assert_eq!(a.entries(), b.entries());
+        assert_eq!(a.digest(), b.digest());
+        // In step: nothing more to say, nothing received.
+        let (got_a, got_b, _) = sync_pair(&mut a, &mut b);
+        assert!(got_a.is_empty() && got_b.is_empty());
+    }
+
+    #[test]
+    fn a_document_survives_save_and_incremental_saves() {
+        let mut a = ReplicaDoc::new(b"node-a");
+        a.put("k1", b"v1").unwrap();
+        let full = a.save();
+        a.put("k2", b"v2").unwrap();
+        let inc = a.save_incremental();
+        let mut back = ReplicaDoc::load(&full, &[&inc], b"node-a-2").unwrap();
+        assert_eq!(back.entries(), a.entries());
+        assert_eq!(back.digest(), a.digest());
+        assert!(ReplicaDoc::load(b"not a document", &[], b"x").is_err());
+    }
+
+    #[test]
+    fn garbage_messages_are_refused() {
+        let mut a = ReplicaDoc::new(b"node-a");
+        let mut s = PeerState::new();
+        for bytes in [&b""[..], b"\x42garbage", &[0u8; 64]] {
+            assert!(a.receive(&mut s, bytes).is_err());
+        }
+        assert!(a.is_empty());
+        assert_eq!(decode_state(b"damaged").shared_heads, PeerState::new().shared_heads);
+    }
+}
