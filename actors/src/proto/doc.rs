@@ -4,7 +4,7 @@
 //! and the simulations run the same code.
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, AutoCommit, ChangeHash, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{ActorId, AutoCommit, ChangeHash, PatchLog, ReadDoc, ScalarValue, Value, ROOT};
 use automerge::transaction::Transactable;
 
 use super::sync::heads_digest;
@@ -21,6 +21,9 @@ pub enum DocError {
 /// A document of write-once entries.
 pub struct ReplicaDoc {
     doc: AutoCommit,
+    /// The heads at the last save: an incremental save is what came after them
+    /// (automerge's own marker is empty after a load, which would save everything again).
+    saved: Vec<ChangeHash>,
 }
 
 impl std::fmt::Debug for ReplicaDoc {
@@ -38,7 +41,7 @@ impl ReplicaDoc {
     /// have lost changes its peers already hold, and reusing an actor's sequence numbers for
     /// different changes would be refused by every peer that has the old ones.
     pub fn new(actor: &[u8]) -> Self {
-        ReplicaDoc { doc: AutoCommit::new().with_actor(ActorId::from(actor)) }
+        ReplicaDoc { doc: AutoCommit::new().with_actor(ActorId::from(actor)), saved: Vec::new() }
     }
 
     /// A document from saved bytes (a full save followed by incremental ones).
@@ -47,7 +50,8 @@ impl ReplicaDoc {
         for inc in increments {
             doc.load_incremental(inc).map_err(am)?;
         }
-        Ok(ReplicaDoc { doc: doc.with_actor(ActorId::from(actor)) })
+        let saved = doc.get_heads();
+        Ok(ReplicaDoc { doc: doc.with_actor(ActorId::from(actor)), saved })
     }
 
     /// Whether `key` has a value.
@@ -73,6 +77,16 @@ impl ReplicaDoc {
             },
             _ => None,
         }
+    }
+
+    /// Sets `key` to `value`, replacing what it held: for entries one node owns and updates
+    /// (its addresses), so no two nodes ever write the key concurrently.
+    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<bool, DocError> {
+        if self.get(key).as_deref() == Some(value) {
+            return Ok(false);
+        }
+        self.doc.put(ROOT, key, ScalarValue::Bytes(value.to_vec())).map_err(am)?;
+        Ok(true)
     }
 
     /// Every (key, value) pair, in key order.
@@ -103,32 +117,60 @@ impl ReplicaDoc {
 
     /// The whole document, compacted.
     pub fn save(&mut self) -> Vec<u8> {
-        self.doc.save()
+        let bytes = self.doc.save();
+        self.saved = self.doc.get_heads();
+        bytes
     }
 
-    /// What changed since the last save or incremental save (empty when nothing did).
+    /// What changed since the last save or incremental save, or since the load (empty when
+    /// nothing did).
     pub fn save_incremental(&mut self) -> Vec<u8> {
-        self.doc.save_incremental()
+        let heads = self.doc.get_heads();
+        if heads == self.saved {
+            return Vec::new();
+        }
+        let bytes = self.doc.save_after(&self.saved);
+        self.saved = heads;
+        bytes
     }
 
     /// The next sync message for the peer whose state is `state`, if it lacks anything we
-    /// have or we lack anything it announced.
+    /// have or we lack anything it announced. `None` too if automerge failed on the state a
+    /// peer's message left (see [`receive`](Self::receive)).
     pub fn generate(&mut self, state: &mut PeerState) -> Option<Vec<u8>> {
-        self.doc.sync().generate_sync_message(state).map(|m| m.encode())
+        let doc = &mut self.doc;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.sync().generate_sync_message(state).map(|m| m.encode())))
+            .unwrap_or_else(|_| {
+                *state = PeerState::new();
+                None
+            })
     }
 
     /// Applies a sync message from the peer whose state is `state`; returns the entries it
-    /// added (key, value), in no particular order. Garbage is refused, not panicked on.
+    /// added (key, value), in no particular order. Garbage is refused, not panicked on: a
+    /// message is checked for the Bloom filter parameters automerge itself sends (others
+    /// would make the next `generate` divide by zero or loop), and automerge runs under
+    /// `catch_unwind` all the same.
     pub fn receive(&mut self, state: &mut PeerState, msg: &[u8]) -> Result<Vec<(String, Vec<u8>)>, DocError> {
         let msg = sync::Message::decode(msg).map_err(|e| DocError::Automerge(e.to_string()))?;
-        let before = self.doc.get_heads();
-        self.doc.sync().receive_sync_message(state, msg).map_err(am)?;
-        let after = self.doc.get_heads();
-        if before == after {
-            return Ok(Vec::new());
+        if !msg.have.iter().all(|h| sane_bloom(&h.bloom.to_bytes())) {
+            return Err(DocError::Automerge("a sync message with a Bloom filter automerge would not send".into()));
         }
+        let mut log = PatchLog::active();
+        let doc = &mut self.doc;
+        let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let result = doc.sync().receive_sync_message_log_patches(state, msg, &mut log);
+            result.map(|_| doc.make_patches(&mut log))
+        }));
+        let patches = match received {
+            Ok(r) => r.map_err(am)?,
+            Err(_) => {
+                *state = PeerState::new();
+                return Err(DocError::Automerge("automerge failed on a sync message".into()));
+            }
+        };
         let mut added = Vec::new();
-        for patch in self.doc.diff(&before, &after) {
+        for patch in patches {
             if patch.obj != ROOT {
                 continue;
             }
@@ -140,6 +182,16 @@ impl ReplicaDoc {
         }
         Ok(added)
     }
+}
+
+/// Whether encoded Bloom filter bytes are empty or carry automerge's own parameters: a LEB128
+/// entry count, then 10 bits per entry and 7 probes.
+fn sane_bloom(bytes: &[u8]) -> bool {
+    if bytes.is_empty() {
+        return true;
+    }
+    let Some(end) = bytes.iter().position(|b| b & 0x80 == 0) else { return false };
+    end < 9 && bytes.get(end + 1) == Some(&10) && bytes.get(end + 2) == Some(&7)
 }
 
 fn am(e: automerge::AutomergeError) -> DocError {
@@ -212,6 +264,12 @@ mod tests {
         let mut back = ReplicaDoc::load(&full, &[&inc], b"node-a-2").unwrap();
         assert_eq!(back.entries(), a.entries());
         assert_eq!(back.digest(), a.digest());
+        assert!(back.save_incremental().is_empty(), "nothing new since the load");
+        back.put("k3", b"v3").unwrap();
+        let small = back.save_incremental();
+        assert!(!small.is_empty() && small.len() < full.len() + inc.len(), "an increment after a load holds only what is new");
+        let again = ReplicaDoc::load(&full, &[&inc, &small], b"node-a-3").unwrap();
+        assert_eq!(again.get("k3").unwrap(), b"v3");
         assert!(ReplicaDoc::load(b"not a document", &[], b"x").is_err());
     }
 
