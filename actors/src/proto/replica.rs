@@ -22,9 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clock::Stamp;
 use super::entry::{ContentHash, Entry, EntryKind, Version};
-use super::ids::{OrderKey, Uid, VersionId};
-#[cfg(test)]
-use super::ids::NodeId;
+use super::ids::{NodeId, OrderKey, Uid, VersionId};
 use super::limits::{FILE_BYTES_MAX, LABEL_BYTES_MAX};
 use super::path::TreePath;
 
@@ -286,6 +284,116 @@ impl BranchRecord {
     }
 }
 
+/// What a bucket's own document holds besides branches: who is a member (added by whom),
+/// who was removed, and where each node listens. Keys name the node they are about; a member
+/// record and a removal are written by the member that added or removed, addresses by the
+/// node itself, so no key is ever written by two nodes at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetaEntry {
+    /// A branch.
+    Branch(BranchRecord),
+    /// A member, with who added it and when.
+    Member {
+        /// The member.
+        node: NodeId,
+        /// Who added it (itself, for the bucket's first member).
+        added_by: NodeId,
+        /// When (ms since the epoch).
+        at_ms: i64,
+    },
+    /// A member removed: refused on every protocol from then on.
+    Removed {
+        /// The member.
+        node: NodeId,
+        /// Who removed it.
+        by: NodeId,
+        /// When.
+        at_ms: i64,
+    },
+    /// Where a node listens.
+    Addrs {
+        /// The node.
+        node: NodeId,
+        /// Its addresses.
+        addrs: Vec<std::net::SocketAddr>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct ByWhom {
+    by: [u8; 32],
+    at_ms: i64,
+}
+
+impl MetaEntry {
+    /// The entry's key in the bucket's document.
+    pub fn key(&self) -> String {
+        match self {
+            MetaEntry::Branch(b) => BranchRecord::doc_key(&b.uid),
+            MetaEntry::Member { node, .. } => format!("member/{}", node.to_hex()),
+            MetaEntry::Removed { node, .. } => format!("removed/{}", node.to_hex()),
+            MetaEntry::Addrs { node, .. } => format!("addr/{}", node.to_hex()),
+        }
+    }
+
+    /// The entry's value.
+    pub fn value(&self) -> Vec<u8> {
+        match self {
+            MetaEntry::Branch(b) => b.encode(),
+            MetaEntry::Member { added_by, at_ms, .. } => enc(&ByWhom { by: added_by.0, at_ms: *at_ms }),
+            MetaEntry::Removed { by, at_ms, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
+            MetaEntry::Addrs { addrs, .. } => enc(addrs),
+        }
+    }
+
+    /// Reads an entry of a bucket's document from a peer; keys and values are checked.
+    pub fn decode(key: &str, value: &[u8]) -> Result<MetaEntry, ReplicaError> {
+        let bad = |what: &str| ReplicaError::Malformed(format!("{what} in the bucket's document: {key}"));
+        if value.len() > CHANGE_BYTES_MAX {
+            return Err(bad("an oversized entry"));
+        }
+        let (kind, id) = key.split_once('/').ok_or_else(|| bad("an unknown key"))?;
+        match kind {
+            "branch" => {
+                let rec = BranchRecord::decode(value)?;
+                if Uid::from_hex(id) != Some(rec.uid) {
+                    return Err(bad("a branch under another's key"));
+                }
+                Ok(MetaEntry::Branch(rec))
+            }
+            "member" | "removed" => {
+                let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
+                let w: ByWhom = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
+                Ok(if kind == "member" {
+                    MetaEntry::Member { node, added_by: NodeId(w.by), at_ms: w.at_ms }
+                } else {
+                    MetaEntry::Removed { node, by: NodeId(w.by), at_ms: w.at_ms }
+                })
+            }
+            "addr" => {
+                let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
+                let addrs: Vec<std::net::SocketAddr> = postcard::from_bytes(value).map_err(|_| bad("undecodable addresses"))?;
+                if addrs.len() > super::ticket::TICKET_ADDRS_MAX {
+                    return Err(bad("too many addresses"));
+                }
+                Ok(MetaEntry::Addrs { node, addrs })
+            }
+            _ => Err(bad("an unknown key")),
+        }
+    }
+}
+
+fn enc<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("encoding to memory cannot fail")
+}
+
+/// Whether `node` is a member, given the bucket's entries about it: added and never removed.
+/// A removal wins over any addition, in any order of arrival (removal is for good; a removed
+/// node that should come back joins as a new node).
+pub fn is_member(added: bool, removed: bool) -> bool {
+    added && !removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +467,25 @@ mod tests {
             (0..1000).map(|i| shard_of(&Uid([0; 16]), &TreePath::parse(&format!("/f{i}")).unwrap())).collect();
         assert!(spread.len() > 60, "1000 paths fall in {} of {SHARDS} shards", spread.len());
         assert_eq!(shard_of(&Uid([0; 16]), &p), 46, "FNV-1a 64 of the uid and path, computed independently");
+    }
+
+    #[test]
+    fn bucket_entries_round_trip_and_keys_must_match() {
+        let n = NodeId([3; 32]);
+        let entries = [
+            MetaEntry::Member { node: n, added_by: NodeId([4; 32]), at_ms: 5 },
+            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6 },
+            MetaEntry::Addrs { node: n, addrs: vec!["127.0.0.1:7".parse().unwrap()] },
+            MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 }),
+        ];
+        for e in entries {
+            assert_eq!(MetaEntry::decode(&e.key(), &e.value()).unwrap(), e);
+        }
+        let branch = MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 });
+        assert!(MetaEntry::decode(&format!("branch/{}", Uid([8; 16]).to_hex()), &branch.value()).is_err());
+        assert!(MetaEntry::decode("member/zz", &[]).is_err());
+        assert!(MetaEntry::decode("other/x", &[]).is_err());
+        assert!(is_member(true, false) && !is_member(true, true) && !is_member(false, false));
     }
 
     #[test]

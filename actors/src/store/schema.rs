@@ -149,6 +149,51 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY(branch_id, dir, name, vkey DESC)
     ) WITHOUT ROWID;
     "#,
+    // 3 → 4: the mesh's state. Each bucket's replicated documents (automerge) as a full
+    // save plus increments; what each peer and this node last agreed per document; the
+    // members of each bucket and where nodes listen (both read from the bucket's document);
+    // invitations (only a hash of each secret).
+    r#"
+    CREATE TABLE mesh_doc(
+        bucket_id INTEGER NOT NULL,
+        doc       INTEGER NOT NULL,
+        part      INTEGER NOT NULL,
+        data      BLOB NOT NULL,
+        PRIMARY KEY(bucket_id, doc, part)
+    ) WITHOUT ROWID;
+    CREATE TABLE mesh_sync(
+        peer      BLOB NOT NULL,
+        bucket_id INTEGER NOT NULL,
+        doc       INTEGER NOT NULL,
+        state     BLOB NOT NULL,
+        PRIMARY KEY(peer, bucket_id, doc)
+    ) WITHOUT ROWID;
+    CREATE TABLE mesh_member(
+        bucket_id  INTEGER NOT NULL,
+        node       BLOB NOT NULL,
+        added_ms   INTEGER NOT NULL,
+        added_by   BLOB,
+        removed_ms INTEGER,
+        PRIMARY KEY(bucket_id, node)
+    ) WITHOUT ROWID;
+    CREATE TABLE mesh_addr(
+        node       BLOB PRIMARY KEY,
+        addrs      TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE mesh_invite(
+        secret_hash BLOB PRIMARY KEY,
+        bucket_id   INTEGER NOT NULL,
+        expires_ms  INTEGER NOT NULL,
+        uses_left   INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE mesh_deferred(
+        id        INTEGER PRIMARY KEY,
+        bucket_id INTEGER NOT NULL,
+        data      BLOB NOT NULL
+    );
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
