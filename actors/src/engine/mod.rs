@@ -14,10 +14,12 @@
 //!
 //! - [`import`]: local files and trees into commit batches (shared with the node);
 //! - [`maintenance`]: scrubbing, indexing and collecting the blobs;
-//! - [`replica`]: bucket identities, and versions to and from peers.
+//! - [`replica`]: bucket identities, and versions to and from peers;
+//! - [`mesh`]: the replicated documents of shared buckets, membership, invitations.
 
 pub mod import;
 pub mod maintenance;
+pub mod mesh;
 pub mod replica;
 
 pub use import::{commit_items, file_entry, import_tree, mtime_ms};

@@ -1,0 +1,681 @@
+//! The store's half of the mesh: each shared bucket's replicated documents, kept in memory
+//! by the node's writer and saved in `tree.db` in the same transaction as what they caused.
+//!
+//! - **publish**: the outbox is the one road out. The `mesh` consumer reads committed events
+//!   and puts the versions this node wrote (and its new branches) into the documents of
+//!   shared buckets, saving the documents' increments and its cursor in one transaction —
+//!   writes the CLI made while no node ran are published when the node starts.
+//! - **receive**: a peer's sync message is applied to one document; the entries it added are
+//!   checked and applied to the tree in one transaction with the document's increment and
+//!   their outbox event. If that transaction fails the document is dropped from memory and
+//!   read back from the database, so the two never disagree.
+//! - **membership**: invitations (a hash of the secret, an expiry, a number of uses), the
+//!   inviter's admission of a joiner (its member entry goes into the bucket's document), the
+//!   joiner's adoption of the bucket, removals; members and addresses are read from the
+//!   bucket's document into `mesh_member` / `mesh_addr` for the network side to consult.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::replica::BucketIdentity;
+use super::{Engine, Result};
+use crate::proto::doc::{decode_state, encode_state, PeerState, ReplicaDoc};
+use crate::proto::ids::{NodeId, Uid};
+use crate::proto::replica::{self as rules, BranchRecord, Change, MetaEntry};
+use crate::proto::sync::{DOCS, META_DOC};
+use crate::proto::ticket::{admit, InviteTerms, JoinRefusal, SECRET_BYTES};
+use crate::store::outbox;
+use crate::store::replica::{branch_record, own_changes, Applied};
+use crate::store::{Ids, StoreError, Tx};
+
+/// The outbox consumer that publishes this node's writes to its peers.
+pub const MESH_CONSUMER: &str = "mesh";
+
+/// Increments kept per document before it is saved whole again.
+const DOC_PARTS_MAX: i64 = 64;
+
+/// What a publish round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Documents that changed (bucket, document): their peers are told.
+    pub changed: Vec<(Uid, u16)>,
+    /// Events read.
+    pub events: usize,
+}
+
+/// What a received sync message did.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Versions applied, blobs now missing, conflicts listed.
+    pub applied: Applied,
+    /// Entries refused (malformed, or in the wrong document).
+    pub refused: usize,
+    /// Membership changed (the network side re-checks its sessions).
+    pub members_changed: bool,
+}
+
+/// A member of a bucket, for `alkfs members`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// Its node id.
+    pub node: NodeId,
+    /// When it was added (ms).
+    pub added_ms: i64,
+    /// Who added it.
+    pub added_by: Option<NodeId>,
+    /// When it was removed, if it was.
+    pub removed_ms: Option<i64>,
+    /// Where it listens, as last announced.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// The documents of shared buckets and the sync states of connected peers.
+pub struct Mesh {
+    me: NodeId,
+    /// The automerge actor of this process: the node id and a random part (see
+    /// [`ReplicaDoc::new`]).
+    actor: Vec<u8>,
+    docs: HashMap<(i64, u16), ReplicaDoc>,
+    states: HashMap<(NodeId, i64, u16), PeerState>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("me", &self.me).field("docs", &self.docs.len()).finish()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> StoreError {
+    StoreError::Invalid(msg.into())
+}
+
+impl Mesh {
+    /// The mesh state of the store `engine` opened.
+    pub fn new(engine: &Engine) -> Self {
+        let me = engine.tree().me();
+        let mut actor = me.0.to_vec();
+        actor.extend_from_slice(&std::collections::hash_map::RandomState::new().build_hasher().finish().to_be_bytes());
+        Mesh { me, actor, docs: HashMap::new(), states: HashMap::new() }
+    }
+
+    /// This node.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn load(&self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<ReplicaDoc, StoreError> {
+        let mut st = conn.prepare_cached("SELECT data FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2 ORDER BY part")?;
+        let parts: Vec<Vec<u8>> = st.query_map(params![bucket_id, doc], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let (full, increments) = match parts.split_first() {
+            Some((full, rest)) => (full.as_slice(), rest.iter().map(|p| p.as_slice()).collect::<Vec<_>>()),
+            None => (&[][..], Vec::new()),
+        };
+        ReplicaDoc::load(full, &increments, &self.actor).map_err(|e| invalid(format!("the saved replica of bucket {bucket_id} doc {doc} is damaged: {e}")))
+    }
+
+    fn doc(&mut self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<&mut ReplicaDoc, StoreError> {
+        if !self.docs.contains_key(&(bucket_id, doc)) {
+            let loaded = self.load(conn, bucket_id, doc)?;
+            self.docs.insert((bucket_id, doc), loaded);
+        }
+        Ok(self.docs.get_mut(&(bucket_id, doc)).expect("just loaded"))
+    }
+
+    /// Saves what changed in `doc` since its last save, in the open transaction: an
+    /// increment, or the whole document when it has gathered many.
+    fn persist(&mut self, tx: &Tx<'_>, bucket_id: i64, doc: u16) -> Result<(), StoreError> {
+        let d = self.docs.get_mut(&(bucket_id, doc)).expect("persisted docs are loaded");
+        let conn = tx.conn();
+        let last: Option<i64> = conn.query_row("SELECT max(part) FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2", params![bucket_id, doc], |r| r.get(0))?;
+        match last {
+            Some(n) if n < DOC_PARTS_MAX => {
+                let inc = d.save_incremental();
+                if !inc.is_empty() {
+                    conn.execute("INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, ?3, ?4)", params![bucket_id, doc, n + 1, inc])?;
+                }
+            }
+            _ => {
+                let full = d.save();
+                conn.execute("DELETE FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2", params![bucket_id, doc])?;
+                conn.execute("INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, 0, ?3)", params![bucket_id, doc, full])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets in-memory documents a failed transaction may have left ahead of the database.
+    fn forget(&mut self, touched: &HashSet<(i64, u16)>) {
+        for key in touched {
+            self.docs.remove(key);
+        }
+    }
+
+    /// Publishes what this node committed since the last round (at most one batch of
+    /// events): its versions and branches, into the documents of shared buckets.
+    pub fn publish(&mut self, engine: &mut Engine) -> Result<Published> {
+        let now = engine.now_ms();
+        let conn = engine.tree().conn();
+        let cursor = outbox::cursor(conn, MESH_CONSUMER)?;
+        let events = outbox::read_after(conn, cursor, outbox::READ_BATCH_EVENTS_MAX)?;
+        let Some(last) = events.last().map(|(o, _)| *o) else { return Ok(Published::default()) };
+        let shared = shared_bucket_ids(conn)?;
+        let mut puts: Vec<(i64, u16, String, Vec<u8>)> = Vec::new();
+        for (_, event) in &events {
+            if !shared.contains(&event.bucket_id) {
+                continue;
+            }
+            match event.op.as_str() {
+                "replicated" | "branch-delete" => {}
+                "branch-create" | "bucket-create" => {
+                    if let Ok(b) = crate::store::branch_by_name(conn, event.bucket_id, &event.branch) {
+                        let rec = MetaEntry::Branch(branch_record(conn, &b)?);
+                        puts.push((event.bucket_id, META_DOC, rec.key(), rec.value()));
+                    }
+                }
+                _ => {
+                    for change in own_changes(conn, &self.me, event.first_seq, event.last_seq)? {
+                        puts.push((event.bucket_id, rules::shard_of(&change.branch, &change.path), rules::doc_key(&change.id()), rules::encode(&change)));
+                    }
+                }
+            }
+        }
+        let mut touched = HashSet::new();
+        for (bucket_id, doc, key, value) in &puts {
+            if self.doc(engine.tree().conn(), *bucket_id, *doc)?.put(key, value).map_err(|e| invalid(e.to_string()))? {
+                touched.insert((*bucket_id, *doc));
+            }
+        }
+        let uids = bucket_uids(engine.tree().conn())?;
+        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            for (bucket_id, doc) in &touched {
+                self.persist(tx, *bucket_id, *doc)?;
+            }
+            outbox::save_cursor(tx.conn(), MESH_CONSUMER, last, now)
+        });
+        if let Err(e) = result {
+            self.forget(&touched);
+            return Err(e.into());
+        }
+        let changed = touched.iter().filter_map(|(b, d)| uids.get(b).map(|u| (*u, *d))).collect();
+        Ok(Published { changed, events: events.len() })
+    }
+
+    /// Makes bucket `bucket_id` shared from this node's side: its whole history, branches and
+    /// this node's membership go into its documents (once; later writes are published from
+    /// the outbox), and the `mesh` consumer starts from the outbox's head if it is new.
+    fn share(&mut self, engine: &mut Engine, bucket: &BucketIdentity, addrs: &[SocketAddr], with_history: bool) -> Result<()> {
+        let conn = engine.tree().conn();
+        let already: bool = conn
+            .query_row("SELECT 1 FROM mesh_member WHERE bucket_id = ?1 AND node = ?2", params![bucket.id, self.me.0], |_| Ok(()))
+            .optional()
+            .map_err(StoreError::from)?
+            .is_some();
+        let now = engine.now_ms();
+        let mut puts: Vec<(u16, String, Vec<u8>)> = Vec::new();
+        if !already && with_history {
+            for rec in engine.branch_records(&bucket.name)? {
+                let e = MetaEntry::Branch(rec);
+                puts.push((META_DOC, e.key(), e.value()));
+            }
+            for change in crate::store::replica::bucket_changes(engine.tree().conn(), bucket.id)? {
+                puts.push((rules::shard_of(&change.branch, &change.path), rules::doc_key(&change.id()), rules::encode(&change)));
+            }
+        }
+        if !already {
+            let me = MetaEntry::Member { node: self.me, added_by: self.me, at_ms: now };
+            puts.push((META_DOC, me.key(), me.value()));
+        }
+        let addr = MetaEntry::Addrs { node: self.me, addrs: addrs.to_vec() };
+        let mut touched = HashSet::new();
+        for (doc, key, value) in &puts {
+            if self.doc(engine.tree().conn(), bucket.id, *doc)?.put(key, value).map_err(|e| invalid(e.to_string()))? {
+                touched.insert((bucket.id, *doc));
+            }
+        }
+        if !addrs.is_empty() && self.doc(engine.tree().conn(), bucket.id, META_DOC)?.set(&addr.key(), &addr.value()).map_err(|e| invalid(e.to_string()))? {
+            touched.insert((bucket.id, META_DOC));
+        }
+        let me = self.me;
+        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            for (bucket_id, doc) in &touched {
+                self.persist(tx, *bucket_id, *doc)?;
+            }
+            let conn = tx.conn();
+            conn.execute(
+                "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?2)",
+                params![bucket.id, me.0, now],
+            )?;
+            if !addrs.is_empty() {
+                record_addrs(conn, &me, addrs, now)?;
+            }
+            if outbox::consumers(conn, 0)?.iter().all(|c| c.name != MESH_CONSUMER) {
+                outbox::save_cursor(conn, MESH_CONSUMER, outbox::head(conn)?, now)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            self.forget(&touched);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Records where this node listens in every bucket it shares (so members can dial it).
+    pub fn announce_addrs(&mut self, engine: &mut Engine, addrs: &[SocketAddr]) -> Result<Vec<(Uid, u16)>> {
+        let shared = shared_bucket_ids(engine.tree().conn())?;
+        let uids = bucket_uids(engine.tree().conn())?;
+        let mut changed = Vec::new();
+        for bucket_id in shared {
+            let Some(uid) = uids.get(&bucket_id) else { continue };
+            let name = bucket_name(engine.tree().conn(), bucket_id)?;
+            self.share(engine, &BucketIdentity { id: bucket_id, name, uid: *uid }, addrs, true)?;
+            changed.push((*uid, META_DOC));
+        }
+        Ok(changed)
+    }
+
+    /// Makes an invitation to bucket `name`: returns the bucket's id and the secret, of which
+    /// only a hash is kept. The bucket becomes shared if it was not.
+    pub fn invite(&mut self, engine: &mut Engine, name: &str, expires_ms: i64, uses: u32, addrs: &[SocketAddr]) -> Result<(Uid, [u8; SECRET_BYTES])> {
+        let bucket = engine.bucket_identity(name)?;
+        self.share(engine, &bucket, addrs, true)?;
+        let key = iroh::SecretKey::generate();
+        let mut secret = [0u8; SECRET_BYTES];
+        secret.copy_from_slice(&key.to_bytes()[..SECRET_BYTES]);
+        let now = engine.now_ms();
+        engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            tx.conn().execute(
+                "INSERT INTO mesh_invite(secret_hash, bucket_id, expires_ms, uses_left, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![blake3::hash(&secret).as_bytes().to_vec(), bucket.id, now.saturating_add(expires_ms), uses, now],
+            )?;
+            Ok(())
+        })?;
+        Ok((bucket.uid, secret))
+    }
+
+    /// The inviter's side of a join: checks the secret for bucket `uid`, uses the invitation
+    /// up, and adds `joiner` as a member (with its addresses). Returns the bucket's name here
+    /// and its root branch, or why the join is refused.
+    pub fn admit(&mut self, engine: &mut Engine, uid: &Uid, secret: &[u8; SECRET_BYTES], joiner: &NodeId, addrs: &[SocketAddr]) -> Result<std::result::Result<(String, BranchRecord), JoinRefusal>> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(Err(JoinRefusal::UnknownSecret)) };
+        let now = engine.now_ms();
+        let hash = blake3::hash(secret).as_bytes().to_vec();
+        let conn = engine.tree().conn();
+        let terms: Option<InviteTerms> = conn
+            .query_row("SELECT expires_ms, uses_left FROM mesh_invite WHERE secret_hash = ?1 AND bucket_id = ?2", params![hash, bucket.id], |r| {
+                Ok(InviteTerms { expires_ms: r.get(0)?, uses_left: r.get(1)? })
+            })
+            .optional()
+            .map_err(StoreError::from)?;
+        let after = match admit(terms, now) {
+            Ok(t) => t,
+            Err(why) => return Ok(Err(why)),
+        };
+        let removed: bool = conn
+            .query_row("SELECT removed_ms IS NOT NULL FROM mesh_member WHERE bucket_id = ?1 AND node = ?2", params![bucket.id, joiner.0], |r| r.get(0))
+            .optional()
+            .map_err(StoreError::from)?
+            .unwrap_or(false);
+        if removed {
+            return Ok(Err(JoinRefusal::Removed));
+        }
+        let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now };
+        let addr = MetaEntry::Addrs { node: *joiner, addrs: addrs.to_vec() };
+        let doc = self.doc(engine.tree().conn(), bucket.id, META_DOC)?;
+        doc.put(&member.key(), &member.value()).map_err(|e| invalid(e.to_string()))?;
+        doc.set(&addr.key(), &addr.value()).map_err(|e| invalid(e.to_string()))?;
+        let touched = HashSet::from([(bucket.id, META_DOC)]);
+        let me = self.me;
+        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            self.persist(tx, bucket.id, META_DOC)?;
+            let conn = tx.conn();
+            conn.execute("UPDATE mesh_invite SET uses_left = ?1 WHERE secret_hash = ?2", params![after.uses_left, hash])?;
+            conn.execute(
+                "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?4)",
+                params![bucket.id, joiner.0, now, me.0],
+            )?;
+            record_addrs(conn, joiner, addrs, now)?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            self.forget(&touched);
+            return Err(e.into());
+        }
+        let root = engine.branch_records(&bucket.name)?.into_iter().find(|b| b.parent.is_none()).ok_or_else(|| invalid("the bucket has no root branch"))?;
+        Ok(Ok((bucket.name, root)))
+    }
+
+    /// The joiner's side, once admitted: makes local bucket `name` the shared one (a new
+    /// bucket, or an empty one taken over), records the inviter as a member with its
+    /// addresses, and shares it from this side.
+    pub fn adopt(&mut self, engine: &mut Engine, name: &str, uid: &Uid, root: &BranchRecord, inviter: &NodeId, inviter_addrs: &[SocketAddr], my_addrs: &[SocketAddr]) -> Result<BucketIdentity> {
+        let bucket = engine.adopt_bucket(name, uid, root)?;
+        let now = engine.now_ms();
+        engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            let conn = tx.conn();
+            conn.execute("INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?2)", params![bucket.id, inviter.0, now])?;
+            record_addrs(conn, inviter, inviter_addrs, now)?;
+            Ok(())
+        })?;
+        // Its branches and history are the inviter's: they arrive by sync.
+        self.share(engine, &bucket, my_addrs, false)?;
+        Ok(bucket)
+    }
+
+    /// Removes `node` from bucket `name` (for good; a removal wins over any addition).
+    pub fn remove_member(&mut self, engine: &mut Engine, name: &str, node: &NodeId) -> Result<Uid> {
+        let bucket = engine.bucket_identity(name)?;
+        let known = members(engine.tree().conn(), bucket.id)?.iter().any(|m| m.node == *node);
+        if !known {
+            return Err(invalid(format!("{node} is not a member of bucket {name} (see `alkfs members`)")).into());
+        }
+        if *node == self.me {
+            return Err(invalid("a node cannot remove itself; remove it from another member").into());
+        }
+        let now = engine.now_ms();
+        let entry = MetaEntry::Removed { node: *node, by: self.me, at_ms: now };
+        self.doc(engine.tree().conn(), bucket.id, META_DOC)?.put(&entry.key(), &entry.value()).map_err(|e| invalid(e.to_string()))?;
+        let touched = HashSet::from([(bucket.id, META_DOC)]);
+        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            self.persist(tx, bucket.id, META_DOC)?;
+            tx.conn().execute("UPDATE mesh_member SET removed_ms = ?1 WHERE bucket_id = ?2 AND node = ?3 AND removed_ms IS NULL", params![now, bucket.id, node.0])?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            self.forget(&touched);
+            return Err(e.into());
+        }
+        Ok(bucket.uid)
+    }
+
+    /// A digest of each document of bucket `uid` (empty if this store lacks the bucket).
+    pub fn summary(&mut self, engine: &Engine, uid: &Uid) -> Result<Vec<u64>> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(Vec::new()) };
+        let conn = engine.tree().conn();
+        let mut out = Vec::with_capacity(DOCS as usize);
+        for doc in 0..DOCS {
+            out.push(self.doc(conn, bucket.id, doc)?.digest());
+        }
+        Ok(out)
+    }
+
+    fn state(&mut self, conn: &Connection, peer: &NodeId, bucket_id: i64, doc: u16) -> Result<&mut PeerState, StoreError> {
+        if !self.states.contains_key(&(*peer, bucket_id, doc)) {
+            let saved: Option<Vec<u8>> = conn
+                .query_row("SELECT state FROM mesh_sync WHERE peer = ?1 AND bucket_id = ?2 AND doc = ?3", params![peer.0, bucket_id, doc], |r| r.get(0))
+                .optional()?;
+            self.states.insert((*peer, bucket_id, doc), saved.map(|s| decode_state(&s)).unwrap_or_default());
+        }
+        Ok(self.states.get_mut(&(*peer, bucket_id, doc)).expect("just inserted"))
+    }
+
+    /// The next sync message for `peer` on document `doc` of bucket `uid`, if any.
+    pub fn generate(&mut self, engine: &Engine, peer: &NodeId, uid: &Uid, doc: u16) -> Result<Option<Vec<u8>>> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(None) };
+        let conn = engine.tree().conn();
+        self.doc(conn, bucket.id, doc)?;
+        self.state(conn, peer, bucket.id, doc)?;
+        let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
+        let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
+        Ok(d.generate(state))
+    }
+
+    /// Applies `msg` from `peer` to document `doc` of bucket `uid` (the caller has checked
+    /// that `peer` is a member), and what it added to the tree, in one transaction.
+    pub fn receive(&mut self, engine: &mut Engine, peer: &NodeId, uid: &Uid, doc: u16, msg: &[u8]) -> Result<Received> {
+        let bucket = engine.bucket_by_uid(uid)?.ok_or_else(|| invalid(format!("no bucket {uid} here")))?;
+        {
+            let conn = engine.tree().conn();
+            self.doc(conn, bucket.id, doc)?;
+            self.state(conn, peer, bucket.id, doc)?;
+        }
+        let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
+        let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
+        let added = match d.receive(state, msg) {
+            Ok(a) => a,
+            Err(e) => {
+                // Whatever automerge kept of a bad message is not in the database: start over
+                // from what is.
+                self.docs.remove(&(bucket.id, doc));
+                return Err(invalid(format!("a sync message from {} was refused: {e}", peer.short())).into());
+            }
+        };
+        let mut received = Received::default();
+        let mut changes: Vec<Change> = Vec::new();
+        let mut meta: Vec<MetaEntry> = Vec::new();
+        for (key, value) in &added {
+            if doc == META_DOC {
+                match MetaEntry::decode(key, value) {
+                    Ok(e) => meta.push(e),
+                    Err(e) => {
+                        tracing::warn!(peer = %peer.short(), error = %e, "refused an entry of a bucket document");
+                        received.refused += 1;
+                    }
+                }
+            } else {
+                match rules::decode(value) {
+                    Ok(c) if rules::doc_key(&c.id()) == *key && rules::shard_of(&c.branch, &c.path) == doc => changes.push(c),
+                    Ok(_) => {
+                        tracing::warn!(peer = %peer.short(), key, "refused a change filed under the wrong key or shard");
+                        received.refused += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %peer.short(), key, error = %e, "refused a change");
+                        received.refused += 1;
+                    }
+                }
+            }
+        }
+        received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Removed { .. }));
+        let now = engine.now_ms();
+        let ids = Ids::AtMost((changes.len() + meta.len() + 64) as u64);
+        let touched = HashSet::from([(bucket.id, doc)]);
+        let result = engine.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
+            self.persist(tx, bucket.id, doc)?;
+            apply_meta(tx, bucket.id, &meta, now)?;
+            let mut applied = tx.apply_changes(bucket.id, changes)?;
+            for c in &applied.deferred {
+                tx.conn().execute("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)", params![bucket.id, rules::encode(c)])?;
+            }
+            applied.deferred.clear();
+            if meta.iter().any(|e| matches!(e, MetaEntry::Branch(_))) {
+                // Changes that waited for a branch's record.
+                let waiting: Vec<(i64, Vec<u8>)> = {
+                    let mut st = tx.conn().prepare("SELECT id, data FROM mesh_deferred WHERE bucket_id = ?1")?;
+                    let rows = st.query_map([bucket.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                if !waiting.is_empty() {
+                    tx.conn().execute("DELETE FROM mesh_deferred WHERE bucket_id = ?1", [bucket.id])?;
+                    let again: Vec<Change> = waiting.iter().filter_map(|(_, d)| rules::decode(d).ok()).collect();
+                    let more = tx.apply_changes(bucket.id, again)?;
+                    for c in &more.deferred {
+                        tx.conn().execute("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)", params![bucket.id, rules::encode(c)])?;
+                    }
+                    applied.inserted += more.inserted;
+                    applied.conflicts += more.conflicts;
+                    applied.missing_blobs.extend(more.missing_blobs);
+                }
+            }
+            Ok(applied)
+        });
+        match result {
+            Ok(applied) => received.applied = applied,
+            Err(e) => {
+                self.forget(&touched);
+                return Err(e.into());
+            }
+        }
+        Ok(received)
+    }
+
+    /// Saves what `peer` and this node agreed on every document, for the next session, and
+    /// forgets the in-flight rest.
+    pub fn end_session(&mut self, engine: &mut Engine, peer: &NodeId) -> Result<()> {
+        let keys: Vec<(NodeId, i64, u16)> = self.states.keys().filter(|(p, _, _)| p == peer).copied().collect();
+        let saved: Vec<(i64, u16, Vec<u8>)> = keys.iter().filter_map(|k| self.states.remove(k).map(|s| (k.1, k.2, encode_state(&s)))).collect();
+        let now = engine.now_ms();
+        engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            for (bucket_id, doc, state) in &saved {
+                tx.conn().execute(
+                    "INSERT INTO mesh_sync(peer, bucket_id, doc, state) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(peer, bucket_id, doc) DO UPDATE SET state = excluded.state",
+                    params![peer.0, bucket_id, doc, state],
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], now: i64) -> Result<(), StoreError> {
+    // Parents before children, whatever order the records came in; those whose parent is
+    // still unknown wait in the document (they are applied when it arrives: every receive
+    // re-reads the branch records below).
+    let mut pending: Vec<&BranchRecord> = entries.iter().filter_map(|e| if let MetaEntry::Branch(b) = e { Some(b) } else { None }).collect();
+    loop {
+        let before = pending.len();
+        let mut left = Vec::new();
+        for rec in pending {
+            if !tx.apply_branch(bucket_id, rec)? {
+                left.push(rec);
+            }
+        }
+        pending = left;
+        if pending.is_empty() || pending.len() == before {
+            break;
+        }
+    }
+    for rec in pending {
+        tracing::warn!(branch = %rec.name, "a branch's parent has not arrived yet; it is applied when it does");
+    }
+    for e in entries {
+        let conn = tx.conn();
+        match e {
+            MetaEntry::Member { node, added_by, at_ms } => {
+                conn.execute(
+                    "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?4)",
+                    params![bucket_id, node.0, at_ms, added_by.0],
+                )?;
+            }
+            MetaEntry::Removed { node, at_ms, .. } => {
+                conn.execute(
+                    "INSERT INTO mesh_member(bucket_id, node, added_ms, removed_ms) VALUES (?1, ?2, ?3, ?3)
+                     ON CONFLICT(bucket_id, node) DO UPDATE SET removed_ms = COALESCE(removed_ms, excluded.removed_ms)",
+                    params![bucket_id, node.0, at_ms],
+                )?;
+            }
+            MetaEntry::Addrs { node, addrs } => record_addrs(conn, node, addrs, now)?,
+            MetaEntry::Branch(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn record_addrs(conn: &Connection, node: &NodeId, addrs: &[SocketAddr], now: i64) -> Result<(), StoreError> {
+    let text = serde_json::to_string(addrs).expect("addresses serialise");
+    conn.execute(
+        "INSERT INTO mesh_addr(node, addrs, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT(node) DO UPDATE SET addrs = excluded.addrs, updated_ms = excluded.updated_ms",
+        params![node.0, text, now],
+    )?;
+    Ok(())
+}
+
+fn bucket_uids(conn: &Connection) -> Result<HashMap<i64, Uid>, StoreError> {
+    let mut st = conn.prepare_cached("SELECT id, uid FROM bucket")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let (id, uid) = row?;
+        if let Some(uid) = Uid::from_bytes(&uid) {
+            out.insert(id, uid);
+        }
+    }
+    Ok(out)
+}
+
+fn bucket_name(conn: &Connection, id: i64) -> Result<String, StoreError> {
+    Ok(conn.query_row("SELECT name FROM bucket WHERE id = ?1", [id], |r| r.get(0))?)
+}
+
+/// Buckets this node shares (it has recorded itself as a member).
+pub fn shared_bucket_ids(conn: &Connection) -> Result<HashSet<i64>, StoreError> {
+    let mut st = conn.prepare_cached("SELECT DISTINCT bucket_id FROM mesh_member WHERE node = (SELECT self_node FROM clock WHERE id = 0)")?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The members of bucket `bucket_id`, removed ones included (with when).
+pub fn members(conn: &Connection, bucket_id: i64) -> Result<Vec<Member>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT m.node, m.added_ms, m.added_by, m.removed_ms, a.addrs FROM mesh_member m LEFT JOIN mesh_addr a ON a.node = m.node
+         WHERE m.bucket_id = ?1 ORDER BY m.added_ms, m.node",
+    )?;
+    let rows = st.query_map([bucket_id], |r| {
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, Option<String>>(4)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (node, added_ms, by, removed_ms, addrs) = row?;
+        let Ok(node) = <[u8; 32]>::try_from(node) else { continue };
+        out.push(Member {
+            node: NodeId(node),
+            added_ms,
+            added_by: by.and_then(|b| <[u8; 32]>::try_from(b).ok()).map(NodeId),
+            removed_ms,
+            addrs: addrs.and_then(|a| serde_json::from_str(&a).ok()).unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// The buckets (uids) of which `node` is a member here, not removed: what it may sync, and
+/// whose blobs it may fetch.
+pub fn buckets_of(conn: &Connection, node: &NodeId) -> Result<Vec<(i64, Uid)>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT b.id, b.uid FROM mesh_member m JOIN bucket b ON b.id = m.bucket_id WHERE m.node = ?1 AND m.removed_ms IS NULL",
+    )?;
+    let rows = st.query_map([node.0], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, uid) = row?;
+        if let Some(uid) = Uid::from_bytes(&uid) {
+            out.push((id, uid));
+        }
+    }
+    Ok(out)
+}
+
+/// Every other node this one shares a bucket with (not removed), with its addresses.
+pub fn peers(conn: &Connection) -> Result<Vec<(NodeId, Vec<SocketAddr>)>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT DISTINCT m.node, a.addrs FROM mesh_member m LEFT JOIN mesh_addr a ON a.node = m.node
+         WHERE m.removed_ms IS NULL AND m.node != (SELECT self_node FROM clock WHERE id = 0)
+           AND m.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = (SELECT self_node FROM clock WHERE id = 0) AND removed_ms IS NULL)",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (node, addrs) = row?;
+        let Ok(node) = <[u8; 32]>::try_from(node) else { continue };
+        out.push((NodeId(node), addrs.and_then(|a| serde_json::from_str(&a).ok()).unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// Whether `peer` may fetch blob `hash`: some version in a bucket it is a member of names it.
+pub fn may_fetch(conn: &Connection, peer: &NodeId, hash: &crate::proto::entry::ContentHash) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM version v JOIN branch b ON b.id = v.branch_id
+             WHERE v.hash = ?1 AND b.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = ?2 AND removed_ms IS NULL) LIMIT 1",
+        )?
+        .query_row(params![hash.0.to_vec(), peer.0], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
