@@ -46,11 +46,14 @@ pub enum Command {
         /// Local destination file (stdout when absent).
         dest: Option<PathBuf>,
     },
-    /// List a directory (or show a file).
+    /// List a directory (or show a file); -R lists the whole subtree, one line per entry.
     Ls {
         /// Path in the tree.
         #[arg(default_value = "/")]
         path: String,
+        /// Everything below PATH: path, kind, size and hash per line.
+        #[arg(short = 'R', long)]
+        recursive: bool,
         /// Long format: kind, mode, size, mtime, version.
         #[arg(short, long)]
         long: bool,
@@ -136,6 +139,33 @@ pub enum Command {
     /// Run the node (the daemon) in the foreground.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Print a ticket (alone on stdout) that lets another node join this bucket.
+    Invite {
+        /// How long the ticket stays valid (e.g. 30m, 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        expires: i64,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// Join the bucket a ticket shares (through the running node); returns once the first
+    /// sync has started.
+    Join {
+        /// The ticket `alkfs invite` printed on the other node.
+        ticket: String,
+        /// The bucket's name here [default: its name on the inviting node].
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// List the members of the bucket, or remove one (everywhere).
+    Members {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Remove instead of list.
+        #[command(subcommand)]
+        action: Option<MembersCmd>,
+    },
     /// Show the running node: id, uptime, actors and restarts, store, blobs, last GC.
     Status {
         /// JSON output.
@@ -176,6 +206,16 @@ pub enum ConflictsCmd {
     },
 }
 
+/// Members subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MembersCmd {
+    /// Remove a member from the bucket on every node: it is refused on every protocol.
+    Remove {
+        /// Its node id (as `alkfs members` or its `alkfs status` shows it).
+        node: String,
+    },
+}
+
 /// Node subcommands.
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
@@ -187,6 +227,13 @@ pub enum NodeCmd {
         /// Override a setting, as section.key=value (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
+        /// Where the node listens for peers (overrides net.listen), e.g. 0.0.0.0:4919.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Relay for peers behind NAT: default (n0's), disabled (nothing leaves the listen
+        /// address: LANs, tests), or a relay URL (overrides net.relay).
+        #[arg(long, value_name = "default|disabled|URL")]
+        relay: Option<String>,
     },
 }
 
@@ -265,4 +312,8 @@ pub struct WatchArgs {
 
 fn parse_version(s: &str) -> Result<VersionRef, String> {
     VersionRef::parse(s)
+}
+
+fn parse_duration(s: &str) -> Result<i64, String> {
+    alknet_actors::proto::ticket::parse_duration_ms(s)
 }

@@ -9,7 +9,7 @@ use alknet_actors::proto::ids::VersionId;
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, ConflictsCmd, DebugCmd, NodeCmd};
+use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, ConflictsCmd, DebugCmd, MembersCmd, NodeCmd};
 use crate::control::client::Client;
 use crate::control::{Reply, Request};
 use crate::output;
@@ -37,6 +37,11 @@ fn file_path(raw: &str) -> Result<TreePath> {
 }
 
 /// Runs `cli`.
+/// A connection to the running node, for commands only a node can do (they use its network).
+fn node_client(dir: &Path, what: &str) -> Result<Client> {
+    Client::connect(dir).with_context(|| format!("`alkfs {what}` needs the running node (it uses the node's network): start it with `alkfs --data {} node run`", dir.display()))
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let dir = data_dir(&cli)?;
     let scope = Scope::new(&cli.bucket, &cli.branch);
@@ -67,10 +72,48 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             bar.finish();
         }
-        Command::Ls { path, long, json } => {
+        Command::Ls { path, recursive: true, json, .. } => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            let rows = engine.walk(&scope, &tree_path(&path)?)?;
+            output::walk(&mut out, &rows, json)?;
+        }
+        Command::Ls { path, long, json, .. } => {
             let engine = Engine::open(&dir, Access::Read)?;
             let rows = engine.list(&scope, &tree_path(&path)?)?;
             output::list(&mut out, &rows, long, json)?;
+        }
+        Command::Invite { expires, uses } => {
+            let client = node_client(&dir, "invite")?;
+            match client.call(&Request::Invite { bucket: scope.bucket.clone(), expires_ms: expires, uses })? {
+                Reply::Ticket { ticket } => writeln!(out, "{ticket}")?,
+                Reply::Error { message } => bail!(message),
+                other => bail!("unexpected reply to invite: {other:?}"),
+            }
+        }
+        Command::Join { ticket, as_name } => {
+            alknet_actors::proto::ticket::Ticket::decode(&ticket)?;
+            let client = node_client(&dir, "join")?;
+            match client.call(&Request::Join { ticket, name: as_name })? {
+                Reply::Joined { bucket, inviter } => {
+                    writeln!(out, "joined bucket {bucket} (invited by {}); syncing", &inviter[..alknet_actors::proto::ids::NODE_SHORT_HEX.min(inviter.len())])?
+                }
+                Reply::Error { message } => bail!(message),
+                other => bail!("unexpected reply to join: {other:?}"),
+            }
+        }
+        Command::Members { json, action: None } => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            let bucket = engine.bucket_identity(&scope.bucket)?;
+            let members = alknet_actors::engine::mesh::members(engine.tree().conn(), bucket.id)?;
+            output::members(&mut out, &members, &engine.tree().me(), json)?;
+        }
+        Command::Members { action: Some(MembersCmd::Remove { node }), .. } => {
+            let client = node_client(&dir, "members remove")?;
+            match client.call(&Request::MembersRemove { bucket: scope.bucket.clone(), node: node.clone() })? {
+                Reply::Done => writeln!(out, "removed {node} from bucket {}", scope.bucket)?,
+                Reply::Error { message } => bail!(message),
+                other => bail!("unexpected reply: {other:?}"),
+            }
         }
         Command::Rm { recursive, path } => {
             let n = Writer::open(&dir)?.remove(&scope, &file_path(&path)?, recursive)?;
@@ -134,11 +177,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 report.blobs_freed, report.bytes_freed, report.versions_pruned, report.events_pruned, report.blobs_live, report.took_ms
             )?;
         }
-        Command::Node(NodeCmd::Run { log_format, set }) => {
+        Command::Node(NodeCmd::Run { log_format, set, listen, relay }) => {
             drop(out);
             // A node on a fresh machine starts on its embedded defaults: make the store.
             if Engine::check_initialised(&dir).is_err() && Engine::init(&dir)? {
                 eprintln!("initialised an alknet-fs store at {}", dir.display());
+            }
+            let mut set = set;
+            if let Some(l) = listen {
+                set.push(format!("net.listen={l}"));
+            }
+            if let Some(r) = relay {
+                set.push(format!("net.relay={r}"));
             }
             let mut config = crate::config::Config::load(&dir, &set)?;
             if let Some(f) = log_format {

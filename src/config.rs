@@ -27,6 +27,28 @@ pub struct Config {
     pub gc: GcSection,
     /// Logging.
     pub log: LogSection,
+    /// The network: where the node listens for peers, and its relay.
+    pub net: NetSection,
+}
+
+/// `[net]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetSection {
+    /// The address peers connect to (UDP, QUIC).
+    pub listen: String,
+    /// `default` (n0's public relays, for peers behind NAT), `disabled` (nothing leaves the
+    /// listen address), or a relay URL.
+    pub relay: String,
+}
+
+/// The port a node listens on by default.
+pub const LISTEN_DEFAULT: &str = "0.0.0.0:4919";
+
+impl Default for NetSection {
+    fn default() -> Self {
+        NetSection { listen: LISTEN_DEFAULT.into(), relay: "default".into() }
+    }
 }
 
 /// `[node]`.
@@ -93,6 +115,7 @@ impl Default for Config {
                 outbox_keep_days: n.retention.outbox_keep_days,
             },
             log: LogSection { format: "text".into() },
+            net: NetSection::default(),
         }
     }
 }
@@ -167,7 +190,20 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\", not {:?}", self.log.format);
         }
+        self.net_config()?;
         Ok(())
+    }
+
+    /// Where the node listens and its relay, checked.
+    pub fn net_config(&self) -> Result<alknet_actors::node::mesh::NetConfig> {
+        let listen = self.net.listen.parse().with_context(|| format!("net.listen = {:?} is not an address like 0.0.0.0:4919", self.net.listen))?;
+        let relay = match self.net.relay.as_str() {
+            "disabled" => None,
+            "default" => Some(None),
+            url if url.starts_with("https://") || url.starts_with("http://") => Some(Some(url.to_string())),
+            other => bail!("net.relay = {other:?}: give default, disabled, or a relay URL (https://…)"),
+        };
+        Ok(alknet_actors::node::mesh::NetConfig { listen, relay })
     }
 
     /// The retention policy configured for collections.

@@ -15,7 +15,7 @@ use std::time::Instant;
 use alknet_actors::content::ContentStore;
 use alknet_actors::engine::{DirLock, Engine};
 use alknet_actors::index::BlobIndex;
-use alknet_actors::node::{self, NodeContext};
+use alknet_actors::node::{self, mesh, NodeContext};
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -29,14 +29,24 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
     let lock = Arc::new(DirLock::take(dir)?);
     let content = ContentStore::open(&dir.join("content"))?;
     Engine::clear_staging(&content)?;
-    let node_id = alknet_actors::identity::node_id(&alknet_actors::identity::load_or_create(dir)?).to_hex();
+    let key = alknet_actors::identity::load_or_create(dir)?;
+    let node_id = alknet_actors::identity::node_id(&key).to_hex();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("alkfs-node").build()?;
     rt.block_on(async move {
         // Before anything can see the node (its socket): a SIGTERM from then on stops it cleanly.
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let index = Arc::new(BlobIndex::open(dir).await?);
-        let ctx = NodeContext::new(dir, lock, content.clone(), index.clone(), config.node_config());
+        let mut ctx = NodeContext::new(dir, lock, content.clone(), index.clone(), config.node_config());
+        // The network: the node's key is its endpoint's identity; peers reach it on the sync
+        // protocol and on iroh-blobs (both gated by membership).
+        let net = mesh::bind(key.clone(), &config.net_config()?).await.map_err(anyhow::Error::msg)?;
+        let router = iroh::protocol::Router::builder(net.endpoint.clone())
+            .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone() })
+            .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, dir))
+            .spawn();
+        tracing::info!(listen = ?net.addrs(), "listening for peers");
+        ctx.net = Some(net);
         let node::Started { supervisor: sup, done: mut sup_done, handle } = node::start(ctx).await?;
         let socket = dir.join(SOCKET_FILE);
         // We hold the lock: any socket file here is a leftover of a node that died.
@@ -74,7 +84,9 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
             node::stop(&sup).await;
             let _ = sup_done.await;
         }
-        index.shutdown().await?;
+        // The router closes the endpoint (peers see a clean close) and the blob store.
+        let _ = router.shutdown().await;
+        let _ = index.shutdown().await;
         let _ = std::fs::remove_file(&socket);
         if escalated {
             eprintln!("alkfs: error: an actor kept failing and the node stopped; see the log above, then restart with `alkfs node run`");

@@ -128,11 +128,50 @@ pub fn conflicts(out: &mut impl Write, rows: &[ConflictRow], json: bool) -> Resu
         return Ok(());
     }
     for c in rows {
+        let how = match c.from_branch.strip_prefix('@') {
+            Some(node) => format!("written concurrently on node {node}"),
+            None => format!("merged from {}", c.from_branch),
+        };
         writeln!(
             out,
-            "{}\tmerged from {} at {}: kept v{}, lost v{} (alkfs restore {} --version {})",
-            c.path, c.from_branch, time(c.at_ms), shown(c.winner), shown(c.loser), c.path, shown(c.loser)
+            "{}\t{how} at {}: kept v{}, lost v{} (alkfs restore {} --version {})",
+            c.path, time(c.at_ms), shown(c.winner), shown(c.loser), c.path, shown(c.loser)
         )?;
+    }
+    Ok(())
+}
+
+/// `ls -R`: one line per entry (path, kind, size, hash), parents before children.
+pub fn walk(out: &mut impl Write, rows: &[VersionRow], json: bool) -> Result<()> {
+    if json {
+        let items: Vec<_> = rows.iter().map(|r| row_json(r.path.name(), r)).collect();
+        writeln!(out, "{}", serde_json::Value::Array(items))?;
+        return Ok(());
+    }
+    for row in rows {
+        let e = row.entry().expect("walks list live entries");
+        writeln!(out, "{}\t{}\t{}\t{}", row.path, kind_name(row), e.size, e.hash.to_hex())?;
+    }
+    Ok(())
+}
+
+/// `members`.
+pub fn members(out: &mut impl Write, members: &[alknet_actors::engine::mesh::Member], me: &alknet_actors::proto::ids::NodeId, json: bool) -> Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(members)?)?;
+        return Ok(());
+    }
+    if members.is_empty() {
+        writeln!(out, "this bucket is not shared: `alkfs invite` makes a ticket for another node")?;
+    }
+    for m in members {
+        let state = match m.removed_ms {
+            Some(at) => format!("removed {}", time(at)),
+            None => format!("member since {}", time(m.added_ms)),
+        };
+        let this = if m.node == *me { " (this node)" } else { "" };
+        let addrs: Vec<String> = m.addrs.iter().map(|a| a.to_string()).collect();
+        writeln!(out, "{}  {state}  {}{this}", m.node, addrs.join(","))?;
     }
     Ok(())
 }
@@ -160,6 +199,19 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
     for a in &s.actors {
         let failure = a.last_failure.as_deref().map(|f| format!("  last failure: {f}")).unwrap_or_default();
         writeln!(out, "  {:<16} {:<10} restarts {}{failure}", a.name, a.state, a.restarts)?;
+    }
+    if let Some(m) = &s.mesh {
+        writeln!(out, "listening:  {}", m.listen.join(", "))?;
+        writeln!(out, "fetches:    {} pending, {} failed (retrying), {} fetched", m.pending_fetches, m.failed_fetches, m.fetched)?;
+        writeln!(out, "peers:")?;
+        for p in &m.peers {
+            let state = if p.connected { format!("connected ({}, rtt {} ms)", p.path, p.rtt_ms.unwrap_or(0)) } else { format!("not connected ({} failed dials)", p.failures) };
+            let last = p.last_sync_ms.map(time).unwrap_or_else(|| "never".into());
+            writeln!(out, "  {}  {state}  last sync {last}  lag {} docs  {}", &p.id[..10], p.lag_docs, p.addrs.join(","))?;
+        }
+    }
+    for b in &s.members {
+        writeln!(out, "bucket {}: {} members", b.bucket, b.members.iter().filter(|m| m.removed_ms.is_none()).count())?;
     }
     Ok(())
 }

@@ -59,10 +59,14 @@ fn sync(a: &mut Node, b: &mut Node, uid: &Uid) -> usize {
     messages
 }
 
+fn adoption(name: String, bucket: Uid, root: alknet_actors::proto::replica::BranchRecord, inviter: NodeId) -> mesh::Adoption {
+    mesh::Adoption { name, bucket, root, inviter, inviter_addrs: vec![], my_addrs: vec![] }
+}
+
 fn join(inviter: &mut Node, joiner: &mut Node) -> Uid {
     let (uid, secret) = inviter.mesh.invite(&mut inviter.engine, "default", 3_600_000, 1, &[]).unwrap();
     let (name, root) = inviter.mesh.admit(&mut inviter.engine, &uid, &secret, &joiner.me(), &[]).unwrap().unwrap();
-    joiner.mesh.adopt(&mut joiner.engine, &name, &uid, &root, &inviter.me(), &[], &[]).unwrap();
+    joiner.mesh.adopt(&mut joiner.engine, &adoption(name, uid, root, inviter.me())).unwrap();
     // A used-up ticket is refused.
     let again = inviter.mesh.admit(&mut inviter.engine, &uid, &secret, &NodeId([9; 32]), &[]).unwrap();
     assert!(again.is_err());
@@ -108,7 +112,7 @@ fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     let (uid2, secret) = a.mesh.invite(&mut a.engine, "default", 3_600_000, 1, &[]).unwrap();
     assert_eq!(uid, uid2);
     let (name, root) = a.mesh.admit(&mut a.engine, &uid, &secret, &c.me(), &[]).unwrap().unwrap();
-    c.mesh.adopt(&mut c.engine, &name, &uid, &root, &a.me(), &[], &[]).unwrap();
+    c.mesh.adopt(&mut c.engine, &adoption(name, uid, root, a.me())).unwrap();
     put(&mut a.engine, &main_scope(), "/x", b"x");
     sync(&mut a, &mut b, &uid);
     // A restarts: its documents are read back from tree.db, and are still in step with B's.

@@ -70,6 +70,12 @@ pub enum Request {
     ConflictsDismiss { scope: WireScope, path: Option<String> },
     /// The node's status.
     Status,
+    /// Make a ticket for a bucket.
+    Invite { bucket: String, expires_ms: i64, uses: u32 },
+    /// Join with a ticket (under `name` locally, or the inviter's name).
+    Join { ticket: String, name: Option<String> },
+    /// Remove a member of a bucket everywhere.
+    MembersRemove { bucket: String, node: String },
     /// Tests only, when the node was started with fault injection on: panic an actor.
     InjectPanic { actor: String },
 }
@@ -94,6 +100,10 @@ pub enum Reply {
     Gc { report: GcReport },
     /// The node's status.
     Status { status: Box<Status> },
+    /// A ticket.
+    Ticket { ticket: String },
+    /// A join went through.
+    Joined { bucket: String, inviter: String },
     /// The request failed; the message is for the user.
     Error { message: String },
 }
@@ -125,6 +135,21 @@ pub struct Status {
     pub last_gc: Option<(i64, GcReport)>,
     /// The outbox's consumers: cursor, last seen, expired or not.
     pub consumers: Vec<alknet_actors::store::outbox::Consumer>,
+    /// The mesh: where the node listens, its peers, fetches.
+    #[serde(default)]
+    pub mesh: Option<alknet_actors::node::mesh::MeshStatus>,
+    /// Each shared bucket's members.
+    #[serde(default)]
+    pub members: Vec<BucketMembers>,
+}
+
+/// The members of one bucket, for `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BucketMembers {
+    /// The bucket's name here.
+    pub bucket: String,
+    /// Its members.
+    pub members: Vec<alknet_actors::engine::mesh::Member>,
 }
 
 /// Writes one frame.

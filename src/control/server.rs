@@ -309,6 +309,16 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             }
         }
         Request::Status => Reply::Status { status: Box::new(status(ctx).await?) },
+        Request::Invite { bucket, expires_ms, uses } => Reply::Ticket { ticket: ctx.node.invite(bucket, expires_ms, uses).await? },
+        Request::Join { ticket, name } => {
+            let joined = ctx.node.join(ticket, name).await?;
+            Reply::Joined { bucket: joined.bucket, inviter: joined.inviter }
+        }
+        Request::MembersRemove { bucket, node } => {
+            let node = alknet_actors::proto::ids::NodeId::from_hex(&node).ok_or_else(|| anyhow!("{node:?} is not a node id: give all 64 hex digits, as `alkfs members` prints them"))?;
+            ctx.node.remove_member(bucket, node).await?;
+            Reply::Done
+        }
         Request::InjectPanic { actor } => {
             if !ctx.fault_injection {
                 bail!("fault injection is off (start the node with ALKFS_FAULT_INJECTION=1, for tests only)");
@@ -376,11 +386,17 @@ async fn commit_bytes(ctx: &ServerCtx, scope: Scope, dest: TreePath, bytes: &[u8
 async fn status(ctx: &ServerCtx) -> Result<Status> {
     let dir = ctx.dir.clone();
     let active_since_ms = engine::now_ms() - i64::from(ctx.retention.outbox_keep_days) * 86_400_000;
-    let (store_bytes, blob_count, consumers) = blocking(move || {
+    let (store_bytes, blob_count, consumers, members) = blocking(move || {
         let tree = alknet_actors::store::TreeStore::open(&dir.join(alknet_actors::store::TREE_DB_FILE), false)?;
         let blobs: i64 = tree.conn().query_row("SELECT count(*) FROM blob", [], |r| r.get(0))?;
         let consumers = alknet_actors::store::outbox::consumers(tree.conn(), active_since_ms)?;
-        Ok((disk_usage(&dir), blobs as u64, consumers))
+        let mut members = Vec::new();
+        for id in alknet_actors::engine::mesh::shared_bucket_ids(tree.conn())? {
+            let bucket: String = tree.conn().query_row("SELECT name FROM bucket WHERE id = ?1", [id], |r| r.get(0))?;
+            members.push(super::BucketMembers { bucket, members: alknet_actors::engine::mesh::members(tree.conn(), id)? });
+        }
+        members.sort_by(|a, b| a.bucket.cmp(&b.bucket));
+        Ok((disk_usage(&dir), blobs as u64, consumers, members))
     })
     .await?;
     let (outbox_cursor, outbox_head) = ctx.node.outbox_stats().await?;
@@ -397,6 +413,8 @@ async fn status(ctx: &ServerCtx) -> Result<Status> {
         outbox_head,
         last_gc: ctx.node.last_gc().await?,
         consumers,
+        mesh: ctx.node.mesh_status().await.ok(),
+        members,
     })
 }
 

@@ -165,6 +165,8 @@ impl Store {
 pub fn cmd_in(data: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.arg("--data").arg(data).args(args);
+    // Nodes the tests start stay on loopback: a free port, no relay, no discovery.
+    c.env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled");
     for var in ["RUST_LOG", "XDG_DATA_HOME"] {
         c.env_remove(var);
     }

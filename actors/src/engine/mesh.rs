@@ -351,8 +351,9 @@ impl Mesh {
     /// The joiner's side, once admitted: makes local bucket `name` the shared one (a new
     /// bucket, or an empty one taken over), records the inviter as a member with its
     /// addresses, and shares it from this side.
-    pub fn adopt(&mut self, engine: &mut Engine, name: &str, uid: &Uid, root: &BranchRecord, inviter: &NodeId, inviter_addrs: &[SocketAddr], my_addrs: &[SocketAddr]) -> Result<BucketIdentity> {
-        let bucket = engine.adopt_bucket(name, uid, root)?;
+    pub fn adopt(&mut self, engine: &mut Engine, a: &Adoption) -> Result<BucketIdentity> {
+        let (inviter, inviter_addrs, my_addrs) = (&a.inviter, &a.inviter_addrs, &a.my_addrs);
+        let bucket = engine.adopt_bucket(&a.name, &a.bucket, &a.root)?;
         let now = engine.now_ms();
         engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
             let conn = tx.conn();
@@ -403,13 +404,15 @@ impl Mesh {
     }
 
     fn state(&mut self, conn: &Connection, peer: &NodeId, bucket_id: i64, doc: u16) -> Result<&mut PeerState, StoreError> {
-        if !self.states.contains_key(&(*peer, bucket_id, doc)) {
-            let saved: Option<Vec<u8>> = conn
-                .query_row("SELECT state FROM mesh_sync WHERE peer = ?1 AND bucket_id = ?2 AND doc = ?3", params![peer.0, bucket_id, doc], |r| r.get(0))
-                .optional()?;
-            self.states.insert((*peer, bucket_id, doc), saved.map(|s| decode_state(&s)).unwrap_or_default());
+        match self.states.entry((*peer, bucket_id, doc)) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let saved: Option<Vec<u8>> = conn
+                    .query_row("SELECT state FROM mesh_sync WHERE peer = ?1 AND bucket_id = ?2 AND doc = ?3", params![peer.0, bucket_id, doc], |r| r.get(0))
+                    .optional()?;
+                Ok(e.insert(saved.map(|s| decode_state(&s)).unwrap_or_default()))
+            }
         }
-        Ok(self.states.get_mut(&(*peer, bucket_id, doc)).expect("just inserted"))
     }
 
     /// The next sync message for `peer` on document `doc` of bucket `uid`, if any.
@@ -678,4 +681,171 @@ pub fn may_fetch(conn: &Connection, peer: &NodeId, hash: &crate::proto::entry::C
         .query_row(params![hash.0.to_vec(), peer.0], |_| Ok(()))
         .optional()?
         .is_some())
+}
+
+/// A request to the store's half of the mesh, run by the node's writer (the one owner of the
+/// documents and of the database's write side).
+#[derive(Debug)]
+pub enum MeshOp {
+    /// Publish committed local changes.
+    Publish,
+    /// Record where this node listens, in every shared bucket.
+    AnnounceAddrs(Vec<SocketAddr>),
+    /// Make an invitation to a bucket.
+    Invite {
+        /// The bucket.
+        bucket: String,
+        /// Valid for this long.
+        expires_ms: i64,
+        /// This many joins.
+        uses: u32,
+        /// Where this node listens.
+        addrs: Vec<SocketAddr>,
+    },
+    /// Admit a joiner.
+    Admit {
+        /// The bucket.
+        bucket: Uid,
+        /// The ticket's secret.
+        secret: [u8; SECRET_BYTES],
+        /// The joiner.
+        joiner: NodeId,
+        /// Where it listens.
+        addrs: Vec<SocketAddr>,
+    },
+    /// Adopt a bucket this node was admitted to.
+    Adopt(Box<Adoption>),
+    /// Remove a member.
+    Remove {
+        /// The bucket.
+        bucket: String,
+        /// The member.
+        node: NodeId,
+    },
+    /// Digests of a bucket's documents.
+    Summary(Uid),
+    /// The next sync message for a peer.
+    Generate {
+        /// The peer.
+        peer: NodeId,
+        /// The bucket.
+        bucket: Uid,
+        /// The document.
+        doc: u16,
+    },
+    /// A sync message from a peer.
+    Receive {
+        /// The peer.
+        peer: NodeId,
+        /// The bucket.
+        bucket: Uid,
+        /// The document.
+        doc: u16,
+        /// The message.
+        msg: Vec<u8>,
+    },
+    /// A session with a peer ended.
+    EndSession(NodeId),
+    /// Buckets `peer` is a member of here, among `asked`.
+    Accept {
+        /// The peer.
+        peer: NodeId,
+        /// What it asked for (empty: every bucket it is a member of).
+        asked: Vec<Uid>,
+    },
+    /// The other members of shared buckets, with their addresses.
+    Peers,
+    /// The bytes of a blob arrived (inline ones carry them; larger ones are in place).
+    BlobArrived {
+        /// The blob.
+        hash: crate::proto::entry::ContentHash,
+        /// Its bytes, for the inline tier.
+        inline: Option<Vec<u8>>,
+    },
+}
+
+/// What a joiner adopts.
+#[derive(Debug)]
+pub struct Adoption {
+    /// The local name.
+    pub name: String,
+    /// The bucket.
+    pub bucket: Uid,
+    /// Its root branch.
+    pub root: BranchRecord,
+    /// The inviter.
+    pub inviter: NodeId,
+    /// Where it listens.
+    pub inviter_addrs: Vec<SocketAddr>,
+    /// Where this node listens.
+    pub my_addrs: Vec<SocketAddr>,
+}
+
+/// The answer to a [`MeshOp`].
+#[derive(Debug)]
+pub enum MeshReply {
+    /// Documents changed.
+    Changed(Vec<(Uid, u16)>),
+    /// An invitation.
+    Invited(Uid, [u8; SECRET_BYTES]),
+    /// An admission, or why not.
+    Admitted(std::result::Result<(String, BranchRecord), JoinRefusal>),
+    /// The adopted bucket.
+    Adopted(BucketIdentity),
+    /// A removal from bucket (uid).
+    Removed(Uid),
+    /// Digests.
+    Summary(Vec<u64>),
+    /// A sync message, if any.
+    Message(Option<Vec<u8>>),
+    /// What a received message did.
+    Received(Box<Received>),
+    /// Buckets.
+    Buckets(Vec<Uid>),
+    /// Peers.
+    Peers(Vec<(NodeId, Vec<SocketAddr>)>),
+    /// Done.
+    Done,
+}
+
+impl Mesh {
+    /// Runs one request.
+    pub fn run(&mut self, engine: &mut Engine, op: MeshOp) -> Result<MeshReply> {
+        Ok(match op {
+            MeshOp::Publish => MeshReply::Changed(self.publish(engine)?.changed),
+            MeshOp::AnnounceAddrs(addrs) => MeshReply::Changed(self.announce_addrs(engine, &addrs)?),
+            MeshOp::Invite { bucket, expires_ms, uses, addrs } => {
+                let (uid, secret) = self.invite(engine, &bucket, expires_ms, uses, &addrs)?;
+                MeshReply::Invited(uid, secret)
+            }
+            MeshOp::Admit { bucket, secret, joiner, addrs } => MeshReply::Admitted(self.admit(engine, &bucket, &secret, &joiner, &addrs)?),
+            MeshOp::Adopt(a) => MeshReply::Adopted(self.adopt(engine, &a)?),
+            MeshOp::Remove { bucket, node } => MeshReply::Removed(self.remove_member(engine, &bucket, &node)?),
+            MeshOp::Summary(uid) => MeshReply::Summary(self.summary(engine, &uid)?),
+            MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?),
+            MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive(engine, &peer, &bucket, doc, &msg)?)),
+            MeshOp::EndSession(peer) => {
+                self.end_session(engine, &peer)?;
+                MeshReply::Done
+            }
+            MeshOp::Accept { peer, asked } => {
+                let theirs = buckets_of(engine.tree().conn(), &peer)?;
+                let mine = shared_bucket_ids(engine.tree().conn())?;
+                let ok = theirs.into_iter().filter(|(id, uid)| mine.contains(id) && (asked.is_empty() || asked.contains(uid))).map(|(_, u)| u).collect();
+                MeshReply::Buckets(ok)
+            }
+            MeshOp::Peers => MeshReply::Peers(peers(engine.tree().conn())?),
+            MeshOp::BlobArrived { hash, inline } => {
+                let now = engine.now_ms();
+                engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+                    tx.conn().execute(
+                        "UPDATE blob SET present = 1, indexed = 1, data = COALESCE(?2, data) WHERE hash = ?1",
+                        params![hash.0.to_vec(), inline],
+                    )?;
+                    Ok(())
+                })?;
+                MeshReply::Done
+            }
+        })
+    }
 }

@@ -3,10 +3,11 @@
 //! ```text
 //! supervisor ─┬─ store   the SQLite writer (a thread that batches commits)
 //!             ├─ outbox  reads committed events, fans them out
-//!             ├─ blobs   the queue of blobs to index (to fetch, with the mesh)
-//!             └─ gc      schedule and record of collections
+//!             ├─ blobs   the queue of blobs to index
+//!             ├─ gc      schedule and record of collections
+//!             └─ mesh    the iroh endpoint, invitations, blob fetches
+//!                  └─ session (one per connected peer)
 //! ```
-//! Sync sessions (one per peer) join this tree with the mesh.
 //!
 //! Children are registered by name and looked up per call by [`NodeHandle`], so a caller
 //! never keeps a reference to a child that has since been restarted. Registered names are
@@ -15,6 +16,7 @@
 
 pub mod blobs;
 pub mod gc;
+pub mod mesh;
 pub mod outbox;
 pub mod store;
 pub mod supervisor;
@@ -40,6 +42,8 @@ pub const OUTBOX_ACTOR: &str = "alkfs-outbox";
 pub const BLOB_ACTOR: &str = "alkfs-blobs";
 /// The GC actor's name.
 pub const GC_ACTOR: &str = "alkfs-gc";
+/// The mesh actor's name.
+pub const MESH_ACTOR: &str = "alkfs-mesh";
 
 /// The registered names of one node instance's actors: `alkfs-store#3` for the store of the
 /// third node this process started. Children find each other through these.
@@ -102,6 +106,8 @@ pub const RESTART_WAIT: Duration = Duration::from_secs(15);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a status query may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an invitation, a join or a removal may take (a join dials the inviter).
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The supervised children.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -114,11 +120,13 @@ pub enum Child {
     Blobs,
     /// The GC actor.
     Gc,
+    /// The mesh actor (idle when the node runs without a network endpoint).
+    Mesh,
 }
 
 impl Child {
     /// In start order: the store first.
-    pub const ALL: [Child; 4] = [Child::Store, Child::Outbox, Child::Blobs, Child::Gc];
+    pub const ALL: [Child; 5] = [Child::Store, Child::Outbox, Child::Blobs, Child::Gc, Child::Mesh];
 
     /// The registered name.
     pub fn name(self) -> &'static str {
@@ -127,6 +135,7 @@ impl Child {
             Child::Outbox => OUTBOX_ACTOR,
             Child::Blobs => BLOB_ACTOR,
             Child::Gc => GC_ACTOR,
+            Child::Mesh => MESH_ACTOR,
         }
     }
 
@@ -195,6 +204,8 @@ pub struct NodeContext {
     pub faults: Arc<Faults>,
     /// The store's writer thread, across the store actor's restarts.
     pub store_writer: store::WriterThread,
+    /// The network endpoint, when the node takes part in a mesh.
+    pub net: Option<mesh::Net>,
 }
 
 impl NodeContext {
@@ -211,6 +222,7 @@ impl NodeContext {
             clock: crate::engine::system_clock(),
             faults: Default::default(),
             store_writer: Default::default(),
+            net: None,
         }
     }
 }
@@ -332,6 +344,32 @@ impl NodeHandle {
         self.call(Child::Outbox, outbox::OutboxMsg::Stats, QUERY_TIMEOUT).await
     }
 
+    /// A ticket to bucket `bucket`, valid `expires_ms`, for `uses` joins.
+    pub async fn invite(&self, bucket: String, expires_ms: i64, uses: u32) -> Result<String, NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Invite { bucket: bucket.clone(), expires_ms, uses, reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
+    }
+
+    /// Joins the bucket `ticket` shares, under `name` (or the inviter's name).
+    pub async fn join(&self, ticket: String, name: Option<String>) -> Result<mesh::Joined, NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Join { ticket: ticket.clone(), name: name.clone(), reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
+    }
+
+    /// Removes `node` from bucket `bucket` everywhere.
+    pub async fn remove_member(&self, bucket: String, node: crate::proto::ids::NodeId) -> Result<(), NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Remove { bucket: bucket.clone(), node, reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
+    }
+
+    /// The mesh's status (peers, fetches).
+    pub async fn mesh_status(&self) -> Result<mesh::MeshStatus, NodeError> {
+        self.call(Child::Mesh, mesh::MeshMsg::Status, QUERY_TIMEOUT).await
+    }
+
     /// Each child's health.
     pub async fn health(&self) -> Result<Vec<supervisor::ChildHealth>, NodeError> {
         let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(self.names.supervisor()).ok_or(NodeError::Unavailable("supervisor"))?;
@@ -349,6 +387,7 @@ impl NodeHandle {
             Child::Outbox => n.find::<outbox::OutboxMsg>(child).map(|a| a.cast(outbox::OutboxMsg::Panic).is_ok()),
             Child::Blobs => n.find::<blobs::BlobMsg>(child).map(|a| a.cast(blobs::BlobMsg::Panic).is_ok()),
             Child::Gc => n.find::<gc::GcMsg>(child).map(|a| a.cast(gc::GcMsg::Panic).is_ok()),
+            Child::Mesh => None,
         };
         match sent {
             Some(true) => Ok(()),

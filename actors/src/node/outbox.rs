@@ -99,6 +99,9 @@ impl Actor for OutboxActor {
                             let _ = blobs.cast(BlobMsg::Scan);
                         }
                     }
+                    if let Some(mesh) = state.names.find::<super::mesh::MeshMsg>(Child::Mesh) {
+                        let _ = mesh.cast(super::mesh::MeshMsg::Wake);
+                    }
                     state.handed_on += batch.len() as u64;
                     outbox::save_cursor(conn, CONSUMER, last, crate::engine::now_ms())?;
                     cursor = last;

@@ -57,6 +57,8 @@ pub enum WriteOp {
     Gc { policy: Retention },
     /// Record blobs as held by the iroh-blobs index.
     MarkIndexed { hashes: Vec<crate::proto::entry::ContentHash> },
+    /// The store's half of the mesh (documents, membership).
+    Mesh(crate::engine::mesh::MeshOp),
 }
 
 /// What a write produced.
@@ -74,6 +76,8 @@ pub enum WriteOutcome {
     Merge(MergeReport),
     /// A collection's report.
     Gc(GcReport),
+    /// The mesh's answer.
+    Mesh(crate::engine::mesh::MeshReply),
     /// Nothing to report.
     Done,
 }
@@ -263,6 +267,8 @@ impl Drop for DeathNotice {
 /// is gone (`alive` false) it finishes the job in hand, refuses the rest untouched and ends.
 fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
     let _notice = DeathNotice(ctx.actor.clone(), ctx.alive.clone());
+    // The mesh's documents live with the one writer of the database they are saved in.
+    let mut mesh = crate::engine::mesh::Mesh::new(&engine);
     let alive = || ctx.alive.load(std::sync::atomic::Ordering::SeqCst);
     let committed = || {
         ctx.last_commit.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -284,6 +290,16 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
                 j.refuse();
             }
             return;
+        }
+        if let WriteOp::Mesh(op) = job.op {
+            use crate::engine::mesh::MeshOp;
+            let quiet = !matches!(op, MeshOp::Receive { .. } | MeshOp::Adopt(_));
+            let result = mesh.run(&mut engine, op).map(WriteOutcome::Mesh).map_err(|e| e.to_string());
+            job.reply.answer(result);
+            if !quiet {
+                committed();
+            }
+            continue;
         }
         if !matches!(job.op, WriteOp::Commit { .. }) {
             let quiet = matches!(job.op, WriteOp::MarkIndexed { .. } | WriteOp::Gc { .. });
@@ -373,6 +389,7 @@ fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
         WriteOp::DismissConflicts { scope, path } => engine.dismiss_conflicts(&scope, path.as_ref()).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Gc { policy } => engine.gc(policy).map(WriteOutcome::Gc),
         WriteOp::MarkIndexed { hashes } => engine.mark_indexed(&hashes).map(|_| WriteOutcome::Done),
+        WriteOp::Mesh(_) => unreachable!("mesh requests are run by the writer with its documents"),
     };
     result.map_err(|e| e.to_string())
 }

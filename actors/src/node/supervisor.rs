@@ -74,6 +74,7 @@ async fn spawn_child(child: Child, ctx: &NodeContext, sup: ActorCell) -> Result<
         Child::Outbox => Actor::spawn_linked(name, OutboxActor, ctx.clone(), sup).await?.0.get_cell(),
         Child::Blobs => Actor::spawn_linked(name, BlobActor, ctx.clone(), sup).await?.0.get_cell(),
         Child::Gc => Actor::spawn_linked(name, GcActor, ctx.clone(), sup).await?.0.get_cell(),
+        Child::Mesh => Actor::spawn_linked(name, super::mesh::MeshActor, ctx.clone(), sup).await?.0.get_cell(),
     };
     Ok(cell)
 }

@@ -1,0 +1,1151 @@
+//! The mesh actor: the node's iroh endpoint, one supervised session actor per connected
+//! peer, invitations and joins, and fetching the bytes of replicated versions.
+//!
+//! ```text
+//! mesh ─┬─ session(peer 1)   one QUIC connection, one stream of sync frames
+//!       ├─ session(peer 2)   (a stalled peer stalls only its own session)
+//!       └─ fetch tasks        bounded batches of blobs from the peers that have them
+//! ```
+//!
+//! The rules (which documents to sync, what a frame may hold, who is a member, when to dial
+//! again) are `proto`'s; the documents and membership are the store's (`engine::mesh`, run
+//! by the store's writer); this module only moves bytes and keeps sessions alive.
+//!
+//! - **Sessions.** Every node dials the members it has no session with (backoff 1 s → 15 s);
+//!   if two sessions with one peer open at once, both keep the one the smaller node id dialed.
+//!   A session first exchanges a summary (a digest per document) per bucket, then runs
+//!   automerge's sync protocol on the documents that differ. New local changes are pushed to
+//!   every session at once; a summary every [`ANTI_ENTROPY`] covers anything lost.
+//! - **Membership.** A peer is admitted to a session only for buckets it is a member of
+//!   (read from the store for each session), and refused before any data moves otherwise.
+//!   Sessions re-check every second and drop buckets whose membership ended: a removed member
+//!   is cut off within a second of the removal reaching this node.
+//! - **Blobs.** iroh-blobs serves only members, and only hashes a bucket they belong to names
+//!   (a gate on every connection and request). Missing blobs are fetched in batches of up to
+//!   [`FETCH_BATCH_MAX`] hashes with one `GetMany` request each, at most [`FETCHES_MAX`] at a
+//!   time, each bounded by a timeout; what fails is retried from another peer that has it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iroh::address_lookup::MemoryLookup;
+use iroh::endpoint::{presets, Connection, NetReportConfig, PortmapperConfig, RecvStream, SendStream, VarInt};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use iroh::{Endpoint, EndpointAddr, RelayMode};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use super::store::{WriteOp, WriteOutcome};
+use super::{Child, Names, NodeContext, NodeHandle};
+use crate::engine::mesh::{Adoption, MeshOp, MeshReply, Received};
+use crate::proto::entry::ContentHash;
+use crate::proto::ids::{NodeId, Uid};
+use crate::proto::replica::BranchRecord;
+use crate::proto::sync::{differing, redial_after_ms, Frame, SyncError, SYNC_ALPN};
+use crate::proto::ticket::Ticket;
+
+/// How often a session sends its summaries again, covering lost announcements.
+pub const ANTI_ENTROPY: Duration = Duration::from_secs(10);
+/// How long a dial, a handshake or one frame's write may take.
+pub const NET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most hashes in one fetch request.
+pub const FETCH_BATCH_MAX: usize = 512;
+/// Most fetch requests in flight.
+pub const FETCHES_MAX: usize = 4;
+/// How long one fetch request may take before it is abandoned (and retried).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait between dials of a peer that is down.
+pub const REDIAL_MAX: Duration = Duration::from_secs(15);
+
+/// Where the node listens and which relay it uses.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The socket address to bind.
+    pub listen: SocketAddr,
+    /// `None`: no relay, nothing leaves the listed addresses (tests, LANs); `Some(None)`: the
+    /// default relays; `Some(Some(url))`: that relay.
+    pub relay: Option<Option<String>>,
+}
+
+/// The node's network: its endpoint and the address book dials go through.
+#[derive(Clone, Debug)]
+pub struct Net {
+    /// The iroh endpoint.
+    pub endpoint: Endpoint,
+    /// Addresses of peers, from tickets and from the buckets' documents.
+    pub lookup: MemoryLookup,
+}
+
+/// Binds the node's endpoint. With relays off it touches nothing but the listen address: no
+/// DNS, no relay, no UPnP, no probes (DESIGN.md, "Staying local in tests").
+pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> {
+    let lookup = MemoryLookup::new();
+    let mode = match &cfg.relay {
+        None => RelayMode::Disabled,
+        Some(None) => RelayMode::Default,
+        Some(Some(url)) => RelayMode::custom([url.parse::<iroh::RelayUrl>().map_err(|e| format!("relay URL {url}: {e}"))?]),
+    };
+    let mut b = Endpoint::builder(presets::Minimal)
+        .secret_key(key)
+        .relay_mode(mode)
+        .clear_ip_transports()
+        .bind_addr(cfg.listen)
+        .map_err(|e| format!("listen address {}: {e}", cfg.listen))?
+        .address_lookup(lookup.clone());
+    if cfg.relay.is_none() {
+        b = b.portmapper_config(PortmapperConfig::Disabled).net_report_config(NetReportConfig::minimal());
+    }
+    let endpoint = b.bind().await.map_err(|e| format!("cannot listen on {}: {e} (is another node using the port?)", cfg.listen))?;
+    Ok(Net { endpoint, lookup })
+}
+
+impl Net {
+    /// Where this node listens, for tickets and peers.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.endpoint.addr().ip_addrs().copied().collect();
+        if out.is_empty() {
+            out = self.endpoint.bound_sockets();
+        }
+        out
+    }
+
+    fn learn(&self, node: &NodeId, addrs: &[SocketAddr]) {
+        if addrs.is_empty() {
+            return;
+        }
+        if let Ok(id) = iroh::EndpointId::from_bytes(&node.0) {
+            let mut addr = EndpointAddr::new(id);
+            for a in addrs {
+                addr = addr.with_ip_addr(*a);
+            }
+            self.lookup.add_endpoint_info(addr);
+        }
+    }
+}
+
+fn endpoint_id(node: &NodeId) -> Option<iroh::EndpointId> {
+    iroh::EndpointId::from_bytes(&node.0).ok()
+}
+
+fn node_of(id: iroh::EndpointId) -> NodeId {
+    NodeId(*id.as_bytes())
+}
+
+async fn mesh(handle: &NodeHandle, op: MeshOp) -> Result<MeshReply, String> {
+    match handle.write(WriteOp::Mesh(op)).await {
+        Ok(WriteOutcome::Mesh(r)) => Ok(r),
+        Ok(_) => Err("unexpected answer from the store".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn read_frame(recv: &mut RecvStream) -> Result<Frame, String> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await.map_err(|e| format!("read: {e}"))?;
+    let len = Frame::body_len(header).map_err(|e: SyncError| e.to_string())?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| format!("read: {e}"))?;
+    Frame::decode(&body).map_err(|e| e.to_string())
+}
+
+async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), String> {
+    match tokio::time::timeout(NET_TIMEOUT * 3, send.write_all(&frame.encode())).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write: {e}")),
+        Err(_) => Err("the peer took no data for 30 s".into()),
+    }
+}
+
+/// Refuses a connection with a reason the other side can show, and lets the frame arrive.
+async fn refuse(conn: &Connection, send: &mut SendStream, reason: &str) {
+    let _ = write_frame(send, &Frame::Refused { reason: reason.to_string() }).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(VarInt::from_u32(403), b"refused");
+}
+
+// ---------------------------------------------------------------------------------------
+// Incoming connections on the sync ALPN.
+
+/// The handler of `/alknet-fs/sync/1`: checks who connects before anything else.
+#[derive(Debug, Clone)]
+pub struct SyncHandler {
+    /// The node's actor names (the mesh actor is looked up per connection).
+    pub names: Names,
+}
+
+impl ProtocolHandler for SyncHandler {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let peer = node_of(conn.remote_id());
+        let handle = NodeHandle::new(self.names.clone());
+        let (mut send, mut recv) = match tokio::time::timeout(NET_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            _ => return Ok(()),
+        };
+        let first = match tokio::time::timeout(NET_TIMEOUT, read_frame(&mut recv)).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %peer.short(), error = %e, "dropped a peer that sent a bad first frame");
+                conn.close(VarInt::from_u32(400), b"bad frame");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(peer = %peer.short(), "dropped a peer that sent nothing");
+                conn.close(VarInt::from_u32(408), b"timeout");
+                return Ok(());
+            }
+        };
+        let (asked, addrs) = match first {
+            Frame::Join { bucket, secret, addrs } => {
+                match mesh(&handle, MeshOp::Admit { bucket, secret, joiner: peer, addrs: addrs.clone() }).await {
+                    Ok(MeshReply::Admitted(Ok((name, root)))) => {
+                        tracing::info!(peer = %peer.short(), bucket = %name, "a new member joined with a ticket");
+                        if write_frame(&mut send, &Frame::Joined { bucket, name, root: root.encode() }).await.is_err() {
+                            return Ok(());
+                        }
+                        // It continues as a member: its Hello follows.
+                        match tokio::time::timeout(NET_TIMEOUT, read_frame(&mut recv)).await {
+                            Ok(Ok(Frame::Hello { buckets, addrs })) => (buckets, addrs),
+                            _ => return Ok(()),
+                        }
+                    }
+                    Ok(MeshReply::Admitted(Err(why))) => {
+                        tracing::warn!(peer = %peer.short(), reason = %why, "refused a join");
+                        refuse(&conn, &mut send, &why.to_string()).await;
+                        return Ok(());
+                    }
+                    other => {
+                        let why = match other {
+                            Err(e) => e,
+                            _ => "unexpected answer".into(),
+                        };
+                        refuse(&conn, &mut send, &format!("the node could not admit you: {why}")).await;
+                        return Ok(());
+                    }
+                }
+            }
+            Frame::Hello { buckets, addrs } => (buckets, addrs),
+            _ => {
+                tracing::warn!(peer = %peer.short(), "dropped a peer that did not start with Hello or Join");
+                conn.close(VarInt::from_u32(400), b"expected hello");
+                return Ok(());
+            }
+        };
+        let accepted = match mesh(&handle, MeshOp::Accept { peer, asked }).await {
+            Ok(MeshReply::Buckets(b)) => b,
+            _ => Vec::new(),
+        };
+        if accepted.is_empty() {
+            tracing::warn!(peer = %peer.short(), "refused a session: not a member of any bucket it asked for");
+            refuse(&conn, &mut send, "this node shares no bucket with you (not a member, or removed)").await;
+            return Ok(());
+        }
+        if write_frame(&mut send, &Frame::Welcome { buckets: accepted.clone() }).await.is_err() {
+            return Ok(());
+        }
+        match self.names.find::<MeshMsg>(Child::Mesh) {
+            Some(m) => {
+                let _ = m.cast(MeshMsg::Opened(Box::new(Opened { peer, dialer: peer, conn, send, recv, buckets: accepted, addrs })));
+            }
+            None => conn.close(VarInt::from_u32(503), b"restarting"),
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The blob gate: iroh-blobs serves members only, and only what their buckets name.
+
+/// Builds the iroh-blobs protocol handler with its gate; the gate runs until the node stops.
+pub fn gated_blobs(index: &crate::index::BlobIndex, dir: &std::path::Path) -> iroh_blobs::BlobsProtocol {
+    use iroh_blobs::provider::events::{ConnectMode, EventMask, EventSender, ObserveMode, RequestMode, ThrottleMode};
+    let mask = EventMask {
+        connected: ConnectMode::Intercept,
+        get: RequestMode::Intercept,
+        get_many: RequestMode::Intercept,
+        push: RequestMode::Disabled,
+        observe: ObserveMode::Intercept,
+        throttle: ThrottleMode::None,
+    };
+    let (events, rx) = EventSender::channel(64, mask);
+    let db = dir.join(crate::store::TREE_DB_FILE);
+    tokio::spawn(blob_gate(rx, db));
+    iroh_blobs::BlobsProtocol::new(index.store(), Some(events))
+}
+
+async fn blob_gate(mut rx: tokio::sync::mpsc::Receiver<iroh_blobs::provider::events::ProviderMessage>, db: std::path::PathBuf) {
+    use iroh_blobs::provider::events::{AbortReason, ProviderMessage};
+    let tree = match crate::store::TreeStore::open(&db, false) {
+        Ok(t) => Arc::new(std::sync::Mutex::new(t)),
+        Err(e) => {
+            tracing::error!(error = %e, "the blob gate cannot read the tree: serving no blobs");
+            return;
+        }
+    };
+    let mut peers: HashMap<u64, NodeId> = HashMap::new();
+    let check = |tree: Arc<std::sync::Mutex<crate::store::TreeStore>>, peer: NodeId, hashes: Vec<[u8; 32]>| async move {
+        tokio::task::spawn_blocking(move || {
+            let t = tree.lock().expect("gate db");
+            hashes.iter().all(|h| crate::engine::mesh::may_fetch(t.conn(), &peer, &ContentHash(*h)).unwrap_or(false))
+        })
+        .await
+        .unwrap_or(false)
+    };
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ProviderMessage::ClientConnected(msg) => {
+                let peer = msg.endpoint_id.map(node_of);
+                let tree2 = tree.clone();
+                let member = match peer {
+                    Some(p) => tokio::task::spawn_blocking(move || {
+                        let t = tree2.lock().expect("gate db");
+                        crate::engine::mesh::buckets_of(t.conn(), &p).map(|b| !b.is_empty()).unwrap_or(false)
+                    })
+                    .await
+                    .unwrap_or(false),
+                    None => false,
+                };
+                if member {
+                    peers.insert(msg.connection_id, peer.expect("checked"));
+                    msg.tx.send(Ok(())).await.ok();
+                } else {
+                    tracing::warn!(peer = ?peer.map(|p| p.short()), "refused a blob connection from a non-member");
+                    msg.tx.send(Err(AbortReason::Permission)).await.ok();
+                }
+            }
+            ProviderMessage::ConnectionClosed(msg) => {
+                peers.remove(&msg.connection_id);
+            }
+            ProviderMessage::GetRequestReceived(msg) => {
+                let ok = match peers.get(&msg.connection_id) {
+                    Some(p) if msg.request.ranges.is_blob() => check(tree.clone(), *p, vec![*msg.request.hash.as_bytes()]).await,
+                    _ => false,
+                };
+                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
+            }
+            ProviderMessage::GetManyRequestReceived(msg) => {
+                let ok = match peers.get(&msg.connection_id) {
+                    Some(p) => check(tree.clone(), *p, msg.request.hashes.iter().map(|h| *h.as_bytes()).collect()).await,
+                    None => false,
+                };
+                if !ok {
+                    tracing::warn!("refused a blob request for hashes outside the peer's buckets");
+                }
+                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
+            }
+            ProviderMessage::ObserveRequestReceived(msg) => {
+                let ok = match peers.get(&msg.connection_id) {
+                    Some(p) => check(tree.clone(), *p, vec![*msg.request.hash.as_bytes()]).await,
+                    None => false,
+                };
+                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The mesh actor.
+
+/// A session handed over once its handshake is done.
+pub struct Opened {
+    /// The peer.
+    pub peer: NodeId,
+    /// Who dialed (decides which of two simultaneous sessions stays).
+    pub dialer: NodeId,
+    /// The connection.
+    pub conn: Connection,
+    /// Its stream's send side.
+    pub send: SendStream,
+    /// Its stream's receive side.
+    pub recv: RecvStream,
+    /// The buckets the session carries.
+    pub buckets: Vec<Uid>,
+    /// Where the peer says it listens.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// What a join reports to the user.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Joined {
+    /// The bucket's local name.
+    pub bucket: String,
+    /// The inviter.
+    pub inviter: String,
+}
+
+/// A peer as `alkfs status` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    /// Its node id.
+    pub id: String,
+    /// Where it listens (as announced).
+    pub addrs: Vec<String>,
+    /// A session is open.
+    pub connected: bool,
+    /// `direct`, `relayed`, or `-` when not connected.
+    pub path: String,
+    /// Round-trip time in ms, when connected.
+    pub rtt_ms: Option<u64>,
+    /// When a sync message last arrived from it (ms since the epoch).
+    pub last_sync_ms: Option<i64>,
+    /// Documents that differed at the last summary exchange and are not yet in step.
+    pub lag_docs: usize,
+    /// Failed dials since the last session.
+    pub failures: u32,
+}
+
+/// The mesh's part of `alkfs status`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct MeshStatus {
+    /// Where this node listens.
+    pub listen: Vec<String>,
+    /// Known peers.
+    pub peers: Vec<PeerStatus>,
+    /// Blobs waiting to be fetched.
+    pub pending_fetches: usize,
+    /// Blobs whose last fetch failed (retried).
+    pub failed_fetches: usize,
+    /// Blobs fetched since start.
+    pub fetched: u64,
+}
+
+/// Messages of the mesh actor (fields named for what they carry).
+#[allow(missing_docs)]
+pub enum MeshMsg {
+    /// A session's handshake is done (incoming or dialed).
+    Opened(Box<Opened>),
+    /// A dial failed.
+    DialFailed(NodeId, String),
+    /// Something committed: publish.
+    Wake,
+    /// Once a second: dial, re-check sessions.
+    Tick,
+    /// Documents changed here: tell the sessions.
+    Changed(Vec<(Uid, u16)>),
+    /// Membership changed: sessions re-check.
+    MembersChanged,
+    /// Blobs to fetch from a peer that has them.
+    Missing(NodeId, Vec<(ContentHash, u64)>),
+    /// A fetch request ended: what arrived, what did not.
+    Fetched { peer: NodeId, got: Vec<ContentHash>, failed: Vec<(ContentHash, u64)> },
+    /// Make a ticket.
+    Invite { bucket: String, expires_ms: i64, uses: u32, reply: RpcReplyPort<Result<String, String>> },
+    /// Join with a ticket.
+    Join { ticket: String, name: Option<String>, reply: RpcReplyPort<Result<Joined, String>> },
+    /// Remove a member.
+    Remove { bucket: String, node: NodeId, reply: RpcReplyPort<Result<(), String>> },
+    /// A sync message arrived from a peer (for status).
+    Synced(NodeId, usize),
+    /// Status.
+    Status(RpcReplyPort<MeshStatus>),
+}
+
+/// The mesh actor.
+pub struct MeshActor;
+
+struct SessionSlot {
+    actor: ActorRef<SessionMsg>,
+    dialer: NodeId,
+    conn: Connection,
+}
+
+#[derive(Default)]
+struct PeerInfo {
+    failures: u32,
+    next_dial: Option<Instant>,
+    dialing: bool,
+    last_sync_ms: Option<i64>,
+    lag_docs: usize,
+    addrs: Vec<SocketAddr>,
+}
+
+/// Its state.
+pub struct MeshState {
+    ctx: NodeContext,
+    handle: NodeHandle,
+    net: Option<Net>,
+    me: NodeId,
+    sessions: HashMap<NodeId, SessionSlot>,
+    peers: HashMap<NodeId, PeerInfo>,
+    /// Blobs to fetch, with the peers known to have them.
+    wanted: HashMap<ContentHash, (u64, Vec<NodeId>)>,
+    queue: VecDeque<ContentHash>,
+    in_flight: usize,
+    failed: HashSet<ContentHash>,
+    fetched: u64,
+}
+
+impl Actor for MeshActor {
+    type Msg = MeshMsg;
+    type State = MeshState;
+    type Arguments = NodeContext;
+
+    async fn pre_start(&self, me: ActorRef<MeshMsg>, ctx: NodeContext) -> Result<MeshState, ActorProcessingErr> {
+        ctx.faults.check_start(Child::Mesh)?;
+        let handle = NodeHandle::new(ctx.names.clone());
+        let net = ctx.net.clone();
+        let my_id = crate::identity::node_id(&crate::identity::load_or_create(&ctx.dir)?);
+        if let Some(net) = &net {
+            if let Ok(MeshReply::Changed(changed)) = mesh(&handle, MeshOp::AnnounceAddrs(net.addrs())).await {
+                let _ = me.cast(MeshMsg::Changed(changed));
+            }
+            me.send_interval(Duration::from_secs(1), || MeshMsg::Tick);
+            let _ = me.cast(MeshMsg::Wake);
+        }
+        Ok(MeshState {
+            ctx,
+            handle,
+            net,
+            me: my_id,
+            sessions: HashMap::new(),
+            peers: HashMap::new(),
+            wanted: HashMap::new(),
+            queue: VecDeque::new(),
+            in_flight: 0,
+            failed: HashSet::new(),
+            fetched: 0,
+        })
+    }
+
+    async fn handle(&self, me: ActorRef<MeshMsg>, msg: MeshMsg, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MeshMsg::Wake => {
+                if state.net.is_some() {
+                    if let Ok(MeshReply::Changed(changed)) = mesh(&state.handle, MeshOp::Publish).await {
+                        if !changed.is_empty() {
+                            broadcast(state, &changed);
+                            // A full batch may leave more to publish.
+                            let _ = me.cast(MeshMsg::Wake);
+                        }
+                    }
+                }
+            }
+            MeshMsg::Changed(changed) => broadcast(state, &changed),
+            MeshMsg::Tick => tick(&me, state).await,
+            MeshMsg::MembersChanged => {
+                for s in state.sessions.values() {
+                    let _ = s.actor.cast(SessionMsg::Recheck);
+                }
+            }
+            MeshMsg::Opened(opened) => open_session(&me, state, *opened).await,
+            MeshMsg::DialFailed(peer, why) => {
+                let p = state.peers.entry(peer).or_default();
+                p.dialing = false;
+                p.failures = p.failures.saturating_add(1);
+                let wait = Duration::from_millis(redial_after_ms(p.failures)).min(REDIAL_MAX);
+                p.next_dial = Some(Instant::now() + wait);
+                tracing::debug!(peer = %peer.short(), error = %why, retry_in = ?wait, "dial failed");
+            }
+            MeshMsg::Missing(peer, blobs) => {
+                for (hash, size) in blobs {
+                    let entry = state.wanted.entry(hash).or_insert_with(|| (size, Vec::new()));
+                    if !entry.1.contains(&peer) {
+                        entry.1.push(peer);
+                    }
+                    if !state.queue.contains(&hash) {
+                        state.queue.push_back(hash);
+                    }
+                }
+                pump_fetches(&me, state);
+            }
+            MeshMsg::Fetched { peer, got, failed } => {
+                state.in_flight -= 1;
+                state.fetched += got.len() as u64;
+                for h in &got {
+                    state.wanted.remove(h);
+                    state.failed.remove(h);
+                }
+                for (h, _) in failed {
+                    state.failed.insert(h);
+                    if let Some(w) = state.wanted.get_mut(&h) {
+                        // Try the other peers first; this one again last.
+                        w.1.retain(|p| *p != peer);
+                        w.1.push(peer);
+                    }
+                    state.queue.push_back(h);
+                }
+                pump_fetches(&me, state);
+            }
+            MeshMsg::Invite { bucket, expires_ms, uses, reply } => {
+                let Some(net) = &state.net else {
+                    let _ = reply.send(Err("this node runs without a network endpoint".into()));
+                    return Ok(());
+                };
+                let addrs = net.addrs();
+                let answer = match mesh(&state.handle, MeshOp::Invite { bucket, expires_ms, uses, addrs: addrs.clone() }).await {
+                    Ok(MeshReply::Invited(uid, secret)) => {
+                        Ok(Ticket { node: state.me, addrs, relay: None, bucket: uid, secret }.encode())
+                    }
+                    Ok(_) => Err("unexpected answer from the store".to_string()),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(answer);
+            }
+            MeshMsg::Join { ticket, name, reply } => {
+                let result = join(&me, state, &ticket, name).await;
+                let _ = reply.send(result);
+            }
+            MeshMsg::Remove { bucket, node, reply } => {
+                let result = match mesh(&state.handle, MeshOp::Remove { bucket, node }).await {
+                    Ok(MeshReply::Removed(uid)) => {
+                        broadcast(state, &[(uid, crate::proto::sync::META_DOC)]);
+                        for s in state.sessions.values() {
+                            let _ = s.actor.cast(SessionMsg::Recheck);
+                        }
+                        Ok(())
+                    }
+                    Ok(_) => Err("unexpected answer from the store".into()),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            MeshMsg::Synced(peer, lag) => {
+                let p = state.peers.entry(peer).or_default();
+                p.last_sync_ms = Some(crate::engine::now_ms());
+                p.lag_docs = lag;
+            }
+            MeshMsg::Status(reply) => {
+                let _ = reply.send(status(state));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, _me: ActorRef<MeshMsg>, evt: SupervisionEvent, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
+        let ended = match &evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) | SupervisionEvent::ActorFailed(cell, _) => Some(cell.get_id()),
+            _ => None,
+        };
+        if let Some(id) = ended {
+            if let SupervisionEvent::ActorFailed(_, e) = &evt {
+                tracing::warn!(error = %e, "a sync session failed; the peer is dialed again");
+            }
+            let gone: Vec<NodeId> = state.sessions.iter().filter(|(_, s)| s.actor.get_id() == id).map(|(p, _)| *p).collect();
+            for peer in gone {
+                state.sessions.remove(&peer);
+                let p = state.peers.entry(peer).or_default();
+                p.next_dial = Some(Instant::now() + Duration::from_millis(200));
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _me: ActorRef<MeshMsg>, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
+        for (_, s) in state.sessions.drain() {
+            s.actor.stop(Some("node stopping".into()));
+            s.conn.close(VarInt::from_u32(0), b"node stopping");
+        }
+        Ok(())
+    }
+}
+
+fn broadcast(state: &MeshState, changed: &[(Uid, u16)]) {
+    for s in state.sessions.values() {
+        let _ = s.actor.cast(SessionMsg::Changed(changed.to_vec()));
+    }
+}
+
+async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
+    let Some(net) = state.net.clone() else { return };
+    for s in state.sessions.values() {
+        let _ = s.actor.cast(SessionMsg::Recheck);
+    }
+    let Ok(MeshReply::Peers(peers)) = mesh(&state.handle, MeshOp::Peers).await else { return };
+    let now = Instant::now();
+    for (peer, addrs) in peers {
+        net.learn(&peer, &addrs);
+        let p = state.peers.entry(peer).or_default();
+        p.addrs = addrs;
+        if state.sessions.contains_key(&peer) || p.dialing || p.next_dial.is_some_and(|t| t > now) {
+            continue;
+        }
+        p.dialing = true;
+        let (me2, handle, net2, my_id) = (me.clone(), state.handle.clone(), net.clone(), state.me);
+        tokio::spawn(async move {
+            match dial(&handle, &net2, &my_id, &peer).await {
+                Ok(opened) => {
+                    let _ = me2.cast(MeshMsg::Opened(Box::new(opened)));
+                }
+                Err(e) => {
+                    let _ = me2.cast(MeshMsg::DialFailed(peer, e));
+                }
+            }
+        });
+    }
+}
+
+/// Dials `peer` and runs the handshake: `Hello` with the buckets this node shares with it.
+async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Result<Opened, String> {
+    let id = endpoint_id(peer).ok_or("not a valid node id")?;
+    let asked = match mesh(handle, MeshOp::Accept { peer: *peer, asked: Vec::new() }).await? {
+        MeshReply::Buckets(b) => b,
+        _ => Vec::new(),
+    };
+    if asked.is_empty() {
+        return Err("no bucket shared with this peer any more".into());
+    }
+    let conn = match tokio::time::timeout(NET_TIMEOUT, net.endpoint.connect(id, SYNC_ALPN)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("cannot reach {}: {e}", peer.short())),
+        Err(_) => return Err(format!("cannot reach {}: no answer within {NET_TIMEOUT:?}", peer.short())),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let addrs = net.addrs();
+    let answer = async {
+        write_frame(&mut send, &Frame::Hello { buckets: asked.clone(), addrs }).await?;
+        match read_frame(&mut recv).await? {
+            Frame::Welcome { buckets } => Ok(buckets),
+            Frame::Refused { reason } => Err(reason),
+            _ => Err("the peer answered something else".to_string()),
+        }
+    };
+    let buckets = match tokio::time::timeout(NET_TIMEOUT * 3, answer).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            conn.close(VarInt::from_u32(0), b"refused");
+            return Err(e);
+        }
+        Err(_) => {
+            conn.close(VarInt::from_u32(408), b"timeout");
+            return Err("the peer did not answer the handshake in time".into());
+        }
+    };
+    Ok(Opened { peer: *peer, dialer: *me, conn, send, recv, buckets, addrs: Vec::new() })
+}
+
+/// Joins with a ticket: dials the inviter, proves the secret, adopts the bucket, and keeps
+/// the connection as the first session (the first sync has started when this returns).
+async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: Option<String>) -> Result<Joined, String> {
+    let net = state.net.clone().ok_or("this node runs without a network endpoint")?;
+    let ticket = Ticket::decode(text).map_err(|e| e.to_string())?;
+    if ticket.node == state.me {
+        return Err("this ticket was made by this node: give it to another node".into());
+    }
+    net.learn(&ticket.node, &ticket.addrs);
+    // The handshake's Joined frame carries the bucket's name and root: read it here, then
+    // adopt before the session starts applying what the inviter sends.
+    let id = endpoint_id(&ticket.node).ok_or("the ticket names an invalid node id")?;
+    let conn = match tokio::time::timeout(NET_TIMEOUT, net.endpoint.connect(id, SYNC_ALPN)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("cannot reach the inviter at {:?}: {e}", ticket.addrs)),
+        Err(_) => return Err(format!("cannot reach the inviter at {:?}: no answer within {NET_TIMEOUT:?}", ticket.addrs)),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let addrs = net.addrs();
+    write_frame(&mut send, &Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: addrs.clone() }).await?;
+    let (remote_name, root) = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
+        Ok(Ok(Frame::Joined { bucket, name, root })) if bucket == ticket.bucket => {
+            (name, BranchRecord::decode(&root).map_err(|e| format!("the inviter sent a bad root branch: {e}"))?)
+        }
+        Ok(Ok(Frame::Refused { reason })) => return Err(reason),
+        Ok(Ok(_)) => return Err("the inviter answered something else".into()),
+        Ok(Err(e)) => return Err(format!("the inviter closed the connection: {e}")),
+        Err(_) => return Err("the inviter did not answer within 30 s".into()),
+    };
+    let local = name.unwrap_or_else(|| remote_name.clone());
+    let adoption = Adoption { name: local.clone(), bucket: ticket.bucket, root, inviter: ticket.node, inviter_addrs: ticket.addrs.clone(), my_addrs: addrs.clone() };
+    match mesh(&state.handle, MeshOp::Adopt(Box::new(adoption))).await {
+        Ok(MeshReply::Adopted(_)) => {}
+        Ok(_) => return Err("unexpected answer from the store".into()),
+        Err(e) => {
+            let _ = write_frame(&mut send, &Frame::Refused { reason: "the joiner could not take the bucket".into() }).await;
+            conn.close(VarInt::from_u32(0), b"cannot adopt");
+            return Err(e);
+        }
+    }
+    write_frame(&mut send, &Frame::Hello { buckets: vec![ticket.bucket], addrs }).await?;
+    let buckets = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
+        Ok(Ok(Frame::Welcome { buckets })) => buckets,
+        Ok(Ok(Frame::Refused { reason })) => return Err(reason),
+        _ => return Err("the inviter did not welcome the new member".into()),
+    };
+    let opened = Opened { peer: ticket.node, dialer: state.me, conn, send, recv, buckets, addrs: ticket.addrs.clone() };
+    open_session(me, state, opened).await;
+    Ok(Joined { bucket: local, inviter: ticket.node.to_hex() })
+}
+
+async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Opened) {
+    let peer = opened.peer;
+    let p = state.peers.entry(peer).or_default();
+    p.dialing = false;
+    if let Some(net) = &state.net {
+        net.learn(&peer, &opened.addrs);
+    }
+    if let Some(existing) = state.sessions.get(&peer) {
+        // Two sessions with one peer: both sides keep the one the smaller id dialed.
+        let keep_new = opened.dialer == state.me.min(peer) && existing.dialer != state.me.min(peer);
+        if !keep_new {
+            opened.conn.close(VarInt::from_u32(0), b"duplicate session");
+            return;
+        }
+        existing.actor.stop(Some("replaced".into()));
+        existing.conn.close(VarInt::from_u32(0), b"duplicate session");
+        state.sessions.remove(&peer);
+    }
+    let p = state.peers.entry(peer).or_default();
+    p.failures = 0;
+    p.next_dial = None;
+    let conn = opened.conn.clone();
+    let dialer = opened.dialer;
+    let args = SessionArgs { opened, handle: state.handle.clone(), mesh: me.clone() };
+    match Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await {
+        Ok((actor, _)) => {
+            tracing::info!(peer = %peer.short(), "session open");
+            state.sessions.insert(peer, SessionSlot { actor, dialer, conn });
+        }
+        Err(e) => tracing::warn!(peer = %peer.short(), error = %e, "could not start a session"),
+    }
+}
+
+fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
+    let Some(net) = state.net.clone() else { return };
+    while state.in_flight < FETCHES_MAX && !state.queue.is_empty() {
+        // One batch: hashes whose first candidate is the same peer.
+        let Some(first) = state.queue.pop_front() else { break };
+        let Some((_, peers)) = state.wanted.get(&first) else { continue };
+        let Some(&peer) = peers.first() else { continue };
+        let mut batch = vec![(first, state.wanted[&first].0)];
+        let mut rest = VecDeque::new();
+        while let Some(h) = state.queue.pop_front() {
+            match state.wanted.get(&h) {
+                Some((size, ps)) if ps.first() == Some(&peer) && batch.len() < FETCH_BATCH_MAX => batch.push((h, *size)),
+                Some(_) => rest.push_back(h),
+                None => {}
+            }
+        }
+        state.queue = rest;
+        state.in_flight += 1;
+        let (me2, index, content, handle) = (me.clone(), state.ctx.index.clone(), state.ctx.content.clone(), state.handle.clone());
+        let endpoint = net.endpoint.clone();
+        tokio::spawn(async move {
+            let (got, failed) = fetch_batch(&endpoint, &index, &content, &handle, peer, batch).await;
+            let _ = me2.cast(MeshMsg::Fetched { peer, got, failed });
+        });
+    }
+}
+
+/// Fetches `batch` from `peer` in one request, verified, and lands each blob in the content
+/// store: inline ones into `tree.db`, larger ones moved (not copied) from the iroh-blobs
+/// store into `content/`.
+async fn fetch_batch(
+    endpoint: &Endpoint,
+    index: &crate::index::BlobIndex,
+    content: &crate::content::ContentStore,
+    handle: &NodeHandle,
+    peer: NodeId,
+    batch: Vec<(ContentHash, u64)>,
+) -> (Vec<ContentHash>, Vec<(ContentHash, u64)>) {
+    use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
+    let store = index.store();
+    let mut need = Vec::new();
+    for (h, size) in &batch {
+        // Tag first, so iroh-blobs' own GC never takes a blob between its arrival and its landing.
+        let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
+        if !store.blobs().has(iroh_blobs::Hash::from_bytes(h.0)).await.unwrap_or(false) {
+            need.push((*h, *size));
+        }
+    }
+    if !need.is_empty() {
+        let result = async {
+            let id = endpoint_id(&peer).ok_or("bad peer id")?;
+            let conn = tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN)).await.map_err(|_| "connect timeout".to_string())?.map_err(|e| e.to_string())?;
+            let req = GetManyRequest::new(need.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
+            let r = tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get_many(conn.clone(), req)).await;
+            conn.close(VarInt::from_u32(0), b"done");
+            match r {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(peer = %peer.short(), blobs = need.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
+        }
+    }
+    let (mut got, mut failed) = (Vec::new(), Vec::new());
+    for (h, size) in batch {
+        let hash = iroh_blobs::Hash::from_bytes(h.0);
+        if !store.blobs().has(hash).await.unwrap_or(false) {
+            failed.push((h, size));
+            continue;
+        }
+        let landed: Result<Option<Vec<u8>>, String> = async {
+            if size as usize <= crate::content::INLINE_BYTES_MAX {
+                Ok(Some(store.get_bytes(hash).await.map_err(|e| e.to_string())?.to_vec()))
+            } else {
+                let target = std::path::absolute(content.blob_path(&h)).map_err(|e| e.to_string())?;
+                if !target.exists() {
+                    if let Some(dir) = target.parent() {
+                        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                    }
+                    let opts = iroh_blobs::api::blobs::ExportOptions { hash, mode: iroh_blobs::api::blobs::ExportMode::TryReference, target: target.clone() };
+                    store.export_with_opts(opts).await.map_err(|e| e.to_string())?;
+                    std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
+                    if let Some(dir) = target.parent() {
+                        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
+                    }
+                }
+                Ok(None)
+            }
+        }
+        .await;
+        match landed {
+            Ok(inline) => match mesh(handle, MeshOp::BlobArrived { hash: h, inline }).await {
+                Ok(_) => got.push(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record a fetched blob");
+                    failed.push((h, size));
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not land a fetched blob in the content store");
+                failed.push((h, size));
+            }
+        }
+    }
+    (got, failed)
+}
+
+fn status(state: &MeshState) -> MeshStatus {
+    let listen = state.net.as_ref().map(|n| n.addrs().iter().map(|a| a.to_string()).collect()).unwrap_or_default();
+    let mut peers: Vec<PeerStatus> = state
+        .peers
+        .iter()
+        .map(|(id, p)| {
+            let session = state.sessions.get(id);
+            let (path, rtt_ms) = match session {
+                Some(s) => {
+                    let paths = s.conn.paths();
+                    let sel = paths.iter().find(|p| p.is_selected());
+                    match sel {
+                        Some(p) => (if p.is_ip() { "direct" } else { "relayed" }.to_string(), Some(p.rtt().as_millis() as u64)),
+                        None => ("-".to_string(), None),
+                    }
+                }
+                None => ("-".to_string(), None),
+            };
+            PeerStatus {
+                id: id.to_hex(),
+                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                connected: session.is_some(),
+                path,
+                rtt_ms,
+                last_sync_ms: p.last_sync_ms,
+                lag_docs: p.lag_docs,
+                failures: p.failures,
+            }
+        })
+        .collect();
+    peers.sort_by(|a, b| a.id.cmp(&b.id));
+    MeshStatus { listen, peers, pending_fetches: state.wanted.len(), failed_fetches: state.failed.len(), fetched: state.fetched }
+}
+
+// ---------------------------------------------------------------------------------------
+// One session with one peer.
+
+/// Messages of a session.
+pub enum SessionMsg {
+    /// A frame from the peer.
+    Frame(Frame),
+    /// The peer's stream ended.
+    Closed(String),
+    /// Documents changed here.
+    Changed(Vec<(Uid, u16)>),
+    /// Re-check membership; every [`ANTI_ENTROPY`], send summaries again.
+    Recheck,
+}
+
+/// What a session starts with.
+pub struct SessionArgs {
+    opened: Opened,
+    handle: NodeHandle,
+    mesh: ActorRef<MeshMsg>,
+}
+
+/// A session actor.
+pub struct SessionActor;
+
+/// Its state.
+pub struct SessionState {
+    peer: NodeId,
+    conn: Connection,
+    send: SendStream,
+    buckets: HashSet<Uid>,
+    handle: NodeHandle,
+    mesh: ActorRef<MeshMsg>,
+    reader: tokio::task::JoinHandle<()>,
+    last_summary: Instant,
+    /// Documents that differed at the last summary and have not settled.
+    lagging: HashSet<(Uid, u16)>,
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+        let Opened { peer, conn, send, mut recv, buckets, .. } = args.opened;
+        let me2 = me.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match read_frame(&mut recv).await {
+                    Ok(f) => {
+                        if me2.cast(SessionMsg::Frame(f)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = me2.cast(SessionMsg::Closed(e));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut state = SessionState {
+            peer,
+            conn,
+            send,
+            buckets: buckets.into_iter().collect(),
+            handle: args.handle,
+            mesh: args.mesh,
+            reader,
+            last_summary: Instant::now(),
+            lagging: HashSet::new(),
+        };
+        send_summaries(&mut state).await?;
+        Ok(state)
+    }
+
+    async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Frame(frame) => on_frame(&me, state, frame).await?,
+            SessionMsg::Closed(why) => {
+                tracing::info!(peer = %state.peer.short(), reason = %why, "session closed");
+                me.stop(None);
+            }
+            SessionMsg::Changed(changed) => {
+                for (bucket, doc) in changed {
+                    if state.buckets.contains(&bucket) {
+                        send_generated(state, bucket, doc).await?;
+                    }
+                }
+            }
+            SessionMsg::Recheck => {
+                let still = match mesh(&state.handle, MeshOp::Accept { peer: state.peer, asked: state.buckets.iter().copied().collect() }).await {
+                    Ok(MeshReply::Buckets(b)) => b.into_iter().collect::<HashSet<Uid>>(),
+                    _ => state.buckets.clone(),
+                };
+                if still.len() < state.buckets.len() {
+                    tracing::warn!(peer = %state.peer.short(), "the peer is no longer a member of a bucket of this session: dropped from it");
+                    state.buckets = still;
+                }
+                if state.buckets.is_empty() {
+                    let _ = write_frame(&mut state.send, &Frame::Refused { reason: "you are no longer a member of any bucket this node shares".into() }).await;
+                    state.conn.close(VarInt::from_u32(403), b"removed");
+                    me.stop(None);
+                    return Ok(());
+                }
+                if state.last_summary.elapsed() >= ANTI_ENTROPY {
+                    send_summaries(state).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _me: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        state.reader.abort();
+        let _ = state.send.finish();
+        state.conn.close(VarInt::from_u32(0), b"session ended");
+        let _ = mesh(&state.handle, MeshOp::EndSession(state.peer)).await;
+        Ok(())
+    }
+}
+
+async fn send_summaries(state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    state.last_summary = Instant::now();
+    let buckets: Vec<Uid> = state.buckets.iter().copied().collect();
+    for bucket in buckets {
+        if let MeshReply::Summary(digests) = mesh(&state.handle, MeshOp::Summary(bucket)).await? {
+            write_frame(&mut state.send, &Frame::Summary { bucket, digests }).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn send_generated(state: &mut SessionState, bucket: Uid, doc: u16) -> Result<(), ActorProcessingErr> {
+    if let MeshReply::Message(Some(msg)) = mesh(&state.handle, MeshOp::Generate { peer: state.peer, bucket, doc }).await? {
+        write_frame(&mut state.send, &Frame::Sync { bucket, doc, msg }).await?;
+    } else {
+        state.lagging.remove(&(bucket, doc));
+    }
+    Ok(())
+}
+
+async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Frame) -> Result<(), ActorProcessingErr> {
+    match frame {
+        Frame::Summary { bucket, digests } if state.buckets.contains(&bucket) => {
+            let ours = match mesh(&state.handle, MeshOp::Summary(bucket)).await? {
+                MeshReply::Summary(d) => d,
+                _ => Vec::new(),
+            };
+            let docs = differing(&ours, &digests);
+            for doc in &docs {
+                state.lagging.insert((bucket, *doc));
+            }
+            let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
+            for doc in docs {
+                send_generated(state, bucket, doc).await?;
+            }
+        }
+        Frame::Sync { bucket, doc, msg } if state.buckets.contains(&bucket) => {
+            match mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await {
+                Ok(MeshReply::Received(r)) => {
+                    let Received { applied, members_changed, .. } = *r;
+                    if !applied.missing_blobs.is_empty() {
+                        let _ = state.mesh.cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
+                    }
+                    if members_changed {
+                        let _ = state.mesh.cast(MeshMsg::MembersChanged);
+                    }
+                    if applied.inserted > 0 {
+                        // Others may want what just arrived.
+                        let _ = state.mesh.cast(MeshMsg::Changed(vec![(bucket, doc)]));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %state.peer.short(), error = %e, "dropped a peer whose sync message was refused");
+                    state.conn.close(VarInt::from_u32(400), b"bad sync message");
+                    me.stop(None);
+                    return Ok(());
+                }
+            }
+            send_generated(state, bucket, doc).await?;
+            let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
+        }
+        Frame::Refused { reason } => {
+            tracing::warn!(peer = %state.peer.short(), reason, "the peer ended the session");
+            me.stop(None);
+        }
+        other => {
+            // A frame for a bucket outside the session, or a handshake frame mid-session.
+            tracing::warn!(peer = %state.peer.short(), frame = ?std::mem::discriminant(&other), "ignored a frame outside the session's buckets");
+        }
+    }
+    Ok(())
+}
+
+/// The mesh's part of the node, for `status`.
+pub async fn mesh_status(names: &Names) -> Option<MeshStatus> {
+    let m = names.find::<MeshMsg>(Child::Mesh)?;
+    match m.call(MeshMsg::Status, Some(Duration::from_secs(5))).await {
+        Ok(ractor::rpc::CallResult::Success(s)) => Some(s),
+        _ => None,
+    }
+}
