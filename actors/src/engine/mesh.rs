@@ -158,10 +158,14 @@ impl Mesh {
     pub fn publish(&mut self, engine: &mut Engine) -> Result<Published> {
         let now = engine.now_ms();
         let conn = engine.tree().conn();
+        let shared = shared_bucket_ids(conn)?;
+        if shared.is_empty() {
+            // Nothing shared: no consumer, so a lone node's outbox is not held back.
+            return Ok(Published::default());
+        }
         let cursor = outbox::cursor(conn, MESH_CONSUMER)?;
         let events = outbox::read_after(conn, cursor, outbox::READ_BATCH_EVENTS_MAX)?;
         let Some(last) = events.last().map(|(o, _)| *o) else { return Ok(Published::default()) };
-        let shared = shared_bucket_ids(conn)?;
         let mut puts: Vec<(i64, u16, String, Vec<u8>)> = Vec::new();
         for (_, event) in &events {
             if !shared.contains(&event.bucket_id) {

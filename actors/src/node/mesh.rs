@@ -441,6 +441,8 @@ pub enum MeshMsg {
     Synced(NodeId, usize),
     /// Status.
     Status(RpcReplyPort<MeshStatus>),
+    /// Fault injection (tests only): panic in the handler.
+    Panic,
 }
 
 /// The mesh actor.
@@ -610,6 +612,7 @@ impl Actor for MeshActor {
             MeshMsg::Status(reply) => {
                 let _ = reply.send(status(state));
             }
+            MeshMsg::Panic => panic!("fault injection: mesh actor"),
         }
         Ok(())
     }

@@ -387,7 +387,7 @@ impl NodeHandle {
             Child::Outbox => n.find::<outbox::OutboxMsg>(child).map(|a| a.cast(outbox::OutboxMsg::Panic).is_ok()),
             Child::Blobs => n.find::<blobs::BlobMsg>(child).map(|a| a.cast(blobs::BlobMsg::Panic).is_ok()),
             Child::Gc => n.find::<gc::GcMsg>(child).map(|a| a.cast(gc::GcMsg::Panic).is_ok()),
-            Child::Mesh => None,
+            Child::Mesh => n.find::<mesh::MeshMsg>(child).map(|a| a.cast(mesh::MeshMsg::Panic).is_ok()),
         };
         match sent {
             Some(true) => Ok(()),
