@@ -43,7 +43,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let net = mesh::bind(key.clone(), &config.net_config()?).await.map_err(anyhow::Error::msg)?;
         let router = iroh::protocol::Router::builder(net.endpoint.clone())
             .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone() })
-            .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, dir))
+            .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, &content, dir))
             .spawn();
         tracing::info!(listen = ?net.addrs(), "listening for peers");
         ctx.net = Some(net);

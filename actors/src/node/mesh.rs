@@ -258,7 +258,9 @@ impl ProtocolHandler for SyncHandler {
 // The blob gate: iroh-blobs serves members only, and only what their buckets name.
 
 /// Builds the iroh-blobs protocol handler with its gate; the gate runs until the node stops.
-pub fn gated_blobs(index: &crate::index::BlobIndex, dir: &std::path::Path) -> iroh_blobs::BlobsProtocol {
+/// A permitted request for a blob the iroh-blobs store does not hold yet (the blob actor
+/// indexes in quiet moments) has it indexed on the spot, so a peer never waits for that.
+pub fn gated_blobs(index: &Arc<crate::index::BlobIndex>, content: &crate::content::ContentStore, dir: &std::path::Path) -> iroh_blobs::BlobsProtocol {
     use iroh_blobs::provider::events::{ConnectMode, EventMask, EventSender, ObserveMode, RequestMode, ThrottleMode};
     let mask = EventMask {
         connected: ConnectMode::Intercept,
@@ -270,11 +272,41 @@ pub fn gated_blobs(index: &crate::index::BlobIndex, dir: &std::path::Path) -> ir
     };
     let (events, rx) = EventSender::channel(64, mask);
     let db = dir.join(crate::store::TREE_DB_FILE);
-    tokio::spawn(blob_gate(rx, db));
+    tokio::spawn(blob_gate(rx, db, index.clone(), content.clone()));
     iroh_blobs::BlobsProtocol::new(index.store(), Some(events))
 }
 
-async fn blob_gate(mut rx: tokio::sync::mpsc::Receiver<iroh_blobs::provider::events::ProviderMessage>, db: std::path::PathBuf) {
+/// Indexes, now, those of `hashes` the iroh-blobs store lacks.
+async fn index_now(tree: &Arc<std::sync::Mutex<crate::store::TreeStore>>, index: &crate::index::BlobIndex, content: &crate::content::ContentStore, hashes: &[[u8; 32]]) {
+    for h in hashes {
+        if index.store().blobs().has(iroh_blobs::Hash::from_bytes(*h)).await.unwrap_or(false) {
+            continue;
+        }
+        let (tree2, hash) = (tree.clone(), ContentHash(*h));
+        let row = tokio::task::spawn_blocking(move || {
+            let t = tree2.lock().expect("gate db");
+            t.conn()
+                .query_row("SELECT size, data FROM blob WHERE hash = ?1 AND present = 1", [hash.0.to_vec()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?)))
+                .ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some((size, inline)) = row {
+            let pending = crate::store::read::PendingBlob { hash, size: size as u64, inline };
+            if let Err(e) = index.add(content, &pending).await {
+                tracing::warn!(hash = %hash, error = %e, "could not index a blob a peer asked for");
+            }
+        }
+    }
+}
+
+async fn blob_gate(
+    mut rx: tokio::sync::mpsc::Receiver<iroh_blobs::provider::events::ProviderMessage>,
+    db: std::path::PathBuf,
+    index: Arc<crate::index::BlobIndex>,
+    content: crate::content::ContentStore,
+) {
     use iroh_blobs::provider::events::{AbortReason, ProviderMessage};
     let tree = match crate::store::TreeStore::open(&db, false) {
         Ok(t) => Arc::new(std::sync::Mutex::new(t)),
@@ -318,18 +350,25 @@ async fn blob_gate(mut rx: tokio::sync::mpsc::Receiver<iroh_blobs::provider::eve
                 peers.remove(&msg.connection_id);
             }
             ProviderMessage::GetRequestReceived(msg) => {
+                let hashes = vec![*msg.request.hash.as_bytes()];
                 let ok = match peers.get(&msg.connection_id) {
-                    Some(p) if msg.request.ranges.is_blob() => check(tree.clone(), *p, vec![*msg.request.hash.as_bytes()]).await,
+                    Some(p) if msg.request.ranges.is_blob() => check(tree.clone(), *p, hashes.clone()).await,
                     _ => false,
                 };
+                if ok {
+                    index_now(&tree, &index, &content, &hashes).await;
+                }
                 msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
             }
             ProviderMessage::GetManyRequestReceived(msg) => {
+                let hashes: Vec<[u8; 32]> = msg.request.hashes.iter().map(|h| *h.as_bytes()).collect();
                 let ok = match peers.get(&msg.connection_id) {
-                    Some(p) => check(tree.clone(), *p, msg.request.hashes.iter().map(|h| *h.as_bytes()).collect()).await,
+                    Some(p) => check(tree.clone(), *p, hashes.clone()).await,
                     None => false,
                 };
-                if !ok {
+                if ok {
+                    index_now(&tree, &index, &content, &hashes).await;
+                } else {
                     tracing::warn!("refused a blob request for hashes outside the peer's buckets");
                 }
                 msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
@@ -475,6 +514,9 @@ pub struct MeshState {
     /// Blobs to fetch, with the peers known to have them.
     wanted: HashMap<ContentHash, (u64, Vec<NodeId>)>,
     queue: VecDeque<ContentHash>,
+    /// Hashes whose last fetch failed: queued again at the next tick (once a second), from
+    /// every connected peer, not in a tight loop.
+    retry: Vec<ContentHash>,
     in_flight: usize,
     failed: HashSet<ContentHash>,
     fetched: u64,
@@ -506,6 +548,7 @@ impl Actor for MeshActor {
             peers: HashMap::new(),
             wanted: HashMap::new(),
             queue: VecDeque::new(),
+            retry: Vec::new(),
             in_flight: 0,
             failed: HashSet::new(),
             fetched: 0,
@@ -563,11 +606,12 @@ impl Actor for MeshActor {
                 for (h, _) in failed {
                     state.failed.insert(h);
                     if let Some(w) = state.wanted.get_mut(&h) {
-                        // Try the other peers first; this one again last.
+                        // Try the other peers first; this one again last. (The peer that told
+                        // us of a version may not have its bytes yet: it may be fetching them.)
                         w.1.retain(|p| *p != peer);
                         w.1.push(peer);
                     }
-                    state.queue.push_back(h);
+                    state.retry.push(h);
                 }
                 pump_fetches(&me, state);
             }
@@ -653,6 +697,22 @@ fn broadcast(state: &MeshState, changed: &[(Uid, u16)]) {
 
 async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     let Some(net) = state.net.clone() else { return };
+    if !state.retry.is_empty() {
+        let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
+        for h in std::mem::take(&mut state.retry) {
+            if let Some(w) = state.wanted.get_mut(&h) {
+                for p in &connected {
+                    if !w.1.contains(p) {
+                        w.1.insert(0, *p);
+                    }
+                }
+                if !state.queue.contains(&h) {
+                    state.queue.push_back(h);
+                }
+            }
+        }
+        pump_fetches(me, state);
+    }
     for s in state.sessions.values() {
         let _ = s.actor.cast(SessionMsg::Recheck);
     }
