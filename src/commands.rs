@@ -60,6 +60,16 @@ pub fn run(cli: Cli) -> Result<()> {
             let engine = Engine::open(&dir, Access::Read)?;
             let path = file_path(&path)?;
             let entry = engine.file_entry(&scope, &path)?;
+            if !engine.has_bytes(&entry.hash)? {
+                // A version that came from a peer before its bytes: fetch them now, and wait.
+                let client = Client::connect(&dir).with_context(|| format!("{path}: its bytes are still on a peer; start the node to fetch them (`alkfs --data {} node run`)", dir.display()))?;
+                let spinner = Progress::count("fetching from peers");
+                let reply = client.call(&Request::Fetch { hash: entry.hash.to_hex(), size: entry.size })?;
+                spinner.finish();
+                if let Reply::Error { message } = reply {
+                    bail!("{path}: could not fetch its bytes: {message}");
+                }
+            }
             let mut bar = Progress::bytes(entry.size, "get");
             match dest {
                 Some(dest) => {

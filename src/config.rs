@@ -40,6 +40,8 @@ pub struct NetSection {
     /// `default` (n0's public relays, for peers behind NAT), `disabled` (nothing leaves the
     /// listen address), or a relay URL.
     pub relay: String,
+    /// `eager`: fetch the bytes of every version that arrives; `lazy`: only when read.
+    pub fetch: String,
 }
 
 /// The port a node listens on by default.
@@ -47,7 +49,7 @@ pub const LISTEN_DEFAULT: &str = "0.0.0.0:4919";
 
 impl Default for NetSection {
     fn default() -> Self {
-        NetSection { listen: LISTEN_DEFAULT.into(), relay: "default".into() }
+        NetSection { listen: LISTEN_DEFAULT.into(), relay: "default".into(), fetch: "eager".into() }
     }
 }
 
@@ -203,7 +205,12 @@ impl Config {
             url if url.starts_with("https://") || url.starts_with("http://") => Some(Some(url.to_string())),
             other => bail!("net.relay = {other:?}: give default, disabled, or a relay URL (https://…)"),
         };
-        Ok(alknet_actors::node::mesh::NetConfig { listen, relay })
+        let eager_fetch = match self.net.fetch.as_str() {
+            "eager" => true,
+            "lazy" => false,
+            other => bail!("net.fetch = {other:?}: give eager or lazy"),
+        };
+        Ok(alknet_actors::node::mesh::NetConfig { listen, relay, eager_fetch })
     }
 
     /// The retention policy configured for collections.

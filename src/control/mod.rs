@@ -76,6 +76,8 @@ pub enum Request {
     Join { ticket: String, name: Option<String> },
     /// Remove a member of a bucket everywhere.
     MembersRemove { bucket: String, node: String },
+    /// Fetch a blob whose bytes are still on peers, and answer once it is here.
+    Fetch { hash: String, size: u64 },
     /// Tests only, when the node was started with fault injection on: panic an actor.
     InjectPanic { actor: String },
 }

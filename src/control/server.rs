@@ -314,6 +314,11 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             let joined = ctx.node.join(ticket, name).await?;
             Reply::Joined { bucket: joined.bucket, inviter: joined.inviter }
         }
+        Request::Fetch { hash, size } => {
+            let hash = alknet_actors::proto::entry::ContentHash::from_hex(&hash).ok_or_else(|| anyhow!("not a content hash: {hash}"))?;
+            ctx.node.fetch_now(hash, size).await?;
+            Reply::Done
+        }
         Request::MembersRemove { bucket, node } => {
             let node = alknet_actors::proto::ids::NodeId::from_hex(&node).ok_or_else(|| anyhow!("{node:?} is not a node id: give all 64 hex digits, as `alkfs members` prints them"))?;
             ctx.node.remove_member(bucket, node).await?;

@@ -511,6 +511,21 @@ impl Engine {
         Ok(self.content.read_to(&entry.hash, out, progress)?)
     }
 
+    /// Whether the bytes of `hash` are here; `false` for a blob a replicated version names
+    /// whose bytes are still on a peer (pending: the node fetches them).
+    pub fn has_bytes(&self, hash: &ContentHash) -> Result<bool> {
+        if *hash == ContentHash::EMPTY {
+            return Ok(true);
+        }
+        let present: Option<i64> = rusqlite::OptionalExtension::optional(self.tree.conn().query_row(
+            "SELECT present FROM blob WHERE hash = ?1",
+            [hash.0.to_vec()],
+            |r| r.get(0),
+        ))
+        .map_err(StoreError::from)?;
+        Ok(present != Some(0))
+    }
+
     /// The bytes of an inline blob, verified; `None` for a file blob.
     fn inline_bytes(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>> {
         if *hash == ContentHash::EMPTY {

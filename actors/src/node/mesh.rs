@@ -66,6 +66,8 @@ pub struct NetConfig {
     /// `None`: no relay, nothing leaves the listed addresses (tests, LANs); `Some(None)`: the
     /// default relays; `Some(Some(url))`: that relay.
     pub relay: Option<Option<String>>,
+    /// Fetch the bytes of every version that arrives (`true`), or only when a user reads one.
+    pub eager_fetch: bool,
 }
 
 /// The node's network: its endpoint and the address book dials go through.
@@ -75,6 +77,8 @@ pub struct Net {
     pub endpoint: Endpoint,
     /// Addresses of peers, from tickets and from the buckets' documents.
     pub lookup: MemoryLookup,
+    /// Fetch arriving versions' bytes at once (else on first read).
+    pub eager_fetch: bool,
 }
 
 /// Binds the node's endpoint. With relays off it touches nothing but the listen address: no
@@ -97,7 +101,7 @@ pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> 
         b = b.portmapper_config(PortmapperConfig::Disabled).net_report_config(NetReportConfig::minimal());
     }
     let endpoint = b.bind().await.map_err(|e| format!("cannot listen on {}: {e} (is another node using the port?)", cfg.listen))?;
-    Ok(Net { endpoint, lookup })
+    Ok(Net { endpoint, lookup, eager_fetch: cfg.eager_fetch })
 }
 
 impl Net {
@@ -480,6 +484,8 @@ pub enum MeshMsg {
     Synced(NodeId, usize),
     /// Status.
     Status(RpcReplyPort<MeshStatus>),
+    /// Fetch one blob now (a user is waiting for it): answered once it is here.
+    FetchNow { hash: ContentHash, size: u64, reply: RpcReplyPort<Result<(), String>> },
     /// Fault injection (tests only): panic in the handler.
     Panic,
 }
@@ -520,6 +526,8 @@ pub struct MeshState {
     in_flight: usize,
     failed: HashSet<ContentHash>,
     fetched: u64,
+    /// Users waiting for blobs.
+    waiters: HashMap<ContentHash, Vec<RpcReplyPort<Result<(), String>>>>,
 }
 
 impl Actor for MeshActor {
@@ -552,6 +560,7 @@ impl Actor for MeshActor {
             in_flight: 0,
             failed: HashSet::new(),
             fetched: 0,
+            waiters: HashMap::new(),
         })
     }
 
@@ -602,6 +611,9 @@ impl Actor for MeshActor {
                 for h in &got {
                     state.wanted.remove(h);
                     state.failed.remove(h);
+                    for w in state.waiters.remove(h).unwrap_or_default() {
+                        let _ = w.send(Ok(()));
+                    }
                 }
                 for (h, _) in failed {
                     state.failed.insert(h);
@@ -655,6 +667,23 @@ impl Actor for MeshActor {
             }
             MeshMsg::Status(reply) => {
                 let _ = reply.send(status(state));
+            }
+            MeshMsg::FetchNow { hash, size, reply } => {
+                let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
+                let entry = state.wanted.entry(hash).or_insert_with(|| (size, Vec::new()));
+                for p in connected {
+                    if !entry.1.contains(&p) {
+                        entry.1.push(p);
+                    }
+                }
+                if entry.1.is_empty() {
+                    let _ = reply.send(Err("its bytes are on a peer and no peer is connected: check `alkfs status` (peers)".into()));
+                    return Ok(());
+                }
+                state.waiters.entry(hash).or_default().push(reply);
+                state.queue.retain(|h| *h != hash);
+                state.queue.push_front(hash);
+                pump_fetches(&me, state);
             }
             MeshMsg::Panic => panic!("fault injection: mesh actor"),
         }
@@ -853,7 +882,8 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
     p.next_dial = None;
     let conn = opened.conn.clone();
     let dialer = opened.dialer;
-    let args = SessionArgs { opened, handle: state.handle.clone(), mesh: me.clone() };
+    let eager_fetch = state.net.as_ref().is_none_or(|n| n.eager_fetch);
+    let args = SessionArgs { opened, handle: state.handle.clone(), mesh: me.clone(), eager_fetch };
     match Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await {
         Ok((actor, _)) => {
             tracing::info!(peer = %peer.short(), "session open");
@@ -1027,6 +1057,7 @@ pub struct SessionArgs {
     opened: Opened,
     handle: NodeHandle,
     mesh: ActorRef<MeshMsg>,
+    eager_fetch: bool,
 }
 
 /// A session actor.
@@ -1044,6 +1075,8 @@ pub struct SessionState {
     last_summary: Instant,
     /// Documents that differed at the last summary and have not settled.
     lagging: HashSet<(Uid, u16)>,
+    /// Fetch the bytes of what arrives at once.
+    eager_fetch: bool,
 }
 
 impl Actor for SessionActor {
@@ -1079,6 +1112,7 @@ impl Actor for SessionActor {
             reader,
             last_summary: Instant::now(),
             lagging: HashSet::new(),
+            eager_fetch: args.eager_fetch,
         };
         send_summaries(&mut state).await?;
         Ok(state)
@@ -1170,7 +1204,7 @@ async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Fr
             match mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await {
                 Ok(MeshReply::Received(r)) => {
                     let Received { applied, members_changed, .. } = *r;
-                    if !applied.missing_blobs.is_empty() {
+                    if !applied.missing_blobs.is_empty() && state.eager_fetch {
                         let _ = state.mesh.cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
                     }
                     if members_changed {

@@ -106,6 +106,8 @@ pub const RESTART_WAIT: Duration = Duration::from_secs(15);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a status query may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a user waits for the bytes of a pending file.
+pub const FETCH_WAIT: Duration = Duration::from_secs(600);
 /// How long an invitation, a join or a removal may take (a join dials the inviter).
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -363,6 +365,11 @@ impl NodeHandle {
         self.call(Child::Mesh, |reply| mesh::MeshMsg::Remove { bucket: bucket.clone(), node, reply }, JOIN_TIMEOUT)
             .await?
             .map_err(NodeError::Failed)
+    }
+
+    /// Fetches blob `hash` from peers now and waits until it is here.
+    pub async fn fetch_now(&self, hash: crate::proto::entry::ContentHash, size: u64) -> Result<(), NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::FetchNow { hash, size, reply }, FETCH_WAIT).await?.map_err(NodeError::Failed)
     }
 
     /// The mesh's status (peers, fetches).
