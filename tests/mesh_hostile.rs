@@ -101,7 +101,7 @@ fn a_member_sending_oversized_or_garbage_frames_is_dropped_and_the_node_serves_t
     let (s, node, ticket, _) = node_with_a_file();
     let friend = Store::new();
     let _friend_node = Node::start(&friend, &[], &[]);
-    friend.ok(&["join", &s.ok(&["invite"]).trim()]);
+    friend.ok(&["join", s.ok(&["invite"]).trim()]);
     runtime().block_on(async {
         let ep = stranger().await;
         for attack in 0..3 {

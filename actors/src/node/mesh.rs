@@ -1114,13 +1114,35 @@ impl Actor for SessionActor {
             lagging: HashSet::new(),
             eager_fetch: args.eager_fetch,
         };
-        send_summaries(&mut state).await?;
+        // The first summaries go out from the handler, where a peer that already left ends
+        // the session quietly instead of failing its start.
+        state.last_summary = Instant::now() - ANTI_ENTROPY;
+        let _ = me.cast(SessionMsg::Recheck);
         Ok(state)
     }
 
     async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        // A peer that is gone, or stops taking data, ends its session; nothing else fails.
+        if let Err(e) = self.handle_inner(&me, msg, state).await {
+            tracing::info!(peer = %state.peer.short(), reason = %e, "session closed");
+            me.stop(None);
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _me: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        state.reader.abort();
+        let _ = state.send.finish();
+        state.conn.close(VarInt::from_u32(0), b"session ended");
+        let _ = mesh(&state.handle, MeshOp::EndSession(state.peer)).await;
+        Ok(())
+    }
+}
+
+impl SessionActor {
+    async fn handle_inner(&self, me: &ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
         match msg {
-            SessionMsg::Frame(frame) => on_frame(&me, state, frame).await?,
+            SessionMsg::Frame(frame) => on_frame(me, state, frame).await?,
             SessionMsg::Closed(why) => {
                 tracing::info!(peer = %state.peer.short(), reason = %why, "session closed");
                 me.stop(None);
@@ -1152,14 +1174,6 @@ impl Actor for SessionActor {
                 }
             }
         }
-        Ok(())
-    }
-
-    async fn post_stop(&self, _me: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
-        state.reader.abort();
-        let _ = state.send.finish();
-        state.conn.close(VarInt::from_u32(0), b"session ended");
-        let _ = mesh(&state.handle, MeshOp::EndSession(state.peer)).await;
         Ok(())
     }
 }

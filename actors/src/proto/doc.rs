@@ -214,7 +214,9 @@ mod tests {
 
     /// Runs the sync protocol between two documents until neither has anything to say;
     /// returns what each received.
-    fn sync_pair(a: &mut ReplicaDoc, b: &mut ReplicaDoc) -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>, usize) {
+    type Entries = Vec<(String, Vec<u8>)>;
+
+    fn sync_pair(a: &mut ReplicaDoc, b: &mut ReplicaDoc) -> (Entries, Entries, usize) {
         let (mut sa, mut sb) = (PeerState::new(), PeerState::new());
         let (mut got_a, mut got_b, mut rounds) = (Vec::new(), Vec::new(), 0);
         loop {
