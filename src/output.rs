@@ -185,7 +185,7 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
     writeln!(out, "node id:    {}", s.node_id)?;
     writeln!(out, "pid:        {}   uptime: {} s", s.pid, s.uptime_secs)?;
     writeln!(out, "data dir:   {} ({} bytes on disk)", s.data_dir.display(), s.store_bytes)?;
-    writeln!(out, "blobs:      {} named; {} pending index, {} indexed this run, {} failed", s.blob_count, s.blobs.pending, s.blobs.indexed, s.blobs.failed)?;
+    writeln!(out, "blobs:      {} named ({} still on peers); {} pending index, {} indexed this run, {} failed", s.blob_count, s.blobs_missing, s.blobs.pending, s.blobs.indexed, s.blobs.failed)?;
     writeln!(out, "outbox:     cursor {} of {}", s.outbox_cursor, s.outbox_head)?;
     for c in &s.consumers {
         let state = if c.expired { "expired: idle past gc.outbox_keep_days, holds nothing back" } else { "active" };

@@ -127,6 +127,9 @@ pub struct Status {
     pub store_bytes: u64,
     /// Blobs the tree names.
     pub blob_count: u64,
+    /// Of those, blobs whose bytes are still on peers (being fetched).
+    #[serde(default)]
+    pub blobs_missing: u64,
     /// The blob actor's queue and record.
     pub blobs: BlobStats,
     /// The outbox: the node's cursor and the newest event.

@@ -391,9 +391,10 @@ async fn commit_bytes(ctx: &ServerCtx, scope: Scope, dest: TreePath, bytes: &[u8
 async fn status(ctx: &ServerCtx) -> Result<Status> {
     let dir = ctx.dir.clone();
     let active_since_ms = engine::now_ms() - i64::from(ctx.retention.outbox_keep_days) * 86_400_000;
-    let (store_bytes, blob_count, consumers, members) = blocking(move || {
+    let (store_bytes, blob_count, blobs_missing, consumers, members) = blocking(move || {
         let tree = alknet_actors::store::TreeStore::open(&dir.join(alknet_actors::store::TREE_DB_FILE), false)?;
         let blobs: i64 = tree.conn().query_row("SELECT count(*) FROM blob", [], |r| r.get(0))?;
+        let missing: i64 = tree.conn().query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| r.get(0))?;
         let consumers = alknet_actors::store::outbox::consumers(tree.conn(), active_since_ms)?;
         let mut members = Vec::new();
         for id in alknet_actors::engine::mesh::shared_bucket_ids(tree.conn())? {
@@ -401,7 +402,7 @@ async fn status(ctx: &ServerCtx) -> Result<Status> {
             members.push(super::BucketMembers { bucket, members: alknet_actors::engine::mesh::members(tree.conn(), id)? });
         }
         members.sort_by(|a, b| a.bucket.cmp(&b.bucket));
-        Ok((disk_usage(&dir), blobs as u64, consumers, members))
+        Ok((disk_usage(&dir), blobs as u64, missing as u64, consumers, members))
     })
     .await?;
     let (outbox_cursor, outbox_head) = ctx.node.outbox_stats().await?;
@@ -413,6 +414,7 @@ async fn status(ctx: &ServerCtx) -> Result<Status> {
         actors: ctx.node.health().await?,
         store_bytes,
         blob_count,
+        blobs_missing,
         blobs: ctx.node.blob_stats().await?,
         outbox_cursor,
         outbox_head,

@@ -759,6 +759,8 @@ pub enum MeshOp {
     },
     /// The other members of shared buckets, with their addresses.
     Peers,
+    /// Blobs replicated versions name whose bytes are not here (at most this many).
+    Missing(usize),
     /// The bytes of a blob arrived (inline ones carry them; larger ones are in place).
     BlobArrived {
         /// The blob.
@@ -808,6 +810,8 @@ pub enum MeshReply {
     Buckets(Vec<Uid>),
     /// Peers.
     Peers(Vec<(NodeId, Vec<SocketAddr>)>),
+    /// Blobs whose bytes are not here (hash, size).
+    Blobs(Vec<(crate::proto::entry::ContentHash, u64)>),
     /// Done.
     Done,
 }
@@ -839,6 +843,17 @@ impl Mesh {
                 MeshReply::Buckets(ok)
             }
             MeshOp::Peers => MeshReply::Peers(peers(engine.tree().conn())?),
+            MeshOp::Missing(limit) => {
+                let conn = engine.tree().conn();
+                let mut st = conn.prepare_cached("SELECT hash, size FROM blob WHERE present = 0 LIMIT ?1").map_err(StoreError::from)?;
+                let rows = st
+                    .query_map([limit as i64], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+                    .map_err(StoreError::from)?
+                    .filter_map(|r| r.ok())
+                    .filter_map(|(h, s)| <[u8; 32]>::try_from(h).ok().map(|h| (crate::proto::entry::ContentHash(h), s as u64)))
+                    .collect();
+                MeshReply::Blobs(rows)
+            }
             MeshOp::BlobArrived { hash, inline } => {
                 let now = engine.now_ms();
                 engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {

@@ -57,6 +57,11 @@ pub const FETCHES_MAX: usize = 4;
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait between dials of a peer that is down.
 pub const REDIAL_MAX: Duration = Duration::from_secs(15);
+/// How often the node looks in the store for versions whose bytes never arrived (a restart
+/// forgets the fetch queue; the store remembers what is missing).
+pub const MISSING_SCAN: Duration = Duration::from_secs(5);
+/// Most missing blobs one scan queues.
+pub const MISSING_SCAN_MAX: usize = 10_000;
 
 /// Where the node listens and which relay it uses.
 #[derive(Clone, Debug)]
@@ -497,7 +502,14 @@ struct SessionSlot {
     actor: ActorRef<SessionMsg>,
     dialer: NodeId,
     conn: Connection,
+    opened_at: Instant,
 }
+
+/// Two sessions with one peer opened within this long of each other were dialed at once:
+/// both sides keep the one the smaller id dialed. A session opened later than that replaces
+/// the old one (the peer restarted or lost its connection; the old one may be dead and
+/// only time out after QUIC's idle timeout).
+pub const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct PeerInfo {
@@ -528,6 +540,8 @@ pub struct MeshState {
     fetched: u64,
     /// Users waiting for blobs.
     waiters: HashMap<ContentHash, Vec<RpcReplyPort<Result<(), String>>>>,
+    /// When the store was last scanned for missing blobs.
+    last_missing_scan: Option<Instant>,
 }
 
 impl Actor for MeshActor {
@@ -561,6 +575,7 @@ impl Actor for MeshActor {
             failed: HashSet::new(),
             fetched: 0,
             waiters: HashMap::new(),
+            last_missing_scan: None,
         })
     }
 
@@ -726,6 +741,21 @@ fn broadcast(state: &MeshState, changed: &[(Uid, u16)]) {
 
 async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     let Some(net) = state.net.clone() else { return };
+    let scan_due = state.last_missing_scan.is_none_or(|t| t.elapsed() >= MISSING_SCAN);
+    if net.eager_fetch && scan_due && !state.sessions.is_empty() && state.queue.is_empty() && state.in_flight == 0 {
+        state.last_missing_scan = Some(Instant::now());
+        if let Ok(MeshReply::Blobs(missing)) = mesh(&state.handle, MeshOp::Missing(MISSING_SCAN_MAX)).await {
+            let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
+            for (hash, size) in missing {
+                if state.wanted.contains_key(&hash) {
+                    continue;
+                }
+                state.wanted.insert(hash, (size, connected.clone()));
+                state.queue.push_back(hash);
+            }
+            pump_fetches(me, state);
+        }
+    }
     if !state.retry.is_empty() {
         let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
         for h in std::mem::take(&mut state.retry) {
@@ -867,8 +897,12 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
         net.learn(&peer, &opened.addrs);
     }
     if let Some(existing) = state.sessions.get(&peer) {
-        // Two sessions with one peer: both sides keep the one the smaller id dialed.
-        let keep_new = opened.dialer == state.me.min(peer) && existing.dialer != state.me.min(peer);
+        let keep_new = if existing.opened_at.elapsed() < SIMULTANEOUS_DIAL {
+            // Dialed at once: both sides keep the one the smaller id dialed.
+            opened.dialer == state.me.min(peer) && existing.dialer != state.me.min(peer)
+        } else {
+            true
+        };
         if !keep_new {
             opened.conn.close(VarInt::from_u32(0), b"duplicate session");
             return;
@@ -887,7 +921,7 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
     match Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await {
         Ok((actor, _)) => {
             tracing::info!(peer = %peer.short(), "session open");
-            state.sessions.insert(peer, SessionSlot { actor, dialer, conn });
+            state.sessions.insert(peer, SessionSlot { actor, dialer, conn, opened_at: Instant::now() });
         }
         Err(e) => tracing::warn!(peer = %peer.short(), error = %e, "could not start a session"),
     }
