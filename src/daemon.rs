@@ -44,6 +44,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let router = iroh::protocol::Router::builder(net.endpoint.clone())
             .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone() })
             .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, &content, dir))
+            .accept(iroh_gossip::ALPN, mesh::GatedGossip { gossip: net.gossip.clone(), names: ctx.names.clone() })
             .spawn();
         tracing::info!(listen = ?net.addrs(), "listening for peers");
         ctx.net = Some(net);

@@ -203,6 +203,7 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
     if let Some(m) = &s.mesh {
         writeln!(out, "listening:  {}", m.listen.join(", "))?;
         writeln!(out, "fetches:    {} pending, {} failed (retrying), {} fetched", m.pending_fetches, m.failed_fetches, m.fetched)?;
+        writeln!(out, "gossip:     {} topics, {} neighbours", m.gossip_topics, m.gossip_neighbors)?;
         writeln!(out, "peers:")?;
         for p in &m.peers {
             let state = if p.connected { format!("connected ({}, rtt {} ms)", p.path, p.rtt_ms.unwrap_or(0)) } else { format!("not connected ({} failed dials)", p.failures) };

@@ -83,6 +83,10 @@ fn writes_on_three_nodes_converge_and_a_race_resolves_alike_everywhere_with_the_
         m.s.put_bytes(&format!("/{name}.txt"), format!("from {name}").as_bytes());
     }
     converged(&[&a, &b, &c], "writes on all three to reach all three");
+    // Each node joined its bucket's gossip topic and has neighbours there.
+    for m in [&a, &b, &c] {
+        common::await_status(m.s.data(), Duration::from_secs(30), "gossip neighbours", |st| st["mesh"]["gossip_topics"] == 1 && st["mesh"]["gossip_neighbors"].as_i64().unwrap_or(0) >= 1);
+    }
     for m in [&a, &b, &c] {
         for name in ["a", "b", "c"] {
             await_cond(Duration::from_secs(30), "the bytes of every file", || m.get(&format!("/{name}.txt")).as_deref() == Some(format!("from {name}").as_bytes()));

@@ -86,12 +86,18 @@ fn a_stranger_with_a_valid_address_is_refused_on_sync_and_on_blobs() {
         };
         assert_ne!(got, Some(true), "a stranger fetched a member's blob");
         assert!(!store.blobs().has(hash).await.unwrap(), "no byte of it arrived");
+        // Gossip: the connection is closed before gossip sees it (the topic id admits no one).
+        let conn = ep.connect(addr_of(&ticket), iroh_gossip::ALPN).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+            Ok(iroh::endpoint::ConnectionError::ApplicationClosed(c)) => assert_eq!(c.error_code.into_inner(), 403),
+            other => panic!("a stranger's gossip connection was not refused: {other:?}"),
+        }
         ep.close().await;
     });
     // The node is unharmed and said why, once per refusal.
     assert!(s.ok(&["status"]).contains("node id"));
     let log = node.log();
-    assert!(log.contains("refused a session") && log.contains("refused a join"), "{log}");
+    assert!(log.contains("refused a session") && log.contains("refused a join") && log.contains("refused a gossip connection"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
     node.stop_with(libc::SIGTERM, Duration::from_secs(10));
 }

@@ -761,6 +761,8 @@ pub enum MeshOp {
     Peers,
     /// Blobs replicated versions name whose bytes are not here (at most this many).
     Missing(usize),
+    /// Shared buckets and their other members (not removed).
+    Shared,
     /// The bytes of a blob arrived (inline ones carry them; larger ones are in place).
     BlobArrived {
         /// The blob.
@@ -812,6 +814,8 @@ pub enum MeshReply {
     Peers(Vec<(NodeId, Vec<SocketAddr>)>),
     /// Blobs whose bytes are not here (hash, size).
     Blobs(Vec<(crate::proto::entry::ContentHash, u64)>),
+    /// Shared buckets with their other members.
+    Shared(Vec<(Uid, Vec<NodeId>)>),
     /// Done.
     Done,
 }
@@ -843,6 +847,17 @@ impl Mesh {
                 MeshReply::Buckets(ok)
             }
             MeshOp::Peers => MeshReply::Peers(peers(engine.tree().conn())?),
+            MeshOp::Shared => {
+                let conn = engine.tree().conn();
+                let uids = bucket_uids(conn)?;
+                let mut out = Vec::new();
+                for id in shared_bucket_ids(conn)? {
+                    let Some(uid) = uids.get(&id) else { continue };
+                    let others = members(conn, id)?.into_iter().filter(|m| m.removed_ms.is_none() && m.node != self.me).map(|m| m.node).collect();
+                    out.push((*uid, others));
+                }
+                MeshReply::Shared(out)
+            }
             MeshOp::Missing(limit) => {
                 let conn = engine.tree().conn();
                 let mut st = conn.prepare_cached("SELECT hash, size FROM blob WHERE present = 0 LIMIT ?1").map_err(StoreError::from)?;

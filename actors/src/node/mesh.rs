@@ -26,6 +26,7 @@
 //!   time, each bounded by a timeout; what fails is retried from another peer that has it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,6 +81,8 @@ pub struct NetConfig {
 pub struct Net {
     /// The iroh endpoint.
     pub endpoint: Endpoint,
+    /// Gossip, for announcing changed documents on each bucket's topic.
+    pub gossip: iroh_gossip::net::Gossip,
     /// Addresses of peers, from tickets and from the buckets' documents.
     pub lookup: MemoryLookup,
     /// Fetch arriving versions' bytes at once (else on first read).
@@ -106,7 +109,8 @@ pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> 
         b = b.portmapper_config(PortmapperConfig::Disabled).net_report_config(NetReportConfig::minimal());
     }
     let endpoint = b.bind().await.map_err(|e| format!("cannot listen on {}: {e} (is another node using the port?)", cfg.listen))?;
-    Ok(Net { endpoint, lookup, eager_fetch: cfg.eager_fetch })
+    let gossip = iroh_gossip::net::Gossip::builder().max_message_size(crate::proto::sync::GOSSIP_MESSAGE_BYTES_MAX).spawn(endpoint.clone());
+    Ok(Net { endpoint, gossip, lookup, eager_fetch: cfg.eager_fetch })
 }
 
 impl Net {
@@ -260,6 +264,37 @@ impl ProtocolHandler for SyncHandler {
             None => conn.close(VarInt::from_u32(503), b"restarting"),
         }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Gossip, gated: the topic id alone admits no one.
+
+/// iroh-gossip's handler behind a check: connections from nodes that share no bucket with
+/// this one are closed before gossip sees them.
+#[derive(Debug, Clone)]
+pub struct GatedGossip {
+    /// The gossip instance.
+    pub gossip: iroh_gossip::net::Gossip,
+    /// The node's actor names (the store answers who is a member).
+    pub names: Names,
+}
+
+impl ProtocolHandler for GatedGossip {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let peer = node_of(conn.remote_id());
+        let handle = NodeHandle::new(self.names.clone());
+        let member = matches!(mesh(&handle, MeshOp::Accept { peer, asked: Vec::new() }).await, Ok(MeshReply::Buckets(b)) if !b.is_empty());
+        if !member {
+            tracing::warn!(peer = %peer.short(), "refused a gossip connection from a node that shares no bucket");
+            conn.close(VarInt::from_u32(403), b"not a member");
+            return Ok(());
+        }
+        self.gossip.handle_connection(conn).await.map_err(AcceptError::from_err)
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.gossip.shutdown().await;
     }
 }
 
@@ -458,6 +493,12 @@ pub struct MeshStatus {
     pub failed_fetches: usize,
     /// Blobs fetched since start.
     pub fetched: u64,
+    /// Buckets whose gossip topic this node joined.
+    #[serde(default)]
+    pub gossip_topics: usize,
+    /// Gossip neighbours, summed over the topics.
+    #[serde(default)]
+    pub gossip_neighbors: i64,
 }
 
 /// Messages of the mesh actor (fields named for what they carry).
@@ -489,6 +530,8 @@ pub enum MeshMsg {
     Synced(NodeId, usize),
     /// Status.
     Status(RpcReplyPort<MeshStatus>),
+    /// An announcement arrived on a bucket's topic.
+    Announced(Uid, Vec<u8>),
     /// Fetch one blob now (a user is waiting for it): answered once it is here.
     FetchNow { hash: ContentHash, size: u64, reply: RpcReplyPort<Result<(), String>> },
     /// Fault injection (tests only): panic in the handler.
@@ -542,6 +585,12 @@ pub struct MeshState {
     waiters: HashMap<ContentHash, Vec<RpcReplyPort<Result<(), String>>>>,
     /// When the store was last scanned for missing blobs.
     last_missing_scan: Option<Instant>,
+    /// Each shared bucket's gossip topic: how to announce on it, and who was asked to join.
+    topics: HashMap<Uid, (iroh_gossip::api::GossipSender, HashSet<NodeId>)>,
+    /// Gossip neighbours across all topics (for status).
+    neighbors: Arc<std::sync::atomic::AtomicI64>,
+    /// Makes announcements distinct.
+    nonce: u64,
 }
 
 impl Actor for MeshActor {
@@ -576,6 +625,9 @@ impl Actor for MeshActor {
             fetched: 0,
             waiters: HashMap::new(),
             last_missing_scan: None,
+            topics: HashMap::new(),
+            neighbors: Default::default(),
+            nonce: std::collections::hash_map::RandomState::new().build_hasher().finish(),
         })
     }
 
@@ -586,6 +638,7 @@ impl Actor for MeshActor {
                     if let Ok(MeshReply::Changed(changed)) = mesh(&state.handle, MeshOp::Publish).await {
                         if !changed.is_empty() {
                             broadcast(state, &changed);
+                            announce(state, &changed).await;
                             // A full batch may leave more to publish.
                             let _ = me.cast(MeshMsg::Wake);
                         }
@@ -593,6 +646,24 @@ impl Actor for MeshActor {
                 }
             }
             MeshMsg::Changed(changed) => broadcast(state, &changed),
+            MeshMsg::Announced(bucket, bytes) => {
+                let Ok(a) = crate::proto::sync::Announcement::decode(&bytes) else {
+                    tracing::debug!("ignored a malformed gossip announcement");
+                    return Ok(());
+                };
+                if a.node == state.me {
+                    return Ok(());
+                }
+                match state.sessions.get(&a.node) {
+                    // A session: sync those documents now (our side speaks first; the peer
+                    // answers with what we lack).
+                    Some(s) => {
+                        let _ = s.actor.cast(SessionMsg::Changed(a.docs.iter().map(|(d, _)| (bucket, *d)).collect()));
+                    }
+                    // None: dial the announcer at the next tick.
+                    None => state.peers.entry(a.node).or_default().next_dial = None,
+                }
+            }
             MeshMsg::Tick => tick(&me, state).await,
             MeshMsg::MembersChanged => {
                 for s in state.sessions.values() {
@@ -739,6 +810,77 @@ fn broadcast(state: &MeshState, changed: &[(Uid, u16)]) {
     }
 }
 
+/// Announces changed documents on their buckets' gossip topics (reaching members this node
+/// has no session with, e.g. across a node that relays gossip).
+async fn announce(state: &mut MeshState, changed: &[(Uid, u16)]) {
+    let mut by_bucket: HashMap<Uid, Vec<u16>> = HashMap::new();
+    for (b, d) in changed {
+        by_bucket.entry(*b).or_default().push(*d);
+    }
+    for (bucket, docs) in by_bucket {
+        let Some((sender, _)) = state.topics.get(&bucket) else { continue };
+        let Ok(MeshReply::Summary(digests)) = mesh(&state.handle, MeshOp::Summary(bucket)).await else { continue };
+        state.nonce = state.nonce.wrapping_add(1);
+        let a = crate::proto::sync::Announcement {
+            nonce: state.nonce,
+            node: state.me,
+            docs: docs.iter().map(|d| (*d, digests.get(*d as usize).copied().unwrap_or(0))).collect(),
+        };
+        if let Err(e) = sender.broadcast(a.encode().into()).await {
+            tracing::debug!(error = %e, "gossip announcement not sent");
+        }
+    }
+}
+
+/// Joins the gossip topic of every shared bucket, with its members as bootstrap, and asks
+/// newly known members to join.
+async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
+    let Ok(MeshReply::Shared(shared)) = mesh(&state.handle, MeshOp::Shared).await else { return };
+    for (bucket, members) in shared {
+        let ids: Vec<iroh::EndpointId> = members.iter().filter_map(endpoint_id).collect();
+        match state.topics.get_mut(&bucket) {
+            Some((sender, known)) => {
+                let new: Vec<iroh::EndpointId> = members.iter().filter(|m| !known.contains(m)).filter_map(endpoint_id).collect();
+                if !new.is_empty() {
+                    let _ = sender.join_peers(new).await;
+                    known.extend(members);
+                }
+            }
+            None => {
+                let topic = iroh_gossip::TopicId::from_bytes(crate::proto::sync::topic_of(&bucket));
+                let Ok(sub) = net.gossip.subscribe(topic, ids).await else { continue };
+                let (sender, mut receiver) = sub.split();
+                let (me2, neighbors) = (me.clone(), state.neighbors.clone());
+                tokio::spawn(async move {
+                    use futures_lite::StreamExt;
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let mut mine = 0;
+                    while let Some(Ok(event)) = receiver.next().await {
+                        match event {
+                            iroh_gossip::api::Event::Received(m) => {
+                                if me2.cast(MeshMsg::Announced(bucket, m.content.to_vec())).is_err() {
+                                    break;
+                                }
+                            }
+                            iroh_gossip::api::Event::NeighborUp(_) => {
+                                mine += 1;
+                                neighbors.fetch_add(1, Relaxed);
+                            }
+                            iroh_gossip::api::Event::NeighborDown(_) => {
+                                mine -= 1;
+                                neighbors.fetch_sub(1, Relaxed);
+                            }
+                            iroh_gossip::api::Event::Lagged => {}
+                        }
+                    }
+                    neighbors.fetch_sub(mine, Relaxed);
+                });
+                state.topics.insert(bucket, (sender, members.into_iter().collect()));
+            }
+        }
+    }
+}
+
 async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     let Some(net) = state.net.clone() else { return };
     let scan_due = state.last_missing_scan.is_none_or(|t| t.elapsed() >= MISSING_SCAN);
@@ -776,6 +918,10 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
         let _ = s.actor.cast(SessionMsg::Recheck);
     }
     let Ok(MeshReply::Peers(peers)) = mesh(&state.handle, MeshOp::Peers).await else { return };
+    for (peer, addrs) in &peers {
+        net.learn(peer, addrs);
+    }
+    join_topics(me, state, &net).await;
     let now = Instant::now();
     for (peer, addrs) in peers {
         net.learn(&peer, &addrs);
@@ -1068,7 +1214,15 @@ fn status(state: &MeshState) -> MeshStatus {
         })
         .collect();
     peers.sort_by(|a, b| a.id.cmp(&b.id));
-    MeshStatus { listen, peers, pending_fetches: state.wanted.len(), failed_fetches: state.failed.len(), fetched: state.fetched }
+    MeshStatus {
+        listen,
+        peers,
+        pending_fetches: state.wanted.len(),
+        failed_fetches: state.failed.len(),
+        fetched: state.fetched,
+        gossip_topics: state.topics.len(),
+        gossip_neighbors: state.neighbors.load(std::sync::atomic::Ordering::Relaxed),
+    }
 }
 
 // ---------------------------------------------------------------------------------------

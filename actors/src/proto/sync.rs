@@ -152,6 +152,54 @@ impl Frame {
     }
 }
 
+/// What a node announces on its bucket's gossip topic when documents changed: who, which
+/// documents, their new digests. Small (well under gossip's 4 KiB cap: at most [`DOCS`]
+/// pairs), and best-effort: a peer that misses it catches up at the next summary exchange.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// Makes each announcement distinct (gossip drops repeated bytes for 90 s).
+    pub nonce: u64,
+    /// The node whose documents changed.
+    pub node: super::ids::NodeId,
+    /// (document, digest of its new heads).
+    pub docs: Vec<(u16, u64)>,
+}
+
+/// Gossip's message size limit, the same on every node (iroh-gossip's default).
+pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 4096;
+
+impl Announcement {
+    /// Encodes for gossip.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding to memory cannot fail")
+    }
+
+    /// Decodes and checks an announcement from the topic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SyncError> {
+        let a: Announcement = postcard::from_bytes(bytes).map_err(|e| SyncError::Malformed(e.to_string()))?;
+        if a.docs.len() > DOCS as usize || a.docs.iter().any(|(d, _)| *d >= DOCS) {
+            return Err(SyncError::Malformed("announcement out of bounds".into()));
+        }
+        Ok(a)
+    }
+}
+
+/// The gossip topic of a bucket: a hash of a fixed label and the bucket's id (FNV-1a, four
+/// lanes), the same on every node. Knowing it admits no one: the topic's connections are
+/// accepted from members only.
+pub fn topic_of(bucket: &Uid) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (lane, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ lane as u64;
+        for b in b"alknet-fs/bucket/1/".iter().chain(bucket.0.iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        chunk.copy_from_slice(&h.to_be_bytes());
+    }
+    out
+}
+
 /// The documents whose digests differ between two summaries of one bucket: the ones to sync.
 pub fn differing(ours: &[u64], theirs: &[u64]) -> Vec<u16> {
     (0..DOCS).filter(|d| ours.get(*d as usize) != theirs.get(*d as usize)).collect()
@@ -208,6 +256,17 @@ mod tests {
         fn garbage_is_refused_not_panicked_on(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = Frame::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn announcements_fit_gossip_and_garbage_is_refused() {
+        let a = Announcement { nonce: 1, node: super::super::ids::NodeId([3; 32]), docs: (0..DOCS).map(|d| (d, u64::MAX)).collect() };
+        let bytes = a.encode();
+        assert!(bytes.len() + 128 < GOSSIP_MESSAGE_BYTES_MAX, "a full announcement is {} bytes", bytes.len());
+        assert_eq!(Announcement::decode(&bytes).unwrap(), a);
+        let bad = Announcement { docs: vec![(DOCS, 0)], ..a };
+        assert!(Announcement::decode(&bad.encode()).is_err());
+        assert_ne!(topic_of(&Uid([1; 16])), topic_of(&Uid([2; 16])));
     }
 
     #[test]
