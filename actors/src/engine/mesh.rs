@@ -763,13 +763,9 @@ pub enum MeshOp {
     Missing(usize),
     /// Shared buckets and their other members (not removed).
     Shared,
-    /// The bytes of a blob arrived (inline ones carry them; larger ones are in place).
-    BlobArrived {
-        /// The blob.
-        hash: crate::proto::entry::ContentHash,
-        /// Its bytes, for the inline tier.
-        inline: Option<Vec<u8>>,
-    },
+    /// The bytes of blobs arrived (inline ones carry them; larger ones are in place), all
+    /// recorded in one transaction.
+    BlobsArrived(Vec<(crate::proto::entry::ContentHash, Option<Vec<u8>>)>),
 }
 
 /// What a joiner adopts.
@@ -869,13 +865,13 @@ impl Mesh {
                     .collect();
                 MeshReply::Blobs(rows)
             }
-            MeshOp::BlobArrived { hash, inline } => {
+            MeshOp::BlobsArrived(blobs) => {
                 let now = engine.now_ms();
                 engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
-                    tx.conn().execute(
-                        "UPDATE blob SET present = 1, indexed = 1, data = COALESCE(?2, data) WHERE hash = ?1",
-                        params![hash.0.to_vec(), inline],
-                    )?;
+                    let mut st = tx.conn().prepare_cached("UPDATE blob SET present = 1, indexed = 1, data = COALESCE(?2, data) WHERE hash = ?1")?;
+                    for (hash, inline) in &blobs {
+                        st.execute(params![hash.0.to_vec(), inline])?;
+                    }
                     Ok(())
                 })?;
                 MeshReply::Done

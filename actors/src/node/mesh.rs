@@ -1139,7 +1139,7 @@ async fn fetch_batch(
             tracing::warn!(peer = %peer.short(), blobs = need.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
         }
     }
-    let (mut got, mut failed) = (Vec::new(), Vec::new());
+    let (mut landed_all, mut failed) = (Vec::new(), Vec::new());
     for (h, size) in batch {
         let hash = iroh_blobs::Hash::from_bytes(h.0);
         if !store.blobs().has(hash).await.unwrap_or(false) {
@@ -1167,19 +1167,23 @@ async fn fetch_batch(
         }
         .await;
         match landed {
-            Ok(inline) => match mesh(handle, MeshOp::BlobArrived { hash: h, inline }).await {
-                Ok(_) => got.push(h),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not record a fetched blob");
-                    failed.push((h, size));
-                }
-            },
+            Ok(inline) => landed_all.push((h, size, inline)),
             Err(e) => {
                 tracing::warn!(error = %e, "could not land a fetched blob in the content store");
                 failed.push((h, size));
             }
         }
     }
+    // One transaction records the whole batch.
+    let record: Vec<(ContentHash, Option<Vec<u8>>)> = landed_all.iter().map(|(h, _, i)| (*h, i.clone())).collect();
+    let got = match mesh(handle, MeshOp::BlobsArrived(record)).await {
+        Ok(_) => landed_all.into_iter().map(|(h, _, _)| h).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record fetched blobs");
+            failed.extend(landed_all.into_iter().map(|(h, s, _)| (h, s)));
+            Vec::new()
+        }
+    };
     (got, failed)
 }
 
