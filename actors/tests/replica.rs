@@ -225,3 +225,31 @@ fn a_bucket_with_files_is_not_taken_over_by_a_join() {
     assert_eq!(other.branch_records("shared").unwrap()[0].uid, root.uid);
     drop(nodes.pop());
 }
+
+#[test]
+fn two_branches_made_at_once_under_one_name_both_survive_named_alike_everywhere() {
+    let mut rng = Rng(5);
+    let (mut nodes, uid) = mesh(2);
+    for (i, node) in nodes.iter_mut().enumerate() {
+        node.engine.create_branch(&main_scope(), "feat", None).unwrap();
+        put(&mut node.engine, &Scope::new("default", "feat"), &format!("/from-{i}"), b"x");
+    }
+    converge_all(&mut nodes, &uid, &mut rng);
+    let names = |n: &Node| {
+        let mut v: Vec<String> = n.engine.tree().branches("default").unwrap().into_iter().map(|b| b.name).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&nodes[0]), names(&nodes[1]), "the same names on both nodes");
+    let all = names(&nodes[0]);
+    assert_eq!(all.len(), 3, "main and both feats: {all:?}");
+    assert!(all.contains(&"feat".to_string()) && all.iter().any(|n| n.starts_with("feat~")), "{all:?}");
+    // Neither branch lost its write.
+    let files: Vec<String> = all
+        .iter()
+        .filter(|n| n.starts_with("feat"))
+        .flat_map(|b| nodes[0].engine.walk(&Scope::new("default", b), &p("/")).unwrap().into_iter().map(|r| r.path.to_string()))
+        .collect();
+    assert!(files.contains(&"/from-0".to_string()) && files.contains(&"/from-1".to_string()), "{files:?}");
+    assert_eq!(picture(&nodes[0].engine), picture(&nodes[1].engine));
+}
