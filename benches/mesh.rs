@@ -172,10 +172,15 @@ fn main() {
     let (n_small, big, changes, idle_secs) = if quick() { (500, 64 << 20, 20, 5) } else { (10_000, 1 << 30, 200, 30) };
     println!("| figure | measured |");
     println!("|---|---|");
+    // ALKFS_BENCH_ONLY=small runs the first figure alone (while working on it).
+    let only_small = std::env::var("ALKFS_BENCH_ONLY").is_ok_and(|v| v == "small");
     let r1 = root.path().join("small");
     std::fs::create_dir_all(&r1).unwrap();
     let secs = many_small(&r1, n_small);
     println!("| {n_small} × 4 KiB written on A, all readable on B after B joins | {secs:.2} s ({:.0} files/s) |", n_small as f64 / secs);
+    if only_small {
+        return;
+    }
     let r2 = root.path().join("large");
     std::fs::create_dir_all(&r2).unwrap();
     let secs = one_large(&r2, big);

@@ -763,8 +763,9 @@ pub enum MeshOp {
     Missing(usize),
     /// Shared buckets and their other members (not removed).
     Shared,
-    /// The bytes of blobs arrived (inline ones carry them; larger ones are in place), all
-    /// recorded in one transaction.
+    /// The bytes of blobs arrived (inline ones carry them; larger ones are in place, tagged
+    /// and referenced by the iroh-blobs store), all recorded in one transaction. Inline ones
+    /// are left for the blob actor to index (tag) in a quiet moment.
     BlobsArrived(Vec<(crate::proto::entry::ContentHash, Option<Vec<u8>>)>),
 }
 
@@ -868,7 +869,7 @@ impl Mesh {
             MeshOp::BlobsArrived(blobs) => {
                 let now = engine.now_ms();
                 engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
-                    let mut st = tx.conn().prepare_cached("UPDATE blob SET present = 1, indexed = 1, data = COALESCE(?2, data) WHERE hash = ?1")?;
+                    let mut st = tx.conn().prepare_cached("UPDATE blob SET present = 1, indexed = (?2 IS NULL), data = COALESCE(?2, data) WHERE hash = ?1")?;
                     for (hash, inline) in &blobs {
                         st.execute(params![hash.0.to_vec(), inline])?;
                     }

@@ -320,29 +320,45 @@ pub fn gated_blobs(index: &Arc<crate::index::BlobIndex>, content: &crate::conten
     iroh_blobs::BlobsProtocol::new(index.store(), Some(events))
 }
 
-/// Indexes, now, those of `hashes` the iroh-blobs store lacks.
-async fn index_now(tree: &Arc<std::sync::Mutex<crate::store::TreeStore>>, index: &crate::index::BlobIndex, content: &crate::content::ContentStore, hashes: &[[u8; 32]]) {
-    for h in hashes {
-        if index.store().blobs().has(iroh_blobs::Hash::from_bytes(*h)).await.unwrap_or(false) {
-            continue;
-        }
-        let (tree2, hash) = (tree.clone(), ContentHash(*h));
-        let row = tokio::task::spawn_blocking(move || {
-            let t = tree2.lock().expect("gate db");
-            t.conn()
-                .query_row("SELECT size, data FROM blob WHERE hash = ?1 AND present = 1", [hash.0.to_vec()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?)))
-                .ok()
-        })
-        .await
-        .ok()
-        .flatten();
-        if let Some((size, inline)) = row {
-            let pending = crate::store::read::PendingBlob { hash, size: size as u64, inline };
-            if let Err(e) = index.add(content, &pending).await {
-                tracing::warn!(hash = %hash, error = %e, "could not index a blob a peer asked for");
+/// Blobs a request may index at once (iroh-blobs' store takes many small adds faster in
+/// parallel: DESIGN.md measured 8.1k/s one at a time, 13.9k/s with 16 in flight).
+const INDEX_NOW_IN_FLIGHT: usize = 16;
+
+/// Indexes, now, those of `hashes` the iroh-blobs store lacks (those the blob actor has not
+/// reached yet), several at a time.
+async fn index_now(tree: &Arc<std::sync::Mutex<crate::store::TreeStore>>, index: &Arc<crate::index::BlobIndex>, content: &crate::content::ContentStore, hashes: &[[u8; 32]]) {
+    // One read of the tree for the whole request: the blobs not yet indexed, with their bytes
+    // when inline.
+    let (tree2, wanted) = (tree.clone(), hashes.to_vec());
+    let rows: Vec<crate::store::read::PendingBlob> = tokio::task::spawn_blocking(move || {
+        let t = tree2.lock().expect("gate db");
+        let mut out = Vec::new();
+        let Ok(mut st) = t.conn().prepare_cached("SELECT size, data FROM blob WHERE hash = ?1 AND present = 1 AND indexed = 0") else { return out };
+        for h in wanted {
+            if let Ok((size, inline)) = st.query_row([h.to_vec()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))) {
+                out.push(crate::store::read::PendingBlob { hash: ContentHash(h), size: size as u64, inline });
             }
         }
+        out
+    })
+    .await
+    .unwrap_or_default();
+    let mut running = tokio::task::JoinSet::new();
+    for pending in rows {
+        while running.len() >= INDEX_NOW_IN_FLIGHT {
+            running.join_next().await;
+        }
+        let (index, content) = (index.clone(), content.clone());
+        running.spawn(async move {
+            if index.store().blobs().has(iroh_blobs::Hash::from_bytes(pending.hash.0)).await.unwrap_or(false) {
+                return;
+            }
+            if let Err(e) = index.add(&content, &pending).await {
+                tracing::warn!(hash = %pending.hash, error = %e, "could not index a blob a peer asked for");
+            }
+        });
     }
+    while running.join_next().await.is_some() {}
 }
 
 async fn blob_gate(
@@ -1113,15 +1129,18 @@ async fn fetch_batch(
 ) -> (Vec<ContentHash>, Vec<(ContentHash, u64)>) {
     use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
     let store = index.store();
-    let mut need = Vec::new();
+    // Each call to the iroh-blobs store is a round trip to its actor: per blob, only what is
+    // needed. Blobs above the inline tier are tagged first, so iroh-blobs' own GC never takes
+    // one between its arrival and its landing (their file stays iroh-blobs' data). Inline
+    // ones are copied into tree.db right after arriving; should its GC take one in that
+    // instant, reading it fails and the blob is fetched again.
     for (h, size) in &batch {
-        // Tag first, so iroh-blobs' own GC never takes a blob between its arrival and its landing.
-        let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
-        if !store.blobs().has(iroh_blobs::Hash::from_bytes(h.0)).await.unwrap_or(false) {
-            need.push((*h, *size));
+        if *size as usize > crate::content::INLINE_BYTES_MAX {
+            let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
         }
     }
-    if !need.is_empty() {
+    let need = &batch;
+    {
         let result = async {
             let id = endpoint_id(&peer).ok_or("bad peer id")?;
             let conn = tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN)).await.map_err(|_| "connect timeout".to_string())?.map_err(|e| e.to_string())?;
@@ -1142,10 +1161,6 @@ async fn fetch_batch(
     let (mut landed_all, mut failed) = (Vec::new(), Vec::new());
     for (h, size) in batch {
         let hash = iroh_blobs::Hash::from_bytes(h.0);
-        if !store.blobs().has(hash).await.unwrap_or(false) {
-            failed.push((h, size));
-            continue;
-        }
         let landed: Result<Option<Vec<u8>>, String> = async {
             if size as usize <= crate::content::INLINE_BYTES_MAX {
                 Ok(Some(store.get_bytes(hash).await.map_err(|e| e.to_string())?.to_vec()))
@@ -1154,6 +1169,9 @@ async fn fetch_batch(
                 if !target.exists() {
                     if let Some(dir) = target.parent() {
                         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                    }
+                    if !store.blobs().has(hash).await.unwrap_or(false) {
+                        return Err("did not arrive".to_string());
                     }
                     let opts = iroh_blobs::api::blobs::ExportOptions { hash, mode: iroh_blobs::api::blobs::ExportMode::TryReference, target: target.clone() };
                     store.export_with_opts(opts).await.map_err(|e| e.to_string())?;
@@ -1169,7 +1187,7 @@ async fn fetch_batch(
         match landed {
             Ok(inline) => landed_all.push((h, size, inline)),
             Err(e) => {
-                tracing::warn!(error = %e, "could not land a fetched blob in the content store");
+                tracing::debug!(hash = %h, error = %e, "a blob did not land; fetched again");
                 failed.push((h, size));
             }
         }
