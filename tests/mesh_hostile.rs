@@ -161,3 +161,40 @@ fn with_lazy_fetching_a_file_whose_bytes_are_on_a_peer_is_fetched_when_read() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == big, "the fetched bytes differ");
 }
+
+#[test]
+fn a_member_that_stops_reading_stalls_only_its_own_session() {
+    let (s, node, ticket, _) = node_with_a_file();
+    let friend = Store::new();
+    let _friend_node = Node::start(&friend, &[], &[]);
+    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    let rt = runtime();
+    // The staller joins, says Hello, and then never reads a byte (its receive window fills).
+    let (_ep, _conn, _streams) = rt.block_on(async {
+        let ep = stranger().await;
+        let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await, Some(Frame::Joined { .. })));
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![] }.encode()).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })));
+        (ep, conn, (send, recv))
+    });
+    // Enough new history to fill the staller's window many times over.
+    let src = s.scratch().join("many");
+    std::fs::create_dir_all(&src).unwrap();
+    // ~8,000 versions of ~250 bytes each in the documents: megabytes of sync messages, past
+    // QUIC's stream window, so the node's writes to the staller block.
+    for i in 0..8000 {
+        std::fs::write(src.join(format!("f{i}")), i.to_string()).unwrap();
+    }
+    s.ok(&["put", "-r", src.to_str().unwrap(), "/many"]);
+    s.put_bytes("/last.txt", b"the honest member still gets this");
+    let t = std::time::Instant::now();
+    await_cond(Duration::from_secs(20), "the honest member to get writes while another member stalls", || {
+        friend.run(&["get", "/last.txt"]).stdout == b"the honest member still gets this"
+    });
+    assert!(t.elapsed() < Duration::from_secs(15), "the stalled member held the others up: {:?}", t.elapsed());
+    assert!(s.ok(&["status"]).contains("node id"), "the node answers");
+    assert!(!node.log().contains("panicked"));
+}
