@@ -133,3 +133,19 @@ fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     assert!(b.engine.file_entry(&main_scope(), &p("/x")).is_ok(), "B has the entry; its bytes are still on A (no blob transfer here)");
     assert_eq!(get(&a.engine, &main_scope(), "/x").unwrap(), b"x");
 }
+
+#[test]
+fn a_branch_deleted_on_one_node_is_deleted_on_the_other() {
+    let (mut a, mut b) = (Node::new(), Node::new());
+    let uid = join(&mut a, &mut b);
+    a.engine.create_branch(&main_scope(), "old-idea", None).unwrap();
+    sync(&mut a, &mut b, &uid);
+    assert!(b.engine.tree().branch("default", "old-idea").is_ok());
+    b.engine.delete_branch(&main_scope(), "old-idea").unwrap();
+    sync(&mut a, &mut b, &uid);
+    assert!(a.engine.tree().branch("default", "old-idea").is_err(), "the deletion reached A");
+    // A deleted branch's name is free again, on both nodes.
+    a.engine.create_branch(&main_scope(), "old-idea", None).unwrap();
+    sync(&mut a, &mut b, &uid);
+    assert!(b.engine.tree().branch("default", "old-idea").is_ok());
+}

@@ -172,7 +172,17 @@ impl Mesh {
                 continue;
             }
             match event.op.as_str() {
-                "replicated" | "branch-delete" => {}
+                "replicated" => {}
+                "branch-delete" => {
+                    let uid: Option<Vec<u8>> = conn
+                        .query_row("SELECT uid FROM branch WHERE bucket_id = ?1 AND name = ?2 AND deleted_seq = ?3", params![event.bucket_id, event.branch, event.first_seq], |r| r.get(0))
+                        .optional()
+                        .map_err(StoreError::from)?;
+                    if let Some(uid) = uid.and_then(|u| Uid::from_bytes(&u)) {
+                        let e = MetaEntry::BranchDeleted { uid, by: self.me, at_ms: now };
+                        puts.push((event.bucket_id, META_DOC, e.key(), e.value()));
+                    }
+                }
                 "branch-create" | "bucket-create" => {
                     if let Ok(b) = crate::store::branch_by_name(conn, event.bucket_id, &event.branch) {
                         let rec = MetaEntry::Branch(branch_record(conn, &b)?);
@@ -577,6 +587,16 @@ fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], now: i64) 
                 )?;
             }
             MetaEntry::Addrs { node, addrs } => record_addrs(conn, node, addrs, now)?,
+            MetaEntry::BranchDeleted { uid, .. } => {
+                if let Some(b) = crate::store::replica::branch_by_uid(tx.conn(), bucket_id, uid)? {
+                    if b.parent_id.is_some() {
+                        let seq = tx.next_seq();
+                        if tx.conn().execute("UPDATE branch SET deleted_seq = ?1 WHERE id = ?2 AND deleted_seq IS NULL", params![seq, b.id])? > 0 {
+                            tx.emit(crate::store::outbox::Event::branch_op("branch-delete", &b, seq));
+                        }
+                    }
+                }
+            }
             MetaEntry::Branch(_) => {}
         }
     }

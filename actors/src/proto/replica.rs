@@ -310,6 +310,15 @@ pub enum MetaEntry {
         /// When.
         at_ms: i64,
     },
+    /// A branch deleted (its history stays while branches forked from it read through it).
+    BranchDeleted {
+        /// The branch.
+        uid: Uid,
+        /// Who deleted it.
+        by: NodeId,
+        /// When.
+        at_ms: i64,
+    },
     /// Where a node listens.
     Addrs {
         /// The node.
@@ -333,6 +342,7 @@ impl MetaEntry {
             MetaEntry::Member { node, .. } => format!("member/{}", node.to_hex()),
             MetaEntry::Removed { node, .. } => format!("removed/{}", node.to_hex()),
             MetaEntry::Addrs { node, .. } => format!("addr/{}", node.to_hex()),
+            MetaEntry::BranchDeleted { uid, .. } => format!("deleted/{}", uid.to_hex()),
         }
     }
 
@@ -343,6 +353,7 @@ impl MetaEntry {
             MetaEntry::Member { added_by, at_ms, .. } => enc(&ByWhom { by: added_by.0, at_ms: *at_ms }),
             MetaEntry::Removed { by, at_ms, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
             MetaEntry::Addrs { addrs, .. } => enc(addrs),
+            MetaEntry::BranchDeleted { by, at_ms, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
         }
     }
 
@@ -369,6 +380,11 @@ impl MetaEntry {
                 } else {
                     MetaEntry::Removed { node, by: NodeId(w.by), at_ms: w.at_ms }
                 })
+            }
+            "deleted" => {
+                let uid = Uid::from_hex(id).ok_or_else(|| bad("a bad branch id"))?;
+                let w: ByWhom = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
+                Ok(MetaEntry::BranchDeleted { uid, by: NodeId(w.by), at_ms: w.at_ms })
             }
             "addr" => {
                 let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
@@ -476,6 +492,7 @@ mod tests {
             MetaEntry::Member { node: n, added_by: NodeId([4; 32]), at_ms: 5 },
             MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6 },
             MetaEntry::Addrs { node: n, addrs: vec!["127.0.0.1:7".parse().unwrap()] },
+            MetaEntry::BranchDeleted { uid: Uid([5; 16]), by: n, at_ms: 8 },
             MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 }),
         ];
         for e in entries {
