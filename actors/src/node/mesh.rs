@@ -737,7 +737,9 @@ impl Actor for MeshActor {
                 let addrs = net.addrs();
                 let answer = match mesh(&state.handle, MeshOp::Invite { bucket, expires_ms, uses, addrs: addrs.clone() }).await {
                     Ok(MeshReply::Invited(uid, secret)) => {
-                        Ok(Ticket { node: state.me, addrs, relay: None, bucket: uid, secret }.encode())
+                        // The home relay, when the node uses one, lets a joiner behind NAT reach it.
+                        let relay = net.endpoint.addr().relay_urls().next().map(|u| u.to_string());
+                        Ok(Ticket { node: state.me, addrs, relay, bucket: uid, secret }.encode())
                     }
                     Ok(_) => Err("unexpected answer from the store".to_string()),
                     Err(e) => Err(e),
@@ -1009,6 +1011,9 @@ async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: O
         return Err("this ticket was made by this node: give it to another node".into());
     }
     net.learn(&ticket.node, &ticket.addrs);
+    if let (Some(url), Some(id)) = (ticket.relay.as_deref().and_then(|u| u.parse::<iroh::RelayUrl>().ok()), endpoint_id(&ticket.node)) {
+        net.lookup.add_endpoint_info(EndpointAddr::new(id).with_relay_url(url));
+    }
     // The handshake's Joined frame carries the bucket's name and root: read it here, then
     // adopt before the session starts applying what the inviter sends.
     let id = endpoint_id(&ticket.node).ok_or("the ticket names an invalid node id")?;
