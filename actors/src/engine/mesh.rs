@@ -488,7 +488,13 @@ impl Mesh {
         }
         received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Removed { .. }));
         let now = engine.now_ms();
-        let ids = Ids::AtMost((changes.len() + meta.len() + 64) as u64);
+        // A branch record may release changes that waited for it (applied in this same
+        // transaction, so not counted here): then the ids are not known in advance.
+        let ids = if meta.iter().any(|e| matches!(e, MetaEntry::Branch(_))) {
+            Ids::Unbounded
+        } else {
+            Ids::AtMost((changes.len() + meta.len()) as u64)
+        };
         let touched = HashSet::from([(bucket.id, doc)]);
         let result = engine.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
             self.persist(tx, bucket.id, doc)?;

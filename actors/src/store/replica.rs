@@ -120,13 +120,15 @@ impl Tx<'_> {
             }
             out
         };
-        let tips = tips(&rows.iter().map(|r| (r.key.version(), r.pred)).collect::<Vec<_>>());
+        // Sets and maps, not scans: a peer may send a path many versions at once.
+        let tips: std::collections::HashSet<VersionId> = tips(&rows.iter().map(|r| (r.key.version(), r.pred)).collect::<Vec<_>>()).into_iter().collect();
+        let by_pred: std::collections::HashMap<VersionId, &Row> = rows.iter().filter_map(|w| w.pred.map(|p| (p, w))).collect();
         let Some(head) = rows.iter().filter(|r| tips.contains(&r.key.version())).max_by_key(|r| r.key) else { return Ok(0) };
         // (loser seq, winner seq, kind)
         let mut losers: Vec<(i64, i64, &str, &OrderKey)> = Vec::new();
         for r in &rows {
             if r.merge_loser {
-                let beaten_by = rows.iter().find(|w| w.pred == Some(r.key.version())).unwrap_or(head);
+                let beaten_by = by_pred.get(&r.key.version()).copied().unwrap_or(head);
                 losers.push((r.seq, beaten_by.seq, "merge", &r.key));
             } else if r.seq != head.seq && tips.contains(&r.key.version()) {
                 losers.push((r.seq, head.seq, "concurrent", &r.key));
