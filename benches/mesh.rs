@@ -34,7 +34,6 @@ fn ok(data: &Path, args: &[&str]) -> String {
 
 struct Node {
     child: Child,
-    data: PathBuf,
 }
 
 impl Node {
@@ -49,13 +48,9 @@ impl Node {
             .stderr(log)
             .spawn()
             .unwrap();
-        let node = Node { child, data: data.to_path_buf() };
+        let node = Node { child };
         wait(Duration::from_secs(30), || alkfs(data, &["status"]).status.success());
         node
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&ok(&self.data, &["status", "--json"])).unwrap()
     }
 
     fn cpu_ticks(&self) -> u64 {
@@ -87,53 +82,199 @@ fn payload(i: usize, len: usize) -> Vec<u8> {
     out
 }
 
-/// Files written on A (as one `put -r`), then B joins: seconds until every file's bytes are on B.
+/// Blobs A's store has not yet indexed into iroh-blobs (read from its tree.db).
+fn unindexed(data: &Path) -> i64 {
+    let db = rusqlite::Connection::open_with_flags(data.join("tree.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    db.query_row("SELECT count(*) FROM blob WHERE indexed = 0", [], |r| r.get(0)).unwrap()
+}
+
+/// Waits until every blob of `data` is indexed (what iroh-docs' writer has by construction:
+/// it writes through iroh-blobs).
+fn wait_indexed(data: &Path) {
+    wait(Duration::from_secs(600), || unindexed(data) == 0);
+}
+
+/// Waits until B holds the bytes of at least `blobs` blobs and misses none, then until
+/// `ls -R /` lists `entries` lines: every file listed and readable. The polling reads B's
+/// tree.db (cheap, no process per poll) and lists once at the end.
+fn wait_complete(b_dir: &Path, blobs: i64, entries: usize) {
+    let db = rusqlite::Connection::open_with_flags(b_dir.join("tree.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let end = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (present, missing): (i64, i64) = db
+            .query_row("SELECT coalesce(sum(present = 1), 0), coalesce(sum(present = 0), 0) FROM blob", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap_or((0, 1));
+        if present >= blobs && missing == 0 && ok(b_dir, &["ls", "-R", "/"]).lines().count() >= entries {
+            return;
+        }
+        assert!(Instant::now() < end, "B never completed: {present} blobs present, {missing} missing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The small-files source tree: `n` files of 4 KiB, 100 per directory (the layout the
+/// baselines use).
+fn small_tree(root: &Path, n: usize) -> PathBuf {
+    let src = root.join("src");
+    if !src.exists() {
+        for i in 0..n {
+            let d = src.join(format!("d{}", i / 100));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(format!("f{i}")), payload(i, 4096)).unwrap();
+        }
+    }
+    src
+}
+
+/// A has the files (one `put -r`, indexed); B joins: seconds until every file is on B.
 fn many_small(root: &Path, n: usize) -> f64 {
+    let _ = std::fs::remove_dir_all(root.join("a"));
+    let _ = std::fs::remove_dir_all(root.join("b"));
     let (a_dir, b_dir) = (root.join("a"), root.join("b"));
     let a = Node::start(&a_dir);
-    let src = root.join("src");
-    for i in 0..n {
-        let d = src.join(format!("d{}", i / 100));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(format!("f{i}")), payload(i, 4096)).unwrap();
-    }
+    let src = small_tree(root, n);
     ok(&a_dir, &["put", "-r", src.to_str().unwrap(), "/data"]);
+    wait_indexed(&a_dir);
     let b = Node::start(&b_dir);
     let ticket = ok(&a_dir, &["invite"]);
     let t = Instant::now();
     ok(&b_dir, &["join", ticket.trim()]);
-    let want = n + n.div_ceil(100) + 1; // files, their directories, /data
-    wait(Duration::from_secs(600), || {
-        let st = b.status();
-        st["blobs_missing"] == 0 && st["blob_count"].as_u64().unwrap_or(0) >= n as u64 && ok(&b_dir, &["ls", "-R", "/"]).lines().count() >= want
-    });
+    wait_complete(&b_dir, n as i64, n + n.div_ceil(100) + 1); // files, their directories, /data
     let secs = t.elapsed().as_secs_f64();
     drop((a, b));
     secs
 }
 
-/// One large file written on A after B joined: seconds until its bytes are on B.
-fn one_large(root: &Path, len: usize) -> f64 {
+/// "100 of 100 runs complete": A holds `n` files; `runs` fresh nodes join it one after
+/// another, each must get everything within the limit. Returns each run's seconds.
+fn repeated_small(root: &Path, n: usize, runs: usize) -> Vec<f64> {
+    let a_dir = root.join("a");
+    let a = Node::start(&a_dir);
+    let src = small_tree(root, n);
+    ok(&a_dir, &["put", "-r", src.to_str().unwrap(), "/data"]);
+    wait_indexed(&a_dir);
+    let mut out = Vec::new();
+    for run in 0..runs {
+        let b_dir = root.join(format!("b{run}"));
+        let b = Node::start(&b_dir);
+        let t = Instant::now();
+        ok(&b_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
+        wait_complete(&b_dir, n as i64, n + n.div_ceil(100) + 1);
+        out.push(t.elapsed().as_secs_f64());
+        eprintln!("run {}/{runs}: {:.2} s", run + 1, out[run]);
+        drop(b);
+        std::fs::remove_dir_all(&b_dir).unwrap();
+    }
+    drop(a);
+    out
+}
+
+fn big_file(root: &Path, len: usize) -> PathBuf {
+    let src = root.join("big");
+    if !src.exists() {
+        let mut f = std::fs::File::create(&src).unwrap();
+        for i in 0..len >> 20 {
+            std::io::Write::write_all(&mut f, &payload(i, 1 << 20)).unwrap();
+        }
+    }
+    src
+}
+
+/// One large file: `import` = A has it (indexed), then B joins, timed from the join (what
+/// iroh-docs' import mode times); otherwise B has joined and the time runs from the write on A.
+fn one_large(root: &Path, len: usize, import: bool) -> f64 {
+    let _ = std::fs::remove_dir_all(root.join("a"));
+    let _ = std::fs::remove_dir_all(root.join("b"));
     let (a_dir, b_dir) = (root.join("a"), root.join("b"));
+    let src = big_file(root, len);
     let a = Node::start(&a_dir);
     let b = Node::start(&b_dir);
-    ok(&b_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
-    let src = root.join("big");
-    let mut f = std::fs::File::create(&src).unwrap();
-    let chunk = payload(1, 1 << 20);
-    for _ in 0..len >> 20 {
-        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    let t;
+    if import {
+        ok(&a_dir, &["put", src.to_str().unwrap(), "/big"]);
+        wait_indexed(&a_dir);
+        t = Instant::now();
+        ok(&b_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
+    } else {
+        ok(&b_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
+        t = Instant::now();
+        ok(&a_dir, &["put", src.to_str().unwrap(), "/big"]);
     }
-    drop(f);
-    let t = Instant::now();
-    ok(&a_dir, &["put", src.to_str().unwrap(), "/big"]);
-    wait(Duration::from_secs(600), || {
-        let st = b.status();
-        st["blob_count"].as_u64().unwrap_or(0) >= 1 && st["blobs_missing"] == 0
-    });
+    wait_complete(&b_dir, 1, 2);
     let secs = t.elapsed().as_secs_f64();
     drop((a, b));
     secs
+}
+
+/// The raw baseline: the same bytes as one iroh-blobs transfer between two file stores on
+/// loopback, endpoints bound the way the node binds its own (relays off). A has imported the
+/// file beforehand; timed from B's connect to the blob complete in B's store, and, with
+/// `land`, on to what the node does after a transfer: the blob exported into a file of its
+/// own (by reference) and fsynced.
+fn raw_blobs(root: &Path, len: usize, land: bool) -> f64 {
+    use alknet_actors::node::mesh::{bind, NetConfig};
+    let src = std::path::absolute(big_file(root, len)).unwrap();
+    let dir = root.join("raw");
+    let _ = std::fs::remove_dir_all(&dir);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let cfg = NetConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: None, eager_fetch: true };
+        let a_store = iroh_blobs::store::fs::FsStore::load(dir.join("a")).await.unwrap();
+        let b_store = iroh_blobs::store::fs::FsStore::load(dir.join("b")).await.unwrap();
+        let a = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
+        let b = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
+        let router = iroh::protocol::Router::builder(a.endpoint.clone()).accept(iroh_blobs::ALPN, iroh_blobs::BlobsProtocol::new(&a_store, None)).spawn();
+        let opts = iroh_blobs::api::blobs::AddPathOptions { path: src, format: iroh_blobs::BlobFormat::Raw, mode: iroh_blobs::api::blobs::ImportMode::TryReference };
+        let tag = a_store.add_path_with_opts(opts).await.unwrap();
+        let mut addr = iroh::EndpointAddr::new(a.endpoint.id());
+        for s in a.addrs() {
+            addr = addr.with_ip_addr(s);
+        }
+        let t = Instant::now();
+        let conn = b.endpoint.connect(addr, iroh_blobs::ALPN).await.unwrap();
+        b_store.remote().fetch(conn, tag.hash).await.unwrap();
+        if land {
+            let target = std::path::absolute(dir.join("landed")).unwrap();
+            let opts = iroh_blobs::api::blobs::ExportOptions { hash: tag.hash, mode: iroh_blobs::api::blobs::ExportMode::TryReference, target: target.clone() };
+            b_store.export_with_opts(opts).await.unwrap();
+            std::fs::File::open(&target).unwrap().sync_all().unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        router.shutdown().await.unwrap();
+        a_store.shutdown().await.unwrap();
+        b_store.shutdown().await.unwrap();
+        secs
+    })
+}
+
+/// Runs an external baseline and returns its `seconds=` figure (None if it failed).
+fn baseline(cmd: &mut Command) -> Option<f64> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        eprintln!("baseline {cmd:?} failed: {text}");
+        return None;
+    }
+    let line = text.lines().rev().find(|l| l.contains("seconds="))?;
+    line.split_whitespace().find_map(|w| w.strip_prefix("seconds=")).and_then(|v| v.parse().ok())
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn show(xs: &[f64]) -> String {
+    if xs.is_empty() {
+        return "not run".into();
+    }
+    let list: Vec<String> = xs.iter().map(|x| format!("{x:.2}")).collect();
+    format!("median {:.2} s ({})", median(xs), list.join(", "))
 }
 
 /// One-file changes on A, each polled for on B until readable: (p50, p99) in ms.
@@ -170,31 +311,80 @@ fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
 fn main() {
     let root = tempfile::tempdir().unwrap();
     let (n_small, big, changes, idle_secs) = if quick() { (500, 64 << 20, 20, 5) } else { (10_000, 1 << 30, 200, 30) };
-    println!("| figure | measured |");
-    println!("|---|---|");
-    // ALKFS_BENCH_ONLY=small runs the first figure alone (while working on it).
-    let only_small = std::env::var("ALKFS_BENCH_ONLY").is_ok_and(|v| v == "small");
-    let r1 = root.path().join("small");
-    std::fs::create_dir_all(&r1).unwrap();
-    let secs = many_small(&r1, n_small);
-    println!("| {n_small} × 4 KiB written on A, all readable on B after B joins | {secs:.2} s ({:.0} files/s) |", n_small as f64 / secs);
-    if only_small {
-        return;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let rounds: usize = env("ALKFS_BENCH_ROUNDS").and_then(|v| v.parse().ok()).unwrap_or(if quick() { 1 } else { 3 });
+    // ALKFS_BENCH_ONLY=small,large,latency,idle,repeat picks figures (default: all but repeat).
+    let only = env("ALKFS_BENCH_ONLY").unwrap_or_else(|| "small,large,latency,idle".into());
+    let want = |f: &str| only.split(',').any(|o| o == f);
+    // The baselines of ../shared/bench, when given: an iroh-docs-baseline binary, the
+    // Syncthing script.
+    let iroh_docs = env("ALKFS_BENCH_IROH_DOCS");
+    let syncthing = env("ALKFS_BENCH_SYNCTHING");
+    println!("| figure | measured | baseline, same run (alternating) | ratio |");
+    println!("|---|---|---|---|");
+    if want("small") {
+        let r = root.path().join("small");
+        std::fs::create_dir_all(&r).unwrap();
+        let (mut ours, mut docs, mut st) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            ours.push(many_small(&r, n_small));
+            eprintln!("round {round}: alkfs {:.2} s", ours[round]);
+            if let Some(bin) = &iroh_docs {
+                docs.extend(baseline(Command::new(bin).args(["--mode", "import", "-n", &n_small.to_string(), "-s", "4096", "--dir", r.to_str().unwrap()])));
+                eprintln!("round {round}: iroh-docs {:?}", docs.last());
+            }
+            if let Some(script) = &syncthing {
+                st.extend(baseline(Command::new("bash").args([script, &n_small.to_string(), "4096", "--tmpdir", r.to_str().unwrap()])));
+                eprintln!("round {round}: syncthing {:?}", st.last());
+            }
+        }
+        let m = median(&ours);
+        println!("| {n_small} × 4 KiB on A, all on B from B's join | {} | iroh-docs import {}; Syncthing {} | {:.2}× iroh-docs, {:.2}× Syncthing |", show(&ours), show(&docs), show(&st), m / median(&docs), m / median(&st));
     }
-    let r2 = root.path().join("large");
-    std::fs::create_dir_all(&r2).unwrap();
-    let secs = one_large(&r2, big);
-    println!("| one {} MiB file A→B (write on A to bytes on B) | {secs:.2} s ({:.0} MiB/s) |", big >> 20, (big >> 20) as f64 / secs);
-    let r3 = root.path().join("latency");
-    std::fs::create_dir_all(&r3).unwrap();
-    let (p50, p99, a, b, c) = change_latency(&r3, changes);
-    println!("| a one-file change on A readable on B ({changes} changes) | p50 {p50:.0} ms, p99 {p99:.0} ms |");
-    // Idle: A with two connected peers, nothing written.
-    std::thread::sleep(Duration::from_secs(2));
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let before = a.cpu_ticks();
-    std::thread::sleep(Duration::from_secs(idle_secs));
-    let pct = (a.cpu_ticks() - before) as f64 / hz / idle_secs as f64 * 100.0;
-    println!("| an idle node with two connected peers ({idle_secs} s) | {pct:.2} % of a core |");
-    drop((a, b, c));
+    if want("repeat") {
+        let r = root.path().join("repeat");
+        std::fs::create_dir_all(&r).unwrap();
+        let runs: usize = env("ALKFS_BENCH_REPEAT").and_then(|v| v.parse().ok()).unwrap_or(100);
+        let times = repeated_small(&r, n_small, runs);
+        let max = times.iter().cloned().fold(0.0, f64::max);
+        println!("| {n_small} × 4 KiB to a fresh joiner, repeated | {} of {runs} runs complete; median {:.2} s, slowest {max:.2} s | — | — |", times.len(), median(&times));
+    }
+    if want("large") {
+        let r = root.path().join("large");
+        std::fs::create_dir_all(&r).unwrap();
+        let (mut ours, mut raw, mut raw_land, mut docs, mut live) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            ours.push(one_large(&r, big, true));
+            raw.push(raw_blobs(&r, big, false));
+            raw_land.push(raw_blobs(&r, big, true));
+            if let Some(bin) = &iroh_docs {
+                docs.extend(baseline(Command::new(bin).args(["--mode", "import", "--large", &big.to_string(), "--dir", r.to_str().unwrap()])));
+            }
+            live.push(one_large(&r, big, false));
+            eprintln!("round {round}: alkfs {:.2} s, raw {:.2} s, raw+land {:.2} s, iroh-docs {:?}, alkfs live {:.2} s", ours[round], raw[round], raw_land[round], docs.last(), live[round]);
+        }
+        let mib = (big >> 20) as f64;
+        let m = median(&ours);
+        println!("| one {} MiB file on A, on B from B's join | {} ({:.0} MiB/s) | raw iroh-blobs {} ({:.0} MiB/s) | {:.2}× raw throughput |", big >> 20, show(&ours), mib / m, show(&raw), mib / median(&raw), median(&raw) / m);
+        println!("| ... the same | | raw iroh-blobs + export + fsync {} | {:.2}× its throughput |", show(&raw_land), median(&raw_land) / m);
+        println!("| ... the same | | iroh-docs import {} | {:.2}× iroh-docs' time |", show(&docs), m / median(&docs));
+        println!("| one {} MiB file, from the write on A (B joined) to its bytes on B | {} ({:.0} MiB/s) | — | — |", big >> 20, show(&live), mib / median(&live));
+    }
+    let latency = want("latency") || want("idle");
+    if latency {
+        let r3 = root.path().join("latency");
+        std::fs::create_dir_all(&r3).unwrap();
+        let (p50, p99, a, b, c) = change_latency(&r3, changes);
+        println!("| a one-file change on A readable on B ({changes} changes) | p50 {p50:.0} ms, p99 {p99:.0} ms | — | — |");
+        if want("idle") {
+            // Idle: A with two connected peers, nothing written.
+            std::thread::sleep(Duration::from_secs(2));
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            let before = a.cpu_ticks();
+            std::thread::sleep(Duration::from_secs(idle_secs));
+            let pct = (a.cpu_ticks() - before) as f64 / hz / idle_secs as f64 * 100.0;
+            println!("| an idle node with two connected peers ({idle_secs} s) | {pct:.2} % of a core | — | — |");
+        }
+        drop((a, b, c));
+    }
 }

@@ -1,7 +1,7 @@
 //! A hostile peer, played by this test over a real iroh connection to a real node: a
 //! stranger with a valid address is refused on the sync protocol and on blob requests before
 //! any data moves; a member that sends oversized or garbage frames is dropped, and the node
-//! goes on serving the others.
+//! goes on serving the others; a member serving wrong bytes is never believed.
 
 mod common;
 
@@ -197,4 +197,123 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
     assert!(t.elapsed() < Duration::from_secs(15), "the stalled member held the others up: {:?}", t.elapsed());
     assert!(s.ok(&["status"]).contains("node id"), "the node answers");
     assert!(!node.log().contains("panicked"));
+}
+
+/// Serves every blob request with the size asked for and then garbage: a peer that lies
+/// about bytes (it passes the size check, then fails verification).
+#[derive(Debug, Clone)]
+struct Liar {
+    size: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl iroh::protocol::ProtocolHandler for Liar {
+    async fn accept(&self, conn: iroh::endpoint::Connection) -> Result<(), iroh::protocol::AcceptError> {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut request = [0u8; 256];
+            let _ = tokio::time::timeout(Duration::from_secs(2), recv.read(&mut request)).await;
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let size = self.size.load(std::sync::atomic::Ordering::SeqCst);
+            let mut lie = size.to_le_bytes().to_vec();
+            lie.extend(std::iter::repeat_n(0xAB_u8, size as usize * 2));
+            let _ = send.write_all(&lie).await;
+            let _ = send.finish();
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_later() {
+    // A fetches lazily, so the bytes are asked for only when the test reads them.
+    let a = Store::new();
+    let _na = Node::start(&a, &["--set", "net.fetch=lazy"], &[]);
+    a.put_bytes("/hello.txt", b"hi");
+    let ticket = Ticket::decode(&a.ok(&["invite", "--uses", "5"])).unwrap();
+    // W, an honest member, writes a small (inline tier) and a large file; A learns of them.
+    let w = Store::new();
+    let mut nw = Node::start(&w, &[], &[]);
+    w.ok(&["join", a.ok(&["invite"]).trim()]);
+    let small = common::random_bytes(200, 3);
+    let large = common::random_bytes(200 << 10, 4);
+    w.put_bytes("/small.bin", &small);
+    w.put_bytes("/large.bin", &large);
+    await_cond(Duration::from_secs(30), "A to list W's files", || {
+        let ls = a.ok(&["ls", "-R", "/"]);
+        ls.contains("/small.bin") && ls.contains("/large.bin")
+    });
+    let st = common::status_json(w.data()).expect("W's status");
+    let w_listen: std::net::SocketAddr = st["mesh"]["listen"][0].as_str().unwrap().parse().unwrap();
+    nw.stop_with(libc::SIGTERM, Duration::from_secs(10));
+    // W's identity now speaks from a liar: same key, same address, a session with A, and
+    // garbage for every blob.
+    let key: [u8; 32] = std::fs::read(w.data().join("node.key")).unwrap().try_into().unwrap();
+    let liar = Liar { size: Default::default(), asked: Default::default() };
+    let rt = runtime();
+    let (router, session) = rt.block_on(async {
+        let ep = iroh::Endpoint::builder(presets::Minimal)
+            .secret_key(iroh::SecretKey::from_bytes(&key))
+            .relay_mode(iroh::RelayMode::Disabled)
+            .clear_ip_transports()
+            .bind_addr(w_listen)
+            .unwrap()
+            .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
+            .net_report_config(iroh::endpoint::NetReportConfig::minimal())
+            .bind()
+            .await
+            .unwrap();
+        let router = iroh::protocol::Router::builder(ep.clone()).accept(iroh_blobs::ALPN, liar.clone()).spawn();
+        let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![w_listen] }.encode()).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "the liar is a member");
+        // Read (and ignore) whatever the session sends, so it never stalls.
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(Some(_)) = recv.read(&mut buf).await {}
+            drop(send);
+        });
+        (router, (conn, drain))
+    });
+    for (path, len) in [("/small.bin", small.len()), ("/large.bin", large.len())] {
+        liar.size.store(len as u64, std::sync::atomic::Ordering::SeqCst);
+        let asked = liar.asked.load(std::sync::atomic::Ordering::SeqCst);
+        let mut get = a.cmd(&["get", path]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        await_cond(Duration::from_secs(30), "A to ask the liar for the bytes", || liar.asked.load(std::sync::atomic::Ordering::SeqCst) > asked);
+        std::thread::sleep(Duration::from_millis(500));
+        // The lie is not believed: `get` is still waiting (or failed), and printed nothing.
+        if let Some(status) = get.try_wait().unwrap() {
+            assert!(!status.success(), "{path}: get succeeded on a liar's bytes");
+        }
+        let _ = get.kill();
+        let out = get.wait_with_output().unwrap();
+        assert!(out.stdout.is_empty(), "{path}: get printed {} bytes from a liar", out.stdout.len());
+    }
+    let db = rusqlite::Connection::open(a.data().join("tree.db")).unwrap();
+    let missing: i64 = db.query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| r.get(0)).unwrap();
+    assert_eq!(missing, 2, "both blobs are still missing on A");
+    // The liar goes away for good (its socket freed for the honest W).
+    rt.block_on(async {
+        let (conn, drain) = session;
+        conn.close(0u32.into(), b"bye");
+        drain.abort();
+        router.shutdown().await.unwrap();
+        router.endpoint().close().await;
+        drop(router); // the last handle of the endpoint: its socket closes
+    });
+    drop(rt);
+    await_cond(Duration::from_secs(10), "the liar's socket to be freed", || std::net::UdpSocket::bind(w_listen).is_ok());
+    // The honest W comes back at its address: A gets the right bytes.
+    let _nw = Node::start(&w, &["--listen", &w_listen.to_string()], &[]);
+    for (path, want) in [("/small.bin", &small), ("/large.bin", &large)] {
+        await_cond(Duration::from_secs(60), "A to get the right bytes from the honest W", || {
+            let out = a.run(&["get", path]);
+            out.status.success() && &out.stdout == want
+        });
+    }
+    let check = a.run(&["blobs", "check"]);
+    assert!(check.status.success(), "A's store checks clean: {}", String::from_utf8_lossy(&check.stdout));
+    let log = _na.log();
+    assert!(log.contains("mismatch"), "the bad bytes were logged: {log}");
+    assert!(!log.contains("panicked"), "{log}");
 }

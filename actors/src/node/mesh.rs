@@ -1121,9 +1121,12 @@ fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     }
 }
 
-/// Fetches `batch` from `peer` in one request, verified, and lands each blob in the content
-/// store: inline ones into `tree.db`, larger ones moved (not copied) from the iroh-blobs
-/// store into `content/`.
+/// Fetches `batch` from `peer` over one connection, verified, and lands each blob in the
+/// content store. Blobs of the inline tier are decoded straight from the response (verified
+/// against their hash as they stream) into memory and land in `tree.db`: no trip through the
+/// iroh-blobs store, which would have written each one a second time (the blob actor indexes
+/// them later, as it does local writes). Larger ones go into the iroh-blobs store, which
+/// keeps their outboard, and are moved (not copied) from there into `content/`.
 async fn fetch_batch(
     endpoint: &Endpoint,
     index: &crate::index::BlobIndex,
@@ -1132,82 +1135,137 @@ async fn fetch_batch(
     peer: NodeId,
     batch: Vec<(ContentHash, u64)>,
 ) -> (Vec<ContentHash>, Vec<(ContentHash, u64)>) {
-    use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
-    let store = index.store();
-    // Each call to the iroh-blobs store is a round trip to its actor: per blob, only what is
-    // needed. Blobs above the inline tier are tagged first, so iroh-blobs' own GC never takes
-    // one between its arrival and its landing (their file stays iroh-blobs' data). Inline
-    // ones are copied into tree.db right after arriving; should its GC take one in that
-    // instant, reading it fails and the blob is fetched again.
-    for (h, size) in &batch {
-        if *size as usize > crate::content::INLINE_BYTES_MAX {
-            let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
-        }
+    let (small, large): (Vec<_>, Vec<_>) = batch.iter().copied().partition(|(_, size)| *size as usize <= crate::content::INLINE_BYTES_MAX);
+    let mut landed: Vec<(ContentHash, Option<Vec<u8>>)> = Vec::new();
+    let conn = async {
+        let id = endpoint_id(&peer).ok_or("bad peer id")?;
+        tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN)).await.map_err(|_| "connect timeout".to_string())?.map_err(|e| e.to_string())
     }
-    let need = &batch;
-    {
-        let result = async {
-            let id = endpoint_id(&peer).ok_or("bad peer id")?;
-            let conn = tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN)).await.map_err(|_| "connect timeout".to_string())?.map_err(|e| e.to_string())?;
-            let req = GetManyRequest::new(need.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
-            let r = tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get_many(conn.clone(), req)).await;
-            conn.close(VarInt::from_u32(0), b"done");
-            match r {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".to_string()),
-            }
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(peer = %peer.short(), blobs = need.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
-        }
-    }
-    let (mut landed_all, mut failed) = (Vec::new(), Vec::new());
-    for (h, size) in batch {
-        let hash = iroh_blobs::Hash::from_bytes(h.0);
-        let landed: Result<Option<Vec<u8>>, String> = async {
-            if size as usize <= crate::content::INLINE_BYTES_MAX {
-                Ok(Some(store.get_bytes(hash).await.map_err(|e| e.to_string())?.to_vec()))
-            } else {
-                let target = std::path::absolute(content.blob_path(&h)).map_err(|e| e.to_string())?;
-                if !target.exists() {
-                    if let Some(dir) = target.parent() {
-                        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-                    }
-                    if !store.blobs().has(hash).await.unwrap_or(false) {
-                        return Err("did not arrive".to_string());
-                    }
-                    let opts = iroh_blobs::api::blobs::ExportOptions { hash, mode: iroh_blobs::api::blobs::ExportMode::TryReference, target: target.clone() };
-                    store.export_with_opts(opts).await.map_err(|e| e.to_string())?;
-                    std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
-                    if let Some(dir) = target.parent() {
-                        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
-                    }
+    .await;
+    match conn {
+        Err(e) => tracing::warn!(peer = %peer.short(), blobs = batch.len(), error = %e, "cannot reach a peer for blobs; tried again"),
+        Ok(conn) => {
+            if !small.is_empty() {
+                let (got, error) = match tokio::time::timeout(FETCH_TIMEOUT, fetch_inline(conn.clone(), &small)).await {
+                    Ok(r) => r,
+                    Err(_) => (Vec::new(), Some("timed out".to_string())),
+                };
+                if let Some(e) = error {
+                    tracing::warn!(peer = %peer.short(), blobs = small.len(), arrived = got.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
                 }
-                Ok(None)
+                landed.extend(got.into_iter().map(|(h, bytes)| (h, Some(bytes))));
             }
-        }
-        .await;
-        match landed {
-            Ok(inline) => landed_all.push((h, size, inline)),
-            Err(e) => {
-                tracing::debug!(hash = %h, error = %e, "a blob did not land; fetched again");
-                failed.push((h, size));
+            if !large.is_empty() {
+                landed.extend(fetch_into_store(&conn, index, content, peer, &large).await.into_iter().map(|h| (h, None)));
             }
+            conn.close(VarInt::from_u32(0), b"done");
         }
     }
+    let arrived: std::collections::HashSet<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
+    let mut failed: Vec<(ContentHash, u64)> = batch.into_iter().filter(|(h, _)| !arrived.contains(h)).collect();
     // One transaction records the whole batch.
-    let record: Vec<(ContentHash, Option<Vec<u8>>)> = landed_all.iter().map(|(h, _, i)| (*h, i.clone())).collect();
-    let got = match mesh(handle, MeshOp::BlobsArrived(record)).await {
-        Ok(_) => landed_all.into_iter().map(|(h, _, _)| h).collect(),
+    let got: Vec<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
+    match mesh(handle, MeshOp::BlobsArrived(landed)).await {
+        Ok(_) => (got, failed),
         Err(e) => {
             tracing::warn!(error = %e, "could not record fetched blobs");
-            failed.extend(landed_all.into_iter().map(|(h, s, _)| (h, s)));
-            Vec::new()
+            let sizes: std::collections::HashMap<ContentHash, u64> = small.iter().chain(&large).copied().collect();
+            failed.extend(got.into_iter().map(|h| (h, sizes[&h])));
+            (Vec::new(), failed)
         }
+    }
+}
+
+/// Reads inline-tier blobs `want` from one GetMany response, each verified against its hash
+/// (iroh-blobs' response decoder checks every chunk against the BLAKE3 tree) and its size
+/// checked before a byte is buffered. Returns what arrived before the first error, and it.
+async fn fetch_inline(conn: iroh::endpoint::Connection, want: &[(ContentHash, u64)]) -> (Vec<(ContentHash, Vec<u8>)>, Option<String>) {
+    use iroh_blobs::get::fsm::{self, EndBlobNext};
+    use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
+    let mut got = Vec::with_capacity(want.len());
+    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
+    let result: Result<(), String> = async {
+        let mut child = match fsm::start_get_many(conn, req, Default::default()).await.map_err(|e| e.to_string())? {
+            Ok(child) => child,
+            Err(closing) => {
+                closing.next().await.map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+        };
+        loop {
+            let &(hash, size) = want.get(child.offset() as usize).ok_or("the response runs past the request")?;
+            let (body, announced) = child.next(iroh_blobs::Hash::from_bytes(hash.0)).next().await.map_err(|e| e.to_string())?;
+            if announced != size {
+                return Err(format!("blob {hash}: the peer announced {announced} bytes, the version names {size}"));
+            }
+            let (end, bytes) = body.concatenate_into_vec().await.map_err(|e| format!("blob {hash}: {e}"))?;
+            got.push((hash, bytes));
+            match end.next() {
+                EndBlobNext::MoreChildren(next) => child = next,
+                EndBlobNext::Closing(closing) => {
+                    closing.next().await.map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .await;
+    (got, result.err())
+}
+
+/// Fetches blobs above the inline tier into the iroh-blobs store in one GetMany request and
+/// moves each complete one into `content/` (fsynced). Returns those that landed.
+async fn fetch_into_store(
+    conn: &iroh::endpoint::Connection,
+    index: &crate::index::BlobIndex,
+    content: &crate::content::ContentStore,
+    peer: NodeId,
+    want: &[(ContentHash, u64)],
+) -> Vec<ContentHash> {
+    use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
+    let store = index.store();
+    // Tagged first, so iroh-blobs' own GC never takes one between its arrival and its landing.
+    for (h, _) in want {
+        let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
+    }
+    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
+    let error = match tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get_many(conn.clone(), req)).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("timed out".to_string()),
     };
-    (got, failed)
+    if let Some(e) = error {
+        tracing::warn!(peer = %peer.short(), blobs = want.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
+    }
+    let mut landed = Vec::new();
+    for &(h, _) in want {
+        let hash = iroh_blobs::Hash::from_bytes(h.0);
+        let result: Result<(), String> = async {
+            let target = std::path::absolute(content.blob_path(&h)).map_err(|e| e.to_string())?;
+            if target.exists() {
+                return Ok(());
+            }
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            }
+            if !store.blobs().has(hash).await.unwrap_or(false) {
+                return Err("did not arrive".to_string());
+            }
+            let opts = iroh_blobs::api::blobs::ExportOptions { hash, mode: iroh_blobs::api::blobs::ExportMode::TryReference, target: target.clone() };
+            store.export_with_opts(opts).await.map_err(|e| e.to_string())?;
+            std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
+            if let Some(dir) = target.parent() {
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => landed.push(h),
+            Err(e) => tracing::debug!(hash = %h, error = %e, "a blob did not land; fetched again"),
+        }
+    }
+    landed
 }
 
 fn status(state: &MeshState) -> MeshStatus {
