@@ -143,6 +143,11 @@ impl Mesh {
                 conn.execute("INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, 0, ?3)", params![bucket_id, doc, full])?;
             }
         }
+        conn.prepare_cached(
+            "INSERT INTO mesh_digest(bucket_id, doc, digest) VALUES (?1, ?2, ?3)
+             ON CONFLICT(bucket_id, doc) DO UPDATE SET digest = excluded.digest",
+        )?
+        .execute(params![bucket_id, doc, d.digest() as i64])?;
         Ok(())
     }
 
@@ -410,9 +415,21 @@ impl Mesh {
     pub fn summary(&mut self, engine: &Engine, uid: &Uid) -> Result<Vec<u64>> {
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(Vec::new()) };
         let conn = engine.tree().conn();
+        // Documents in memory answer for themselves; the others from their saved digest,
+        // without loading them (see schema 5).
+        let saved: HashMap<u16, u64> = (|| -> Result<_, StoreError> {
+            let mut st = conn.prepare_cached("SELECT doc, digest FROM mesh_digest WHERE bucket_id = ?1")?;
+            let rows = st.query_map([bucket.id], |r| Ok((r.get::<_, i64>(0)? as u16, r.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })()?;
         let mut out = Vec::with_capacity(DOCS as usize);
         for doc in 0..DOCS {
-            out.push(self.doc(conn, bucket.id, doc)?.digest());
+            let digest = match (self.docs.get_mut(&(bucket.id, doc)), saved.get(&doc)) {
+                (Some(d), _) => d.digest(),
+                (None, Some(&digest)) => digest,
+                (None, None) => self.doc(conn, bucket.id, doc)?.digest(),
+            };
+            out.push(digest);
         }
         Ok(out)
     }

@@ -1229,6 +1229,7 @@ async fn fetch_into_store(
         let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
     }
     let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
+    let started = std::time::Instant::now();
     let error = match tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get_many(conn.clone(), req)).await {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => Some(e.to_string()),
@@ -1237,6 +1238,7 @@ async fn fetch_into_store(
     if let Some(e) = error {
         tracing::warn!(peer = %peer.short(), blobs = want.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
     }
+    let transferred = started.elapsed();
     let mut landed = Vec::new();
     for &(h, _) in want {
         let hash = iroh_blobs::Hash::from_bytes(h.0);
@@ -1265,6 +1267,8 @@ async fn fetch_into_store(
             Err(e) => tracing::debug!(hash = %h, error = %e, "a blob did not land; fetched again"),
         }
     }
+    let bytes: u64 = want.iter().map(|(_, s)| s).sum();
+    tracing::debug!(peer = %peer.short(), blobs = want.len(), bytes, transfer_ms = transferred.as_millis() as u64, land_ms = (started.elapsed() - transferred).as_millis() as u64, "fetched blobs into the content store");
     landed
 }
 

@@ -138,6 +138,16 @@ impl ReplicaDoc {
     /// have or we lack anything it announced. `None` too if automerge failed on the state a
     /// peer's message left (see [`receive`](Self::receive)).
     pub fn generate(&mut self, state: &mut PeerState) -> Option<Vec<u8>> {
+        // automerge (v2 messages) sends the whole document instead of the changes a peer
+        // lacks when those are over a third of the document's changes. Ours hold few, large
+        // changes (a backfill, then one per publish), so that rule sent a whole shard for a
+        // one-file change: 48 ms of CPU per change at a million paths. Only a peer that has
+        // nothing of the document gets it whole.
+        if state.their_heads.as_ref().is_some_and(|h| !h.is_empty()) {
+            if let Some(caps) = state.their_capabilities.as_mut() {
+                caps.retain(|c| *c != sync::Capability::MessageV2);
+            }
+        }
         let doc = &mut self.doc;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.sync().generate_sync_message(state).map(|m| m.encode())))
             .unwrap_or_else(|_| {
@@ -234,6 +244,43 @@ mod tests {
                 return (got_a, got_b, rounds);
             }
         }
+    }
+
+    #[test]
+    fn a_one_entry_change_sends_that_change_not_the_whole_document() {
+        let (mut a, mut b) = (ReplicaDoc::new(b"node-a"), ReplicaDoc::new(b"node-b"));
+        for i in 0..5000 {
+            a.put(&format!("1@{i:010}"), &[7u8; 60]).unwrap();
+        }
+        let (mut sa, mut sb) = (PeerState::new(), PeerState::new());
+        let mut exchange = |a: &mut ReplicaDoc, b: &mut ReplicaDoc| -> (usize, usize) {
+            let (mut bytes, mut got) = (0, 0);
+            for _ in 0..20 {
+                let mut quiet = true;
+                if let Some(m) = a.generate(&mut sa) {
+                    bytes += m.len();
+                    got += b.receive(&mut sb, &m).unwrap().len();
+                    quiet = false;
+                }
+                if let Some(m) = b.generate(&mut sb) {
+                    bytes += m.len();
+                    a.receive(&mut sa, &m).unwrap();
+                    quiet = false;
+                }
+                if quiet {
+                    break;
+                }
+            }
+            (bytes, got)
+        };
+        // The first sync carries everything (to a peer that has nothing, the whole document).
+        let (first, got) = exchange(&mut a, &mut b);
+        assert_eq!(got, 5000);
+        // One more entry: its change, not the document again.
+        a.put("2@0000000001", &[8u8; 60]).unwrap();
+        let (second, got) = exchange(&mut a, &mut b);
+        assert_eq!(got, 1);
+        assert!(second < 2_000 && second * 20 < first, "one entry cost {second} bytes of sync (the first sync {first})");
     }
 
     #[test]

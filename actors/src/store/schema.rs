@@ -194,6 +194,18 @@ pub const MIGRATIONS: &[&str] = &[
         data      BLOB NOT NULL
     );
     "#,
+    // 4 → 5: each replicated document's heads digest, written with its parts, so a session
+    // opens (summaries compared) without loading documents: at a million paths loading them
+    // all takes seconds, comparing digests microseconds. A document with no row here is
+    // loaded to compute it (stores from schema 4, until the document next changes).
+    r#"
+    CREATE TABLE mesh_digest(
+        bucket_id INTEGER NOT NULL,
+        doc       INTEGER NOT NULL,
+        digest    INTEGER NOT NULL,
+        PRIMARY KEY(bucket_id, doc)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
