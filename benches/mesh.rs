@@ -247,6 +247,65 @@ fn raw_blobs(root: &Path, len: usize, land: bool) -> f64 {
     })
 }
 
+/// The raw baseline across two processes, as two nodes run: this bench binary, started again
+/// with `ALKFS_BENCH_RAW_SERVE=DIR`, serves the file from its own iroh-blobs store (see
+/// [`raw_serve`]); B fetches it here. Timed as [`raw_blobs`].
+fn raw_blobs_two_processes(root: &Path, len: usize) -> f64 {
+    use alknet_actors::node::mesh::{bind, NetConfig};
+    use std::io::BufRead;
+    let src = std::path::absolute(big_file(root, len)).unwrap();
+    let dir = root.join("raw2");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut server = Command::new(std::env::current_exe().unwrap())
+        .env("ALKFS_BENCH_RAW_SERVE", dir.join("a"))
+        .env("ALKFS_BENCH_RAW_FILE", &src)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let unhex = |h: &str| -> [u8; 32] { (0..32).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()).collect::<Vec<u8>>().try_into().unwrap() };
+    let (id, at, hash) = (unhex(parts[0]), parts[1].parse::<std::net::SocketAddr>().unwrap(), iroh_blobs::Hash::from_bytes(unhex(parts[2])));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let secs = rt.block_on(async {
+        let cfg = NetConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: None, eager_fetch: true };
+        let b_store = iroh_blobs::store::fs::FsStore::load(dir.join("b")).await.unwrap();
+        let b = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
+        let addr = iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&id).unwrap()).with_ip_addr(at);
+        let t = Instant::now();
+        let conn = b.endpoint.connect(addr, iroh_blobs::ALPN).await.unwrap();
+        b_store.remote().fetch(conn, hash).await.unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        b_store.shutdown().await.ok();
+        secs
+    });
+    drop(server.stdin.take());
+    server.wait().unwrap();
+    secs
+}
+
+/// The serving half of [`raw_blobs_two_processes`]: imports the file, prints its endpoint id,
+/// address and hash on one line, and serves until its stdin closes.
+fn raw_serve(dir: &Path, file: &Path) {
+    use alknet_actors::node::mesh::{bind, NetConfig};
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let cfg = NetConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: None, eager_fetch: true };
+        let store = iroh_blobs::store::fs::FsStore::load(dir).await.unwrap();
+        let a = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
+        let router = iroh::protocol::Router::builder(a.endpoint.clone()).accept(iroh_blobs::ALPN, iroh_blobs::BlobsProtocol::new(&store, None)).spawn();
+        let opts = iroh_blobs::api::blobs::AddPathOptions { path: file.to_path_buf(), format: iroh_blobs::BlobFormat::Raw, mode: iroh_blobs::api::blobs::ImportMode::TryReference };
+        let tag = store.add_path_with_opts(opts).await.unwrap();
+        println!("{} {} {}", hex(a.endpoint.id().as_bytes()), a.addrs()[0], hex(tag.hash.as_bytes()));
+        tokio::task::spawn_blocking(|| std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())).await.ok();
+        router.shutdown().await.ok();
+        store.shutdown().await.ok();
+    });
+}
+
 /// Runs an external baseline and returns its `seconds=` figure (None if it failed).
 fn baseline(cmd: &mut Command) -> Option<f64> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
@@ -309,6 +368,9 @@ fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
 }
 
 fn main() {
+    if let (Some(dir), Some(file)) = (std::env::var_os("ALKFS_BENCH_RAW_SERVE"), std::env::var_os("ALKFS_BENCH_RAW_FILE")) {
+        return raw_serve(Path::new(&dir), Path::new(&file));
+    }
     let root = tempfile::tempdir().unwrap();
     let (n_small, big, changes, idle_secs) = if quick() { (500, 64 << 20, 20, 5) } else { (10_000, 1 << 30, 200, 30) };
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -352,21 +414,23 @@ fn main() {
     if want("large") {
         let r = root.path().join("large");
         std::fs::create_dir_all(&r).unwrap();
-        let (mut ours, mut raw, mut raw_land, mut docs, mut live) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ours, mut raw, mut raw_land, mut raw2, mut docs, mut live) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             ours.push(one_large(&r, big, true));
             raw.push(raw_blobs(&r, big, false));
             raw_land.push(raw_blobs(&r, big, true));
+            raw2.push(raw_blobs_two_processes(&r, big));
             if let Some(bin) = &iroh_docs {
                 docs.extend(baseline(Command::new(bin).args(["--mode", "import", "--large", &big.to_string(), "--dir", r.to_str().unwrap()])));
             }
             live.push(one_large(&r, big, false));
-            eprintln!("round {round}: alkfs {:.2} s, raw {:.2} s, raw+land {:.2} s, iroh-docs {:?}, alkfs live {:.2} s", ours[round], raw[round], raw_land[round], docs.last(), live[round]);
+            eprintln!("round {round}: alkfs {:.2} s, raw {:.2} s, raw+land {:.2} s, raw two processes {:.2} s, iroh-docs {:?}, alkfs live {:.2} s", ours[round], raw[round], raw_land[round], raw2[round], docs.last(), live[round]);
         }
         let mib = (big >> 20) as f64;
         let m = median(&ours);
         println!("| one {} MiB file on A, on B from B's join | {} ({:.0} MiB/s) | raw iroh-blobs {} ({:.0} MiB/s) | {:.2}× raw throughput |", big >> 20, show(&ours), mib / m, show(&raw), mib / median(&raw), median(&raw) / m);
         println!("| ... the same | | raw iroh-blobs + export + fsync {} | {:.2}× its throughput |", show(&raw_land), median(&raw_land) / m);
+        println!("| ... the same | | raw iroh-blobs, server in a process of its own {} | {:.2}× its throughput |", show(&raw2), median(&raw2) / m);
         println!("| ... the same | | iroh-docs import {} | {:.2}× iroh-docs' time |", show(&docs), m / median(&docs));
         println!("| one {} MiB file, from the write on A (B joined) to its bytes on B | {} ({:.0} MiB/s) | — | — |", big >> 20, show(&live), mib / median(&live));
     }
