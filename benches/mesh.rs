@@ -1,16 +1,20 @@
 //! Figures of the mesh (issue 7), measured with real `alkfs` nodes on 127.0.0.1 (relays off),
-//! printed as a table. Run with `cargo bench --bench mesh`; `ALKFS_BENCH_QUICK=1` for a smoke
-//! run with small sizes.
+//! each beside its baselines in the same run, alternating, and printed as a table of medians.
+//! Run with `cargo bench --bench mesh`; `ALKFS_BENCH_QUICK=1` for a smoke run with small
+//! sizes, `ALKFS_BENCH_ROUNDS=N` rounds, `ALKFS_BENCH_ONLY=small,large,latency,idle,repeat`.
 //!
 //! | figure | measured as |
 //! |---|---|
-//! | 10,000 × 4 KiB written on A, all readable on B | from B's join to every file's bytes on B (`blobs_missing` 0, all entries listed) |
-//! | one 1 GiB file A→B | from the write on A to its bytes on B; MiB/s |
+//! | 10,000 × 4 KiB on A, all on B | A has written and indexed them; from B's join until B holds every blob and lists every file |
+//! | ... repeated (`repeat`) | the same for `ALKFS_BENCH_REPEAT` (100) fresh joiners of one A: how many complete |
+//! | one 1 GiB file A→B | the same from B's join; and from the write on A with B already joined |
 //! | a one-file change on A readable on B | p50 / p99 over 200 changes, polled through B's store |
 //! | an idle node with two connected peers | CPU over 30 s, % of one core |
 //!
-//! The baselines (iroh-docs, Syncthing, a raw iroh-blobs transfer) are separate harnesses in
-//! ../shared/bench; BENCHMARKS.md puts their figures from the same session beside these.
+//! Baselines: a raw iroh-blobs transfer of the same bytes (here: both stores in this process,
+//! and A's in a second copy of this binary); iroh-docs (`ALKFS_BENCH_IROH_DOCS`, the
+//! ../shared/bench/iroh-docs-baseline binary, `import` mode) and Syncthing
+//! (`ALKFS_BENCH_SYNCTHING`, ../shared/bench/syncthing-baseline.sh) when given.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
