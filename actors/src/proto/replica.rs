@@ -242,6 +242,67 @@ pub fn tips(versions: &[(VersionId, Option<VersionId>)]) -> Vec<VersionId> {
     versions.iter().map(|(id, _)| *id).filter(|id| !named.contains(id)).collect()
 }
 
+/// One version of a path on one branch, as the winner rule sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathVersion {
+    /// Its place in the global order.
+    pub key: OrderKey,
+    /// The version it replaced knowingly, if any.
+    pub pred: Option<VersionId>,
+    /// Written by a merge as the side that lost (`Origin::ConflictLoser`).
+    pub merge_loser: bool,
+}
+
+/// Why a version is listed as a conflict loser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoserKind {
+    /// Written without knowing of the head, and ordered before it.
+    Concurrent,
+    /// The side a local three-way merge did not take.
+    Merge,
+}
+
+impl LoserKind {
+    /// Its name in the `conflict` table and in `alkfs conflicts`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoserKind::Concurrent => "concurrent",
+            LoserKind::Merge => "merge",
+        }
+    }
+}
+
+/// The per-path rule every node applies alike, in any order of arrival: of `versions` (all
+/// of one path on one branch), the head is the greatest order key among the tips (versions no
+/// other names as its predecessor); every other tip is a concurrent loser beaten by the head;
+/// a merge's losing side is beaten by the first version that names it (or the head). Returns the
+/// head's index and the losers as (loser index, winner index, kind); `None` for no versions.
+pub fn path_outcome(versions: &[PathVersion]) -> Option<(usize, Vec<(usize, usize, LoserKind)>)> {
+    // Sets and maps, not scans: a peer may send a path many versions at once.
+    let tips: std::collections::HashSet<VersionId> = tips(&versions.iter().map(|v| (v.key.version(), v.pred)).collect::<Vec<_>>()).into_iter().collect();
+    // A merge's loser is beaten by the first version (by order key) that replaced it: two
+    // versions may name one predecessor, and the choice must not depend on arrival.
+    let mut by_pred: std::collections::HashMap<VersionId, usize> = std::collections::HashMap::new();
+    for (i, v) in versions.iter().enumerate() {
+        if let Some(p) = v.pred {
+            let first = by_pred.entry(p).or_insert(i);
+            if versions[i].key < versions[*first].key {
+                *first = i;
+            }
+        }
+    }
+    let head = (0..versions.len()).filter(|&i| tips.contains(&versions[i].key.version())).max_by_key(|&i| versions[i].key)?;
+    let mut losers = Vec::new();
+    for (i, v) in versions.iter().enumerate() {
+        if v.merge_loser {
+            losers.push((i, by_pred.get(&v.key.version()).copied().unwrap_or(head), LoserKind::Merge));
+        } else if i != head && tips.contains(&v.key.version()) {
+            losers.push((i, head, LoserKind::Concurrent));
+        }
+    }
+    Some((head, losers))
+}
+
 /// A branch as it travels between nodes: its name is bound to its uid, its fork to its
 /// parent's uid and a stamp.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -515,5 +576,52 @@ mod tests {
         // B then wrote having seen a2, but nobody replaced b1 knowingly: it stays a tip.
         assert_eq!(tips(&[(v(1, 1), None), (v(1, 2), Some(v(1, 1))), (v(2, 1), None), (v(2, 2), Some(v(1, 2)))]).len(), 2);
         assert_eq!(tips(&[(v(1, 1), None), (v(2, 2), Some(v(1, 1)))]), [v(2, 2)]);
+    }
+
+    fn pv(node: u8, seq: i64, ms: i64, pred: Option<(u8, i64)>, merge_loser: bool) -> PathVersion {
+        let id = VersionId { node: NodeId([node; 32]), seq };
+        PathVersion { key: OrderKey::new(Stamp { ms, counter: 0 }, &id), pred: pred.map(|(n, s)| VersionId { node: NodeId([n; 32]), seq: s }), merge_loser }
+    }
+
+    #[test]
+    fn the_path_rule_picks_the_latest_tip_and_lists_the_other_tips_and_merge_losers() {
+        assert_eq!(path_outcome(&[]), None);
+        // A knowing overwrite, even one stamped earlier (a clock behind): no conflict.
+        let chain = [pv(1, 1, 2_000, None, false), pv(2, 1, 1_000, Some((1, 1)), false)];
+        assert_eq!(path_outcome(&chain), Some((1, vec![])));
+        // Two writes that did not see each other: the later key wins, the other is listed.
+        let race = [pv(1, 1, 1_000, None, false), pv(2, 1, 1_500, None, false)];
+        assert_eq!(path_outcome(&race), Some((1, vec![(0, 1, LoserKind::Concurrent)])));
+        // A merge's losing side is beaten by the version that names it, not by the head.
+        let merged = [pv(1, 1, 1_000, None, true), pv(1, 2, 1_100, Some((1, 1)), false), pv(1, 3, 1_200, Some((1, 2)), false)];
+        assert_eq!(path_outcome(&merged), Some((2, vec![(0, 1, LoserKind::Merge)])));
+    }
+
+    proptest! {
+        /// Every node holds the same versions in its own order: the outcome is the same.
+        #[test]
+        fn the_path_rule_does_not_depend_on_the_order_of_arrival(
+            raw in proptest::collection::vec((0u8..4, 1i64..6, 0i64..50, proptest::option::of((0u8..4, 1i64..6)), proptest::bool::weighted(0.1)), 1..12),
+            seed in any::<u64>(),
+        ) {
+            let mut versions: Vec<PathVersion> = raw.iter().map(|&(n, s, ms, p, m)| pv(n, s, ms, p, m)).collect();
+            versions.sort_by_key(|v| v.key);
+            versions.dedup_by_key(|v| v.key.version());
+            let named = |vs: &[PathVersion]| {
+                path_outcome(vs).map(|(h, ls)| {
+                    let mut ls: Vec<_> = ls.iter().map(|&(l, w, k)| (vs[l].key, vs[w].key, k)).collect();
+                    ls.sort_by_key(|x| (x.0, x.1));
+                    (vs[h].key, ls)
+                })
+            };
+            let want = named(&versions);
+            let mut shuffled = versions.clone();
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            prop_assert_eq!(named(&shuffled), want);
+        }
     }
 }

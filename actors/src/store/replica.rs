@@ -17,7 +17,7 @@ use super::{branch_by_id, Branch, StoreError, VersionRow};
 use crate::proto::entry::{ContentHash, EntryKind};
 use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use crate::proto::path::TreePath;
-use crate::proto::replica::{tips, BranchRecord, Change, Origin};
+use crate::proto::replica::{path_outcome, BranchRecord, Change, Origin, PathVersion};
 
 /// What applying a batch of changes did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -100,40 +100,24 @@ impl Tx<'_> {
     /// names it). A concurrent loser since replaced knowingly comes off the list; one the user
     /// dismissed here is not listed again. Returns how many losers were newly listed.
     fn relist_conflicts(&mut self, branch: i64, path: &TreePath) -> Result<usize, StoreError> {
-        struct Row {
-            seq: i64,
-            key: OrderKey,
-            pred: Option<VersionId>,
-            merge_loser: bool,
-        }
         let (dir, name) = dir_name(path);
-        let rows: Vec<Row> = {
+        let (seqs, versions): (Vec<i64>, Vec<PathVersion>) = {
             let mut st = self.conn().prepare_cached("SELECT seq, vkey, pred, origin FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3")?;
             let rows = st.query_map(params![branch, dir, name], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, String>(3)?))
             })?;
-            let mut out = Vec::new();
+            let mut out = (Vec::new(), Vec::new());
             for row in rows {
                 let (seq, key, pred, origin) = row?;
                 let key = OrderKey::from_bytes(&key).ok_or_else(|| StoreError::Invalid("a stored order key is damaged".into()))?;
-                out.push(Row { seq, key, pred: pred.and_then(|p| VersionId::from_bytes(&p)), merge_loser: origin == Origin::ConflictLoser.as_str() });
+                out.0.push(seq);
+                out.1.push(PathVersion { key, pred: pred.and_then(|p| VersionId::from_bytes(&p)), merge_loser: origin == Origin::ConflictLoser.as_str() });
             }
             out
         };
-        // Sets and maps, not scans: a peer may send a path many versions at once.
-        let tips: std::collections::HashSet<VersionId> = tips(&rows.iter().map(|r| (r.key.version(), r.pred)).collect::<Vec<_>>()).into_iter().collect();
-        let by_pred: std::collections::HashMap<VersionId, &Row> = rows.iter().filter_map(|w| w.pred.map(|p| (p, w))).collect();
-        let Some(head) = rows.iter().filter(|r| tips.contains(&r.key.version())).max_by_key(|r| r.key) else { return Ok(0) };
-        // (loser seq, winner seq, kind)
-        let mut losers: Vec<(i64, i64, &str, &OrderKey)> = Vec::new();
-        for r in &rows {
-            if r.merge_loser {
-                let beaten_by = by_pred.get(&r.key.version()).copied().unwrap_or(head);
-                losers.push((r.seq, beaten_by.seq, "merge", &r.key));
-            } else if r.seq != head.seq && tips.contains(&r.key.version()) {
-                losers.push((r.seq, head.seq, "concurrent", &r.key));
-            }
-        }
+        let Some((_, outcome)) = path_outcome(&versions) else { return Ok(0) };
+        // (loser seq, winner seq, kind, loser key)
+        let losers: Vec<(i64, i64, &str, &OrderKey)> = outcome.iter().map(|&(l, w, kind)| (seqs[l], seqs[w], kind.as_str(), &versions[l].key)).collect();
         let conn = self.conn();
         let listed: Vec<i64> = {
             let mut st = conn.prepare_cached("SELECT loser_seq FROM conflict WHERE branch_id = ?1 AND path = ?2 AND kind = 'concurrent'")?;
