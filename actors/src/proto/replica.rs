@@ -272,12 +272,21 @@ impl LoserKind {
     }
 }
 
+/// What [`path_outcome`] decides for one path: indexes into the versions it was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathOutcome {
+    /// The version the path reads as.
+    pub head: usize,
+    /// Listed conflict losers: (loser, the version that beat it, why).
+    pub losers: Vec<(usize, usize, LoserKind)>,
+}
+
 /// The per-path rule every node applies alike, in any order of arrival: of `versions` (all
 /// of one path on one branch), the head is the greatest order key among the tips (versions no
 /// other names as its predecessor); every other tip is a concurrent loser beaten by the head;
-/// a merge's losing side is beaten by the first version that names it (or the head). Returns the
-/// head's index and the losers as (loser index, winner index, kind); `None` for no versions.
-pub fn path_outcome(versions: &[PathVersion]) -> Option<(usize, Vec<(usize, usize, LoserKind)>)> {
+/// a merge's losing side is beaten by the first version that names it (or the head). `None`
+/// for no versions.
+pub fn path_outcome(versions: &[PathVersion]) -> Option<PathOutcome> {
     // Sets and maps, not scans: a peer may send a path many versions at once.
     let tips: std::collections::HashSet<VersionId> = tips(&versions.iter().map(|v| (v.key.version(), v.pred)).collect::<Vec<_>>()).into_iter().collect();
     // A merge's loser is beaten by the first version (by order key) that replaced it: two
@@ -300,7 +309,7 @@ pub fn path_outcome(versions: &[PathVersion]) -> Option<(usize, Vec<(usize, usiz
             losers.push((i, head, LoserKind::Concurrent));
         }
     }
-    Some((head, losers))
+    Some(PathOutcome { head, losers })
 }
 
 /// A branch as it travels between nodes: its name is bound to its uid, its fork to its
@@ -588,13 +597,13 @@ mod tests {
         assert_eq!(path_outcome(&[]), None);
         // A knowing overwrite, even one stamped earlier (a clock behind): no conflict.
         let chain = [pv(1, 1, 2_000, None, false), pv(2, 1, 1_000, Some((1, 1)), false)];
-        assert_eq!(path_outcome(&chain), Some((1, vec![])));
+        assert_eq!(path_outcome(&chain), Some(PathOutcome { head: 1, losers: vec![] }));
         // Two writes that did not see each other: the later key wins, the other is listed.
         let race = [pv(1, 1, 1_000, None, false), pv(2, 1, 1_500, None, false)];
-        assert_eq!(path_outcome(&race), Some((1, vec![(0, 1, LoserKind::Concurrent)])));
+        assert_eq!(path_outcome(&race), Some(PathOutcome { head: 1, losers: vec![(0, 1, LoserKind::Concurrent)] }));
         // A merge's losing side is beaten by the version that names it, not by the head.
         let merged = [pv(1, 1, 1_000, None, true), pv(1, 2, 1_100, Some((1, 1)), false), pv(1, 3, 1_200, Some((1, 2)), false)];
-        assert_eq!(path_outcome(&merged), Some((2, vec![(0, 1, LoserKind::Merge)])));
+        assert_eq!(path_outcome(&merged), Some(PathOutcome { head: 2, losers: vec![(0, 1, LoserKind::Merge)] }));
     }
 
     proptest! {
@@ -608,10 +617,10 @@ mod tests {
             versions.sort_by_key(|v| v.key);
             versions.dedup_by_key(|v| v.key.version());
             let named = |vs: &[PathVersion]| {
-                path_outcome(vs).map(|(h, ls)| {
-                    let mut ls: Vec<_> = ls.iter().map(|&(l, w, k)| (vs[l].key, vs[w].key, k)).collect();
+                path_outcome(vs).map(|o| {
+                    let mut ls: Vec<_> = o.losers.iter().map(|&(l, w, k)| (vs[l].key, vs[w].key, k)).collect();
                     ls.sort_by_key(|x| (x.0, x.1));
-                    (vs[h].key, ls)
+                    (vs[o.head].key, ls)
                 })
             };
             let want = named(&versions);

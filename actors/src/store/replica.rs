@@ -115,9 +115,9 @@ impl Tx<'_> {
             }
             out
         };
-        let Some((_, outcome)) = path_outcome(&versions) else { return Ok(0) };
+        let Some(outcome) = path_outcome(&versions) else { return Ok(0) };
         // (loser seq, winner seq, kind, loser key)
-        let losers: Vec<(i64, i64, &str, &OrderKey)> = outcome.iter().map(|&(l, w, kind)| (seqs[l], seqs[w], kind.as_str(), &versions[l].key)).collect();
+        let losers: Vec<(i64, i64, &str, &OrderKey)> = outcome.losers.iter().map(|&(l, w, kind)| (seqs[l], seqs[w], kind.as_str(), &versions[l].key)).collect();
         let conn = self.conn();
         let listed: Vec<i64> = {
             let mut st = conn.prepare_cached("SELECT loser_seq FROM conflict WHERE branch_id = ?1 AND path = ?2 AND kind = 'concurrent'")?;
