@@ -17,7 +17,7 @@ use super::{branch_by_id, Branch, StoreError, VersionRow};
 use crate::proto::entry::{ContentHash, EntryKind};
 use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use crate::proto::path::TreePath;
-use crate::proto::replica::{path_outcome, BranchRecord, Change, Origin, PathVersion};
+use crate::proto::replica::{path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion};
 
 /// What applying a batch of changes did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -116,41 +116,40 @@ impl Tx<'_> {
             out
         };
         let Some(outcome) = path_outcome(&versions) else { return Ok(0) };
-        // (loser seq, winner seq, kind, loser key)
-        let losers: Vec<(i64, i64, &str, &OrderKey)> = outcome.losers.iter().map(|&(l, w, kind)| (seqs[l], seqs[w], kind.as_str(), &versions[l].key)).collect();
         let conn = self.conn();
+        // Concurrent losers listed before and no longer losers (replaced knowingly since).
+        let concurrent: std::collections::HashSet<i64> = outcome.losers.iter().filter(|l| l.2 == LoserKind::Concurrent).map(|l| seqs[l.0]).collect();
         let listed: Vec<i64> = {
             let mut st = conn.prepare_cached("SELECT loser_seq FROM conflict WHERE branch_id = ?1 AND path = ?2 AND kind = 'concurrent'")?;
             let rows = st.query_map(params![branch, path.as_str()], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
-        for seq in &listed {
-            if !losers.iter().any(|(l, _, kind, _)| l == seq && *kind == "concurrent") {
-                conn.prepare_cached("DELETE FROM conflict WHERE branch_id = ?1 AND loser_seq = ?2")?.execute(params![branch, seq])?;
-            }
+        for seq in listed.iter().filter(|s| !concurrent.contains(s)) {
+            conn.prepare_cached("DELETE FROM conflict WHERE branch_id = ?1 AND loser_seq = ?2")?.execute(params![branch, seq])?;
         }
         let mut added = 0;
-        for (loser, winner, kind, key) in losers {
+        for &(l, w, kind) in &outcome.losers {
+            let (loser, winner, key) = (seqs[l], seqs[w], &versions[l].key);
             let dismissed = conn
                 .prepare_cached("SELECT 1 FROM conflict_dismissed WHERE loser_key = ?1")?
                 .query_row([key.0], |_| Ok(()))
                 .optional()?
                 .is_some();
+            if dismissed {
+                continue;
+            }
             let known = conn
                 .prepare_cached("SELECT 1 FROM conflict WHERE branch_id = ?1 AND loser_seq = ?2")?
                 .query_row(params![branch, loser], |_| Ok(()))
                 .optional()?
                 .is_some();
-            if dismissed {
-                continue;
-            }
             let writer = format!("@{}", key.version().node.short());
             conn.prepare_cached(
                 "INSERT INTO conflict(branch_id, path, from_branch, winner_seq, loser_seq, at_ms, kind)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(branch_id, loser_seq) DO UPDATE SET winner_seq = excluded.winner_seq",
             )?
-            .execute(params![branch, path.as_str(), writer, winner, loser, key.stamp().ms, kind])?;
+            .execute(params![branch, path.as_str(), writer, winner, loser, key.stamp().ms, kind.as_str()])?;
             added += usize::from(!known);
         }
         Ok(added)
