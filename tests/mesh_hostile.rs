@@ -150,16 +150,23 @@ fn with_lazy_fetching_a_file_whose_bytes_are_on_a_peer_is_fetched_when_read() {
     let _na = Node::start(&a, &[], &[]);
     let b = Store::new();
     let _nb = Node::start(&b, &["--set", "net.fetch=lazy"], &[]);
-    let big = common::random_bytes(3 << 20, 9);
+    // Large enough that its transfer outlasts the start of the second reader.
+    let big = common::random_bytes(48 << 20, 9);
     let src = a.scratch().join("big");
     std::fs::write(&src, &big).unwrap();
     a.ok(&["put", src.to_str().unwrap(), "/big.bin"]);
     b.ok(&["join", a.ok(&["invite"]).trim()]);
     await_cond(Duration::from_secs(30), "the entry to reach B", || b.ok(&["ls", "-R", "/"]).contains("/big.bin"));
-    // Listed, its bytes not here: `get` fetches them and waits.
-    let out = b.run(&["get", "/big.bin"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stdout == big, "the fetched bytes differ");
+    // Listed, its bytes not here: `get` fetches them and waits. Two readers at once share
+    // one fetch: the blob crosses the network once.
+    let readers: Vec<_> = (0..2).map(|_| b.cmd(&["get", "/big.bin"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()).collect();
+    for reader in readers {
+        let out = reader.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout == big, "the fetched bytes differ");
+    }
+    let st = common::status_json(b.data()).expect("B's status");
+    assert_eq!(st["mesh"]["fetched"], 1, "one blob, fetched once: {st}");
 }
 
 #[test]

@@ -37,6 +37,8 @@ pub fn tag_name(hash: &ContentHash) -> String {
 /// An open iroh-blobs file store.
 pub struct BlobIndex {
     store: FsStore,
+    /// Where iroh-blobs writes an owned blob's bytes (`blobs/data`), also while it arrives.
+    data_dir: std::path::PathBuf,
 }
 
 fn index_err(e: impl std::fmt::Display) -> ContentError {
@@ -50,15 +52,21 @@ impl BlobIndex {
         let dir = std::path::absolute(&dir).map_err(|e| ContentError::io("resolve the blobs dir", e, data_dir))?;
         let mut options = iroh_blobs::store::fs::options::Options::new(&dir);
         options.gc = Some(iroh_blobs::store::GcConfig { interval: INDEX_GC_INTERVAL, add_protected: None });
-        let store = FsStore::load_with_opts(dir.join("blobs.db"), options)
+        let store = FsStore::load_with_opts(dir.join("blobs.db"), options.clone())
             .await
             .map_err(|e| ContentError::Index(format!("open {}: {e}", dir.display())))?;
-        Ok(BlobIndex { store })
+        Ok(BlobIndex { store, data_dir: options.path.data_path.clone() })
     }
 
     /// The iroh-blobs store, for protocols that serve it.
     pub fn store(&self) -> &FsStore {
         &self.store
+    }
+
+    /// The file iroh-blobs writes blob `hash`'s bytes to while it is owned by the store (and
+    /// while it arrives from a peer). It exists only for blobs over the inline limit.
+    pub fn owned_data_path(&self, hash: &ContentHash) -> std::path::PathBuf {
+        self.data_dir.join(format!("{}.data", Hash::from_bytes(hash.0).to_hex()))
     }
 
     /// Adds one blob to the index and checks iroh-blobs agrees on its hash. A disagreement

@@ -595,6 +595,9 @@ pub struct MeshState {
     /// every connected peer, not in a tight loop.
     retry: Vec<ContentHash>,
     in_flight: usize,
+    /// Hashes some fetch is bringing now: never asked for twice at once (a `get` of a blob
+    /// that is arriving waits for that fetch instead of starting its own).
+    fetching: HashSet<ContentHash>,
     failed: HashSet<ContentHash>,
     fetched: u64,
     /// Users waiting for blobs.
@@ -637,6 +640,7 @@ impl Actor for MeshActor {
             queue: VecDeque::new(),
             retry: Vec::new(),
             in_flight: 0,
+            fetching: HashSet::new(),
             failed: HashSet::new(),
             fetched: 0,
             waiters: HashMap::new(),
@@ -701,7 +705,7 @@ impl Actor for MeshActor {
                     if !entry.1.contains(&peer) {
                         entry.1.push(peer);
                     }
-                    if !state.queue.contains(&hash) {
+                    if !state.fetching.contains(&hash) && !state.queue.contains(&hash) {
                         state.queue.push_back(hash);
                     }
                 }
@@ -711,6 +715,7 @@ impl Actor for MeshActor {
                 state.in_flight -= 1;
                 state.fetched += got.len() as u64;
                 for h in &got {
+                    state.fetching.remove(h);
                     state.wanted.remove(h);
                     state.failed.remove(h);
                     for w in state.waiters.remove(h).unwrap_or_default() {
@@ -718,6 +723,7 @@ impl Actor for MeshActor {
                     }
                 }
                 for (h, _) in failed {
+                    state.fetching.remove(&h);
                     state.failed.insert(h);
                     if let Some(w) = state.wanted.get_mut(&h) {
                         // Try the other peers first; this one again last. (The peer that told
@@ -785,9 +791,11 @@ impl Actor for MeshActor {
                     return Ok(());
                 }
                 state.waiters.entry(hash).or_default().push(reply);
-                state.queue.retain(|h| *h != hash);
-                state.queue.push_front(hash);
-                pump_fetches(&me, state);
+                if !state.fetching.contains(&hash) {
+                    state.queue.retain(|h| *h != hash);
+                    state.queue.push_front(hash);
+                    pump_fetches(&me, state);
+                }
             }
             MeshMsg::Panic => panic!("fault injection: mesh actor"),
         }
@@ -1112,6 +1120,7 @@ fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
         }
         state.queue = rest;
         state.in_flight += 1;
+        state.fetching.extend(batch.iter().map(|(h, _)| *h));
         let (me2, index, content, handle) = (me.clone(), state.ctx.index.clone(), state.ctx.content.clone(), state.handle.clone());
         let endpoint = net.endpoint.clone();
         tokio::spawn(async move {
@@ -1215,6 +1224,36 @@ async fn fetch_inline(conn: iroh::endpoint::Connection, want: &[(ContentHash, u6
 
 /// Fetches blobs above the inline tier into the iroh-blobs store in one GetMany request and
 /// moves each complete one into `content/` (fsynced). Returns those that landed.
+/// Blobs at least this large start going to disk while they arrive (see
+/// [`write_back_while_arriving`]).
+const WRITEBACK_FROM: u64 = 32 << 20;
+/// How often the arriving bytes of a large blob are handed to the disk.
+const WRITEBACK_EVERY: Duration = Duration::from_millis(200);
+
+/// Starts the kernel writing an arriving blob's bytes to disk every [`WRITEBACK_EVERY`]
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: start, do not wait). Without it, a large blob's
+/// pages stay dirty until the fsync that makes it durable before it is recorded present, and
+/// that fsync then writes the whole blob after the transfer instead of during it. Best
+/// effort: a file not there yet is skipped; the closing fsync is what durability rests on.
+async fn write_back_while_arriving(paths: Vec<std::path::PathBuf>) {
+    let mut tick = tokio::time::interval(WRITEBACK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let paths = paths.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsRawFd;
+            for path in &paths {
+                if let Ok(file) = std::fs::File::open(path) {
+                    // SAFETY: a plain syscall on a descriptor this function owns for the call.
+                    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+                }
+            }
+        })
+        .await;
+    }
+}
+
 async fn fetch_into_store(
     conn: &iroh::endpoint::Connection,
     index: &crate::index::BlobIndex,
@@ -1230,11 +1269,16 @@ async fn fetch_into_store(
     }
     let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
     let started = std::time::Instant::now();
+    let arriving: Vec<_> = want.iter().filter(|(_, size)| *size >= WRITEBACK_FROM).map(|(h, _)| index.owned_data_path(h)).collect();
+    let writeback = (!arriving.is_empty()).then(|| tokio::spawn(write_back_while_arriving(arriving)));
     let error = match tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get_many(conn.clone(), req)).await {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("timed out".to_string()),
     };
+    if let Some(task) = writeback {
+        task.abort();
+    }
     if let Some(e) = error {
         tracing::warn!(peer = %peer.short(), blobs = want.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
     }
