@@ -70,6 +70,38 @@ impl Stamp {
     }
 }
 
+/// A node's hybrid logical clock: the latest stamp it used or saw. Every local event is
+/// stamped later than everything the node has seen, so a write made after seeing another
+/// version orders after it whatever the wall clocks say; only writes that did not see each
+/// other can order by wall clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hlc {
+    last: Stamp,
+}
+
+impl Hlc {
+    /// A clock that has used or seen up to `last` (e.g. restored from what was stored).
+    pub fn new(last: Stamp) -> Self {
+        Hlc { last }
+    }
+
+    /// The latest stamp used or seen.
+    pub fn last(&self) -> Stamp {
+        self.last
+    }
+
+    /// The stamp of a new local event, the wall clock reading `now_ms`.
+    pub fn stamp(&mut self, now_ms: i64) -> Stamp {
+        self.last = Stamp::tick(self.last, now_ms);
+        self.last
+    }
+
+    /// Folds in a stamp seen on a peer's change.
+    pub fn observe(&mut self, seen: Stamp) {
+        self.last = self.last.max(seen);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +116,16 @@ mod tests {
         for now in [0, 999, 1_000, 1_001] {
             assert!(Stamp::tick(last, now) > last);
         }
+    }
+
+    #[test]
+    fn a_clock_that_saw_a_later_stamp_stamps_after_it_even_an_hour_behind() {
+        let mut hlc = Hlc::default();
+        let first = hlc.stamp(10_000);
+        hlc.observe(Stamp::at(20_000));
+        let next = hlc.stamp(10_000 - 3_600_000);
+        assert!(next > Stamp::at(20_000) && next > first);
+        hlc.observe(Stamp::at(5));
+        assert_eq!(hlc.last(), next, "an older stamp changes nothing");
     }
 }

@@ -9,6 +9,8 @@
 //! - [`merge`]: the three-way decision and the last-writer-wins order;
 //! - [`replica`]: what replicates (changes, branch records), where (shards), and the rules
 //!   that make replicas agree (the head, conflicts);
+//! - [`tree`]: a bucket's replicated changes in memory and the tree they show (the
+//!   simulations' replica);
 //! - [`ticket`]: invitations to a bucket and the inviter's decision;
 //! - [`doc`]: a replicated document of write-once entries (automerge) and its sync;
 //! - [`sync`]: the frames of the sync protocol between two nodes and their limits;
@@ -26,3 +28,4 @@ pub mod path;
 pub mod replica;
 pub mod sync;
 pub mod ticket;
+pub mod tree;

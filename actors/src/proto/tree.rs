@@ -1,0 +1,217 @@
+//! A bucket's replicated tree in memory: the set of [`Change`]s a node holds, and what it
+//! shows from them by the rules of [`super::replica`] (the head of each path, the conflict
+//! losers). The node keeps the same set in SQLite and applies the same rule
+//! ([`path_outcome`]) there; the simulations keep it here, so many nodes fit in one thread.
+//!
+//! The set only grows, and what a node shows depends on the set alone, never on the order
+//! changes arrived in: that is what makes replicas that hold the same changes show the same
+//! tree.
+
+use std::collections::BTreeMap;
+
+use super::entry::{Entry, Version};
+use super::ids::{OrderKey, Uid, VersionId};
+use super::path::TreePath;
+use super::replica::{path_outcome, Change, LoserKind, Origin, PathVersion};
+
+/// A conflict loser as every node lists it: the path, the losing version, the version that
+/// beat it, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    /// The path.
+    pub path: TreePath,
+    /// The version that lost (kept, restorable).
+    pub loser: VersionId,
+    /// The version that beat it.
+    pub winner: VersionId,
+    /// Written concurrently with the winner, or the side a merge did not take.
+    pub merge: bool,
+}
+
+/// The replicated changes of one bucket, by branch and path.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaTree {
+    changes: BTreeMap<VersionId, Change>,
+    paths: BTreeMap<(Uid, TreePath), Vec<VersionId>>,
+}
+
+impl ReplicaTree {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a change; false if it was already here (delivery may repeat).
+    pub fn insert(&mut self, change: Change) -> bool {
+        let id = change.id();
+        if self.changes.contains_key(&id) {
+            return false;
+        }
+        let ids = self.paths.entry((change.branch, change.path.clone())).or_default();
+        let at = ids.partition_point(|x| *x < id);
+        ids.insert(at, id);
+        self.changes.insert(id, change);
+        true
+    }
+
+    /// Whether version `id` is here.
+    pub fn contains(&self, id: &VersionId) -> bool {
+        self.changes.contains_key(id)
+    }
+
+    /// Version `id`, if here.
+    pub fn get(&self, id: &VersionId) -> Option<&Change> {
+        self.changes.get(id)
+    }
+
+    /// Every change, in version-id order.
+    pub fn changes(&self) -> impl Iterator<Item = &Change> {
+        self.changes.values()
+    }
+
+    /// How many changes it holds.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// True when it holds no change.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// The versions of `path` on `branch`, in version-id order (not arrival order).
+    pub fn versions(&self, branch: &Uid, path: &TreePath) -> Vec<&Change> {
+        match self.paths.get(&(*branch, path.clone())) {
+            Some(ids) => ids.iter().map(|id| &self.changes[id]).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn outcome_of<'a>(versions: &[&'a Change]) -> Option<(&'a Change, Vec<(&'a Change, &'a Change, LoserKind)>)> {
+        let input: Vec<PathVersion> = versions.iter().map(|c| PathVersion { key: c.key, pred: c.pred, merge_loser: c.origin == Origin::ConflictLoser }).collect();
+        let outcome = path_outcome(&input)?;
+        let losers = outcome.losers.iter().map(|&(l, w, kind)| (versions[l], versions[w], kind)).collect();
+        Some((versions[outcome.head], losers))
+    }
+
+    /// The version `path` on `branch` reads as (a tombstone when deleted), if it has any.
+    pub fn head(&self, branch: &Uid, path: &TreePath) -> Option<&Change> {
+        Self::outcome_of(&self.versions(branch, path)).map(|(head, _)| head)
+    }
+
+    /// Every live path of `branch` and its entry.
+    pub fn listing(&self, branch: &Uid) -> BTreeMap<TreePath, Entry> {
+        let mut out = BTreeMap::new();
+        for (b, path) in self.paths.keys() {
+            if b != branch {
+                continue;
+            }
+            if let Some(entry) = self.head(b, path).and_then(|h| h.version.entry.clone()) {
+                out.insert(path.clone(), entry);
+            }
+        }
+        out
+    }
+
+    /// The conflict losers of `branch`, sorted.
+    pub fn conflicts(&self, branch: &Uid) -> Vec<Conflict> {
+        let mut out = Vec::new();
+        for (b, path) in self.paths.keys() {
+            if b != branch {
+                continue;
+            }
+            if let Some((_, losers)) = Self::outcome_of(&self.versions(b, path)) {
+                for (loser, winner, kind) in losers {
+                    out.push(Conflict { path: path.clone(), loser: loser.id(), winner: winner.id(), merge: kind == LoserKind::Merge });
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The change a local write of `version` to `path` on `branch` replicates as: it names
+    /// the path's current head as what it replaced (the writer saw it), and is ordered by
+    /// `key` (stamped by the writer's [`Hlc`](super::clock::Hlc) after all it has seen).
+    pub fn local_change(&self, branch: Uid, path: TreePath, key: OrderKey, version: Version, origin: Origin) -> Change {
+        let pred = self.head(&branch, &path).map(Change::id);
+        Change { branch, path, key, pred, version, origin }
+    }
+
+    /// Whether `later` replaced `earlier` knowingly: `earlier` is on `later`'s chain of
+    /// predecessors.
+    pub fn supersedes(&self, later: &VersionId, earlier: &VersionId) -> bool {
+        let mut at = self.changes.get(later).and_then(|c| c.pred);
+        // A chain is at most as long as the set; a malformed cycle cannot loop forever.
+        let mut steps = 0;
+        while let Some(id) = at {
+            if &id == earlier {
+                return true;
+            }
+            steps += 1;
+            if steps > self.changes.len() {
+                return false;
+            }
+            at = self.changes.get(&id).and_then(|c| c.pred);
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::clock::Stamp;
+    use crate::proto::entry::{ContentHash, EntryKind};
+    use crate::proto::ids::NodeId;
+
+    fn file(byte: u8) -> Version {
+        Version { entry: Some(Entry { kind: EntryKind::File, hash: ContentHash([byte; 32]), size: 1, mode: 0o644, mtime_ms: 0 }), written: Stamp::default() }
+    }
+
+    fn key(ms: i64, node: u8, seq: i64) -> OrderKey {
+        OrderKey::new(Stamp::at(ms), &VersionId { node: NodeId([node; 32]), seq })
+    }
+
+    #[test]
+    fn replicas_holding_the_same_changes_show_the_same_tree_in_any_order_of_arrival() {
+        let (branch, path) = (Uid([1; 16]), TreePath::parse("/a").unwrap());
+        let empty = ReplicaTree::new();
+        let base = empty.local_change(branch, path.clone(), key(10, 1, 1), file(1), Origin::Write);
+        let mut seen = ReplicaTree::new();
+        seen.insert(base.clone());
+        // Two writers that both saw `base`, unaware of each other; one's clock is behind.
+        let x = seen.local_change(branch, path.clone(), key(20, 2, 1), file(2), Origin::Write);
+        let y = seen.local_change(branch, path.clone(), key(15, 3, 1), file(3), Origin::Write);
+        let orders = [[&base, &x, &y], [&y, &x, &base], [&x, &base, &y]];
+        let results: Vec<_> = orders
+            .iter()
+            .map(|order| {
+                let mut t = ReplicaTree::new();
+                for c in order {
+                    t.insert((*c).clone());
+                    t.insert((*c).clone());
+                }
+                (t.listing(&branch), t.conflicts(&branch))
+            })
+            .collect();
+        assert!(results.windows(2).all(|w| w[0] == w[1]));
+        let (listing, conflicts) = &results[0];
+        assert_eq!(listing[&path].hash, ContentHash([2; 32]), "the later stamp wins");
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!((conflicts[0].loser, conflicts[0].winner), (y.id(), x.id()));
+    }
+
+    #[test]
+    fn a_write_after_seeing_a_version_supersedes_it_whatever_its_stamp() {
+        let (branch, path) = (Uid([1; 16]), TreePath::parse("/a").unwrap());
+        let mut t = ReplicaTree::new();
+        let first = t.local_change(branch, path.clone(), key(50, 1, 1), file(1), Origin::Write);
+        t.insert(first.clone());
+        let second = t.local_change(branch, path.clone(), key(60, 2, 1), Version { entry: None, written: Stamp::default() }, Origin::Delete);
+        t.insert(second.clone());
+        assert!(t.supersedes(&second.id(), &first.id()));
+        assert!(t.listing(&branch).is_empty(), "deleted");
+        assert!(t.conflicts(&branch).is_empty(), "no conflict: the delete saw the write");
+    }
+}

@@ -1,0 +1,302 @@
+//! One simulated node: the production proto state machines (the replicated tree and its
+//! winner rule, the hybrid logical clock, the sharded automerge documents and their sync),
+//! held in memory, with a "disk" that keeps only what a commit made durable.
+//!
+//! What a real node keeps in SQLite is here [`Disk`]: committed changes (the tree is rebuilt
+//! from them), the documents as last saved, the blobs. A crash drops everything else (the
+//! documents' unsaved changes, sync states, the outbox cursor); a restart rebuilds from the
+//! disk as the node does, with a new automerge actor (doc.rs says why).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use alknet_actors::proto::clock::{Hlc, Stamp};
+use alknet_actors::proto::doc::{decode_state, encode_state, PeerState, ReplicaDoc};
+use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
+use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
+use alknet_actors::proto::path::TreePath;
+use alknet_actors::proto::replica::{self, doc_key, shard_of, Change, Origin, SHARDS};
+use alknet_actors::proto::sync::{heads_digest, DOCS};
+use alknet_actors::proto::tree::{Conflict, ReplicaTree};
+
+/// Where the simulated wall clocks start (ms since the epoch): 2027-01-15.
+pub const EPOCH_MS: i64 = 1_800_000_000_000;
+
+/// The one branch the simulated bucket has (its root branch).
+pub const MAIN: Uid = Uid([7; 16]);
+
+/// A rule broken on purpose, to prove the harness catches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broken {
+    /// A node shows the version that arrived last, not the rule's winner.
+    ArrivalOrder,
+    /// A node drops deletes that come from peers.
+    DropTombstones,
+}
+
+/// What survives a crash.
+#[derive(Clone, Debug, Default)]
+pub struct Disk {
+    /// Every committed change (written here or applied from a peer), in commit order.
+    pub changes: Vec<Change>,
+    /// Each document as saved: a full save then increments.
+    pub docs: BTreeMap<u16, Vec<Vec<u8>>>,
+    /// Blobs held.
+    pub blobs: BTreeSet<ContentHash>,
+}
+
+/// A simulated node.
+pub struct SimNode {
+    /// Its place in the mesh.
+    pub index: usize,
+    /// Its identity.
+    pub id: NodeId,
+    /// Running (false between a crash and its restart).
+    pub up: bool,
+    /// How far its wall clock is off (ms), and how fast it drifts (ppm).
+    pub skew_ms: i64,
+    pub drift_ppm: i64,
+    incarnation: u32,
+    hlc: Hlc,
+    seq: i64,
+    tree: ReplicaTree,
+    docs: BTreeMap<u16, ReplicaDoc>,
+    peers: BTreeMap<(usize, u16), PeerState>,
+    /// Committed changes not yet put into their documents.
+    outbox: Vec<Change>,
+    /// For [`Broken::ArrivalOrder`]: the last version of each path to arrive.
+    arrived: BTreeMap<TreePath, VersionId>,
+    broken: Option<Broken>,
+    /// What survives a crash.
+    pub disk: Disk,
+}
+
+impl SimNode {
+    /// Node `index` of a mesh, its identity derived from `seed`.
+    pub fn new(index: usize, seed: u64, skew_ms: i64, drift_ppm: i64, broken: Option<Broken>) -> Self {
+        let mut id = [0u8; 32];
+        id[..8].copy_from_slice(&seed.to_be_bytes());
+        id[8..16].copy_from_slice(&(index as u64).to_be_bytes());
+        SimNode {
+            index,
+            id: NodeId(id),
+            up: true,
+            skew_ms,
+            drift_ppm,
+            incarnation: 0,
+            hlc: Hlc::default(),
+            seq: 0,
+            tree: ReplicaTree::new(),
+            docs: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            outbox: Vec::new(),
+            arrived: BTreeMap::new(),
+            broken,
+            disk: Disk::default(),
+        }
+    }
+
+    /// Its wall clock at simulated time `t` (ms since the run began): skewed and drifting.
+    pub fn wall_ms(&self, t: u64) -> i64 {
+        EPOCH_MS + t as i64 + self.skew_ms + (t as i64).saturating_mul(self.drift_ppm) / 1_000_000
+    }
+
+    /// The replicated tree it holds.
+    pub fn tree(&self) -> &ReplicaTree {
+        &self.tree
+    }
+
+    /// What it shows at each live path.
+    pub fn listing(&self) -> BTreeMap<TreePath, Entry> {
+        match self.broken {
+            Some(Broken::ArrivalOrder) => self.arrived.iter().filter_map(|(p, id)| Some((p.clone(), self.tree.get(id)?.version.entry.clone()?))).collect(),
+            _ => self.tree.listing(&MAIN),
+        }
+    }
+
+    /// What it shows at `path` (`None`: nothing live there).
+    pub fn shows(&self, path: &TreePath) -> Option<Entry> {
+        let id = match self.broken {
+            Some(Broken::ArrivalOrder) => *self.arrived.get(path)?,
+            _ => self.tree.head(&MAIN, path)?.id(),
+        };
+        self.tree.get(&id)?.version.entry.clone()
+    }
+
+    /// The conflict losers it lists.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        self.tree.conflicts(&MAIN)
+    }
+
+    /// Commits one local transaction: each `(path, entry or tombstone, origin)` becomes a
+    /// version stamped by the node's clock after all it has seen, naming the path's head as
+    /// what it replaced. Durable at once (SQLite commits), queued for publishing (outbox).
+    pub fn commit(&mut self, t: u64, items: Vec<(TreePath, Option<Entry>, Origin)>) -> Vec<Change> {
+        let stamp = self.hlc.stamp(self.wall_ms(t));
+        let mut out = Vec::new();
+        for (path, entry, origin) in items {
+            self.seq += 1;
+            let key = OrderKey::new(stamp, &VersionId { node: self.id, seq: self.seq });
+            if let Some(e) = &entry {
+                if e.kind == EntryKind::File {
+                    self.disk.blobs.insert(e.hash);
+                }
+            }
+            let change = self.tree.local_change(MAIN, path, key, Version { entry, written: stamp }, origin);
+            self.insert(change.clone());
+            self.outbox.push(change.clone());
+            out.push(change);
+        }
+        out
+    }
+
+    fn insert(&mut self, change: Change) {
+        self.arrived.insert(change.path.clone(), change.id());
+        self.disk.changes.push(change.clone());
+        self.tree.insert(change);
+    }
+
+    fn actor(&self) -> Vec<u8> {
+        let mut a = self.id.0.to_vec();
+        a.extend_from_slice(&self.incarnation.to_be_bytes());
+        a
+    }
+
+    fn doc(&mut self, shard: u16) -> &mut ReplicaDoc {
+        let actor = self.actor();
+        self.docs.entry(shard).or_insert_with(|| ReplicaDoc::new(&actor))
+    }
+
+    /// Puts the outbox's changes into their documents; returns the documents that changed.
+    pub fn publish(&mut self) -> Vec<u16> {
+        let mut touched = BTreeSet::new();
+        for change in std::mem::take(&mut self.outbox) {
+            let shard = shard_of(&change.branch, &change.path);
+            if self.doc(shard).put(&doc_key(&change.id()), &replica::encode(&change)).unwrap_or(false) {
+                touched.insert(shard);
+            }
+        }
+        touched.into_iter().collect()
+    }
+
+    /// The next sync message of document `doc` for peer `peer`, if there is anything to say.
+    pub fn generate(&mut self, peer: usize, doc: u16) -> Option<Vec<u8>> {
+        let mut state = self.peers.remove(&(peer, doc)).unwrap_or_default();
+        let msg = self.doc(doc).generate(&mut state);
+        self.peers.insert((peer, doc), state);
+        msg
+    }
+
+    /// Applies a sync message from `peer`: the changes it brought are committed in one
+    /// transaction (the tree, the clock, the disk). Returns the changes that were new.
+    pub fn receive(&mut self, peer: usize, doc: u16, msg: &[u8]) -> Result<Vec<Change>, String> {
+        if doc >= SHARDS {
+            return Err(format!("document {doc} is not a shard"));
+        }
+        let mut state = self.peers.remove(&(peer, doc)).unwrap_or_default();
+        let added = self.doc(doc).receive(&mut state, msg);
+        self.peers.insert((peer, doc), state);
+        let mut applied = Vec::new();
+        for (key, value) in added.map_err(|e| e.to_string())? {
+            let change = replica::decode(&value).map_err(|e| e.to_string())?;
+            if doc_key(&change.id()) != key || shard_of(&change.branch, &change.path) != doc {
+                return Err(format!("a change filed under the wrong key or shard: {key}"));
+            }
+            if self.tree.contains(&change.id()) {
+                continue;
+            }
+            self.hlc.observe(change.key.stamp());
+            if self.broken == Some(Broken::DropTombstones) && change.version.entry.is_none() {
+                continue;
+            }
+            self.insert(change.clone());
+            applied.push(change);
+        }
+        Ok(applied)
+    }
+
+    /// The digest of each document, as a session's summary carries them.
+    pub fn summary(&mut self) -> Vec<u64> {
+        let empty = heads_digest(std::iter::empty());
+        (0..DOCS).map(|d| self.docs.get_mut(&d).map_or(empty, |doc| doc.digest())).collect()
+    }
+
+    /// Saves what changed in each document since its last save.
+    pub fn persist(&mut self) {
+        for (shard, doc) in &mut self.docs {
+            let bytes = doc.save_incremental();
+            if !bytes.is_empty() {
+                self.disk.docs.entry(*shard).or_default().push(bytes);
+            }
+        }
+    }
+
+    /// A session with `peer` ended: what survives of its sync states is their saved form.
+    pub fn session_ended(&mut self, peer: usize) {
+        let keys: Vec<_> = self.peers.keys().filter(|(p, _)| *p == peer).copied().collect();
+        for k in keys {
+            let saved = encode_state(&self.peers[&k]);
+            self.peers.insert(k, decode_state(&saved));
+        }
+    }
+
+    /// Blobs that versions here name and this node lacks.
+    pub fn missing_blobs(&self) -> Vec<ContentHash> {
+        let mut out: BTreeSet<ContentHash> = BTreeSet::new();
+        for c in self.tree.changes() {
+            if let Some(e) = &c.version.entry {
+                if e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash) {
+                    out.insert(e.hash);
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Whether its outbox is empty (everything committed is in a document).
+    pub fn published(&self) -> bool {
+        self.outbox.is_empty()
+    }
+
+    /// Killed: everything not on disk is gone.
+    pub fn crash(&mut self) {
+        self.up = false;
+        self.tree = ReplicaTree::new();
+        self.docs.clear();
+        self.peers.clear();
+        self.outbox.clear();
+        self.arrived.clear();
+        self.hlc = Hlc::default();
+    }
+
+    /// Started again from its disk: the tree from the committed changes, the clock past every
+    /// stamp they carry, the documents from their saves, and every committed change a save
+    /// missed published again (under a new actor).
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.incarnation += 1;
+        self.up = true;
+        let changes = self.disk.changes.clone();
+        let mut last = Stamp::default();
+        for c in &changes {
+            last = last.max(c.key.stamp());
+            if c.key.version().node == self.id {
+                self.seq = self.seq.max(c.key.version().seq);
+            }
+            self.arrived.insert(c.path.clone(), c.id());
+            self.tree.insert(c.clone());
+        }
+        self.hlc = Hlc::new(last);
+        let actor = self.actor();
+        for (shard, saves) in &self.disk.docs {
+            let (full, rest) = saves.split_first().map(|(f, r)| (f.as_slice(), r.iter().map(Vec::as_slice).collect::<Vec<_>>())).unwrap_or((&[], Vec::new()));
+            let doc = ReplicaDoc::load(full, &rest, &actor).map_err(|e| format!("node {} cannot load document {shard}: {e}", self.index))?;
+            self.docs.insert(*shard, doc);
+        }
+        for c in changes {
+            let shard = shard_of(&c.branch, &c.path);
+            if !self.docs.get(&shard).is_some_and(|d| d.contains(&doc_key(&c.id()))) {
+                self.outbox.push(c);
+            }
+        }
+        Ok(())
+    }
+}

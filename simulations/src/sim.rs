@@ -1,0 +1,639 @@
+//! The discrete-event simulator: N [`SimNode`]s in one thread, a simulated network between
+//! them, and simulated time. Nothing here reads a clock, spawns a thread or does I/O; every
+//! random choice comes from the seed, so a seed replays the same run event for event.
+//!
+//! The network is modelled the way the node uses it: between two running nodes that can
+//! reach each other in both directions there is a session (a QUIC connection: reliable and
+//! ordered, so a lost packet costs a retransmission's delay, never a hole). A partition, a
+//! one-way link, a reset or a crash ends the session and drops what was in flight; when the
+//! link is back a new session starts with each side's saved sync state, and both sides send
+//! a summary of their documents' digests, as the node's anti-entropy round does.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
+use alknet_actors::proto::path::TreePath;
+use alknet_actors::proto::replica::Origin;
+use alknet_actors::proto::sync::differing;
+
+use crate::node::{Broken, SimNode};
+use crate::rng::{Rng, TraceHash};
+
+/// The network's and the nodes' parameters.
+#[derive(Clone, Debug)]
+pub struct NetParams {
+    /// One-way latency of a message, ms (each message draws in this range).
+    pub latency_ms: (u64, u64),
+    /// Probability a packet of a message is lost and retransmitted (one more round trip).
+    pub loss: f64,
+    /// Probability a summary or blob message is delivered twice.
+    pub dup: f64,
+    /// How often each node runs its anti-entropy round and saves its documents, ms.
+    pub tick_ms: u64,
+}
+
+impl Default for NetParams {
+    fn default() -> Self {
+        NetParams { latency_ms: (1, 40), loss: 0.02, dup: 0.02, tick_ms: 1_000 }
+    }
+}
+
+/// What travels between nodes.
+#[derive(Clone, Debug)]
+enum Msg {
+    /// The digests of every document (anti-entropy).
+    Summary(Vec<u64>),
+    /// An automerge sync message for one document.
+    Sync(u16, Vec<u8>),
+    /// A request for blobs.
+    BlobGet(Vec<ContentHash>),
+    /// Blobs (their bytes are in the simulation's content table).
+    BlobPut(Vec<ContentHash>),
+}
+
+impl Msg {
+    fn code(&self) -> u8 {
+        match self {
+            Msg::Summary(_) => 1,
+            Msg::Sync(..) => 2,
+            Msg::BlobGet(_) => 3,
+            Msg::BlobPut(_) => 4,
+        }
+    }
+}
+
+enum Event {
+    Deliver { from: usize, to: usize, session: u64, msg: Msg },
+    Tick(usize),
+}
+
+/// How many violations a run keeps the text of (all are counted).
+pub const VIOLATIONS_KEPT: usize = 20;
+
+/// A broken invariant, with when it was seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Simulated time, ms.
+    pub at_ms: u64,
+    /// What was wrong.
+    pub what: String,
+}
+
+/// Counts of a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// Events processed (deliveries, ticks, actions).
+    pub events: u64,
+    /// Faults injected (partitions, one-way links, resets, crashes).
+    pub faults: u64,
+    /// Messages sent.
+    pub messages: u64,
+    /// Invariant violations seen.
+    pub violations: u64,
+}
+
+/// A simulated mesh. Build one with [`Sim::new`], script it, and assert on its trees.
+pub struct Sim {
+    nodes: Vec<SimNode>,
+    net: NetParams,
+    rng: Rng,
+    now: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Event>,
+    next_event: u64,
+    /// Directed links that are cut (`from`, `to`).
+    cut: BTreeSet<(usize, usize)>,
+    /// The current session of each pair of nodes (`lo`, `hi`), and whether it is up.
+    sessions: BTreeMap<(usize, usize), (u64, bool)>,
+    /// The last delivery time on each directed session channel (sessions are ordered).
+    channel_at: BTreeMap<(usize, usize), u64>,
+    /// Bytes of every blob ever written, by hash.
+    contents: BTreeMap<ContentHash, Vec<u8>>,
+    /// Every acknowledged local write: (node, version id).
+    acked: Vec<(usize, alknet_actors::proto::ids::VersionId)>,
+    violations: Vec<Violation>,
+    trace: TraceHash,
+    stats: Stats,
+    seed: u64,
+    broken: Option<Broken>,
+    /// Skews and drifts given to nodes made from here on.
+    skews: Vec<(i64, i64)>,
+}
+
+/// A node's handle in a [`Sim`]: its index.
+pub type NodeIx = usize;
+
+impl Sim {
+    /// An empty mesh whose every random choice comes from `seed`. Add nodes with
+    /// [`nodes`](Self::nodes).
+    pub fn new(seed: u64) -> Sim {
+        Sim {
+            nodes: Vec::new(),
+            net: NetParams::default(),
+            rng: Rng::new(seed, 1),
+            now: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            next_event: 0,
+            cut: BTreeSet::new(),
+            sessions: BTreeMap::new(),
+            channel_at: BTreeMap::new(),
+            contents: BTreeMap::new(),
+            acked: Vec::new(),
+            violations: Vec::new(),
+            trace: TraceHash::default(),
+            stats: Stats::default(),
+            seed,
+            broken: None,
+            skews: Vec::new(),
+        }
+    }
+
+    /// The network's parameters (before adding nodes or after: they apply from now on).
+    pub fn network(mut self, net: NetParams) -> Sim {
+        self.net = net;
+        self
+    }
+
+    /// Runs every node with `rule` broken (to show the harness catches it). For nodes made
+    /// after this call.
+    pub fn broken(mut self, rule: Broken) -> Sim {
+        self.broken = Some(rule);
+        self
+    }
+
+    /// Clock skews (ms) and drifts (ppm) of the nodes to be made, in order; nodes beyond the
+    /// list keep true clocks.
+    pub fn clocks(mut self, skews: &[(i64, i64)]) -> Sim {
+        self.skews = skews.to_vec();
+        self
+    }
+
+    /// Adds `n` nodes, all connected.
+    pub fn nodes(mut self, n: usize) -> Sim {
+        for _ in 0..n {
+            let i = self.nodes.len();
+            let (skew, drift) = self.skews.get(i).copied().unwrap_or((0, 0));
+            self.nodes.push(SimNode::new(i, self.seed, skew, drift, self.broken));
+            let first = self.net.tick_ms.max(1);
+            let at = self.rng.between(1, first);
+            self.schedule(at, Event::Tick(i));
+        }
+        self.relink();
+        self
+    }
+
+    /// How many nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// True with no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Simulated time, ms since the start.
+    pub fn now_ms(&self) -> u64 {
+        self.now
+    }
+
+    /// The counts so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The hash of every event so far: equal for equal runs.
+    pub fn trace_hash(&self) -> u64 {
+        self.trace.0
+    }
+
+    /// Violations seen so far.
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    /// Node `n` (to inspect its tree, conflicts, disk).
+    pub fn node(&self, n: NodeIx) -> &SimNode {
+        &self.nodes[n]
+    }
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.queue.push(Reverse((at, id)));
+        self.events.insert(id, event);
+    }
+
+    fn violation(&mut self, what: String) {
+        self.trace.add(b"violation");
+        self.stats.violations += 1;
+        // The first ones say what went wrong; a broken rule repeats itself thousands of times.
+        if self.violations.len() < VIOLATIONS_KEPT {
+            self.violations.push(Violation { at_ms: self.now, what });
+        }
+    }
+
+    fn pair(a: usize, b: usize) -> (usize, usize) {
+        (a.min(b), a.max(b))
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        a != b && self.nodes[a].up && self.nodes[b].up && !self.cut.contains(&(a, b)) && !self.cut.contains(&(b, a))
+    }
+
+    /// Brings every pair's session in line with the links: one that can no longer run ends
+    /// (in flight is lost); one that can starts afresh and both sides send a summary.
+    fn relink(&mut self) {
+        let n = self.nodes.len();
+        for a in 0..n {
+            for b in a + 1..n {
+                let want = self.reachable(a, b);
+                let (epoch, up) = self.sessions.get(&(a, b)).copied().unwrap_or((0, false));
+                if want == up {
+                    continue;
+                }
+                self.sessions.insert((a, b), (epoch + 1, want));
+                self.channel_at.remove(&(a, b));
+                self.channel_at.remove(&(b, a));
+                if self.nodes[a].up {
+                    self.nodes[a].session_ended(b);
+                }
+                if self.nodes[b].up {
+                    self.nodes[b].session_ended(a);
+                }
+                if want {
+                    self.send_summary(a, b);
+                    self.send_summary(b, a);
+                }
+            }
+        }
+    }
+
+    fn linked(&self, a: usize) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&b| b != a && self.sessions.get(&Self::pair(a, b)).is_some_and(|s| s.1)).collect()
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        let Some(&(session, true)) = self.sessions.get(&Self::pair(from, to)) else { return };
+        self.stats.messages += 1;
+        let (lo, hi) = self.net.latency_ms;
+        let mut at = self.now + self.rng.between(lo, hi);
+        if self.rng.chance(self.net.loss) {
+            // A lost packet: QUIC sends it again after about a round trip.
+            at += 2 * hi.max(1);
+        }
+        let ordered = matches!(msg, Msg::Sync(..));
+        if ordered {
+            let last = self.channel_at.get(&(from, to)).copied().unwrap_or(0);
+            at = at.max(last);
+            self.channel_at.insert((from, to), at);
+        } else if self.rng.chance(self.net.dup) {
+            let again = at + self.rng.between(lo, hi);
+            self.schedule(again, Event::Deliver { from, to, session, msg: msg.clone() });
+        }
+        self.schedule(at, Event::Deliver { from, to, session, msg });
+    }
+
+    fn send_summary(&mut self, from: usize, to: usize) {
+        let digests = self.nodes[from].summary();
+        self.send(from, to, Msg::Summary(digests));
+    }
+
+    /// Sends every linked peer (but `except`) what it lacks of documents `docs`.
+    fn offer(&mut self, from: usize, docs: &[u16], except: Option<usize>) {
+        for peer in self.linked(from) {
+            if Some(peer) == except {
+                continue;
+            }
+            for &d in docs {
+                if let Some(m) = self.nodes[from].generate(peer, d) {
+                    self.send(from, peer, Msg::Sync(d, m));
+                }
+            }
+        }
+    }
+
+    /// Runs events until simulated time `t`.
+    pub fn run_until(&mut self, t: u64) {
+        while let Some(&Reverse((at, id))) = self.queue.peek() {
+            if at > t {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            let Some(event) = self.events.remove(&id) else { continue };
+            self.step(event);
+        }
+        self.now = self.now.max(t);
+    }
+
+    /// Runs for `ms` of simulated time.
+    pub fn run_for(&mut self, ms: u64) {
+        let t = self.now + ms;
+        self.run_until(t);
+    }
+
+    fn step(&mut self, event: Event) {
+        self.stats.events += 1;
+        self.trace.add_u64(self.now);
+        match event {
+            Event::Tick(n) => {
+                self.trace.add(&[0, n as u8]);
+                let next = self.now + self.net.tick_ms;
+                self.schedule(next, Event::Tick(n));
+                if !self.nodes[n].up {
+                    return;
+                }
+                self.nodes[n].persist();
+                let docs = self.nodes[n].publish();
+                self.offer(n, &docs, None);
+                let peers = self.linked(n);
+                for &p in &peers {
+                    self.send_summary(n, p);
+                }
+                let missing = self.nodes[n].missing_blobs();
+                if !missing.is_empty() && !peers.is_empty() {
+                    let p = *self.rng.pick(&peers);
+                    self.send(n, p, Msg::BlobGet(missing));
+                }
+            }
+            Event::Deliver { from, to, session, msg } => {
+                self.trace.add(&[1, from as u8, to as u8, msg.code()]);
+                if self.sessions.get(&Self::pair(from, to)) != Some(&(session, true)) {
+                    return;
+                }
+                match msg {
+                    Msg::Summary(theirs) => {
+                        let ours = self.nodes[to].summary();
+                        for d in differing(&ours, &theirs) {
+                            if let Some(m) = self.nodes[to].generate(from, d) {
+                                self.send(to, from, Msg::Sync(d, m));
+                            }
+                        }
+                    }
+                    Msg::Sync(doc, bytes) => {
+                        self.trace.add_u64(bytes.len() as u64);
+                        match self.nodes[to].receive(from, doc, &bytes) {
+                            Ok(applied) => {
+                                if let Some(m) = self.nodes[to].generate(from, doc) {
+                                    self.send(to, from, Msg::Sync(doc, m));
+                                }
+                                if !applied.is_empty() {
+                                    self.trace.add_u64(applied.len() as u64);
+                                    self.offer(to, &[doc], Some(from));
+                                    self.check_paths(to, applied.iter().map(|c| c.path.clone()).collect());
+                                }
+                            }
+                            Err(e) => self.violation(format!("node {to} refused a sync message from node {from}: {e}")),
+                        }
+                    }
+                    Msg::BlobGet(hashes) => {
+                        let have: Vec<ContentHash> = hashes.into_iter().filter(|h| self.nodes[to].disk.blobs.contains(h)).collect();
+                        if !have.is_empty() {
+                            self.send(to, from, Msg::BlobPut(have));
+                        }
+                    }
+                    Msg::BlobPut(hashes) => self.nodes[to].disk.blobs.extend(hashes),
+                }
+            }
+        }
+    }
+
+    /// The continuous check after a change reached node `n`: no head it shows at `paths` is
+    /// a version another version there replaced knowingly (causal last-writer-wins).
+    fn check_paths(&mut self, n: usize, paths: Vec<TreePath>) {
+        for path in paths {
+            let listing_head = self.nodes[n].shows(&path);
+            let tree = self.nodes[n].tree();
+            let Some(head) = tree.head(&crate::node::MAIN, &path) else { continue };
+            let head_id = head.id();
+            let mut found = Vec::new();
+            // Replaced knowingly: some version names it as what it replaced.
+            if tree.versions(&crate::node::MAIN, &path).iter().any(|c| c.pred == Some(head_id)) {
+                found.push(format!("node {n} shows {path:?} as version {head_id}, which a later version of it replaced knowingly"));
+            }
+            if listing_head != head.version.entry {
+                found.push(format!("node {n} shows {path:?} as {listing_head:?}, the rule's head is {:?}", head.version.entry));
+            }
+            for what in found {
+                self.violation(what);
+            }
+        }
+    }
+
+    // --- The scripting API -------------------------------------------------------------
+
+    fn content(&mut self, bytes: &[u8]) -> Entry {
+        let hash = ContentHash(*blake3::hash(bytes).as_bytes());
+        self.contents.insert(hash, bytes.to_vec());
+        Entry { kind: EntryKind::File, hash, size: bytes.len() as u64, mode: 0o644, mtime_ms: 0 }
+    }
+
+    fn local(&mut self, n: NodeIx, items: Vec<(TreePath, Option<Entry>, Origin)>) -> bool {
+        if !self.nodes[n].up {
+            return false;
+        }
+        self.stats.events += 1;
+        self.trace.add(&[2, n as u8, items.len() as u8]);
+        let now = self.now;
+        let changes = self.nodes[n].commit(now, items);
+        for c in &changes {
+            self.acked.push((n, c.id()));
+        }
+        let docs = self.nodes[n].publish();
+        self.offer(n, &docs, None);
+        true
+    }
+
+    fn path(p: &str) -> TreePath {
+        TreePath::parse_non_root(p).expect("a valid simulated path")
+    }
+
+    /// Node `n` writes `bytes` at `path` (acknowledged at once, as a local write is). False
+    /// when `n` is down.
+    pub fn write(&mut self, n: NodeIx, path: &str, bytes: &[u8]) -> bool {
+        let entry = self.content(bytes);
+        self.local(n, vec![(Self::path(path), Some(entry), Origin::Write)])
+    }
+
+    /// Node `n` deletes `path` (if it shows it).
+    pub fn delete(&mut self, n: NodeIx, path: &str) -> bool {
+        let p = Self::path(path);
+        if !self.nodes[n].up || self.nodes[n].shows(&p).is_none() {
+            return false;
+        }
+        self.local(n, vec![(p, None, Origin::Delete)])
+    }
+
+    /// Node `n` renames `from` to `to` in one commit (if it shows `from`).
+    pub fn rename(&mut self, n: NodeIx, from: &str, to: &str) -> bool {
+        let (f, t) = (Self::path(from), Self::path(to));
+        if f == t || !self.nodes[n].up {
+            return false;
+        }
+        let Some(entry) = self.nodes[n].shows(&f) else { return false };
+        if entry.kind != EntryKind::File {
+            return false;
+        }
+        self.local(n, vec![(f, None, Origin::Rename), (t, Some(entry), Origin::Rename)])
+    }
+
+    /// Node `n` makes directory `path`.
+    pub fn mkdir(&mut self, n: NodeIx, path: &str) -> bool {
+        self.local(n, vec![(Self::path(path), Some(Entry::dir(0o755, 0)), Origin::Mkdir)])
+    }
+
+    /// Splits the mesh: nodes in different groups cannot reach each other (groups need not
+    /// cover every node; those left out keep their links to everyone).
+    pub fn partition(&mut self, a: &[NodeIx], b: &[NodeIx]) {
+        self.stats.faults += 1;
+        self.trace.add(b"partition");
+        for &x in a {
+            for &y in b {
+                self.cut.insert((x, y));
+                self.cut.insert((y, x));
+            }
+        }
+        self.relink();
+    }
+
+    /// Cuts the link from `from` to `to` only (a one-way link: no session can run on it).
+    pub fn cut_one_way(&mut self, from: NodeIx, to: NodeIx) {
+        self.stats.faults += 1;
+        self.trace.add(b"oneway");
+        self.cut.insert((from, to));
+        self.relink();
+    }
+
+    /// Resets the session between `a` and `b` (what was in flight is lost; it starts again).
+    pub fn reset(&mut self, a: NodeIx, b: NodeIx) {
+        self.stats.faults += 1;
+        self.trace.add(b"reset");
+        if let Some(s) = self.sessions.get_mut(&Self::pair(a, b)) {
+            s.1 = false;
+        }
+        self.relink();
+    }
+
+    /// Every link works again.
+    pub fn heal(&mut self) {
+        self.trace.add(b"heal");
+        self.cut.clear();
+        self.relink();
+    }
+
+    /// Kills node `n`: what was not committed is lost.
+    pub fn crash(&mut self, n: NodeIx) {
+        if !self.nodes[n].up {
+            return;
+        }
+        self.stats.faults += 1;
+        self.trace.add(&[3, n as u8]);
+        self.nodes[n].crash();
+        self.relink();
+    }
+
+    /// Starts node `n` again from what it committed.
+    pub fn restart(&mut self, n: NodeIx) {
+        if self.nodes[n].up {
+            return;
+        }
+        self.trace.add(&[4, n as u8]);
+        if let Err(e) = self.nodes[n].restart() {
+            self.violation(e);
+        }
+        self.relink();
+    }
+
+    /// What node `n` shows: each live file's path and bytes (directories end in `/`).
+    pub fn tree(&self, n: NodeIx) -> BTreeMap<String, Vec<u8>> {
+        self.nodes[n]
+            .listing()
+            .into_iter()
+            .map(|(p, e)| match e.kind {
+                EntryKind::Dir => (format!("{}/", p.as_str()), Vec::new()),
+                _ => (p.as_str().to_string(), self.contents.get(&e.hash).cloned().unwrap_or_default()),
+            })
+            .collect()
+    }
+
+    /// The conflict losers node `n` lists: (path, the losing bytes).
+    pub fn conflicts(&self, n: NodeIx) -> Vec<(String, Vec<u8>)> {
+        let node = &self.nodes[n];
+        node.conflicts()
+            .into_iter()
+            .map(|c| {
+                let bytes = node.tree().get(&c.loser).and_then(|v| v.version.entry.as_ref()).and_then(|e| self.contents.get(&e.hash)).cloned().unwrap_or_default();
+                (c.path.as_str().to_string(), bytes)
+            })
+            .collect()
+    }
+
+    /// Whether every running node holds the same documents, trees and blobs, with nothing
+    /// left to publish.
+    fn quiet(&mut self) -> bool {
+        let up: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.nodes[n].up).collect();
+        let Some(&first) = up.first() else { return true };
+        let digest = self.nodes[first].summary();
+        up.iter().all(|&n| self.nodes[n].published() && self.nodes[n].missing_blobs().is_empty())
+            && up.iter().all(|&n| self.nodes[n].summary() == digest)
+    }
+
+    /// Runs until the mesh is quiet (or `limit_ms` of simulated time passed: a violation).
+    /// Then checks what must hold at quiescence.
+    pub fn run_until_quiet(&mut self) -> Result<(), Vec<Violation>> {
+        let limit = self.now + 600_000;
+        let step = self.net.tick_ms.max(1);
+        loop {
+            self.run_for(step);
+            if self.quiet() {
+                break;
+            }
+            if self.now >= limit {
+                self.violation("the mesh did not become quiet within 10 simulated minutes".into());
+                break;
+            }
+        }
+        self.check_quiet();
+        if self.violations.is_empty() {
+            Ok(())
+        } else {
+            Err(self.violations.clone())
+        }
+    }
+
+    /// What must hold once the mesh is quiet: every running node shows the same tree and
+    /// lists the same conflicts; every acknowledged write is on every node; every version's
+    /// bytes are on every node (so a losing version is restorable everywhere).
+    pub fn check_quiet(&mut self) {
+        let up: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.nodes[n].up).collect();
+        let Some(&first) = up.first() else { return };
+        let listing = self.nodes[first].listing();
+        let conflicts = self.nodes[first].conflicts();
+        for &n in &up[1..] {
+            if self.nodes[n].listing() != listing {
+                let what = format!("node {n} shows a different tree from node {first}: {:?} vs {:?}", self.tree(n).keys().collect::<Vec<_>>(), self.tree(first).keys().collect::<Vec<_>>());
+                self.violation(what);
+            }
+            if self.nodes[n].conflicts() != conflicts {
+                self.violation(format!("node {n} lists different conflicts from node {first}"));
+            }
+        }
+        let acked = self.acked.clone();
+        for &n in &up {
+            for (writer, id) in &acked {
+                if !self.nodes[n].tree().contains(id) {
+                    self.violation(format!("node {n} lacks version {id}, acknowledged by node {writer}"));
+                }
+            }
+            let missing = self.nodes[n].missing_blobs();
+            if !missing.is_empty() {
+                self.violation(format!("node {n} lacks the bytes of {} versions", missing.len()));
+            }
+            let paths: Vec<TreePath> = self.nodes[n].listing().into_keys().collect();
+            self.check_paths(n, paths);
+        }
+    }
+}
