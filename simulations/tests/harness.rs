@@ -1,0 +1,137 @@
+//! The harness itself: deterministic, able to fail, and its scenarios pass.
+
+use alknet_simulations::workload::{self, schedule, Workload};
+use alknet_simulations::{Broken, Sim};
+
+fn scenario(name: &str) -> Workload {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(format!("{name}.toml"));
+    toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_seed_replays_the_same_trace_and_other_seeds_do_not() {
+    let w = Workload { ops: 300, ..Workload::default() };
+    let runs: Vec<_> = [11u64, 11, 12].iter().map(|&s| workload::run(s, &w, None, &schedule(s, &w), None)).collect();
+    assert_eq!((runs[0].trace, runs[0].events, runs[0].faults), (runs[1].trace, runs[1].events, runs[1].faults));
+    assert_ne!(runs[0].trace, runs[2].trace);
+    assert!(runs[0].faults > 0 && runs[0].events > 1_000, "{:?}", runs[0]);
+}
+
+/// The bounded soak CI runs: the default workload (5 nodes, 1,000 operations, splits,
+/// one-way links, resets, crashes, clocks up to 10 minutes off) over 40 seeds.
+#[test]
+fn forty_seeds_of_the_soak_break_no_invariant() {
+    let w = Workload::default();
+    for seed in 0..40 {
+        let r = workload::run(seed, &w, None, &schedule(seed, &w), None);
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}\nreplay: cargo run -p alknet-simulations --release -- --seed {seed} --verbose", r.violations);
+    }
+}
+
+#[test]
+fn every_named_scenario_passes_its_first_seeds() {
+    for name in ["split-brain", "flapping-link", "clock-an-hour-behind", "crash-during-sync"] {
+        let w = scenario(name);
+        for seed in 0..5 {
+            let r = workload::run(seed, &w, None, &schedule(seed, &w), None);
+            assert!(r.violations.is_empty(), "{name} seed {seed}: {:?}", r.violations);
+            assert!(r.faults > 0, "{name} injects faults");
+        }
+    }
+}
+
+/// Deliberately broken rules are caught within a few hundred seeds (here: the first few),
+/// and a failing schedule shrinks to a shorter one that still fails.
+#[test]
+fn a_broken_rule_is_caught_and_its_schedule_shrinks() {
+    let w = Workload { ops: 150, ..Workload::default() };
+    for rule in [Broken::ArrivalOrder, Broken::DropTombstones] {
+        let failing = (0..300u64).find(|&s| !workload::run(s, &w, Some(rule), &schedule(s, &w), None).violations.is_empty());
+        let seed = failing.unwrap_or_else(|| panic!("{rule:?} went unnoticed for 300 seeds"));
+        let steps = schedule(seed, &w);
+        let kept = workload::shrink(seed, &w, Some(rule), &steps, 200);
+        assert!(kept.len() < steps.len() / 2, "{rule:?}: shrunk only to {} of {} steps", kept.len(), steps.len());
+        assert!(!workload::run(seed, &w, Some(rule), &steps, Some(&kept)).violations.is_empty(), "the shrunk schedule still fails");
+        let back = workload::parse_ranges(&workload::ranges(&kept)).unwrap();
+        assert_eq!(back, kept, "the replay command's step list reads back");
+    }
+}
+
+#[test]
+fn a_write_made_after_seeing_a_version_replaces_it_on_a_clock_an_hour_behind() {
+    let mut sim = Sim::new(3).clocks(&[(-3_600_000, 0), (0, 0), (0, 0)]).nodes(3);
+    sim.write(1, "/plan.txt", b"from b, on time");
+    sim.run_until_quiet().unwrap();
+    // A's clock reads an hour before b's write; it saw that write, so its own replaces it.
+    sim.write(0, "/plan.txt", b"from a, an hour behind");
+    sim.run_until_quiet().unwrap();
+    for n in 0..3 {
+        assert_eq!(sim.tree(n)["/plan.txt"], b"from a, an hour behind", "node {n}");
+        assert!(sim.conflicts(n).is_empty(), "node {n}: not a conflict, a later write");
+    }
+}
+
+#[test]
+fn a_split_brain_on_one_path_keeps_the_loser_listed_and_its_bytes_on_every_node() {
+    let mut sim = Sim::new(5).nodes(4);
+    sim.partition(&[0, 1], &[2, 3]);
+    sim.write(0, "/same.txt", b"left");
+    sim.write(3, "/same.txt", b"right");
+    sim.run_for(5_000);
+    assert_eq!(sim.tree(1)["/same.txt"], b"left");
+    assert_eq!(sim.tree(2)["/same.txt"], b"right");
+    sim.heal();
+    sim.run_until_quiet().unwrap();
+    let winner = sim.tree(0)["/same.txt"].clone();
+    let loser: &[u8] = if winner == b"left" { b"right" } else { b"left" };
+    for n in 0..4 {
+        assert_eq!(sim.tree(n)["/same.txt"], winner, "node {n}");
+        assert_eq!(sim.conflicts(n), vec![("/same.txt".to_string(), loser.to_vec())], "node {n}");
+    }
+}
+
+#[test]
+fn a_node_killed_before_saving_its_documents_still_delivers_what_it_committed() {
+    let mut sim = Sim::new(9).nodes(3);
+    sim.partition(&[0], &[1, 2]);
+    sim.write(0, "/kept.txt", b"committed");
+    sim.rename(0, "/kept.txt", "/moved.txt");
+    // Killed before its documents were saved: only the committed changes survive.
+    sim.crash(0);
+    sim.heal();
+    sim.run_for(3_000);
+    assert!(!sim.tree(1).contains_key("/moved.txt"), "nothing reached the others while it was down");
+    sim.restart(0);
+    sim.run_until_quiet().unwrap();
+    for n in 0..3 {
+        assert_eq!(sim.tree(n).get("/moved.txt").map(Vec::as_slice), Some(&b"committed"[..]), "node {n}");
+        assert!(!sim.tree(n).contains_key("/kept.txt"), "node {n}");
+    }
+}
+
+/// The README's example, as written there (this test fails if the two part ways).
+#[test]
+fn the_readme_example_runs_as_written() {
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let start = readme.find("```rust\nuse alknet_simulations::Sim;").expect("the README's example") + "```rust\n".len();
+    let example = &readme[start..start + readme[start..].find("```").unwrap()];
+    let here = include_str!("harness.rs");
+    let body = &here[here.rfind("    // --- the README's example ---\n").unwrap()..];
+    let ours: Vec<&str> = body.lines().skip(1).take_while(|l| *l != "    // --- end ---").map(str::trim).collect();
+    let theirs: Vec<&str> = example.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert_eq!(ours, theirs, "the README's example and this test differ");
+    // --- the README's example ---
+    use alknet_simulations::Sim;
+    let mut sim = Sim::new(7).nodes(3);
+    let (a, b, c) = (0, 1, 2);
+    sim.partition(&[a], &[b, c]);
+    sim.write(a, "/notes.txt", b"written on a");
+    sim.run_for(1_000);
+    sim.write(b, "/notes.txt", b"written on b, unaware of a");
+    sim.heal();
+    sim.run_until_quiet().expect("no invariant broken");
+    // Every node shows the same winner, and lists the other version as a conflict loser.
+    assert_eq!(sim.tree(a), sim.tree(c));
+    assert_eq!(sim.conflicts(b).len(), 1);
+    // --- end ---
+}
