@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -128,4 +129,94 @@ fn a_node_killed_while_it_receives_catches_up_after_a_restart_and_its_store_is_c
     let dest = b.scratch().join("copy");
     b.ok(&["get", "/data/d7/f297", dest.to_str().unwrap()]);
     assert_eq!(std::fs::read(&dest).unwrap(), common::random_bytes(4096 + 297, 297));
+}
+
+/// One script, two worlds: played by the simulator (`alknet-simulations`, the proto core in
+/// one thread) and by three real nodes with a real partition. Both must end in the same tree
+/// (paths and bytes) and list the same conflict losers (path and whose write lost).
+///
+/// A writes and deletes alone; 1.2 s later (so its stamps are later in both worlds) C
+/// overwrites the same path and edits the file A deleted, and B writes its own path.
+#[test]
+fn a_scripted_partition_ends_in_the_tree_the_simulation_predicts() {
+    if !common::precondition(common::is_root() && common::have_tool("iptables"), "root and iptables (apt install iptables) drop packets between nodes") {
+        return;
+    }
+    use alknet_simulations::Sim;
+    // The simulation.
+    let mut sim = Sim::new(1).nodes(3);
+    sim.write(0, "/before.txt", b"before");
+    sim.run_until_quiet().unwrap();
+    sim.partition(&[0], &[1, 2]);
+    sim.write(0, "/same.txt", b"left");
+    sim.write(0, "/a.txt", b"a");
+    assert!(sim.delete(0, "/before.txt"));
+    sim.run_for(1_200);
+    sim.write(2, "/same.txt", b"right");
+    sim.write(2, "/before.txt", b"edited on c");
+    sim.write(1, "/b.txt", b"b");
+    sim.run_for(3_000);
+    sim.heal();
+    sim.run_until_quiet().unwrap();
+    let sim_tree: BTreeMap<String, Vec<u8>> = sim.tree(0);
+    let writer_of = |sim: &Sim, n: usize, loser: &alknet_actors::proto::ids::VersionId| (0..3).find(|&i| sim.node(i).id == loser.node).unwrap_or(n);
+    let sim_conflicts: Vec<(String, usize)> = {
+        let node = sim.node(0);
+        let mut c: Vec<_> = node.conflicts().iter().map(|c| (c.path.as_str().to_string(), writer_of(&sim, 0, &c.loser))).collect();
+        c.sort();
+        c
+    };
+    assert!(sim_conflicts.len() >= 2, "the script races twice: {sim_conflicts:?}");
+
+    // The real mesh.
+    let stores = [Store::new(), Store::new(), Store::new()];
+    let _nodes: Vec<Node> = stores.iter().map(|s| Node::start(s, &[], &[])).collect();
+    let ids: Vec<String> = stores.iter().map(|s| common::status_json(s.data()).unwrap()["node_id"].as_str().unwrap().to_string()).collect();
+    for s in &stores[1..] {
+        s.ok(&["join", stores[0].ok(&["invite"]).trim()]);
+    }
+    stores[0].put_bytes("/before.txt", b"before");
+    for s in &stores[1..] {
+        await_cond(Duration::from_secs(30), "the first write everywhere", || get(s, "/before.txt").is_some());
+    }
+    let (pa, pb, pc) = (port_of(&stores[0]), port_of(&stores[1]), port_of(&stores[2]));
+    let cuts = [Partition::new(pa, pb), Partition::new(pa, pc)];
+    stores[0].put_bytes("/same.txt", b"left");
+    stores[0].put_bytes("/a.txt", b"a");
+    stores[0].ok(&["rm", "/before.txt"]);
+    std::thread::sleep(Duration::from_millis(1_200));
+    stores[2].put_bytes("/same.txt", b"right");
+    stores[2].put_bytes("/before.txt", b"edited on c");
+    stores[1].put_bytes("/b.txt", b"b");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(get(&stores[1], "/a.txt").is_none(), "the partition let writes through");
+    drop(cuts);
+    let real_tree = |s: &Store| -> BTreeMap<String, Vec<u8>> {
+        common::parse_json_array(&s.ok(&["ls", "-R", "/", "--json"]))
+            .iter()
+            .filter(|r| r["kind"] == "file")
+            .map(|r| {
+                let p = r["path"].as_str().unwrap().to_string();
+                let bytes = get(s, &p).unwrap_or_default();
+                (p, bytes)
+            })
+            .collect()
+    };
+    let real_conflicts = |s: &Store| -> Vec<(String, usize)> {
+        let mut c: Vec<(String, usize)> = common::parse_json_array(&s.ok(&["conflicts", "--json"]))
+            .iter()
+            .map(|r| {
+                let loser = r["loser_version"].as_str().unwrap();
+                let node = loser.split('@').nth(1).unwrap();
+                (r["path"].as_str().unwrap().to_string(), ids.iter().position(|id| id.starts_with(node) || node.starts_with(id.as_str())).unwrap_or(99))
+            })
+            .collect();
+        c.sort();
+        c
+    };
+    for (i, s) in stores.iter().enumerate() {
+        await_cond(Duration::from_secs(90), "the real mesh to reach the simulated tree", || real_tree(s) == sim_tree);
+        await_cond(Duration::from_secs(30), "the real mesh to list the simulated conflicts", || real_conflicts(s) == sim_conflicts);
+        assert_eq!(real_tree(s), sim_tree, "node {i}");
+    }
 }
