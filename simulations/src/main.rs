@@ -18,6 +18,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("flapping-link", include_str!("../scenarios/flapping-link.toml")),
     ("clock-an-hour-behind", include_str!("../scenarios/clock-an-hour-behind.toml")),
     ("crash-during-sync", include_str!("../scenarios/crash-during-sync.toml")),
+    ("member-removed-during-a-partition", include_str!("../scenarios/member-removed-during-a-partition.toml")),
 ];
 
 #[derive(Parser, Debug)]
@@ -44,7 +45,7 @@ struct Args {
     /// Play only these steps of the seed's schedule (e.g. 0-3,7): what a shrunk failure prints.
     #[arg(long)]
     keep: Option<String>,
-    /// Break a rule on purpose: arrival-order or drop-tombstones (the harness must fail).
+    /// Break a rule on purpose: arrival-order, drop-tombstones or open-gate (the harness must fail).
     #[arg(long = "break")]
     broken: Option<String>,
     /// Print each failing seed's violations in full, and its schedule.
@@ -113,7 +114,8 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         None => None,
         Some("arrival-order") => Some(Broken::ArrivalOrder),
         Some("drop-tombstones") => Some(Broken::DropTombstones),
-        Some(other) => return Err(format!("--break {other:?}: arrival-order or drop-tombstones")),
+        Some("open-gate") => Some(Broken::OpenGate),
+        Some(other) => return Err(format!("--break {other:?}: arrival-order, drop-tombstones or open-gate")),
     };
     let keep = args.keep.as_deref().map(parse_ranges).transpose()?;
     let seeds: Vec<u64> = match args.seed {

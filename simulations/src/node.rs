@@ -14,8 +14,8 @@ use alknet_actors::proto::doc::{decode_state, encode_state, PeerState, ReplicaDo
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use alknet_actors::proto::path::TreePath;
-use alknet_actors::proto::replica::{self, doc_key, shard_of, Change, Origin, SHARDS};
-use alknet_actors::proto::sync::{heads_digest, DOCS};
+use alknet_actors::proto::replica::{self, doc_key, is_member, shard_of, Change, MetaEntry, Origin};
+use alknet_actors::proto::sync::{heads_digest, DOCS, META_DOC};
 use alknet_actors::proto::tree::{Conflict, ReplicaTree};
 
 /// Where the simulated wall clocks start (ms since the epoch): 2027-01-15.
@@ -31,6 +31,8 @@ pub enum Broken {
     ArrivalOrder,
     /// A node drops deletes that come from peers.
     DropTombstones,
+    /// A node accepts sync messages from anyone who connects (no membership gate).
+    OpenGate,
 }
 
 /// What survives a crash.
@@ -42,6 +44,8 @@ pub struct Disk {
     pub docs: BTreeMap<u16, Vec<Vec<u8>>>,
     /// Blobs held.
     pub blobs: BTreeSet<ContentHash>,
+    /// Membership entries this node wrote (committed with the bucket's document).
+    pub meta: Vec<MetaEntry>,
 }
 
 /// A simulated node.
@@ -65,6 +69,11 @@ pub struct SimNode {
     outbox: Vec<Change>,
     /// For [`Broken::ArrivalOrder`]: the last version of each path to arrive.
     arrived: BTreeMap<TreePath, VersionId>,
+    /// Nodes the bucket's document names as added, and as removed.
+    added: BTreeSet<NodeId>,
+    removed: BTreeSet<NodeId>,
+    /// Set when membership changed since [`take_members_changed`](Self::take_members_changed).
+    members_changed: bool,
     broken: Option<Broken>,
     /// What survives a crash.
     pub disk: Disk,
@@ -90,6 +99,9 @@ impl SimNode {
             peers: BTreeMap::new(),
             outbox: Vec::new(),
             arrived: BTreeMap::new(),
+            added: BTreeSet::new(),
+            removed: BTreeSet::new(),
+            members_changed: false,
             broken,
             disk: Disk::default(),
         }
@@ -125,6 +137,69 @@ impl SimNode {
     /// The conflict losers it lists.
     pub fn conflicts(&self) -> Vec<Conflict> {
         self.tree.conflicts(&MAIN)
+    }
+
+    /// Whether the bucket's document, as this node holds it, makes `node` a member (added,
+    /// never removed: proto's rule).
+    pub fn admits(&self, node: &NodeId) -> bool {
+        is_member(self.added.contains(node), self.removed.contains(node))
+    }
+
+    /// Whether the bucket's document, as this node holds it, ever added `node`.
+    pub fn ever_added(&self, node: &NodeId) -> bool {
+        self.added.contains(node)
+    }
+
+    /// Whether this node is a member in its own view (joined, not known to be removed).
+    pub fn joined(&self) -> bool {
+        self.admits(&self.id)
+    }
+
+    /// True once after membership changed here.
+    pub fn take_members_changed(&mut self) -> bool {
+        std::mem::take(&mut self.members_changed)
+    }
+
+    fn note_meta(&mut self, entry: &MetaEntry) {
+        match entry {
+            MetaEntry::Member { node, .. } => self.members_changed |= self.added.insert(*node),
+            MetaEntry::Removed { node, .. } => self.members_changed |= self.removed.insert(*node),
+            _ => {}
+        }
+    }
+
+    /// Writes a membership entry into the bucket's document (committed: it survives a
+    /// crash). False if the document already held it.
+    pub fn write_meta(&mut self, entry: MetaEntry) -> bool {
+        let put = self.doc(META_DOC).put(&entry.key(), &entry.value()).unwrap_or(false);
+        if put {
+            self.note_meta(&entry);
+            self.disk.meta.push(entry);
+        }
+        put
+    }
+
+    /// Takes the bucket's document as `inviter` holds it (what a join's first sync brings),
+    /// under this node's own actor.
+    pub fn join_from(&mut self, inviter: &mut SimNode) -> Result<(), String> {
+        let saved = inviter.doc(META_DOC).save();
+        // A full save replaces the inviter's saves of that document (its next increment
+        // starts after this one).
+        inviter.disk.docs.insert(META_DOC, vec![saved.clone()]);
+        let actor = self.actor();
+        let doc = ReplicaDoc::load(&saved, &[], &actor).map_err(|e| e.to_string())?;
+        self.docs.insert(META_DOC, doc);
+        self.disk.docs.insert(META_DOC, vec![saved]);
+        self.reload_members()
+    }
+
+    fn reload_members(&mut self) -> Result<(), String> {
+        let entries = self.docs.get(&META_DOC).map(ReplicaDoc::entries).unwrap_or_default();
+        for (key, value) in entries {
+            let entry = MetaEntry::decode(&key, &value).map_err(|e| e.to_string())?;
+            self.note_meta(&entry);
+        }
+        Ok(())
     }
 
     /// Commits one local transaction: each `(path, entry or tombstone, origin)` becomes a
@@ -186,17 +261,42 @@ impl SimNode {
         msg
     }
 
+    /// A sync message of document `doc` that carries its changes to a peer that has none,
+    /// sent unasked (what a hostile peer pushes): found by running the protocol against an
+    /// empty document until a message brings changes.
+    pub fn unasked_message(&mut self, doc: u16) -> Option<Vec<u8>> {
+        let mut empty = ReplicaDoc::new(b"probe");
+        let (mut ours, mut theirs) = (PeerState::new(), PeerState::new());
+        for _ in 0..4 {
+            let msg = self.doc(doc).generate(&mut ours)?;
+            if !empty.receive(&mut theirs, &msg).ok()?.is_empty() {
+                return Some(msg);
+            }
+            let reply = empty.generate(&mut theirs)?;
+            self.doc(doc).receive(&mut ours, &reply).ok()?;
+        }
+        None
+    }
+
     /// Applies a sync message from `peer`: the changes it brought are committed in one
     /// transaction (the tree, the clock, the disk). Returns the changes that were new.
     pub fn receive(&mut self, peer: usize, doc: u16, msg: &[u8]) -> Result<Vec<Change>, String> {
-        if doc >= SHARDS {
-            return Err(format!("document {doc} is not a shard"));
+        if doc > META_DOC {
+            return Err(format!("document {doc} is not one of a bucket's"));
         }
         let mut state = self.peers.remove(&(peer, doc)).unwrap_or_default();
         let added = self.doc(doc).receive(&mut state, msg);
         self.peers.insert((peer, doc), state);
+        let added = added.map_err(|e| e.to_string())?;
+        if doc == META_DOC {
+            for (key, value) in added {
+                let entry = MetaEntry::decode(&key, &value).map_err(|e| e.to_string())?;
+                self.note_meta(&entry);
+            }
+            return Ok(Vec::new());
+        }
         let mut applied = Vec::new();
-        for (key, value) in added.map_err(|e| e.to_string())? {
+        for (key, value) in added {
             let change = replica::decode(&value).map_err(|e| e.to_string())?;
             if doc_key(&change.id()) != key || shard_of(&change.branch, &change.path) != doc {
                 return Err(format!("a change filed under the wrong key or shard: {key}"));
@@ -265,6 +365,8 @@ impl SimNode {
         self.peers.clear();
         self.outbox.clear();
         self.arrived.clear();
+        self.added.clear();
+        self.removed.clear();
         self.hlc = Hlc::default();
     }
 
@@ -297,6 +399,12 @@ impl SimNode {
                 self.outbox.push(c);
             }
         }
+        for entry in self.disk.meta.clone() {
+            // A save that missed it: written again (the key is this node's alone).
+            self.doc(META_DOC).put(&entry.key(), &entry.value()).map_err(|e| e.to_string())?;
+        }
+        self.reload_members()?;
+        self.members_changed = false;
         Ok(())
     }
 }

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::path::TreePath;
-use alknet_actors::proto::replica::Origin;
-use alknet_actors::proto::sync::differing;
+use alknet_actors::proto::replica::{MetaEntry, Origin};
+use alknet_actors::proto::sync::{differing, META_DOC};
 
 use crate::node::{Broken, SimNode};
 use crate::rng::{Rng, TraceHash};
@@ -68,6 +68,9 @@ enum Event {
     Tick(usize),
 }
 
+/// The session id an intruder's messages carry: no session was ever opened with it.
+const STRANGER: u64 = u64::MAX;
+
 /// How many violations a run keeps the text of (all are counted).
 pub const VIOLATIONS_KEPT: usize = 20;
 
@@ -91,6 +94,8 @@ pub struct Stats {
     pub messages: u64,
     /// Invariant violations seen.
     pub violations: u64,
+    /// Messages refused because their sender is not a member (in the receiver's view).
+    pub refused: u64,
 }
 
 /// A simulated mesh. Build one with [`Sim::new`], script it, and assert on its trees.
@@ -170,18 +175,47 @@ impl Sim {
         self
     }
 
-    /// Adds `n` nodes, all connected.
+    /// Adds `n` members of the bucket, all connected. The first node made founds the bucket;
+    /// the others join through it.
     pub fn nodes(mut self, n: usize) -> Sim {
         for _ in 0..n {
-            let i = self.nodes.len();
-            let (skew, drift) = self.skews.get(i).copied().unwrap_or((0, 0));
-            self.nodes.push(SimNode::new(i, self.seed, skew, drift, self.broken));
-            let first = self.net.tick_ms.max(1);
-            let at = self.rng.between(1, first);
-            self.schedule(at, Event::Tick(i));
+            let i = self.add_node();
+            if i == 0 {
+                let id = self.nodes[0].id;
+                self.nodes[0].write_meta(MetaEntry::Member { node: id, added_by: id, at_ms: 0 });
+            } else {
+                self.join(i, 0);
+            }
         }
         self.relink();
+        // Until every member has heard of every other (a member is refused by those that
+        // have not yet heard of its admission).
+        for _ in 0..1_000 {
+            if self.quiet() {
+                break;
+            }
+            self.run_for(10);
+        }
         self
+    }
+
+    /// Adds `n` nodes that are not members: they may [`join`](Self::join) later, or play
+    /// strangers that [`intrude`](Self::intrude).
+    pub fn outsiders(mut self, n: usize) -> Sim {
+        for _ in 0..n {
+            self.add_node();
+        }
+        self
+    }
+
+    fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let (skew, drift) = self.skews.get(i).copied().unwrap_or((0, 0));
+        self.nodes.push(SimNode::new(i, self.seed, skew, drift, self.broken));
+        let first = self.net.tick_ms.max(1);
+        let at = self.rng.between(1, first);
+        self.schedule(at, Event::Tick(i));
+        i
     }
 
     /// How many nodes.
@@ -240,7 +274,13 @@ impl Sim {
     }
 
     fn reachable(&self, a: usize, b: usize) -> bool {
-        a != b && self.nodes[a].up && self.nodes[b].up && !self.cut.contains(&(a, b)) && !self.cut.contains(&(b, a))
+        a != b
+            && self.nodes[a].up
+            && self.nodes[b].up
+            && !self.cut.contains(&(a, b))
+            && !self.cut.contains(&(b, a))
+            && self.nodes[a].admits(&self.nodes[b].id)
+            && self.nodes[b].admits(&self.nodes[a].id)
     }
 
     /// Brings every pair's session in line with the links: one that can no longer run ends
@@ -361,7 +401,15 @@ impl Sim {
             }
             Event::Deliver { from, to, session, msg } => {
                 self.trace.add(&[1, from as u8, to as u8, msg.code()]);
-                if self.sessions.get(&Self::pair(from, to)) != Some(&(session, true)) {
+                // The gate every protocol passes: a sender the receiver does not hold to be a
+                // member is refused before anything it sent is looked at.
+                let sender = self.nodes[from].id;
+                let open_gate = self.broken == Some(Broken::OpenGate) && session == STRANGER;
+                if !self.nodes[to].admits(&sender) && !open_gate {
+                    self.stats.refused += 1;
+                    return;
+                }
+                if self.sessions.get(&Self::pair(from, to)) != Some(&(session, true)) && !open_gate {
                     return;
                 }
                 match msg {
@@ -377,11 +425,25 @@ impl Sim {
                         self.trace.add_u64(bytes.len() as u64);
                         match self.nodes[to].receive(from, doc, &bytes) {
                             Ok(applied) => {
+                                if doc == META_DOC && self.nodes[to].take_members_changed() {
+                                    self.offer(to, &[META_DOC], Some(from));
+                                    self.relink();
+                                }
                                 if let Some(m) = self.nodes[to].generate(from, doc) {
                                     self.send(to, from, Msg::Sync(doc, m));
                                 }
                                 if !applied.is_empty() {
                                     self.trace.add_u64(applied.len() as u64);
+                                    // As the node does: the bytes of what arrived, from the peer that sent it.
+                                    let want: Vec<ContentHash> = applied
+                                        .iter()
+                                        .filter_map(|c| c.version.entry.as_ref())
+                                        .filter(|e| e.kind == EntryKind::File && !self.nodes[to].disk.blobs.contains(&e.hash))
+                                        .map(|e| e.hash)
+                                        .collect();
+                                    if !want.is_empty() {
+                                        self.send(to, from, Msg::BlobGet(want));
+                                    }
                                     self.offer(to, &[doc], Some(from));
                                     self.check_paths(to, applied.iter().map(|c| c.path.clone()).collect());
                                 }
@@ -432,7 +494,7 @@ impl Sim {
     }
 
     fn local(&mut self, n: NodeIx, items: Vec<(TreePath, Option<Entry>, Origin)>) -> bool {
-        if !self.nodes[n].up {
+        if !self.nodes[n].up || !self.nodes[n].joined() {
             return false;
         }
         self.stats.events += 1;
@@ -547,6 +609,79 @@ impl Sim {
         self.relink();
     }
 
+    /// Node `node` joins the bucket through member `via` (its ticket was good): `via` adds it
+    /// to the bucket's document, and the joiner starts from `via`'s copy of that document.
+    /// False if either is down, `via` is not a member or `node` already is.
+    pub fn join(&mut self, node: NodeIx, via: NodeIx) -> bool {
+        if node == via || !self.nodes[node].up || !self.nodes[via].up || !self.nodes[via].joined() || self.nodes[node].joined() {
+            return false;
+        }
+        self.trace.add(&[5, node as u8, via as u8]);
+        let (id, by) = (self.nodes[node].id, self.nodes[via].id);
+        let now = self.now as i64;
+        self.nodes[via].write_meta(MetaEntry::Member { node: id, added_by: by, at_ms: now });
+        self.nodes[via].take_members_changed();
+        let (lo, hi) = (node.min(via), node.max(via));
+        let (left, right) = self.nodes.split_at_mut(hi);
+        let (joiner, inviter) = if node == lo { (&mut left[lo], &mut right[0]) } else { (&mut right[0], &mut left[lo]) };
+        if let Err(e) = joiner.join_from(inviter) {
+            self.violation(format!("node {node} could not join through node {via}: {e}"));
+            return false;
+        }
+        self.nodes[node].take_members_changed();
+        self.offer(via, &[META_DOC], None);
+        self.relink();
+        true
+    }
+
+    /// Member `by` removes `node` from the bucket, everywhere the removal reaches.
+    pub fn remove(&mut self, by: NodeIx, node: NodeIx) -> bool {
+        if by == node || !self.nodes[by].up || !self.nodes[by].joined() || !self.nodes[by].admits(&self.nodes[node].id) {
+            return false;
+        }
+        self.stats.faults += 1;
+        self.trace.add(&[6, by as u8, node as u8]);
+        let (id, who) = (self.nodes[node].id, self.nodes[by].id);
+        let now = self.now as i64;
+        self.nodes[by].write_meta(MetaEntry::Removed { node: id, by: who, at_ms: now });
+        self.nodes[by].take_members_changed();
+        self.offer(by, &[META_DOC], None);
+        self.relink();
+        true
+    }
+
+    /// Node `node` (a stranger, or a removed member) writes a file and pushes sync messages
+    /// at `target` without a session, as a hostile peer that knows the address would.
+    pub fn intrude(&mut self, node: NodeIx, target: NodeIx) {
+        if node == target || !self.nodes[node].up {
+            return;
+        }
+        self.stats.faults += 1;
+        self.trace.add(&[7, node as u8, target as u8]);
+        let entry = self.content(format!("intruder {node} at {}", self.now).as_bytes());
+        let now = self.now;
+        self.nodes[node].commit(now, vec![(Self::path("/intruder.txt"), Some(entry), Origin::Write)]);
+        let docs = self.nodes[node].publish();
+        for d in docs {
+            if let Some(m) = self.nodes[node].unasked_message(d) {
+                let at = now + self.net.latency_ms.1;
+                self.schedule(at, Event::Deliver { from: node, to: target, session: STRANGER, msg: Msg::Sync(d, m) });
+            }
+        }
+    }
+
+    /// The blobs node `n` lacks that one of `active` holds (so it can still get them).
+    fn reachable_missing(&self, n: usize, active: &[usize]) -> Vec<ContentHash> {
+        self.nodes[n].missing_blobs().into_iter().filter(|h| active.iter().any(|&a| self.nodes[a].disk.blobs.contains(h))).collect()
+    }
+
+    /// The nodes a run's end is judged on: running, and members as node 0 (the founder, never
+    /// removed by the workloads) holds the bucket's document.
+    fn active(&self) -> Vec<usize> {
+        let founder = &self.nodes[0];
+        (0..self.nodes.len()).filter(|&n| self.nodes[n].up && founder.admits(&self.nodes[n].id)).collect()
+    }
+
     /// What node `n` shows: each live file's path and bytes (directories end in `/`).
     pub fn tree(&self, n: NodeIx) -> BTreeMap<String, Vec<u8>> {
         self.nodes[n]
@@ -574,10 +709,10 @@ impl Sim {
     /// Whether every running node holds the same documents, trees and blobs, with nothing
     /// left to publish.
     fn quiet(&mut self) -> bool {
-        let up: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.nodes[n].up).collect();
+        let up = self.active();
         let Some(&first) = up.first() else { return true };
         let digest = self.nodes[first].summary();
-        up.iter().all(|&n| self.nodes[n].published() && self.nodes[n].missing_blobs().is_empty())
+        up.iter().all(|&n| self.nodes[n].published() && self.reachable_missing(n, &up).is_empty())
             && up.iter().all(|&n| self.nodes[n].summary() == digest)
     }
 
@@ -608,7 +743,7 @@ impl Sim {
     /// lists the same conflicts; every acknowledged write is on every node; every version's
     /// bytes are on every node (so a losing version is restorable everywhere).
     pub fn check_quiet(&mut self) {
-        let up: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.nodes[n].up).collect();
+        let up = self.active();
         let Some(&first) = up.first() else { return };
         let listing = self.nodes[first].listing();
         let conflicts = self.nodes[first].conflicts();
@@ -621,16 +756,32 @@ impl Sim {
                 self.violation(format!("node {n} lists different conflicts from node {first}"));
             }
         }
-        let acked = self.acked.clone();
+        // Writes of members; a removed member's writes that reached nobody before its
+        // removal are gone with it, by design.
+        let acked: Vec<_> = self.acked.iter().filter(|(w, _)| up.contains(w)).cloned().collect();
+        let members: BTreeSet<_> = up.iter().map(|&n| self.nodes[n].id).collect();
         for &n in &up {
             for (writer, id) in &acked {
                 if !self.nodes[n].tree().contains(id) {
                     self.violation(format!("node {n} lacks version {id}, acknowledged by node {writer}"));
                 }
             }
-            let missing = self.nodes[n].missing_blobs();
+            let founder = &self.nodes[0];
+            let foreign = self.nodes[n].tree().changes().filter(|c| !members.contains(&c.key.version().node) && !founder.ever_added(&c.key.version().node)).count();
+            if foreign > 0 {
+                self.violation(format!("node {n} holds {foreign} versions written by a node that was never a member"));
+            }
+            // Bytes still on an active node must have arrived; bytes no active node holds were
+            // written by a member removed before they spread (still held by it: no entry names
+            // a blob that no node holds).
+            let missing = self.reachable_missing(n, &up);
             if !missing.is_empty() {
-                self.violation(format!("node {n} lacks the bytes of {} versions", missing.len()));
+                self.violation(format!("node {n} lacks the bytes of {} versions that other members hold", missing.len()));
+            }
+            for h in self.nodes[n].missing_blobs() {
+                if !self.nodes.iter().any(|node| node.disk.blobs.contains(&h)) {
+                    self.violation(format!("node {n} names blob {h} that no node holds"));
+                }
             }
             let paths: Vec<TreePath> = self.nodes[n].listing().into_keys().collect();
             self.check_paths(n, paths);

@@ -32,6 +32,14 @@ pub struct Workload {
     pub resets: usize,
     /// Crashes (a random node killed, restarted 0.5–20 s later).
     pub crashes: usize,
+    /// Nodes beyond `nodes` that join at a random time through a random member.
+    pub joiners: usize,
+    /// Members (never node 0) removed at a random time by another member.
+    pub removals: usize,
+    /// Strangers that push sync messages at members without being members.
+    pub intruders: usize,
+    /// A removal pinned by the scenario: (time ms, by, node).
+    pub remove_at: Vec<(u64, usize, usize)>,
     /// Largest clock skew, ms (each node draws one in ±this).
     pub skew_ms: i64,
     /// Largest clock drift, ppm (each node draws one in ±this).
@@ -70,6 +78,10 @@ impl Default for Workload {
             one_way: 2,
             resets: 4,
             crashes: 3,
+            joiners: 1,
+            removals: 1,
+            intruders: 1,
+            remove_at: Vec::new(),
             skew_ms: 600_000,
             drift_ppm: 200,
             fixed_skews_ms: Vec::new(),
@@ -106,6 +118,12 @@ pub enum Action {
     Heal,
     /// A node is killed.
     Crash { node: usize },
+    /// A node joins through a member.
+    Join { node: usize, via: usize },
+    /// A member removes another.
+    Remove { by: usize, node: usize },
+    /// A stranger pushes sync messages at a member.
+    Intrude { node: usize, target: usize },
     /// A node starts again.
     Restart { node: usize },
 }
@@ -144,12 +162,14 @@ fn file_path(i: usize) -> String {
 pub fn schedule(seed: u64, w: &Workload) -> Vec<Step> {
     let mut rng = Rng::new(seed, 2);
     let n = w.nodes.max(1);
+    // Members and joiners write; strangers only intrude.
+    let writers = n + w.joiners;
     let paths = w.paths.max(1);
     let d = w.duration_ms.max(1);
     let mut steps = Vec::new();
     for _ in 0..w.ops {
         let at_ms = rng.below(d);
-        let node = rng.below(n as u64) as usize;
+        let node = rng.below(writers as u64) as usize;
         let path = rng.below(paths as u64) as usize;
         let action = match rng.below(100) {
             0..=59 => Action::Write { node, path, content: rng.next_u64() },
@@ -186,6 +206,22 @@ pub fn schedule(seed: u64, w: &Workload) -> Vec<Step> {
         steps.push(Step { at_ms, action: Action::Crash { node } });
         steps.push(Step { at_ms: at_ms + rng.between(500, 20_000), action: Action::Restart { node } });
     }
+    for j in 0..w.joiners {
+        steps.push(Step { at_ms: rng.below(d), action: Action::Join { node: n + j, via: rng.below(n as u64) as usize } });
+    }
+    if n > 2 {
+        for _ in 0..w.removals {
+            let node = 1 + rng.below(n as u64 - 1) as usize;
+            let by = (node + 1 + rng.below(n as u64 - 1) as usize) % n;
+            steps.push(Step { at_ms: rng.below(d), action: Action::Remove { by, node } });
+        }
+    }
+    for k in 0..w.intruders {
+        steps.push(Step { at_ms: rng.below(d), action: Action::Intrude { node: writers + k, target: rng.below(n as u64) as usize } });
+    }
+    for &(at_ms, by, node) in &w.remove_at {
+        steps.push(Step { at_ms, action: Action::Remove { by, node } });
+    }
     if !w.split.is_empty() {
         steps.push(Step { at_ms: w.split_ms.0, action: Action::Partition { side: w.split.clone() } });
         steps.push(Step { at_ms: w.split_ms.1, action: Action::Heal });
@@ -213,7 +249,7 @@ pub fn mesh(seed: u64, w: &Workload, broken: Option<Broken>) -> Sim {
     if let Some(rule) = broken {
         sim = sim.broken(rule);
     }
-    sim.nodes(w.nodes)
+    sim.nodes(w.nodes).outsiders(w.joiners + w.intruders)
 }
 
 /// Plays `steps` (only those whose index `keep` holds, when given) against a mesh for
@@ -246,6 +282,13 @@ pub fn run(seed: u64, w: &Workload, broken: Option<Broken>, steps: &[Step], keep
             Action::Reset { a, b } => sim.reset(*a, *b),
             Action::Heal => sim.heal(),
             Action::Crash { node } => sim.crash(*node),
+            Action::Join { node, via } => {
+                sim.join(*node, *via);
+            }
+            Action::Remove { by, node } => {
+                sim.remove(*by, *node);
+            }
+            Action::Intrude { node, target } => sim.intrude(*node, *target),
             Action::Restart { node } => sim.restart(*node),
         }
     }

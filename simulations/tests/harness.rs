@@ -30,7 +30,7 @@ fn forty_seeds_of_the_soak_break_no_invariant() {
 
 #[test]
 fn every_named_scenario_passes_its_first_seeds() {
-    for name in ["split-brain", "flapping-link", "clock-an-hour-behind", "crash-during-sync"] {
+    for name in ["split-brain", "flapping-link", "clock-an-hour-behind", "crash-during-sync", "member-removed-during-a-partition"] {
         let w = scenario(name);
         for seed in 0..5 {
             let r = workload::run(seed, &w, None, &schedule(seed, &w), None);
@@ -45,7 +45,7 @@ fn every_named_scenario_passes_its_first_seeds() {
 #[test]
 fn a_broken_rule_is_caught_and_its_schedule_shrinks() {
     let w = Workload { ops: 150, ..Workload::default() };
-    for rule in [Broken::ArrivalOrder, Broken::DropTombstones] {
+    for rule in [Broken::ArrivalOrder, Broken::DropTombstones, Broken::OpenGate] {
         let failing = (0..300u64).find(|&s| !workload::run(s, &w, Some(rule), &schedule(s, &w), None).violations.is_empty());
         let seed = failing.unwrap_or_else(|| panic!("{rule:?} went unnoticed for 300 seeds"));
         let steps = schedule(seed, &w);
