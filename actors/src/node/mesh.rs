@@ -1222,8 +1222,6 @@ async fn fetch_inline(conn: iroh::endpoint::Connection, want: &[(ContentHash, u6
     (got, result.err())
 }
 
-/// Fetches blobs above the inline tier into the iroh-blobs store in one GetMany request and
-/// moves each complete one into `content/` (fsynced). Returns those that landed.
 /// Blobs at least this large start going to disk while they arrive (see
 /// [`write_back_while_arriving`]).
 const WRITEBACK_FROM: u64 = 32 << 20;
@@ -1254,6 +1252,8 @@ async fn write_back_while_arriving(paths: Vec<std::path::PathBuf>) {
     }
 }
 
+/// Fetches blobs above the inline tier into the iroh-blobs store in one GetMany request and
+/// moves each complete one into `content/` (fsynced). Returns those that landed.
 async fn fetch_into_store(
     conn: &iroh::endpoint::Connection,
     index: &crate::index::BlobIndex,
