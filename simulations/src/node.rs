@@ -72,6 +72,8 @@ pub struct SimNode {
     /// Nodes the bucket's document names as added, and as removed.
     added: BTreeSet<NodeId>,
     removed: BTreeSet<NodeId>,
+    /// Blobs that versions here name and this node lacks.
+    missing: BTreeSet<ContentHash>,
     /// Set when membership changed since [`take_members_changed`](Self::take_members_changed).
     members_changed: bool,
     broken: Option<Broken>,
@@ -102,6 +104,7 @@ impl SimNode {
             added: BTreeSet::new(),
             removed: BTreeSet::new(),
             members_changed: false,
+            missing: BTreeSet::new(),
             broken,
             disk: Disk::default(),
         }
@@ -214,6 +217,7 @@ impl SimNode {
             if let Some(e) = &entry {
                 if e.kind == EntryKind::File {
                     self.disk.blobs.insert(e.hash);
+                    self.missing.remove(&e.hash);
                 }
             }
             let change = self.tree.local_change(MAIN, path, key, Version { entry, written: stamp }, origin);
@@ -225,6 +229,11 @@ impl SimNode {
     }
 
     fn insert(&mut self, change: Change) {
+        if let Some(e) = &change.version.entry {
+            if e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash) {
+                self.missing.insert(e.hash);
+            }
+        }
         self.arrived.insert(change.path.clone(), change.id());
         self.disk.changes.push(change.clone());
         self.tree.insert(change);
@@ -341,15 +350,15 @@ impl SimNode {
 
     /// Blobs that versions here name and this node lacks.
     pub fn missing_blobs(&self) -> Vec<ContentHash> {
-        let mut out: BTreeSet<ContentHash> = BTreeSet::new();
-        for c in self.tree.changes() {
-            if let Some(e) = &c.version.entry {
-                if e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash) {
-                    out.insert(e.hash);
-                }
-            }
+        self.missing.iter().copied().collect()
+    }
+
+    /// Blobs that arrived from a peer.
+    pub fn blobs_arrived(&mut self, hashes: Vec<ContentHash>) {
+        for h in hashes {
+            self.missing.remove(&h);
+            self.disk.blobs.insert(h);
         }
-        out.into_iter().collect()
     }
 
     /// Whether its outbox is empty (everything committed is in a document).
@@ -367,6 +376,7 @@ impl SimNode {
         self.arrived.clear();
         self.added.clear();
         self.removed.clear();
+        self.missing.clear();
         self.hlc = Hlc::default();
     }
 
@@ -384,6 +394,9 @@ impl SimNode {
                 self.seq = self.seq.max(c.key.version().seq);
             }
             self.arrived.insert(c.path.clone(), c.id());
+            if let Some(e) = c.version.entry.as_ref().filter(|e| e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash)) {
+                self.missing.insert(e.hash);
+            }
             self.tree.insert(c.clone());
         }
         self.hlc = Hlc::new(last);

@@ -475,7 +475,7 @@ impl Sim {
                             self.send(to, from, Msg::BlobPut(have));
                         }
                     }
-                    Msg::BlobPut(hashes) => self.nodes[to].disk.blobs.extend(hashes),
+                    Msg::BlobPut(hashes) => self.nodes[to].blobs_arrived(hashes),
                 }
             }
         }
@@ -500,9 +500,10 @@ impl Sim {
     /// a version another version there replaced knowingly (causal last-writer-wins).
     fn check_paths(&mut self, n: usize, paths: Vec<TreePath>) {
         for path in paths {
-            let listing_head = self.nodes[n].shows(&path);
             let tree = self.nodes[n].tree();
             let Some(head) = tree.head(&crate::node::MAIN, &path) else { continue };
+            // What the node shows: the rule's head, unless a rule is broken on purpose.
+            let listing_head = if self.broken == Some(Broken::ArrivalOrder) { self.nodes[n].shows(&path) } else { head.version.entry.clone() };
             let head_id = head.id();
             let mut found = Vec::new();
             // Replaced knowingly: some version names it as what it replaced.
