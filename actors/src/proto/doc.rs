@@ -276,7 +276,7 @@ mod tests {
             x ^= x << 17;
             let (i, j) = ((x % 3) as usize, ((x >> 8) % 3) as usize);
             if i == j {
-                if (x >> 20) % 4 == 0 {
+                if (x >> 20).is_multiple_of(4) {
                     docs[i].put(&format!("{step}@{i}"), &[1]).unwrap();
                 }
                 continue;
@@ -289,7 +289,7 @@ mod tests {
             }
             if let Some(m) = docs[i].generate(&mut states[i][j]) {
                 sent += 1;
-                if (x >> 16) % 10 != 0 {
+                if !(x >> 16).is_multiple_of(10) {
                     docs[j].receive(&mut states[j][i], &m).unwrap();
                 }
             }

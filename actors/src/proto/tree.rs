@@ -28,6 +28,9 @@ pub struct Conflict {
     pub merge: bool,
 }
 
+/// A listed loser as the rule names it: (loser, the version that beat it, why).
+type Loser<'a> = (&'a Change, &'a Change, LoserKind);
+
 /// The replicated changes of one bucket, by branch and path.
 #[derive(Clone, Debug, Default)]
 pub struct ReplicaTree {
@@ -87,7 +90,7 @@ impl ReplicaTree {
         }
     }
 
-    fn outcome_of<'a>(versions: &[&'a Change]) -> Option<(&'a Change, Vec<(&'a Change, &'a Change, LoserKind)>)> {
+    fn outcome_of<'a>(versions: &[&'a Change]) -> Option<(&'a Change, Vec<Loser<'a>>)> {
         let input: Vec<PathVersion> = versions.iter().map(|c| PathVersion { key: c.key, pred: c.pred, merge_loser: c.origin == Origin::ConflictLoser }).collect();
         let outcome = path_outcome(&input)?;
         let losers = outcome.losers.iter().map(|&(l, w, kind)| (versions[l], versions[w], kind)).collect();
