@@ -149,3 +149,50 @@ fn a_branch_deleted_on_one_node_is_deleted_on_the_other() {
     sync(&mut a, &mut b, &uid);
     assert!(b.engine.tree().branch("default", "old-idea").is_ok());
 }
+
+/// A rename's two versions live in two shards, so they travel in two documents: B, given the
+/// document with one half only, shows neither half (the old path stays, the new one does not
+/// appear) until the other half arrives; then both at once. Held across a restart.
+#[test]
+fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
+    let (mut a, mut b) = (Node::new(), Node::new());
+    let s = main_scope();
+    let uid = join(&mut a, &mut b);
+    // Two paths whose versions land in different shards.
+    let root = a.engine.branch_records("default").unwrap().into_iter().find(|r| r.parent.is_none()).unwrap().uid;
+    let shard = |path: &str| alknet_actors::proto::replica::shard_of(&root, &p(path));
+    let (from, to) = (0..200).map(|i| (format!("/from{i}"), format!("/to{i}"))).find(|(f, t)| shard(f) != shard(t)).unwrap();
+    put(&mut a.engine, &s, &from, b"moving");
+    sync(&mut a, &mut b, &uid);
+    // The documents carry versions, not bytes: what B lists is what it shows.
+    let listed = |b: &Node| -> Vec<String> { b.engine.walk(&s, &p("/")).unwrap().iter().map(|r| r.path.to_string()).collect() };
+    assert_eq!(listed(&b), [from.clone()]);
+    a.engine.rename(&s, &p(&from), &p(&to)).unwrap();
+    a.mesh.publish(&mut a.engine).unwrap();
+    let (ida, idb) = (a.me(), b.me());
+    // Only the document holding the delete of `from`, until quiet.
+    let only = |doc: u16, a: &mut Node, b: &mut Node| loop {
+        let mut quiet = true;
+        if let Some(m) = a.mesh.generate(&a.engine, &idb, &uid, doc).unwrap() {
+            b.mesh.receive(&mut b.engine, &ida, &uid, doc, &m).unwrap();
+            quiet = false;
+        }
+        if let Some(m) = b.mesh.generate(&b.engine, &ida, &uid, doc).unwrap() {
+            a.mesh.receive(&mut a.engine, &idb, &uid, doc, &m).unwrap();
+            quiet = false;
+        }
+        if quiet {
+            break;
+        }
+    };
+    only(shard(&from), &mut a, &mut b);
+    assert_eq!(listed(&b), [from.clone()], "half a rename shown");
+    // B restarts in between: what it held back is still held.
+    let Node { dir, engine, .. } = b;
+    drop(engine);
+    let engine = Engine::open(dir.path(), Access::Write).unwrap();
+    let mesh = Mesh::new(&engine);
+    let mut b = Node { dir, engine, mesh };
+    only(shard(&to), &mut a, &mut b);
+    assert_eq!(listed(&b), [to.clone()], "the whole rename, once its second half arrived");
+}

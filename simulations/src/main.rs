@@ -48,10 +48,6 @@ struct Args {
     /// Break a rule on purpose: arrival-order, drop-tombstones or open-gate (the harness must fail).
     #[arg(long = "break")]
     broken: Option<String>,
-    /// Also check that no node shows half a commit (a rename's delete without its write): the
-    /// node does not hold this yet, so it fails today.
-    #[arg(long)]
-    check_commits: bool,
     /// Print each failing seed's violations in full, and its schedule.
     #[arg(long)]
     verbose: bool,
@@ -79,7 +75,6 @@ fn workload_of(args: &Args) -> Result<Workload, String> {
     if let Some(o) = args.ops {
         w.ops = o;
     }
-    w.check_commits |= args.check_commits;
     if w.nodes == 0 || w.nodes > 64 {
         return Err(format!("--nodes {}: between 1 and 64", w.nodes));
     }
@@ -163,9 +158,6 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         }
         if let Some(b) = &args.broken {
             replay += &format!(" --break {b}");
-        }
-        if args.check_commits {
-            replay += " --check-commits";
         }
         let steps = schedule(r.seed, &w);
         let kept = match (&keep, i < args.shrink) {

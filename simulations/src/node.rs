@@ -14,7 +14,7 @@ use alknet_actors::proto::doc::{decode_state, encode_state, PeerState, ReplicaDo
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use alknet_actors::proto::path::TreePath;
-use alknet_actors::proto::replica::{self, doc_key, is_member, shard_of, Change, MetaEntry, Origin};
+use alknet_actors::proto::replica::{self, doc_key, is_member, mark_commit, shard_of, whole_commits, Change, MetaEntry, Origin};
 use alknet_actors::proto::sync::{heads_digest, DOCS, META_DOC};
 use alknet_actors::proto::tree::{Conflict, ReplicaTree};
 
@@ -46,6 +46,8 @@ pub struct Disk {
     pub blobs: BTreeSet<ContentHash>,
     /// Membership entries this node wrote (committed with the bucket's document).
     pub meta: Vec<MetaEntry>,
+    /// Versions from peers whose operation has not wholly arrived (`mesh_held`).
+    pub held: Vec<Change>,
 }
 
 /// A simulated node.
@@ -210,7 +212,7 @@ impl SimNode {
     /// what it replaced. Durable at once (SQLite commits), queued for publishing (outbox).
     pub fn commit(&mut self, t: u64, items: Vec<(TreePath, Option<Entry>, Origin)>) -> Vec<Change> {
         let stamp = self.hlc.stamp(self.wall_ms(t));
-        let mut out = Vec::new();
+        let mut out: Vec<Change> = Vec::new();
         for (path, entry, origin) in items {
             self.seq += 1;
             let key = OrderKey::new(stamp, &VersionId { node: self.id, seq: self.seq });
@@ -220,10 +222,14 @@ impl SimNode {
                     self.missing.remove(&e.hash);
                 }
             }
-            let change = self.tree.local_change(MAIN, path, key, Version { entry, written: stamp }, origin);
+            out.push(self.tree.local_change(MAIN, path, key, Version { entry, written: stamp }, origin));
+        }
+        // One operation: published marked as one, as the node's outbox events are (also when
+        // a restart publishes it again).
+        mark_commit(&mut out);
+        for change in &out {
             self.insert(change.clone());
             self.outbox.push(change.clone());
-            out.push(change);
         }
         out
     }
@@ -304,12 +310,23 @@ impl SimNode {
             }
             return Ok(Vec::new());
         }
-        let mut applied = Vec::new();
+        let mut incoming = Vec::new();
         for (key, value) in added {
             let change = replica::decode(&value).map_err(|e| e.to_string())?;
             if doc_key(&change.id()) != key || shard_of(&change.branch, &change.path) != doc {
                 return Err(format!("a change filed under the wrong key or shard: {key}"));
             }
+            incoming.push(change);
+        }
+        // As the node does: versions of an operation not wholly here wait, out of the tree.
+        let ops: BTreeSet<_> = incoming.iter().filter_map(|c| c.commit.map(|k| (c.id().node, k.first_seq))).collect();
+        let (held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut self.disk.held).into_iter().partition(|c| c.commit.is_some_and(|k| ops.contains(&(c.id().node, k.first_seq))));
+        let tree = &self.tree;
+        let decided = whole_commits(incoming, held, |c| tree.contains(&c.id()));
+        self.disk.held = kept;
+        self.disk.held.extend(decided.hold);
+        let mut applied = Vec::new();
+        for change in decided.ready {
             if self.tree.contains(&change.id()) {
                 continue;
             }

@@ -117,9 +117,6 @@ pub struct Sim {
     contents: BTreeMap<ContentHash, Vec<u8>>,
     /// Every acknowledged local write: (node, version id).
     acked: Vec<(usize, alknet_actors::proto::ids::VersionId)>,
-    /// Whether to check that no node shows part of a commit (see
-    /// [`check_commits`](Self::check_commits)).
-    whole_commits: bool,
     /// The versions of each multi-change commit (a rename), by each of its versions.
     commits: BTreeMap<alknet_actors::proto::ids::VersionId, Vec<alknet_actors::proto::ids::VersionId>>,
     violations: Vec<Violation>,
@@ -152,7 +149,6 @@ impl Sim {
             contents: BTreeMap::new(),
             acked: Vec::new(),
             commits: BTreeMap::new(),
-            whole_commits: false,
             violations: Vec::new(),
             trace: TraceHash::default(),
             stats: Stats::default(),
@@ -179,14 +175,6 @@ impl Sim {
     /// list keep true clocks.
     pub fn clocks(mut self, skews: &[(i64, i64)]) -> Sim {
         self.skews = skews.to_vec();
-        self
-    }
-
-    /// Also checks that no node ever shows part of a commit (a rename's delete without its
-    /// write). Off by default: the node does not hold that yet (a rename's two versions live
-    /// in two shards and can arrive apart), so every run with renames would fail on it.
-    pub fn check_commits(mut self) -> Sim {
-        self.whole_commits = true;
         self
     }
 
@@ -461,9 +449,7 @@ impl Sim {
                                     }
                                     self.offer(to, &[doc], Some(from));
                                     self.check_paths(to, applied.iter().map(|c| c.path.clone()).collect());
-                                    if self.whole_commits {
-                                        self.check_whole(to, &applied);
-                                    }
+                                    self.check_whole(to, &applied);
                                 }
                             }
                             Err(e) => self.violation(format!("node {to} refused a sync message from node {from}: {e}")),

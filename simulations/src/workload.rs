@@ -64,8 +64,6 @@ pub struct Workload {
     pub dup: f64,
     /// The anti-entropy period, ms.
     pub tick_ms: u64,
-    /// Also check that no node shows half a commit ([`Sim::check_commits`]).
-    pub check_commits: bool,
 }
 
 impl Default for Workload {
@@ -95,7 +93,6 @@ impl Default for Workload {
             loss: 0.02,
             dup: 0.02,
             tick_ms: 1_000,
-            check_commits: false,
         }
     }
 }
@@ -251,9 +248,6 @@ pub fn mesh(seed: u64, w: &Workload, broken: Option<Broken>) -> Sim {
     let mut sim = Sim::new(seed).network(NetParams { latency_ms: w.latency_ms, loss: w.loss, dup: w.dup, tick_ms: w.tick_ms }).clocks(&clocks);
     if let Some(rule) = broken {
         sim = sim.broken(rule);
-    }
-    if w.check_commits {
-        sim = sim.check_commits();
     }
     sim.nodes(w.nodes).outsiders(w.joiners + w.intruders)
 }

@@ -195,7 +195,11 @@ impl Mesh {
                     }
                 }
                 _ => {
-                    for change in own_changes(conn, &self.me, event.first_seq, event.last_seq)? {
+                    // One event is one operation: its versions travel marked as one, so a
+                    // peer applies them together (they may live in different shards).
+                    let mut changes = own_changes(conn, &self.me, event.first_seq, event.last_seq)?;
+                    rules::mark_commit(&mut changes);
+                    for change in changes {
                         puts.push((event.bucket_id, rules::shard_of(&change.branch, &change.path), rules::doc_key(&change.id()), rules::encode(&change)));
                     }
                 }
@@ -507,15 +511,24 @@ impl Mesh {
         let now = engine.now_ms();
         // A branch record may release changes that waited for it (applied in this same
         // transaction, so not counted here): then the ids are not known in advance.
+        // Versions held from earlier messages may be released with these (see whole_commits):
+        // at most all that the bucket holds.
+        let held: u64 = if changes.iter().any(|c| c.commit.is_some_and(|k| k.len > 1)) {
+            let n: i64 = engine.tree().conn().query_row("SELECT count(*) FROM mesh_held WHERE bucket_id = ?1", [bucket.id], |r| r.get(0)).map_err(StoreError::from)?;
+            n.max(0) as u64
+        } else {
+            0
+        };
         let ids = if meta.iter().any(|e| matches!(e, MetaEntry::Branch(_))) {
             Ids::Unbounded
         } else {
-            Ids::AtMost((changes.len() + meta.len()) as u64)
+            Ids::AtMost((changes.len() + meta.len()) as u64 + held)
         };
         let touched = HashSet::from([(bucket.id, doc)]);
         let result = engine.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
             self.persist(tx, bucket.id, doc)?;
             apply_meta(tx, bucket.id, &meta, now)?;
+            let changes = tx.whole_commits(bucket.id, changes)?;
             let mut applied = tx.apply_changes(bucket.id, changes)?;
             for c in &applied.deferred {
                 tx.conn().execute("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)", params![bucket.id, rules::encode(c)])?;

@@ -58,7 +58,23 @@ pub struct Change {
     pub version: Version,
     /// What wrote it (write, delete, rename, mkdir, merge, conflict-loser, restore).
     pub origin: Origin,
+    /// The operation it is part of, when that wrote several versions (a rename, a merge, a
+    /// write that made its parent directories): a peer applies them together or not at all.
+    pub commit: Option<CommitRef>,
 }
+
+/// The operation a version is part of: its writer's seq of the operation's first version,
+/// and how many versions the operation wrote in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommitRef {
+    /// The seq of the operation's first version (the writer is the version's own).
+    pub first_seq: i64,
+    /// How many versions the operation wrote.
+    pub len: u32,
+}
+
+/// The most versions one operation may say it wrote (a merge of many paths is one).
+pub const COMMIT_LEN_MAX: u32 = 1 << 24;
 
 impl Change {
     /// Its name on every node.
@@ -130,6 +146,15 @@ struct ChangeWire {
     origin: Origin,
 }
 
+/// Format 2: format 1 and the operation the version is part of (sent only for versions of
+/// operations that wrote several, so single writes stay readable by format-1 nodes).
+#[derive(Serialize, Deserialize)]
+struct ChangeWire2 {
+    v1: ChangeWire,
+    commit_first_seq: i64,
+    commit_len: u32,
+}
+
 #[derive(Serialize, Deserialize)]
 struct EntryWire {
     kind: u8,
@@ -140,6 +165,7 @@ struct EntryWire {
 }
 
 const CHANGE_FORMAT: u8 = 1;
+const CHANGE_FORMAT_COMMIT: u8 = 2;
 
 /// Encodes a change for a shard document.
 pub fn encode(c: &Change) -> Vec<u8> {
@@ -164,7 +190,13 @@ pub fn encode(c: &Change) -> Vec<u8> {
         }),
         origin: c.origin,
     };
-    postcard::to_allocvec(&wire).expect("encoding to memory cannot fail")
+    match c.commit {
+        None => postcard::to_allocvec(&wire).expect("encoding to memory cannot fail"),
+        Some(commit) => {
+            let wire = ChangeWire2 { v1: ChangeWire { format: CHANGE_FORMAT_COMMIT, ..wire }, commit_first_seq: commit.first_seq, commit_len: commit.len };
+            postcard::to_allocvec(&wire).expect("encoding to memory cannot fail")
+        }
+    }
 }
 
 /// Decodes and checks a change from a peer: every field within the bounds a local write
@@ -174,10 +206,15 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
     if bytes.len() > CHANGE_BYTES_MAX {
         return Err(bad("too large"));
     }
-    let w: ChangeWire = postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
-    if w.format != CHANGE_FORMAT {
-        return Err(ReplicaError::Malformed(format!("unknown format {}", w.format)));
-    }
+    let (w, commit) = match bytes.first() {
+        Some(&CHANGE_FORMAT) => (postcard::from_bytes::<ChangeWire>(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?, None),
+        Some(&CHANGE_FORMAT_COMMIT) => {
+            let w2: ChangeWire2 = postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+            (w2.v1, Some(CommitRef { first_seq: w2.commit_first_seq, len: w2.commit_len }))
+        }
+        Some(other) => return Err(ReplicaError::Malformed(format!("unknown format {other}"))),
+        None => return Err(bad("empty")),
+    };
     let path = TreePath::parse_non_root(&w.path).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
     if path.as_str() != w.path {
         return Err(bad("path not in normal form"));
@@ -185,6 +222,11 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
     let key = OrderKey::from_bytes(&w.key).ok_or_else(|| bad("order key"))?;
     if key.version().seq <= 0 {
         return Err(bad("version seq"));
+    }
+    if let Some(c) = commit {
+        if c.len < 2 || c.len > COMMIT_LEN_MAX || c.first_seq <= 0 || c.first_seq > key.version().seq {
+            return Err(bad("operation"));
+        }
     }
     let pred = match w.pred {
         None => None,
@@ -215,7 +257,60 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
         pred,
         version: Version { entry, written: Stamp { ms: w.written_ms, counter: w.written_lc } },
         origin: w.origin,
+        commit,
     })
+}
+
+/// Marks the versions one operation wrote (in seq order), as its writer publishes them: when
+/// there are several, each names the operation (its first seq, how many).
+pub fn mark_commit(changes: &mut [Change]) {
+    let Some(first) = changes.iter().map(|c| c.id().seq).min() else { return };
+    let len = changes.len() as u32;
+    for c in changes.iter_mut() {
+        c.commit = (len > 1).then_some(CommitRef { first_seq: first, len });
+    }
+}
+
+/// What [`whole_commits`] decided for changes from a peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WholeCommits {
+    /// To apply now: single versions, and every operation whose versions are all here.
+    pub ready: Vec<Change>,
+    /// To keep until the rest of their operation arrives (held and incoming alike).
+    pub hold: Vec<Change>,
+    /// Operations no longer held (applied now, or found applied before): (writer, first seq).
+    pub released: Vec<(NodeId, i64)>,
+}
+
+/// The rule that no node shows half an operation: a version of an operation that wrote
+/// several (a rename's two paths live in two shards and travel apart) is applied only with
+/// all of them. Given what arrived, the versions of the same operations held from earlier,
+/// and whether a version is already applied here (then its operation was applied whole
+/// before: the rest are repeats).
+pub fn whole_commits(incoming: Vec<Change>, held: Vec<Change>, applied: impl Fn(&Change) -> bool) -> WholeCommits {
+    let mut out = WholeCommits::default();
+    let mut groups: std::collections::BTreeMap<(NodeId, i64), (u32, std::collections::BTreeMap<i64, Change>)> = std::collections::BTreeMap::new();
+    for change in held.into_iter().chain(incoming) {
+        match change.commit {
+            Some(c) if c.len > 1 => {
+                let group = groups.entry((change.id().node, c.first_seq)).or_insert_with(|| (c.len, Default::default()));
+                group.0 = group.0.max(c.len);
+                group.1.insert(change.id().seq, change);
+            }
+            _ => out.ready.push(change),
+        }
+    }
+    for (key, (len, versions)) in groups {
+        if versions.values().any(&applied) {
+            out.released.push(key);
+        } else if versions.len() as u64 >= u64::from(len) {
+            out.released.push(key);
+            out.ready.extend(versions.into_values());
+        } else {
+            out.hold.extend(versions.into_values());
+        }
+    }
+    out
 }
 
 /// The shard of a bucket that holds the versions of `path` on `branch`: a fixed hash
@@ -494,7 +589,42 @@ mod tests {
             pred: Some(VersionId { node: NodeId([9; 32]), seq: 41 }),
             version: Version { entry, written: Stamp { ms: 1_600_000_000_000, counter: 0 } },
             origin: Origin::Merge,
+            commit: None,
         }
+    }
+
+    #[test]
+    fn an_operation_is_released_only_whole_in_any_order_of_arrival() {
+        let part = |seq: i64, path: &str| {
+            let id = VersionId { node: NodeId([5; 32]), seq };
+            Change {
+                key: OrderKey::new(Stamp::at(10), &id),
+                pred: None,
+                commit: Some(CommitRef { first_seq: 7, len: 3 }),
+                ..change(path, None)
+            }
+        };
+        let (a, b, c) = (part(7, "/a"), part(8, "/b"), part(9, "/c"));
+        let single = change("/single", None);
+        // Two of three, with a single version: the single goes, the two wait.
+        let first = whole_commits(vec![b.clone(), single.clone(), a.clone()], vec![], |_| false);
+        assert_eq!(first.ready, vec![single]);
+        assert_eq!(first.hold.len(), 2);
+        assert!(first.released.is_empty());
+        // The third arrives (again with a repeat of one held): all three go, once each.
+        let second = whole_commits(vec![c.clone(), a.clone()], first.hold, |_| false);
+        assert_eq!(second.ready, vec![a.clone(), b.clone(), c.clone()]);
+        assert!(second.hold.is_empty());
+        assert_eq!(second.released, vec![(NodeId([5; 32]), 7)]);
+        // A repeat after the operation was applied: dropped, nothing held.
+        let again = whole_commits(vec![b.clone()], vec![], |x| x.key == b.key);
+        assert!(again.ready.is_empty() && again.hold.is_empty());
+        // Through the wire, both formats.
+        assert_eq!(decode(&encode(&c)).unwrap(), c);
+        assert_eq!(encode(&change("/x", None))[0], CHANGE_FORMAT, "a single version stays format 1");
+        let mut bad = c.clone();
+        bad.commit = Some(CommitRef { first_seq: 10, len: 3 });
+        assert!(decode(&encode(&bad)).is_err(), "an operation starting after its own version");
     }
 
     #[test]

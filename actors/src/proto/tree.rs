@@ -138,7 +138,7 @@ impl ReplicaTree {
     /// `key` (stamped by the writer's [`Hlc`](super::clock::Hlc) after all it has seen).
     pub fn local_change(&self, branch: Uid, path: TreePath, key: OrderKey, version: Version, origin: Origin) -> Change {
         let pred = self.head(&branch, &path).map(Change::id);
-        Change { branch, path, key, pred, version, origin }
+        Change { branch, path, key, pred, version, origin, commit: None }
     }
 
     /// Whether `later` replaced `earlier` knowingly: `earlier` is on `later`'s chain of

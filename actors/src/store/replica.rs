@@ -17,7 +17,7 @@ use super::{branch_by_id, Branch, StoreError, VersionRow};
 use crate::proto::entry::{ContentHash, EntryKind};
 use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use crate::proto::path::TreePath;
-use crate::proto::replica::{path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion};
+use crate::proto::replica::{self as rules, path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion};
 
 /// What applying a batch of changes did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,6 +36,47 @@ pub struct Applied {
 }
 
 impl Tx<'_> {
+    /// Holds back versions of operations that are not wholly here yet, so no reader sees half
+    /// a rename or half a merge (the rule is `proto::replica::whole_commits`): they wait in
+    /// `mesh_held`, committed with the rest of this transaction, until the last of their
+    /// operation arrives. Returns what to apply now.
+    pub fn whole_commits(&mut self, bucket_id: i64, incoming: Vec<Change>) -> Result<Vec<Change>, StoreError> {
+        let ops: BTreeSet<(NodeId, i64)> = incoming.iter().filter_map(|c| c.commit.filter(|k| k.len > 1).map(|k| (c.id().node, k.first_seq))).collect();
+        if ops.is_empty() {
+            return Ok(incoming);
+        }
+        let mut held = Vec::new();
+        for (node, first) in &ops {
+            let mut st = self.conn().prepare_cached("SELECT data FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3")?;
+            let rows = st.query_map(params![bucket_id, node.0.to_vec(), first], |r| r.get::<_, Vec<u8>>(0))?;
+            for data in rows {
+                // Written by this store from a change it decoded: a row that no longer decodes
+                // (a format from a later build, rolled back) is dropped with its operation.
+                if let Ok(c) = rules::decode(&data?) {
+                    held.push(c);
+                }
+            }
+        }
+        let decided = rules::whole_commits(incoming, held, |c| self.is_applied(bucket_id, c).unwrap_or(false));
+        for (node, first) in &decided.released {
+            self.conn().prepare_cached("DELETE FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3")?.execute(params![bucket_id, node.0.to_vec(), first])?;
+        }
+        for c in &decided.hold {
+            let first = c.commit.map_or(0, |k| k.first_seq);
+            self.conn()
+                .prepare_cached("INSERT OR IGNORE INTO mesh_held(bucket_id, node, first_seq, seq, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![bucket_id, c.id().node.0.to_vec(), first, c.id().seq, rules::encode(c)])?;
+        }
+        Ok(decided.ready)
+    }
+
+    fn is_applied(&self, bucket_id: i64, c: &Change) -> Result<bool, StoreError> {
+        match branch_by_uid(self.conn(), bucket_id, &c.branch)? {
+            Some(branch) => self.has_version(branch.id, &c.path, &c.key),
+            None => Ok(false),
+        }
+    }
+
     /// Applies changes from peers to bucket `bucket_id`: each new version is inserted with its
     /// own id and order (and a local seq for when it arrived), the clock moves past every
     /// stamp seen, conflicts are listed where versions were written without seeing each
@@ -252,7 +293,7 @@ fn change_of(r: &rusqlite::Row<'_>) -> Result<Change, StoreError> {
     let uid: Vec<u8> = r.get(14)?;
     let uid = Uid::from_bytes(&uid).ok_or_else(|| StoreError::Invalid("a stored branch uid is damaged".into()))?;
     let origin = Origin::parse(&row.origin).unwrap_or(Origin::Write);
-    Ok(Change { branch: uid, path: row.path, key: row.key, pred: row.pred, version: row.version, origin })
+    Ok(Change { branch: uid, path: row.path, key: row.key, pred: row.pred, version: row.version, origin, commit: None })
 }
 
 /// The record of `branch` for its peers. A fork an older alkfs made by local seq is described

@@ -206,6 +206,18 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY(bucket_id, doc)
     ) WITHOUT ROWID;
     "#,
+    // 5 → 6: versions from peers whose operation (a rename, a merge) has not wholly arrived
+    // yet: held here, out of the tree, until its last version comes, then applied together.
+    r#"
+    CREATE TABLE mesh_held(
+        bucket_id INTEGER NOT NULL,
+        node      BLOB NOT NULL,
+        first_seq INTEGER NOT NULL,
+        seq       INTEGER NOT NULL,
+        data      BLOB NOT NULL,
+        PRIMARY KEY(bucket_id, node, first_seq, seq)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
