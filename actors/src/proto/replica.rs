@@ -262,12 +262,14 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
 }
 
 /// Marks the versions one operation wrote (in seq order), as its writer publishes them: when
-/// there are several, each names the operation (its first seq, how many).
+/// there are several, each names the operation (its first seq, how many). An operation over
+/// [`COMMIT_LEN_MAX`] versions travels unmarked (applied as it arrives) rather than in a form
+/// every peer would refuse.
 pub fn mark_commit(changes: &mut [Change]) {
     let Some(first) = changes.iter().map(|c| c.id().seq).min() else { return };
-    let len = changes.len() as u32;
+    let len = u32::try_from(changes.len()).unwrap_or(u32::MAX);
     for c in changes.iter_mut() {
-        c.commit = (len > 1).then_some(CommitRef { first_seq: first, len });
+        c.commit = (len > 1 && len <= COMMIT_LEN_MAX).then_some(CommitRef { first_seq: first, len });
     }
 }
 

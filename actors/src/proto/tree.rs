@@ -140,25 +140,6 @@ impl ReplicaTree {
         let pred = self.head(&branch, &path).map(Change::id);
         Change { branch, path, key, pred, version, origin, commit: None }
     }
-
-    /// Whether `later` replaced `earlier` knowingly: `earlier` is on `later`'s chain of
-    /// predecessors.
-    pub fn supersedes(&self, later: &VersionId, earlier: &VersionId) -> bool {
-        let mut at = self.changes.get(later).and_then(|c| c.pred);
-        // A chain is at most as long as the set; a malformed cycle cannot loop forever.
-        let mut steps = 0;
-        while let Some(id) = at {
-            if &id == earlier {
-                return true;
-            }
-            steps += 1;
-            if steps > self.changes.len() {
-                return false;
-            }
-            at = self.changes.get(&id).and_then(|c| c.pred);
-        }
-        false
-    }
 }
 
 #[cfg(test)]
@@ -213,7 +194,7 @@ mod tests {
         t.insert(first.clone());
         let second = t.local_change(branch, path.clone(), key(60, 2, 1), Version { entry: None, written: Stamp::default() }, Origin::Delete);
         t.insert(second.clone());
-        assert!(t.supersedes(&second.id(), &first.id()));
+        assert_eq!(second.pred, Some(first.id()), "the delete names the write it saw");
         assert!(t.listing(&branch).is_empty(), "deleted");
         assert!(t.conflicts(&branch).is_empty(), "no conflict: the delete saw the write");
     }
