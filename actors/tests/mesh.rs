@@ -196,3 +196,47 @@ fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
     only(shard(&to), &mut a, &mut b);
     assert_eq!(listed(&b), std::slice::from_ref(&to), "the whole rename, once its second half arrived");
 }
+
+#[test]
+fn a_removal_takes_back_what_the_removed_member_did_that_its_remover_had_not_seen() {
+    // The partition harness's seed 656 on real stores: R is removed by A while B is away; R,
+    // unaware, writes and admits N; B meets R before it meets A.
+    let (mut a, mut b, mut r, mut n) = (Node::new(), Node::new(), Node::new(), Node::new());
+    let s = main_scope();
+    let uid = join(&mut a, &mut b);
+    join(&mut a, &mut r);
+    put(&mut r.engine, &s, "/r-before.txt", b"seen by A");
+    sync(&mut a, &mut r, &uid);
+    sync(&mut a, &mut b, &uid);
+    sync(&mut b, &mut r, &uid);
+    a.mesh.remove_member(&mut a.engine, "default", &r.me()).unwrap();
+    put(&mut r.engine, &s, "/r-after.txt", b"unseen");
+    join(&mut r, &mut n);
+    sync(&mut r, &mut n, &uid);
+    put(&mut n.engine, &s, "/n.txt", b"from a node a removed member admitted");
+    sync(&mut r, &mut n, &uid);
+    let listed = |x: &Node| -> Vec<String> { x.engine.walk(&s, &p("/")).unwrap().iter().map(|r| r.path.to_string()).collect() };
+    sync(&mut b, &mut r, &uid);
+    assert_eq!(listed(&b), ["/n.txt", "/r-after.txt", "/r-before.txt"], "B, not knowing of the removal, takes all of it");
+    let bucket = b.engine.bucket_identity("default").unwrap().id;
+    let cursor = alknet_actors::store::outbox::head(b.engine.tree().conn()).unwrap();
+    sync(&mut a, &mut b, &uid);
+    for (name, node) in [("A", &a), ("B", &b)] {
+        assert_eq!(listed(node), ["/r-before.txt"], "{name} shows what R did unseen by its remover");
+        for cut in [r.me(), n.me()] {
+            assert!(mesh::buckets_of(node.engine.tree().conn(), &cut).unwrap().is_empty(), "{name} still lets {cut} in");
+        }
+    }
+    let events = alknet_actors::store::outbox::read_after(b.engine.tree().conn(), cursor, 100).unwrap();
+    let retracted: Vec<_> = events.iter().filter(|(_, e)| e.op == "retracted").filter_map(|(_, e)| e.path.clone()).collect();
+    assert_eq!(retracted.len(), 2, "one event per path taken back: {events:?}");
+    // Kept out across a restart; the removed node keeps its own writes.
+    let Node { dir, engine, .. } = b;
+    drop(engine);
+    let engine = Engine::open(dir.path(), Access::Write).unwrap();
+    let mut b = Node { mesh: Mesh::new(&engine), engine, dir };
+    sync(&mut a, &mut b, &uid);
+    assert_eq!(listed(&b), ["/r-before.txt"]);
+    assert_eq!(b.engine.tree().conn().query_row("SELECT count(*) FROM mesh_deferred WHERE bucket_id = ?1", [bucket], |r| r.get::<_, i64>(0)).unwrap(), 2);
+    assert_eq!(listed(&r), ["/n.txt", "/r-after.txt", "/r-before.txt"]);
+}

@@ -14,7 +14,8 @@ use alknet_actors::proto::doc::{decode_state, encode_state, PeerState, ReplicaDo
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use alknet_actors::proto::path::TreePath;
-use alknet_actors::proto::replica::{self, doc_key, is_member, mark_commit, shard_of, whole_commits, Change, MetaEntry, Origin};
+use alknet_actors::proto::membership::{Membership, Seen};
+use alknet_actors::proto::replica::{self, doc_key, mark_commit, shard_of, whole_commits, Change, MetaEntry, Origin};
 use alknet_actors::proto::sync::{heads_digest, DOCS, META_DOC};
 use alknet_actors::proto::tree::{Conflict, ReplicaTree};
 
@@ -31,7 +32,9 @@ pub enum Broken {
     ArrivalOrder,
     /// A node drops deletes that come from peers.
     DropTombstones,
-    /// A node accepts sync messages from anyone who connects (no membership gate).
+    /// A node accepts sync messages from anyone who connects, and versions whoever wrote
+    /// them (neither the membership gate nor the writer check of `proto::membership`; either
+    /// alone keeps a stranger's versions out).
     OpenGate,
 }
 
@@ -48,6 +51,9 @@ pub struct Disk {
     pub meta: Vec<MetaEntry>,
     /// Versions from peers whose operation has not wholly arrived (`mesh_held`).
     pub held: Vec<Change>,
+    /// Versions from peers whose writer the bucket's document does not (or no longer)
+    /// accept (`mesh_deferred`): reconsidered whenever membership changes.
+    pub deferred: Vec<Change>,
 }
 
 /// A simulated node.
@@ -71,9 +77,8 @@ pub struct SimNode {
     outbox: Vec<Change>,
     /// For [`Broken::ArrivalOrder`]: the last version of each path to arrive.
     arrived: BTreeMap<TreePath, VersionId>,
-    /// Nodes the bucket's document names as added, and as removed.
-    added: BTreeSet<NodeId>,
-    removed: BTreeSet<NodeId>,
+    /// The bucket's membership, from its document as this node holds it.
+    members: Membership,
     /// Blobs that versions here name and this node lacks.
     missing: BTreeSet<ContentHash>,
     /// Set when membership changed since [`take_members_changed`](Self::take_members_changed).
@@ -103,8 +108,7 @@ impl SimNode {
             peers: BTreeMap::new(),
             outbox: Vec::new(),
             arrived: BTreeMap::new(),
-            added: BTreeSet::new(),
-            removed: BTreeSet::new(),
+            members: Membership::new(),
             members_changed: false,
             missing: BTreeSet::new(),
             broken,
@@ -144,15 +148,20 @@ impl SimNode {
         self.tree.conflicts(&MAIN)
     }
 
-    /// Whether the bucket's document, as this node holds it, makes `node` a member (added,
-    /// never removed: proto's rule).
+    /// Whether the bucket's document, as this node holds it, makes `node` a member (proto's
+    /// rule: [`Membership`]).
     pub fn admits(&self, node: &NodeId) -> bool {
-        is_member(self.added.contains(node), self.removed.contains(node))
+        self.members.is_member(node)
     }
 
-    /// Whether the bucket's document, as this node holds it, ever added `node`.
-    pub fn ever_added(&self, node: &NodeId) -> bool {
-        self.added.contains(node)
+    /// Whether the bucket's document, as this node holds it, accepts version `id`.
+    pub fn accepts(&self, id: &VersionId) -> bool {
+        self.members.accepts(id)
+    }
+
+    /// Whether this node takes version `id` from a peer (its own are always its own).
+    fn takes(&self, id: &VersionId) -> bool {
+        id.node == self.id || self.broken == Some(Broken::OpenGate) || self.members.accepts(id)
     }
 
     /// Whether this node is a member in its own view (joined, not known to be removed).
@@ -166,11 +175,53 @@ impl SimNode {
     }
 
     fn note_meta(&mut self, entry: &MetaEntry) {
-        match entry {
-            MetaEntry::Member { node, .. } => self.members_changed |= self.added.insert(*node),
-            MetaEntry::Removed { node, .. } => self.members_changed |= self.removed.insert(*node),
-            _ => {}
+        self.members_changed |= self.members.note(entry);
+    }
+
+    /// The removal of `node` this node writes: what it had seen of it (its last version
+    /// here, whom it had admitted).
+    pub fn removal_of(&self, node: NodeId, at_ms: i64) -> MetaEntry {
+        let last_seq = self.tree.changes().filter(|c| c.id().node == node).map(|c| c.id().seq).max().unwrap_or(0);
+        MetaEntry::Removed { node, by: self.id, at_ms, seen: Seen::Upto { last_seq, admitted: self.members.admitted_by(&node) } }
+    }
+
+    /// Membership changed: versions of writers no longer accepted leave the tree (they wait
+    /// with the deferred, as the node moves them to `mesh_deferred`), and deferred versions
+    /// now accepted are applied. A node keeps its own versions whatever it hears. Returns
+    /// what was applied.
+    fn reconsider(&mut self) -> Vec<Change> {
+        let refused: Vec<VersionId> = self.tree.changes().map(Change::id).filter(|id| !self.takes(id)).collect();
+        if !refused.is_empty() {
+            let gone: BTreeSet<VersionId> = refused.iter().copied().collect();
+            for id in &refused {
+                if let Some(c) = self.tree.remove(id) {
+                    self.disk.deferred.push(c);
+                }
+            }
+            self.disk.changes.retain(|c| !gone.contains(&c.id()));
+            self.missing = self.tree.changes().filter_map(|c| c.version.entry.as_ref()).filter(|e| e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash)).map(|e| e.hash).collect();
         }
+        let deferred = std::mem::take(&mut self.disk.deferred);
+        let (ready, wait): (Vec<Change>, Vec<Change>) = deferred.into_iter().partition(|c| self.takes(&c.id()));
+        self.disk.deferred = wait;
+        self.apply(ready)
+    }
+
+    /// Commits changes from peers (accepted, whole): the tree, the clock, the disk.
+    fn apply(&mut self, ready: Vec<Change>) -> Vec<Change> {
+        let mut applied = Vec::new();
+        for change in ready {
+            if self.tree.contains(&change.id()) {
+                continue;
+            }
+            self.hlc.observe(change.key.stamp());
+            if self.broken == Some(Broken::DropTombstones) && change.version.entry.is_none() {
+                continue;
+            }
+            self.insert(change.clone());
+            applied.push(change);
+        }
+        applied
     }
 
     /// Writes a membership entry into the bucket's document (committed: it survives a
@@ -304,11 +355,15 @@ impl SimNode {
         self.peers.insert((peer, doc), state);
         let added = added.map_err(|e| e.to_string())?;
         if doc == META_DOC {
+            let before = self.members_changed;
+            self.members_changed = false;
             for (key, value) in added {
                 let entry = MetaEntry::decode(&key, &value).map_err(|e| e.to_string())?;
                 self.note_meta(&entry);
             }
-            return Ok(Vec::new());
+            let changed = self.members_changed;
+            self.members_changed |= before;
+            return Ok(if changed { self.reconsider() } else { Vec::new() });
         }
         let mut incoming = Vec::new();
         for (key, value) in added {
@@ -325,19 +380,10 @@ impl SimNode {
         let decided = whole_commits(incoming, held, |c| tree.contains(&c.id()));
         self.disk.held = kept;
         self.disk.held.extend(decided.hold);
-        let mut applied = Vec::new();
-        for change in decided.ready {
-            if self.tree.contains(&change.id()) {
-                continue;
-            }
-            self.hlc.observe(change.key.stamp());
-            if self.broken == Some(Broken::DropTombstones) && change.version.entry.is_none() {
-                continue;
-            }
-            self.insert(change.clone());
-            applied.push(change);
-        }
-        Ok(applied)
+        // As the node does: versions of writers the bucket's document does not accept wait.
+        let (ready, wait): (Vec<Change>, Vec<Change>) = decided.ready.into_iter().partition(|c| self.takes(&c.id()));
+        self.disk.deferred.extend(wait);
+        Ok(self.apply(ready))
     }
 
     /// The digest of each document, as a session's summary carries them.
@@ -391,8 +437,7 @@ impl SimNode {
         self.peers.clear();
         self.outbox.clear();
         self.arrived.clear();
-        self.added.clear();
-        self.removed.clear();
+        self.members = Membership::new();
         self.missing.clear();
         self.hlc = Hlc::default();
     }
@@ -435,6 +480,8 @@ impl SimNode {
         }
         self.reload_members()?;
         self.members_changed = false;
+        // Deferred versions the saved document accepts, and versions it no longer does.
+        self.reconsider();
         Ok(())
     }
 }

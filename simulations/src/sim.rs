@@ -667,9 +667,10 @@ impl Sim {
         }
         self.stats.faults += 1;
         self.trace.add(&[6, by as u8, node as u8]);
-        let (id, who) = (self.nodes[node].id, self.nodes[by].id);
+        let id = self.nodes[node].id;
         let now = self.now as i64;
-        self.nodes[by].write_meta(MetaEntry::Removed { node: id, by: who, at_ms: now });
+        let removal = self.nodes[by].removal_of(id, now);
+        self.nodes[by].write_meta(removal);
         self.nodes[by].take_members_changed();
         self.offer(by, &[META_DOC], None);
         self.relink();
@@ -793,9 +794,9 @@ impl Sim {
                 }
             }
             let founder = &self.nodes[0];
-            let foreign = self.nodes[n].tree().changes().filter(|c| !members.contains(&c.key.version().node) && !founder.ever_added(&c.key.version().node)).count();
+            let foreign = self.nodes[n].tree().changes().filter(|c| !members.contains(&c.key.version().node) && !founder.accepts(&c.id())).count();
             if foreign > 0 {
-                self.violation(format!("node {n} holds {foreign} versions written by a node that was never a member"));
+                self.violation(format!("node {n} holds {foreign} versions the bucket's membership refuses (a stranger's, a removed member's past what its remover had seen, or a node a removed member admitted)"));
             }
             // Bytes still on an active node must have arrived; bytes no active node holds were
             // written by a member removed before they spread (still held by it: no entry names

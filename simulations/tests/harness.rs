@@ -165,3 +165,29 @@ fn a_rename_reaches_a_peer_whole() {
     assert!(seen.iter().all(|s| *s == (true, false) || *s == (false, true)), "half a rename was shown: {seen:?}");
     assert_eq!(seen.last(), Some(&(false, true)));
 }
+
+#[test]
+fn a_removed_member_unaware_of_its_removal_admits_nobody_and_its_later_writes_stay_out() {
+    // Seed 656 of the soak, pinned: node 3 is removed while node 1 is down and node 3 cannot
+    // hear of it; node 3 writes and admits node 4; node 1 comes back on node 3's side first.
+    let mut sim = Sim::new(656).nodes(4).outsiders(1);
+    sim.write(3, "/before.txt", b"seen by the remover");
+    sim.run_until_quiet().unwrap();
+    sim.crash(1);
+    sim.partition(&[1, 3, 4], &[0, 2]);
+    assert!(sim.remove(0, 3));
+    sim.write(3, "/after.txt", b"unseen");
+    assert!(sim.join(4, 3), "node 3 does not know it was removed");
+    sim.run_for(5_000);
+    sim.write(4, "/newcomer.txt", b"admitted by a removed member");
+    sim.restart(1);
+    sim.run_for(10_000);
+    let names = |sim: &Sim, n: usize| sim.tree(n).into_keys().collect::<Vec<_>>();
+    assert_eq!(names(&sim, 1), ["/after.txt", "/before.txt", "/newcomer.txt"], "node 1 took it all, not knowing");
+    sim.heal();
+    sim.run_until_quiet().unwrap();
+    for n in [0, 1, 2] {
+        assert_eq!(names(&sim, n), ["/before.txt"], "node {n}");
+    }
+    assert_eq!(names(&sim, 3), ["/after.txt", "/before.txt", "/newcomer.txt"], "the removed node keeps what it has");
+}

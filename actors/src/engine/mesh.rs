@@ -24,6 +24,7 @@ use super::replica::BucketIdentity;
 use super::{Engine, Result};
 use crate::proto::doc::{decode_state, encode_state, PeerState, ReplicaDoc};
 use crate::proto::ids::{NodeId, Uid};
+use crate::proto::membership::{Membership, Seen};
 use crate::proto::replica::{self as rules, BranchRecord, Change, MetaEntry};
 use crate::proto::sync::{DOCS, META_DOC};
 use crate::proto::ticket::{admit, InviteTerms, JoinRefusal, SECRET_BYTES};
@@ -80,6 +81,8 @@ pub struct Mesh {
     actor: Vec<u8>,
     docs: HashMap<(i64, u16), ReplicaDoc>,
     states: HashMap<(NodeId, i64, u16), PeerState>,
+    /// Each shared bucket's membership, read from its document (dropped when that changes).
+    members: HashMap<i64, Membership>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -98,7 +101,7 @@ impl Mesh {
         let me = engine.tree().me();
         let mut actor = me.0.to_vec();
         actor.extend_from_slice(&std::collections::hash_map::RandomState::new().build_hasher().finish().to_be_bytes());
-        Mesh { me, actor, docs: HashMap::new(), states: HashMap::new() }
+        Mesh { me, actor, docs: HashMap::new(), states: HashMap::new(), members: HashMap::new() }
     }
 
     /// This node.
@@ -155,7 +158,21 @@ impl Mesh {
     fn forget(&mut self, touched: &HashSet<(i64, u16)>) {
         for key in touched {
             self.docs.remove(key);
+            if key.1 == META_DOC {
+                self.members.remove(&key.0);
+            }
         }
+    }
+
+    /// Bucket `bucket_id`'s membership, as its document (in memory) decides it.
+    fn membership(&mut self, conn: &Connection, bucket_id: i64) -> Result<Membership, StoreError> {
+        if let Some(m) = self.members.get(&bucket_id) {
+            return Ok(m.clone());
+        }
+        let entries: Vec<MetaEntry> = self.doc(conn, bucket_id, META_DOC)?.entries().into_iter().filter_map(|(k, v)| MetaEntry::decode(&k, &v).ok()).collect();
+        let m = Membership::from_entries(&entries);
+        self.members.insert(bucket_id, m.clone());
+        Ok(m)
     }
 
     /// Publishes what this node committed since the last round (at most one batch of
@@ -252,6 +269,7 @@ impl Mesh {
             puts.push((META_DOC, me.key(), me.value()));
         }
         let addr = MetaEntry::Addrs { node: self.me, addrs: addrs.to_vec() };
+        self.members.remove(&bucket.id);
         let mut touched = HashSet::new();
         for (doc, key, value) in &puts {
             if self.doc(engine.tree().conn(), bucket.id, *doc)?.put(key, value).map_err(|e| invalid(e.to_string()))? {
@@ -350,6 +368,7 @@ impl Mesh {
         let doc = self.doc(engine.tree().conn(), bucket.id, META_DOC)?;
         doc.put(&member.key(), &member.value()).map_err(|e| invalid(e.to_string()))?;
         doc.set(&addr.key(), &addr.value()).map_err(|e| invalid(e.to_string()))?;
+        self.members.remove(&bucket.id);
         let touched = HashSet::from([(bucket.id, META_DOC)]);
         let me = self.me;
         let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
@@ -381,6 +400,10 @@ impl Mesh {
         engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
             let conn = tx.conn();
             conn.execute("INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?2)", params![bucket.id, inviter.0, now])?;
+            // Its own admission is the inviter's entry (it arrives with the bucket's
+            // document): the joiner writes none of its own, which would make it a first
+            // member that no removal of its inviter could reach (proto::membership).
+            conn.execute("INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?4)", params![bucket.id, self.me.0, now, inviter.0])?;
             record_addrs(conn, inviter, inviter_addrs, now)?;
             Ok(())
         })?;
@@ -400,12 +423,26 @@ impl Mesh {
             return Err(invalid("a node cannot remove itself; remove it from another member").into());
         }
         let now = engine.now_ms();
-        let entry = MetaEntry::Removed { node: *node, by: self.me, at_ms: now };
+        // What this node had seen of it: its versions here, whom it had admitted. Whatever it
+        // does after that (unaware of its removal) falls on every node (proto::membership).
+        let conn = engine.tree().conn();
+        let last_seq: i64 = conn
+            .query_row(
+                "SELECT coalesce(max(vseq), 0) FROM version WHERE substr(vkey, 13, 32) = ?1 AND branch_id IN (SELECT id FROM branch WHERE bucket_id = ?2)",
+                params![node.0.to_vec(), bucket.id],
+                |r| r.get(0),
+            )
+            .map_err(StoreError::from)?;
+        let admitted = self.membership(conn, bucket.id)?.admitted_by(node);
+        let entry = MetaEntry::Removed { node: *node, by: self.me, at_ms: now, seen: Seen::Upto { last_seq, admitted } };
         self.doc(engine.tree().conn(), bucket.id, META_DOC)?.put(&entry.key(), &entry.value()).map_err(|e| invalid(e.to_string()))?;
+        self.members.remove(&bucket.id);
+        let members = self.membership(engine.tree().conn(), bucket.id)?;
         let touched = HashSet::from([(bucket.id, META_DOC)]);
-        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+        let me = self.me;
+        let result = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<(), StoreError> {
             self.persist(tx, bucket.id, META_DOC)?;
-            tx.conn().execute("UPDATE mesh_member SET removed_ms = ?1 WHERE bucket_id = ?2 AND node = ?3 AND removed_ms IS NULL", params![now, bucket.id, node.0])?;
+            reconcile_members(tx, bucket.id, &members, &me, now)?;
             Ok(())
         });
         if let Err(e) = result {
@@ -508,6 +545,11 @@ impl Mesh {
             }
         }
         received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Removed { .. }));
+        if received.members_changed {
+            self.members.remove(&bucket.id);
+        }
+        let members = self.membership(engine.tree().conn(), bucket.id)?;
+        let (me, members_changed) = (self.me, received.members_changed);
         let now = engine.now_ms();
         // A branch record may release changes that waited for it (applied in this same
         // transaction, so not counted here): then the ids are not known in advance.
@@ -519,7 +561,8 @@ impl Mesh {
         } else {
             0
         };
-        let ids = if meta.iter().any(|e| matches!(e, MetaEntry::Branch(_))) {
+        let branches_arrived = meta.iter().any(|e| matches!(e, MetaEntry::Branch(_)));
+        let ids = if branches_arrived || members_changed {
             Ids::Unbounded
         } else {
             Ids::AtMost((changes.len() + meta.len()) as u64 + held)
@@ -529,13 +572,18 @@ impl Mesh {
             self.persist(tx, bucket.id, doc)?;
             apply_meta(tx, bucket.id, &meta, now)?;
             let changes = tx.whole_commits(bucket.id, changes)?;
-            let mut applied = tx.apply_changes(bucket.id, changes)?;
-            for c in &applied.deferred {
-                tx.conn().execute("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)", params![bucket.id, rules::encode(c)])?;
-            }
+            // Versions of writers the bucket's document does not accept (yet: an admission
+            // may still be on its way) wait with those of unknown branches.
+            let (accepted, waiting) = accepted_changes(changes, &members, &me);
+            defer(tx, bucket.id, &waiting)?;
+            let mut applied = tx.apply_changes(bucket.id, accepted)?;
+            defer(tx, bucket.id, &applied.deferred)?;
             applied.deferred.clear();
-            if meta.iter().any(|e| matches!(e, MetaEntry::Branch(_))) {
-                // Changes that waited for a branch's record.
+            if members_changed {
+                reconcile_members(tx, bucket.id, &members, &me, now)?;
+            }
+            if branches_arrived || members_changed {
+                // Changes that waited for a branch's record or for their writer's admission.
                 let waiting: Vec<(i64, Vec<u8>)> = {
                     let mut st = tx.conn().prepare("SELECT id, data FROM mesh_deferred WHERE bucket_id = ?1")?;
                     let rows = st.query_map([bucket.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -544,10 +592,10 @@ impl Mesh {
                 if !waiting.is_empty() {
                     tx.conn().execute("DELETE FROM mesh_deferred WHERE bucket_id = ?1", [bucket.id])?;
                     let again: Vec<Change> = waiting.iter().filter_map(|(_, d)| rules::decode(d).ok()).collect();
-                    let more = tx.apply_changes(bucket.id, again)?;
-                    for c in &more.deferred {
-                        tx.conn().execute("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)", params![bucket.id, rules::encode(c)])?;
-                    }
+                    let (accepted, still) = accepted_changes(again, &members, &me);
+                    defer(tx, bucket.id, &still)?;
+                    let more = tx.apply_changes(bucket.id, accepted)?;
+                    defer(tx, bucket.id, &more.deferred)?;
                     applied.inserted += more.inserted;
                     applied.conflicts += more.conflicts;
                     applied.missing_blobs.extend(more.missing_blobs);
@@ -583,6 +631,59 @@ impl Mesh {
         })?;
         Ok(())
     }
+}
+
+/// Splits changes from peers into those whose writer the bucket's membership accepts and
+/// those that wait. This node's own versions (coming back after a power loss) are always
+/// taken: it keeps what it wrote whatever it hears.
+fn accepted_changes(changes: Vec<Change>, members: &Membership, me: &NodeId) -> (Vec<Change>, Vec<Change>) {
+    changes.into_iter().partition(|c| c.id().node == *me || members.accepts(&c.id()))
+}
+
+/// Keeps changes in `mesh_deferred` until a branch record or an admission releases them.
+fn defer(tx: &mut Tx<'_>, bucket_id: i64, changes: &[Change]) -> Result<(), StoreError> {
+    for c in changes {
+        tx.conn().prepare_cached("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)")?.execute(params![bucket_id, rules::encode(c)])?;
+    }
+    Ok(())
+}
+
+/// Brings what the network side consults (`mesh_member.removed_ms`: refused on every
+/// protocol) and the tree in line with the bucket's membership: a node that is not a member
+/// by the rule is cut off, and its versions past what the rule accepts are taken back out of
+/// the tree into `mesh_deferred` (`cut_seq` records how far, so this runs once per change of
+/// the bound); this node's own versions stay. Deferred versions the rule now accepts are the
+/// caller's to apply.
+fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: &NodeId, now: i64) -> Result<(), StoreError> {
+    for node in members.nodes() {
+        let row: Option<(Option<i64>, Option<i64>)> = tx
+            .conn()
+            .prepare_cached("SELECT removed_ms, cut_seq FROM mesh_member WHERE bucket_id = ?1 AND node = ?2")?
+            .query_row(params![bucket_id, node.0], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let member = members.is_member(&node);
+        let removed_ms = match row {
+            _ if member => None,
+            Some((Some(at), _)) => Some(at),
+            _ => Some(now),
+        };
+        let cut = if node == *me { None } else { members.cutoff(&node) };
+        tx.conn()
+            .prepare_cached(
+                "INSERT INTO mesh_member(bucket_id, node, added_ms, removed_ms, cut_seq) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(bucket_id, node) DO UPDATE SET removed_ms = excluded.removed_ms, cut_seq = excluded.cut_seq",
+            )?
+            .execute(params![bucket_id, node.0, now, removed_ms, cut])?;
+        let before = row.and_then(|(_, c)| c);
+        if let Some(above) = cut.filter(|c| before.is_none_or(|b| *c < b)) {
+            let out = tx.retract_versions(bucket_id, &node, above)?;
+            if !out.is_empty() {
+                tracing::info!(node = %node.short(), versions = out.len(), above_seq = above, "took back versions the bucket's membership no longer accepts");
+            }
+            defer(tx, bucket_id, &out)?;
+        }
+    }
+    Ok(())
 }
 
 fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], now: i64) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@
 //!   that make replicas agree (the head, conflicts);
 //! - [`tree`]: a bucket's replicated changes in memory and the tree they show (the
 //!   simulations' replica);
+//! - [`membership`]: who belongs to a bucket and whose versions are accepted;
 //! - [`ticket`]: invitations to a bucket and the inviter's decision;
 //! - [`doc`]: a replicated document of write-once entries (automerge) and its sync;
 //! - [`sync`]: the frames of the sync protocol between two nodes and their limits;
@@ -23,6 +24,7 @@ pub mod entry;
 pub mod frame;
 pub mod ids;
 pub mod limits;
+pub mod membership;
 pub mod merge;
 pub mod path;
 pub mod replica;

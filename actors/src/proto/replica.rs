@@ -24,6 +24,7 @@ use super::clock::Stamp;
 use super::entry::{ContentHash, Entry, EntryKind, Version};
 use super::ids::{NodeId, OrderKey, Uid, VersionId};
 use super::limits::{FILE_BYTES_MAX, LABEL_BYTES_MAX};
+use super::membership::Seen;
 use super::path::TreePath;
 
 /// How many shards a bucket's history is split into. Fixed forever for a bucket (every node
@@ -468,7 +469,9 @@ pub enum MetaEntry {
         /// When (ms since the epoch).
         at_ms: i64,
     },
-    /// A member removed: refused on every protocol from then on.
+    /// A member removed: refused on every protocol from then on. One entry per remover
+    /// (two members may remove a node at once), saying what the remover had seen of it
+    /// (see [`super::membership`]).
     Removed {
         /// The member.
         node: NodeId,
@@ -476,6 +479,8 @@ pub enum MetaEntry {
         by: NodeId,
         /// When.
         at_ms: i64,
+        /// What the remover had seen of it.
+        seen: Seen,
     },
     /// A branch deleted (its history stays while branches forked from it read through it).
     BranchDeleted {
@@ -501,13 +506,23 @@ struct ByWhom {
     at_ms: i64,
 }
 
+/// A removal as written since removals say what their remover had seen.
+#[derive(Serialize, Deserialize)]
+struct RemovedRecord {
+    by: [u8; 32],
+    at_ms: i64,
+    last_seq: i64,
+    admitted: Vec<[u8; 32]>,
+}
+
 impl MetaEntry {
     /// The entry's key in the bucket's document.
     pub fn key(&self) -> String {
         match self {
             MetaEntry::Branch(b) => BranchRecord::doc_key(&b.uid),
             MetaEntry::Member { node, .. } => format!("member/{}", node.to_hex()),
-            MetaEntry::Removed { node, .. } => format!("removed/{}", node.to_hex()),
+            MetaEntry::Removed { node, by, seen: Seen::Upto { .. }, .. } => format!("removed/{}/{}", node.to_hex(), by.to_hex()),
+            MetaEntry::Removed { node, seen: Seen::All, .. } => format!("removed/{}", node.to_hex()),
             MetaEntry::Addrs { node, .. } => format!("addr/{}", node.to_hex()),
             MetaEntry::BranchDeleted { uid, .. } => format!("deleted/{}", uid.to_hex()),
         }
@@ -518,7 +533,10 @@ impl MetaEntry {
         match self {
             MetaEntry::Branch(b) => b.encode(),
             MetaEntry::Member { added_by, at_ms, .. } => enc(&ByWhom { by: added_by.0, at_ms: *at_ms }),
-            MetaEntry::Removed { by, at_ms, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
+            MetaEntry::Removed { by, at_ms, seen: Seen::Upto { last_seq, admitted }, .. } => {
+                enc(&RemovedRecord { by: by.0, at_ms: *at_ms, last_seq: *last_seq, admitted: admitted.iter().map(|n| n.0).collect() })
+            }
+            MetaEntry::Removed { by, at_ms, seen: Seen::All, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
             MetaEntry::Addrs { addrs, .. } => enc(addrs),
             MetaEntry::BranchDeleted { by, at_ms, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
         }
@@ -539,13 +557,23 @@ impl MetaEntry {
                 }
                 Ok(MetaEntry::Branch(rec))
             }
+            "removed" if id.contains('/') => {
+                let (node, by) = id.split_once('/').expect("checked");
+                let node = NodeId::from_hex(node).ok_or_else(|| bad("a bad node id"))?;
+                let r: RemovedRecord = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
+                if NodeId::from_hex(by) != Some(NodeId(r.by)) {
+                    return Err(bad("a removal under another remover's key"));
+                }
+                let admitted = r.admitted.into_iter().map(NodeId).collect();
+                Ok(MetaEntry::Removed { node, by: NodeId(r.by), at_ms: r.at_ms, seen: Seen::Upto { last_seq: r.last_seq, admitted } })
+            }
             "member" | "removed" => {
                 let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
                 let w: ByWhom = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
                 Ok(if kind == "member" {
                     MetaEntry::Member { node, added_by: NodeId(w.by), at_ms: w.at_ms }
                 } else {
-                    MetaEntry::Removed { node, by: NodeId(w.by), at_ms: w.at_ms }
+                    MetaEntry::Removed { node, by: NodeId(w.by), at_ms: w.at_ms, seen: Seen::All }
                 })
             }
             "deleted" => {
@@ -568,13 +596,6 @@ impl MetaEntry {
 
 fn enc<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("encoding to memory cannot fail")
-}
-
-/// Whether `node` is a member, given the bucket's entries about it: added and never removed.
-/// A removal wins over any addition, in any order of arrival (removal is for good; a removed
-/// node that should come back joins as a new node).
-pub fn is_member(added: bool, removed: bool) -> bool {
-    added && !removed
 }
 
 #[cfg(test)]
@@ -692,7 +713,8 @@ mod tests {
         let n = NodeId([3; 32]);
         let entries = [
             MetaEntry::Member { node: n, added_by: NodeId([4; 32]), at_ms: 5 },
-            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6 },
+            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6, seen: Seen::All },
+            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6, seen: Seen::Upto { last_seq: 9, admitted: vec![NodeId([5; 32])] } },
             MetaEntry::Addrs { node: n, addrs: vec!["127.0.0.1:7".parse().unwrap()] },
             MetaEntry::BranchDeleted { uid: Uid([5; 16]), by: n, at_ms: 8 },
             MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 }),
@@ -704,7 +726,6 @@ mod tests {
         assert!(MetaEntry::decode(&format!("branch/{}", Uid([8; 16]).to_hex()), &branch.value()).is_err());
         assert!(MetaEntry::decode("member/zz", &[]).is_err());
         assert!(MetaEntry::decode("other/x", &[]).is_err());
-        assert!(is_member(true, false) && !is_member(true, true) && !is_member(false, false));
     }
 
     #[test]

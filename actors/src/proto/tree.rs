@@ -57,6 +57,20 @@ impl ReplicaTree {
         true
     }
 
+    /// Takes version `id` out (its writer is no longer accepted: see
+    /// [`super::membership`]); what the tree shows is then as if it had never arrived.
+    pub fn remove(&mut self, id: &VersionId) -> Option<Change> {
+        let change = self.changes.remove(id)?;
+        let key = (change.branch, change.path.clone());
+        if let Some(ids) = self.paths.get_mut(&key) {
+            ids.retain(|x| x != id);
+            if ids.is_empty() {
+                self.paths.remove(&key);
+            }
+        }
+        Some(change)
+    }
+
     /// Whether version `id` is here.
     pub fn contains(&self, id: &VersionId) -> bool {
         self.changes.contains_key(id)

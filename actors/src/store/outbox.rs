@@ -21,7 +21,8 @@ pub const READ_BATCH_EVENTS_MAX: i64 = 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// write, mkdir, delete, rename, restore, merge, branch-create, branch-delete, bucket-create,
-    /// replicated (versions from peers).
+    /// replicated (versions from peers), retracted (a peer's version taken back out: the
+    /// bucket's membership no longer accepts its writer).
     pub op: String,
     /// The bucket's id.
     pub bucket_id: i64,

@@ -125,6 +125,42 @@ impl Tx<'_> {
         Ok(applied)
     }
 
+    /// Takes out of bucket `bucket_id` the versions `node` wrote with a writer's seq above
+    /// `above` (its writes the bucket's membership no longer accepts: see
+    /// `proto::membership`), and returns them, for the caller to keep (they come back if a
+    /// later entry accepts them again). The paths they were on show what they would have
+    /// shown without them; conflicts naming them go; one `retracted` event per path tells
+    /// watchers.
+    pub fn retract_versions(&mut self, bucket_id: i64, node: &NodeId, above: i64) -> Result<Vec<Change>, StoreError> {
+        let rows: Vec<(i64, i64, Change)> = {
+            let mut st = self.conn().prepare_cached(&format!(
+                "SELECT {ROW_COLS}, (SELECT uid FROM branch WHERE branch.id = version.branch_id) FROM version
+                 WHERE vseq > ?1 AND substr(vkey, 13, 32) = ?2 AND branch_id IN (SELECT id FROM branch WHERE bucket_id = ?3)"
+            ))?;
+            let mut rows = st.query(params![above, node.0.to_vec(), bucket_id])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let (seq, branch_id): (i64, i64) = (r.get(0)?, r.get(1)?);
+                out.push((seq, branch_id, change_of(r)?));
+            }
+            out
+        };
+        let mut touched: BTreeSet<(i64, TreePath)> = BTreeSet::new();
+        for (seq, branch_id, change) in &rows {
+            let (dir, name) = dir_name(&change.path);
+            self.conn().prepare_cached("DELETE FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND vkey = ?4")?.execute(params![branch_id, dir, name, change.key.0])?;
+            self.conn().prepare_cached("DELETE FROM conflict WHERE branch_id = ?1 AND (loser_seq = ?2 OR winner_seq = ?2)")?.execute(params![branch_id, seq])?;
+            touched.insert((*branch_id, change.path.clone()));
+        }
+        for (branch_id, path) in &touched {
+            self.relist_conflicts(*branch_id, path)?;
+            let branch = branch_by_id(self.conn(), *branch_id)?;
+            let seq = rows.iter().filter(|(_, b, c)| b == branch_id && c.path == *path).map(|(s, _, _)| *s).max().unwrap_or(0);
+            self.emit(Event::path_op("retracted", &branch, seq, seq, path));
+        }
+        Ok(rows.into_iter().map(|(_, _, c)| c).collect())
+    }
+
     fn has_version(&self, branch: i64, path: &TreePath, key: &OrderKey) -> Result<bool, StoreError> {
         let (dir, name) = dir_name(path);
         Ok(self

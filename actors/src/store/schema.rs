@@ -218,6 +218,12 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY(bucket_id, node, first_seq, seq)
     ) WITHOUT ROWID;
     "#,
+    // 6 → 7: how far a node's versions were taken back out of the tree when the bucket's
+    // membership stopped accepting them (proto::membership): its writer's seqs above
+    // `cut_seq` are in mesh_deferred, not in `version`. NULL: nothing taken out.
+    r#"
+    ALTER TABLE mesh_member ADD COLUMN cut_seq INTEGER;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
