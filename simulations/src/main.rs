@@ -18,6 +18,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("flapping-link", include_str!("../scenarios/flapping-link.toml")),
     ("clock-an-hour-behind", include_str!("../scenarios/clock-an-hour-behind.toml")),
     ("crash-during-sync", include_str!("../scenarios/crash-during-sync.toml")),
+    ("crash-during-merge", include_str!("../scenarios/crash-during-merge.toml")),
     ("member-removed-during-a-partition", include_str!("../scenarios/member-removed-during-a-partition.toml")),
 ];
 

@@ -15,15 +15,25 @@ use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use alknet_actors::proto::path::TreePath;
 use alknet_actors::proto::membership::{Membership, Seen};
-use alknet_actors::proto::replica::{self, doc_key, mark_commit, shard_of, whole_commits, Change, MetaEntry, Origin};
+use alknet_actors::proto::merge::{decide, Decision, Side};
+use alknet_actors::proto::replica::{self, doc_key, mark_commit, shard_of, whole_commits, BranchRecord, Change, MetaEntry, Origin};
 use alknet_actors::proto::sync::{heads_digest, DOCS, META_DOC};
-use alknet_actors::proto::tree::{Conflict, ReplicaTree};
+use alknet_actors::proto::tree::{Chain, Conflict, ReplicaTree};
 
 /// Where the simulated wall clocks start (ms since the epoch): 2027-01-15.
 pub const EPOCH_MS: i64 = 1_800_000_000_000;
 
-/// The one branch the simulated bucket has (its root branch).
+/// The bucket's root branch.
 pub const MAIN: Uid = Uid([7; 16]);
+
+/// The root branch's record, as the founder writes it.
+pub fn main_record() -> BranchRecord {
+    BranchRecord { uid: MAIN, name: "main".into(), parent: None, fork: None, created_ms: EPOCH_MS }
+}
+
+/// What a branch showed, path by path, when it was last merged with another: the base of
+/// their next merge (the store's merge point).
+pub type MergeBase = BTreeMap<TreePath, Version>;
 
 /// A rule broken on purpose, to prove the harness catches it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,8 +62,11 @@ pub struct Disk {
     /// Versions from peers whose operation has not wholly arrived (`mesh_held`).
     pub held: Vec<Change>,
     /// Versions from peers whose writer the bucket's document does not (or no longer)
-    /// accept (`mesh_deferred`): reconsidered whenever membership changes.
+    /// accept (`mesh_deferred`), or of a branch whose record has not arrived: reconsidered
+    /// whenever the bucket's document changes.
     pub deferred: Vec<Change>,
+    /// The base of the next merge between two branches (committed with the merge).
+    pub merge_bases: BTreeMap<(Uid, Uid), MergeBase>,
 }
 
 /// A simulated node.
@@ -79,6 +92,8 @@ pub struct SimNode {
     arrived: BTreeMap<TreePath, VersionId>,
     /// The bucket's membership, from its document as this node holds it.
     members: Membership,
+    /// The bucket's branches, from the same document.
+    branches: BTreeMap<Uid, BranchRecord>,
     /// Blobs that versions here name and this node lacks.
     missing: BTreeSet<ContentHash>,
     /// Set when membership changed since [`take_members_changed`](Self::take_members_changed).
@@ -109,6 +124,7 @@ impl SimNode {
             outbox: Vec::new(),
             arrived: BTreeMap::new(),
             members: Membership::new(),
+            branches: BTreeMap::new(),
             members_changed: false,
             missing: BTreeSet::new(),
             broken,
@@ -148,6 +164,29 @@ impl SimNode {
         self.tree.conflicts(&MAIN)
     }
 
+    /// The branches it knows.
+    pub fn branches(&self) -> &BTreeMap<Uid, BranchRecord> {
+        &self.branches
+    }
+
+    /// The branch it shows under `name` (of two made at once with one name, the earlier).
+    pub fn branch_named(&self, name: &str) -> Option<Uid> {
+        self.branches.values().filter(|b| b.name == name).min_by_key(|b| (b.created_ms, b.uid)).map(|b| b.uid)
+    }
+
+    /// What it shows on `branch` (reading through its ancestors), if it knows the branch.
+    pub fn listing_of(&self, branch: &Uid) -> Option<BTreeMap<TreePath, Entry>> {
+        if *branch == MAIN {
+            return Some(self.listing());
+        }
+        Some(self.tree.listing_in(&ReplicaTree::chain(&self.branches, branch)?))
+    }
+
+    /// The conflict losers it lists on `branch`.
+    pub fn conflicts_of(&self, branch: &Uid) -> Vec<Conflict> {
+        self.tree.conflicts(branch)
+    }
+
     /// Whether the bucket's document, as this node holds it, makes `node` a member (proto's
     /// rule: [`Membership`]).
     pub fn admits(&self, node: &NodeId) -> bool {
@@ -159,9 +198,11 @@ impl SimNode {
         self.members.accepts(id)
     }
 
-    /// Whether this node takes version `id` from a peer (its own are always its own).
-    fn takes(&self, id: &VersionId) -> bool {
-        id.node == self.id || self.broken == Some(Broken::OpenGate) || self.members.accepts(id)
+    /// Whether this node takes `change` from a peer: its branch is known (as the store
+    /// defers changes of unknown branches), and its writer accepted (its own are its own).
+    fn takes(&self, change: &Change) -> bool {
+        let id = change.id();
+        self.branches.contains_key(&change.branch) && (id.node == self.id || self.broken == Some(Broken::OpenGate) || self.members.accepts(&id))
     }
 
     /// Whether this node is a member in its own view (joined, not known to be removed).
@@ -174,8 +215,14 @@ impl SimNode {
         std::mem::take(&mut self.members_changed)
     }
 
-    fn note_meta(&mut self, entry: &MetaEntry) {
-        self.members_changed |= self.members.note(entry);
+    /// Takes an entry of the bucket's document into account; true if it was news.
+    fn note_meta(&mut self, entry: &MetaEntry) -> bool {
+        if let MetaEntry::Branch(rec) = entry {
+            return self.branches.insert(rec.uid, rec.clone()).is_none();
+        }
+        let changed = self.members.note(entry);
+        self.members_changed |= changed;
+        changed
     }
 
     /// The removal of `node` this node writes: what it had seen of it (its last version
@@ -190,7 +237,7 @@ impl SimNode {
     /// now accepted are applied. A node keeps its own versions whatever it hears. Returns
     /// what was applied.
     fn reconsider(&mut self) -> Vec<Change> {
-        let refused: Vec<VersionId> = self.tree.changes().map(Change::id).filter(|id| !self.takes(id)).collect();
+        let refused: Vec<VersionId> = self.tree.changes().filter(|c| !self.takes(c)).map(Change::id).collect();
         if !refused.is_empty() {
             let gone: BTreeSet<VersionId> = refused.iter().copied().collect();
             for id in &refused {
@@ -202,7 +249,7 @@ impl SimNode {
             self.missing = self.tree.changes().filter_map(|c| c.version.entry.as_ref()).filter(|e| e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash)).map(|e| e.hash).collect();
         }
         let deferred = std::mem::take(&mut self.disk.deferred);
-        let (ready, wait): (Vec<Change>, Vec<Change>) = deferred.into_iter().partition(|c| self.takes(&c.id()));
+        let (ready, wait): (Vec<Change>, Vec<Change>) = deferred.into_iter().partition(|c| self.takes(c));
         self.disk.deferred = wait;
         self.apply(ready)
     }
@@ -258,10 +305,11 @@ impl SimNode {
         Ok(())
     }
 
-    /// Commits one local transaction: each `(path, entry or tombstone, origin)` becomes a
-    /// version stamped by the node's clock after all it has seen, naming the path's head as
-    /// what it replaced. Durable at once (SQLite commits), queued for publishing (outbox).
-    pub fn commit(&mut self, t: u64, items: Vec<(TreePath, Option<Entry>, Origin)>) -> Vec<Change> {
+    /// Commits one local transaction on `branch`: each `(path, entry or tombstone, origin)`
+    /// becomes a version stamped by the node's clock after all it has seen, naming the path's
+    /// head (or the version this transaction wrote there before it) as what it replaced.
+    /// Durable at once (SQLite commits), queued for publishing (outbox).
+    pub fn commit(&mut self, t: u64, branch: Uid, items: Vec<(TreePath, Option<Entry>, Origin)>) -> Vec<Change> {
         let stamp = self.hlc.stamp(self.wall_ms(t));
         let mut out: Vec<Change> = Vec::new();
         for (path, entry, origin) in items {
@@ -273,7 +321,11 @@ impl SimNode {
                     self.missing.remove(&e.hash);
                 }
             }
-            out.push(self.tree.local_change(MAIN, path, key, Version { entry, written: stamp }, origin));
+            let mut change = self.tree.local_change(branch, path, key, Version { entry, written: stamp }, origin);
+            if let Some(earlier) = out.iter().rev().find(|c| c.path == change.path) {
+                change.pred = Some(earlier.id());
+            }
+            out.push(change);
         }
         // One operation: published marked as one, as the node's outbox events are (also when
         // a restart publishes it again).
@@ -283,6 +335,67 @@ impl SimNode {
             self.outbox.push(change.clone());
         }
         out
+    }
+
+    /// Makes branch `uid` named `name`, forked from `parent` as this node sees it now (the
+    /// record goes into the bucket's document, committed). False if `parent` is unknown here.
+    pub fn create_branch(&mut self, t: u64, uid: Uid, name: &str, parent: Uid) -> bool {
+        if !self.branches.contains_key(&parent) {
+            return false;
+        }
+        let stamp = self.hlc.stamp(self.wall_ms(t));
+        let rec = BranchRecord { uid, name: name.into(), parent: Some(parent), fork: Some(OrderKey::upto(stamp)), created_ms: self.wall_ms(t) };
+        self.write_meta(MetaEntry::Branch(rec))
+    }
+
+    /// What `chain` shows, path by path (live paths only: a tombstone and absence are alike
+    /// to a merge).
+    fn view(&self, chain: &Chain) -> MergeBase {
+        self.tree.heads_in(chain).into_iter().map(|(p, c)| (p, c.version.clone())).collect()
+    }
+
+    /// Merges branch `from` into `into` (one transaction, its versions one operation), by
+    /// proto's three-way rule: the base is what `from` showed at the last merge between the
+    /// two, else the parent as the child forked from it; a path both sides changed is settled
+    /// by last-writer-wins, the loser written just before the winner as a `conflict-loser`.
+    /// `None` if either branch is unknown here.
+    pub fn merge(&mut self, t: u64, from: Uid, into: Uid) -> Option<Vec<Change>> {
+        let (source_chain, target_chain) = (ReplicaTree::chain(&self.branches, &from)?, ReplicaTree::chain(&self.branches, &into)?);
+        let pair = (from.min(into), from.max(into));
+        let base = match self.disk.merge_bases.get(&pair) {
+            Some(base) => base.clone(),
+            None => {
+                let (f, i) = (&self.branches[&from], &self.branches[&into]);
+                let (child, parent) = if f.parent == Some(into) { (f, into) } else if i.parent == Some(from) { (i, from) } else { (f, Uid([0; 16])) };
+                match (child.fork, ReplicaTree::chain(&self.branches, &parent)) {
+                    (Some(fork), Some(mut chain)) => {
+                        for link in &mut chain {
+                            link.1 = link.1.min(fork);
+                        }
+                        self.view(&chain)
+                    }
+                    _ => MergeBase::new(),
+                }
+            }
+        };
+        let (source, target) = (self.view(&source_chain), self.view(&target_chain));
+        let paths: BTreeSet<&TreePath> = base.keys().chain(source.keys()).chain(target.keys()).collect();
+        let mut items = Vec::new();
+        for path in paths {
+            let (b, s, tv) = (base.get(path), source.get(path), target.get(path));
+            let entry = |v: Option<&Version>| v.and_then(|v| v.entry.clone());
+            match decide(b, s, tv) {
+                Decision::Keep => {}
+                Decision::Take => items.push((path.clone(), entry(s), Origin::Merge)),
+                Decision::Conflict { winner } => {
+                    let (win, lose) = if winner == Side::Source { (s, tv) } else { (tv, s) };
+                    items.push((path.clone(), entry(lose), Origin::ConflictLoser));
+                    items.push((path.clone(), entry(win), Origin::Merge));
+                }
+            }
+        }
+        self.disk.merge_bases.insert(pair, source);
+        Some(if items.is_empty() { Vec::new() } else { self.commit(t, into, items) })
     }
 
     fn insert(&mut self, change: Change) {
@@ -355,14 +468,11 @@ impl SimNode {
         self.peers.insert((peer, doc), state);
         let added = added.map_err(|e| e.to_string())?;
         if doc == META_DOC {
-            let before = self.members_changed;
-            self.members_changed = false;
+            let mut changed = false;
             for (key, value) in added {
                 let entry = MetaEntry::decode(&key, &value).map_err(|e| e.to_string())?;
-                self.note_meta(&entry);
+                changed |= self.note_meta(&entry);
             }
-            let changed = self.members_changed;
-            self.members_changed |= before;
             return Ok(if changed { self.reconsider() } else { Vec::new() });
         }
         let mut incoming = Vec::new();
@@ -381,7 +491,7 @@ impl SimNode {
         self.disk.held = kept;
         self.disk.held.extend(decided.hold);
         // As the node does: versions of writers the bucket's document does not accept wait.
-        let (ready, wait): (Vec<Change>, Vec<Change>) = decided.ready.into_iter().partition(|c| self.takes(&c.id()));
+        let (ready, wait): (Vec<Change>, Vec<Change>) = decided.ready.into_iter().partition(|c| self.takes(c));
         self.disk.deferred.extend(wait);
         Ok(self.apply(ready))
     }
@@ -438,6 +548,7 @@ impl SimNode {
         self.outbox.clear();
         self.arrived.clear();
         self.members = Membership::new();
+        self.branches.clear();
         self.missing.clear();
         self.hlc = Hlc::default();
     }

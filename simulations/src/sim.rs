@@ -13,11 +13,12 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
+use alknet_actors::proto::ids::Uid;
 use alknet_actors::proto::path::TreePath;
 use alknet_actors::proto::replica::{MetaEntry, Origin};
 use alknet_actors::proto::sync::{differing, META_DOC};
 
-use crate::node::{Broken, SimNode};
+use crate::node::{Broken, SimNode, MAIN};
 use crate::rng::{Rng, TraceHash};
 
 /// The network's and the nodes' parameters.
@@ -186,6 +187,7 @@ impl Sim {
             if i == 0 {
                 let id = self.nodes[0].id;
                 self.nodes[0].write_meta(MetaEntry::Member { node: id, added_by: id, at_ms: 0 });
+                self.nodes[0].write_meta(MetaEntry::Branch(crate::node::main_record()));
             } else {
                 self.join(i, 0);
             }
@@ -448,7 +450,7 @@ impl Sim {
                                         self.send(to, from, Msg::BlobGet(want));
                                     }
                                     self.offer(to, &[doc], Some(from));
-                                    self.check_paths(to, applied.iter().map(|c| c.path.clone()).collect());
+                                    self.check_paths(to, applied.iter().map(|c| (c.branch, c.path.clone())).collect());
                                     self.check_whole(to, &applied);
                                 }
                             }
@@ -484,16 +486,16 @@ impl Sim {
 
     /// The continuous check after a change reached node `n`: no head it shows at `paths` is
     /// a version another version there replaced knowingly (causal last-writer-wins).
-    fn check_paths(&mut self, n: usize, paths: Vec<TreePath>) {
-        for path in paths {
+    fn check_paths(&mut self, n: usize, paths: Vec<(Uid, TreePath)>) {
+        for (branch, path) in paths {
             let tree = self.nodes[n].tree();
-            let Some(head) = tree.head(&crate::node::MAIN, &path) else { continue };
+            let Some(head) = tree.head(&branch, &path) else { continue };
             // What the node shows: the rule's head, unless a rule is broken on purpose.
-            let listing_head = if self.broken == Some(Broken::ArrivalOrder) { self.nodes[n].shows(&path) } else { head.version.entry.clone() };
+            let listing_head = if self.broken == Some(Broken::ArrivalOrder) && branch == MAIN { self.nodes[n].shows(&path) } else { head.version.entry.clone() };
             let head_id = head.id();
             let mut found = Vec::new();
             // Replaced knowingly: some version names it as what it replaced.
-            if tree.versions(&crate::node::MAIN, &path).iter().any(|c| c.pred == Some(head_id)) {
+            if tree.versions(&branch, &path).iter().any(|c| c.pred == Some(head_id)) {
                 found.push(format!("node {n} shows {path:?} as version {head_id}, which a later version of it replaced knowingly"));
             }
             if listing_head != head.version.entry {
@@ -514,13 +516,24 @@ impl Sim {
     }
 
     fn local(&mut self, n: NodeIx, items: Vec<(TreePath, Option<Entry>, Origin)>) -> bool {
+        self.local_on(n, MAIN, items)
+    }
+
+    fn local_on(&mut self, n: NodeIx, branch: Uid, items: Vec<(TreePath, Option<Entry>, Origin)>) -> bool {
         if !self.nodes[n].up || !self.nodes[n].joined() {
             return false;
         }
         self.stats.events += 1;
         self.trace.add(&[2, n as u8, items.len() as u8]);
         let now = self.now;
-        let changes = self.nodes[n].commit(now, items);
+        let changes = self.nodes[n].commit(now, branch, items);
+        self.committed(n, changes);
+        true
+    }
+
+    /// Records what node `n` committed (acknowledged; its operation, for the wholeness check)
+    /// and publishes it.
+    fn committed(&mut self, n: NodeIx, changes: Vec<alknet_actors::proto::replica::Change>) {
         for c in &changes {
             self.acked.push((n, c.id()));
         }
@@ -532,7 +545,6 @@ impl Sim {
         }
         let docs = self.nodes[n].publish();
         self.offer(n, &docs, None);
-        true
     }
 
     fn path(p: &str) -> TreePath {
@@ -544,6 +556,52 @@ impl Sim {
     pub fn write(&mut self, n: NodeIx, path: &str, bytes: &[u8]) -> bool {
         let entry = self.content(bytes);
         self.local(n, vec![(Self::path(path), Some(entry), Origin::Write)])
+    }
+
+    /// Node `n` writes `bytes` at `path` on branch `branch` (by name, as `n` knows it).
+    /// False when `n` is down or does not know the branch.
+    pub fn write_on(&mut self, n: NodeIx, branch: &str, path: &str, bytes: &[u8]) -> bool {
+        let Some(uid) = self.nodes[n].branch_named(branch) else { return false };
+        let entry = self.content(bytes);
+        self.local_on(n, uid, vec![(Self::path(path), Some(entry), Origin::Write)])
+    }
+
+    /// Node `n` makes branch `name`, forked from branch `from` as `n` sees it now. False when
+    /// `n` is down, not a member, or does not know `from`.
+    pub fn branch(&mut self, n: NodeIx, name: &str, from: &str) -> bool {
+        if !self.nodes[n].up || !self.nodes[n].joined() {
+            return false;
+        }
+        let Some(parent) = self.nodes[n].branch_named(from) else { return false };
+        let mut uid = [0u8; 16];
+        uid[..8].copy_from_slice(&self.rng.next_u64().to_be_bytes());
+        uid[8..].copy_from_slice(&self.rng.next_u64().to_be_bytes());
+        self.trace.add(&[8, n as u8]);
+        let now = self.now;
+        if !self.nodes[n].create_branch(now, Uid(uid), name, parent) {
+            return false;
+        }
+        self.offer(n, &[META_DOC], None);
+        true
+    }
+
+    /// Node `n` merges branch `from` into branch `into` (by name, as `n` knows them): one
+    /// transaction, by proto's three-way rule. False when `n` is down, not a member, or does
+    /// not know both branches.
+    pub fn merge(&mut self, n: NodeIx, from: &str, into: &str) -> bool {
+        if !self.nodes[n].up || !self.nodes[n].joined() {
+            return false;
+        }
+        let (Some(f), Some(i)) = (self.nodes[n].branch_named(from), self.nodes[n].branch_named(into)) else { return false };
+        if f == i {
+            return false;
+        }
+        self.stats.events += 1;
+        self.trace.add(&[9, n as u8]);
+        let now = self.now;
+        let Some(changes) = self.nodes[n].merge(now, f, i) else { return false };
+        self.committed(n, changes);
+        true
     }
 
     /// Node `n` deletes `path` (if it shows it).
@@ -687,7 +745,7 @@ impl Sim {
         self.trace.add(&[7, node as u8, target as u8]);
         let entry = self.content(format!("intruder {node} at {}", self.now).as_bytes());
         let now = self.now;
-        self.nodes[node].commit(now, vec![(Self::path("/intruder.txt"), Some(entry), Origin::Write)]);
+        self.nodes[node].commit(now, MAIN, vec![(Self::path("/intruder.txt"), Some(entry), Origin::Write)]);
         let docs = self.nodes[node].publish();
         for d in docs {
             if let Some(m) = self.nodes[node].unasked_message(d) {
@@ -711,8 +769,18 @@ impl Sim {
 
     /// What node `n` shows: each live file's path and bytes (directories end in `/`).
     pub fn tree(&self, n: NodeIx) -> BTreeMap<String, Vec<u8>> {
-        self.nodes[n]
-            .listing()
+        self.render(self.nodes[n].listing())
+    }
+
+    /// What node `n` shows on branch `branch` (by name), as [`tree`](Self::tree) does for
+    /// the root branch; `None` if it does not know the branch.
+    pub fn tree_on(&self, n: NodeIx, branch: &str) -> Option<BTreeMap<String, Vec<u8>>> {
+        let uid = self.nodes[n].branch_named(branch)?;
+        Some(self.render(self.nodes[n].listing_of(&uid)?))
+    }
+
+    fn render(&self, listing: BTreeMap<TreePath, Entry>) -> BTreeMap<String, Vec<u8>> {
+        listing
             .into_iter()
             .map(|(p, e)| match e.kind {
                 EntryKind::Dir => (format!("{}/", p.as_str()), Vec::new()),
@@ -783,6 +851,19 @@ impl Sim {
                 self.violation(format!("node {n} lists different conflicts from node {first}"));
             }
         }
+        // Every other branch alike, read through its ancestors.
+        let branches: Vec<(Uid, String)> = self.nodes[first].branches().values().filter(|b| b.uid != MAIN).map(|b| (b.uid, b.name.clone())).collect();
+        for (uid, name) in branches {
+            let (listing, conflicts) = (self.nodes[first].listing_of(&uid), self.nodes[first].conflicts_of(&uid));
+            for &n in &up[1..] {
+                if self.nodes[n].listing_of(&uid) != listing {
+                    self.violation(format!("node {n} shows branch {name} differently from node {first}"));
+                }
+                if self.nodes[n].conflicts_of(&uid) != conflicts {
+                    self.violation(format!("node {n} lists different conflicts on branch {name} from node {first}"));
+                }
+            }
+        }
         // Writes of members; a removed member's writes that reached nobody before its
         // removal are gone with it, by design.
         let acked: Vec<_> = self.acked.iter().filter(|(w, _)| up.contains(w)).cloned().collect();
@@ -810,8 +891,8 @@ impl Sim {
                     self.violation(format!("node {n} names blob {h} that no node holds"));
                 }
             }
-            let paths: Vec<TreePath> = self.nodes[n].listing().into_keys().collect();
-            self.check_paths(n, paths);
+            let paths: BTreeSet<(Uid, TreePath)> = self.nodes[n].tree().changes().map(|c| (c.branch, c.path.clone())).collect();
+            self.check_paths(n, paths.into_iter().collect());
         }
     }
 }

@@ -64,6 +64,12 @@ pub struct Workload {
     pub dup: f64,
     /// The anti-entropy period, ms.
     pub tick_ms: u64,
+    /// Branches besides main (`b0`, `b1`, ...) that operations create, write on and merge
+    /// with main (0: main only).
+    pub branches: usize,
+    /// Kill the merging node right after each merge committed (before its documents were
+    /// saved or anything reached a peer), restarting it 0.5–10 s later.
+    pub crash_after_merge: bool,
 }
 
 impl Default for Workload {
@@ -93,6 +99,8 @@ impl Default for Workload {
             loss: 0.02,
             dup: 0.02,
             tick_ms: 1_000,
+            branches: 2,
+            crash_after_merge: false,
         }
     }
 }
@@ -100,8 +108,13 @@ impl Default for Workload {
 /// One thing that happens in a run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// A node writes a file (new bytes drawn from `content`).
-    Write { node: usize, path: usize, content: u64 },
+    /// A node writes a file (new bytes drawn from `content`) on main (`on` 0) or on branch
+    /// `b{on - 1}`.
+    Write { node: usize, path: usize, content: u64, on: usize },
+    /// A node makes branch `b{name}` from main.
+    Branch { node: usize, name: usize },
+    /// A node merges branch `b{name}` into main, or main into it (`back`).
+    Merge { node: usize, name: usize, back: bool },
     /// A node deletes a file it shows.
     Delete { node: usize, path: usize },
     /// A node renames a file it shows.
@@ -171,13 +184,23 @@ pub fn schedule(seed: u64, w: &Workload) -> Vec<Step> {
         let at_ms = rng.below(d);
         let node = rng.below(writers as u64) as usize;
         let path = rng.below(paths as u64) as usize;
+        let branches = w.branches as u64;
         let action = match rng.below(100) {
-            0..=59 => Action::Write { node, path, content: rng.next_u64() },
-            60..=74 => Action::Delete { node, path },
-            75..=89 => Action::Rename { node, from: path, to: rng.below(paths as u64) as usize },
-            _ => Action::Mkdir { node, dir: rng.below(3) as usize },
+            0..=47 => Action::Write { node, path, content: rng.next_u64(), on: 0 },
+            48..=59 => Action::Write { node, path, content: rng.next_u64(), on: if branches > 0 { 1 + rng.below(branches) as usize } else { 0 } },
+            60..=72 => Action::Delete { node, path },
+            73..=86 => Action::Rename { node, from: path, to: rng.below(paths as u64) as usize },
+            87..=95 => Action::Mkdir { node, dir: rng.below(3) as usize },
+            _ if branches == 0 => Action::Write { node, path, content: rng.next_u64(), on: 0 },
+            96..=97 => Action::Branch { node, name: rng.below(branches) as usize },
+            _ => Action::Merge { node, name: rng.below(branches) as usize, back: rng.chance(0.3) },
         };
+        let merged = matches!(action, Action::Merge { .. });
         steps.push(Step { at_ms, action });
+        if merged && w.crash_after_merge {
+            steps.push(Step { at_ms, action: Action::Crash { node } });
+            steps.push(Step { at_ms: at_ms + rng.between(500, 10_000), action: Action::Restart { node } });
+        }
     }
     if n > 1 {
         for _ in 0..w.partitions {
@@ -262,8 +285,22 @@ pub fn run(seed: u64, w: &Workload, broken: Option<Broken>, steps: &[Step], keep
         }
         sim.run_until(step.at_ms);
         match &step.action {
-            Action::Write { node, path, content } => {
+            Action::Write { node, path, content, on: 0 } => {
                 sim.write(*node, &file_path(*path), &content.to_le_bytes());
+            }
+            Action::Write { node, path, content, on } => {
+                sim.write_on(*node, &format!("b{}", on - 1), &file_path(*path), &content.to_le_bytes());
+            }
+            Action::Branch { node, name } => {
+                sim.branch(*node, &format!("b{name}"), "main");
+            }
+            Action::Merge { node, name, back } => {
+                let b = format!("b{name}");
+                if *back {
+                    sim.merge(*node, "main", &b);
+                } else {
+                    sim.merge(*node, &b, "main");
+                }
             }
             Action::Delete { node, path } => {
                 sim.delete(*node, &file_path(*path));

@@ -191,3 +191,35 @@ fn a_removed_member_unaware_of_its_removal_admits_nobody_and_its_later_writes_st
     }
     assert_eq!(names(&sim, 3), ["/after.txt", "/before.txt", "/newcomer.txt"], "the removed node keeps what it has");
 }
+
+#[test]
+fn a_merge_reaches_every_node_whole_even_when_its_node_dies_right_after_committing_it() {
+    let mut sim = Sim::new(11).nodes(3);
+    sim.write(0, "/shared.txt", b"base");
+    sim.run_until_quiet().unwrap();
+    assert!(sim.branch(1, "feature", "main"));
+    sim.run_until_quiet().unwrap();
+    sim.write_on(2, "feature", "/new.txt", b"on the branch");
+    sim.write_on(2, "feature", "/shared.txt", b"changed on the branch");
+    sim.write(0, "/shared.txt", b"changed on main");
+    sim.run_until_quiet().unwrap();
+    for n in 0..3 {
+        let feature = sim.tree_on(n, "feature").unwrap();
+        assert_eq!((&feature["/new.txt"][..], &feature["/shared.txt"][..]), (&b"on the branch"[..], &b"changed on the branch"[..]), "node {n}");
+        assert_eq!(sim.tree(n)["/shared.txt"], b"changed on main", "node {n}: main does not see the branch");
+    }
+    assert!(sim.merge(1, "feature", "main"));
+    // Killed before its documents were saved or a message left: the merge is on its disk only.
+    sim.crash(1);
+    sim.run_for(3_000);
+    assert!(!sim.tree(0).contains_key("/new.txt"));
+    sim.restart(1);
+    sim.run_until_quiet().unwrap();
+    for n in 0..3 {
+        let main = sim.tree(n);
+        assert_eq!(main["/new.txt"], b"on the branch", "node {n}");
+        let (winner, conflicts) = (main["/shared.txt"].clone(), sim.conflicts(n));
+        let loser: &[u8] = if winner == b"changed on main" { b"changed on the branch" } else { b"changed on main" };
+        assert_eq!(conflicts, [("/shared.txt".to_string(), loser.to_vec())], "node {n}: the side that lost is listed, its bytes kept");
+    }
+}

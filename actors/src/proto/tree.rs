@@ -7,12 +7,17 @@
 //! changes arrived in: that is what makes replicas that hold the same changes show the same
 //! tree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::entry::{Entry, Version};
 use super::ids::{OrderKey, Uid, VersionId};
+use super::limits::BRANCH_CHAIN_DEPTH_MAX;
 use super::path::TreePath;
-use super::replica::{path_outcome, Change, LoserKind, Origin, PathVersion};
+use super::replica::{path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion};
+
+/// What a branch reads: itself (all of it), then each ancestor up to the key its fork bounds
+/// it at (the earliest fork on the way), nearest first, as the store's views read.
+pub type Chain = Vec<(Uid, OrderKey)>;
 
 /// A conflict loser as every node lists it: the path, the losing version, the version that
 /// beat it, and why.
@@ -116,6 +121,43 @@ impl ReplicaTree {
         Self::outcome_of(&self.versions(branch, path)).map(|(head, _)| head)
     }
 
+    /// The chain branch `branch` reads through, from the branch records (`None` while a
+    /// record of the chain has not arrived, or past the depth the store allows).
+    pub fn chain(records: &BTreeMap<Uid, BranchRecord>, branch: &Uid) -> Option<Chain> {
+        let mut out = vec![(*branch, OrderKey::MAX)];
+        let mut bound = OrderKey::MAX;
+        let mut rec = records.get(branch)?;
+        while let (Some(parent), Some(fork)) = (rec.parent, rec.fork) {
+            if out.len() > BRANCH_CHAIN_DEPTH_MAX {
+                return None;
+            }
+            bound = bound.min(fork);
+            out.push((parent, bound));
+            rec = records.get(&parent)?;
+        }
+        Some(out)
+    }
+
+    /// The version `path` reads as through `chain`: the head of the nearest link that has a
+    /// version of it within its bound (a tombstone stops the fall).
+    pub fn head_in(&self, chain: &[(Uid, OrderKey)], path: &TreePath) -> Option<&Change> {
+        chain.iter().find_map(|(branch, bound)| {
+            let versions: Vec<&Change> = self.versions(branch, path).into_iter().filter(|c| c.key <= *bound).collect();
+            Self::outcome_of(&versions).map(|(head, _)| head)
+        })
+    }
+
+    /// The version each live path reads as through `chain`.
+    pub fn heads_in(&self, chain: &[(Uid, OrderKey)]) -> BTreeMap<TreePath, &Change> {
+        let paths: BTreeSet<&TreePath> = self.paths.keys().filter(|(b, _)| chain.iter().any(|(c, _)| c == b)).map(|(_, p)| p).collect();
+        paths.into_iter().filter_map(|p| Some((p.clone(), self.head_in(chain, p).filter(|h| h.version.entry.is_some())?))).collect()
+    }
+
+    /// Every live path read through `chain`, and its entry.
+    pub fn listing_in(&self, chain: &[(Uid, OrderKey)]) -> BTreeMap<TreePath, Entry> {
+        self.heads_in(chain).into_iter().filter_map(|(p, h)| Some((p, h.version.entry.clone()?))).collect()
+    }
+
     /// Every live path of `branch` and its entry.
     pub fn listing(&self, branch: &Uid) -> BTreeMap<TreePath, Entry> {
         let mut out = BTreeMap::new();
@@ -198,6 +240,34 @@ mod tests {
         assert_eq!(listing[&path].hash, ContentHash([2; 32]), "the later stamp wins");
         assert_eq!(conflicts.len(), 1);
         assert_eq!((conflicts[0].loser, conflicts[0].winner), (y.id(), x.id()));
+    }
+
+    #[test]
+    fn a_branch_reads_its_parent_as_it_was_at_the_fork_and_its_own_tombstones_stop_the_fall() {
+        let (main, feat) = (Uid([1; 16]), Uid([2; 16]));
+        let (a, b) = (TreePath::parse("/a").unwrap(), TreePath::parse("/b").unwrap());
+        let mut t = ReplicaTree::new();
+        for (path, k, byte) in [(&a, key(10, 1, 1), 1), (&b, key(10, 1, 2), 2)] {
+            let c = t.local_change(main, path.clone(), k, file(byte), Origin::Write);
+            t.insert(c);
+        }
+        let fork = OrderKey::upto(Stamp::at(20));
+        let records: BTreeMap<Uid, BranchRecord> = [
+            (main, BranchRecord { uid: main, name: "main".into(), parent: None, fork: None, created_ms: 0 }),
+            (feat, BranchRecord { uid: feat, name: "feat".into(), parent: Some(main), fork: Some(fork), created_ms: 20 }),
+        ]
+        .into();
+        // After the fork: main rewrites /a; feat deletes /b.
+        let later = t.local_change(main, a.clone(), key(30, 1, 3), file(3), Origin::Write);
+        t.insert(later);
+        let gone = t.local_change(feat, b.clone(), key(30, 2, 1), Version { entry: None, written: Stamp::default() }, Origin::Delete);
+        t.insert(gone);
+        let chain = ReplicaTree::chain(&records, &feat).unwrap();
+        let listing = t.listing_in(&chain);
+        assert_eq!(listing.keys().collect::<Vec<_>>(), [&a], "the delete on feat hides main's /b");
+        assert_eq!(listing[&a].hash, ContentHash([1; 32]), "main's write after the fork is not seen");
+        assert_eq!(t.listing_in(&ReplicaTree::chain(&records, &main).unwrap())[&a].hash, ContentHash([3; 32]));
+        assert!(ReplicaTree::chain(&records, &Uid([9; 16])).is_none(), "no record, no view");
     }
 
     #[test]
