@@ -200,9 +200,13 @@ pub fn topic_of(bucket: &Uid) -> [u8; 32] {
     out
 }
 
-/// The documents whose digests differ between two summaries of one bucket: the ones to sync.
+/// The documents whose digests differ between two summaries of one bucket: the ones to sync,
+/// the bucket's own document first: it says who may write and which branches exist, and a
+/// version whose writer or branch a node does not know yet waits (a joiner that got a
+/// million versions before its inviter's admission would hold them all back, then apply
+/// them twice).
 pub fn differing(ours: &[u64], theirs: &[u64]) -> Vec<u16> {
-    (0..DOCS).filter(|d| ours.get(*d as usize) != theirs.get(*d as usize)).collect()
+    std::iter::once(META_DOC).chain(0..META_DOC).filter(|d| ours.get(*d as usize) != theirs.get(*d as usize)).collect()
 }
 
 /// A digest of a document's heads (sorted hashes of its latest changes): equal digests mean
@@ -278,7 +282,7 @@ mod tests {
         let mut theirs = ours.clone();
         theirs[3] = 9;
         theirs[META_DOC as usize] = 9;
-        assert_eq!(differing(&ours, &theirs), [3, META_DOC]);
+        assert_eq!(differing(&ours, &theirs), [META_DOC, 3]);
         assert_eq!(redial_after_ms(0), 1_000);
         assert_eq!(redial_after_ms(30), 60_000);
     }
