@@ -354,6 +354,25 @@ impl SimNode {
         self.tree.heads_in(chain).into_iter().map(|(p, c)| (p, c.version.clone())).collect()
     }
 
+    /// What the parent of the two showed when the other forked from it: the base of their
+    /// first merge (`None` for branches neither of which forked from the other).
+    fn fork_view(&self, a: Uid, b: Uid) -> Option<MergeBase> {
+        let (ra, rb) = (self.branches.get(&a)?, self.branches.get(&b)?);
+        let (child, parent) = if ra.parent == Some(b) {
+            (ra, b)
+        } else if rb.parent == Some(a) {
+            (rb, a)
+        } else {
+            return None;
+        };
+        let fork = child.fork?;
+        let mut chain = ReplicaTree::chain(&self.branches, &parent)?;
+        for link in &mut chain {
+            link.1 = link.1.min(fork);
+        }
+        Some(self.view(&chain))
+    }
+
     /// Merges branch `from` into `into` (one transaction, its versions one operation), by
     /// proto's three-way rule: the base is what `from` showed at the last merge between the
     /// two, else the parent as the child forked from it; a path both sides changed is settled
@@ -362,21 +381,10 @@ impl SimNode {
     pub fn merge(&mut self, t: u64, from: Uid, into: Uid) -> Option<Vec<Change>> {
         let (source_chain, target_chain) = (ReplicaTree::chain(&self.branches, &from)?, ReplicaTree::chain(&self.branches, &into)?);
         let pair = (from.min(into), from.max(into));
-        let base = match self.disk.merge_bases.get(&pair) {
-            Some(base) => base.clone(),
-            None => {
-                let (f, i) = (&self.branches[&from], &self.branches[&into]);
-                let (child, parent) = if f.parent == Some(into) { (f, into) } else if i.parent == Some(from) { (i, from) } else { (f, Uid([0; 16])) };
-                match (child.fork, ReplicaTree::chain(&self.branches, &parent)) {
-                    (Some(fork), Some(mut chain)) => {
-                        for link in &mut chain {
-                            link.1 = link.1.min(fork);
-                        }
-                        self.view(&chain)
-                    }
-                    _ => MergeBase::new(),
-                }
-            }
+        // Replaced by what the source shows now, below.
+        let base = match self.disk.merge_bases.remove(&pair) {
+            Some(base) => base,
+            None => self.fork_view(from, into).unwrap_or_default(),
         };
         let (source, target) = (self.view(&source_chain), self.view(&target_chain));
         let paths: BTreeSet<&TreePath> = base.keys().chain(source.keys()).chain(target.keys()).collect();
