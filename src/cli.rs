@@ -178,6 +178,27 @@ pub enum Command {
     /// Test hooks of a node started with ALKFS_FAULT_INJECTION=1.
     #[command(subcommand, hide = true)]
     Debug(DebugCmd),
+    /// Mount the branch at DIR (FUSE) and serve it until unmounted (`alkfs umount DIR`) or
+    /// stopped (Ctrl-C). Writes go through the running node; a file being written shows its
+    /// old bytes to other readers until its last writer closes it.
+    Mount {
+        /// An empty directory to mount on.
+        dir: PathBuf,
+        /// Refuse writes (needs no running node).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Serve the store to other programs.
+    #[command(subcommand)]
+    Serve(ServeCmd),
+    /// Manage who may log in to `alkfs serve sftp`.
+    #[command(subcommand)]
+    Sftp(SftpCmd),
+    /// Unmount a mount made by `alkfs mount`.
+    Umount {
+        /// The mount point.
+        dir: PathBuf,
+    },
     /// Prune history past the retention policy and free blobs nothing references.
     /// A version survives if it is among the newest --keep-versions of its path or younger
     /// than --keep-days; give one flag alone to use only that rule.
@@ -214,6 +235,39 @@ pub enum MembersCmd {
         /// Its node id (as `alkfs members` or its `alkfs status` shows it).
         node: String,
     },
+}
+
+/// Serve subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServeCmd {
+    /// An SFTP server (for OpenSSH's sftp, sshfs, rclone): log in as a bucket's name with a
+    /// key `alkfs sftp allow` authorised; serves --branch. Writes go through the running node.
+    Sftp {
+        /// Address and port to listen on.
+        #[arg(long, default_value = "127.0.0.1:2222")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+/// SFTP access subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SftpCmd {
+    /// Let the holder of a key log in to BUCKET over SFTP.
+    Allow {
+        /// The bucket.
+        bucket: String,
+        /// An OpenSSH public key file (e.g. ~/.ssh/id_ed25519.pub).
+        pubkey_file: PathBuf,
+    },
+    /// Take a key off BUCKET's list (a .pub file, or the SHA256: fingerprint `list` shows).
+    Revoke {
+        /// The bucket.
+        bucket: String,
+        /// The key's .pub file or fingerprint.
+        key: String,
+    },
+    /// List the keys allowed, per bucket.
+    List,
 }
 
 /// Node subcommands.

@@ -9,7 +9,7 @@ use alknet_actors::proto::ids::VersionId;
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, ConflictsCmd, DebugCmd, MembersCmd, NodeCmd};
+use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, ConflictsCmd, DebugCmd, MembersCmd, NodeCmd, ServeCmd, SftpCmd};
 use crate::control::client::Client;
 use crate::control::{Reply, Request};
 use crate::output;
@@ -221,6 +221,35 @@ pub fn run(cli: Cli) -> Result<()> {
             let client = Client::connect(&dir).context("no node is running")?;
             client.call(&Request::InjectPanic { actor })?;
         }
+        Command::Mount { dir: mountpoint, read_only } => {
+            drop(out);
+            crate::logging::init("text", "info");
+            let fs = crate::mount::fs::MountFs::open(&dir, scope, read_only)?;
+            eprintln!("mounted {}:{} at {} (unmount with `alkfs umount {}`)", cli.bucket, cli.branch, mountpoint.display(), mountpoint.display());
+            crate::mount::fuse::serve(fs, &mountpoint)?;
+            return Ok(());
+        }
+        Command::Serve(ServeCmd::Sftp { listen }) => {
+            drop(out);
+            crate::logging::init("text", "info");
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(crate::mount::sftp::serve(&dir, &cli.branch, listen))?;
+            return Ok(());
+        }
+        Command::Sftp(SftpCmd::Allow { bucket, pubkey_file }) => {
+            let fingerprint = crate::mount::sftp::allow(&dir, &bucket, &pubkey_file)?;
+            writeln!(out, "allowed {fingerprint} on bucket {bucket}")?;
+        }
+        Command::Sftp(SftpCmd::Revoke { bucket, key }) => {
+            let n = crate::mount::sftp::revoke(&dir, &bucket, &key)?;
+            writeln!(out, "revoked {n} key(s) on bucket {bucket}")?;
+        }
+        Command::Sftp(SftpCmd::List) => {
+            for k in crate::mount::sftp::allowed_keys(&dir)? {
+                writeln!(out, "{}\t{}\t{}", k.bucket, k.key.fingerprint(russh::keys::ssh_key::HashAlg::Sha256), k.key.comment())?;
+            }
+        }
+        Command::Umount { dir: mountpoint } => crate::mount::unmount(&mountpoint)?,
         Command::Watch(args) => {
             drop(out);
             crate::watch::run(&dir, &args)?;

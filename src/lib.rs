@@ -12,7 +12,8 @@
 //! - [`control`]: the local control API (socket protocol, client, server);
 //! - [`daemon`]: `alkfs node run`;
 //! - [`writer`]: writes go to the node when one runs, else to the engine;
-//! - [`logging`]: tracing set-up.
+//! - [`logging`]: tracing set-up;
+//! - [`mount`]: the filesystem layer and its front-ends (FUSE, SFTP).
 
 pub mod cli;
 pub mod commands;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod logging;
+pub mod mount;
 pub mod output;
 pub mod progress;
 pub mod watch;

@@ -17,7 +17,7 @@
 //! the write path. Local reads do not need the index: they stream the bytes and check the
 //! BLAKE3 as they go.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -284,6 +284,43 @@ impl ContentStore {
         Ok(StagingFile { tmp })
     }
 
+    /// Where a mount process of this machine keeps the staging files of its write sessions:
+    /// `staging/mount-<pid>/`, a directory, so the node's [`clear_staging`](Self::clear_staging)
+    /// at start (files only) leaves the sessions of a mount that outlives a node restart alone.
+    pub fn mount_staging_dir(&self, pid: u32) -> PathBuf {
+        self.staging_dir().join(format!("{MOUNT_STAGING_PREFIX}{pid}"))
+    }
+
+    /// Takes over a staging file another process of this machine wrote (a mount's write
+    /// session): it must be a regular file directly inside a `staging/mount-*` directory, so a
+    /// request cannot make the node move any other file. [`finish`](Self::finish) then moves it
+    /// into place; dropping it deletes it.
+    pub fn adopt_staged(&self, path: &Path) -> Result<StagingFile, ContentError> {
+        let refuse = |why: &str| ContentError::Io {
+            context: format!("adopt staging file {}", path.display()),
+            source: io::Error::new(io::ErrorKind::InvalidInput, why.to_string()),
+        };
+        let parent = path.parent().ok_or_else(|| refuse("no parent directory"))?;
+        let in_mount_dir = parent.parent() == Some(self.staging_dir().as_path())
+            && parent.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(MOUNT_STAGING_PREFIX));
+        if !in_mount_dir || path.file_name().is_none() {
+            return Err(refuse("not a mount's staging file of this data dir"));
+        }
+        let meta = fs::symlink_metadata(path).map_err(|e| ContentError::io("stat staging file", e, &self.root))?;
+        if !meta.file_type().is_file() {
+            return Err(refuse("not a regular file"));
+        }
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| ContentError::io("open staging file", e, &self.root))?;
+        Ok(StagingFile { tmp: tempfile::NamedTempFile::from_parts(file, tempfile::TempPath::try_from_path(path).map_err(|e| ContentError::io("adopt staging file", e, path))?) })
+    }
+
+    /// A new staging file in `dir` (a mount's staging directory, created if missing).
+    pub fn stage_in(&self, dir: &Path) -> Result<StagingFile, ContentError> {
+        fs::create_dir_all(dir).map_err(|e| ContentError::io("create a staging dir", e, &self.root))?;
+        let tmp = tempfile::Builder::new().prefix("stage-").tempfile_in(dir).map_err(|e| ContentError::io("create a staging file", e, &self.root))?;
+        Ok(StagingFile { tmp })
+    }
+
     /// Imports a regular file: one pass of copy and hash into staging, then [`finish`](Self::finish).
     pub fn import_file(&self, src: &Path, progress: impl FnMut(u64)) -> Result<Imported, ContentError> {
         let io = |what: &str, e| ContentError::io(format!("{what} {}", src.display()), e, &self.root);
@@ -421,6 +458,9 @@ fn inline(data: Vec<u8>) -> Imported {
     Imported { hash: ContentHash(*blake3::hash(&data).as_bytes()), size: data.len() as u64, inline: Some(data), hold: None }
 }
 
+/// The name prefix of a mount process's staging directory (see [`ContentStore::mount_staging_dir`]).
+pub const MOUNT_STAGING_PREFIX: &str = "mount-";
+
 /// A staging file, deleted on drop unless [`ContentStore::finish`] moved it into place.
 pub struct StagingFile {
     tmp: tempfile::NamedTempFile,
@@ -435,5 +475,12 @@ impl StagingFile {
     /// Its path.
     pub fn path(&self) -> &Path {
         self.tmp.path()
+    }
+
+    /// Leaves the file on disk (another process takes it over, see
+    /// [`ContentStore::adopt_staged`]) and returns its path.
+    pub fn keep(self) -> Result<PathBuf, ContentError> {
+        let path = self.tmp.path().to_path_buf();
+        self.tmp.into_temp_path().keep().map_err(|e| ContentError::io("keep staging file", e.error, &path))
     }
 }

@@ -84,6 +84,32 @@ impl WriteSession {
         self.staging.file().read_at(buf, offset).map_err(|e| ContentError::io("read staging file", e, self.staging.path()))
     }
 
+    /// The mode the file will have.
+    pub fn mode(&self) -> u32 {
+        self.mode
+    }
+
+    /// Sets the mode the file will have (a `chmod` while it is open).
+    pub fn set_mode(&mut self, mode: u32) {
+        self.mode = mode;
+    }
+
+    /// Makes the staged bytes durable where they are (an `fsync` of an open file: the commit
+    /// still waits for close).
+    pub fn sync(&self) -> Result<(), ContentError> {
+        self.staging.file().sync_data().map_err(|e| ContentError::io("fsync staging file", e, self.staging.path()))
+    }
+
+    /// Ends the session without committing here: the staging file stays on disk for the node
+    /// to take over ([`ContentStore::adopt_staged`](crate::content::ContentStore::adopt_staged)).
+    /// Returns its path, its length, and its hash when every write was an append (so the node
+    /// need not read it again).
+    pub fn hand_off(self) -> Result<(std::path::PathBuf, u64, Option<crate::proto::entry::ContentHash>), ContentError> {
+        let WriteSession { staging, len, appending, .. } = self;
+        let hash = appending.map(|h| crate::proto::entry::ContentHash(*h.finalize().as_bytes()));
+        Ok((staging.keep()?, len, hash))
+    }
+
     /// Hashes the staged bytes and moves them into the content store.
     pub(crate) fn seal(self, content: &ContentStore) -> Result<(TreePath, u32, Imported), ContentError> {
         let WriteSession { path, mode, staging, len, appending } = self;

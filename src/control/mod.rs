@@ -48,6 +48,16 @@ pub enum Request {
     PutTree { scope: WireScope, path: String, src: PathBuf },
     /// Store the bytes that follow in data frames, up to an empty frame.
     PutStream { scope: WireScope, path: String },
+    /// Commit a mount's write session: the node takes over its staging file (inside
+    /// `content/staging/mount-*`), hashes it unless `hash` is given (every write was an
+    /// append and the mount hashed them), and moves it into the content store.
+    PutStaged { scope: WireScope, path: String, staging: PathBuf, hash: Option<String>, mode: u32, mtime_ms: i64 },
+    /// Make a symbolic link at `path` pointing to `target`.
+    Symlink { scope: WireScope, path: String, target: String },
+    /// Set the mode and/or mtime of a path, keeping its bytes.
+    SetAttr { scope: WireScope, path: String, mode: Option<u32>, mtime_ms: Option<i64> },
+    /// Move to exactly `to` (rename(2)): a file or an empty directory there is replaced.
+    MoveOver { scope: WireScope, from: String, to: String },
     /// Remove.
     Remove { scope: WireScope, path: String, recursive: bool },
     /// Rename.

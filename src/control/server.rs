@@ -22,6 +22,8 @@ use alknet_actors::gc::Retention;
 use alknet_actors::node::store::{WriteOp, WriteOutcome};
 use alknet_actors::node::{Child, NodeHandle};
 use alknet_actors::proto::frame::{self, CONTROL_FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+use alknet_actors::content::hash_file;
+use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::ids::VersionRef;
 use alknet_actors::proto::path::TreePath;
 use anyhow::{anyhow, bail, Context, Result};
@@ -268,6 +270,43 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             Reply::Count { count }
         }
         Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
+        Request::PutStaged { scope: s, path: p, staging, hash, mode, mtime_ms } => {
+            let dest = path(&p)?;
+            let hash = match hash {
+                Some(h) => Some(ContentHash::from_hex(&h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
+                None => None,
+            };
+            let content = ctx.content.clone();
+            let item = blocking(move || {
+                let staged = content.adopt_staged(&staging)?;
+                let (hash, size) = match hash {
+                    Some(h) => (h, staged.file().metadata().with_context(|| staging.display().to_string())?.len()),
+                    None => hash_file(staged.file()).with_context(|| format!("hashing {}", staging.display()))?,
+                };
+                let blob = content.finish(staged, hash, size)?;
+                let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: mode & 0o7777, mtime_ms };
+                Ok((dest, entry, blob))
+            })
+            .await?;
+            commit_one(ctx, scope(s), item).await?
+        }
+        Request::Symlink { scope: s, path: p, target } => {
+            let dest = path(&p)?;
+            if target.is_empty() || target.len() > alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX || target.contains('\0') {
+                bail!("a symlink's target must be 1 to {} bytes without NUL", alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX);
+            }
+            let blob = ctx.content.import_reader(target.as_bytes(), |_| {})?;
+            let entry = Entry { kind: EntryKind::Symlink, hash: blob.hash, size: blob.size, mode: 0o777, mtime_ms: engine::now_ms() };
+            commit_one(ctx, scope(s), (dest, entry, blob)).await?
+        }
+        Request::SetAttr { scope: s, path: p, mode, mtime_ms } => match write(ctx, WriteOp::SetAttr { scope: scope(s), path: TreePath::parse(&p)?, mode, mtime_ms }).await? {
+            WriteOutcome::Seqs(v) => Reply::Seq { seq: v.first().copied().unwrap_or(0) },
+            _ => Reply::Done,
+        },
+        Request::MoveOver { scope: s, from, to } => {
+            write(ctx, WriteOp::MoveOver { scope: scope(s), from: path(&from)?, to: path(&to)? }).await?;
+            Reply::Done
+        }
         Request::Remove { scope: s, path: p, recursive } => match write(ctx, WriteOp::Remove { scope: scope(s), path: path(&p)?, recursive }).await? {
             WriteOutcome::Count(count) => Reply::Count { count },
             _ => Reply::Done,

@@ -283,6 +283,12 @@ impl Engine {
     /// Opens a write session on `path`. With `truncate` it starts empty; otherwise it starts
     /// with the current bytes of the file (if any).
     pub fn open_session(&self, scope: &Scope, path: &TreePath, truncate: bool) -> Result<WriteSession> {
+        self.open_session_in(scope, path, truncate, None)
+    }
+
+    /// [`open_session`](Self::open_session) with the staging file in `staging_dir` (a
+    /// mount's, which hands the file to the node at close) instead of the store's own.
+    pub fn open_session_in(&self, scope: &Scope, path: &TreePath, truncate: bool, staging_dir: Option<&Path>) -> Result<WriteSession> {
         let (_, view) = self.head(scope)?;
         let current = read::live(self.tree.conn(), &view, path)?;
         if let Some(e) = current.as_ref().and_then(|r| r.entry()) {
@@ -290,7 +296,10 @@ impl Engine {
                 return Err(StoreError::IsADirectory(path.to_string()).into());
             }
         }
-        let staging = self.content.stage()?;
+        let staging = match staging_dir {
+            Some(dir) => self.content.stage_in(dir)?,
+            None => self.content.stage()?,
+        };
         let mode = current.as_ref().and_then(|r| r.entry()).map(|e| e.mode).unwrap_or(FILE_MODE_DEFAULT);
         let mut initial = 0;
         if let (false, Some(e)) = (truncate, current.as_ref().and_then(|r| r.entry())) {
@@ -388,6 +397,22 @@ impl Engine {
         let now = self.now_ms();
         self.tree.transact(Ids::Unbounded, now, |tx| tx.rename(&branch, from, &target))?;
         Ok(target)
+    }
+
+    /// Moves `from` to exactly `to`, replacing a file or an empty directory there (rename(2);
+    /// [`rename`](Self::rename) is `mv`'s "into a directory").
+    pub fn move_over(&mut self, scope: &Scope, from: &TreePath, to: &TreePath) -> Result<()> {
+        let branch = self.branch(scope)?;
+        let now = self.now_ms();
+        self.tree.transact(Ids::Unbounded, now, |tx| tx.move_over(&branch, from, to))?;
+        Ok(())
+    }
+
+    /// Sets the mode and/or mtime of `path`, keeping its bytes.
+    pub fn set_attr(&mut self, scope: &Scope, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>) -> Result<i64> {
+        let branch = self.branch(scope)?;
+        let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
+        Ok(self.tree.transact(ids, now, |tx| tx.set_attr(&branch, path, mode, mtime_ms))?)
     }
 
     /// Makes `version` of `path` its head again.

@@ -39,6 +39,10 @@ pub enum WriteOp {
     Remove { scope: Scope, path: TreePath, recursive: bool },
     /// Rename (into a directory when the target is one).
     Rename { scope: Scope, from: TreePath, to: TreePath },
+    /// Move to exactly a path, replacing a file or an empty directory there.
+    MoveOver { scope: Scope, from: TreePath, to: TreePath },
+    /// Set the mode and/or mtime, keeping the bytes.
+    SetAttr { scope: Scope, path: TreePath, mode: Option<u32>, mtime_ms: Option<i64> },
     /// Create a directory.
     Mkdir { scope: Scope, path: TreePath, parents: bool },
     /// Make an old version current.
@@ -380,6 +384,8 @@ fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
         WriteOp::Commit { scope, items } => engine.commit_entries(&scope, &items).map(WriteOutcome::Seqs),
         WriteOp::Remove { scope, path, recursive } => engine.remove(&scope, &path, recursive).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Rename { scope, from, to } => engine.rename(&scope, &from, &to).map(WriteOutcome::Path),
+        WriteOp::MoveOver { scope, from, to } => engine.move_over(&scope, &from, &to).map(|_| WriteOutcome::Done),
+        WriteOp::SetAttr { scope, path, mode, mtime_ms } => engine.set_attr(&scope, &path, mode, mtime_ms).map(|s| WriteOutcome::Seqs(vec![s])),
         WriteOp::Mkdir { scope, path, parents } => engine.mkdir(&scope, &path, parents).map(|_| WriteOutcome::Done),
         WriteOp::Restore { scope, path, version } => engine.restore(&scope, &path, &version).map(|s| WriteOutcome::Seqs(vec![s])),
         WriteOp::CreateBranch { scope, name, from } => engine.create_branch(&scope, &name, from.as_deref()).map(WriteOutcome::Branch),

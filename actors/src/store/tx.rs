@@ -332,6 +332,51 @@ impl<'c> Tx<'c> {
         Ok(moves.len())
     }
 
+    /// Moves `from` to exactly `to`, as rename(2) does: an existing file at `to` is
+    /// replaced by a file, an empty directory by a directory, both in this one transaction.
+    /// A non-empty directory, or a file and a directory meeting, is refused.
+    pub fn move_over(&mut self, branch: &Branch, from: &TreePath, to: &TreePath) -> Result<usize, StoreError> {
+        let view = View::head(&self.tx, branch)?;
+        let is_dir = |row: &VersionRow| row.entry().is_some_and(|e| e.kind == EntryKind::Dir);
+        let src = read::live(&self.tx, &view, from)?.ok_or_else(|| StoreError::NotFound(from.to_string()))?;
+        if let Some(dst) = read::live(&self.tx, &view, to)? {
+            match (is_dir(&src), is_dir(&dst)) {
+                (true, true) => {
+                    if from == to {
+                        return Ok(0);
+                    }
+                    if !read::list(&self.tx, &view, to)?.is_empty() {
+                        return Err(StoreError::DirectoryNotEmpty(to.to_string()));
+                    }
+                    self.remove(branch, to, false)?;
+                }
+                (true, false) => return Err(StoreError::NotADirectory(to.to_string())),
+                (false, true) => return Err(StoreError::IsADirectory(to.to_string())),
+                (false, false) if from == to => return Ok(0),
+                (false, false) => {}
+            }
+        }
+        self.rename(branch, from, to)
+    }
+
+    /// Changes the mode and/or mtime of the live entry at `path` (chmod, utimes), keeping its
+    /// bytes: one new version.
+    pub fn set_attr(&mut self, branch: &Branch, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>) -> Result<i64, StoreError> {
+        let view = View::head(&self.tx, branch)?;
+        let cur = read::live(&self.tx, &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        let mut entry = cur.version.entry.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        if let Some(mode) = mode {
+            entry.mode = mode & 0o7777;
+        }
+        if let Some(ms) = mtime_ms {
+            entry.mtime_ms = ms;
+        }
+        if path.is_root() {
+            return Ok(0); // the root's attributes are fixed
+        }
+        self.put(branch, path, entry)
+    }
+
     /// Makes `version` of `path` the head again. The version must be in the branch's view of
     /// that path's history, so no version crosses a bucket or an unrelated branch.
     pub fn restore(&mut self, branch: &Branch, path: &TreePath, version: &VersionRef) -> Result<i64, StoreError> {

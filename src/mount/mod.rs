@@ -1,0 +1,26 @@
+//! Mounts: the branch as a filesystem for the tools people already use.
+//!
+//! - [`fs`]: the one filesystem layer (inodes and handles ↔ the path tree, write sessions);
+//! - [`fuse`]: `alkfs mount`, the kernel's view of it;
+//! - [`sftp`]: `alkfs serve sftp`, an SSH server of the `sftp` subsystem only.
+
+pub mod fs;
+pub mod fuse;
+pub mod sftp;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// Unmounts `mountpoint` (`fusermount3 -u`; root may also use umount(2)).
+pub fn unmount(mountpoint: &Path) -> Result<()> {
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status()
+        .context("running fusermount3 (install the fuse3 package)")?;
+    if !status.success() {
+        bail!("fusermount3 -u {} failed: is it an alkfs mount, and is a file on it still open?", mountpoint.display());
+    }
+    Ok(())
+}
