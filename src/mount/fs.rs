@@ -143,6 +143,10 @@ pub struct OpenMode {
     pub truncate: bool,
     /// Writes go to the end (O_APPEND).
     pub append: bool,
+    /// The process (FUSE: the caller's pid) whose close commits. A close by another
+    /// process holding the same open file (a child after fork, closing what it inherited at
+    /// exec) does not: the last release does.
+    pub owner: u32,
 }
 
 /// Where a read handle's bytes are.
@@ -163,8 +167,9 @@ struct Checked {
 enum Handle {
     /// Reads of the version current at open.
     Read { bytes: Arc<Bytes> },
-    /// A writer of inode `ino`'s write session (it may read the staged bytes too).
-    Write { ino: u64, append: bool },
+    /// A writer of inode `ino`'s write session (it may read the staged bytes too); a close
+    /// by `owner` commits.
+    Write { ino: u64, append: bool, owner: u32 },
     /// A directory's listing taken at opendir, paged by readdir.
     Dir { entries: Arc<Vec<(String, Attr)>> },
 }
@@ -498,7 +503,7 @@ impl MountFs {
             self.writable()?;
             let ino = self.state().inodes.ino_of(path);
             self.join_session(ino, path, how.truncate, None)?;
-            return Ok(self.add_handle(Handle::Write { ino, append: how.append }));
+            return Ok(self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner }));
         }
         let entry = self.entry(path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
         match entry.kind {
@@ -511,7 +516,7 @@ impl MountFs {
     }
 
     /// Creates the file `path` (its write session; it appears in the tree when closed).
-    pub fn create(&self, path: &TreePath, mode: u32, exclusive: bool) -> FsResult<(u64, Attr)> {
+    pub fn create(&self, path: &TreePath, mode: u32, exclusive: bool, owner: u32) -> FsResult<(u64, Attr)> {
         self.writable()?;
         if let Some(parent) = path.parent() {
             match self.entry(&parent)? {
@@ -530,7 +535,7 @@ impl MountFs {
         }
         let ino = self.state().inodes.ino_of(path);
         self.join_session(ino, path, true, Some(mode & 0o7777))?;
-        let fh = self.add_handle(Handle::Write { ino, append: false });
+        let fh = self.add_handle(Handle::Write { ino, append: false, owner });
         let attr = self.stat(path)?;
         *self.state().inodes.lookups.entry(attr.ino).or_default() += 1;
         Ok((fh, attr))
@@ -643,7 +648,7 @@ impl MountFs {
     /// Writes `data` at `offset` through write handle `fh`; returns bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
         let (ino, append) = match self.state().handles.get(&fh) {
-            Some(Handle::Write { ino, append }) => (*ino, *append),
+            Some(Handle::Write { ino, append, .. }) => (*ino, *append),
             Some(Handle::Read { .. }) => return Err(errno(libc::EBADF, "the file was opened read-only")),
             _ => return Err(errno(libc::EBADF, "not a file handle")),
         };
@@ -684,10 +689,11 @@ impl MountFs {
         Ok(())
     }
 
-    /// A close(2) of a descriptor of `fh`: the last writer's close commits.
-    pub fn flush(&self, fh: u64) -> FsResult<()> {
+    /// A close(2) of a descriptor of `fh` by process `by`: the last writer's close by the
+    /// process that opened it commits.
+    pub fn flush(&self, fh: u64, by: u32) -> FsResult<()> {
         let ino = match self.state().handles.get(&fh) {
-            Some(Handle::Write { ino, .. }) => *ino,
+            Some(Handle::Write { ino, owner, .. }) if *owner == by => *ino,
             _ => return Ok(()),
         };
         let last = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);

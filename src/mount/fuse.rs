@@ -112,13 +112,14 @@ fn time_ms(t: TimeOrNow) -> i64 {
     }
 }
 
-fn open_mode(flags: i32) -> OpenMode {
+fn open_mode(flags: i32, owner: u32) -> OpenMode {
     let acc = flags & libc::O_ACCMODE;
     OpenMode {
         read: acc == libc::O_RDONLY || acc == libc::O_RDWR,
         write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
         truncate: flags & libc::O_TRUNC != 0,
         append: flags & libc::O_APPEND != 0,
+        owner,
     }
 }
 
@@ -229,15 +230,15 @@ impl Filesystem for Fuse {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0))) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, req.pid()))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
     }
 
-    fn create(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
-        let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, flags & libc::O_EXCL != 0));
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, flags & libc::O_EXCL != 0, req.pid()));
         match r {
             Ok((fh, a)) => reply.created(&ATTR_TTL, &self.file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
@@ -269,8 +270,8 @@ impl Filesystem for Fuse {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
-        empty(reply, self.fs.flush(fh.0))
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        empty(reply, self.fs.flush(fh.0, req.pid()))
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {

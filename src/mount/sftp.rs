@@ -491,6 +491,7 @@ impl russh_sftp::server::Handler for SftpSession {
             write,
             truncate: pflags.contains(OpenFlags::TRUNCATE),
             append: pflags.contains(OpenFlags::APPEND),
+            owner: 0,
         };
         let create = pflags.contains(OpenFlags::CREATE);
         let exclusive = pflags.contains(OpenFlags::EXCLUDE);
@@ -500,7 +501,7 @@ impl russh_sftp::server::Handler for SftpSession {
             .run(move |fs| {
                 let exists = fs.stat(&p).is_ok();
                 if create && (!exists || exclusive) {
-                    return fs.create(&p, mode, exclusive).map(|(fh, _)| fh);
+                    return fs.create(&p, mode, exclusive, 0).map(|(fh, _)| fh);
                 }
                 fs.open_file(&p, how)
             })
@@ -513,7 +514,7 @@ impl russh_sftp::server::Handler for SftpSession {
             Some(SftpHandle::File { fh, write, .. }) => {
                 self.run(move |fs| {
                     if write {
-                        fs.flush(fh)?;
+                        fs.flush(fh, 0)?;
                     }
                     fs.release(fh)
                 })

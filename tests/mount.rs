@@ -1,0 +1,425 @@
+//! Mounts end to end: a real FUSE mount (`alkfs mount`) used by ordinary tools (cp, rsync,
+//! tar, git, sqlite3, mv, truncate, append), write sessions seen from a second reader, bad
+//! names and renames with their errnos, a killed mount process; and the SFTP server used by
+//! OpenSSH's `sftp` and `sshfs` (keys per bucket, no way out of the bucket). Each test runs
+//! its own node and mount on its own data dir.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{await_cond, precondition, Node, Store};
+
+/// How long a mount may take to appear or to go.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether this machine can mount FUSE filesystems (CI installs fuse3; `/dev/fuse` is there).
+fn can_mount() -> bool {
+    precondition(Path::new("/dev/fuse").exists(), "/dev/fuse (FUSE) is not available here")
+        && precondition(common::have_tool("fusermount3") || Command::new("fusermount3").arg("-V").status().is_ok(), "fusermount3 (apt-get install fuse3)")
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
+}
+
+/// A running `alkfs mount`, unmounted and reaped when dropped.
+struct Mount {
+    child: std::process::Child,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Mount {
+    fn start(s: &Store, extra: &[&str]) -> Mount {
+        let dir = s.scratch().join(format!("mnt-{}", extra.join("-").replace(['/', ' '], "_")));
+        fs::create_dir_all(&dir).unwrap();
+        let log = s.scratch().join("mount.log");
+        let mut args = vec!["mount", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let child = s.cmd(&args).stdout(Stdio::null()).stderr(File::create(&log).unwrap()).spawn().expect("spawn alkfs mount");
+        let mut m = Mount { child, dir, log };
+        await_cond(MOUNT_TIMEOUT, "the mount to appear", || {
+            if let Ok(Some(st)) = m.child.try_wait() {
+                panic!("alkfs mount exited with {st}: {}", fs::read_to_string(&m.log).unwrap_or_default());
+            }
+            is_mounted(&m.dir)
+        });
+        m
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.join(p.trim_start_matches('/'))
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if is_mounted(&self.dir) {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.dir).status();
+        }
+    }
+}
+
+fn sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("sh");
+    assert!(out.status.success(), "`{script}` failed in {}: {}{}", dir.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+#[test]
+fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() {
+    if !can_mount() {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    let m = Mount::start(&s, &[]);
+
+    // cp -r of a tree of files of many sizes (inline and file blobs, one 3 MiB).
+    let src = s.scratch().join("src");
+    for i in 0..40u64 {
+        let sub = src.join(format!("d{}", i % 4));
+        fs::create_dir_all(&sub).unwrap();
+        common::write_random_file(&sub.join(format!("f{i}")), i * 1013, i);
+    }
+    common::write_random_file(&src.join("big"), 3 << 20, 99);
+    sh(s.scratch(), &format!("cp -r src {}", m.dir.display()));
+    sh(s.scratch(), &format!("diff -r src {}", m.path("src").display()));
+    assert_eq!(s.get_bytes("/src/big"), fs::read(src.join("big")).unwrap(), "the CLI reads what cp wrote");
+    assert_eq!(s.get_bytes("/src/d3/f7"), fs::read(src.join("d3/f7")).unwrap());
+
+    // rsync -a keeps modes and mtimes; tar x unpacks an archive.
+    if precondition(common::have_tool("rsync"), "rsync (apt-get install rsync)") {
+        fs::set_permissions(src.join("d1/f1"), fs::Permissions::from_mode(0o600)).unwrap();
+        sh(s.scratch(), &format!("rsync -a src/ {}/", m.path("synced").display()));
+        sh(s.scratch(), &format!("diff -r src {}", m.path("synced").display()));
+        let meta = fs::metadata(m.path("synced/d1/f1")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "rsync -a kept the mode");
+        assert_eq!(meta.mtime(), fs::metadata(src.join("d1/f1")).unwrap().mtime(), "rsync -a kept the mtime");
+    }
+    sh(s.scratch(), "tar cf src.tar src");
+    fs::create_dir(m.path("untarred")).unwrap();
+    sh(&m.path("untarred"), &format!("tar xf {}", s.scratch().join("src.tar").display()));
+    sh(s.scratch(), &format!("diff -r src {}", m.path("untarred/src").display()));
+
+    // git init, add, commit, and a second commit; fsck finds the repository whole.
+    if precondition(common::have_tool("git"), "git") {
+        fs::create_dir(m.path("repo")).unwrap();
+        let repo = m.path("repo");
+        sh(&repo, "git init -q && echo hi > a && git add a && git -c user.email=t@t -c user.name=t commit -qm one");
+        sh(&repo, "echo more >> a && git -c user.email=t@t -c user.name=t commit -qam two");
+        assert_eq!(sh(&repo, "git log --format=%s").lines().collect::<Vec<_>>(), vec!["two", "one"]);
+        sh(&repo, "git fsck --strict 2>&1");
+        assert_eq!(s.get_bytes("/repo/a"), b"hi\nmore\n");
+    }
+
+    // sqlite3 creates a database file and updates it in place.
+    if precondition(common::have_tool("sqlite3"), "sqlite3 (apt-get install sqlite3)") {
+        let db = m.path("app.db");
+        sh(&m.dir, &format!("sqlite3 {} 'create table t(x); insert into t values (1), (2);'", db.display()));
+        sh(&m.dir, &format!("sqlite3 {} 'update t set x = x * 10; insert into t values (3);'", db.display()));
+        assert_eq!(sh(&m.dir, &format!("sqlite3 {} 'select sum(x) from t; pragma integrity_check;'", db.display())), "33\nok\n");
+        let copy = s.scratch().join("copy.db");
+        fs::write(&copy, s.get_bytes("/app.db")).unwrap();
+        assert_eq!(sh(s.scratch(), "sqlite3 copy.db 'select sum(x) from t;'"), "33\n", "the CLI's copy of the database is the updated one");
+    }
+
+    // mv over an existing file; truncate; append.
+    fs::write(m.path("src/over"), b"new").unwrap();
+    sh(&m.dir, "mv -f src/over src/d0/f0");
+    assert_eq!(fs::read(m.path("src/d0/f0")).unwrap(), b"new");
+    assert!(!m.path("src/over").exists());
+    assert_eq!(s.get_bytes("/src/d0/f0"), b"new");
+    sh(&m.dir, "truncate -s 1000 src/big && printf tail >> src/big");
+    let mut want = fs::read(src.join("big")).unwrap();
+    want.truncate(1000);
+    want.extend_from_slice(b"tail");
+    assert_eq!(fs::read(m.path("src/big")).unwrap(), want);
+    assert_eq!(s.get_bytes("/src/big"), want);
+    // A sparse write past the end leaves zeros between.
+    {
+        let mut f = OpenOptions::new().write(true).open(m.path("src/d2/f2")).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.seek(SeekFrom::Start(len + 5000)).unwrap();
+        f.write_all(b"end").unwrap();
+    }
+    let got = s.get_bytes("/src/d2/f2");
+    assert_eq!(got.len() as u64, fs::metadata(src.join("d2/f2")).unwrap().len() + 5003);
+    assert!(got[got.len() - 5003..got.len() - 3].iter().all(|b| *b == 0) && got.ends_with(b"end"));
+    assert!(!m.log().contains("panicked"), "{}", m.log());
+}
+
+#[test]
+fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
+    if !can_mount() {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    s.put_bytes("/doc", b"old old old");
+    let m = Mount::start(&s, &[]);
+
+    let mut reader = File::open(m.path("doc")).unwrap();
+    let mut writer = OpenOptions::new().write(true).truncate(true).open(m.path("doc")).unwrap();
+    writer.write_all(b"NEW CONTENT, LONGER THAN BEFORE").unwrap();
+    writer.sync_all().unwrap(); // fsync makes the staged bytes durable, not visible
+
+    let mut seen = String::new();
+    reader.read_to_string(&mut seen).unwrap();
+    assert_eq!(seen, "old old old", "the reader that opened before sees the old version");
+    assert_eq!(s.get_bytes("/doc"), b"old old old", "the tree shows the old version until close");
+    let mut late = String::new();
+    File::open(m.path("doc")).unwrap().read_to_string(&mut late).unwrap();
+    assert_eq!(late, "old old old", "a reader that opens during the write sees the old version too");
+
+    drop(writer);
+    assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE", "close committed it");
+    let mut seen = String::new();
+    reader.seek(SeekFrom::Start(0)).unwrap();
+    reader.read_to_string(&mut seen).unwrap();
+    assert_eq!(seen, "old old old", "a handle keeps the version it opened");
+    assert_eq!(fs::read(m.path("doc")).unwrap(), b"NEW CONTENT, LONGER THAN BEFORE", "a new open sees the new version");
+    let log = s.log_json(&[], "/doc");
+    assert_eq!(log.len(), 2, "one version per close, none for the fsync: {log:?}");
+}
+
+#[test]
+fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    let m = Mount::start(&s, &[]);
+    fs::create_dir_all(m.path("a/b")).unwrap();
+    fs::write(m.path("a/b/f"), b"x").unwrap();
+    fs::write(m.path("g"), b"y").unwrap();
+
+    assert_eq!(errno_of(fs::rename(m.path("a"), m.path("a/b/inside"))), libc::EINVAL, "a directory into itself");
+    assert_eq!(errno_of(fs::remove_dir(m.path("a"))), libc::ENOTEMPTY);
+    assert_eq!(errno_of(fs::create_dir(m.path("a"))), libc::EEXIST);
+    assert_eq!(errno_of(fs::write(m.path(&"n".repeat(256)), b"z")), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::rename(m.path("g"), m.path("a"))), libc::EISDIR, "a file over a directory");
+    assert_eq!(errno_of(fs::rename(m.path("a"), m.path("g"))), libc::ENOTDIR, "a directory over a file");
+    assert_eq!(errno_of(fs::remove_file(m.path("a"))), libc::EISDIR);
+    assert_eq!(errno_of(fs::remove_dir(m.path("g"))), libc::ENOTDIR);
+    assert_eq!(errno_of(File::open(m.path("nope"))), libc::ENOENT);
+    // RENAME_NOREPLACE refuses an existing target.
+    let c = |p: PathBuf| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).unwrap();
+    let (from, to) = (c(m.path("g")), c(m.path("a/b/f")));
+    // SAFETY: two valid NUL-terminated paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EEXIST)));
+    // A directory moves over an empty one, with what it holds.
+    fs::create_dir(m.path("empty")).unwrap();
+    fs::rename(m.path("a"), m.path("empty")).unwrap();
+    assert_eq!(fs::read(m.path("empty/b/f")).unwrap(), b"x");
+    assert_eq!(s.get_bytes("/empty/b/f"), b"x");
+    assert!(s.run(&["get", "/a/b/f"]).status.code() != Some(0));
+    // Nothing half-done: the tree holds exactly what succeeded.
+    let mut tree: Vec<String> = s.ok(&["ls", "-R", "/"]).lines().map(|l| l.split('\t').next().unwrap().to_string()).collect();
+    tree.sort();
+    assert_eq!(tree, vec!["/empty", "/empty/b", "/empty/b/f", "/g"]);
+    assert!(!m.log().contains("panicked"));
+}
+
+#[test]
+fn a_killed_mount_process_leaves_no_mount_point_and_an_unclosed_write_changes_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    s.put_bytes("/keep", b"the old version");
+    let mut m = Mount::start(&s, &[]);
+    let mut w = OpenOptions::new().write(true).truncate(true).open(m.path("keep")).unwrap();
+    w.write_all(b"half of a new ver").unwrap();
+    common::send_signal(m.child.id(), libc::SIGKILL);
+    let _ = m.child.wait();
+    await_cond(MOUNT_TIMEOUT, "the mount point to go with its process", || !is_mounted(&m.dir));
+    drop(w);
+    assert_eq!(s.get_bytes("/keep"), b"the old version", "an unclosed write session left the old version");
+    assert!(fs::read_dir(&m.dir).unwrap().next().is_none(), "the mount point is an empty directory again");
+    // A new mount works, and leaves no staging files of the dead one behind.
+    let m2 = Mount::start(&s, &["--read-only"]);
+    assert_eq!(fs::read(m2.path("keep")).unwrap(), b"the old version");
+    assert_eq!(errno_of(fs::write(m2.path("x"), b"1")), libc::EROFS);
+}
+
+// ---- SFTP ----
+
+fn ssh_keygen(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(name);
+    let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&key).status().expect("ssh-keygen");
+    assert!(st.success());
+    key
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `alkfs serve sftp`, killed when dropped.
+struct SftpServer {
+    _child: common::KillOnDrop,
+    port: u16,
+}
+
+impl SftpServer {
+    fn start(s: &Store) -> SftpServer {
+        let port = free_port();
+        let log = File::create(s.scratch().join("sftp.log")).unwrap();
+        let child = s.cmd(&["serve", "sftp", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        await_cond(MOUNT_TIMEOUT, "the sftp server to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        SftpServer { _child: common::KillOnDrop(child), port }
+    }
+
+    /// Runs an `sftp -b` batch as `user` with `key`; (success, output).
+    fn batch(&self, key: &Path, user: &str, script: &str) -> (bool, String) {
+        let out = Command::new("sftp")
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
+            .arg("-P")
+            .arg(self.port.to_string())
+            .arg("-i")
+            .arg(key)
+            .arg("-b")
+            .arg("-")
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("sftp");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+#[test]
+fn sftp_serves_a_bucket_to_openssh_with_its_keys_only_and_never_outside_it() {
+    if !precondition(common::have_tool("ssh") || Command::new("sftp").arg("-h").output().is_ok(), "OpenSSH's sftp client (apt-get install openssh-client)") {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    s.put_bytes("/docs/a.txt", b"alpha");
+    s.ok(&["bucket", "create", "other"]);
+    s.put_bytes_with(&["--bucket", "other"], "/secret", b"other bucket's");
+    let key = ssh_keygen(s.scratch(), "key");
+    let stranger = ssh_keygen(s.scratch(), "stranger");
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
+    let host_key = s.data().join("sftp/host_ed25519");
+    let server = SftpServer::start(&s);
+    assert_eq!(fs::metadata(&host_key).unwrap().mode() & 0o777, 0o600, "the host key is private");
+
+    let local = s.scratch().join("local.bin");
+    common::write_random_file(&local, 300_000, 5);
+    let back = s.scratch().join("back.bin");
+    let script = format!(
+        "put {local} /up.bin\nget /up.bin {back}\nls /docs\nmkdir /newdir\nrename /up.bin /newdir/moved.bin\nrm /docs/a.txt\nrmdir /docs\nls /newdir\n",
+        local = local.display(),
+        back = back.display()
+    );
+    let (ok, out) = server.batch(&key, "default", &script);
+    assert!(ok, "sftp batch failed: {out}");
+    assert!(out.contains("a.txt") && out.contains("moved.bin"), "{out}");
+    assert!(common::same_file(&local, &back), "get returned what put sent");
+    assert_eq!(s.get_bytes("/newdir/moved.bin"), fs::read(&local).unwrap());
+    assert!(s.run(&["get", "/docs/a.txt"]).status.code() != Some(0), "rm removed it");
+
+    // Nothing outside the bucket: `..` stops at its root, other buckets are other logins.
+    let passwd = s.scratch().join("passwd");
+    let (_, out) = server.batch(&key, "default", &format!("get /../../../../etc/passwd {}\n", passwd.display()));
+    assert!(!passwd.exists(), "a path climbing out of the bucket reached the host: {out}");
+    let (_, out) = server.batch(&key, "default", "ls ../..\n");
+    assert!(out.contains("newdir"), "`..` above the root is the root: {out}");
+    let (ok, _) = server.batch(&key, "other", "ls /\n");
+    assert!(!ok, "a key of bucket default logged in to bucket other");
+    let (ok, _) = server.batch(&stranger, "default", "ls /\n");
+    assert!(!ok, "a key never allowed logged in");
+    // A symlink pointing out of the bucket is followed inside the tree only.
+    let (ok, out) = server.batch(&key, "default", "symlink /etc/passwd /esc\n");
+    assert!(ok, "{out}");
+    let (_, out) = server.batch(&key, "default", &format!("get /esc {}\n", passwd.display()));
+    assert!(!passwd.exists(), "a symlink led out of the bucket: {out}");
+
+    // Revoked keys are refused from the next login on; the host key stays the same.
+    s.ok(&["sftp", "revoke", "default", key.with_extension("pub").to_str().unwrap()]);
+    let (ok, _) = server.batch(&key, "default", "ls /\n");
+    assert!(!ok, "a revoked key still logged in");
+    let before = fs::read(&host_key).unwrap();
+    drop(server);
+    let _again = SftpServer::start(&s);
+    assert_eq!(fs::read(&host_key).unwrap(), before, "the host key persists across restarts");
+}
+
+#[test]
+fn bytes_written_through_sftp_read_back_through_fuse_and_sshfs_sees_what_fuse_wrote() {
+    if !can_mount() || !precondition(common::have_tool("sshfs") || Command::new("sshfs").arg("-V").output().is_ok(), "sshfs (apt-get install sshfs)") {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    let key = ssh_keygen(s.scratch(), "key");
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
+    let server = SftpServer::start(&s);
+    let m = Mount::start(&s, &[]);
+
+    let src = s.scratch().join("src");
+    for i in 0..30u64 {
+        let sub = src.join(format!("d{}", i % 3));
+        fs::create_dir_all(&sub).unwrap();
+        common::write_random_file(&sub.join(format!("f{i}")), i * 4099, i);
+    }
+    sh(s.scratch(), &format!("cp -r src {}", m.dir.display()));
+
+    let sshfs_dir = s.scratch().join("sshfs");
+    fs::create_dir(&sshfs_dir).unwrap();
+    let st = Command::new("sshfs")
+        .arg("-p")
+        .arg(server.port.to_string())
+        .arg("-o")
+        .arg(format!("IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes", key.display()))
+        .arg("default@127.0.0.1:/")
+        .arg(&sshfs_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "sshfs mount");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&sshfs_dir);
+    sh(s.scratch(), &format!("diff -r src {}", sshfs_dir.join("src").display()));
+    // sshfs writes (cp -r, mv over), FUSE reads them back.
+    sh(s.scratch(), &format!("cp -r src {}", sshfs_dir.join("copy").display()));
+    sh(s.scratch(), &format!("diff -r src {}", m.path("copy").display()));
+    fs::write(sshfs_dir.join("copy/over"), b"replaced").unwrap();
+    sh(&sshfs_dir, "mv -f copy/over copy/d0/f0");
+    await_cond(Duration::from_secs(5), "the FUSE mount to show the sshfs rename", || fs::read(m.path("copy/d0/f0")).ok().as_deref() == Some(b"replaced".as_slice()));
+}
