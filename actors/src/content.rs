@@ -306,6 +306,9 @@ impl ContentStore {
         if !in_mount_dir || path.file_name().is_none() {
             return Err(refuse("not a mount's staging file of this data dir"));
         }
+        if !fs::symlink_metadata(parent).is_ok_and(|m| m.file_type().is_dir()) {
+            return Err(refuse("the mount's staging directory is not a directory"));
+        }
         let meta = fs::symlink_metadata(path).map_err(|e| ContentError::io("stat staging file", e, &self.root))?;
         if !meta.file_type().is_file() {
             return Err(refuse("not a regular file"));

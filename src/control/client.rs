@@ -28,7 +28,9 @@ impl Client {
     /// error the reply stream may be out of step.
     fn take(&self) -> Result<UnixStream> {
         if let Some(s) = self.stream.lock().expect("client stream").take() {
-            return Ok(s);
+            if still_open(&s) {
+                return Ok(s);
+            }
         }
         UnixStream::connect(&self.socket).with_context(|| format!("connecting to the node at {} (is it still running?)", self.socket.display()))
     }
@@ -94,4 +96,15 @@ impl Reply {
             reply => Ok(reply),
         }
     }
+}
+
+/// Whether a kept connection is still open: the node closes connections idle for long (a
+/// mount between writes), and a request written to a closed one is lost. A readable end of
+/// stream (or anything unread) means it is not usable.
+fn still_open(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut probe = [0u8; 1];
+    // SAFETY: a valid socket and a one-byte buffer; MSG_PEEK leaves any byte unread.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), probe.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }

@@ -51,7 +51,9 @@ pub enum Request {
     /// Commit a mount's write session: the node takes over its staging file (inside
     /// `content/staging/mount-*`), hashes it unless `hash` is given (every write was an
     /// append and the mount hashed them), and moves it into the content store.
-    PutStaged { scope: WireScope, path: String, staging: PathBuf, hash: Option<String>, mode: u32, mtime_ms: i64 },
+    /// `size` is the length the session wrote; a file of another length is refused (a write
+    /// that failed part-way), so a hash given never names other bytes.
+    PutStaged { scope: WireScope, path: String, staging: PathBuf, hash: Option<String>, size: Option<u64>, mode: u32, mtime_ms: i64 },
     /// Make a symbolic link at `path` pointing to `target`.
     Symlink { scope: WireScope, path: String, target: String },
     /// Set the mode and/or mtime of a path, keeping its bytes.

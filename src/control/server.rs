@@ -270,7 +270,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             Reply::Count { count }
         }
         Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
-        Request::PutStaged { scope: s, path: p, staging, hash, mode, mtime_ms } => {
+        Request::PutStaged { scope: s, path: p, staging, hash, size, mode, mtime_ms } => {
             let dest = path(&p)?;
             let hash = match hash {
                 Some(h) => Some(ContentHash::from_hex(&h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
@@ -279,8 +279,12 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             let content = ctx.content.clone();
             let item = blocking(move || {
                 let staged = content.adopt_staged(&staging)?;
+                let len = staged.file().metadata().with_context(|| staging.display().to_string())?.len();
+                if size.is_some_and(|want| want != len) || (hash.is_some() && size.is_none()) {
+                    bail!("{}: the staged file is {len} bytes, not the {size:?} written: refusing it (nothing was committed)", staging.display());
+                }
                 let (hash, size) = match hash {
-                    Some(h) => (h, staged.file().metadata().with_context(|| staging.display().to_string())?.len()),
+                    Some(h) => (h, len),
                     None => hash_file(staged.file()).with_context(|| format!("hashing {}", staging.display()))?,
                 };
                 let blob = content.finish(staged, hash, size)?;

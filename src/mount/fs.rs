@@ -154,7 +154,7 @@ enum Bytes {
     /// Small content, read and checked at open.
     Inline(Arc<Vec<u8>>),
     /// A blob file, checked as it is read in order.
-    File { file: Arc<File>, hash: ContentHash, size: u64, checked: Mutex<Checked> },
+    File { file: Arc<File>, hash: ContentHash, size: u64, checked: Box<Mutex<Checked>> },
 }
 
 /// How far a blob file has been read in order, and the hash of that prefix.
@@ -165,8 +165,8 @@ struct Checked {
 
 /// An open handle.
 enum Handle {
-    /// Reads of the version current at open.
-    Read { bytes: Arc<Bytes> },
+    /// Reads of inode `ino`'s version current at open.
+    Read { ino: u64, bytes: Arc<Bytes> },
     /// A writer of inode `ino`'s write session (it may read the staged bytes too); a close
     /// by `owner` commits.
     Write { ino: u64, append: bool, owner: u32 },
@@ -176,16 +176,20 @@ enum Handle {
 
 /// A file's write session and who holds it.
 struct Open {
-    /// The staged bytes; `None` after a close committed them while a handle stays open.
+    /// The staged bytes; `None` after a close (or fsync) committed them while a handle
+    /// stays open: a later write starts a new session from the committed bytes.
     session: Option<WriteSession>,
     /// Open write handles.
     writers: usize,
     /// Something to commit (a write, a truncate, a new file).
     dirty: bool,
-    /// An mtime set while open (utimes before close), used at commit.
-    mtime_ms: Option<i64>,
+    /// The mtime the file will have: set by utimes while open, else the time of the last
+    /// write.
+    mtime_ms: i64,
     /// Unlinked while open: discarded at close.
     unlinked: bool,
+    /// Not in the tree (created here, not yet closed): only the session shows it.
+    fresh: bool,
 }
 
 /// Inode numbers of the paths this mount has shown.
@@ -221,7 +225,16 @@ impl Inodes {
     }
 
     fn path(&self, ino: u64) -> FsResult<TreePath> {
-        self.by_ino.get(&ino).cloned().ok_or_else(|| errno(libc::ESTALE, format!("inode {ino} is not known (forgotten)")))
+        self.by_ino.get(&ino).cloned().ok_or_else(|| errno(libc::ESTALE, format!("inode {ino} is not known (removed or forgotten)")))
+    }
+
+    /// Drops inode `ino`'s number (and its path's, if the path is still its own).
+    fn drop_ino(&mut self, ino: u64) {
+        if let Some(path) = self.by_ino.remove(&ino) {
+            if self.by_path.get(&path) == Some(&ino) {
+                self.by_path.remove(&path);
+            }
+        }
     }
 
     /// `path` was removed (or replaced): its inode keeps answering `getattr` with `last`
@@ -239,13 +252,20 @@ impl Inodes {
     fn rename(&mut self, from: &TreePath, to: &TreePath, replaced: Option<Attr>) {
         self.detach(to, replaced);
         let moved: Vec<(TreePath, u64)> = self.by_path.iter().filter(|(p, _)| p.is_within(from)).map(|(p, i)| (p.clone(), *i)).collect();
+        for (old, _) in &moved {
+            self.by_path.remove(old);
+        }
         for (old, ino) in moved {
-            self.by_path.remove(&old);
-            if let Ok(new) = old.rebase(from, to) {
-                self.by_ino.insert(ino, new.clone());
-                self.by_path.insert(new, ino);
-            } else {
-                self.by_ino.remove(&ino);
+            match old.rebase(from, to) {
+                Ok(new) => {
+                    if let Some(displaced) = self.by_path.insert(new.clone(), ino) {
+                        self.by_ino.remove(&displaced);
+                    }
+                    self.by_ino.insert(ino, new);
+                }
+                Err(_) => {
+                    self.by_ino.remove(&ino);
+                }
             }
         }
     }
@@ -268,6 +288,11 @@ pub struct MountFs {
     node: Option<Client>,
     staging_dir: PathBuf,
     state: Mutex<State>,
+    /// Held by every change (open for writing, write, close, rename …) from start to end,
+    /// so two clients of one bucket (SFTP sessions on their threads) never interleave the
+    /// steps of one: a commit in flight and a new writer copying the bytes it replaces, or
+    /// two first opens of a new file. Reads do not take it.
+    changes: Mutex<()>,
 }
 
 impl MountFs {
@@ -293,6 +318,7 @@ impl MountFs {
             node,
             staging_dir,
             state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new() }),
+            changes: Mutex::new(()),
         })
     }
 
@@ -317,6 +343,10 @@ impl MountFs {
 
     fn reader(&self) -> MutexGuard<'_, Engine> {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changes(&self) -> MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn wire(&self) -> WireScope {
@@ -358,23 +388,33 @@ impl MountFs {
         Ok(parent.join(name)?)
     }
 
-    /// What `path` shows, or `ENOENT`. A file being written shows its staged size.
-    pub fn stat(&self, path: &TreePath) -> FsResult<Attr> {
+    /// What inode `ino`'s write session shows, if it has one: `all` also for a file the
+    /// tree holds (the writer's own view); otherwise only for a file created here and not
+    /// yet closed, which has no other view.
+    fn staged(&self, ino: u64, all: bool) -> Option<Attr> {
         let st = self.state();
-        let ino = st.inodes.by_path.get(path).copied();
-        if let Some(open) = ino.and_then(|i| st.open.get(&i)) {
-            if !open.unlinked {
-                if let Some(s) = &open.session {
-                    let mtime_ms = open.mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
-                    let (size, mode) = (s.len(), s.mode());
-                    return Ok(Attr { ino: ino.expect("open inode"), kind: EntryKind::File, size, mode, mtime_ms });
-                }
-            }
+        let open = st.open.get(&ino)?;
+        if !(all || open.fresh) {
+            return None;
         }
-        drop(st);
-        let entry = self.entry(path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file or directory")))?;
-        let ino = self.state().inodes.ino_of(path);
-        Ok(attr_of(ino, &entry))
+        let s = open.session.as_ref()?;
+        Some(Attr { ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms })
+    }
+
+    /// What `path` shows to a reader: the committed entry (a file being written shows its
+    /// old size and bytes until the last writer closes), or a file created here and not yet
+    /// closed; else `ENOENT`.
+    pub fn stat(&self, path: &TreePath) -> FsResult<Attr> {
+        let known = self.state().inodes.by_path.get(path).copied();
+        match self.entry(path)? {
+            Some(entry) => {
+                let ino = self.state().inodes.ino_of(path);
+                Ok(attr_of(ino, &entry))
+            }
+            None => known
+                .and_then(|ino| self.staged(ino, false).filter(|_| !self.state().open.get(&ino).is_some_and(|o| o.unlinked)))
+                .ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file or directory"))),
+        }
     }
 
     /// The live entry at `path` (the root is a directory).
@@ -390,12 +430,12 @@ impl MountFs {
     pub fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<Attr> {
         let path = Self::child(&self.path_of(parent)?, name)?;
         let attr = self.stat(&path)?;
-        *self.state().inodes.lookups.entry(attr.ino).or_default() += 1;
+        self.count_lookup(attr.ino);
         Ok(attr)
     }
 
     /// Counts a lookup of `ino` that an entry reply other than [`lookup`](Self::lookup)
-    /// gave the kernel (mkdir, symlink).
+    /// gave the kernel (create, mkdir, symlink).
     pub fn count_lookup(&self, ino: u64) {
         *self.state().inodes.lookups.entry(ino).or_default() += 1;
     }
@@ -410,16 +450,18 @@ impl MountFs {
         }
         st.inodes.lookups.remove(&ino);
         st.inodes.gone.remove(&ino);
-        let in_use = st.open.contains_key(&ino) || st.handles.values().any(|h| matches!(h, Handle::Write { ino: i, .. } if *i == ino));
-        if !in_use {
-            if let Some(path) = st.inodes.by_ino.remove(&ino) {
-                st.inodes.by_path.remove(&path);
-            }
+        if !st.open.contains_key(&ino) {
+            st.inodes.drop_ino(ino);
         }
     }
 
-    /// The attributes of inode `ino`.
-    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+    /// The attributes of inode `ino`; through a write handle `fh` (fstat by the writer),
+    /// what its session holds.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        let writer = fh.is_some_and(|fh| matches!(self.state().handles.get(&fh), Some(Handle::Write { ino: i, .. }) if *i == ino));
+        if let Some(a) = self.staged(ino, writer) {
+            return Ok(a);
+        }
         if let Some(a) = self.state().inodes.gone.get(&ino) {
             return Ok(a.clone());
         }
@@ -427,7 +469,10 @@ impl MountFs {
         self.stat(&path)
     }
 
-    /// The children of directory `path`, sorted by name.
+    /// The children of directory `path`, sorted by name. Inode numbers are those this mount
+    /// already gave, else a placeholder derived from the path ([`listed_ino`]: a listing
+    /// only names; the kernel looks a name up before using it), so listing a large tree does
+    /// not grow the inode table.
     pub fn list(&self, path: &TreePath) -> FsResult<Vec<(String, Attr)>> {
         match self.entry(path)? {
             None => return Err(errno(libc::ENOENT, format!("{path}: no such directory"))),
@@ -435,26 +480,18 @@ impl MountFs {
             Some(_) => {}
         }
         let rows = self.reader().list(&self.scope, path)?;
-        let mut st = self.state();
+        let st = self.state();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let Some(entry) = row.version.entry else { continue };
-            let ino = st.inodes.ino_of(&row.path);
+            let ino = st.inodes.by_path.get(&row.path).copied().unwrap_or_else(|| listed_ino(&row.path));
             out.push((row.path.name().to_string(), attr_of(ino, &entry)));
         }
         // Files created here and not yet closed are listed too (a writer's `ls` sees them).
-        let pending: Vec<(TreePath, u64)> = st
-            .open
-            .iter()
-            .filter(|(_, o)| !o.unlinked && o.session.is_some())
-            .filter_map(|(ino, _)| st.inodes.by_ino.get(ino).map(|p| (p.clone(), *ino)))
-            .filter(|(p, _)| p.parent().as_ref() == Some(path))
-            .collect();
-        for (p, ino) in pending {
-            if !out.iter().any(|(n, _)| n == p.name()) {
-                let o = &st.open[&ino];
-                let s = o.session.as_ref().expect("filtered");
-                out.push((p.name().to_string(), Attr { ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: o.mtime_ms.unwrap_or(0) }));
+        for (ino, open) in st.open.iter().filter(|(_, o)| o.fresh && !o.unlinked) {
+            let (Some(p), Some(s)) = (st.inodes.by_ino.get(ino), open.session.as_ref()) else { continue };
+            if p.parent().as_ref() == Some(path) && !out.iter().any(|(n, _)| n == p.name()) {
+                out.push((p.name().to_string(), Attr { ino: *ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms }));
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -488,7 +525,7 @@ impl MountFs {
         Ok(self.add_handle(Handle::Dir { entries }))
     }
 
-    /// The entries of directory handle `fh` from index `from` on.
+    /// The entries of directory handle `fh`.
     pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<(String, Attr)>>> {
         match self.state().handles.get(&fh) {
             Some(Handle::Dir { entries }) => Ok(entries.clone()),
@@ -496,35 +533,44 @@ impl MountFs {
         }
     }
 
-    /// Opens the file at `path`. Writing opens (or joins) its write session; reading alone
-    /// pins the current version.
-    pub fn open_file(&self, path: &TreePath, how: OpenMode) -> FsResult<u64> {
-        if how.write {
-            self.writable()?;
-            let ino = self.state().inodes.ino_of(path);
-            self.join_session(ino, path, how.truncate, None)?;
-            return Ok(self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner }));
+    /// The inode a file handle is open on.
+    pub fn handle_ino(&self, fh: u64) -> FsResult<u64> {
+        match self.state().handles.get(&fh) {
+            Some(Handle::Write { ino, .. }) | Some(Handle::Read { ino, .. }) => Ok(*ino),
+            _ => Err(errno(libc::EBADF, "not a file handle")),
         }
-        let entry = self.entry(path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
-        match entry.kind {
+    }
+
+    /// Opens the existing file at `path`. Writing opens (or joins) its write session;
+    /// reading alone pins the current version.
+    pub fn open_file(&self, path: &TreePath, how: OpenMode) -> FsResult<u64> {
+        let attr = self.stat(path)?;
+        match attr.kind {
             EntryKind::Dir => return Err(errno(libc::EISDIR, format!("{path}: is a directory"))),
             EntryKind::Symlink => return Err(errno(libc::ELOOP, format!("{path}: is a symlink"))),
             EntryKind::File => {}
         }
-        let bytes = self.bytes_of(path, &entry)?;
-        Ok(self.add_handle(Handle::Read { bytes: Arc::new(bytes) }))
+        if how.write {
+            self.writable()?;
+            let _changes = self.changes();
+            let ino = self.state().inodes.ino_of(path);
+            self.join_session(ino, path, how.truncate, None)?;
+            return Ok(self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner }));
+        }
+        let ino = attr.ino;
+        let bytes = match self.entry(path)? {
+            Some(entry) => self.bytes_of(path, &entry)?,
+            // Created here and not yet closed: its committed state is "nothing yet".
+            None => Bytes::Inline(Arc::new(Vec::new())),
+        };
+        Ok(self.add_handle(Handle::Read { ino, bytes: Arc::new(bytes) }))
     }
 
     /// Creates the file `path` (its write session; it appears in the tree when closed).
-    pub fn create(&self, path: &TreePath, mode: u32, exclusive: bool, owner: u32) -> FsResult<(u64, Attr)> {
+    pub fn create(&self, path: &TreePath, mode: u32, how: OpenMode, exclusive: bool) -> FsResult<(u64, Attr)> {
         self.writable()?;
-        if let Some(parent) = path.parent() {
-            match self.entry(&parent)? {
-                Some(e) if e.kind == EntryKind::Dir => {}
-                Some(_) => return Err(errno(libc::ENOTDIR, format!("{parent}: not a directory"))),
-                None => return Err(errno(libc::ENOENT, format!("{parent}: no such directory"))),
-            }
-        }
+        let _changes = self.changes();
+        self.check_parent(path)?;
         if let Ok(attr) = self.stat(path) {
             if exclusive {
                 return Err(errno(libc::EEXIST, format!("{path}: already exists")));
@@ -535,52 +581,51 @@ impl MountFs {
         }
         let ino = self.state().inodes.ino_of(path);
         self.join_session(ino, path, true, Some(mode & 0o7777))?;
-        let fh = self.add_handle(Handle::Write { ino, append: false, owner });
-        let attr = self.stat(path)?;
-        *self.state().inodes.lookups.entry(attr.ino).or_default() += 1;
+        let fh = self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner });
+        let attr = self.staged(ino, true).ok_or_else(|| errno(libc::EIO, "the new file's session vanished"))?;
         Ok((fh, attr))
     }
 
     /// Opens inode `ino`'s write session, or joins the one open; `truncate` empties it.
+    /// Runs under [`changes`](Self::changes).
     fn join_session(&self, ino: u64, path: &TreePath, truncate: bool, new_mode: Option<u32>) -> FsResult<()> {
-        let mut st = self.state();
-        if let Some(open) = st.open.get_mut(&ino) {
-            if open.session.is_none() {
-                drop(st);
-                let session = self.new_session(path, truncate)?;
-                st = self.state();
-                let open = st.open.get_mut(&ino).expect("held while a writer is open");
-                open.session = Some(session);
-            } else if truncate {
-                open.session.as_mut().expect("checked").truncate(0)?;
+        let has_session = self.state().open.get(&ino).is_some_and(|o| o.session.is_some());
+        if !has_session {
+            let mut session = self.new_session(path, truncate)?;
+            let fresh = self.entry(path)?.is_none();
+            if let Some(mode) = new_mode {
+                session.set_mode(mode);
             }
-            let open = st.open.get_mut(&ino).expect("present");
-            open.writers += 1;
-            open.dirty |= truncate;
-            return Ok(());
-        }
-        drop(st);
-        let mut session = self.new_session(path, truncate)?;
-        if let Some(mode) = new_mode {
-            session.set_mode(mode);
+            let mut st = self.state();
+            let now = alknet_actors::engine::now_ms();
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh });
+            open.session = Some(session);
+            open.fresh = fresh;
+            open.dirty |= truncate || fresh;
+        } else if truncate {
+            let mut st = self.state();
+            if let Some(s) = st.open.get_mut(&ino).and_then(|o| o.session.as_mut()) {
+                s.truncate(0)?;
+            }
         }
         let mut st = self.state();
-        st.open.insert(ino, Open { session: Some(session), writers: 1, dirty: truncate || new_mode.is_some(), mtime_ms: None, unlinked: false });
+        let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+        open.writers += 1;
+        open.dirty |= truncate;
         Ok(())
     }
 
+    /// A new session on `path`: empty with `truncate`, else holding the committed bytes
+    /// (fetched from peers first if they are not here yet).
     fn new_session(&self, path: &TreePath, truncate: bool) -> FsResult<WriteSession> {
-        let reader = self.reader();
         if !truncate {
-            if let Some(e) = reader.stat(&self.scope, path)?.and_then(|r| r.version.entry) {
-                if e.kind == EntryKind::File && !reader.has_bytes(&e.hash)? {
-                    drop(reader);
+            if let Some(e) = self.entry(path)? {
+                if e.kind == EntryKind::File && !self.reader().has_bytes(&e.hash)? {
                     self.fetch(&e)?;
-                    return Ok(self.reader().open_session_in(&self.scope, path, truncate, Some(&self.staging_dir))?);
                 }
             }
         }
-        Ok(reader.open_session_in(&self.scope, path, truncate, Some(&self.staging_dir))?)
+        Ok(self.reader().open_session_in(&self.scope, path, truncate, Some(&self.staging_dir))?)
     }
 
     /// The bytes of `entry` for a read handle; a blob still on a peer is fetched first (the
@@ -596,7 +641,7 @@ impl MountFs {
             }
         }
         let file = self.reader().content().open_file(&entry.hash).map_err(|e| errno(libc::EIO, format!("{path}: {e}")))?;
-        Ok(Bytes::File { file: Arc::new(file), hash: entry.hash, size: entry.size, checked: Mutex::new(Checked { upto: 0, hasher: Some(blake3::Hasher::new()) }) })
+        Ok(Bytes::File { file: Arc::new(file), hash: entry.hash, size: entry.size, checked: Box::new(Mutex::new(Checked { upto: 0, hasher: Some(blake3::Hasher::new()) })) })
     }
 
     fn fetch(&self, entry: &Entry) -> FsResult<()> {
@@ -615,7 +660,7 @@ impl MountFs {
     /// Reads up to `len` bytes at `offset` through handle `fh`.
     pub fn read(&self, fh: u64, offset: u64, len: usize) -> FsResult<Vec<u8>> {
         let source = match self.state().handles.get(&fh) {
-            Some(Handle::Read { bytes }) => Ok(bytes.clone()),
+            Some(Handle::Read { bytes, .. }) => Ok(bytes.clone()),
             Some(Handle::Write { ino, .. }) => Err(*ino),
             _ => return Err(errno(libc::EBADF, "not a file handle")),
         };
@@ -623,30 +668,26 @@ impl MountFs {
             Ok(bytes) => read_bytes(&bytes, offset, len),
             Err(ino) => {
                 let st = self.state();
-                let session = st.open.get(&ino).and_then(|o| o.session.as_ref());
-                match session {
-                    Some(s) => {
-                        let end = s.len().min(offset.saturating_add(len as u64));
-                        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
-                        let n = s.read_at(offset, &mut buf)?;
-                        buf.truncate(n);
-                        Ok(buf)
-                    }
-                    None => {
-                        // Committed by an earlier close while this handle stayed open: read
-                        // what was committed.
-                        let path = st.inodes.path(ino)?;
-                        drop(st);
-                        let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: gone")))?;
-                        read_bytes(&self.bytes_of(&path, &entry)?, offset, len)
-                    }
+                if let Some(s) = st.open.get(&ino).and_then(|o| o.session.as_ref()) {
+                    let end = s.len().min(offset.saturating_add(len as u64));
+                    let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+                    let n = s.read_at(offset, &mut buf)?;
+                    buf.truncate(n);
+                    return Ok(buf);
                 }
+                // Committed by an earlier close while this handle stayed open: read what
+                // was committed.
+                let path = st.inodes.path(ino)?;
+                drop(st);
+                let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: gone")))?;
+                read_bytes(&self.bytes_of(&path, &entry)?, offset, len)
             }
         }
     }
 
     /// Writes `data` at `offset` through write handle `fh`; returns bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
+        let _changes = self.changes();
         let (ino, append) = match self.state().handles.get(&fh) {
             Some(Handle::Write { ino, append, .. }) => (*ino, *append),
             Some(Handle::Read { .. }) => return Err(errno(libc::EBADF, "the file was opened read-only")),
@@ -655,15 +696,16 @@ impl MountFs {
         self.ensure_session(ino)?;
         let mut st = self.state();
         let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EBADF, "no write session"))?;
-        let session = open.session.as_mut().expect("ensured");
+        let session = open.session.as_mut().ok_or_else(|| errno(libc::EBADF, "no write session"))?;
         let at = if append { session.len() } else { offset };
         session.write_at(at, data)?;
         open.dirty = true;
+        open.mtime_ms = alknet_actors::engine::now_ms();
         Ok(data.len())
     }
 
-    /// A handle whose session an earlier close committed writes again: reopen from the
-    /// committed bytes.
+    /// A handle whose session an earlier commit took writes again: reopen from the
+    /// committed bytes. Runs under [`changes`](Self::changes).
     fn ensure_session(&self, ino: u64) -> FsResult<()> {
         let st = self.state();
         if st.open.get(&ino).is_some_and(|o| o.session.is_some()) {
@@ -673,25 +715,37 @@ impl MountFs {
         drop(st);
         let session = self.new_session(&path, false)?;
         let mut st = self.state();
-        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: None, unlinked: false });
+        let now = alknet_actors::engine::now_ms();
+        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false });
         open.session = Some(session);
         Ok(())
     }
 
-    /// `fsync`: the staged bytes are made durable where they are; the commit waits for close.
+    /// `fsync`: what was written so far is committed (a version), because a program that
+    /// fsyncs (sqlite3, git, an editor) relies on it surviving a crash; readers see it from
+    /// then on. Only the sole writer's fsync commits; with several, the staged bytes are made
+    /// durable where they are and the last close commits.
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        let _changes = self.changes();
+        let ino = match self.state().handles.get(&fh) {
+            Some(Handle::Write { ino, .. }) => *ino,
+            _ => return Ok(()),
+        };
+        let sole = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);
+        if sole {
+            return self.commit(ino);
+        }
         let st = self.state();
-        if let Some(Handle::Write { ino, .. }) = st.handles.get(&fh) {
-            if let Some(s) = st.open.get(ino).and_then(|o| o.session.as_ref()) {
-                s.sync()?;
-            }
+        if let Some(s) = st.open.get(&ino).and_then(|o| o.session.as_ref()) {
+            s.sync()?;
         }
         Ok(())
     }
 
-    /// A close(2) of a descriptor of `fh` by process `by`: the last writer's close by the
-    /// process that opened it commits.
+    /// A close(2) of a descriptor of `fh` by process `by` (its thread group): the last
+    /// writer's close by the process that opened it commits.
     pub fn flush(&self, fh: u64, by: u32) -> FsResult<()> {
+        let _changes = self.changes();
         let ino = match self.state().handles.get(&fh) {
             Some(Handle::Write { ino, owner, .. }) if *owner == by => *ino,
             _ => return Ok(()),
@@ -705,6 +759,7 @@ impl MountFs {
 
     /// The handle is gone: a write handle's close commits if it was the last writer.
     pub fn release(&self, fh: u64) -> FsResult<()> {
+        let _changes = self.changes();
         let handle = self.state().handles.remove(&fh);
         let Some(Handle::Write { ino, .. }) = handle else { return Ok(()) };
         let last = {
@@ -723,14 +778,11 @@ impl MountFs {
         let result = self.commit(ino);
         let mut st = self.state();
         if st.open.get(&ino).is_some_and(|o| o.writers == 0) {
-            if let Some(open) = st.open.remove(&ino) {
-                drop(open.session); // an unlinked or failed session's staging file goes
-            }
+            // An unlinked or failed session's staging file goes with it.
+            st.open.remove(&ino);
         }
         if st.inodes.lookups.get(&ino).copied().unwrap_or(0) == 0 && !st.open.contains_key(&ino) {
-            if let Some(path) = st.inodes.by_ino.remove(&ino) {
-                st.inodes.by_path.remove(&path);
-            }
+            st.inodes.drop_ino(ino);
         }
         result
     }
@@ -738,6 +790,7 @@ impl MountFs {
     /// The handle's client went away without closing it (an SFTP connection dropped):
     /// what it wrote is not committed unless another writer still holds the file.
     pub fn abandon(&self, fh: u64) {
+        let _changes = self.changes();
         let mut st = self.state();
         let Some(Handle::Write { ino, .. }) = st.handles.remove(&fh) else { return };
         if let Some(open) = st.open.get_mut(&ino) {
@@ -749,6 +802,8 @@ impl MountFs {
     }
 
     /// Commits inode `ino`'s session if it has changes: the node takes the staging file.
+    /// Runs under [`changes`](Self::changes). A request the node never saw (its connection
+    /// had closed) is sent once more; one it refused leaves the file as it was.
     fn commit(&self, ino: u64) -> FsResult<()> {
         let (session, path, mtime_ms) = {
             let mut st = self.state();
@@ -757,24 +812,35 @@ impl MountFs {
                 return Ok(());
             }
             let path = st.inodes.path(ino)?;
-            let open = st.open.get_mut(&ino).expect("checked");
+            let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             open.dirty = false;
-            let mtime = open.mtime_ms.take();
-            (open.session.take().expect("checked"), path, mtime)
+            let session = open.session.take().ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+            (session, path, open.mtime_ms)
         };
         let mode = session.mode();
-        let (staging, _, hash) = session.hand_off()?;
-        let req = Request::PutStaged {
+        let (staging, size, hash) = session.hand_off()?;
+        let req = || Request::PutStaged {
             scope: self.wire(),
             path: path.to_string(),
             staging: staging.clone(),
             hash: hash.map(|h| h.to_hex()),
+            size: Some(size),
             mode,
-            mtime_ms: mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms),
+            mtime_ms,
         };
-        let result = self.call(req);
+        let mut result = self.call(req());
+        if result.is_err() && staging.exists() {
+            // The node did not take the file: it never got the request (a connection it
+            // had closed), or refused it before touching the file. Once more, then give up.
+            result = self.call(req());
+        }
         if result.is_err() {
-            let _ = std::fs::remove_file(&staging); // the node did not take it
+            let _ = std::fs::remove_file(&staging);
+        } else {
+            let mut st = self.state();
+            if let Some(open) = st.open.get_mut(&ino) {
+                open.fresh = false;
+            }
         }
         result.map(|_| ())
     }
@@ -786,60 +852,72 @@ impl MountFs {
 
     // ---- changes ----
 
-    /// `setattr`: mode, mtime and size (truncate). An open write session takes them; else
-    /// each is one commit.
+    /// `setattr` of the file at `path` (mode, mtime, size).
     pub fn setattr(&self, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
+        let ino = self.state().inodes.ino_of(path);
+        self.setattr_ino(ino, mode, mtime_ms, size)
+    }
+
+    /// `setattr` of inode `ino` (FUSE; SFTP's fsetstat): mode, mtime and size (truncate).
+    /// A file with a write session open (even unlinked) takes them into the session;
+    /// otherwise each is one commit.
+    pub fn setattr_ino(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
         if mode.is_none() && mtime_ms.is_none() && size.is_none() {
-            return self.stat(path);
+            return self.getattr(ino, None);
         }
         self.writable()?;
-        let ino = self.state().inodes.ino_of(path);
-        let in_session = self.state().open.get(&ino).is_some_and(|o| o.session.is_some() && !o.unlinked);
-        if in_session {
+        let changes = self.changes();
+        let open = self.state().open.contains_key(&ino);
+        if open {
+            self.ensure_session(ino)?;
             let mut st = self.state();
-            let open = st.open.get_mut(&ino).expect("checked");
-            let s = open.session.as_mut().expect("checked");
+            let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+            let s = open.session.as_mut().ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             if let Some(m) = mode {
                 s.set_mode(m & 0o7777);
             }
             if let Some(len) = size {
                 s.truncate(len)?;
             }
-            if mtime_ms.is_some() {
-                open.mtime_ms = mtime_ms;
+            if let Some(ms) = mtime_ms {
+                open.mtime_ms = ms;
             }
             open.dirty = true;
-            drop(st);
-            return self.stat(path);
+            let (len, mode, ms) = (s.len(), s.mode(), open.mtime_ms);
+            return Ok(Attr { ino, kind: EntryKind::File, size: len, mode, mtime_ms: ms });
         }
-        let entry = self.entry(path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
+        let path = self.path_of(ino)?;
+        let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
         if let Some(len) = size {
             if entry.kind == EntryKind::Dir {
                 return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
             }
             if len != entry.size || mode.is_some() || mtime_ms.is_some() {
-                let mut session = self.new_session(path, len == 0)?;
+                let mut session = self.new_session(&path, len == 0)?;
                 session.truncate(len)?;
                 if let Some(m) = mode {
                     session.set_mode(m & 0o7777);
                 }
-                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms, unlinked: false });
+                let ms = mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
+                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false });
                 let result = self.commit(ino);
                 self.state().open.remove(&ino);
                 result?;
             }
-            return self.stat(path);
+            drop(changes);
+            return self.getattr(ino, None);
         }
-        if path.is_root() {
-            return self.stat(path);
+        if !path.is_root() {
+            self.call(Request::SetAttr { scope: self.wire(), path: path.to_string(), mode, mtime_ms })?;
         }
-        self.call(Request::SetAttr { scope: self.wire(), path: path.to_string(), mode, mtime_ms })?;
-        self.stat(path)
+        drop(changes);
+        self.getattr(ino, None)
     }
 
     /// `mkdir`.
     pub fn mkdir(&self, path: &TreePath, mode: u32) -> FsResult<Attr> {
         self.writable()?;
+        let _changes = self.changes();
         if self.stat(path).is_ok() {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
         }
@@ -863,8 +941,12 @@ impl MountFs {
     /// `symlink`: a link at `path` to `target`.
     pub fn symlink(&self, path: &TreePath, target: &str) -> FsResult<Attr> {
         self.writable()?;
-        if target.is_empty() || target.len() > SYMLINK_TARGET_BYTES_MAX || target.contains('\0') {
-            return Err(errno(libc::ENAMETOOLONG, format!("a link target must be 1 to {SYMLINK_TARGET_BYTES_MAX} bytes")));
+        let _changes = self.changes();
+        if target.is_empty() {
+            return Err(errno(libc::ENOENT, "a link target cannot be empty"));
+        }
+        if target.len() > SYMLINK_TARGET_BYTES_MAX || target.contains('\0') {
+            return Err(errno(libc::ENAMETOOLONG, format!("a link target must be at most {SYMLINK_TARGET_BYTES_MAX} bytes, without NUL")));
         }
         if self.stat(path).is_ok() {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
@@ -877,35 +959,25 @@ impl MountFs {
     /// `unlink` (files and symlinks) or `rmdir` (empty directories).
     pub fn remove(&self, path: &TreePath, dir: bool) -> FsResult<()> {
         self.writable()?;
-        let ino = self.state().inodes.by_path.get(path).copied();
-        let pending = ino.is_some_and(|i| self.state().open.get(&i).is_some_and(|o| o.session.is_some() && !o.unlinked));
-        let entry = self.entry(path)?;
-        match (&entry, dir) {
-            (None, _) if pending && !dir => {}
-            (None, _) => return Err(errno(libc::ENOENT, format!("{path}: no such file or directory"))),
-            (Some(e), true) if e.kind != EntryKind::Dir => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
-            (Some(e), false) if e.kind == EntryKind::Dir => return Err(errno(libc::EISDIR, format!("{path}: is a directory"))),
-            (Some(_), true) => {
-                if path.is_root() {
-                    return Err(errno(libc::EBUSY, "the root cannot be removed"));
-                }
-                if !self.list(path)?.is_empty() {
-                    return Err(errno(libc::ENOTEMPTY, format!("{path}: directory not empty")));
-                }
-            }
-            (Some(_), false) => {}
+        let _changes = self.changes();
+        let last = self.stat(path)?;
+        match (last.kind == EntryKind::Dir, dir) {
+            (false, true) => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
+            (true, false) => return Err(errno(libc::EISDIR, format!("{path}: is a directory"))),
+            (true, true) if path.is_root() => return Err(errno(libc::EBUSY, "the root cannot be removed")),
+            (true, true) if !self.list(path)?.is_empty() => return Err(errno(libc::ENOTEMPTY, format!("{path}: directory not empty"))),
+            _ => {}
         }
-        let last = self.stat(path).ok();
-        if entry.is_some() {
+        if self.entry(path)?.is_some() {
             self.call(Request::Remove { scope: self.wire(), path: path.to_string(), recursive: false })?;
         }
         let mut st = self.state();
-        if let Some(ino) = ino {
+        if let Some(ino) = st.inodes.by_path.get(path).copied() {
             if let Some(open) = st.open.get_mut(&ino) {
                 open.unlinked = true;
             }
         }
-        st.inodes.detach(path, last);
+        st.inodes.detach(path, Some(last));
         Ok(())
     }
 
@@ -913,16 +985,17 @@ impl MountFs {
     /// (unless `noreplace`).
     pub fn rename(&self, from: &TreePath, to: &TreePath, noreplace: bool) -> FsResult<()> {
         self.writable()?;
-        if from == to {
-            return Ok(());
-        }
-        if to.is_within(from) {
-            return Err(errno(libc::EINVAL, format!("cannot move {from} into itself ({to})")));
-        }
+        let _changes = self.changes();
         if from.is_root() || to.is_root() {
             return Err(errno(libc::EBUSY, "the root cannot be moved or replaced"));
         }
+        if to.is_within(from) && from != to {
+            return Err(errno(libc::EINVAL, format!("cannot move {from} into itself ({to})")));
+        }
         let src = self.stat(from)?;
+        if from == to {
+            return Ok(());
+        }
         let replaced = self.stat(to).ok();
         if let Some(dst) = replaced.clone() {
             if noreplace {
@@ -936,14 +1009,11 @@ impl MountFs {
             }
         }
         self.check_parent(to)?;
-        let in_tree = self.entry(from)?.is_some();
-        if in_tree {
+        if self.entry(from)?.is_some() {
             self.call(Request::MoveOver { scope: self.wire(), from: from.to_string(), to: to.to_string() })?;
-        } else if self.entry(to)?.is_some() {
-            // A file still being written moves over a committed one: the old one goes now,
-            // the new bytes arrive at close.
-            self.call(Request::Remove { scope: self.wire(), path: to.to_string(), recursive: false })?;
         }
+        // A file still being written (not in the tree yet) just takes the new name: its
+        // close commits there, replacing what `to` holds in that one transaction.
         let mut st = self.state();
         if let Some(old) = st.inodes.by_path.get(to).copied() {
             if let Some(open) = st.open.get_mut(&old) {
@@ -951,8 +1021,6 @@ impl MountFs {
             }
         }
         st.inodes.rename(from, to, replaced);
-        // A moved file with a session open commits to its new path; mark it so a new file
-        // (not yet in the tree) still commits.
         Ok(())
     }
 
@@ -974,6 +1042,16 @@ impl Drop for MountFs {
         // versions stay, as after a crash.
         let _ = std::fs::remove_dir_all(&self.staging_dir);
     }
+}
+
+/// The inode number a listing shows for a path this mount has not numbered: nonzero (0
+/// marks a deleted entry to readdir's callers) and apart from the numbers it hands out.
+fn listed_ino(path: &TreePath) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.as_str().bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h | (1 << 63)
 }
 
 fn attr_of(ino: u64, e: &Entry) -> Attr {

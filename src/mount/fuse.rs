@@ -112,6 +112,15 @@ fn time_ms(t: TimeOrNow) -> i64 {
     }
 }
 
+/// The process (thread group) of thread `tid`: FUSE names the calling thread, and a
+/// program may open a file on one thread and close it on another.
+fn process_of(tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(tid)
+}
+
 fn open_mode(flags: i32, owner: u32) -> OpenMode {
     let acc = flags & libc::O_ACCMODE;
     OpenMode {
@@ -127,7 +136,9 @@ impl Filesystem for Fuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE_BYTES);
         let _ = config.set_max_background(64);
-        for flag in [InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP, InitFlags::FUSE_PARALLEL_DIROPS] {
+        // ATOMIC_O_TRUNC: open(O_TRUNC) arrives as one request, so overwriting a file does
+        // not first copy (or fetch from peers) the bytes it is about to drop.
+        for flag in [InitFlags::FUSE_ATOMIC_O_TRUNC, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP, InitFlags::FUSE_PARALLEL_DIROPS] {
             if let Err(missing) = config.add_capabilities(flag) {
                 tracing::debug!(?missing, "the kernel does not offer a FUSE capability");
             }
@@ -143,8 +154,8 @@ impl Filesystem for Fuse {
         self.fs.forget(ino.0, nlookup)
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.attr(reply, self.fs.getattr(ino.0))
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.attr(reply, self.fs.getattr(ino.0, fh.map(|f| f.0)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -168,7 +179,7 @@ impl Filesystem for Fuse {
     ) {
         // Owners are not stored: every file is the mounting user's, and chown is accepted
         // as a no-op so that `cp -a`, `rsync -a` and `tar` run as root do not fail.
-        let r = self.fs.path_of(ino.0).and_then(|p| self.fs.setattr(&p, mode, mtime.map(time_ms), size));
+        let r = self.fs.setattr_ino(ino.0, mode, mtime.map(time_ms), size);
         self.attr(reply, r)
     }
 
@@ -231,14 +242,16 @@ impl Filesystem for Fuse {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, req.pid()))) {
+        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, process_of(req.pid())))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
-        let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, flags & libc::O_EXCL != 0, req.pid()));
+        let how = open_mode(flags, process_of(req.pid()));
+        let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, how, flags & libc::O_EXCL != 0));
+        let r = r.inspect(|(_, a)| self.fs.count_lookup(a.ino));
         match r {
             Ok((fh, a)) => reply.created(&ATTR_TTL, &self.file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
@@ -271,7 +284,7 @@ impl Filesystem for Fuse {
     }
 
     fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
-        empty(reply, self.fs.flush(fh.0, req.pid()))
+        empty(reply, self.fs.flush(fh.0, process_of(req.pid())))
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {

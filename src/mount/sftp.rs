@@ -46,6 +46,8 @@ const READ_BYTES_MAX: u32 = 256 * 1024;
 const READDIR_BATCH: usize = 128;
 /// Symlinks followed in one `stat` before giving up (a loop).
 const SYMLINK_HOPS_MAX: usize = 16;
+/// Handles one SFTP session may hold open (each holds a file or a staging file).
+const HANDLES_PER_SESSION_MAX: usize = 256;
 /// Sessions (channels) one connection may open.
 const CHANNELS_PER_CONNECTION_MAX: usize = 8;
 
@@ -337,7 +339,7 @@ impl russh::server::Handler for Connection {
 
 /// An open SFTP handle.
 enum SftpHandle {
-    File { fh: u64, path: TreePath, write: bool },
+    File { fh: u64, write: bool },
     Dir { fh: u64, pos: usize },
 }
 
@@ -426,11 +428,18 @@ impl SftpSession {
         }
     }
 
-    fn add(&mut self, h: SftpHandle) -> String {
+    fn add(&mut self, h: SftpHandle) -> Result<String, StatusReply> {
+        if self.handles.len() >= HANDLES_PER_SESSION_MAX {
+            match h {
+                SftpHandle::File { fh, .. } => self.fs.abandon(fh),
+                SftpHandle::Dir { fh, .. } => self.fs.releasedir(fh),
+            }
+            return Err(StatusCode::Failure.with_message(format!("too many open handles (at most {HANDLES_PER_SESSION_MAX}): close some")));
+        }
         let name = format!("h{}", self.next);
         self.next += 1;
         self.handles.insert(name.clone(), h);
-        name
+        Ok(name)
     }
 
     /// `path` with its symlinks followed (through the tree only).
@@ -449,19 +458,20 @@ impl SftpSession {
         Err(StatusCode::Failure.with_message("too many levels of symbolic links"))
     }
 
-    fn file_handle(&self, handle: &str) -> Result<(u64, TreePath), StatusReply> {
+    fn file_handle(&self, handle: &str) -> Result<u64, StatusReply> {
         match self.handles.get(handle) {
-            Some(SftpHandle::File { fh, path, .. }) => Ok((*fh, path.clone())),
+            Some(SftpHandle::File { fh, .. }) => Ok(*fh),
             _ => Err(StatusCode::Failure.with_message("no such file handle")),
         }
     }
+}
 
-    async fn set_attributes(&self, path: TreePath, attrs: FileAttributes) -> Result<(), StatusReply> {
-        let mode = attrs.permissions.map(|p| p & 0o7777);
-        let mtime_ms = attrs.mtime.map(|s| s as i64 * 1000);
-        let size = attrs.size;
-        self.run(move |fs| fs.setattr(&path, mode, mtime_ms, size).map(|_| ())).await
-    }
+/// What a setstat changes: mode, mtime, size.
+fn changes_of(attrs: &FileAttributes) -> (Option<u32>, Option<i64>, Option<u64>) {
+    (attrs.permissions.map(|p| p & 0o7777), attrs.mtime.map(|s| s as i64 * 1000), attrs.size)
+}
+
+impl SftpSession {
 }
 
 impl russh_sftp::server::Handler for SftpSession {
@@ -496,27 +506,30 @@ impl russh_sftp::server::Handler for SftpSession {
         let create = pflags.contains(OpenFlags::CREATE);
         let exclusive = pflags.contains(OpenFlags::EXCLUDE);
         let mode = attrs.permissions.map(|p| p & 0o7777).unwrap_or(0o644);
-        let p = path.clone();
+        // A symlink is followed (inside the bucket), as OpenSSH's server does.
+        let path = match self.follow(path.clone()).await {
+            Ok((p, _)) => p,
+            Err(_) => path,
+        };
         let fh = self
-            .run(move |fs| {
-                let exists = fs.stat(&p).is_ok();
-                if create && (!exists || exclusive) {
-                    return fs.create(&p, mode, exclusive, 0).map(|(fh, _)| fh);
-                }
-                fs.open_file(&p, how)
+            .run(move |fs| match fs.stat(&path) {
+                Ok(_) if create && exclusive => Err(Errno::new(libc::EEXIST, format!("{path}: already exists"))),
+                Ok(_) => fs.open_file(&path, how),
+                Err(e) if e.code == libc::ENOENT && create => fs.create(&path, mode, how, exclusive).map(|(fh, _)| fh),
+                Err(e) => Err(e),
             })
             .await?;
-        Ok(Handle { id, handle: self.add(SftpHandle::File { fh, path, write }) })
+        Ok(Handle { id, handle: self.add(SftpHandle::File { fh, write })? })
     }
 
     async fn close(&mut self, id: u32, handle: String) -> Result<Status, Self::Error> {
         match self.handles.remove(&handle) {
-            Some(SftpHandle::File { fh, write, .. }) => {
+            Some(SftpHandle::File { fh, write }) => {
                 self.run(move |fs| {
-                    if write {
-                        fs.flush(fh, 0)?;
-                    }
-                    fs.release(fh)
+                    // Always released, even when the commit failed, so the file is not held.
+                    let flushed = if write { fs.flush(fh, 0) } else { Ok(()) };
+                    let released = fs.release(fh);
+                    flushed.and(released)
                 })
                 .await?
             }
@@ -527,7 +540,7 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn read(&mut self, id: u32, handle: String, offset: u64, len: u32) -> Result<Data, Self::Error> {
-        let (fh, _) = self.file_handle(&handle)?;
+        let fh = self.file_handle(&handle)?;
         let len = len.min(READ_BYTES_MAX) as usize;
         let data = self.run(move |fs| fs.read(fh, offset, len)).await?;
         if data.is_empty() && len > 0 {
@@ -537,7 +550,7 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn write(&mut self, id: u32, handle: String, offset: u64, data: Vec<u8>) -> Result<Status, Self::Error> {
-        let (fh, _) = self.file_handle(&handle)?;
+        let fh = self.file_handle(&handle)?;
         self.run(move |fs| fs.write(fh, offset, &data).map(|_| ())).await?;
         Ok(ok(id))
     }
@@ -554,26 +567,29 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
-        let (_, path) = self.file_handle(&handle)?;
-        let a = self.run(move |fs| fs.stat(&path)).await?;
+        let fh = self.file_handle(&handle)?;
+        let a = self.run(move |fs| fs.getattr(fs.handle_ino(fh)?, Some(fh))).await?;
         Ok(Attrs { id, attrs: attributes(&a) })
     }
 
     async fn setstat(&mut self, id: u32, path: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
-        self.set_attributes(resolve(&path)?, attrs).await?;
+        let p = resolve(&path)?;
+        let (mode, mtime_ms, size) = changes_of(&attrs);
+        self.run(move |fs| fs.setattr(&p, mode, mtime_ms, size).map(|_| ())).await?;
         Ok(ok(id))
     }
 
     async fn fsetstat(&mut self, id: u32, handle: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
-        let (_, path) = self.file_handle(&handle)?;
-        self.set_attributes(path, attrs).await?;
+        let fh = self.file_handle(&handle)?;
+        let (mode, mtime_ms, size) = changes_of(&attrs);
+        self.run(move |fs| fs.setattr_ino(fs.handle_ino(fh)?, mode, mtime_ms, size).map(|_| ())).await?;
         Ok(ok(id))
     }
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
         let (p, _) = self.follow(resolve(&path)?).await?;
         let fh = self.run(move |fs| fs.opendir(&p)).await?;
-        Ok(Handle { id, handle: self.add(SftpHandle::Dir { fh, pos: 0 }) })
+        Ok(Handle { id, handle: self.add(SftpHandle::Dir { fh, pos: 0 })? })
     }
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
@@ -641,7 +657,7 @@ impl russh_sftp::server::Handler for SftpSession {
             }
             "fsync@openssh.com" => {
                 let (handle, _) = ssh_string(&data)?;
-                let (fh, _) = self.file_handle(&handle)?;
+                let fh = self.file_handle(&handle)?;
                 self.run(move |fs| fs.fsync(fh)).await?;
                 Ok(Packet::Status(ok(id)))
             }

@@ -1,0 +1,265 @@
+//! Figures of the mounts (issue 9), each against its baseline in the same run, printed as a
+//! table. Run with `cargo bench --bench mount` (as root: it drops the page cache before cold
+//! reads and starts an OpenSSH `sshd` for the SFTP baseline); `ALKFS_BENCH_QUICK=1` for a
+//! smoke run with small sizes.
+//!
+//! | figure | baseline | goal |
+//! |---|---|---|
+//! | untar a 10,000-file source tree onto the FUSE mount, then `sync` | the same onto the native disk | ≤ 3× the time |
+//! | sequential write of 1 GiB (`dd bs=1M conv=fsync`) | the native disk | ≥ 0.5× the throughput |
+//! | sequential read of 1 GiB, cold (page cache dropped) and hot | the native disk | ≥ 0.5× |
+//! | `sftp` put and get of 1 GiB | OpenSSH's own sftp-server (sshd, same client) | ≥ 0.8× |
+//!
+//! Native and mount runs alternate, three of each; the table shows medians. Every run is on
+//! the same disk (the bench's temporary directory).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ALKFS: &str = env!("CARGO_BIN_EXE_alkfs");
+const RUNS: usize = 3;
+
+fn quick() -> bool {
+    std::env::var_os("ALKFS_BENCH_QUICK").is_some()
+}
+
+/// A child process killed (SIGTERM, then reaped) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn alkfs(data: &Path) -> Command {
+    let mut c = Command::new(ALKFS);
+    c.arg("--data").arg(data).env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled");
+    c
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn sh(script: &str) {
+    run(Command::new("sh").arg("-c").arg(script));
+}
+
+fn timed(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{what} did not happen in 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == dir.to_str())
+}
+
+fn drop_caches() -> bool {
+    sh("sync");
+    fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Writes a source-like tree of `n` files (200 B to 12 KiB, in 40 × 12 directories), seeded.
+fn make_tree(root: &Path, n: usize) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..n {
+        let dir = root.join(format!("src/m{}/s{}", i % 40, (i / 40) % 12));
+        fs::create_dir_all(&dir).unwrap();
+        let len = 200 + (next() % 11_800) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| (next() % 96 + 32) as u8).collect();
+        fs::write(dir.join(format!("f{i}.rs")), bytes).unwrap();
+    }
+}
+
+fn row(out: &mut Vec<String>, figure: &str, native: f64, mount: f64, unit: &str, ratio: f64, goal: &str) {
+    out.push(format!("| {figure} | {native:.2} {unit} | {mount:.2} {unit} | {ratio:.2}× | {goal} |"));
+}
+
+fn main() {
+    let q = quick();
+    let files = if q { 500 } else { 10_000 };
+    let big_mib: usize = if q { 64 } else { 1024 };
+    let root = tempfile::Builder::new().prefix("alkfs-bench-mount-").tempdir_in(std::env::temp_dir()).unwrap();
+    let root = root.path();
+    let data = root.join("data");
+    run(alkfs(&data).arg("init"));
+    let node = Proc(alkfs(&data).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("the node to answer", || alkfs(&data).arg("status").output().is_ok_and(|o| o.status.success()));
+    let mnt = root.join("mnt");
+    let native = root.join("native");
+    fs::create_dir_all(&mnt).unwrap();
+    fs::create_dir_all(&native).unwrap();
+    let mount = Proc(alkfs(&data).arg("mount").arg(&mnt).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("the mount", || is_mounted(&mnt));
+    let mut table = vec!["| figure | native | alkfs | ratio | goal |".to_string(), "|---|---|---|---|---|".to_string()];
+
+    // 1. untar a source tree.
+    let tree = root.join("tree");
+    make_tree(&tree, files);
+    let tar = root.join("tree.tar");
+    run(Command::new("tar").arg("cf").arg(&tar).arg("-C").arg(&tree).arg("."));
+    let (mut tn, mut tm) = (Vec::new(), Vec::new());
+    for r in 0..RUNS {
+        for (dir, times) in [(&native, &mut tn), (&mnt, &mut tm)] {
+            let target = dir.join(format!("untar{r}"));
+            fs::create_dir(&target).unwrap();
+            sh("sync");
+            times.push(timed(|| {
+                run(Command::new("tar").arg("xf").arg(&tar).arg("-C").arg(&target));
+                sh("sync");
+            }));
+        }
+    }
+    let (n, m) = (median(tn), median(tm));
+    row(&mut table, &format!("untar {files} files + sync"), n, m, "s", m / n, "≤ 3× the time");
+
+    // 2. sequential write and read of 1 GiB.
+    let source = root.join("source.bin");
+    {
+        let mut f = fs::File::create(&source).unwrap();
+        let mut x: u64 = 1;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..big_mib {
+            for c in buf.chunks_mut(8) {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+    let bytes = (big_mib as f64) * 1024.0 * 1024.0;
+    let gbs = |secs: f64| bytes / secs / 1e9;
+    let (mut wn, mut wm, mut cn, mut cm, mut hn, mut hm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cold = true;
+    for r in 0..RUNS {
+        for (dir, w, c, h) in [(&native, &mut wn, &mut cn, &mut hn), (&mnt, &mut wm, &mut cm, &mut hm)] {
+            let target = dir.join(format!("big{r}"));
+            sh(&format!("cat {} > /dev/null; sync", source.display()));
+            w.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", source.display())).arg(format!("of={}", target.display())).args(["bs=1M", "conv=fsync", "status=none"])))));
+            cold &= drop_caches();
+            c.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", target.display())).args(["of=/dev/null", "bs=1M", "status=none"])))));
+            h.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", target.display())).args(["of=/dev/null", "bs=1M", "status=none"])))));
+        }
+    }
+    let (n, m) = (median(wn), median(wm));
+    row(&mut table, &format!("write {big_mib} MiB (dd bs=1M conv=fsync)"), n, m, "GB/s", m / n, "≥ 0.5×");
+    let (n, m) = (median(cn), median(cm));
+    row(&mut table, &format!("read {big_mib} MiB, cold{}", if cold { "" } else { " (NOT dropped: not root)" }), n, m, "GB/s", m / n, "≥ 0.5×");
+    let (n, m) = (median(hn), median(hm));
+    row(&mut table, &format!("read {big_mib} MiB, hot (page cache)"), n, m, "GB/s", m / n, "≥ 0.5×");
+
+    // 3. sftp put/get against OpenSSH's sftp-server.
+    match sftp_figures(root, &data, &source, bytes) {
+        Ok(rows) => table.extend(rows),
+        Err(why) => table.push(format!("| sftp put/get | — | — | — | not measured: {why} |")),
+    }
+    drop(mount);
+    drop(node);
+    println!("{}", table.join("\n"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn sftp_batch(port: u16, key: &Path, user: &str, script: &str) -> f64 {
+    timed(|| {
+        let mut child = Command::new("sftp")
+            .args(["-q", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+            .arg("-P")
+            .arg(port.to_string())
+            .arg("-i")
+            .arg(key)
+            .arg("-b")
+            .arg("-")
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "sftp batch failed: {script}");
+    })
+}
+
+fn sftp_figures(root: &Path, data: &Path, source: &Path, bytes: f64) -> Result<Vec<String>, String> {
+    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"].into_iter().map(PathBuf::from).find(|p| p.exists()).ok_or("no sshd (apt-get install openssh-server)")?;
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("sshd needs root".into());
+    }
+    let key = root.join("key");
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&key));
+    let host = root.join("ssh_host");
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&host));
+    run(alkfs(data).args(["sftp", "allow", "default"]).arg(key.with_extension("pub")));
+
+    // OpenSSH: sshd on loopback, this user, the same key, its internal sftp server.
+    let home = root.join("sshd-home");
+    fs::create_dir_all(&home).unwrap();
+    let auth = root.join("authorized_keys");
+    fs::copy(key.with_extension("pub"), &auth).unwrap();
+    let _ = fs::create_dir_all("/run/sshd");
+    let sshd_port = free_port();
+    let config = root.join("sshd_config");
+    fs::write(
+        &config,
+        format!(
+            "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nPasswordAuthentication no\n",
+            host.display(),
+            auth.display()
+        ),
+    )
+    .unwrap();
+    let _sshd = Proc(Command::new(&sshd).arg("-D").arg("-e").arg("-f").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| e.to_string())?);
+    wait_for("sshd to listen", || std::net::TcpStream::connect(("127.0.0.1", sshd_port)).is_ok());
+    let alk_port = free_port();
+    let _server = Proc(alkfs(data).args(["serve", "sftp", "--listen"]).arg(format!("127.0.0.1:{alk_port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("alkfs serve sftp to listen", || std::net::TcpStream::connect(("127.0.0.1", alk_port)).is_ok());
+
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let back = root.join("back.bin");
+    let remote_native = home.join("sftp.bin");
+    let (mut pn, mut pm, mut gn, mut gm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..RUNS {
+        sh(&format!("cat {} > /dev/null; sync", source.display()));
+        pn.push(bytes / 1e9 / sftp_batch(sshd_port, &key, &user, &format!("put {} {}\n", source.display(), remote_native.display())));
+        pm.push(bytes / 1e9 / sftp_batch(alk_port, &key, "default", &format!("put {} /sftp{r}.bin\n", source.display())));
+        let _ = fs::remove_file(&back);
+        gn.push(bytes / 1e9 / sftp_batch(sshd_port, &key, &user, &format!("get {} {}\n", remote_native.display(), back.display())));
+        let _ = fs::remove_file(&back);
+        gm.push(bytes / 1e9 / sftp_batch(alk_port, &key, "default", &format!("get /sftp{r}.bin {}\n", back.display())));
+    }
+    let mut rows = Vec::new();
+    let mib = bytes / (1024.0 * 1024.0);
+    let (n, m) = (median(pn), median(pm));
+    row(&mut rows, &format!("sftp put {mib:.0} MiB"), n, m, "GB/s", m / n, "≥ 0.8× (OpenSSH sshd)");
+    let (n, m) = (median(gn), median(gm));
+    row(&mut rows, &format!("sftp get {mib:.0} MiB"), n, m, "GB/s", m / n, "≥ 0.8× (OpenSSH sshd)");
+    Ok(rows)
+}
