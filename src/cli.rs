@@ -19,6 +19,11 @@ pub struct Cli {
     /// The branch to act on.
     #[arg(long, global = true, env = "ALKFS_BRANCH", default_value = "main")]
     pub branch: String,
+    /// Time travel, for reads (ls, get, log, mount): the branch as it was at a moment
+    /// (2026-11-30T10:00:00Z), a while ago (90m, 2h, 7d), or just after a version was
+    /// written (17@3f2a9c1b02, as `alkfs log` prints it).
+    #[arg(long, global = true, value_name = "TIME|AGO|VERSION")]
+    pub at: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -5,7 +5,8 @@ use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use alknet_actors::engine::{Access, Engine, Scope};
-use alknet_actors::proto::ids::VersionId;
+use alknet_actors::proto::clock::Stamp;
+use alknet_actors::proto::ids::{OrderKey, VersionId, VersionRef};
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
@@ -42,9 +43,36 @@ fn node_client(dir: &Path, what: &str) -> Result<Client> {
     Client::connect(dir).with_context(|| format!("`alkfs {what}` needs the running node (it uses the node's network): start it with `alkfs --data {} node run`", dir.display()))
 }
 
+/// The point `--at` names, as a bound on the order of versions: a time (RFC 3339), a while
+/// ago (`90m`, `2h`, `7d`), or a version id (the branch just after it was written).
+fn at_key(dir: &Path, raw: &str) -> Result<OrderKey> {
+    let is_version = raw.contains('@') || raw.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if is_version {
+        let version = VersionRef::parse(raw).map_err(|e| anyhow::anyhow!(e))?;
+        return Ok(Engine::open(dir, Access::Read)?.key_of_version(&version)?);
+    }
+    let ms = if let Ok(t) = chrono::DateTime::parse_from_rfc3339(raw) {
+        t.timestamp_millis()
+    } else if let Ok(ago) = alknet_actors::proto::ticket::parse_duration_ms(raw) {
+        alknet_actors::engine::now_ms() - ago
+    } else {
+        bail!("--at {raw:?}: give a time (2026-11-30T10:00:00Z), a while ago (90m, 2h, 7d) or a version (17@3f2a9c1b02, as `alkfs log` prints it)");
+    };
+    Ok(OrderKey::upto(Stamp { ms, counter: u32::MAX }))
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let dir = data_dir(&cli)?;
-    let scope = Scope::new(&cli.bucket, &cli.branch);
+    let at = match &cli.at {
+        Some(raw) => {
+            if !matches!(cli.command, Command::Get { .. } | Command::Ls { .. } | Command::Log { .. } | Command::Mount { .. }) {
+                bail!("--at reads the past: it goes with ls, get, log and mount, not with this command");
+            }
+            Some(at_key(&dir, raw)?)
+        }
+        None => None,
+    };
+    let scope = Scope::new(&cli.bucket, &cli.branch).at(at);
     let out = io::stdout();
     let mut out = BufWriter::new(out.lock());
     match cli.command {

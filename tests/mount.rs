@@ -79,6 +79,12 @@ fn sh(dir: &Path, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Waits until every file closed on the mount is committed (an fsync of its root
+/// directory drains the write-behind queue), so other processes (the CLI) see them.
+fn settle(m: &Mount) {
+    File::open(&m.dir).unwrap().sync_all().unwrap();
+}
+
 fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
     match r {
         Ok(_) => 0,
@@ -105,6 +111,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
     common::write_random_file(&src.join("big"), 3 << 20, 99);
     sh(s.scratch(), &format!("cp -r src {}", m.dir.display()));
     sh(s.scratch(), &format!("diff -r src {}", m.path("src").display()));
+    settle(&m);
     assert_eq!(s.get_bytes("/src/big"), fs::read(src.join("big")).unwrap(), "the CLI reads what cp wrote");
     assert_eq!(s.get_bytes("/src/d3/f7"), fs::read(src.join("d3/f7")).unwrap());
 
@@ -130,6 +137,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         sh(&repo, "echo more >> a && git -c user.email=t@t -c user.name=t commit -qam two");
         assert_eq!(sh(&repo, "git log --format=%s").lines().collect::<Vec<_>>(), vec!["two", "one"]);
         sh(&repo, "git fsck --strict 2>&1");
+        settle(&m);
         assert_eq!(s.get_bytes("/repo/a"), b"hi\nmore\n");
     }
 
@@ -139,6 +147,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         sh(&m.dir, &format!("sqlite3 {} 'create table t(x); insert into t values (1), (2);'", db.display()));
         sh(&m.dir, &format!("sqlite3 {} 'update t set x = x * 10; insert into t values (3);'", db.display()));
         assert_eq!(sh(&m.dir, &format!("sqlite3 {} 'select sum(x) from t; pragma integrity_check;'", db.display())), "33\nok\n");
+        settle(&m);
         let copy = s.scratch().join("copy.db");
         fs::write(&copy, s.get_bytes("/app.db")).unwrap();
         assert_eq!(sh(s.scratch(), "sqlite3 copy.db 'select sum(x) from t;'"), "33\n", "the CLI's copy of the database is the updated one");
@@ -149,12 +158,14 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
     sh(&m.dir, "mv -f src/over src/d0/f0");
     assert_eq!(fs::read(m.path("src/d0/f0")).unwrap(), b"new");
     assert!(!m.path("src/over").exists());
+    settle(&m);
     assert_eq!(s.get_bytes("/src/d0/f0"), b"new");
     sh(&m.dir, "truncate -s 1000 src/big && printf tail >> src/big");
     let mut want = fs::read(src.join("big")).unwrap();
     want.truncate(1000);
     want.extend_from_slice(b"tail");
     assert_eq!(fs::read(m.path("src/big")).unwrap(), want);
+    settle(&m);
     assert_eq!(s.get_bytes("/src/big"), want);
     // A sparse write past the end leaves zeros between.
     {
@@ -163,6 +174,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         f.seek(SeekFrom::Start(len + 5000)).unwrap();
         f.write_all(b"end").unwrap();
     }
+    settle(&m);
     let got = s.get_bytes("/src/d2/f2");
     assert_eq!(got.len() as u64, fs::metadata(src.join("d2/f2")).unwrap().len() + 5003);
     assert!(got[got.len() - 5003..got.len() - 3].iter().all(|b| *b == 0) && got.ends_with(b"end"));
@@ -193,6 +205,8 @@ fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
     assert_eq!(late, "old old old", "a reader that opens during the write sees the old version too");
 
     drop(writer);
+    assert_eq!(fs::read(m.path("doc")).unwrap(), b"NEW CONTENT, LONGER THAN BEFORE", "the mount shows a close at once");
+    settle(&m);
     assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE", "close committed it");
     let mut seen = String::new();
     reader.seek(SeekFrom::Start(0)).unwrap();
@@ -209,6 +223,7 @@ fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
     assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE +synced", "fsync committed");
     w.write_all(b" +closed").unwrap();
     drop(w);
+    settle(&m);
     assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE +synced +closed");
 }
 
@@ -243,6 +258,7 @@ fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
     fs::create_dir(m.path("empty")).unwrap();
     fs::rename(m.path("a"), m.path("empty")).unwrap();
     assert_eq!(fs::read(m.path("empty/b/f")).unwrap(), b"x");
+    settle(&m);
     assert_eq!(s.get_bytes("/empty/b/f"), b"x");
     assert!(s.run(&["get", "/a/b/f"]).status.code() != Some(0));
     // Nothing half-done: the tree holds exactly what succeeded.
@@ -431,4 +447,52 @@ fn bytes_written_through_sftp_read_back_through_fuse_and_sshfs_sees_what_fuse_wr
     fs::write(sshfs_dir.join("copy/over"), b"replaced").unwrap();
     sh(&sshfs_dir, "mv -f copy/over copy/d0/f0");
     await_cond(Duration::from_secs(5), "the FUSE mount to show the sshfs rename", || fs::read(m.path("copy/d0/f0")).ok().as_deref() == Some(b"replaced".as_slice()));
+}
+
+#[test]
+fn time_travel_shows_the_branch_as_it_was_in_ls_get_and_a_read_only_mount() {
+    let s = Store::new();
+    s.put_bytes("/doc", b"first");
+    s.put_bytes("/kept", b"kept then removed");
+    let v1 = s.log_json(&[], "/doc")[0]["version"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(50));
+    let before = chrono_now_rfc3339();
+    std::thread::sleep(Duration::from_millis(50));
+    s.put_bytes("/doc", b"second");
+    s.ok(&["rm", "/kept"]);
+    s.put_bytes("/later", b"new");
+
+    let names = |flags: &[&str]| -> Vec<String> {
+        let mut args = flags.to_vec();
+        args.extend(["ls", "/"]);
+        let mut v: Vec<String> = s.ok(&args).lines().map(|l| l.trim_end_matches('/').to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&[]), vec!["doc", "later"]);
+    assert_eq!(names(&["--at", &before]), vec!["doc", "kept"], "the tree at a time before the second round");
+    assert_eq!(s.get_bytes_with(&["--at", &before], "/doc"), b"first");
+    assert_eq!(s.get_bytes_with(&["--at", &before], "/kept"), b"kept then removed", "a file removed since reads back");
+    assert_eq!(s.get_bytes_with(&["--at", &v1], "/doc"), b"first", "just after a version was written");
+    assert_eq!(names(&["--at", &v1]), vec!["doc"], "nothing written after that version shows");
+    assert!(s.err(&["--at", "not-a-time", "ls", "/"]).contains("give a time"));
+    assert!(s.err(&["--at", &before, "rm", "/doc"]).contains("--at reads the past"));
+    assert!(s.err(&["--at", "999@ffff", "ls", "/"]).contains("no version"));
+
+    if !can_mount() {
+        return;
+    }
+    // A mount of the past needs no node and refuses writes.
+    let m = Mount::start(&s, &["--at", &before]);
+    assert_eq!(fs::read(m.path("doc")).unwrap(), b"first");
+    assert_eq!(fs::read(m.path("kept")).unwrap(), b"kept then removed");
+    assert!(!m.path("later").exists());
+    assert_eq!(errno_of(fs::write(m.path("doc"), b"rewrite history")), libc::EROFS);
+}
+
+/// Now as RFC 3339 with milliseconds (UTC).
+fn chrono_now_rfc3339() -> String {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let out = Command::new("date").arg("-u").arg("-d").arg(format!("@{}.{:03}", ms / 1000, ms % 1000)).arg("+%Y-%m-%dT%H:%M:%S.%3NZ").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

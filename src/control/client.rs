@@ -5,7 +5,7 @@ use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 
 use super::{read_frame, write_frame, Reply, Request, SOCKET_FILE, STREAM_CHUNK_BYTES};
 
@@ -88,11 +88,24 @@ fn read_reply(stream: &mut UnixStream) -> Result<Reply> {
     serde_json::from_slice(&payload).map_err(|e| anyhow!("unreadable reply from the node: {e}"))
 }
 
+/// The node answered with an error (as opposed to not answering at all: a connection that
+/// failed, a node that is down).
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 impl Reply {
-    /// `Error` as an `Err`.
+    /// `Error` as an `Err` ([`Refused`]).
     fn into_result(self) -> Result<Reply> {
         match self {
-            Reply::Error { message } => bail!("{message}"),
+            Reply::Error { message } => Err(Refused(message).into()),
             reply => Ok(reply),
         }
     }

@@ -48,12 +48,10 @@ pub enum Request {
     PutTree { scope: WireScope, path: String, src: PathBuf },
     /// Store the bytes that follow in data frames, up to an empty frame.
     PutStream { scope: WireScope, path: String },
-    /// Commit a mount's write session: the node takes over its staging file (inside
-    /// `content/staging/mount-*`), hashes it unless `hash` is given (every write was an
-    /// append and the mount hashed them), and moves it into the content store.
-    /// `size` is the length the session wrote; a file of another length is refused (a write
-    /// that failed part-way), so a hash given never names other bytes.
-    PutStaged { scope: WireScope, path: String, staging: PathBuf, hash: Option<String>, size: Option<u64>, mode: u32, mtime_ms: i64 },
+    /// Commit closed files of a mount in one transaction: the node takes over each staging
+    /// file (inside `content/staging/mount-*`), hashes it unless its hash is given (every
+    /// write was an append and the mount hashed them), and moves it into the content store.
+    PutStaged { scope: WireScope, items: Vec<StagedFile> },
     /// Make a symbolic link at `path` pointing to `target`.
     Symlink { scope: WireScope, path: String, target: String },
     /// Set the mode and/or mtime of a path, keeping its bytes.
@@ -92,6 +90,24 @@ pub enum Request {
     Fetch { hash: String, size: u64 },
     /// Tests only, when the node was started with fault injection on: panic an actor.
     InjectPanic { actor: String },
+}
+
+/// One closed file of a mount, for [`Request::PutStaged`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagedFile {
+    /// Where it goes.
+    pub path: String,
+    /// Its staging file.
+    pub staging: PathBuf,
+    /// Its BLAKE3 hash, when the mount hashed it as it was written.
+    pub hash: Option<String>,
+    /// The length the session wrote; a file of another length is refused (a write that
+    /// failed part-way), so a hash given never names other bytes.
+    pub size: Option<u64>,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time.
+    pub mtime_ms: i64,
 }
 
 /// The node's answer.

@@ -216,7 +216,7 @@ fn encode_reply(reply: &Reply) -> Vec<u8> {
 }
 
 fn scope(s: WireScope) -> Scope {
-    Scope { bucket: s.bucket, branch: s.branch }
+    Scope { bucket: s.bucket, branch: s.branch, at: None }
 }
 
 fn path(raw: &str) -> Result<TreePath> {
@@ -236,6 +236,35 @@ async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<R
         WriteOutcome::Seqs(s) => Ok(Reply::Seq { seq: s.first().copied().unwrap_or(0) }),
         other => bail!("unexpected store outcome {other:?}"),
     }
+}
+
+/// Checks a mount's closed file before anything is moved: its path, its hash, and that its
+/// staging file is there with the length the mount wrote. A batch with one bad file is
+/// refused whole and untouched, so the mount can resend the others.
+fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Option<ContentHash>)> {
+    let dest = path(&item.path)?;
+    let hash = match &item.hash {
+        Some(h) => Some(ContentHash::from_hex(h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
+        None => None,
+    };
+    let len = std::fs::symlink_metadata(&item.staging).with_context(|| item.staging.display().to_string())?.len();
+    if item.size.is_some_and(|want| want != len) || (hash.is_some() && item.size.is_none()) {
+        bail!("{}: the staged file is {len} bytes, not the {:?} written: refusing it (nothing was committed)", item.staging.display(), item.size);
+    }
+    Ok((dest, hash))
+}
+
+/// A checked closed file made a commit item: its staging file taken over, hashed unless the
+/// mount did, and moved into place.
+fn take_staged(content: &ContentStore, item: super::StagedFile, dest: TreePath, hash: Option<ContentHash>) -> Result<CommitItem> {
+    let staged = content.adopt_staged(&item.staging)?;
+    let (hash, size) = match hash {
+        Some(h) => (h, item.size.unwrap_or(0)),
+        None => hash_file(staged.file()).with_context(|| format!("hashing {}", item.staging.display()))?,
+    };
+    let blob = content.finish(staged, hash, size)?;
+    let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: item.mode & 0o7777, mtime_ms: item.mtime_ms };
+    Ok((dest, entry, blob))
 }
 
 async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
@@ -270,29 +299,19 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             Reply::Count { count }
         }
         Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
-        Request::PutStaged { scope: s, path: p, staging, hash, size, mode, mtime_ms } => {
-            let dest = path(&p)?;
-            let hash = match hash {
-                Some(h) => Some(ContentHash::from_hex(&h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
-                None => None,
-            };
+        Request::PutStaged { scope: s, items } => {
+            if items.len() > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
+                bail!("{} files in one commit; the limit is {}", items.len(), alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
+            }
             let content = ctx.content.clone();
-            let item = blocking(move || {
-                let staged = content.adopt_staged(&staging)?;
-                let len = staged.file().metadata().with_context(|| staging.display().to_string())?.len();
-                if size.is_some_and(|want| want != len) || (hash.is_some() && size.is_none()) {
-                    bail!("{}: the staged file is {len} bytes, not the {size:?} written: refusing it (nothing was committed)", staging.display());
-                }
-                let (hash, size) = match hash {
-                    Some(h) => (h, len),
-                    None => hash_file(staged.file()).with_context(|| format!("hashing {}", staging.display()))?,
-                };
-                let blob = content.finish(staged, hash, size)?;
-                let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: mode & 0o7777, mtime_ms };
-                Ok((dest, entry, blob))
+            let commit = blocking(move || {
+                let checked = items.iter().map(check_staged).collect::<Result<Vec<_>>>()?;
+                items.into_iter().zip(checked).map(|(item, (dest, hash))| take_staged(&content, item, dest, hash)).collect::<Result<Vec<CommitItem>>>()
             })
             .await?;
-            commit_one(ctx, scope(s), item).await?
+            let count = commit.len() as u64;
+            write(ctx, WriteOp::Commit { scope: scope(s), items: commit }).await?;
+            Reply::Count { count }
         }
         Request::Symlink { scope: s, path: p, target } => {
             let dest = path(&p)?;

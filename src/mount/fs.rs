@@ -29,6 +29,7 @@ use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX;
 use alknet_actors::proto::path::{PathError, TreePath};
 use alknet_actors::session::WriteSession;
+use alknet_actors::store::read::{self, View};
 use alknet_actors::store::StoreError;
 
 use crate::control::client::Client;
@@ -188,8 +189,21 @@ struct Open {
     mtime_ms: i64,
     /// Unlinked while open: discarded at close.
     unlinked: bool,
-    /// Not in the tree (created here, not yet closed): only the session shows it.
+    /// Not in the tree (created here, not yet committed): only this mount shows it.
     fresh: bool,
+    /// Closed and waiting in the write-behind queue (see [`super::commits`]): what the
+    /// mount shows of it until its batch commits.
+    queued: Option<Queued>,
+}
+
+/// A closed file in the write-behind queue, as the mount shows it meanwhile.
+#[derive(Clone, Debug)]
+struct Queued {
+    ticket: u64,
+    staging: PathBuf,
+    size: u64,
+    mode: u32,
+    mtime_ms: i64,
 }
 
 /// Inode numbers of the paths this mount has shown.
@@ -277,6 +291,8 @@ struct State {
     next_fh: u64,
     /// Write sessions by inode.
     open: HashMap<u64, Open>,
+    /// Queued closes in ticket order, to forget them once committed.
+    queued: std::collections::VecDeque<(u64, u64)>,
 }
 
 /// A mounted branch: the layer FUSE and SFTP call.
@@ -285,6 +301,8 @@ pub struct MountFs {
     scope: Scope,
     read_only: bool,
     reader: Mutex<Engine>,
+    /// The branch (and its ancestors) as every read sees it: now, or at `scope.at`.
+    view: View,
     node: Option<Client>,
     staging_dir: PathBuf,
     state: Mutex<State>,
@@ -293,6 +311,8 @@ pub struct MountFs {
     /// steps of one: a commit in flight and a new writer copying the bytes it replaces, or
     /// two first opens of a new file. Reads do not take it.
     changes: Mutex<()>,
+    /// The write-behind queue of closed files (none for a read-only mount).
+    committer: Option<super::commits::Committer>,
 }
 
 impl MountFs {
@@ -300,7 +320,10 @@ impl MountFs {
     /// node (it holds the data dir's lock and commits); a read-only one needs none.
     pub fn open(dir: &Path, scope: Scope, read_only: bool) -> anyhow::Result<Self> {
         let reader = Engine::open(dir, Access::Read)?;
-        reader.branch(&scope)?; // a clear error for a missing bucket or branch, before mounting
+        // A clear error for a missing bucket or branch, before mounting; and the chain of
+        // branches every read goes through, fixed for the branch's life.
+        let view = reader.view(&scope)?;
+        let read_only = read_only || scope.at.is_some(); // the past is read-only
         let node = if read_only {
             None
         } else {
@@ -309,16 +332,22 @@ impl MountFs {
             })?)
         };
         let staging_dir = reader.content().mount_staging_dir(std::process::id());
+        let committer = match Client::connect(dir) {
+            Some(c) if !read_only => Some(super::commits::Committer::start(c, WireScope { bucket: scope.bucket.clone(), branch: scope.branch.clone() })),
+            _ => None,
+        };
         clear_dead_staging(&reader.content().staging_dir());
         Ok(MountFs {
             dir: dir.to_path_buf(),
             scope,
             read_only,
             reader: Mutex::new(reader),
+            view,
             node,
             staging_dir,
-            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new() }),
+            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default() }),
             changes: Mutex::new(()),
+            committer,
         })
     }
 
@@ -392,13 +421,29 @@ impl MountFs {
     /// tree holds (the writer's own view); otherwise only for a file created here and not
     /// yet closed, which has no other view.
     fn staged(&self, ino: u64, all: bool) -> Option<Attr> {
+        let queued = self.queued(ino);
         let st = self.state();
         let open = st.open.get(&ino)?;
-        if !(all || open.fresh) {
-            return None;
+        if let Some(s) = open.session.as_ref().filter(|_| all || open.fresh) {
+            return Some(Attr { ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms });
         }
-        let s = open.session.as_ref()?;
-        Some(Attr { ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms })
+        queued.filter(|_| !open.unlinked).map(|q| Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms })
+    }
+
+    /// Inode `ino`'s close waiting in the write-behind queue, if it still waits.
+    fn queued(&self, ino: u64) -> Option<Queued> {
+        let q = self.state().open.get(&ino).and_then(|o| o.queued.clone())?;
+        let done = self.committer.as_ref().is_none_or(|c| c.is_done(q.ticket));
+        (!done).then_some(q)
+    }
+
+    /// Waits until every close so far is committed: before work that builds on the tree,
+    /// and for `fsync` of a directory (how a program or a test makes sure other processes
+    /// see what it closed).
+    pub fn settle(&self) {
+        if let Some(c) = &self.committer {
+            c.drain();
+        }
     }
 
     /// What `path` shows to a reader: the committed entry (a file being written shows its
@@ -409,6 +454,11 @@ impl MountFs {
         match self.entry(path)? {
             Some(entry) => {
                 let ino = self.state().inodes.ino_of(path);
+                if entry.kind == EntryKind::File {
+                    if let Some(q) = self.queued(ino) {
+                        return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms });
+                    }
+                }
                 Ok(attr_of(ino, &entry))
             }
             None => known
@@ -422,7 +472,7 @@ impl MountFs {
         if path.is_root() {
             return Ok(Some(Entry::dir(DIR_MODE, 0)));
         }
-        let row = self.reader().stat(&self.scope, path)?;
+        let row = read::live(self.reader().tree().conn(), &self.view, path)?;
         Ok(row.and_then(|r| r.version.entry))
     }
 
@@ -479,7 +529,7 @@ impl MountFs {
             Some(e) if e.kind != EntryKind::Dir => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
             Some(_) => {}
         }
-        let rows = self.reader().list(&self.scope, path)?;
+        let rows = read::list(self.reader().tree().conn(), &self.view, path)?;
         let st = self.state();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -487,11 +537,28 @@ impl MountFs {
             let ino = st.inodes.by_path.get(&row.path).copied().unwrap_or_else(|| listed_ino(&row.path));
             out.push((row.path.name().to_string(), attr_of(ino, &entry)));
         }
-        // Files created here and not yet closed are listed too (a writer's `ls` sees them).
-        for (ino, open) in st.open.iter().filter(|(_, o)| o.fresh && !o.unlinked) {
-            let (Some(p), Some(s)) = (st.inodes.by_ino.get(ino), open.session.as_ref()) else { continue };
-            if p.parent().as_ref() == Some(path) && !out.iter().any(|(n, _)| n == p.name()) {
-                out.push((p.name().to_string(), Attr { ino: *ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms }));
+        // Files created here and not yet committed are listed too (a writer's `ls` sees
+        // them, and closes in the write-behind queue show as closed).
+        let fresh: Vec<(u64, TreePath)> = st
+            .open
+            .iter()
+            .filter(|(_, o)| o.fresh && !o.unlinked)
+            .filter_map(|(ino, _)| st.inodes.by_ino.get(ino).filter(|p| p.parent().as_ref() == Some(path)).map(|p| (*ino, p.clone())))
+            .collect();
+        let has_queued = st.open.values().any(|o| o.queued.is_some());
+        drop(st);
+        for (ino, p) in fresh {
+            if let Some(a) = self.staged(ino, true) {
+                if !out.iter().any(|(n, _)| n == p.name()) {
+                    out.push((p.name().to_string(), a));
+                }
+            }
+        }
+        if has_queued {
+            for (_, a) in out.iter_mut().filter(|(_, a)| a.ino & (1 << 63) == 0 && a.kind == EntryKind::File) {
+                if let Some(q) = self.queued(a.ino) {
+                    (a.size, a.mode, a.mtime_ms) = (q.size, q.mode, q.mtime_ms);
+                }
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -558,12 +625,29 @@ impl MountFs {
             return Ok(self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner }));
         }
         let ino = attr.ino;
+        if let Some(bytes) = self.queued_bytes(ino) {
+            return Ok(self.add_handle(Handle::Read { ino, bytes: Arc::new(bytes) }));
+        }
         let bytes = match self.entry(path)? {
             Some(entry) => self.bytes_of(path, &entry)?,
             // Created here and not yet closed: its committed state is "nothing yet".
             None => Bytes::Inline(Arc::new(Vec::new())),
         };
         Ok(self.add_handle(Handle::Read { ino, bytes: Arc::new(bytes) }))
+    }
+
+    /// The bytes of inode `ino`'s close waiting in the queue, read from its staging file
+    /// (immutable once closed). `None` when nothing waits, or the node took the file
+    /// meanwhile (then its commit is done or moments away: wait for it and read the tree).
+    fn queued_bytes(&self, ino: u64) -> Option<Bytes> {
+        let q = self.queued(ino)?;
+        match File::open(&q.staging) {
+            Ok(file) => Some(Bytes::File { file: Arc::new(file), hash: ContentHash::EMPTY, size: q.size, checked: Box::new(Mutex::new(Checked { upto: 0, hasher: None })) }),
+            Err(_) => {
+                self.settle();
+                None
+            }
+        }
     }
 
     /// Creates the file `path` (its write session; it appears in the tree when closed).
@@ -590,6 +674,9 @@ impl MountFs {
     /// Runs under [`changes`](Self::changes).
     fn join_session(&self, ino: u64, path: &TreePath, truncate: bool, new_mode: Option<u32>) -> FsResult<()> {
         let has_session = self.state().open.get(&ino).is_some_and(|o| o.session.is_some());
+        if !has_session && !truncate && self.queued(ino).is_some() {
+            self.settle(); // a new session starts from the committed bytes
+        }
         if !has_session {
             let mut session = self.new_session(path, truncate)?;
             let fresh = self.entry(path)?.is_none();
@@ -598,7 +685,7 @@ impl MountFs {
             }
             let mut st = self.state();
             let now = alknet_actors::engine::now_ms();
-            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh });
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None });
             open.session = Some(session);
             open.fresh = fresh;
             open.dirty |= truncate || fresh;
@@ -679,6 +766,9 @@ impl MountFs {
                 // was committed.
                 let path = st.inodes.path(ino)?;
                 drop(st);
+                if let Some(bytes) = self.queued_bytes(ino) {
+                    return read_bytes(&bytes, offset, len);
+                }
                 let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: gone")))?;
                 read_bytes(&self.bytes_of(&path, &entry)?, offset, len)
             }
@@ -713,10 +803,13 @@ impl MountFs {
         }
         let path = st.inodes.path(ino)?;
         drop(st);
+        if self.queued(ino).is_some() {
+            self.settle();
+        }
         let session = self.new_session(&path, false)?;
         let mut st = self.state();
         let now = alknet_actors::engine::now_ms();
-        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false });
+        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false, queued: None });
         open.session = Some(session);
         Ok(())
     }
@@ -733,7 +826,9 @@ impl MountFs {
         };
         let sole = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);
         if sole {
-            return self.commit(ino);
+            self.commit(ino)?;
+            self.settle();
+            return Ok(());
         }
         let st = self.state();
         if let Some(s) = st.open.get(&ino).and_then(|o| o.session.as_ref()) {
@@ -777,7 +872,7 @@ impl MountFs {
         }
         let result = self.commit(ino);
         let mut st = self.state();
-        if st.open.get(&ino).is_some_and(|o| o.writers == 0) {
+        if st.open.get(&ino).is_some_and(|o| o.writers == 0 && o.queued.is_none()) {
             // An unlinked or failed session's staging file goes with it.
             st.open.remove(&ino);
         }
@@ -796,15 +891,20 @@ impl MountFs {
         if let Some(open) = st.open.get_mut(&ino) {
             open.writers = open.writers.saturating_sub(1);
             if open.writers == 0 {
-                st.open.remove(&ino);
+                open.session = None;
+                open.dirty = false;
+                if open.queued.is_none() {
+                    st.open.remove(&ino);
+                }
             }
         }
     }
 
-    /// Commits inode `ino`'s session if it has changes: the node takes the staging file.
-    /// Runs under [`changes`](Self::changes). A request the node never saw (its connection
-    /// had closed) is sent once more; one it refused leaves the file as it was.
+    /// Commits inode `ino`'s session if it has changes: hands its staging file to the
+    /// write-behind queue (the node takes it in the next batch). Runs under
+    /// [`changes`](Self::changes).
     fn commit(&self, ino: u64) -> FsResult<()> {
+        let Some(committer) = &self.committer else { return Err(errno(libc::EROFS, "the mount is read-only")) };
         let (session, path, mtime_ms) = {
             let mut st = self.state();
             let Some(open) = st.open.get(&ino) else { return Ok(()) };
@@ -819,30 +919,32 @@ impl MountFs {
         };
         let mode = session.mode();
         let (staging, size, hash) = session.hand_off()?;
-        let req = || Request::PutStaged {
-            scope: self.wire(),
-            path: path.to_string(),
-            staging: staging.clone(),
-            hash: hash.map(|h| h.to_hex()),
-            size: Some(size),
-            mode,
-            mtime_ms,
-        };
-        let mut result = self.call(req());
-        if result.is_err() && staging.exists() {
-            // The node did not take the file: it never got the request (a connection it
-            // had closed), or refused it before touching the file. Once more, then give up.
-            result = self.call(req());
+        let ticket = committer.push(super::commits::Closed { ino, path, staging: staging.clone(), size, hash, mode, mtime_ms });
+        let mut st = self.state();
+        if let Some(open) = st.open.get_mut(&ino) {
+            open.queued = Some(Queued { ticket, staging, size, mode, mtime_ms });
         }
-        if result.is_err() {
-            let _ = std::fs::remove_file(&staging);
-        } else {
-            let mut st = self.state();
-            if let Some(open) = st.open.get_mut(&ino) {
-                open.fresh = false;
+        st.queued.push_back((ticket, ino));
+        // Forget the closes committed meanwhile (their files are in the tree now).
+        while let Some(&(t, i)) = st.queued.front() {
+            if !committer.is_done(t) {
+                break;
+            }
+            st.queued.pop_front();
+            let idle = st.open.get(&i).is_some_and(|o| o.writers == 0 && o.session.is_none() && o.queued.as_ref().is_some_and(|q| q.ticket == t));
+            if idle {
+                st.open.remove(&i);
+                if st.inodes.lookups.get(&i).copied().unwrap_or(0) == 0 {
+                    st.inodes.drop_ino(i);
+                }
+            } else if let Some(o) = st.open.get_mut(&i) {
+                if o.queued.as_ref().is_some_and(|q| q.ticket == t) {
+                    o.queued = None;
+                    o.fresh = false;
+                }
             }
         }
-        result.map(|_| ())
+        Ok(())
     }
 
     /// Releases directory handle `fh`.
@@ -867,8 +969,8 @@ impl MountFs {
         }
         self.writable()?;
         let changes = self.changes();
-        let open = self.state().open.contains_key(&ino);
-        if open {
+        let in_session = self.state().open.get(&ino).is_some_and(|o| o.writers > 0 || o.session.is_some());
+        if in_session {
             self.ensure_session(ino)?;
             let mut st = self.state();
             let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
@@ -886,6 +988,21 @@ impl MountFs {
             let (len, mode, ms) = (s.len(), s.mode(), open.mtime_ms);
             return Ok(Attr { ino, kind: EntryKind::File, size: len, mode, mtime_ms: ms });
         }
+        if let Some(q) = self.queued(ino) {
+            // chmod or utimes right after close (tar, cp -p): folded into the queued commit.
+            if size.is_none() && self.committer.as_ref().is_some_and(|c| c.amend(ino, mode.map(|m| m & 0o7777), mtime_ms)) {
+                let mut st = self.state();
+                let q2 = st.open.get_mut(&ino).and_then(|o| o.queued.as_mut()).ok_or_else(|| errno(libc::EIO, "queued close vanished"))?;
+                if let Some(m) = mode {
+                    q2.mode = m & 0o7777;
+                }
+                if let Some(ms) = mtime_ms {
+                    q2.mtime_ms = ms;
+                }
+                return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q2.mode, mtime_ms: q2.mtime_ms });
+            }
+            self.settle();
+        }
         let path = self.path_of(ino)?;
         let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
         if let Some(len) = size {
@@ -899,10 +1016,8 @@ impl MountFs {
                     session.set_mode(m & 0o7777);
                 }
                 let ms = mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
-                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false });
-                let result = self.commit(ino);
-                self.state().open.remove(&ino);
-                result?;
+                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false, queued: None });
+                self.commit(ino)?;
             }
             drop(changes);
             return self.getattr(ino, None);
@@ -960,6 +1075,7 @@ impl MountFs {
     pub fn remove(&self, path: &TreePath, dir: bool) -> FsResult<()> {
         self.writable()?;
         let _changes = self.changes();
+        self.settle();
         let last = self.stat(path)?;
         match (last.kind == EntryKind::Dir, dir) {
             (false, true) => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
@@ -986,6 +1102,7 @@ impl MountFs {
     pub fn rename(&self, from: &TreePath, to: &TreePath, noreplace: bool) -> FsResult<()> {
         self.writable()?;
         let _changes = self.changes();
+        self.settle();
         if from.is_root() || to.is_root() {
             return Err(errno(libc::EBUSY, "the root cannot be moved or replaced"));
         }
@@ -1038,11 +1155,24 @@ impl MountFs {
 
 impl Drop for MountFs {
     fn drop(&mut self) {
+        // Closed files still queued get a last chance to commit.
+        let left = self.committer.take().map(|c| c.finish(UNMOUNT_COMMIT_WAIT)).unwrap_or_default();
+        if !left.is_empty() {
+            tracing::error!(
+                files = left.len(),
+                dir = %self.staging_dir.display(),
+                "closed files could not be committed before the mount ended (is the node running?); their bytes stay in the staging dir"
+            );
+            return;
+        }
         // Sessions never closed are dropped (their staging files with them): the old
         // versions stay, as after a crash.
         let _ = std::fs::remove_dir_all(&self.staging_dir);
     }
 }
+
+/// How long an ending mount waits for its queued closes to commit.
+const UNMOUNT_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The inode number a listing shows for a path this mount has not numbered: nonzero (0
 /// marks a deleted entry to readdir's callers) and apart from the numbers it hands out.

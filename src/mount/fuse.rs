@@ -328,6 +328,12 @@ impl Filesystem for Fuse {
         reply.error(FuseErrno::ENOSYS)
     }
 
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Every close so far is committed once this returns (the write-behind queue drained).
+        self.fs.settle();
+        reply.ok()
+    }
+
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.fs.releasedir(fh.0);
         reply.ok()

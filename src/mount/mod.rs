@@ -1,9 +1,11 @@
 //! Mounts: the branch as a filesystem for the tools people already use.
 //!
 //! - [`fs`]: the one filesystem layer (inodes and handles ↔ the path tree, write sessions);
+//! - [`commits`]: the write-behind queue that commits closed files in batches;
 //! - [`fuse`]: `alkfs mount`, the kernel's view of it;
 //! - [`sftp`]: `alkfs serve sftp`, an SSH server of the `sftp` subsystem only.
 
+pub mod commits;
 pub mod fs;
 pub mod fuse;
 pub mod sftp;

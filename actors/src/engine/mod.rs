@@ -34,7 +34,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::content::{ContentError, ContentStore, Imported};
 use crate::proto::clock::Clock;
 use crate::proto::entry::{ContentHash, Entry, EntryKind};
-use crate::proto::ids::VersionRef;
+use crate::proto::ids::{OrderKey, VersionRef};
 use crate::proto::path::TreePath;
 use crate::session::WriteSession;
 use crate::store::merge::{ConflictRow, MergeReport};
@@ -102,12 +102,21 @@ pub struct Scope {
     pub bucket: String,
     /// The branch within it.
     pub branch: String,
+    /// Time travel: reads see the branch as it was at this point of its history (versions
+    /// ordered at or before it); `None` is now. Writes refuse a scope in the past.
+    pub at: Option<crate::proto::ids::OrderKey>,
 }
 
 impl Scope {
     /// A scope.
     pub fn new(bucket: &str, branch: &str) -> Self {
-        Scope { bucket: bucket.to_string(), branch: branch.to_string() }
+        Scope { bucket: bucket.to_string(), branch: branch.to_string(), at: None }
+    }
+
+    /// This scope as it was at `key` (see [`Scope::at`]).
+    pub fn at(mut self, key: Option<crate::proto::ids::OrderKey>) -> Self {
+        self.at = key;
+        self
     }
 }
 
@@ -274,8 +283,26 @@ impl Engine {
 
     fn head(&self, scope: &Scope) -> Result<(Branch, View)> {
         let branch = self.branch(scope)?;
-        let view = View::head(self.tree.conn(), &branch)?;
+        let view = View::within(self.tree.conn(), &branch, i64::MAX, scope.at.unwrap_or(OrderKey::MAX))?;
         Ok((branch, view))
+    }
+
+    /// What reads of `scope` see: its branch now, or as it was at `scope.at`. The view of a
+    /// branch does not change while the branch lives, so a long-lived reader (a mount)
+    /// keeps it and reads through [`crate::store::read`] directly.
+    pub fn view(&self, scope: &Scope) -> Result<View> {
+        Ok(self.head(scope)?.1)
+    }
+
+    /// Where `version` of the bucket of `scope` falls in the order of versions: the point a
+    /// time-travelling read of "just after that version was written" is bounded by.
+    pub fn key_of_version(&self, version: &VersionRef) -> Result<OrderKey> {
+        let rows = read::by_version(self.tree.conn(), version, &self.tree.me())?;
+        match rows.as_slice() {
+            [row] => Ok(row.key),
+            [] => Err(StoreError::NotFound(format!("no version {version} here (see `alkfs log PATH`)")).into()),
+            _ => Err(StoreError::Invalid(format!("several versions match {version}: give more digits of the node id (see `alkfs log PATH`)")).into()),
+        }
     }
 
     // ---- writes ----

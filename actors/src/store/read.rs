@@ -253,6 +253,16 @@ pub fn history(conn: &Connection, view: &View, path: &TreePath) -> Result<Vec<Ve
     Ok(out)
 }
 
+/// The rows of version `version` (its writer's seq and a prefix of the writer's id): one,
+/// unless the prefix is too short to tell writers apart.
+pub fn by_version(conn: &Connection, version: &crate::proto::ids::VersionRef, me: &crate::proto::ids::NodeId) -> Result<Vec<VersionRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ROW_COLS} FROM version WHERE vseq = ?1"))?;
+    let rows = stmt.query_map([version.seq], row_from)?.collect::<Result<Vec<_>, _>>()?;
+    let mut found: Vec<VersionRow> = rows.into_iter().filter(|r| version.names(&r.id(), me)).collect();
+    found.dedup_by(|a, b| a.id() == b.id());
+    Ok(found)
+}
+
 /// The version with id `seq`, if it exists.
 pub fn by_seq(conn: &Connection, seq: i64) -> Result<Option<VersionRow>, StoreError> {
     Ok(conn
