@@ -117,6 +117,9 @@ pub type DirectResult = Result<WriteResult, WriteOp>;
 
 impl StoreWriter {
     /// Sends `op`; the answer arrives after commit. `Err(op)` when this writer is gone.
+    // The op is handed back whole so the caller can send it elsewhere; boxing it would cost
+    // an allocation on every write for the rare shutdown case.
+    #[allow(clippy::result_large_err)]
     pub fn send(&self, op: WriteOp) -> Result<tokio::sync::oneshot::Receiver<DirectResult>, WriteOp> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         match self.jobs.send(Job { op, reply: ReplyTo::Direct(tx) }) {
