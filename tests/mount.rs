@@ -496,3 +496,148 @@ fn chrono_now_rfc3339() -> String {
     let out = Command::new("date").arg("-u").arg("-d").arg(format!("@{}.{:03}", ms / 1000, ms % 1000)).arg("+%Y-%m-%dT%H:%M:%S.%3NZ").output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+#[test]
+fn a_file_written_on_one_node_appears_in_another_nodes_mount_and_its_bytes_are_fetched_on_open() {
+    if !can_mount() {
+        return;
+    }
+    let (a, b) = (Store::new(), Store::new());
+    let _na = Node::start(&a, &[], &[]);
+    let _nb = Node::start(&b, &[], &[]);
+    let ticket = a.ok(&["invite"]).trim().to_string();
+    assert!(b.ok(&["join", &ticket]).contains("joined bucket"));
+    let m = Mount::start(&b, &[]);
+
+    // Large enough to be a file blob, which B fetches from A when the file is opened.
+    let bytes = common::random_bytes(3 << 20, 42);
+    let local = a.scratch().join("big.bin");
+    fs::write(&local, &bytes).unwrap();
+    a.ok(&["put", local.to_str().unwrap(), "/from-a/big.bin"]);
+    a.put_bytes("/from-a/small.txt", b"hello from A");
+    await_cond(Duration::from_secs(30), "A's files to show in B's mount", || m.path("from-a/big.bin").exists() && m.path("from-a/small.txt").exists());
+    await_cond(Duration::from_secs(30), "A's bytes to read back through B's mount", || fs::read(m.path("from-a/big.bin")).ok().as_deref() == Some(&bytes[..]));
+    assert_eq!(fs::read(m.path("from-a/small.txt")).unwrap(), b"hello from A");
+
+    // And back: written in B's mount, read on A.
+    fs::write(m.path("from-b.txt"), b"written in B's mount").unwrap();
+    settle(&m);
+    await_cond(Duration::from_secs(30), "B's file to reach A", || a.run(&["get", "/from-b.txt"]).stdout == b"written in B's mount");
+}
+
+/// An SSH client that trusts any host key: for the hostile client below.
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = anyhow::Error;
+
+    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// An SFTP packet: length, type, then `body`.
+fn sftp_packet(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    p.push(kind);
+    p.extend_from_slice(body);
+    p
+}
+
+#[test]
+fn an_sftp_client_sending_malformed_packets_gets_errors_and_the_server_keeps_serving_others() {
+    if !precondition(Command::new("sftp").arg("-h").output().is_ok(), "OpenSSH's sftp client (apt-get install openssh-client)") {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    s.put_bytes("/a.txt", b"still here");
+    let key = ssh_keygen(s.scratch(), "key");
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
+    let server = SftpServer::start(&s);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let replies = rt.block_on(async {
+        let config = std::sync::Arc::new(russh::client::Config::default());
+        let mut session = russh::client::connect(config, ("127.0.0.1", server.port), AnyHost).await.unwrap();
+        let private = russh::keys::PrivateKey::from_openssh(fs::read(&key).unwrap()).unwrap();
+        let auth = session.authenticate_publickey("default", russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(private), None)).await.unwrap();
+        assert!(auth.success());
+        let mut channel = session.channel_open_session().await.unwrap();
+        channel.request_subsystem(true, "sftp").await.unwrap();
+        let mut hostile = Vec::new();
+        hostile.extend(sftp_packet(1, &3u32.to_be_bytes())); // INIT, version 3
+        hostile.extend(sftp_packet(17, &[0, 0, 0, 7, 0xff, 0xff, 0xff, 0xff])); // STAT with a string longer than the packet
+        hostile.extend(sftp_packet(250, b"no such packet type"));
+        let mut open = 9u32.to_be_bytes().to_vec(); // OPEN id 9 of a path out of the bucket
+        let path = b"/../../../etc/passwd";
+        open.extend((path.len() as u32).to_be_bytes());
+        open.extend(path);
+        open.extend(1u32.to_be_bytes()); // READ
+        open.extend(0u32.to_be_bytes()); // no attributes
+        hostile.extend(sftp_packet(3, &open));
+        hostile.extend(sftp_packet(3, &[0, 0, 0, 1])); // OPEN cut short
+        channel.data(&hostile[..]).await.unwrap();
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, channel.wait()).await {
+            if let russh::ChannelMsg::Data { data } = msg {
+                got.extend_from_slice(&data);
+            }
+        }
+        got
+    });
+    // Every reply is a well-formed packet; the open of a path above the root named no host
+    // file (the bucket has no /etc/passwd: "no such file").
+    let mut at = 0;
+    let mut kinds = Vec::new();
+    while at + 5 <= replies.len() {
+        let len = u32::from_be_bytes(replies[at..at + 4].try_into().unwrap()) as usize;
+        kinds.push(replies[at + 4]);
+        at += 4 + len;
+    }
+    assert_eq!(at, replies.len(), "replies are whole packets: {replies:?}");
+    assert_eq!(kinds.first(), Some(&2), "a VERSION answers INIT: {kinds:?}");
+    assert!(kinds.len() >= 4, "the bad packets were answered, not dropped: {kinds:?}");
+    assert!(kinds[1..].iter().all(|k| *k == 101), "every other answer is a STATUS: {kinds:?}");
+    assert!(!replies.windows(5).any(|w| w == b"root:"), "no host file leaked");
+    // The server still serves an ordinary client.
+    let back = s.scratch().join("back.txt");
+    let (ok, out) = server.batch(&key, "default", &format!("get /a.txt {}\n", back.display()));
+    assert!(ok, "{out}");
+    assert_eq!(fs::read(&back).unwrap(), b"still here");
+}
+
+#[test]
+fn rclone_copies_a_tree_to_the_sftp_server_and_back() {
+    if !precondition(common::have_tool("rclone"), "rclone (apt-get install rclone)") {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    let key = ssh_keygen(s.scratch(), "key");
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
+    let server = SftpServer::start(&s);
+    let src = s.scratch().join("src");
+    for i in 0..20u64 {
+        let sub = src.join(format!("d{}", i % 4));
+        fs::create_dir_all(&sub).unwrap();
+        common::write_random_file(&sub.join(format!("f{i}")), i * 7919 + 1, i);
+    }
+    let rclone = |args: &[&str]| {
+        let out = Command::new("rclone")
+            .args(args)
+            .args(["--config", "/dev/null", "--sftp-host", "127.0.0.1", "--sftp-port", &server.port.to_string(), "--sftp-user", "default"])
+            .arg("--sftp-key-file")
+            .arg(&key)
+            .args(["--sftp-shell-type", "none", "--sftp-disable-hashcheck", "--low-level-retries", "1", "--retries", "1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rclone {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    rclone(&["copy", src.to_str().unwrap(), ":sftp:/up"]);
+    assert_eq!(s.get_bytes("/up/d3/f7"), fs::read(src.join("d3/f7")).unwrap(), "rclone's upload reads back through the CLI");
+    let back = s.scratch().join("back");
+    rclone(&["copy", ":sftp:/up", back.to_str().unwrap()]);
+    sh(s.scratch(), "diff -r src back");
+}

@@ -35,6 +35,12 @@ impl WriteSession {
         WriteSession { path, mode, staging, len: initial_len, appending }
     }
 
+    /// An empty session on `path` (a new file, or one opened with O_TRUNC) staging into
+    /// `staging` (from [`ContentStore::stage_in`](crate::content::ContentStore::stage_in)).
+    pub fn empty(path: TreePath, mode: u32, staging: StagingFile) -> Self {
+        Self::new(path, mode, staging, 0)
+    }
+
     /// The path this session will write.
     pub fn path(&self) -> &TreePath {
         &self.path

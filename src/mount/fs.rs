@@ -144,9 +144,9 @@ pub struct OpenMode {
     pub truncate: bool,
     /// Writes go to the end (O_APPEND).
     pub append: bool,
-    /// The process (FUSE: the caller's pid) whose close commits. A close by another
-    /// process holding the same open file (a child after fork, closing what it inherited at
-    /// exec) does not: the last release does.
+    /// The thread that opened it (FUSE's caller; 0 for SFTP). A close by a thread of the
+    /// same process commits; a close by another process holding the same open file (a
+    /// child after fork, closing what it inherited at exec) does not: the last release does.
     pub owner: u32,
 }
 
@@ -323,6 +323,9 @@ impl MountFs {
         // A clear error for a missing bucket or branch, before mounting; and the chain of
         // branches every read goes through, fixed for the branch's life.
         let view = reader.view(&scope)?;
+        // The node writes all the time; a memory map of the database would be remapped at
+        // every read as it grows. Plain reads through SQLite's cache are cheaper here.
+        reader.tree().conn().execute_batch("PRAGMA mmap_size = 0").map_err(StoreError::from)?;
         let read_only = read_only || scope.at.is_some(); // the past is read-only
         let node = if read_only {
             None
@@ -655,7 +658,8 @@ impl MountFs {
         self.writable()?;
         let _changes = self.changes();
         self.check_parent(path)?;
-        if let Ok(attr) = self.stat(path) {
+        let existing = self.stat(path).ok();
+        if let Some(attr) = &existing {
             if exclusive {
                 return Err(errno(libc::EEXIST, format!("{path}: already exists")));
             }
@@ -664,7 +668,23 @@ impl MountFs {
             }
         }
         let ino = self.state().inodes.ino_of(path);
-        self.join_session(ino, path, true, Some(mode & 0o7777))?;
+        let joined = self.state().open.get(&ino).is_some_and(|o| o.session.is_some() || o.writers > 0);
+        if joined {
+            self.join_session(ino, path, true, Some(mode & 0o7777))?;
+        } else {
+            // A new (or emptied) file: an empty session, nothing to read from the tree.
+            let staging = self.reader().content().stage_in(&self.staging_dir)?;
+            let session = WriteSession::empty(path.clone(), mode & 0o7777, staging);
+            let fresh = existing.is_none();
+            let now = alknet_actors::engine::now_ms();
+            let mut st = self.state();
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None });
+            open.session = Some(session);
+            open.writers += 1;
+            open.dirty = true;
+            open.fresh = fresh;
+            open.mtime_ms = now;
+        }
         let fh = self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner });
         let attr = self.staged(ino, true).ok_or_else(|| errno(libc::EIO, "the new file's session vanished"))?;
         Ok((fh, attr))
@@ -842,7 +862,7 @@ impl MountFs {
     pub fn flush(&self, fh: u64, by: u32) -> FsResult<()> {
         let _changes = self.changes();
         let ino = match self.state().handles.get(&fh) {
-            Some(Handle::Write { ino, owner, .. }) if *owner == by => *ino,
+            Some(Handle::Write { ino, owner, .. }) if same_process(*owner, by) => *ino,
             _ => return Ok(()),
         };
         let last = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);
@@ -1222,6 +1242,17 @@ fn read_bytes(bytes: &Bytes, offset: u64, len: usize) -> FsResult<Vec<u8>> {
             Ok(buf)
         }
     }
+}
+
+/// Whether threads `a` and `b` belong to one process (thread group): the same thread, or
+/// the same `Tgid` in /proc (read only when the threads differ).
+fn same_process(a: u32, b: u32) -> bool {
+    let tgid = |tid: u32| {
+        std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse::<u32>().ok())))
+    };
+    a == b || tgid(a).is_some_and(|t| Some(t) == tgid(b))
 }
 
 /// Removes the staging directories of mounts whose process is gone (killed mid-write).

@@ -112,15 +112,6 @@ fn time_ms(t: TimeOrNow) -> i64 {
     }
 }
 
-/// The process (thread group) of thread `tid`: FUSE names the calling thread, and a
-/// program may open a file on one thread and close it on another.
-fn process_of(tid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
-        .unwrap_or(tid)
-}
-
 fn open_mode(flags: i32, owner: u32) -> OpenMode {
     let acc = flags & libc::O_ACCMODE;
     OpenMode {
@@ -242,14 +233,14 @@ impl Filesystem for Fuse {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, process_of(req.pid())))) {
+        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, req.pid()))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
-        let how = open_mode(flags, process_of(req.pid()));
+        let how = open_mode(flags, req.pid());
         let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, how, flags & libc::O_EXCL != 0));
         let r = r.inspect(|(_, a)| self.fs.count_lookup(a.ino));
         match r {
@@ -284,7 +275,7 @@ impl Filesystem for Fuse {
     }
 
     fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
-        empty(reply, self.fs.flush(fh.0, process_of(req.pid())))
+        empty(reply, self.fs.flush(fh.0, req.pid()))
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
