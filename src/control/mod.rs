@@ -97,8 +97,10 @@ pub enum Request {
 pub struct StagedFile {
     /// Where it goes.
     pub path: String,
-    /// Its staging file.
-    pub staging: PathBuf,
+    /// Its staging file (a file of more than the inline limit).
+    pub staging: Option<PathBuf>,
+    /// Its bytes, base64 (small content: at most the inline limit).
+    pub data: Option<String>,
     /// Its BLAKE3 hash, when the mount hashed it as it was written.
     pub hash: Option<String>,
     /// The length the session wrote; a file of another length is refused (a write that

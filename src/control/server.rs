@@ -238,31 +238,57 @@ async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<R
     }
 }
 
-/// Checks a mount's closed file before anything is moved: its path, its hash, and that its
-/// staging file is there with the length the mount wrote. A batch with one bad file is
-/// refused whole and untouched, so the mount can resend the others.
-fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Option<ContentHash>)> {
+/// What a mount's closed file carries, checked.
+enum Checked {
+    /// Small content in the request.
+    Bytes(Vec<u8>),
+    /// A staging file, with the hash the mount computed if any.
+    File(PathBuf, Option<ContentHash>),
+}
+
+/// Checks a mount's closed file before anything is moved: its path, its bytes or its
+/// staging file (there, with the length the mount wrote), its hash. A batch with one bad
+/// file is refused whole and untouched, so the mount can resend the others.
+fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Checked)> {
     let dest = path(&item.path)?;
     let hash = match &item.hash {
         Some(h) => Some(ContentHash::from_hex(h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
         None => None,
     };
-    let len = std::fs::symlink_metadata(&item.staging).with_context(|| item.staging.display().to_string())?.len();
-    if item.size.is_some_and(|want| want != len) || (hash.is_some() && item.size.is_none()) {
-        bail!("{}: the staged file is {len} bytes, not the {:?} written: refusing it (nothing was committed)", item.staging.display(), item.size);
-    }
-    Ok((dest, hash))
+    let checked = match (&item.data, &item.staging) {
+        (Some(data), None) => {
+            let bytes = data_encoding::BASE64.decode(data.as_bytes()).map_err(|e| anyhow!("{}: malformed bytes: {e}", item.path))?;
+            if bytes.len() > alknet_actors::content::INLINE_BYTES_MAX || item.size.is_some_and(|n| n != bytes.len() as u64) {
+                bail!("{}: {} bytes sent inline: at most {} and the length written", item.path, bytes.len(), alknet_actors::content::INLINE_BYTES_MAX);
+            }
+            Checked::Bytes(bytes)
+        }
+        (None, Some(staging)) => {
+            let len = std::fs::symlink_metadata(staging).with_context(|| staging.display().to_string())?.len();
+            if item.size.is_some_and(|want| want != len) || (hash.is_some() && item.size.is_none()) {
+                bail!("{}: the staged file is {len} bytes, not the {:?} written: refusing it (nothing was committed)", staging.display(), item.size);
+            }
+            Checked::File(staging.clone(), hash)
+        }
+        _ => bail!("{}: a closed file carries either its bytes or a staging file", item.path),
+    };
+    Ok((dest, checked))
 }
 
-/// A checked closed file made a commit item: its staging file taken over, hashed unless the
-/// mount did, and moved into place.
-fn take_staged(content: &ContentStore, item: super::StagedFile, dest: TreePath, hash: Option<ContentHash>) -> Result<CommitItem> {
-    let staged = content.adopt_staged(&item.staging)?;
-    let (hash, size) = match hash {
-        Some(h) => (h, item.size.unwrap_or(0)),
-        None => hash_file(staged.file()).with_context(|| format!("hashing {}", item.staging.display()))?,
+/// A checked closed file made a commit item: small bytes imported inline, or its staging
+/// file taken over, hashed unless the mount did, and moved into place.
+fn take_staged(content: &ContentStore, item: &super::StagedFile, dest: TreePath, checked: Checked) -> Result<CommitItem> {
+    let blob = match checked {
+        Checked::Bytes(bytes) => content.import_reader(&bytes[..], |_| {})?,
+        Checked::File(staging, hash) => {
+            let staged = content.adopt_staged(&staging)?;
+            let (hash, size) = match hash {
+                Some(h) => (h, item.size.unwrap_or(0)),
+                None => hash_file(staged.file()).with_context(|| format!("hashing {}", staging.display()))?,
+            };
+            content.finish(staged, hash, size)?
+        }
     };
-    let blob = content.finish(staged, hash, size)?;
     let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: item.mode & 0o7777, mtime_ms: item.mtime_ms };
     Ok((dest, entry, blob))
 }
@@ -306,7 +332,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             let content = ctx.content.clone();
             let commit = blocking(move || {
                 let checked = items.iter().map(check_staged).collect::<Result<Vec<_>>>()?;
-                items.into_iter().zip(checked).map(|(item, (dest, hash))| take_staged(&content, item, dest, hash)).collect::<Result<Vec<CommitItem>>>()
+                items.iter().zip(checked).map(|(item, (dest, checked))| take_staged(&content, item, dest, checked)).collect::<Result<Vec<CommitItem>>>()
             })
             .await?;
             let count = commit.len() as u64;

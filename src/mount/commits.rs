@@ -31,6 +31,15 @@ const BATCH_FILES_MAX: usize = 512;
 /// Pause before resending a batch the node did not take.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+/// Where a closed file's bytes are until the node has them.
+#[derive(Clone, Debug)]
+pub enum ClosedBytes {
+    /// Small content, sent in the request.
+    Memory(Arc<Vec<u8>>),
+    /// A staging file the node takes over.
+    File(PathBuf),
+}
+
 /// A closed file waiting to be committed.
 #[derive(Clone, Debug)]
 pub struct Closed {
@@ -38,8 +47,8 @@ pub struct Closed {
     pub ino: u64,
     /// Where it goes.
     pub path: TreePath,
-    /// Its staging file.
-    pub staging: PathBuf,
+    /// Its bytes.
+    pub bytes: ClosedBytes,
     /// Its length.
     pub size: u64,
     /// Its hash, when the session could hash it as it was written.
@@ -181,7 +190,9 @@ impl Inner {
                                 break;
                             }
                             tracing::error!(path = %f.path, error = %e1.message, "a closed file could not be committed; its old version stays");
-                            let _ = std::fs::remove_file(&f.staging);
+                            if let ClosedBytes::File(p) = &f.bytes {
+                                let _ = std::fs::remove_file(p);
+                            }
                         }
                         let mut q = self.lock();
                         q.waiting.retain(|(tt, _)| tt != t);
@@ -197,7 +208,13 @@ impl Inner {
     fn send(&self, batch: &[(u64, Closed)]) -> Result<(), SendError> {
         let items = batch
             .iter()
-            .map(|(_, f)| StagedFile { path: f.path.to_string(), staging: f.staging.clone(), hash: f.hash.map(|h| h.to_hex()), size: Some(f.size), mode: f.mode, mtime_ms: f.mtime_ms })
+            .map(|(_, f)| {
+                let (staging, data) = match &f.bytes {
+                    ClosedBytes::Memory(d) => (None, Some(data_encoding::BASE64.encode(d))),
+                    ClosedBytes::File(p) => (Some(p.clone()), None),
+                };
+                StagedFile { path: f.path.to_string(), staging, data, hash: f.hash.map(|h| h.to_hex()), size: Some(f.size), mode: f.mode, mtime_ms: f.mtime_ms }
+            })
             .collect();
         match self.node.call(&Request::PutStaged { scope: self.scope.clone(), items }) {
             Ok(_) => Ok(()),

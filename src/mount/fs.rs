@@ -28,10 +28,11 @@ use alknet_actors::engine::{Access, Engine, EngineError, Scope};
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX;
 use alknet_actors::proto::path::{PathError, TreePath};
-use alknet_actors::session::WriteSession;
 use alknet_actors::store::read::{self, View};
 use alknet_actors::store::StoreError;
 
+use super::commits::ClosedBytes;
+use super::staged::{Payload, Spill, Staged};
 use crate::control::client::Client;
 use crate::control::{Request, WireScope};
 
@@ -179,7 +180,7 @@ enum Handle {
 struct Open {
     /// The staged bytes; `None` after a close (or fsync) committed them while a handle
     /// stays open: a later write starts a new session from the committed bytes.
-    session: Option<WriteSession>,
+    session: Option<Staged>,
     /// Open write handles.
     writers: usize,
     /// Something to commit (a write, a truncate, a new file).
@@ -200,7 +201,8 @@ struct Open {
 #[derive(Clone, Debug)]
 struct Queued {
     ticket: u64,
-    staging: PathBuf,
+    /// Its bytes: small ones in memory, others in the staging file.
+    bytes: ClosedBytes,
     size: u64,
     mode: u32,
     mtime_ms: i64,
@@ -305,6 +307,8 @@ pub struct MountFs {
     view: View,
     node: Option<Client>,
     staging_dir: PathBuf,
+    /// Where sessions that outgrow memory go.
+    spill: Spill,
     state: Mutex<State>,
     /// Held by every change (open for writing, write, close, rename …) from start to end,
     /// so two clients of one bucket (SFTP sessions on their threads) never interleave the
@@ -335,6 +339,7 @@ impl MountFs {
             })?)
         };
         let staging_dir = reader.content().mount_staging_dir(std::process::id());
+        let spill = Spill { content: reader.content().clone(), dir: staging_dir.clone() };
         let committer = match Client::connect(dir) {
             Some(c) if !read_only => Some(super::commits::Committer::start(c, WireScope { bucket: scope.bucket.clone(), branch: scope.branch.clone() })),
             _ => None,
@@ -347,6 +352,7 @@ impl MountFs {
             reader: Mutex::new(reader),
             view,
             node,
+            spill,
             staging_dir,
             state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default() }),
             changes: Mutex::new(()),
@@ -644,7 +650,11 @@ impl MountFs {
     /// meanwhile (then its commit is done or moments away: wait for it and read the tree).
     fn queued_bytes(&self, ino: u64) -> Option<Bytes> {
         let q = self.queued(ino)?;
-        match File::open(&q.staging) {
+        let staging = match &q.bytes {
+            ClosedBytes::Memory(data) => return Some(Bytes::Inline(data.clone())),
+            ClosedBytes::File(staging) => staging,
+        };
+        match File::open(staging) {
             Ok(file) => Some(Bytes::File { file: Arc::new(file), hash: ContentHash::EMPTY, size: q.size, checked: Box::new(Mutex::new(Checked { upto: 0, hasher: None })) }),
             Err(_) => {
                 self.settle();
@@ -673,8 +683,7 @@ impl MountFs {
             self.join_session(ino, path, true, Some(mode & 0o7777))?;
         } else {
             // A new (or emptied) file: an empty session, nothing to read from the tree.
-            let staging = self.reader().content().stage_in(&self.staging_dir)?;
-            let session = WriteSession::empty(path.clone(), mode & 0o7777, staging);
+            let session = Staged::empty(path.clone(), mode & 0o7777);
             let fresh = existing.is_none();
             let now = alknet_actors::engine::now_ms();
             let mut st = self.state();
@@ -712,7 +721,7 @@ impl MountFs {
         } else if truncate {
             let mut st = self.state();
             if let Some(s) = st.open.get_mut(&ino).and_then(|o| o.session.as_mut()) {
-                s.truncate(0)?;
+                s.truncate(0, &self.spill)?;
             }
         }
         let mut st = self.state();
@@ -723,16 +732,25 @@ impl MountFs {
     }
 
     /// A new session on `path`: empty with `truncate`, else holding the committed bytes
-    /// (fetched from peers first if they are not here yet).
-    fn new_session(&self, path: &TreePath, truncate: bool) -> FsResult<WriteSession> {
-        if !truncate {
-            if let Some(e) = self.entry(path)? {
-                if e.kind == EntryKind::File && !self.reader().has_bytes(&e.hash)? {
-                    self.fetch(&e)?;
-                }
+    /// (fetched from peers first if they are not here yet); in memory while small.
+    fn new_session(&self, path: &TreePath, truncate: bool) -> FsResult<Staged> {
+        let entry = self.entry(path)?;
+        if let Some(e) = &entry {
+            if e.kind == EntryKind::Dir {
+                return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
             }
         }
-        Ok(self.reader().open_session_in(&self.scope, path, truncate, Some(&self.staging_dir))?)
+        let mode = entry.as_ref().map(|e| e.mode).unwrap_or(alknet_actors::engine::FILE_MODE_DEFAULT);
+        let Some(e) = entry.filter(|_| !truncate) else { return Ok(Staged::empty(path.clone(), mode)) };
+        if e.kind == EntryKind::File && !self.reader().has_bytes(&e.hash)? {
+            self.fetch(&e)?;
+        }
+        if e.size <= alknet_actors::content::INLINE_BYTES_MAX as u64 {
+            let mut data = Vec::with_capacity(e.size as usize);
+            self.reader().read_entry(&e, &mut data, |_| {})?;
+            return Ok(Staged::Memory { path: path.clone(), mode, data });
+        }
+        Ok(Staged::File(self.reader().open_session_in(&self.scope, path, false, Some(&self.staging_dir))?))
     }
 
     /// The bytes of `entry` for a read handle; a blob still on a peer is fetched first (the
@@ -808,7 +826,7 @@ impl MountFs {
         let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EBADF, "no write session"))?;
         let session = open.session.as_mut().ok_or_else(|| errno(libc::EBADF, "no write session"))?;
         let at = if append { session.len() } else { offset };
-        session.write_at(at, data)?;
+        session.write_at(at, data, &self.spill)?;
         open.dirty = true;
         open.mtime_ms = alknet_actors::engine::now_ms();
         Ok(data.len())
@@ -938,11 +956,17 @@ impl MountFs {
             (session, path, open.mtime_ms)
         };
         let mode = session.mode();
-        let (staging, size, hash) = session.hand_off()?;
-        let ticket = committer.push(super::commits::Closed { ino, path, staging: staging.clone(), size, hash, mode, mtime_ms });
+        let (bytes, size, hash) = match session.close()? {
+            Payload::Bytes(data) => {
+                let size = data.len() as u64;
+                (ClosedBytes::Memory(Arc::new(data)), size, None)
+            }
+            Payload::File { staging, size, hash } => (ClosedBytes::File(staging), size, hash),
+        };
+        let ticket = committer.push(super::commits::Closed { ino, path, bytes: bytes.clone(), size, hash, mode, mtime_ms });
         let mut st = self.state();
         if let Some(open) = st.open.get_mut(&ino) {
-            open.queued = Some(Queued { ticket, staging, size, mode, mtime_ms });
+            open.queued = Some(Queued { ticket, bytes, size, mode, mtime_ms });
         }
         st.queued.push_back((ticket, ino));
         // Forget the closes committed meanwhile (their files are in the tree now).
@@ -999,7 +1023,7 @@ impl MountFs {
                 s.set_mode(m & 0o7777);
             }
             if let Some(len) = size {
-                s.truncate(len)?;
+                s.truncate(len, &self.spill)?;
             }
             if let Some(ms) = mtime_ms {
                 open.mtime_ms = ms;
@@ -1031,7 +1055,7 @@ impl MountFs {
             }
             if len != entry.size || mode.is_some() || mtime_ms.is_some() {
                 let mut session = self.new_session(&path, len == 0)?;
-                session.truncate(len)?;
+                session.truncate(len, &self.spill)?;
                 if let Some(m) = mode {
                     session.set_mode(m & 0o7777);
                 }

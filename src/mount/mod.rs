@@ -1,6 +1,7 @@
 //! Mounts: the branch as a filesystem for the tools people already use.
 //!
 //! - [`fs`]: the one filesystem layer (inodes and handles ↔ the path tree, write sessions);
+//! - [`staged`]: a write session, in memory while small, else in a staging file;
 //! - [`commits`]: the write-behind queue that commits closed files in batches;
 //! - [`fuse`]: `alkfs mount`, the kernel's view of it;
 //! - [`sftp`]: `alkfs serve sftp`, an SSH server of the `sftp` subsystem only.
@@ -9,6 +10,7 @@ pub mod commits;
 pub mod fs;
 pub mod fuse;
 pub mod sftp;
+pub mod staged;
 
 use std::path::Path;
 
