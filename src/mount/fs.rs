@@ -750,7 +750,7 @@ impl MountFs {
             self.reader().read_entry(&e, &mut data, |_| {})?;
             return Ok(Staged::Memory { path: path.clone(), mode, data });
         }
-        Ok(Staged::File(self.reader().open_session_in(&self.scope, path, false, Some(&self.staging_dir))?))
+        Ok(Staged::File(Box::new(self.reader().open_session_in(&self.scope, path, false, Some(&self.staging_dir))?)))
     }
 
     /// The bytes of `entry` for a read handle; a blob still on a peer is fetched first (the

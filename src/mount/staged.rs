@@ -37,8 +37,8 @@ pub enum Payload {
 pub enum Staged {
     /// Small so far: the bytes.
     Memory { path: TreePath, mode: u32, data: Vec<u8> },
-    /// A staging file.
-    File(WriteSession),
+    /// A staging file (boxed: a session holds a hasher's state).
+    File(Box<WriteSession>),
 }
 
 impl Staged {
@@ -84,7 +84,7 @@ impl Staged {
         if let Staged::Memory { path, mode, data } = self {
             let mut file = WriteSession::empty(path.clone(), *mode, spill.content.stage_in(&spill.dir)?);
             file.write_at(0, data)?;
-            *self = Staged::File(file);
+            *self = Staged::File(Box::new(file));
         }
         Ok(())
     }
@@ -148,7 +148,7 @@ impl Staged {
         match self {
             Staged::Memory { data, .. } => Ok(Payload::Bytes(data)),
             Staged::File(s) => {
-                let (staging, size, hash) = s.hand_off()?;
+                let (staging, size, hash) = (*s).hand_off()?;
                 Ok(Payload::File { staging, size, hash })
             }
         }
