@@ -202,6 +202,11 @@ pub async fn serve(dir: &Path, branch: &str, listen: SocketAddr) -> Result<()> {
         inactivity_timeout: Some(Duration::from_secs(600)),
         max_auth_attempts: 6,
         nodelay: true,
+        // AES-GCM only: ring's AES-GCM runs on the CPU's AES instructions and is several
+        // times faster than the ChaCha20-Poly1305 OpenSSH clients pick first when offered
+        // (measured: `cargo bench --bench mount`, sftp put/get). Every OpenSSH since 6.2,
+        // sshfs and rclone speak it.
+        preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(&[russh::cipher::AES_256_GCM, russh::cipher::AES_128_GCM]), ..russh::Preferred::DEFAULT },
         ..Default::default()
     });
     let shared = Arc::new(Shared { dir: dir.to_path_buf(), branch: branch.to_string(), mounts: Mutex::new(HashMap::new()) });
