@@ -26,4 +26,3 @@ pub mod output;
 pub mod progress;
 pub mod watch;
 pub mod writer;
-
