@@ -27,11 +27,7 @@ fn quick() -> bool {
 
 fn run(cmd: &mut Command) {
     let out = cmd.stdout(Stdio::null()).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn alkfs(data: &Path) -> Command {
@@ -100,16 +96,8 @@ fn ingest(scratch: &Path, rows: &mut Vec<Row>) {
     let mib = len as f64 / (1 << 20) as f64;
     rows.push(Row {
         figure: format!("put {} MiB + sync (median of 5)", len >> 20),
-        ours: format!(
-            "{:.3} s ({:.0} MiB/s)",
-            o.as_secs_f64(),
-            mib / o.as_secs_f64()
-        ),
-        baseline: format!(
-            "cp + sync {:.3} s ({:.0} MiB/s)",
-            t.as_secs_f64(),
-            mib / t.as_secs_f64()
-        ),
+        ours: format!("{:.3} s ({:.0} MiB/s)", o.as_secs_f64(), mib / o.as_secs_f64()),
+        baseline: format!("cp + sync {:.3} s ({:.0} MiB/s)", t.as_secs_f64(), mib / t.as_secs_f64()),
         ratio: format!("{:.2}x cp", t.as_secs_f64() / o.as_secs_f64()),
         goal: ">= 0.7x".into(),
     });
@@ -124,18 +112,12 @@ fn commit_rate(scratch: &Path, rows: &mut Vec<Row>) {
     let mut engine = Engine::open(&data, Access::Write).unwrap();
     let scope = Scope::new("default", "main");
     let payloads: Vec<Vec<u8>> = (0..n)
-        .map(|i| {
-            (0..4096)
-                .map(|j| ((i as u64 * 7919 + j as u64 * 31) % 251) as u8)
-                .collect()
-        })
+        .map(|i| (0..4096).map(|j| ((i as u64 * 7919 + j as u64 * 31) % 251) as u8).collect())
         .collect();
     let ours = timed(|| {
         for (i, bytes) in payloads.iter().enumerate() {
             let path = TreePath::parse(&format!("/d{}/f{i}", i / 100)).unwrap();
-            engine
-                .put_reader(&scope, &bytes[..], &path, |_| {})
-                .unwrap();
+            engine.put_reader(&scope, &bytes[..], &path, |_| {}).unwrap();
         }
     });
     drop(engine);
@@ -151,9 +133,7 @@ fn commit_rate(scratch: &Path, rows: &mut Vec<Row>) {
         goal: ">= 5,000 files/s".into(),
     });
     rows.push(Row {
-        figure:
-            "the same floor with synchronous=FULL (every commit durable, the alternative to leases)"
-                .into(),
+        figure: "the same floor with synchronous=FULL (every commit durable, the alternative to leases)".into(),
         ours: format!("{ours_rate:.0} files/s"),
         baseline: format!("raw SQLite insert+publish, FULL: {full_rate:.0} tx/s"),
         ratio: format!("{:.2}x raw FULL", ours_rate / full_rate),
@@ -165,8 +145,7 @@ fn commit_rate(scratch: &Path, rows: &mut Vec<Row>) {
 /// (honker's: WAL, `synchronous=NORMAL`), or with `synchronous` set to `sync`.
 fn raw_sqlite(db: &Path, payloads: &[Vec<u8>], sync: &str) -> Duration {
     let mut conn = honker_core::open_conn(db.to_str().unwrap(), false).unwrap();
-    conn.execute_batch(&format!("PRAGMA synchronous = {sync}"))
-        .unwrap();
+    conn.execute_batch(&format!("PRAGMA synchronous = {sync}")).unwrap();
     honker_core::attach_honker_functions(&conn).unwrap();
     honker_core::bootstrap_honker_schema(&conn).unwrap();
     conn.execute_batch(
@@ -175,27 +154,15 @@ fn raw_sqlite(db: &Path, payloads: &[Vec<u8>], sync: &str) -> Duration {
     .unwrap();
     timed(|| {
         for (i, bytes) in payloads.iter().enumerate() {
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .unwrap();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
             let hash = blake3::hash(bytes);
             tx.execute(
                 "INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5)",
-                rusqlite::params![
-                    format!("/d{}", i / 100),
-                    format!("f{i}"),
-                    i as i64,
-                    hash.as_bytes().to_vec(),
-                    bytes
-                ],
+                rusqlite::params![format!("/d{}", i / 100), format!("f{i}"), i as i64, hash.as_bytes().to_vec(), bytes],
             )
             .unwrap();
-            tx.query_row(
-                "SELECT honker_stream_publish('t', NULL, ?1)",
-                [format!("{{\"seq\":{i}}}")],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap();
+            tx.query_row("SELECT honker_stream_publish('t', NULL, ?1)", [format!("{{\"seq\":{i}}}")], |r| r.get::<_, i64>(0))
+                .unwrap();
             tx.commit().unwrap();
         }
     })
@@ -215,20 +182,14 @@ fn put_tree(scratch: &Path, rows: &mut Vec<Row>) {
     for i in 0..3 {
         let data = scratch.join(format!("tree.data{i}"));
         run(alkfs(&data).arg("init"));
-        times.push(timed(|| {
-            run(alkfs(&data).arg("put").arg("-r").arg(&tree).arg("/small"))
-        }));
+        times.push(timed(|| run(alkfs(&data).arg("put").arg("-r").arg(&tree).arg("/small"))));
         std::fs::remove_dir_all(&data).unwrap();
     }
     let n = dirs * per;
     let t = median(times);
     rows.push(Row {
         figure: format!("alkfs put -r {n} x 4 KiB (median of 3, whole process)"),
-        ours: format!(
-            "{:.0} files/s ({:.3} s)",
-            n as f64 / t.as_secs_f64(),
-            t.as_secs_f64()
-        ),
+        ours: format!("{:.0} files/s ({:.3} s)", n as f64 / t.as_secs_f64(), t.as_secs_f64()),
         baseline: "-".into(),
         ratio: "-".into(),
         goal: ">= 5,000 files/s".into(),
@@ -253,46 +214,23 @@ fn list(scratch: &Path, rows: &mut Vec<Row>) {
         prev = format!("b{b}");
     }
     let runs = 31;
-    let ours = median(
-        (0..runs)
-            .map(|_| timed(|| run(alkfs(&data).args(["--branch", "b5", "ls", "/wide"]))))
-            .collect(),
-    );
-    let local = median(
-        (0..runs)
-            .map(|_| timed(|| run(Command::new("ls").arg(&wide))))
-            .collect(),
-    );
+    let ours = median((0..runs).map(|_| timed(|| run(alkfs(&data).args(["--branch", "b5", "ls", "/wide"])))).collect());
+    let local = median((0..runs).map(|_| timed(|| run(Command::new("ls").arg(&wide)))).collect());
     let engine = Engine::open(&data, Access::Read).unwrap();
     let scope = Scope::new("default", "b5");
     let path = TreePath::parse("/wide").unwrap();
-    let inproc = median(
-        (0..runs)
-            .map(|_| timed(|| assert_eq!(engine.list(&scope, &path).unwrap().len(), n)))
-            .collect(),
-    );
+    let inproc = median((0..runs).map(|_| timed(|| assert_eq!(engine.list(&scope, &path).unwrap().len(), n))).collect());
     rows.push(Row {
-        figure: format!(
-            "alkfs ls of {n} entries on a depth-5 branch (median of {runs}, whole process)"
-        ),
-        ours: format!(
-            "{:.1} ms (in-process list {:.1} ms)",
-            ours.as_secs_f64() * 1e3,
-            inproc.as_secs_f64() * 1e3
-        ),
-        baseline: format!(
-            "GNU ls of the local dir {:.1} ms",
-            local.as_secs_f64() * 1e3
-        ),
+        figure: format!("alkfs ls of {n} entries on a depth-5 branch (median of {runs}, whole process)"),
+        ours: format!("{:.1} ms (in-process list {:.1} ms)", ours.as_secs_f64() * 1e3, inproc.as_secs_f64() * 1e3),
+        baseline: format!("GNU ls of the local dir {:.1} ms", local.as_secs_f64() * 1e3),
         ratio: format!("{:.2}x ls", ours.as_secs_f64() / local.as_secs_f64()),
         goal: "<= 20 ms".into(),
     });
 }
 
 fn scratch_dir() -> PathBuf {
-    let base = std::env::var_os("ALKFS_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    let base = std::env::var_os("ALKFS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
     std::fs::create_dir_all(&base).unwrap();
     base
 }
@@ -312,9 +250,6 @@ fn main() {
     println!("| figure | alknet-fs | baseline (same run) | ratio | goal |");
     println!("|---|---|---|---|---|");
     for r in rows {
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            r.figure, r.ours, r.baseline, r.ratio, r.goal
-        );
+        println!("| {} | {} | {} | {} | {} |", r.figure, r.ours, r.baseline, r.ratio, r.goal);
     }
 }

@@ -27,23 +27,12 @@ fn quick() -> bool {
 }
 
 fn alkfs(data: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(ALKFS)
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .env("ALKFS_NET_LISTEN", "127.0.0.1:0")
-        .env("ALKFS_NET_RELAY", "disabled")
-        .output()
-        .unwrap()
+    Command::new(ALKFS).arg("--data").arg(data).args(args).env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled").output().unwrap()
 }
 
 fn ok(data: &Path, args: &[&str]) -> String {
     let out = alkfs(data, args);
-    assert!(
-        out.status.success(),
-        "alkfs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "alkfs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -58,33 +47,19 @@ impl Node {
         let child = Command::new(ALKFS)
             .arg("--data")
             .arg(data)
-            .args([
-                "node",
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--relay",
-                "disabled",
-            ])
+            .args(["node", "run", "--listen", "127.0.0.1:0", "--relay", "disabled"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         let node = Node { child };
-        wait(Duration::from_secs(30), || {
-            alkfs(data, &["status"]).status.success()
-        });
+        wait(Duration::from_secs(30), || alkfs(data, &["status"]).status.success());
         node
     }
 
     fn cpu_ticks(&self) -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     }
 }
@@ -106,24 +81,15 @@ fn wait(limit: Duration, mut cond: impl FnMut() -> bool) {
 
 /// `len` bytes that differ for every `i` (so every file is its own blob).
 fn payload(i: usize, len: usize) -> Vec<u8> {
-    let mut out: Vec<u8> = (0..len)
-        .map(|j| ((i as u64 * 7919 + j as u64 * 31) % 251) as u8)
-        .collect();
+    let mut out: Vec<u8> = (0..len).map(|j| ((i as u64 * 7919 + j as u64 * 31) % 251) as u8).collect();
     out[..8].copy_from_slice(&(i as u64).to_le_bytes());
     out
 }
 
 /// Blobs A's store has not yet indexed into iroh-blobs (read from its tree.db).
 fn unindexed(data: &Path) -> i64 {
-    let db = rusqlite::Connection::open_with_flags(
-        data.join("tree.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    db.query_row("SELECT count(*) FROM blob WHERE indexed = 0", [], |r| {
-        r.get(0)
-    })
-    .unwrap()
+    let db = rusqlite::Connection::open_with_flags(data.join("tree.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    db.query_row("SELECT count(*) FROM blob WHERE indexed = 0", [], |r| r.get(0)).unwrap()
 }
 
 /// Waits until every blob of `data` is indexed (what iroh-docs' writer has by construction:
@@ -136,30 +102,16 @@ fn wait_indexed(data: &Path) {
 /// `ls -R /` lists `entries` lines: every file listed and readable. The polling reads B's
 /// tree.db (cheap, no process per poll) and lists once at the end.
 fn wait_complete(b_dir: &Path, blobs: i64, entries: usize) {
-    let db = rusqlite::Connection::open_with_flags(
-        b_dir.join("tree.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let db = rusqlite::Connection::open_with_flags(b_dir.join("tree.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let end = Instant::now() + Duration::from_secs(600);
     loop {
         let (present, missing): (i64, i64) = db
-            .query_row(
-                "SELECT coalesce(sum(present = 1), 0), coalesce(sum(present = 0), 0) FROM blob",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT coalesce(sum(present = 1), 0), coalesce(sum(present = 0), 0) FROM blob", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap_or((0, 1));
-        if present >= blobs
-            && missing == 0
-            && ok(b_dir, &["ls", "-R", "/"]).lines().count() >= entries
-        {
+        if present >= blobs && missing == 0 && ok(b_dir, &["ls", "-R", "/"]).lines().count() >= entries {
             return;
         }
-        assert!(
-            Instant::now() < end,
-            "B never completed: {present} blobs present, {missing} missing"
-        );
+        assert!(Instant::now() < end, "B never completed: {present} blobs present, {missing} missing");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -268,35 +220,15 @@ fn raw_blobs(root: &Path, len: usize, land: bool) -> f64 {
     let src = std::path::absolute(big_file(root, len)).unwrap();
     let dir = root.join("raw");
     let _ = std::fs::remove_dir_all(&dir);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let cfg = NetConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relay: None,
-            eager_fetch: true,
-        };
-        let a_store = iroh_blobs::store::fs::FsStore::load(dir.join("a"))
-            .await
-            .unwrap();
-        let b_store = iroh_blobs::store::fs::FsStore::load(dir.join("b"))
-            .await
-            .unwrap();
+        let cfg = NetConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: None, eager_fetch: true };
+        let a_store = iroh_blobs::store::fs::FsStore::load(dir.join("a")).await.unwrap();
+        let b_store = iroh_blobs::store::fs::FsStore::load(dir.join("b")).await.unwrap();
         let a = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
         let b = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
-        let router = iroh::protocol::Router::builder(a.endpoint.clone())
-            .accept(
-                iroh_blobs::ALPN,
-                iroh_blobs::BlobsProtocol::new(&a_store, None),
-            )
-            .spawn();
-        let opts = iroh_blobs::api::blobs::AddPathOptions {
-            path: src,
-            format: iroh_blobs::BlobFormat::Raw,
-            mode: iroh_blobs::api::blobs::ImportMode::TryReference,
-        };
+        let router = iroh::protocol::Router::builder(a.endpoint.clone()).accept(iroh_blobs::ALPN, iroh_blobs::BlobsProtocol::new(&a_store, None)).spawn();
+        let opts = iroh_blobs::api::blobs::AddPathOptions { path: src, format: iroh_blobs::BlobFormat::Raw, mode: iroh_blobs::api::blobs::ImportMode::TryReference };
         let tag = a_store.add_path_with_opts(opts).await.unwrap();
         let mut addr = iroh::EndpointAddr::new(a.endpoint.id());
         for s in a.addrs() {
@@ -307,11 +239,7 @@ fn raw_blobs(root: &Path, len: usize, land: bool) -> f64 {
         b_store.remote().fetch(conn, tag.hash).await.unwrap();
         if land {
             let target = std::path::absolute(dir.join("landed")).unwrap();
-            let opts = iroh_blobs::api::blobs::ExportOptions {
-                hash: tag.hash,
-                mode: iroh_blobs::api::blobs::ExportMode::TryReference,
-                target: target.clone(),
-            };
+            let opts = iroh_blobs::api::blobs::ExportOptions { hash: tag.hash, mode: iroh_blobs::api::blobs::ExportMode::TryReference, target: target.clone() };
             b_store.export_with_opts(opts).await.unwrap();
             std::fs::File::open(&target).unwrap().sync_all().unwrap();
         }
@@ -340,38 +268,16 @@ fn raw_blobs_two_processes(root: &Path, len: usize) -> f64 {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let parts: Vec<&str> = line.split_whitespace().collect();
-    let unhex = |h: &str| -> [u8; 32] {
-        (0..32)
-            .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
-            .collect::<Vec<u8>>()
-            .try_into()
-            .unwrap()
-    };
-    let (id, at, hash) = (
-        unhex(parts[0]),
-        parts[1].parse::<std::net::SocketAddr>().unwrap(),
-        iroh_blobs::Hash::from_bytes(unhex(parts[2])),
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let unhex = |h: &str| -> [u8; 32] { (0..32).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()).collect::<Vec<u8>>().try_into().unwrap() };
+    let (id, at, hash) = (unhex(parts[0]), parts[1].parse::<std::net::SocketAddr>().unwrap(), iroh_blobs::Hash::from_bytes(unhex(parts[2])));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let secs = rt.block_on(async {
-        let cfg = NetConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relay: None,
-            eager_fetch: true,
-        };
-        let b_store = iroh_blobs::store::fs::FsStore::load(dir.join("b"))
-            .await
-            .unwrap();
+        let cfg = NetConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: None, eager_fetch: true };
+        let b_store = iroh_blobs::store::fs::FsStore::load(dir.join("b")).await.unwrap();
         let b = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
-        let addr =
-            iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&id).unwrap()).with_ip_addr(at);
+        let addr = iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&id).unwrap()).with_ip_addr(at);
         let t = Instant::now();
         let conn = b.endpoint.connect(addr, iroh_blobs::ALPN).await.unwrap();
         b_store.remote().fetch(conn, hash).await.unwrap();
@@ -389,41 +295,16 @@ fn raw_blobs_two_processes(root: &Path, len: usize) -> f64 {
 fn raw_serve(dir: &Path, file: &Path) {
     use alknet_actors::node::mesh::{bind, NetConfig};
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let cfg = NetConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            relay: None,
-            eager_fetch: true,
-        };
+        let cfg = NetConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: None, eager_fetch: true };
         let store = iroh_blobs::store::fs::FsStore::load(dir).await.unwrap();
         let a = bind(iroh::SecretKey::generate(), &cfg).await.unwrap();
-        let router = iroh::protocol::Router::builder(a.endpoint.clone())
-            .accept(
-                iroh_blobs::ALPN,
-                iroh_blobs::BlobsProtocol::new(&store, None),
-            )
-            .spawn();
-        let opts = iroh_blobs::api::blobs::AddPathOptions {
-            path: file.to_path_buf(),
-            format: iroh_blobs::BlobFormat::Raw,
-            mode: iroh_blobs::api::blobs::ImportMode::TryReference,
-        };
+        let router = iroh::protocol::Router::builder(a.endpoint.clone()).accept(iroh_blobs::ALPN, iroh_blobs::BlobsProtocol::new(&store, None)).spawn();
+        let opts = iroh_blobs::api::blobs::AddPathOptions { path: file.to_path_buf(), format: iroh_blobs::BlobFormat::Raw, mode: iroh_blobs::api::blobs::ImportMode::TryReference };
         let tag = store.add_path_with_opts(opts).await.unwrap();
-        println!(
-            "{} {} {}",
-            hex(a.endpoint.id().as_bytes()),
-            a.addrs()[0],
-            hex(tag.hash.as_bytes())
-        );
-        tokio::task::spawn_blocking(|| {
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
-        })
-        .await
-        .ok();
+        println!("{} {} {}", hex(a.endpoint.id().as_bytes()), a.addrs()[0], hex(tag.hash.as_bytes()));
+        tokio::task::spawn_blocking(|| std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())).await.ok();
         router.shutdown().await.ok();
         store.shutdown().await.ok();
     });
@@ -438,9 +319,7 @@ fn baseline(cmd: &mut Command) -> Option<f64> {
         return None;
     }
     let line = text.lines().rev().find(|l| l.contains("seconds="))?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("seconds="))
-        .and_then(|v| v.parse().ok())
+    line.split_whitespace().find_map(|w| w.strip_prefix("seconds=")).and_then(|v| v.parse().ok())
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -464,11 +343,7 @@ fn show(xs: &[f64]) -> String {
 /// One-file changes on A, each polled for on B until readable: (p50, p99) in ms.
 fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
     let (a_dir, b_dir, c_dir) = (root.join("a"), root.join("b"), root.join("c"));
-    let (a, b, c) = (
-        Node::start(&a_dir),
-        Node::start(&b_dir),
-        Node::start(&c_dir),
-    );
+    let (a, b, c) = (Node::start(&a_dir), Node::start(&b_dir), Node::start(&c_dir));
     ok(&b_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
     ok(&c_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
     std::thread::sleep(Duration::from_secs(3));
@@ -478,25 +353,14 @@ fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
         let body = format!("change {i}");
         let hash = blake3::hash(body.as_bytes());
         let t = Instant::now();
-        let mut child = Command::new(ALKFS)
-            .arg("--data")
-            .arg(&a_dir)
-            .args(["put", "-", "/latency.txt"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = Command::new(ALKFS).arg("--data").arg(&a_dir).args(["put", "-", "/latency.txt"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
         std::io::Write::write_all(child.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
         // Readable on B: the version is there and its bytes are too.
         wait(Duration::from_secs(30), || {
             reader
-                .query_row(
-                    "SELECT present FROM blob WHERE hash = ?1",
-                    [hash.as_bytes().to_vec()],
-                    |r| r.get::<_, i64>(0),
-                )
+                .query_row("SELECT present FROM blob WHERE hash = ?1", [hash.as_bytes().to_vec()], |r| r.get::<_, i64>(0))
                 .map(|p| p == 1)
                 .unwrap_or(false)
         });
@@ -508,22 +372,13 @@ fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
 }
 
 fn main() {
-    if let (Some(dir), Some(file)) = (
-        std::env::var_os("ALKFS_BENCH_RAW_SERVE"),
-        std::env::var_os("ALKFS_BENCH_RAW_FILE"),
-    ) {
+    if let (Some(dir), Some(file)) = (std::env::var_os("ALKFS_BENCH_RAW_SERVE"), std::env::var_os("ALKFS_BENCH_RAW_FILE")) {
         return raw_serve(Path::new(&dir), Path::new(&file));
     }
     let root = tempfile::tempdir().unwrap();
-    let (n_small, big, changes, idle_secs) = if quick() {
-        (500, 64 << 20, 20, 5)
-    } else {
-        (10_000, 1 << 30, 200, 30)
-    };
+    let (n_small, big, changes, idle_secs) = if quick() { (500, 64 << 20, 20, 5) } else { (10_000, 1 << 30, 200, 30) };
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let rounds: usize = env("ALKFS_BENCH_ROUNDS")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if quick() { 1 } else { 3 });
+    let rounds: usize = env("ALKFS_BENCH_ROUNDS").and_then(|v| v.parse().ok()).unwrap_or(if quick() { 1 } else { 3 });
     // ALKFS_BENCH_ONLY=small,large,latency,idle,repeat picks figures (default: all but repeat).
     let only = env("ALKFS_BENCH_ONLY").unwrap_or_else(|| "small,large,latency,idle".into());
     let want = |f: &str| only.split(',').any(|o| o == f);
@@ -541,26 +396,11 @@ fn main() {
             ours.push(many_small(&r, n_small));
             eprintln!("round {round}: alkfs {:.2} s", ours[round]);
             if let Some(bin) = &iroh_docs {
-                docs.extend(baseline(Command::new(bin).args([
-                    "--mode",
-                    "import",
-                    "-n",
-                    &n_small.to_string(),
-                    "-s",
-                    "4096",
-                    "--dir",
-                    r.to_str().unwrap(),
-                ])));
+                docs.extend(baseline(Command::new(bin).args(["--mode", "import", "-n", &n_small.to_string(), "-s", "4096", "--dir", r.to_str().unwrap()])));
                 eprintln!("round {round}: iroh-docs {:?}", docs.last());
             }
             if let Some(script) = &syncthing {
-                st.extend(baseline(Command::new("bash").args([
-                    script,
-                    &n_small.to_string(),
-                    "4096",
-                    "--tmpdir",
-                    r.to_str().unwrap(),
-                ])));
+                st.extend(baseline(Command::new("bash").args([script, &n_small.to_string(), "4096", "--tmpdir", r.to_str().unwrap()])));
                 eprintln!("round {round}: syncthing {:?}", st.last());
             }
         }
@@ -570,9 +410,7 @@ fn main() {
     if want("repeat") {
         let r = root.path().join("repeat");
         std::fs::create_dir_all(&r).unwrap();
-        let runs: usize = env("ALKFS_BENCH_REPEAT")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(100);
+        let runs: usize = env("ALKFS_BENCH_REPEAT").and_then(|v| v.parse().ok()).unwrap_or(100);
         let times = repeated_small(&r, n_small, runs);
         let max = times.iter().cloned().fold(0.0, f64::max);
         println!("| {n_small} × 4 KiB to a fresh joiner, repeated | {} of {runs} runs complete; median {:.2} s, slowest {max:.2} s | — | — |", times.len(), median(&times));
@@ -580,28 +418,14 @@ fn main() {
     if want("large") {
         let r = root.path().join("large");
         std::fs::create_dir_all(&r).unwrap();
-        let (mut ours, mut raw, mut raw_land, mut raw2, mut docs, mut live) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        let (mut ours, mut raw, mut raw_land, mut raw2, mut docs, mut live) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             ours.push(one_large(&r, big, true));
             raw.push(raw_blobs(&r, big, false));
             raw_land.push(raw_blobs(&r, big, true));
             raw2.push(raw_blobs_two_processes(&r, big));
             if let Some(bin) = &iroh_docs {
-                docs.extend(baseline(Command::new(bin).args([
-                    "--mode",
-                    "import",
-                    "--large",
-                    &big.to_string(),
-                    "--dir",
-                    r.to_str().unwrap(),
-                ])));
+                docs.extend(baseline(Command::new(bin).args(["--mode", "import", "--large", &big.to_string(), "--dir", r.to_str().unwrap()])));
             }
             live.push(one_large(&r, big, false));
             eprintln!("round {round}: alkfs {:.2} s, raw {:.2} s, raw+land {:.2} s, raw two processes {:.2} s, iroh-docs {:?}, alkfs live {:.2} s", ours[round], raw[round], raw_land[round], raw2[round], docs.last(), live[round]);
@@ -609,17 +433,9 @@ fn main() {
         let mib = (big >> 20) as f64;
         let m = median(&ours);
         println!("| one {} MiB file on A, on B from B's join | {} ({:.0} MiB/s) | raw iroh-blobs {} ({:.0} MiB/s) | {:.2}× raw throughput |", big >> 20, show(&ours), mib / m, show(&raw), mib / median(&raw), median(&raw) / m);
-        println!(
-            "| ... the same | | raw iroh-blobs + export + fsync {} | {:.2}× its throughput |",
-            show(&raw_land),
-            median(&raw_land) / m
-        );
+        println!("| ... the same | | raw iroh-blobs + export + fsync {} | {:.2}× its throughput |", show(&raw_land), median(&raw_land) / m);
         println!("| ... the same | | raw iroh-blobs, server in a process of its own {} | {:.2}× its throughput |", show(&raw2), median(&raw2) / m);
-        println!(
-            "| ... the same | | iroh-docs import {} | {:.2}× iroh-docs' time |",
-            show(&docs),
-            m / median(&docs)
-        );
+        println!("| ... the same | | iroh-docs import {} | {:.2}× iroh-docs' time |", show(&docs), m / median(&docs));
         println!("| one {} MiB file, from the write on A (B joined) to its bytes on B | {} ({:.0} MiB/s) | — | — |", big >> 20, show(&live), mib / median(&live));
     }
     let latency = want("latency") || want("idle");

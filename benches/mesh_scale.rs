@@ -50,22 +50,14 @@ impl Side {
 
 /// CPU seconds this thread has used.
 fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 fn item(i: usize, salt: u64) -> CommitItem {
     let bytes = [i.to_le_bytes(), salt.to_le_bytes()].concat();
-    let blob = Imported {
-        hash: ContentHash(*blake3::hash(&bytes).as_bytes()),
-        size: bytes.len() as u64,
-        inline: Some(bytes),
-        hold: None,
-    };
+    let blob = Imported { hash: ContentHash(*blake3::hash(&bytes).as_bytes()), size: bytes.len() as u64, inline: Some(bytes), hold: None };
     let path = TreePath::parse(&format!("/d{}/f{i}", i / 1000)).unwrap();
     let entry = file_entry(&blob, 0o644, 1_767_225_600_000);
     (path, entry, blob)
@@ -94,20 +86,12 @@ fn settle(a: &mut Side, b: &mut Side, uid: &Uid, docs: &[u16]) -> (usize, usize)
     for &doc in docs {
         loop {
             let mut quiet = true;
-            if let Some(m) = timed(false, || {
-                a.mesh.generate(&a.engine, &idb, uid, doc).unwrap()
-            }) {
-                timed(true, || {
-                    b.mesh.receive(&mut b.engine, &ida, uid, doc, &m).unwrap()
-                });
+            if let Some(m) = timed(false, || a.mesh.generate(&a.engine, &idb, uid, doc).unwrap()) {
+                timed(true, || b.mesh.receive(&mut b.engine, &ida, uid, doc, &m).unwrap());
                 (quiet, messages, bytes) = (false, messages + 1, bytes + m.len());
             }
-            if let Some(m) = timed(false, || {
-                b.mesh.generate(&b.engine, &ida, uid, doc).unwrap()
-            }) {
-                timed(true, || {
-                    a.mesh.receive(&mut a.engine, &idb, uid, doc, &m).unwrap()
-                });
+            if let Some(m) = timed(false, || b.mesh.generate(&b.engine, &ida, uid, doc).unwrap()) {
+                timed(true, || a.mesh.receive(&mut a.engine, &idb, uid, doc, &m).unwrap());
                 (quiet, messages, bytes) = (false, messages + 1, bytes + m.len());
             }
             if quiet {
@@ -125,56 +109,28 @@ fn all_docs() -> Vec<u16> {
 }
 
 fn main() {
-    let paths: usize = std::env::var("ALKFS_BENCH_PATHS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let paths: usize = std::env::var("ALKFS_BENCH_PATHS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let root = tempfile::tempdir().unwrap();
     let scope = Scope::new("default", "main");
     let mut a = Side::new(root.path().join("a"));
     let mut b = Side::new(root.path().join("b"));
     let t = Instant::now();
     for start in (0..paths).step_by(10_000) {
-        let items: Vec<CommitItem> = (start..(start + 10_000).min(paths))
-            .map(|i| item(i, 0))
-            .collect();
+        let items: Vec<CommitItem> = (start..(start + 10_000).min(paths)).map(|i| item(i, 0)).collect();
         a.engine.commit_entries(&scope, &items).unwrap();
     }
     let write_s = t.elapsed().as_secs_f64();
     // B joins A's bucket.
     let t = Instant::now();
-    let (uid, secret) = a
-        .mesh
-        .invite(&mut a.engine, "default", 3_600_000, 1, &[])
-        .unwrap();
-    let (name, root_branch) = a
-        .mesh
-        .admit(&mut a.engine, &uid, &secret, &b.me(), &[])
-        .unwrap()
-        .unwrap();
-    b.mesh
-        .adopt(
-            &mut b.engine,
-            &Adoption {
-                name,
-                bucket: uid,
-                root: root_branch,
-                inviter: a.me(),
-                inviter_addrs: vec![],
-                my_addrs: vec![],
-            },
-        )
-        .unwrap();
+    let (uid, secret) = a.mesh.invite(&mut a.engine, "default", 3_600_000, 1, &[]).unwrap();
+    let (name, root_branch) = a.mesh.admit(&mut a.engine, &uid, &secret, &b.me(), &[]).unwrap().unwrap();
+    b.mesh.adopt(&mut b.engine, &Adoption { name, bucket: uid, root: root_branch, inviter: a.me(), inviter_addrs: vec![], my_addrs: vec![] }).unwrap();
     a.mesh.publish(&mut a.engine).unwrap();
     let share_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let (messages, bytes) = settle(&mut a, &mut b, &uid, &all_docs());
     let first_s = t.elapsed().as_secs_f64();
-    let walked = b
-        .engine
-        .walk(&scope, &TreePath::parse("/").unwrap())
-        .unwrap()
-        .len();
+    let walked = b.engine.walk(&scope, &TreePath::parse("/").unwrap()).unwrap().len();
     assert!(walked >= paths, "B has {walked} of {paths} paths");
     println!("| figure ({paths} paths, 64 shards) | measured |");
     println!("|---|---|");
@@ -184,10 +140,7 @@ fn main() {
     // One change at a time.
     let mut cpu = Vec::new();
     let mut wall = Vec::new();
-    let changes: usize = std::env::var("ALKFS_BENCH_CHANGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let changes: usize = std::env::var("ALKFS_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     eprintln!("changes start");
     SPLIT.with(|s| s.set((0.0, 0.0)));
     let mut publish_cpu = 0.0;

@@ -38,20 +38,13 @@ impl Drop for Proc {
 
 fn alkfs(data: &Path) -> Command {
     let mut c = Command::new(ALKFS);
-    c.arg("--data")
-        .arg(data)
-        .env("ALKFS_NET_LISTEN", "127.0.0.1:0")
-        .env("ALKFS_NET_RELAY", "disabled");
+    c.arg("--data").arg(data).env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled");
     c
 }
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn sh(script: &str) {
@@ -72,19 +65,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
     while !cond() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{what} did not happen in 20 s"
-        );
+        assert!(t.elapsed() < Duration::from_secs(20), "{what} did not happen in 20 s");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn is_mounted(dir: &Path) -> bool {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == dir.to_str())
+    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == dir.to_str())
 }
 
 fn drop_caches() -> bool {
@@ -110,63 +97,27 @@ fn make_tree(root: &Path, n: usize) {
     }
 }
 
-fn row(
-    out: &mut Vec<String>,
-    figure: &str,
-    native: f64,
-    mount: f64,
-    unit: &str,
-    ratio: f64,
-    goal: &str,
-) {
-    out.push(format!(
-        "| {figure} | {native:.2} {unit} | {mount:.2} {unit} | {ratio:.2}× | {goal} |"
-    ));
+fn row(out: &mut Vec<String>, figure: &str, native: f64, mount: f64, unit: &str, ratio: f64, goal: &str) {
+    out.push(format!("| {figure} | {native:.2} {unit} | {mount:.2} {unit} | {ratio:.2}× | {goal} |"));
 }
 
 fn main() {
     let q = quick();
     let files = if q { 500 } else { 10_000 };
     let big_mib: usize = if q { 64 } else { 1024 };
-    let root = tempfile::Builder::new()
-        .prefix("alkfs-bench-mount-")
-        .tempdir_in(std::env::temp_dir())
-        .unwrap();
+    let root = tempfile::Builder::new().prefix("alkfs-bench-mount-").tempdir_in(std::env::temp_dir()).unwrap();
     let root = root.path();
     let data = root.join("data");
     run(alkfs(&data).arg("init"));
-    let node = Proc(
-        alkfs(&data)
-            .args(["node", "run"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the node to answer", || {
-        alkfs(&data)
-            .arg("status")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
+    let node = Proc(alkfs(&data).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("the node to answer", || alkfs(&data).arg("status").output().is_ok_and(|o| o.status.success()));
     let mnt = root.join("mnt");
     let native = root.join("native");
     fs::create_dir_all(&mnt).unwrap();
     fs::create_dir_all(&native).unwrap();
-    let mount = Proc(
-        alkfs(&data)
-            .arg("mount")
-            .arg(&mnt)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mount = Proc(alkfs(&data).arg("mount").arg(&mnt).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     wait_for("the mount", || is_mounted(&mnt));
-    let mut table = vec![
-        "| figure | native | alkfs | ratio | goal |".to_string(),
-        "|---|---|---|---|---|".to_string(),
-    ];
+    let mut table = vec!["| figure | native | alkfs | ratio | goal |".to_string(), "|---|---|---|---|---|".to_string()];
 
     let only = std::env::var("ALKFS_BENCH_ONLY").unwrap_or_default();
     let run_part = |part: &str| only.is_empty() || only == part;
@@ -176,12 +127,7 @@ fn main() {
         let tree = root.join("tree");
         make_tree(&tree, files);
         let tar = root.join("tree.tar");
-        run(Command::new("tar")
-            .arg("cf")
-            .arg(&tar)
-            .arg("-C")
-            .arg(&tree)
-            .arg("."));
+        run(Command::new("tar").arg("cf").arg(&tar).arg("-C").arg(&tree).arg("."));
         let (mut tn, mut tm) = (Vec::new(), Vec::new());
         for r in 0..RUNS {
             for (dir, times) in [(&native, &mut tn), (&mnt, &mut tm)] {
@@ -190,11 +136,7 @@ fn main() {
                 sh("sync");
                 let on_mount = dir == &mnt;
                 times.push(timed(|| {
-                    run(Command::new("tar")
-                        .arg("xf")
-                        .arg(&tar)
-                        .arg("-C")
-                        .arg(&target));
+                    run(Command::new("tar").arg("xf").arg(&tar).arg("-C").arg(&target));
                     // On the mount, until every file is committed: an fsync of a directory there
                     // waits for the write-behind queue (and forces nothing to disk).
                     if on_mount {
@@ -204,15 +146,7 @@ fn main() {
             }
         }
         let (n, m) = (median(tn), median(tm));
-        row(
-            &mut table,
-            &format!("untar {files} files (on the mount: until committed)"),
-            n,
-            m,
-            "s",
-            m / n,
-            "≤ 3× the time",
-        );
+        row(&mut table, &format!("untar {files} files (on the mount: until committed)"), n, m, "s", m / n, "≤ 3× the time");
 
         // What one request to the FUSE process costs (the floor under every per-file figure):
         // fsync of a file open for reading goes to the filesystem every time, and does nothing.
@@ -225,26 +159,15 @@ fn main() {
                 fs::File::open(dir).unwrap().sync_all().unwrap();
                 let f = fs::File::open(&probe).unwrap();
                 let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
-                times.push(
-                    timed(|| {
-                        for _ in 0..calls {
-                            assert_eq!(unsafe { libc::fsync(fd) }, 0);
-                        }
-                    }) / calls as f64
-                        * 1e6,
-                );
+                times.push(timed(|| {
+                    for _ in 0..calls {
+                        assert_eq!(unsafe { libc::fsync(fd) }, 0);
+                    }
+                }) / calls as f64 * 1e6);
             }
         }
         let (n, m) = (median(rn), median(rm));
-        row(
-            &mut table,
-            "one request to the filesystem (fsync, nothing to write)",
-            n,
-            m,
-            "µs",
-            m / n,
-            "— (the floor: tar sends ~8 per file)",
-        );
+        row(&mut table, "one request to the filesystem (fsync, nothing to write)", n, m, "µs", m / n, "— (the floor: tar sends ~8 per file)");
     }
 
     // 2. sequential write and read of 1 GiB.
@@ -255,9 +178,7 @@ fn main() {
         let mut buf = vec![0u8; 1 << 20];
         for _ in 0..big_mib {
             for c in buf.chunks_mut(8) {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 c.copy_from_slice(&x.to_le_bytes());
             }
             f.write_all(&buf).unwrap();
@@ -266,74 +187,24 @@ fn main() {
     let bytes = (big_mib as f64) * 1024.0 * 1024.0;
     if run_part("dd") {
         let gbs = |secs: f64| bytes / secs / 1e9;
-        let (mut wn, mut wm, mut cn, mut cm, mut hn, mut hm) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        let (mut wn, mut wm, mut cn, mut cm, mut hn, mut hm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut cold = true;
         for r in 0..RUNS {
-            for (dir, w, c, h) in [
-                (&native, &mut wn, &mut cn, &mut hn),
-                (&mnt, &mut wm, &mut cm, &mut hm),
-            ] {
+            for (dir, w, c, h) in [(&native, &mut wn, &mut cn, &mut hn), (&mnt, &mut wm, &mut cm, &mut hm)] {
                 let target = dir.join(format!("big{r}"));
                 sh(&format!("cat {} > /dev/null; sync", source.display()));
-                w.push(gbs(timed(|| {
-                    run(Command::new("dd")
-                        .arg(format!("if={}", source.display()))
-                        .arg(format!("of={}", target.display()))
-                        .args(["bs=1M", "conv=fsync", "status=none"]))
-                })));
+                w.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", source.display())).arg(format!("of={}", target.display())).args(["bs=1M", "conv=fsync", "status=none"])))));
                 cold &= drop_caches();
-                c.push(gbs(timed(|| {
-                    run(Command::new("dd")
-                        .arg(format!("if={}", target.display()))
-                        .args(["of=/dev/null", "bs=1M", "status=none"]))
-                })));
-                h.push(gbs(timed(|| {
-                    run(Command::new("dd")
-                        .arg(format!("if={}", target.display()))
-                        .args(["of=/dev/null", "bs=1M", "status=none"]))
-                })));
+                c.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", target.display())).args(["of=/dev/null", "bs=1M", "status=none"])))));
+                h.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", target.display())).args(["of=/dev/null", "bs=1M", "status=none"])))));
             }
         }
         let (n, m) = (median(wn), median(wm));
-        row(
-            &mut table,
-            &format!("write {big_mib} MiB (dd bs=1M conv=fsync)"),
-            n,
-            m,
-            "GB/s",
-            m / n,
-            "≥ 0.5×",
-        );
+        row(&mut table, &format!("write {big_mib} MiB (dd bs=1M conv=fsync)"), n, m, "GB/s", m / n, "≥ 0.5×");
         let (n, m) = (median(cn), median(cm));
-        row(
-            &mut table,
-            &format!(
-                "read {big_mib} MiB, cold{}",
-                if cold { "" } else { " (NOT dropped: not root)" }
-            ),
-            n,
-            m,
-            "GB/s",
-            m / n,
-            "≥ 0.5×",
-        );
+        row(&mut table, &format!("read {big_mib} MiB, cold{}", if cold { "" } else { " (NOT dropped: not root)" }), n, m, "GB/s", m / n, "≥ 0.5×");
         let (n, m) = (median(hn), median(hm));
-        row(
-            &mut table,
-            &format!("read {big_mib} MiB, hot (page cache)"),
-            n,
-            m,
-            "GB/s",
-            m / n,
-            "≥ 0.5×",
-        );
+        row(&mut table, &format!("read {big_mib} MiB, hot (page cache)"), n, m, "GB/s", m / n, "≥ 0.5×");
     }
 
     // 3. sftp put/get against OpenSSH's sftp-server, on a fresh store and node of its own:
@@ -343,54 +214,25 @@ fn main() {
     drop(node);
     let data2 = root.join("data-sftp");
     run(alkfs(&data2).arg("init"));
-    let node2 = Proc(
-        alkfs(&data2)
-            .args(["node", "run"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the second node to answer", || {
-        alkfs(&data2)
-            .arg("status")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    match if run_part("sftp") {
-        sftp_figures(root, &data2, &source, bytes)
-    } else {
-        Ok(Vec::new())
-    } {
+    let node2 = Proc(alkfs(&data2).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("the second node to answer", || alkfs(&data2).arg("status").output().is_ok_and(|o| o.status.success()));
+    let sftp = if run_part("sftp") { sftp_figures(root, &data2, &source, bytes) } else { Ok(Vec::new()) };
+    match sftp {
         Ok(rows) => table.extend(rows),
-        Err(why) => table.push(format!(
-            "| sftp put/get | — | — | — | not measured: {why} |"
-        )),
+        Err(why) => table.push(format!("| sftp put/get | — | — | — | not measured: {why} |")),
     }
     drop(node2);
     println!("{}", table.join("\n"));
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn sftp_batch(port: u16, key: &Path, user: &str, script: &str) -> f64 {
     timed(|| {
         let mut child = Command::new("sftp")
-            .args([
-                "-q",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-            ])
+            .args(["-q", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
             .arg("-P")
             .arg(port.to_string())
             .arg("-i")
@@ -402,46 +244,21 @@ fn sftp_batch(port: u16, key: &Path, user: &str, script: &str) -> f64 {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(
-            child.wait().unwrap().success(),
-            "sftp batch failed: {script}"
-        );
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "sftp batch failed: {script}");
     })
 }
 
-fn sftp_figures(
-    root: &Path,
-    data: &Path,
-    source: &Path,
-    bytes: f64,
-) -> Result<Vec<String>, String> {
-    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .ok_or("no sshd (apt-get install openssh-server)")?;
+fn sftp_figures(root: &Path, data: &Path, source: &Path, bytes: f64) -> Result<Vec<String>, String> {
+    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"].into_iter().map(PathBuf::from).find(|p| p.exists()).ok_or("no sshd (apt-get install openssh-server)")?;
     if unsafe { libc::geteuid() } != 0 {
         return Err("sshd needs root".into());
     }
     let key = root.join("key");
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", ""])
-        .arg("-f")
-        .arg(&key));
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&key));
     let host = root.join("ssh_host");
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", ""])
-        .arg("-f")
-        .arg(&host));
-    run(alkfs(data)
-        .args(["sftp", "allow", "default"])
-        .arg(key.with_extension("pub")));
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&host));
+    run(alkfs(data).args(["sftp", "allow", "default"]).arg(key.with_extension("pub")));
 
     // OpenSSH: sshd on loopback, this user, the same key, its internal sftp server.
     let home = root.join("sshd-home");
@@ -460,33 +277,11 @@ fn sftp_figures(
         ),
     )
     .unwrap();
-    let _sshd = Proc(
-        Command::new(&sshd)
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?,
-    );
-    wait_for("sshd to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", sshd_port)).is_ok()
-    });
+    let _sshd = Proc(Command::new(&sshd).arg("-D").arg("-e").arg("-f").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| e.to_string())?);
+    wait_for("sshd to listen", || std::net::TcpStream::connect(("127.0.0.1", sshd_port)).is_ok());
     let alk_port = free_port();
-    let _server = Proc(
-        alkfs(data)
-            .args(["serve", "sftp", "--listen"])
-            .arg(format!("127.0.0.1:{alk_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("alkfs serve sftp to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", alk_port)).is_ok()
-    });
+    let _server = Proc(alkfs(data).args(["serve", "sftp", "--listen"]).arg(format!("127.0.0.1:{alk_port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for("alkfs serve sftp to listen", || std::net::TcpStream::connect(("127.0.0.1", alk_port)).is_ok());
 
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let back = root.join("back.bin");
@@ -496,72 +291,21 @@ fn sftp_figures(
         // Each transfer starts with nothing dirty: the one before wrote a gigabyte, and its
         // writeback would slow whichever came next.
         sh(&format!("cat {} > /dev/null; sync", source.display()));
-        pn.push(
-            bytes
-                / 1e9
-                / sftp_batch(
-                    sshd_port,
-                    &key,
-                    &user,
-                    &format!("put {} {}\n", source.display(), remote_native.display()),
-                ),
-        );
-        pm.push(
-            bytes
-                / 1e9
-                / sftp_batch(
-                    alk_port,
-                    &key,
-                    "default",
-                    &format!("put {} /sftp{r}.bin\n", source.display()),
-                ),
-        );
+        pn.push(bytes / 1e9 / sftp_batch(sshd_port, &key, &user, &format!("put {} {}\n", source.display(), remote_native.display())));
+        sh("sync");
+        pm.push(bytes / 1e9 / sftp_batch(alk_port, &key, "default", &format!("put {} /sftp{r}.bin\n", source.display())));
         let _ = fs::remove_file(&back);
         sh("sync");
-        gn.push(
-            bytes
-                / 1e9
-                / sftp_batch(
-                    sshd_port,
-                    &key,
-                    &user,
-                    &format!("get {} {}\n", remote_native.display(), back.display()),
-                ),
-        );
+        gn.push(bytes / 1e9 / sftp_batch(sshd_port, &key, &user, &format!("get {} {}\n", remote_native.display(), back.display())));
         let _ = fs::remove_file(&back);
         sh("sync");
-        gm.push(
-            bytes
-                / 1e9
-                / sftp_batch(
-                    alk_port,
-                    &key,
-                    "default",
-                    &format!("get /sftp{r}.bin {}\n", back.display()),
-                ),
-        );
+        gm.push(bytes / 1e9 / sftp_batch(alk_port, &key, "default", &format!("get /sftp{r}.bin {}\n", back.display())));
     }
     let mut rows = Vec::new();
     let mib = bytes / (1024.0 * 1024.0);
     let (n, m) = (median(pn), median(pm));
-    row(
-        &mut rows,
-        &format!("sftp put {mib:.0} MiB"),
-        n,
-        m,
-        "GB/s",
-        m / n,
-        "≥ 0.8× (OpenSSH sshd)",
-    );
+    row(&mut rows, &format!("sftp put {mib:.0} MiB"), n, m, "GB/s", m / n, "≥ 0.8× (OpenSSH sshd)");
     let (n, m) = (median(gn), median(gm));
-    row(
-        &mut rows,
-        &format!("sftp get {mib:.0} MiB"),
-        n,
-        m,
-        "GB/s",
-        m / n,
-        "≥ 0.8× (OpenSSH sshd)",
-    );
+    row(&mut rows, &format!("sftp get {mib:.0} MiB"), n, m, "GB/s", m / n, "≥ 0.8× (OpenSSH sshd)");
     Ok(rows)
 }

@@ -26,9 +26,7 @@ fn quick() -> bool {
 }
 
 fn payload(i: usize) -> Vec<u8> {
-    (0..4096)
-        .map(|j| ((i as u64 * 7919 + j as u64 * 31) % 251) as u8)
-        .collect()
+    (0..4096).map(|j| ((i as u64 * 7919 + j as u64 * 31) % 251) as u8).collect()
 }
 
 /// The engine's direct rate: one file per transaction, one writer.
@@ -39,9 +37,7 @@ fn direct_rate(dir: &Path, n: usize) -> f64 {
     let t = Instant::now();
     for i in 0..n {
         let path = TreePath::parse(&format!("/d{}/f{i}", i / 100)).unwrap();
-        engine
-            .put_reader(&scope, &payload(i)[..], &path, |_| {})
-            .unwrap();
+        engine.put_reader(&scope, &payload(i)[..], &path, |_| {}).unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()
 }
@@ -56,14 +52,7 @@ impl Drop for Node {
 }
 
 fn start_node(dir: &Path) -> Node {
-    let child = Command::new(ALKFS)
-        .arg("--data")
-        .arg(dir)
-        .args(["node", "run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Command::new(ALKFS).arg("--data").arg(dir).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t = Instant::now();
     while Client::connect(dir).is_none() {
         assert!(t.elapsed() < Duration::from_secs(20), "node did not start");
@@ -82,10 +71,7 @@ fn daemon_rate(dir: &Path, n: usize, clients: usize) -> (f64, Node) {
                 let client = Client::connect(dir).unwrap();
                 for i in (c..n).step_by(clients) {
                     let req = Request::PutStream {
-                        scope: WireScope {
-                            bucket: "default".into(),
-                            branch: "main".into(),
-                        },
+                        scope: WireScope { bucket: "default".into(), branch: "main".into() },
                         path: format!("/d{}/f{i}", i / 100),
                     };
                     client.call_streaming(&req, &payload(i)[..]).unwrap();
@@ -121,18 +107,8 @@ fn gc_time(dir: &Path, entries: usize, blobs: usize) -> (Duration, u64) {
         // Each blob is named by a run of consecutive paths, so deleting half of the groups
         // leaves about half of the blobs unreferenced.
         let blob = made[e * blobs / entries].clone();
-        let entry = Entry {
-            kind: EntryKind::File,
-            hash: blob.hash,
-            size: blob.size,
-            mode: 0o644,
-            mtime_ms: 0,
-        };
-        batch.push((
-            TreePath::parse(&format!("/g{}/e{e}", e / 1000)).unwrap(),
-            entry,
-            blob,
-        ));
+        let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: 0o644, mtime_ms: 0 };
+        batch.push((TreePath::parse(&format!("/g{}/e{e}", e / 1000)).unwrap(), entry, blob));
         if batch.len() == 4096 {
             engine.commit_entries(&scope, &batch).unwrap();
             batch.clear();
@@ -141,26 +117,16 @@ fn gc_time(dir: &Path, entries: usize, blobs: usize) -> (Duration, u64) {
     engine.commit_entries(&scope, &batch).unwrap();
     drop(made);
     for g in 0..(entries / 1000) / 2 {
-        engine
-            .remove(&scope, &TreePath::parse(&format!("/g{g}")).unwrap(), true)
-            .unwrap();
+        engine.remove(&scope, &TreePath::parse(&format!("/g{g}")).unwrap(), true).unwrap();
     }
     let _ = ContentHash::EMPTY;
     let t = Instant::now();
-    let report = engine
-        .gc(Retention {
-            keep_versions: 0,
-            keep_days: 0,
-            outbox_keep_days: 1,
-        })
-        .unwrap();
+    let report = engine.gc(Retention { keep_versions: 0, keep_days: 0, outbox_keep_days: 1 }).unwrap();
     (t.elapsed(), report.blobs_freed)
 }
 
 fn scratch() -> PathBuf {
-    let base = std::env::var_os("ALKFS_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    let base = std::env::var_os("ALKFS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
     std::fs::create_dir_all(&base).unwrap();
     base
 }
@@ -181,17 +147,11 @@ fn main() {
     let idle_pct = (cpu_ticks(node.0.id()) - c0) as f64 / tick / idle_secs as f64 * 100.0;
     drop(node);
     eprintln!("gc …");
-    let (entries, blobs) = if quick() {
-        (20_000, 2_000)
-    } else {
-        (100_000, 10_000)
-    };
+    let (entries, blobs) = if quick() { (20_000, 2_000) } else { (100_000, 10_000) };
     let (gc, freed) = gc_time(&tmp.path().join("gc"), entries, blobs);
     println!("| figure | alknet-fs | baseline (same run) | ratio | goal |");
     println!("|---|---|---|---|---|");
     println!("| commit {n} x 4 KiB through the daemon, 4 concurrent clients | {daemon:.0} files/s | engine direct, 1 per transaction: {direct:.0} files/s | {:.2}x direct | >= 0.8x |", daemon / direct);
-    println!(
-        "| CPU of an idle node over {idle_secs} s | {idle_pct:.2} % of a core | - | - | <= 1 % |"
-    );
+    println!("| CPU of an idle node over {idle_secs} s | {idle_pct:.2} % of a core | - | - | <= 1 % |");
     println!("| GC mark+sweep, {entries} entries / {blobs} blobs (half the entries deleted) | {:.3} s, {freed} blobs freed | - | - | <= 2 s |", gc.as_secs_f64());
 }

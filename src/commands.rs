@@ -10,10 +10,7 @@ use alknet_actors::proto::ids::{OrderKey, VersionId, VersionRef};
 use alknet_actors::proto::path::TreePath;
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{
-    BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, ConflictsCmd, DebugCmd, MembersCmd,
-    NodeCmd, ServeCmd, SftpCmd,
-};
+use crate::cli::{BlobsCmd, BranchCmd, BucketCmd, Cli, Command, ConfigCmd, ConflictsCmd, DebugCmd, MembersCmd, NodeCmd, ServeCmd, SftpCmd};
 use crate::control::client::Client;
 use crate::control::{Reply, Request};
 use crate::output;
@@ -28,8 +25,7 @@ pub fn data_dir(cli: &Cli) -> Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return Ok(PathBuf::from(x).join("alknet-fs"));
     }
-    let home = std::env::var_os("HOME")
-        .context("neither --data, ALKFS_DATA, XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
+    let home = std::env::var_os("HOME").context("neither --data, ALKFS_DATA, XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
     Ok(PathBuf::from(home).join(".local/share/alknet-fs"))
 }
 
@@ -50,10 +46,7 @@ fn node_client(dir: &Path, what: &str) -> Result<Client> {
 /// The point `--at` names, as a bound on the order of versions: a time (RFC 3339), a while
 /// ago (`90m`, `2h`, `7d`), or a version id (the branch just after it was written).
 fn at_key(dir: &Path, raw: &str) -> Result<OrderKey> {
-    let is_version = raw.contains('@')
-        || raw
-            .strip_prefix('v')
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let is_version = raw.contains('@') || raw.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     if is_version {
         let version = VersionRef::parse(raw).map_err(|e| anyhow::anyhow!(e))?;
         return Ok(Engine::open(dir, Access::Read)?.key_of_version(&version)?);
@@ -65,23 +58,14 @@ fn at_key(dir: &Path, raw: &str) -> Result<OrderKey> {
     } else {
         bail!("--at {raw:?}: give a time (2026-11-30T10:00:00Z), a while ago (90m, 2h, 7d) or a version (17@3f2a9c1b02, as `alkfs log` prints it)");
     };
-    Ok(OrderKey::upto(Stamp {
-        ms,
-        counter: u32::MAX,
-    }))
+    Ok(OrderKey::upto(Stamp { ms, counter: u32::MAX }))
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     let dir = data_dir(&cli)?;
     let at = match &cli.at {
         Some(raw) => {
-            if !matches!(
-                cli.command,
-                Command::Get { .. }
-                    | Command::Ls { .. }
-                    | Command::Log { .. }
-                    | Command::Mount { .. }
-            ) {
+            if !matches!(cli.command, Command::Get { .. } | Command::Ls { .. } | Command::Log { .. } | Command::Mount { .. }) {
                 bail!("--at reads the past: it goes with ls, get, log and mount, not with this command");
             }
             Some(at_key(&dir, raw)?)
@@ -99,11 +83,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 writeln!(out, "a store is already initialised at {}", dir.display())?;
             }
         }
-        Command::Put {
-            recursive,
-            src,
-            path,
-        } => put(&dir, &scope, recursive, &src, &path)?,
+        Command::Put { recursive, src, path } => put(&dir, &scope, recursive, &src, &path)?,
         Command::Get { path, dest } => {
             let engine = Engine::open(&dir, Access::Read)?;
             let path = file_path(&path)?;
@@ -112,10 +92,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 // A version that came from a peer before its bytes: fetch them now, and wait.
                 let client = Client::connect(&dir).with_context(|| format!("{path}: its bytes are still on a peer; start the node to fetch them (`alkfs --data {} node run`)", dir.display()))?;
                 let spinner = Progress::count("fetching from peers");
-                let reply = client.call(&Request::Fetch {
-                    hash: entry.hash.to_hex(),
-                    size: entry.size,
-                })?;
+                let reply = client.call(&Request::Fetch { hash: entry.hash.to_hex(), size: entry.size })?;
                 spinner.finish();
                 if let Reply::Error { message } = reply {
                     bail!("{path}: could not fetch its bytes: {message}");
@@ -124,11 +101,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let mut bar = Progress::bytes(entry.size, "get");
             match dest {
                 Some(dest) => {
-                    let dest = if dest.is_dir() {
-                        dest.join(path.name())
-                    } else {
-                        dest
-                    };
+                    let dest = if dest.is_dir() { dest.join(path.name()) } else { dest };
                     engine.export(&scope, &path, &dest, |n| bar.set(n))?;
                 }
                 None => {
@@ -137,30 +110,19 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             bar.finish();
         }
-        Command::Ls {
-            path,
-            recursive: true,
-            json,
-            ..
-        } => {
+        Command::Ls { path, recursive: true, json, .. } => {
             let engine = Engine::open(&dir, Access::Read)?;
             let rows = engine.walk(&scope, &tree_path(&path)?)?;
             output::walk(&mut out, &rows, json)?;
         }
-        Command::Ls {
-            path, long, json, ..
-        } => {
+        Command::Ls { path, long, json, .. } => {
             let engine = Engine::open(&dir, Access::Read)?;
             let rows = engine.list(&scope, &tree_path(&path)?)?;
             output::list(&mut out, &rows, long, json)?;
         }
         Command::Invite { expires, uses } => {
             let client = node_client(&dir, "invite")?;
-            match client.call(&Request::Invite {
-                bucket: scope.bucket.clone(),
-                expires_ms: expires,
-                uses,
-            })? {
+            match client.call(&Request::Invite { bucket: scope.bucket.clone(), expires_ms: expires, uses })? {
                 Reply::Ticket { ticket } => writeln!(out, "{ticket}")?,
                 Reply::Error { message } => bail!(message),
                 other => bail!("unexpected reply to invite: {other:?}"),
@@ -169,15 +131,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Join { ticket, as_name } => {
             alknet_actors::proto::ticket::Ticket::decode(&ticket)?;
             let client = node_client(&dir, "join")?;
-            match client.call(&Request::Join {
-                ticket,
-                name: as_name,
-            })? {
-                Reply::Joined { bucket, inviter } => writeln!(
-                    out,
-                    "joined bucket {bucket} (invited by {}); syncing",
-                    &inviter[..alknet_actors::proto::ids::NODE_SHORT_HEX.min(inviter.len())]
-                )?,
+            match client.call(&Request::Join { ticket, name: as_name })? {
+                Reply::Joined { bucket, inviter } => {
+                    writeln!(out, "joined bucket {bucket} (invited by {}); syncing", &inviter[..alknet_actors::proto::ids::NODE_SHORT_HEX.min(inviter.len())])?
+                }
                 Reply::Error { message } => bail!(message),
                 other => bail!("unexpected reply to join: {other:?}"),
             }
@@ -188,15 +145,9 @@ pub fn run(cli: Cli) -> Result<()> {
             let members = alknet_actors::engine::mesh::members(engine.tree().conn(), bucket.id)?;
             output::members(&mut out, &members, &engine.tree().me(), json)?;
         }
-        Command::Members {
-            action: Some(MembersCmd::Remove { node }),
-            ..
-        } => {
+        Command::Members { action: Some(MembersCmd::Remove { node }), .. } => {
             let client = node_client(&dir, "members remove")?;
-            match client.call(&Request::MembersRemove {
-                bucket: scope.bucket.clone(),
-                node: node.clone(),
-            })? {
+            match client.call(&Request::MembersRemove { bucket: scope.bucket.clone(), node: node.clone() })? {
                 Reply::Done => writeln!(out, "removed {node} from bucket {}", scope.bucket)?,
                 Reply::Error { message } => bail!(message),
                 other => bail!("unexpected reply: {other:?}"),
@@ -209,9 +160,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mv { from, to } => {
             Writer::open(&dir)?.rename(&scope, &file_path(&from)?, &tree_path(&to)?)?;
         }
-        Command::Mkdir { parents, path } => {
-            Writer::open(&dir)?.mkdir(&scope, &file_path(&path)?, parents)?
-        }
+        Command::Mkdir { parents, path } => Writer::open(&dir)?.mkdir(&scope, &file_path(&path)?, parents)?,
         Command::Log { path, json } => {
             let engine = Engine::open(&dir, Access::Read)?;
             let rows = engine.log(&scope, &file_path(&path)?)?;
@@ -220,11 +169,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Restore { path, version } => {
             let seq = Writer::open(&dir)?.restore(&scope, &file_path(&path)?, &version)?;
             let me = Engine::open(&dir, Access::Read)?.tree().me();
-            writeln!(
-                out,
-                "restored {path} from version {version} as version {}",
-                VersionId { node: me, seq }
-            )?;
+            writeln!(out, "restored {path} from version {version} as version {}", VersionId { node: me, seq })?;
         }
         Command::Branch(cmd) => branch(&dir, &scope, cmd, &mut out)?,
         Command::Bucket(BucketCmd::Create { name }) => Writer::open(&dir)?.create_bucket(&name)?,
@@ -235,32 +180,16 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Merge { from, into } => {
             let report = Writer::open(&dir)?.merge(&scope, &from, into.as_deref())?;
-            output::merge(
-                &mut out,
-                &from,
-                into.as_deref().unwrap_or(&scope.branch),
-                &report,
-            )?;
+            output::merge(&mut out, &from, into.as_deref().unwrap_or(&scope.branch), &report)?;
         }
         Command::Conflicts { json, action: None } => {
             let engine = Engine::open(&dir, Access::Read)?;
             output::conflicts(&mut out, &engine.conflicts(&scope)?, json)?;
         }
-        Command::Conflicts {
-            action: Some(ConflictsCmd::Dismiss { path, all }),
-            ..
-        } => {
-            let path = if all {
-                None
-            } else {
-                path.as_deref().map(file_path).transpose()?
-            };
+        Command::Conflicts { action: Some(ConflictsCmd::Dismiss { path, all }), .. } => {
+            let path = if all { None } else { path.as_deref().map(file_path).transpose()? };
             let n = Writer::open(&dir)?.dismiss_conflicts(&scope, path.as_ref())?;
-            writeln!(
-                out,
-                "dismissed {n} conflict{}",
-                if n == 1 { "" } else { "s" }
-            )?;
+            writeln!(out, "dismissed {n} conflict{}", if n == 1 { "" } else { "s" })?;
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -277,10 +206,7 @@ pub fn run(cli: Cli) -> Result<()> {
             bar.finish();
             blob_report(&mut out, "intact", &report)?;
         }
-        Command::Gc {
-            keep_versions,
-            keep_days,
-        } => {
+        Command::Gc { keep_versions, keep_days } => {
             let configured = crate::config::Config::load(&dir, &[])?.retention();
             let report = Writer::open(&dir)?.gc(configured, keep_versions, keep_days)?;
             writeln!(
@@ -289,12 +215,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 report.blobs_freed, report.bytes_freed, report.versions_pruned, report.events_pruned, report.blobs_live, report.took_ms
             )?;
         }
-        Command::Node(NodeCmd::Run {
-            log_format,
-            set,
-            listen,
-            relay,
-        }) => {
+        Command::Node(NodeCmd::Run { log_format, set, listen, relay }) => {
             drop(out);
             // A node on a fresh machine starts on its embedded defaults: make the store.
             if Engine::check_initialised(&dir).is_err() && Engine::init(&dir)? {
@@ -316,16 +237,8 @@ pub fn run(cli: Cli) -> Result<()> {
             std::process::exit(code);
         }
         Command::Status { json } => {
-            let client = Client::connect(&dir).with_context(|| {
-                format!(
-                    "no node is running on {}: start one with `alkfs --data {} node run`",
-                    dir.display(),
-                    dir.display()
-                )
-            })?;
-            let Reply::Status { status } = client.call(&Request::Status)? else {
-                bail!("unexpected reply to status")
-            };
+            let client = Client::connect(&dir).with_context(|| format!("no node is running on {}: start one with `alkfs --data {} node run`", dir.display(), dir.display()))?;
+            let Reply::Status { status } = client.call(&Request::Status)? else { bail!("unexpected reply to status") };
             output::status(&mut out, &status, json)?;
         }
         Command::Config(ConfigCmd::Show { set }) => {
@@ -336,37 +249,22 @@ pub fn run(cli: Cli) -> Result<()> {
             let client = Client::connect(&dir).context("no node is running")?;
             client.call(&Request::InjectPanic { actor })?;
         }
-        Command::Mount {
-            dir: mountpoint,
-            read_only,
-        } => {
+        Command::Mount { dir: mountpoint, read_only } => {
             drop(out);
             crate::logging::init("text", "info");
             let fs = crate::mount::fs::MountFs::open(&dir, scope, read_only)?;
-            eprintln!(
-                "mounted {}:{} at {} (unmount with `alkfs umount {}`)",
-                cli.bucket,
-                cli.branch,
-                mountpoint.display(),
-                mountpoint.display()
-            );
+            eprintln!("mounted {}:{} at {} (unmount with `alkfs umount {}`)", cli.bucket, cli.branch, mountpoint.display(), mountpoint.display());
             crate::mount::fuse::serve(fs, &mountpoint)?;
             return Ok(());
         }
         Command::Serve(ServeCmd::Sftp { listen }) => {
             drop(out);
             crate::logging::init("text", "info");
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(crate::mount::sftp::serve(&dir, &cli.branch, listen))?;
             return Ok(());
         }
-        Command::Sftp(SftpCmd::Allow {
-            bucket,
-            pubkey_file,
-        }) => {
+        Command::Sftp(SftpCmd::Allow { bucket, pubkey_file }) => {
             let fingerprint = crate::mount::sftp::allow(&dir, &bucket, &pubkey_file)?;
             writeln!(out, "allowed {fingerprint} on bucket {bucket}")?;
         }
@@ -376,13 +274,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sftp(SftpCmd::List) => {
             for k in crate::mount::sftp::allowed_keys(&dir)? {
-                writeln!(
-                    out,
-                    "{}\t{}\t{}",
-                    k.bucket,
-                    k.key.fingerprint(russh::keys::ssh_key::HashAlg::Sha256),
-                    k.key.comment()
-                )?;
+                writeln!(out, "{}\t{}\t{}", k.bucket, k.key.fingerprint(russh::keys::ssh_key::HashAlg::Sha256), k.key.comment())?;
             }
         }
         Command::Umount { dir: mountpoint } => crate::mount::unmount(&mountpoint)?,
@@ -396,17 +288,8 @@ pub fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn blob_report(
-    out: &mut impl Write,
-    verb: &str,
-    report: &alknet_actors::engine::BlobReport,
-) -> Result<()> {
-    writeln!(
-        out,
-        "{} blobs {verb}, {} failed",
-        report.ok,
-        report.failed.len()
-    )?;
+fn blob_report(out: &mut impl Write, verb: &str, report: &alknet_actors::engine::BlobReport) -> Result<()> {
+    writeln!(out, "{} blobs {verb}, {} failed", report.ok, report.failed.len())?;
     for (hash, why) in &report.failed {
         writeln!(out, "{hash}: {why}")?;
     }
@@ -416,6 +299,7 @@ fn blob_report(
     }
     Ok(())
 }
+
 
 fn put(dir: &Path, scope: &Scope, recursive: bool, src: &Path, path: &str) -> Result<()> {
     let dest = file_path(path)?;
@@ -432,10 +316,7 @@ fn put(dir: &Path, scope: &Scope, recursive: bool, src: &Path, path: &str) -> Re
     let meta = std::fs::metadata(src).with_context(|| format!("{}", src.display()))?;
     if meta.is_dir() {
         if !recursive {
-            bail!(
-                "{} is a directory: use put -r to import a directory tree",
-                src.display()
-            );
+            bail!("{} is a directory: use put -r to import a directory tree", src.display());
         }
         let mut bar = Progress::count("put -r");
         let n = engine.put_tree(scope, src, &dest, |n| bar.set(n))?;
@@ -453,32 +334,16 @@ fn branch(dir: &Path, scope: &Scope, cmd: BranchCmd, out: &mut impl Write) -> Re
     match cmd {
         BranchCmd::Create { name, from } => {
             let b = Writer::open(dir)?.create_branch(scope, &name, from.as_deref())?;
-            writeln!(
-                out,
-                "created branch {} from {} at {}",
-                b.name,
-                from.as_deref().unwrap_or(&scope.branch),
-                output::fork_point(&b)
-            )?;
+            writeln!(out, "created branch {} from {} at {}", b.name, from.as_deref().unwrap_or(&scope.branch), output::fork_point(&b))?;
         }
         BranchCmd::List => {
             let engine = Engine::open(dir, Access::Read)?;
             let all = engine.tree().branches(&scope.bucket)?;
             for b in &all {
-                let parent = b
-                    .parent_id
-                    .and_then(|p| all.iter().find(|x| x.id == p))
-                    .map(|p| p.name.as_str());
+                let parent = b.parent_id.and_then(|p| all.iter().find(|x| x.id == p)).map(|p| p.name.as_str());
                 match parent {
-                    Some(p) => {
-                        writeln!(out, "{}\t(from {p} at {})", b.name, output::fork_point(b))?
-                    }
-                    None if b.parent_id.is_some() => writeln!(
-                        out,
-                        "{}\t(from a deleted branch at {})",
-                        b.name,
-                        output::fork_point(b)
-                    )?,
+                    Some(p) => writeln!(out, "{}\t(from {p} at {})", b.name, output::fork_point(b))?,
+                    None if b.parent_id.is_some() => writeln!(out, "{}\t(from a deleted branch at {})", b.name, output::fork_point(b))?,
                     None => writeln!(out, "{}", b.name)?,
                 }
             }

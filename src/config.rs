@@ -49,11 +49,7 @@ pub const LISTEN_DEFAULT: &str = "0.0.0.0:4919";
 
 impl Default for NetSection {
     fn default() -> Self {
-        NetSection {
-            listen: LISTEN_DEFAULT.into(),
-            relay: "default".into(),
-            fetch: "eager".into(),
-        }
+        NetSection { listen: LISTEN_DEFAULT.into(), relay: "default".into(), fetch: "eager".into() }
     }
 }
 
@@ -120,9 +116,7 @@ impl Default for Config {
                 keep_days: n.retention.keep_days,
                 outbox_keep_days: n.retention.outbox_keep_days,
             },
-            log: LogSection {
-                format: "text".into(),
-            },
+            log: LogSection { format: "text".into() },
             net: NetSection::default(),
         }
     }
@@ -140,9 +134,7 @@ impl Default for GcSection {
 }
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection {
-            format: "text".into(),
-        }
+        LogSection { format: "text".into() }
     }
 }
 
@@ -151,17 +143,13 @@ impl Config {
     pub fn load(dir: &Path, sets: &[String]) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
         let mut table: toml::Table = match std::fs::read_to_string(&path) {
-            Ok(text) => text
-                .parse()
-                .with_context(|| format!("{} is not valid TOML", path.display()))?,
+            Ok(text) => text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let keys = toml::Table::try_from(Config::default())?;
         for (section, fields) in &keys {
-            let Some(fields) = fields.as_table() else {
-                continue;
-            };
+            let Some(fields) = fields.as_table() else { continue };
             for key in fields.keys() {
                 let var = format!("ALKFS_{}_{}", section.to_uppercase(), key.to_uppercase());
                 if let Ok(value) = std::env::var(&var) {
@@ -170,57 +158,28 @@ impl Config {
             }
         }
         for s in sets {
-            let Some((name, value)) = s.split_once('=') else {
-                bail!("--set {s}: expected section.key=value")
-            };
-            let Some((section, key)) = name.split_once('.') else {
-                bail!("--set {s}: expected section.key=value")
-            };
+            let Some((name, value)) = s.split_once('=') else { bail!("--set {s}: expected section.key=value") };
+            let Some((section, key)) = name.split_once('.') else { bail!("--set {s}: expected section.key=value") };
             set(&mut table, section, key, value).with_context(|| format!("in --set {s}"))?;
         }
-        let config: Config = toml::Value::Table(table).try_into().with_context(|| {
-            format!(
-                "invalid configuration (file {}, env, --set)",
-                path.display()
-            )
-        })?;
+        let config: Config = toml::Value::Table(table).try_into().with_context(|| format!("invalid configuration (file {}, env, --set)", path.display()))?;
         config.check()?;
         Ok(config)
     }
 
     fn check(&self) -> Result<()> {
-        if self.node.batch_max == 0
-            || self.node.blob_queue_max == 0
-            || self.node.outbox_poll_ms == 0
-            || self.gc.outbox_keep_days == 0
-        {
+        if self.node.batch_max == 0 || self.node.blob_queue_max == 0 || self.node.outbox_poll_ms == 0 || self.gc.outbox_keep_days == 0 {
             bail!("node.batch_max, node.blob_queue_max, node.outbox_poll_ms and gc.outbox_keep_days must be at least 1");
         }
         // Durations become timers and deadlines: bound them so none can overflow a clock.
         let bounds = [
-            (
-                "node.batch_delay_ms",
-                self.node.batch_delay_ms,
-                BATCH_DELAY_MS_MAX,
-            ),
+            ("node.batch_delay_ms", self.node.batch_delay_ms, BATCH_DELAY_MS_MAX),
             ("node.outbox_poll_ms", self.node.outbox_poll_ms, POLL_MS_MAX),
-            (
-                "node.restart_window_secs",
-                self.node.restart_window_secs,
-                INTERVAL_SECS_MAX,
-            ),
-            (
-                "node.client_timeout_secs",
-                self.node.client_timeout_secs,
-                INTERVAL_SECS_MAX,
-            ),
+            ("node.restart_window_secs", self.node.restart_window_secs, INTERVAL_SECS_MAX),
+            ("node.client_timeout_secs", self.node.client_timeout_secs, INTERVAL_SECS_MAX),
             ("gc.interval_secs", self.gc.interval_secs, INTERVAL_SECS_MAX),
             ("gc.keep_days", u64::from(self.gc.keep_days), DAYS_MAX),
-            (
-                "gc.outbox_keep_days",
-                u64::from(self.gc.outbox_keep_days),
-                DAYS_MAX,
-            ),
+            ("gc.outbox_keep_days", u64::from(self.gc.outbox_keep_days), DAYS_MAX),
         ];
         for (key, value, max) in bounds {
             if value > max {
@@ -231,10 +190,7 @@ impl Config {
             bail!("node.client_timeout_secs must be at least 1");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            bail!(
-                "log.format must be \"text\" or \"json\", not {:?}",
-                self.log.format
-            );
+            bail!("log.format must be \"text\" or \"json\", not {:?}", self.log.format);
         }
         self.net_config()?;
         Ok(())
@@ -242,41 +198,24 @@ impl Config {
 
     /// Where the node listens and its relay, checked.
     pub fn net_config(&self) -> Result<alknet_actors::node::mesh::NetConfig> {
-        let listen = self.net.listen.parse().with_context(|| {
-            format!(
-                "net.listen = {:?} is not an address like 0.0.0.0:4919",
-                self.net.listen
-            )
-        })?;
+        let listen = self.net.listen.parse().with_context(|| format!("net.listen = {:?} is not an address like 0.0.0.0:4919", self.net.listen))?;
         let relay = match self.net.relay.as_str() {
             "disabled" => None,
             "default" => Some(None),
-            url if url.starts_with("https://") || url.starts_with("http://") => {
-                Some(Some(url.to_string()))
-            }
-            other => {
-                bail!("net.relay = {other:?}: give default, disabled, or a relay URL (https://…)")
-            }
+            url if url.starts_with("https://") || url.starts_with("http://") => Some(Some(url.to_string())),
+            other => bail!("net.relay = {other:?}: give default, disabled, or a relay URL (https://…)"),
         };
         let eager_fetch = match self.net.fetch.as_str() {
             "eager" => true,
             "lazy" => false,
             other => bail!("net.fetch = {other:?}: give eager or lazy"),
         };
-        Ok(alknet_actors::node::mesh::NetConfig {
-            listen,
-            relay,
-            eager_fetch,
-        })
+        Ok(alknet_actors::node::mesh::NetConfig { listen, relay, eager_fetch })
     }
 
     /// The retention policy configured for collections.
     pub fn retention(&self) -> Retention {
-        Retention {
-            keep_versions: self.gc.keep_versions,
-            keep_days: self.gc.keep_days,
-            outbox_keep_days: self.gc.outbox_keep_days,
-        }
+        Retention { keep_versions: self.gc.keep_versions, keep_days: self.gc.keep_days, outbox_keep_days: self.gc.outbox_keep_days }
     }
 
     /// The actors' tunables.
@@ -306,17 +245,9 @@ pub const DAYS_MAX: u64 = 36_600;
 /// Sets `section.key` to `raw`, read as TOML (a number, a bool, a quoted string) or else as a
 /// bare string.
 fn set(table: &mut toml::Table, section: &str, key: &str, raw: &str) -> Result<()> {
-    let value = format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let entry = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let Some(section_table) = entry.as_table_mut() else {
-        bail!("{section} is not a section")
-    };
+    let value = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(section_table) = entry.as_table_mut() else { bail!("{section} is not a section") };
     section_table.insert(key.to_string(), value);
     Ok(())
 }
@@ -328,24 +259,9 @@ mod tests {
     #[test]
     fn file_env_and_flags_override_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(CONFIG_FILE),
-            "[gc]\nkeep_versions = 3\ninterval_secs = 10\n",
-        )
-        .unwrap();
-        let c = Config::load(
-            dir.path(),
-            &["gc.interval_secs=20".into(), "log.format=json".into()],
-        )
-        .unwrap();
-        assert_eq!(
-            (
-                c.gc.keep_versions,
-                c.gc.interval_secs,
-                c.log.format.as_str()
-            ),
-            (3, 20, "json")
-        );
+        std::fs::write(dir.path().join(CONFIG_FILE), "[gc]\nkeep_versions = 3\ninterval_secs = 10\n").unwrap();
+        let c = Config::load(dir.path(), &["gc.interval_secs=20".into(), "log.format=json".into()]).unwrap();
+        assert_eq!((c.gc.keep_versions, c.gc.interval_secs, c.log.format.as_str()), (3, 20, "json"));
         assert_eq!(c.node, NodeSection::default());
         let err = Config::load(dir.path(), &["gc.nope=1".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("nope"), "{err:#}");
@@ -356,36 +272,15 @@ mod tests {
     #[test]
     fn durations_that_would_overflow_a_clock_are_refused_at_load() {
         let dir = tempfile::tempdir().unwrap();
-        for set in [
-            "node.batch_delay_ms=9223372036854775807",
-            "gc.interval_secs=9223372036854775807",
-            "node.restart_window_secs=99999999999",
-        ] {
+        for set in ["node.batch_delay_ms=9223372036854775807", "gc.interval_secs=9223372036854775807", "node.restart_window_secs=99999999999"] {
             let err = format!("{:#}", Config::load(dir.path(), &[set.into()]).unwrap_err());
             let key = set.split('=').next().unwrap();
-            assert!(
-                err.contains(&format!("{key} = ")) && err.contains("too large"),
-                "{set}: {err}"
-            );
+            assert!(err.contains(&format!("{key} = ")) && err.contains("too large"), "{set}: {err}");
         }
         // Past what TOML's integers hold, the value is refused as the wrong type, by name.
-        let err = format!(
-            "{:#}",
-            Config::load(
-                dir.path(),
-                &["node.batch_delay_ms=18446744073709551615".into()]
-            )
-            .unwrap_err()
-        );
+        let err = format!("{:#}", Config::load(dir.path(), &["node.batch_delay_ms=18446744073709551615".into()]).unwrap_err());
         assert!(err.contains("node.batch_delay_ms"), "{err}");
-        let ok = Config::load(
-            dir.path(),
-            &[format!("node.batch_delay_ms={BATCH_DELAY_MS_MAX}")],
-        )
-        .unwrap();
-        assert_eq!(
-            ok.node_config().batch_delay,
-            Duration::from_millis(BATCH_DELAY_MS_MAX)
-        );
+        let ok = Config::load(dir.path(), &[format!("node.batch_delay_ms={BATCH_DELAY_MS_MAX}")]).unwrap();
+        assert_eq!(ok.node_config().batch_delay, Duration::from_millis(BATCH_DELAY_MS_MAX));
     }
 }

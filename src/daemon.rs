@@ -31,11 +31,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
     Engine::clear_staging(&content)?;
     let key = alknet_actors::identity::load_or_create(dir)?;
     let node_id = alknet_actors::identity::node_id(&key).to_hex();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("alkfs-node")
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("alkfs-node").build()?;
     rt.block_on(async move {
         // Before anything can see the node (its socket): a SIGTERM from then on stops it cleanly.
         let mut sigterm = signal(SignalKind::terminate())?;

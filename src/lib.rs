@@ -26,3 +26,4 @@ pub mod output;
 pub mod progress;
 pub mod watch;
 pub mod writer;
+

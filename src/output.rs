@@ -47,12 +47,7 @@ fn time(ms: i64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     let s = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// `ls`.
@@ -72,14 +67,7 @@ pub fn list(out: &mut impl Write, rows: &[VersionRow], long: bool, json: bool) -
                 EntryKind::Dir => 'd',
                 EntryKind::Symlink => 'l',
             };
-            writeln!(
-                out,
-                "{k} {:04o} {:>12} {} v{:<8} {name}{suffix}",
-                e.mode,
-                e.size,
-                time(e.mtime_ms),
-                row.id().to_string()
-            )?;
+            writeln!(out, "{k} {:04o} {:>12} {} v{:<8} {name}{suffix}", e.mode, e.size, time(e.mtime_ms), row.id().to_string())?;
         } else {
             writeln!(out, "{name}{suffix}")?;
         }
@@ -95,27 +83,12 @@ pub fn log(out: &mut impl Write, engine: &Engine, rows: &[VersionRow], json: boo
         return Ok(());
     }
     for row in rows {
-        let branch = engine
-            .tree()
-            .branch_by_id(row.branch_id)
-            .map(|b| b.name)
-            .unwrap_or_else(|_| "?".into());
+        let branch = engine.tree().branch_by_id(row.branch_id).map(|b| b.name).unwrap_or_else(|_| "?".into());
         let what = match row.entry() {
-            Some(e) => format!(
-                "{:<7} {:>12} {}",
-                kind_name(row),
-                e.size,
-                &e.hash.to_hex()[..16]
-            ),
+            Some(e) => format!("{:<7} {:>12} {}", kind_name(row), e.size, &e.hash.to_hex()[..16]),
             None => format!("{:<7} {:>12} {}", "deleted", "-", "-"),
         };
-        writeln!(
-            out,
-            "v{:<16} {} {what} {:<14} on {branch}",
-            row.id().to_string(),
-            time(row.version.written.ms),
-            row.origin
-        )?;
+        writeln!(out, "v{:<16} {} {what} {:<14} on {branch}", row.id().to_string(), time(row.version.written.ms), row.origin)?;
     }
     Ok(())
 }
@@ -131,17 +104,8 @@ pub fn fork_point(b: &alknet_actors::store::Branch) -> String {
 
 /// `merge`.
 pub fn merge(out: &mut impl Write, from: &str, into: &str, r: &MergeReport) -> Result<()> {
-    let how = if r.fast_forward {
-        "fast-forward"
-    } else {
-        "three-way"
-    };
-    writeln!(
-        out,
-        "merged {from} into {into} ({how}): {} paths taken, {} conflicts",
-        r.taken.len(),
-        r.conflicts.len()
-    )?;
+    let how = if r.fast_forward { "fast-forward" } else { "three-way" };
+    writeln!(out, "merged {from} into {into} ({how}): {} paths taken, {} conflicts", r.taken.len(), r.conflicts.len())?;
     for (path, winner) in &r.conflicts {
         writeln!(out, "conflict {path}: kept the {winner:?} side's version (last writer wins); see `alkfs conflicts`")?;
     }
@@ -171,12 +135,7 @@ pub fn conflicts(out: &mut impl Write, rows: &[ConflictRow], json: bool) -> Resu
         writeln!(
             out,
             "{}\t{how} at {}: kept v{}, lost v{} (alkfs restore {} --version {})",
-            c.path,
-            time(c.at_ms),
-            shown(c.winner),
-            shown(c.loser),
-            c.path,
-            shown(c.loser)
+            c.path, time(c.at_ms), shown(c.winner), shown(c.loser), c.path, shown(c.loser)
         )?;
     }
     Ok(())
@@ -191,34 +150,19 @@ pub fn walk(out: &mut impl Write, rows: &[VersionRow], json: bool) -> Result<()>
     }
     for row in rows {
         let e = row.entry().expect("walks list live entries");
-        writeln!(
-            out,
-            "{}\t{}\t{}\t{}",
-            row.path,
-            kind_name(row),
-            e.size,
-            e.hash.to_hex()
-        )?;
+        writeln!(out, "{}\t{}\t{}\t{}", row.path, kind_name(row), e.size, e.hash.to_hex())?;
     }
     Ok(())
 }
 
 /// `members`.
-pub fn members(
-    out: &mut impl Write,
-    members: &[alknet_actors::engine::mesh::Member],
-    me: &alknet_actors::proto::ids::NodeId,
-    json: bool,
-) -> Result<()> {
+pub fn members(out: &mut impl Write, members: &[alknet_actors::engine::mesh::Member], me: &alknet_actors::proto::ids::NodeId, json: bool) -> Result<()> {
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(members)?)?;
         return Ok(());
     }
     if members.is_empty() {
-        writeln!(
-            out,
-            "this bucket is not shared: `alkfs invite` makes a ticket for another node"
-        )?;
+        writeln!(out, "this bucket is not shared: `alkfs invite` makes a ticket for another node")?;
     }
     for m in members {
         let state = match m.removed_ms {
@@ -240,93 +184,35 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
     }
     writeln!(out, "node id:    {}", s.node_id)?;
     writeln!(out, "pid:        {}   uptime: {} s", s.pid, s.uptime_secs)?;
-    writeln!(
-        out,
-        "data dir:   {} ({} bytes on disk)",
-        s.data_dir.display(),
-        s.store_bytes
-    )?;
+    writeln!(out, "data dir:   {} ({} bytes on disk)", s.data_dir.display(), s.store_bytes)?;
     writeln!(out, "blobs:      {} named ({} still on peers); {} pending index, {} indexed this run, {} failed", s.blob_count, s.blobs_missing, s.blobs.pending, s.blobs.indexed, s.blobs.failed)?;
-    writeln!(
-        out,
-        "outbox:     cursor {} of {}",
-        s.outbox_cursor, s.outbox_head
-    )?;
+    writeln!(out, "outbox:     cursor {} of {}", s.outbox_cursor, s.outbox_head)?;
     for c in &s.consumers {
-        let state = if c.expired {
-            "expired: idle past gc.outbox_keep_days, holds nothing back"
-        } else {
-            "active"
-        };
-        writeln!(
-            out,
-            "  consumer {:<12} cursor {:<8} last seen {}  {state}",
-            c.name,
-            c.cursor,
-            time(c.seen_ms)
-        )?;
+        let state = if c.expired { "expired: idle past gc.outbox_keep_days, holds nothing back" } else { "active" };
+        writeln!(out, "  consumer {:<12} cursor {:<8} last seen {}  {state}", c.name, c.cursor, time(c.seen_ms))?;
     }
     match &s.last_gc {
-        Some((at, r)) => writeln!(
-            out,
-            "last gc:    {}: freed {} blobs ({} bytes), pruned {} versions, {} ms",
-            time(*at),
-            r.blobs_freed,
-            r.bytes_freed,
-            r.versions_pruned,
-            r.took_ms
-        )?,
+        Some((at, r)) => writeln!(out, "last gc:    {}: freed {} blobs ({} bytes), pruned {} versions, {} ms", time(*at), r.blobs_freed, r.bytes_freed, r.versions_pruned, r.took_ms)?,
         None => writeln!(out, "last gc:    not yet")?,
     }
     writeln!(out, "actors:")?;
     for a in &s.actors {
-        let failure = a
-            .last_failure
-            .as_deref()
-            .map(|f| format!("  last failure: {f}"))
-            .unwrap_or_default();
-        writeln!(
-            out,
-            "  {:<16} {:<10} restarts {}{failure}",
-            a.name, a.state, a.restarts
-        )?;
+        let failure = a.last_failure.as_deref().map(|f| format!("  last failure: {f}")).unwrap_or_default();
+        writeln!(out, "  {:<16} {:<10} restarts {}{failure}", a.name, a.state, a.restarts)?;
     }
     if let Some(m) = &s.mesh {
         writeln!(out, "listening:  {}", m.listen.join(", "))?;
-        writeln!(
-            out,
-            "fetches:    {} pending, {} failed (retrying), {} fetched",
-            m.pending_fetches, m.failed_fetches, m.fetched
-        )?;
-        writeln!(
-            out,
-            "gossip:     {} topics, {} neighbours",
-            m.gossip_topics, m.gossip_neighbors
-        )?;
+        writeln!(out, "fetches:    {} pending, {} failed (retrying), {} fetched", m.pending_fetches, m.failed_fetches, m.fetched)?;
+        writeln!(out, "gossip:     {} topics, {} neighbours", m.gossip_topics, m.gossip_neighbors)?;
         writeln!(out, "peers:")?;
         for p in &m.peers {
-            let state = if p.connected {
-                format!("connected ({}, rtt {} ms)", p.path, p.rtt_ms.unwrap_or(0))
-            } else {
-                format!("not connected ({} failed dials)", p.failures)
-            };
+            let state = if p.connected { format!("connected ({}, rtt {} ms)", p.path, p.rtt_ms.unwrap_or(0)) } else { format!("not connected ({} failed dials)", p.failures) };
             let last = p.last_sync_ms.map(time).unwrap_or_else(|| "never".into());
-            writeln!(
-                out,
-                "  {}  {state}  last sync {last}  lag {} docs  {}",
-                &p.id[..10],
-                p.lag_docs,
-                p.addrs.join(",")
-            )?;
+            writeln!(out, "  {}  {state}  last sync {last}  lag {} docs  {}", &p.id[..10], p.lag_docs, p.addrs.join(","))?;
         }
     }
     for b in &s.members {
-        writeln!(
-            out,
-            "bucket {}: {} members",
-            b.bucket,
-            b.members.iter().filter(|m| m.removed_ms.is_none()).count()
-        )?;
+        writeln!(out, "bucket {}: {} members", b.bucket, b.members.iter().filter(|m| m.removed_ms.is_none()).count())?;
     }
     Ok(())
 }

@@ -15,15 +15,9 @@ impl Progress {
         if !crate::commands::stderr_is_terminal() || (total > 0 && total < BAR_BYTES_MIN) {
             return Progress(None);
         }
-        let bar = if total > 0 {
-            ProgressBar::new(total)
-        } else {
-            ProgressBar::new_spinner()
-        };
-        let style = ProgressStyle::with_template(
-            "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+        let style = ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_message(what.to_string());
         Progress(Some(bar))

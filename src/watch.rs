@@ -25,13 +25,8 @@ const TOUCH_INTERVAL: Duration = Duration::from_secs(3600);
 pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
     let engine = Engine::open(dir, Access::Read)?;
     let conn = engine.tree().conn();
-    let config = honker_core::WatcherConfig::default()
-        .with_poll_interval(POLL_INTERVAL)
-        .map_err(anyhow::Error::msg)?;
-    let watcher = honker_core::SharedUpdateWatcher::new_with_config(
-        engine.tree().path().to_path_buf(),
-        config,
-    );
+    let config = honker_core::WatcherConfig::default().with_poll_interval(POLL_INTERVAL).map_err(anyhow::Error::msg)?;
+    let watcher = honker_core::SharedUpdateWatcher::new_with_config(engine.tree().path().to_path_buf(), config);
     let (_id, wake) = watcher.subscribe();
     let stdout = std::io::stdout();
     let mut cursor = outbox::cursor(conn, &args.consumer)?;
@@ -40,9 +35,7 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
     loop {
         loop {
             let batch = outbox::read_after(conn, cursor, outbox::READ_BATCH_EVENTS_MAX)?;
-            let Some(&(last, _)) = batch.last() else {
-                break;
-            };
+            let Some(&(last, _)) = batch.last() else { break };
             let mut out = stdout.lock();
             for (offset, event) in &batch {
                 let mut line = serde_json::to_value(event)?;
@@ -50,8 +43,7 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
                 writeln!(out, "{line}")?;
             }
             out.flush()?;
-            outbox::save_cursor(conn, &args.consumer, last, alknet_actors::engine::now_ms())
-                .context("saving the watch cursor")?;
+            outbox::save_cursor(conn, &args.consumer, last, alknet_actors::engine::now_ms()).context("saving the watch cursor")?;
             touched = std::time::Instant::now();
             cursor = last;
         }
@@ -60,14 +52,11 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
         }
         match wake.recv_timeout(SAFETY_POLL) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => anyhow::bail!(
-                "the database file was replaced or removed while watching: restart watch"
-            ),
+            Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the database file was replaced or removed while watching: restart watch"),
         }
         // A follower with nothing to read is still a consumer: say so, so it does not expire.
         if touched.elapsed() >= TOUCH_INTERVAL {
-            outbox::touch(conn, &args.consumer, alknet_actors::engine::now_ms())
-                .context("saving the watch cursor")?;
+            outbox::touch(conn, &args.consumer, alknet_actors::engine::now_ms()).context("saving the watch cursor")?;
             touched = std::time::Instant::now();
         }
     }
@@ -75,11 +64,7 @@ pub fn run(dir: &Path, args: &WatchArgs) -> Result<()> {
 
 /// Says on stderr when events after this consumer's cursor were pruned (it is new, or it was
 /// idle past the outbox retention and expired): what follows starts at the oldest event kept.
-fn warn_if_events_were_missed(
-    conn: &rusqlite::Connection,
-    consumer: &str,
-    cursor: i64,
-) -> Result<()> {
+fn warn_if_events_were_missed(conn: &rusqlite::Connection, consumer: &str, cursor: i64) -> Result<()> {
     // The next event this consumer can still read: the oldest kept, or the next to come.
     let next = match outbox::oldest(conn)? {
         Some(oldest) => oldest,

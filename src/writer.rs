@@ -25,10 +25,7 @@ pub enum Writer {
 }
 
 fn wire(scope: &Scope) -> WireScope {
-    WireScope {
-        bucket: scope.bucket.clone(),
-        branch: scope.branch.clone(),
-    }
+    WireScope { bucket: scope.bucket.clone(), branch: scope.branch.clone() }
 }
 
 fn unexpected(reply: Reply) -> anyhow::Error {
@@ -52,64 +49,32 @@ impl Writer {
     }
 
     /// Stores a local file.
-    pub fn put_file(
-        &mut self,
-        scope: &Scope,
-        src: &Path,
-        dest: &TreePath,
-        progress: impl FnMut(u64),
-    ) -> Result<i64> {
+    pub fn put_file(&mut self, scope: &Scope, src: &Path, dest: &TreePath, progress: impl FnMut(u64)) -> Result<i64> {
         match self {
             Writer::Direct(e) => Ok(e.put_file(scope, src, dest, progress)?),
             Writer::Node(c) => {
                 // The node has its own working directory: send an absolute path.
                 let src = std::path::absolute(src).with_context(|| src.display().to_string())?;
-                Self::seq(c.call(&Request::PutFile {
-                    scope: wire(scope),
-                    path: dest.to_string(),
-                    src,
-                })?)
+                Self::seq(c.call(&Request::PutFile { scope: wire(scope), path: dest.to_string(), src })?)
             }
         }
     }
 
     /// Stores what `reader` yields.
-    pub fn put_reader(
-        &mut self,
-        scope: &Scope,
-        reader: impl Read,
-        dest: &TreePath,
-        progress: impl FnMut(u64),
-    ) -> Result<i64> {
+    pub fn put_reader(&mut self, scope: &Scope, reader: impl Read, dest: &TreePath, progress: impl FnMut(u64)) -> Result<i64> {
         match self {
             Writer::Direct(e) => Ok(e.put_reader(scope, reader, dest, progress)?),
-            Writer::Node(c) => Self::seq(c.call_streaming(
-                &Request::PutStream {
-                    scope: wire(scope),
-                    path: dest.to_string(),
-                },
-                reader,
-            )?),
+            Writer::Node(c) => Self::seq(c.call_streaming(&Request::PutStream { scope: wire(scope), path: dest.to_string() }, reader)?),
         }
     }
 
     /// Stores a local directory tree.
-    pub fn put_tree(
-        &mut self,
-        scope: &Scope,
-        src: &Path,
-        dest: &TreePath,
-        progress: impl FnMut(u64),
-    ) -> Result<u64> {
+    pub fn put_tree(&mut self, scope: &Scope, src: &Path, dest: &TreePath, progress: impl FnMut(u64)) -> Result<u64> {
         match self {
             Writer::Direct(e) => Ok(e.put_tree(scope, src, dest, progress)?),
             Writer::Node(c) => {
                 let src = std::path::absolute(src).with_context(|| src.display().to_string())?;
-                match c.call(&Request::PutTree {
-                    scope: wire(scope),
-                    path: dest.to_string(),
-                    src,
-                })? {
+                match c.call(&Request::PutTree { scope: wire(scope), path: dest.to_string(), src })? {
                     Reply::Count { count } => Ok(count),
                     other => Err(unexpected(other)),
                 }
@@ -121,11 +86,7 @@ impl Writer {
     pub fn remove(&mut self, scope: &Scope, path: &TreePath, recursive: bool) -> Result<u64> {
         match self {
             Writer::Direct(e) => Ok(e.remove(scope, path, recursive)? as u64),
-            Writer::Node(c) => match c.call(&Request::Remove {
-                scope: wire(scope),
-                path: path.to_string(),
-                recursive,
-            })? {
+            Writer::Node(c) => match c.call(&Request::Remove { scope: wire(scope), path: path.to_string(), recursive })? {
                 Reply::Count { count } => Ok(count),
                 other => Err(unexpected(other)),
             },
@@ -136,11 +97,7 @@ impl Writer {
     pub fn rename(&mut self, scope: &Scope, from: &TreePath, to: &TreePath) -> Result<TreePath> {
         match self {
             Writer::Direct(e) => Ok(e.rename(scope, from, to)?),
-            Writer::Node(c) => match c.call(&Request::Rename {
-                scope: wire(scope),
-                from: from.to_string(),
-                to: to.to_string(),
-            })? {
+            Writer::Node(c) => match c.call(&Request::Rename { scope: wire(scope), from: from.to_string(), to: to.to_string() })? {
                 Reply::Path { path } => Ok(TreePath::parse(&path)?),
                 other => Err(unexpected(other)),
             },
@@ -151,13 +108,7 @@ impl Writer {
     pub fn mkdir(&mut self, scope: &Scope, path: &TreePath, parents: bool) -> Result<()> {
         match self {
             Writer::Direct(e) => Ok(e.mkdir(scope, path, parents)?),
-            Writer::Node(c) => c
-                .call(&Request::Mkdir {
-                    scope: wire(scope),
-                    path: path.to_string(),
-                    parents,
-                })
-                .map(|_| ()),
+            Writer::Node(c) => c.call(&Request::Mkdir { scope: wire(scope), path: path.to_string(), parents }).map(|_| ()),
         }
     }
 
@@ -165,28 +116,15 @@ impl Writer {
     pub fn restore(&mut self, scope: &Scope, path: &TreePath, version: &VersionRef) -> Result<i64> {
         match self {
             Writer::Direct(e) => Ok(e.restore(scope, path, version)?),
-            Writer::Node(c) => Self::seq(c.call(&Request::Restore {
-                scope: wire(scope),
-                path: path.to_string(),
-                version: version.to_string(),
-            })?),
+            Writer::Node(c) => Self::seq(c.call(&Request::Restore { scope: wire(scope), path: path.to_string(), version: version.to_string() })?),
         }
     }
 
     /// Creates a branch.
-    pub fn create_branch(
-        &mut self,
-        scope: &Scope,
-        name: &str,
-        from: Option<&str>,
-    ) -> Result<Branch> {
+    pub fn create_branch(&mut self, scope: &Scope, name: &str, from: Option<&str>) -> Result<Branch> {
         match self {
             Writer::Direct(e) => Ok(e.create_branch(scope, name, from)?),
-            Writer::Node(c) => match c.call(&Request::BranchCreate {
-                scope: wire(scope),
-                name: name.into(),
-                from: from.map(Into::into),
-            })? {
+            Writer::Node(c) => match c.call(&Request::BranchCreate { scope: wire(scope), name: name.into(), from: from.map(Into::into) })? {
                 Reply::Branch { branch } => Ok(branch),
                 other => Err(unexpected(other)),
             },
@@ -197,12 +135,7 @@ impl Writer {
     pub fn delete_branch(&mut self, scope: &Scope, name: &str) -> Result<()> {
         match self {
             Writer::Direct(e) => Ok(e.delete_branch(scope, name)?),
-            Writer::Node(c) => c
-                .call(&Request::BranchDelete {
-                    scope: wire(scope),
-                    name: name.into(),
-                })
-                .map(|_| ()),
+            Writer::Node(c) => c.call(&Request::BranchDelete { scope: wire(scope), name: name.into() }).map(|_| ()),
         }
     }
 
@@ -210,9 +143,7 @@ impl Writer {
     pub fn create_bucket(&mut self, name: &str) -> Result<()> {
         match self {
             Writer::Direct(e) => Ok(e.create_bucket(name)?),
-            Writer::Node(c) => c
-                .call(&Request::BucketCreate { name: name.into() })
-                .map(|_| ()),
+            Writer::Node(c) => c.call(&Request::BucketCreate { name: name.into() }).map(|_| ()),
         }
     }
 
@@ -220,11 +151,7 @@ impl Writer {
     pub fn merge(&mut self, scope: &Scope, from: &str, into: Option<&str>) -> Result<MergeReport> {
         match self {
             Writer::Direct(e) => Ok(e.merge(scope, from, into)?),
-            Writer::Node(c) => match c.call(&Request::Merge {
-                scope: wire(scope),
-                from: from.into(),
-                into: into.map(Into::into),
-            })? {
+            Writer::Node(c) => match c.call(&Request::Merge { scope: wire(scope), from: from.into(), into: into.map(Into::into) })? {
                 Reply::Merge { report } => Ok(report),
                 other => Err(unexpected(other)),
             },
@@ -234,18 +161,10 @@ impl Writer {
     /// Collects garbage: the configured retention (`configured`, from the data dir's config;
     /// a running node uses its own), with `gc`'s flags applied the one way
     /// ([`Retention::with_flags`]).
-    pub fn gc(
-        &mut self,
-        configured: Retention,
-        keep_versions: Option<u32>,
-        keep_days: Option<u32>,
-    ) -> Result<GcReport> {
+    pub fn gc(&mut self, configured: Retention, keep_versions: Option<u32>, keep_days: Option<u32>) -> Result<GcReport> {
         match self {
             Writer::Direct(e) => Ok(e.gc(configured.with_flags(keep_versions, keep_days))?),
-            Writer::Node(c) => match c.call(&Request::Gc {
-                keep_versions,
-                keep_days,
-            })? {
+            Writer::Node(c) => match c.call(&Request::Gc { keep_versions, keep_days })? {
                 Reply::Gc { report } => Ok(report),
                 other => Err(unexpected(other)),
             },
@@ -256,10 +175,7 @@ impl Writer {
     pub fn dismiss_conflicts(&mut self, scope: &Scope, path: Option<&TreePath>) -> Result<u64> {
         match self {
             Writer::Direct(e) => Ok(e.dismiss_conflicts(scope, path)? as u64),
-            Writer::Node(c) => match c.call(&Request::ConflictsDismiss {
-                scope: wire(scope),
-                path: path.map(|p| p.to_string()),
-            })? {
+            Writer::Node(c) => match c.call(&Request::ConflictsDismiss { scope: wire(scope), path: path.map(|p| p.to_string()) })? {
                 Reply::Count { count } => Ok(count),
                 other => Err(unexpected(other)),
             },

@@ -15,12 +15,7 @@ use common::{await_cond, expect_err, random_bytes, KillOnDrop, Store};
 /// What a user can observe of a store: the root listing, the history and bytes of a file
 /// written before, and the blob files on disk.
 fn snapshot(s: &Store, kept: &str) -> (String, String, Vec<u8>, Vec<PathBuf>) {
-    (
-        s.ok(&["ls", "--json", "/"]),
-        s.ok(&["log", "--json", kept]),
-        s.get_bytes(kept),
-        s.blob_files(),
-    )
+    (s.ok(&["ls", "--json", "/"]), s.ok(&["log", "--json", kept]), s.get_bytes(kept), s.blob_files())
 }
 
 #[test]
@@ -60,24 +55,14 @@ fn hostile_paths_are_refused_and_change_nothing() {
         for args in commands {
             let out = s.run_stdin(&args, b"bytes that must not land anywhere");
             let err = expect_err(&args, out);
-            assert!(
-                err.trim().len() > "alkfs: error:".len(),
-                "{what}: {args:?} gave no reason: {err}"
-            );
-            assert_eq!(
-                snapshot(&s, "/keep.txt"),
-                before,
-                "{what}: {args:?} changed the store"
-            );
+            assert!(err.trim().len() > "alkfs: error:".len(), "{what}: {args:?} gave no reason: {err}");
+            assert_eq!(snapshot(&s, "/keep.txt"), before, "{what}: {args:?} changed the store");
         }
         let err = s.err(&["get", path]);
         assert!(!err.contains("panicked"), "{what}: get: {err}");
     }
     assert_eq!(s.get_bytes("/a/inside.txt"), b"inside");
-    assert!(
-        s.staging_files().is_empty(),
-        "refused puts left staging files"
-    );
+    assert!(s.staging_files().is_empty(), "refused puts left staging files");
 }
 
 #[test]
@@ -96,10 +81,7 @@ fn reading_what_is_not_there_fails_clearly() {
     ];
     for (args, needle) in cases {
         let err = s.err(args);
-        assert!(
-            err.contains(needle),
-            "{args:?}: expected {needle:?} in {err}"
-        );
+        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
     }
     assert!(!dest.exists(), "a failed get must not create DEST");
 }
@@ -118,14 +100,8 @@ fn a_data_dir_never_initialised_says_to_run_init() {
     ];
     for args in cases {
         let err = expect_err(args, s.run_stdin(args, b"data"));
-        assert!(
-            err.contains("init"),
-            "{args:?}: the error should point at `alkfs init`: {err}"
-        );
-        assert!(
-            !s.data().exists(),
-            "{args:?} created the data dir of a store that was never initialised"
-        );
+        assert!(err.contains("init"), "{args:?}: the error should point at `alkfs init`: {err}");
+        assert!(!s.data().exists(), "{args:?} created the data dir of a store that was never initialised");
     }
 }
 
@@ -135,10 +111,7 @@ fn a_damaged_tree_db_is_reported_by_name() {
     s.put_bytes("/keep.txt", b"keep me");
     let db = s.data().join("tree.db");
     let wal = s.data().join("tree.db-wal");
-    assert!(
-        fs::metadata(&wal).map_or(true, |m| m.len() == 0),
-        "precondition: everything is checkpointed into tree.db"
-    );
+    assert!(fs::metadata(&wal).map_or(true, |m| m.len() == 0), "precondition: everything is checkpointed into tree.db");
     // No alkfs process runs now: overwrite the first 4 KiB (the header page) with garbage.
     let mut f = fs::OpenOptions::new().write(true).open(&db).unwrap();
     f.write_all(&random_bytes(4096, 0xbad)).unwrap();
@@ -157,15 +130,9 @@ fn a_damaged_tree_db_is_reported_by_name() {
     ];
     for args in cases {
         let err = expect_err(args, s.run_stdin(args, b"new bytes"));
-        assert!(
-            err.contains("tree.db") && err.contains("damaged"),
-            "{args:?}: the error should name the damaged database: {err}"
-        );
+        assert!(err.contains("tree.db") && err.contains("damaged"), "{args:?}: the error should name the damaged database: {err}");
     }
-    assert!(
-        fs::read(&db).unwrap() == damaged,
-        "no command (not even init) may overwrite the damaged database"
-    );
+    assert!(fs::read(&db).unwrap() == damaged, "no command (not even init) may overwrite the damaged database");
 }
 
 #[test]
@@ -175,11 +142,7 @@ fn a_corrupt_blob_fails_get_and_leaves_no_dest() {
     s.put_bytes("/big.bin", &data);
     s.put_bytes("/small.txt", b"inline and intact");
     let blobs = s.blob_files();
-    assert_eq!(
-        blobs.len(),
-        1,
-        "one file blob for the 1 MiB file: {blobs:?}"
-    );
+    assert_eq!(blobs.len(), 1, "one file blob for the 1 MiB file: {blobs:?}");
     let mut bytes = fs::read(&blobs[0]).unwrap();
     for at in [0, 4096, 1 << 19] {
         bytes[at] ^= 0xff;
@@ -200,26 +163,11 @@ fn a_corrupt_blob_fails_get_and_leaves_no_dest() {
         let err = s.err(args);
         assert!(err.contains("corrupt"), "{args:?}: {err}");
     }
-    let mut left: Vec<_> = fs::read_dir(&out_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let mut left: Vec<_> = fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     left.sort();
-    assert_eq!(
-        left,
-        ["existing.bin"],
-        "a failed get left files behind (or lost the old DEST)"
-    );
-    assert_eq!(
-        fs::read(&existing).unwrap(),
-        b"the user's old file",
-        "a failed get must not touch an existing DEST"
-    );
-    assert_eq!(
-        s.get_bytes("/small.txt"),
-        b"inline and intact",
-        "other files still read"
-    );
+    assert_eq!(left, ["existing.bin"], "a failed get left files behind (or lost the old DEST)");
+    assert_eq!(fs::read(&existing).unwrap(), b"the user's old file", "a failed get must not touch an existing DEST");
+    assert_eq!(s.get_bytes("/small.txt"), b"inline and intact", "other files still read");
     assert_eq!(s.ls("/"), ["big.bin", "small.txt"]);
 }
 
@@ -228,44 +176,26 @@ fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
     let s = Store::new();
     s.put_bytes("/before.txt", b"before");
     let mut slow = KillOnDrop(
-        s.cmd(&["put", "-", "/slow"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+        s.cmd(&["put", "-", "/slow"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
     );
     let pid = slow.0.id().to_string();
     let lock = s.data().join("lock");
-    await_cond(
-        Duration::from_secs(10),
-        "the slow put to take the write lock",
-        || fs::read_to_string(&lock).is_ok_and(|p| p.trim() == pid),
-    );
+    await_cond(Duration::from_secs(10), "the slow put to take the write lock", || {
+        fs::read_to_string(&lock).is_ok_and(|p| p.trim() == pid)
+    });
     let mut stdin = slow.0.stdin.take().unwrap();
     let first_part = random_bytes(100 * 1024, 5);
     stdin.write_all(&first_part).unwrap();
 
     let src = s.scratch().join("second");
     fs::write(&src, b"second writer").unwrap();
-    let writers: [&[&str]; 4] = [
-        &["put", src.to_str().unwrap(), "/second"],
-        &["mkdir", "/d"],
-        &["rm", "/before.txt"],
-        &["branch", "create", "b"],
-    ];
+    let writers: [&[&str]; 4] =
+        [&["put", src.to_str().unwrap(), "/second"], &["mkdir", "/d"], &["rm", "/before.txt"], &["branch", "create", "b"]];
     for args in writers {
         let started = Instant::now();
         let err = s.err(args);
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{args:?} waited {:?} instead of failing fast",
-            started.elapsed()
-        );
-        assert!(
-            err.contains("in use") && err.contains(&pid),
-            "{args:?}: should say the data dir is in use by pid {pid}: {err}"
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{args:?} waited {:?} instead of failing fast", started.elapsed());
+        assert!(err.contains("in use") && err.contains(&pid), "{args:?}: should say the data dir is in use by pid {pid}: {err}");
     }
     // Readers do not need the lock.
     assert_eq!(s.ls("/"), ["before.txt"]);
@@ -288,16 +218,8 @@ struct Tmpfs {
 impl Tmpfs {
     fn mount(size: &str) -> Self {
         let dir = tempfile::TempDir::new().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount tmpfs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().unwrap();
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
         Tmpfs { dir }
     }
 
@@ -311,10 +233,7 @@ impl Drop for Tmpfs {
         let out = Command::new("umount").arg(self.dir.path()).output();
         if !out.as_ref().is_ok_and(|o| o.status.success()) {
             // Busy (a child still running): detach it lazily rather than leak the mount.
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
+            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
         }
     }
 }
@@ -323,10 +242,7 @@ impl Drop for Tmpfs {
 /// or through a running node): the put must fail saying the disk is full, and the store must
 /// be as it was, and still writable.
 fn check_full_disk(from_stdin: bool, with_node: bool) {
-    if !common::precondition(
-        common::is_root(),
-        "the full-disk checks mount a small tmpfs, which needs root",
-    ) {
+    if !common::precondition(common::is_root(), "the full-disk checks mount a small tmpfs, which needs root") {
         return;
     }
     let mnt = Tmpfs::mount("20m");
@@ -345,26 +261,16 @@ fn check_full_disk(from_stdin: bool, with_node: bool) {
     } else {
         s.err(&["put", big.to_str().unwrap(), "/big"])
     };
-    assert_eq!(
-        snapshot(&s, "/one"),
-        before,
-        "a put that ran out of space changed the store"
-    );
+    assert_eq!(snapshot(&s, "/one"), before, "a put that ran out of space changed the store");
     assert_eq!(s.get_bytes("/one"), fs::read(&one).unwrap());
-    assert!(
-        s.staging_files().is_empty(),
-        "the failed put left its staging file filling the disk"
-    );
+    assert!(s.staging_files().is_empty(), "the failed put left its staging file filling the disk");
     s.put_bytes("/small.txt", b"there is room for this");
     assert_eq!(s.ls("/"), ["one", "small.txt"]);
     if let Some(node) = &node {
         assert!(!node.log().contains("panicked"), "{}", node.log());
     }
     // Last, so a wrong message does not hide the checks above.
-    assert!(
-        err.contains("is full") && !err.contains("roken pipe"),
-        "the error should say the disk is full: {err}"
-    );
+    assert!(err.contains("is full") && !err.contains("roken pipe"), "the error should say the disk is full: {err}");
 }
 
 #[test]

@@ -37,20 +37,12 @@ fn a_put_killed_at_any_point_leaves_the_old_or_the_new_file() {
         let new: PathBuf = s.scratch().join(format!("new-{round}"));
         write_random_file(&new, 200 * MB, 100 + round);
         let delay = Duration::from_millis(20 + round * 40); // 20 ms .. 300 ms
-        let child = s
-            .cmd(&["put", new.to_str().unwrap(), "/f"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = s.cmd(&["put", new.to_str().unwrap(), "/f"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let killed = kill_after(child, delay);
 
         s.ok(&["get", "/f", got.to_str().unwrap()]);
         if same_file(&got, &old) {
-            assert!(
-                killed,
-                "round {round}: the put exited by itself but /f still holds the old bytes"
-            );
+            assert!(killed, "round {round}: the put exited by itself but /f still holds the old bytes");
             interrupted += 1;
             fs::remove_file(&new).unwrap();
         } else if same_file(&got, &new) {
@@ -63,23 +55,12 @@ fn a_put_killed_at_any_point_leaves_the_old_or_the_new_file() {
         fs::remove_file(&got).unwrap();
         let ls = s.ls_json("/");
         assert_eq!(ls.len(), 1, "round {round}: {ls:?}");
-        assert_eq!(
-            ls[0]["size"],
-            fs::metadata(&old).unwrap().len(),
-            "round {round}: ls and get disagree"
-        );
+        assert_eq!(ls[0]["size"], fs::metadata(&old).unwrap().len(), "round {round}: ls and get disagree");
     }
     println!("{interrupted} puts interrupted, {completed} completed");
     s.ok(&["mkdir", "/after"]);
-    assert!(
-        s.staging_files().is_empty(),
-        "staging files of killed puts survived the next write: {:?}",
-        s.staging_files()
-    );
-    assert!(
-        interrupted > 0,
-        "no kill landed inside a put: the test did not exercise a crash"
-    );
+    assert!(s.staging_files().is_empty(), "staging files of killed puts survived the next write: {:?}", s.staging_files());
+    assert!(interrupted > 0, "no kill landed inside a put: the test did not exercise a crash");
 }
 
 /// Where a kill of a merge landed, read while the process was stopped just before it.
@@ -108,12 +89,7 @@ fn write_transaction_open(db: &std::path::Path) -> bool {
 /// transaction is open, then SIGKILLs it. Returns whether it was in the transaction, and
 /// whether the kill is what ended it.
 fn kill_merge_after(s: &Store, branch: &str, delay: Duration) -> (bool, bool) {
-    let mut child = s
-        .cmd(&["merge", branch, "--into", "main"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = s.cmd(&["merge", branch, "--into", "main"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(delay); // the varying point of the crash is the point of the test
     common::send_signal(child.id(), libc::SIGSTOP);
     let inside = write_transaction_open(&s.data().join("tree.db"));
@@ -143,40 +119,21 @@ fn a_merge_killed_at_any_point_is_all_or_nothing() {
     for round in 0..ROUNDS_MAX {
         let (branch, dir) = (format!("b{round}"), format!("/m{round}"));
         s.ok(&["branch", "create", &branch, "--from", "main"]);
-        s.ok(&[
-            "--branch",
-            &branch,
-            "put",
-            "-r",
-            tree.to_str().unwrap(),
-            &dir,
-        ]);
+        s.ok(&["--branch", &branch, "put", "-r", tree.to_str().unwrap(), &dir]);
 
         let (inside, killed) = kill_merge_after(&s, &branch, delay);
         let merged = s.ls("/").contains(&format!("m{round}/"));
         let landed = match (inside, merged) {
             (true, false) => Landed::Inside,
-            (true, true) => {
-                panic!("round {round}: the merge committed while its transaction was still open")
-            }
+            (true, true) => panic!("round {round}: the merge committed while its transaction was still open"),
             (false, true) => Landed::After,
             (false, false) => Landed::Before,
         };
         if merged {
-            assert_eq!(
-                s.ls(&dir),
-                names,
-                "round {round}: a partial merge reached main"
-            );
+            assert_eq!(s.ls(&dir), names, "round {round}: a partial merge reached main");
         } else {
-            assert!(
-                killed,
-                "round {round}: the merge exited by itself but merged nothing"
-            );
-            assert!(
-                s.err(&["ls", &dir]).contains("no such file"),
-                "round {round}: a killed merge left part of its work"
-            );
+            assert!(killed, "round {round}: the merge exited by itself but merged nothing");
+            assert!(s.err(&["ls", &dir]).contains("no such file"), "round {round}: a killed merge left part of its work");
         }
         delay = match landed {
             Landed::Before => delay * 3 / 2,
@@ -189,21 +146,13 @@ fn a_merge_killed_at_any_point_is_all_or_nothing() {
         s.put_bytes(&probe, probe.as_bytes());
         assert_eq!(s.get_bytes(&probe), probe.as_bytes());
         s.ok(&["merge", &branch, "--into", "main"]);
-        assert_eq!(
-            s.ls(&dir),
-            names,
-            "round {round}: merging again after the kill must bring every file"
-        );
+        assert_eq!(s.ls(&dir), names, "round {round}: merging again after the kill must bring every file");
         if seen.iter().filter(|l| **l == Landed::Inside).count() >= INSIDE_MIN {
             break;
         }
     }
     let count = |l: Landed| seen.iter().filter(|x| **x == l).count();
-    let (before, inside, after) = (
-        count(Landed::Before),
-        count(Landed::Inside),
-        count(Landed::After),
-    );
+    let (before, inside, after) = (count(Landed::Before), count(Landed::Inside), count(Landed::After));
     println!("kills: {before} before the merge's transaction, {inside} inside it, {after} after its commit");
     assert!(inside >= INSIDE_MIN, "only {inside} of {} kills landed inside the merge's transaction: the test did not exercise a crash mid-merge", seen.len());
 }
@@ -214,41 +163,22 @@ fn staging_files_left_by_a_killed_put_are_cleared_by_the_next_write() {
     let big = s.scratch().join("big");
     write_random_file(&big, 200 * MB, 9);
     for round in 0..3 {
-        let mut child = s
-            .cmd(&["put", big.to_str().unwrap(), "/big"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = s.cmd(&["put", big.to_str().unwrap(), "/big"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         // Kill it once it is staging bytes: the state a crash mid-put leaves.
         await_cond(Duration::from_secs(10), "the put to start staging", || {
             !s.staging_files().is_empty() || child.try_wait().unwrap().is_some()
         });
         let _ = child.kill();
         let status = child.wait().unwrap();
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGKILL),
-            "round {round}: the put ended before it was killed"
-        );
-        assert!(
-            !s.staging_files().is_empty(),
-            "round {round}: a put killed mid-way leaves its staging file"
-        );
-        assert!(
-            s.err(&["get", "/big"]).contains("no such file"),
-            "round {round}: a killed put committed"
-        );
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "round {round}: the put ended before it was killed");
+        assert!(!s.staging_files().is_empty(), "round {round}: a put killed mid-way leaves its staging file");
+        assert!(s.err(&["get", "/big"]).contains("no such file"), "round {round}: a killed put committed");
     }
     // Readers do not touch staging (a writer may own it); the next write command clears it.
     s.ok(&["ls", "/"]);
     assert!(!s.staging_files().is_empty());
     s.ok(&["mkdir", "/after"]);
-    assert_eq!(
-        s.staging_files(),
-        Vec::<PathBuf>::new(),
-        "leftover staging files survived the next write"
-    );
+    assert_eq!(s.staging_files(), Vec::<PathBuf>::new(), "leftover staging files survived the next write");
     s.ok(&["put", big.to_str().unwrap(), "/big"]);
     let got = s.scratch().join("got");
     s.ok(&["get", "/big", got.to_str().unwrap()]);

@@ -23,21 +23,11 @@ fn check_round_trip(s: &Store, len: u64) {
     for path in [&from_file, &from_stdin] {
         let dest = s.scratch().join(format!("dest-{len}"));
         s.ok(&["get", path, dest.to_str().unwrap()]);
-        assert!(
-            same_file(&src, &dest),
-            "{len} bytes: get {path} DEST differs from what was put"
-        );
+        assert!(same_file(&src, &dest), "{len} bytes: get {path} DEST differs from what was put");
         fs::remove_file(&dest).unwrap();
         let out = s.get_bytes(path);
-        assert_eq!(
-            out.len() as u64,
-            len,
-            "{len} bytes: get {path} to stdout has the wrong length"
-        );
-        assert!(
-            out == want,
-            "{len} bytes: get {path} to stdout differs from what was put"
-        );
+        assert_eq!(out.len() as u64, len, "{len} bytes: get {path} to stdout has the wrong length");
+        assert!(out == want, "{len} bytes: get {path} to stdout differs from what was put");
         let listed = s.ls_json(path);
         assert_eq!(listed[0]["size"], len, "{len} bytes: ls --json {path} size");
     }
@@ -59,10 +49,7 @@ fn get_into_an_existing_directory_uses_the_file_name() {
     let dir = s.scratch().join("out");
     fs::create_dir(&dir).unwrap();
     s.ok(&["get", "/docs/report.txt", dir.to_str().unwrap()]);
-    assert_eq!(
-        fs::read(dir.join("report.txt")).unwrap(),
-        b"quarterly numbers"
-    );
+    assert_eq!(fs::read(dir.join("report.txt")).unwrap(), b"quarterly numbers");
 }
 
 #[test]
@@ -75,40 +62,24 @@ fn same_content_at_two_paths_is_stored_once() {
     let after_one = dir_size(s.data());
     s.ok(&["put", src.to_str().unwrap(), "/copies/two"]);
     let after_two = dir_size(s.data());
-    assert!(
-        after_one - before >= 100 * MIB,
-        "the first copy should take ~100 MiB, took {} bytes",
-        after_one - before
-    );
+    assert!(after_one - before >= 100 * MIB, "the first copy should take ~100 MiB, took {} bytes", after_one - before);
     let growth = after_two.saturating_sub(after_one);
-    assert!(
-        growth < 4 * MIB,
-        "the second copy of the same 100 MiB grew the data dir by {growth} bytes"
-    );
+    assert!(growth < 4 * MIB, "the second copy of the same 100 MiB grew the data dir by {growth} bytes");
     assert_eq!(s.blob_files().len(), 1, "one blob file for one content");
     for path in ["/one", "/copies/two"] {
         let dest = s.scratch().join("back");
         s.ok(&["get", path, dest.to_str().unwrap()]);
-        assert!(
-            same_file(&src, &dest),
-            "{path} does not read back as what was put"
-        );
+        assert!(same_file(&src, &dest), "{path} does not read back as what was put");
     }
 }
 
 /// Asserts the tree at `remote` mirrors the local directory `local`: the same names, kinds,
 /// sizes and modes, the same file bytes, recursively.
 fn assert_same_tree(s: &Store, local: &Path, remote: &str) {
-    let mut want: Vec<String> = fs::read_dir(local)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut want: Vec<String> = fs::read_dir(local).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     want.sort();
     let listed = s.ls_json(remote);
-    let mut got: Vec<String> = listed
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
+    let mut got: Vec<String> = listed.iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
     got.sort();
     assert_eq!(got, want, "ls --json {remote} vs local {}", local.display());
     for item in &listed {
@@ -119,27 +90,15 @@ fn assert_same_tree(s: &Store, local: &Path, remote: &str) {
         if meta.file_type().is_symlink() {
             assert_eq!(kind, "symlink", "{rpath}");
             let target = fs::read_link(&lpath).unwrap();
-            assert_eq!(
-                item["size"],
-                target.as_os_str().len() as u64,
-                "{rpath}: symlink target length"
-            );
+            assert_eq!(item["size"], target.as_os_str().len() as u64, "{rpath}: symlink target length");
         } else if meta.is_dir() {
             assert_eq!(kind, "dir", "{rpath}");
             assert_same_tree(s, &lpath, &rpath);
         } else {
             assert_eq!(kind, "file", "{rpath}");
             assert_eq!(item["size"], meta.len(), "{rpath}: size");
-            assert_eq!(
-                item["mode"],
-                format!("{:o}", meta.permissions().mode() & 0o7777),
-                "{rpath}: mode"
-            );
-            assert_eq!(
-                s.get_bytes(&rpath),
-                fs::read(&lpath).unwrap(),
-                "{rpath}: bytes"
-            );
+            assert_eq!(item["mode"], format!("{:o}", meta.permissions().mode() & 0o7777), "{rpath}: mode");
+            assert_eq!(s.get_bytes(&rpath), fs::read(&lpath).unwrap(), "{rpath}: bytes");
         }
     }
 }
@@ -166,24 +125,12 @@ fn put_recursive_reproduces_a_tree() {
 
     s.ok(&["put", "-r", top.to_str().unwrap(), "/imported"]);
 
-    assert_eq!(
-        s.ls("/imported"),
-        ["a.txt", "empty/", "exec.sh", "link", "sub/"]
-    );
+    assert_eq!(s.ls("/imported"), ["a.txt", "empty/", "exec.sh", "link", "sub/"]);
     assert_eq!(s.ls("/"), ["imported/"]);
-    assert!(
-        s.ls("/imported/empty").is_empty(),
-        "an empty local dir imports as an empty dir"
-    );
+    assert!(s.ls("/imported/empty").is_empty(), "an empty local dir imports as an empty dir");
     let long = s.ok(&["ls", "-l", "/imported"]);
-    let link_line = long
-        .lines()
-        .find(|l| l.ends_with(" link"))
-        .expect("link in ls -l");
-    assert!(
-        link_line.starts_with("l "),
-        "ls -l marks a symlink with l: {link_line:?}"
-    );
+    let link_line = long.lines().find(|l| l.ends_with(" link")).expect("link in ls -l");
+    assert!(link_line.starts_with("l "), "ls -l marks a symlink with l: {link_line:?}");
     assert_same_tree(&s, &top, "/imported");
 }
 
@@ -195,18 +142,12 @@ fn put_refuses_a_directory_without_r_a_missing_source_and_r_from_stdin() {
     let missing = s.scratch().join("missing");
     let cases: [(&[&str], &str); 3] = [
         (&["put", dir.to_str().unwrap(), "/d"], "put -r"),
-        (
-            &["put", "-r", missing.to_str().unwrap(), "/f"],
-            missing.to_str().unwrap(),
-        ),
+        (&["put", "-r", missing.to_str().unwrap(), "/f"], missing.to_str().unwrap()),
         (&["put", "-r", "-", "/f"], "stdin"),
     ];
     for (args, needle) in cases {
         let err = s.err(args);
-        assert!(
-            err.contains(needle),
-            "{args:?}: error should mention {needle:?}: {err}"
-        );
+        assert!(err.contains(needle), "{args:?}: error should mention {needle:?}: {err}");
     }
     assert!(s.ls("/").is_empty(), "failed puts must write nothing");
 }
@@ -216,54 +157,22 @@ fn ls_long_and_json_carry_size_kind_and_version() {
     let s = Store::new();
     s.put_bytes("/f.txt", b"hello");
     s.ok(&["mkdir", "/d"]);
-    let version = s.log_json(&[], "/f.txt")[0]["version"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let version = s.log_json(&[], "/f.txt")[0]["version"].as_str().unwrap().to_string();
 
     let long = s.ok(&["ls", "-l", "/"]);
-    let rows: Vec<Vec<&str>> = long
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
+    let rows: Vec<Vec<&str>> = long.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows.len(), 2, "ls -l /: {long}");
-    let dir = rows
-        .iter()
-        .find(|r| r.last() == Some(&"d/"))
-        .expect("d/ in ls -l");
-    let file = rows
-        .iter()
-        .find(|r| r.last() == Some(&"f.txt"))
-        .expect("f.txt in ls -l");
+    let dir = rows.iter().find(|r| r.last() == Some(&"d/")).expect("d/ in ls -l");
+    let file = rows.iter().find(|r| r.last() == Some(&"f.txt")).expect("f.txt in ls -l");
     assert_eq!((dir[0], file[0]), ("d", "-"), "kind column: {long}");
-    assert_eq!(
-        (file[1], file[2]),
-        ("0644", "5"),
-        "mode and size of f.txt: {long}"
-    );
+    assert_eq!((file[1], file[2]), ("0644", "5"), "mode and size of f.txt: {long}");
     assert_eq!(file[4], format!("v{version}"), "version of f.txt: {long}");
-    assert!(
-        file[3].ends_with('Z') && file[3].contains('T'),
-        "mtime is ISO-8601: {long}"
-    );
+    assert!(file[3].ends_with('Z') && file[3].contains('T'), "mtime is ISO-8601: {long}");
 
     let json = s.ls_json("/");
-    let jf = json
-        .iter()
-        .find(|v| v["name"] == "f.txt")
-        .expect("f.txt in ls --json");
-    let jd = json
-        .iter()
-        .find(|v| v["name"] == "d")
-        .expect("d in ls --json");
-    assert_eq!(
-        (
-            jf["kind"].as_str(),
-            jf["size"].as_u64(),
-            jf["version"].as_str()
-        ),
-        (Some("file"), Some(5), Some(version.as_str()))
-    );
+    let jf = json.iter().find(|v| v["name"] == "f.txt").expect("f.txt in ls --json");
+    let jd = json.iter().find(|v| v["name"] == "d").expect("d in ls --json");
+    assert_eq!((jf["kind"].as_str(), jf["size"].as_u64(), jf["version"].as_str()), (Some("file"), Some(5), Some(version.as_str())));
     assert_eq!(jf["path"], "/f.txt");
     assert_eq!(jd["kind"], "dir");
 
@@ -272,11 +181,7 @@ fn ls_long_and_json_carry_size_kind_and_version() {
     let jf2 = s.ls_json("/f.txt");
     assert_eq!(jf2.len(), 1, "ls of a file shows that file");
     assert_eq!(jf2[0]["size"], 12);
-    assert!(
-        common::version_seq(&jf2[0]["version"])
-            > common::version_seq(&serde_json::Value::from(version.as_str())),
-        "overwrite gets a newer version: {jf2:?}"
-    );
+    assert!(common::version_seq(&jf2[0]["version"]) > common::version_seq(&serde_json::Value::from(version.as_str())), "overwrite gets a newer version: {jf2:?}");
 }
 
 #[test]
@@ -310,11 +215,7 @@ fn mv_renames_files_and_moves_into_directories() {
     let before = s.ok(&["ls", "--json", "/dst"]);
     for (from, to) in [("/dst", "/dst/src/x"), ("/missing", "/y")] {
         s.err(&["mv", from, to]);
-        assert_eq!(
-            s.ok(&["ls", "--json", "/dst"]),
-            before,
-            "mv {from} {to} changed the tree"
-        );
+        assert_eq!(s.ok(&["ls", "--json", "/dst"]), before, "mv {from} {to} changed the tree");
     }
 }
 
@@ -325,10 +226,7 @@ fn mkdir_creates_parents_only_with_p() {
     assert_eq!(s.ls("/p"), ["q/"]);
     assert_eq!(s.ls("/p/q"), ["r/"]);
     s.ok(&["mkdir", "-p", "/p/q/r"]); // exists: fine with -p
-    let cases = [
-        (["mkdir", "/x/y"], "mkdir -p"),
-        (["mkdir", "/p"], "already exists"),
-    ];
+    let cases = [(["mkdir", "/x/y"], "mkdir -p"), (["mkdir", "/p"], "already exists")];
     for (args, needle) in cases {
         let err = s.err(&args);
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -343,20 +241,10 @@ fn rm_removes_files_and_trees_and_refuses_non_empty_dirs_without_r() {
     s.put_bytes("/dir/a", b"a");
     s.put_bytes("/dir/sub/b", b"b");
 
-    let before = (
-        s.ok(&["ls", "--json", "/"]),
-        s.ok(&["ls", "--json", "/dir"]),
-    );
+    let before = (s.ok(&["ls", "--json", "/"]), s.ok(&["ls", "--json", "/dir"]));
     let err = s.err(&["rm", "/dir"]);
     assert!(err.contains("not empty"), "{err}");
-    assert_eq!(
-        (
-            s.ok(&["ls", "--json", "/"]),
-            s.ok(&["ls", "--json", "/dir"])
-        ),
-        before,
-        "a refused rm changed the tree"
-    );
+    assert_eq!((s.ok(&["ls", "--json", "/"]), s.ok(&["ls", "--json", "/dir"])), before, "a refused rm changed the tree");
     assert_eq!(s.get_bytes("/dir/sub/b"), b"b");
 
     s.ok(&["rm", "/keep"]);
@@ -364,10 +252,7 @@ fn rm_removes_files_and_trees_and_refuses_non_empty_dirs_without_r() {
     s.ok(&["rm", "-r", "/dir"]);
     assert!(s.ls("/").is_empty());
     for path in ["/dir/a", "/dir/sub/b", "/keep"] {
-        assert!(
-            s.err(&["get", path]).contains("no such file"),
-            "{path} still readable after rm"
-        );
+        assert!(s.err(&["get", path]).contains("no such file"), "{path} still readable after rm");
     }
     assert!(s.err(&["rm", "/keep"]).contains("no such file"));
 }
@@ -377,18 +262,10 @@ fn a_file_used_as_a_directory_is_refused_as_not_a_directory() {
     let s = Store::new();
     s.put_bytes("/f", b"a file");
     s.put_bytes("/g", b"another");
-    let cases: [&[&str]; 4] = [
-        &["put", "-", "/f/x"],
-        &["mkdir", "-p", "/f/z"],
-        &["mv", "/g", "/f/g"],
-        &["mkdir", "/f/z"],
-    ];
+    let cases: [&[&str]; 4] = [&["put", "-", "/f/x"], &["mkdir", "-p", "/f/z"], &["mv", "/g", "/f/g"], &["mkdir", "/f/z"]];
     for args in cases {
         let err = common::expect_err(args, s.run_stdin(args, b"bytes"));
-        assert!(
-            err.contains("/f: not a directory"),
-            "{args:?}: the error should say /f is not a directory: {err}"
-        );
+        assert!(err.contains("/f: not a directory"), "{args:?}: the error should say /f is not a directory: {err}");
     }
     assert_eq!(s.ls("/"), ["f", "g"]);
     assert_eq!(s.get_bytes("/f"), b"a file");
@@ -399,24 +276,13 @@ fn a_file_used_as_a_directory_is_refused_as_not_a_directory() {
 #[test]
 fn names_are_one_path_in_unicode_nfc_whichever_form_they_arrive_in() {
     let s = Store::new();
-    let (nfc, nfd) = (
-        "/caf\u{e9}/r\u{e9}sum\u{e9}.txt",
-        "/cafe\u{301}/re\u{301}sume\u{301}.txt",
-    );
+    let (nfc, nfd) = ("/caf\u{e9}/r\u{e9}sum\u{e9}.txt", "/cafe\u{301}/re\u{301}sume\u{301}.txt");
     s.put_bytes(nfd, b"first");
     s.put_bytes(nfc, b"second");
     assert_eq!(s.ls("/"), ["caf\u{e9}/"]);
-    assert_eq!(
-        s.ls("/caf\u{e9}"),
-        ["r\u{e9}sum\u{e9}.txt"],
-        "one entry, in NFC"
-    );
+    assert_eq!(s.ls("/caf\u{e9}"), ["r\u{e9}sum\u{e9}.txt"], "one entry, in NFC");
     assert_eq!(s.get_bytes(nfd), b"second");
-    assert_eq!(
-        s.log_json(&[], nfc).len(),
-        2,
-        "both writes are versions of one path"
-    );
+    assert_eq!(s.log_json(&[], nfc).len(), 2, "both writes are versions of one path");
     s.ok(&["mv", nfd, "/cafe\u{301}/cv.txt"]);
     assert_eq!(s.ls("/caf\u{e9}"), ["cv.txt"]);
 
@@ -428,10 +294,7 @@ fn names_are_one_path_in_unicode_nfc_whichever_form_they_arrive_in() {
     fs::write(top.join("cafe\u{301}"), b"nfd").unwrap();
     fs::write(top.join("plain"), b"plain").unwrap();
     let err = s.err(&["put", "-r", top.to_str().unwrap(), "/both"]);
-    assert!(
-        err.contains("one name in Unicode NFC") && err.contains("nothing was imported"),
-        "{err}"
-    );
+    assert!(err.contains("one name in Unicode NFC") && err.contains("nothing was imported"), "{err}");
     assert_eq!(s.ls("/"), ["caf\u{e9}/"], "a refused import stored nothing");
 }
 
@@ -450,26 +313,11 @@ fn put_recursive_refuses_a_tree_with_a_name_that_is_not_utf8_before_storing_anyt
     }
     fs::write(top.join("z").join("big"), random_bytes(100_000, 1)).unwrap();
     fs::create_dir_all(top.join("a")).unwrap();
-    fs::write(
-        top.join("a")
-            .join(std::ffi::OsStr::from_bytes(b"bad-\xff-name")),
-        b"x",
-    )
-    .unwrap();
+    fs::write(top.join("a").join(std::ffi::OsStr::from_bytes(b"bad-\xff-name")), b"x").unwrap();
     let err = s.err(&["put", "-r", top.to_str().unwrap(), "/tree"]);
-    assert!(
-        err.contains("not valid UTF-8") && err.contains("nothing was imported"),
-        "{err}"
-    );
-    assert!(
-        s.ls("/").is_empty(),
-        "a refused import committed part of the tree: {:?}",
-        s.ls("/")
-    );
-    assert!(
-        s.blob_files().is_empty() && s.staging_files().is_empty(),
-        "a refused import left bytes behind"
-    );
+    assert!(err.contains("not valid UTF-8") && err.contains("nothing was imported"), "{err}");
+    assert!(s.ls("/").is_empty(), "a refused import committed part of the tree: {:?}", s.ls("/"));
+    assert!(s.blob_files().is_empty() && s.staging_files().is_empty(), "a refused import left bytes behind");
 }
 
 /// `alkfs completions SHELL` prints a script the shell accepts.
@@ -478,32 +326,17 @@ fn completions_load_into_bash_and_name_the_commands() {
     let s = Store::new();
     let script = s.ok(&["completions", "bash"]);
     for word in ["conflicts", "dismiss", "put", "node"] {
-        assert!(
-            script.contains(word),
-            "the bash completions do not know {word:?}"
-        );
+        assert!(script.contains(word), "the bash completions do not know {word:?}");
     }
     let file = s.scratch().join("alkfs.bash");
     fs::write(&file, &script).unwrap();
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!("source {} && complete -p alkfs", file.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("alkfs"),
-        "bash did not load them: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new("bash").arg("-c").arg(format!("source {} && complete -p alkfs", file.display())).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("alkfs"), "bash did not load them: {}", String::from_utf8_lossy(&out.stderr));
     for shell in ["zsh", "fish"] {
         assert!(s.ok(&["completions", shell]).contains("alkfs"), "{shell}");
     }
     let out = s.run(&["completions", "tcsh"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "a usage error exits 2, as clap's do"
-    );
+    assert_eq!(out.status.code(), Some(2), "a usage error exits 2, as clap's do");
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: bash"));
 }
 

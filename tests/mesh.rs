@@ -35,11 +35,7 @@ impl Member {
         let mut args = vec!["invite"];
         args.extend_from_slice(extra);
         let out = self.s.ok(&args);
-        assert_eq!(
-            out.lines().count(),
-            1,
-            "the ticket alone on stdout: {out:?}"
-        );
+        assert_eq!(out.lines().count(), 1, "the ticket alone on stdout: {out:?}");
         out.trim().to_string()
     }
 
@@ -53,13 +49,7 @@ impl Member {
         let rows = common::parse_json_array(&self.s.ok(&["ls", "-R", "/", "--json"]));
         let mut t: Vec<(String, String, String)> = rows
             .iter()
-            .map(|r| {
-                (
-                    r["path"].as_str().unwrap().to_string(),
-                    r["kind"].as_str().unwrap().to_string(),
-                    r["hash"].as_str().unwrap_or("").to_string(),
-                )
-            })
+            .map(|r| (r["path"].as_str().unwrap().to_string(), r["kind"].as_str().unwrap().to_string(), r["hash"].as_str().unwrap_or("").to_string()))
             .collect();
         t.sort();
         t
@@ -95,21 +85,11 @@ fn writes_on_three_nodes_converge_and_a_race_resolves_alike_everywhere_with_the_
     converged(&[&a, &b, &c], "writes on all three to reach all three");
     // Each node joined its bucket's gossip topic and has neighbours there.
     for m in [&a, &b, &c] {
-        common::await_status(
-            m.s.data(),
-            Duration::from_secs(30),
-            "gossip neighbours",
-            |st| {
-                st["mesh"]["gossip_topics"] == 1
-                    && st["mesh"]["gossip_neighbors"].as_i64().unwrap_or(0) >= 1
-            },
-        );
+        common::await_status(m.s.data(), Duration::from_secs(30), "gossip neighbours", |st| st["mesh"]["gossip_topics"] == 1 && st["mesh"]["gossip_neighbors"].as_i64().unwrap_or(0) >= 1);
     }
     for m in [&a, &b, &c] {
         for name in ["a", "b", "c"] {
-            await_cond(Duration::from_secs(30), "the bytes of every file", || {
-                m.get(&format!("/{name}.txt")).as_deref() == Some(format!("from {name}").as_bytes())
-            });
+            await_cond(Duration::from_secs(30), "the bytes of every file", || m.get(&format!("/{name}.txt")).as_deref() == Some(format!("from {name}").as_bytes()));
         }
     }
     // A race made concurrent by construction: B's node is down while both write.
@@ -117,44 +97,26 @@ fn writes_on_three_nodes_converge_and_a_race_resolves_alike_everywhere_with_the_
     node.stop_with(libc::SIGTERM, Duration::from_secs(10));
     a.s.put_bytes("/race.txt", b"one");
     bs.put_bytes("/race.txt", b"two");
-    let b = Member {
-        node: Node::start(&bs, &[], &[]),
-        s: bs,
-    };
+    let b = Member { node: Node::start(&bs, &[], &[]), s: bs };
     converged(&[&a, &b, &c], "the race to resolve");
     let winner = a.get("/race.txt").unwrap();
     for m in [&b, &c] {
-        await_cond(
-            Duration::from_secs(30),
-            "the same winner everywhere",
-            || m.get("/race.txt").as_deref() == Some(&winner[..]),
-        );
+        await_cond(Duration::from_secs(30), "the same winner everywhere", || m.get("/race.txt").as_deref() == Some(&winner[..]));
     }
     let mut losers = Vec::new();
     for m in [&a, &b, &c] {
-        await_cond(
-            Duration::from_secs(30),
-            "the loser listed on every node",
-            || !common::parse_json_array(&m.s.ok(&["conflicts", "--json"])).is_empty(),
-        );
+        await_cond(Duration::from_secs(30), "the loser listed on every node", || !common::parse_json_array(&m.s.ok(&["conflicts", "--json"])).is_empty());
         let rows = common::parse_json_array(&m.s.ok(&["conflicts", "--json"]));
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert_eq!(rows[0]["path"], "/race.txt");
         losers.push(rows[0]["loser_version"].as_str().unwrap().to_string());
     }
-    assert!(
-        losers.iter().all(|l| *l == losers[0]),
-        "one loser, named alike on every node: {losers:?}"
-    );
+    assert!(losers.iter().all(|l| *l == losers[0]), "one loser, named alike on every node: {losers:?}");
     // C restores the loser (it may need its bytes first: the restore is of the version).
     c.s.ok(&["restore", "/race.txt", "--version", &losers[0]]);
     let loser_bytes: &[u8] = if winner == b"one" { b"two" } else { b"one" };
     for m in [&a, &b, &c] {
-        await_cond(
-            Duration::from_secs(30),
-            "C's restore of the loser everywhere",
-            || m.get("/race.txt").as_deref() == Some(loser_bytes),
-        );
+        await_cond(Duration::from_secs(30), "C's restore of the loser everywhere", || m.get("/race.txt").as_deref() == Some(loser_bytes));
     }
 }
 
@@ -163,28 +125,15 @@ fn a_branch_made_on_one_node_and_merged_on_another_shows_up_on_the_third() {
     let (a, b, c) = three();
     b.s.ok(&["branch", "create", "feature"]);
     b.s.put_bytes_with(&["--branch", "feature"], "/feature.txt", b"made on B");
-    await_cond(Duration::from_secs(30), "the branch to reach C", || {
-        c.s.ok(&["branch", "list"]).contains("feature")
-    });
-    await_cond(
-        Duration::from_secs(30),
-        "the branch's file to reach C",
-        || {
-            c.s.run(&["--branch", "feature", "get", "/feature.txt"])
-                .stdout
-                == b"made on B"
-        },
-    );
+    await_cond(Duration::from_secs(30), "the branch to reach C", || c.s.ok(&["branch", "list"]).contains("feature"));
+    await_cond(Duration::from_secs(30), "the branch's file to reach C", || c.s.run(&["--branch", "feature", "get", "/feature.txt"]).stdout == b"made on B");
     c.s.ok(&["merge", "feature"]);
-    await_cond(Duration::from_secs(30), "C's merge to reach A", || {
-        a.get("/feature.txt").as_deref() == Some(&b"made on B"[..])
-    });
+    await_cond(Duration::from_secs(30), "C's merge to reach A", || a.get("/feature.txt").as_deref() == Some(&b"made on B"[..]));
     converged(&[&a, &b, &c], "all three after the merge");
 }
 
 #[test]
-fn used_up_forged_and_expired_tickets_are_refused_with_a_clear_error_and_the_node_still_joins_later(
-) {
+fn used_up_forged_and_expired_tickets_are_refused_with_a_clear_error_and_the_node_still_joins_later() {
     let (a, c) = (Member::start(), Member::start());
     let b = Member::start();
     let ticket = a.invite(&[]);
@@ -194,10 +143,7 @@ fn used_up_forged_and_expired_tickets_are_refused_with_a_clear_error_and_the_nod
     let fresh = a.invite(&[]);
     let forged = format!("{}xxxxx", &fresh[..fresh.len() - 5]);
     let err = c.s.err(&["join", &forged]);
-    assert!(
-        err.contains("not an alkfs ticket") || err.contains("refused"),
-        "{err}"
-    );
+    assert!(err.contains("not an alkfs ticket") || err.contains("refused"), "{err}");
     let err = c.s.err(&["join", "hello"]);
     assert!(err.contains("not an alkfs ticket"), "{err}");
     let short = a.invite(&["--expires", "1s"]);
@@ -207,9 +153,7 @@ fn used_up_forged_and_expired_tickets_are_refused_with_a_clear_error_and_the_nod
     // None of that stopped C from joining with a good ticket.
     c.join(&fresh);
     a.s.put_bytes("/after.txt", b"x");
-    await_cond(Duration::from_secs(30), "C to get A's write", || {
-        c.get("/after.txt").as_deref() == Some(&b"x"[..])
-    });
+    await_cond(Duration::from_secs(30), "C to get A's write", || c.get("/after.txt").as_deref() == Some(&b"x"[..]));
     assert!(!a.node.log().contains("panicked") && !c.node.log().contains("panicked"));
 }
 
@@ -225,38 +169,20 @@ fn a_removed_member_gets_nothing_new_within_seconds_while_the_others_go_on() {
     std::thread::sleep(Duration::from_secs(5));
     a.s.put_bytes("/after.txt", b"after");
     b.s.put_bytes("/from-b.txt", b"b");
-    await_cond(Duration::from_secs(30), "B to get A's later write", || {
-        b.get("/after.txt").as_deref() == Some(&b"after"[..])
-    });
-    await_cond(Duration::from_secs(30), "A to get B's", || {
-        a.get("/from-b.txt").is_some()
-    });
+    await_cond(Duration::from_secs(30), "B to get A's later write", || b.get("/after.txt").as_deref() == Some(&b"after"[..]));
+    await_cond(Duration::from_secs(30), "A to get B's", || a.get("/from-b.txt").is_some());
     // C does not get them, not even as entries, and B learnt of the removal too.
     std::thread::sleep(Duration::from_secs(3));
     let tree = c.tree();
-    assert!(
-        !tree
-            .iter()
-            .any(|(p, _, _)| p == "/after.txt" || p == "/from-b.txt"),
-        "a removed member received a new write: {tree:?}"
-    );
+    assert!(!tree.iter().any(|(p, _, _)| p == "/after.txt" || p == "/from-b.txt"), "a removed member received a new write: {tree:?}");
     let in_b = common::parse_json_array(&b.s.ok(&["members", "--json"]));
-    let c_in_b = in_b
-        .iter()
-        .find(|m| m["node"] == cid.as_str())
-        .expect("C listed on B");
-    assert!(
-        c_in_b["removed_ms"].is_i64(),
-        "B knows C was removed: {c_in_b}"
-    );
+    let c_in_b = in_b.iter().find(|m| m["node"] == cid.as_str()).expect("C listed on B");
+    assert!(c_in_b["removed_ms"].is_i64(), "B knows C was removed: {c_in_b}");
 }
 
 #[test]
 fn a_node_an_hour_behind_overwrites_what_it_has_seen_and_wins_everywhere() {
-    if !common::precondition(
-        common::libfaketime().is_some(),
-        "libfaketime (apt install faketime) sets B's clock an hour behind",
-    ) {
+    if !common::precondition(common::libfaketime().is_some(), "libfaketime (apt install faketime) sets B's clock an hour behind") {
         return;
     }
     let env = common::faketime_env("-1h");
@@ -265,20 +191,11 @@ fn a_node_an_hour_behind_overwrites_what_it_has_seen_and_wins_everywhere() {
     let b = Member::start_with(&env);
     b.join(&a.invite(&[]));
     a.s.put_bytes("/doc.txt", b"A's, an hour ahead");
-    await_cond(Duration::from_secs(30), "A's version to reach B", || {
-        b.get("/doc.txt").as_deref() == Some(&b"A's, an hour ahead"[..])
-    });
+    await_cond(Duration::from_secs(30), "A's version to reach B", || b.get("/doc.txt").as_deref() == Some(&b"A's, an hour ahead"[..]));
     // B's CLI writes through B's node (whose clock is an hour behind): it has seen A's version.
     b.s.put_bytes("/doc.txt", b"B's, seen A's");
     for m in [&a, &b] {
-        await_cond(
-            Duration::from_secs(30),
-            "B's later write to win everywhere",
-            || m.get("/doc.txt").as_deref() == Some(&b"B's, seen A's"[..]),
-        );
-        assert!(
-            common::parse_json_array(&m.s.ok(&["conflicts", "--json"])).is_empty(),
-            "B saw A's version: no conflict"
-        );
+        await_cond(Duration::from_secs(30), "B's later write to win everywhere", || m.get("/doc.txt").as_deref() == Some(&b"B's, seen A's"[..]));
+        assert!(common::parse_json_array(&m.s.ok(&["conflicts", "--json"])).is_empty(), "B saw A's version: no conflict");
     }
 }

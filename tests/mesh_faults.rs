@@ -12,10 +12,7 @@ use common::{await_cond, Node, Store};
 
 fn port_of(s: &Store) -> u16 {
     let st = common::status_json(s.data()).expect("status");
-    let listen = st["mesh"]["listen"][0]
-        .as_str()
-        .expect("the node listens")
-        .to_string();
+    let listen = st["mesh"]["listen"][0].as_str().expect("the node listens").to_string();
     listen.rsplit(':').next().unwrap().parse().unwrap()
 }
 
@@ -29,30 +26,11 @@ impl Partition {
         let rules: Vec<Vec<String>> = [(a, b), (b, a)]
             .iter()
             .map(|(from, to)| {
-                [
-                    "INPUT",
-                    "-p",
-                    "udp",
-                    "-s",
-                    "127.0.0.1",
-                    "--sport",
-                    &from.to_string(),
-                    "--dport",
-                    &to.to_string(),
-                    "-j",
-                    "DROP",
-                ]
-                .map(String::from)
-                .to_vec()
+                ["INPUT", "-p", "udp", "-s", "127.0.0.1", "--sport", &from.to_string(), "--dport", &to.to_string(), "-j", "DROP"].map(String::from).to_vec()
             })
             .collect();
         for r in &rules {
-            let ok = Command::new("iptables")
-                .arg("-I")
-                .args(r)
-                .status()
-                .unwrap()
-                .success();
+            let ok = Command::new("iptables").arg("-I").args(r).status().unwrap().success();
             assert!(ok, "iptables -I {r:?}");
         }
         Partition { rules }
@@ -70,14 +48,7 @@ impl Drop for Partition {
 fn tree(s: &Store) -> Vec<String> {
     let mut t: Vec<String> = common::parse_json_array(&s.ok(&["ls", "-R", "/", "--json"]))
         .iter()
-        .map(|r| {
-            format!(
-                "{} {} {}",
-                r["path"].as_str().unwrap(),
-                r["kind"],
-                r["hash"]
-            )
-        })
+        .map(|r| format!("{} {} {}", r["path"].as_str().unwrap(), r["kind"], r["hash"]))
         .collect();
     t.sort();
     t
@@ -90,21 +61,14 @@ fn get(s: &Store, path: &str) -> Option<Vec<u8>> {
 
 #[test]
 fn both_sides_of_a_real_partition_keep_writing_and_converge_after_the_heal() {
-    if !common::precondition(
-        common::is_root() && common::have_tool("iptables"),
-        "root and iptables (apt install iptables) drop packets between two nodes",
-    ) {
+    if !common::precondition(common::is_root() && common::have_tool("iptables"), "root and iptables (apt install iptables) drop packets between two nodes") {
         return;
     }
     let (a, b) = (Store::new(), Store::new());
     let (_na, _nb) = (Node::start(&a, &[], &[]), Node::start(&b, &[], &[]));
     b.ok(&["join", a.ok(&["invite"]).trim()]);
     a.put_bytes("/before.txt", b"before");
-    await_cond(
-        Duration::from_secs(30),
-        "the first write to reach B",
-        || get(&b, "/before.txt").is_some(),
-    );
+    await_cond(Duration::from_secs(30), "the first write to reach B", || get(&b, "/before.txt").is_some());
     let cut = Partition::new(port_of(&a), port_of(&b));
     // Both sides go on accepting writes: their own paths, and one path on both.
     for i in 0..5 {
@@ -114,38 +78,21 @@ fn both_sides_of_a_real_partition_keep_writing_and_converge_after_the_heal() {
     a.put_bytes("/both.txt", b"from a");
     b.put_bytes("/both.txt", b"from b");
     std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        get(&b, "/a/0.txt").is_none() && get(&a, "/b/0.txt").is_none(),
-        "the partition let writes through"
-    );
+    assert!(get(&b, "/a/0.txt").is_none() && get(&a, "/b/0.txt").is_none(), "the partition let writes through");
     drop(cut);
-    await_cond(
-        Duration::from_secs(90),
-        "both sides to converge after the heal",
-        || tree(&a) == tree(&b),
-    );
+    await_cond(Duration::from_secs(90), "both sides to converge after the heal", || tree(&a) == tree(&b));
     for i in 0..5 {
         for s in [&a, &b] {
-            await_cond(
-                Duration::from_secs(30),
-                "every acknowledged write's bytes",
-                || {
-                    get(s, &format!("/a/{i}.txt")).as_deref() == Some(format!("a{i}").as_bytes())
-                        && get(s, &format!("/b/{i}.txt")).as_deref()
-                            == Some(format!("b{i}").as_bytes())
-                },
-            );
+            await_cond(Duration::from_secs(30), "every acknowledged write's bytes", || {
+                get(s, &format!("/a/{i}.txt")).as_deref() == Some(format!("a{i}").as_bytes()) && get(s, &format!("/b/{i}.txt")).as_deref() == Some(format!("b{i}").as_bytes())
+            });
         }
     }
     let (wa, wb) = (get(&a, "/both.txt").unwrap(), get(&b, "/both.txt").unwrap());
     assert_eq!(wa, wb, "one winner on both sides");
     for s in [&a, &b] {
         let c = common::parse_json_array(&s.ok(&["conflicts", "--json"]));
-        assert_eq!(
-            c.len(),
-            1,
-            "the other side's write is listed as the loser: {c:?}"
-        );
+        assert_eq!(c.len(), 1, "the other side's write is listed as the loser: {c:?}");
         assert_eq!(c[0]["path"], "/both.txt");
     }
 }
@@ -159,53 +106,29 @@ fn a_node_killed_while_it_receives_catches_up_after_a_restart_and_its_store_is_c
     for i in 0..300 {
         let dir = src.join(format!("d{}", i % 10));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join(format!("f{i}")),
-            common::random_bytes(4096 + i, i as u64),
-        )
-        .unwrap();
+        std::fs::write(dir.join(format!("f{i}")), common::random_bytes(4096 + i, i as u64)).unwrap();
     }
     for i in 0..4 {
-        std::fs::write(
-            src.join(format!("big{i}")),
-            common::random_bytes(8 << 20, 100 + i),
-        )
-        .unwrap();
+        std::fs::write(src.join(format!("big{i}")), common::random_bytes(8 << 20, 100 + i)).unwrap();
     }
     a.ok(&["put", "-r", src.to_str().unwrap(), "/data"]);
     let b = Store::new();
     let mut nb = Node::start(&b, &[], &[]);
     b.ok(&["join", a.ok(&["invite"]).trim()]);
     // Kill as soon as something arrived, before all of it did.
-    await_cond(
-        Duration::from_secs(30),
-        "the first versions to arrive",
-        || b.ok(&["ls", "-R", "/"]).lines().count() > 1,
-    );
+    await_cond(Duration::from_secs(30), "the first versions to arrive", || b.ok(&["ls", "-R", "/"]).lines().count() > 1);
     nb.kill();
     let _nb = Node::start(&b, &[], &[]);
-    await_cond(
-        Duration::from_secs(120),
-        "B to catch up after the restart",
-        || tree(&a) == tree(&b),
-    );
-    await_cond(Duration::from_secs(120), "every byte to arrive", || {
-        common::status_json(b.data()).unwrap()["blobs_missing"] == 0
-    });
+    await_cond(Duration::from_secs(120), "B to catch up after the restart", || tree(&a) == tree(&b));
+    await_cond(Duration::from_secs(120), "every byte to arrive", || common::status_json(b.data()).unwrap()["blobs_missing"] == 0);
     // Nothing missing, nothing damaged: every blob the tree names re-hashes to its name.
     let check = b.ok(&["blobs", "check"]);
     assert!(check.contains(", 0 failed"), "{check}");
     let out = b.ok_bytes(&["get", "/data/big3"]);
-    assert!(
-        out == common::random_bytes(8 << 20, 103),
-        "the large file arrived whole"
-    );
+    assert!(out == common::random_bytes(8 << 20, 103), "the large file arrived whole");
     let dest = b.scratch().join("copy");
     b.ok(&["get", "/data/d7/f297", dest.to_str().unwrap()]);
-    assert_eq!(
-        std::fs::read(&dest).unwrap(),
-        common::random_bytes(4096 + 297, 297)
-    );
+    assert_eq!(std::fs::read(&dest).unwrap(), common::random_bytes(4096 + 297, 297));
 }
 
 /// One script, two worlds: played by the simulator (`alknet-simulations`, the proto core in
@@ -216,10 +139,7 @@ fn a_node_killed_while_it_receives_catches_up_after_a_restart_and_its_store_is_c
 /// overwrites the same path and edits the file A deleted, and B writes its own path.
 #[test]
 fn a_scripted_partition_ends_in_the_tree_the_simulation_predicts() {
-    if !common::precondition(
-        common::is_root() && common::have_tool("iptables"),
-        "root and iptables (apt install iptables) drop packets between nodes",
-    ) {
+    if !common::precondition(common::is_root() && common::have_tool("iptables"), "root and iptables (apt install iptables) drop packets between nodes") {
         return;
     }
     use alknet_simulations::Sim;
@@ -239,52 +159,27 @@ fn a_scripted_partition_ends_in_the_tree_the_simulation_predicts() {
     sim.heal();
     sim.run_until_quiet().unwrap();
     let sim_tree: BTreeMap<String, Vec<u8>> = sim.tree(0);
-    let writer_of = |sim: &Sim, n: usize, loser: &alknet_actors::proto::ids::VersionId| {
-        (0..3).find(|&i| sim.node(i).id == loser.node).unwrap_or(n)
-    };
+    let writer_of = |sim: &Sim, n: usize, loser: &alknet_actors::proto::ids::VersionId| (0..3).find(|&i| sim.node(i).id == loser.node).unwrap_or(n);
     let sim_conflicts: Vec<(String, usize)> = {
         let node = sim.node(0);
-        let mut c: Vec<_> = node
-            .conflicts()
-            .iter()
-            .map(|c| (c.path.as_str().to_string(), writer_of(&sim, 0, &c.loser)))
-            .collect();
+        let mut c: Vec<_> = node.conflicts().iter().map(|c| (c.path.as_str().to_string(), writer_of(&sim, 0, &c.loser))).collect();
         c.sort();
         c
     };
-    assert!(
-        sim_conflicts.len() >= 2,
-        "the script races twice: {sim_conflicts:?}"
-    );
+    assert!(sim_conflicts.len() >= 2, "the script races twice: {sim_conflicts:?}");
 
     // The real mesh.
     let stores = [Store::new(), Store::new(), Store::new()];
     let _nodes: Vec<Node> = stores.iter().map(|s| Node::start(s, &[], &[])).collect();
-    let ids: Vec<String> = stores
-        .iter()
-        .map(|s| {
-            common::status_json(s.data()).unwrap()["node_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids: Vec<String> = stores.iter().map(|s| common::status_json(s.data()).unwrap()["node_id"].as_str().unwrap().to_string()).collect();
     for s in &stores[1..] {
         s.ok(&["join", stores[0].ok(&["invite"]).trim()]);
     }
     stores[0].put_bytes("/before.txt", b"before");
     for s in &stores[1..] {
-        await_cond(
-            Duration::from_secs(30),
-            "the first write everywhere",
-            || get(s, "/before.txt").is_some(),
-        );
+        await_cond(Duration::from_secs(30), "the first write everywhere", || get(s, "/before.txt").is_some());
     }
-    let (pa, pb, pc) = (
-        port_of(&stores[0]),
-        port_of(&stores[1]),
-        port_of(&stores[2]),
-    );
+    let (pa, pb, pc) = (port_of(&stores[0]), port_of(&stores[1]), port_of(&stores[2]));
     let cuts = [Partition::new(pa, pb), Partition::new(pa, pc)];
     stores[0].put_bytes("/same.txt", b"left");
     stores[0].put_bytes("/a.txt", b"a");
@@ -294,10 +189,7 @@ fn a_scripted_partition_ends_in_the_tree_the_simulation_predicts() {
     stores[2].put_bytes("/before.txt", b"edited on c");
     stores[1].put_bytes("/b.txt", b"b");
     std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        get(&stores[1], "/a.txt").is_none(),
-        "the partition let writes through"
-    );
+    assert!(get(&stores[1], "/a.txt").is_none(), "the partition let writes through");
     drop(cuts);
     let real_tree = |s: &Store| -> BTreeMap<String, Vec<u8>> {
         common::parse_json_array(&s.ok(&["ls", "-R", "/", "--json"]))
@@ -316,28 +208,15 @@ fn a_scripted_partition_ends_in_the_tree_the_simulation_predicts() {
             .map(|r| {
                 let loser = r["loser_version"].as_str().unwrap();
                 let node = loser.split('@').nth(1).unwrap();
-                (
-                    r["path"].as_str().unwrap().to_string(),
-                    ids.iter()
-                        .position(|id| id.starts_with(node) || node.starts_with(id.as_str()))
-                        .unwrap_or(99),
-                )
+                (r["path"].as_str().unwrap().to_string(), ids.iter().position(|id| id.starts_with(node) || node.starts_with(id.as_str())).unwrap_or(99))
             })
             .collect();
         c.sort();
         c
     };
     for (i, s) in stores.iter().enumerate() {
-        await_cond(
-            Duration::from_secs(90),
-            "the real mesh to reach the simulated tree",
-            || real_tree(s) == sim_tree,
-        );
-        await_cond(
-            Duration::from_secs(30),
-            "the real mesh to list the simulated conflicts",
-            || real_conflicts(s) == sim_conflicts,
-        );
+        await_cond(Duration::from_secs(90), "the real mesh to reach the simulated tree", || real_tree(s) == sim_tree);
+        await_cond(Duration::from_secs(30), "the real mesh to list the simulated conflicts", || real_conflicts(s) == sim_conflicts);
         assert_eq!(real_tree(s), sim_tree, "node {i}");
     }
 }

@@ -14,11 +14,7 @@ use common::{await_cond, Node, Store};
 use iroh::endpoint::presets;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 /// A bare endpoint on loopback with a fresh identity: no relay, no discovery.
@@ -45,16 +41,10 @@ fn addr_of(ticket: &Ticket) -> iroh::EndpointAddr {
 
 async fn read_frame(recv: &mut iroh::endpoint::RecvStream) -> Option<Frame> {
     let mut header = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut header))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut header)).await.ok()?.ok()?;
     let len = Frame::body_len(header).ok()?;
     let mut body = vec![0u8; len];
-    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut body))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut body)).await.ok()?.ok()?;
     Frame::decode(&body).ok()
 }
 
@@ -64,10 +54,7 @@ fn node_with_a_file() -> (Store, Node, Ticket, String) {
     let node = Node::start(&s, &[], &[]);
     s.put_bytes("/secret.txt", b"members only");
     let ticket = Ticket::decode(&s.ok(&["invite", "--uses", "5"])).unwrap();
-    let hash = common::parse_json_array(&s.ok(&["ls", "--json", "/secret.txt"]))[0]["hash"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let hash = common::parse_json_array(&s.ok(&["ls", "--json", "/secret.txt"]))[0]["hash"].as_str().unwrap().to_string();
     (s, node, ticket, hash)
 }
 
@@ -79,70 +66,30 @@ fn a_stranger_with_a_valid_address_is_refused_on_sync_and_on_blobs() {
         // Sync: a Hello naming the bucket (its id is no secret) gets a refusal, nothing else.
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(
-            &Frame::Hello {
-                buckets: vec![ticket.bucket],
-                addrs: vec![],
-            }
-            .encode(),
-        )
-        .await
-        .unwrap();
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![] }.encode()).await.unwrap();
         match read_frame(&mut recv).await {
             Some(Frame::Refused { reason }) => assert!(reason.contains("no bucket"), "{reason}"),
             other => panic!("a stranger got {other:?}"),
         }
-        assert!(
-            read_frame(&mut recv).await.is_none(),
-            "nothing follows a refusal"
-        );
+        assert!(read_frame(&mut recv).await.is_none(), "nothing follows a refusal");
         // A Join with a made-up secret is refused too.
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(
-            &Frame::Join {
-                bucket: ticket.bucket,
-                secret: [7; 16],
-                addrs: vec![],
-            }
-            .encode(),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            read_frame(&mut recv).await,
-            Some(Frame::Refused { .. })
-        ));
+        send.write_all(&Frame::Join { bucket: ticket.bucket, secret: [7; 16], addrs: vec![] }.encode()).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await, Some(Frame::Refused { .. })));
         // Blobs: the hash of a file in the bucket, asked for directly, is not served.
         let store = iroh_blobs::store::mem::MemStore::new();
-        let hash = iroh_blobs::Hash::from_bytes(
-            alknet_actors::proto::entry::ContentHash::from_hex(&hash)
-                .unwrap()
-                .0,
-        );
+        let hash = iroh_blobs::Hash::from_bytes(alknet_actors::proto::entry::ContentHash::from_hex(&hash).unwrap().0);
         let got = match ep.connect(addr_of(&ticket), iroh_blobs::ALPN).await {
-            Ok(conn) => {
-                tokio::time::timeout(Duration::from_secs(10), store.remote().fetch(conn, hash))
-                    .await
-                    .ok()
-                    .map(|r| r.is_ok())
-            }
+            Ok(conn) => tokio::time::timeout(Duration::from_secs(10), store.remote().fetch(conn, hash)).await.ok().map(|r| r.is_ok()),
             Err(_) => Some(false),
         };
         assert_ne!(got, Some(true), "a stranger fetched a member's blob");
-        assert!(
-            !store.blobs().has(hash).await.unwrap(),
-            "no byte of it arrived"
-        );
+        assert!(!store.blobs().has(hash).await.unwrap(), "no byte of it arrived");
         // Gossip: the connection is closed before gossip sees it (the topic id admits no one).
-        let conn = ep
-            .connect(addr_of(&ticket), iroh_gossip::ALPN)
-            .await
-            .unwrap();
+        let conn = ep.connect(addr_of(&ticket), iroh_gossip::ALPN).await.unwrap();
         match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
-            Ok(iroh::endpoint::ConnectionError::ApplicationClosed(c)) => {
-                assert_eq!(c.error_code.into_inner(), 403)
-            }
+            Ok(iroh::endpoint::ConnectionError::ApplicationClosed(c)) => assert_eq!(c.error_code.into_inner(), 403),
             other => panic!("a stranger's gossip connection was not refused: {other:?}"),
         }
         ep.close().await;
@@ -150,12 +97,7 @@ fn a_stranger_with_a_valid_address_is_refused_on_sync_and_on_blobs() {
     // The node is unharmed and said why, once per refusal.
     assert!(s.ok(&["status"]).contains("node id"));
     let log = node.log();
-    assert!(
-        log.contains("refused a session")
-            && log.contains("refused a join")
-            && log.contains("refused a gossip connection"),
-        "{log}"
-    );
+    assert!(log.contains("refused a session") && log.contains("refused a join") && log.contains("refused a gossip connection"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
     node.stop_with(libc::SIGTERM, Duration::from_secs(10));
 }
@@ -172,47 +114,14 @@ fn a_member_sending_oversized_or_garbage_frames_is_dropped_and_the_node_serves_t
             // Join for real (the ticket allows several uses), then misbehave.
             let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            send.write_all(
-                &Frame::Join {
-                    bucket: ticket.bucket,
-                    secret: ticket.secret,
-                    addrs: vec![],
-                }
-                .encode(),
-            )
-            .await
-            .unwrap();
-            assert!(
-                matches!(read_frame(&mut recv).await, Some(Frame::Joined { .. })),
-                "attack {attack}: join"
-            );
-            send.write_all(
-                &Frame::Hello {
-                    buckets: vec![ticket.bucket],
-                    addrs: vec![],
-                }
-                .encode(),
-            )
-            .await
-            .unwrap();
-            assert!(
-                matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })),
-                "attack {attack}: welcome"
-            );
+            send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
+            assert!(matches!(read_frame(&mut recv).await, Some(Frame::Joined { .. })), "attack {attack}: join");
+            send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![] }.encode()).await.unwrap();
+            assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "attack {attack}: welcome");
             let bad: Vec<u8> = match attack {
-                0 => u32::MAX.to_be_bytes().to_vec(), // an oversized frame
-                1 => Frame::Sync {
-                    bucket: ticket.bucket,
-                    doc: 3,
-                    msg: b"\x42not automerge".to_vec(),
-                }
-                .encode(), // garbage sync
-                _ => Frame::Sync {
-                    bucket: Uid([9; 16]),
-                    doc: 3,
-                    msg: vec![1, 2, 3],
-                }
-                .encode(), // a bucket not in the session
+                0 => u32::MAX.to_be_bytes().to_vec(),                                                                   // an oversized frame
+                1 => Frame::Sync { bucket: ticket.bucket, doc: 3, msg: b"\x42not automerge".to_vec() }.encode(),      // garbage sync
+                _ => Frame::Sync { bucket: Uid([9; 16]), doc: 3, msg: vec![1, 2, 3] }.encode(),                      // a bucket not in the session
             };
             send.write_all(&bad).await.unwrap();
             if attack < 2 {
@@ -221,10 +130,7 @@ fn a_member_sending_oversized_or_garbage_frames_is_dropped_and_the_node_serves_t
                     while read_frame(&mut recv).await.is_some() {}
                 })
                 .await;
-                assert!(
-                    ended.is_ok(),
-                    "attack {attack}: the node kept the connection"
-                );
+                assert!(ended.is_ok(), "attack {attack}: the node kept the connection");
             }
             conn.close(0u32.into(), b"done");
         }
@@ -232,17 +138,10 @@ fn a_member_sending_oversized_or_garbage_frames_is_dropped_and_the_node_serves_t
     });
     // The honest member still gets new writes.
     s.put_bytes("/after.txt", b"still serving");
-    await_cond(
-        Duration::from_secs(30),
-        "the honest member to get a write made after the attacks",
-        || friend.run(&["get", "/after.txt"]).stdout == b"still serving",
-    );
+    await_cond(Duration::from_secs(30), "the honest member to get a write made after the attacks", || friend.run(&["get", "/after.txt"]).stdout == b"still serving");
     let log = node.log();
     assert!(!log.contains("panicked"), "{log}");
-    assert!(
-        log.contains("frame of 4294967295 bytes") || log.contains("over the limit"),
-        "the oversized frame was logged: {log}"
-    );
+    assert!(log.contains("frame of 4294967295 bytes") || log.contains("over the limit"), "the oversized frame was logged: {log}");
 }
 
 #[test]
@@ -257,27 +156,13 @@ fn with_lazy_fetching_a_file_whose_bytes_are_on_a_peer_is_fetched_when_read() {
     std::fs::write(&src, &big).unwrap();
     a.ok(&["put", src.to_str().unwrap(), "/big.bin"]);
     b.ok(&["join", a.ok(&["invite"]).trim()]);
-    await_cond(Duration::from_secs(30), "the entry to reach B", || {
-        b.ok(&["ls", "-R", "/"]).contains("/big.bin")
-    });
+    await_cond(Duration::from_secs(30), "the entry to reach B", || b.ok(&["ls", "-R", "/"]).contains("/big.bin"));
     // Listed, its bytes not here: `get` fetches them and waits. Two readers at once share
     // one fetch: the blob crosses the network once.
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            b.cmd(&["get", "/big.bin"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let readers: Vec<_> = (0..2).map(|_| b.cmd(&["get", "/big.bin"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()).collect();
     for reader in readers {
         let out = reader.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(out.stdout == big, "the fetched bytes differ");
     }
     let st = common::status_json(b.data()).expect("B's status");
@@ -296,33 +181,10 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
         let ep = stranger().await;
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(
-            &Frame::Join {
-                bucket: ticket.bucket,
-                secret: ticket.secret,
-                addrs: vec![],
-            }
-            .encode(),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            read_frame(&mut recv).await,
-            Some(Frame::Joined { .. })
-        ));
-        send.write_all(
-            &Frame::Hello {
-                buckets: vec![ticket.bucket],
-                addrs: vec![],
-            }
-            .encode(),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            read_frame(&mut recv).await,
-            Some(Frame::Welcome { .. })
-        ));
+        send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await, Some(Frame::Joined { .. })));
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![] }.encode()).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })));
         (ep, conn, (send, recv))
     });
     // Enough new history to fill the staller's window many times over.
@@ -336,16 +198,10 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
     s.ok(&["put", "-r", src.to_str().unwrap(), "/many"]);
     s.put_bytes("/last.txt", b"the honest member still gets this");
     let t = std::time::Instant::now();
-    await_cond(
-        Duration::from_secs(20),
-        "the honest member to get writes while another member stalls",
-        || friend.run(&["get", "/last.txt"]).stdout == b"the honest member still gets this",
-    );
-    assert!(
-        t.elapsed() < Duration::from_secs(15),
-        "the stalled member held the others up: {:?}",
-        t.elapsed()
-    );
+    await_cond(Duration::from_secs(20), "the honest member to get writes while another member stalls", || {
+        friend.run(&["get", "/last.txt"]).stdout == b"the honest member still gets this"
+    });
+    assert!(t.elapsed() < Duration::from_secs(15), "the stalled member held the others up: {:?}", t.elapsed());
     assert!(s.ok(&["status"]).contains("node id"), "the node answers");
     assert!(!node.log().contains("panicked"));
 }
@@ -359,10 +215,7 @@ struct Liar {
 }
 
 impl iroh::protocol::ProtocolHandler for Liar {
-    async fn accept(
-        &self,
-        conn: iroh::endpoint::Connection,
-    ) -> Result<(), iroh::protocol::AcceptError> {
+    async fn accept(&self, conn: iroh::endpoint::Connection) -> Result<(), iroh::protocol::AcceptError> {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let mut request = [0u8; 256];
             let _ = tokio::time::timeout(Duration::from_secs(2), recv.read(&mut request)).await;
@@ -401,14 +254,8 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
     nw.stop_with(libc::SIGTERM, Duration::from_secs(10));
     // W's identity now speaks from a liar: same key, same address, a session with A, and
     // garbage for every blob.
-    let key: [u8; 32] = std::fs::read(w.data().join("node.key"))
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let liar = Liar {
-        size: Default::default(),
-        asked: Default::default(),
-    };
+    let key: [u8; 32] = std::fs::read(w.data().join("node.key")).unwrap().try_into().unwrap();
+    let liar = Liar { size: Default::default(), asked: Default::default() };
     let rt = runtime();
     let (router, session) = rt.block_on(async {
         let ep = iroh::Endpoint::builder(presets::Minimal)
@@ -422,24 +269,11 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
             .bind()
             .await
             .unwrap();
-        let router = iroh::protocol::Router::builder(ep.clone())
-            .accept(iroh_blobs::ALPN, liar.clone())
-            .spawn();
+        let router = iroh::protocol::Router::builder(ep.clone()).accept(iroh_blobs::ALPN, liar.clone()).spawn();
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(
-            &Frame::Hello {
-                buckets: vec![ticket.bucket],
-                addrs: vec![w_listen],
-            }
-            .encode(),
-        )
-        .await
-        .unwrap();
-        assert!(
-            matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })),
-            "the liar is a member"
-        );
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![w_listen] }.encode()).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "the liar is a member");
         // Read (and ignore) whatever the session sends, so it never stalls.
         let drain = tokio::spawn(async move {
             let mut buf = vec![0u8; 1 << 16];
@@ -449,20 +283,10 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
         (router, (conn, drain))
     });
     for (path, len) in [("/small.bin", small.len()), ("/large.bin", large.len())] {
-        liar.size
-            .store(len as u64, std::sync::atomic::Ordering::SeqCst);
+        liar.size.store(len as u64, std::sync::atomic::Ordering::SeqCst);
         let asked = liar.asked.load(std::sync::atomic::Ordering::SeqCst);
-        let mut get = a
-            .cmd(&["get", path])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        await_cond(
-            Duration::from_secs(30),
-            "A to ask the liar for the bytes",
-            || liar.asked.load(std::sync::atomic::Ordering::SeqCst) > asked,
-        );
+        let mut get = a.cmd(&["get", path]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        await_cond(Duration::from_secs(30), "A to ask the liar for the bytes", || liar.asked.load(std::sync::atomic::Ordering::SeqCst) > asked);
         std::thread::sleep(Duration::from_millis(500));
         // The lie is not believed: `get` is still waiting (or failed), and printed nothing.
         if let Some(status) = get.try_wait().unwrap() {
@@ -470,18 +294,10 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
         }
         let _ = get.kill();
         let out = get.wait_with_output().unwrap();
-        assert!(
-            out.stdout.is_empty(),
-            "{path}: get printed {} bytes from a liar",
-            out.stdout.len()
-        );
+        assert!(out.stdout.is_empty(), "{path}: get printed {} bytes from a liar", out.stdout.len());
     }
     let db = rusqlite::Connection::open(a.data().join("tree.db")).unwrap();
-    let missing: i64 = db
-        .query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let missing: i64 = db.query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| r.get(0)).unwrap();
     assert_eq!(missing, 2, "both blobs are still missing on A");
     // The liar goes away for good (its socket freed for the honest W).
     rt.block_on(async {
@@ -493,29 +309,17 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
         drop(router); // the last handle of the endpoint: its socket closes
     });
     drop(rt);
-    await_cond(
-        Duration::from_secs(10),
-        "the liar's socket to be freed",
-        || std::net::UdpSocket::bind(w_listen).is_ok(),
-    );
+    await_cond(Duration::from_secs(10), "the liar's socket to be freed", || std::net::UdpSocket::bind(w_listen).is_ok());
     // The honest W comes back at its address: A gets the right bytes.
     let _nw = Node::start(&w, &["--listen", &w_listen.to_string()], &[]);
     for (path, want) in [("/small.bin", &small), ("/large.bin", &large)] {
-        await_cond(
-            Duration::from_secs(60),
-            "A to get the right bytes from the honest W",
-            || {
-                let out = a.run(&["get", path]);
-                out.status.success() && &out.stdout == want
-            },
-        );
+        await_cond(Duration::from_secs(60), "A to get the right bytes from the honest W", || {
+            let out = a.run(&["get", path]);
+            out.status.success() && &out.stdout == want
+        });
     }
     let check = a.run(&["blobs", "check"]);
-    assert!(
-        check.status.success(),
-        "A's store checks clean: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert!(check.status.success(), "A's store checks clean: {}", String::from_utf8_lossy(&check.stdout));
     let log = _na.log();
     assert!(log.contains("mismatch"), "the bad bytes were logged: {log}");
     assert!(!log.contains("panicked"), "{log}");

@@ -20,21 +20,13 @@ const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether this machine can mount FUSE filesystems (CI installs fuse3; `/dev/fuse` is there).
 fn can_mount() -> bool {
-    precondition(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse (FUSE) is not available here",
-    ) && precondition(
-        common::have_tool("fusermount3") || Command::new("fusermount3").arg("-V").status().is_ok(),
-        "fusermount3 (apt-get install fuse3)",
-    )
+    precondition(Path::new("/dev/fuse").exists(), "/dev/fuse (FUSE) is not available here")
+        && precondition(common::have_tool("fusermount3") || Command::new("fusermount3").arg("-V").status().is_ok(), "fusermount3 (apt-get install fuse3)")
 }
 
 fn is_mounted(dir: &Path) -> bool {
     let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
+    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
 }
 
 /// A running `alkfs mount`, unmounted and reaped when dropped.
@@ -46,26 +38,16 @@ struct Mount {
 
 impl Mount {
     fn start(s: &Store, extra: &[&str]) -> Mount {
-        let dir = s
-            .scratch()
-            .join(format!("mnt-{}", extra.join("-").replace(['/', ' '], "_")));
+        let dir = s.scratch().join(format!("mnt-{}", extra.join("-").replace(['/', ' '], "_")));
         fs::create_dir_all(&dir).unwrap();
         let log = s.scratch().join("mount.log");
         let mut args = vec!["mount", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let child = s
-            .cmd(&args)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn alkfs mount");
+        let child = s.cmd(&args).stdout(Stdio::null()).stderr(File::create(&log).unwrap()).spawn().expect("spawn alkfs mount");
         let mut m = Mount { child, dir, log };
         await_cond(MOUNT_TIMEOUT, "the mount to appear", || {
             if let Ok(Some(st)) = m.child.try_wait() {
-                panic!(
-                    "alkfs mount exited with {st}: {}",
-                    fs::read_to_string(&m.log).unwrap_or_default()
-                );
+                panic!("alkfs mount exited with {st}: {}", fs::read_to_string(&m.log).unwrap_or_default());
             }
             is_mounted(&m.dir)
         });
@@ -86,29 +68,14 @@ impl Drop for Mount {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if is_mounted(&self.dir) {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&self.dir)
-                .status();
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.dir).status();
         }
     }
 }
 
 fn sh(dir: &Path, script: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "`{script}` failed in {}: {}{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("sh");
+    assert!(out.status.success(), "`{script}` failed in {}: {}{}", dir.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -143,107 +110,47 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
     }
     common::write_random_file(&src.join("big"), 3 << 20, 99);
     sh(s.scratch(), &format!("cp -r src {}", m.dir.display()));
-    sh(
-        s.scratch(),
-        &format!("diff -r src {}", m.path("src").display()),
-    );
+    sh(s.scratch(), &format!("diff -r src {}", m.path("src").display()));
     settle(&m);
-    assert_eq!(
-        s.get_bytes("/src/big"),
-        fs::read(src.join("big")).unwrap(),
-        "the CLI reads what cp wrote"
-    );
-    assert_eq!(
-        s.get_bytes("/src/d3/f7"),
-        fs::read(src.join("d3/f7")).unwrap()
-    );
+    assert_eq!(s.get_bytes("/src/big"), fs::read(src.join("big")).unwrap(), "the CLI reads what cp wrote");
+    assert_eq!(s.get_bytes("/src/d3/f7"), fs::read(src.join("d3/f7")).unwrap());
 
     // rsync -a keeps modes and mtimes; tar x unpacks an archive.
     if precondition(common::have_tool("rsync"), "rsync (apt-get install rsync)") {
         fs::set_permissions(src.join("d1/f1"), fs::Permissions::from_mode(0o600)).unwrap();
-        sh(
-            s.scratch(),
-            &format!("rsync -a src/ {}/", m.path("synced").display()),
-        );
-        sh(
-            s.scratch(),
-            &format!("diff -r src {}", m.path("synced").display()),
-        );
+        sh(s.scratch(), &format!("rsync -a src/ {}/", m.path("synced").display()));
+        sh(s.scratch(), &format!("diff -r src {}", m.path("synced").display()));
         let meta = fs::metadata(m.path("synced/d1/f1")).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600, "rsync -a kept the mode");
-        assert_eq!(
-            meta.mtime(),
-            fs::metadata(src.join("d1/f1")).unwrap().mtime(),
-            "rsync -a kept the mtime"
-        );
+        assert_eq!(meta.mtime(), fs::metadata(src.join("d1/f1")).unwrap().mtime(), "rsync -a kept the mtime");
     }
     sh(s.scratch(), "tar cf src.tar src");
     fs::create_dir(m.path("untarred")).unwrap();
-    sh(
-        &m.path("untarred"),
-        &format!("tar xf {}", s.scratch().join("src.tar").display()),
-    );
-    sh(
-        s.scratch(),
-        &format!("diff -r src {}", m.path("untarred/src").display()),
-    );
+    sh(&m.path("untarred"), &format!("tar xf {}", s.scratch().join("src.tar").display()));
+    sh(s.scratch(), &format!("diff -r src {}", m.path("untarred/src").display()));
 
     // git init, add, commit, and a second commit; fsck finds the repository whole.
     if precondition(common::have_tool("git"), "git") {
         fs::create_dir(m.path("repo")).unwrap();
         let repo = m.path("repo");
         sh(&repo, "git init -q && echo hi > a && git add a && git -c user.email=t@t -c user.name=t commit -qm one");
-        sh(
-            &repo,
-            "echo more >> a && git -c user.email=t@t -c user.name=t commit -qam two",
-        );
-        assert_eq!(
-            sh(&repo, "git log --format=%s").lines().collect::<Vec<_>>(),
-            vec!["two", "one"]
-        );
+        sh(&repo, "echo more >> a && git -c user.email=t@t -c user.name=t commit -qam two");
+        assert_eq!(sh(&repo, "git log --format=%s").lines().collect::<Vec<_>>(), vec!["two", "one"]);
         sh(&repo, "git fsck --strict 2>&1");
         settle(&m);
         assert_eq!(s.get_bytes("/repo/a"), b"hi\nmore\n");
     }
 
     // sqlite3 creates a database file and updates it in place.
-    if precondition(
-        common::have_tool("sqlite3"),
-        "sqlite3 (apt-get install sqlite3)",
-    ) {
+    if precondition(common::have_tool("sqlite3"), "sqlite3 (apt-get install sqlite3)") {
         let db = m.path("app.db");
-        sh(
-            &m.dir,
-            &format!(
-                "sqlite3 {} 'create table t(x); insert into t values (1), (2);'",
-                db.display()
-            ),
-        );
-        sh(
-            &m.dir,
-            &format!(
-                "sqlite3 {} 'update t set x = x * 10; insert into t values (3);'",
-                db.display()
-            ),
-        );
-        assert_eq!(
-            sh(
-                &m.dir,
-                &format!(
-                    "sqlite3 {} 'select sum(x) from t; pragma integrity_check;'",
-                    db.display()
-                )
-            ),
-            "33\nok\n"
-        );
+        sh(&m.dir, &format!("sqlite3 {} 'create table t(x); insert into t values (1), (2);'", db.display()));
+        sh(&m.dir, &format!("sqlite3 {} 'update t set x = x * 10; insert into t values (3);'", db.display()));
+        assert_eq!(sh(&m.dir, &format!("sqlite3 {} 'select sum(x) from t; pragma integrity_check;'", db.display())), "33\nok\n");
         settle(&m);
         let copy = s.scratch().join("copy.db");
         fs::write(&copy, s.get_bytes("/app.db")).unwrap();
-        assert_eq!(
-            sh(s.scratch(), "sqlite3 copy.db 'select sum(x) from t;'"),
-            "33\n",
-            "the CLI's copy of the database is the updated one"
-        );
+        assert_eq!(sh(s.scratch(), "sqlite3 copy.db 'select sum(x) from t;'"), "33\n", "the CLI's copy of the database is the updated one");
     }
 
     // mv over an existing file; truncate; append.
@@ -262,20 +169,14 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
     assert_eq!(s.get_bytes("/src/big"), want);
     // A sparse write past the end leaves zeros between.
     {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .open(m.path("src/d2/f2"))
-            .unwrap();
+        let mut f = OpenOptions::new().write(true).open(m.path("src/d2/f2")).unwrap();
         let len = f.metadata().unwrap().len();
         f.seek(SeekFrom::Start(len + 5000)).unwrap();
         f.write_all(b"end").unwrap();
     }
     settle(&m);
     let got = s.get_bytes("/src/d2/f2");
-    assert_eq!(
-        got.len() as u64,
-        fs::metadata(src.join("d2/f2")).unwrap().len() + 5003
-    );
+    assert_eq!(got.len() as u64, fs::metadata(src.join("d2/f2")).unwrap().len() + 5003);
     assert!(got[got.len() - 5003..got.len() - 3].iter().all(|b| *b == 0) && got.ends_with(b"end"));
     assert!(!m.log().contains("panicked"), "{}", m.log());
 }
@@ -291,58 +192,27 @@ fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
     let m = Mount::start(&s, &[]);
 
     let mut reader = File::open(m.path("doc")).unwrap();
-    let mut writer = OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(m.path("doc"))
-        .unwrap();
-    writer
-        .write_all(b"NEW CONTENT, LONGER THAN BEFORE")
-        .unwrap();
+    let mut writer = OpenOptions::new().write(true).truncate(true).open(m.path("doc")).unwrap();
+    writer.write_all(b"NEW CONTENT, LONGER THAN BEFORE").unwrap();
     writer.flush().unwrap();
 
     let mut seen = String::new();
     reader.read_to_string(&mut seen).unwrap();
-    assert_eq!(
-        seen, "old old old",
-        "the reader that opened before sees the old version"
-    );
-    assert_eq!(
-        s.get_bytes("/doc"),
-        b"old old old",
-        "the tree shows the old version until close"
-    );
+    assert_eq!(seen, "old old old", "the reader that opened before sees the old version");
+    assert_eq!(s.get_bytes("/doc"), b"old old old", "the tree shows the old version until close");
     let mut late = String::new();
-    File::open(m.path("doc"))
-        .unwrap()
-        .read_to_string(&mut late)
-        .unwrap();
-    assert_eq!(
-        late, "old old old",
-        "a reader that opens during the write sees the old version too"
-    );
+    File::open(m.path("doc")).unwrap().read_to_string(&mut late).unwrap();
+    assert_eq!(late, "old old old", "a reader that opens during the write sees the old version too");
 
     drop(writer);
-    assert_eq!(
-        fs::read(m.path("doc")).unwrap(),
-        b"NEW CONTENT, LONGER THAN BEFORE",
-        "the mount shows a close at once"
-    );
+    assert_eq!(fs::read(m.path("doc")).unwrap(), b"NEW CONTENT, LONGER THAN BEFORE", "the mount shows a close at once");
     settle(&m);
-    assert_eq!(
-        s.get_bytes("/doc"),
-        b"NEW CONTENT, LONGER THAN BEFORE",
-        "close committed it"
-    );
+    assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE", "close committed it");
     let mut seen = String::new();
     reader.seek(SeekFrom::Start(0)).unwrap();
     reader.read_to_string(&mut seen).unwrap();
     assert_eq!(seen, "old old old", "a handle keeps the version it opened");
-    assert_eq!(
-        fs::read(m.path("doc")).unwrap(),
-        b"NEW CONTENT, LONGER THAN BEFORE",
-        "a new open sees the new version"
-    );
+    assert_eq!(fs::read(m.path("doc")).unwrap(), b"NEW CONTENT, LONGER THAN BEFORE", "a new open sees the new version");
     let log = s.log_json(&[], "/doc");
     assert_eq!(log.len(), 2, "one version per close: {log:?}");
 
@@ -350,18 +220,11 @@ fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
     let mut w = OpenOptions::new().append(true).open(m.path("doc")).unwrap();
     w.write_all(b" +synced").unwrap();
     w.sync_all().unwrap();
-    assert_eq!(
-        s.get_bytes("/doc"),
-        b"NEW CONTENT, LONGER THAN BEFORE +synced",
-        "fsync committed"
-    );
+    assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE +synced", "fsync committed");
     w.write_all(b" +closed").unwrap();
     drop(w);
     settle(&m);
-    assert_eq!(
-        s.get_bytes("/doc"),
-        b"NEW CONTENT, LONGER THAN BEFORE +synced +closed"
-    );
+    assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE +synced +closed");
 }
 
 #[test]
@@ -376,27 +239,12 @@ fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
     fs::write(m.path("a/b/f"), b"x").unwrap();
     fs::write(m.path("g"), b"y").unwrap();
 
-    assert_eq!(
-        errno_of(fs::rename(m.path("a"), m.path("a/b/inside"))),
-        libc::EINVAL,
-        "a directory into itself"
-    );
+    assert_eq!(errno_of(fs::rename(m.path("a"), m.path("a/b/inside"))), libc::EINVAL, "a directory into itself");
     assert_eq!(errno_of(fs::remove_dir(m.path("a"))), libc::ENOTEMPTY);
     assert_eq!(errno_of(fs::create_dir(m.path("a"))), libc::EEXIST);
-    assert_eq!(
-        errno_of(fs::write(m.path(&"n".repeat(256)), b"z")),
-        libc::ENAMETOOLONG
-    );
-    assert_eq!(
-        errno_of(fs::rename(m.path("g"), m.path("a"))),
-        libc::EISDIR,
-        "a file over a directory"
-    );
-    assert_eq!(
-        errno_of(fs::rename(m.path("a"), m.path("g"))),
-        libc::ENOTDIR,
-        "a directory over a file"
-    );
+    assert_eq!(errno_of(fs::write(m.path(&"n".repeat(256)), b"z")), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::rename(m.path("g"), m.path("a"))), libc::EISDIR, "a file over a directory");
+    assert_eq!(errno_of(fs::rename(m.path("a"), m.path("g"))), libc::ENOTDIR, "a directory over a file");
     assert_eq!(errno_of(fs::remove_file(m.path("a"))), libc::EISDIR);
     assert_eq!(errno_of(fs::remove_dir(m.path("g"))), libc::ENOTDIR);
     assert_eq!(errno_of(File::open(m.path("nope"))), libc::ENOENT);
@@ -404,19 +252,8 @@ fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
     let c = |p: PathBuf| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).unwrap();
     let (from, to) = (c(m.path("g")), c(m.path("a/b/f")));
     // SAFETY: two valid NUL-terminated paths.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    assert_eq!(
-        (r, std::io::Error::last_os_error().raw_os_error()),
-        (-1, Some(libc::EEXIST))
-    );
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EEXIST)));
     // A directory moves over an empty one, with what it holds.
     fs::create_dir(m.path("empty")).unwrap();
     fs::rename(m.path("a"), m.path("empty")).unwrap();
@@ -425,11 +262,7 @@ fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
     assert_eq!(s.get_bytes("/empty/b/f"), b"x");
     assert!(s.run(&["get", "/a/b/f"]).status.code() != Some(0));
     // Nothing half-done: the tree holds exactly what succeeded.
-    let mut tree: Vec<String> = s
-        .ok(&["ls", "-R", "/"])
-        .lines()
-        .map(|l| l.split('\t').next().unwrap().to_string())
-        .collect();
+    let mut tree: Vec<String> = s.ok(&["ls", "-R", "/"]).lines().map(|l| l.split('\t').next().unwrap().to_string()).collect();
     tree.sort();
     assert_eq!(tree, vec!["/empty", "/empty/b", "/empty/b/f", "/g"]);
     assert!(!m.log().contains("panicked"));
@@ -444,29 +277,14 @@ fn a_killed_mount_process_leaves_no_mount_point_and_an_unclosed_write_changes_no
     let _node = Node::start(&s, &[], &[]);
     s.put_bytes("/keep", b"the old version");
     let mut m = Mount::start(&s, &[]);
-    let mut w = OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(m.path("keep"))
-        .unwrap();
+    let mut w = OpenOptions::new().write(true).truncate(true).open(m.path("keep")).unwrap();
     w.write_all(b"half of a new ver").unwrap();
     common::send_signal(m.child.id(), libc::SIGKILL);
     let _ = m.child.wait();
-    await_cond(
-        MOUNT_TIMEOUT,
-        "the mount point to go with its process",
-        || !is_mounted(&m.dir),
-    );
+    await_cond(MOUNT_TIMEOUT, "the mount point to go with its process", || !is_mounted(&m.dir));
     drop(w);
-    assert_eq!(
-        s.get_bytes("/keep"),
-        b"the old version",
-        "an unclosed write session left the old version"
-    );
-    assert!(
-        fs::read_dir(&m.dir).unwrap().next().is_none(),
-        "the mount point is an empty directory again"
-    );
+    assert_eq!(s.get_bytes("/keep"), b"the old version", "an unclosed write session left the old version");
+    assert!(fs::read_dir(&m.dir).unwrap().next().is_none(), "the mount point is an empty directory again");
     // A new mount works, and leaves no staging files of the dead one behind.
     let m2 = Mount::start(&s, &["--read-only"]);
     assert_eq!(fs::read(m2.path("keep")).unwrap(), b"the old version");
@@ -477,22 +295,13 @@ fn a_killed_mount_process_leaves_no_mount_point_and_an_unclosed_write_changes_no
 
 fn ssh_keygen(dir: &Path, name: &str) -> PathBuf {
     let key = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", ""])
-        .arg("-f")
-        .arg(&key)
-        .status()
-        .expect("ssh-keygen");
+    let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&key).status().expect("ssh-keygen");
     assert!(st.success());
     key
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A running `alkfs serve sftp`, killed when dropped.
@@ -505,34 +314,15 @@ impl SftpServer {
     fn start(s: &Store) -> SftpServer {
         let port = free_port();
         let log = File::create(s.scratch().join("sftp.log")).unwrap();
-        let child = s
-            .cmd(&["serve", "sftp", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        await_cond(MOUNT_TIMEOUT, "the sftp server to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        SftpServer {
-            _child: common::KillOnDrop(child),
-            port,
-        }
+        let child = s.cmd(&["serve", "sftp", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        await_cond(MOUNT_TIMEOUT, "the sftp server to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        SftpServer { _child: common::KillOnDrop(child), port }
     }
 
     /// Runs an `sftp -b` batch as `user` with `key`; (success, output).
     fn batch(&self, key: &Path, user: &str, script: &str) -> (bool, String) {
         let out = Command::new("sftp")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=10",
-            ])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
             .arg("-P")
             .arg(self.port.to_string())
             .arg("-i")
@@ -549,23 +339,13 @@ impl SftpServer {
                 c.wait_with_output()
             })
             .expect("sftp");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }
 
 #[test]
 fn sftp_serves_a_bucket_to_openssh_with_its_keys_only_and_never_outside_it() {
-    if !precondition(
-        common::have_tool("ssh") || Command::new("sftp").arg("-h").output().is_ok(),
-        "OpenSSH's sftp client (apt-get install openssh-client)",
-    ) {
+    if !precondition(common::have_tool("ssh") || Command::new("sftp").arg("-h").output().is_ok(), "OpenSSH's sftp client (apt-get install openssh-client)") {
         return;
     }
     let s = Store::new();
@@ -575,19 +355,10 @@ fn sftp_serves_a_bucket_to_openssh_with_its_keys_only_and_never_outside_it() {
     s.put_bytes_with(&["--bucket", "other"], "/secret", b"other bucket's");
     let key = ssh_keygen(s.scratch(), "key");
     let stranger = ssh_keygen(s.scratch(), "stranger");
-    s.ok(&[
-        "sftp",
-        "allow",
-        "default",
-        key.with_extension("pub").to_str().unwrap(),
-    ]);
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
     let host_key = s.data().join("sftp/host_ed25519");
     let server = SftpServer::start(&s);
-    assert_eq!(
-        fs::metadata(&host_key).unwrap().mode() & 0o777,
-        0o600,
-        "the host key is private"
-    );
+    assert_eq!(fs::metadata(&host_key).unwrap().mode() & 0o777, 0o600, "the host key is private");
 
     let local = s.scratch().join("local.bin");
     common::write_random_file(&local, 300_000, 5);
@@ -600,32 +371,16 @@ fn sftp_serves_a_bucket_to_openssh_with_its_keys_only_and_never_outside_it() {
     let (ok, out) = server.batch(&key, "default", &script);
     assert!(ok, "sftp batch failed: {out}");
     assert!(out.contains("a.txt") && out.contains("moved.bin"), "{out}");
-    assert!(
-        common::same_file(&local, &back),
-        "get returned what put sent"
-    );
+    assert!(common::same_file(&local, &back), "get returned what put sent");
     assert_eq!(s.get_bytes("/newdir/moved.bin"), fs::read(&local).unwrap());
-    assert!(
-        s.run(&["get", "/docs/a.txt"]).status.code() != Some(0),
-        "rm removed it"
-    );
+    assert!(s.run(&["get", "/docs/a.txt"]).status.code() != Some(0), "rm removed it");
 
     // Nothing outside the bucket: `..` stops at its root, other buckets are other logins.
     let passwd = s.scratch().join("passwd");
-    let (_, out) = server.batch(
-        &key,
-        "default",
-        &format!("get /../../../../etc/passwd {}\n", passwd.display()),
-    );
-    assert!(
-        !passwd.exists(),
-        "a path climbing out of the bucket reached the host: {out}"
-    );
+    let (_, out) = server.batch(&key, "default", &format!("get /../../../../etc/passwd {}\n", passwd.display()));
+    assert!(!passwd.exists(), "a path climbing out of the bucket reached the host: {out}");
     let (_, out) = server.batch(&key, "default", "ls ../..\n");
-    assert!(
-        out.contains("newdir"),
-        "`..` above the root is the root: {out}"
-    );
+    assert!(out.contains("newdir"), "`..` above the root is the root: {out}");
     let (ok, _) = server.batch(&key, "other", "ls /\n");
     assert!(!ok, "a key of bucket default logged in to bucket other");
     let (ok, _) = server.batch(&stranger, "default", "ls /\n");
@@ -637,43 +392,24 @@ fn sftp_serves_a_bucket_to_openssh_with_its_keys_only_and_never_outside_it() {
     assert!(!passwd.exists(), "a symlink led out of the bucket: {out}");
 
     // Revoked keys are refused from the next login on; the host key stays the same.
-    s.ok(&[
-        "sftp",
-        "revoke",
-        "default",
-        key.with_extension("pub").to_str().unwrap(),
-    ]);
+    s.ok(&["sftp", "revoke", "default", key.with_extension("pub").to_str().unwrap()]);
     let (ok, _) = server.batch(&key, "default", "ls /\n");
     assert!(!ok, "a revoked key still logged in");
     let before = fs::read(&host_key).unwrap();
     drop(server);
     let _again = SftpServer::start(&s);
-    assert_eq!(
-        fs::read(&host_key).unwrap(),
-        before,
-        "the host key persists across restarts"
-    );
+    assert_eq!(fs::read(&host_key).unwrap(), before, "the host key persists across restarts");
 }
 
 #[test]
 fn bytes_written_through_sftp_read_back_through_fuse_and_sshfs_sees_what_fuse_wrote() {
-    if !can_mount()
-        || !precondition(
-            common::have_tool("sshfs") || Command::new("sshfs").arg("-V").output().is_ok(),
-            "sshfs (apt-get install sshfs)",
-        )
-    {
+    if !can_mount() || !precondition(common::have_tool("sshfs") || Command::new("sshfs").arg("-V").output().is_ok(), "sshfs (apt-get install sshfs)") {
         return;
     }
     let s = Store::new();
     let _node = Node::start(&s, &[], &[]);
     let key = ssh_keygen(s.scratch(), "key");
-    s.ok(&[
-        "sftp",
-        "allow",
-        "default",
-        key.with_extension("pub").to_str().unwrap(),
-    ]);
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
     let server = SftpServer::start(&s);
     let m = Mount::start(&s, &[]);
 
@@ -691,10 +427,7 @@ fn bytes_written_through_sftp_read_back_through_fuse_and_sshfs_sees_what_fuse_wr
         .arg("-p")
         .arg(server.port.to_string())
         .arg("-o")
-        .arg(format!(
-            "IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes",
-            key.display()
-        ))
+        .arg(format!("IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes", key.display()))
         .arg("default@127.0.0.1:/")
         .arg(&sshfs_dir)
         .status()
@@ -703,34 +436,17 @@ fn bytes_written_through_sftp_read_back_through_fuse_and_sshfs_sees_what_fuse_wr
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(self.0)
-                .status();
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(self.0).status();
         }
     }
     let _unmount = Unmount(&sshfs_dir);
-    sh(
-        s.scratch(),
-        &format!("diff -r src {}", sshfs_dir.join("src").display()),
-    );
+    sh(s.scratch(), &format!("diff -r src {}", sshfs_dir.join("src").display()));
     // sshfs writes (cp -r, mv over), FUSE reads them back.
-    sh(
-        s.scratch(),
-        &format!("cp -r src {}", sshfs_dir.join("copy").display()),
-    );
-    sh(
-        s.scratch(),
-        &format!("diff -r src {}", m.path("copy").display()),
-    );
+    sh(s.scratch(), &format!("cp -r src {}", sshfs_dir.join("copy").display()));
+    sh(s.scratch(), &format!("diff -r src {}", m.path("copy").display()));
     fs::write(sshfs_dir.join("copy/over"), b"replaced").unwrap();
     sh(&sshfs_dir, "mv -f copy/over copy/d0/f0");
-    await_cond(
-        Duration::from_secs(5),
-        "the FUSE mount to show the sshfs rename",
-        || fs::read(m.path("copy/d0/f0")).ok().as_deref() == Some(b"replaced".as_slice()),
-    );
+    await_cond(Duration::from_secs(5), "the FUSE mount to show the sshfs rename", || fs::read(m.path("copy/d0/f0")).ok().as_deref() == Some(b"replaced".as_slice()));
 }
 
 #[test]
@@ -738,10 +454,7 @@ fn time_travel_shows_the_branch_as_it_was_in_ls_get_and_a_read_only_mount() {
     let s = Store::new();
     s.put_bytes("/doc", b"first");
     s.put_bytes("/kept", b"kept then removed");
-    let v1 = s.log_json(&[], "/doc")[0]["version"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let v1 = s.log_json(&[], "/doc")[0]["version"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_millis(50));
     let before = chrono_now_rfc3339();
     std::thread::sleep(Duration::from_millis(50));
@@ -752,45 +465,19 @@ fn time_travel_shows_the_branch_as_it_was_in_ls_get_and_a_read_only_mount() {
     let names = |flags: &[&str]| -> Vec<String> {
         let mut args = flags.to_vec();
         args.extend(["ls", "/"]);
-        let mut v: Vec<String> = s
-            .ok(&args)
-            .lines()
-            .map(|l| l.trim_end_matches('/').to_string())
-            .collect();
+        let mut v: Vec<String> = s.ok(&args).lines().map(|l| l.trim_end_matches('/').to_string()).collect();
         v.sort();
         v
     };
     assert_eq!(names(&[]), vec!["doc", "later"]);
-    assert_eq!(
-        names(&["--at", &before]),
-        vec!["doc", "kept"],
-        "the tree at a time before the second round"
-    );
+    assert_eq!(names(&["--at", &before]), vec!["doc", "kept"], "the tree at a time before the second round");
     assert_eq!(s.get_bytes_with(&["--at", &before], "/doc"), b"first");
-    assert_eq!(
-        s.get_bytes_with(&["--at", &before], "/kept"),
-        b"kept then removed",
-        "a file removed since reads back"
-    );
-    assert_eq!(
-        s.get_bytes_with(&["--at", &v1], "/doc"),
-        b"first",
-        "just after a version was written"
-    );
-    assert_eq!(
-        names(&["--at", &v1]),
-        vec!["doc"],
-        "nothing written after that version shows"
-    );
-    assert!(s
-        .err(&["--at", "not-a-time", "ls", "/"])
-        .contains("give a time"));
-    assert!(s
-        .err(&["--at", &before, "rm", "/doc"])
-        .contains("--at reads the past"));
-    assert!(s
-        .err(&["--at", "999@ffff", "ls", "/"])
-        .contains("no version"));
+    assert_eq!(s.get_bytes_with(&["--at", &before], "/kept"), b"kept then removed", "a file removed since reads back");
+    assert_eq!(s.get_bytes_with(&["--at", &v1], "/doc"), b"first", "just after a version was written");
+    assert_eq!(names(&["--at", &v1]), vec!["doc"], "nothing written after that version shows");
+    assert!(s.err(&["--at", "not-a-time", "ls", "/"]).contains("give a time"));
+    assert!(s.err(&["--at", &before, "rm", "/doc"]).contains("--at reads the past"));
+    assert!(s.err(&["--at", "999@ffff", "ls", "/"]).contains("no version"));
 
     if !can_mount() {
         return;
@@ -800,25 +487,13 @@ fn time_travel_shows_the_branch_as_it_was_in_ls_get_and_a_read_only_mount() {
     assert_eq!(fs::read(m.path("doc")).unwrap(), b"first");
     assert_eq!(fs::read(m.path("kept")).unwrap(), b"kept then removed");
     assert!(!m.path("later").exists());
-    assert_eq!(
-        errno_of(fs::write(m.path("doc"), b"rewrite history")),
-        libc::EROFS
-    );
+    assert_eq!(errno_of(fs::write(m.path("doc"), b"rewrite history")), libc::EROFS);
 }
 
 /// Now as RFC 3339 with milliseconds (UTC).
 fn chrono_now_rfc3339() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let out = Command::new("date")
-        .arg("-u")
-        .arg("-d")
-        .arg(format!("@{}.{:03}", ms / 1000, ms % 1000))
-        .arg("+%Y-%m-%dT%H:%M:%S.%3NZ")
-        .output()
-        .unwrap();
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let out = Command::new("date").arg("-u").arg("-d").arg(format!("@{}.{:03}", ms / 1000, ms % 1000)).arg("+%Y-%m-%dT%H:%M:%S.%3NZ").output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -840,27 +515,14 @@ fn a_file_written_on_one_node_appears_in_another_nodes_mount_and_its_bytes_are_f
     fs::write(&local, &bytes).unwrap();
     a.ok(&["put", local.to_str().unwrap(), "/from-a/big.bin"]);
     a.put_bytes("/from-a/small.txt", b"hello from A");
-    await_cond(
-        Duration::from_secs(30),
-        "A's files to show in B's mount",
-        || m.path("from-a/big.bin").exists() && m.path("from-a/small.txt").exists(),
-    );
-    await_cond(
-        Duration::from_secs(30),
-        "A's bytes to read back through B's mount",
-        || fs::read(m.path("from-a/big.bin")).ok().as_deref() == Some(&bytes[..]),
-    );
-    assert_eq!(
-        fs::read(m.path("from-a/small.txt")).unwrap(),
-        b"hello from A"
-    );
+    await_cond(Duration::from_secs(30), "A's files to show in B's mount", || m.path("from-a/big.bin").exists() && m.path("from-a/small.txt").exists());
+    await_cond(Duration::from_secs(30), "A's bytes to read back through B's mount", || fs::read(m.path("from-a/big.bin")).ok().as_deref() == Some(&bytes[..]));
+    assert_eq!(fs::read(m.path("from-a/small.txt")).unwrap(), b"hello from A");
 
     // And back: written in B's mount, read on A.
     fs::write(m.path("from-b.txt"), b"written in B's mount").unwrap();
     settle(&m);
-    await_cond(Duration::from_secs(30), "B's file to reach A", || {
-        a.run(&["get", "/from-b.txt"]).stdout == b"written in B's mount"
-    });
+    await_cond(Duration::from_secs(30), "B's file to reach A", || a.run(&["get", "/from-b.txt"]).stdout == b"written in B's mount");
 }
 
 /// An SSH client that trusts any host key: for the hostile client below.
@@ -869,10 +531,7 @@ struct AnyHost;
 impl russh::client::Handler for AnyHost {
     type Error = anyhow::Error;
 
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
+    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         Ok(true)
     }
 }
@@ -887,41 +546,22 @@ fn sftp_packet(kind: u8, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn an_sftp_client_sending_malformed_packets_gets_errors_and_the_server_keeps_serving_others() {
-    if !precondition(
-        Command::new("sftp").arg("-h").output().is_ok(),
-        "OpenSSH's sftp client (apt-get install openssh-client)",
-    ) {
+    if !precondition(Command::new("sftp").arg("-h").output().is_ok(), "OpenSSH's sftp client (apt-get install openssh-client)") {
         return;
     }
     let s = Store::new();
     let _node = Node::start(&s, &[], &[]);
     s.put_bytes("/a.txt", b"still here");
     let key = ssh_keygen(s.scratch(), "key");
-    s.ok(&[
-        "sftp",
-        "allow",
-        "default",
-        key.with_extension("pub").to_str().unwrap(),
-    ]);
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
     let server = SftpServer::start(&s);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let replies = rt.block_on(async {
         let config = std::sync::Arc::new(russh::client::Config::default());
-        let mut session = russh::client::connect(config, ("127.0.0.1", server.port), AnyHost)
-            .await
-            .unwrap();
+        let mut session = russh::client::connect(config, ("127.0.0.1", server.port), AnyHost).await.unwrap();
         let private = russh::keys::PrivateKey::from_openssh(fs::read(&key).unwrap()).unwrap();
-        let auth = session
-            .authenticate_publickey(
-                "default",
-                russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(private), None),
-            )
-            .await
-            .unwrap();
+        let auth = session.authenticate_publickey("default", russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(private), None)).await.unwrap();
         assert!(auth.success());
         let mut channel = session.channel_open_session().await.unwrap();
         channel.request_subsystem(true, "sftp").await.unwrap();
@@ -958,18 +598,9 @@ fn an_sftp_client_sending_malformed_packets_gets_errors_and_the_server_keeps_ser
     }
     assert_eq!(at, replies.len(), "replies are whole packets: {replies:?}");
     assert_eq!(kinds.first(), Some(&2), "a VERSION answers INIT: {kinds:?}");
-    assert!(
-        kinds.len() >= 4,
-        "the bad packets were answered, not dropped: {kinds:?}"
-    );
-    assert!(
-        kinds[1..].iter().all(|k| *k == 101),
-        "every other answer is a STATUS: {kinds:?}"
-    );
-    assert!(
-        !replies.windows(5).any(|w| w == b"root:"),
-        "no host file leaked"
-    );
+    assert!(kinds.len() >= 4, "the bad packets were answered, not dropped: {kinds:?}");
+    assert!(kinds[1..].iter().all(|k| *k == 101), "every other answer is a STATUS: {kinds:?}");
+    assert!(!replies.windows(5).any(|w| w == b"root:"), "no host file leaked");
     // The server still serves an ordinary client.
     let back = s.scratch().join("back.txt");
     let (ok, out) = server.batch(&key, "default", &format!("get /a.txt {}\n", back.display()));
@@ -979,21 +610,13 @@ fn an_sftp_client_sending_malformed_packets_gets_errors_and_the_server_keeps_ser
 
 #[test]
 fn rclone_copies_a_tree_to_the_sftp_server_and_back() {
-    if !precondition(
-        common::have_tool("rclone"),
-        "rclone (apt-get install rclone)",
-    ) {
+    if !precondition(common::have_tool("rclone"), "rclone (apt-get install rclone)") {
         return;
     }
     let s = Store::new();
     let _node = Node::start(&s, &[], &[]);
     let key = ssh_keygen(s.scratch(), "key");
-    s.ok(&[
-        "sftp",
-        "allow",
-        "default",
-        key.with_extension("pub").to_str().unwrap(),
-    ]);
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
     let server = SftpServer::start(&s);
     let src = s.scratch().join("src");
     for i in 0..20u64 {
@@ -1004,41 +627,16 @@ fn rclone_copies_a_tree_to_the_sftp_server_and_back() {
     let rclone = |args: &[&str]| {
         let out = Command::new("rclone")
             .args(args)
-            .args([
-                "--config",
-                "/dev/null",
-                "--sftp-host",
-                "127.0.0.1",
-                "--sftp-port",
-                &server.port.to_string(),
-                "--sftp-user",
-                "default",
-            ])
+            .args(["--config", "/dev/null", "--sftp-host", "127.0.0.1", "--sftp-port", &server.port.to_string(), "--sftp-user", "default"])
             .arg("--sftp-key-file")
             .arg(&key)
-            .args([
-                "--sftp-shell-type",
-                "none",
-                "--sftp-disable-hashcheck",
-                "--low-level-retries",
-                "1",
-                "--retries",
-                "1",
-            ])
+            .args(["--sftp-shell-type", "none", "--sftp-disable-hashcheck", "--low-level-retries", "1", "--retries", "1"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "rclone {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "rclone {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     rclone(&["copy", src.to_str().unwrap(), ":sftp:/up"]);
-    assert_eq!(
-        s.get_bytes("/up/d3/f7"),
-        fs::read(src.join("d3/f7")).unwrap(),
-        "rclone's upload reads back through the CLI"
-    );
+    assert_eq!(s.get_bytes("/up/d3/f7"), fs::read(src.join("d3/f7")).unwrap(), "rclone's upload reads back through the CLI");
     let back = s.scratch().join("back");
     rclone(&["copy", ":sftp:/up", back.to_str().unwrap()]);
     sh(s.scratch(), "diff -r src back");

@@ -38,13 +38,8 @@ fn assert_closed(stream: &mut UnixStream, what: &str) {
     let mut buf = [0u8; 64];
     match stream.read(&mut buf) {
         Ok(0) => {}
-        Ok(n) => panic!(
-            "{what}: expected the connection closed, got {n} bytes: {:?}",
-            &buf[..n]
-        ),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            panic!("{what}: the node did not close the connection within 10 s")
-        }
+        Ok(n) => panic!("{what}: expected the connection closed, got {n} bytes: {:?}", &buf[..n]),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => panic!("{what}: the node did not close the connection within 10 s"),
         Err(_) => {} // reset
     }
 }
@@ -52,10 +47,7 @@ fn assert_closed(stream: &mut UnixStream, what: &str) {
 fn assert_error(reply: &Value, what: &str, needle: &str) {
     assert_eq!(reply["reply"], "error", "{what}: {reply}");
     let message = reply["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains(needle),
-        "{what}: the message should mention {needle:?}: {message}"
-    );
+    assert!(message.contains(needle), "{what}: the message should mention {needle:?}: {message}");
 }
 
 fn scope() -> Value {
@@ -65,24 +57,12 @@ fn scope() -> Value {
 /// The node still answers status and serves a put through the CLI, quickly.
 fn assert_serving(s: &Store, node: &Node, tag: &str) {
     let started = Instant::now();
-    assert_eq!(
-        status_json(s.data()).expect("the node answers status")["pid"],
-        node.pid(),
-        "{tag}"
-    );
+    assert_eq!(status_json(s.data()).expect("the node answers status")["pid"], node.pid(), "{tag}");
     let path = format!("/served-{tag}.txt");
     s.put_bytes(&path, tag.as_bytes());
     assert_eq!(s.get_bytes(&path), tag.as_bytes());
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{tag}: serving took {:?}",
-        started.elapsed()
-    );
-    assert!(
-        !node.log().contains("panicked"),
-        "{tag}: the node panicked:\n{}",
-        node.log()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{tag}: serving took {:?}", started.elapsed());
+    assert!(!node.log().contains("panicked"), "{tag}: the node panicked:\n{}", node.log());
 }
 
 #[test]
@@ -99,11 +79,7 @@ fn an_oversized_frame_header_closes_only_that_connection() {
         assert_closed(&mut bad, &format!("a header announcing {len} bytes"));
     }
     send(&mut healthy, br#"{"op":"status"}"#);
-    assert_eq!(
-        recv(&mut healthy)["reply"],
-        "status",
-        "a connection opened before the bad ones is still served"
-    );
+    assert_eq!(recv(&mut healthy)["reply"], "status", "a connection opened before the bad ones is still served");
     assert_serving(&s, &node, "after-oversized");
 }
 
@@ -111,13 +87,7 @@ fn an_oversized_frame_header_closes_only_that_connection() {
 fn garbage_in_a_valid_frame_gets_an_error_reply_then_the_connection_closes() {
     let s = Store::new();
     let node = Node::start(&s, &[], &[]);
-    let garbage: [&[u8]; 5] = [
-        b"{not json",
-        b"\xff\xfe\x00",
-        b"",
-        br#"{"op":"format_disk"}"#,
-        br#"{"op":"put_file","path":"/x"}"#,
-    ];
+    let garbage: [&[u8]; 5] = [b"{not json", b"\xff\xfe\x00", b"", br#"{"op":"format_disk"}"#, br#"{"op":"put_file","path":"/x"}"#];
     for payload in garbage {
         let what = format!("request {:?}", String::from_utf8_lossy(payload));
         let mut stream = connect(&s);
@@ -126,11 +96,7 @@ fn garbage_in_a_valid_frame_gets_an_error_reply_then_the_connection_closes() {
         assert_closed(&mut stream, &what);
     }
     assert_serving(&s, &node, "after-garbage");
-    assert!(
-        s.ls("/").iter().all(|n| n.starts_with("served-")),
-        "garbage committed nothing: {:?}",
-        s.ls("/")
-    );
+    assert!(s.ls("/").iter().all(|n| n.starts_with("served-")), "garbage committed nothing: {:?}", s.ls("/"));
 }
 
 #[test]
@@ -149,11 +115,7 @@ fn silent_connections_do_not_hold_up_other_clients() {
         stream.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 1];
         let err = stream.read(&mut buf).expect_err("nothing to read yet");
-        assert_eq!(
-            err.kind(),
-            ErrorKind::WouldBlock,
-            "silent connection {i} should still be open"
-        );
+        assert_eq!(err.kind(), ErrorKind::WouldBlock, "silent connection {i} should still be open");
     }
 }
 
@@ -181,32 +143,16 @@ fn sigterm_is_not_held_up_by_an_idle_client_connection() {
 fn check_cut_short(s: &Store, path: &str, frames: &[Vec<u8>], trailing: &[u8]) {
     let blobs_before = s.blob_files();
     let mut stream = connect(s);
-    send(
-        &mut stream,
-        json!({"op": "put_stream", "scope": scope(), "path": path})
-            .to_string()
-            .as_bytes(),
-    );
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": path}).to_string().as_bytes());
     for f in frames {
         send(&mut stream, f);
     }
     stream.write_all(trailing).unwrap();
-    await_cond(
-        Duration::from_secs(10),
-        &format!("a staging file for {path}"),
-        || !s.staging_files().is_empty(),
-    );
+    await_cond(Duration::from_secs(10), &format!("a staging file for {path}"), || !s.staging_files().is_empty());
     drop(stream);
-    await_cond(
-        Duration::from_secs(10),
-        &format!("the staging file of the cut-short {path} to go"),
-        || s.staging_files().is_empty(),
-    );
+    await_cond(Duration::from_secs(10), &format!("the staging file of the cut-short {path} to go"), || s.staging_files().is_empty());
     let names = s.ls("/");
-    assert!(
-        !names.iter().any(|n| path.ends_with(n.as_str())),
-        "{path} was committed: {names:?}"
-    );
+    assert!(!names.iter().any(|n| path.ends_with(n.as_str())), "{path} was committed: {names:?}");
     assert_eq!(s.blob_files(), blobs_before, "{path}: no blob was added");
 }
 
@@ -224,12 +170,7 @@ fn a_put_stream_cut_short_commits_nothing_and_leaves_no_staging_file() {
     assert_serving(&s, &node, "after-cut-short");
     // A whole stream on the same node commits.
     let mut stream = connect(&s);
-    send(
-        &mut stream,
-        json!({"op": "put_stream", "scope": scope(), "path": "/whole.bin"})
-            .to_string()
-            .as_bytes(),
-    );
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": "/whole.bin"}).to_string().as_bytes());
     for seed in [6, 7] {
         send(&mut stream, &mib(seed));
     }
@@ -255,27 +196,13 @@ fn put_file_and_put_tree_of_a_wrong_source_get_error_replies() {
         ("put_tree", &missing, "missing: No such file or directory"),
     ];
     for (op, src, needle) in cases {
-        let reply = call(
-            &s,
-            &json!({"op": op, "scope": scope(), "path": "/dest", "src": src}),
-        );
+        let reply = call(&s, &json!({"op": op, "scope": scope(), "path": "/dest", "src": src}));
         assert_error(&reply, &format!("{op} from {}", src.display()), needle);
     }
     let reply = call(&s, &json!({"op": "inject_panic", "actor": "store"}));
-    assert_error(
-        &reply,
-        "inject_panic without ALKFS_FAULT_INJECTION",
-        "fault injection is off",
-    );
+    assert_error(&reply, "inject_panic without ALKFS_FAULT_INJECTION", "fault injection is off");
     let st = status_json(s.data()).unwrap();
-    assert!(
-        st["actors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["restarts"] == 0 && a["state"] == "running"),
-        "{st:#}"
-    );
+    assert!(st["actors"].as_array().unwrap().iter().all(|a| a["restarts"] == 0 && a["state"] == "running"), "{st:#}");
     assert!(s.ls("/").is_empty(), "nothing committed: {:?}", s.ls("/"));
     assert!(s.staging_files().is_empty());
     assert_serving(&s, &node, "after-bad-sources");
@@ -305,11 +232,7 @@ fn paths_with_dotdot_get_error_replies_and_change_nothing() {
     assert_eq!(s.ls("/"), ["ok.txt"]);
     assert_eq!(s.get_bytes("/ok.txt"), b"ok");
     let outside = s.data().parent().unwrap();
-    assert!(
-        !outside.join("escape.txt").exists()
-            && !outside.join("ok.txt").exists()
-            && !outside.join("e").exists()
-    );
+    assert!(!outside.join("escape.txt").exists() && !outside.join("ok.txt").exists() && !outside.join("e").exists());
     assert_serving(&s, &node, "after-dotdot");
 }
 
@@ -319,12 +242,7 @@ fn the_socket_is_private_to_its_owner() {
     let _node = Node::start(&s, &[], &[]);
     let meta = std::fs::metadata(s.data().join("alkfs.sock")).unwrap();
     assert!(meta.file_type().is_socket(), "{meta:?}");
-    assert_eq!(
-        meta.permissions().mode() & 0o7777,
-        0o600,
-        "the socket is owner-only: {:o}",
-        meta.permissions().mode()
-    );
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the socket is owner-only: {:o}", meta.permissions().mode());
 }
 
 /// Sends one frame, tolerating a connection the node already closed.
@@ -342,30 +260,16 @@ fn a_failed_streamed_put_is_answered_and_its_data_never_read_as_requests() {
     let s = Store::new();
     let node = Node::start(&s, &[], &[]);
     let mut stream = connect(&s);
-    send(
-        &mut stream,
-        json!({"op": "put_stream", "scope": scope(), "path": "/../escape.bin"})
-            .to_string()
-            .as_bytes(),
-    );
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": "/../escape.bin"}).to_string().as_bytes());
     // The data: one frame that would parse as a request, were the node to read it as one.
-    send_lenient(
-        &mut stream,
-        json!({"op": "mkdir", "scope": scope(), "path": "/smuggled", "parents": true})
-            .to_string()
-            .as_bytes(),
-    );
+    send_lenient(&mut stream, json!({"op": "mkdir", "scope": scope(), "path": "/smuggled", "parents": true}).to_string().as_bytes());
     for seed in 0..3 {
         send_lenient(&mut stream, &random_bytes(MIB, seed));
     }
     send_lenient(&mut stream, &[]);
     assert_error(&recv(&mut stream), "put_stream to /../escape.bin", "..");
     assert_closed(&mut stream, "after a failed streamed put");
-    assert!(
-        s.ls("/").is_empty(),
-        "a data frame was run as a request: {:?}",
-        s.ls("/")
-    );
+    assert!(s.ls("/").is_empty(), "a data frame was run as a request: {:?}", s.ls("/"));
     assert_serving(&s, &node, "after-failed-stream");
 }
 
@@ -376,41 +280,16 @@ fn a_stalled_streamed_put_is_dropped_after_the_client_timeout() {
     let s = Store::new();
     let node = Node::start(&s, &["--set", "node.client_timeout_secs=1"], &[]);
     let mut stream = connect(&s);
-    send(
-        &mut stream,
-        json!({"op": "put_stream", "scope": scope(), "path": "/stalled.bin"})
-            .to_string()
-            .as_bytes(),
-    );
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": "/stalled.bin"}).to_string().as_bytes());
     send(&mut stream, &random_bytes(MIB, 1));
-    await_cond(
-        Duration::from_secs(10),
-        "a staging file for the stalled put",
-        || !s.staging_files().is_empty(),
-    );
+    await_cond(Duration::from_secs(10), "a staging file for the stalled put", || !s.staging_files().is_empty());
     let stalled = Instant::now();
     // ... and nothing more: the node gives up on it after a second.
-    assert_error(
-        &recv(&mut stream),
-        "a stalled put",
-        "no data from the client",
-    );
-    assert!(
-        stalled.elapsed() < Duration::from_secs(5),
-        "dropped after {:?}",
-        stalled.elapsed()
-    );
+    assert_error(&recv(&mut stream), "a stalled put", "no data from the client");
+    assert!(stalled.elapsed() < Duration::from_secs(5), "dropped after {:?}", stalled.elapsed());
     assert_closed(&mut stream, "a stalled put");
-    await_cond(
-        Duration::from_secs(5),
-        "the stalled put's staging file to go",
-        || s.staging_files().is_empty(),
-    );
-    assert!(
-        s.ls("/").is_empty(),
-        "a dropped put committed: {:?}",
-        s.ls("/")
-    );
+    await_cond(Duration::from_secs(5), "the stalled put's staging file to go", || s.staging_files().is_empty());
+    assert!(s.ls("/").is_empty(), "a dropped put committed: {:?}", s.ls("/"));
     assert_serving(&s, &node, "after-stalled-stream");
 }
 
@@ -421,31 +300,15 @@ fn sigterm_is_not_held_up_by_a_stalled_streamed_put() {
     let s = Store::new();
     let mut node = Node::start(&s, &[], &[]);
     let mut stream = connect(&s);
-    send(
-        &mut stream,
-        json!({"op": "put_stream", "scope": scope(), "path": "/stalled.bin"})
-            .to_string()
-            .as_bytes(),
-    );
+    send(&mut stream, json!({"op": "put_stream", "scope": scope(), "path": "/stalled.bin"}).to_string().as_bytes());
     send(&mut stream, &random_bytes(MIB, 2));
-    await_cond(
-        Duration::from_secs(10),
-        "a staging file for the stalled put",
-        || !s.staging_files().is_empty(),
-    );
+    await_cond(Duration::from_secs(10), "a staging file for the stalled put", || !s.staging_files().is_empty());
     let signalled = Instant::now();
     let status = node.stop_with(libc::SIGTERM, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "log:\n{}", node.log());
-    assert!(
-        signalled.elapsed() < Duration::from_secs(5),
-        "SIGTERM took {:?} with a stalled put open",
-        signalled.elapsed()
-    );
+    assert!(signalled.elapsed() < Duration::from_secs(5), "SIGTERM took {:?} with a stalled put open", signalled.elapsed());
     assert_error(&recv(&mut stream), "a put cut by shutdown", "shutting down");
-    assert!(
-        s.staging_files().is_empty(),
-        "the abandoned put left its staging file"
-    );
+    assert!(s.staging_files().is_empty(), "the abandoned put left its staging file");
     assert!(s.ls("/").is_empty());
 }
 
@@ -460,39 +323,12 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// Sets the soft limit of open files of `pid`; returns the old limits.
 fn limit_open_files(pid: u32, soft: u64) -> libc::rlimit {
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: a read of the current limits into a valid struct.
-    assert_eq!(
-        unsafe {
-            libc::prlimit(
-                pid as libc::pid_t,
-                libc::RLIMIT_NOFILE,
-                std::ptr::null(),
-                &mut old,
-            )
-        },
-        0
-    );
-    let new = libc::rlimit {
-        rlim_cur: soft,
-        rlim_max: old.rlim_max,
-    };
+    assert_eq!(unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let new = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
     // SAFETY: valid structs; the target is our own child.
-    assert_eq!(
-        unsafe {
-            libc::prlimit(
-                pid as libc::pid_t,
-                libc::RLIMIT_NOFILE,
-                &new,
-                std::ptr::null_mut(),
-            )
-        },
-        0,
-        "prlimit"
-    );
+    assert_eq!(unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }, 0, "prlimit");
     old
 }
 
@@ -502,9 +338,7 @@ fn limit_open_files(pid: u32, soft: u64) -> libc::rlimit {
 fn failed_accepts_back_off_instead_of_spinning() {
     let s = Store::new();
     let node = Node::start(&s, &[], &[]);
-    let open_now = std::fs::read_dir(format!("/proc/{}/fd", node.pid()))
-        .unwrap()
-        .count() as u64;
+    let open_now = std::fs::read_dir(format!("/proc/{}/fd", node.pid())).unwrap().count() as u64;
     let old = limit_open_files(node.pid(), open_now + 2);
     let waiting: Vec<UnixStream> = (0..10).map(|_| connect(&s)).collect();
     std::thread::sleep(Duration::from_millis(300));
@@ -513,15 +347,8 @@ fn failed_accepts_back_off_instead_of_spinning() {
     let used = cpu_secs(node.pid()) - before;
     limit_open_files(node.pid(), old.rlim_cur);
     drop(waiting);
-    assert!(
-        used < 0.5,
-        "the node used {used:.2} s of CPU in 2 s while out of descriptors: a busy accept loop"
-    );
-    assert!(
-        node.log().contains("accepting a control connection failed"),
-        "the node never hit the limit, so this proved nothing:\n{}",
-        node.log()
-    );
+    assert!(used < 0.5, "the node used {used:.2} s of CPU in 2 s while out of descriptors: a busy accept loop");
+    assert!(node.log().contains("accepting a control connection failed"), "the node never hit the limit, so this proved nothing:\n{}", node.log());
     assert_serving(&s, &node, "after-fd-exhaustion");
 }
 
@@ -529,16 +356,10 @@ fn failed_accepts_back_off_instead_of_spinning() {
 #[test]
 fn a_setting_that_would_overflow_a_clock_is_refused_at_start() {
     let s = Store::new();
-    for set in [
-        "node.batch_delay_ms=9223372036854775807",
-        "gc.interval_secs=9223372036854775807",
-    ] {
+    for set in ["node.batch_delay_ms=9223372036854775807", "gc.interval_secs=9223372036854775807"] {
         let args = ["node", "run", "--set", set];
         let err = common::expect_err(&args, s.run(&args));
         let key = set.split('=').next().unwrap();
-        assert!(
-            err.contains(key) && err.contains("too large"),
-            "{set}: {err}"
-        );
+        assert!(err.contains(key) && err.contains("too large"), "{set}: {err}");
     }
 }

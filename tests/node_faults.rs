@@ -16,9 +16,7 @@ const ACTORS: [&str; 4] = ["store", "outbox", "blobs", "gc"];
 const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn restarts(status: &Value, actor: &str) -> u64 {
-    actor_health(status, actor)["restarts"]
-        .as_u64()
-        .expect("restarts is a number")
+    actor_health(status, actor)["restarts"].as_u64().expect("restarts is a number")
 }
 
 /// The panic message each actor's fault injection raises (actors/src/node/*.rs).
@@ -38,49 +36,24 @@ fn each_actor_panics_under_load_and_every_acknowledged_write_survives() {
         let before = restarts(&status_json(s.data()).expect("the node answers"), actor);
         let acked_before = load.acked();
         s.ok(&["debug", "inject-panic", actor]);
-        let st = await_status(
-            s.data(),
-            RESTART_TIMEOUT,
-            &format!("the {actor} actor to run again after its panic"),
-            |st| {
-                let a = actor_health(st, actor);
-                a["state"] == "running" && restarts(st, actor) > before
-            },
-        );
-        assert_eq!(
-            restarts(&st, actor),
-            before + 1,
-            "one panic, one restart of {actor}: {st:#}"
-        );
+        let st = await_status(s.data(), RESTART_TIMEOUT, &format!("the {actor} actor to run again after its panic"), |st| {
+            let a = actor_health(st, actor);
+            a["state"] == "running" && restarts(st, actor) > before
+        });
+        assert_eq!(restarts(&st, actor), before + 1, "one panic, one restart of {actor}: {st:#}");
         for other in ACTORS.iter().filter(|o| **o != actor) {
-            assert_eq!(
-                actor_health(&st, other)["state"],
-                "running",
-                "a panic of {actor} must not take down {other}: {st:#}"
-            );
+            assert_eq!(actor_health(&st, other)["state"], "running", "a panic of {actor} must not take down {other}: {st:#}");
         }
         // The clients keep being served after the restart, not just the status.
         load.await_acked(acked_before + 4, Duration::from_secs(30));
-        assert!(
-            node.try_wait().is_none(),
-            "the node exited after the {actor} panic; its log:\n{}",
-            node.log()
-        );
+        assert!(node.try_wait().is_none(), "the node exited after the {actor} panic; its log:\n{}", node.log());
     }
 
     let (acked, failed) = load.stop();
-    println!(
-        "{} puts acknowledged, {} failed during the restarts",
-        acked.len(),
-        failed.len()
-    );
+    println!("{} puts acknowledged, {} failed during the restarts", acked.len(), failed.len());
     for (put, why) in &failed {
         // A failure must be an error reported to the client, never a crash of the client.
-        assert!(
-            !why.contains("panicked") && why.contains("alkfs: error:"),
-            "{}: {why}",
-            put.path
-        );
+        assert!(!why.contains("panicked") && why.contains("alkfs: error:"), "{}: {why}", put.path);
     }
     verify_puts(s.data(), &acked, &failed);
 
@@ -93,16 +66,10 @@ fn each_actor_panics_under_load_and_every_acknowledged_write_survives() {
         assert!(restarts(&st, actor) >= 1, "{actor} restarted: {a}");
         assert_eq!(a["state"], "running", "{a}");
         let failure = a["last_failure"].as_str().unwrap_or_default();
-        assert!(
-            failure.contains(&panic_message(actor)),
-            "{actor}'s last failure names its panic: {a}"
-        );
+        assert!(failure.contains(&panic_message(actor)), "{actor}'s last failure names its panic: {a}");
     }
     let text = s.ok(&["status"]);
-    assert!(
-        text.contains("restarts 1") && text.contains("fault injection"),
-        "status shows restarts and failures: {text}"
-    );
+    assert!(text.contains("restarts 1") && text.contains("fault injection"), "status shows restarts and failures: {text}");
 }
 
 /// Waits until the node's JSON log records restart number `n` of `actor`, or the node exits
@@ -115,16 +82,10 @@ fn await_logged_restart_or_exit(node: &mut Node, actor: &str, n: u64, timeout: D
         if node.try_wait().is_some() {
             return true;
         }
-        let restarted = node
-            .log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .any(|l| {
-                let f = &l["fields"];
-                f["message"] == "child restarted"
-                    && f["child"] == name.as_str()
-                    && f["restarts"] == n
-            });
+        let restarted = node.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).any(|l| {
+            let f = &l["fields"];
+            f["message"] == "child restarted" && f["child"] == name.as_str() && f["restarts"] == n
+        });
         if restarted {
             return false;
         }
@@ -137,14 +98,7 @@ fn await_logged_restart_or_exit(node: &mut Node, actor: &str, n: u64, timeout: D
 fn an_actor_failing_past_its_restart_budget_stops_the_node_with_exit_1() {
     let s = Store::new();
     s.put_bytes("/before-the-node.txt", b"written directly");
-    let budget = [
-        "--set",
-        "node.restart_budget=1",
-        "--set",
-        "node.restart_window_secs=60",
-        "--log-format",
-        "json",
-    ];
+    let budget = ["--set", "node.restart_budget=1", "--set", "node.restart_window_secs=60", "--log-format", "json"];
     let mut node = Node::start_faulty(&s, &budget);
     s.put_bytes("/through-the-node.txt", b"written by the node");
     let socket = s.data().join("alkfs.sock");
@@ -152,11 +106,7 @@ fn an_actor_failing_past_its_restart_budget_stops_the_node_with_exit_1() {
 
     let mut injections = 0;
     let escalating = loop {
-        assert!(
-            injections < 5,
-            "the node did not stop after {injections} panics of gc; its log:\n{}",
-            node.log()
-        );
+        assert!(injections < 5, "the node did not stop after {injections} panics of gc; its log:\n{}", node.log());
         let injected = Instant::now();
         s.ok(&["debug", "inject-panic", "gc"]);
         injections += 1;
@@ -166,31 +116,12 @@ fn an_actor_failing_past_its_restart_budget_stops_the_node_with_exit_1() {
     };
     let code = node.wait_timeout(Duration::from_secs(20).saturating_sub(escalating.elapsed()));
     let log = node.log();
-    let code = code.unwrap_or_else(|| {
-        panic!("the node did not exit within 20 s of the escalating panic; its log:\n{log}")
-    });
-    println!(
-        "exited {:?} after the escalating panic",
-        escalating.elapsed()
-    );
-    assert_eq!(
-        code.code(),
-        Some(1),
-        "escalation exits 1, not {code}; log:\n{log}"
-    );
-    assert_eq!(
-        injections, 2,
-        "a budget of 1 restarts once and stops at the second failure; log:\n{log}"
-    );
-    assert!(
-        log.contains("alkfs-gc") && log.contains("stop"),
-        "the log names the actor and says the node stops:\n{log}"
-    );
-    assert_eq!(
-        log.matches("panicked at").count() as u64,
-        injections,
-        "only the injected panics:\n{log}"
-    );
+    let code = code.unwrap_or_else(|| panic!("the node did not exit within 20 s of the escalating panic; its log:\n{log}"));
+    println!("exited {:?} after the escalating panic", escalating.elapsed());
+    assert_eq!(code.code(), Some(1), "escalation exits 1, not {code}; log:\n{log}");
+    assert_eq!(injections, 2, "a budget of 1 restarts once and stops at the second failure; log:\n{log}");
+    assert!(log.contains("alkfs-gc") && log.contains("stop"), "the log names the actor and says the node stops:\n{log}");
+    assert_eq!(log.matches("panicked at").count() as u64, injections, "only the injected panics:\n{log}");
     assert!(!socket.exists(), "the stopped node removed its socket");
 
     // A fresh node on the same dir starts, has the data, and serves.
@@ -198,16 +129,10 @@ fn an_actor_failing_past_its_restart_budget_stops_the_node_with_exit_1() {
     assert_eq!(s.get_bytes("/before-the-node.txt"), b"written directly");
     assert_eq!(s.get_bytes("/through-the-node.txt"), b"written by the node");
     s.put_bytes("/after-the-restart.txt", b"written by the fresh node");
-    assert_eq!(
-        s.get_bytes("/after-the-restart.txt"),
-        b"written by the fresh node"
-    );
+    assert_eq!(s.get_bytes("/after-the-restart.txt"), b"written by the fresh node");
     let st = status_json(s.data()).expect("the fresh node answers");
     assert_eq!(st["pid"], fresh.pid());
-    assert!(
-        ACTORS.iter().all(|a| restarts(&st, a) == 0),
-        "a fresh node starts with no restarts: {st:#}"
-    );
+    assert!(ACTORS.iter().all(|a| restarts(&st, a) == 0), "a fresh node starts with no restarts: {st:#}");
 }
 
 /// A node that escalates has already stopped its actors when it drains the requests in
@@ -218,31 +143,18 @@ fn an_actor_failing_past_its_restart_budget_stops_the_node_with_exit_1() {
 #[test]
 fn a_request_in_flight_during_an_escalation_does_not_hold_up_the_exit() {
     let s = Store::new();
-    let mut node = Node::start_faulty(
-        &s,
-        &["--set", "node.restart_budget=0", "--log-format", "json"],
-    );
+    let mut node = Node::start_faulty(&s, &["--set", "node.restart_budget=0", "--log-format", "json"]);
     let mut stream = common::raw_connect(s.data());
-    stream
-        .set_read_timeout(Some(Duration::from_secs(40)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
     let request = serde_json::json!({"op": "put_stream", "scope": {"bucket": "default", "branch": "main"}, "path": "/in-flight.bin"});
     common::send_frame(&mut stream, request.to_string().as_bytes());
     let data = common::random_bytes(1 << 20, 11);
     common::send_frame(&mut stream, &data);
-    common::await_cond(
-        Duration::from_secs(10),
-        "the put to be staging its data",
-        || !s.staging_files().is_empty(),
-    );
+    common::await_cond(Duration::from_secs(10), "the put to be staging its data", || !s.staging_files().is_empty());
 
     let injected = Instant::now();
     s.ok(&["debug", "inject-panic", "gc"]);
-    common::await_cond(
-        Duration::from_secs(10),
-        "the node to log that it stops",
-        || node.log().contains(r#""reason":"escalation""#),
-    );
+    common::await_cond(Duration::from_secs(10), "the node to log that it stops", || node.log().contains(r#""reason":"escalation""#));
     // The node may already have aborted the put (a shutdown ends bodies in flight) and
     // closed the connection: then this write fails, and its answer is still there to read.
     let _ = std::io::Write::write_all(&mut stream, &0u32.to_be_bytes());
@@ -252,23 +164,11 @@ fn a_request_in_flight_during_an_escalation_does_not_hold_up_the_exit() {
     let code = node.wait_timeout(Duration::from_secs(40));
     let took = injected.elapsed();
     let log = node.log();
-    assert_eq!(
-        code.and_then(|c| c.code()),
-        Some(1),
-        "escalation exits 1; log:\n{log}"
-    );
+    assert_eq!(code.and_then(|c| c.code()), Some(1), "escalation exits 1; log:\n{log}");
     println!("reply {reply:?} after {replied:?}; exit after {took:?}");
     match reply.as_ref().map(|r| r["reply"].as_str()) {
-        Some(Some("seq")) => assert_eq!(
-            s.get_bytes("/in-flight.bin"),
-            data,
-            "a put acknowledged while stopping is kept"
-        ),
-        _ => assert!(
-            s.ls("/").is_empty(),
-            "a put not acknowledged left nothing: {:?}",
-            s.ls("/")
-        ),
+        Some(Some("seq")) => assert_eq!(s.get_bytes("/in-flight.bin"), data, "a put acknowledged while stopping is kept"),
+        _ => assert!(s.ls("/").is_empty(), "a put not acknowledged left nothing: {:?}", s.ls("/")),
     }
     assert!(
         took < Duration::from_secs(5),

@@ -25,40 +25,23 @@ struct Step {
 }
 
 fn ok(args: &[&'static str]) -> Step {
-    Step {
-        args: args.to_vec(),
-        stdin: None,
-        ok: true,
-        expect: None,
-    }
+    Step { args: args.to_vec(), stdin: None, ok: true, expect: None }
 }
 
 fn ok_in(args: &[&'static str], stdin: impl Into<Vec<u8>>) -> Step {
-    Step {
-        stdin: Some(stdin.into()),
-        ..ok(args)
-    }
+    Step { stdin: Some(stdin.into()), ..ok(args) }
 }
 
 fn get(path: &'static str, expect: &'static [u8]) -> Step {
-    Step {
-        expect: Some(expect),
-        ..ok(&["get", path])
-    }
+    Step { expect: Some(expect), ..ok(&["get", path]) }
 }
 
 fn fails(args: &[&'static str]) -> Step {
-    Step {
-        ok: false,
-        ..ok(args)
-    }
+    Step { ok: false, ..ok(args) }
 }
 
 fn fails_in(args: &[&'static str], stdin: &[u8]) -> Step {
-    Step {
-        stdin: Some(stdin.to_vec()),
-        ..fails(args)
-    }
+    Step { stdin: Some(stdin.to_vec()), ..fails(args) }
 }
 
 const FEAT: &str = "--branch=feat";
@@ -106,10 +89,7 @@ fn steps() -> Vec<Step> {
         ok(&["branch", "delete", "tmp"]),
         fails(&["branch", "delete", "main"]),
         ok(&["bucket", "create", "photos"]),
-        ok_in(
-            &["--bucket=photos", "put", "-", "/cat.jpg"],
-            random_bytes(40_000, 9),
-        ),
+        ok_in(&["--bucket=photos", "put", "-", "/cat.jpg"], random_bytes(40_000, 9)),
         fails_in(&["--bucket=nosuch", "put", "-", "/x"], b"x"),
         ok(&["log", "/shared.txt"]),
         ok(&["log", "--json", "/shared.txt"]),
@@ -128,13 +108,7 @@ fn mask_times(text: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hit = b.len() - i >= shape.len()
-            && shape.iter().zip(&b[i..]).all(|(s, c)| {
-                if *s == b'd' {
-                    c.is_ascii_digit()
-                } else {
-                    s == c
-                }
-            });
+            && shape.iter().zip(&b[i..]).all(|(s, c)| if *s == b'd' { c.is_ascii_digit() } else { s == c });
         if hit {
             out.push_str("<TIME>");
             i += shape.len();
@@ -174,10 +148,7 @@ fn mask_nodes(text: &str) -> String {
     let mut out = String::new();
     let mut rest = text;
     while let Some(at) = rest.find('@') {
-        let hex = rest[at + 1..]
-            .bytes()
-            .take_while(|c| c.is_ascii_hexdigit())
-            .count();
+        let hex = rest[at + 1..].bytes().take_while(|c| c.is_ascii_hexdigit()).count();
         out.push_str(&rest[..=at]);
         if hex >= 10 {
             out.push_str("<NODE>");
@@ -201,16 +172,7 @@ fn normalise(stdout: &str) -> String {
                 return line.to_string();
             }
             let w: Vec<&str> = line.split(' ').collect();
-            (0..w.len())
-                .map(|i| {
-                    if matches!(w.get(i + 1), Some(&"ms") | Some(&"outbox")) {
-                        "<N>"
-                    } else {
-                        w[i]
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
+            (0..w.len()).map(|i| if matches!(w.get(i + 1), Some(&"ms") | Some(&"outbox")) { "<N>" } else { w[i] }).collect::<Vec<_>>().join(" ")
         })
         .collect();
     masked.join("\n")
@@ -228,15 +190,10 @@ struct Outcome {
 /// bucket and branch.
 fn state(s: &Store) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
-    for flags in [
-        ["--bucket=default", "--branch=main"],
-        ["--bucket=default", "--branch=feat"],
-        ["--bucket=photos", "--branch=main"],
-    ] {
+    for flags in [["--bucket=default", "--branch=main"], ["--bucket=default", "--branch=feat"], ["--bucket=photos", "--branch=main"]] {
         let mut dirs = vec!["/".to_string()];
         while let Some(dir) = dirs.pop() {
-            let mut rows =
-                common::parse_json_array(&s.ok(&[flags[0], flags[1], "ls", "--json", &dir]));
+            let mut rows = common::parse_json_array(&s.ok(&[flags[0], flags[1], "ls", "--json", &dir]));
             for row in &mut rows {
                 strip_clock(row, &["mtime_ms", "written_ms", "version"]);
                 let path = row["path"].as_str().unwrap().to_string();
@@ -257,33 +214,19 @@ fn state(s: &Store) -> BTreeMap<String, Value> {
 
 /// Runs the table against `s`; returns each step's outcome and the final state.
 fn run_table(s: &Store, src: &Path) -> (Vec<Outcome>, BTreeMap<String, Value>) {
-    let mut vars: HashMap<&str, String> =
-        HashMap::from([("{SRC}", src.to_str().unwrap().to_string())]);
+    let mut vars: HashMap<&str, String> = HashMap::from([("{SRC}", src.to_str().unwrap().to_string())]);
     let mut outcomes = Vec::new();
     for (i, step) in steps().into_iter().enumerate() {
-        let args: Vec<String> = step
-            .args
-            .iter()
-            .map(|a| vars.iter().fold(a.to_string(), |a, (k, v)| a.replace(k, v)))
-            .collect();
+        let args: Vec<String> = step.args.iter().map(|a| vars.iter().fold(a.to_string(), |a, (k, v)| a.replace(k, v))).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = match &step.stdin {
             Some(input) => s.run_stdin(&args, input),
             None => s.run(&args),
         };
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
-        assert!(
-            !stderr.contains("panicked"),
-            "step {i} {args:?} panicked: {stderr}"
-        );
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        assert!(!stderr.contains("panicked"), "step {i} {args:?} panicked: {stderr}");
         if step.ok {
-            assert!(
-                out.status.success(),
-                "step {i} {args:?} should succeed: {stderr}"
-            );
+            assert!(out.status.success(), "step {i} {args:?} should succeed: {stderr}");
         } else {
             common::expect_err(&args, out.clone());
         }
@@ -293,25 +236,11 @@ fn run_table(s: &Store, src: &Path) -> (Vec<Outcome>, BTreeMap<String, Value>) {
         if args == ["conflicts", "--json"] {
             let rows = common::parse_json_array(&stdout);
             assert_eq!(rows.len(), 1, "one conflict: {rows:?}");
-            vars.insert(
-                "{LOSER}",
-                rows[0]["loser_version"]
-                    .as_str()
-                    .expect("a version id")
-                    .to_string(),
-            );
+            vars.insert("{LOSER}", rows[0]["loser_version"].as_str().expect("a version id").to_string());
         }
-        let stdout = if out.status.success() {
-            normalise(&stdout)
-        } else {
-            String::new()
-        };
+        let stdout = if out.status.success() { normalise(&stdout) } else { String::new() };
         let stderr = stderr.replace(s.data().to_str().unwrap(), "<DATA>");
-        outcomes.push(Outcome {
-            code: out.status.code(),
-            stdout,
-            stderr,
-        });
+        outcomes.push(Outcome { code: out.status.code(), stdout, stderr });
     }
     (outcomes, state(s))
 }
@@ -329,10 +258,7 @@ fn every_command_gives_the_same_result_with_and_without_a_node() {
     fs::write(src.join("tree/sub/other.txt"), "other").unwrap();
 
     let (without, state_without) = run_table(&direct, &src);
-    assert!(
-        status_json(direct.data()).is_none(),
-        "no node ran on the direct store"
-    );
+    assert!(status_json(direct.data()).is_none(), "no node ran on the direct store");
 
     let node = Node::start(&served, &[], &[]);
     let (with, state_with) = run_table(&served, &src);
@@ -340,19 +266,10 @@ fn every_command_gives_the_same_result_with_and_without_a_node() {
     // command could have written directly), and a command that needs the lock says a node runs.
     let status = status_json(served.data()).expect("the node still answers");
     assert_eq!(status["pid"], node.pid(), "{status:#}");
-    assert_eq!(
-        fs::read_to_string(served.data().join("lock"))
-            .unwrap()
-            .trim(),
-        node.pid().to_string(),
-        "the node holds the lock"
-    );
+    assert_eq!(fs::read_to_string(served.data().join("lock")).unwrap().trim(), node.pid().to_string(), "the node holds the lock");
     let err = served.err(&["blobs", "index"]);
     assert!(err.contains("node is running"), "{err}");
-    assert!(
-        status["outbox_cursor"].as_i64().unwrap() > 0,
-        "the node consumed the writes' events: {status:#}"
-    );
+    assert!(status["outbox_cursor"].as_i64().unwrap() > 0, "the node consumed the writes' events: {status:#}");
 
     drop(node);
 
@@ -360,37 +277,18 @@ fn every_command_gives_the_same_result_with_and_without_a_node() {
     assert_eq!(with.len(), without.len());
     for (i, (a, b)) in without.iter().zip(&with).enumerate() {
         let args = &table[i].args;
-        assert_eq!(
-            a.code, b.code,
-            "step {i} {args:?}: exit status without a node vs with one; stderr: {:?} vs {:?}",
-            a.stderr, b.stderr
-        );
-        assert_eq!(
-            a.stdout, b.stdout,
-            "step {i} {args:?}: stdout without a node vs with one"
-        );
+        assert_eq!(a.code, b.code, "step {i} {args:?}: exit status without a node vs with one; stderr: {:?} vs {:?}", a.stderr, b.stderr);
+        assert_eq!(a.stdout, b.stdout, "step {i} {args:?}: stdout without a node vs with one");
         if a.code != Some(0) {
-            assert_eq!(
-                a.stderr, b.stderr,
-                "step {i} {args:?}: the error message without a node vs with one"
-            );
+            assert_eq!(a.stderr, b.stderr, "step {i} {args:?}: the error message without a node vs with one");
         }
     }
     let keys: Vec<&String> = state_without.keys().collect();
-    assert_eq!(
-        keys,
-        state_with.keys().collect::<Vec<_>>(),
-        "the same directories and files"
-    );
+    assert_eq!(keys, state_with.keys().collect::<Vec<_>>(), "the same directories and files");
     for (k, v) in &state_without {
         assert_eq!(v, &state_with[k], "{k}: without a node vs with one");
     }
-    assert!(
-        state_without
-            .keys()
-            .any(|k| k.contains("photos") && k.ends_with("/cat.jpg bytes")),
-        "the table reached the photos bucket"
-    );
+    assert!(state_without.keys().any(|k| k.contains("photos") && k.ends_with("/cat.jpg bytes")), "the table reached the photos bucket");
 }
 
 /// `gc` without flags collects by the retention in `DATA/config.toml`, with or without a node:
@@ -401,11 +299,7 @@ fn gc_follows_the_configured_retention_with_and_without_a_node() {
     let direct = Store::new();
     let served = Store::new();
     for s in [&direct, &served] {
-        fs::write(
-            s.data().join("config.toml"),
-            "[gc]\nkeep_versions = 1\nkeep_days = 0\n",
-        )
-        .unwrap();
+        fs::write(s.data().join("config.toml"), "[gc]\nkeep_versions = 1\nkeep_days = 0\n").unwrap();
     }
     let node = Node::start(&served, &[], &[]);
     for s in [&direct, &served] {
@@ -414,16 +308,8 @@ fn gc_follows_the_configured_retention_with_and_without_a_node() {
         }
         s.ok(&["gc"]);
     }
-    assert_eq!(
-        versions_left(&direct),
-        2,
-        "gc without a node ignored config.toml (head + keep_versions = 1)"
-    );
-    assert_eq!(
-        versions_left(&served),
-        2,
-        "the node's gc follows config.toml"
-    );
+    assert_eq!(versions_left(&direct), 2, "gc without a node ignored config.toml (head + keep_versions = 1)");
+    assert_eq!(versions_left(&served), 2, "the node's gc follows config.toml");
     // A flag overrides the configured rule the same way on both.
     for s in [&direct, &served] {
         s.ok(&["gc", "--keep-versions", "0"]);

@@ -17,11 +17,11 @@
 //! the write path. Local reads do not need the index: they stream the bytes and check the
 //! BLAKE3 as they go.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Mutex};
 
 use crate::proto::entry::ContentHash;
@@ -41,9 +41,7 @@ pub enum ContentError {
     #[error("the disk holding {0} is full: free space and retry (nothing was changed)")]
     DiskFull(PathBuf),
     /// Stored bytes no longer match their hash.
-    #[error(
-        "blob {hash} is corrupt (its bytes hash to {actual}): restore it from a peer or a backup"
-    )]
+    #[error("blob {hash} is corrupt (its bytes hash to {actual}): restore it from a peer or a backup")]
     Corrupt {
         /// The expected hash.
         hash: ContentHash,
@@ -69,20 +67,12 @@ pub enum ContentError {
 impl ContentError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error, dir: &Path) -> Self {
         // tempfile wraps OS errors with the path and drops the raw code; the kind survives.
-        let full = matches!(
-            source.raw_os_error(),
-            Some(libc::ENOSPC) | Some(libc::EDQUOT)
-        ) || matches!(
-            source.kind(),
-            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-        );
+        let full = matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+            || matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded);
         if full {
             return ContentError::DiskFull(dir.to_path_buf());
         }
-        ContentError::Io {
-            context: context.into(),
-            source,
-        }
+        ContentError::Io { context: context.into(), source }
     }
 }
 
@@ -109,10 +99,7 @@ impl Holds {
     /// Holds `hash` until the returned guard drops.
     pub fn hold(&self, hash: ContentHash) -> Arc<Hold> {
         *self.0.lock().expect("holds lock").entry(hash).or_insert(0) += 1;
-        Arc::new(Hold {
-            holds: self.clone(),
-            hash,
-        })
+        Arc::new(Hold { holds: self.clone(), hash })
     }
 
     /// Runs `f` (which deletes blob `hash`) unless the blob is held; the check and `f` happen
@@ -155,32 +142,20 @@ impl Drop for Hold {
 /// Copies `src` to `dst` (both regular files, `dst` empty) and returns the BLAKE3 of what
 /// was written and its length. The copy runs in the kernel, chunk by chunk; a second thread
 /// hashes each chunk of `dst` once it is written, through a memory map of `dst`.
-pub fn copy_and_hash(
-    src: &File,
-    dst: &File,
-    len: u64,
-    mut progress: impl FnMut(u64),
-) -> io::Result<(ContentHash, u64)> {
+pub fn copy_and_hash(src: &File, dst: &File, len: u64, mut progress: impl FnMut(u64)) -> io::Result<(ContentHash, u64)> {
     dst.set_len(0)?;
     let (tx, rx) = mpsc::sync_channel::<(u64, u64)>(4);
     let dst_for_hash = dst.try_clone()?;
-    let hasher = std::thread::Builder::new()
-        .name("alkfs-hash".into())
-        .spawn(move || -> io::Result<blake3::Hash> {
-            let mut hasher = blake3::Hasher::new();
-            for (start, end) in rx {
-                // SAFETY: the region [start, end) of the staging file was fully written before it
-                // was sent, nothing writes it again, and the map lives only for this block.
-                let map = unsafe {
-                    memmap2::MmapOptions::new()
-                        .offset(start)
-                        .len((end - start) as usize)
-                        .map(&dst_for_hash)?
-                };
-                hasher.update_rayon(&map);
-            }
-            Ok(hasher.finalize())
-        })?;
+    let hasher = std::thread::Builder::new().name("alkfs-hash".into()).spawn(move || -> io::Result<blake3::Hash> {
+        let mut hasher = blake3::Hasher::new();
+        for (start, end) in rx {
+            // SAFETY: the region [start, end) of the staging file was fully written before it
+            // was sent, nothing writes it again, and the map lives only for this block.
+            let map = unsafe { memmap2::MmapOptions::new().offset(start).len((end - start) as usize).map(&dst_for_hash)? };
+            hasher.update_rayon(&map);
+        }
+        Ok(hasher.finalize())
+    })?;
     let mut copied = 0u64;
     let result = (|| -> io::Result<()> {
         while copied < len {
@@ -189,24 +164,18 @@ pub fn copy_and_hash(
             while done < step {
                 let n = copy_range(src, dst, copied + done, (step - done) as usize)?;
                 if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the source file shrank while being copied",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the source file shrank while being copied"));
                 }
                 done += n as u64;
             }
-            tx.send((copied, copied + done))
-                .map_err(|_| io::Error::other("hash thread stopped"))?;
+            tx.send((copied, copied + done)).map_err(|_| io::Error::other("hash thread stopped"))?;
             copied += done;
             progress(copied);
         }
         Ok(())
     })();
     drop(tx);
-    let hash = hasher
-        .join()
-        .map_err(|_| io::Error::other("hash thread panicked"))??;
+    let hash = hasher.join().map_err(|_| io::Error::other("hash thread panicked"))??;
     result?;
     Ok((ContentHash(*hash.as_bytes()), copied))
 }
@@ -216,16 +185,7 @@ pub fn copy_and_hash(
 fn copy_range(src: &File, dst: &File, offset: u64, len: usize) -> io::Result<usize> {
     let (mut off_in, mut off_out) = (offset as libc::loff_t, offset as libc::loff_t);
     // SAFETY: plain syscall on two open descriptors with valid offset pointers.
-    let n = unsafe {
-        libc::copy_file_range(
-            src.as_raw_fd(),
-            &mut off_in,
-            dst.as_raw_fd(),
-            &mut off_out,
-            len,
-            0,
-        )
-    };
+    let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, len, 0) };
     if n >= 0 {
         return Ok(n as usize);
     }
@@ -268,11 +228,7 @@ pub struct ContentStore {
 impl ContentStore {
     /// The content store under `root` (`DATA/content`); creates its directories.
     pub fn open(root: &Path) -> Result<Self, ContentError> {
-        let store = ContentStore {
-            root: root.to_path_buf(),
-            holds: Holds::default(),
-            durable_dirs: Arc::new(Mutex::new([false; 256])),
-        };
+        let store = ContentStore { root: root.to_path_buf(), holds: Holds::default(), durable_dirs: Arc::new(Mutex::new([false; 256])) };
         if !store.staging_dir().is_dir() {
             let io = |e| ContentError::io(format!("create {}", root.display()), e, root);
             fs::create_dir_all(store.staging_dir()).map_err(io)?;
@@ -304,8 +260,7 @@ impl ContentStore {
     /// write lock: otherwise they may belong to a live writer.
     pub fn clear_staging(&self) -> Result<usize, ContentError> {
         let mut n = 0;
-        let entries = fs::read_dir(self.staging_dir())
-            .map_err(|e| ContentError::io("read staging dir", e, &self.root))?;
+        let entries = fs::read_dir(self.staging_dir()).map_err(|e| ContentError::io("read staging dir", e, &self.root))?;
         for entry in entries.flatten() {
             if fs::remove_file(entry.path()).is_ok() {
                 n += 1;
@@ -333,8 +288,7 @@ impl ContentStore {
     /// `staging/mount-<pid>/`, a directory, so the node's [`clear_staging`](Self::clear_staging)
     /// at start (files only) leaves the sessions of a mount that outlives a node restart alone.
     pub fn mount_staging_dir(&self, pid: u32) -> PathBuf {
-        self.staging_dir()
-            .join(format!("{MOUNT_STAGING_PREFIX}{pid}"))
+        self.staging_dir().join(format!("{MOUNT_STAGING_PREFIX}{pid}"))
     }
 
     /// Takes over a staging file another process of this machine wrote (a mount's write
@@ -348,94 +302,57 @@ impl ContentStore {
         };
         let parent = path.parent().ok_or_else(|| refuse("no parent directory"))?;
         let in_mount_dir = parent.parent() == Some(self.staging_dir().as_path())
-            && parent
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(MOUNT_STAGING_PREFIX));
+            && parent.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(MOUNT_STAGING_PREFIX));
         if !in_mount_dir || path.file_name().is_none() {
             return Err(refuse("not a mount's staging file of this data dir"));
         }
         if !fs::symlink_metadata(parent).is_ok_and(|m| m.file_type().is_dir()) {
             return Err(refuse("the mount's staging directory is not a directory"));
         }
-        let meta = fs::symlink_metadata(path)
-            .map_err(|e| ContentError::io("stat staging file", e, &self.root))?;
+        let meta = fs::symlink_metadata(path).map_err(|e| ContentError::io("stat staging file", e, &self.root))?;
         if !meta.file_type().is_file() {
             return Err(refuse("not a regular file"));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| ContentError::io("open staging file", e, &self.root))?;
-        Ok(StagingFile {
-            tmp: tempfile::NamedTempFile::from_parts(
-                file,
-                tempfile::TempPath::try_from_path(path)
-                    .map_err(|e| ContentError::io("adopt staging file", e, path))?,
-            ),
-        })
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| ContentError::io("open staging file", e, &self.root))?;
+        Ok(StagingFile { tmp: tempfile::NamedTempFile::from_parts(file, tempfile::TempPath::try_from_path(path).map_err(|e| ContentError::io("adopt staging file", e, path))?) })
     }
 
     /// A new staging file in `dir` (a mount's staging directory, created if missing).
     pub fn stage_in(&self, dir: &Path) -> Result<StagingFile, ContentError> {
-        fs::create_dir_all(dir)
-            .map_err(|e| ContentError::io("create a staging dir", e, &self.root))?;
-        let tmp = tempfile::Builder::new()
-            .prefix("stage-")
-            .tempfile_in(dir)
-            .map_err(|e| ContentError::io("create a staging file", e, &self.root))?;
+        fs::create_dir_all(dir).map_err(|e| ContentError::io("create a staging dir", e, &self.root))?;
+        let tmp = tempfile::Builder::new().prefix("stage-").tempfile_in(dir).map_err(|e| ContentError::io("create a staging file", e, &self.root))?;
         Ok(StagingFile { tmp })
     }
 
     /// Imports a regular file: one pass of copy and hash into staging, then [`finish`](Self::finish).
-    pub fn import_file(
-        &self,
-        src: &Path,
-        progress: impl FnMut(u64),
-    ) -> Result<Imported, ContentError> {
-        let io =
-            |what: &str, e| ContentError::io(format!("{what} {}", src.display()), e, &self.root);
+    pub fn import_file(&self, src: &Path, progress: impl FnMut(u64)) -> Result<Imported, ContentError> {
+        let io = |what: &str, e| ContentError::io(format!("{what} {}", src.display()), e, &self.root);
         let file = File::open(src).map_err(|e| io("open", e))?;
         let len = file.metadata().map_err(|e| io("stat", e))?.len();
         if len <= INLINE_BYTES_MAX as u64 {
             let mut data = Vec::with_capacity(len as usize);
-            (&file)
-                .take(INLINE_BYTES_MAX as u64 + 1)
-                .read_to_end(&mut data)
-                .map_err(|e| io("read", e))?;
+            (&file).take(INLINE_BYTES_MAX as u64 + 1).read_to_end(&mut data).map_err(|e| io("read", e))?;
             if data.len() <= INLINE_BYTES_MAX {
                 return Ok(inline(data));
             }
         }
         let staging = self.stage()?;
-        let (hash, size) =
-            copy_and_hash(&file, staging.file(), len, progress).map_err(|e| io("copy", e))?;
+        let (hash, size) = copy_and_hash(&file, staging.file(), len, progress).map_err(|e| io("copy", e))?;
         self.finish(staging, hash, size)
     }
 
     /// Imports everything `reader` yields (stdin, a pipe): buffered, hashed as it is written.
-    pub fn import_reader(
-        &self,
-        mut reader: impl Read,
-        mut progress: impl FnMut(u64),
-    ) -> Result<Imported, ContentError> {
+    pub fn import_reader(&self, mut reader: impl Read, mut progress: impl FnMut(u64)) -> Result<Imported, ContentError> {
         let io = |what: &str, e| ContentError::io(what.to_string(), e, &self.root);
         let mut head = Vec::with_capacity(INLINE_BYTES_MAX + 1);
-        (&mut reader)
-            .take(INLINE_BYTES_MAX as u64 + 1)
-            .read_to_end(&mut head)
-            .map_err(|e| io("read input", e))?;
+        (&mut reader).take(INLINE_BYTES_MAX as u64 + 1).read_to_end(&mut head).map_err(|e| io("read input", e))?;
         if head.len() <= INLINE_BYTES_MAX {
             return Ok(inline(head));
         }
         let mut staging = self.stage()?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
-        staging
-            .tmp
-            .write_all(&head)
-            .map_err(|e| io("write staging file", e))?;
+        staging.tmp.write_all(&head).map_err(|e| io("write staging file", e))?;
         let mut size = head.len() as u64;
         let mut buf = vec![0u8; STREAM_BUF_BYTES];
         loop {
@@ -446,10 +363,7 @@ impl ContentStore {
                 Err(e) => return Err(io("read input", e)),
             };
             hasher.update_rayon(&buf[..n]);
-            staging
-                .tmp
-                .write_all(&buf[..n])
-                .map_err(|e| io("write staging file", e))?;
+            staging.tmp.write_all(&buf[..n]).map_err(|e| io("write staging file", e))?;
             size += n as u64;
             progress(size);
         }
@@ -458,12 +372,7 @@ impl ContentStore {
 
     /// Makes a fully written staging file the blob `hash`: fsync, then rename into place (or
     /// drop it when the blob is already there: dedup). Small content goes inline instead.
-    pub fn finish(
-        &self,
-        staging: StagingFile,
-        hash: ContentHash,
-        size: u64,
-    ) -> Result<Imported, ContentError> {
+    pub fn finish(&self, staging: StagingFile, hash: ContentHash, size: u64) -> Result<Imported, ContentError> {
         let io = |what: &str, e| ContentError::io(what.to_string(), e, &self.root);
         if size <= INLINE_BYTES_MAX as u64 {
             let data = fs::read(staging.tmp.path()).map_err(|e| io("read staging file", e))?;
@@ -473,25 +382,13 @@ impl ContentStore {
         let hold = self.holds.hold(hash);
         let target = self.blob_path(&hash);
         if !target.exists() {
-            staging
-                .file()
-                .sync_data()
-                .map_err(|e| io("fsync staging file", e))?;
+            staging.file().sync_data().map_err(|e| io("fsync staging file", e))?;
             let dir = target.parent().expect("blob path has a parent");
-            self.make_fan_out_durable(hash.0[0], dir)
-                .map_err(|e| io("create blob dir", e))?;
-            staging
-                .tmp
-                .persist(&target)
-                .map_err(|e| io("move blob into place", e.error))?;
+            self.make_fan_out_durable(hash.0[0], dir).map_err(|e| io("create blob dir", e))?;
+            staging.tmp.persist(&target).map_err(|e| io("move blob into place", e.error))?;
             sync_dir(dir).map_err(|e| io("fsync blob dir", e))?;
         }
-        Ok(Imported {
-            hash,
-            size,
-            inline: None,
-            hold: Some(hold),
-        })
+        Ok(Imported { hash, size, inline: None, hold: Some(hold) })
     }
 
     /// Creates fan-out directory `dir` (for blobs starting with byte `first`) if needed and
@@ -517,28 +414,18 @@ impl ContentStore {
 
     /// Copies file blob `hash` to `out`, checking its BLAKE3 on the way; on a mismatch the
     /// bytes already written are the caller's to discard (see `Engine::get`).
-    pub fn read_to(
-        &self,
-        hash: &ContentHash,
-        out: &mut impl Write,
-        mut progress: impl FnMut(u64),
-    ) -> Result<u64, ContentError> {
+    pub fn read_to(&self, hash: &ContentHash, out: &mut impl Write, mut progress: impl FnMut(u64)) -> Result<u64, ContentError> {
         let mut file = self.open_file(hash)?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; STREAM_BUF_BYTES];
         let mut total = 0u64;
         loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| ContentError::io(format!("read blob {hash}"), e, &self.root))?;
+            let n = file.read(&mut buf).map_err(|e| ContentError::io(format!("read blob {hash}"), e, &self.root))?;
             if n == 0 {
                 break;
             }
             hasher.update_rayon(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| ContentError::Io {
-                context: "write output".into(),
-                source: e,
-            })?;
+            out.write_all(&buf[..n]).map_err(|e| ContentError::Io { context: "write output".into(), source: e })?;
             total += n as u64;
             progress(total);
         }
@@ -548,19 +435,10 @@ impl ContentStore {
 
     /// Copies file blob `hash` into the regular file `dst` in one pass (kernel copy, hashing
     /// the copy), and checks the BLAKE3.
-    pub fn export_file(
-        &self,
-        hash: &ContentHash,
-        dst: &File,
-        progress: impl FnMut(u64),
-    ) -> Result<u64, ContentError> {
+    pub fn export_file(&self, hash: &ContentHash, dst: &File, progress: impl FnMut(u64)) -> Result<u64, ContentError> {
         let src = self.open_file(hash)?;
-        let len = src
-            .metadata()
-            .map_err(|e| ContentError::io("stat blob", e, &self.root))?
-            .len();
-        let (actual, n) = copy_and_hash(&src, dst, len, progress)
-            .map_err(|e| ContentError::io("copy out", e, &self.root))?;
+        let len = src.metadata().map_err(|e| ContentError::io("stat blob", e, &self.root))?.len();
+        let (actual, n) = copy_and_hash(&src, dst, len, progress).map_err(|e| ContentError::io("copy out", e, &self.root))?;
         check(hash, blake3::Hash::from_bytes(actual.0))?;
         Ok(n)
     }
@@ -574,21 +452,13 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Fails with [`ContentError::Corrupt`] unless `actual` is `hash`.
 pub fn check(hash: &ContentHash, actual: blake3::Hash) -> Result<(), ContentError> {
     if actual.as_bytes() != &hash.0 {
-        return Err(ContentError::Corrupt {
-            hash: *hash,
-            actual: ContentHash(*actual.as_bytes()),
-        });
+        return Err(ContentError::Corrupt { hash: *hash, actual: ContentHash(*actual.as_bytes()) });
     }
     Ok(())
 }
 
 fn inline(data: Vec<u8>) -> Imported {
-    Imported {
-        hash: ContentHash(*blake3::hash(&data).as_bytes()),
-        size: data.len() as u64,
-        inline: Some(data),
-        hold: None,
-    }
+    Imported { hash: ContentHash(*blake3::hash(&data).as_bytes()), size: data.len() as u64, inline: Some(data), hold: None }
 }
 
 /// The name prefix of a mount process's staging directory (see [`ContentStore::mount_staging_dir`]).
@@ -614,9 +484,6 @@ impl StagingFile {
     /// [`ContentStore::adopt_staged`]) and returns its path.
     pub fn keep(self) -> Result<PathBuf, ContentError> {
         let path = self.tmp.path().to_path_buf();
-        self.tmp
-            .into_temp_path()
-            .keep()
-            .map_err(|e| ContentError::io("keep staging file", e.error, &path))
+        self.tmp.into_temp_path().keep().map_err(|e| ContentError::io("keep staging file", e.error, &path))
     }
 }

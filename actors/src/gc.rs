@@ -46,11 +46,7 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention {
-            keep_versions: 16,
-            keep_days: 30,
-            outbox_keep_days: 7,
-        }
+        Retention { keep_versions: 16, keep_days: 30, outbox_keep_days: 7 }
     }
 }
 
@@ -61,11 +57,7 @@ impl Retention {
     pub fn with_flags(self, keep_versions: Option<u32>, keep_days: Option<u32>) -> Retention {
         match (keep_versions, keep_days) {
             (None, None) => self,
-            (v, d) => Retention {
-                keep_versions: v.unwrap_or(0),
-                keep_days: d.unwrap_or(0),
-                ..self
-            },
+            (v, d) => Retention { keep_versions: v.unwrap_or(0), keep_days: d.unwrap_or(0), ..self },
         }
     }
 }
@@ -107,12 +99,7 @@ impl From<rusqlite::Error> for GcError {
 }
 
 /// Runs one collection.
-pub fn collect(
-    tree: &mut TreeStore,
-    content: &ContentStore,
-    policy: Retention,
-    now_ms: i64,
-) -> Result<GcReport, GcError> {
+pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, now_ms: i64) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let holds = content.holds().clone();
     let mut report = GcReport::default();
@@ -195,13 +182,8 @@ pub fn collect(
 /// live branches that merged before, the base their next merge will start from.
 fn retained_views(conn: &rusqlite::Connection) -> Result<Vec<View>, StoreError> {
     let live: Vec<crate::store::Branch> = {
-        let mut st = conn.prepare(&format!(
-            "SELECT {} FROM branch WHERE deleted_seq IS NULL",
-            crate::store::BRANCH_COLS
-        ))?;
-        let rows = st
-            .query_map([], crate::store::branch_from_row)?
-            .collect::<Result<_, _>>()?;
+        let mut st = conn.prepare(&format!("SELECT {} FROM branch WHERE deleted_seq IS NULL", crate::store::BRANCH_COLS))?;
+        let rows = st.query_map([], crate::store::branch_from_row)?.collect::<Result<_, _>>()?;
         rows
     };
     let mut views = Vec::with_capacity(live.len());
@@ -228,23 +210,14 @@ fn delete_file(content: &ContentStore, holds: &Holds, hash: &ContentHash) -> boo
 }
 
 /// Deletes files under `content/<hh>/` that no blob row names.
-fn sweep_orphans(
-    tree: &TreeStore,
-    content: &ContentStore,
-    holds: &Holds,
-    report: &mut GcReport,
-) -> Result<(), GcError> {
+fn sweep_orphans(tree: &TreeStore, content: &ContentStore, holds: &Holds, report: &mut GcReport) -> Result<(), GcError> {
     let known: HashSet<Vec<u8>> = {
-        let mut st = tree
-            .conn()
-            .prepare("SELECT hash FROM blob WHERE data IS NULL")?;
+        let mut st = tree.conn().prepare("SELECT hash FROM blob WHERE data IS NULL")?;
         let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
         rows.collect::<Result<_, _>>()?
     };
     let root = content.root();
-    let Ok(dirs) = fs::read_dir(root) else {
-        return Ok(());
-    };
+    let Ok(dirs) = fs::read_dir(root) else { return Ok(()) };
     for dir in dirs.flatten() {
         let name = dir.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -252,9 +225,7 @@ fn sweep_orphans(
             continue; // staging/ and anything that is not a fan-out dir
         }
         for file in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
-            let Some(hash) = file.file_name().to_str().and_then(ContentHash::from_hex) else {
-                continue;
-            };
+            let Some(hash) = file.file_name().to_str().and_then(ContentHash::from_hex) else { continue };
             if known.contains(hash.0.as_slice()) {
                 continue;
             }

@@ -36,9 +36,7 @@ pub fn load_or_create(dir: &Path) -> Result<iroh::SecretKey, IdentityError> {
     let path = dir.join(NODE_KEY_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let bytes: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| IdentityError::Damaged(path.clone()))?;
+            let bytes: [u8; 32] = bytes.try_into().map_err(|_| IdentityError::Damaged(path.clone()))?;
             Ok(iroh::SecretKey::from_bytes(&bytes))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -63,21 +61,11 @@ fn write_secret(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), IdentityErr
         move |source| IdentityError::Io { path, source }
     };
     let _ = std::fs::remove_file(&tmp); // a leftover of an interrupted first start
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
     // The umask may only take bits away; make sure of exactly 0600 all the same.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io(&tmp))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(io(&tmp))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
     Ok(())
 }

@@ -49,20 +49,13 @@ impl BlobIndex {
     /// Opens (creating) the store in `DATA/blobs`. Fails if another process has it open.
     pub async fn open(data_dir: &Path) -> Result<Self, ContentError> {
         let dir = data_dir.join(BLOBS_DIR);
-        let dir = std::path::absolute(&dir)
-            .map_err(|e| ContentError::io("resolve the blobs dir", e, data_dir))?;
+        let dir = std::path::absolute(&dir).map_err(|e| ContentError::io("resolve the blobs dir", e, data_dir))?;
         let mut options = iroh_blobs::store::fs::options::Options::new(&dir);
-        options.gc = Some(iroh_blobs::store::GcConfig {
-            interval: INDEX_GC_INTERVAL,
-            add_protected: None,
-        });
+        options.gc = Some(iroh_blobs::store::GcConfig { interval: INDEX_GC_INTERVAL, add_protected: None });
         let store = FsStore::load_with_opts(dir.join("blobs.db"), options.clone())
             .await
             .map_err(|e| ContentError::Index(format!("open {}: {e}", dir.display())))?;
-        Ok(BlobIndex {
-            store,
-            data_dir: options.path.data_path.clone(),
-        })
+        Ok(BlobIndex { store, data_dir: options.path.data_path.clone() })
     }
 
     /// The iroh-blobs store, for protocols that serve it.
@@ -73,50 +66,29 @@ impl BlobIndex {
     /// The file iroh-blobs writes blob `hash`'s bytes to while it is owned by the store (and
     /// while it arrives from a peer). It exists only for blobs over the inline limit.
     pub fn owned_data_path(&self, hash: &ContentHash) -> std::path::PathBuf {
-        self.data_dir
-            .join(format!("{}.data", Hash::from_bytes(hash.0).to_hex()))
+        self.data_dir.join(format!("{}.data", Hash::from_bytes(hash.0).to_hex()))
     }
 
     /// Adds one blob to the index and checks iroh-blobs agrees on its hash. A disagreement
     /// means the bytes on disk changed since they were written: reported as corruption.
-    pub async fn add(
-        &self,
-        content: &ContentStore,
-        blob: &PendingBlob,
-    ) -> Result<(), ContentError> {
+    pub async fn add(&self, content: &ContentStore, blob: &PendingBlob) -> Result<(), ContentError> {
         let tag = tag_name(&blob.hash);
         let got = match &blob.inline {
-            Some(data) => self
-                .store
-                .add_bytes(data.clone())
-                .with_named_tag(&tag)
-                .await
-                .map_err(index_err)?,
+            Some(data) => self.store.add_bytes(data.clone()).with_named_tag(&tag).await.map_err(index_err)?,
             None => {
                 let path = std::path::absolute(content.blob_path(&blob.hash))
                     .map_err(|e| ContentError::io("resolve blob path", e, Path::new(".")))?;
                 if !path.exists() {
                     return Err(ContentError::Missing(blob.hash));
                 }
-                let opts = AddPathOptions {
-                    path,
-                    format: BlobFormat::Raw,
-                    mode: ImportMode::TryReference,
-                };
-                self.store
-                    .add_path_with_opts(opts)
-                    .with_named_tag(&tag)
-                    .await
-                    .map_err(index_err)?
+                let opts = AddPathOptions { path, format: BlobFormat::Raw, mode: ImportMode::TryReference };
+                self.store.add_path_with_opts(opts).with_named_tag(&tag).await.map_err(index_err)?
             }
         };
         if got.hash.as_bytes() != &blob.hash.0 {
             // Do not leave a tag pointing at the wrong bytes.
             let _ = self.store.tags().delete(&tag).await;
-            return Err(ContentError::Corrupt {
-                hash: blob.hash,
-                actual: ContentHash(*got.hash.as_bytes()),
-            });
+            return Err(ContentError::Corrupt { hash: blob.hash, actual: ContentHash(*got.hash.as_bytes()) });
         }
         Ok(())
     }
@@ -124,12 +96,7 @@ impl BlobIndex {
     /// Every blob the index holds a tag for.
     pub async fn tagged(&self) -> Result<Vec<ContentHash>, ContentError> {
         use futures_lite::StreamExt;
-        let mut tags = self
-            .store
-            .tags()
-            .list_prefix(TAG_PREFIX)
-            .await
-            .map_err(index_err)?;
+        let mut tags = self.store.tags().list_prefix(TAG_PREFIX).await.map_err(index_err)?;
         let mut out = Vec::new();
         while let Some(tag) = tags.next().await {
             out.push(ContentHash(*tag.map_err(index_err)?.hash.as_bytes()));
@@ -141,21 +108,14 @@ impl BlobIndex {
     /// drops their entries.
     pub async fn release(&self, hashes: &[ContentHash]) -> Result<(), ContentError> {
         for hash in hashes {
-            self.store
-                .tags()
-                .delete(tag_name(hash))
-                .await
-                .map_err(index_err)?;
+            self.store.tags().delete(tag_name(hash)).await.map_err(index_err)?;
         }
         Ok(())
     }
 
     /// The whole blob, verified by iroh-blobs against its BLAKE3 tree.
     pub async fn verified_bytes(&self, hash: &ContentHash) -> Result<bytes::Bytes, ContentError> {
-        self.store
-            .get_bytes(Hash::from_bytes(hash.0))
-            .await
-            .map_err(index_err)
+        self.store.get_bytes(Hash::from_bytes(hash.0)).await.map_err(index_err)
     }
 
     /// Commits and closes the store. Without this the last writes may be lost.

@@ -32,13 +32,7 @@ pub struct WriteSession {
 impl WriteSession {
     pub(crate) fn new(path: TreePath, mode: u32, staging: StagingFile, initial_len: u64) -> Self {
         let appending = (initial_len == 0).then(blake3::Hasher::new);
-        WriteSession {
-            path,
-            mode,
-            staging,
-            len: initial_len,
-            appending,
-        }
+        WriteSession { path, mode, staging, len: initial_len, appending }
     }
 
     /// An empty session on `path` (a new file, or one opened with O_TRUNC) staging into
@@ -64,32 +58,16 @@ impl WriteSession {
 
     /// Writes `data` at `offset`; a write past the end leaves a hole of zeros.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ContentError> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|e| *e <= FILE_BYTES_MAX)
-            .ok_or_else(|| ContentError::Io {
-                context: format!("write to {}", self.path),
-                source: io::Error::new(
-                    io::ErrorKind::FileTooLarge,
-                    format!("files are limited to {FILE_BYTES_MAX} bytes"),
-                ),
-            })?;
+        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= FILE_BYTES_MAX).ok_or_else(|| ContentError::Io {
+            context: format!("write to {}", self.path),
+            source: io::Error::new(io::ErrorKind::FileTooLarge, format!("files are limited to {FILE_BYTES_MAX} bytes")),
+        })?;
         if let Err(e) = self.staging.file().write_all_at(data, offset) {
             // Part of it may be on disk: the length is no longer known exactly, nor the hash
             // of what is there. Close rehashes the file as it is.
             self.appending = None;
-            self.len = self
-                .staging
-                .file()
-                .metadata()
-                .map(|m| m.len())
-                .unwrap_or(self.len)
-                .max(self.len);
-            return Err(ContentError::io(
-                format!("write to {}", self.path),
-                e,
-                self.staging.path(),
-            ));
+            self.len = self.staging.file().metadata().map(|m| m.len()).unwrap_or(self.len).max(self.len);
+            return Err(ContentError::io(format!("write to {}", self.path), e, self.staging.path()));
         }
         match &mut self.appending {
             Some(h) if offset == self.len => {
@@ -107,15 +85,12 @@ impl WriteSession {
 
     /// Sets the length to `len`, cutting or zero-extending.
     pub fn truncate(&mut self, len: u64) -> Result<(), ContentError> {
-        self.staging.file().set_len(len).map_err(|e| {
-            ContentError::io(format!("truncate {}", self.path), e, self.staging.path())
-        })?;
+        self.staging
+            .file()
+            .set_len(len)
+            .map_err(|e| ContentError::io(format!("truncate {}", self.path), e, self.staging.path()))?;
         if len != self.len {
-            self.appending = if len == 0 {
-                Some(blake3::Hasher::new())
-            } else {
-                None
-            };
+            self.appending = if len == 0 { Some(blake3::Hasher::new()) } else { None };
         }
         self.len = len;
         Ok(())
@@ -123,10 +98,7 @@ impl WriteSession {
 
     /// Reads staged bytes at `offset` (a writer reading its own file back).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ContentError> {
-        self.staging
-            .file()
-            .read_at(buf, offset)
-            .map_err(|e| ContentError::io("read staging file", e, self.staging.path()))
+        self.staging.file().read_at(buf, offset).map_err(|e| ContentError::io("read staging file", e, self.staging.path()))
     }
 
     /// The mode the file will have.
@@ -142,55 +114,25 @@ impl WriteSession {
     /// Makes the staged bytes durable where they are (an `fsync` of an open file: the commit
     /// still waits for close).
     pub fn sync(&self) -> Result<(), ContentError> {
-        self.staging
-            .file()
-            .sync_data()
-            .map_err(|e| ContentError::io("fsync staging file", e, self.staging.path()))
+        self.staging.file().sync_data().map_err(|e| ContentError::io("fsync staging file", e, self.staging.path()))
     }
 
     /// Ends the session without committing here: the staging file stays on disk for the node
     /// to take over ([`ContentStore::adopt_staged`](crate::content::ContentStore::adopt_staged)).
     /// Returns its path, its length, and its hash when every write was an append (so the node
     /// need not read it again).
-    pub fn hand_off(
-        self,
-    ) -> Result<
-        (
-            std::path::PathBuf,
-            u64,
-            Option<crate::proto::entry::ContentHash>,
-        ),
-        ContentError,
-    > {
-        let WriteSession {
-            staging,
-            len,
-            appending,
-            ..
-        } = self;
+    pub fn hand_off(self) -> Result<(std::path::PathBuf, u64, Option<crate::proto::entry::ContentHash>), ContentError> {
+        let WriteSession { staging, len, appending, .. } = self;
         let hash = appending.map(|h| crate::proto::entry::ContentHash(*h.finalize().as_bytes()));
         Ok((staging.keep()?, len, hash))
     }
 
     /// Hashes the staged bytes and moves them into the content store.
-    pub(crate) fn seal(
-        self,
-        content: &ContentStore,
-    ) -> Result<(TreePath, u32, Imported), ContentError> {
-        let WriteSession {
-            path,
-            mode,
-            staging,
-            len,
-            appending,
-        } = self;
+    pub(crate) fn seal(self, content: &ContentStore) -> Result<(TreePath, u32, Imported), ContentError> {
+        let WriteSession { path, mode, staging, len, appending } = self;
         let (hash, size) = match appending {
-            Some(h) => (
-                crate::proto::entry::ContentHash(*h.finalize().as_bytes()),
-                len,
-            ),
-            None => hash_file(staging.file())
-                .map_err(|e| ContentError::io("hash staging file", e, staging.path()))?,
+            Some(h) => (crate::proto::entry::ContentHash(*h.finalize().as_bytes()), len),
+            None => hash_file(staging.file()).map_err(|e| ContentError::io("hash staging file", e, staging.path()))?,
         };
         let imported = content.finish(staging, hash, size)?;
         Ok((path, mode, imported))

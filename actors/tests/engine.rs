@@ -30,14 +30,8 @@ fn readers_see_the_old_version_until_commit_and_abort_leaves_nothing() {
     aborted.write_at(0, b"never").unwrap();
     drop(aborted);
     assert_eq!(get(&engine, &s, "/doc").unwrap(), big);
-    assert_eq!(
-        engine.log(&s, &p("/doc")).unwrap().len(),
-        history_before,
-        "an abort wrote history"
-    );
-    let staging = fs::read_dir(dir.path().join("content/staging"))
-        .unwrap()
-        .count();
+    assert_eq!(engine.log(&s, &p("/doc")).unwrap().len(), history_before, "an abort wrote history");
+    let staging = fs::read_dir(dir.path().join("content/staging")).unwrap().count();
     assert_eq!(staging, 0, "an aborted session left its staging file");
 }
 
@@ -77,11 +71,7 @@ fn a_multi_file_commit_is_all_or_nothing() {
     bad.write_at(0, b"nope").unwrap();
     let err = engine.commit(&s, vec![ok, bad]).unwrap_err();
     assert!(err.to_string().contains("not a directory"), "{err}");
-    assert_eq!(
-        get(&engine, &s, "/a/new"),
-        None,
-        "half of a failed commit is visible"
-    );
+    assert_eq!(get(&engine, &s, "/a/new"), None, "half of a failed commit is visible");
     assert_eq!(names(&engine, &s, "/"), ["blocker"]);
 }
 
@@ -95,15 +85,9 @@ fn identical_content_is_stored_once_across_paths_branches_and_buckets() {
     engine.create_branch(&s, "b", None).unwrap();
     put(&mut engine, &Scope::new("default", "b"), "/two", &data);
     put(&mut engine, &Scope::new("other", "main"), "/three", &data);
-    let files: Vec<_> = walk(&dir.path().join("content"))
-        .into_iter()
-        .filter(|f| !f.contains("staging"))
-        .collect();
+    let files: Vec<_> = walk(&dir.path().join("content")).into_iter().filter(|f| !f.contains("staging")).collect();
     assert_eq!(files.len(), 1, "{files:?}");
-    assert_eq!(
-        get(&engine, &Scope::new("other", "main"), "/three").unwrap(),
-        data
-    );
+    assert_eq!(get(&engine, &Scope::new("other", "main"), "/three").unwrap(), data);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<String> {
@@ -128,19 +112,11 @@ fn buckets_do_not_see_each_other() {
     assert!(names(&engine, &b, "/").is_empty());
     // A version id from bucket a cannot be restored into bucket b.
     let id = engine.log(&a, &p("/secret")).unwrap()[0].id();
-    assert!(engine
-        .restore(
-            &b,
-            &p("/secret"),
-            &VersionRef::parse(&id.to_string()).unwrap()
-        )
-        .is_err());
+    assert!(engine.restore(&b, &p("/secret"), &VersionRef::parse(&id.to_string()).unwrap()).is_err());
     // Branches are per bucket too.
     engine.create_branch(&a, "feature", None).unwrap();
     assert!(engine.merge(&b, "feature", None).is_err());
-    let err = engine
-        .put_reader(&Scope::new("nope", "main"), &b"x"[..], &p("/x"), |_| {})
-        .unwrap_err();
+    let err = engine.put_reader(&Scope::new("nope", "main"), &b"x"[..], &p("/x"), |_| {}).unwrap_err();
     assert!(err.to_string().contains("bucket create"), "{err}");
 }
 
@@ -181,11 +157,7 @@ fn chains_are_bounded() {
         }
     }
     // main is depth 0; the deepest fork has a chain of exactly the limit's links.
-    assert_eq!(
-        made,
-        alknet_actors::proto::limits::BRANCH_CHAIN_DEPTH_MAX - 1,
-        "nested branches made before the limit"
-    );
+    assert_eq!(made, alknet_actors::proto::limits::BRANCH_CHAIN_DEPTH_MAX - 1, "nested branches made before the limit");
     put(&mut engine, &Scope::new("default", &from), "/deep", b"ok");
 }
 
@@ -205,18 +177,7 @@ fn every_committed_mutation_has_one_event_and_a_rollback_has_none() {
     assert!(engine.mkdir(&s, &p("/x/y"), false).is_err());
     let events = outbox::read_after(engine.tree().conn(), start, 100).unwrap();
     let ops: Vec<_> = events.iter().map(|(_, e)| e.op.as_str()).collect();
-    assert_eq!(
-        ops,
-        [
-            "write",
-            "mkdir",
-            "rename",
-            "delete",
-            "branch-create",
-            "merge",
-            "branch-delete"
-        ]
-    );
+    assert_eq!(ops, ["write", "mkdir", "rename", "delete", "branch-create", "merge", "branch-delete"]);
     assert_eq!(events[2].1.to.as_deref(), Some("/d/a"));
 
     // A consumer's cursor survives closing and reopening the store.
@@ -243,9 +204,7 @@ fn every_committed_mutation_has_one_event_and_a_rollback_has_none() {
 #[test]
 fn a_second_writer_is_refused_with_a_clear_message() {
     let (dir, engine) = fresh();
-    let err = Engine::open(dir.path(), Access::Write)
-        .err()
-        .expect("second writer opened");
+    let err = Engine::open(dir.path(), Access::Write).err().expect("second writer opened");
     assert!(err.to_string().contains("in use"), "{err}");
     // Readers are welcome.
     Engine::open(dir.path(), Access::Read).unwrap();
@@ -282,40 +241,12 @@ fn an_older_store_with_nfd_names_is_rewritten_in_nfc_on_upgrade() {
     std::fs::create_dir_all(dir.path().join("content/staging")).unwrap();
     let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
     let s = main_scope();
-    assert_eq!(
-        names(&engine, &s, "/"),
-        ["caf\u{e9}"],
-        "the directory's name is NFC now"
-    );
-    assert_eq!(
-        get(&engine, &s, "/caf\u{e9}/r\u{e9}sum\u{e9}.txt").unwrap(),
-        b"old bytes",
-        "found by its NFC name"
-    );
-    assert_eq!(
-        get(&engine, &s, "/cafe\u{301}/re\u{301}sume\u{301}.txt").unwrap(),
-        b"old bytes",
-        "and by its NFD name"
-    );
-    put(
-        &mut engine,
-        &s,
-        "/caf\u{e9}/r\u{e9}sum\u{e9}.txt",
-        b"new bytes",
-    );
-    assert_eq!(
-        names(&engine, &s, "/caf\u{e9}"),
-        ["r\u{e9}sum\u{e9}.txt"],
-        "one path, not two"
-    );
-    assert_eq!(
-        engine
-            .log(&s, &p("/cafe\u{301}/re\u{301}sume\u{301}.txt"))
-            .unwrap()
-            .len(),
-        2,
-        "the old row is the path's history"
-    );
+    assert_eq!(names(&engine, &s, "/"), ["caf\u{e9}"], "the directory's name is NFC now");
+    assert_eq!(get(&engine, &s, "/caf\u{e9}/r\u{e9}sum\u{e9}.txt").unwrap(), b"old bytes", "found by its NFC name");
+    assert_eq!(get(&engine, &s, "/cafe\u{301}/re\u{301}sume\u{301}.txt").unwrap(), b"old bytes", "and by its NFD name");
+    put(&mut engine, &s, "/caf\u{e9}/r\u{e9}sum\u{e9}.txt", b"new bytes");
+    assert_eq!(names(&engine, &s, "/caf\u{e9}"), ["r\u{e9}sum\u{e9}.txt"], "one path, not two");
+    assert_eq!(engine.log(&s, &p("/cafe\u{301}/re\u{301}sume\u{301}.txt")).unwrap().len(), 2, "the old row is the path's history");
 }
 
 /// A store an older alkfs wrote (schema 2), whose wall clock once went back between two
@@ -327,11 +258,7 @@ fn an_older_store_keeps_its_heads_and_forks_when_versions_get_global_names() {
     use alknet_actors::store::schema::MIGRATIONS;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tree.db");
-    let (one, two, three) = (
-        blake3::hash(b"one"),
-        blake3::hash(b"two"),
-        blake3::hash(b"three"),
-    );
+    let (one, two, three) = (blake3::hash(b"one"), blake3::hash(b"two"), blake3::hash(b"three"));
     {
         let conn = honker_core::open_conn(db.to_str().unwrap(), false).unwrap();
         honker_core::bootstrap_honker_schema(&conn).unwrap();
@@ -358,25 +285,14 @@ fn an_older_store_keeps_its_heads_and_forks_when_versions_get_global_names() {
     std::fs::create_dir_all(dir.path().join("content/staging")).unwrap();
     assert!(!dir.path().join("node.key").exists());
     let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
-    assert!(
-        dir.path().join("node.key").exists(),
-        "the upgrade made the node's key"
-    );
+    assert!(dir.path().join("node.key").exists(), "the upgrade made the node's key");
     let me = engine.tree().me();
     let (main, feat) = (main_scope(), Scope::new("default", "feat"));
     assert_eq!(get(&engine, &main, "/f").unwrap(), b"three");
-    assert_eq!(
-        get(&engine, &feat, "/f").unwrap(),
-        b"two",
-        "the fork by seq still sees main as it was at seq 2, though seq 2's clock read earlier"
-    );
+    assert_eq!(get(&engine, &feat, "/f").unwrap(), b"two", "the fork by seq still sees main as it was at seq 2, though seq 2's clock read earlier");
     let log = engine.log(&main, &p("/f")).unwrap();
     let ids: Vec<String> = log.iter().map(|r| r.id().to_string()).collect();
-    assert_eq!(
-        ids,
-        [3, 2, 1].map(|n| format!("{n}@{}", me.short())),
-        "newest first, named seq@this node"
-    );
+    assert_eq!(ids, [3, 2, 1].map(|n| format!("{n}@{}", me.short())), "newest first, named seq@this node");
     assert_eq!(log[0].pred, Some(log[1].id()));
     assert_eq!(log[1].pred, Some(log[2].id()));
     assert_eq!(log[2].pred, None);

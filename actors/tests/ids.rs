@@ -39,21 +39,8 @@ fn power_cut_back_to(dir: &Path, snap: &Path) {
 /// Writes `n` files; returns the version seqs and the outbox offsets they were given.
 fn write(engine: &mut Engine, tag: &str, n: usize) -> (Vec<i64>, Vec<i64>) {
     let before = outbox::head(engine.tree().conn()).unwrap();
-    let seqs = (0..n)
-        .map(|i| {
-            put(
-                engine,
-                &main_scope(),
-                &format!("/{tag}-{i}"),
-                format!("{tag} {i}").as_bytes(),
-            )
-        })
-        .collect();
-    let offsets = outbox::read_after(engine.tree().conn(), before, 10_000)
-        .unwrap()
-        .into_iter()
-        .map(|(o, _)| o)
-        .collect();
+    let seqs = (0..n).map(|i| put(engine, &main_scope(), &format!("/{tag}-{i}"), format!("{tag} {i}").as_bytes())).collect();
+    let offsets = outbox::read_after(engine.tree().conn(), before, 10_000).unwrap().into_iter().map(|(o, _)| o).collect();
     (seqs, offsets)
 }
 
@@ -61,7 +48,7 @@ fn write(engine: &mut Engine, tag: &str, n: usize) -> (Vec<i64>, Vec<i64>) {
 fn ids_handed_out_before_a_power_loss_are_never_handed_out_again() {
     let (dir, mut engine) = fresh();
     write(&mut engine, "warm", 3); // the first commit renews the lease durably
-                                   // The disk as of the last durable commit; everything after it rides on NORMAL commits.
+    // The disk as of the last durable commit; everything after it rides on NORMAL commits.
     let snap = dir.path().join("snapshot");
     snapshot(dir.path(), &snap);
     let (lost_seqs, lost_offsets) = write(&mut engine, "lost", 50);
@@ -72,24 +59,12 @@ fn ids_handed_out_before_a_power_loss_are_never_handed_out_again() {
     power_cut_back_to(dir.path(), &snap);
 
     let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
-    assert!(
-        common::get(&engine, &main_scope(), "/lost-0").is_none(),
-        "the snapshot should predate the lost writes"
-    );
+    assert!(common::get(&engine, &main_scope(), "/lost-0").is_none(), "the snapshot should predate the lost writes");
     let (seqs, offsets) = write(&mut engine, "after", 50);
     let reused: Vec<_> = seqs.iter().filter(|s| lost_seqs.contains(s)).collect();
-    assert!(
-        reused.is_empty(),
-        "version ids handed out again after the power loss: {reused:?}"
-    );
-    let reused: Vec<_> = offsets
-        .iter()
-        .filter(|o| lost_offsets.contains(o))
-        .collect();
-    assert!(
-        reused.is_empty(),
-        "outbox offsets handed out again after the power loss: {reused:?}"
-    );
+    assert!(reused.is_empty(), "version ids handed out again after the power loss: {reused:?}");
+    let reused: Vec<_> = offsets.iter().filter(|o| lost_offsets.contains(o)).collect();
+    assert!(reused.is_empty(), "outbox offsets handed out again after the power loss: {reused:?}");
 }
 
 #[test]
@@ -99,11 +74,7 @@ fn a_clean_close_gives_the_lease_back_so_ids_run_on_without_a_gap() {
     drop(engine);
     let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
     let (second, _) = write(&mut engine, "b", 2);
-    assert_eq!(
-        second[0],
-        first[1] + 1,
-        "ids skipped after a clean close: {first:?} then {second:?}"
-    );
+    assert_eq!(second[0], first[1] + 1, "ids skipped after a clean close: {first:?} then {second:?}");
     // A killed process (every commit kept, no clean close) skips at most one lease, and ids
     // still only grow.
     let snap = dir.path().join("at-kill");
@@ -112,8 +83,5 @@ fn a_clean_close_gives_the_lease_back_so_ids_run_on_without_a_gap() {
     power_cut_back_to(dir.path(), &snap);
     let mut engine = Engine::open(dir.path(), Access::Write).unwrap();
     let (third, _) = write(&mut engine, "c", 1);
-    assert!(
-        third[0] > second[1] && third[0] <= second[1] + 1 + alknet_actors::store::ID_LEASE,
-        "{second:?} then {third:?}"
-    );
+    assert!(third[0] > second[1] && third[0] <= second[1] + 1 + alknet_actors::store::ID_LEASE, "{second:?} then {third:?}");
 }

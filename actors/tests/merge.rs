@@ -11,11 +11,7 @@ mod common;
 use common::{fresh_with_clock, get, main_scope, names, p, put};
 
 /// Keeps nothing but heads (and what merges and conflicts still need).
-const ONLY_HEADS: Retention = Retention {
-    keep_versions: 0,
-    keep_days: 0,
-    outbox_keep_days: 1,
-};
+const ONLY_HEADS: Retention = Retention { keep_versions: 0, keep_days: 0, outbox_keep_days: 1 };
 
 /// A step: write `Some(bytes)` at a path, or remove it (recursively) with `None`.
 type Step = (&'static str, Option<&'static str>);
@@ -52,78 +48,15 @@ struct Case {
 #[test]
 fn three_way_merge_cases() {
     let cases = [
-        Case {
-            name: "new file on branch",
-            setup: &[],
-            on_main: &[],
-            on_branch: &[("/n", Some("n"))],
-            expect: &[("/n", Some("n"))],
-            conflicts: 0,
-        },
-        Case {
-            name: "edit on branch",
-            setup: &[("/a", Some("1"))],
-            on_main: &[],
-            on_branch: &[("/a", Some("2"))],
-            expect: &[("/a", Some("2"))],
-            conflicts: 0,
-        },
-        Case {
-            name: "edit on main only",
-            setup: &[("/a", Some("1"))],
-            on_main: &[("/a", Some("m"))],
-            on_branch: &[],
-            expect: &[("/a", Some("m"))],
-            conflicts: 0,
-        },
-        Case {
-            name: "delete on branch",
-            setup: &[("/a", Some("1"))],
-            on_main: &[],
-            on_branch: &[("/a", None)],
-            expect: &[("/a", None)],
-            conflicts: 0,
-        },
-        Case {
-            name: "delete on main survives",
-            setup: &[("/a", Some("1"))],
-            on_main: &[("/a", None)],
-            on_branch: &[],
-            expect: &[("/a", None)],
-            conflicts: 0,
-        },
-        Case {
-            name: "same edit both sides",
-            setup: &[("/a", Some("1"))],
-            on_main: &[("/a", Some("x"))],
-            on_branch: &[("/a", Some("x"))],
-            expect: &[("/a", Some("x"))],
-            conflicts: 0,
-        },
-        Case {
-            name: "different paths both sides",
-            setup: &[],
-            on_main: &[("/m", Some("m"))],
-            on_branch: &[("/b", Some("b"))],
-            expect: &[("/m", Some("m")), ("/b", Some("b"))],
-            conflicts: 0,
-        },
-        Case {
-            name: "both edit: branch wrote last",
-            setup: &[("/a", Some("1"))],
-            on_main: &[("/a", Some("main"))],
-            on_branch: &[("/a", Some("branch"))],
-            expect: &[("/a", Some("branch"))],
-            conflicts: 1,
-        },
-        Case {
-            name: "deleted dir with a new child on main",
-            setup: &[("/d/x", Some("x"))],
-            on_main: &[("/d/new", Some("new"))],
-            on_branch: &[("/d", None)],
-            expect: &[("/d/new", Some("new")), ("/d/x", None)],
-            conflicts: 0,
-        },
+        Case { name: "new file on branch", setup: &[], on_main: &[], on_branch: &[("/n", Some("n"))], expect: &[("/n", Some("n"))], conflicts: 0 },
+        Case { name: "edit on branch", setup: &[("/a", Some("1"))], on_main: &[], on_branch: &[("/a", Some("2"))], expect: &[("/a", Some("2"))], conflicts: 0 },
+        Case { name: "edit on main only", setup: &[("/a", Some("1"))], on_main: &[("/a", Some("m"))], on_branch: &[], expect: &[("/a", Some("m"))], conflicts: 0 },
+        Case { name: "delete on branch", setup: &[("/a", Some("1"))], on_main: &[], on_branch: &[("/a", None)], expect: &[("/a", None)], conflicts: 0 },
+        Case { name: "delete on main survives", setup: &[("/a", Some("1"))], on_main: &[("/a", None)], on_branch: &[], expect: &[("/a", None)], conflicts: 0 },
+        Case { name: "same edit both sides", setup: &[("/a", Some("1"))], on_main: &[("/a", Some("x"))], on_branch: &[("/a", Some("x"))], expect: &[("/a", Some("x"))], conflicts: 0 },
+        Case { name: "different paths both sides", setup: &[], on_main: &[("/m", Some("m"))], on_branch: &[("/b", Some("b"))], expect: &[("/m", Some("m")), ("/b", Some("b"))], conflicts: 0 },
+        Case { name: "both edit: branch wrote last", setup: &[("/a", Some("1"))], on_main: &[("/a", Some("main"))], on_branch: &[("/a", Some("branch"))], expect: &[("/a", Some("branch"))], conflicts: 1 },
+        Case { name: "deleted dir with a new child on main", setup: &[("/d/x", Some("x"))], on_main: &[("/d/new", Some("new"))], on_branch: &[("/d", None)], expect: &[("/d/new", Some("new")), ("/d/x", None)], conflicts: 0 },
     ];
     for case in cases {
         let (_dir, mut engine, clock) = fresh_with_clock();
@@ -136,27 +69,13 @@ fn three_way_merge_cases() {
         clock.advance(10);
         apply(&mut engine, &f, case.on_branch);
         let report = engine.merge(&main, "f", None).unwrap();
-        assert_eq!(
-            report.conflicts.len(),
-            case.conflicts,
-            "{}: conflicts",
-            case.name
-        );
+        assert_eq!(report.conflicts.len(), case.conflicts, "{}: conflicts", case.name);
         for (path, want) in case.expect {
-            assert_eq!(
-                read(&engine, &main, path).as_deref(),
-                *want,
-                "{}: {path}",
-                case.name
-            );
+            assert_eq!(read(&engine, &main, path).as_deref(), *want, "{}: {path}", case.name);
         }
         // Merging again changes nothing.
         let again = engine.merge(&main, "f", None).unwrap();
-        assert!(
-            again.taken.is_empty() && again.conflicts.is_empty(),
-            "{}: second merge {again:?}",
-            case.name
-        );
+        assert!(again.taken.is_empty() && again.conflicts.is_empty(), "{}: second merge {again:?}", case.name);
     }
 }
 
@@ -191,44 +110,18 @@ fn run_repeat(case: &Repeat, collect_between: bool) -> Outcome {
     apply(&mut engine, &f, case.then_branch);
     // Old history in another bucket, so the collection always has something to prune.
     engine.create_bucket("noise").unwrap();
-    apply(
-        &mut engine,
-        &Scope::new("noise", "main"),
-        &[("/n", Some("1")), ("/n", Some("2"))],
-    );
+    apply(&mut engine, &Scope::new("noise", "main"), &[("/n", Some("1")), ("/n", Some("2"))]);
     if collect_between {
         let report = engine.gc(ONLY_HEADS).unwrap();
-        assert!(
-            report.versions_pruned > 0,
-            "{}: the collection pruned nothing, so it proves nothing",
-            case.name
-        );
+        assert!(report.versions_pruned > 0, "{}: the collection pruned nothing, so it proves nothing", case.name);
     }
-    let report = if case.main_into_branch {
-        engine.merge(&f, "main", None).unwrap()
-    } else {
-        engine.merge(&main, "f", None).unwrap()
-    };
+    let report = if case.main_into_branch { engine.merge(&f, "main", None).unwrap() } else { engine.merge(&main, "f", None).unwrap() };
     let into = if case.main_into_branch { &f } else { &main };
     for (path, want) in case.expect {
-        assert_eq!(
-            read(&engine, into, path).as_deref(),
-            *want,
-            "{} (collected: {collect_between}): {path}",
-            case.name
-        );
+        assert_eq!(read(&engine, into, path).as_deref(), *want, "{} (collected: {collect_between}): {path}", case.name);
     }
     let paths = ["/a", "/b", "/c", "/d", "/e", "/g"];
-    let state = paths
-        .iter()
-        .map(|path| {
-            (
-                path.to_string(),
-                read(&engine, &main, path),
-                read(&engine, &f, path),
-            )
-        })
-        .collect();
+    let state = paths.iter().map(|path| (path.to_string(), read(&engine, &main, path), read(&engine, &f, path))).collect();
     (state, report.taken.len(), report.conflicts.len())
 }
 
@@ -237,83 +130,20 @@ fn run_repeat(case: &Repeat, collect_between: bool) -> Outcome {
 /// survives retention.
 #[test]
 fn a_repeat_merge_gives_the_same_result_with_or_without_gc_in_between() {
-    let made_on_branch: &[Step] = &[
-        ("/a", Some("a1")),
-        ("/c", Some("c1")),
-        ("/e", Some("e1")),
-        ("/g", Some("g1")),
-    ];
+    let made_on_branch: &[Step] = &[("/a", Some("a1")), ("/c", Some("c1")), ("/e", Some("e1")), ("/g", Some("g1"))];
     let cases = [
-        Repeat {
-            name: "a delete on the source",
-            setup: &[],
-            first_on_branch: made_on_branch,
-            then_main: &[],
-            then_branch: &[("/a", None)],
-            main_into_branch: false,
-            expect: &[("/a", None), ("/c", Some("c1"))],
-            conflicts: 0,
-        },
-        Repeat {
-            name: "an edit on the source",
-            setup: &[],
-            first_on_branch: made_on_branch,
-            then_main: &[],
-            then_branch: &[("/c", Some("c2")), ("/c", Some("c3"))],
-            main_into_branch: false,
-            expect: &[("/c", Some("c3"))],
-            conflicts: 0,
-        },
-        Repeat {
-            name: "an edit on the target only",
-            setup: &[],
-            first_on_branch: made_on_branch,
-            then_main: &[("/e", Some("e2"))],
-            then_branch: &[("/g", Some("g2"))],
-            main_into_branch: false,
-            expect: &[("/e", Some("e2")), ("/g", Some("g2"))],
-            conflicts: 0,
-        },
-        Repeat {
-            name: "an edit on both sides",
-            setup: &[],
-            first_on_branch: made_on_branch,
-            then_main: &[("/g", Some("gm"))],
-            then_branch: &[("/g", Some("gb"))],
-            main_into_branch: false,
-            expect: &[("/g", Some("gb"))],
-            conflicts: 1,
-        },
-        Repeat {
-            name: "a base file edited on the source",
-            setup: &[("/b", Some("b0"))],
-            first_on_branch: &[("/b", Some("b1"))],
-            then_main: &[],
-            then_branch: &[("/b", Some("b2"))],
-            main_into_branch: false,
-            expect: &[("/b", Some("b2"))],
-            conflicts: 0,
-        },
-        Repeat {
-            name: "back the other way: main into the branch",
-            setup: &[("/d", Some("d0"))],
-            first_on_branch: made_on_branch,
-            then_main: &[("/e", Some("e2")), ("/d", None)],
-            then_branch: &[("/c", Some("c2"))],
-            main_into_branch: true,
-            expect: &[("/e", Some("e2")), ("/d", None), ("/c", Some("c2"))],
-            conflicts: 0,
-        },
+        Repeat { name: "a delete on the source", setup: &[], first_on_branch: made_on_branch, then_main: &[], then_branch: &[("/a", None)], main_into_branch: false, expect: &[("/a", None), ("/c", Some("c1"))], conflicts: 0 },
+        Repeat { name: "an edit on the source", setup: &[], first_on_branch: made_on_branch, then_main: &[], then_branch: &[("/c", Some("c2")), ("/c", Some("c3"))], main_into_branch: false, expect: &[("/c", Some("c3"))], conflicts: 0 },
+        Repeat { name: "an edit on the target only", setup: &[], first_on_branch: made_on_branch, then_main: &[("/e", Some("e2"))], then_branch: &[("/g", Some("g2"))], main_into_branch: false, expect: &[("/e", Some("e2")), ("/g", Some("g2"))], conflicts: 0 },
+        Repeat { name: "an edit on both sides", setup: &[], first_on_branch: made_on_branch, then_main: &[("/g", Some("gm"))], then_branch: &[("/g", Some("gb"))], main_into_branch: false, expect: &[("/g", Some("gb"))], conflicts: 1 },
+        Repeat { name: "a base file edited on the source", setup: &[("/b", Some("b0"))], first_on_branch: &[("/b", Some("b1"))], then_main: &[], then_branch: &[("/b", Some("b2"))], main_into_branch: false, expect: &[("/b", Some("b2"))], conflicts: 0 },
+        Repeat { name: "back the other way: main into the branch", setup: &[("/d", Some("d0"))], first_on_branch: made_on_branch, then_main: &[("/e", Some("e2")), ("/d", None)], then_branch: &[("/c", Some("c2"))], main_into_branch: true, expect: &[("/e", Some("e2")), ("/d", None), ("/c", Some("c2"))], conflicts: 0 },
     ];
     for case in &cases {
         let kept = run_repeat(case, false);
         let collected = run_repeat(case, true);
         assert_eq!(kept.2, case.conflicts, "{}: conflicts", case.name);
-        assert_eq!(
-            collected, kept,
-            "{}: gc between the merges changed the result",
-            case.name
-        );
+        assert_eq!(collected, kept, "{}: gc between the merges changed the result", case.name);
     }
 }
 
@@ -323,20 +153,12 @@ fn a_repeat_merge_gives_the_same_result_with_or_without_gc_in_between() {
 #[test]
 fn a_file_against_a_directory_is_a_conflict_and_the_file_stays_restorable() {
     for file_on_target in [true, false] {
-        let name = if file_on_target {
-            "file on main, child on the branch"
-        } else {
-            "file on the branch, child on main"
-        };
+        let name = if file_on_target { "file on main, child on the branch" } else { "file on the branch, child on main" };
         let (_dir, mut engine, clock) = fresh_with_clock();
         let (main, f) = (main_scope(), Scope::new("default", "f"));
         put(&mut engine, &main, "/x/old", b"old");
         engine.create_branch(&main, "f", None).unwrap();
-        let (file_side, child_side) = if file_on_target {
-            (&main, &f)
-        } else {
-            (&f, &main)
-        };
+        let (file_side, child_side) = if file_on_target { (&main, &f) } else { (&f, &main) };
         clock.advance(10);
         engine.remove(file_side, &p("/x"), true).unwrap();
         put(&mut engine, file_side, "/x", b"now a file");
@@ -344,46 +166,18 @@ fn a_file_against_a_directory_is_a_conflict_and_the_file_stays_restorable() {
         put(&mut engine, child_side, "/x/a", b"child");
 
         let report = engine.merge(&main, "f", None).unwrap();
-        let winner = if file_on_target {
-            Side::Source
-        } else {
-            Side::Target
-        };
-        assert!(
-            report.conflicts.contains(&(p("/x"), winner)),
-            "{name}: {report:?}"
-        );
-        assert_eq!(
-            read(&engine, &main, "/x/a").as_deref(),
-            Some("child"),
-            "{name}"
-        );
-        assert_eq!(
-            names(&engine, &main, "/x"),
-            ["a"],
-            "{name}: /x is a directory holding a"
-        );
+        let winner = if file_on_target { Side::Source } else { Side::Target };
+        assert!(report.conflicts.contains(&(p("/x"), winner)), "{name}: {report:?}");
+        assert_eq!(read(&engine, &main, "/x/a").as_deref(), Some("child"), "{name}");
+        assert_eq!(names(&engine, &main, "/x"), ["a"], "{name}: /x is a directory holding a");
         let listed = engine.conflicts(&main).unwrap();
-        let conflict = listed
-            .iter()
-            .find(|c| c.path == "/x")
-            .unwrap_or_else(|| panic!("{name}: /x not listed: {listed:?}"));
+        let conflict = listed.iter().find(|c| c.path == "/x").unwrap_or_else(|| panic!("{name}: /x not listed: {listed:?}"));
 
         // The loser comes back: move the directory aside, restore the file.
         engine.rename(&main, &p("/x"), &p("/x.dir")).unwrap();
-        engine
-            .restore(&main, &p("/x"), &mine(conflict.loser_seq))
-            .unwrap();
-        assert_eq!(
-            read(&engine, &main, "/x").as_deref(),
-            Some("now a file"),
-            "{name}"
-        );
-        assert_eq!(
-            read(&engine, &main, "/x.dir/a").as_deref(),
-            Some("child"),
-            "{name}"
-        );
+        engine.restore(&main, &p("/x"), &mine(conflict.loser_seq)).unwrap();
+        assert_eq!(read(&engine, &main, "/x").as_deref(), Some("now a file"), "{name}");
+        assert_eq!(read(&engine, &main, "/x.dir/a").as_deref(), Some("child"), "{name}");
     }
 }
 
@@ -406,9 +200,7 @@ fn the_losing_side_of_a_conflict_stays_restorable() {
     assert_eq!(conflicts[0].path, "/s");
     // The loser outlives its branch.
     engine.delete_branch(&main, "f").unwrap();
-    engine
-        .restore(&main, &p("/s"), &mine(conflicts[0].loser_seq))
-        .unwrap();
+    engine.restore(&main, &p("/s"), &mine(conflicts[0].loser_seq)).unwrap();
     assert_eq!(get(&engine, &main, "/s").unwrap(), b"branch side");
 }
 
@@ -435,41 +227,17 @@ fn a_conflict_loser_outlives_retention_until_dismissed() {
     let loser_of = |path: &str| listed.iter().find(|c| c.path == path).unwrap().loser_seq;
 
     engine.gc(ONLY_HEADS).unwrap();
-    assert_eq!(
-        engine.conflicts(&main).unwrap(),
-        listed,
-        "retention dropped a listed conflict"
-    );
+    assert_eq!(engine.conflicts(&main).unwrap(), listed, "retention dropped a listed conflict");
     for path in ["/s", "/t"] {
-        assert!(
-            engine
-                .log(&main, &p(path))
-                .unwrap()
-                .iter()
-                .any(|r| r.seq == loser_of(path)),
-            "{path}: loser pruned while listed"
-        );
+        assert!(engine.log(&main, &p(path)).unwrap().iter().any(|r| r.seq == loser_of(path)), "{path}: loser pruned while listed");
     }
 
     // Dismissed, /s's loser falls under retention; /t's stays listed and kept.
     assert_eq!(engine.dismiss_conflicts(&main, Some(&p("/s"))).unwrap(), 1);
-    assert!(engine
-        .dismiss_conflicts(&main, Some(&p("/nothing")))
-        .unwrap_err()
-        .to_string()
-        .contains("no conflict"));
+    assert!(engine.dismiss_conflicts(&main, Some(&p("/nothing"))).unwrap_err().to_string().contains("no conflict"));
     engine.gc(ONLY_HEADS).unwrap();
-    assert!(
-        !engine
-            .log(&main, &p("/s"))
-            .unwrap()
-            .iter()
-            .any(|r| r.seq == loser_of("/s")),
-        "a dismissed loser outlived retention"
-    );
-    engine
-        .restore(&main, &p("/t"), &mine(loser_of("/t")))
-        .unwrap();
+    assert!(!engine.log(&main, &p("/s")).unwrap().iter().any(|r| r.seq == loser_of("/s")), "a dismissed loser outlived retention");
+    engine.restore(&main, &p("/t"), &mine(loser_of("/t"))).unwrap();
     assert_eq!(get(&engine, &main, "/t").unwrap(), b"branch t");
     assert_eq!(engine.dismiss_conflicts(&main, None).unwrap(), 1);
     assert!(engine.conflicts(&main).unwrap().is_empty());
@@ -497,10 +265,7 @@ fn merging_in_either_direction_agrees() {
         engine.remove(&a, &p("/y"), false).unwrap();
         let (from, into) = if a_into_b { ("a", &b) } else { ("b", &a) };
         engine.merge(into, from, None).unwrap();
-        let state: Vec<_> = ["/x", "/y"]
-            .iter()
-            .map(|path| get(&engine, into, path))
-            .collect();
+        let state: Vec<_> = ["/x", "/y"].iter().map(|path| get(&engine, into, path)).collect();
         drop(dir);
         state
     };
@@ -517,24 +282,13 @@ fn a_merge_looks_only_at_what_changed_since_the_branches_were_last_in_step() {
     engine.create_branch(&main, "f", None).unwrap();
     let items: Vec<_> = (0..1000)
         .map(|i| {
-            let blob = engine
-                .content()
-                .import_reader(format!("file {i}").as_bytes(), |_| {})
-                .unwrap();
-            (
-                p(&format!("/f/{i:04}")),
-                alknet_actors::engine::file_entry(&blob, 0o644, 0),
-                blob,
-            )
+            let blob = engine.content().import_reader(format!("file {i}").as_bytes(), |_| {}).unwrap();
+            (p(&format!("/f/{i:04}")), alknet_actors::engine::file_entry(&blob, 0o644, 0), blob)
         })
         .collect();
     engine.commit_entries(&f, &items).unwrap();
     let first = engine.merge(&main, "f", None).unwrap();
-    assert!(
-        first.examined > 1000,
-        "the first merge looks at every new path: {}",
-        first.examined
-    );
+    assert!(first.examined > 1000, "the first merge looks at every new path: {}", first.examined);
     clock.advance(10);
     put(&mut engine, &main, "/m", b"main's");
     let back = engine.merge(&f, "main", None).unwrap();
@@ -543,10 +297,7 @@ fn a_merge_looks_only_at_what_changed_since_the_branches_were_last_in_step() {
     put(&mut engine, &f, "/one-more", b"more");
     let again = engine.merge(&main, "f", None).unwrap();
     assert_eq!(again.taken, [p("/one-more")]);
-    assert_eq!(
-        again.examined, 2,
-        "only /one-more and /m (which came back from main) changed on f since the last merges"
-    );
+    assert_eq!(again.examined, 2, "only /one-more and /m (which came back from main) changed on f since the last merges");
     assert_eq!(get(&engine, &main, "/f/0999").unwrap(), b"file 999");
     assert_eq!(names(&engine, &main, "/").len(), 3);
 }
@@ -560,10 +311,7 @@ fn tree(engine: &Engine, scope: &Scope) -> std::collections::BTreeMap<String, Ve
             match row.entry().unwrap().kind {
                 alknet_actors::proto::entry::EntryKind::Dir => dirs.push(row.path.clone()),
                 _ => {
-                    out.insert(
-                        row.path.to_string(),
-                        get(engine, scope, row.path.as_str()).unwrap(),
-                    );
+                    out.insert(row.path.to_string(), get(engine, scope, row.path.as_str()).unwrap());
                 }
             }
         }
@@ -578,13 +326,9 @@ fn tree(engine: &Engine, scope: &Scope) -> std::collections::BTreeMap<String, Ve
 fn back_and_forth_merges_always_bring_two_branches_into_step() {
     const PATHS: [&str; 8] = ["/a", "/b", "/d/x", "/d/y", "/d/e/z", "/e", "/d", "/d/e"];
     for seed in 0..60u64 {
-        let mut rng = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let mut next = |n: u64| {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (rng >> 33) % n
         };
         let (_dir, mut engine, clock) = fresh_with_clock();
@@ -597,12 +341,7 @@ fn back_and_forth_merges_always_bring_two_branches_into_step() {
             match next(10) {
                 0..=4 => {
                     // A write may meet a directory where it wants a file, or the reverse: fine.
-                    let _ = engine.put_reader(
-                        side,
-                        format!("{seed} {}", next(1000)).as_bytes(),
-                        &p(path),
-                        |_| {},
-                    );
+                    let _ = engine.put_reader(side, format!("{seed} {}", next(1000)).as_bytes(), &p(path), |_| {});
                 }
                 5..=6 => {
                     let _ = engine.remove(side, &p(path), true);
@@ -620,18 +359,11 @@ fn back_and_forth_merges_always_bring_two_branches_into_step() {
         }
         engine.merge(&main, "f", None).unwrap();
         engine.merge(&f, "main", None).unwrap();
-        assert_eq!(
-            tree(&engine, &main),
-            tree(&engine, &f),
-            "seed {seed}: the branches are not in step after merging both ways"
-        );
+        assert_eq!(tree(&engine, &main), tree(&engine, &f), "seed {seed}: the branches are not in step after merging both ways");
     }
 }
 
 /// A version this node wrote, by its seq.
 fn mine(seq: i64) -> alknet_actors::proto::ids::VersionRef {
-    alknet_actors::proto::ids::VersionRef {
-        seq,
-        node_prefix: None,
-    }
+    alknet_actors::proto::ids::VersionRef { seq, node_prefix: None }
 }

@@ -59,41 +59,16 @@ fn sync(a: &mut Node, b: &mut Node, uid: &Uid) -> usize {
     messages
 }
 
-fn adoption(
-    name: String,
-    bucket: Uid,
-    root: alknet_actors::proto::replica::BranchRecord,
-    inviter: NodeId,
-) -> mesh::Adoption {
-    mesh::Adoption {
-        name,
-        bucket,
-        root,
-        inviter,
-        inviter_addrs: vec![],
-        my_addrs: vec![],
-    }
+fn adoption(name: String, bucket: Uid, root: alknet_actors::proto::replica::BranchRecord, inviter: NodeId) -> mesh::Adoption {
+    mesh::Adoption { name, bucket, root, inviter, inviter_addrs: vec![], my_addrs: vec![] }
 }
 
 fn join(inviter: &mut Node, joiner: &mut Node) -> Uid {
-    let (uid, secret) = inviter
-        .mesh
-        .invite(&mut inviter.engine, "default", 3_600_000, 1, &[])
-        .unwrap();
-    let (name, root) = inviter
-        .mesh
-        .admit(&mut inviter.engine, &uid, &secret, &joiner.me(), &[])
-        .unwrap()
-        .unwrap();
-    joiner
-        .mesh
-        .adopt(&mut joiner.engine, &adoption(name, uid, root, inviter.me()))
-        .unwrap();
+    let (uid, secret) = inviter.mesh.invite(&mut inviter.engine, "default", 3_600_000, 1, &[]).unwrap();
+    let (name, root) = inviter.mesh.admit(&mut inviter.engine, &uid, &secret, &joiner.me(), &[]).unwrap().unwrap();
+    joiner.mesh.adopt(&mut joiner.engine, &adoption(name, uid, root, inviter.me())).unwrap();
     // A used-up ticket is refused.
-    let again = inviter
-        .mesh
-        .admit(&mut inviter.engine, &uid, &secret, &NodeId([9; 32]), &[])
-        .unwrap();
+    let again = inviter.mesh.admit(&mut inviter.engine, &uid, &secret, &NodeId([9; 32]), &[]).unwrap();
     assert!(again.is_err());
     uid
 }
@@ -110,43 +85,19 @@ fn a_joined_node_gets_the_history_and_both_converge() {
     let first = sync(&mut a, &mut b, &uid);
     assert!(first > 0);
     for node in [&a, &b] {
-        let names: Vec<String> = node
-            .engine
-            .walk(&s, &p("/"))
-            .unwrap()
-            .iter()
-            .map(|r| r.path.to_string())
-            .collect();
+        let names: Vec<String> = node.engine.walk(&s, &p("/")).unwrap().iter().map(|r| r.path.to_string()).collect();
         assert_eq!(names, ["/after.txt", "/before-invite.txt", "/from-b.txt"]);
-        assert!(
-            node.engine.tree().branch("default", "feat").is_ok(),
-            "the branch arrived"
-        );
+        assert!(node.engine.tree().branch("default", "feat").is_ok(), "the branch arrived");
     }
     // Inline blobs are not carried by the documents: the version is here, its bytes pending.
-    assert!(
-        b.engine
-            .tree()
-            .conn()
-            .query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| r
-                .get::<_, i64>(0))
-            .unwrap()
-            >= 1
-    );
+    assert!(b.engine.tree().conn().query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| r.get::<_, i64>(0)).unwrap() >= 1);
     // In step: summaries agree, nothing to send.
-    assert_eq!(
-        a.mesh.summary(&a.engine, &uid).unwrap(),
-        b.mesh.summary(&b.engine, &uid).unwrap()
-    );
+    assert_eq!(a.mesh.summary(&a.engine, &uid).unwrap(), b.mesh.summary(&b.engine, &uid).unwrap());
     assert_eq!(sync(&mut a, &mut b, &uid), 0);
     // Members: both, on both.
     for node in [&a, &b] {
         let bucket = node.engine.bucket_identity("default").unwrap();
-        let mut members: Vec<NodeId> = mesh::members(node.engine.tree().conn(), bucket.id)
-            .unwrap()
-            .iter()
-            .map(|m| m.node)
-            .collect();
+        let mut members: Vec<NodeId> = mesh::members(node.engine.tree().conn(), bucket.id).unwrap().iter().map(|m| m.node).collect();
         members.sort();
         let mut want = vec![a.me(), b.me()];
         want.sort();
@@ -158,59 +109,28 @@ fn a_joined_node_gets_the_history_and_both_converge() {
 fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     let (mut a, mut b, mut c) = (Node::new(), Node::new(), Node::new());
     let uid = join(&mut a, &mut b);
-    let (uid2, secret) = a
-        .mesh
-        .invite(&mut a.engine, "default", 3_600_000, 1, &[])
-        .unwrap();
+    let (uid2, secret) = a.mesh.invite(&mut a.engine, "default", 3_600_000, 1, &[]).unwrap();
     assert_eq!(uid, uid2);
-    let (name, root) = a
-        .mesh
-        .admit(&mut a.engine, &uid, &secret, &c.me(), &[])
-        .unwrap()
-        .unwrap();
-    c.mesh
-        .adopt(&mut c.engine, &adoption(name, uid, root, a.me()))
-        .unwrap();
+    let (name, root) = a.mesh.admit(&mut a.engine, &uid, &secret, &c.me(), &[]).unwrap().unwrap();
+    c.mesh.adopt(&mut c.engine, &adoption(name, uid, root, a.me())).unwrap();
     put(&mut a.engine, &main_scope(), "/x", b"x");
     sync(&mut a, &mut b, &uid);
     // A restarts: its documents are read back from tree.db, and are still in step with B's.
     let dir = a.dir;
     drop(a.engine);
     let engine = Engine::open(dir.path(), Access::Write).unwrap();
-    let mut a = Node {
-        mesh: Mesh::new(&engine),
-        engine,
-        dir,
-    };
-    assert_eq!(
-        a.mesh.summary(&a.engine, &uid).unwrap(),
-        b.mesh.summary(&b.engine, &uid).unwrap()
-    );
+    let mut a = Node { mesh: Mesh::new(&engine), engine, dir };
+    assert_eq!(a.mesh.summary(&a.engine, &uid).unwrap(), b.mesh.summary(&b.engine, &uid).unwrap());
     // A removes C; B learns it by sync and no longer counts C as a member.
-    a.mesh
-        .remove_member(&mut a.engine, "default", &c.me())
-        .unwrap();
+    a.mesh.remove_member(&mut a.engine, "default", &c.me()).unwrap();
     sync(&mut a, &mut b, &uid);
     let in_b = mesh::buckets_of(b.engine.tree().conn(), &c.me()).unwrap();
     assert!(in_b.is_empty(), "B still counts C as a member: {in_b:?}");
-    assert!(mesh::buckets_of(b.engine.tree().conn(), &a.me())
-        .unwrap()
-        .iter()
-        .any(|(_, u)| *u == uid));
+    assert!(mesh::buckets_of(b.engine.tree().conn(), &a.me()).unwrap().iter().any(|(_, u)| *u == uid));
     // C was a member and is not any more: its admission with another ticket is refused.
-    let (_, secret) = a
-        .mesh
-        .invite(&mut a.engine, "default", 3_600_000, 1, &[])
-        .unwrap();
-    assert!(a
-        .mesh
-        .admit(&mut a.engine, &uid, &secret, &c.me(), &[])
-        .unwrap()
-        .is_err());
-    assert!(
-        b.engine.file_entry(&main_scope(), &p("/x")).is_ok(),
-        "B has the entry; its bytes are still on A (no blob transfer here)"
-    );
+    let (_, secret) = a.mesh.invite(&mut a.engine, "default", 3_600_000, 1, &[]).unwrap();
+    assert!(a.mesh.admit(&mut a.engine, &uid, &secret, &c.me(), &[]).unwrap().is_err());
+    assert!(b.engine.file_entry(&main_scope(), &p("/x")).is_ok(), "B has the entry; its bytes are still on A (no blob transfer here)");
     assert_eq!(get(&a.engine, &main_scope(), "/x").unwrap(), b"x");
 }
 
@@ -218,21 +138,14 @@ fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
 fn a_branch_deleted_on_one_node_is_deleted_on_the_other() {
     let (mut a, mut b) = (Node::new(), Node::new());
     let uid = join(&mut a, &mut b);
-    a.engine
-        .create_branch(&main_scope(), "old-idea", None)
-        .unwrap();
+    a.engine.create_branch(&main_scope(), "old-idea", None).unwrap();
     sync(&mut a, &mut b, &uid);
     assert!(b.engine.tree().branch("default", "old-idea").is_ok());
     b.engine.delete_branch(&main_scope(), "old-idea").unwrap();
     sync(&mut a, &mut b, &uid);
-    assert!(
-        a.engine.tree().branch("default", "old-idea").is_err(),
-        "the deletion reached A"
-    );
+    assert!(a.engine.tree().branch("default", "old-idea").is_err(), "the deletion reached A");
     // A deleted branch's name is free again, on both nodes.
-    a.engine
-        .create_branch(&main_scope(), "old-idea", None)
-        .unwrap();
+    a.engine.create_branch(&main_scope(), "old-idea", None).unwrap();
     sync(&mut a, &mut b, &uid);
     assert!(b.engine.tree().branch("default", "old-idea").is_ok());
 }
@@ -246,30 +159,13 @@ fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
     let s = main_scope();
     let uid = join(&mut a, &mut b);
     // Two paths whose versions land in different shards.
-    let root = a
-        .engine
-        .branch_records("default")
-        .unwrap()
-        .into_iter()
-        .find(|r| r.parent.is_none())
-        .unwrap()
-        .uid;
+    let root = a.engine.branch_records("default").unwrap().into_iter().find(|r| r.parent.is_none()).unwrap().uid;
     let shard = |path: &str| alknet_actors::proto::replica::shard_of(&root, &p(path));
-    let (from, to) = (0..200)
-        .map(|i| (format!("/from{i}"), format!("/to{i}")))
-        .find(|(f, t)| shard(f) != shard(t))
-        .unwrap();
+    let (from, to) = (0..200).map(|i| (format!("/from{i}"), format!("/to{i}"))).find(|(f, t)| shard(f) != shard(t)).unwrap();
     put(&mut a.engine, &s, &from, b"moving");
     sync(&mut a, &mut b, &uid);
     // The documents carry versions, not bytes: what B lists is what it shows.
-    let listed = |b: &Node| -> Vec<String> {
-        b.engine
-            .walk(&s, &p("/"))
-            .unwrap()
-            .iter()
-            .map(|r| r.path.to_string())
-            .collect()
-    };
+    let listed = |b: &Node| -> Vec<String> { b.engine.walk(&s, &p("/")).unwrap().iter().map(|r| r.path.to_string()).collect() };
     assert_eq!(listed(&b), std::slice::from_ref(&from));
     a.engine.rename(&s, &p(&from), &p(&to)).unwrap();
     a.mesh.publish(&mut a.engine).unwrap();
@@ -290,11 +186,7 @@ fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
         }
     };
     only(shard(&from), &mut a, &mut b);
-    assert_eq!(
-        listed(&b),
-        std::slice::from_ref(&from),
-        "half a rename shown"
-    );
+    assert_eq!(listed(&b), std::slice::from_ref(&from), "half a rename shown");
     // B restarts in between: what it held back is still held.
     let Node { dir, engine, .. } = b;
     drop(engine);
@@ -302,11 +194,7 @@ fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
     let mesh = Mesh::new(&engine);
     let mut b = Node { dir, engine, mesh };
     only(shard(&to), &mut a, &mut b);
-    assert_eq!(
-        listed(&b),
-        std::slice::from_ref(&to),
-        "the whole rename, once its second half arrived"
-    );
+    assert_eq!(listed(&b), std::slice::from_ref(&to), "the whole rename, once its second half arrived");
 }
 
 #[test]
@@ -321,85 +209,34 @@ fn a_removal_takes_back_what_the_removed_member_did_that_its_remover_had_not_see
     sync(&mut a, &mut r, &uid);
     sync(&mut a, &mut b, &uid);
     sync(&mut b, &mut r, &uid);
-    a.mesh
-        .remove_member(&mut a.engine, "default", &r.me())
-        .unwrap();
+    a.mesh.remove_member(&mut a.engine, "default", &r.me()).unwrap();
     put(&mut r.engine, &s, "/r-after.txt", b"unseen");
     join(&mut r, &mut n);
     sync(&mut r, &mut n, &uid);
-    put(
-        &mut n.engine,
-        &s,
-        "/n.txt",
-        b"from a node a removed member admitted",
-    );
+    put(&mut n.engine, &s, "/n.txt", b"from a node a removed member admitted");
     sync(&mut r, &mut n, &uid);
-    let listed = |x: &Node| -> Vec<String> {
-        x.engine
-            .walk(&s, &p("/"))
-            .unwrap()
-            .iter()
-            .map(|r| r.path.to_string())
-            .collect()
-    };
+    let listed = |x: &Node| -> Vec<String> { x.engine.walk(&s, &p("/")).unwrap().iter().map(|r| r.path.to_string()).collect() };
     sync(&mut b, &mut r, &uid);
-    assert_eq!(
-        listed(&b),
-        ["/n.txt", "/r-after.txt", "/r-before.txt"],
-        "B, not knowing of the removal, takes all of it"
-    );
+    assert_eq!(listed(&b), ["/n.txt", "/r-after.txt", "/r-before.txt"], "B, not knowing of the removal, takes all of it");
     let bucket = b.engine.bucket_identity("default").unwrap().id;
     let cursor = alknet_actors::store::outbox::head(b.engine.tree().conn()).unwrap();
     sync(&mut a, &mut b, &uid);
     for (name, node) in [("A", &a), ("B", &b)] {
-        assert_eq!(
-            listed(node),
-            ["/r-before.txt"],
-            "{name} shows what R did unseen by its remover"
-        );
+        assert_eq!(listed(node), ["/r-before.txt"], "{name} shows what R did unseen by its remover");
         for cut in [r.me(), n.me()] {
-            assert!(
-                mesh::buckets_of(node.engine.tree().conn(), &cut)
-                    .unwrap()
-                    .is_empty(),
-                "{name} still lets {cut} in"
-            );
+            assert!(mesh::buckets_of(node.engine.tree().conn(), &cut).unwrap().is_empty(), "{name} still lets {cut} in");
         }
     }
-    let events =
-        alknet_actors::store::outbox::read_after(b.engine.tree().conn(), cursor, 100).unwrap();
-    let retracted: Vec<_> = events
-        .iter()
-        .filter(|(_, e)| e.op == "retracted")
-        .filter_map(|(_, e)| e.path.clone())
-        .collect();
-    assert_eq!(
-        retracted.len(),
-        2,
-        "one event per path taken back: {events:?}"
-    );
+    let events = alknet_actors::store::outbox::read_after(b.engine.tree().conn(), cursor, 100).unwrap();
+    let retracted: Vec<_> = events.iter().filter(|(_, e)| e.op == "retracted").filter_map(|(_, e)| e.path.clone()).collect();
+    assert_eq!(retracted.len(), 2, "one event per path taken back: {events:?}");
     // Kept out across a restart; the removed node keeps its own writes.
     let Node { dir, engine, .. } = b;
     drop(engine);
     let engine = Engine::open(dir.path(), Access::Write).unwrap();
-    let mut b = Node {
-        mesh: Mesh::new(&engine),
-        engine,
-        dir,
-    };
+    let mut b = Node { mesh: Mesh::new(&engine), engine, dir };
     sync(&mut a, &mut b, &uid);
     assert_eq!(listed(&b), ["/r-before.txt"]);
-    assert_eq!(
-        b.engine
-            .tree()
-            .conn()
-            .query_row(
-                "SELECT count(*) FROM mesh_deferred WHERE bucket_id = ?1",
-                [bucket],
-                |r| r.get::<_, i64>(0)
-            )
-            .unwrap(),
-        2
-    );
+    assert_eq!(b.engine.tree().conn().query_row("SELECT count(*) FROM mesh_deferred WHERE bucket_id = ?1", [bucket], |r| r.get::<_, i64>(0)).unwrap(), 2);
     assert_eq!(listed(&r), ["/n.txt", "/r-after.txt", "/r-before.txt"]);
 }

@@ -26,41 +26,16 @@ async fn start(dir: &std::path::Path, config: NodeConfig) -> Started {
     Engine::init(dir).unwrap();
     let content = ContentStore::open(&dir.join("content")).unwrap();
     let index = Arc::new(BlobIndex::open(dir).await.unwrap());
-    let ctx = NodeContext::new(
-        dir,
-        Arc::new(DirLock::take(dir).unwrap()),
-        content.clone(),
-        index.clone(),
-        config,
-    );
+    let ctx = NodeContext::new(dir, Arc::new(DirLock::take(dir).unwrap()), content.clone(), index.clone(), config);
     let faults = ctx.faults.clone();
-    let node::Started {
-        supervisor: sup,
-        done,
-        handle,
-    } = node::start(ctx).await.unwrap();
-    Started {
-        handle,
-        sup,
-        done,
-        content,
-        index,
-        faults,
-    }
+    let node::Started { supervisor: sup, done, handle } = node::start(ctx).await.unwrap();
+    Started { handle, sup, done, content, index, faults }
 }
 
-async fn put(
-    handle: &NodeHandle,
-    content: &ContentStore,
-    path: &str,
-    bytes: &[u8],
-) -> Result<i64, String> {
+async fn put(handle: &NodeHandle, content: &ContentStore, path: &str, bytes: &[u8]) -> Result<i64, String> {
     let blob = content.import_reader(bytes, |_| {}).unwrap();
     let entry = file_entry(&blob, 0o644, 0);
-    let op = WriteOp::Commit {
-        scope: Scope::new("default", "main"),
-        items: vec![(TreePath::parse(path).unwrap(), entry, blob)],
-    };
+    let op = WriteOp::Commit { scope: Scope::new("default", "main"), items: vec![(TreePath::parse(path).unwrap(), entry, blob)] };
     match handle.write(op).await.map_err(|e| e.to_string())? {
         WriteOutcome::Seqs(s) => Ok(s[0]),
         other => panic!("unexpected outcome {other:?}"),
@@ -68,34 +43,17 @@ async fn put(
 }
 
 async fn restarts_of(handle: &NodeHandle, child: Child) -> u64 {
-    handle
-        .health()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|h| h.name == child.name())
-        .unwrap()
-        .restarts
+    handle.health().await.unwrap().into_iter().find(|h| h.name == child.name()).unwrap().restarts
 }
 
 async fn wait_running(handle: &NodeHandle, child: Child, restarts: u64) {
     let t = Instant::now();
     loop {
-        let h = handle
-            .health()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|h| h.name == child.name())
-            .unwrap();
+        let h = handle.health().await.unwrap().into_iter().find(|h| h.name == child.name()).unwrap();
         if h.restarts >= restarts && h.state == "running" {
             return;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{} not back: {h:?}",
-            child.name()
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{} not back: {h:?}", child.name());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -103,102 +61,50 @@ async fn wait_running(handle: &NodeHandle, child: Child, restarts: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_child_restarts_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let Started {
-        handle,
-        sup,
-        content,
-        ..
-    } = start(dir.path(), NodeConfig::default()).await;
+    let Started { handle, sup, content, .. } = start(dir.path(), NodeConfig::default()).await;
     let mut acked = Vec::new();
     for (i, child) in Child::ALL.into_iter().enumerate() {
-        acked.push((
-            format!("/before-{i}"),
-            put(
-                &handle,
-                &content,
-                &format!("/before-{i}"),
-                format!("b{i}").as_bytes(),
-            )
-            .await
-            .unwrap(),
-        ));
+        acked.push((format!("/before-{i}"), put(&handle, &content, &format!("/before-{i}"), format!("b{i}").as_bytes()).await.unwrap()));
         handle.inject_panic(child).unwrap();
         wait_running(&handle, child, 1).await;
         // The first write after a store restart goes over a dead line and must be re-sent.
         let path = format!("/after-{i}");
-        put(&handle, &content, &path, format!("a{i}").as_bytes())
-            .await
-            .unwrap();
+        put(&handle, &content, &path, format!("a{i}").as_bytes()).await.unwrap();
         assert_eq!(restarts_of(&handle, child).await, 1);
-        let last = handle
-            .health()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|h| h.name == child.name())
-            .unwrap()
-            .last_failure
-            .unwrap();
+        let last = handle.health().await.unwrap().into_iter().find(|h| h.name == child.name()).unwrap().last_failure.unwrap();
         assert!(last.contains("fault injection"), "{last}");
     }
     node::stop(&sup).await;
     // Everything acknowledged is there.
     let engine = Engine::open(dir.path(), alknet_actors::engine::Access::Read).unwrap();
-    let names: Vec<String> = engine
-        .list(&Scope::new("default", "main"), &TreePath::root())
-        .unwrap()
-        .iter()
-        .map(|r| r.path.name().to_string())
-        .collect();
+    let names: Vec<String> = engine.list(&Scope::new("default", "main"), &TreePath::root()).unwrap().iter().map(|r| r.path.name().to_string()).collect();
     for i in 0..4 {
-        assert!(
-            names.contains(&format!("before-{i}")) && names.contains(&format!("after-{i}")),
-            "{names:?}"
-        );
+        assert!(names.contains(&format!("before-{i}")) && names.contains(&format!("after-{i}")), "{names:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_that_keeps_failing_escalates() {
     let dir = tempfile::tempdir().unwrap();
-    let config = NodeConfig {
-        restart_budget: 1,
-        restart_window: Duration::from_secs(60),
-        ..NodeConfig::default()
-    };
+    let config = NodeConfig { restart_budget: 1, restart_window: Duration::from_secs(60), ..NodeConfig::default() };
     let Started { handle, done, .. } = start(dir.path(), config).await;
     handle.inject_panic(Child::Gc).unwrap();
     wait_running(&handle, Child::Gc, 1).await;
     handle.inject_panic(Child::Gc).unwrap();
     // Past the budget the supervisor stops: the node's join handle completes.
-    tokio::time::timeout(Duration::from_secs(10), done)
-        .await
-        .expect("supervisor did not escalate")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done).await.expect("supervisor did not escalate").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_that_fails_counts_as_a_failure_and_is_retried_under_the_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let Started {
-        handle,
-        sup,
-        content,
-        faults,
-        ..
-    } = start(dir.path(), NodeConfig::default()).await;
+    let Started { handle, sup, content, faults, .. } = start(dir.path(), NodeConfig::default()).await;
     // The outbox panics, and its next two starts fail too: four failures in all, within the
     // budget of five. The node must ride it out, not end at the first failed restart.
     faults.fail_next_starts(Child::Outbox, 2);
     handle.inject_panic(Child::Outbox).unwrap();
     wait_running(&handle, Child::Outbox, 1).await;
-    let health = handle
-        .health()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|h| h.name == Child::Outbox.name())
-        .unwrap();
+    let health = handle.health().await.unwrap().into_iter().find(|h| h.name == Child::Outbox.name()).unwrap();
     assert_eq!(health.restarts, 1, "{health:?}");
     put(&handle, &content, "/after", b"served").await.unwrap();
     node::stop(&sup).await;
@@ -207,23 +113,11 @@ async fn a_restart_that_fails_counts_as_a_failure_and_is_retried_under_the_budge
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_that_keep_failing_escalate_like_any_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let config = NodeConfig {
-        restart_budget: 2,
-        restart_window: Duration::from_secs(60),
-        ..NodeConfig::default()
-    };
-    let Started {
-        handle,
-        done,
-        faults,
-        ..
-    } = start(dir.path(), config).await;
+    let config = NodeConfig { restart_budget: 2, restart_window: Duration::from_secs(60), ..NodeConfig::default() };
+    let Started { handle, done, faults, .. } = start(dir.path(), config).await;
     faults.fail_next_starts(Child::Gc, 100);
     handle.inject_panic(Child::Gc).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), done)
-        .await
-        .expect("a child that never starts again did not escalate")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done).await.expect("a child that never starts again did not escalate").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,78 +131,37 @@ async fn two_nodes_run_side_by_side_in_one_process() {
     a.handle.inject_panic(Child::Store).unwrap();
     wait_running(&a.handle, Child::Store, 1).await;
     assert_eq!(restarts_of(&b.handle, Child::Store).await, 0);
-    put(&a.handle, &a.content, "/on-a-again", b"a")
-        .await
-        .unwrap();
-    put(&b.handle, &b.content, "/on-b-again", b"b")
-        .await
-        .unwrap();
+    put(&a.handle, &a.content, "/on-a-again", b"a").await.unwrap();
+    put(&b.handle, &b.content, "/on-b-again", b"b").await.unwrap();
     node::stop(&a.sup).await;
     node::stop(&b.sup).await;
     for (dir, mine, theirs) in [(&dir_a, "on-a", "on-b"), (&dir_b, "on-b", "on-a")] {
         let engine = Engine::open(dir.path(), alknet_actors::engine::Access::Read).unwrap();
-        let names: Vec<String> = engine
-            .list(&Scope::new("default", "main"), &TreePath::root())
-            .unwrap()
-            .iter()
-            .map(|r| r.path.name().to_string())
-            .collect();
-        assert_eq!(
-            names,
-            [mine.to_string(), format!("{mine}-again")],
-            "each node wrote its own store only (not {theirs})"
-        );
+        let names: Vec<String> = engine.list(&Scope::new("default", "main"), &TreePath::root()).unwrap().iter().map(|r| r.path.name().to_string()).collect();
+        assert_eq!(names, [mine.to_string(), format!("{mine}-again")], "each node wrote its own store only (not {theirs})");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blobs_get_indexed_and_freed_ones_leave_the_index() {
     let dir = tempfile::tempdir().unwrap();
-    let Started {
-        handle,
-        sup,
-        content,
-        index,
-        ..
-    } = start(dir.path(), NodeConfig::default()).await;
+    let Started { handle, sup, content, index, .. } = start(dir.path(), NodeConfig::default()).await;
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     put(&handle, &content, "/big", &big).await.unwrap();
     put(&handle, &content, "/small", b"small").await.unwrap();
     let t = Instant::now();
     while handle.blob_stats().await.unwrap().indexed < 2 {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "blobs not indexed: {:?}",
-            handle.blob_stats().await.unwrap()
-        );
+        assert!(t.elapsed() < Duration::from_secs(15), "blobs not indexed: {:?}", handle.blob_stats().await.unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(index.tagged().await.unwrap().len(), 2);
-    assert_eq!(
-        index
-            .verified_bytes(&alknet_actors::proto::entry::ContentHash(
-                *blake3::hash(&big).as_bytes()
-            ))
-            .await
-            .unwrap(),
-        big
-    );
-    handle
-        .write(WriteOp::Remove {
-            scope: Scope::new("default", "main"),
-            path: TreePath::parse("/big").unwrap(),
-            recursive: false,
-        })
-        .await
-        .unwrap();
+    assert_eq!(index.verified_bytes(&alknet_actors::proto::entry::ContentHash(*blake3::hash(&big).as_bytes())).await.unwrap(), big);
+    handle.write(WriteOp::Remove { scope: Scope::new("default", "main"), path: TreePath::parse("/big").unwrap(), recursive: false }).await.unwrap();
     let report = handle.gc(Some(0), Some(0)).await.unwrap();
     assert_eq!(report.blobs_freed, 1, "{report:?}");
     let t = Instant::now();
     while index.tagged().await.unwrap().len() != 1 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the freed blob's tag stayed in the index"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "the freed blob's tag stayed in the index");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     node::stop(&sup).await;

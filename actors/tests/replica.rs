@@ -39,19 +39,13 @@ fn mesh(n: usize) -> (Vec<Node>, Uid) {
     let mut nodes: Vec<Node> = (0..n)
         .map(|_| {
             let (dir, engine, clock) = fresh_with_clock();
-            Node {
-                _dir: dir,
-                engine,
-                clock,
-            }
+            Node { _dir: dir, engine, clock }
         })
         .collect();
     let shared = nodes[0].engine.bucket_identity("default").unwrap();
     let root = nodes[0].engine.branch_records("default").unwrap().remove(0);
     for node in &mut nodes[1..] {
-        node.engine
-            .adopt_bucket("default", &shared.uid, &root)
-            .unwrap();
+        node.engine.adopt_bucket("default", &shared.uid, &root).unwrap();
     }
     (nodes, shared.uid)
 }
@@ -63,15 +57,8 @@ fn sync(nodes: &mut [Node], uid: &Uid, from: usize, to: usize, rng: &mut Rng) {
     for i in (1..changes.len()).rev() {
         changes.swap(i, rng.below(i as u64 + 1) as usize);
     }
-    let applied = nodes[to]
-        .engine
-        .apply_from_peer(uid, &records, changes)
-        .unwrap();
-    assert!(
-        applied.deferred.is_empty(),
-        "every branch came with its record: {:?}",
-        applied.deferred
-    );
+    let applied = nodes[to].engine.apply_from_peer(uid, &records, changes).unwrap();
+    assert!(applied.deferred.is_empty(), "every branch came with its record: {:?}", applied.deferred);
 }
 
 /// What a user compares: every live path with kind and content, per branch, and the listed
@@ -91,17 +78,8 @@ fn picture(engine: &Engine) -> Picture {
                 (r.path.to_string(), format!("{:?}", e.kind), e.hash.to_hex())
             })
             .collect();
-        let mut conflicts: Vec<(String, String)> = engine
-            .conflicts(&scope)
-            .unwrap()
-            .iter()
-            .map(|c| {
-                (
-                    c.path.clone(),
-                    c.loser.map(|l| l.to_string()).unwrap_or_default(),
-                )
-            })
-            .collect();
+        let mut conflicts: Vec<(String, String)> =
+            engine.conflicts(&scope).unwrap().iter().map(|c| (c.path.clone(), c.loser.map(|l| l.to_string()).unwrap_or_default())).collect();
         conflicts.sort();
         out.insert(b.name.clone(), (tree, conflicts));
     }
@@ -122,36 +100,19 @@ fn converge_all(nodes: &mut [Node], uid: &Uid, rng: &mut Rng) {
 
 /// One random operation on one node; errors a user would see (no such file, …) are fine.
 fn random_op(node: &mut Node, rng: &mut Rng, step: usize) {
-    let branches: Vec<String> = node
-        .engine
-        .tree()
-        .branches("default")
-        .unwrap()
-        .into_iter()
-        .map(|b| b.name)
-        .collect();
+    let branches: Vec<String> = node.engine.tree().branches("default").unwrap().into_iter().map(|b| b.name).collect();
     let branch = branches[rng.below(branches.len() as u64) as usize].clone();
     let scope = Scope::new("default", &branch);
     let dir = format!("/d{}", rng.below(3));
     let file = format!("{dir}/f{}", rng.below(4));
     let engine = &mut node.engine;
     let _ = match rng.below(10) {
-        0..=3 => engine
-            .put_reader(&scope, format!("{step}").as_bytes(), &p(&file), |_| {})
-            .map(|_| ()),
+        0..=3 => engine.put_reader(&scope, format!("{step}").as_bytes(), &p(&file), |_| {}).map(|_| ()),
         4 => engine.remove(&scope, &p(&file), false).map(|_| ()),
         5 => engine.remove(&scope, &p(&dir), true).map(|_| ()),
-        6 => engine
-            .rename(
-                &scope,
-                &p(&file),
-                &p(&format!("{dir}/moved{}", rng.below(3))),
-            )
-            .map(|_| ()),
+        6 => engine.rename(&scope, &p(&file), &p(&format!("{dir}/moved{}", rng.below(3)))).map(|_| ()),
         7 => engine.mkdir(&scope, &p(&format!("/m{}", rng.below(3))), true),
-        8 if branches.len() < 3 => engine
-            .create_branch(&main_scope(), &format!("b{step}"), None)
-            .map(|_| ()),
+        8 if branches.len() < 3 => engine.create_branch(&main_scope(), &format!("b{step}"), None).map(|_| ()),
         _ => match branches.iter().find(|b| *b != &branch) {
             Some(other) => engine.merge(&scope, other, None).map(|_| ()),
             None => Ok(()),
@@ -182,19 +143,11 @@ fn replicas_converge_whatever_the_order_of_delivery() {
         converge_all(&mut nodes, &uid, &mut rng);
         let first = picture(&nodes[0].engine);
         for (i, node) in nodes.iter().enumerate().skip(1) {
-            assert_eq!(
-                picture(&node.engine),
-                first,
-                "seed {seed}: node {i} differs from node 0"
-            );
+            assert_eq!(picture(&node.engine), first, "seed {seed}: node {i} differs from node 0");
         }
         // Delivering everything again changes nothing.
         converge_all(&mut nodes, &uid, &mut rng);
-        assert_eq!(
-            picture(&nodes[0].engine),
-            first,
-            "seed {seed}: a repeated delivery changed node 0"
-        );
+        assert_eq!(picture(&nodes[0].engine), first, "seed {seed}: a repeated delivery changed node 0");
     }
 }
 
@@ -207,24 +160,12 @@ fn a_write_that_saw_another_wins_even_from_a_clock_an_hour_behind() {
     nodes[0].clock.advance(3_600_000);
     put(&mut nodes[0].engine, &s, "/doc", b"from A");
     sync(&mut nodes, &uid, 0, 1, &mut rng);
-    put(
-        &mut nodes[1].engine,
-        &s,
-        "/doc",
-        b"from B, an hour behind, after seeing A's",
-    );
+    put(&mut nodes[1].engine, &s, "/doc", b"from B, an hour behind, after seeing A's");
     converge_all(&mut nodes, &uid, &mut rng);
     for (i, node) in nodes.iter().enumerate() {
         let head = node.engine.log(&s, &p("/doc")).unwrap().remove(0);
-        assert_eq!(
-            head.id().node,
-            nodes[1].engine.tree().me(),
-            "node {i}: B's write must be the head"
-        );
-        assert!(
-            node.engine.conflicts(&s).unwrap().is_empty(),
-            "node {i}: B saw A's version: no conflict"
-        );
+        assert_eq!(head.id().node, nodes[1].engine.tree().me(), "node {i}: B's write must be the head");
+        assert!(node.engine.conflicts(&s).unwrap().is_empty(), "node {i}: B saw A's version: no conflict");
     }
 }
 
@@ -247,34 +188,19 @@ fn concurrent_writes_pick_one_winner_everywhere_and_list_the_loser_on_every_node
         let conflicts = node.engine.conflicts(&s).unwrap();
         assert_eq!(conflicts.len(), 1, "node {i}: {conflicts:?}");
         assert_eq!(conflicts[0].path, "/race");
-        assert_eq!(
-            conflicts[0].loser.unwrap().node,
-            nodes[0].engine.tree().me(),
-            "node {i}: A's version lost"
-        );
+        assert_eq!(conflicts[0].loser.unwrap().node, nodes[0].engine.tree().me(), "node {i}: A's version lost");
         assert_eq!(conflicts[0].winner.unwrap(), head.id());
     }
     // The loser is restorable anywhere: C restores it; that restore saw both, so once it has
     // travelled nobody lists the conflict any more... but the listing is the user's to dismiss.
     let loser = nodes[2].engine.conflicts(&s).unwrap()[0].loser.unwrap();
-    nodes[2]
-        .engine
-        .restore(
-            &s,
-            &p("/race"),
-            &VersionRef::parse(&loser.to_string()).unwrap(),
-        )
-        .unwrap();
+    nodes[2].engine.restore(&s, &p("/race"), &VersionRef::parse(&loser.to_string()).unwrap()).unwrap();
     converge_all(&mut nodes, &uid, &mut rng);
     let picture0 = picture(&nodes[0].engine);
     for node in &nodes {
         assert_eq!(picture(&node.engine), picture0);
         let head = node.engine.log(&s, &p("/race")).unwrap().remove(0);
-        assert_eq!(
-            head.id().node,
-            nodes[2].engine.tree().me(),
-            "C's restore is the head everywhere"
-        );
+        assert_eq!(head.id().node, nodes[2].engine.tree().me(), "C's restore is the head everywhere");
     }
     // Dismissed on one node, it stays dismissed there when more versions arrive.
     nodes[0].engine.dismiss_conflicts(&s, None).unwrap();
@@ -290,16 +216,10 @@ fn a_bucket_with_files_is_not_taken_over_by_a_join() {
     put(&mut other, &main_scope(), "/mine", b"keep me");
     let shared = nodes[0].engine.bucket_identity("default").unwrap();
     let root = nodes[0].engine.branch_records("default").unwrap().remove(0);
-    let err = other
-        .adopt_bucket("default", &shared.uid, &root)
-        .unwrap_err()
-        .to_string();
+    let err = other.adopt_bucket("default", &shared.uid, &root).unwrap_err().to_string();
     assert!(err.contains("--as"), "{err}");
     other.adopt_bucket("shared", &shared.uid, &root).unwrap();
-    assert_eq!(
-        common::get(&other, &main_scope(), "/mine").unwrap(),
-        b"keep me"
-    );
+    assert_eq!(common::get(&other, &main_scope(), "/mine").unwrap(), b"keep me");
     // The joined bucket took the sharer's identity and root branch.
     assert_eq!(other.bucket_identity("shared").unwrap().uid, shared.uid);
     assert_eq!(other.branch_records("shared").unwrap()[0].uid, root.uid);
@@ -311,56 +231,25 @@ fn two_branches_made_at_once_under_one_name_both_survive_named_alike_everywhere(
     let mut rng = Rng(5);
     let (mut nodes, uid) = mesh(2);
     for (i, node) in nodes.iter_mut().enumerate() {
-        node.engine
-            .create_branch(&main_scope(), "feat", None)
-            .unwrap();
-        put(
-            &mut node.engine,
-            &Scope::new("default", "feat"),
-            &format!("/from-{i}"),
-            b"x",
-        );
+        node.engine.create_branch(&main_scope(), "feat", None).unwrap();
+        put(&mut node.engine, &Scope::new("default", "feat"), &format!("/from-{i}"), b"x");
     }
     converge_all(&mut nodes, &uid, &mut rng);
     let names = |n: &Node| {
-        let mut v: Vec<String> = n
-            .engine
-            .tree()
-            .branches("default")
-            .unwrap()
-            .into_iter()
-            .map(|b| b.name)
-            .collect();
+        let mut v: Vec<String> = n.engine.tree().branches("default").unwrap().into_iter().map(|b| b.name).collect();
         v.sort();
         v
     };
-    assert_eq!(
-        names(&nodes[0]),
-        names(&nodes[1]),
-        "the same names on both nodes"
-    );
+    assert_eq!(names(&nodes[0]), names(&nodes[1]), "the same names on both nodes");
     let all = names(&nodes[0]);
     assert_eq!(all.len(), 3, "main and both feats: {all:?}");
-    assert!(
-        all.contains(&"feat".to_string()) && all.iter().any(|n| n.starts_with("feat~")),
-        "{all:?}"
-    );
+    assert!(all.contains(&"feat".to_string()) && all.iter().any(|n| n.starts_with("feat~")), "{all:?}");
     // Neither branch lost its write.
     let files: Vec<String> = all
         .iter()
         .filter(|n| n.starts_with("feat"))
-        .flat_map(|b| {
-            nodes[0]
-                .engine
-                .walk(&Scope::new("default", b), &p("/"))
-                .unwrap()
-                .into_iter()
-                .map(|r| r.path.to_string())
-        })
+        .flat_map(|b| nodes[0].engine.walk(&Scope::new("default", b), &p("/")).unwrap().into_iter().map(|r| r.path.to_string()))
         .collect();
-    assert!(
-        files.contains(&"/from-0".to_string()) && files.contains(&"/from-1".to_string()),
-        "{files:?}"
-    );
+    assert!(files.contains(&"/from-0".to_string()) && files.contains(&"/from-1".to_string()), "{files:?}");
     assert_eq!(picture(&nodes[0].engine), picture(&nodes[1].engine));
 }

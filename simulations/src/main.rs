@@ -15,33 +15,15 @@ use clap::Parser;
 /// The named scenarios, built in (`simulations/scenarios/NAME.toml`).
 const SCENARIOS: &[(&str, &str)] = &[
     ("split-brain", include_str!("../scenarios/split-brain.toml")),
-    (
-        "flapping-link",
-        include_str!("../scenarios/flapping-link.toml"),
-    ),
-    (
-        "clock-an-hour-behind",
-        include_str!("../scenarios/clock-an-hour-behind.toml"),
-    ),
-    (
-        "crash-during-sync",
-        include_str!("../scenarios/crash-during-sync.toml"),
-    ),
-    (
-        "crash-during-merge",
-        include_str!("../scenarios/crash-during-merge.toml"),
-    ),
-    (
-        "member-removed-during-a-partition",
-        include_str!("../scenarios/member-removed-during-a-partition.toml"),
-    ),
+    ("flapping-link", include_str!("../scenarios/flapping-link.toml")),
+    ("clock-an-hour-behind", include_str!("../scenarios/clock-an-hour-behind.toml")),
+    ("crash-during-sync", include_str!("../scenarios/crash-during-sync.toml")),
+    ("crash-during-merge", include_str!("../scenarios/crash-during-merge.toml")),
+    ("member-removed-during-a-partition", include_str!("../scenarios/member-removed-during-a-partition.toml")),
 ];
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "alknet-simulations",
-    about = "Deterministic partition simulations of an alknet-fs mesh"
-)]
+#[command(name = "alknet-simulations", about = "Deterministic partition simulations of an alknet-fs mesh")]
 struct Args {
     /// Seeds to run, as START..END (END excluded).
     #[arg(long, default_value = "0..100")]
@@ -83,14 +65,7 @@ fn workload_of(args: &Args) -> Result<Workload, String> {
         None => Workload::default(),
         Some(name) => {
             let (_, text) = SCENARIOS.iter().find(|(n, _)| n == name).ok_or_else(|| {
-                format!(
-                    "no scenario {name:?}; the scenarios are: {}",
-                    SCENARIOS
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+                format!("no scenario {name:?}; the scenarios are: {}", SCENARIOS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))
             })?;
             toml::from_str(text).map_err(|e| format!("scenario {name}: {e}"))?
         }
@@ -108,13 +83,8 @@ fn workload_of(args: &Args) -> Result<Workload, String> {
 }
 
 fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
-    let (a, b) = s
-        .split_once("..")
-        .ok_or_else(|| format!("--seeds {s:?}: expected START..END, e.g. 0..10000"))?;
-    let (a, b): (u64, u64) = (
-        a.parse().map_err(|_| format!("--seeds {s:?}: bad start"))?,
-        b.parse().map_err(|_| format!("--seeds {s:?}: bad end"))?,
-    );
+    let (a, b) = s.split_once("..").ok_or_else(|| format!("--seeds {s:?}: expected START..END, e.g. 0..10000"))?;
+    let (a, b): (u64, u64) = (a.parse().map_err(|_| format!("--seeds {s:?}: bad start"))?, b.parse().map_err(|_| format!("--seeds {s:?}: bad end"))?);
     if b <= a {
         return Err(format!("--seeds {s:?}: END must be above START"));
     }
@@ -146,11 +116,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         Some("arrival-order") => Some(Broken::ArrivalOrder),
         Some("drop-tombstones") => Some(Broken::DropTombstones),
         Some("open-gate") => Some(Broken::OpenGate),
-        Some(other) => {
-            return Err(format!(
-                "--break {other:?}: arrival-order, drop-tombstones or open-gate"
-            ))
-        }
+        Some(other) => return Err(format!("--break {other:?}: arrival-order, drop-tombstones or open-gate")),
     };
     let keep = args.keep.as_deref().map(parse_ranges).transpose()?;
     let seeds: Vec<u64> = match args.seed {
@@ -163,10 +129,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     let events: u64 = reports.iter().map(|r| r.events).sum();
     let faults: u64 = reports.iter().map(|r| r.faults).sum();
     let violations: u64 = reports.iter().map(|r| r.violation_count).sum();
-    let failing: Vec<&SeedReport> = reports
-        .iter()
-        .filter(|r| !r.violations.is_empty())
-        .collect();
+    let failing: Vec<&SeedReport> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
     let mut trace = TraceHash::default();
     for r in &reports {
         trace.add_u64(r.trace);
@@ -190,10 +153,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                 println!("  at {} ms: {}", v.at_ms, v.what);
             }
         }
-        let mut replay = format!(
-            "cargo run -p alknet-simulations --release -- --seed {} --nodes {} --ops {}",
-            r.seed, w.nodes, w.ops
-        );
+        let mut replay = format!("cargo run -p alknet-simulations --release -- --seed {} --nodes {} --ops {}", r.seed, w.nodes, w.ops);
         if let Some(s) = &args.scenario {
             replay += &format!(" --scenario {s}");
         }
@@ -208,11 +168,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         };
         if let Some(k) = &kept {
             replay += &format!(" --keep {}", ranges(k));
-            println!(
-                "  shrunk to {} of {} steps; replay: {replay} --verbose",
-                k.len(),
-                steps.len()
-            );
+            println!("  shrunk to {} of {} steps; replay: {replay} --verbose", k.len(), steps.len());
             if args.verbose {
                 for ix in k {
                     println!("  step {ix}: {:?}", steps[*ix]);
@@ -222,26 +178,12 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             println!("  replay: {replay} --verbose");
         }
     }
-    println!(
-        "{} seeds, {events} events, {faults} faults, {violations} violations, trace {:016x}",
-        reports.len(),
-        trace.0
-    );
-    Ok(if violations == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    println!("{} seeds, {events} events, {faults} faults, {violations} violations, trace {:016x}", reports.len(), trace.0);
+    Ok(if violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Runs each seed once, `jobs` at a time; reports in seed order.
-fn run_seeds(
-    seeds: &[u64],
-    w: &Workload,
-    broken: Option<Broken>,
-    keep: Option<&BTreeSet<usize>>,
-    jobs: usize,
-) -> Vec<SeedReport> {
+fn run_seeds(seeds: &[u64], w: &Workload, broken: Option<Broken>, keep: Option<&BTreeSet<usize>>, jobs: usize) -> Vec<SeedReport> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut reports: Vec<SeedReport> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..jobs)
@@ -257,10 +199,7 @@ fn run_seeds(
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .flat_map(|h| h.join().expect("a seed's run panicked"))
-            .collect()
+        workers.into_iter().flat_map(|h| h.join().expect("a seed's run panicked")).collect()
     });
     reports.sort_by_key(|r| r.seed);
     reports

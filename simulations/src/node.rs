@@ -13,12 +13,10 @@ use alknet_actors::proto::clock::{Hlc, Stamp};
 use alknet_actors::proto::doc::{decode_state, encode_state, PeerState, ReplicaDoc};
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
+use alknet_actors::proto::path::TreePath;
 use alknet_actors::proto::membership::{Membership, Seen};
 use alknet_actors::proto::merge::{decide, Decision, Side};
-use alknet_actors::proto::path::TreePath;
-use alknet_actors::proto::replica::{
-    self, doc_key, mark_commit, shard_of, whole_commits, BranchRecord, Change, MetaEntry, Origin,
-};
+use alknet_actors::proto::replica::{self, doc_key, mark_commit, shard_of, whole_commits, BranchRecord, Change, MetaEntry, Origin};
 use alknet_actors::proto::sync::{heads_digest, DOCS, META_DOC};
 use alknet_actors::proto::tree::{Chain, Conflict, ReplicaTree};
 
@@ -30,13 +28,7 @@ pub const MAIN: Uid = Uid([7; 16]);
 
 /// The root branch's record, as the founder writes it.
 pub fn main_record() -> BranchRecord {
-    BranchRecord {
-        uid: MAIN,
-        name: "main".into(),
-        parent: None,
-        fork: None,
-        created_ms: EPOCH_MS,
-    }
+    BranchRecord { uid: MAIN, name: "main".into(), parent: None, fork: None, created_ms: EPOCH_MS }
 }
 
 /// What a branch showed, path by path, when it was last merged with another: the base of
@@ -113,13 +105,7 @@ pub struct SimNode {
 
 impl SimNode {
     /// Node `index` of a mesh, its identity derived from `seed`.
-    pub fn new(
-        index: usize,
-        seed: u64,
-        skew_ms: i64,
-        drift_ppm: i64,
-        broken: Option<Broken>,
-    ) -> Self {
+    pub fn new(index: usize, seed: u64, skew_ms: i64, drift_ppm: i64, broken: Option<Broken>) -> Self {
         let mut id = [0u8; 32];
         id[..8].copy_from_slice(&seed.to_be_bytes());
         id[8..16].copy_from_slice(&(index as u64).to_be_bytes());
@@ -159,11 +145,7 @@ impl SimNode {
     /// What it shows at each live path.
     pub fn listing(&self) -> BTreeMap<TreePath, Entry> {
         match self.broken {
-            Some(Broken::ArrivalOrder) => self
-                .arrived
-                .iter()
-                .filter_map(|(p, id)| Some((p.clone(), self.tree.get(id)?.version.entry.clone()?)))
-                .collect(),
+            Some(Broken::ArrivalOrder) => self.arrived.iter().filter_map(|(p, id)| Some((p.clone(), self.tree.get(id)?.version.entry.clone()?))).collect(),
             _ => self.tree.listing(&MAIN),
         }
     }
@@ -189,11 +171,7 @@ impl SimNode {
 
     /// The branch it shows under `name` (of two made at once with one name, the earlier).
     pub fn branch_named(&self, name: &str) -> Option<Uid> {
-        self.branches
-            .values()
-            .filter(|b| b.name == name)
-            .min_by_key(|b| (b.created_ms, b.uid))
-            .map(|b| b.uid)
+        self.branches.values().filter(|b| b.name == name).min_by_key(|b| (b.created_ms, b.uid)).map(|b| b.uid)
     }
 
     /// What it shows on `branch` (reading through its ancestors), if it knows the branch.
@@ -201,10 +179,7 @@ impl SimNode {
         if *branch == MAIN {
             return Some(self.listing());
         }
-        Some(
-            self.tree
-                .listing_in(&ReplicaTree::chain(&self.branches, branch)?),
-        )
+        Some(self.tree.listing_in(&ReplicaTree::chain(&self.branches, branch)?))
     }
 
     /// The conflict losers it lists on `branch`.
@@ -227,10 +202,7 @@ impl SimNode {
     /// defers changes of unknown branches), and its writer accepted (its own are its own).
     fn takes(&self, change: &Change) -> bool {
         let id = change.id();
-        self.branches.contains_key(&change.branch)
-            && (id.node == self.id
-                || self.broken == Some(Broken::OpenGate)
-                || self.members.accepts(&id))
+        self.branches.contains_key(&change.branch) && (id.node == self.id || self.broken == Some(Broken::OpenGate) || self.members.accepts(&id))
     }
 
     /// Whether this node is a member in its own view (joined, not known to be removed).
@@ -256,22 +228,8 @@ impl SimNode {
     /// The removal of `node` this node writes: what it had seen of it (its last version
     /// here, whom it had admitted).
     pub fn removal_of(&self, node: NodeId, at_ms: i64) -> MetaEntry {
-        let last_seq = self
-            .tree
-            .changes()
-            .filter(|c| c.id().node == node)
-            .map(|c| c.id().seq)
-            .max()
-            .unwrap_or(0);
-        MetaEntry::Removed {
-            node,
-            by: self.id,
-            at_ms,
-            seen: Seen::Upto {
-                last_seq,
-                admitted: self.members.admitted_by(&node),
-            },
-        }
+        let last_seq = self.tree.changes().filter(|c| c.id().node == node).map(|c| c.id().seq).max().unwrap_or(0);
+        MetaEntry::Removed { node, by: self.id, at_ms, seen: Seen::Upto { last_seq, admitted: self.members.admitted_by(&node) } }
     }
 
     /// Membership changed: versions of writers no longer accepted leave the tree (they wait
@@ -279,12 +237,7 @@ impl SimNode {
     /// now accepted are applied. A node keeps its own versions whatever it hears. Returns
     /// what was applied.
     fn reconsider(&mut self) -> Vec<Change> {
-        let refused: Vec<VersionId> = self
-            .tree
-            .changes()
-            .filter(|c| !self.takes(c))
-            .map(Change::id)
-            .collect();
+        let refused: Vec<VersionId> = self.tree.changes().filter(|c| !self.takes(c)).map(Change::id).collect();
         if !refused.is_empty() {
             let gone: BTreeSet<VersionId> = refused.iter().copied().collect();
             for id in &refused {
@@ -293,17 +246,10 @@ impl SimNode {
                 }
             }
             self.disk.changes.retain(|c| !gone.contains(&c.id()));
-            self.missing = self
-                .tree
-                .changes()
-                .filter_map(|c| c.version.entry.as_ref())
-                .filter(|e| e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash))
-                .map(|e| e.hash)
-                .collect();
+            self.missing = self.tree.changes().filter_map(|c| c.version.entry.as_ref()).filter(|e| e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash)).map(|e| e.hash).collect();
         }
         let deferred = std::mem::take(&mut self.disk.deferred);
-        let (ready, wait): (Vec<Change>, Vec<Change>) =
-            deferred.into_iter().partition(|c| self.takes(c));
+        let (ready, wait): (Vec<Change>, Vec<Change>) = deferred.into_iter().partition(|c| self.takes(c));
         self.disk.deferred = wait;
         self.apply(ready)
     }
@@ -328,10 +274,7 @@ impl SimNode {
     /// Writes a membership entry into the bucket's document (committed: it survives a
     /// crash). False if the document already held it.
     pub fn write_meta(&mut self, entry: MetaEntry) -> bool {
-        let put = self
-            .doc(META_DOC)
-            .put(&entry.key(), &entry.value())
-            .unwrap_or(false);
+        let put = self.doc(META_DOC).put(&entry.key(), &entry.value()).unwrap_or(false);
         if put {
             self.note_meta(&entry);
             self.disk.meta.push(entry);
@@ -354,11 +297,7 @@ impl SimNode {
     }
 
     fn reload_members(&mut self) -> Result<(), String> {
-        let entries = self
-            .docs
-            .get(&META_DOC)
-            .map(ReplicaDoc::entries)
-            .unwrap_or_default();
+        let entries = self.docs.get(&META_DOC).map(ReplicaDoc::entries).unwrap_or_default();
         for (key, value) in entries {
             let entry = MetaEntry::decode(&key, &value).map_err(|e| e.to_string())?;
             self.note_meta(&entry);
@@ -370,39 +309,19 @@ impl SimNode {
     /// becomes a version stamped by the node's clock after all it has seen, naming the path's
     /// head (or the version this transaction wrote there before it) as what it replaced.
     /// Durable at once (SQLite commits), queued for publishing (outbox).
-    pub fn commit(
-        &mut self,
-        t: u64,
-        branch: Uid,
-        items: Vec<(TreePath, Option<Entry>, Origin)>,
-    ) -> Vec<Change> {
+    pub fn commit(&mut self, t: u64, branch: Uid, items: Vec<(TreePath, Option<Entry>, Origin)>) -> Vec<Change> {
         let stamp = self.hlc.stamp(self.wall_ms(t));
         let mut out: Vec<Change> = Vec::new();
         for (path, entry, origin) in items {
             self.seq += 1;
-            let key = OrderKey::new(
-                stamp,
-                &VersionId {
-                    node: self.id,
-                    seq: self.seq,
-                },
-            );
+            let key = OrderKey::new(stamp, &VersionId { node: self.id, seq: self.seq });
             if let Some(e) = &entry {
                 if e.kind == EntryKind::File {
                     self.disk.blobs.insert(e.hash);
                     self.missing.remove(&e.hash);
                 }
             }
-            let mut change = self.tree.local_change(
-                branch,
-                path,
-                key,
-                Version {
-                    entry,
-                    written: stamp,
-                },
-                origin,
-            );
+            let mut change = self.tree.local_change(branch, path, key, Version { entry, written: stamp }, origin);
             if let Some(earlier) = out.iter().rev().find(|c| c.path == change.path) {
                 change.pred = Some(earlier.id());
             }
@@ -425,24 +344,14 @@ impl SimNode {
             return false;
         }
         let stamp = self.hlc.stamp(self.wall_ms(t));
-        let rec = BranchRecord {
-            uid,
-            name: name.into(),
-            parent: Some(parent),
-            fork: Some(OrderKey::upto(stamp)),
-            created_ms: self.wall_ms(t),
-        };
+        let rec = BranchRecord { uid, name: name.into(), parent: Some(parent), fork: Some(OrderKey::upto(stamp)), created_ms: self.wall_ms(t) };
         self.write_meta(MetaEntry::Branch(rec))
     }
 
     /// What `chain` shows, path by path (live paths only: a tombstone and absence are alike
     /// to a merge).
     fn view(&self, chain: &Chain) -> MergeBase {
-        self.tree
-            .heads_in(chain)
-            .into_iter()
-            .map(|(p, c)| (p, c.version.clone()))
-            .collect()
+        self.tree.heads_in(chain).into_iter().map(|(p, c)| (p, c.version.clone())).collect()
     }
 
     /// What the parent of the two showed when the other forked from it: the base of their
@@ -470,10 +379,7 @@ impl SimNode {
     /// by last-writer-wins, the loser written just before the winner as a `conflict-loser`.
     /// `None` if either branch is unknown here.
     pub fn merge(&mut self, t: u64, from: Uid, into: Uid) -> Option<Vec<Change>> {
-        let (source_chain, target_chain) = (
-            ReplicaTree::chain(&self.branches, &from)?,
-            ReplicaTree::chain(&self.branches, &into)?,
-        );
+        let (source_chain, target_chain) = (ReplicaTree::chain(&self.branches, &from)?, ReplicaTree::chain(&self.branches, &into)?);
         let pair = (from.min(into), from.max(into));
         // Replaced by what the source shows now, below.
         let base = match self.disk.merge_bases.remove(&pair) {
@@ -481,11 +387,7 @@ impl SimNode {
             None => self.fork_view(from, into).unwrap_or_default(),
         };
         let (source, target) = (self.view(&source_chain), self.view(&target_chain));
-        let paths: BTreeSet<&TreePath> = base
-            .keys()
-            .chain(source.keys())
-            .chain(target.keys())
-            .collect();
+        let paths: BTreeSet<&TreePath> = base.keys().chain(source.keys()).chain(target.keys()).collect();
         let mut items = Vec::new();
         for path in paths {
             let (b, s, tv) = (base.get(path), source.get(path), target.get(path));
@@ -494,22 +396,14 @@ impl SimNode {
                 Decision::Keep => {}
                 Decision::Take => items.push((path.clone(), entry(s), Origin::Merge)),
                 Decision::Conflict { winner } => {
-                    let (win, lose) = if winner == Side::Source {
-                        (s, tv)
-                    } else {
-                        (tv, s)
-                    };
+                    let (win, lose) = if winner == Side::Source { (s, tv) } else { (tv, s) };
                     items.push((path.clone(), entry(lose), Origin::ConflictLoser));
                     items.push((path.clone(), entry(win), Origin::Merge));
                 }
             }
         }
         self.disk.merge_bases.insert(pair, source);
-        Some(if items.is_empty() {
-            Vec::new()
-        } else {
-            self.commit(t, into, items)
-        })
+        Some(if items.is_empty() { Vec::new() } else { self.commit(t, into, items) })
     }
 
     fn insert(&mut self, change: Change) {
@@ -531,9 +425,7 @@ impl SimNode {
 
     fn doc(&mut self, shard: u16) -> &mut ReplicaDoc {
         let actor = self.actor();
-        self.docs
-            .entry(shard)
-            .or_insert_with(|| ReplicaDoc::new(&actor))
+        self.docs.entry(shard).or_insert_with(|| ReplicaDoc::new(&actor))
     }
 
     /// Puts the outbox's changes into their documents; returns the documents that changed.
@@ -541,11 +433,7 @@ impl SimNode {
         let mut touched = BTreeSet::new();
         for change in std::mem::take(&mut self.outbox) {
             let shard = shard_of(&change.branch, &change.path);
-            if self
-                .doc(shard)
-                .put(&doc_key(&change.id()), &replica::encode(&change))
-                .unwrap_or(false)
-            {
+            if self.doc(shard).put(&doc_key(&change.id()), &replica::encode(&change)).unwrap_or(false) {
                 touched.insert(shard);
             }
         }
@@ -593,40 +481,25 @@ impl SimNode {
                 let entry = MetaEntry::decode(&key, &value).map_err(|e| e.to_string())?;
                 changed |= self.note_meta(&entry);
             }
-            return Ok(if changed {
-                self.reconsider()
-            } else {
-                Vec::new()
-            });
+            return Ok(if changed { self.reconsider() } else { Vec::new() });
         }
         let mut incoming = Vec::new();
         for (key, value) in added {
             let change = replica::decode(&value).map_err(|e| e.to_string())?;
             if doc_key(&change.id()) != key || shard_of(&change.branch, &change.path) != doc {
-                return Err(format!(
-                    "a change filed under the wrong key or shard: {key}"
-                ));
+                return Err(format!("a change filed under the wrong key or shard: {key}"));
             }
             incoming.push(change);
         }
         // As the node does: versions of an operation not wholly here wait, out of the tree.
-        let ops: BTreeSet<_> = incoming
-            .iter()
-            .filter_map(|c| c.commit.map(|k| (c.id().node, k.first_seq)))
-            .collect();
-        let (held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut self.disk.held)
-            .into_iter()
-            .partition(|c| {
-                c.commit
-                    .is_some_and(|k| ops.contains(&(c.id().node, k.first_seq)))
-            });
+        let ops: BTreeSet<_> = incoming.iter().filter_map(|c| c.commit.map(|k| (c.id().node, k.first_seq))).collect();
+        let (held, kept): (Vec<Change>, Vec<Change>) = std::mem::take(&mut self.disk.held).into_iter().partition(|c| c.commit.is_some_and(|k| ops.contains(&(c.id().node, k.first_seq))));
         let tree = &self.tree;
         let decided = whole_commits(incoming, held, |c| tree.contains(&c.id()));
         self.disk.held = kept;
         self.disk.held.extend(decided.hold);
         // As the node does: versions of writers the bucket's document does not accept wait.
-        let (ready, wait): (Vec<Change>, Vec<Change>) =
-            decided.ready.into_iter().partition(|c| self.takes(c));
+        let (ready, wait): (Vec<Change>, Vec<Change>) = decided.ready.into_iter().partition(|c| self.takes(c));
         self.disk.deferred.extend(wait);
         Ok(self.apply(ready))
     }
@@ -634,9 +507,7 @@ impl SimNode {
     /// The digest of each document, as a session's summary carries them.
     pub fn summary(&mut self) -> Vec<u64> {
         let empty = heads_digest(std::iter::empty());
-        (0..DOCS)
-            .map(|d| self.docs.get_mut(&d).map_or(empty, |doc| doc.digest()))
-            .collect()
+        (0..DOCS).map(|d| self.docs.get_mut(&d).map_or(empty, |doc| doc.digest())).collect()
     }
 
     /// Saves what changed in each document since its last save.
@@ -651,12 +522,7 @@ impl SimNode {
 
     /// A session with `peer` ended: what survives of its sync states is their saved form.
     pub fn session_ended(&mut self, peer: usize) {
-        let keys: Vec<_> = self
-            .peers
-            .keys()
-            .filter(|(p, _)| *p == peer)
-            .copied()
-            .collect();
+        let keys: Vec<_> = self.peers.keys().filter(|(p, _)| *p == peer).copied().collect();
         for k in keys {
             let saved = encode_state(&self.peers[&k]);
             self.peers.insert(k, decode_state(&saved));
@@ -709,12 +575,7 @@ impl SimNode {
                 self.seq = self.seq.max(c.key.version().seq);
             }
             self.arrived.insert(c.path.clone(), c.id());
-            if let Some(e) = c
-                .version
-                .entry
-                .as_ref()
-                .filter(|e| e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash))
-            {
+            if let Some(e) = c.version.entry.as_ref().filter(|e| e.kind == EntryKind::File && !self.disk.blobs.contains(&e.hash)) {
                 self.missing.insert(e.hash);
             }
             self.tree.insert(c.clone());
@@ -722,34 +583,19 @@ impl SimNode {
         self.hlc = Hlc::new(last);
         let actor = self.actor();
         for (shard, saves) in &self.disk.docs {
-            let (full, rest) = saves
-                .split_first()
-                .map(|(f, r)| {
-                    (
-                        f.as_slice(),
-                        r.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-                    )
-                })
-                .unwrap_or((&[], Vec::new()));
-            let doc = ReplicaDoc::load(full, &rest, &actor)
-                .map_err(|e| format!("node {} cannot load document {shard}: {e}", self.index))?;
+            let (full, rest) = saves.split_first().map(|(f, r)| (f.as_slice(), r.iter().map(Vec::as_slice).collect::<Vec<_>>())).unwrap_or((&[], Vec::new()));
+            let doc = ReplicaDoc::load(full, &rest, &actor).map_err(|e| format!("node {} cannot load document {shard}: {e}", self.index))?;
             self.docs.insert(*shard, doc);
         }
         for c in changes {
             let shard = shard_of(&c.branch, &c.path);
-            if !self
-                .docs
-                .get(&shard)
-                .is_some_and(|d| d.contains(&doc_key(&c.id())))
-            {
+            if !self.docs.get(&shard).is_some_and(|d| d.contains(&doc_key(&c.id()))) {
                 self.outbox.push(c);
             }
         }
         for entry in self.disk.meta.clone() {
             // A save that missed it: written again (the key is this node's alone).
-            self.doc(META_DOC)
-                .put(&entry.key(), &entry.value())
-                .map_err(|e| e.to_string())?;
+            self.doc(META_DOC).put(&entry.key(), &entry.value()).map_err(|e| e.to_string())?;
         }
         self.reload_members()?;
         self.members_changed = false;

@@ -38,12 +38,7 @@ pub struct NetParams {
 
 impl Default for NetParams {
     fn default() -> Self {
-        NetParams {
-            latency_ms: (1, 40),
-            loss: 0.02,
-            dup: 0.02,
-            tick_ms: 1_000,
-        }
+        NetParams { latency_ms: (1, 40), loss: 0.02, dup: 0.02, tick_ms: 1_000 }
     }
 }
 
@@ -72,12 +67,7 @@ impl Msg {
 }
 
 enum Event {
-    Deliver {
-        from: usize,
-        to: usize,
-        session: u64,
-        msg: Msg,
-    },
+    Deliver { from: usize, to: usize, session: u64, msg: Msg },
     Tick(usize),
 }
 
@@ -131,8 +121,7 @@ pub struct Sim {
     /// Every acknowledged local write: (node, version id).
     acked: Vec<(usize, alknet_actors::proto::ids::VersionId)>,
     /// The versions of each multi-change commit (a rename), by each of its versions.
-    commits:
-        BTreeMap<alknet_actors::proto::ids::VersionId, Vec<alknet_actors::proto::ids::VersionId>>,
+    commits: BTreeMap<alknet_actors::proto::ids::VersionId, Vec<alknet_actors::proto::ids::VersionId>>,
     violations: Vec<Violation>,
     trace: TraceHash,
     stats: Stats,
@@ -199,11 +188,7 @@ impl Sim {
             let i = self.add_node();
             if i == 0 {
                 let id = self.nodes[0].id;
-                self.nodes[0].write_meta(MetaEntry::Member {
-                    node: id,
-                    added_by: id,
-                    at_ms: 0,
-                });
+                self.nodes[0].write_meta(MetaEntry::Member { node: id, added_by: id, at_ms: 0 });
                 self.nodes[0].write_meta(MetaEntry::Branch(crate::node::main_record()));
             } else {
                 self.join(i, 0);
@@ -233,8 +218,7 @@ impl Sim {
     fn add_node(&mut self) -> usize {
         let i = self.nodes.len();
         let (skew, drift) = self.skews.get(i).copied().unwrap_or((0, 0));
-        self.nodes
-            .push(SimNode::new(i, self.seed, skew, drift, self.broken));
+        self.nodes.push(SimNode::new(i, self.seed, skew, drift, self.broken));
         let first = self.net.tick_ms.max(1);
         let at = self.rng.between(1, first);
         self.schedule(at, Event::Tick(i));
@@ -327,15 +311,11 @@ impl Sim {
     }
 
     fn linked(&self, a: usize) -> Vec<usize> {
-        (0..self.nodes.len())
-            .filter(|&b| b != a && self.sessions.get(&Self::pair(a, b)).is_some_and(|s| s.1))
-            .collect()
+        (0..self.nodes.len()).filter(|&b| b != a && self.sessions.get(&Self::pair(a, b)).is_some_and(|s| s.1)).collect()
     }
 
     fn send(&mut self, from: usize, to: usize, msg: Msg) {
-        let Some(&(session, true)) = self.sessions.get(&Self::pair(from, to)) else {
-            return;
-        };
+        let Some(&(session, true)) = self.sessions.get(&Self::pair(from, to)) else { return };
         self.stats.messages += 1;
         let (lo, hi) = self.net.latency_ms;
         let mut at = self.now + self.rng.between(lo, hi);
@@ -350,25 +330,9 @@ impl Sim {
             self.channel_at.insert((from, to), at);
         } else if self.rng.chance(self.net.dup) {
             let again = at + self.rng.between(lo, hi);
-            self.schedule(
-                again,
-                Event::Deliver {
-                    from,
-                    to,
-                    session,
-                    msg: msg.clone(),
-                },
-            );
+            self.schedule(again, Event::Deliver { from, to, session, msg: msg.clone() });
         }
-        self.schedule(
-            at,
-            Event::Deliver {
-                from,
-                to,
-                session,
-                msg,
-            },
-        );
+        self.schedule(at, Event::Deliver { from, to, session, msg });
     }
 
     fn send_summary(&mut self, from: usize, to: usize) {
@@ -398,9 +362,7 @@ impl Sim {
             }
             self.queue.pop();
             self.now = at;
-            let Some(event) = self.events.remove(&id) else {
-                continue;
-            };
+            let Some(event) = self.events.remove(&id) else { continue };
             self.step(event);
         }
         self.now = self.now.max(t);
@@ -436,12 +398,7 @@ impl Sim {
                     self.send(n, p, Msg::BlobGet(missing));
                 }
             }
-            Event::Deliver {
-                from,
-                to,
-                session,
-                msg,
-            } => {
+            Event::Deliver { from, to, session, msg } => {
                 self.trace.add(&[1, from as u8, to as u8, msg.code()]);
                 // The gate every protocol passes: a sender the receiver does not hold to be a
                 // member is refused before anything it sent is looked at.
@@ -451,8 +408,7 @@ impl Sim {
                     self.stats.refused += 1;
                     return;
                 }
-                if self.sessions.get(&Self::pair(from, to)) != Some(&(session, true)) && !open_gate
-                {
+                if self.sessions.get(&Self::pair(from, to)) != Some(&(session, true)) && !open_gate {
                     return;
                 }
                 match msg {
@@ -481,36 +437,22 @@ impl Sim {
                                     let want: Vec<ContentHash> = applied
                                         .iter()
                                         .filter_map(|c| c.version.entry.as_ref())
-                                        .filter(|e| {
-                                            e.kind == EntryKind::File
-                                                && !self.nodes[to].disk.blobs.contains(&e.hash)
-                                        })
+                                        .filter(|e| e.kind == EntryKind::File && !self.nodes[to].disk.blobs.contains(&e.hash))
                                         .map(|e| e.hash)
                                         .collect();
                                     if !want.is_empty() {
                                         self.send(to, from, Msg::BlobGet(want));
                                     }
                                     self.offer(to, &[doc], Some(from));
-                                    self.check_paths(
-                                        to,
-                                        applied
-                                            .iter()
-                                            .map(|c| (c.branch, c.path.clone()))
-                                            .collect(),
-                                    );
+                                    self.check_paths(to, applied.iter().map(|c| (c.branch, c.path.clone())).collect());
                                     self.check_whole(to, &applied);
                                 }
                             }
-                            Err(e) => self.violation(format!(
-                                "node {to} refused a sync message from node {from}: {e}"
-                            )),
+                            Err(e) => self.violation(format!("node {to} refused a sync message from node {from}: {e}")),
                         }
                     }
                     Msg::BlobGet(hashes) => {
-                        let have: Vec<ContentHash> = hashes
-                            .into_iter()
-                            .filter(|h| self.nodes[to].disk.blobs.contains(h))
-                            .collect();
+                        let have: Vec<ContentHash> = hashes.into_iter().filter(|h| self.nodes[to].disk.blobs.contains(h)).collect();
                         if !have.is_empty() {
                             self.send(to, from, Msg::BlobPut(have));
                         }
@@ -526,25 +468,14 @@ impl Sim {
     fn content(&mut self, bytes: &[u8]) -> Entry {
         let hash = ContentHash(*blake3::hash(bytes).as_bytes());
         self.contents.insert(hash, bytes.to_vec());
-        Entry {
-            kind: EntryKind::File,
-            hash,
-            size: bytes.len() as u64,
-            mode: 0o644,
-            mtime_ms: 0,
-        }
+        Entry { kind: EntryKind::File, hash, size: bytes.len() as u64, mode: 0o644, mtime_ms: 0 }
     }
 
     fn local(&mut self, n: NodeIx, items: Vec<(TreePath, Option<Entry>, Origin)>) -> bool {
         self.local_on(n, MAIN, items)
     }
 
-    fn local_on(
-        &mut self,
-        n: NodeIx,
-        branch: Uid,
-        items: Vec<(TreePath, Option<Entry>, Origin)>,
-    ) -> bool {
+    fn local_on(&mut self, n: NodeIx, branch: Uid, items: Vec<(TreePath, Option<Entry>, Origin)>) -> bool {
         if !self.nodes[n].up || !self.nodes[n].joined() {
             return false;
         }
@@ -586,9 +517,7 @@ impl Sim {
     /// Node `n` writes `bytes` at `path` on branch `branch` (by name, as `n` knows it).
     /// False when `n` is down or does not know the branch.
     pub fn write_on(&mut self, n: NodeIx, branch: &str, path: &str, bytes: &[u8]) -> bool {
-        let Some(uid) = self.nodes[n].branch_named(branch) else {
-            return false;
-        };
+        let Some(uid) = self.nodes[n].branch_named(branch) else { return false };
         let entry = self.content(bytes);
         self.local_on(n, uid, vec![(Self::path(path), Some(entry), Origin::Write)])
     }
@@ -599,9 +528,7 @@ impl Sim {
         if !self.nodes[n].up || !self.nodes[n].joined() {
             return false;
         }
-        let Some(parent) = self.nodes[n].branch_named(from) else {
-            return false;
-        };
+        let Some(parent) = self.nodes[n].branch_named(from) else { return false };
         let mut uid = [0u8; 16];
         uid[..8].copy_from_slice(&self.rng.next_u64().to_be_bytes());
         uid[8..].copy_from_slice(&self.rng.next_u64().to_be_bytes());
@@ -621,21 +548,14 @@ impl Sim {
         if !self.nodes[n].up || !self.nodes[n].joined() {
             return false;
         }
-        let (Some(f), Some(i)) = (
-            self.nodes[n].branch_named(from),
-            self.nodes[n].branch_named(into),
-        ) else {
-            return false;
-        };
+        let (Some(f), Some(i)) = (self.nodes[n].branch_named(from), self.nodes[n].branch_named(into)) else { return false };
         if f == i {
             return false;
         }
         self.stats.events += 1;
         self.trace.add(&[9, n as u8]);
         let now = self.now;
-        let Some(changes) = self.nodes[n].merge(now, f, i) else {
-            return false;
-        };
+        let Some(changes) = self.nodes[n].merge(now, f, i) else { return false };
         self.committed(n, changes);
         true
     }
@@ -655,24 +575,16 @@ impl Sim {
         if f == t || !self.nodes[n].up {
             return false;
         }
-        let Some(entry) = self.nodes[n].shows(&f) else {
-            return false;
-        };
+        let Some(entry) = self.nodes[n].shows(&f) else { return false };
         if entry.kind != EntryKind::File {
             return false;
         }
-        self.local(
-            n,
-            vec![(f, None, Origin::Rename), (t, Some(entry), Origin::Rename)],
-        )
+        self.local(n, vec![(f, None, Origin::Rename), (t, Some(entry), Origin::Rename)])
     }
 
     /// Node `n` makes directory `path`.
     pub fn mkdir(&mut self, n: NodeIx, path: &str) -> bool {
-        self.local(
-            n,
-            vec![(Self::path(path), Some(Entry::dir(0o755, 0)), Origin::Mkdir)],
-        )
+        self.local(n, vec![(Self::path(path), Some(Entry::dir(0o755, 0)), Origin::Mkdir)])
     }
 
     /// Splits the mesh: nodes in different groups cannot reach each other (groups need not
@@ -741,34 +653,19 @@ impl Sim {
     /// to the bucket's document, and the joiner starts from `via`'s copy of that document.
     /// False if either is down, `via` is not a member or `node` already is.
     pub fn join(&mut self, node: NodeIx, via: NodeIx) -> bool {
-        if node == via
-            || !self.nodes[node].up
-            || !self.nodes[via].up
-            || !self.nodes[via].joined()
-            || self.nodes[node].joined()
-        {
+        if node == via || !self.nodes[node].up || !self.nodes[via].up || !self.nodes[via].joined() || self.nodes[node].joined() {
             return false;
         }
         self.trace.add(&[5, node as u8, via as u8]);
         let (id, by) = (self.nodes[node].id, self.nodes[via].id);
         let now = self.now as i64;
-        self.nodes[via].write_meta(MetaEntry::Member {
-            node: id,
-            added_by: by,
-            at_ms: now,
-        });
+        self.nodes[via].write_meta(MetaEntry::Member { node: id, added_by: by, at_ms: now });
         self.nodes[via].take_members_changed();
         let (lo, hi) = (node.min(via), node.max(via));
         let (left, right) = self.nodes.split_at_mut(hi);
-        let (joiner, inviter) = if node == lo {
-            (&mut left[lo], &mut right[0])
-        } else {
-            (&mut right[0], &mut left[lo])
-        };
+        let (joiner, inviter) = if node == lo { (&mut left[lo], &mut right[0]) } else { (&mut right[0], &mut left[lo]) };
         if let Err(e) = joiner.join_from(inviter) {
-            self.violation(format!(
-                "node {node} could not join through node {via}: {e}"
-            ));
+            self.violation(format!("node {node} could not join through node {via}: {e}"));
             return false;
         }
         self.nodes[node].take_members_changed();
@@ -779,11 +676,7 @@ impl Sim {
 
     /// Member `by` removes `node` from the bucket, everywhere the removal reaches.
     pub fn remove(&mut self, by: NodeIx, node: NodeIx) -> bool {
-        if by == node
-            || !self.nodes[by].up
-            || !self.nodes[by].joined()
-            || !self.nodes[by].admits(&self.nodes[node].id)
-        {
+        if by == node || !self.nodes[by].up || !self.nodes[by].joined() || !self.nodes[by].admits(&self.nodes[node].id) {
             return false;
         }
         self.stats.faults += 1;
@@ -808,24 +701,12 @@ impl Sim {
         self.trace.add(&[7, node as u8, target as u8]);
         let entry = self.content(format!("intruder {node} at {}", self.now).as_bytes());
         let now = self.now;
-        self.nodes[node].commit(
-            now,
-            MAIN,
-            vec![(Self::path("/intruder.txt"), Some(entry), Origin::Write)],
-        );
+        self.nodes[node].commit(now, MAIN, vec![(Self::path("/intruder.txt"), Some(entry), Origin::Write)]);
         let docs = self.nodes[node].publish();
         for d in docs {
             if let Some(m) = self.nodes[node].unasked_message(d) {
                 let at = now + self.net.latency_ms.1;
-                self.schedule(
-                    at,
-                    Event::Deliver {
-                        from: node,
-                        to: target,
-                        session: STRANGER,
-                        msg: Msg::Sync(d, m),
-                    },
-                );
+                self.schedule(at, Event::Deliver { from: node, to: target, session: STRANGER, msg: Msg::Sync(d, m) });
             }
         }
     }
@@ -847,10 +728,7 @@ impl Sim {
             .into_iter()
             .map(|(p, e)| match e.kind {
                 EntryKind::Dir => (format!("{}/", p.as_str()), Vec::new()),
-                _ => (
-                    p.as_str().to_string(),
-                    self.contents.get(&e.hash).cloned().unwrap_or_default(),
-                ),
+                _ => (p.as_str().to_string(), self.contents.get(&e.hash).cloned().unwrap_or_default()),
             })
             .collect()
     }
@@ -861,13 +739,7 @@ impl Sim {
         node.conflicts()
             .into_iter()
             .map(|c| {
-                let bytes = node
-                    .tree()
-                    .get(&c.loser)
-                    .and_then(|v| v.version.entry.as_ref())
-                    .and_then(|e| self.contents.get(&e.hash))
-                    .cloned()
-                    .unwrap_or_default();
+                let bytes = node.tree().get(&c.loser).and_then(|v| v.version.entry.as_ref()).and_then(|e| self.contents.get(&e.hash)).cloned().unwrap_or_default();
                 (c.path.as_str().to_string(), bytes)
             })
             .collect()
@@ -877,12 +749,9 @@ impl Sim {
     /// left to publish.
     fn quiet(&mut self) -> bool {
         let up = self.active();
-        let Some(&first) = up.first() else {
-            return true;
-        };
+        let Some(&first) = up.first() else { return true };
         let digest = self.nodes[first].summary();
-        up.iter()
-            .all(|&n| self.nodes[n].published() && self.reachable_missing(n, &up).is_empty())
+        up.iter().all(|&n| self.nodes[n].published() && self.reachable_missing(n, &up).is_empty())
             && up.iter().all(|&n| self.nodes[n].summary() == digest)
     }
 
@@ -908,4 +777,5 @@ impl Sim {
             Err(self.violations.clone())
         }
     }
+
 }

@@ -110,20 +110,11 @@ impl Default for Workload {
 pub enum Action {
     /// A node writes a file (new bytes drawn from `content`) on main (`on` 0) or on branch
     /// `b{on - 1}`.
-    Write {
-        node: usize,
-        path: usize,
-        content: u64,
-        on: usize,
-    },
+    Write { node: usize, path: usize, content: u64, on: usize },
     /// A node makes branch `b{name}` from main.
     Branch { node: usize, name: usize },
     /// A node merges branch `b{name}` into main, or main into it (`back`).
-    Merge {
-        node: usize,
-        name: usize,
-        back: bool,
-    },
+    Merge { node: usize, name: usize, back: bool },
     /// A node deletes a file it shows.
     Delete { node: usize, path: usize },
     /// A node renames a file it shows.
@@ -195,59 +186,20 @@ pub fn schedule(seed: u64, w: &Workload) -> Vec<Step> {
         let path = rng.below(paths as u64) as usize;
         let branches = w.branches as u64;
         let action = match rng.below(100) {
-            0..=47 => Action::Write {
-                node,
-                path,
-                content: rng.next_u64(),
-                on: 0,
-            },
-            48..=59 => Action::Write {
-                node,
-                path,
-                content: rng.next_u64(),
-                on: if branches > 0 {
-                    1 + rng.below(branches) as usize
-                } else {
-                    0
-                },
-            },
+            0..=47 => Action::Write { node, path, content: rng.next_u64(), on: 0 },
+            48..=59 => Action::Write { node, path, content: rng.next_u64(), on: if branches > 0 { 1 + rng.below(branches) as usize } else { 0 } },
             60..=72 => Action::Delete { node, path },
-            73..=86 => Action::Rename {
-                node,
-                from: path,
-                to: rng.below(paths as u64) as usize,
-            },
-            87..=95 => Action::Mkdir {
-                node,
-                dir: rng.below(3) as usize,
-            },
-            _ if branches == 0 => Action::Write {
-                node,
-                path,
-                content: rng.next_u64(),
-                on: 0,
-            },
-            96..=97 => Action::Branch {
-                node,
-                name: rng.below(branches) as usize,
-            },
-            _ => Action::Merge {
-                node,
-                name: rng.below(branches) as usize,
-                back: rng.chance(0.3),
-            },
+            73..=86 => Action::Rename { node, from: path, to: rng.below(paths as u64) as usize },
+            87..=95 => Action::Mkdir { node, dir: rng.below(3) as usize },
+            _ if branches == 0 => Action::Write { node, path, content: rng.next_u64(), on: 0 },
+            96..=97 => Action::Branch { node, name: rng.below(branches) as usize },
+            _ => Action::Merge { node, name: rng.below(branches) as usize, back: rng.chance(0.3) },
         };
         let merged = matches!(action, Action::Merge { .. });
         steps.push(Step { at_ms, action });
         if merged && w.crash_after_merge {
-            steps.push(Step {
-                at_ms,
-                action: Action::Crash { node },
-            });
-            steps.push(Step {
-                at_ms: at_ms + rng.between(500, 10_000),
-                action: Action::Restart { node },
-            });
+            steps.push(Step { at_ms, action: Action::Crash { node } });
+            steps.push(Step { at_ms: at_ms + rng.between(500, 10_000), action: Action::Restart { node } });
         }
     }
     if n > 1 {
@@ -257,97 +209,49 @@ pub fn schedule(seed: u64, w: &Workload) -> Vec<Step> {
             if side.is_empty() || side.len() == n {
                 side = vec![rng.below(n as u64) as usize];
             }
-            steps.push(Step {
-                at_ms,
-                action: Action::Partition { side },
-            });
-            steps.push(Step {
-                at_ms: at_ms + rng.between(1_000, 30_000),
-                action: Action::Heal,
-            });
+            steps.push(Step { at_ms, action: Action::Partition { side } });
+            steps.push(Step { at_ms: at_ms + rng.between(1_000, 30_000), action: Action::Heal });
         }
         for _ in 0..w.one_way {
             let from = rng.below(n as u64) as usize;
             let to = (from + 1 + rng.below(n as u64 - 1) as usize) % n;
-            steps.push(Step {
-                at_ms: rng.below(d),
-                action: Action::OneWay { from, to },
-            });
+            steps.push(Step { at_ms: rng.below(d), action: Action::OneWay { from, to } });
         }
         for _ in 0..w.resets {
             let a = rng.below(n as u64) as usize;
             let b = (a + 1 + rng.below(n as u64 - 1) as usize) % n;
-            steps.push(Step {
-                at_ms: rng.below(d),
-                action: Action::Reset { a, b },
-            });
+            steps.push(Step { at_ms: rng.below(d), action: Action::Reset { a, b } });
         }
     }
     for _ in 0..w.crashes {
         let at_ms = rng.below(d);
         let node = rng.below(n as u64) as usize;
-        steps.push(Step {
-            at_ms,
-            action: Action::Crash { node },
-        });
-        steps.push(Step {
-            at_ms: at_ms + rng.between(500, 20_000),
-            action: Action::Restart { node },
-        });
+        steps.push(Step { at_ms, action: Action::Crash { node } });
+        steps.push(Step { at_ms: at_ms + rng.between(500, 20_000), action: Action::Restart { node } });
     }
     for j in 0..w.joiners {
-        steps.push(Step {
-            at_ms: rng.below(d),
-            action: Action::Join {
-                node: n + j,
-                via: rng.below(n as u64) as usize,
-            },
-        });
+        steps.push(Step { at_ms: rng.below(d), action: Action::Join { node: n + j, via: rng.below(n as u64) as usize } });
     }
     if n > 2 {
         for _ in 0..w.removals {
             let node = 1 + rng.below(n as u64 - 1) as usize;
             let by = (node + 1 + rng.below(n as u64 - 1) as usize) % n;
-            steps.push(Step {
-                at_ms: rng.below(d),
-                action: Action::Remove { by, node },
-            });
+            steps.push(Step { at_ms: rng.below(d), action: Action::Remove { by, node } });
         }
     }
     for k in 0..w.intruders {
-        steps.push(Step {
-            at_ms: rng.below(d),
-            action: Action::Intrude {
-                node: writers + k,
-                target: rng.below(n as u64) as usize,
-            },
-        });
+        steps.push(Step { at_ms: rng.below(d), action: Action::Intrude { node: writers + k, target: rng.below(n as u64) as usize } });
     }
     for &(at_ms, by, node) in &w.remove_at {
-        steps.push(Step {
-            at_ms,
-            action: Action::Remove { by, node },
-        });
+        steps.push(Step { at_ms, action: Action::Remove { by, node } });
     }
     if !w.split.is_empty() {
-        steps.push(Step {
-            at_ms: w.split_ms.0,
-            action: Action::Partition {
-                side: w.split.clone(),
-            },
-        });
-        steps.push(Step {
-            at_ms: w.split_ms.1,
-            action: Action::Heal,
-        });
+        steps.push(Step { at_ms: w.split_ms.0, action: Action::Partition { side: w.split.clone() } });
+        steps.push(Step { at_ms: w.split_ms.1, action: Action::Heal });
     }
     for i in 0..w.flaps {
         let at_ms = w.flap_ms.1 + i as u64 * w.flap_ms.0;
-        let action = if i % 2 == 0 {
-            Action::Partition { side: vec![0] }
-        } else {
-            Action::Heal
-        };
+        let action = if i % 2 == 0 { Action::Partition { side: vec![0] } } else { Action::Heal };
         steps.push(Step { at_ms, action });
     }
     steps.sort_by_key(|s| s.at_ms);
@@ -364,14 +268,7 @@ pub fn mesh(seed: u64, w: &Workload, broken: Option<Broken>) -> Sim {
             (w.fixed_skews_ms.get(i).copied().unwrap_or(skew), drift)
         })
         .collect();
-    let mut sim = Sim::new(seed)
-        .network(NetParams {
-            latency_ms: w.latency_ms,
-            loss: w.loss,
-            dup: w.dup,
-            tick_ms: w.tick_ms,
-        })
-        .clocks(&clocks);
+    let mut sim = Sim::new(seed).network(NetParams { latency_ms: w.latency_ms, loss: w.loss, dup: w.dup, tick_ms: w.tick_ms }).clocks(&clocks);
     if let Some(rule) = broken {
         sim = sim.broken(rule);
     }
@@ -380,13 +277,7 @@ pub fn mesh(seed: u64, w: &Workload, broken: Option<Broken>) -> Sim {
 
 /// Plays `steps` (only those whose index `keep` holds, when given) against a mesh for
 /// `seed`, then heals everything, restarts every node, and runs to quiescence.
-pub fn run(
-    seed: u64,
-    w: &Workload,
-    broken: Option<Broken>,
-    steps: &[Step],
-    keep: Option<&BTreeSet<usize>>,
-) -> SeedReport {
+pub fn run(seed: u64, w: &Workload, broken: Option<Broken>, steps: &[Step], keep: Option<&BTreeSet<usize>>) -> SeedReport {
     let mut sim = mesh(seed, w, broken);
     for (i, step) in steps.iter().enumerate() {
         if keep.is_some_and(|k| !k.contains(&i)) {
@@ -394,26 +285,11 @@ pub fn run(
         }
         sim.run_until(step.at_ms);
         match &step.action {
-            Action::Write {
-                node,
-                path,
-                content,
-                on: 0,
-            } => {
+            Action::Write { node, path, content, on: 0 } => {
                 sim.write(*node, &file_path(*path), &content.to_le_bytes());
             }
-            Action::Write {
-                node,
-                path,
-                content,
-                on,
-            } => {
-                sim.write_on(
-                    *node,
-                    &format!("b{}", on - 1),
-                    &file_path(*path),
-                    &content.to_le_bytes(),
-                );
+            Action::Write { node, path, content, on } => {
+                sim.write_on(*node, &format!("b{}", on - 1), &file_path(*path), &content.to_le_bytes());
             }
             Action::Branch { node, name } => {
                 sim.branch(*node, &format!("b{name}"), "main");
@@ -459,43 +335,22 @@ pub fn run(
     }
     let _ = sim.run_until_quiet();
     let stats = sim.stats();
-    SeedReport {
-        seed,
-        events: stats.events,
-        faults: stats.faults,
-        violations: sim.violations().to_vec(),
-        violation_count: stats.violations,
-        trace: sim.trace_hash(),
-    }
+    SeedReport { seed, events: stats.events, faults: stats.faults, violations: sim.violations().to_vec(), violation_count: stats.violations, trace: sim.trace_hash() }
 }
 
 /// Reduces a failing schedule to a short one that still fails (delta debugging: drop
 /// halves, then quarters, ... of what is kept, keeping each drop that still fails). Returns
 /// the kept step indexes. At most `budget` runs.
-pub fn shrink(
-    seed: u64,
-    w: &Workload,
-    broken: Option<Broken>,
-    steps: &[Step],
-    budget: usize,
-) -> BTreeSet<usize> {
+pub fn shrink(seed: u64, w: &Workload, broken: Option<Broken>, steps: &[Step], budget: usize) -> BTreeSet<usize> {
     let mut keep: Vec<usize> = (0..steps.len()).collect();
     let mut runs = 0;
     let mut chunk = keep.len().div_ceil(2).max(1);
     loop {
         let mut i = 0;
         while i < keep.len() && runs < budget {
-            let trial: BTreeSet<usize> = keep
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j < i || *j >= i + chunk)
-                .map(|(_, s)| *s)
-                .collect();
+            let trial: BTreeSet<usize> = keep.iter().enumerate().filter(|(j, _)| *j < i || *j >= i + chunk).map(|(_, s)| *s).collect();
             runs += 1;
-            if !run(seed, w, broken, steps, Some(&trial))
-                .violations
-                .is_empty()
-            {
+            if !run(seed, w, broken, steps, Some(&trial)).violations.is_empty() {
                 keep = trial.into_iter().collect();
             } else {
                 i += chunk;
@@ -519,11 +374,7 @@ pub fn ranges(set: &BTreeSet<usize>) -> String {
         while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
             j += 1;
         }
-        out.push(if i == j {
-            v[i].to_string()
-        } else {
-            format!("{}-{}", v[i], v[j])
-        });
+        out.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
         i = j + 1;
     }
     out.join(",")
@@ -536,8 +387,7 @@ pub fn parse_ranges(s: &str) -> Result<BTreeSet<usize>, String> {
         let bad = || format!("bad step list {s:?}: expected e.g. 0-3,7");
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
                 out.extend(a..=b);
             }
             None => {

@@ -4,32 +4,17 @@ use alknet_simulations::workload::{self, schedule, Workload};
 use alknet_simulations::{Broken, Sim};
 
 fn scenario(name: &str) -> Workload {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scenarios")
-        .join(format!("{name}.toml"));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(format!("{name}.toml"));
     toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
 #[test]
 fn a_seed_replays_the_same_trace_and_other_seeds_do_not() {
-    let w = Workload {
-        ops: 300,
-        ..Workload::default()
-    };
-    let runs: Vec<_> = [11u64, 11, 12]
-        .iter()
-        .map(|&s| workload::run(s, &w, None, &schedule(s, &w), None))
-        .collect();
-    assert_eq!(
-        (runs[0].trace, runs[0].events, runs[0].faults),
-        (runs[1].trace, runs[1].events, runs[1].faults)
-    );
+    let w = Workload { ops: 300, ..Workload::default() };
+    let runs: Vec<_> = [11u64, 11, 12].iter().map(|&s| workload::run(s, &w, None, &schedule(s, &w), None)).collect();
+    assert_eq!((runs[0].trace, runs[0].events, runs[0].faults), (runs[1].trace, runs[1].events, runs[1].faults));
     assert_ne!(runs[0].trace, runs[2].trace);
-    assert!(
-        runs[0].faults > 0 && runs[0].events > 1_000,
-        "{:?}",
-        runs[0]
-    );
+    assert!(runs[0].faults > 0 && runs[0].events > 1_000, "{:?}", runs[0]);
 }
 
 /// The bounded soak CI runs: the default workload (5 nodes, 1,000 operations, splits,
@@ -45,21 +30,11 @@ fn forty_seeds_of_the_soak_break_no_invariant() {
 
 #[test]
 fn every_named_scenario_passes_its_first_seeds() {
-    for name in [
-        "split-brain",
-        "flapping-link",
-        "clock-an-hour-behind",
-        "crash-during-sync",
-        "member-removed-during-a-partition",
-    ] {
+    for name in ["split-brain", "flapping-link", "clock-an-hour-behind", "crash-during-sync", "member-removed-during-a-partition"] {
         let w = scenario(name);
         for seed in 0..5 {
             let r = workload::run(seed, &w, None, &schedule(seed, &w), None);
-            assert!(
-                r.violations.is_empty(),
-                "{name} seed {seed}: {:?}",
-                r.violations
-            );
+            assert!(r.violations.is_empty(), "{name} seed {seed}: {:?}", r.violations);
             assert!(r.faults > 0, "{name} injects faults");
         }
     }
@@ -69,35 +44,14 @@ fn every_named_scenario_passes_its_first_seeds() {
 /// and a failing schedule shrinks to a shorter one that still fails.
 #[test]
 fn a_broken_rule_is_caught_and_its_schedule_shrinks() {
-    let w = Workload {
-        ops: 150,
-        ..Workload::default()
-    };
-    for rule in [
-        Broken::ArrivalOrder,
-        Broken::DropTombstones,
-        Broken::OpenGate,
-    ] {
-        let failing = (0..300u64).find(|&s| {
-            !workload::run(s, &w, Some(rule), &schedule(s, &w), None)
-                .violations
-                .is_empty()
-        });
+    let w = Workload { ops: 150, ..Workload::default() };
+    for rule in [Broken::ArrivalOrder, Broken::DropTombstones, Broken::OpenGate] {
+        let failing = (0..300u64).find(|&s| !workload::run(s, &w, Some(rule), &schedule(s, &w), None).violations.is_empty());
         let seed = failing.unwrap_or_else(|| panic!("{rule:?} went unnoticed for 300 seeds"));
         let steps = schedule(seed, &w);
         let kept = workload::shrink(seed, &w, Some(rule), &steps, 200);
-        assert!(
-            kept.len() < steps.len() / 2,
-            "{rule:?}: shrunk only to {} of {} steps",
-            kept.len(),
-            steps.len()
-        );
-        assert!(
-            !workload::run(seed, &w, Some(rule), &steps, Some(&kept))
-                .violations
-                .is_empty(),
-            "the shrunk schedule still fails"
-        );
+        assert!(kept.len() < steps.len() / 2, "{rule:?}: shrunk only to {} of {} steps", kept.len(), steps.len());
+        assert!(!workload::run(seed, &w, Some(rule), &steps, Some(&kept)).violations.is_empty(), "the shrunk schedule still fails");
         let back = workload::parse_ranges(&workload::ranges(&kept)).unwrap();
         assert_eq!(back, kept, "the replay command's step list reads back");
     }
@@ -105,24 +59,15 @@ fn a_broken_rule_is_caught_and_its_schedule_shrinks() {
 
 #[test]
 fn a_write_made_after_seeing_a_version_replaces_it_on_a_clock_an_hour_behind() {
-    let mut sim = Sim::new(3)
-        .clocks(&[(-3_600_000, 0), (0, 0), (0, 0)])
-        .nodes(3);
+    let mut sim = Sim::new(3).clocks(&[(-3_600_000, 0), (0, 0), (0, 0)]).nodes(3);
     sim.write(1, "/plan.txt", b"from b, on time");
     sim.run_until_quiet().unwrap();
     // A's clock reads an hour before b's write; it saw that write, so its own replaces it.
     sim.write(0, "/plan.txt", b"from a, an hour behind");
     sim.run_until_quiet().unwrap();
     for n in 0..3 {
-        assert_eq!(
-            sim.tree(n)["/plan.txt"],
-            b"from a, an hour behind",
-            "node {n}"
-        );
-        assert!(
-            sim.conflicts(n).is_empty(),
-            "node {n}: not a conflict, a later write"
-        );
+        assert_eq!(sim.tree(n)["/plan.txt"], b"from a, an hour behind", "node {n}");
+        assert!(sim.conflicts(n).is_empty(), "node {n}: not a conflict, a later write");
     }
 }
 
@@ -141,11 +86,7 @@ fn a_split_brain_on_one_path_keeps_the_loser_listed_and_its_bytes_on_every_node(
     let loser: &[u8] = if winner == b"left" { b"right" } else { b"left" };
     for n in 0..4 {
         assert_eq!(sim.tree(n)["/same.txt"], winner, "node {n}");
-        assert_eq!(
-            sim.conflicts(n),
-            vec![("/same.txt".to_string(), loser.to_vec())],
-            "node {n}"
-        );
+        assert_eq!(sim.conflicts(n), vec![("/same.txt".to_string(), loser.to_vec())], "node {n}");
     }
 }
 
@@ -159,18 +100,11 @@ fn a_node_killed_before_saving_its_documents_still_delivers_what_it_committed() 
     sim.crash(0);
     sim.heal();
     sim.run_for(3_000);
-    assert!(
-        !sim.tree(1).contains_key("/moved.txt"),
-        "nothing reached the others while it was down"
-    );
+    assert!(!sim.tree(1).contains_key("/moved.txt"), "nothing reached the others while it was down");
     sim.restart(0);
     sim.run_until_quiet().unwrap();
     for n in 0..3 {
-        assert_eq!(
-            sim.tree(n).get("/moved.txt").map(Vec::as_slice),
-            Some(&b"committed"[..]),
-            "node {n}"
-        );
+        assert_eq!(sim.tree(n).get("/moved.txt").map(Vec::as_slice), Some(&b"committed"[..]), "node {n}");
         assert!(!sim.tree(n).contains_key("/kept.txt"), "node {n}");
     }
 }
@@ -178,28 +112,13 @@ fn a_node_killed_before_saving_its_documents_still_delivers_what_it_committed() 
 /// The README's example, as written there (this test fails if the two part ways).
 #[test]
 fn the_readme_example_runs_as_written() {
-    let readme = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
-    )
-    .unwrap();
-    let start = readme
-        .find("```rust\nuse alknet_simulations::Sim;")
-        .expect("the README's example")
-        + "```rust\n".len();
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let start = readme.find("```rust\nuse alknet_simulations::Sim;").expect("the README's example") + "```rust\n".len();
     let example = &readme[start..start + readme[start..].find("```").unwrap()];
     let here = include_str!("harness.rs");
     let body = &here[here.rfind("    // --- the README's example ---\n").unwrap()..];
-    let ours: Vec<&str> = body
-        .lines()
-        .skip(1)
-        .take_while(|l| *l != "    // --- end ---")
-        .map(str::trim)
-        .collect();
-    let theirs: Vec<&str> = example
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let ours: Vec<&str> = body.lines().skip(1).take_while(|l| *l != "    // --- end ---").map(str::trim).collect();
+    let theirs: Vec<&str> = example.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     assert_eq!(ours, theirs, "the README's example and this test differ");
     // --- the README's example ---
     use alknet_simulations::Sim;
@@ -229,12 +148,7 @@ fn a_rename_reaches_a_peer_whole() {
         .map(|i| (format!("/r{i}"), format!("/s{i}")))
         .find(|(f, t)| {
             let b = alknet_simulations::node::MAIN;
-            let shard = |p: &str| {
-                alknet_actors::proto::replica::shard_of(
-                    &b,
-                    &alknet_actors::proto::path::TreePath::parse(p).unwrap(),
-                )
-            };
+            let shard = |p: &str| alknet_actors::proto::replica::shard_of(&b, &alknet_actors::proto::path::TreePath::parse(p).unwrap());
             shard(f) != shard(t)
         })
         .unwrap();
@@ -248,11 +162,7 @@ fn a_rename_reaches_a_peer_whole() {
         seen.push((t.contains_key(&from), t.contains_key(&to)));
     }
     sim.run_until_quiet().unwrap();
-    assert!(
-        seen.iter()
-            .all(|s| *s == (true, false) || *s == (false, true)),
-        "half a rename was shown: {seen:?}"
-    );
+    assert!(seen.iter().all(|s| *s == (true, false) || *s == (false, true)), "half a rename was shown: {seen:?}");
     assert_eq!(seen.last(), Some(&(false, true)));
 }
 
@@ -273,21 +183,13 @@ fn a_removed_member_unaware_of_its_removal_admits_nobody_and_its_later_writes_st
     sim.restart(1);
     sim.run_for(10_000);
     let names = |sim: &Sim, n: usize| sim.tree(n).into_keys().collect::<Vec<_>>();
-    assert_eq!(
-        names(&sim, 1),
-        ["/after.txt", "/before.txt", "/newcomer.txt"],
-        "node 1 took it all, not knowing"
-    );
+    assert_eq!(names(&sim, 1), ["/after.txt", "/before.txt", "/newcomer.txt"], "node 1 took it all, not knowing");
     sim.heal();
     sim.run_until_quiet().unwrap();
     for n in [0, 1, 2] {
         assert_eq!(names(&sim, n), ["/before.txt"], "node {n}");
     }
-    assert_eq!(
-        names(&sim, 3),
-        ["/after.txt", "/before.txt", "/newcomer.txt"],
-        "the removed node keeps what it has"
-    );
+    assert_eq!(names(&sim, 3), ["/after.txt", "/before.txt", "/newcomer.txt"], "the removed node keeps what it has");
 }
 
 #[test]
@@ -303,16 +205,8 @@ fn a_merge_reaches_every_node_whole_even_when_its_node_dies_right_after_committi
     sim.run_until_quiet().unwrap();
     for n in 0..3 {
         let feature = sim.tree_on(n, "feature").unwrap();
-        assert_eq!(
-            (&feature["/new.txt"][..], &feature["/shared.txt"][..]),
-            (&b"on the branch"[..], &b"changed on the branch"[..]),
-            "node {n}"
-        );
-        assert_eq!(
-            sim.tree(n)["/shared.txt"],
-            b"changed on main",
-            "node {n}: main does not see the branch"
-        );
+        assert_eq!((&feature["/new.txt"][..], &feature["/shared.txt"][..]), (&b"on the branch"[..], &b"changed on the branch"[..]), "node {n}");
+        assert_eq!(sim.tree(n)["/shared.txt"], b"changed on main", "node {n}: main does not see the branch");
     }
     assert!(sim.merge(1, "feature", "main"));
     // Killed before its documents were saved or a message left: the merge is on its disk only.
@@ -325,15 +219,7 @@ fn a_merge_reaches_every_node_whole_even_when_its_node_dies_right_after_committi
         let main = sim.tree(n);
         assert_eq!(main["/new.txt"], b"on the branch", "node {n}");
         let (winner, conflicts) = (main["/shared.txt"].clone(), sim.conflicts(n));
-        let loser: &[u8] = if winner == b"changed on main" {
-            b"changed on the branch"
-        } else {
-            b"changed on main"
-        };
-        assert_eq!(
-            conflicts,
-            [("/shared.txt".to_string(), loser.to_vec())],
-            "node {n}: the side that lost is listed, its bytes kept"
-        );
+        let loser: &[u8] = if winner == b"changed on main" { b"changed on the branch" } else { b"changed on main" };
+        assert_eq!(conflicts, [("/shared.txt".to_string(), loser.to_vec())], "node {n}: the side that lost is listed, its bytes kept");
     }
 }

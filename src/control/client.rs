@@ -21,10 +21,7 @@ impl Client {
     pub fn connect(dir: &Path) -> Option<Client> {
         let socket = dir.join(SOCKET_FILE);
         let stream = UnixStream::connect(&socket).ok()?;
-        Some(Client {
-            socket,
-            stream: std::sync::Mutex::new(Some(stream)),
-        })
+        Some(Client { socket, stream: std::sync::Mutex::new(Some(stream)) })
     }
 
     /// The open connection, or a new one. A connection that failed is not reused: after an
@@ -35,12 +32,7 @@ impl Client {
                 return Ok(s);
             }
         }
-        UnixStream::connect(&self.socket).with_context(|| {
-            format!(
-                "connecting to the node at {} (is it still running?)",
-                self.socket.display()
-            )
-        })
+        UnixStream::connect(&self.socket).with_context(|| format!("connecting to the node at {} (is it still running?)", self.socket.display()))
     }
 
     fn give_back(&self, stream: UnixStream) {
@@ -126,13 +118,6 @@ fn still_open(stream: &UnixStream) -> bool {
     use std::os::fd::AsRawFd;
     let mut probe = [0u8; 1];
     // SAFETY: a valid socket and a one-byte buffer; MSG_PEEK leaves any byte unread.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            probe.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recv(stream.as_raw_fd(), probe.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }

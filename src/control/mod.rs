@@ -43,108 +43,47 @@ pub struct WireScope {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Store a local file (the node reads it: same machine, same user).
-    PutFile {
-        scope: WireScope,
-        path: String,
-        src: PathBuf,
-    },
+    PutFile { scope: WireScope, path: String, src: PathBuf },
     /// Store a local directory tree.
-    PutTree {
-        scope: WireScope,
-        path: String,
-        src: PathBuf,
-    },
+    PutTree { scope: WireScope, path: String, src: PathBuf },
     /// Store the bytes that follow in data frames, up to an empty frame.
     PutStream { scope: WireScope, path: String },
     /// Commit closed files of a mount in one transaction: the node takes over each staging
     /// file (inside `content/staging/mount-*`), hashes it unless its hash is given (every
     /// write was an append and the mount hashed them), and moves it into the content store.
-    PutStaged {
-        scope: WireScope,
-        items: Vec<StagedFile>,
-    },
+    PutStaged { scope: WireScope, items: Vec<StagedFile> },
     /// Make a symbolic link at `path` pointing to `target`.
-    Symlink {
-        scope: WireScope,
-        path: String,
-        target: String,
-    },
+    Symlink { scope: WireScope, path: String, target: String },
     /// Set the mode and/or mtime of a path, keeping its bytes.
-    SetAttr {
-        scope: WireScope,
-        path: String,
-        mode: Option<u32>,
-        mtime_ms: Option<i64>,
-    },
+    SetAttr { scope: WireScope, path: String, mode: Option<u32>, mtime_ms: Option<i64> },
     /// Move to exactly `to` (rename(2)): a file or an empty directory there is replaced.
-    MoveOver {
-        scope: WireScope,
-        from: String,
-        to: String,
-    },
+    MoveOver { scope: WireScope, from: String, to: String },
     /// Remove.
-    Remove {
-        scope: WireScope,
-        path: String,
-        recursive: bool,
-    },
+    Remove { scope: WireScope, path: String, recursive: bool },
     /// Rename.
-    Rename {
-        scope: WireScope,
-        from: String,
-        to: String,
-    },
+    Rename { scope: WireScope, from: String, to: String },
     /// Make a directory.
-    Mkdir {
-        scope: WireScope,
-        path: String,
-        parents: bool,
-    },
+    Mkdir { scope: WireScope, path: String, parents: bool },
     /// Restore a version.
-    Restore {
-        scope: WireScope,
-        path: String,
-        version: String,
-    },
+    Restore { scope: WireScope, path: String, version: String },
     /// Create a branch.
-    BranchCreate {
-        scope: WireScope,
-        name: String,
-        from: Option<String>,
-    },
+    BranchCreate { scope: WireScope, name: String, from: Option<String> },
     /// Delete a branch.
     BranchDelete { scope: WireScope, name: String },
     /// Create a bucket.
     BucketCreate { name: String },
     /// Merge.
-    Merge {
-        scope: WireScope,
-        from: String,
-        into: Option<String>,
-    },
+    Merge { scope: WireScope, from: String, into: Option<String> },
     /// Collect garbage.
-    Gc {
-        keep_versions: Option<u32>,
-        keep_days: Option<u32>,
-    },
+    Gc { keep_versions: Option<u32>, keep_days: Option<u32> },
     /// Take a listed conflict (or all, without a path) off the branch's list.
-    ConflictsDismiss {
-        scope: WireScope,
-        path: Option<String>,
-    },
+    ConflictsDismiss { scope: WireScope, path: Option<String> },
     /// The node's status.
     Status,
     /// Make a ticket for a bucket.
-    Invite {
-        bucket: String,
-        expires_ms: i64,
-        uses: u32,
-    },
+    Invite { bucket: String, expires_ms: i64, uses: u32 },
     /// Join with a ticket (under `name` locally, or the inviter's name).
-    Join {
-        ticket: String,
-        name: Option<String>,
-    },
+    Join { ticket: String, name: Option<String> },
     /// Remove a member of a bucket everywhere.
     MembersRemove { bucket: String, node: String },
     /// Fetch a blob whose bytes are still on peers, and answer once it is here.
@@ -259,8 +198,7 @@ pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
 pub fn read_frame(r: &mut impl Read) -> io::Result<Vec<u8>> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     r.read_exact(&mut header)?;
-    let len = frame::check_header(header, CONTROL_FRAME_BYTES_MAX)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let len = frame::check_header(header, CONTROL_FRAME_BYTES_MAX).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload)?;
     Ok(payload)

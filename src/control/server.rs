@@ -16,14 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alknet_actors::content::hash_file;
 use alknet_actors::content::ContentStore;
 use alknet_actors::engine::{self, file_entry, mtime_ms, CommitItem, Scope};
 use alknet_actors::gc::Retention;
 use alknet_actors::node::store::{WriteOp, WriteOutcome};
 use alknet_actors::node::{Child, NodeHandle};
-use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::frame::{self, CONTROL_FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+use alknet_actors::content::hash_file;
+use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::ids::VersionRef;
 use alknet_actors::proto::path::TreePath;
 use anyhow::{anyhow, bail, Context, Result};
@@ -71,11 +71,7 @@ pub struct ServerCtx {
 }
 
 /// Serves `listener` until `shutdown` resolves, then waits for requests in flight.
-pub async fn serve(
-    listener: UnixListener,
-    ctx: ServerCtx,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+pub async fn serve(listener: UnixListener, ctx: ServerCtx, shutdown: impl std::future::Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -115,10 +111,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}: abandoning them (nothing half-committed)");
     }
@@ -127,8 +120,7 @@ pub async fn serve(
 async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     stream.read_exact(&mut header).await?;
-    let len = frame::check_header(header, CONTROL_FRAME_BYTES_MAX)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let len = frame::check_header(header, CONTROL_FRAME_BYTES_MAX).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let mut payload = vec![0u8; len];
     stream.read_exact(&mut payload).await?;
     Ok(payload)
@@ -152,22 +144,13 @@ async fn handle(mut stream: UnixStream, ctx: ServerCtx) {
         let first = match read {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
-            Ok(Err(e)) => {
-                return tracing::debug!(error = %e, "dropping a control connection: bad frame")
-            }
+            Ok(Err(e)) => return tracing::debug!(error = %e, "dropping a control connection: bad frame"),
             Err(_) => return tracing::debug!("dropping a control connection: idle"),
         };
-        let error = |e: anyhow::Error| Reply::Error {
-            message: format!("{e:#}"),
-        };
+        let error = |e: anyhow::Error| Reply::Error { message: format!("{e:#}") };
         let (reply, in_step) = match serde_json::from_slice::<Request>(&first) {
             Ok(Request::PutStream { scope: s, path: p }) => {
-                let mut body = Body {
-                    stream: &mut stream,
-                    timeout: ctx.client_timeout,
-                    stopping: ctx.stopping.clone(),
-                    ended: false,
-                };
+                let mut body = Body { stream: &mut stream, timeout: ctx.client_timeout, stopping: ctx.stopping.clone(), ended: false };
                 match put_stream(&ctx, scope(s), &p, &mut body).await {
                     Ok(reply) => (reply, true),
                     Err(e) => {
@@ -177,12 +160,7 @@ async fn handle(mut stream: UnixStream, ctx: ServerCtx) {
                 }
             }
             Ok(req) => (dispatch(req, &ctx).await.unwrap_or_else(error), true),
-            Err(e) => (
-                Reply::Error {
-                    message: format!("malformed request: {e}"),
-                },
-                false,
-            ),
+            Err(e) => (Reply::Error { message: format!("malformed request: {e}") }, false),
         };
         let mut out = Vec::new();
         frame::encode(&encode_reply(&reply), &mut out);
@@ -213,10 +191,7 @@ impl Body<'_> {
         let frame = match read {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => bail!("the client went away mid-stream ({e}): nothing was written"),
-            Err(_) => bail!(
-                "no data from the client for {:?}: the put was dropped, nothing was written",
-                self.timeout
-            ),
+            Err(_) => bail!("no data from the client for {:?}: the put was dropped, nothing was written", self.timeout),
         };
         if frame.is_empty() {
             self.ended = true;
@@ -241,11 +216,7 @@ fn encode_reply(reply: &Reply) -> Vec<u8> {
 }
 
 fn scope(s: WireScope) -> Scope {
-    Scope {
-        bucket: s.bucket,
-        branch: s.branch,
-        at: None,
-    }
+    Scope { bucket: s.bucket, branch: s.branch, at: None }
 }
 
 fn path(raw: &str) -> Result<TreePath> {
@@ -257,24 +228,12 @@ async fn write(ctx: &ServerCtx, op: WriteOp) -> Result<WriteOutcome> {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| anyhow!("import task failed: {e}"))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("import task failed: {e}"))?
 }
 
 async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<Reply> {
-    match write(
-        ctx,
-        WriteOp::Commit {
-            scope,
-            items: vec![item],
-        },
-    )
-    .await?
-    {
-        WriteOutcome::Seqs(s) => Ok(Reply::Seq {
-            seq: s.first().copied().unwrap_or(0),
-        }),
+    match write(ctx, WriteOp::Commit { scope, items: vec![item] }).await? {
+        WriteOutcome::Seqs(s) => Ok(Reply::Seq { seq: s.first().copied().unwrap_or(0) }),
         other => bail!("unexpected store outcome {other:?}"),
     }
 }
@@ -293,125 +252,73 @@ enum Checked {
 fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Checked)> {
     let dest = path(&item.path)?;
     let hash = match &item.hash {
-        Some(h) => Some(
-            ContentHash::from_hex(h)
-                .ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?,
-        ),
+        Some(h) => Some(ContentHash::from_hex(h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
         None => None,
     };
     let checked = match (&item.data, &item.staging) {
         (Some(data), None) => {
-            let bytes = data_encoding::BASE64
-                .decode(data.as_bytes())
-                .map_err(|e| anyhow!("{}: malformed bytes: {e}", item.path))?;
-            if bytes.len() > alknet_actors::content::INLINE_BYTES_MAX
-                || item.size.is_some_and(|n| n != bytes.len() as u64)
-            {
-                bail!(
-                    "{}: {} bytes sent inline: at most {} and the length written",
-                    item.path,
-                    bytes.len(),
-                    alknet_actors::content::INLINE_BYTES_MAX
-                );
+            let bytes = data_encoding::BASE64.decode(data.as_bytes()).map_err(|e| anyhow!("{}: malformed bytes: {e}", item.path))?;
+            if bytes.len() > alknet_actors::content::INLINE_BYTES_MAX || item.size.is_some_and(|n| n != bytes.len() as u64) {
+                bail!("{}: {} bytes sent inline: at most {} and the length written", item.path, bytes.len(), alknet_actors::content::INLINE_BYTES_MAX);
             }
             Checked::Bytes(bytes)
         }
         (None, Some(staging)) => {
-            let len = std::fs::symlink_metadata(staging)
-                .with_context(|| staging.display().to_string())?
-                .len();
-            if item.size.is_some_and(|want| want != len) || (hash.is_some() && item.size.is_none())
-            {
+            let len = std::fs::symlink_metadata(staging).with_context(|| staging.display().to_string())?.len();
+            if item.size.is_some_and(|want| want != len) || (hash.is_some() && item.size.is_none()) {
                 bail!("{}: the staged file is {len} bytes, not the {:?} written: refusing it (nothing was committed)", staging.display(), item.size);
             }
             Checked::File(staging.clone(), hash)
         }
-        _ => bail!(
-            "{}: a closed file carries either its bytes or a staging file",
-            item.path
-        ),
+        _ => bail!("{}: a closed file carries either its bytes or a staging file", item.path),
     };
     Ok((dest, checked))
 }
 
 /// A checked closed file made a commit item: small bytes imported inline, or its staging
 /// file taken over, hashed unless the mount did, and moved into place.
-fn take_staged(
-    content: &ContentStore,
-    item: &super::StagedFile,
-    dest: TreePath,
-    checked: Checked,
-) -> Result<CommitItem> {
+fn take_staged(content: &ContentStore, item: &super::StagedFile, dest: TreePath, checked: Checked) -> Result<CommitItem> {
     let blob = match checked {
         Checked::Bytes(bytes) => content.import_reader(&bytes[..], |_| {})?,
         Checked::File(staging, hash) => {
             let staged = content.adopt_staged(&staging)?;
             let (hash, size) = match hash {
                 Some(h) => (h, item.size.unwrap_or(0)),
-                None => hash_file(staged.file())
-                    .with_context(|| format!("hashing {}", staging.display()))?,
+                None => hash_file(staged.file()).with_context(|| format!("hashing {}", staging.display()))?,
             };
             content.finish(staged, hash, size)?
         }
     };
-    let entry = Entry {
-        kind: EntryKind::File,
-        hash: blob.hash,
-        size: blob.size,
-        mode: item.mode & 0o7777,
-        mtime_ms: item.mtime_ms,
-    };
+    let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: item.mode & 0o7777, mtime_ms: item.mtime_ms };
     Ok((dest, entry, blob))
 }
 
 async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
     Ok(match req {
-        Request::PutFile {
-            scope: s,
-            path: p,
-            src,
-        } => {
+        Request::PutFile { scope: s, path: p, src } => {
             let dest = path(&p)?;
             let content = ctx.content.clone();
             let item = blocking(move || {
                 let meta = std::fs::metadata(&src).with_context(|| src.display().to_string())?;
                 if !meta.is_file() {
-                    bail!(
-                        "{}: not a regular file (use -r for a directory)",
-                        src.display()
-                    );
+                    bail!("{}: not a regular file (use -r for a directory)", src.display());
                 }
                 let blob = content.import_file(&src, |_| {})?;
-                let entry = file_entry(
-                    &blob,
-                    std::os::unix::fs::MetadataExt::mode(&meta) & 0o7777,
-                    mtime_ms(&meta),
-                );
+                let entry = file_entry(&blob, std::os::unix::fs::MetadataExt::mode(&meta) & 0o7777, mtime_ms(&meta));
                 Ok((dest, entry, blob))
             })
             .await?;
             commit_one(ctx, scope(s), item).await?
         }
-        Request::PutTree {
-            scope: s,
-            path: p,
-            src,
-        } => {
+        Request::PutTree { scope: s, path: p, src } => {
             let dest = path(&p)?;
             let (content, node, scope) = (ctx.content.clone(), ctx.node.clone(), scope(s));
             let rt = tokio::runtime::Handle::current();
             let count = blocking(move || {
                 Ok(engine::import_tree(&content, &src, &dest, |items| {
-                    rt.block_on(node.write(WriteOp::Commit {
-                        scope: scope.clone(),
-                        items,
-                    }))
-                    .map(|_| ())
-                    .map_err(|e| {
-                        engine::EngineError::Store(alknet_actors::store::StoreError::Invalid(
-                            e.to_string(),
-                        ))
-                    })
+                    rt.block_on(node.write(WriteOp::Commit { scope: scope.clone(), items }))
+                        .map(|_| ())
+                        .map_err(|e| engine::EngineError::Store(alknet_actors::store::StoreError::Invalid(e.to_string())))
                 })?)
             })
             .await?;
@@ -420,248 +327,83 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
         Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
         Request::PutStaged { scope: s, items } => {
             if items.len() > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
-                bail!(
-                    "{} files in one commit; the limit is {}",
-                    items.len(),
-                    alknet_actors::proto::limits::COMMIT_ENTRIES_MAX
-                );
+                bail!("{} files in one commit; the limit is {}", items.len(), alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
             }
             let content = ctx.content.clone();
             let commit = blocking(move || {
                 let checked = items.iter().map(check_staged).collect::<Result<Vec<_>>>()?;
-                items
-                    .iter()
-                    .zip(checked)
-                    .map(|(item, (dest, checked))| take_staged(&content, item, dest, checked))
-                    .collect::<Result<Vec<CommitItem>>>()
+                items.iter().zip(checked).map(|(item, (dest, checked))| take_staged(&content, item, dest, checked)).collect::<Result<Vec<CommitItem>>>()
             })
             .await?;
             let count = commit.len() as u64;
-            write(
-                ctx,
-                WriteOp::Commit {
-                    scope: scope(s),
-                    items: commit,
-                },
-            )
-            .await?;
+            write(ctx, WriteOp::Commit { scope: scope(s), items: commit }).await?;
             Reply::Count { count }
         }
-        Request::Symlink {
-            scope: s,
-            path: p,
-            target,
-        } => {
+        Request::Symlink { scope: s, path: p, target } => {
             let dest = path(&p)?;
-            if target.is_empty()
-                || target.len() > alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX
-                || target.contains('\0')
-            {
-                bail!(
-                    "a symlink's target must be 1 to {} bytes without NUL",
-                    alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX
-                );
+            if target.is_empty() || target.len() > alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX || target.contains('\0') {
+                bail!("a symlink's target must be 1 to {} bytes without NUL", alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX);
             }
             let blob = ctx.content.import_reader(target.as_bytes(), |_| {})?;
-            let entry = Entry {
-                kind: EntryKind::Symlink,
-                hash: blob.hash,
-                size: blob.size,
-                mode: 0o777,
-                mtime_ms: engine::now_ms(),
-            };
+            let entry = Entry { kind: EntryKind::Symlink, hash: blob.hash, size: blob.size, mode: 0o777, mtime_ms: engine::now_ms() };
             commit_one(ctx, scope(s), (dest, entry, blob)).await?
         }
-        Request::SetAttr {
-            scope: s,
-            path: p,
-            mode,
-            mtime_ms,
-        } => match write(
-            ctx,
-            WriteOp::SetAttr {
-                scope: scope(s),
-                path: TreePath::parse(&p)?,
-                mode,
-                mtime_ms,
-            },
-        )
-        .await?
-        {
-            WriteOutcome::Seqs(v) => Reply::Seq {
-                seq: v.first().copied().unwrap_or(0),
-            },
+        Request::SetAttr { scope: s, path: p, mode, mtime_ms } => match write(ctx, WriteOp::SetAttr { scope: scope(s), path: TreePath::parse(&p)?, mode, mtime_ms }).await? {
+            WriteOutcome::Seqs(v) => Reply::Seq { seq: v.first().copied().unwrap_or(0) },
             _ => Reply::Done,
         },
         Request::MoveOver { scope: s, from, to } => {
-            write(
-                ctx,
-                WriteOp::MoveOver {
-                    scope: scope(s),
-                    from: path(&from)?,
-                    to: path(&to)?,
-                },
-            )
-            .await?;
+            write(ctx, WriteOp::MoveOver { scope: scope(s), from: path(&from)?, to: path(&to)? }).await?;
             Reply::Done
         }
-        Request::Remove {
-            scope: s,
-            path: p,
-            recursive,
-        } => match write(
-            ctx,
-            WriteOp::Remove {
-                scope: scope(s),
-                path: path(&p)?,
-                recursive,
-            },
-        )
-        .await?
-        {
+        Request::Remove { scope: s, path: p, recursive } => match write(ctx, WriteOp::Remove { scope: scope(s), path: path(&p)?, recursive }).await? {
             WriteOutcome::Count(count) => Reply::Count { count },
             _ => Reply::Done,
         },
-        Request::Rename { scope: s, from, to } => match write(
-            ctx,
-            WriteOp::Rename {
-                scope: scope(s),
-                from: path(&from)?,
-                to: TreePath::parse(&to)?,
-            },
-        )
-        .await?
-        {
-            WriteOutcome::Path(p) => Reply::Path {
-                path: p.to_string(),
-            },
+        Request::Rename { scope: s, from, to } => match write(ctx, WriteOp::Rename { scope: scope(s), from: path(&from)?, to: TreePath::parse(&to)? }).await? {
+            WriteOutcome::Path(p) => Reply::Path { path: p.to_string() },
             _ => Reply::Done,
         },
-        Request::Mkdir {
-            scope: s,
-            path: p,
-            parents,
-        } => {
-            write(
-                ctx,
-                WriteOp::Mkdir {
-                    scope: scope(s),
-                    path: path(&p)?,
-                    parents,
-                },
-            )
-            .await?;
+        Request::Mkdir { scope: s, path: p, parents } => {
+            write(ctx, WriteOp::Mkdir { scope: scope(s), path: path(&p)?, parents }).await?;
             Reply::Done
         }
-        Request::Restore {
-            scope: s,
-            path: p,
-            version,
-        } => match write(
-            ctx,
-            WriteOp::Restore {
-                scope: scope(s),
-                path: path(&p)?,
-                version: VersionRef::parse(&version).map_err(|e| anyhow!(e))?,
-            },
-        )
-        .await?
-        {
-            WriteOutcome::Seqs(v) => Reply::Seq {
-                seq: v.first().copied().unwrap_or(0),
-            },
+        Request::Restore { scope: s, path: p, version } => match write(ctx, WriteOp::Restore { scope: scope(s), path: path(&p)?, version: VersionRef::parse(&version).map_err(|e| anyhow!(e))? }).await? {
+            WriteOutcome::Seqs(v) => Reply::Seq { seq: v.first().copied().unwrap_or(0) },
             _ => Reply::Done,
         },
-        Request::BranchCreate {
-            scope: s,
-            name,
-            from,
-        } => match write(
-            ctx,
-            WriteOp::CreateBranch {
-                scope: scope(s),
-                name,
-                from,
-            },
-        )
-        .await?
-        {
+        Request::BranchCreate { scope: s, name, from } => match write(ctx, WriteOp::CreateBranch { scope: scope(s), name, from }).await? {
             WriteOutcome::Branch(branch) => Reply::Branch { branch },
             _ => Reply::Done,
         },
         Request::BranchDelete { scope: s, name } => {
-            write(
-                ctx,
-                WriteOp::DeleteBranch {
-                    scope: scope(s),
-                    name,
-                },
-            )
-            .await?;
+            write(ctx, WriteOp::DeleteBranch { scope: scope(s), name }).await?;
             Reply::Done
         }
         Request::BucketCreate { name } => {
             write(ctx, WriteOp::CreateBucket { name }).await?;
             Reply::Done
         }
-        Request::Merge {
-            scope: s,
-            from,
-            into,
-        } => match write(
-            ctx,
-            WriteOp::Merge {
-                scope: scope(s),
-                from,
-                into,
-            },
-        )
-        .await?
-        {
+        Request::Merge { scope: s, from, into } => match write(ctx, WriteOp::Merge { scope: scope(s), from, into }).await? {
             WriteOutcome::Merge(report) => Reply::Merge { report },
             _ => Reply::Done,
         },
-        Request::Gc {
-            keep_versions,
-            keep_days,
-        } => Reply::Gc {
-            report: ctx.node.gc(keep_versions, keep_days).await?,
-        },
+        Request::Gc { keep_versions, keep_days } => Reply::Gc { report: ctx.node.gc(keep_versions, keep_days).await? },
         Request::ConflictsDismiss { scope: s, path: p } => {
             let path = p.as_deref().map(path).transpose()?;
-            match write(
-                ctx,
-                WriteOp::DismissConflicts {
-                    scope: scope(s),
-                    path,
-                },
-            )
-            .await?
-            {
+            match write(ctx, WriteOp::DismissConflicts { scope: scope(s), path }).await? {
                 WriteOutcome::Count(count) => Reply::Count { count },
                 _ => Reply::Done,
             }
         }
-        Request::Status => Reply::Status {
-            status: Box::new(status(ctx).await?),
-        },
-        Request::Invite {
-            bucket,
-            expires_ms,
-            uses,
-        } => Reply::Ticket {
-            ticket: ctx.node.invite(bucket, expires_ms, uses).await?,
-        },
+        Request::Status => Reply::Status { status: Box::new(status(ctx).await?) },
+        Request::Invite { bucket, expires_ms, uses } => Reply::Ticket { ticket: ctx.node.invite(bucket, expires_ms, uses).await? },
         Request::Join { ticket, name } => {
             let joined = ctx.node.join(ticket, name).await?;
-            Reply::Joined {
-                bucket: joined.bucket,
-                inviter: joined.inviter,
-            }
+            Reply::Joined { bucket: joined.bucket, inviter: joined.inviter }
         }
         Request::Fetch { hash, size } => {
-            let hash = alknet_actors::proto::entry::ContentHash::from_hex(&hash)
-                .ok_or_else(|| anyhow!("not a content hash: {hash}"))?;
+            let hash = alknet_actors::proto::entry::ContentHash::from_hex(&hash).ok_or_else(|| anyhow!("not a content hash: {hash}"))?;
             ctx.node.fetch_now(hash, size).await?;
             Reply::Done
         }
@@ -674,8 +416,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             if !ctx.fault_injection {
                 bail!("fault injection is off (start the node with ALKFS_FAULT_INJECTION=1, for tests only)");
             }
-            let child = Child::from_name(&actor)
-                .ok_or_else(|| anyhow!("no actor {actor:?}: store, outbox, blobs or gc"))?;
+            let child = Child::from_name(&actor).ok_or_else(|| anyhow!("no actor {actor:?}: store, outbox, blobs or gc"))?;
             ctx.node.inject_panic(child)?;
             Reply::Done
         }
@@ -685,28 +426,20 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
 /// A streamed put: the bytes flow through a bounded channel into a blocking import, which
 /// stages them to disk while they arrive. Small content (one data frame, then the end) is
 /// imported right here: hashing a few KiB costs less than handing it to a blocking thread.
-async fn put_stream(
-    ctx: &ServerCtx,
-    scope: Scope,
-    raw_path: &str,
-    body: &mut Body<'_>,
-) -> Result<Reply> {
+async fn put_stream(ctx: &ServerCtx, scope: Scope, raw_path: &str, body: &mut Body<'_>) -> Result<Reply> {
     let dest = path(raw_path)?;
     let mut pending = Vec::new();
     match body.next().await? {
         None => return commit_bytes(ctx, scope, dest, &[]).await,
-        Some(first) if first.len() <= alknet_actors::content::INLINE_BYTES_MAX => {
-            match body.next().await? {
-                None => return commit_bytes(ctx, scope, dest, &first).await,
-                Some(next) => pending.extend([first, next]),
-            }
-        }
+        Some(first) if first.len() <= alknet_actors::content::INLINE_BYTES_MAX => match body.next().await? {
+            None => return commit_bytes(ctx, scope, dest, &first).await,
+            Some(next) => pending.extend([first, next]),
+        },
         Some(first) => pending.push(first),
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(STREAM_QUEUE_CHUNKS);
     let content = ctx.content.clone();
-    let import =
-        tokio::task::spawn_blocking(move || content.import_reader(ChannelReader::new(rx), |_| {}));
+    let import = tokio::task::spawn_blocking(move || content.import_reader(ChannelReader::new(rx), |_| {}));
     let mut import_stopped = false;
     for chunk in pending {
         import_stopped = tx.send(Chunk::Data(chunk)).await.is_err();
@@ -723,12 +456,7 @@ async fn put_stream(
             }
             Err(e) => {
                 // Abort the import (its staging file goes with it) before answering.
-                let _ = tx
-                    .send(Chunk::Abort(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        e.to_string(),
-                    )))
-                    .await;
+                let _ = tx.send(Chunk::Abort(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.to_string()))).await;
                 drop(tx);
                 let _ = import.await;
                 return Err(e);
@@ -736,20 +464,13 @@ async fn put_stream(
         }
     }
     drop(tx);
-    let blob = import
-        .await
-        .map_err(|e| anyhow!("import task failed: {e}"))??;
+    let blob = import.await.map_err(|e| anyhow!("import task failed: {e}"))??;
     let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
     commit_one(ctx, scope, (dest, entry, blob)).await
 }
 
 /// Imports `bytes` (small) and commits them at `dest`.
-async fn commit_bytes(
-    ctx: &ServerCtx,
-    scope: Scope,
-    dest: TreePath,
-    bytes: &[u8],
-) -> Result<Reply> {
+async fn commit_bytes(ctx: &ServerCtx, scope: Scope, dest: TreePath, bytes: &[u8]) -> Result<Reply> {
     let blob = ctx.content.import_reader(bytes, |_| {})?;
     let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
     commit_one(ctx, scope, (dest, entry, blob)).await
@@ -759,37 +480,17 @@ async fn status(ctx: &ServerCtx) -> Result<Status> {
     let dir = ctx.dir.clone();
     let active_since_ms = engine::now_ms() - i64::from(ctx.retention.outbox_keep_days) * 86_400_000;
     let (store_bytes, blob_count, blobs_missing, consumers, members) = blocking(move || {
-        let tree = alknet_actors::store::TreeStore::open(
-            &dir.join(alknet_actors::store::TREE_DB_FILE),
-            false,
-        )?;
-        let blobs: i64 = tree
-            .conn()
-            .query_row("SELECT count(*) FROM blob", [], |r| r.get(0))?;
-        let missing: i64 =
-            tree.conn()
-                .query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| {
-                    r.get(0)
-                })?;
+        let tree = alknet_actors::store::TreeStore::open(&dir.join(alknet_actors::store::TREE_DB_FILE), false)?;
+        let blobs: i64 = tree.conn().query_row("SELECT count(*) FROM blob", [], |r| r.get(0))?;
+        let missing: i64 = tree.conn().query_row("SELECT count(*) FROM blob WHERE present = 0", [], |r| r.get(0))?;
         let consumers = alknet_actors::store::outbox::consumers(tree.conn(), active_since_ms)?;
         let mut members = Vec::new();
         for id in alknet_actors::engine::mesh::shared_bucket_ids(tree.conn())? {
-            let bucket: String =
-                tree.conn()
-                    .query_row("SELECT name FROM bucket WHERE id = ?1", [id], |r| r.get(0))?;
-            members.push(super::BucketMembers {
-                bucket,
-                members: alknet_actors::engine::mesh::members(tree.conn(), id)?,
-            });
+            let bucket: String = tree.conn().query_row("SELECT name FROM bucket WHERE id = ?1", [id], |r| r.get(0))?;
+            members.push(super::BucketMembers { bucket, members: alknet_actors::engine::mesh::members(tree.conn(), id)? });
         }
         members.sort_by(|a, b| a.bucket.cmp(&b.bucket));
-        Ok((
-            disk_usage(&dir),
-            blobs as u64,
-            missing as u64,
-            consumers,
-            members,
-        ))
+        Ok((disk_usage(&dir), blobs as u64, missing as u64, consumers, members))
     })
     .await?;
     let (outbox_cursor, outbox_head) = ctx.node.outbox_stats().await?;
@@ -817,11 +518,7 @@ pub fn disk_usage(dir: &Path) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let Ok(meta) = entry.metadata() else { continue };
-        total += if meta.is_dir() {
-            disk_usage(&entry.path())
-        } else {
-            std::os::unix::fs::MetadataExt::blocks(&meta) * 512
-        };
+        total += if meta.is_dir() { disk_usage(&entry.path()) } else { std::os::unix::fs::MetadataExt::blocks(&meta) * 512 };
     }
     total
 }
@@ -848,12 +545,7 @@ struct ChannelReader {
 
 impl ChannelReader {
     fn new(rx: tokio::sync::mpsc::Receiver<Chunk>) -> Self {
-        ChannelReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-            ended: false,
-        }
+        ChannelReader { rx, buf: Vec::new(), pos: 0, ended: false }
     }
 }
 
@@ -870,12 +562,7 @@ impl std::io::Read for ChannelReader {
                 }
                 Some(Chunk::End) => self.ended = true,
                 Some(Chunk::Abort(e)) => return Err(e),
-                None => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "the streamed put was dropped before its end",
-                    ))
-                }
+                None => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the streamed put was dropped before its end")),
             }
         }
         let n = out.len().min(self.buf.len() - self.pos);
@@ -891,29 +578,13 @@ mod tests {
 
     #[test]
     fn a_reply_too_large_for_a_frame_becomes_an_error_that_says_it_completed() {
-        let taken = (0..200_000)
-            .map(|i| {
-                TreePath::parse(&format!("/a-rather-long-directory-name/file-{i:08}")).unwrap()
-            })
-            .collect();
-        let report = alknet_actors::store::merge::MergeReport {
-            fast_forward: true,
-            taken,
-            conflicts: vec![],
-            examined: 0,
-        };
+        let taken = (0..200_000).map(|i| TreePath::parse(&format!("/a-rather-long-directory-name/file-{i:08}")).unwrap()).collect();
+        let report = alknet_actors::store::merge::MergeReport { fast_forward: true, taken, conflicts: vec![], examined: 0 };
         let bytes = encode_reply(&Reply::Merge { report });
         assert!(bytes.len() <= CONTROL_FRAME_BYTES_MAX);
         let text = String::from_utf8(bytes).unwrap();
-        assert!(
-            text.contains("\"reply\":\"error\"") && text.contains("completed"),
-            "{}",
-            &text[..200.min(text.len())]
-        );
+        assert!(text.contains("\"reply\":\"error\"") && text.contains("completed"), "{}", &text[..200.min(text.len())]);
         // A normal reply passes through untouched.
-        assert_eq!(
-            encode_reply(&Reply::Done),
-            serde_json::to_vec(&Reply::Done).unwrap()
-        );
+        assert_eq!(encode_reply(&Reply::Done), serde_json::to_vec(&Reply::Done).unwrap());
     }
 }

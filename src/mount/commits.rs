@@ -85,26 +85,10 @@ pub struct Committer {
 impl Committer {
     /// Starts the sending thread; it commits on `node` into `scope`.
     pub fn start(node: Client, scope: WireScope) -> Self {
-        let inner = Arc::new(Inner {
-            queue: Mutex::new(Queue {
-                waiting: VecDeque::new(),
-                issued: 0,
-                done: 0,
-                stop: false,
-            }),
-            changed: Condvar::new(),
-            node,
-            scope,
-        });
+        let inner = Arc::new(Inner { queue: Mutex::new(Queue { waiting: VecDeque::new(), issued: 0, done: 0, stop: false }), changed: Condvar::new(), node, scope });
         let worker = inner.clone();
-        let thread = std::thread::Builder::new()
-            .name("alkfs-commits".into())
-            .spawn(move || worker.run())
-            .expect("spawn the commit thread");
-        Committer {
-            inner,
-            thread: Some(thread),
-        }
+        let thread = std::thread::Builder::new().name("alkfs-commits".into()).spawn(move || worker.run()).expect("spawn the commit thread");
+        Committer { inner, thread: Some(thread) }
     }
 
     /// Queues `file`; returns its ticket (see [`is_done`](Self::is_done)).
@@ -126,9 +110,7 @@ impl Committer {
     /// `utimes` right after close, as `tar` and `cp -p` do); false once it was sent.
     pub fn amend(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>) -> bool {
         let mut q = self.inner.lock();
-        let Some((_, f)) = q.waiting.iter_mut().rev().find(|(_, f)| f.ino == ino) else {
-            return false;
-        };
+        let Some((_, f)) = q.waiting.iter_mut().rev().find(|(_, f)| f.ino == ino) else { return false };
         if let Some(m) = mode {
             f.mode = m;
         }
@@ -143,11 +125,7 @@ impl Committer {
         let mut q = self.inner.lock();
         let target = q.issued;
         while q.done < target && !q.stop {
-            q = self
-                .inner
-                .changed
-                .wait(q)
-                .unwrap_or_else(|p| p.into_inner());
+            q = self.inner.changed.wait(q).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -160,12 +138,7 @@ impl Committer {
             if left.is_zero() {
                 break;
             }
-            q = self
-                .inner
-                .changed
-                .wait_timeout(q, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            q = self.inner.changed.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0;
         }
         q.stop = true;
         let rest = q.waiting.drain(..).map(|(_, f)| f).collect();
@@ -240,33 +213,17 @@ impl Inner {
                     ClosedBytes::Memory(d) => (None, Some(data_encoding::BASE64.encode(d))),
                     ClosedBytes::File(p) => (Some(p.clone()), None),
                 };
-                StagedFile {
-                    path: f.path.to_string(),
-                    staging,
-                    data,
-                    hash: f.hash.map(|h| h.to_hex()),
-                    size: Some(f.size),
-                    mode: f.mode,
-                    mtime_ms: f.mtime_ms,
-                }
+                StagedFile { path: f.path.to_string(), staging, data, hash: f.hash.map(|h| h.to_hex()), size: Some(f.size), mode: f.mode, mtime_ms: f.mtime_ms }
             })
             .collect();
-        match self.node.call(&Request::PutStaged {
-            scope: self.scope.clone(),
-            items,
-        }) {
+        match self.node.call(&Request::PutStaged { scope: self.scope.clone(), items }) {
             Ok(_) => Ok(()),
             Err(e) => {
                 let message = format!("{e:#}");
                 // The node refused the request itself (it answered): retrying the same batch
                 // would fail the same way. No answer (a connection error): it may come back.
-                let answered = e
-                    .downcast_ref::<crate::control::client::Refused>()
-                    .is_some();
-                Err(SendError {
-                    retry: !answered,
-                    message,
-                })
+                let answered = e.downcast_ref::<crate::control::client::Refused>().is_some();
+                Err(SendError { retry: !answered, message })
             }
         }
     }

@@ -48,10 +48,7 @@ pub struct Errno {
 impl Errno {
     /// An error of `code` explained by `message`.
     pub fn new(code: i32, message: impl Into<String>) -> Self {
-        Errno {
-            code,
-            message: message.into(),
-        }
+        Errno { code, message: message.into() }
     }
 }
 
@@ -75,9 +72,7 @@ impl From<StoreError> for Errno {
     fn from(e: StoreError) -> Self {
         let code = match &e {
             StoreError::Path(p) => return p.clone().into(),
-            StoreError::NotFound(_) | StoreError::NoBucket(_) | StoreError::NoBranch(_) => {
-                libc::ENOENT
-            }
+            StoreError::NotFound(_) | StoreError::NoBucket(_) | StoreError::NoBranch(_) => libc::ENOENT,
             StoreError::Exists(_) => libc::EEXIST,
             StoreError::NotADirectory(_) => libc::ENOTDIR,
             StoreError::IsADirectory(_) => libc::EISDIR,
@@ -94,14 +89,8 @@ impl From<ContentError> for Errno {
     fn from(e: ContentError) -> Self {
         let code = match &e {
             ContentError::DiskFull(_) => libc::ENOSPC,
-            ContentError::Io { source, .. }
-                if source.kind() == std::io::ErrorKind::FileTooLarge =>
-            {
-                libc::EFBIG
-            }
-            ContentError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                libc::ENOSPC
-            }
+            ContentError::Io { source, .. } if source.kind() == std::io::ErrorKind::FileTooLarge => libc::EFBIG,
+            ContentError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => libc::ENOSPC,
             _ => libc::EIO,
         };
         Errno::new(code, e.to_string())
@@ -167,12 +156,7 @@ enum Bytes {
     /// Small content, read and checked at open.
     Inline(Arc<Vec<u8>>),
     /// A blob file, checked as it is read in order.
-    File {
-        file: Arc<File>,
-        hash: ContentHash,
-        size: u64,
-        checked: Box<Mutex<Checked>>,
-    },
+    File { file: Arc<File>, hash: ContentHash, size: u64, checked: Box<Mutex<Checked>> },
 }
 
 /// How far a blob file has been read in order, and the hash of that prefix.
@@ -239,10 +223,7 @@ struct Inodes {
 
 impl Inodes {
     fn new() -> Self {
-        let mut inodes = Inodes {
-            next: ROOT_INO + 1,
-            ..Default::default()
-        };
+        let mut inodes = Inodes { next: ROOT_INO + 1, ..Default::default() };
         inodes.by_ino.insert(ROOT_INO, TreePath::root());
         inodes.by_path.insert(TreePath::root(), ROOT_INO);
         inodes
@@ -260,12 +241,7 @@ impl Inodes {
     }
 
     fn path(&self, ino: u64) -> FsResult<TreePath> {
-        self.by_ino.get(&ino).cloned().ok_or_else(|| {
-            errno(
-                libc::ESTALE,
-                format!("inode {ino} is not known (removed or forgotten)"),
-            )
-        })
+        self.by_ino.get(&ino).cloned().ok_or_else(|| errno(libc::ESTALE, format!("inode {ino} is not known (removed or forgotten)")))
     }
 
     /// Drops inode `ino`'s number (and its path's, if the path is still its own).
@@ -291,12 +267,7 @@ impl Inodes {
     /// Moves every path at or below `from` to below `to` (inode numbers stay).
     fn rename(&mut self, from: &TreePath, to: &TreePath, replaced: Option<Attr>) {
         self.detach(to, replaced);
-        let moved: Vec<(TreePath, u64)> = self
-            .by_path
-            .iter()
-            .filter(|(p, _)| p.is_within(from))
-            .map(|(p, i)| (p.clone(), *i))
-            .collect();
+        let moved: Vec<(TreePath, u64)> = self.by_path.iter().filter(|(p, _)| p.is_within(from)).map(|(p, i)| (p.clone(), *i)).collect();
         for (old, _) in &moved {
             self.by_path.remove(old);
         }
@@ -358,11 +329,7 @@ impl MountFs {
         let view = reader.view(&scope)?;
         // The node writes all the time; a memory map of the database would be remapped at
         // every read as it grows. Plain reads through SQLite's cache are cheaper here.
-        reader
-            .tree()
-            .conn()
-            .execute_batch("PRAGMA mmap_size = 0")
-            .map_err(StoreError::from)?;
+        reader.tree().conn().execute_batch("PRAGMA mmap_size = 0").map_err(StoreError::from)?;
         let read_only = read_only || scope.at.is_some(); // the past is read-only
         let node = if read_only {
             None
@@ -372,18 +339,9 @@ impl MountFs {
             })?)
         };
         let staging_dir = reader.content().mount_staging_dir(std::process::id());
-        let spill = Spill {
-            content: reader.content().clone(),
-            dir: staging_dir.clone(),
-        };
+        let spill = Spill { content: reader.content().clone(), dir: staging_dir.clone() };
         let committer = match Client::connect(dir) {
-            Some(c) if !read_only => Some(super::commits::Committer::start(
-                c,
-                WireScope {
-                    bucket: scope.bucket.clone(),
-                    branch: scope.branch.clone(),
-                },
-            )),
+            Some(c) if !read_only => Some(super::commits::Committer::start(c, WireScope { bucket: scope.bucket.clone(), branch: scope.branch.clone() })),
             _ => None,
         };
         clear_dead_staging(&reader.content().staging_dir());
@@ -396,13 +354,7 @@ impl MountFs {
             node,
             spill,
             staging_dir,
-            state: Mutex::new(State {
-                inodes: Inodes::new(),
-                handles: HashMap::new(),
-                next_fh: 1,
-                open: HashMap::new(),
-                queued: Default::default(),
-            }),
+            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default() }),
             changes: Mutex::new(()),
             committer,
         })
@@ -436,10 +388,7 @@ impl MountFs {
     }
 
     fn wire(&self) -> WireScope {
-        WireScope {
-            bucket: self.scope.bucket.clone(),
-            branch: self.scope.branch.clone(),
-        }
+        WireScope { bucket: self.scope.bucket.clone(), branch: self.scope.branch.clone() }
     }
 
     fn writable(&self) -> FsResult<&Client> {
@@ -455,11 +404,7 @@ impl MountFs {
         let client = self.writable()?;
         client.call(&req).map_err(|e| {
             let message = format!("{e:#}");
-            let code = if message.contains("disk") && message.contains("full") {
-                libc::ENOSPC
-            } else {
-                libc::EIO
-            };
+            let code = if message.contains("disk") && message.contains("full") { libc::ENOSPC } else { libc::EIO };
             errno(code, message)
         })
     }
@@ -474,9 +419,7 @@ impl MountFs {
     /// The child `name` of the directory at `parent`, checked as a name (no `/`, NUL, `.`,
     /// `..`, at most 255 bytes).
     pub fn child(parent: &TreePath, name: &std::ffi::OsStr) -> FsResult<TreePath> {
-        let name = name
-            .to_str()
-            .ok_or_else(|| errno(libc::EINVAL, "names must be UTF-8"))?;
+        let name = name.to_str().ok_or_else(|| errno(libc::EINVAL, "names must be UTF-8"))?;
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
             return Err(errno(libc::EINVAL, format!("{name:?} cannot be a name")));
         }
@@ -491,21 +434,9 @@ impl MountFs {
         let st = self.state();
         let open = st.open.get(&ino)?;
         if let Some(s) = open.session.as_ref().filter(|_| all || open.fresh) {
-            return Some(Attr {
-                ino,
-                kind: EntryKind::File,
-                size: s.len(),
-                mode: s.mode(),
-                mtime_ms: open.mtime_ms,
-            });
+            return Some(Attr { ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms });
         }
-        queued.filter(|_| !open.unlinked).map(|q| Attr {
-            ino,
-            kind: EntryKind::File,
-            size: q.size,
-            mode: q.mode,
-            mtime_ms: q.mtime_ms,
-        })
+        queued.filter(|_| !open.unlinked).map(|q| Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms })
     }
 
     /// Inode `ino`'s close waiting in the write-behind queue, if it still waits.
@@ -534,22 +465,13 @@ impl MountFs {
                 let ino = self.state().inodes.ino_of(path);
                 if entry.kind == EntryKind::File {
                     if let Some(q) = self.queued(ino) {
-                        return Ok(Attr {
-                            ino,
-                            kind: EntryKind::File,
-                            size: q.size,
-                            mode: q.mode,
-                            mtime_ms: q.mtime_ms,
-                        });
+                        return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms });
                     }
                 }
                 Ok(attr_of(ino, &entry))
             }
             None => known
-                .and_then(|ino| {
-                    self.staged(ino, false)
-                        .filter(|_| !self.state().open.get(&ino).is_some_and(|o| o.unlinked))
-                })
+                .and_then(|ino| self.staged(ino, false).filter(|_| !self.state().open.get(&ino).is_some_and(|o| o.unlinked)))
                 .ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file or directory"))),
         }
     }
@@ -580,13 +502,7 @@ impl MountFs {
     /// FUSE forgot `n` lookups of `ino`: at zero, and with nothing open, the number goes.
     pub fn forget(&self, ino: u64, n: u64) {
         let mut st = self.state();
-        let left = st
-            .inodes
-            .lookups
-            .get(&ino)
-            .copied()
-            .unwrap_or(0)
-            .saturating_sub(n);
+        let left = st.inodes.lookups.get(&ino).copied().unwrap_or(0).saturating_sub(n);
         if left > 0 || ino == ROOT_INO {
             st.inodes.lookups.insert(ino, left);
             return;
@@ -619,24 +535,15 @@ impl MountFs {
     pub fn list(&self, path: &TreePath) -> FsResult<Vec<(String, Attr)>> {
         match self.entry(path)? {
             None => return Err(errno(libc::ENOENT, format!("{path}: no such directory"))),
-            Some(e) if e.kind != EntryKind::Dir => {
-                return Err(errno(libc::ENOTDIR, format!("{path}: not a directory")))
-            }
+            Some(e) if e.kind != EntryKind::Dir => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
             Some(_) => {}
         }
         let rows = read::list(self.reader().tree().conn(), &self.view, path)?;
         let st = self.state();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let Some(entry) = row.version.entry else {
-                continue;
-            };
-            let ino = st
-                .inodes
-                .by_path
-                .get(&row.path)
-                .copied()
-                .unwrap_or_else(|| listed_ino(&row.path));
+            let Some(entry) = row.version.entry else { continue };
+            let ino = st.inodes.by_path.get(&row.path).copied().unwrap_or_else(|| listed_ino(&row.path));
             out.push((row.path.name().to_string(), attr_of(ino, &entry)));
         }
         // Files created here and not yet committed are listed too (a writer's `ls` sees
@@ -645,13 +552,7 @@ impl MountFs {
             .open
             .iter()
             .filter(|(_, o)| o.fresh && !o.unlinked)
-            .filter_map(|(ino, _)| {
-                st.inodes
-                    .by_ino
-                    .get(ino)
-                    .filter(|p| p.parent().as_ref() == Some(path))
-                    .map(|p| (*ino, p.clone()))
-            })
+            .filter_map(|(ino, _)| st.inodes.by_ino.get(ino).filter(|p| p.parent().as_ref() == Some(path)).map(|p| (*ino, p.clone())))
             .collect();
         let has_queued = st.open.values().any(|o| o.queued.is_some());
         drop(st);
@@ -663,10 +564,7 @@ impl MountFs {
             }
         }
         if has_queued {
-            for (_, a) in out
-                .iter_mut()
-                .filter(|(_, a)| a.ino & (1 << 63) == 0 && a.kind == EntryKind::File)
-            {
+            for (_, a) in out.iter_mut().filter(|(_, a)| a.ino & (1 << 63) == 0 && a.kind == EntryKind::File) {
                 if let Some(q) = self.queued(a.ino) {
                     (a.size, a.mode, a.mtime_ms) = (q.size, q.mode, q.mtime_ms);
                 }
@@ -678,16 +576,13 @@ impl MountFs {
 
     /// The target of the symlink at `path`.
     pub fn readlink(&self, path: &TreePath) -> FsResult<String> {
-        let entry = self
-            .entry(path)?
-            .ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
+        let entry = self.entry(path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
         if entry.kind != EntryKind::Symlink {
             return Err(errno(libc::EINVAL, format!("{path}: not a symlink")));
         }
         let mut out = Vec::new();
         self.reader().read_entry(&entry, &mut out, |_| {})?;
-        String::from_utf8(out)
-            .map_err(|_| errno(libc::EIO, format!("{path}: the link target is not UTF-8")))
+        String::from_utf8(out).map_err(|_| errno(libc::EIO, format!("{path}: the link target is not UTF-8")))
     }
 
     // ---- handles ----
@@ -736,28 +631,18 @@ impl MountFs {
             let _changes = self.changes();
             let ino = self.state().inodes.ino_of(path);
             self.join_session(ino, path, how.truncate, None)?;
-            return Ok(self.add_handle(Handle::Write {
-                ino,
-                append: how.append,
-                owner: how.owner,
-            }));
+            return Ok(self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner }));
         }
         let ino = attr.ino;
         if let Some(bytes) = self.queued_bytes(ino) {
-            return Ok(self.add_handle(Handle::Read {
-                ino,
-                bytes: Arc::new(bytes),
-            }));
+            return Ok(self.add_handle(Handle::Read { ino, bytes: Arc::new(bytes) }));
         }
         let bytes = match self.entry(path)? {
             Some(entry) => self.bytes_of(path, &entry)?,
             // Created here and not yet closed: its committed state is "nothing yet".
             None => Bytes::Inline(Arc::new(Vec::new())),
         };
-        Ok(self.add_handle(Handle::Read {
-            ino,
-            bytes: Arc::new(bytes),
-        }))
+        Ok(self.add_handle(Handle::Read { ino, bytes: Arc::new(bytes) }))
     }
 
     /// The bytes of inode `ino`'s close waiting in the queue, read from its staging file
@@ -770,15 +655,7 @@ impl MountFs {
             ClosedBytes::File(staging) => staging,
         };
         match File::open(staging) {
-            Ok(file) => Some(Bytes::File {
-                file: Arc::new(file),
-                hash: ContentHash::EMPTY,
-                size: q.size,
-                checked: Box::new(Mutex::new(Checked {
-                    upto: 0,
-                    hasher: None,
-                })),
-            }),
+            Ok(file) => Some(Bytes::File { file: Arc::new(file), hash: ContentHash::EMPTY, size: q.size, checked: Box::new(Mutex::new(Checked { upto: 0, hasher: None })) }),
             Err(_) => {
                 self.settle();
                 None
@@ -787,13 +664,7 @@ impl MountFs {
     }
 
     /// Creates the file `path` (its write session; it appears in the tree when closed).
-    pub fn create(
-        &self,
-        path: &TreePath,
-        mode: u32,
-        how: OpenMode,
-        exclusive: bool,
-    ) -> FsResult<(u64, Attr)> {
+    pub fn create(&self, path: &TreePath, mode: u32, how: OpenMode, exclusive: bool) -> FsResult<(u64, Attr)> {
         self.writable()?;
         let _changes = self.changes();
         self.check_parent(path)?;
@@ -807,11 +678,7 @@ impl MountFs {
             }
         }
         let ino = self.state().inodes.ino_of(path);
-        let joined = self
-            .state()
-            .open
-            .get(&ino)
-            .is_some_and(|o| o.session.is_some() || o.writers > 0);
+        let joined = self.state().open.get(&ino).is_some_and(|o| o.session.is_some() || o.writers > 0);
         if joined {
             self.join_session(ino, path, true, Some(mode & 0o7777))?;
         } else {
@@ -820,46 +687,22 @@ impl MountFs {
             let fresh = existing.is_none();
             let now = alknet_actors::engine::now_ms();
             let mut st = self.state();
-            let open = st.open.entry(ino).or_insert(Open {
-                session: None,
-                writers: 0,
-                dirty: false,
-                mtime_ms: now,
-                unlinked: false,
-                fresh,
-                queued: None,
-            });
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None });
             open.session = Some(session);
             open.writers += 1;
             open.dirty = true;
             open.fresh = fresh;
             open.mtime_ms = now;
         }
-        let fh = self.add_handle(Handle::Write {
-            ino,
-            append: how.append,
-            owner: how.owner,
-        });
-        let attr = self
-            .staged(ino, true)
-            .ok_or_else(|| errno(libc::EIO, "the new file's session vanished"))?;
+        let fh = self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner });
+        let attr = self.staged(ino, true).ok_or_else(|| errno(libc::EIO, "the new file's session vanished"))?;
         Ok((fh, attr))
     }
 
     /// Opens inode `ino`'s write session, or joins the one open; `truncate` empties it.
     /// Runs under [`changes`](Self::changes).
-    fn join_session(
-        &self,
-        ino: u64,
-        path: &TreePath,
-        truncate: bool,
-        new_mode: Option<u32>,
-    ) -> FsResult<()> {
-        let has_session = self
-            .state()
-            .open
-            .get(&ino)
-            .is_some_and(|o| o.session.is_some());
+    fn join_session(&self, ino: u64, path: &TreePath, truncate: bool, new_mode: Option<u32>) -> FsResult<()> {
+        let has_session = self.state().open.get(&ino).is_some_and(|o| o.session.is_some());
         if !has_session && !truncate && self.queued(ino).is_some() {
             self.settle(); // a new session starts from the committed bytes
         }
@@ -871,15 +714,7 @@ impl MountFs {
             }
             let mut st = self.state();
             let now = alknet_actors::engine::now_ms();
-            let open = st.open.entry(ino).or_insert(Open {
-                session: None,
-                writers: 0,
-                dirty: false,
-                mtime_ms: now,
-                unlinked: false,
-                fresh,
-                queued: None,
-            });
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None });
             open.session = Some(session);
             open.fresh = fresh;
             open.dirty |= truncate || fresh;
@@ -890,10 +725,7 @@ impl MountFs {
             }
         }
         let mut st = self.state();
-        let open = st
-            .open
-            .get_mut(&ino)
-            .ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+        let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
         open.writers += 1;
         open.dirty |= truncate;
         Ok(())
@@ -908,31 +740,17 @@ impl MountFs {
                 return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
             }
         }
-        let mode = entry
-            .as_ref()
-            .map(|e| e.mode)
-            .unwrap_or(alknet_actors::engine::FILE_MODE_DEFAULT);
-        let Some(e) = entry.filter(|_| !truncate) else {
-            return Ok(Staged::empty(path.clone(), mode));
-        };
+        let mode = entry.as_ref().map(|e| e.mode).unwrap_or(alknet_actors::engine::FILE_MODE_DEFAULT);
+        let Some(e) = entry.filter(|_| !truncate) else { return Ok(Staged::empty(path.clone(), mode)) };
         if e.kind == EntryKind::File && !self.reader().has_bytes(&e.hash)? {
             self.fetch(&e)?;
         }
         if e.size <= alknet_actors::content::INLINE_BYTES_MAX as u64 {
             let mut data = Vec::with_capacity(e.size as usize);
             self.reader().read_entry(&e, &mut data, |_| {})?;
-            return Ok(Staged::Memory {
-                path: path.clone(),
-                mode,
-                data,
-            });
+            return Ok(Staged::Memory { path: path.clone(), mode, data });
         }
-        Ok(Staged::File(Box::new(self.reader().open_session_in(
-            &self.scope,
-            path,
-            false,
-            Some(&self.staging_dir),
-        )?)))
+        Ok(Staged::File(Box::new(self.reader().open_session_in(&self.scope, path, false, Some(&self.staging_dir))?)))
     }
 
     /// The bytes of `entry` for a read handle; a blob still on a peer is fetched first (the
@@ -947,20 +765,8 @@ impl MountFs {
                 return Ok(Bytes::Inline(Arc::new(data)));
             }
         }
-        let file = self
-            .reader()
-            .content()
-            .open_file(&entry.hash)
-            .map_err(|e| errno(libc::EIO, format!("{path}: {e}")))?;
-        Ok(Bytes::File {
-            file: Arc::new(file),
-            hash: entry.hash,
-            size: entry.size,
-            checked: Box::new(Mutex::new(Checked {
-                upto: 0,
-                hasher: Some(blake3::Hasher::new()),
-            })),
-        })
+        let file = self.reader().content().open_file(&entry.hash).map_err(|e| errno(libc::EIO, format!("{path}: {e}")))?;
+        Ok(Bytes::File { file: Arc::new(file), hash: entry.hash, size: entry.size, checked: Box::new(Mutex::new(Checked { upto: 0, hasher: Some(blake3::Hasher::new()) })) })
     }
 
     fn fetch(&self, entry: &Entry) -> FsResult<()> {
@@ -972,14 +778,8 @@ impl MountFs {
                 &connected
             }
         };
-        let req = Request::Fetch {
-            hash: entry.hash.to_hex(),
-            size: entry.size,
-        };
-        client
-            .call(&req)
-            .map(|_| ())
-            .map_err(|e| errno(libc::EIO, format!("fetching the bytes from peers: {e:#}")))
+        let req = Request::Fetch { hash: entry.hash.to_hex(), size: entry.size };
+        client.call(&req).map(|_| ()).map_err(|e| errno(libc::EIO, format!("fetching the bytes from peers: {e:#}")))
     }
 
     /// Reads up to `len` bytes at `offset` through handle `fh`.
@@ -1007,9 +807,7 @@ impl MountFs {
                 if let Some(bytes) = self.queued_bytes(ino) {
                     return read_bytes(&bytes, offset, len);
                 }
-                let entry = self
-                    .entry(&path)?
-                    .ok_or_else(|| errno(libc::ENOENT, format!("{path}: gone")))?;
+                let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: gone")))?;
                 read_bytes(&self.bytes_of(&path, &entry)?, offset, len)
             }
         }
@@ -1020,21 +818,13 @@ impl MountFs {
         let _changes = self.changes();
         let (ino, append) = match self.state().handles.get(&fh) {
             Some(Handle::Write { ino, append, .. }) => (*ino, *append),
-            Some(Handle::Read { .. }) => {
-                return Err(errno(libc::EBADF, "the file was opened read-only"))
-            }
+            Some(Handle::Read { .. }) => return Err(errno(libc::EBADF, "the file was opened read-only")),
             _ => return Err(errno(libc::EBADF, "not a file handle")),
         };
         self.ensure_session(ino)?;
         let mut st = self.state();
-        let open = st
-            .open
-            .get_mut(&ino)
-            .ok_or_else(|| errno(libc::EBADF, "no write session"))?;
-        let session = open
-            .session
-            .as_mut()
-            .ok_or_else(|| errno(libc::EBADF, "no write session"))?;
+        let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EBADF, "no write session"))?;
+        let session = open.session.as_mut().ok_or_else(|| errno(libc::EBADF, "no write session"))?;
         let at = if append { session.len() } else { offset };
         session.write_at(at, data, &self.spill)?;
         open.dirty = true;
@@ -1057,15 +847,7 @@ impl MountFs {
         let session = self.new_session(&path, false)?;
         let mut st = self.state();
         let now = alknet_actors::engine::now_ms();
-        let open = st.open.entry(ino).or_insert(Open {
-            session: None,
-            writers: 1,
-            dirty: false,
-            mtime_ms: now,
-            unlinked: false,
-            fresh: false,
-            queued: None,
-        });
+        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false, queued: None });
         open.session = Some(session);
         Ok(())
     }
@@ -1112,9 +894,7 @@ impl MountFs {
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let _changes = self.changes();
         let handle = self.state().handles.remove(&fh);
-        let Some(Handle::Write { ino, .. }) = handle else {
-            return Ok(());
-        };
+        let Some(Handle::Write { ino, .. }) = handle else { return Ok(()) };
         let last = {
             let mut st = self.state();
             match st.open.get_mut(&ino) {
@@ -1130,11 +910,7 @@ impl MountFs {
         }
         let result = self.commit(ino);
         let mut st = self.state();
-        if st
-            .open
-            .get(&ino)
-            .is_some_and(|o| o.writers == 0 && o.queued.is_none())
-        {
+        if st.open.get(&ino).is_some_and(|o| o.writers == 0 && o.queued.is_none()) {
             // An unlinked or failed session's staging file goes with it.
             st.open.remove(&ino);
         }
@@ -1149,9 +925,7 @@ impl MountFs {
     pub fn abandon(&self, fh: u64) {
         let _changes = self.changes();
         let mut st = self.state();
-        let Some(Handle::Write { ino, .. }) = st.handles.remove(&fh) else {
-            return;
-        };
+        let Some(Handle::Write { ino, .. }) = st.handles.remove(&fh) else { return };
         if let Some(open) = st.open.get_mut(&ino) {
             open.writers = open.writers.saturating_sub(1);
             if open.writers == 0 {
@@ -1168,27 +942,17 @@ impl MountFs {
     /// write-behind queue (the node takes it in the next batch). Runs under
     /// [`changes`](Self::changes).
     fn commit(&self, ino: u64) -> FsResult<()> {
-        let Some(committer) = &self.committer else {
-            return Err(errno(libc::EROFS, "the mount is read-only"));
-        };
+        let Some(committer) = &self.committer else { return Err(errno(libc::EROFS, "the mount is read-only")) };
         let (session, path, mtime_ms) = {
             let mut st = self.state();
-            let Some(open) = st.open.get(&ino) else {
-                return Ok(());
-            };
+            let Some(open) = st.open.get(&ino) else { return Ok(()) };
             if !open.dirty || open.unlinked || open.session.is_none() {
                 return Ok(());
             }
             let path = st.inodes.path(ino)?;
-            let open = st
-                .open
-                .get_mut(&ino)
-                .ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+            let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             open.dirty = false;
-            let session = open
-                .session
-                .take()
-                .ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+            let session = open.session.take().ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             (session, path, open.mtime_ms)
         };
         let mode = session.mode();
@@ -1197,30 +961,12 @@ impl MountFs {
                 let size = data.len() as u64;
                 (ClosedBytes::Memory(Arc::new(data)), size, None)
             }
-            Payload::File {
-                staging,
-                size,
-                hash,
-            } => (ClosedBytes::File(staging), size, hash),
+            Payload::File { staging, size, hash } => (ClosedBytes::File(staging), size, hash),
         };
-        let ticket = committer.push(super::commits::Closed {
-            ino,
-            path,
-            bytes: bytes.clone(),
-            size,
-            hash,
-            mode,
-            mtime_ms,
-        });
+        let ticket = committer.push(super::commits::Closed { ino, path, bytes: bytes.clone(), size, hash, mode, mtime_ms });
         let mut st = self.state();
         if let Some(open) = st.open.get_mut(&ino) {
-            open.queued = Some(Queued {
-                ticket,
-                bytes,
-                size,
-                mode,
-                mtime_ms,
-            });
+            open.queued = Some(Queued { ticket, bytes, size, mode, mtime_ms });
         }
         st.queued.push_back((ticket, ino));
         // Forget the closes committed meanwhile (their files are in the tree now).
@@ -1229,11 +975,7 @@ impl MountFs {
                 break;
             }
             st.queued.pop_front();
-            let idle = st.open.get(&i).is_some_and(|o| {
-                o.writers == 0
-                    && o.session.is_none()
-                    && o.queued.as_ref().is_some_and(|q| q.ticket == t)
-            });
+            let idle = st.open.get(&i).is_some_and(|o| o.writers == 0 && o.session.is_none() && o.queued.as_ref().is_some_and(|q| q.ticket == t));
             if idle {
                 st.open.remove(&i);
                 if st.inodes.lookups.get(&i).copied().unwrap_or(0) == 0 {
@@ -1257,13 +999,7 @@ impl MountFs {
     // ---- changes ----
 
     /// `setattr` of the file at `path` (mode, mtime, size).
-    pub fn setattr(
-        &self,
-        path: &TreePath,
-        mode: Option<u32>,
-        mtime_ms: Option<i64>,
-        size: Option<u64>,
-    ) -> FsResult<Attr> {
+    pub fn setattr(&self, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
         let ino = self.state().inodes.ino_of(path);
         self.setattr_ino(ino, mode, mtime_ms, size)
     }
@@ -1271,34 +1007,18 @@ impl MountFs {
     /// `setattr` of inode `ino` (FUSE; SFTP's fsetstat): mode, mtime and size (truncate).
     /// A file with a write session open (even unlinked) takes them into the session;
     /// otherwise each is one commit.
-    pub fn setattr_ino(
-        &self,
-        ino: u64,
-        mode: Option<u32>,
-        mtime_ms: Option<i64>,
-        size: Option<u64>,
-    ) -> FsResult<Attr> {
+    pub fn setattr_ino(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
         if mode.is_none() && mtime_ms.is_none() && size.is_none() {
             return self.getattr(ino, None);
         }
         self.writable()?;
         let changes = self.changes();
-        let in_session = self
-            .state()
-            .open
-            .get(&ino)
-            .is_some_and(|o| o.writers > 0 || o.session.is_some());
+        let in_session = self.state().open.get(&ino).is_some_and(|o| o.writers > 0 || o.session.is_some());
         if in_session {
             self.ensure_session(ino)?;
             let mut st = self.state();
-            let open = st
-                .open
-                .get_mut(&ino)
-                .ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
-            let s = open
-                .session
-                .as_mut()
-                .ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+            let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+            let s = open.session.as_mut().ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             if let Some(m) = mode {
                 s.set_mode(m & 0o7777);
             }
@@ -1310,48 +1030,25 @@ impl MountFs {
             }
             open.dirty = true;
             let (len, mode, ms) = (s.len(), s.mode(), open.mtime_ms);
-            return Ok(Attr {
-                ino,
-                kind: EntryKind::File,
-                size: len,
-                mode,
-                mtime_ms: ms,
-            });
+            return Ok(Attr { ino, kind: EntryKind::File, size: len, mode, mtime_ms: ms });
         }
         if let Some(q) = self.queued(ino) {
             // chmod or utimes right after close (tar, cp -p): folded into the queued commit.
-            if size.is_none()
-                && self
-                    .committer
-                    .as_ref()
-                    .is_some_and(|c| c.amend(ino, mode.map(|m| m & 0o7777), mtime_ms))
-            {
+            if size.is_none() && self.committer.as_ref().is_some_and(|c| c.amend(ino, mode.map(|m| m & 0o7777), mtime_ms)) {
                 let mut st = self.state();
-                let q2 = st
-                    .open
-                    .get_mut(&ino)
-                    .and_then(|o| o.queued.as_mut())
-                    .ok_or_else(|| errno(libc::EIO, "queued close vanished"))?;
+                let q2 = st.open.get_mut(&ino).and_then(|o| o.queued.as_mut()).ok_or_else(|| errno(libc::EIO, "queued close vanished"))?;
                 if let Some(m) = mode {
                     q2.mode = m & 0o7777;
                 }
                 if let Some(ms) = mtime_ms {
                     q2.mtime_ms = ms;
                 }
-                return Ok(Attr {
-                    ino,
-                    kind: EntryKind::File,
-                    size: q.size,
-                    mode: q2.mode,
-                    mtime_ms: q2.mtime_ms,
-                });
+                return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q2.mode, mtime_ms: q2.mtime_ms });
             }
             self.settle();
         }
         let path = self.path_of(ino)?;
-        let entry = self
-            .entry(&path)?
-            .ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
+        let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
         if let Some(len) = size {
             if entry.kind == EntryKind::Dir {
                 return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
@@ -1363,30 +1060,14 @@ impl MountFs {
                     session.set_mode(m & 0o7777);
                 }
                 let ms = mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
-                self.state().open.insert(
-                    ino,
-                    Open {
-                        session: Some(session),
-                        writers: 0,
-                        dirty: true,
-                        mtime_ms: ms,
-                        unlinked: false,
-                        fresh: false,
-                        queued: None,
-                    },
-                );
+                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false, queued: None });
                 self.commit(ino)?;
             }
             drop(changes);
             return self.getattr(ino, None);
         }
         if !path.is_root() {
-            self.call(Request::SetAttr {
-                scope: self.wire(),
-                path: path.to_string(),
-                mode,
-                mtime_ms,
-            })?;
+            self.call(Request::SetAttr { scope: self.wire(), path: path.to_string(), mode, mtime_ms })?;
         }
         drop(changes);
         self.getattr(ino, None)
@@ -1400,26 +1081,15 @@ impl MountFs {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
         }
         self.check_parent(path)?;
-        self.call(Request::Mkdir {
-            scope: self.wire(),
-            path: path.to_string(),
-            parents: false,
-        })?;
+        self.call(Request::Mkdir { scope: self.wire(), path: path.to_string(), parents: false })?;
         if mode & 0o7777 != DIR_MODE {
-            self.call(Request::SetAttr {
-                scope: self.wire(),
-                path: path.to_string(),
-                mode: Some(mode & 0o7777),
-                mtime_ms: None,
-            })?;
+            self.call(Request::SetAttr { scope: self.wire(), path: path.to_string(), mode: Some(mode & 0o7777), mtime_ms: None })?;
         }
         self.stat(path)
     }
 
     fn check_parent(&self, path: &TreePath) -> FsResult<()> {
-        let Some(parent) = path.parent() else {
-            return Ok(());
-        };
+        let Some(parent) = path.parent() else { return Ok(()) };
         match self.entry(&parent)? {
             Some(e) if e.kind == EntryKind::Dir => Ok(()),
             Some(_) => Err(errno(libc::ENOTDIR, format!("{parent}: not a directory"))),
@@ -1435,22 +1105,13 @@ impl MountFs {
             return Err(errno(libc::ENOENT, "a link target cannot be empty"));
         }
         if target.len() > SYMLINK_TARGET_BYTES_MAX || target.contains('\0') {
-            return Err(errno(
-                libc::ENAMETOOLONG,
-                format!(
-                    "a link target must be at most {SYMLINK_TARGET_BYTES_MAX} bytes, without NUL"
-                ),
-            ));
+            return Err(errno(libc::ENAMETOOLONG, format!("a link target must be at most {SYMLINK_TARGET_BYTES_MAX} bytes, without NUL")));
         }
         if self.stat(path).is_ok() {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
         }
         self.check_parent(path)?;
-        self.call(Request::Symlink {
-            scope: self.wire(),
-            path: path.to_string(),
-            target: target.to_string(),
-        })?;
+        self.call(Request::Symlink { scope: self.wire(), path: path.to_string(), target: target.to_string() })?;
         self.stat(path)
     }
 
@@ -1463,23 +1124,12 @@ impl MountFs {
         match (last.kind == EntryKind::Dir, dir) {
             (false, true) => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
             (true, false) => return Err(errno(libc::EISDIR, format!("{path}: is a directory"))),
-            (true, true) if path.is_root() => {
-                return Err(errno(libc::EBUSY, "the root cannot be removed"))
-            }
-            (true, true) if !self.list(path)?.is_empty() => {
-                return Err(errno(
-                    libc::ENOTEMPTY,
-                    format!("{path}: directory not empty"),
-                ))
-            }
+            (true, true) if path.is_root() => return Err(errno(libc::EBUSY, "the root cannot be removed")),
+            (true, true) if !self.list(path)?.is_empty() => return Err(errno(libc::ENOTEMPTY, format!("{path}: directory not empty"))),
             _ => {}
         }
         if self.entry(path)?.is_some() {
-            self.call(Request::Remove {
-                scope: self.wire(),
-                path: path.to_string(),
-                recursive: false,
-            })?;
+            self.call(Request::Remove { scope: self.wire(), path: path.to_string(), recursive: false })?;
         }
         let mut st = self.state();
         if let Some(ino) = st.inodes.by_path.get(path).copied() {
@@ -1501,10 +1151,7 @@ impl MountFs {
             return Err(errno(libc::EBUSY, "the root cannot be moved or replaced"));
         }
         if to.is_within(from) && from != to {
-            return Err(errno(
-                libc::EINVAL,
-                format!("cannot move {from} into itself ({to})"),
-            ));
+            return Err(errno(libc::EINVAL, format!("cannot move {from} into itself ({to})")));
         }
         let src = self.stat(from)?;
         if from == to {
@@ -1516,23 +1163,15 @@ impl MountFs {
                 return Err(errno(libc::EEXIST, format!("{to}: already exists")));
             }
             match (src.kind == EntryKind::Dir, dst.kind == EntryKind::Dir) {
-                (true, true) if !self.list(to)?.is_empty() => {
-                    return Err(errno(libc::ENOTEMPTY, format!("{to}: directory not empty")))
-                }
-                (true, false) => {
-                    return Err(errno(libc::ENOTDIR, format!("{to}: not a directory")))
-                }
+                (true, true) if !self.list(to)?.is_empty() => return Err(errno(libc::ENOTEMPTY, format!("{to}: directory not empty"))),
+                (true, false) => return Err(errno(libc::ENOTDIR, format!("{to}: not a directory"))),
                 (false, true) => return Err(errno(libc::EISDIR, format!("{to}: is a directory"))),
                 _ => {}
             }
         }
         self.check_parent(to)?;
         if self.entry(from)?.is_some() {
-            self.call(Request::MoveOver {
-                scope: self.wire(),
-                from: from.to_string(),
-                to: to.to_string(),
-            })?;
+            self.call(Request::MoveOver { scope: self.wire(), from: from.to_string(), to: to.to_string() })?;
         }
         // A file still being written (not in the tree yet) just takes the new name: its
         // close commits there, replacing what `to` holds in that one transaction.
@@ -1548,29 +1187,20 @@ impl MountFs {
 
     /// Sizes for `statfs`: (total bytes, free bytes) of the disk holding the data dir.
     pub fn disk_space(&self) -> (u64, u64) {
-        let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
-            return (0, 0);
-        };
+        let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else { return (0, 0) };
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: c is a valid NUL-terminated path and s a valid out-parameter.
         if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
             return (0, 0);
         }
-        (
-            s.f_blocks as u64 * s.f_frsize as u64,
-            s.f_bavail as u64 * s.f_frsize as u64,
-        )
+        (s.f_blocks as u64 * s.f_frsize as u64, s.f_bavail as u64 * s.f_frsize as u64)
     }
 }
 
 impl Drop for MountFs {
     fn drop(&mut self) {
         // Closed files still queued get a last chance to commit.
-        let left = self
-            .committer
-            .take()
-            .map(|c| c.finish(UNMOUNT_COMMIT_WAIT))
-            .unwrap_or_default();
+        let left = self.committer.take().map(|c| c.finish(UNMOUNT_COMMIT_WAIT)).unwrap_or_default();
         if !left.is_empty() {
             tracing::error!(
                 files = left.len(),
@@ -1599,13 +1229,7 @@ fn listed_ino(path: &TreePath) -> u64 {
 }
 
 fn attr_of(ino: u64, e: &Entry) -> Attr {
-    Attr {
-        ino,
-        kind: e.kind,
-        size: if e.kind == EntryKind::Dir { 0 } else { e.size },
-        mode: e.mode & 0o7777,
-        mtime_ms: e.mtime_ms,
-    }
+    Attr { ino, kind: e.kind, size: if e.kind == EntryKind::Dir { 0 } else { e.size }, mode: e.mode & 0o7777, mtime_ms: e.mtime_ms }
 }
 
 fn read_bytes(bytes: &Bytes, offset: u64, len: usize) -> FsResult<Vec<u8>> {
@@ -1615,12 +1239,7 @@ fn read_bytes(bytes: &Bytes, offset: u64, len: usize) -> FsResult<Vec<u8>> {
             let end = start.saturating_add(len).min(data.len());
             Ok(data[start..end].to_vec())
         }
-        Bytes::File {
-            file,
-            hash,
-            size,
-            checked,
-        } => {
+        Bytes::File { file, hash, size, checked } => {
             let end = (*size).min(offset.saturating_add(len as u64));
             let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
             let mut got = 0;
@@ -1655,33 +1274,21 @@ fn same_process(a: u32, b: u32) -> bool {
     let tgid = |tid: u32| {
         std::fs::read_to_string(format!("/proc/{tid}/status"))
             .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("Tgid:")
-                        .and_then(|v| v.trim().parse::<u32>().ok())
-                })
-            })
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse::<u32>().ok())))
     };
     a == b || tgid(a).is_some_and(|t| Some(t) == tgid(b))
 }
 
 /// Removes the staging directories of mounts whose process is gone (killed mid-write).
 fn clear_dead_staging(staging: &Path) {
-    let Ok(entries) = std::fs::read_dir(staging) else {
-        return;
-    };
+    let Ok(entries) = std::fs::read_dir(staging) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(alknet_actors::content::MOUNT_STAGING_PREFIX))
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(alknet_actors::content::MOUNT_STAGING_PREFIX)).and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
         // SAFETY: kill with signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        let alive = unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
         if !alive {
             let _ = std::fs::remove_dir_all(e.path());
         }

@@ -14,9 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use alknet_actors::proto::entry::EntryKind;
 use fuser::{
-    Config, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    Config, Errno as FuseErrno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
@@ -81,11 +80,7 @@ impl Fuse {
         }
     }
 
-    fn child(
-        &self,
-        parent: INodeNo,
-        name: &OsStr,
-    ) -> FsResult<alknet_actors::proto::path::TreePath> {
+    fn child(&self, parent: INodeNo, name: &OsStr) -> FsResult<alknet_actors::proto::path::TreePath> {
         MountFs::child(&self.fs.path_of(parent.0)?, name)
     }
 }
@@ -93,12 +88,7 @@ impl Fuse {
 /// The kernel's errno for `e`; failures other than the everyday ones are logged.
 fn fail(e: Errno) -> FuseErrno {
     match e.code {
-        libc::ENOENT
-        | libc::EEXIST
-        | libc::ENOTEMPTY
-        | libc::ENOTDIR
-        | libc::EISDIR
-        | libc::EROFS => tracing::debug!(error = %e, "mount"),
+        libc::ENOENT | libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR | libc::EROFS => tracing::debug!(error = %e, "mount"),
         _ => tracing::warn!(error = %e, "mount"),
     }
     FuseErrno::from_i32(e.code)
@@ -139,11 +129,7 @@ impl Filesystem for Fuse {
         let _ = config.set_max_background(64);
         // ATOMIC_O_TRUNC: open(O_TRUNC) arrives as one request, so overwriting a file does
         // not first copy (or fetch from peers) the bytes it is about to drop.
-        for flag in [
-            InitFlags::FUSE_ATOMIC_O_TRUNC,
-            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-        ] {
+        for flag in [InitFlags::FUSE_ATOMIC_O_TRUNC, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP, InitFlags::FUSE_PARALLEL_DIROPS] {
             if let Err(missing) = config.add_capabilities(flag) {
                 tracing::debug!(?missing, "the kernel does not offer a FUSE capability");
             }
@@ -195,69 +181,30 @@ impl Filesystem for Fuse {
         }
     }
 
-    fn mkdir(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
-        let r = self
-            .child(parent, name)
-            .and_then(|p| self.fs.mkdir(&p, mode & !umask))
-            .inspect(|a| self.fs.count_lookup(a.ino));
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let r = self.child(parent, name).and_then(|p| self.fs.mkdir(&p, mode & !umask)).inspect(|a| self.fs.count_lookup(a.ino));
         self.entry(reply, r)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            reply,
-            self.child(parent, name)
-                .and_then(|p| self.fs.remove(&p, false)),
-        )
+        empty(reply, self.child(parent, name).and_then(|p| self.fs.remove(&p, false)))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            reply,
-            self.child(parent, name)
-                .and_then(|p| self.fs.remove(&p, true)),
-        )
+        empty(reply, self.child(parent, name).and_then(|p| self.fs.remove(&p, true)))
     }
 
-    fn symlink(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
+    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let r = self.child(parent, link_name).and_then(|p| {
-            let target = target
-                .to_str()
-                .ok_or_else(|| Errno::new(libc::EINVAL, "link targets must be UTF-8"))?;
+            let target = target.to_str().ok_or_else(|| Errno::new(libc::EINVAL, "link targets must be UTF-8"))?;
             self.fs.symlink(&p, target)
         });
         let r = r.inspect(|a| self.fs.count_lookup(a.ino));
         self.entry(reply, r)
     }
 
-    fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE)
-            || flags.contains(RenameFlags::RENAME_WHITEOUT)
-        {
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(FuseErrno::EINVAL);
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
@@ -268,26 +215,12 @@ impl Filesystem for Fuse {
         empty(reply, r)
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
         // Hard links have no place in a tree of paths; tools (git) fall back to rename.
         reply.error(FuseErrno::EPERM)
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: fuser::ReplyXattr,
-    ) {
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
         reply.error(FuseErrno::NO_XATTR)
     }
 
@@ -300,55 +233,23 @@ impl Filesystem for Fuse {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self
-            .fs
-            .path_of(ino.0)
-            .and_then(|p| self.fs.open_file(&p, open_mode(flags.0, req.pid())))
-        {
+        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, req.pid()))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
     }
 
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-        reply: ReplyCreate,
-    ) {
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         let how = open_mode(flags, req.pid());
-        let r = self.child(parent, name).and_then(|p| {
-            self.fs
-                .create(&p, mode & !umask, how, flags & libc::O_EXCL != 0)
-        });
+        let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, how, flags & libc::O_EXCL != 0));
         let r = r.inspect(|(_, a)| self.fs.count_lookup(a.ino));
         match r {
-            Ok((fh, a)) => reply.created(
-                &ATTR_TTL,
-                &self.file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO,
-            ),
+            Ok((fh, a)) => reply.created(&ATTR_TTL, &self.file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
+    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
         match self.fs.read(fh.0, offset, size as usize) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(fail(e)),
@@ -373,38 +274,15 @@ impl Filesystem for Fuse {
         }
     }
 
-    fn flush(
-        &self,
-        req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _lock: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
         empty(reply, self.fs.flush(fh.0, req.pid()))
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
         empty(reply, self.fs.release(fh.0))
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         empty(reply, self.fs.fsync(fh.0))
     }
 
@@ -415,14 +293,7 @@ impl Filesystem for Fuse {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries = match self.fs.dir_entries(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(fail(e)),
@@ -444,38 +315,17 @@ impl Filesystem for Fuse {
         reply.ok()
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, reply: ReplyDirectoryPlus) {
         reply.error(FuseErrno::ENOSYS)
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Every close so far is committed once this returns (the write-behind queue drained).
         self.fs.settle();
         reply.ok()
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.fs.releasedir(fh.0);
         reply.ok()
     }
@@ -483,16 +333,7 @@ impl Filesystem for Fuse {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         const BLOCK: u64 = 4096;
         let (total, free) = self.fs.disk_space();
-        reply.statfs(
-            total / BLOCK,
-            free / BLOCK,
-            free / BLOCK,
-            0,
-            0,
-            BLOCK as u32,
-            255,
-            BLOCK as u32,
-        )
+        reply.statfs(total / BLOCK, free / BLOCK, free / BLOCK, 0, 0, BLOCK as u32, 255, BLOCK as u32)
     }
 }
 
@@ -501,9 +342,7 @@ impl Filesystem for Fuse {
 /// whatever ends it (`auto_unmount`: fusermount3 watches it), so a killed mount process
 /// leaves no dead mount point behind.
 pub fn serve(fs: MountFs, mountpoint: &Path) -> anyhow::Result<()> {
-    let found = std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file())
-    });
+    let found = std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()));
     if !found && std::env::var_os("FUSERMOUNT_PATH").is_none() {
         anyhow::bail!("fusermount3 is not installed: install the fuse3 package (apt-get install fuse3) and mount again");
     }
@@ -512,12 +351,7 @@ pub fn serve(fs: MountFs, mountpoint: &Path) -> anyhow::Result<()> {
     let uid = unsafe { libc::getuid() };
     let gid = unsafe { libc::getgid() };
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(fsname),
-        MountOption::Subtype("alkfs".into()),
-        MountOption::AutoUnmount,
-        MountOption::DefaultPermissions,
-    ];
+    config.mount_options = vec![MountOption::FSName(fsname), MountOption::Subtype("alkfs".into()), MountOption::AutoUnmount, MountOption::DefaultPermissions];
     if read_only {
         config.mount_options.push(MountOption::RO);
     }
@@ -528,9 +362,7 @@ pub fn serve(fs: MountFs, mountpoint: &Path) -> anyhow::Result<()> {
     let mut unmounter = session.unmount_callable();
     let session = session.spawn()?;
     // SIGINT/SIGTERM unmount, which ends the session's loop.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let done = done.clone();

@@ -24,10 +24,7 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
         .status()
         .context("running fusermount3 (install the fuse3 package)")?;
     if !status.success() {
-        bail!(
-            "fusermount3 -u {} failed: is it an alkfs mount, and is a file on it still open?",
-            mountpoint.display()
-        );
+        bail!("fusermount3 -u {} failed: is it an alkfs mount, and is a file on it still open?", mountpoint.display());
     }
     Ok(())
 }

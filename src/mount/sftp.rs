@@ -29,9 +29,7 @@ use russh::keys::ssh_key::{HashAlg, LineEnding};
 use russh::keys::{Algorithm, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
-use russh_sftp::protocol::{
-    Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version,
-};
+use russh_sftp::protocol::{Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version};
 use russh_sftp::server::StatusReply;
 
 use super::fs::{Attr, Errno, FsResult, MountFs, OpenMode};
@@ -82,15 +80,9 @@ pub fn allowed_keys(dir: &Path) -> Result<Vec<AllowedKey>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((bucket, key)) = line.split_once(' ') else {
-            bail!("{}:{}: expected `BUCKET KEY`", path.display(), n + 1)
-        };
-        let key = PublicKey::from_openssh(key.trim())
-            .with_context(|| format!("{}:{}: not an OpenSSH public key", path.display(), n + 1))?;
-        out.push(AllowedKey {
-            bucket: bucket.to_string(),
-            key,
-        });
+        let Some((bucket, key)) = line.split_once(' ') else { bail!("{}:{}: expected `BUCKET KEY`", path.display(), n + 1) };
+        let key = PublicKey::from_openssh(key.trim()).with_context(|| format!("{}:{}: not an OpenSSH public key", path.display(), n + 1))?;
+        out.push(AllowedKey { bucket: bucket.to_string(), key });
     }
     Ok(out)
 }
@@ -98,55 +90,31 @@ pub fn allowed_keys(dir: &Path) -> Result<Vec<AllowedKey>> {
 fn write_allowed(dir: &Path, keys: &[AllowedKey]) -> Result<()> {
     let sftp = dir.join(SFTP_DIR);
     std::fs::create_dir_all(&sftp).with_context(|| sftp.display().to_string())?;
-    let mut text = String::from(
-        "# alkfs sftp allow list: BUCKET KEY (edit with `alkfs sftp allow` / `revoke`)\n",
-    );
+    let mut text = String::from("# alkfs sftp allow list: BUCKET KEY (edit with `alkfs sftp allow` / `revoke`)\n");
     for k in keys {
-        text.push_str(&format!(
-            "{} {}\n",
-            k.bucket,
-            k.key.to_openssh().context("encoding a key")?
-        ));
+        text.push_str(&format!("{} {}\n", k.bucket, k.key.to_openssh().context("encoding a key")?));
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".allowed-")
-        .tempfile_in(&sftp)?;
+    let mut tmp = tempfile::Builder::new().prefix(".allowed-").tempfile_in(&sftp)?;
     tmp.write_all(text.as_bytes())?;
     tmp.as_file().sync_all()?;
-    tmp.persist(allowed_path(dir))
-        .map_err(|e| e.error)
-        .context("saving the allow list")?;
+    tmp.persist(allowed_path(dir)).map_err(|e| e.error).context("saving the allow list")?;
     Ok(())
 }
 
 fn read_public_key(file: &Path) -> Result<PublicKey> {
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
-    PublicKey::from_openssh(text.trim()).with_context(|| {
-        format!(
-            "{}: not an OpenSSH public key (a .pub file, e.g. from ssh-keygen)",
-            file.display()
-        )
-    })
+    PublicKey::from_openssh(text.trim()).with_context(|| format!("{}: not an OpenSSH public key (a .pub file, e.g. from ssh-keygen)", file.display()))
 }
 
 /// Lets the key in `pubkey_file` log in to `bucket`. Returns its fingerprint.
 pub fn allow(dir: &Path, bucket: &str, pubkey_file: &Path) -> Result<String> {
     let key = read_public_key(pubkey_file)?;
     let reader = alknet_actors::engine::Engine::open(dir, alknet_actors::engine::Access::Read)?;
-    reader
-        .tree()
-        .bucket_id(bucket)
-        .with_context(|| format!("no bucket {bucket:?} here (see `alkfs bucket list`)"))?;
+    reader.tree().bucket_id(bucket).with_context(|| format!("no bucket {bucket:?} here (see `alkfs bucket list`)"))?;
     let mut keys = allowed_keys(dir)?;
     let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-    if !keys
-        .iter()
-        .any(|k| k.bucket == bucket && k.key.key_data() == key.key_data())
-    {
-        keys.push(AllowedKey {
-            bucket: bucket.to_string(),
-            key,
-        });
+    if !keys.iter().any(|k| k.bucket == bucket && k.key.key_data() == key.key_data()) {
+        keys.push(AllowedKey { bucket: bucket.to_string(), key });
         write_allowed(dir, &keys)?;
     }
     Ok(fingerprint)
@@ -157,11 +125,7 @@ pub fn allow(dir: &Path, bucket: &str, pubkey_file: &Path) -> Result<String> {
 pub fn revoke(dir: &Path, bucket: &str, key: &str) -> Result<usize> {
     let mut keys = allowed_keys(dir)?;
     let before = keys.len();
-    let data = if key.starts_with("SHA256:") {
-        None
-    } else {
-        Some(read_public_key(Path::new(key))?.key_data().clone())
-    };
+    let data = if key.starts_with("SHA256:") { None } else { Some(read_public_key(Path::new(key))?.key_data().clone()) };
     keys.retain(|k| {
         let same = match &data {
             Some(d) => k.key.key_data() == d,
@@ -182,25 +146,12 @@ fn host_key(dir: &Path) -> Result<PrivateKey> {
     let sftp = dir.join(SFTP_DIR);
     let path = sftp.join(HOST_KEY_FILE);
     if path.exists() {
-        return PrivateKey::from_openssh(std::fs::read(&path)?).with_context(|| {
-            format!(
-                "{}: damaged host key (remove it to make a new one)",
-                path.display()
-            )
-        });
+        return PrivateKey::from_openssh(std::fs::read(&path)?).with_context(|| format!("{}: damaged host key (remove it to make a new one)", path.display()));
     }
     std::fs::create_dir_all(&sftp)?;
-    let key =
-        PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).context("making a host key")?;
-    let pem = key
-        .to_openssh(LineEnding::LF)
-        .context("encoding the host key")?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| path.display().to_string())?;
+    let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).context("making a host key")?;
+    let pem = key.to_openssh(LineEnding::LF).context("encoding the host key")?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| path.display().to_string())?;
     f.write_all(pem.as_bytes())?;
     f.sync_all()?;
     Ok(key)
@@ -219,9 +170,7 @@ struct Shared {
 impl Shared {
     fn allowed(&self, bucket: &str, key: &PublicKey) -> bool {
         match allowed_keys(&self.dir) {
-            Ok(keys) => keys
-                .iter()
-                .any(|k| k.bucket == bucket && k.key.key_data() == key.key_data()),
+            Ok(keys) => keys.iter().any(|k| k.bucket == bucket && k.key.key_data() == key.key_data()),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "sftp: cannot read the allow list; refusing logins");
                 false
@@ -234,11 +183,7 @@ impl Shared {
         if let Some(m) = mounts.get(bucket) {
             return Ok(m.clone());
         }
-        let fs = Arc::new(MountFs::open(
-            &self.dir,
-            Scope::new(bucket, &self.branch),
-            false,
-        )?);
+        let fs = Arc::new(MountFs::open(&self.dir, Scope::new(bucket, &self.branch), false)?);
         mounts.insert(bucket.to_string(), fs.clone());
         Ok(fs)
     }
@@ -261,23 +206,11 @@ pub async fn serve(dir: &Path, branch: &str, listen: SocketAddr) -> Result<()> {
         // times faster than the ChaCha20-Poly1305 OpenSSH clients pick first when offered
         // (measured: `cargo bench --bench mount`, sftp put/get). Every OpenSSH since 6.2,
         // sshfs and rclone speak it.
-        preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(&[
-                russh::cipher::AES_256_GCM,
-                russh::cipher::AES_128_GCM,
-            ]),
-            ..russh::Preferred::DEFAULT
-        },
+        preferred: russh::Preferred { cipher: std::borrow::Cow::Borrowed(&[russh::cipher::AES_256_GCM, russh::cipher::AES_128_GCM]), ..russh::Preferred::DEFAULT },
         ..Default::default()
     });
-    let shared = Arc::new(Shared {
-        dir: dir.to_path_buf(),
-        branch: branch.to_string(),
-        mounts: Mutex::new(HashMap::new()),
-    });
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
+    let shared = Arc::new(Shared { dir: dir.to_path_buf(), branch: branch.to_string(), mounts: Mutex::new(HashMap::new()) });
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     eprintln!("serving sftp on {} (host key {fingerprint}); log in as a bucket's name with a key `alkfs sftp allow` authorised", listener.local_addr()?);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut backoff = Duration::from_millis(10);
@@ -299,12 +232,7 @@ pub async fn serve(dir: &Path, branch: &str, listen: SocketAddr) -> Result<()> {
                 continue;
             }
         };
-        let handler = Connection {
-            shared: shared.clone(),
-            peer,
-            bucket: None,
-            channels: HashMap::new(),
-        };
+        let handler = Connection { shared: shared.clone(), peer, bucket: None, channels: HashMap::new() };
         let config = config.clone();
         tokio::spawn(async move {
             match russh::server::run_stream(config, socket, handler).await {
@@ -313,9 +241,7 @@ pub async fn serve(dir: &Path, branch: &str, listen: SocketAddr) -> Result<()> {
                         tracing::debug!(%peer, error = %format!("{e:#}"), "sftp: connection ended");
                     }
                 }
-                Err(e) => {
-                    tracing::debug!(%peer, error = %format!("{e:#}"), "sftp: handshake failed")
-                }
+                Err(e) => tracing::debug!(%peer, error = %format!("{e:#}"), "sftp: handshake failed"),
             }
         });
     }
@@ -335,23 +261,11 @@ struct Connection {
 impl russh::server::Handler for Connection {
     type Error = anyhow::Error;
 
-    async fn auth_publickey_offered(
-        &mut self,
-        user: &str,
-        offer: PublicKeyOffer<'_>,
-    ) -> Result<Auth, Self::Error> {
-        Ok(if self.shared.allowed(user, offer.public_key) {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        Ok(if self.shared.allowed(user, offer.public_key) { Auth::Accept } else { Auth::reject() })
     }
 
-    async fn auth_publickey(
-        &mut self,
-        user: &str,
-        key: VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         if !self.shared.allowed(user, key.public_key) {
             tracing::info!(peer = %self.peer, bucket = user, "sftp: key refused");
             return Ok(Auth::reject());
@@ -361,12 +275,7 @@ impl russh::server::Handler for Connection {
         Ok(Auth::Accept)
     }
 
-    async fn channel_open_session(
-        &mut self,
-        channel: Channel<Msg>,
-        reply: ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn channel_open_session(&mut self, channel: Channel<Msg>, reply: ChannelOpenHandle, _session: &mut Session) -> Result<(), Self::Error> {
         if self.channels.len() >= CHANNELS_PER_CONNECTION_MAX {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
@@ -376,12 +285,7 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn subsystem_request(
-        &mut self,
-        id: ChannelId,
-        name: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn subsystem_request(&mut self, id: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
         let (Some(bucket), true) = (self.bucket.clone(), name == "sftp") else {
             session.channel_failure(id)?;
             return Ok(());
@@ -400,33 +304,16 @@ impl russh::server::Handler for Connection {
             }
         };
         session.channel_success(id)?;
-        russh_sftp::server::run(
-            channel.into_stream(),
-            SftpSession {
-                fs,
-                handles: HashMap::new(),
-                next: 1,
-            },
-        )
-        .await;
+        russh_sftp::server::run(channel.into_stream(), SftpSession { fs, handles: HashMap::new(), next: 1 }).await;
         Ok(())
     }
 
-    async fn shell_request(
-        &mut self,
-        id: ChannelId,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn shell_request(&mut self, id: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
         session.channel_failure(id)?;
         Ok(())
     }
 
-    async fn exec_request(
-        &mut self,
-        id: ChannelId,
-        _data: &[u8],
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn exec_request(&mut self, id: ChannelId, _data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
         session.channel_failure(id)?;
         Ok(())
     }
@@ -447,11 +334,7 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn channel_close(
-        &mut self,
-        id: ChannelId,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn channel_close(&mut self, id: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
         self.channels.remove(&id);
         Ok(())
     }
@@ -498,12 +381,7 @@ fn status(e: Errno) -> StatusReply {
 }
 
 fn ok(id: u32) -> Status {
-    Status {
-        id,
-        status_code: StatusCode::Ok,
-        error_message: "Ok".into(),
-        language_tag: "en-US".into(),
-    }
+    Status { id, status_code: StatusCode::Ok, error_message: "Ok".into(), language_tag: "en-US".into() }
 }
 
 /// `raw` (absolute, or relative to the root, which is every session's working directory)
@@ -513,11 +391,7 @@ fn resolve(raw: &str) -> Result<TreePath, StatusReply> {
 }
 
 fn resolve_from(base: &TreePath, raw: &str) -> Result<TreePath, StatusReply> {
-    let mut parts: Vec<&str> = if raw.starts_with('/') {
-        Vec::new()
-    } else {
-        base.as_str().split('/').filter(|p| !p.is_empty()).collect()
-    };
+    let mut parts: Vec<&str> = if raw.starts_with('/') { Vec::new() } else { base.as_str().split('/').filter(|p| !p.is_empty()).collect() };
     for part in raw.split('/') {
         match part {
             "" | "." => {}
@@ -553,10 +427,7 @@ impl SftpSession {
     /// Runs a call of the filesystem layer, which blocks (SQLite, files, the node's socket):
     /// in place on this worker thread, whose other tasks move to another meanwhile (cheaper
     /// than a hop to a blocking thread for each 32 KiB write of an upload).
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&MountFs) -> FsResult<T> + Send + 'static,
-    ) -> Result<T, StatusReply> {
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&MountFs) -> FsResult<T> + Send + 'static) -> Result<T, StatusReply> {
         let fs = self.fs.clone();
         tokio::task::block_in_place(move || f(&fs)).map_err(status)
     }
@@ -567,9 +438,7 @@ impl SftpSession {
                 SftpHandle::File { fh, .. } => self.fs.abandon(fh),
                 SftpHandle::Dir { fh, .. } => self.fs.releasedir(fh),
             }
-            return Err(StatusCode::Failure.with_message(format!(
-                "too many open handles (at most {HANDLES_PER_SESSION_MAX}): close some"
-            )));
+            return Err(StatusCode::Failure.with_message(format!("too many open handles (at most {HANDLES_PER_SESSION_MAX}): close some")));
         }
         let name = format!("h{}", self.next);
         self.next += 1;
@@ -603,14 +472,11 @@ impl SftpSession {
 
 /// What a setstat changes: mode, mtime, size.
 fn changes_of(attrs: &FileAttributes) -> (Option<u32>, Option<i64>, Option<u64>) {
-    (
-        attrs.permissions.map(|p| p & 0o7777),
-        attrs.mtime.map(|s| s as i64 * 1000),
-        attrs.size,
-    )
+    (attrs.permissions.map(|p| p & 0o7777), attrs.mtime.map(|s| s as i64 * 1000), attrs.size)
 }
 
-impl SftpSession {}
+impl SftpSession {
+}
 
 impl russh_sftp::server::Handler for SftpSession {
     type Error = StatusReply;
@@ -619,37 +485,21 @@ impl russh_sftp::server::Handler for SftpSession {
         StatusCode::OpUnsupported.into()
     }
 
-    async fn init(
-        &mut self,
-        _version: u32,
-        _extensions: HashMap<String, String>,
-    ) -> Result<Version, Self::Error> {
+    async fn init(&mut self, _version: u32, _extensions: HashMap<String, String>) -> Result<Version, Self::Error> {
         let mut v = Version::new();
-        v.extensions
-            .insert("posix-rename@openssh.com".into(), "1".into());
+        v.extensions.insert("posix-rename@openssh.com".into(), "1".into());
         v.extensions.insert("fsync@openssh.com".into(), "1".into());
         Ok(v)
     }
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
         let p = resolve(&path)?;
-        Ok(Name {
-            id,
-            files: vec![File::dummy(p.as_str())],
-        })
+        Ok(Name { id, files: vec![File::dummy(p.as_str())] })
     }
 
-    async fn open(
-        &mut self,
-        id: u32,
-        filename: String,
-        pflags: OpenFlags,
-        attrs: FileAttributes,
-    ) -> Result<Handle, Self::Error> {
+    async fn open(&mut self, id: u32, filename: String, pflags: OpenFlags, attrs: FileAttributes) -> Result<Handle, Self::Error> {
         let path = resolve(&filename)?;
-        let write = pflags.intersects(
-            OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::CREATE | OpenFlags::TRUNCATE,
-        );
+        let write = pflags.intersects(OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::CREATE | OpenFlags::TRUNCATE);
         let how = OpenMode {
             read: pflags.contains(OpenFlags::READ),
             write,
@@ -667,20 +517,13 @@ impl russh_sftp::server::Handler for SftpSession {
         };
         let fh = self
             .run(move |fs| match fs.stat(&path) {
-                Ok(_) if create && exclusive => {
-                    Err(Errno::new(libc::EEXIST, format!("{path}: already exists")))
-                }
+                Ok(_) if create && exclusive => Err(Errno::new(libc::EEXIST, format!("{path}: already exists"))),
                 Ok(_) => fs.open_file(&path, how),
-                Err(e) if e.code == libc::ENOENT && create => {
-                    fs.create(&path, mode, how, exclusive).map(|(fh, _)| fh)
-                }
+                Err(e) if e.code == libc::ENOENT && create => fs.create(&path, mode, how, exclusive).map(|(fh, _)| fh),
                 Err(e) => Err(e),
             })
             .await?;
-        Ok(Handle {
-            id,
-            handle: self.add(SftpHandle::File { fh, write })?,
-        })
+        Ok(Handle { id, handle: self.add(SftpHandle::File { fh, write })? })
     }
 
     async fn close(&mut self, id: u32, handle: String) -> Result<Status, Self::Error> {
@@ -705,13 +548,7 @@ impl russh_sftp::server::Handler for SftpSession {
         Ok(ok(id))
     }
 
-    async fn read(
-        &mut self,
-        id: u32,
-        handle: String,
-        offset: u64,
-        len: u32,
-    ) -> Result<Data, Self::Error> {
+    async fn read(&mut self, id: u32, handle: String, offset: u64, len: u32) -> Result<Data, Self::Error> {
         let fh = self.file_handle(&handle)?;
         let len = len.min(READ_BYTES_MAX) as usize;
         let data = self.run(move |fs| fs.read(fh, offset, len)).await?;
@@ -721,83 +558,47 @@ impl russh_sftp::server::Handler for SftpSession {
         Ok(Data { id, data })
     }
 
-    async fn write(
-        &mut self,
-        id: u32,
-        handle: String,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> Result<Status, Self::Error> {
+    async fn write(&mut self, id: u32, handle: String, offset: u64, data: Vec<u8>) -> Result<Status, Self::Error> {
         let fh = self.file_handle(&handle)?;
-        self.run(move |fs| fs.write(fh, offset, &data).map(|_| ()))
-            .await?;
+        self.run(move |fs| fs.write(fh, offset, &data).map(|_| ())).await?;
         Ok(ok(id))
     }
 
     async fn lstat(&mut self, id: u32, path: String) -> Result<Attrs, Self::Error> {
         let p = resolve(&path)?;
         let a = self.run(move |fs| fs.stat(&p)).await?;
-        Ok(Attrs {
-            id,
-            attrs: attributes(&a),
-        })
+        Ok(Attrs { id, attrs: attributes(&a) })
     }
 
     async fn stat(&mut self, id: u32, path: String) -> Result<Attrs, Self::Error> {
         let (_, a) = self.follow(resolve(&path)?).await?;
-        Ok(Attrs {
-            id,
-            attrs: attributes(&a),
-        })
+        Ok(Attrs { id, attrs: attributes(&a) })
     }
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
         let fh = self.file_handle(&handle)?;
-        let a = self
-            .run(move |fs| fs.getattr(fs.handle_ino(fh)?, Some(fh)))
-            .await?;
-        Ok(Attrs {
-            id,
-            attrs: attributes(&a),
-        })
+        let a = self.run(move |fs| fs.getattr(fs.handle_ino(fh)?, Some(fh))).await?;
+        Ok(Attrs { id, attrs: attributes(&a) })
     }
 
-    async fn setstat(
-        &mut self,
-        id: u32,
-        path: String,
-        attrs: FileAttributes,
-    ) -> Result<Status, Self::Error> {
+    async fn setstat(&mut self, id: u32, path: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
         let p = resolve(&path)?;
         let (mode, mtime_ms, size) = changes_of(&attrs);
-        self.run(move |fs| fs.setattr(&p, mode, mtime_ms, size).map(|_| ()))
-            .await?;
+        self.run(move |fs| fs.setattr(&p, mode, mtime_ms, size).map(|_| ())).await?;
         Ok(ok(id))
     }
 
-    async fn fsetstat(
-        &mut self,
-        id: u32,
-        handle: String,
-        attrs: FileAttributes,
-    ) -> Result<Status, Self::Error> {
+    async fn fsetstat(&mut self, id: u32, handle: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
         let fh = self.file_handle(&handle)?;
         let (mode, mtime_ms, size) = changes_of(&attrs);
-        self.run(move |fs| {
-            fs.setattr_ino(fs.handle_ino(fh)?, mode, mtime_ms, size)
-                .map(|_| ())
-        })
-        .await?;
+        self.run(move |fs| fs.setattr_ino(fs.handle_ino(fh)?, mode, mtime_ms, size).map(|_| ())).await?;
         Ok(ok(id))
     }
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
         let (p, _) = self.follow(resolve(&path)?).await?;
         let fh = self.run(move |fs| fs.opendir(&p)).await?;
-        Ok(Handle {
-            id,
-            handle: self.add(SftpHandle::Dir { fh, pos: 0 })?,
-        })
+        Ok(Handle { id, handle: self.add(SftpHandle::Dir { fh, pos: 0 })? })
     }
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
@@ -809,10 +610,7 @@ impl russh_sftp::server::Handler for SftpSession {
             return Err(StatusCode::Eof.into());
         }
         let end = (*pos + READDIR_BATCH).min(entries.len());
-        let files = entries[*pos..end]
-            .iter()
-            .map(|(name, a)| File::new(name.clone(), attributes(a)))
-            .collect();
+        let files = entries[*pos..end].iter().map(|(name, a)| File::new(name.clone(), attributes(a))).collect();
         *pos = end;
         Ok(Name { id, files })
     }
@@ -823,12 +621,7 @@ impl russh_sftp::server::Handler for SftpSession {
         Ok(ok(id))
     }
 
-    async fn mkdir(
-        &mut self,
-        id: u32,
-        path: String,
-        attrs: FileAttributes,
-    ) -> Result<Status, Self::Error> {
+    async fn mkdir(&mut self, id: u32, path: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
         let p = resolve(&path)?;
         let mode = attrs.permissions.map(|m| m & 0o7777).unwrap_or(0o755);
         self.run(move |fs| fs.mkdir(&p, mode).map(|_| ())).await?;
@@ -841,12 +634,7 @@ impl russh_sftp::server::Handler for SftpSession {
         Ok(ok(id))
     }
 
-    async fn rename(
-        &mut self,
-        id: u32,
-        oldpath: String,
-        newpath: String,
-    ) -> Result<Status, Self::Error> {
+    async fn rename(&mut self, id: u32, oldpath: String, newpath: String) -> Result<Status, Self::Error> {
         // SFTP v3's rename does not replace (as OpenSSH's server); posix-rename does.
         let (from, to) = (resolve(&oldpath)?, resolve(&newpath)?);
         self.run(move |fs| fs.rename(&from, &to, true)).await?;
@@ -856,32 +644,18 @@ impl russh_sftp::server::Handler for SftpSession {
     async fn readlink(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
         let p = resolve(&path)?;
         let target = self.run(move |fs| fs.readlink(&p)).await?;
-        Ok(Name {
-            id,
-            files: vec![File::dummy(target)],
-        })
+        Ok(Name { id, files: vec![File::dummy(target)] })
     }
 
-    async fn symlink(
-        &mut self,
-        id: u32,
-        linkpath: String,
-        targetpath: String,
-    ) -> Result<Status, Self::Error> {
+    async fn symlink(&mut self, id: u32, linkpath: String, targetpath: String) -> Result<Status, Self::Error> {
         // OpenSSH sends the target first and the link second (the reverse of the draft);
         // every common client follows OpenSSH.
         let (target, link) = (linkpath, resolve(&targetpath)?);
-        self.run(move |fs| fs.symlink(&link, &target).map(|_| ()))
-            .await?;
+        self.run(move |fs| fs.symlink(&link, &target).map(|_| ())).await?;
         Ok(ok(id))
     }
 
-    async fn extended(
-        &mut self,
-        id: u32,
-        request: String,
-        data: Vec<u8>,
-    ) -> Result<Packet, Self::Error> {
+    async fn extended(&mut self, id: u32, request: String, data: Vec<u8>) -> Result<Packet, Self::Error> {
         match request.as_str() {
             "posix-rename@openssh.com" => {
                 let (old, rest) = ssh_string(&data)?;
@@ -904,12 +678,7 @@ impl russh_sftp::server::Handler for SftpSession {
 /// One SSH string (u32 length, bytes) from the front of `data`, and the rest.
 fn ssh_string(data: &[u8]) -> Result<(String, &[u8]), StatusReply> {
     let bad = || StatusCode::BadMessage.with_message("malformed extended request");
-    let len = u32::from_be_bytes(
-        data.get(..4)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?,
-    ) as usize;
+    let len = u32::from_be_bytes(data.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
     let body = data.get(4..4 + len).ok_or_else(bad)?;
     let s = String::from_utf8(body.to_vec()).map_err(|_| bad())?;
     Ok((s, &data[4 + len..]))

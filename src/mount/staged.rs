@@ -30,21 +30,13 @@ pub enum Payload {
     /// The bytes themselves (at most [`INLINE_BYTES_MAX`]).
     Bytes(Vec<u8>),
     /// A staging file of `size` bytes, with its hash when every write was an append.
-    File {
-        staging: PathBuf,
-        size: u64,
-        hash: Option<ContentHash>,
-    },
+    File { staging: PathBuf, size: u64, hash: Option<ContentHash> },
 }
 
 /// An open write session of one file.
 pub enum Staged {
     /// Small so far: the bytes.
-    Memory {
-        path: TreePath,
-        mode: u32,
-        data: Vec<u8>,
-    },
+    Memory { path: TreePath, mode: u32, data: Vec<u8> },
     /// A staging file (boxed: a session holds a hasher's state).
     File(Box<WriteSession>),
 }
@@ -52,11 +44,7 @@ pub enum Staged {
 impl Staged {
     /// An empty session (a new file, or O_TRUNC).
     pub fn empty(path: TreePath, mode: u32) -> Self {
-        Staged::Memory {
-            path,
-            mode,
-            data: Vec::new(),
-        }
+        Staged::Memory { path, mode, data: Vec::new() }
     }
 
     /// The staged length.
@@ -94,8 +82,7 @@ impl Staged {
             return Ok(());
         }
         if let Staged::Memory { path, mode, data } = self {
-            let mut file =
-                WriteSession::empty(path.clone(), *mode, spill.content.stage_in(&spill.dir)?);
+            let mut file = WriteSession::empty(path.clone(), *mode, spill.content.stage_in(&spill.dir)?);
             file.write_at(0, data)?;
             *self = Staged::File(Box::new(file));
         }
@@ -103,22 +90,11 @@ impl Staged {
     }
 
     /// Writes `bytes` at `offset`; a write past the end leaves a hole of zeros.
-    pub fn write_at(
-        &mut self,
-        offset: u64,
-        bytes: &[u8],
-        spill: &Spill,
-    ) -> Result<(), ContentError> {
-        let end = offset
-            .checked_add(bytes.len() as u64)
-            .filter(|e| *e <= FILE_BYTES_MAX)
-            .ok_or_else(|| ContentError::Io {
-                context: "write".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::FileTooLarge,
-                    format!("files are limited to {FILE_BYTES_MAX} bytes"),
-                ),
-            })?;
+    pub fn write_at(&mut self, offset: u64, bytes: &[u8], spill: &Spill) -> Result<(), ContentError> {
+        let end = offset.checked_add(bytes.len() as u64).filter(|e| *e <= FILE_BYTES_MAX).ok_or_else(|| ContentError::Io {
+            context: "write".into(),
+            source: std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("files are limited to {FILE_BYTES_MAX} bytes")),
+        })?;
         self.make_room(end, spill)?;
         match self {
             Staged::Memory { data, .. } => {
@@ -173,11 +149,7 @@ impl Staged {
             Staged::Memory { data, .. } => Ok(Payload::Bytes(data)),
             Staged::File(s) => {
                 let (staging, size, hash) = (*s).hand_off()?;
-                Ok(Payload::File {
-                    staging,
-                    size,
-                    hash,
-                })
+                Ok(Payload::File { staging, size, hash })
             }
         }
     }
@@ -205,14 +177,10 @@ mod tests {
     }
 
     #[test]
-    fn small_sessions_stay_in_memory_and_a_large_one_spills_to_a_staging_file_with_the_same_bytes()
-    {
+    fn small_sessions_stay_in_memory_and_a_large_one_spills_to_a_staging_file_with_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let content = ContentStore::open(&dir.path().join("content")).unwrap();
-        let spill = Spill {
-            dir: content.mount_staging_dir(1),
-            content,
-        };
+        let spill = Spill { dir: content.mount_staging_dir(1), content };
         let mut s = Staged::empty(TreePath::parse("/f").unwrap(), 0o644);
         s.write_at(0, b"hello", &spill).unwrap();
         s.write_at(10, b"world", &spill).unwrap(); // a hole of zeros between
@@ -221,29 +189,14 @@ mod tests {
         s.truncate(5, &spill).unwrap();
         assert_eq!(read_all(&s), b"hello");
 
-        let big: Vec<u8> = (0..INLINE_BYTES_MAX + 100)
-            .map(|i| (i % 251) as u8)
-            .collect();
+        let big: Vec<u8> = (0..INLINE_BYTES_MAX + 100).map(|i| (i % 251) as u8).collect();
         s.write_at(5, &big, &spill).unwrap();
-        assert!(
-            matches!(s, Staged::File(_)),
-            "past the inline limit it spilled"
-        );
+        assert!(matches!(s, Staged::File(_)), "past the inline limit it spilled");
         let mut want = b"hello".to_vec();
         want.extend_from_slice(&big);
         assert_eq!(read_all(&s), want);
-        let Payload::File {
-            staging,
-            size,
-            hash,
-        } = s.close().unwrap()
-        else {
-            panic!("a file payload")
-        };
-        assert_eq!(
-            (std::fs::read(&staging).unwrap(), size),
-            (want.clone(), want.len() as u64)
-        );
+        let Payload::File { staging, size, hash } = s.close().unwrap() else { panic!("a file payload") };
+        assert_eq!((std::fs::read(&staging).unwrap(), size), (want.clone(), want.len() as u64));
         // The spill wrote the memory bytes from 0 and the rest was appended: the hash the
         // session kept is the hash of exactly these bytes.
         assert_eq!(hash.map(|h| h.0), Some(*blake3::hash(&want).as_bytes()));

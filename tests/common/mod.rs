@@ -35,20 +35,12 @@ impl Store {
     pub fn uninit() -> Self {
         let tmp = TempDir::new().expect("temp dir");
         let data = tmp.path().join("data");
-        Store {
-            _tmp: Some(tmp),
-            data,
-            scratch: TempDir::new().expect("scratch dir"),
-        }
+        Store { _tmp: Some(tmp), data, scratch: TempDir::new().expect("scratch dir") }
     }
 
     /// A store in `data` (which the caller owns, e.g. a tmpfs mount), initialised.
     pub fn at(data: &Path) -> Self {
-        let s = Store {
-            _tmp: None,
-            data: data.to_path_buf(),
-            scratch: TempDir::new().expect("scratch dir"),
-        };
+        let s = Store { _tmp: None, data: data.to_path_buf(), scratch: TempDir::new().expect("scratch dir") };
         s.ok(&["init"]);
         s
     }
@@ -75,13 +67,7 @@ impl Store {
 
     /// Runs a command with `input` on its stdin.
     pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .cmd(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn alkfs");
+        let mut child = self.cmd(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn alkfs");
         let mut stdin = child.stdin.take().expect("stdin");
         let input = input.to_vec();
         let writer = std::thread::spawn(move || {
@@ -180,8 +166,7 @@ pub fn cmd_in(data: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.arg("--data").arg(data).args(args);
     // Nodes the tests start stay on loopback: a free port, no relay, no discovery.
-    c.env("ALKFS_NET_LISTEN", "127.0.0.1:0")
-        .env("ALKFS_NET_RELAY", "disabled");
+    c.env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled");
     for var in ["RUST_LOG", "XDG_DATA_HOME"] {
         c.env_remove(var);
     }
@@ -194,12 +179,7 @@ pub fn cmd_in(data: &Path, args: &[&str]) -> Command {
 
 /// Runs `alkfs --data DATA put - PATH` with `input` on stdin.
 pub fn put_stdin_in(data: &Path, path: &str, input: &[u8]) -> Output {
-    let mut child = cmd_in(data, &["put", "-", path])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn alkfs");
+    let mut child = cmd_in(data, &["put", "-", path]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn alkfs");
     let mut stdin = child.stdin.take().expect("stdin");
     let input = input.to_vec();
     let writer = std::thread::spawn(move || {
@@ -225,37 +205,18 @@ pub fn expect_ok(args: &[&str], out: Output) -> Vec<u8> {
 /// panic); returns its stderr.
 pub fn expect_err(args: &[&str], out: Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "alkfs {args:?}: expected exit 1, got {}; stderr: {stderr}",
-        out.status
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "alkfs {args:?} panicked: {stderr}"
-    );
-    let errors = stderr
-        .lines()
-        .filter(|l| l.starts_with("alkfs: error: "))
-        .count();
-    assert_eq!(
-        errors, 1,
-        "alkfs {args:?}: expected one `alkfs: error:` line, stderr: {stderr}"
-    );
+    assert_eq!(out.status.code(), Some(1), "alkfs {args:?}: expected exit 1, got {}; stderr: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "alkfs {args:?} panicked: {stderr}");
+    let errors = stderr.lines().filter(|l| l.starts_with("alkfs: error: ")).count();
+    assert_eq!(errors, 1, "alkfs {args:?}: expected one `alkfs: error:` line, stderr: {stderr}");
     stderr
 }
 
 /// Parses a JSON array printed by `--json`.
 /// The writer's seq of a version id as printed (`17@3f2a9c1b02` → 17).
 pub fn version_seq(v: &serde_json::Value) -> i64 {
-    let text = v
-        .as_str()
-        .unwrap_or_else(|| panic!("a version id is a string: {v}"));
-    text.split('@')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("not a version id: {text}"))
+    let text = v.as_str().unwrap_or_else(|| panic!("a version id is a string: {v}"));
+    text.split('@').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("not a version id: {text}"))
 }
 
 pub fn parse_json_array(text: &str) -> Vec<serde_json::Value> {
@@ -299,11 +260,7 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) {
     let mut i = 0;
     while done < len {
         let n = CHUNK.min(len - done);
-        f.write_all(&random_bytes(
-            n as usize,
-            seed.wrapping_mul(1_000_003).wrapping_add(i),
-        ))
-        .expect("write random file");
+        f.write_all(&random_bytes(n as usize, seed.wrapping_mul(1_000_003).wrapping_add(i))).expect("write random file");
         done += n;
         i += 1;
     }
@@ -312,17 +269,11 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) {
 
 /// True when two local files hold the same bytes (sizes first, then streamed).
 pub fn same_file(a: &Path, b: &Path) -> bool {
-    let (ma, mb) = (
-        fs::metadata(a).expect("stat a"),
-        fs::metadata(b).expect("stat b"),
-    );
+    let (ma, mb) = (fs::metadata(a).expect("stat a"), fs::metadata(b).expect("stat b"));
     if ma.len() != mb.len() {
         return false;
     }
-    let (mut ra, mut rb) = (
-        BufReader::new(File::open(a).expect("open a")),
-        BufReader::new(File::open(b).expect("open b")),
-    );
+    let (mut ra, mut rb) = (BufReader::new(File::open(a).expect("open a")), BufReader::new(File::open(b).expect("open b")));
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     loop {
         let n = ra.read(&mut ba).expect("read a");
@@ -376,12 +327,7 @@ pub fn line_channel(reader: impl Read + Send + 'static) -> mpsc::Receiver<String
 
 /// Receives lines until one satisfies `pred`, or panics after `timeout`. Returns the lines
 /// seen, the matching one last.
-pub fn await_line(
-    rx: &mpsc::Receiver<String>,
-    timeout: Duration,
-    what: &str,
-    pred: impl Fn(&str) -> bool,
-) -> Vec<String> {
+pub fn await_line(rx: &mpsc::Receiver<String>, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = std::time::Instant::now() + timeout;
     let mut seen = Vec::new();
     loop {
@@ -394,9 +340,7 @@ pub fn await_line(
                     return seen;
                 }
             }
-            Err(e) => {
-                panic!("waiting for {what}: {e:?} after {timeout:?}; lines so far: {seen:#?}")
-            }
+            Err(e) => panic!("waiting for {what}: {e:?} after {timeout:?}; lines so far: {seen:#?}"),
         }
     }
 }
@@ -406,10 +350,7 @@ pub fn await_line(
 pub fn await_cond(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -425,12 +366,7 @@ pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn send_signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) with a pid we spawned (and have not reaped yet) and a valid signal.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
 }
 
 /// A running `alkfs node run`, with its stderr (the log) in a file. Dropping it SIGTERMs the
@@ -452,16 +388,9 @@ impl Node {
         let mut full = vec!["node", "run"];
         full.extend_from_slice(args);
         let mut cmd = s.cmd(&full);
-        cmd.envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("node log file"));
+        cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(File::create(&log).expect("node log file"));
         let child = cmd.spawn().expect("spawn alkfs node run");
-        Node {
-            child,
-            log,
-            data: s.data().to_path_buf(),
-            exited: None,
-        }
+        Node { child, log, data: s.data().to_path_buf(), exited: None }
     }
 
     /// Spawns a node and waits until it answers `status` (see [`Node::await_ready`]).
@@ -487,16 +416,9 @@ impl Node {
                 }
             }
             if let Some(status) = self.try_wait() {
-                panic!(
-                    "the node exited with {status} before it was ready; its log:\n{}",
-                    self.log()
-                );
+                panic!("the node exited with {status} before it was ready; its log:\n{}", self.log());
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the node did not answer status within {NODE_READY_TIMEOUT:?}; its log:\n{}",
-                self.log()
-            );
+            assert!(std::time::Instant::now() < deadline, "the node did not answer status within {NODE_READY_TIMEOUT:?}; its log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -535,12 +457,7 @@ impl Node {
 
     /// Sends `sig` to the node (it must still be running).
     pub fn signal(&mut self, sig: libc::c_int) {
-        assert!(
-            self.try_wait().is_none(),
-            "signalling a node that already exited with {:?}; its log:\n{}",
-            self.exited,
-            self.log()
-        );
+        assert!(self.try_wait().is_none(), "signalling a node that already exited with {:?}; its log:\n{}", self.exited, self.log());
         send_signal(self.pid(), sig);
     }
 
@@ -557,14 +474,8 @@ impl Node {
     /// SIGKILLs the node and reaps it.
     pub fn kill(&mut self) {
         self.signal(libc::SIGKILL);
-        let st = self
-            .wait_timeout(Duration::from_secs(10))
-            .expect("a SIGKILLed node is reaped");
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&st),
-            Some(libc::SIGKILL),
-            "the node ended with {st} instead of the kill"
-        );
+        let st = self.wait_timeout(Duration::from_secs(10)).expect("a SIGKILLed node is reaped");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL), "the node ended with {st} instead of the kill");
     }
 }
 
@@ -584,18 +495,11 @@ impl Drop for Node {
 
 /// `alkfs status --json` of the node of `data`, parsed; `None` when no node answers.
 pub fn status_json(data: &Path) -> Option<serde_json::Value> {
-    let out = cmd_in(data, &["status", "--json"])
-        .output()
-        .expect("spawn alkfs status");
+    let out = cmd_in(data, &["status", "--json"]).output().expect("spawn alkfs status");
     if !out.status.success() {
         return None;
     }
-    Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "status --json is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    }))
+    Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))))
 }
 
 /// The health entry of `actor` (`store`, `outbox`, `blobs`, `gc`) in a status.
@@ -609,12 +513,7 @@ pub fn actor_health<'a>(status: &'a serde_json::Value, actor: &str) -> &'a serde
 
 /// Polls `status --json` until `cond` holds for it, or panics after `timeout` (showing the last
 /// status). Returns the status that satisfied it.
-pub fn await_status(
-    data: &Path,
-    timeout: Duration,
-    what: &str,
-    cond: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
+pub fn await_status(data: &Path, timeout: Duration, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = None;
     loop {
@@ -624,10 +523,7 @@ pub fn await_status(
             }
             last = Some(st);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; last status: {last:#?}"
-        );
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; last status: {last:#?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -669,20 +565,9 @@ impl Load {
     /// Like [`Load::start`], writing `PREFIX/cN/fI` with contents seeded by `round` too (so
     /// several loads on one store never share a path or a content).
     pub fn start_in(data: &Path, clients: usize, prefix: &str, round: u64) -> Load {
-        let mut load = Load {
-            stop: Default::default(),
-            threads: Vec::new(),
-            acked: Default::default(),
-            failed: Default::default(),
-        };
+        let mut load = Load { stop: Default::default(), threads: Vec::new(), acked: Default::default(), failed: Default::default() };
         for c in 0..clients {
-            let (stop, acked, failed, data, prefix) = (
-                load.stop.clone(),
-                load.acked.clone(),
-                load.failed.clone(),
-                data.to_path_buf(),
-                prefix.to_string(),
-            );
+            let (stop, acked, failed, data, prefix) = (load.stop.clone(), load.acked.clone(), load.failed.clone(), data.to_path_buf(), prefix.to_string());
             load.threads.push(std::thread::spawn(move || {
                 let mut i = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -693,19 +578,12 @@ impl Load {
                         3 => (1 << 20) + 12_345 + i as usize,
                         _ => 1,
                     };
-                    let put = Put {
-                        path: format!("{prefix}/c{c}/f{i}"),
-                        len,
-                        seed: round << 48 | (c as u64) << 32 | i,
-                    };
+                    let put = Put { path: format!("{prefix}/c{c}/f{i}"), len, seed: round << 48 | (c as u64) << 32 | i };
                     let out = put_stdin_in(&data, &put.path, &put.bytes());
                     if out.status.success() {
                         acked.lock().unwrap().push(put);
                     } else {
-                        failed
-                            .lock()
-                            .unwrap()
-                            .push((put, String::from_utf8_lossy(&out.stderr).into_owned()));
+                        failed.lock().unwrap().push((put, String::from_utf8_lossy(&out.stderr).into_owned()));
                     }
                     i += 1;
                 }
@@ -742,10 +620,7 @@ impl Load {
     /// Stops the clients (each finishes the put in hand); returns (acknowledged, failed).
     pub fn stop(mut self) -> (Vec<Put>, Vec<(Put, String)>) {
         self.halt();
-        (
-            std::mem::take(&mut *self.acked.lock().unwrap()),
-            std::mem::take(&mut *self.failed.lock().unwrap()),
-        )
+        (std::mem::take(&mut *self.acked.lock().unwrap()), std::mem::take(&mut *self.failed.lock().unwrap()))
     }
 
     fn halt(&mut self) {
@@ -770,15 +645,8 @@ impl Drop for Load {
 pub fn failure_kinds(failed: &[(Put, String)]) -> std::collections::BTreeMap<String, usize> {
     let mut kinds = std::collections::BTreeMap::new();
     for (put, why) in failed {
-        let line = why
-            .lines()
-            .find(|l| l.starts_with("alkfs: error:"))
-            .unwrap_or(why.as_str())
-            .replace(&put.path, "PATH");
-        let masked: String = line
-            .chars()
-            .map(|c| if c.is_ascii_digit() { '#' } else { c })
-            .collect();
+        let line = why.lines().find(|l| l.starts_with("alkfs: error:")).unwrap_or(why.as_str()).replace(&put.path, "PATH");
+        let masked: String = line.chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect();
         *kinds.entry(masked).or_insert(0) += 1;
     }
     kinds
@@ -790,16 +658,10 @@ pub fn failure_kinds(failed: &[(Put, String)]) -> std::collections::BTreeMap<Str
 /// anything else. Reads run on a few threads.
 pub fn verify_puts(data: &Path, acked: &[Put], failed: &[(Put, String)]) {
     let listed: std::collections::HashSet<String> = {
-        let dirs: std::collections::BTreeSet<&str> = acked
-            .iter()
-            .chain(failed.iter().map(|(p, _)| p))
-            .map(|p| p.path.rsplit_once('/').unwrap().0)
-            .collect();
+        let dirs: std::collections::BTreeSet<&str> = acked.iter().chain(failed.iter().map(|(p, _)| p)).map(|p| p.path.rsplit_once('/').unwrap().0).collect();
         let mut names = std::collections::HashSet::new();
         for dir in dirs {
-            let out = cmd_in(data, &["ls", "--json", dir])
-                .output()
-                .expect("spawn alkfs ls");
+            let out = cmd_in(data, &["ls", "--json", dir]).output().expect("spawn alkfs ls");
             if !out.status.success() {
                 continue; // a client none of whose puts committed
             }
@@ -809,47 +671,18 @@ pub fn verify_puts(data: &Path, acked: &[Put], failed: &[(Put, String)]) {
         }
         names
     };
-    let missing: Vec<&str> = acked
-        .iter()
-        .filter(|p| !listed.contains(&p.path))
-        .map(|p| p.path.as_str())
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged puts are missing from the tree: {missing:?}",
-        missing.len()
-    );
+    let missing: Vec<&str> = acked.iter().filter(|p| !listed.contains(&p.path)).map(|p| p.path.as_str()).collect();
+    assert!(missing.is_empty(), "{} acknowledged puts are missing from the tree: {missing:?}", missing.len());
     let mut to_read: Vec<(Put, bool)> = acked.iter().map(|p| (p.clone(), true)).collect();
-    to_read.extend(
-        failed
-            .iter()
-            .filter(|(p, _)| listed.contains(&p.path))
-            .map(|(p, _)| (p.clone(), false)),
-    );
-    let chunks: Vec<Vec<(Put, bool)>> = to_read
-        .chunks(to_read.len().div_ceil(4).max(1))
-        .map(<[_]>::to_vec)
-        .collect();
+    to_read.extend(failed.iter().filter(|(p, _)| listed.contains(&p.path)).map(|(p, _)| (p.clone(), false)));
+    let chunks: Vec<Vec<(Put, bool)>> = to_read.chunks(to_read.len().div_ceil(4).max(1)).map(<[_]>::to_vec).collect();
     std::thread::scope(|scope| {
         for chunk in chunks {
             scope.spawn(move || {
                 for (put, was_acked) in chunk {
-                    let out = cmd_in(data, &["get", &put.path])
-                        .output()
-                        .expect("spawn alkfs get");
-                    assert!(
-                        out.status.success(),
-                        "get {} (acknowledged: {was_acked}) failed: {}",
-                        put.path,
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    assert!(
-                        out.stdout == put.bytes(),
-                        "{} (acknowledged: {was_acked}) reads back {} bytes, not its {} bytes",
-                        put.path,
-                        out.stdout.len(),
-                        put.len
-                    );
+                    let out = cmd_in(data, &["get", &put.path]).output().expect("spawn alkfs get");
+                    assert!(out.status.success(), "get {} (acknowledged: {was_acked}) failed: {}", put.path, String::from_utf8_lossy(&out.stderr));
+                    assert!(out.stdout == put.bytes(), "{} (acknowledged: {was_acked}) reads back {} bytes, not its {} bytes", put.path, out.stdout.len(), put.len);
                 }
             });
         }
@@ -858,14 +691,9 @@ pub fn verify_puts(data: &Path, acked: &[Put], failed: &[(Put, String)]) {
 
 /// A raw connection to the control socket of the node of `data` (10 s read and write timeouts).
 pub fn raw_connect(data: &Path) -> std::os::unix::net::UnixStream {
-    let stream = std::os::unix::net::UnixStream::connect(data.join("alkfs.sock"))
-        .expect("connect to the node");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let stream = std::os::unix::net::UnixStream::connect(data.join("alkfs.sock")).expect("connect to the node");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     stream
 }
 
@@ -881,24 +709,12 @@ pub fn recv_reply(stream: &mut impl Read) -> Option<serde_json::Value> {
     let mut header = [0u8; 4];
     match stream.read_exact(&mut header) {
         Ok(()) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-            ) =>
-        {
-            return None
-        }
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => return None,
         Err(e) => panic!("reading a reply: {e}"),
     }
     let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
     stream.read_exact(&mut payload).expect("read a reply");
-    Some(serde_json::from_slice(&payload).unwrap_or_else(|e| {
-        panic!(
-            "the reply is not JSON ({e}): {}",
-            String::from_utf8_lossy(&payload)
-        )
-    }))
+    Some(serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("the reply is not JSON ({e}): {}", String::from_utf8_lossy(&payload))))
 }
 
 /// What a test does when something it needs from the machine is missing (root, a tool):
@@ -908,22 +724,14 @@ pub fn precondition(holds: bool, what: &str) -> bool {
     if holds {
         return true;
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "precondition missing in CI: {what} (.ci/run installs and runs as root)"
-    );
+    assert!(std::env::var_os("CI").is_none(), "precondition missing in CI: {what} (.ci/run installs and runs as root)");
     eprintln!("SKIPPED (local run): {what}");
     false
 }
 
 /// True when `tool` runs (`tool --version` succeeds).
 pub fn have_tool(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// True when this process runs as root.
@@ -934,14 +742,10 @@ pub fn is_root() -> bool {
 
 /// libfaketime (its thread-safe build), if installed (Debian's `faketime` package).
 pub fn libfaketime() -> Option<PathBuf> {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
-        "/usr/lib/faketime/libfaketimeMT.so.1",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
+    ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 /// The environment that runs a process under libfaketime with its wall clock at `spec`
@@ -949,12 +753,7 @@ pub fn libfaketime() -> Option<PathBuf> {
 /// days ahead); monotonic clocks are left alone. Same pid: no wrapper process.
 pub fn faketime_env(spec: &str) -> Vec<(&'static str, String)> {
     let lib = libfaketime().expect("libfaketime is installed (apt install faketime)");
-    vec![
-        ("LD_PRELOAD", lib.display().to_string()),
-        ("FAKETIME", spec.to_string()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
-        ("TZ", "UTC".into()),
-    ]
+    vec![("LD_PRELOAD", lib.display().to_string()), ("FAKETIME", spec.to_string()), ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()), ("TZ", "UTC".into())]
 }
 
 /// `cmd` with its wall clock starting at `time` (`YYYY-MM-DD hh:mm:ss` UTC) and ticking on.

@@ -16,11 +16,7 @@ use crate::store::{Branch, StoreError};
 
 /// Writes `items` in the open transaction: files and symlinks as puts, directories as
 /// `mkdir -p` with their mode (seq 0 when the directory was already there).
-pub fn commit_items(
-    tx: &mut crate::store::Tx<'_>,
-    branch: &Branch,
-    items: &[CommitItem],
-) -> Result<Vec<i64>, StoreError> {
+pub fn commit_items(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[CommitItem]) -> Result<Vec<i64>, StoreError> {
     let mut seqs = Vec::with_capacity(items.len());
     for (path, entry, blob) in items {
         if entry.kind == EntryKind::Dir {
@@ -55,22 +51,13 @@ const BAD_NAMES_SHOWN_MAX: usize = 5;
 /// The whole tree's names are checked first ([`check_names`]): a name that cannot be a path
 /// (not UTF-8, too long) or two names that are one path in Unicode NFC fail the import
 /// before anything is copied or committed, so a refused import never leaves half a tree.
-pub fn import_tree(
-    content: &ContentStore,
-    src: &Path,
-    dest: &TreePath,
-    mut sink: impl FnMut(Vec<CommitItem>) -> Result<()>,
-) -> Result<u64> {
+pub fn import_tree(content: &ContentStore, src: &Path, dest: &TreePath, mut sink: impl FnMut(Vec<CommitItem>) -> Result<()>) -> Result<u64> {
     let dir_meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
     if !dir_meta.is_dir() {
         return Err(EngineError::local(src, io::Error::other("not a directory")));
     }
     check_names(src, dest)?;
-    let mut batch: Vec<CommitItem> = vec![(
-        dest.clone(),
-        Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)),
-        empty_blob(),
-    )];
+    let mut batch: Vec<CommitItem> = vec![(dest.clone(), Entry::dir(dir_meta.mode() & 0o7777, mtime_ms(&dir_meta)), empty_blob())];
     let mut count = 0u64;
     let mut stack = vec![(src.to_path_buf(), dest.clone())];
     while let Some((local, remote)) = stack.pop() {
@@ -83,32 +70,19 @@ pub fn import_tree(
                 continue;
             }
             // Checked above; the tree changing under the import is reported, not panicked on.
-            let name = name.to_str().ok_or_else(|| {
-                EngineError::local(&lpath, io::Error::other("file name is not UTF-8"))
-            })?;
+            let name = name.to_str().ok_or_else(|| EngineError::local(&lpath, io::Error::other("file name is not UTF-8")))?;
             let rpath = remote.join(name).map_err(StoreError::from)?;
             let item = if ft.is_dir() {
                 stack.push((lpath.clone(), rpath.clone()));
-                (
-                    rpath,
-                    Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)),
-                    empty_blob(),
-                )
+                (rpath, Entry::dir(meta.mode() & 0o7777, mtime_ms(&meta)), empty_blob())
             } else if ft.is_symlink() {
                 let target = fs::read_link(&lpath).map_err(|e| EngineError::local(&lpath, e))?;
                 let blob = content.import_reader(target.as_os_str().as_encoded_bytes(), |_| {})?;
-                let entry = Entry {
-                    kind: EntryKind::Symlink,
-                    ..file_entry(&blob, 0o777, mtime_ms(&meta))
-                };
+                let entry = Entry { kind: EntryKind::Symlink, ..file_entry(&blob, 0o777, mtime_ms(&meta)) };
                 (rpath, entry, blob)
             } else {
                 let blob = content.import_file(&lpath, |_| {})?;
-                (
-                    rpath,
-                    file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)),
-                    blob,
-                )
+                (rpath, file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta)), blob)
             };
             batch.push(item);
             if batch.len() >= COMMIT_ENTRIES_MAX {
@@ -140,14 +114,11 @@ fn check_names(src: &Path, dest: &TreePath) -> Result<()> {
     let mut bad: Vec<String> = Vec::new();
     let mut stack = vec![(src.to_path_buf(), dest.clone())];
     while let Some((local, remote)) = stack.pop() {
-        let mut seen: std::collections::HashMap<TreePath, std::path::PathBuf> =
-            std::collections::HashMap::new();
+        let mut seen: std::collections::HashMap<TreePath, std::path::PathBuf> = std::collections::HashMap::new();
         for entry in fs::read_dir(&local).map_err(|e| EngineError::local(&local, e))? {
             let entry = entry.map_err(|e| EngineError::local(&local, e))?;
             let lpath = entry.path();
-            let ft = entry
-                .file_type()
-                .map_err(|e| EngineError::local(&lpath, e))?;
+            let ft = entry.file_type().map_err(|e| EngineError::local(&lpath, e))?;
             if !ft.is_dir() && !ft.is_symlink() && !ft.is_file() {
                 continue;
             }
@@ -164,16 +135,8 @@ fn check_names(src: &Path, dest: &TreePath) -> Result<()> {
                 }
             };
             if let Some(other) = seen.insert(rpath.clone(), lpath.clone()) {
-                let (first, second) = if other < lpath {
-                    (other, lpath)
-                } else {
-                    (lpath, other)
-                };
-                bad.push(format!(
-                    "{} and {} are one name in Unicode NFC ({rpath})",
-                    first.display(),
-                    second.display()
-                ));
+                let (first, second) = if other < lpath { (other, lpath) } else { (lpath, other) };
+                bad.push(format!("{} and {} are one name in Unicode NFC ({rpath})", first.display(), second.display()));
                 continue;
             }
             if ft.is_dir() {
@@ -185,43 +148,19 @@ fn check_names(src: &Path, dest: &TreePath) -> Result<()> {
         return Ok(());
     }
     bad.sort();
-    let shown = bad
-        .iter()
-        .take(BAD_NAMES_SHOWN_MAX)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("; ");
+    let shown = bad.iter().take(BAD_NAMES_SHOWN_MAX).cloned().collect::<Vec<_>>().join("; ");
     let more = bad.len().saturating_sub(BAD_NAMES_SHOWN_MAX);
-    let more = if more > 0 {
-        format!(" (and {more} more)")
-    } else {
-        String::new()
-    };
-    Err(EngineError::BadNames {
-        src: src.to_path_buf(),
-        count: bad.len(),
-        shown: format!("{shown}{more}"),
-    })
+    let more = if more > 0 { format!(" (and {more} more)") } else { String::new() };
+    Err(EngineError::BadNames { src: src.to_path_buf(), count: bad.len(), shown: format!("{shown}{more}") })
 }
 
 /// The entry for a stored local file.
 pub fn file_entry(blob: &Imported, mode: u32, mtime_ms: i64) -> Entry {
-    Entry {
-        kind: EntryKind::File,
-        hash: blob.hash,
-        size: blob.size,
-        mode,
-        mtime_ms,
-    }
+    Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode, mtime_ms }
 }
 
 pub(crate) fn empty_blob() -> Imported {
-    Imported {
-        hash: ContentHash::EMPTY,
-        size: 0,
-        inline: Some(Vec::new()),
-        hold: None,
-    }
+    Imported { hash: ContentHash::EMPTY, size: 0, inline: Some(Vec::new()), hold: None }
 }
 
 /// A local file's mtime in milliseconds.

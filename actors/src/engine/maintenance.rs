@@ -32,24 +32,22 @@ impl Engine {
     /// Records `hashes` as held by the iroh-blobs index, in one transaction.
     pub fn mark_indexed(&mut self, hashes: &[ContentHash]) -> Result<()> {
         let now = self.now_ms();
-        self.tree
-            .transact(crate::store::Ids::AtMost(0), now, |tx| {
-                for h in hashes {
-                    read::mark_indexed(tx.conn(), h)?;
-                }
-                Ok::<_, StoreError>(())
-            })?;
+        self.tree.transact(crate::store::Ids::AtMost(0), now, |tx| {
+            for h in hashes {
+                read::mark_indexed(tx.conn(), h)?;
+            }
+            Ok::<_, StoreError>(())
+        })?;
         Ok(())
     }
+
 
     /// Visits every blob (or every one not yet indexed), a page at a time.
     fn each_blob(&self, only_pending: bool, mut f: impl FnMut(&read::PendingBlob)) -> Result<()> {
         let mut after = Vec::new();
         loop {
             let page = read::blobs_after(self.tree.conn(), &after, only_pending, BLOB_PAGE)?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
+            let Some(last) = page.last() else { return Ok(()) };
             after = last.hash.0.to_vec();
             page.iter().for_each(&mut f);
         }
@@ -61,21 +59,13 @@ impl Engine {
         let mut report = BlobReport::default();
         self.each_blob(false, |blob| {
             let verdict = match &blob.inline {
-                Some(data) => {
-                    crate::content::check(&blob.hash, blake3::hash(data)).map_err(|e| e.to_string())
-                }
+                Some(data) => crate::content::check(&blob.hash, blake3::hash(data)).map_err(|e| e.to_string()),
                 None => self
                     .content
                     .open_file(&blob.hash)
-                    .and_then(|f| {
-                        crate::content::hash_file(&f)
-                            .map_err(|e| ContentError::io("hash blob", e, self.dir.as_path()))
-                    })
+                    .and_then(|f| crate::content::hash_file(&f).map_err(|e| ContentError::io("hash blob", e, self.dir.as_path())))
                     .map_err(|e| e.to_string())
-                    .and_then(|(h, _)| {
-                        crate::content::check(&blob.hash, blake3::Hash::from_bytes(h.0))
-                            .map_err(|e| e.to_string())
-                    }),
+                    .and_then(|(h, _)| crate::content::check(&blob.hash, blake3::Hash::from_bytes(h.0)).map_err(|e| e.to_string())),
             };
             match verdict {
                 Ok(()) => report.ok += 1,
@@ -103,3 +93,6 @@ impl Engine {
         Ok(report)
     }
 }
+
+
+

@@ -87,10 +87,7 @@ pub struct Mesh {
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mesh")
-            .field("me", &self.me)
-            .field("docs", &self.docs.len())
-            .finish()
+        f.debug_struct("Mesh").field("me", &self.me).field("docs", &self.docs.len()).finish()
     }
 }
 
@@ -103,19 +100,8 @@ impl Mesh {
     pub fn new(engine: &Engine) -> Self {
         let me = engine.tree().me();
         let mut actor = me.0.to_vec();
-        actor.extend_from_slice(
-            &std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish()
-                .to_be_bytes(),
-        );
-        Mesh {
-            me,
-            actor,
-            docs: HashMap::new(),
-            states: HashMap::new(),
-            members: HashMap::new(),
-        }
+        actor.extend_from_slice(&std::collections::hash_map::RandomState::new().build_hasher().finish().to_be_bytes());
+        Mesh { me, actor, docs: HashMap::new(), states: HashMap::new(), members: HashMap::new() }
     }
 
     /// This node.
@@ -124,32 +110,16 @@ impl Mesh {
     }
 
     fn load(&self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<ReplicaDoc, StoreError> {
-        let mut st = conn.prepare_cached(
-            "SELECT data FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2 ORDER BY part",
-        )?;
-        let parts: Vec<Vec<u8>> = st
-            .query_map(params![bucket_id, doc], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+        let mut st = conn.prepare_cached("SELECT data FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2 ORDER BY part")?;
+        let parts: Vec<Vec<u8>> = st.query_map(params![bucket_id, doc], |r| r.get(0))?.collect::<Result<_, _>>()?;
         let (full, increments) = match parts.split_first() {
-            Some((full, rest)) => (
-                full.as_slice(),
-                rest.iter().map(|p| p.as_slice()).collect::<Vec<_>>(),
-            ),
+            Some((full, rest)) => (full.as_slice(), rest.iter().map(|p| p.as_slice()).collect::<Vec<_>>()),
             None => (&[][..], Vec::new()),
         };
-        ReplicaDoc::load(full, &increments, &self.actor).map_err(|e| {
-            invalid(format!(
-                "the saved replica of bucket {bucket_id} doc {doc} is damaged: {e}"
-            ))
-        })
+        ReplicaDoc::load(full, &increments, &self.actor).map_err(|e| invalid(format!("the saved replica of bucket {bucket_id} doc {doc} is damaged: {e}")))
     }
 
-    fn doc(
-        &mut self,
-        conn: &Connection,
-        bucket_id: i64,
-        doc: u16,
-    ) -> Result<&mut ReplicaDoc, StoreError> {
+    fn doc(&mut self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<&mut ReplicaDoc, StoreError> {
         if !self.docs.contains_key(&(bucket_id, doc)) {
             let loaded = self.load(conn, bucket_id, doc)?;
             self.docs.insert((bucket_id, doc), loaded);
@@ -160,36 +130,20 @@ impl Mesh {
     /// Saves what changed in `doc` since its last save, in the open transaction: an
     /// increment, or the whole document when it has gathered many.
     fn persist(&mut self, tx: &Tx<'_>, bucket_id: i64, doc: u16) -> Result<(), StoreError> {
-        let d = self
-            .docs
-            .get_mut(&(bucket_id, doc))
-            .expect("persisted docs are loaded");
+        let d = self.docs.get_mut(&(bucket_id, doc)).expect("persisted docs are loaded");
         let conn = tx.conn();
-        let last: Option<i64> = conn.query_row(
-            "SELECT max(part) FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2",
-            params![bucket_id, doc],
-            |r| r.get(0),
-        )?;
+        let last: Option<i64> = conn.query_row("SELECT max(part) FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2", params![bucket_id, doc], |r| r.get(0))?;
         match last {
             Some(n) if n < DOC_PARTS_MAX => {
                 let inc = d.save_incremental();
                 if !inc.is_empty() {
-                    conn.execute(
-                        "INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, ?3, ?4)",
-                        params![bucket_id, doc, n + 1, inc],
-                    )?;
+                    conn.execute("INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, ?3, ?4)", params![bucket_id, doc, n + 1, inc])?;
                 }
             }
             _ => {
                 let full = d.save();
-                conn.execute(
-                    "DELETE FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2",
-                    params![bucket_id, doc],
-                )?;
-                conn.execute(
-                    "INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, 0, ?3)",
-                    params![bucket_id, doc, full],
-                )?;
+                conn.execute("DELETE FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2", params![bucket_id, doc])?;
+                conn.execute("INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, 0, ?3)", params![bucket_id, doc, full])?;
             }
         }
         conn.prepare_cached(
@@ -215,12 +169,7 @@ impl Mesh {
         if let Some(m) = self.members.get(&bucket_id) {
             return Ok(m.clone());
         }
-        let entries: Vec<MetaEntry> = self
-            .doc(conn, bucket_id, META_DOC)?
-            .entries()
-            .into_iter()
-            .filter_map(|(k, v)| MetaEntry::decode(&k, &v).ok())
-            .collect();
+        let entries: Vec<MetaEntry> = self.doc(conn, bucket_id, META_DOC)?.entries().into_iter().filter_map(|(k, v)| MetaEntry::decode(&k, &v).ok()).collect();
         let m = Membership::from_entries(&entries);
         self.members.insert(bucket_id, m.clone());
         Ok(m)
@@ -238,9 +187,7 @@ impl Mesh {
         }
         let cursor = outbox::cursor(conn, MESH_CONSUMER)?;
         let events = outbox::read_after(conn, cursor, outbox::READ_BATCH_EVENTS_MAX)?;
-        let Some(last) = events.last().map(|(o, _)| *o) else {
-            return Ok(Published::default());
-        };
+        let Some(last) = events.last().map(|(o, _)| *o) else { return Ok(Published::default()) };
         let mut puts: Vec<(i64, u16, String, Vec<u8>)> = Vec::new();
         for (_, event) in &events {
             if !shared.contains(&event.bucket_id) {
@@ -254,18 +201,12 @@ impl Mesh {
                         .optional()
                         .map_err(StoreError::from)?;
                     if let Some(uid) = uid.and_then(|u| Uid::from_bytes(&u)) {
-                        let e = MetaEntry::BranchDeleted {
-                            uid,
-                            by: self.me,
-                            at_ms: now,
-                        };
+                        let e = MetaEntry::BranchDeleted { uid, by: self.me, at_ms: now };
                         puts.push((event.bucket_id, META_DOC, e.key(), e.value()));
                     }
                 }
                 "branch-create" | "bucket-create" => {
-                    if let Ok(b) =
-                        crate::store::branch_by_name(conn, event.bucket_id, &event.branch)
-                    {
+                    if let Ok(b) = crate::store::branch_by_name(conn, event.bucket_id, &event.branch) {
                         let rec = MetaEntry::Branch(branch_record(conn, &b)?);
                         puts.push((event.bucket_id, META_DOC, rec.key(), rec.value()));
                     }
@@ -276,67 +217,39 @@ impl Mesh {
                     let mut changes = own_changes(conn, &self.me, event.first_seq, event.last_seq)?;
                     rules::mark_commit(&mut changes);
                     for change in changes {
-                        puts.push((
-                            event.bucket_id,
-                            rules::shard_of(&change.branch, &change.path),
-                            rules::doc_key(&change.id()),
-                            rules::encode(&change),
-                        ));
+                        puts.push((event.bucket_id, rules::shard_of(&change.branch, &change.path), rules::doc_key(&change.id()), rules::encode(&change)));
                     }
                 }
             }
         }
         let mut touched = HashSet::new();
         for (bucket_id, doc, key, value) in &puts {
-            if self
-                .doc(engine.tree().conn(), *bucket_id, *doc)?
-                .put(key, value)
-                .map_err(|e| invalid(e.to_string()))?
-            {
+            if self.doc(engine.tree().conn(), *bucket_id, *doc)?.put(key, value).map_err(|e| invalid(e.to_string()))? {
                 touched.insert((*bucket_id, *doc));
             }
         }
         let uids = bucket_uids(engine.tree().conn())?;
-        let result =
-            engine
-                .tree_mut()
-                .transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
-                    for (bucket_id, doc) in &touched {
-                        self.persist(tx, *bucket_id, *doc)?;
-                    }
-                    outbox::save_cursor(tx.conn(), MESH_CONSUMER, last, now)
-                });
+        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            for (bucket_id, doc) in &touched {
+                self.persist(tx, *bucket_id, *doc)?;
+            }
+            outbox::save_cursor(tx.conn(), MESH_CONSUMER, last, now)
+        });
         if let Err(e) = result {
             self.forget(&touched);
             return Err(e.into());
         }
-        let changed = touched
-            .iter()
-            .filter_map(|(b, d)| uids.get(b).map(|u| (*u, *d)))
-            .collect();
-        Ok(Published {
-            changed,
-            events: events.len(),
-        })
+        let changed = touched.iter().filter_map(|(b, d)| uids.get(b).map(|u| (*u, *d))).collect();
+        Ok(Published { changed, events: events.len() })
     }
 
     /// Makes bucket `bucket_id` shared from this node's side: its whole history, branches and
     /// this node's membership go into its documents (once; later writes are published from
     /// the outbox), and the `mesh` consumer starts from the outbox's head if it is new.
-    fn share(
-        &mut self,
-        engine: &mut Engine,
-        bucket: &BucketIdentity,
-        addrs: &[SocketAddr],
-        with_history: bool,
-    ) -> Result<()> {
+    fn share(&mut self, engine: &mut Engine, bucket: &BucketIdentity, addrs: &[SocketAddr], with_history: bool) -> Result<()> {
         let conn = engine.tree().conn();
         let already: bool = conn
-            .query_row(
-                "SELECT 1 FROM mesh_member WHERE bucket_id = ?1 AND node = ?2",
-                params![bucket.id, self.me.0],
-                |_| Ok(()),
-            )
+            .query_row("SELECT 1 FROM mesh_member WHERE bucket_id = ?1 AND node = ?2", params![bucket.id, self.me.0], |_| Ok(()))
             .optional()
             .map_err(StoreError::from)?
             .is_some();
@@ -348,42 +261,22 @@ impl Mesh {
                 puts.push((META_DOC, e.key(), e.value()));
             }
             for change in crate::store::replica::bucket_changes(engine.tree().conn(), bucket.id)? {
-                puts.push((
-                    rules::shard_of(&change.branch, &change.path),
-                    rules::doc_key(&change.id()),
-                    rules::encode(&change),
-                ));
+                puts.push((rules::shard_of(&change.branch, &change.path), rules::doc_key(&change.id()), rules::encode(&change)));
             }
         }
         if !already {
-            let me = MetaEntry::Member {
-                node: self.me,
-                added_by: self.me,
-                at_ms: now,
-            };
+            let me = MetaEntry::Member { node: self.me, added_by: self.me, at_ms: now };
             puts.push((META_DOC, me.key(), me.value()));
         }
-        let addr = MetaEntry::Addrs {
-            node: self.me,
-            addrs: addrs.to_vec(),
-        };
+        let addr = MetaEntry::Addrs { node: self.me, addrs: addrs.to_vec() };
         self.members.remove(&bucket.id);
         let mut touched = HashSet::new();
         for (doc, key, value) in &puts {
-            if self
-                .doc(engine.tree().conn(), bucket.id, *doc)?
-                .put(key, value)
-                .map_err(|e| invalid(e.to_string()))?
-            {
+            if self.doc(engine.tree().conn(), bucket.id, *doc)?.put(key, value).map_err(|e| invalid(e.to_string()))? {
                 touched.insert((bucket.id, *doc));
             }
         }
-        if !addrs.is_empty()
-            && self
-                .doc(engine.tree().conn(), bucket.id, META_DOC)?
-                .set(&addr.key(), &addr.value())
-                .map_err(|e| invalid(e.to_string()))?
-        {
+        if !addrs.is_empty() && self.doc(engine.tree().conn(), bucket.id, META_DOC)?.set(&addr.key(), &addr.value()).map_err(|e| invalid(e.to_string()))? {
             touched.insert((bucket.id, META_DOC));
         }
         let me = self.me;
@@ -412,29 +305,14 @@ impl Mesh {
     }
 
     /// Records where this node listens in every bucket it shares (so members can dial it).
-    pub fn announce_addrs(
-        &mut self,
-        engine: &mut Engine,
-        addrs: &[SocketAddr],
-    ) -> Result<Vec<(Uid, u16)>> {
+    pub fn announce_addrs(&mut self, engine: &mut Engine, addrs: &[SocketAddr]) -> Result<Vec<(Uid, u16)>> {
         let shared = shared_bucket_ids(engine.tree().conn())?;
         let uids = bucket_uids(engine.tree().conn())?;
         let mut changed = Vec::new();
         for bucket_id in shared {
-            let Some(uid) = uids.get(&bucket_id) else {
-                continue;
-            };
+            let Some(uid) = uids.get(&bucket_id) else { continue };
             let name = bucket_name(engine.tree().conn(), bucket_id)?;
-            self.share(
-                engine,
-                &BucketIdentity {
-                    id: bucket_id,
-                    name,
-                    uid: *uid,
-                },
-                addrs,
-                true,
-            )?;
+            self.share(engine, &BucketIdentity { id: bucket_id, name, uid: *uid }, addrs, true)?;
             changed.push((*uid, META_DOC));
         }
         Ok(changed)
@@ -442,14 +320,7 @@ impl Mesh {
 
     /// Makes an invitation to bucket `name`: returns the bucket's id and the secret, of which
     /// only a hash is kept. The bucket becomes shared if it was not.
-    pub fn invite(
-        &mut self,
-        engine: &mut Engine,
-        name: &str,
-        expires_ms: i64,
-        uses: u32,
-        addrs: &[SocketAddr],
-    ) -> Result<(Uid, [u8; SECRET_BYTES])> {
+    pub fn invite(&mut self, engine: &mut Engine, name: &str, expires_ms: i64, uses: u32, addrs: &[SocketAddr]) -> Result<(Uid, [u8; SECRET_BYTES])> {
         let bucket = engine.bucket_identity(name)?;
         self.share(engine, &bucket, addrs, true)?;
         let key = iroh::SecretKey::generate();
@@ -469,17 +340,8 @@ impl Mesh {
     /// The inviter's side of a join: checks the secret for bucket `uid`, uses the invitation
     /// up, and adds `joiner` as a member (with its addresses). Returns the bucket's name here
     /// and its root branch, or why the join is refused.
-    pub fn admit(
-        &mut self,
-        engine: &mut Engine,
-        uid: &Uid,
-        secret: &[u8; SECRET_BYTES],
-        joiner: &NodeId,
-        addrs: &[SocketAddr],
-    ) -> Result<std::result::Result<(String, BranchRecord), JoinRefusal>> {
-        let Some(bucket) = engine.bucket_by_uid(uid)? else {
-            return Ok(Err(JoinRefusal::UnknownSecret));
-        };
+    pub fn admit(&mut self, engine: &mut Engine, uid: &Uid, secret: &[u8; SECRET_BYTES], joiner: &NodeId, addrs: &[SocketAddr]) -> Result<std::result::Result<(String, BranchRecord), JoinRefusal>> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(Err(JoinRefusal::UnknownSecret)) };
         let now = engine.now_ms();
         let hash = blake3::hash(secret).as_bytes().to_vec();
         let conn = engine.tree().conn();
@@ -494,31 +356,18 @@ impl Mesh {
             Err(why) => return Ok(Err(why)),
         };
         let removed: bool = conn
-            .query_row(
-                "SELECT removed_ms IS NOT NULL FROM mesh_member WHERE bucket_id = ?1 AND node = ?2",
-                params![bucket.id, joiner.0],
-                |r| r.get(0),
-            )
+            .query_row("SELECT removed_ms IS NOT NULL FROM mesh_member WHERE bucket_id = ?1 AND node = ?2", params![bucket.id, joiner.0], |r| r.get(0))
             .optional()
             .map_err(StoreError::from)?
             .unwrap_or(false);
         if removed {
             return Ok(Err(JoinRefusal::Removed));
         }
-        let member = MetaEntry::Member {
-            node: *joiner,
-            added_by: self.me,
-            at_ms: now,
-        };
-        let addr = MetaEntry::Addrs {
-            node: *joiner,
-            addrs: addrs.to_vec(),
-        };
+        let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now };
+        let addr = MetaEntry::Addrs { node: *joiner, addrs: addrs.to_vec() };
         let doc = self.doc(engine.tree().conn(), bucket.id, META_DOC)?;
-        doc.put(&member.key(), &member.value())
-            .map_err(|e| invalid(e.to_string()))?;
-        doc.set(&addr.key(), &addr.value())
-            .map_err(|e| invalid(e.to_string()))?;
+        doc.put(&member.key(), &member.value()).map_err(|e| invalid(e.to_string()))?;
+        doc.set(&addr.key(), &addr.value()).map_err(|e| invalid(e.to_string()))?;
         self.members.remove(&bucket.id);
         let touched = HashSet::from([(bucket.id, META_DOC)]);
         let me = self.me;
@@ -537,11 +386,7 @@ impl Mesh {
             self.forget(&touched);
             return Err(e.into());
         }
-        let root = engine
-            .branch_records(&bucket.name)?
-            .into_iter()
-            .find(|b| b.parent.is_none())
-            .ok_or_else(|| invalid("the bucket has no root branch"))?;
+        let root = engine.branch_records(&bucket.name)?.into_iter().find(|b| b.parent.is_none()).ok_or_else(|| invalid("the bucket has no root branch"))?;
         Ok(Ok((bucket.name, root)))
     }
 
@@ -570,19 +415,12 @@ impl Mesh {
     /// Removes `node` from bucket `name` (for good; a removal wins over any addition).
     pub fn remove_member(&mut self, engine: &mut Engine, name: &str, node: &NodeId) -> Result<Uid> {
         let bucket = engine.bucket_identity(name)?;
-        let known = members(engine.tree().conn(), bucket.id)?
-            .iter()
-            .any(|m| m.node == *node);
+        let known = members(engine.tree().conn(), bucket.id)?.iter().any(|m| m.node == *node);
         if !known {
-            return Err(invalid(format!(
-                "{node} is not a member of bucket {name} (see `alkfs members`)"
-            ))
-            .into());
+            return Err(invalid(format!("{node} is not a member of bucket {name} (see `alkfs members`)")).into());
         }
         if *node == self.me {
-            return Err(
-                invalid("a node cannot remove itself; remove it from another member").into(),
-            );
+            return Err(invalid("a node cannot remove itself; remove it from another member").into());
         }
         let now = engine.now_ms();
         // What this node had seen of it: its versions here, whom it had admitted. Whatever it
@@ -596,27 +434,17 @@ impl Mesh {
             )
             .map_err(StoreError::from)?;
         let admitted = self.membership(conn, bucket.id)?.admitted_by(node);
-        let entry = MetaEntry::Removed {
-            node: *node,
-            by: self.me,
-            at_ms: now,
-            seen: Seen::Upto { last_seq, admitted },
-        };
-        self.doc(engine.tree().conn(), bucket.id, META_DOC)?
-            .put(&entry.key(), &entry.value())
-            .map_err(|e| invalid(e.to_string()))?;
+        let entry = MetaEntry::Removed { node: *node, by: self.me, at_ms: now, seen: Seen::Upto { last_seq, admitted } };
+        self.doc(engine.tree().conn(), bucket.id, META_DOC)?.put(&entry.key(), &entry.value()).map_err(|e| invalid(e.to_string()))?;
         self.members.remove(&bucket.id);
         let members = self.membership(engine.tree().conn(), bucket.id)?;
         let touched = HashSet::from([(bucket.id, META_DOC)]);
         let me = self.me;
-        let result =
-            engine
-                .tree_mut()
-                .transact(Ids::Unbounded, now, |tx| -> Result<(), StoreError> {
-                    self.persist(tx, bucket.id, META_DOC)?;
-                    reconcile_members(tx, bucket.id, &members, &me, now)?;
-                    Ok(())
-                });
+        let result = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<(), StoreError> {
+            self.persist(tx, bucket.id, META_DOC)?;
+            reconcile_members(tx, bucket.id, &members, &me, now)?;
+            Ok(())
+        });
         if let Err(e) = result {
             self.forget(&touched);
             return Err(e.into());
@@ -626,18 +454,13 @@ impl Mesh {
 
     /// A digest of each document of bucket `uid` (empty if this store lacks the bucket).
     pub fn summary(&mut self, engine: &Engine, uid: &Uid) -> Result<Vec<u64>> {
-        let Some(bucket) = engine.bucket_by_uid(uid)? else {
-            return Ok(Vec::new());
-        };
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(Vec::new()) };
         let conn = engine.tree().conn();
         // Documents in memory answer for themselves; the others from their saved digest,
         // without loading them (see schema 5).
         let saved: HashMap<u16, u64> = (|| -> Result<_, StoreError> {
-            let mut st =
-                conn.prepare_cached("SELECT doc, digest FROM mesh_digest WHERE bucket_id = ?1")?;
-            let rows = st.query_map([bucket.id], |r| {
-                Ok((r.get::<_, i64>(0)? as u16, r.get::<_, i64>(1)? as u64))
-            })?;
+            let mut st = conn.prepare_cached("SELECT doc, digest FROM mesh_digest WHERE bucket_id = ?1")?;
+            let rows = st.query_map([bucket.id], |r| Ok((r.get::<_, i64>(0)? as u16, r.get::<_, i64>(1)? as u64)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })()?;
         let mut out = Vec::with_capacity(DOCS as usize);
@@ -652,13 +475,7 @@ impl Mesh {
         Ok(out)
     }
 
-    fn state(
-        &mut self,
-        conn: &Connection,
-        peer: &NodeId,
-        bucket_id: i64,
-        doc: u16,
-    ) -> Result<&mut PeerState, StoreError> {
+    fn state(&mut self, conn: &Connection, peer: &NodeId, bucket_id: i64, doc: u16) -> Result<&mut PeerState, StoreError> {
         match self.states.entry((*peer, bucket_id, doc)) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -671,49 +488,26 @@ impl Mesh {
     }
 
     /// The next sync message for `peer` on document `doc` of bucket `uid`, if any.
-    pub fn generate(
-        &mut self,
-        engine: &Engine,
-        peer: &NodeId,
-        uid: &Uid,
-        doc: u16,
-    ) -> Result<Option<Vec<u8>>> {
-        let Some(bucket) = engine.bucket_by_uid(uid)? else {
-            return Ok(None);
-        };
+    pub fn generate(&mut self, engine: &Engine, peer: &NodeId, uid: &Uid, doc: u16) -> Result<Option<Vec<u8>>> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(None) };
         let conn = engine.tree().conn();
         self.doc(conn, bucket.id, doc)?;
         self.state(conn, peer, bucket.id, doc)?;
-        let state = self
-            .states
-            .get_mut(&(*peer, bucket.id, doc))
-            .expect("loaded");
+        let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
         let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
         Ok(d.generate(state))
     }
 
     /// Applies `msg` from `peer` to document `doc` of bucket `uid` (the caller has checked
     /// that `peer` is a member), and what it added to the tree, in one transaction.
-    pub fn receive(
-        &mut self,
-        engine: &mut Engine,
-        peer: &NodeId,
-        uid: &Uid,
-        doc: u16,
-        msg: &[u8],
-    ) -> Result<Received> {
-        let bucket = engine
-            .bucket_by_uid(uid)?
-            .ok_or_else(|| invalid(format!("no bucket {uid} here")))?;
+    pub fn receive(&mut self, engine: &mut Engine, peer: &NodeId, uid: &Uid, doc: u16, msg: &[u8]) -> Result<Received> {
+        let bucket = engine.bucket_by_uid(uid)?.ok_or_else(|| invalid(format!("no bucket {uid} here")))?;
         {
             let conn = engine.tree().conn();
             self.doc(conn, bucket.id, doc)?;
             self.state(conn, peer, bucket.id, doc)?;
         }
-        let state = self
-            .states
-            .get_mut(&(*peer, bucket.id, doc))
-            .expect("loaded");
+        let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
         let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
         let added = match d.receive(state, msg) {
             Ok(a) => a,
@@ -721,11 +515,7 @@ impl Mesh {
                 // Whatever automerge kept of a bad message is not in the database: start over
                 // from what is.
                 self.docs.remove(&(bucket.id, doc));
-                return Err(invalid(format!(
-                    "a sync message from {} was refused: {e}",
-                    peer.short()
-                ))
-                .into());
+                return Err(invalid(format!("a sync message from {} was refused: {e}", peer.short())).into());
             }
         };
         let mut received = Received::default();
@@ -742,12 +532,7 @@ impl Mesh {
                 }
             } else {
                 match rules::decode(value) {
-                    Ok(c)
-                        if rules::doc_key(&c.id()) == *key
-                            && rules::shard_of(&c.branch, &c.path) == doc =>
-                    {
-                        changes.push(c)
-                    }
+                    Ok(c) if rules::doc_key(&c.id()) == *key && rules::shard_of(&c.branch, &c.path) == doc => changes.push(c),
                     Ok(_) => {
                         tracing::warn!(peer = %peer.short(), key, "refused a change filed under the wrong key or shard");
                         received.refused += 1;
@@ -759,9 +544,7 @@ impl Mesh {
                 }
             }
         }
-        received.members_changed = meta
-            .iter()
-            .any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Removed { .. }));
+        received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Removed { .. }));
         if received.members_changed {
             self.members.remove(&bucket.id);
         }
@@ -773,15 +556,7 @@ impl Mesh {
         // Versions held from earlier messages may be released with these (see whole_commits):
         // at most all that the bucket holds.
         let held: u64 = if changes.iter().any(|c| c.commit.is_some_and(|k| k.len > 1)) {
-            let n: i64 = engine
-                .tree()
-                .conn()
-                .query_row(
-                    "SELECT count(*) FROM mesh_held WHERE bucket_id = ?1",
-                    [bucket.id],
-                    |r| r.get(0),
-                )
-                .map_err(StoreError::from)?;
+            let n: i64 = engine.tree().conn().query_row("SELECT count(*) FROM mesh_held WHERE bucket_id = ?1", [bucket.id], |r| r.get(0)).map_err(StoreError::from)?;
             n.max(0) as u64
         } else {
             0
@@ -793,51 +568,41 @@ impl Mesh {
             Ids::AtMost((changes.len() + meta.len()) as u64 + held)
         };
         let touched = HashSet::from([(bucket.id, doc)]);
-        let result = engine
-            .tree_mut()
-            .transact(ids, now, |tx| -> Result<Applied, StoreError> {
-                self.persist(tx, bucket.id, doc)?;
-                apply_meta(tx, bucket.id, &meta, now)?;
-                let changes = tx.whole_commits(bucket.id, changes)?;
-                // Versions of writers the bucket's document does not accept (yet: an admission
-                // may still be on its way) wait with those of unknown branches.
-                let (accepted, waiting) = accepted_changes(changes, &members, &me);
-                defer(tx, bucket.id, &waiting)?;
-                let mut applied = tx.apply_changes(bucket.id, accepted)?;
-                defer(tx, bucket.id, &applied.deferred)?;
-                applied.deferred.clear();
-                if members_changed {
-                    reconcile_members(tx, bucket.id, &members, &me, now)?;
+        let result = engine.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
+            self.persist(tx, bucket.id, doc)?;
+            apply_meta(tx, bucket.id, &meta, now)?;
+            let changes = tx.whole_commits(bucket.id, changes)?;
+            // Versions of writers the bucket's document does not accept (yet: an admission
+            // may still be on its way) wait with those of unknown branches.
+            let (accepted, waiting) = accepted_changes(changes, &members, &me);
+            defer(tx, bucket.id, &waiting)?;
+            let mut applied = tx.apply_changes(bucket.id, accepted)?;
+            defer(tx, bucket.id, &applied.deferred)?;
+            applied.deferred.clear();
+            if members_changed {
+                reconcile_members(tx, bucket.id, &members, &me, now)?;
+            }
+            if branches_arrived || members_changed {
+                // Changes that waited for a branch's record or for their writer's admission.
+                let waiting: Vec<(i64, Vec<u8>)> = {
+                    let mut st = tx.conn().prepare("SELECT id, data FROM mesh_deferred WHERE bucket_id = ?1")?;
+                    let rows = st.query_map([bucket.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                if !waiting.is_empty() {
+                    tx.conn().execute("DELETE FROM mesh_deferred WHERE bucket_id = ?1", [bucket.id])?;
+                    let again: Vec<Change> = waiting.iter().filter_map(|(_, d)| rules::decode(d).ok()).collect();
+                    let (accepted, still) = accepted_changes(again, &members, &me);
+                    defer(tx, bucket.id, &still)?;
+                    let more = tx.apply_changes(bucket.id, accepted)?;
+                    defer(tx, bucket.id, &more.deferred)?;
+                    applied.inserted += more.inserted;
+                    applied.conflicts += more.conflicts;
+                    applied.missing_blobs.extend(more.missing_blobs);
                 }
-                if branches_arrived || members_changed {
-                    // Changes that waited for a branch's record or for their writer's admission.
-                    let waiting: Vec<(i64, Vec<u8>)> = {
-                        let mut st = tx
-                            .conn()
-                            .prepare("SELECT id, data FROM mesh_deferred WHERE bucket_id = ?1")?;
-                        let rows = st.query_map([bucket.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                        rows.collect::<Result<_, _>>()?
-                    };
-                    if !waiting.is_empty() {
-                        tx.conn().execute(
-                            "DELETE FROM mesh_deferred WHERE bucket_id = ?1",
-                            [bucket.id],
-                        )?;
-                        let again: Vec<Change> = waiting
-                            .iter()
-                            .filter_map(|(_, d)| rules::decode(d).ok())
-                            .collect();
-                        let (accepted, still) = accepted_changes(again, &members, &me);
-                        defer(tx, bucket.id, &still)?;
-                        let more = tx.apply_changes(bucket.id, accepted)?;
-                        defer(tx, bucket.id, &more.deferred)?;
-                        applied.inserted += more.inserted;
-                        applied.conflicts += more.conflicts;
-                        applied.missing_blobs.extend(more.missing_blobs);
-                    }
-                }
-                Ok(applied)
-            });
+            }
+            Ok(applied)
+        });
         match result {
             Ok(applied) => received.applied = applied,
             Err(e) => {
@@ -851,29 +616,19 @@ impl Mesh {
     /// Saves what `peer` and this node agreed on every document, for the next session, and
     /// forgets the in-flight rest.
     pub fn end_session(&mut self, engine: &mut Engine, peer: &NodeId) -> Result<()> {
-        let keys: Vec<(NodeId, i64, u16)> = self
-            .states
-            .keys()
-            .filter(|(p, _, _)| p == peer)
-            .copied()
-            .collect();
-        let saved: Vec<(i64, u16, Vec<u8>)> = keys
-            .iter()
-            .filter_map(|k| self.states.remove(k).map(|s| (k.1, k.2, encode_state(&s))))
-            .collect();
+        let keys: Vec<(NodeId, i64, u16)> = self.states.keys().filter(|(p, _, _)| p == peer).copied().collect();
+        let saved: Vec<(i64, u16, Vec<u8>)> = keys.iter().filter_map(|k| self.states.remove(k).map(|s| (k.1, k.2, encode_state(&s)))).collect();
         let now = engine.now_ms();
-        engine
-            .tree_mut()
-            .transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
-                for (bucket_id, doc, state) in &saved {
-                    tx.conn().execute(
-                        "INSERT INTO mesh_sync(peer, bucket_id, doc, state) VALUES (?1, ?2, ?3, ?4)
+        engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            for (bucket_id, doc, state) in &saved {
+                tx.conn().execute(
+                    "INSERT INTO mesh_sync(peer, bucket_id, doc, state) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(peer, bucket_id, doc) DO UPDATE SET state = excluded.state",
-                        params![peer.0, bucket_id, doc, state],
-                    )?;
-                }
-                Ok(())
-            })?;
+                    params![peer.0, bucket_id, doc, state],
+                )?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 }
@@ -881,22 +636,14 @@ impl Mesh {
 /// Splits changes from peers into those whose writer the bucket's membership accepts and
 /// those that wait. This node's own versions (coming back after a power loss) are always
 /// taken: it keeps what it wrote whatever it hears.
-fn accepted_changes(
-    changes: Vec<Change>,
-    members: &Membership,
-    me: &NodeId,
-) -> (Vec<Change>, Vec<Change>) {
-    changes
-        .into_iter()
-        .partition(|c| c.id().node == *me || members.accepts(&c.id()))
+fn accepted_changes(changes: Vec<Change>, members: &Membership, me: &NodeId) -> (Vec<Change>, Vec<Change>) {
+    changes.into_iter().partition(|c| c.id().node == *me || members.accepts(&c.id()))
 }
 
 /// Keeps changes in `mesh_deferred` until a branch record or an admission releases them.
 fn defer(tx: &mut Tx<'_>, bucket_id: i64, changes: &[Change]) -> Result<(), StoreError> {
     for c in changes {
-        tx.conn()
-            .prepare_cached("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)")?
-            .execute(params![bucket_id, rules::encode(c)])?;
+        tx.conn().prepare_cached("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)")?.execute(params![bucket_id, rules::encode(c)])?;
     }
     Ok(())
 }
@@ -907,19 +654,11 @@ fn defer(tx: &mut Tx<'_>, bucket_id: i64, changes: &[Change]) -> Result<(), Stor
 /// the tree into `mesh_deferred` (`cut_seq` records how far, so this runs once per change of
 /// the bound); this node's own versions stay. Deferred versions the rule now accepts are the
 /// caller's to apply.
-fn reconcile_members(
-    tx: &mut Tx<'_>,
-    bucket_id: i64,
-    members: &Membership,
-    me: &NodeId,
-    now: i64,
-) -> Result<(), StoreError> {
+fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: &NodeId, now: i64) -> Result<(), StoreError> {
     for node in members.nodes() {
         let row: Option<(Option<i64>, Option<i64>)> = tx
             .conn()
-            .prepare_cached(
-                "SELECT removed_ms, cut_seq FROM mesh_member WHERE bucket_id = ?1 AND node = ?2",
-            )?
+            .prepare_cached("SELECT removed_ms, cut_seq FROM mesh_member WHERE bucket_id = ?1 AND node = ?2")?
             .query_row(params![bucket_id, node.0], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let member = members.is_member(&node);
@@ -928,11 +667,7 @@ fn reconcile_members(
             Some((Some(at), _)) => Some(at),
             _ => Some(now),
         };
-        let cut = if node == *me {
-            None
-        } else {
-            members.cutoff(&node)
-        };
+        let cut = if node == *me { None } else { members.cutoff(&node) };
         tx.conn()
             .prepare_cached(
                 "INSERT INTO mesh_member(bucket_id, node, added_ms, removed_ms, cut_seq) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -951,25 +686,11 @@ fn reconcile_members(
     Ok(())
 }
 
-fn apply_meta(
-    tx: &mut Tx<'_>,
-    bucket_id: i64,
-    entries: &[MetaEntry],
-    now: i64,
-) -> Result<(), StoreError> {
+fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], now: i64) -> Result<(), StoreError> {
     // Parents before children, whatever order the records came in; those whose parent is
     // still unknown wait in the document (they are applied when it arrives: every receive
     // re-reads the branch records below).
-    let mut pending: Vec<&BranchRecord> = entries
-        .iter()
-        .filter_map(|e| {
-            if let MetaEntry::Branch(b) = e {
-                Some(b)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let mut pending: Vec<&BranchRecord> = entries.iter().filter_map(|e| if let MetaEntry::Branch(b) = e { Some(b) } else { None }).collect();
     loop {
         let before = pending.len();
         let mut left = Vec::new();
@@ -989,11 +710,7 @@ fn apply_meta(
     for e in entries {
         let conn = tx.conn();
         match e {
-            MetaEntry::Member {
-                node,
-                added_by,
-                at_ms,
-            } => {
+            MetaEntry::Member { node, added_by, at_ms } => {
                 conn.execute(
                     "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?4)",
                     params![bucket_id, node.0, at_ms, added_by.0],
@@ -1023,12 +740,7 @@ fn apply_meta(
     Ok(())
 }
 
-fn record_addrs(
-    conn: &Connection,
-    node: &NodeId,
-    addrs: &[SocketAddr],
-    now: i64,
-) -> Result<(), StoreError> {
+fn record_addrs(conn: &Connection, node: &NodeId, addrs: &[SocketAddr], now: i64) -> Result<(), StoreError> {
     let text = serde_json::to_string(addrs).expect("addresses serialise");
     conn.execute(
         "INSERT INTO mesh_addr(node, addrs, updated_ms) VALUES (?1, ?2, ?3)
@@ -1069,28 +781,18 @@ pub fn members(conn: &Connection, bucket_id: i64) -> Result<Vec<Member>, StoreEr
          WHERE m.bucket_id = ?1 ORDER BY m.added_ms, m.node",
     )?;
     let rows = st.query_map([bucket_id], |r| {
-        Ok((
-            r.get::<_, Vec<u8>>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, Option<Vec<u8>>>(2)?,
-            r.get::<_, Option<i64>>(3)?,
-            r.get::<_, Option<String>>(4)?,
-        ))
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, Option<String>>(4)?))
     })?;
     let mut out = Vec::new();
     for row in rows {
         let (node, added_ms, by, removed_ms, addrs) = row?;
-        let Ok(node) = <[u8; 32]>::try_from(node) else {
-            continue;
-        };
+        let Ok(node) = <[u8; 32]>::try_from(node) else { continue };
         out.push(Member {
             node: NodeId(node),
             added_ms,
             added_by: by.and_then(|b| <[u8; 32]>::try_from(b).ok()).map(NodeId),
             removed_ms,
-            addrs: addrs
-                .and_then(|a| serde_json::from_str(&a).ok())
-                .unwrap_or_default(),
+            addrs: addrs.and_then(|a| serde_json::from_str(&a).ok()).unwrap_or_default(),
         });
     }
     Ok(out)
@@ -1102,9 +804,7 @@ pub fn buckets_of(conn: &Connection, node: &NodeId) -> Result<Vec<(i64, Uid)>, S
     let mut st = conn.prepare_cached(
         "SELECT b.id, b.uid FROM mesh_member m JOIN bucket b ON b.id = m.bucket_id WHERE m.node = ?1 AND m.removed_ms IS NULL",
     )?;
-    let rows = st.query_map([node.0], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-    })?;
+    let rows = st.query_map([node.0], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
     let mut out = Vec::new();
     for row in rows {
         let (id, uid) = row?;
@@ -1122,31 +822,18 @@ pub fn peers(conn: &Connection) -> Result<Vec<(NodeId, Vec<SocketAddr>)>, StoreE
          WHERE m.removed_ms IS NULL AND m.node != (SELECT self_node FROM clock WHERE id = 0)
            AND m.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = (SELECT self_node FROM clock WHERE id = 0) AND removed_ms IS NULL)",
     )?;
-    let rows = st.query_map([], |r| {
-        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?))
-    })?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?)))?;
     let mut out = Vec::new();
     for row in rows {
         let (node, addrs) = row?;
-        let Ok(node) = <[u8; 32]>::try_from(node) else {
-            continue;
-        };
-        out.push((
-            NodeId(node),
-            addrs
-                .and_then(|a| serde_json::from_str(&a).ok())
-                .unwrap_or_default(),
-        ));
+        let Ok(node) = <[u8; 32]>::try_from(node) else { continue };
+        out.push((NodeId(node), addrs.and_then(|a| serde_json::from_str(&a).ok()).unwrap_or_default()));
     }
     Ok(out)
 }
 
 /// Whether `peer` may fetch blob `hash`: some version in a bucket it is a member of names it.
-pub fn may_fetch(
-    conn: &Connection,
-    peer: &NodeId,
-    hash: &crate::proto::entry::ContentHash,
-) -> Result<bool, StoreError> {
+pub fn may_fetch(conn: &Connection, peer: &NodeId, hash: &crate::proto::entry::ContentHash) -> Result<bool, StoreError> {
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM version v JOIN branch b ON b.id = v.branch_id
@@ -1292,38 +979,17 @@ impl Mesh {
     pub fn run(&mut self, engine: &mut Engine, op: MeshOp) -> Result<MeshReply> {
         Ok(match op {
             MeshOp::Publish => MeshReply::Changed(self.publish(engine)?.changed),
-            MeshOp::AnnounceAddrs(addrs) => {
-                MeshReply::Changed(self.announce_addrs(engine, &addrs)?)
-            }
-            MeshOp::Invite {
-                bucket,
-                expires_ms,
-                uses,
-                addrs,
-            } => {
+            MeshOp::AnnounceAddrs(addrs) => MeshReply::Changed(self.announce_addrs(engine, &addrs)?),
+            MeshOp::Invite { bucket, expires_ms, uses, addrs } => {
                 let (uid, secret) = self.invite(engine, &bucket, expires_ms, uses, &addrs)?;
                 MeshReply::Invited(uid, secret)
             }
-            MeshOp::Admit {
-                bucket,
-                secret,
-                joiner,
-                addrs,
-            } => MeshReply::Admitted(self.admit(engine, &bucket, &secret, &joiner, &addrs)?),
+            MeshOp::Admit { bucket, secret, joiner, addrs } => MeshReply::Admitted(self.admit(engine, &bucket, &secret, &joiner, &addrs)?),
             MeshOp::Adopt(a) => MeshReply::Adopted(self.adopt(engine, &a)?),
-            MeshOp::Remove { bucket, node } => {
-                MeshReply::Removed(self.remove_member(engine, &bucket, &node)?)
-            }
+            MeshOp::Remove { bucket, node } => MeshReply::Removed(self.remove_member(engine, &bucket, &node)?),
             MeshOp::Summary(uid) => MeshReply::Summary(self.summary(engine, &uid)?),
-            MeshOp::Generate { peer, bucket, doc } => {
-                MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?)
-            }
-            MeshOp::Receive {
-                peer,
-                bucket,
-                doc,
-                msg,
-            } => MeshReply::Received(Box::new(self.receive(engine, &peer, &bucket, doc, &msg)?)),
+            MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?),
+            MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive(engine, &peer, &bucket, doc, &msg)?)),
             MeshOp::EndSession(peer) => {
                 self.end_session(engine, &peer)?;
                 MeshReply::Done
@@ -1331,13 +997,7 @@ impl Mesh {
             MeshOp::Accept { peer, asked } => {
                 let theirs = buckets_of(engine.tree().conn(), &peer)?;
                 let mine = shared_bucket_ids(engine.tree().conn())?;
-                let ok = theirs
-                    .into_iter()
-                    .filter(|(id, uid)| {
-                        mine.contains(id) && (asked.is_empty() || asked.contains(uid))
-                    })
-                    .map(|(_, u)| u)
-                    .collect();
+                let ok = theirs.into_iter().filter(|(id, uid)| mine.contains(id) && (asked.is_empty() || asked.contains(uid))).map(|(_, u)| u).collect();
                 MeshReply::Buckets(ok)
             }
             MeshOp::Peers => MeshReply::Peers(peers(engine.tree().conn())?),
@@ -1347,31 +1007,19 @@ impl Mesh {
                 let mut out = Vec::new();
                 for id in shared_bucket_ids(conn)? {
                     let Some(uid) = uids.get(&id) else { continue };
-                    let others = members(conn, id)?
-                        .into_iter()
-                        .filter(|m| m.removed_ms.is_none() && m.node != self.me)
-                        .map(|m| m.node)
-                        .collect();
+                    let others = members(conn, id)?.into_iter().filter(|m| m.removed_ms.is_none() && m.node != self.me).map(|m| m.node).collect();
                     out.push((*uid, others));
                 }
                 MeshReply::Shared(out)
             }
             MeshOp::Missing(limit) => {
                 let conn = engine.tree().conn();
-                let mut st = conn
-                    .prepare_cached("SELECT hash, size FROM blob WHERE present = 0 LIMIT ?1")
-                    .map_err(StoreError::from)?;
+                let mut st = conn.prepare_cached("SELECT hash, size FROM blob WHERE present = 0 LIMIT ?1").map_err(StoreError::from)?;
                 let rows = st
-                    .query_map([limit as i64], |r| {
-                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
-                    })
+                    .query_map([limit as i64], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
                     .map_err(StoreError::from)?
                     .filter_map(|r| r.ok())
-                    .filter_map(|(h, s)| {
-                        <[u8; 32]>::try_from(h)
-                            .ok()
-                            .map(|h| (crate::proto::entry::ContentHash(h), s as u64))
-                    })
+                    .filter_map(|(h, s)| <[u8; 32]>::try_from(h).ok().map(|h| (crate::proto::entry::ContentHash(h), s as u64)))
                     .collect();
                 MeshReply::Blobs(rows)
             }

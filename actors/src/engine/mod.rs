@@ -56,9 +56,7 @@ pub enum EngineError {
     #[error(transparent)]
     Content(#[from] ContentError),
     /// No store in this data dir yet.
-    #[error(
-        "no alknet-fs store at {0}: run `alkfs --data {0} init` first (or pass the right --data)"
-    )]
+    #[error("no alknet-fs store at {0}: run `alkfs --data {0} init` first (or pass the right --data)")]
     NotInitialised(PathBuf),
     /// Another process holds the write lock.
     #[error("the data dir {dir} is in use by another alkfs process{pid}: wait for it to finish, or stop the node")]
@@ -90,10 +88,7 @@ pub enum EngineError {
 
 impl EngineError {
     pub(crate) fn local(path: &Path, source: io::Error) -> Self {
-        EngineError::Local {
-            path: path.to_path_buf(),
-            source,
-        }
+        EngineError::Local { path: path.to_path_buf(), source }
     }
 }
 
@@ -115,11 +110,7 @@ pub struct Scope {
 impl Scope {
     /// A scope.
     pub fn new(bucket: &str, branch: &str) -> Self {
-        Scope {
-            bucket: bucket.to_string(),
-            branch: branch.to_string(),
-            at: None,
-        }
+        Scope { bucket: bucket.to_string(), branch: branch.to_string(), at: None }
     }
 
     /// This scope as it was at `key` (see [`Scope::at`]).
@@ -140,10 +131,7 @@ pub enum Access {
 
 /// Milliseconds since the Unix epoch, now, by the system clock.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The system's wall clock: what production stamps versions with.
@@ -171,9 +159,7 @@ pub struct DirLock {
 impl DirLock {
     /// Takes the lock of `dir`, or says which process holds it.
     pub fn take(dir: &Path) -> Result<Self> {
-        Ok(DirLock {
-            _file: take_lock(dir)?,
-        })
+        Ok(DirLock { _file: take_lock(dir)? })
     }
 }
 
@@ -195,11 +181,7 @@ impl Engine {
     pub fn init(dir: &Path) -> Result<bool> {
         // A complete store needs no lock to be recognised (so this works while a node runs);
         // one an interrupted init left without its bucket is finished below, under the lock.
-        if Self::check_initialised(dir).is_ok()
-            && !TreeStore::open(&dir.join(TREE_DB_FILE), false)?
-                .buckets()?
-                .is_empty()
-        {
+        if Self::check_initialised(dir).is_ok() && !TreeStore::open(&dir.join(TREE_DB_FILE), false)?.buckets()?.is_empty() {
             return Ok(false);
         }
         fs::create_dir_all(dir).map_err(|e| EngineError::local(dir, e))?;
@@ -209,9 +191,7 @@ impl Engine {
         let mut tree = TreeStore::open(&db, true)?;
         ContentStore::open(&dir.join("content"))?;
         if tree.buckets()?.is_empty() {
-            tree.transact(Ids::AtMost(1), now_ms(), |tx| {
-                tx.create_bucket(DEFAULT_BUCKET).map(|_| ())
-            })?;
+            tree.transact(Ids::AtMost(1), now_ms(), |tx| tx.create_bucket(DEFAULT_BUCKET).map(|_| ()))?;
         }
         drop(tree); // gives its id lease back while the lock is still held
         drop(lock);
@@ -232,13 +212,7 @@ impl Engine {
             Access::Read => {
                 let tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
                 let content = ContentStore::open(&dir.join("content"))?;
-                Ok(Engine {
-                    dir: dir.to_path_buf(),
-                    tree,
-                    content,
-                    clock: system_clock(),
-                    _lock: None,
-                })
+                Ok(Engine { dir: dir.to_path_buf(), tree, content, clock: system_clock(), _lock: None })
             }
         }
     }
@@ -246,21 +220,11 @@ impl Engine {
     /// Opens a writing engine under a lock the caller holds, sharing `content` (and so its
     /// holds) with the caller's other users of it. Clears nothing: staging files may belong to
     /// the caller's writes in flight.
-    pub fn open_under(
-        dir: &Path,
-        lock: std::sync::Arc<DirLock>,
-        content: ContentStore,
-    ) -> Result<Self> {
+    pub fn open_under(dir: &Path, lock: std::sync::Arc<DirLock>, content: ContentStore) -> Result<Self> {
         Self::check_initialised(dir)?;
         let mut tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
         tree.recover_ids()?;
-        Ok(Engine {
-            dir: dir.to_path_buf(),
-            tree,
-            content,
-            clock: system_clock(),
-            _lock: Some(lock),
-        })
+        Ok(Engine { dir: dir.to_path_buf(), tree, content, clock: system_clock(), _lock: Some(lock) })
     }
 
     /// This engine with its time taken from `clock` (tests set it; the system clock by default).
@@ -287,10 +251,7 @@ impl Engine {
     pub fn clear_staging(content: &ContentStore) -> Result<()> {
         let n = content.clear_staging()?;
         if n > 0 {
-            tracing::info!(
-                files = n,
-                "removed staging files left by an interrupted write"
-            );
+            tracing::info!(files = n, "removed staging files left by an interrupted write");
         }
         Ok(())
     }
@@ -322,12 +283,7 @@ impl Engine {
 
     fn head(&self, scope: &Scope) -> Result<(Branch, View)> {
         let branch = self.branch(scope)?;
-        let view = View::within(
-            self.tree.conn(),
-            &branch,
-            i64::MAX,
-            scope.at.unwrap_or(OrderKey::MAX),
-        )?;
+        let view = View::within(self.tree.conn(), &branch, i64::MAX, scope.at.unwrap_or(OrderKey::MAX))?;
         Ok((branch, view))
     }
 
@@ -353,24 +309,13 @@ impl Engine {
 
     /// Opens a write session on `path`. With `truncate` it starts empty; otherwise it starts
     /// with the current bytes of the file (if any).
-    pub fn open_session(
-        &self,
-        scope: &Scope,
-        path: &TreePath,
-        truncate: bool,
-    ) -> Result<WriteSession> {
+    pub fn open_session(&self, scope: &Scope, path: &TreePath, truncate: bool) -> Result<WriteSession> {
         self.open_session_in(scope, path, truncate, None)
     }
 
     /// [`open_session`](Self::open_session) with the staging file in `staging_dir` (a
     /// mount's, which hands the file to the node at close) instead of the store's own.
-    pub fn open_session_in(
-        &self,
-        scope: &Scope,
-        path: &TreePath,
-        truncate: bool,
-        staging_dir: Option<&Path>,
-    ) -> Result<WriteSession> {
+    pub fn open_session_in(&self, scope: &Scope, path: &TreePath, truncate: bool, staging_dir: Option<&Path>) -> Result<WriteSession> {
         let (_, view) = self.head(scope)?;
         let current = read::live(self.tree.conn(), &view, path)?;
         if let Some(e) = current.as_ref().and_then(|r| r.entry()) {
@@ -382,16 +327,10 @@ impl Engine {
             Some(dir) => self.content.stage_in(dir)?,
             None => self.content.stage()?,
         };
-        let mode = current
-            .as_ref()
-            .and_then(|r| r.entry())
-            .map(|e| e.mode)
-            .unwrap_or(FILE_MODE_DEFAULT);
+        let mode = current.as_ref().and_then(|r| r.entry()).map(|e| e.mode).unwrap_or(FILE_MODE_DEFAULT);
         let mut initial = 0;
         if let (false, Some(e)) = (truncate, current.as_ref().and_then(|r| r.entry())) {
-            let mut out = staging.file().try_clone().map_err(|e| {
-                ContentError::io("staging", e, self.content.staging_dir().as_path())
-            })?;
+            let mut out = staging.file().try_clone().map_err(|e| ContentError::io("staging", e, self.content.staging_dir().as_path()))?;
             self.read_entry(e, &mut out, |_| {})?;
             initial = e.size;
         }
@@ -408,13 +347,7 @@ impl Engine {
         let items: Vec<(TreePath, Entry, Imported)> = sealed
             .into_iter()
             .map(|(path, mode, blob)| {
-                let entry = Entry {
-                    kind: EntryKind::File,
-                    hash: blob.hash,
-                    size: blob.size,
-                    mode,
-                    mtime_ms: now,
-                };
+                let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode, mtime_ms: now };
                 (path, entry, blob)
             })
             .collect();
@@ -426,29 +359,16 @@ impl Engine {
     pub fn commit_entries(&mut self, scope: &Scope, items: &[CommitItem]) -> Result<Vec<i64>> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
-        let seqs = self
-            .tree
-            .transact(Ids::AtMost(import::ids_of(items)), now, |tx| {
-                commit_items(tx, &branch, items)
-            })?;
+        let seqs = self.tree.transact(Ids::AtMost(import::ids_of(items)), now, |tx| commit_items(tx, &branch, items))?;
         Ok(seqs)
     }
 
     /// Imports the local file `src` to `dest`, keeping its mode and mtime.
-    pub fn put_file(
-        &mut self,
-        scope: &Scope,
-        src: &Path,
-        dest: &TreePath,
-        progress: impl FnMut(u64),
-    ) -> Result<i64> {
+    pub fn put_file(&mut self, scope: &Scope, src: &Path, dest: &TreePath, progress: impl FnMut(u64)) -> Result<i64> {
         self.branch(scope)?; // fail on a bad scope before copying anything
         let meta = fs::metadata(src).map_err(|e| EngineError::local(src, e))?;
         if !meta.is_file() {
-            return Err(EngineError::local(
-                src,
-                io::Error::other("not a regular file (use -r for a directory)"),
-            ));
+            return Err(EngineError::local(src, io::Error::other("not a regular file (use -r for a directory)")));
         }
         let blob = self.content.import_file(src, progress)?;
         let entry = file_entry(&blob, meta.mode() & 0o7777, mtime_ms(&meta));
@@ -456,13 +376,7 @@ impl Engine {
     }
 
     /// Imports everything `reader` yields to `dest`.
-    pub fn put_reader(
-        &mut self,
-        scope: &Scope,
-        reader: impl Read,
-        dest: &TreePath,
-        progress: impl FnMut(u64),
-    ) -> Result<i64> {
+    pub fn put_reader(&mut self, scope: &Scope, reader: impl Read, dest: &TreePath, progress: impl FnMut(u64)) -> Result<i64> {
         self.branch(scope)?;
         let blob = self.content.import_reader(reader, progress)?;
         let entry = file_entry(&blob, FILE_MODE_DEFAULT, self.now_ms());
@@ -471,13 +385,7 @@ impl Engine {
 
     /// Imports the local directory tree `src` to `dest`: files, directories and symlinks;
     /// commits in batches of [`COMMIT_ENTRIES_MAX`](crate::proto::limits::COMMIT_ENTRIES_MAX). Returns how many entries it wrote.
-    pub fn put_tree(
-        &mut self,
-        scope: &Scope,
-        src: &Path,
-        dest: &TreePath,
-        mut progress: impl FnMut(u64),
-    ) -> Result<u64> {
+    pub fn put_tree(&mut self, scope: &Scope, src: &Path, dest: &TreePath, mut progress: impl FnMut(u64)) -> Result<u64> {
         self.branch(scope)?;
         let content = self.content.clone();
         let mut done = 0u64;
@@ -493,9 +401,7 @@ impl Engine {
     pub fn mkdir(&mut self, scope: &Scope, path: &TreePath, parents: bool) -> Result<()> {
         let branch = self.branch(scope)?;
         let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
-        self.tree.transact(ids, now, |tx| {
-            tx.mkdir(&branch, path, parents, crate::store::tx::DIR_MODE_DEFAULT)
-        })?;
+        self.tree.transact(ids, now, |tx| tx.mkdir(&branch, path, parents, crate::store::tx::DIR_MODE_DEFAULT))?;
         Ok(())
     }
 
@@ -503,9 +409,7 @@ impl Engine {
     pub fn remove(&mut self, scope: &Scope, path: &TreePath, recursive: bool) -> Result<usize> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
-        Ok(self.tree.transact(Ids::Unbounded, now, |tx| {
-            tx.remove(&branch, path, recursive)
-        })?)
+        Ok(self.tree.transact(Ids::Unbounded, now, |tx| tx.remove(&branch, path, recursive))?)
     }
 
     /// Renames `from` to `to`; when `to` is an existing directory (the root included), moves
@@ -513,15 +417,12 @@ impl Engine {
     pub fn rename(&mut self, scope: &Scope, from: &TreePath, to: &TreePath) -> Result<TreePath> {
         let (branch, view) = self.head(scope)?;
         let mut target = to.clone();
-        let into_dir = to.is_root()
-            || read::live(self.tree.conn(), &view, to)?
-                .is_some_and(|row| row.entry().is_some_and(|e| e.kind == EntryKind::Dir));
+        let into_dir = to.is_root() || read::live(self.tree.conn(), &view, to)?.is_some_and(|row| row.entry().is_some_and(|e| e.kind == EntryKind::Dir));
         if into_dir && !from.is_root() {
             target = to.join(from.name()).map_err(StoreError::from)?;
         }
         let now = self.now_ms();
-        self.tree
-            .transact(Ids::Unbounded, now, |tx| tx.rename(&branch, from, &target))?;
+        self.tree.transact(Ids::Unbounded, now, |tx| tx.rename(&branch, from, &target))?;
         Ok(target)
     }
 
@@ -530,77 +431,50 @@ impl Engine {
     pub fn move_over(&mut self, scope: &Scope, from: &TreePath, to: &TreePath) -> Result<()> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
-        self.tree
-            .transact(Ids::Unbounded, now, |tx| tx.move_over(&branch, from, to))?;
+        self.tree.transact(Ids::Unbounded, now, |tx| tx.move_over(&branch, from, to))?;
         Ok(())
     }
 
     /// Sets the mode and/or mtime of `path`, keeping its bytes.
-    pub fn set_attr(
-        &mut self,
-        scope: &Scope,
-        path: &TreePath,
-        mode: Option<u32>,
-        mtime_ms: Option<i64>,
-    ) -> Result<i64> {
+    pub fn set_attr(&mut self, scope: &Scope, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>) -> Result<i64> {
         let branch = self.branch(scope)?;
         let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
-        Ok(self
-            .tree
-            .transact(ids, now, |tx| tx.set_attr(&branch, path, mode, mtime_ms))?)
+        Ok(self.tree.transact(ids, now, |tx| tx.set_attr(&branch, path, mode, mtime_ms))?)
     }
 
     /// Makes `version` of `path` its head again.
     pub fn restore(&mut self, scope: &Scope, path: &TreePath, version: &VersionRef) -> Result<i64> {
         let branch = self.branch(scope)?;
         let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
-        Ok(self
-            .tree
-            .transact(ids, now, |tx| tx.restore(&branch, path, version))?)
+        Ok(self.tree.transact(ids, now, |tx| tx.restore(&branch, path, version))?)
     }
 
     /// Creates bucket `name`.
     pub fn create_bucket(&mut self, name: &str) -> Result<()> {
         let now = self.now_ms();
-        self.tree
-            .transact(Ids::AtMost(1), now, |tx| tx.create_bucket(name).map(|_| ()))?;
+        self.tree.transact(Ids::AtMost(1), now, |tx| tx.create_bucket(name).map(|_| ()))?;
         Ok(())
     }
 
     /// Creates branch `name` in `scope`'s bucket, forked from `from` (default: scope's branch).
-    pub fn create_branch(
-        &mut self,
-        scope: &Scope,
-        name: &str,
-        from: Option<&str>,
-    ) -> Result<Branch> {
-        let from = self
-            .tree
-            .branch(&scope.bucket, from.unwrap_or(&scope.branch))?;
+    pub fn create_branch(&mut self, scope: &Scope, name: &str, from: Option<&str>) -> Result<Branch> {
+        let from = self.tree.branch(&scope.bucket, from.unwrap_or(&scope.branch))?;
         let now = self.now_ms();
-        Ok(self.tree.transact(Ids::AtMost(1), now, |tx| {
-            tx.create_branch(&scope.bucket, &from, name)
-        })?)
+        Ok(self.tree.transact(Ids::AtMost(1), now, |tx| tx.create_branch(&scope.bucket, &from, name))?)
     }
 
     /// Deletes branch `name` of `scope`'s bucket.
     pub fn delete_branch(&mut self, scope: &Scope, name: &str) -> Result<()> {
         let now = self.now_ms();
-        Ok(self.tree.transact(Ids::AtMost(1), now, |tx| {
-            tx.delete_branch(&scope.bucket, name)
-        })?)
+        Ok(self.tree.transact(Ids::AtMost(1), now, |tx| tx.delete_branch(&scope.bucket, name))?)
     }
 
     /// Merges branch `from` into `into` (default: scope's branch).
     pub fn merge(&mut self, scope: &Scope, from: &str, into: Option<&str>) -> Result<MergeReport> {
         let from = self.tree.branch(&scope.bucket, from)?;
-        let into = self
-            .tree
-            .branch(&scope.bucket, into.unwrap_or(&scope.branch))?;
+        let into = self.tree.branch(&scope.bucket, into.unwrap_or(&scope.branch))?;
         let now = self.now_ms();
-        Ok(self
-            .tree
-            .transact(Ids::Unbounded, now, |tx| tx.merge(&from, &into))?)
+        Ok(self.tree.transact(Ids::Unbounded, now, |tx| tx.merge(&from, &into))?)
     }
 
     /// Takes the conflict at `path` (all of them when `None`) off the branch's list; their
@@ -608,16 +482,10 @@ impl Engine {
     pub fn dismiss_conflicts(&mut self, scope: &Scope, path: Option<&TreePath>) -> Result<usize> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
-        let n = self.tree.transact(Ids::AtMost(0), now, |tx| {
-            crate::store::merge::dismiss_conflicts(tx.conn(), &branch, path)
-        })?;
+        let n = self.tree.transact(Ids::AtMost(0), now, |tx| crate::store::merge::dismiss_conflicts(tx.conn(), &branch, path))?;
         if n == 0 {
             if let Some(p) = path {
-                return Err(StoreError::NotFound(format!(
-                    "{p}: no conflict listed on branch {} (see `alkfs conflicts`)",
-                    branch.name
-                ))
-                .into());
+                return Err(StoreError::NotFound(format!("{p}: no conflict listed on branch {} (see `alkfs conflicts`)", branch.name)).into());
             }
         }
         Ok(n)
@@ -635,8 +503,7 @@ impl Engine {
     pub fn list(&self, scope: &Scope, path: &TreePath) -> Result<Vec<VersionRow>> {
         let (_, view) = self.head(scope)?;
         if !path.is_root() {
-            let row = read::live(self.tree.conn(), &view, path)?
-                .ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+            let row = read::live(self.tree.conn(), &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
             if row.entry().is_some_and(|e| e.kind != EntryKind::Dir) {
                 return Ok(vec![row]);
             }
@@ -650,8 +517,7 @@ impl Engine {
         let (_, view) = self.head(scope)?;
         let mut out = Vec::new();
         if !path.is_root() {
-            let row = read::live(self.tree.conn(), &view, path)?
-                .ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+            let row = read::live(self.tree.conn(), &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
             let is_dir = row.entry().is_some_and(|e| e.kind == EntryKind::Dir);
             out.push(row);
             if !is_dir {
@@ -680,9 +546,7 @@ impl Engine {
 
     /// The file entry at `path`, or a clear error for a missing path or a directory.
     pub fn file_entry(&self, scope: &Scope, path: &TreePath) -> Result<Entry> {
-        let row = self
-            .stat(scope, path)?
-            .ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        let row = self.stat(scope, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
         let entry = row.version.entry.expect("live rows have entries");
         if entry.kind == EntryKind::Dir {
             return Err(StoreError::IsADirectory(path.to_string()).into());
@@ -691,17 +555,9 @@ impl Engine {
     }
 
     /// Writes the bytes of `entry` to `out`, verifying them against its hash.
-    pub fn read_entry(
-        &self,
-        entry: &Entry,
-        out: &mut impl Write,
-        progress: impl FnMut(u64),
-    ) -> Result<u64> {
+    pub fn read_entry(&self, entry: &Entry, out: &mut impl Write, progress: impl FnMut(u64)) -> Result<u64> {
         if let Some(data) = self.inline_bytes(&entry.hash)? {
-            out.write_all(&data).map_err(|e| ContentError::Io {
-                context: "write output".into(),
-                source: e,
-            })?;
+            out.write_all(&data).map_err(|e| ContentError::Io { context: "write output".into(), source: e })?;
             return Ok(data.len() as u64);
         }
         Ok(self.content.read_to(&entry.hash, out, progress)?)
@@ -713,13 +569,12 @@ impl Engine {
         if *hash == ContentHash::EMPTY {
             return Ok(true);
         }
-        let present: Option<i64> =
-            rusqlite::OptionalExtension::optional(self.tree.conn().query_row(
-                "SELECT present FROM blob WHERE hash = ?1",
-                [hash.0.to_vec()],
-                |r| r.get(0),
-            ))
-            .map_err(StoreError::from)?;
+        let present: Option<i64> = rusqlite::OptionalExtension::optional(self.tree.conn().query_row(
+            "SELECT present FROM blob WHERE hash = ?1",
+            [hash.0.to_vec()],
+            |r| r.get(0),
+        ))
+        .map_err(StoreError::from)?;
         Ok(present != Some(0))
     }
 
@@ -728,48 +583,27 @@ impl Engine {
         if *hash == ContentHash::EMPTY {
             return Ok(Some(Vec::new()));
         }
-        let Some(data) = read::inline_blob(self.tree.conn(), hash)? else {
-            return Ok(None);
-        };
+        let Some(data) = read::inline_blob(self.tree.conn(), hash)? else { return Ok(None) };
         crate::content::check(hash, blake3::hash(&data))?;
         Ok(Some(data))
     }
 
     /// Copies the file at `path` to the local file `dest`: written to a temporary file beside
     /// it and renamed only once its hash checked out, so `dest` is never half-written.
-    pub fn export(
-        &self,
-        scope: &Scope,
-        path: &TreePath,
-        dest: &Path,
-        progress: impl FnMut(u64),
-    ) -> Result<u64> {
+    pub fn export(&self, scope: &Scope, path: &TreePath, dest: &Path, progress: impl FnMut(u64)) -> Result<u64> {
         let entry = self.file_entry(scope, path)?;
-        let dir = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new()
-            .prefix(".alkfs-get-")
-            .tempfile_in(dir)
-            .map_err(|e| EngineError::local(dest, e))?;
+        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new().prefix(".alkfs-get-").tempfile_in(dir).map_err(|e| EngineError::local(dest, e))?;
         let n = match self.inline_bytes(&entry.hash)? {
             Some(data) => {
-                tmp.as_file()
-                    .write_all(&data)
-                    .map_err(|e| EngineError::local(dest, e))?;
+                tmp.as_file().write_all(&data).map_err(|e| EngineError::local(dest, e))?;
                 data.len() as u64
             }
-            None => self
-                .content
-                .export_file(&entry.hash, tmp.as_file(), progress)?,
+            None => self.content.export_file(&entry.hash, tmp.as_file(), progress)?,
         };
         let perms = fs::Permissions::from_mode(entry.mode & 0o7777);
-        tmp.as_file()
-            .set_permissions(perms)
-            .map_err(|e| EngineError::local(dest, e))?;
-        tmp.persist(dest)
-            .map_err(|e| EngineError::local(dest, e.error))?;
+        tmp.as_file().set_permissions(perms).map_err(|e| EngineError::local(dest, e))?;
+        tmp.persist(dest).map_err(|e| EngineError::local(dest, e.error))?;
         Ok(n)
     }
 }
@@ -777,32 +611,17 @@ impl Engine {
 /// Takes the data dir's write lock, or says who holds it.
 fn take_lock(dir: &Path) -> Result<File> {
     let path = dir.join("lock");
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| EngineError::local(&path, e))?;
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| EngineError::local(&path, e))?;
     match file.try_lock() {
         Ok(()) => {
-            file.set_len(0)
-                .and_then(|_| file.write_all(std::process::id().to_string().as_bytes()))
-                .map_err(|e| EngineError::local(&path, e))?;
+            file.set_len(0).and_then(|_| file.write_all(std::process::id().to_string().as_bytes())).map_err(|e| EngineError::local(&path, e))?;
             Ok(file)
         }
         Err(fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim();
-            Err(EngineError::Locked {
-                dir: dir.to_path_buf(),
-                pid: if pid.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (pid {pid})")
-                },
-            })
+            Err(EngineError::Locked { dir: dir.to_path_buf(), pid: if pid.is_empty() { String::new() } else { format!(" (pid {pid})") } })
         }
         Err(fs::TryLockError::Error(e)) => Err(EngineError::local(&path, e)),
     }

@@ -25,44 +25,26 @@ impl Engine {
     pub fn bucket_identity(&self, name: &str) -> Result<BucketIdentity> {
         let conn = self.tree().conn();
         let (id, uid): (i64, Vec<u8>) = conn
-            .query_row("SELECT id, uid FROM bucket WHERE name = ?1", [name], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row("SELECT id, uid FROM bucket WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(|_| StoreError::NoBucket(name.to_string()))?;
-        let uid = Uid::from_bytes(&uid)
-            .ok_or_else(|| StoreError::Invalid(format!("bucket {name}'s uid is damaged")))?;
-        Ok(BucketIdentity {
-            id,
-            name: name.to_string(),
-            uid,
-        })
+        let uid = Uid::from_bytes(&uid).ok_or_else(|| StoreError::Invalid(format!("bucket {name}'s uid is damaged")))?;
+        Ok(BucketIdentity { id, name: name.to_string(), uid })
     }
 
     /// The bucket whose identity is `uid`, if this store has it.
     pub fn bucket_by_uid(&self, uid: &Uid) -> Result<Option<BucketIdentity>> {
         let conn = self.tree().conn();
-        let found: Option<(i64, String)> = rusqlite::OptionalExtension::optional(conn.query_row(
-            "SELECT id, name FROM bucket WHERE uid = ?1",
-            [uid.0],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        ))
+        let found: Option<(i64, String)> = rusqlite::OptionalExtension::optional(
+            conn.query_row("SELECT id, name FROM bucket WHERE uid = ?1", [uid.0], |r| Ok((r.get(0)?, r.get(1)?))),
+        )
         .map_err(StoreError::from)?;
-        Ok(found.map(|(id, name)| BucketIdentity {
-            id,
-            name,
-            uid: *uid,
-        }))
+        Ok(found.map(|(id, name)| BucketIdentity { id, name, uid: *uid }))
     }
 
     /// Makes bucket `name` the bucket a peer shares (`uid`, with root branch `root`): a new
     /// bucket, or an existing one that holds nothing yet (taken over: its identity becomes the
     /// shared one). One that holds files is refused: joining would mix two trees.
-    pub fn adopt_bucket(
-        &mut self,
-        name: &str,
-        uid: &Uid,
-        root: &BranchRecord,
-    ) -> Result<BucketIdentity> {
+    pub fn adopt_bucket(&mut self, name: &str, uid: &Uid, root: &BranchRecord) -> Result<BucketIdentity> {
         if let Some(b) = self.bucket_by_uid(uid)? {
             return Ok(b);
         }
@@ -107,10 +89,7 @@ impl Engine {
     pub fn branch_records(&self, bucket: &str) -> Result<Vec<BranchRecord>> {
         let mut branches = self.tree().branches(bucket)?;
         branches.sort_by_key(|b| b.depth);
-        branches
-            .iter()
-            .map(|b| Ok(replica::branch_record(self.tree().conn(), b)?))
-            .collect()
+        branches.iter().map(|b| Ok(replica::branch_record(self.tree().conn(), b)?)).collect()
     }
 
     /// Every version of a bucket this store holds, whoever wrote it, as changes.
@@ -122,36 +101,27 @@ impl Engine {
     /// Applies branch records and changes from peers to bucket `uid` in one transaction.
     /// Branches whose parent is not here yet, and changes of branches not here yet, come
     /// back in [`Applied::deferred`] (changes) or are skipped (records; they come again).
-    pub fn apply_from_peer(
-        &mut self,
-        bucket: &Uid,
-        branches: &[BranchRecord],
-        changes: Vec<Change>,
-    ) -> Result<Applied> {
-        let b = self
-            .bucket_by_uid(bucket)?
-            .ok_or_else(|| StoreError::Invalid(format!("no bucket with id {bucket} here")))?;
+    pub fn apply_from_peer(&mut self, bucket: &Uid, branches: &[BranchRecord], changes: Vec<Change>) -> Result<Applied> {
+        let b = self.bucket_by_uid(bucket)?.ok_or_else(|| StoreError::Invalid(format!("no bucket with id {bucket} here")))?;
         let now = self.now_ms();
         let ids = Ids::AtMost((changes.len() + branches.len()) as u64);
-        Ok(self
-            .tree_mut()
-            .transact(ids, now, |tx| -> Result<Applied, StoreError> {
-                let mut pending: Vec<&BranchRecord> = branches.iter().collect();
-                // Parents first, whatever order they came in.
-                loop {
-                    let before = pending.len();
-                    let mut left = Vec::new();
-                    for rec in pending {
-                        if !tx.apply_branch(b.id, rec)? {
-                            left.push(rec);
-                        }
-                    }
-                    pending = left;
-                    if pending.is_empty() || pending.len() == before {
-                        break;
+        Ok(self.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
+            let mut pending: Vec<&BranchRecord> = branches.iter().collect();
+            // Parents first, whatever order they came in.
+            loop {
+                let before = pending.len();
+                let mut left = Vec::new();
+                for rec in pending {
+                    if !tx.apply_branch(b.id, rec)? {
+                        left.push(rec);
                     }
                 }
-                tx.apply_changes(b.id, changes)
-            })?)
+                pending = left;
+                if pending.is_empty() || pending.len() == before {
+                    break;
+                }
+            }
+            tx.apply_changes(b.id, changes)
+        })?)
     }
 }

@@ -92,11 +92,7 @@ impl Actor for BlobActor {
     type State = BlobState;
     type Arguments = NodeContext;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<BlobMsg>,
-        ctx: NodeContext,
-    ) -> Result<BlobState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<BlobMsg>, ctx: NodeContext) -> Result<BlobState, ActorProcessingErr> {
         let tree = TreeStore::open(&ctx.dir.join(TREE_DB_FILE), false)?;
         me.cast(BlobMsg::Reconcile)?; // a collection may have run while no node did
         me.cast(BlobMsg::Scan)?;
@@ -117,12 +113,7 @@ impl Actor for BlobActor {
         })
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<BlobMsg>,
-        msg: BlobMsg,
-        state: &mut BlobState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<BlobMsg>, msg: BlobMsg, state: &mut BlobState) -> Result<(), ActorProcessingErr> {
         match msg {
             BlobMsg::Scan => {
                 match state.scan_gate.admit(SCAN_COALESCE) {
@@ -162,10 +153,7 @@ impl Actor for BlobActor {
 impl BlobState {
     /// Those of `hashes` the tree no longer names.
     fn not_named(&self, hashes: &[ContentHash]) -> Result<Vec<ContentHash>, ActorProcessingErr> {
-        let mut named = self
-            .tree
-            .conn()
-            .prepare_cached("SELECT 1 FROM blob WHERE hash = ?1")?;
+        let mut named = self.tree.conn().prepare_cached("SELECT 1 FROM blob WHERE hash = ?1")?;
         let mut out = Vec::new();
         for h in hashes {
             if !named.exists([h.0.to_vec()])? {
@@ -190,14 +178,7 @@ impl BlobState {
                     continue;
                 }
                 self.queue.push_back(blob.hash);
-                self.entries.insert(
-                    blob.hash,
-                    Entry {
-                        blob,
-                        attempts: 0,
-                        not_before: Instant::now(),
-                    },
-                );
+                self.entries.insert(blob.hash, Entry { blob, attempts: 0, not_before: Instant::now() });
             }
         }
         Ok(())
@@ -209,14 +190,8 @@ impl BlobState {
         if self.queue.is_empty() {
             return Ok(());
         }
-        let since_commit = crate::engine::now_ms()
-            - self
-                .last_commit_ms
-                .load(std::sync::atomic::Ordering::Relaxed);
-        let waited = self
-            .deferred_since
-            .get_or_insert_with(Instant::now)
-            .elapsed();
+        let since_commit = crate::engine::now_ms() - self.last_commit_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let waited = self.deferred_since.get_or_insert_with(Instant::now).elapsed();
         if since_commit < QUIET_BEFORE_WORK.as_millis() as i64 && waited < DEFER_MAX {
             if !self.timer_armed {
                 self.timer_armed = true;
@@ -229,10 +204,7 @@ impl BlobState {
         let mut done = Vec::new();
         let mut later = VecDeque::new();
         while let Some(hash) = self.queue.pop_front() {
-            let entry = self
-                .entries
-                .get_mut(&hash)
-                .expect("queued blobs have entries");
+            let entry = self.entries.get_mut(&hash).expect("queued blobs have entries");
             if entry.not_before > now {
                 later.push_back(hash);
                 continue;
@@ -250,9 +222,7 @@ impl BlobState {
                         self.given_up.insert(hash);
                         self.stats.failed += 1;
                     } else {
-                        let delay = RETRY_BASE
-                            .saturating_mul(1 << entry.attempts.min(20))
-                            .min(RETRY_MAX);
+                        let delay = RETRY_BASE.saturating_mul(1 << entry.attempts.min(20)).min(RETRY_MAX);
                         tracing::warn!(%hash, error = %e, attempt = entry.attempts, ?delay, "indexing a blob failed; will retry");
                         entry.not_before = Instant::now() + delay;
                         later.push_back(hash);
@@ -266,24 +236,13 @@ impl BlobState {
             if let Some(store) = self.names.find::<StoreMsg>(Child::Store) {
                 // Fire and forget: a blob not marked is indexed again next time (idempotent).
                 let (tx, _rx) = ractor::concurrency::oneshot();
-                let _ = store.cast(StoreMsg::Write(
-                    WriteOp::MarkIndexed { hashes: done },
-                    tx.into(),
-                ));
+                let _ = store.cast(StoreMsg::Write(WriteOp::MarkIndexed { hashes: done }, tx.into()));
             }
         }
-        if let Some(next) = self
-            .queue
-            .iter()
-            .filter_map(|h| self.entries.get(h))
-            .map(|e| e.not_before)
-            .min()
-        {
+        if let Some(next) = self.queue.iter().filter_map(|h| self.entries.get(h)).map(|e| e.not_before).min() {
             if !self.timer_armed {
                 self.timer_armed = true;
-                me.send_after(next.saturating_duration_since(Instant::now()), || {
-                    BlobMsg::Work
-                });
+                me.send_after(next.saturating_duration_since(Instant::now()), || BlobMsg::Work);
             }
         }
         Ok(())

@@ -19,10 +19,7 @@ pub const GC_CALL_TIMEOUT: Duration = Duration::from_secs(600);
 pub enum GcMsg {
     /// Collect now with the configured policy, or the one `gc` flags make of it
     /// ([`Retention::with_flags`]: keep_versions, keep_days).
-    Run(
-        (Option<u32>, Option<u32>),
-        RpcReplyPort<Result<GcReport, String>>,
-    ),
+    Run((Option<u32>, Option<u32>), RpcReplyPort<Result<GcReport, String>>),
     /// The schedule's tick.
     Tick,
     /// When the last collection ran and what it did.
@@ -46,34 +43,17 @@ impl Actor for GcActor {
     type State = GcState;
     type Arguments = NodeContext;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<GcMsg>,
-        ctx: NodeContext,
-    ) -> Result<GcState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<GcMsg>, ctx: NodeContext) -> Result<GcState, ActorProcessingErr> {
         if !ctx.config.gc_interval.is_zero() {
             me.send_interval(ctx.config.gc_interval, || GcMsg::Tick);
         }
-        Ok(GcState {
-            policy: ctx.config.retention,
-            last: None,
-            names: ctx.names.clone(),
-        })
+        Ok(GcState { policy: ctx.config.retention, last: None, names: ctx.names.clone() })
     }
 
-    async fn handle(
-        &self,
-        _me: ActorRef<GcMsg>,
-        msg: GcMsg,
-        state: &mut GcState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _me: ActorRef<GcMsg>, msg: GcMsg, state: &mut GcState) -> Result<(), ActorProcessingErr> {
         match msg {
             GcMsg::Run((keep_versions, keep_days), reply) => {
-                let result = collect(
-                    &state.names,
-                    state.policy.with_flags(keep_versions, keep_days),
-                )
-                .await;
+                let result = collect(&state.names, state.policy.with_flags(keep_versions, keep_days)).await;
                 if let Ok(report) = &result {
                     state.last = Some((now_ms(), report.clone()));
                 }
@@ -103,14 +83,9 @@ async fn collect(names: &Names, policy: Retention) -> Result<GcReport, String> {
 }
 
 async fn collect_in_store(names: &Names, policy: Retention) -> Result<GcReport, String> {
-    let store = names
-        .find::<StoreMsg>(Child::Store)
-        .ok_or("the store is restarting; retry")?;
+    let store = names.find::<StoreMsg>(Child::Store).ok_or("the store is restarting; retry")?;
     let outcome = store
-        .call(
-            |reply| StoreMsg::Write(WriteOp::Gc { policy }, reply),
-            Some(GC_CALL_TIMEOUT),
-        )
+        .call(|reply| StoreMsg::Write(WriteOp::Gc { policy }, reply), Some(GC_CALL_TIMEOUT))
         .await
         .map_err(|e| e.to_string())?;
     match outcome {

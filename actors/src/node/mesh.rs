@@ -32,9 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iroh::address_lookup::MemoryLookup;
-use iroh::endpoint::{
-    presets, Connection, NetReportConfig, PortmapperConfig, RecvStream, SendStream, VarInt,
-};
+use iroh::endpoint::{presets, Connection, NetReportConfig, PortmapperConfig, RecvStream, SendStream, VarInt};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh::{Endpoint, EndpointAddr, RelayMode};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -98,9 +96,7 @@ pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> 
     let mode = match &cfg.relay {
         None => RelayMode::Disabled,
         Some(None) => RelayMode::Default,
-        Some(Some(url)) => RelayMode::custom([url
-            .parse::<iroh::RelayUrl>()
-            .map_err(|e| format!("relay URL {url}: {e}"))?]),
+        Some(Some(url)) => RelayMode::custom([url.parse::<iroh::RelayUrl>().map_err(|e| format!("relay URL {url}: {e}"))?]),
     };
     let mut b = Endpoint::builder(presets::Minimal)
         .secret_key(key)
@@ -110,25 +106,11 @@ pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> 
         .map_err(|e| format!("listen address {}: {e}", cfg.listen))?
         .address_lookup(lookup.clone());
     if cfg.relay.is_none() {
-        b = b
-            .portmapper_config(PortmapperConfig::Disabled)
-            .net_report_config(NetReportConfig::minimal());
+        b = b.portmapper_config(PortmapperConfig::Disabled).net_report_config(NetReportConfig::minimal());
     }
-    let endpoint = b.bind().await.map_err(|e| {
-        format!(
-            "cannot listen on {}: {e} (is another node using the port?)",
-            cfg.listen
-        )
-    })?;
-    let gossip = iroh_gossip::net::Gossip::builder()
-        .max_message_size(crate::proto::sync::GOSSIP_MESSAGE_BYTES_MAX)
-        .spawn(endpoint.clone());
-    Ok(Net {
-        endpoint,
-        gossip,
-        lookup,
-        eager_fetch: cfg.eager_fetch,
-    })
+    let endpoint = b.bind().await.map_err(|e| format!("cannot listen on {}: {e} (is another node using the port?)", cfg.listen))?;
+    let gossip = iroh_gossip::net::Gossip::builder().max_message_size(crate::proto::sync::GOSSIP_MESSAGE_BYTES_MAX).spawn(endpoint.clone());
+    Ok(Net { endpoint, gossip, lookup, eager_fetch: cfg.eager_fetch })
 }
 
 impl Net {
@@ -173,14 +155,10 @@ async fn mesh(handle: &NodeHandle, op: MeshOp) -> Result<MeshReply, String> {
 
 async fn read_frame(recv: &mut RecvStream) -> Result<Frame, String> {
     let mut header = [0u8; 4];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
+    recv.read_exact(&mut header).await.map_err(|e| format!("read: {e}"))?;
     let len = Frame::body_len(header).map_err(|e: SyncError| e.to_string())?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
+    recv.read_exact(&mut body).await.map_err(|e| format!("read: {e}"))?;
     Frame::decode(&body).map_err(|e| e.to_string())
 }
 
@@ -194,13 +172,7 @@ async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), String>
 
 /// Refuses a connection with a reason the other side can show, and lets the frame arrive.
 async fn refuse(conn: &Connection, send: &mut SendStream, reason: &str) {
-    let _ = write_frame(
-        send,
-        &Frame::Refused {
-            reason: reason.to_string(),
-        },
-    )
-    .await;
+    let _ = write_frame(send, &Frame::Refused { reason: reason.to_string() }).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     conn.close(VarInt::from_u32(403), b"refused");
@@ -238,35 +210,11 @@ impl ProtocolHandler for SyncHandler {
             }
         };
         let (asked, addrs) = match first {
-            Frame::Join {
-                bucket,
-                secret,
-                addrs,
-            } => {
-                match mesh(
-                    &handle,
-                    MeshOp::Admit {
-                        bucket,
-                        secret,
-                        joiner: peer,
-                        addrs: addrs.clone(),
-                    },
-                )
-                .await
-                {
+            Frame::Join { bucket, secret, addrs } => {
+                match mesh(&handle, MeshOp::Admit { bucket, secret, joiner: peer, addrs: addrs.clone() }).await {
                     Ok(MeshReply::Admitted(Ok((name, root)))) => {
                         tracing::info!(peer = %peer.short(), bucket = %name, "a new member joined with a ticket");
-                        if write_frame(
-                            &mut send,
-                            &Frame::Joined {
-                                bucket,
-                                name,
-                                root: root.encode(),
-                            },
-                        )
-                        .await
-                        .is_err()
-                        {
+                        if write_frame(&mut send, &Frame::Joined { bucket, name, root: root.encode() }).await.is_err() {
                             return Ok(());
                         }
                         // It continues as a member: its Hello follows.
@@ -285,12 +233,7 @@ impl ProtocolHandler for SyncHandler {
                             Err(e) => e,
                             _ => "unexpected answer".into(),
                         };
-                        refuse(
-                            &conn,
-                            &mut send,
-                            &format!("the node could not admit you: {why}"),
-                        )
-                        .await;
+                        refuse(&conn, &mut send, &format!("the node could not admit you: {why}")).await;
                         return Ok(());
                     }
                 }
@@ -308,36 +251,15 @@ impl ProtocolHandler for SyncHandler {
         };
         if accepted.is_empty() {
             tracing::warn!(peer = %peer.short(), "refused a session: not a member of any bucket it asked for");
-            refuse(
-                &conn,
-                &mut send,
-                "this node shares no bucket with you (not a member, or removed)",
-            )
-            .await;
+            refuse(&conn, &mut send, "this node shares no bucket with you (not a member, or removed)").await;
             return Ok(());
         }
-        if write_frame(
-            &mut send,
-            &Frame::Welcome {
-                buckets: accepted.clone(),
-            },
-        )
-        .await
-        .is_err()
-        {
+        if write_frame(&mut send, &Frame::Welcome { buckets: accepted.clone() }).await.is_err() {
             return Ok(());
         }
         match self.names.find::<MeshMsg>(Child::Mesh) {
             Some(m) => {
-                let _ = m.cast(MeshMsg::Opened(Box::new(Opened {
-                    peer,
-                    dialer: peer,
-                    conn,
-                    send,
-                    recv,
-                    buckets: accepted,
-                    addrs,
-                })));
+                let _ = m.cast(MeshMsg::Opened(Box::new(Opened { peer, dialer: peer, conn, send, recv, buckets: accepted, addrs })));
             }
             None => conn.close(VarInt::from_u32(503), b"restarting"),
         }
@@ -368,10 +290,7 @@ impl ProtocolHandler for GatedGossip {
             conn.close(VarInt::from_u32(403), b"not a member");
             return Ok(());
         }
-        self.gossip
-            .handle_connection(conn)
-            .await
-            .map_err(AcceptError::from_err)
+        self.gossip.handle_connection(conn).await.map_err(AcceptError::from_err)
     }
 
     async fn shutdown(&self) {
@@ -385,14 +304,8 @@ impl ProtocolHandler for GatedGossip {
 /// Builds the iroh-blobs protocol handler with its gate; the gate runs until the node stops.
 /// A permitted request for a blob the iroh-blobs store does not hold yet (the blob actor
 /// indexes in quiet moments) has it indexed on the spot, so a peer never waits for that.
-pub fn gated_blobs(
-    index: &Arc<crate::index::BlobIndex>,
-    content: &crate::content::ContentStore,
-    dir: &std::path::Path,
-) -> iroh_blobs::BlobsProtocol {
-    use iroh_blobs::provider::events::{
-        ConnectMode, EventMask, EventSender, ObserveMode, RequestMode, ThrottleMode,
-    };
+pub fn gated_blobs(index: &Arc<crate::index::BlobIndex>, content: &crate::content::ContentStore, dir: &std::path::Path) -> iroh_blobs::BlobsProtocol {
+    use iroh_blobs::provider::events::{ConnectMode, EventMask, EventSender, ObserveMode, RequestMode, ThrottleMode};
     let mask = EventMask {
         connected: ConnectMode::Intercept,
         get: RequestMode::Intercept,
@@ -413,32 +326,17 @@ const INDEX_NOW_IN_FLIGHT: usize = 16;
 
 /// Indexes, now, those of `hashes` the iroh-blobs store lacks (those the blob actor has not
 /// reached yet), several at a time.
-async fn index_now(
-    tree: &Arc<std::sync::Mutex<crate::store::TreeStore>>,
-    index: &Arc<crate::index::BlobIndex>,
-    content: &crate::content::ContentStore,
-    hashes: &[[u8; 32]],
-) {
+async fn index_now(tree: &Arc<std::sync::Mutex<crate::store::TreeStore>>, index: &Arc<crate::index::BlobIndex>, content: &crate::content::ContentStore, hashes: &[[u8; 32]]) {
     // One read of the tree for the whole request: the blobs not yet indexed, with their bytes
     // when inline.
     let (tree2, wanted) = (tree.clone(), hashes.to_vec());
     let rows: Vec<crate::store::read::PendingBlob> = tokio::task::spawn_blocking(move || {
         let t = tree2.lock().expect("gate db");
         let mut out = Vec::new();
-        let Ok(mut st) = t.conn().prepare_cached(
-            "SELECT size, data FROM blob WHERE hash = ?1 AND present = 1 AND indexed = 0",
-        ) else {
-            return out;
-        };
+        let Ok(mut st) = t.conn().prepare_cached("SELECT size, data FROM blob WHERE hash = ?1 AND present = 1 AND indexed = 0") else { return out };
         for h in wanted {
-            if let Ok((size, inline)) = st.query_row([h.to_vec()], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
-            }) {
-                out.push(crate::store::read::PendingBlob {
-                    hash: ContentHash(h),
-                    size: size as u64,
-                    inline,
-                });
+            if let Ok((size, inline)) = st.query_row([h.to_vec()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))) {
+                out.push(crate::store::read::PendingBlob { hash: ContentHash(h), size: size as u64, inline });
             }
         }
         out
@@ -478,14 +376,10 @@ async fn blob_gate(
         }
     };
     let mut peers: HashMap<u64, NodeId> = HashMap::new();
-    let check = |tree: Arc<std::sync::Mutex<crate::store::TreeStore>>,
-                 peer: NodeId,
-                 hashes: Vec<[u8; 32]>| async move {
+    let check = |tree: Arc<std::sync::Mutex<crate::store::TreeStore>>, peer: NodeId, hashes: Vec<[u8; 32]>| async move {
         tokio::task::spawn_blocking(move || {
             let t = tree.lock().expect("gate db");
-            hashes.iter().all(|h| {
-                crate::engine::mesh::may_fetch(t.conn(), &peer, &ContentHash(*h)).unwrap_or(false)
-            })
+            hashes.iter().all(|h| crate::engine::mesh::may_fetch(t.conn(), &peer, &ContentHash(*h)).unwrap_or(false))
         })
         .await
         .unwrap_or(false)
@@ -498,9 +392,7 @@ async fn blob_gate(
                 let member = match peer {
                     Some(p) => tokio::task::spawn_blocking(move || {
                         let t = tree2.lock().expect("gate db");
-                        crate::engine::mesh::buckets_of(t.conn(), &p)
-                            .map(|b| !b.is_empty())
-                            .unwrap_or(false)
+                        crate::engine::mesh::buckets_of(t.conn(), &p).map(|b| !b.is_empty()).unwrap_or(false)
                     })
                     .await
                     .unwrap_or(false),
@@ -520,26 +412,16 @@ async fn blob_gate(
             ProviderMessage::GetRequestReceived(msg) => {
                 let hashes = vec![*msg.request.hash.as_bytes()];
                 let ok = match peers.get(&msg.connection_id) {
-                    Some(p) if msg.request.ranges.is_blob() => {
-                        check(tree.clone(), *p, hashes.clone()).await
-                    }
+                    Some(p) if msg.request.ranges.is_blob() => check(tree.clone(), *p, hashes.clone()).await,
                     _ => false,
                 };
                 if ok {
                     index_now(&tree, &index, &content, &hashes).await;
                 }
-                msg.tx
-                    .send(if ok {
-                        Ok(())
-                    } else {
-                        Err(AbortReason::Permission)
-                    })
-                    .await
-                    .ok();
+                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
             }
             ProviderMessage::GetManyRequestReceived(msg) => {
-                let hashes: Vec<[u8; 32]> =
-                    msg.request.hashes.iter().map(|h| *h.as_bytes()).collect();
+                let hashes: Vec<[u8; 32]> = msg.request.hashes.iter().map(|h| *h.as_bytes()).collect();
                 let ok = match peers.get(&msg.connection_id) {
                     Some(p) => check(tree.clone(), *p, hashes.clone()).await,
                     None => false,
@@ -549,28 +431,14 @@ async fn blob_gate(
                 } else {
                     tracing::warn!("refused a blob request for hashes outside the peer's buckets");
                 }
-                msg.tx
-                    .send(if ok {
-                        Ok(())
-                    } else {
-                        Err(AbortReason::Permission)
-                    })
-                    .await
-                    .ok();
+                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
             }
             ProviderMessage::ObserveRequestReceived(msg) => {
                 let ok = match peers.get(&msg.connection_id) {
                     Some(p) => check(tree.clone(), *p, vec![*msg.request.hash.as_bytes()]).await,
                     None => false,
                 };
-                msg.tx
-                    .send(if ok {
-                        Ok(())
-                    } else {
-                        Err(AbortReason::Permission)
-                    })
-                    .await
-                    .ok();
+                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
             }
             _ => {}
         }
@@ -667,30 +535,13 @@ pub enum MeshMsg {
     /// Blobs to fetch from a peer that has them.
     Missing(NodeId, Vec<(ContentHash, u64)>),
     /// A fetch request ended: what arrived, what did not.
-    Fetched {
-        peer: NodeId,
-        got: Vec<ContentHash>,
-        failed: Vec<(ContentHash, u64)>,
-    },
+    Fetched { peer: NodeId, got: Vec<ContentHash>, failed: Vec<(ContentHash, u64)> },
     /// Make a ticket.
-    Invite {
-        bucket: String,
-        expires_ms: i64,
-        uses: u32,
-        reply: RpcReplyPort<Result<String, String>>,
-    },
+    Invite { bucket: String, expires_ms: i64, uses: u32, reply: RpcReplyPort<Result<String, String>> },
     /// Join with a ticket.
-    Join {
-        ticket: String,
-        name: Option<String>,
-        reply: RpcReplyPort<Result<Joined, String>>,
-    },
+    Join { ticket: String, name: Option<String>, reply: RpcReplyPort<Result<Joined, String>> },
     /// Remove a member.
-    Remove {
-        bucket: String,
-        node: NodeId,
-        reply: RpcReplyPort<Result<(), String>>,
-    },
+    Remove { bucket: String, node: NodeId, reply: RpcReplyPort<Result<(), String>> },
     /// A sync message arrived from a peer (for status).
     Synced(NodeId, usize),
     /// Status.
@@ -698,11 +549,7 @@ pub enum MeshMsg {
     /// An announcement arrived on a bucket's topic.
     Announced(Uid, Vec<u8>),
     /// Fetch one blob now (a user is waiting for it): answered once it is here.
-    FetchNow {
-        hash: ContentHash,
-        size: u64,
-        reply: RpcReplyPort<Result<(), String>>,
-    },
+    FetchNow { hash: ContentHash, size: u64, reply: RpcReplyPort<Result<(), String>> },
     /// Fault injection (tests only): panic in the handler.
     Panic,
 }
@@ -770,19 +617,13 @@ impl Actor for MeshActor {
     type State = MeshState;
     type Arguments = NodeContext;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<MeshMsg>,
-        ctx: NodeContext,
-    ) -> Result<MeshState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<MeshMsg>, ctx: NodeContext) -> Result<MeshState, ActorProcessingErr> {
         ctx.faults.check_start(Child::Mesh)?;
         let handle = NodeHandle::new(ctx.names.clone());
         let net = ctx.net.clone();
         let my_id = crate::identity::node_id(&crate::identity::load_or_create(&ctx.dir)?);
         if let Some(net) = &net {
-            if let Ok(MeshReply::Changed(changed)) =
-                mesh(&handle, MeshOp::AnnounceAddrs(net.addrs())).await
-            {
+            if let Ok(MeshReply::Changed(changed)) = mesh(&handle, MeshOp::AnnounceAddrs(net.addrs())).await {
                 let _ = me.cast(MeshMsg::Changed(changed));
             }
             me.send_interval(Duration::from_secs(1), || MeshMsg::Tick);
@@ -806,24 +647,15 @@ impl Actor for MeshActor {
             last_missing_scan: None,
             topics: HashMap::new(),
             neighbors: Default::default(),
-            nonce: std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish(),
+            nonce: std::collections::hash_map::RandomState::new().build_hasher().finish(),
         })
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<MeshMsg>,
-        msg: MeshMsg,
-        state: &mut MeshState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<MeshMsg>, msg: MeshMsg, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
         match msg {
             MeshMsg::Wake => {
                 if state.net.is_some() {
-                    if let Ok(MeshReply::Changed(changed)) =
-                        mesh(&state.handle, MeshOp::Publish).await
-                    {
+                    if let Ok(MeshReply::Changed(changed)) = mesh(&state.handle, MeshOp::Publish).await {
                         if !changed.is_empty() {
                             broadcast(state, &changed);
                             announce(state, &changed).await;
@@ -846,9 +678,7 @@ impl Actor for MeshActor {
                     // A session: sync those documents now (our side speaks first; the peer
                     // answers with what we lack).
                     Some(s) => {
-                        let _ = s.actor.cast(SessionMsg::Changed(
-                            a.docs.iter().map(|(d, _)| (bucket, *d)).collect(),
-                        ));
+                        let _ = s.actor.cast(SessionMsg::Changed(a.docs.iter().map(|(d, _)| (bucket, *d)).collect()));
                     }
                     // None: dial the announcer at the next tick.
                     None => state.peers.entry(a.node).or_default().next_dial = None,
@@ -871,10 +701,7 @@ impl Actor for MeshActor {
             }
             MeshMsg::Missing(peer, blobs) => {
                 for (hash, size) in blobs {
-                    let entry = state
-                        .wanted
-                        .entry(hash)
-                        .or_insert_with(|| (size, Vec::new()));
+                    let entry = state.wanted.entry(hash).or_insert_with(|| (size, Vec::new()));
                     if !entry.1.contains(&peer) {
                         entry.1.push(peer);
                     }
@@ -908,63 +735,28 @@ impl Actor for MeshActor {
                 }
                 pump_fetches(&me, state);
             }
-            MeshMsg::Invite {
-                bucket,
-                expires_ms,
-                uses,
-                reply,
-            } => {
+            MeshMsg::Invite { bucket, expires_ms, uses, reply } => {
                 let Some(net) = &state.net else {
                     let _ = reply.send(Err("this node runs without a network endpoint".into()));
                     return Ok(());
                 };
                 let addrs = net.addrs();
-                let answer = match mesh(
-                    &state.handle,
-                    MeshOp::Invite {
-                        bucket,
-                        expires_ms,
-                        uses,
-                        addrs: addrs.clone(),
-                    },
-                )
-                .await
-                {
+                let answer = match mesh(&state.handle, MeshOp::Invite { bucket, expires_ms, uses, addrs: addrs.clone() }).await {
                     Ok(MeshReply::Invited(uid, secret)) => {
                         // The home relay, when the node uses one, lets a joiner behind NAT reach it.
-                        let relay = net
-                            .endpoint
-                            .addr()
-                            .relay_urls()
-                            .next()
-                            .map(|u| u.to_string());
-                        Ok(Ticket {
-                            node: state.me,
-                            addrs,
-                            relay,
-                            bucket: uid,
-                            secret,
-                        }
-                        .encode())
+                        let relay = net.endpoint.addr().relay_urls().next().map(|u| u.to_string());
+                        Ok(Ticket { node: state.me, addrs, relay, bucket: uid, secret }.encode())
                     }
                     Ok(_) => Err("unexpected answer from the store".to_string()),
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(answer);
             }
-            MeshMsg::Join {
-                ticket,
-                name,
-                reply,
-            } => {
+            MeshMsg::Join { ticket, name, reply } => {
                 let result = join(&me, state, &ticket, name).await;
                 let _ = reply.send(result);
             }
-            MeshMsg::Remove {
-                bucket,
-                node,
-                reply,
-            } => {
+            MeshMsg::Remove { bucket, node, reply } => {
                 let result = match mesh(&state.handle, MeshOp::Remove { bucket, node }).await {
                     Ok(MeshReply::Removed(uid)) => {
                         broadcast(state, &[(uid, crate::proto::sync::META_DOC)]);
@@ -988,10 +780,7 @@ impl Actor for MeshActor {
             }
             MeshMsg::FetchNow { hash, size, reply } => {
                 let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
-                let entry = state
-                    .wanted
-                    .entry(hash)
-                    .or_insert_with(|| (size, Vec::new()));
+                let entry = state.wanted.entry(hash).or_insert_with(|| (size, Vec::new()));
                 for p in connected {
                     if !entry.1.contains(&p) {
                         entry.1.push(p);
@@ -1013,27 +802,16 @@ impl Actor for MeshActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(
-        &self,
-        _me: ActorRef<MeshMsg>,
-        evt: SupervisionEvent,
-        state: &mut MeshState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(&self, _me: ActorRef<MeshMsg>, evt: SupervisionEvent, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
         let ended = match &evt {
-            SupervisionEvent::ActorTerminated(cell, _, _)
-            | SupervisionEvent::ActorFailed(cell, _) => Some(cell.get_id()),
+            SupervisionEvent::ActorTerminated(cell, _, _) | SupervisionEvent::ActorFailed(cell, _) => Some(cell.get_id()),
             _ => None,
         };
         if let Some(id) = ended {
             if let SupervisionEvent::ActorFailed(_, e) = &evt {
                 tracing::warn!(error = %e, "a sync session failed; the peer is dialed again");
             }
-            let gone: Vec<NodeId> = state
-                .sessions
-                .iter()
-                .filter(|(_, s)| s.actor.get_id() == id)
-                .map(|(p, _)| *p)
-                .collect();
+            let gone: Vec<NodeId> = state.sessions.iter().filter(|(_, s)| s.actor.get_id() == id).map(|(p, _)| *p).collect();
             for peer in gone {
                 state.sessions.remove(&peer);
                 let p = state.peers.entry(peer).or_default();
@@ -1043,11 +821,7 @@ impl Actor for MeshActor {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _me: ActorRef<MeshMsg>,
-        state: &mut MeshState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _me: ActorRef<MeshMsg>, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
         for (_, s) in state.sessions.drain() {
             s.actor.stop(Some("node stopping".into()));
             s.conn.close(VarInt::from_u32(0), b"node stopping");
@@ -1070,21 +844,13 @@ async fn announce(state: &mut MeshState, changed: &[(Uid, u16)]) {
         by_bucket.entry(*b).or_default().push(*d);
     }
     for (bucket, docs) in by_bucket {
-        let Some((sender, _)) = state.topics.get(&bucket) else {
-            continue;
-        };
-        let Ok(MeshReply::Summary(digests)) = mesh(&state.handle, MeshOp::Summary(bucket)).await
-        else {
-            continue;
-        };
+        let Some((sender, _)) = state.topics.get(&bucket) else { continue };
+        let Ok(MeshReply::Summary(digests)) = mesh(&state.handle, MeshOp::Summary(bucket)).await else { continue };
         state.nonce = state.nonce.wrapping_add(1);
         let a = crate::proto::sync::Announcement {
             nonce: state.nonce,
             node: state.me,
-            docs: docs
-                .iter()
-                .map(|d| (*d, digests.get(*d as usize).copied().unwrap_or(0)))
-                .collect(),
+            docs: docs.iter().map(|d| (*d, digests.get(*d as usize).copied().unwrap_or(0))).collect(),
         };
         if let Err(e) = sender.broadcast(a.encode().into()).await {
             tracing::debug!(error = %e, "gossip announcement not sent");
@@ -1095,18 +861,12 @@ async fn announce(state: &mut MeshState, changed: &[(Uid, u16)]) {
 /// Joins the gossip topic of every shared bucket, with its members as bootstrap, and asks
 /// newly known members to join.
 async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
-    let Ok(MeshReply::Shared(shared)) = mesh(&state.handle, MeshOp::Shared).await else {
-        return;
-    };
+    let Ok(MeshReply::Shared(shared)) = mesh(&state.handle, MeshOp::Shared).await else { return };
     for (bucket, members) in shared {
         let ids: Vec<iroh::EndpointId> = members.iter().filter_map(endpoint_id).collect();
         match state.topics.get_mut(&bucket) {
             Some((sender, known)) => {
-                let new: Vec<iroh::EndpointId> = members
-                    .iter()
-                    .filter(|m| !known.contains(m))
-                    .filter_map(endpoint_id)
-                    .collect();
+                let new: Vec<iroh::EndpointId> = members.iter().filter(|m| !known.contains(m)).filter_map(endpoint_id).collect();
                 if !new.is_empty() {
                     let _ = sender.join_peers(new).await;
                     known.extend(members);
@@ -1114,9 +874,7 @@ async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
             }
             None => {
                 let topic = iroh_gossip::TopicId::from_bytes(crate::proto::sync::topic_of(&bucket));
-                let Ok(sub) = net.gossip.subscribe(topic, ids).await else {
-                    continue;
-                };
+                let Ok(sub) = net.gossip.subscribe(topic, ids).await else { continue };
                 let (sender, mut receiver) = sub.split();
                 let (me2, neighbors) = (me.clone(), state.neighbors.clone());
                 tokio::spawn(async move {
@@ -1126,10 +884,7 @@ async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
                     while let Some(Ok(event)) = receiver.next().await {
                         match event {
                             iroh_gossip::api::Event::Received(m) => {
-                                if me2
-                                    .cast(MeshMsg::Announced(bucket, m.content.to_vec()))
-                                    .is_err()
-                                {
+                                if me2.cast(MeshMsg::Announced(bucket, m.content.to_vec())).is_err() {
                                     break;
                                 }
                             }
@@ -1146,9 +901,7 @@ async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
                     }
                     neighbors.fetch_sub(mine, Relaxed);
                 });
-                state
-                    .topics
-                    .insert(bucket, (sender, members.into_iter().collect()));
+                state.topics.insert(bucket, (sender, members.into_iter().collect()));
             }
         }
     }
@@ -1156,19 +909,10 @@ async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
 
 async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     let Some(net) = state.net.clone() else { return };
-    let scan_due = state
-        .last_missing_scan
-        .is_none_or(|t| t.elapsed() >= MISSING_SCAN);
-    if net.eager_fetch
-        && scan_due
-        && !state.sessions.is_empty()
-        && state.queue.is_empty()
-        && state.in_flight == 0
-    {
+    let scan_due = state.last_missing_scan.is_none_or(|t| t.elapsed() >= MISSING_SCAN);
+    if net.eager_fetch && scan_due && !state.sessions.is_empty() && state.queue.is_empty() && state.in_flight == 0 {
         state.last_missing_scan = Some(Instant::now());
-        if let Ok(MeshReply::Blobs(missing)) =
-            mesh(&state.handle, MeshOp::Missing(MISSING_SCAN_MAX)).await
-        {
+        if let Ok(MeshReply::Blobs(missing)) = mesh(&state.handle, MeshOp::Missing(MISSING_SCAN_MAX)).await {
             let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
             for (hash, size) in missing {
                 if state.wanted.contains_key(&hash) {
@@ -1199,9 +943,7 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     for s in state.sessions.values() {
         let _ = s.actor.cast(SessionMsg::Recheck);
     }
-    let Ok(MeshReply::Peers(peers)) = mesh(&state.handle, MeshOp::Peers).await else {
-        return;
-    };
+    let Ok(MeshReply::Peers(peers)) = mesh(&state.handle, MeshOp::Peers).await else { return };
     for (peer, addrs) in &peers {
         net.learn(peer, addrs);
     }
@@ -1230,22 +972,9 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
 }
 
 /// Dials `peer` and runs the handshake: `Hello` with the buckets this node shares with it.
-async fn dial(
-    handle: &NodeHandle,
-    net: &Net,
-    me: &NodeId,
-    peer: &NodeId,
-) -> Result<Opened, String> {
+async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Result<Opened, String> {
     let id = endpoint_id(peer).ok_or("not a valid node id")?;
-    let asked = match mesh(
-        handle,
-        MeshOp::Accept {
-            peer: *peer,
-            asked: Vec::new(),
-        },
-    )
-    .await?
-    {
+    let asked = match mesh(handle, MeshOp::Accept { peer: *peer, asked: Vec::new() }).await? {
         MeshReply::Buckets(b) => b,
         _ => Vec::new(),
     };
@@ -1255,24 +984,12 @@ async fn dial(
     let conn = match tokio::time::timeout(NET_TIMEOUT, net.endpoint.connect(id, SYNC_ALPN)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(format!("cannot reach {}: {e}", peer.short())),
-        Err(_) => {
-            return Err(format!(
-                "cannot reach {}: no answer within {NET_TIMEOUT:?}",
-                peer.short()
-            ))
-        }
+        Err(_) => return Err(format!("cannot reach {}: no answer within {NET_TIMEOUT:?}", peer.short())),
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let addrs = net.addrs();
     let answer = async {
-        write_frame(
-            &mut send,
-            &Frame::Hello {
-                buckets: asked.clone(),
-                addrs,
-            },
-        )
-        .await?;
+        write_frame(&mut send, &Frame::Hello { buckets: asked.clone(), addrs }).await?;
         match read_frame(&mut recv).await? {
             Frame::Welcome { buckets } => Ok(buckets),
             Frame::Refused { reason } => Err(reason),
@@ -1290,136 +1007,61 @@ async fn dial(
             return Err("the peer did not answer the handshake in time".into());
         }
     };
-    Ok(Opened {
-        peer: *peer,
-        dialer: *me,
-        conn,
-        send,
-        recv,
-        buckets,
-        addrs: Vec::new(),
-    })
+    Ok(Opened { peer: *peer, dialer: *me, conn, send, recv, buckets, addrs: Vec::new() })
 }
 
 /// Joins with a ticket: dials the inviter, proves the secret, adopts the bucket, and keeps
 /// the connection as the first session (the first sync has started when this returns).
-async fn join(
-    me: &ActorRef<MeshMsg>,
-    state: &mut MeshState,
-    text: &str,
-    name: Option<String>,
-) -> Result<Joined, String> {
-    let net = state
-        .net
-        .clone()
-        .ok_or("this node runs without a network endpoint")?;
+async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: Option<String>) -> Result<Joined, String> {
+    let net = state.net.clone().ok_or("this node runs without a network endpoint")?;
     let ticket = Ticket::decode(text).map_err(|e| e.to_string())?;
     if ticket.node == state.me {
         return Err("this ticket was made by this node: give it to another node".into());
     }
     net.learn(&ticket.node, &ticket.addrs);
-    if let (Some(url), Some(id)) = (
-        ticket
-            .relay
-            .as_deref()
-            .and_then(|u| u.parse::<iroh::RelayUrl>().ok()),
-        endpoint_id(&ticket.node),
-    ) {
-        net.lookup
-            .add_endpoint_info(EndpointAddr::new(id).with_relay_url(url));
+    if let (Some(url), Some(id)) = (ticket.relay.as_deref().and_then(|u| u.parse::<iroh::RelayUrl>().ok()), endpoint_id(&ticket.node)) {
+        net.lookup.add_endpoint_info(EndpointAddr::new(id).with_relay_url(url));
     }
     // The handshake's Joined frame carries the bucket's name and root: read it here, then
     // adopt before the session starts applying what the inviter sends.
     let id = endpoint_id(&ticket.node).ok_or("the ticket names an invalid node id")?;
     let conn = match tokio::time::timeout(NET_TIMEOUT, net.endpoint.connect(id, SYNC_ALPN)).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            return Err(format!(
-                "cannot reach the inviter at {:?}: {e}",
-                ticket.addrs
-            ))
-        }
-        Err(_) => {
-            return Err(format!(
-                "cannot reach the inviter at {:?}: no answer within {NET_TIMEOUT:?}",
-                ticket.addrs
-            ))
-        }
+        Ok(Err(e)) => return Err(format!("cannot reach the inviter at {:?}: {e}", ticket.addrs)),
+        Err(_) => return Err(format!("cannot reach the inviter at {:?}: no answer within {NET_TIMEOUT:?}", ticket.addrs)),
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let addrs = net.addrs();
-    write_frame(
-        &mut send,
-        &Frame::Join {
-            bucket: ticket.bucket,
-            secret: ticket.secret,
-            addrs: addrs.clone(),
-        },
-    )
-    .await?;
-    let (remote_name, root) =
-        match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
-            Ok(Ok(Frame::Joined { bucket, name, root })) if bucket == ticket.bucket => (
-                name,
-                BranchRecord::decode(&root)
-                    .map_err(|e| format!("the inviter sent a bad root branch: {e}"))?,
-            ),
-            Ok(Ok(Frame::Refused { reason })) => return Err(reason),
-            Ok(Ok(_)) => return Err("the inviter answered something else".into()),
-            Ok(Err(e)) => return Err(format!("the inviter closed the connection: {e}")),
-            Err(_) => return Err("the inviter did not answer within 30 s".into()),
-        };
-    let local = name.unwrap_or_else(|| remote_name.clone());
-    let adoption = Adoption {
-        name: local.clone(),
-        bucket: ticket.bucket,
-        root,
-        inviter: ticket.node,
-        inviter_addrs: ticket.addrs.clone(),
-        my_addrs: addrs.clone(),
+    write_frame(&mut send, &Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: addrs.clone() }).await?;
+    let (remote_name, root) = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
+        Ok(Ok(Frame::Joined { bucket, name, root })) if bucket == ticket.bucket => {
+            (name, BranchRecord::decode(&root).map_err(|e| format!("the inviter sent a bad root branch: {e}"))?)
+        }
+        Ok(Ok(Frame::Refused { reason })) => return Err(reason),
+        Ok(Ok(_)) => return Err("the inviter answered something else".into()),
+        Ok(Err(e)) => return Err(format!("the inviter closed the connection: {e}")),
+        Err(_) => return Err("the inviter did not answer within 30 s".into()),
     };
+    let local = name.unwrap_or_else(|| remote_name.clone());
+    let adoption = Adoption { name: local.clone(), bucket: ticket.bucket, root, inviter: ticket.node, inviter_addrs: ticket.addrs.clone(), my_addrs: addrs.clone() };
     match mesh(&state.handle, MeshOp::Adopt(Box::new(adoption))).await {
         Ok(MeshReply::Adopted(_)) => {}
         Ok(_) => return Err("unexpected answer from the store".into()),
         Err(e) => {
-            let _ = write_frame(
-                &mut send,
-                &Frame::Refused {
-                    reason: "the joiner could not take the bucket".into(),
-                },
-            )
-            .await;
+            let _ = write_frame(&mut send, &Frame::Refused { reason: "the joiner could not take the bucket".into() }).await;
             conn.close(VarInt::from_u32(0), b"cannot adopt");
             return Err(e);
         }
     }
-    write_frame(
-        &mut send,
-        &Frame::Hello {
-            buckets: vec![ticket.bucket],
-            addrs,
-        },
-    )
-    .await?;
+    write_frame(&mut send, &Frame::Hello { buckets: vec![ticket.bucket], addrs }).await?;
     let buckets = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
         Ok(Ok(Frame::Welcome { buckets })) => buckets,
         Ok(Ok(Frame::Refused { reason })) => return Err(reason),
         _ => return Err("the inviter did not welcome the new member".into()),
     };
-    let opened = Opened {
-        peer: ticket.node,
-        dialer: state.me,
-        conn,
-        send,
-        recv,
-        buckets,
-        addrs: ticket.addrs.clone(),
-    };
+    let opened = Opened { peer: ticket.node, dialer: state.me, conn, send, recv, buckets, addrs: ticket.addrs.clone() };
     open_session(me, state, opened).await;
-    Ok(Joined {
-        bucket: local,
-        inviter: ticket.node.to_hex(),
-    })
+    Ok(Joined { bucket: local, inviter: ticket.node.to_hex() })
 }
 
 async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Opened) {
@@ -1441,9 +1083,7 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
             return;
         }
         existing.actor.stop(Some("replaced".into()));
-        existing
-            .conn
-            .close(VarInt::from_u32(0), b"duplicate session");
+        existing.conn.close(VarInt::from_u32(0), b"duplicate session");
         state.sessions.remove(&peer);
     }
     let p = state.peers.entry(peer).or_default();
@@ -1452,24 +1092,11 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
     let conn = opened.conn.clone();
     let dialer = opened.dialer;
     let eager_fetch = state.net.as_ref().is_none_or(|n| n.eager_fetch);
-    let args = SessionArgs {
-        opened,
-        handle: state.handle.clone(),
-        mesh: me.clone(),
-        eager_fetch,
-    };
+    let args = SessionArgs { opened, handle: state.handle.clone(), mesh: me.clone(), eager_fetch };
     match Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await {
         Ok((actor, _)) => {
             tracing::info!(peer = %peer.short(), "session open");
-            state.sessions.insert(
-                peer,
-                SessionSlot {
-                    actor,
-                    dialer,
-                    conn,
-                    opened_at: Instant::now(),
-                },
-            );
+            state.sessions.insert(peer, SessionSlot { actor, dialer, conn, opened_at: Instant::now() });
         }
         Err(e) => tracing::warn!(peer = %peer.short(), error = %e, "could not start a session"),
     }
@@ -1479,20 +1106,14 @@ fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     let Some(net) = state.net.clone() else { return };
     while state.in_flight < FETCHES_MAX && !state.queue.is_empty() {
         // One batch: hashes whose first candidate is the same peer.
-        let Some(first) = state.queue.pop_front() else {
-            break;
-        };
-        let Some((_, peers)) = state.wanted.get(&first) else {
-            continue;
-        };
+        let Some(first) = state.queue.pop_front() else { break };
+        let Some((_, peers)) = state.wanted.get(&first) else { continue };
         let Some(&peer) = peers.first() else { continue };
         let mut batch = vec![(first, state.wanted[&first].0)];
         let mut rest = VecDeque::new();
         while let Some(h) = state.queue.pop_front() {
             match state.wanted.get(&h) {
-                Some((size, ps)) if ps.first() == Some(&peer) && batch.len() < FETCH_BATCH_MAX => {
-                    batch.push((h, *size))
-                }
+                Some((size, ps)) if ps.first() == Some(&peer) && batch.len() < FETCH_BATCH_MAX => batch.push((h, *size)),
                 Some(_) => rest.push_back(h),
                 None => {}
             }
@@ -1500,16 +1121,10 @@ fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
         state.queue = rest;
         state.in_flight += 1;
         state.fetching.extend(batch.iter().map(|(h, _)| *h));
-        let (me2, index, content, handle) = (
-            me.clone(),
-            state.ctx.index.clone(),
-            state.ctx.content.clone(),
-            state.handle.clone(),
-        );
+        let (me2, index, content, handle) = (me.clone(), state.ctx.index.clone(), state.ctx.content.clone(), state.handle.clone());
         let endpoint = net.endpoint.clone();
         tokio::spawn(async move {
-            let (got, failed) =
-                fetch_batch(&endpoint, &index, &content, &handle, peer, batch).await;
+            let (got, failed) = fetch_batch(&endpoint, &index, &content, &handle, peer, batch).await;
             let _ = me2.cast(MeshMsg::Fetched { peer, got, failed });
         });
     }
@@ -1529,61 +1144,41 @@ async fn fetch_batch(
     peer: NodeId,
     batch: Vec<(ContentHash, u64)>,
 ) -> (Vec<ContentHash>, Vec<(ContentHash, u64)>) {
-    let (small, large): (Vec<_>, Vec<_>) = batch
-        .iter()
-        .copied()
-        .partition(|(_, size)| *size as usize <= crate::content::INLINE_BYTES_MAX);
+    let (small, large): (Vec<_>, Vec<_>) = batch.iter().copied().partition(|(_, size)| *size as usize <= crate::content::INLINE_BYTES_MAX);
     let mut landed: Vec<(ContentHash, Option<Vec<u8>>)> = Vec::new();
     let conn = async {
         let id = endpoint_id(&peer).ok_or("bad peer id")?;
-        tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN))
-            .await
-            .map_err(|_| "connect timeout".to_string())?
-            .map_err(|e| e.to_string())
+        tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN)).await.map_err(|_| "connect timeout".to_string())?.map_err(|e| e.to_string())
     }
     .await;
     match conn {
-        Err(e) => {
-            tracing::warn!(peer = %peer.short(), blobs = batch.len(), error = %e, "cannot reach a peer for blobs; tried again")
-        }
+        Err(e) => tracing::warn!(peer = %peer.short(), blobs = batch.len(), error = %e, "cannot reach a peer for blobs; tried again"),
         Ok(conn) => {
             if !small.is_empty() {
-                let (got, error) =
-                    match tokio::time::timeout(FETCH_TIMEOUT, fetch_inline(conn.clone(), &small))
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => (Vec::new(), Some("timed out".to_string())),
-                    };
+                let (got, error) = match tokio::time::timeout(FETCH_TIMEOUT, fetch_inline(conn.clone(), &small)).await {
+                    Ok(r) => r,
+                    Err(_) => (Vec::new(), Some("timed out".to_string())),
+                };
                 if let Some(e) = error {
                     tracing::warn!(peer = %peer.short(), blobs = small.len(), arrived = got.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
                 }
                 landed.extend(got.into_iter().map(|(h, bytes)| (h, Some(bytes))));
             }
             if !large.is_empty() {
-                landed.extend(
-                    fetch_into_store(&conn, index, content, peer, &large)
-                        .await
-                        .into_iter()
-                        .map(|h| (h, None)),
-                );
+                landed.extend(fetch_into_store(&conn, index, content, peer, &large).await.into_iter().map(|h| (h, None)));
             }
             conn.close(VarInt::from_u32(0), b"done");
         }
     }
     let arrived: std::collections::HashSet<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
-    let mut failed: Vec<(ContentHash, u64)> = batch
-        .into_iter()
-        .filter(|(h, _)| !arrived.contains(h))
-        .collect();
+    let mut failed: Vec<(ContentHash, u64)> = batch.into_iter().filter(|(h, _)| !arrived.contains(h)).collect();
     // One transaction records the whole batch.
     let got: Vec<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
     match mesh(handle, MeshOp::BlobsArrived(landed)).await {
         Ok(_) => (got, failed),
         Err(e) => {
             tracing::warn!(error = %e, "could not record fetched blobs");
-            let sizes: std::collections::HashMap<ContentHash, u64> =
-                small.iter().chain(&large).copied().collect();
+            let sizes: std::collections::HashMap<ContentHash, u64> = small.iter().chain(&large).copied().collect();
             failed.extend(got.into_iter().map(|h| (h, sizes[&h])));
             (Vec::new(), failed)
         }
@@ -1593,24 +1188,13 @@ async fn fetch_batch(
 /// Reads inline-tier blobs `want` from one GetMany response, each verified against its hash
 /// (iroh-blobs' response decoder checks every chunk against the BLAKE3 tree) and its size
 /// checked before a byte is buffered. Returns what arrived before the first error, and it.
-async fn fetch_inline(
-    conn: iroh::endpoint::Connection,
-    want: &[(ContentHash, u64)],
-) -> (Vec<(ContentHash, Vec<u8>)>, Option<String>) {
+async fn fetch_inline(conn: iroh::endpoint::Connection, want: &[(ContentHash, u64)]) -> (Vec<(ContentHash, Vec<u8>)>, Option<String>) {
     use iroh_blobs::get::fsm::{self, EndBlobNext};
     use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
     let mut got = Vec::with_capacity(want.len());
-    let req = GetManyRequest::new(
-        want.iter()
-            .map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0))
-            .collect(),
-        ChunkRangesSeq::all(),
-    );
+    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
     let result: Result<(), String> = async {
-        let mut child = match fsm::start_get_many(conn, req, Default::default())
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        let mut child = match fsm::start_get_many(conn, req, Default::default()).await.map_err(|e| e.to_string())? {
             Ok(child) => child,
             Err(closing) => {
                 closing.next().await.map_err(|e| e.to_string())?;
@@ -1618,23 +1202,12 @@ async fn fetch_inline(
             }
         };
         loop {
-            let &(hash, size) = want
-                .get(child.offset() as usize)
-                .ok_or("the response runs past the request")?;
-            let (body, announced) = child
-                .next(iroh_blobs::Hash::from_bytes(hash.0))
-                .next()
-                .await
-                .map_err(|e| e.to_string())?;
+            let &(hash, size) = want.get(child.offset() as usize).ok_or("the response runs past the request")?;
+            let (body, announced) = child.next(iroh_blobs::Hash::from_bytes(hash.0)).next().await.map_err(|e| e.to_string())?;
             if announced != size {
-                return Err(format!(
-                    "blob {hash}: the peer announced {announced} bytes, the version names {size}"
-                ));
+                return Err(format!("blob {hash}: the peer announced {announced} bytes, the version names {size}"));
             }
-            let (end, bytes) = body
-                .concatenate_into_vec()
-                .await
-                .map_err(|e| format!("blob {hash}: {e}"))?;
+            let (end, bytes) = body.concatenate_into_vec().await.map_err(|e| format!("blob {hash}: {e}"))?;
             got.push((hash, bytes));
             match end.next() {
                 EndBlobNext::MoreChildren(next) => child = next,
@@ -1671,9 +1244,7 @@ async fn write_back_while_arriving(paths: Vec<std::path::PathBuf>) {
             for path in &paths {
                 if let Ok(file) = std::fs::File::open(path) {
                     // SAFETY: a plain syscall on a descriptor this function owns for the call.
-                    unsafe {
-                        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-                    };
+                    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
                 }
             }
         })
@@ -1694,31 +1265,13 @@ async fn fetch_into_store(
     let store = index.store();
     // Tagged first, so iroh-blobs' own GC never takes one between its arrival and its landing.
     for (h, _) in want {
-        let _ = store
-            .tags()
-            .set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0))
-            .await;
+        let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
     }
-    let req = GetManyRequest::new(
-        want.iter()
-            .map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0))
-            .collect(),
-        ChunkRangesSeq::all(),
-    );
+    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
     let started = std::time::Instant::now();
-    let arriving: Vec<_> = want
-        .iter()
-        .filter(|(_, size)| *size >= WRITEBACK_FROM)
-        .map(|(h, _)| index.owned_data_path(h))
-        .collect();
-    let writeback =
-        (!arriving.is_empty()).then(|| tokio::spawn(write_back_while_arriving(arriving)));
-    let error = match tokio::time::timeout(
-        FETCH_TIMEOUT,
-        store.remote().execute_get_many(conn.clone(), req),
-    )
-    .await
-    {
+    let arriving: Vec<_> = want.iter().filter(|(_, size)| *size >= WRITEBACK_FROM).map(|(h, _)| index.owned_data_path(h)).collect();
+    let writeback = (!arriving.is_empty()).then(|| tokio::spawn(write_back_while_arriving(arriving)));
+    let error = match tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get_many(conn.clone(), req)).await {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("timed out".to_string()),
@@ -1744,22 +1297,11 @@ async fn fetch_into_store(
             if !store.blobs().has(hash).await.unwrap_or(false) {
                 return Err("did not arrive".to_string());
             }
-            let opts = iroh_blobs::api::blobs::ExportOptions {
-                hash,
-                mode: iroh_blobs::api::blobs::ExportMode::TryReference,
-                target: target.clone(),
-            };
-            store
-                .export_with_opts(opts)
-                .await
-                .map_err(|e| e.to_string())?;
-            std::fs::File::open(&target)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| e.to_string())?;
+            let opts = iroh_blobs::api::blobs::ExportOptions { hash, mode: iroh_blobs::api::blobs::ExportMode::TryReference, target: target.clone() };
+            store.export_with_opts(opts).await.map_err(|e| e.to_string())?;
+            std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
             if let Some(dir) = target.parent() {
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| e.to_string())?;
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
             }
             Ok(())
         }
@@ -1775,11 +1317,7 @@ async fn fetch_into_store(
 }
 
 fn status(state: &MeshState) -> MeshStatus {
-    let listen = state
-        .net
-        .as_ref()
-        .map(|n| n.addrs().iter().map(|a| a.to_string()).collect())
-        .unwrap_or_default();
+    let listen = state.net.as_ref().map(|n| n.addrs().iter().map(|a| a.to_string()).collect()).unwrap_or_default();
     let mut peers: Vec<PeerStatus> = state
         .peers
         .iter()
@@ -1790,10 +1328,7 @@ fn status(state: &MeshState) -> MeshStatus {
                     let paths = s.conn.paths();
                     let sel = paths.iter().find(|p| p.is_selected());
                     match sel {
-                        Some(p) => (
-                            if p.is_ip() { "direct" } else { "relayed" }.to_string(),
-                            Some(p.rtt().as_millis() as u64),
-                        ),
+                        Some(p) => (if p.is_ip() { "direct" } else { "relayed" }.to_string(), Some(p.rtt().as_millis() as u64)),
                         None => ("-".to_string(), None),
                     }
                 }
@@ -1870,19 +1405,8 @@ impl Actor for SessionActor {
     type State = SessionState;
     type Arguments = SessionArgs;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<SessionMsg>,
-        args: SessionArgs,
-    ) -> Result<SessionState, ActorProcessingErr> {
-        let Opened {
-            peer,
-            conn,
-            send,
-            mut recv,
-            buckets,
-            ..
-        } = args.opened;
+    async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+        let Opened { peer, conn, send, mut recv, buckets, .. } = args.opened;
         let me2 = me.clone();
         let reader = tokio::spawn(async move {
             loop {
@@ -1918,12 +1442,7 @@ impl Actor for SessionActor {
         Ok(state)
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<SessionMsg>,
-        msg: SessionMsg,
-        state: &mut SessionState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
         // A peer that is gone, or stops taking data, ends its session; nothing else fails.
         if let Err(e) = self.handle_inner(&me, msg, state).await {
             tracing::info!(peer = %state.peer.short(), reason = %e, "session closed");
@@ -1932,11 +1451,7 @@ impl Actor for SessionActor {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _me: ActorRef<SessionMsg>,
-        state: &mut SessionState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _me: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
         state.reader.abort();
         let _ = state.send.finish();
         state.conn.close(VarInt::from_u32(0), b"session ended");
@@ -1946,12 +1461,7 @@ impl Actor for SessionActor {
 }
 
 impl SessionActor {
-    async fn handle_inner(
-        &self,
-        me: &ActorRef<SessionMsg>,
-        msg: SessionMsg,
-        state: &mut SessionState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle_inner(&self, me: &ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Frame(frame) => on_frame(me, state, frame).await?,
             SessionMsg::Closed(why) => {
@@ -1966,15 +1476,7 @@ impl SessionActor {
                 }
             }
             SessionMsg::Recheck => {
-                let still = match mesh(
-                    &state.handle,
-                    MeshOp::Accept {
-                        peer: state.peer,
-                        asked: state.buckets.iter().copied().collect(),
-                    },
-                )
-                .await
-                {
+                let still = match mesh(&state.handle, MeshOp::Accept { peer: state.peer, asked: state.buckets.iter().copied().collect() }).await {
                     Ok(MeshReply::Buckets(b)) => b.into_iter().collect::<HashSet<Uid>>(),
                     _ => state.buckets.clone(),
                 };
@@ -1983,14 +1485,7 @@ impl SessionActor {
                     state.buckets = still;
                 }
                 if state.buckets.is_empty() {
-                    let _ = write_frame(
-                        &mut state.send,
-                        &Frame::Refused {
-                            reason: "you are no longer a member of any bucket this node shares"
-                                .into(),
-                        },
-                    )
-                    .await;
+                    let _ = write_frame(&mut state.send, &Frame::Refused { reason: "you are no longer a member of any bucket this node shares".into() }).await;
                     state.conn.close(VarInt::from_u32(403), b"removed");
                     me.stop(None);
                     return Ok(());
@@ -2015,21 +1510,8 @@ async fn send_summaries(state: &mut SessionState) -> Result<(), ActorProcessingE
     Ok(())
 }
 
-async fn send_generated(
-    state: &mut SessionState,
-    bucket: Uid,
-    doc: u16,
-) -> Result<(), ActorProcessingErr> {
-    if let MeshReply::Message(Some(msg)) = mesh(
-        &state.handle,
-        MeshOp::Generate {
-            peer: state.peer,
-            bucket,
-            doc,
-        },
-    )
-    .await?
-    {
+async fn send_generated(state: &mut SessionState, bucket: Uid, doc: u16) -> Result<(), ActorProcessingErr> {
+    if let MeshReply::Message(Some(msg)) = mesh(&state.handle, MeshOp::Generate { peer: state.peer, bucket, doc }).await? {
         write_frame(&mut state.send, &Frame::Sync { bucket, doc, msg }).await?;
     } else {
         state.lagging.remove(&(bucket, doc));
@@ -2037,11 +1519,7 @@ async fn send_generated(
     Ok(())
 }
 
-async fn on_frame(
-    me: &ActorRef<SessionMsg>,
-    state: &mut SessionState,
-    frame: Frame,
-) -> Result<(), ActorProcessingErr> {
+async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Frame) -> Result<(), ActorProcessingErr> {
     match frame {
         Frame::Summary { bucket, digests } if state.buckets.contains(&bucket) => {
             let ours = match mesh(&state.handle, MeshOp::Summary(bucket)).await? {
@@ -2052,35 +1530,17 @@ async fn on_frame(
             for doc in &docs {
                 state.lagging.insert((bucket, *doc));
             }
-            let _ = state
-                .mesh
-                .cast(MeshMsg::Synced(state.peer, state.lagging.len()));
+            let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
             for doc in docs {
                 send_generated(state, bucket, doc).await?;
             }
         }
         Frame::Sync { bucket, doc, msg } if state.buckets.contains(&bucket) => {
-            match mesh(
-                &state.handle,
-                MeshOp::Receive {
-                    peer: state.peer,
-                    bucket,
-                    doc,
-                    msg,
-                },
-            )
-            .await
-            {
+            match mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await {
                 Ok(MeshReply::Received(r)) => {
-                    let Received {
-                        applied,
-                        members_changed,
-                        ..
-                    } = *r;
+                    let Received { applied, members_changed, .. } = *r;
                     if !applied.missing_blobs.is_empty() && state.eager_fetch {
-                        let _ = state
-                            .mesh
-                            .cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
+                        let _ = state.mesh.cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
                     }
                     if members_changed {
                         let _ = state.mesh.cast(MeshMsg::MembersChanged);
@@ -2099,9 +1559,7 @@ async fn on_frame(
                 }
             }
             send_generated(state, bucket, doc).await?;
-            let _ = state
-                .mesh
-                .cast(MeshMsg::Synced(state.peer, state.lagging.len()));
+            let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
         }
         Frame::Refused { reason } => {
             tracing::warn!(peer = %state.peer.short(), reason, "the peer ended the session");

@@ -56,9 +56,7 @@ impl Names {
     /// Names for a new node instance, unique in this process.
     pub fn unique() -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        Names {
-            instance: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        }
+        Names { instance: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) }
     }
 
     /// The registered name of `child`.
@@ -86,10 +84,7 @@ pub struct Faults {
 impl Faults {
     /// Makes the next `n` starts of `child` fail (as if its `pre_start` hit an error).
     pub fn fail_next_starts(&self, child: Child, n: u32) {
-        self.failing_starts
-            .lock()
-            .expect("faults lock")
-            .insert(child, n);
+        self.failing_starts.lock().expect("faults lock").insert(child, n);
     }
 
     /// Called by each child's start: an error when a failure was asked for.
@@ -133,13 +128,7 @@ pub enum Child {
 
 impl Child {
     /// In start order: the store first.
-    pub const ALL: [Child; 5] = [
-        Child::Store,
-        Child::Outbox,
-        Child::Blobs,
-        Child::Gc,
-        Child::Mesh,
-    ];
+    pub const ALL: [Child; 5] = [Child::Store, Child::Outbox, Child::Blobs, Child::Gc, Child::Mesh];
 
     /// The registered name.
     pub fn name(self) -> &'static str {
@@ -154,9 +143,7 @@ impl Child {
 
     /// The child named `name` (short or registered name).
     pub fn from_name(name: &str) -> Option<Child> {
-        Child::ALL
-            .into_iter()
-            .find(|c| c.name() == name || c.name().trim_start_matches("alkfs-") == name)
+        Child::ALL.into_iter().find(|c| c.name() == name || c.name().trim_start_matches("alkfs-") == name)
     }
 }
 
@@ -225,13 +212,7 @@ pub struct NodeContext {
 
 impl NodeContext {
     /// The context of a node on `dir`, with fresh names, the system clock and no faults.
-    pub fn new(
-        dir: &std::path::Path,
-        lock: Arc<DirLock>,
-        content: ContentStore,
-        index: Arc<BlobIndex>,
-        config: NodeConfig,
-    ) -> Self {
+    pub fn new(dir: &std::path::Path, lock: Arc<DirLock>, content: ContentStore, index: Arc<BlobIndex>, config: NodeConfig) -> Self {
         NodeContext {
             dir: dir.to_path_buf(),
             lock,
@@ -273,10 +254,7 @@ pub struct NodeHandle {
 impl NodeHandle {
     /// A handle to the node whose actors have these names.
     pub fn new(names: Names) -> Self {
-        NodeHandle {
-            names,
-            writer: Default::default(),
-        }
+        NodeHandle { names, writer: Default::default() }
     }
 
     /// Calls `child` with a message built around a reply port, looking the child up by name
@@ -318,9 +296,7 @@ impl NodeHandle {
             let writer = match cached {
                 Some(w) => w,
                 None => {
-                    let w = self
-                        .call(Child::Store, store::StoreMsg::Writer, QUERY_TIMEOUT)
-                        .await?;
+                    let w = self.call(Child::Store, store::StoreMsg::Writer, QUERY_TIMEOUT).await?;
                     *self.writer.lock().expect("writer cache") = Some(w.clone());
                     w
                 }
@@ -351,18 +327,8 @@ impl NodeHandle {
 
     /// Runs a collection now: the configured policy, with `gc`'s flags applied
     /// ([`Retention::with_flags`]).
-    pub async fn gc(
-        &self,
-        keep_versions: Option<u32>,
-        keep_days: Option<u32>,
-    ) -> Result<GcReport, NodeError> {
-        self.call(
-            Child::Gc,
-            |reply| gc::GcMsg::Run((keep_versions, keep_days), reply),
-            gc::GC_CALL_TIMEOUT,
-        )
-        .await?
-        .map_err(NodeError::Failed)
+    pub async fn gc(&self, keep_versions: Option<u32>, keep_days: Option<u32>) -> Result<GcReport, NodeError> {
+        self.call(Child::Gc, |reply| gc::GcMsg::Run((keep_versions, keep_days), reply), gc::GC_CALL_TIMEOUT).await?.map_err(NodeError::Failed)
     }
 
     /// The last collection, if any.
@@ -372,104 +338,49 @@ impl NodeHandle {
 
     /// The blob actor's figures.
     pub async fn blob_stats(&self) -> Result<blobs::BlobStats, NodeError> {
-        self.call(Child::Blobs, blobs::BlobMsg::Stats, QUERY_TIMEOUT)
-            .await
+        self.call(Child::Blobs, blobs::BlobMsg::Stats, QUERY_TIMEOUT).await
     }
 
     /// The outbox cursor and head.
     pub async fn outbox_stats(&self) -> Result<(i64, i64), NodeError> {
-        self.call(Child::Outbox, outbox::OutboxMsg::Stats, QUERY_TIMEOUT)
-            .await
+        self.call(Child::Outbox, outbox::OutboxMsg::Stats, QUERY_TIMEOUT).await
     }
 
     /// A ticket to bucket `bucket`, valid `expires_ms`, for `uses` joins.
-    pub async fn invite(
-        &self,
-        bucket: String,
-        expires_ms: i64,
-        uses: u32,
-    ) -> Result<String, NodeError> {
-        self.call(
-            Child::Mesh,
-            |reply| mesh::MeshMsg::Invite {
-                bucket: bucket.clone(),
-                expires_ms,
-                uses,
-                reply,
-            },
-            JOIN_TIMEOUT,
-        )
-        .await?
-        .map_err(NodeError::Failed)
+    pub async fn invite(&self, bucket: String, expires_ms: i64, uses: u32) -> Result<String, NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Invite { bucket: bucket.clone(), expires_ms, uses, reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
     }
 
     /// Joins the bucket `ticket` shares, under `name` (or the inviter's name).
-    pub async fn join(
-        &self,
-        ticket: String,
-        name: Option<String>,
-    ) -> Result<mesh::Joined, NodeError> {
-        self.call(
-            Child::Mesh,
-            |reply| mesh::MeshMsg::Join {
-                ticket: ticket.clone(),
-                name: name.clone(),
-                reply,
-            },
-            JOIN_TIMEOUT,
-        )
-        .await?
-        .map_err(NodeError::Failed)
+    pub async fn join(&self, ticket: String, name: Option<String>) -> Result<mesh::Joined, NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Join { ticket: ticket.clone(), name: name.clone(), reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
     }
 
     /// Removes `node` from bucket `bucket` everywhere.
-    pub async fn remove_member(
-        &self,
-        bucket: String,
-        node: crate::proto::ids::NodeId,
-    ) -> Result<(), NodeError> {
-        self.call(
-            Child::Mesh,
-            |reply| mesh::MeshMsg::Remove {
-                bucket: bucket.clone(),
-                node,
-                reply,
-            },
-            JOIN_TIMEOUT,
-        )
-        .await?
-        .map_err(NodeError::Failed)
+    pub async fn remove_member(&self, bucket: String, node: crate::proto::ids::NodeId) -> Result<(), NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Remove { bucket: bucket.clone(), node, reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
     }
 
     /// Fetches blob `hash` from peers now and waits until it is here.
-    pub async fn fetch_now(
-        &self,
-        hash: crate::proto::entry::ContentHash,
-        size: u64,
-    ) -> Result<(), NodeError> {
-        self.call(
-            Child::Mesh,
-            |reply| mesh::MeshMsg::FetchNow { hash, size, reply },
-            FETCH_WAIT,
-        )
-        .await?
-        .map_err(NodeError::Failed)
+    pub async fn fetch_now(&self, hash: crate::proto::entry::ContentHash, size: u64) -> Result<(), NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::FetchNow { hash, size, reply }, FETCH_WAIT).await?.map_err(NodeError::Failed)
     }
 
     /// The mesh's status (peers, fetches).
     pub async fn mesh_status(&self) -> Result<mesh::MeshStatus, NodeError> {
-        self.call(Child::Mesh, mesh::MeshMsg::Status, QUERY_TIMEOUT)
-            .await
+        self.call(Child::Mesh, mesh::MeshMsg::Status, QUERY_TIMEOUT).await
     }
 
     /// Each child's health.
     pub async fn health(&self) -> Result<Vec<supervisor::ChildHealth>, NodeError> {
-        let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(self.names.supervisor())
-            .ok_or(NodeError::Unavailable("supervisor"))?;
-        match sup
-            .call(supervisor::SupervisorMsg::Health, Some(QUERY_TIMEOUT))
-            .await
-        {
+        let sup = ActorRef::<supervisor::SupervisorMsg>::where_is(self.names.supervisor()).ok_or(NodeError::Unavailable("supervisor"))?;
+        match sup.call(supervisor::SupervisorMsg::Health, Some(QUERY_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(h)) => Ok(h),
             _ => Err(NodeError::Timeout("supervisor")),
         }
@@ -479,21 +390,11 @@ impl NodeHandle {
     pub fn inject_panic(&self, child: Child) -> Result<(), NodeError> {
         let n = &self.names;
         let sent = match child {
-            Child::Store => n
-                .find::<store::StoreMsg>(child)
-                .map(|a| a.cast(store::StoreMsg::Panic).is_ok()),
-            Child::Outbox => n
-                .find::<outbox::OutboxMsg>(child)
-                .map(|a| a.cast(outbox::OutboxMsg::Panic).is_ok()),
-            Child::Blobs => n
-                .find::<blobs::BlobMsg>(child)
-                .map(|a| a.cast(blobs::BlobMsg::Panic).is_ok()),
-            Child::Gc => n
-                .find::<gc::GcMsg>(child)
-                .map(|a| a.cast(gc::GcMsg::Panic).is_ok()),
-            Child::Mesh => n
-                .find::<mesh::MeshMsg>(child)
-                .map(|a| a.cast(mesh::MeshMsg::Panic).is_ok()),
+            Child::Store => n.find::<store::StoreMsg>(child).map(|a| a.cast(store::StoreMsg::Panic).is_ok()),
+            Child::Outbox => n.find::<outbox::OutboxMsg>(child).map(|a| a.cast(outbox::OutboxMsg::Panic).is_ok()),
+            Child::Blobs => n.find::<blobs::BlobMsg>(child).map(|a| a.cast(blobs::BlobMsg::Panic).is_ok()),
+            Child::Gc => n.find::<gc::GcMsg>(child).map(|a| a.cast(gc::GcMsg::Panic).is_ok()),
+            Child::Mesh => n.find::<mesh::MeshMsg>(child).map(|a| a.cast(mesh::MeshMsg::Panic).is_ok()),
         };
         match sent {
             Some(true) => Ok(()),
@@ -523,10 +424,7 @@ pub(crate) enum Admit {
 impl Coalesce {
     /// Decides what to do with a trigger arriving now.
     pub(crate) fn admit(&mut self, window: Duration) -> Admit {
-        let wait = self
-            .last
-            .map(|t| window.saturating_sub(t.elapsed()))
-            .filter(|w| !w.is_zero());
+        let wait = self.last.map(|t| window.saturating_sub(t.elapsed())).filter(|w| !w.is_zero());
         match wait {
             Some(_) if self.scheduled => Admit::Scheduled,
             Some(wait) => {
@@ -545,8 +443,7 @@ impl Coalesce {
 /// False once the supervisor is gone (the node is stopping or gave up): no child will come
 /// back, so callers stop waiting for one.
 fn tree_alive(names: &Names) -> bool {
-    ActorRef::<supervisor::SupervisorMsg>::where_is(names.supervisor())
-        .is_some_and(|s| s.get_status() <= ractor::ActorStatus::Running)
+    ActorRef::<supervisor::SupervisorMsg>::where_is(names.supervisor()).is_some_and(|s| s.get_status() <= ractor::ActorStatus::Running)
 }
 
 /// A started node: its supervisor, what completes when the supervisor ends (cleanly after
@@ -563,20 +460,13 @@ pub struct Started {
 /// Starts the supervision tree.
 pub async fn start(ctx: NodeContext) -> Result<Started, NodeError> {
     let handle = NodeHandle::new(ctx.names.clone());
-    let (supervisor, done) =
-        Actor::spawn(Some(ctx.names.supervisor()), supervisor::Supervisor, ctx)
-            .await
-            .map_err(|e| NodeError::Failed(format!("starting the node: {e}")))?;
-    Ok(Started {
-        supervisor,
-        done,
-        handle,
-    })
+    let (supervisor, done) = Actor::spawn(Some(ctx.names.supervisor()), supervisor::Supervisor, ctx)
+        .await
+        .map_err(|e| NodeError::Failed(format!("starting the node: {e}")))?;
+    Ok(Started { supervisor, done, handle })
 }
 
 /// Stops the tree gracefully: the store finishes queued writes first.
 pub async fn stop(sup: &ActorRef<supervisor::SupervisorMsg>) {
-    let _ = sup
-        .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(60)))
-        .await;
+    let _ = sup.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(60))).await;
 }

@@ -56,48 +56,28 @@ impl Actor for OutboxActor {
     type State = OutboxState;
     type Arguments = NodeContext;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<OutboxMsg>,
-        ctx: NodeContext,
-    ) -> Result<OutboxState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<OutboxMsg>, ctx: NodeContext) -> Result<OutboxState, ActorProcessingErr> {
         let db = ctx.dir.join(TREE_DB_FILE);
         let tree = TreeStore::open(&db, false)?;
-        let config =
-            honker_core::WatcherConfig::default().with_poll_interval(ctx.config.outbox_poll)?;
-        let watcher = std::sync::Arc::new(honker_core::SharedUpdateWatcher::new_with_config(
-            db, config,
-        ));
+        let config = honker_core::WatcherConfig::default().with_poll_interval(ctx.config.outbox_poll)?;
+        let watcher = std::sync::Arc::new(honker_core::SharedUpdateWatcher::new_with_config(db, config));
         let (_id, rx) = watcher.subscribe();
         let wake = me.clone();
-        std::thread::Builder::new()
-            .name("alkfs-outbox-wake".into())
-            .spawn(move || {
-                // Ends when the watcher is closed (post_stop) or the actor is gone.
-                while rx.recv().is_ok() {
-                    if wake.cast(OutboxMsg::Wake).is_err() {
-                        break;
-                    }
+        std::thread::Builder::new().name("alkfs-outbox-wake".into()).spawn(move || {
+            // Ends when the watcher is closed (post_stop) or the actor is gone.
+            while rx.recv().is_ok() {
+                if wake.cast(OutboxMsg::Wake).is_err() {
+                    break;
                 }
-            })?;
+            }
+        })?;
         me.cast(OutboxMsg::Wake)?; // catch up on what committed while we were down
         me.cast(OutboxMsg::Touch)?;
         me.send_interval(TOUCH_INTERVAL, || OutboxMsg::Touch);
-        Ok(OutboxState {
-            tree,
-            watcher,
-            handed_on: 0,
-            gate: Default::default(),
-            names: ctx.names.clone(),
-        })
+        Ok(OutboxState { tree, watcher, handed_on: 0, gate: Default::default(), names: ctx.names.clone() })
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<OutboxMsg>,
-        msg: OutboxMsg,
-        state: &mut OutboxState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<OutboxMsg>, msg: OutboxMsg, state: &mut OutboxState) -> Result<(), ActorProcessingErr> {
         match msg {
             OutboxMsg::Wake => {
                 match state.gate.admit(COALESCE) {
@@ -112,12 +92,8 @@ impl Actor for OutboxActor {
                 let mut cursor = outbox::cursor(conn, CONSUMER)?;
                 loop {
                     let batch = outbox::read_after(conn, cursor, outbox::READ_BATCH_EVENTS_MAX)?;
-                    let Some(&(last, _)) = batch.last() else {
-                        break;
-                    };
-                    let new_blobs = batch.iter().any(|(_, e)| {
-                        matches!(e.op.as_str(), "write" | "merge" | "restore" | "rename")
-                    });
+                    let Some(&(last, _)) = batch.last() else { break };
+                    let new_blobs = batch.iter().any(|(_, e)| matches!(e.op.as_str(), "write" | "merge" | "restore" | "rename"));
                     if new_blobs {
                         if let Some(blobs) = state.names.find::<BlobMsg>(Child::Blobs) {
                             let _ = blobs.cast(BlobMsg::Scan);
@@ -131,9 +107,7 @@ impl Actor for OutboxActor {
                     cursor = last;
                 }
             }
-            OutboxMsg::Touch => {
-                outbox::touch(state.tree.conn(), CONSUMER, crate::engine::now_ms())?
-            }
+            OutboxMsg::Touch => outbox::touch(state.tree.conn(), CONSUMER, crate::engine::now_ms())?,
             OutboxMsg::Stats(reply) => {
                 let conn = state.tree.conn();
                 let _ = reply.send((outbox::cursor(conn, CONSUMER)?, outbox::head(conn)?));
@@ -143,11 +117,7 @@ impl Actor for OutboxActor {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _me: ActorRef<OutboxMsg>,
-        state: &mut OutboxState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _me: ActorRef<OutboxMsg>, state: &mut OutboxState) -> Result<(), ActorProcessingErr> {
         // close() joins the poll thread, which may be asleep for a whole poll interval: let it
         // finish on its own rather than hold up the node's shutdown.
         let watcher = state.watcher.clone();

@@ -36,69 +36,31 @@ pub enum WriteOp {
         items: Vec<CommitItem>,
     },
     /// Remove a path.
-    Remove {
-        scope: Scope,
-        path: TreePath,
-        recursive: bool,
-    },
+    Remove { scope: Scope, path: TreePath, recursive: bool },
     /// Rename (into a directory when the target is one).
-    Rename {
-        scope: Scope,
-        from: TreePath,
-        to: TreePath,
-    },
+    Rename { scope: Scope, from: TreePath, to: TreePath },
     /// Move to exactly a path, replacing a file or an empty directory there.
-    MoveOver {
-        scope: Scope,
-        from: TreePath,
-        to: TreePath,
-    },
+    MoveOver { scope: Scope, from: TreePath, to: TreePath },
     /// Set the mode and/or mtime, keeping the bytes.
-    SetAttr {
-        scope: Scope,
-        path: TreePath,
-        mode: Option<u32>,
-        mtime_ms: Option<i64>,
-    },
+    SetAttr { scope: Scope, path: TreePath, mode: Option<u32>, mtime_ms: Option<i64> },
     /// Create a directory.
-    Mkdir {
-        scope: Scope,
-        path: TreePath,
-        parents: bool,
-    },
+    Mkdir { scope: Scope, path: TreePath, parents: bool },
     /// Make an old version current.
-    Restore {
-        scope: Scope,
-        path: TreePath,
-        version: VersionRef,
-    },
+    Restore { scope: Scope, path: TreePath, version: VersionRef },
     /// Create a branch.
-    CreateBranch {
-        scope: Scope,
-        name: String,
-        from: Option<String>,
-    },
+    CreateBranch { scope: Scope, name: String, from: Option<String> },
     /// Delete a branch.
     DeleteBranch { scope: Scope, name: String },
     /// Create a bucket.
     CreateBucket { name: String },
     /// Merge a branch into another.
-    Merge {
-        scope: Scope,
-        from: String,
-        into: Option<String>,
-    },
+    Merge { scope: Scope, from: String, into: Option<String> },
     /// Take conflicts off the list (one path, or all).
-    DismissConflicts {
-        scope: Scope,
-        path: Option<TreePath>,
-    },
+    DismissConflicts { scope: Scope, path: Option<TreePath> },
     /// Collect garbage.
     Gc { policy: Retention },
     /// Record blobs as held by the iroh-blobs index.
-    MarkIndexed {
-        hashes: Vec<crate::proto::entry::ContentHash>,
-    },
+    MarkIndexed { hashes: Vec<crate::proto::entry::ContentHash> },
     /// The store's half of the mesh (documents, membership).
     Mesh(crate::engine::mesh::MeshOp),
 }
@@ -158,15 +120,9 @@ impl StoreWriter {
     // The op is handed back whole so the caller can send it elsewhere; boxing it would cost
     // an allocation on every write for the rare shutdown case.
     #[allow(clippy::result_large_err)]
-    pub fn send(
-        &self,
-        op: WriteOp,
-    ) -> Result<tokio::sync::oneshot::Receiver<DirectResult>, WriteOp> {
+    pub fn send(&self, op: WriteOp) -> Result<tokio::sync::oneshot::Receiver<DirectResult>, WriteOp> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match self.jobs.send(Job {
-            op,
-            reply: ReplyTo::Direct(tx),
-        }) {
+        match self.jobs.send(Job { op, reply: ReplyTo::Direct(tx) }) {
             Ok(()) => Ok(rx),
             Err(mpsc::SendError(job)) => Err(job.op),
         }
@@ -251,14 +207,9 @@ impl Actor for StoreActor {
     type State = StoreState;
     type Arguments = NodeContext;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<StoreMsg>,
-        ctx: NodeContext,
-    ) -> Result<StoreState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<StoreMsg>, ctx: NodeContext) -> Result<StoreState, ActorProcessingErr> {
         join_writer(&ctx.store_writer).await;
-        let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?
-            .with_clock(ctx.clock.clone());
+        let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?.with_clock(ctx.clock.clone());
         let (tx, rx) = mpsc::channel();
         let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let writer_ctx = WriterCtx {
@@ -269,31 +220,16 @@ impl Actor for StoreActor {
             actor: me,
             names: ctx.names.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("alkfs-store".into())
-            .spawn(move || writer(engine, rx, writer_ctx))?;
+        let thread = std::thread::Builder::new().name("alkfs-store".into()).spawn(move || writer(engine, rx, writer_ctx))?;
         *ctx.store_writer.lock().expect("writer thread slot") = Some(thread);
-        Ok(StoreState {
-            jobs: Some(tx),
-            thread: ctx.store_writer.clone(),
-            alive,
-        })
+        Ok(StoreState { jobs: Some(tx), thread: ctx.store_writer.clone(), alive })
     }
 
-    async fn handle(
-        &self,
-        _me: ActorRef<StoreMsg>,
-        msg: StoreMsg,
-        state: &mut StoreState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _me: ActorRef<StoreMsg>, msg: StoreMsg, state: &mut StoreState) -> Result<(), ActorProcessingErr> {
         match msg {
             StoreMsg::Write(op, reply) => {
                 let jobs = state.jobs.as_ref().ok_or("store writer is gone")?;
-                jobs.send(Job {
-                    op,
-                    reply: ReplyTo::Port(reply),
-                })
-                .map_err(|_| "the store writer thread stopped")?;
+                jobs.send(Job { op, reply: ReplyTo::Port(reply) }).map_err(|_| "the store writer thread stopped")?;
             }
             StoreMsg::Writer(reply) => {
                 let jobs = state.jobs.clone().ok_or("store writer is gone")?;
@@ -305,15 +241,9 @@ impl Actor for StoreActor {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _me: ActorRef<StoreMsg>,
-        state: &mut StoreState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _me: ActorRef<StoreMsg>, state: &mut StoreState) -> Result<(), ActorProcessingErr> {
         // Drain: the writer finishes what is queued (refusing what comes later), then exits.
-        state
-            .alive
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        state.alive.store(false, std::sync::atomic::Ordering::SeqCst);
         state.jobs.take();
         join_writer(&state.thread).await;
         Ok(())
@@ -330,10 +260,7 @@ struct WriterCtx {
 }
 
 /// Tells the actor when the writer thread ends for any reason but the actor's own end.
-struct DeathNotice(
-    ActorRef<StoreMsg>,
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-);
+struct DeathNotice(ActorRef<StoreMsg>, std::sync::Arc<std::sync::atomic::AtomicBool>);
 
 impl Drop for DeathNotice {
     fn drop(&mut self) {
@@ -351,8 +278,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
     let mut mesh = crate::engine::mesh::Mesh::new(&engine);
     let alive = || ctx.alive.load(std::sync::atomic::Ordering::SeqCst);
     let committed = || {
-        ctx.last_commit
-            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        ctx.last_commit.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         wake_outbox(&ctx.names);
     };
     let mut held: Option<Job> = None;
@@ -375,10 +301,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
         if let WriteOp::Mesh(op) = job.op {
             use crate::engine::mesh::MeshOp;
             let quiet = !matches!(op, MeshOp::Receive { .. } | MeshOp::Adopt(_));
-            let result = mesh
-                .run(&mut engine, op)
-                .map(WriteOutcome::Mesh)
-                .map_err(|e| e.to_string());
+            let result = mesh.run(&mut engine, op).map(WriteOutcome::Mesh).map_err(|e| e.to_string());
             job.reply.answer(result);
             if !quiet {
                 committed();
@@ -400,9 +323,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
             let next = match jobs.try_recv() {
                 Ok(j) => Some(j),
                 Err(_) if ctx.batch_delay.is_zero() => None,
-                Err(_) => jobs
-                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                    .ok(),
+                Err(_) => jobs.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok(),
             };
             match next {
                 Some(j) if matches!(j.op, WriteOp::Commit { .. }) => batch.push(j),
@@ -435,14 +356,8 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
     let shared = engine.tree_mut().transact(ids, now, |tx| {
         let mut all = Vec::with_capacity(batch.len());
         for job in &batch {
-            let WriteOp::Commit { scope, items } = &job.op else {
-                unreachable!("batches hold commits only")
-            };
-            let branch = crate::store::branch_by_name(
-                tx.conn(),
-                crate::store::bucket_id(tx.conn(), &scope.bucket)?,
-                &scope.branch,
-            )?;
+            let WriteOp::Commit { scope, items } = &job.op else { unreachable!("batches hold commits only") };
+            let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
             all.push(commit_items(tx, &branch, items)?);
         }
         Ok::<_, crate::store::StoreError>(all)
@@ -469,57 +384,18 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
 
 fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
     let result = match op {
-        WriteOp::Commit { scope, items } => engine
-            .commit_entries(&scope, &items)
-            .map(WriteOutcome::Seqs),
-        WriteOp::Remove {
-            scope,
-            path,
-            recursive,
-        } => engine
-            .remove(&scope, &path, recursive)
-            .map(|n| WriteOutcome::Count(n as u64)),
-        WriteOp::Rename { scope, from, to } => {
-            engine.rename(&scope, &from, &to).map(WriteOutcome::Path)
-        }
-        WriteOp::MoveOver { scope, from, to } => engine
-            .move_over(&scope, &from, &to)
-            .map(|_| WriteOutcome::Done),
-        WriteOp::SetAttr {
-            scope,
-            path,
-            mode,
-            mtime_ms,
-        } => engine
-            .set_attr(&scope, &path, mode, mtime_ms)
-            .map(|s| WriteOutcome::Seqs(vec![s])),
-        WriteOp::Mkdir {
-            scope,
-            path,
-            parents,
-        } => engine
-            .mkdir(&scope, &path, parents)
-            .map(|_| WriteOutcome::Done),
-        WriteOp::Restore {
-            scope,
-            path,
-            version,
-        } => engine
-            .restore(&scope, &path, &version)
-            .map(|s| WriteOutcome::Seqs(vec![s])),
-        WriteOp::CreateBranch { scope, name, from } => engine
-            .create_branch(&scope, &name, from.as_deref())
-            .map(WriteOutcome::Branch),
-        WriteOp::DeleteBranch { scope, name } => engine
-            .delete_branch(&scope, &name)
-            .map(|_| WriteOutcome::Done),
+        WriteOp::Commit { scope, items } => engine.commit_entries(&scope, &items).map(WriteOutcome::Seqs),
+        WriteOp::Remove { scope, path, recursive } => engine.remove(&scope, &path, recursive).map(|n| WriteOutcome::Count(n as u64)),
+        WriteOp::Rename { scope, from, to } => engine.rename(&scope, &from, &to).map(WriteOutcome::Path),
+        WriteOp::MoveOver { scope, from, to } => engine.move_over(&scope, &from, &to).map(|_| WriteOutcome::Done),
+        WriteOp::SetAttr { scope, path, mode, mtime_ms } => engine.set_attr(&scope, &path, mode, mtime_ms).map(|s| WriteOutcome::Seqs(vec![s])),
+        WriteOp::Mkdir { scope, path, parents } => engine.mkdir(&scope, &path, parents).map(|_| WriteOutcome::Done),
+        WriteOp::Restore { scope, path, version } => engine.restore(&scope, &path, &version).map(|s| WriteOutcome::Seqs(vec![s])),
+        WriteOp::CreateBranch { scope, name, from } => engine.create_branch(&scope, &name, from.as_deref()).map(WriteOutcome::Branch),
+        WriteOp::DeleteBranch { scope, name } => engine.delete_branch(&scope, &name).map(|_| WriteOutcome::Done),
         WriteOp::CreateBucket { name } => engine.create_bucket(&name).map(|_| WriteOutcome::Done),
-        WriteOp::Merge { scope, from, into } => engine
-            .merge(&scope, &from, into.as_deref())
-            .map(WriteOutcome::Merge),
-        WriteOp::DismissConflicts { scope, path } => engine
-            .dismiss_conflicts(&scope, path.as_ref())
-            .map(|n| WriteOutcome::Count(n as u64)),
+        WriteOp::Merge { scope, from, into } => engine.merge(&scope, &from, into.as_deref()).map(WriteOutcome::Merge),
+        WriteOp::DismissConflicts { scope, path } => engine.dismiss_conflicts(&scope, path.as_ref()).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Gc { policy } => engine.gc(policy).map(WriteOutcome::Gc),
         WriteOp::MarkIndexed { hashes } => engine.mark_indexed(&hashes).map(|_| WriteOutcome::Done),
         WriteOp::Mesh(_) => unreachable!("mesh requests are run by the writer with its documents"),

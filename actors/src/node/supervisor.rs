@@ -66,74 +66,37 @@ pub struct SupervisorState {
     children: HashMap<Child, ChildSlot>,
 }
 
-async fn spawn_child(
-    child: Child,
-    ctx: &NodeContext,
-    sup: ActorCell,
-) -> Result<ActorCell, ActorProcessingErr> {
+async fn spawn_child(child: Child, ctx: &NodeContext, sup: ActorCell) -> Result<ActorCell, ActorProcessingErr> {
     ctx.faults.check_start(child)?;
     let name = Some(ctx.names.child(child));
     let cell = match child {
-        Child::Store => Actor::spawn_linked(name, StoreActor, ctx.clone(), sup)
-            .await?
-            .0
-            .get_cell(),
-        Child::Outbox => Actor::spawn_linked(name, OutboxActor, ctx.clone(), sup)
-            .await?
-            .0
-            .get_cell(),
-        Child::Blobs => Actor::spawn_linked(name, BlobActor, ctx.clone(), sup)
-            .await?
-            .0
-            .get_cell(),
-        Child::Gc => Actor::spawn_linked(name, GcActor, ctx.clone(), sup)
-            .await?
-            .0
-            .get_cell(),
-        Child::Mesh => Actor::spawn_linked(name, super::mesh::MeshActor, ctx.clone(), sup)
-            .await?
-            .0
-            .get_cell(),
+        Child::Store => Actor::spawn_linked(name, StoreActor, ctx.clone(), sup).await?.0.get_cell(),
+        Child::Outbox => Actor::spawn_linked(name, OutboxActor, ctx.clone(), sup).await?.0.get_cell(),
+        Child::Blobs => Actor::spawn_linked(name, BlobActor, ctx.clone(), sup).await?.0.get_cell(),
+        Child::Gc => Actor::spawn_linked(name, GcActor, ctx.clone(), sup).await?.0.get_cell(),
+        Child::Mesh => Actor::spawn_linked(name, super::mesh::MeshActor, ctx.clone(), sup).await?.0.get_cell(),
     };
     Ok(cell)
 }
 
 /// Records a failure of `child` and either schedules its restart after the backoff or, past
 /// the budget, escalates (the error stops the supervisor, and with it the node).
-fn failed(
-    me: &ActorRef<SupervisorMsg>,
-    state: &mut SupervisorState,
-    child: Child,
-    why: String,
-) -> Result<(), ActorProcessingErr> {
-    let slot = state
-        .children
-        .get_mut(&child)
-        .expect("every child has a slot");
+fn failed(me: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, child: Child, why: String) -> Result<(), ActorProcessingErr> {
+    let slot = state.children.get_mut(&child).expect("every child has a slot");
     slot.cell = None;
     slot.last_failure = Some(why.clone());
     let now = Instant::now();
     let window = state.ctx.config.restart_window;
-    while slot
-        .recent
-        .front()
-        .is_some_and(|t| now.duration_since(*t) > window)
-    {
+    while slot.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
         slot.recent.pop_front();
     }
     slot.recent.push_back(now);
     let failures = slot.recent.len() as u32;
     if failures > state.ctx.config.restart_budget {
         tracing::error!(child = child.name(), failures, ?window, error = %why, "child keeps failing: escalating, the node stops");
-        return Err(format!(
-            "{} failed {failures} times within {window:?} (last: {why}); the node stops",
-            child.name()
-        )
-        .into());
+        return Err(format!("{} failed {failures} times within {window:?} (last: {why}); the node stops", child.name()).into());
     }
-    let backoff = RESTART_BACKOFF_BASE
-        .saturating_mul(1 << (failures - 1).min(16))
-        .min(RESTART_BACKOFF_MAX);
+    let backoff = RESTART_BACKOFF_BASE.saturating_mul(1 << (failures - 1).min(16)).min(RESTART_BACKOFF_MAX);
     tracing::warn!(child = child.name(), error = %why, ?backoff, "child failed; restarting");
     me.send_after(backoff, move || SupervisorMsg::Restart(child));
     Ok(())
@@ -144,73 +107,37 @@ impl Actor for Supervisor {
     type State = SupervisorState;
     type Arguments = NodeContext;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<SupervisorMsg>,
-        ctx: NodeContext,
-    ) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<SupervisorMsg>, ctx: NodeContext) -> Result<SupervisorState, ActorProcessingErr> {
         let mut children = HashMap::new();
         // The store first: the others talk to it.
         for child in Child::ALL {
             let cell = spawn_child(child, &ctx, me.get_cell()).await?;
-            children.insert(
-                child,
-                ChildSlot {
-                    cell: Some(cell),
-                    recent: VecDeque::new(),
-                    restarts: 0,
-                    last_failure: None,
-                },
-            );
+            children.insert(child, ChildSlot { cell: Some(cell), recent: VecDeque::new(), restarts: 0, last_failure: None });
         }
         Ok(SupervisorState { ctx, children })
     }
 
-    async fn handle(
-        &self,
-        me: ActorRef<SupervisorMsg>,
-        msg: SupervisorMsg,
-        state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<SupervisorMsg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::Restart(child) => {
-                match spawn_child(child, &state.ctx, me.get_cell()).await {
-                    Ok(cell) => {
-                        let slot = state
-                            .children
-                            .get_mut(&child)
-                            .expect("every child has a slot");
-                        slot.cell = Some(cell);
-                        slot.restarts += 1;
-                        tracing::info!(
-                            child = child.name(),
-                            restarts = slot.restarts,
-                            "child restarted"
-                        );
-                    }
-                    // A restart that fails is one more failure of the child, under the same budget.
-                    Err(e) => failed(&me, state, child, format!("restart failed: {e}"))?,
+            SupervisorMsg::Restart(child) => match spawn_child(child, &state.ctx, me.get_cell()).await {
+                Ok(cell) => {
+                    let slot = state.children.get_mut(&child).expect("every child has a slot");
+                    slot.cell = Some(cell);
+                    slot.restarts += 1;
+                    tracing::info!(child = child.name(), restarts = slot.restarts, "child restarted");
                 }
-            }
+                // A restart that fails is one more failure of the child, under the same budget.
+                Err(e) => failed(&me, state, child, format!("restart failed: {e}"))?,
+            },
             SupervisorMsg::Health(reply) => {
                 let mut out: Vec<ChildHealth> = Child::ALL
                     .iter()
                     .map(|c| {
                         let slot = &state.children[c];
-                        let running = slot
-                            .cell
-                            .as_ref()
-                            .is_some_and(|cell| cell.get_status() == ractor::ActorStatus::Running);
+                        let running = slot.cell.as_ref().is_some_and(|cell| cell.get_status() == ractor::ActorStatus::Running);
                         ChildHealth {
                             name: c.name().to_string(),
-                            state: if running {
-                                "running"
-                            } else if slot.cell.is_none() {
-                                "restarting"
-                            } else {
-                                "stopped"
-                            }
-                            .into(),
+                            state: if running { "running" } else if slot.cell.is_none() { "restarting" } else { "stopped" }.into(),
                             restarts: slot.restarts,
                             last_failure: slot.last_failure.clone(),
                         }
@@ -223,42 +150,21 @@ impl Actor for Supervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(
-        &self,
-        me: ActorRef<SupervisorMsg>,
-        evt: SupervisionEvent,
-        state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(&self, me: ActorRef<SupervisorMsg>, evt: SupervisionEvent, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
         let (cell, why) = match evt {
             SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (
-                cell,
-                format!("stopped: {}", reason.unwrap_or_else(|| "no reason".into())),
-            ),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, format!("stopped: {}", reason.unwrap_or_else(|| "no reason".into()))),
             _ => return Ok(()),
         };
-        let Some(child) = state
-            .children
-            .iter()
-            .find(|(_, s)| s.cell.as_ref().is_some_and(|c| c.get_id() == cell.get_id()))
-            .map(|(c, _)| *c)
-        else {
+        let Some(child) = state.children.iter().find(|(_, s)| s.cell.as_ref().is_some_and(|c| c.get_id() == cell.get_id())).map(|(c, _)| *c) else {
             return Ok(());
         };
         failed(&me, state, child, why)
     }
 
-    async fn post_stop(
-        &self,
-        me: ActorRef<SupervisorMsg>,
-        _state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, me: ActorRef<SupervisorMsg>, _state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
         // Stop children gracefully (the store drains its queue) instead of ractor's kill.
-        me.stop_children_and_wait(
-            Some("node shutting down".into()),
-            Some(Duration::from_secs(30)),
-        )
-        .await;
+        me.stop_children_and_wait(Some("node shutting down".into()), Some(Duration::from_secs(30))).await;
         Ok(())
     }
 }

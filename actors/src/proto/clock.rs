@@ -65,10 +65,7 @@ impl Stamp {
         if now_ms > last.ms {
             Stamp::at(now_ms)
         } else {
-            Stamp {
-                ms: last.ms,
-                counter: last.counter.saturating_add(1),
-            }
+            Stamp { ms: last.ms, counter: last.counter.saturating_add(1) }
         }
     }
 }
@@ -111,26 +108,11 @@ mod tests {
 
     #[test]
     fn a_tick_is_later_than_the_last_stamp_whatever_the_wall_clock_says() {
-        let last = Stamp {
-            ms: 1_000,
-            counter: 4,
-        };
+        let last = Stamp { ms: 1_000, counter: 4 };
         assert_eq!(Stamp::tick(last, 2_000), Stamp::at(2_000));
-        assert_eq!(
-            Stamp::tick(last, 1_000),
-            Stamp {
-                ms: 1_000,
-                counter: 5
-            }
-        );
+        assert_eq!(Stamp::tick(last, 1_000), Stamp { ms: 1_000, counter: 5 });
         // An hour behind: still later.
-        assert_eq!(
-            Stamp::tick(last, 1_000 - 3_600_000),
-            Stamp {
-                ms: 1_000,
-                counter: 5
-            }
-        );
+        assert_eq!(Stamp::tick(last, 1_000 - 3_600_000), Stamp { ms: 1_000, counter: 5 });
         for now in [0, 999, 1_000, 1_001] {
             assert!(Stamp::tick(last, now) > last);
         }

@@ -4,8 +4,8 @@
 //! and the simulations run the same code.
 
 use automerge::sync::{self, SyncDoc};
-use automerge::transaction::Transactable;
 use automerge::{ActorId, AutoCommit, ChangeHash, PatchLog, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::transaction::Transactable;
 
 use super::sync::heads_digest;
 
@@ -41,27 +41,17 @@ impl ReplicaDoc {
     /// have lost changes its peers already hold, and reusing an actor's sequence numbers for
     /// different changes would be refused by every peer that has the old ones.
     pub fn new(actor: &[u8]) -> Self {
-        ReplicaDoc {
-            doc: AutoCommit::new().with_actor(ActorId::from(actor)),
-            saved: Vec::new(),
-        }
+        ReplicaDoc { doc: AutoCommit::new().with_actor(ActorId::from(actor)), saved: Vec::new() }
     }
 
     /// A document from saved bytes (a full save followed by incremental ones).
     pub fn load(full: &[u8], increments: &[&[u8]], actor: &[u8]) -> Result<Self, DocError> {
-        let mut doc = if full.is_empty() {
-            AutoCommit::new()
-        } else {
-            AutoCommit::load(full).map_err(am)?
-        };
+        let mut doc = if full.is_empty() { AutoCommit::new() } else { AutoCommit::load(full).map_err(am)? };
         for inc in increments {
             doc.load_incremental(inc).map_err(am)?;
         }
         let saved = doc.get_heads();
-        Ok(ReplicaDoc {
-            doc: doc.with_actor(ActorId::from(actor)),
-            saved,
-        })
+        Ok(ReplicaDoc { doc: doc.with_actor(ActorId::from(actor)), saved })
     }
 
     /// Whether `key` has a value.
@@ -74,9 +64,7 @@ impl ReplicaDoc {
         if self.contains(key) {
             return Ok(false);
         }
-        self.doc
-            .put(ROOT, key, ScalarValue::Bytes(value.to_vec()))
-            .map_err(am)?;
+        self.doc.put(ROOT, key, ScalarValue::Bytes(value.to_vec())).map_err(am)?;
         Ok(true)
     }
 
@@ -97,18 +85,13 @@ impl ReplicaDoc {
         if self.get(key).as_deref() == Some(value) {
             return Ok(false);
         }
-        self.doc
-            .put(ROOT, key, ScalarValue::Bytes(value.to_vec()))
-            .map_err(am)?;
+        self.doc.put(ROOT, key, ScalarValue::Bytes(value.to_vec())).map_err(am)?;
         Ok(true)
     }
 
     /// Every (key, value) pair, in key order.
     pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
-        self.doc
-            .keys(ROOT)
-            .filter_map(|k| self.get(&k).map(|v| (k, v)))
-            .collect()
+        self.doc.keys(ROOT).filter_map(|k| self.get(&k).map(|v| (k, v))).collect()
     }
 
     /// How many keys it holds.
@@ -169,13 +152,11 @@ impl ReplicaDoc {
             return None;
         }
         let doc = &mut self.doc;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            doc.sync().generate_sync_message(state).map(|m| m.encode())
-        }))
-        .unwrap_or_else(|_| {
-            *state = PeerState::new();
-            None
-        })
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.sync().generate_sync_message(state).map(|m| m.encode())))
+            .unwrap_or_else(|_| {
+                *state = PeerState::new();
+                None
+            })
     }
 
     /// True when automerge would answer `None` for this state, known without its work: it
@@ -185,16 +166,10 @@ impl ReplicaDoc {
     /// (automerge 0.12's own early return, taken before its work; a reset or read-only state
     /// goes the long way.)
     fn nothing_to_say(state: &PeerState, heads: &[ChangeHash]) -> bool {
-        if !state.have_responded
-            || state.needs_reset
-            || state.read_only
-            || state.last_sent_heads != heads
-        {
+        if !state.have_responded || state.needs_reset || state.read_only || state.last_sent_heads != heads {
             return false;
         }
-        state.in_flight
-            || (state.their_heads.as_deref() == Some(heads)
-                && state.their_need.as_ref().is_none_or(|n| n.is_empty()))
+        state.in_flight || (state.their_heads.as_deref() == Some(heads) && state.their_need.as_ref().is_none_or(|n| n.is_empty()))
     }
 
     /// Applies a sync message from the peer whose state is `state`; returns the entries it
@@ -202,32 +177,22 @@ impl ReplicaDoc {
     /// message is checked for the Bloom filter parameters automerge itself sends (others
     /// would make the next `generate` divide by zero or loop), and automerge runs under
     /// `catch_unwind` all the same.
-    pub fn receive(
-        &mut self,
-        state: &mut PeerState,
-        msg: &[u8],
-    ) -> Result<Vec<(String, Vec<u8>)>, DocError> {
+    pub fn receive(&mut self, state: &mut PeerState, msg: &[u8]) -> Result<Vec<(String, Vec<u8>)>, DocError> {
         let msg = sync::Message::decode(msg).map_err(|e| DocError::Automerge(e.to_string()))?;
         if !msg.have.iter().all(|h| sane_bloom(&h.bloom.to_bytes())) {
-            return Err(DocError::Automerge(
-                "a sync message with a Bloom filter automerge would not send".into(),
-            ));
+            return Err(DocError::Automerge("a sync message with a Bloom filter automerge would not send".into()));
         }
         let mut log = PatchLog::active();
         let doc = &mut self.doc;
         let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let result = doc
-                .sync()
-                .receive_sync_message_log_patches(state, msg, &mut log);
+            let result = doc.sync().receive_sync_message_log_patches(state, msg, &mut log);
             result.map(|_| doc.make_patches(&mut log))
         }));
         let patches = match received {
             Ok(r) => r.map_err(am)?,
             Err(_) => {
                 *state = PeerState::new();
-                return Err(DocError::Automerge(
-                    "automerge failed on a sync message".into(),
-                ));
+                return Err(DocError::Automerge("automerge failed on a sync message".into()));
             }
         };
         let mut added = Vec::new();
@@ -235,12 +200,7 @@ impl ReplicaDoc {
             if patch.obj != ROOT {
                 continue;
             }
-            if let automerge::PatchAction::PutMap {
-                key,
-                value: (Value::Scalar(s), _),
-                ..
-            } = patch.action
-            {
+            if let automerge::PatchAction::PutMap { key, value: (Value::Scalar(s), _), .. } = patch.action {
                 if let ScalarValue::Bytes(b) = s.as_ref() {
                     added.push((key, b.clone()));
                 }
@@ -256,9 +216,7 @@ fn sane_bloom(bytes: &[u8]) -> bool {
     if bytes.is_empty() {
         return true;
     }
-    let Some(end) = bytes.iter().position(|b| b & 0x80 == 0) else {
-        return false;
-    };
+    let Some(end) = bytes.iter().position(|b| b & 0x80 == 0) else { return false };
     end < 9 && bytes.get(end + 1) == Some(&10) && bytes.get(end + 2) == Some(&7)
 }
 
@@ -309,14 +267,8 @@ mod tests {
     #[test]
     fn the_shortcut_says_nothing_only_when_automerge_would_say_nothing() {
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut docs = [
-            ReplicaDoc::new(b"a"),
-            ReplicaDoc::new(b"b"),
-            ReplicaDoc::new(b"c"),
-        ];
-        let mut states: Vec<Vec<PeerState>> = (0..3)
-            .map(|_| (0..3).map(|_| PeerState::new()).collect())
-            .collect();
+        let mut docs = [ReplicaDoc::new(b"a"), ReplicaDoc::new(b"b"), ReplicaDoc::new(b"c")];
+        let mut states: Vec<Vec<PeerState>> = (0..3).map(|_| (0..3).map(|_| PeerState::new()).collect()).collect();
         let (mut shortcuts, mut sent) = (0, 0);
         for step in 0..4000 {
             x ^= x << 13;
@@ -333,14 +285,7 @@ mod tests {
             if ReplicaDoc::nothing_to_say(&states[i][j], &heads) {
                 shortcuts += 1;
                 let mut probe = states[i][j].clone();
-                assert!(
-                    docs[i]
-                        .doc
-                        .sync()
-                        .generate_sync_message(&mut probe)
-                        .is_none(),
-                    "step {step}: automerge had something to say"
-                );
+                assert!(docs[i].doc.sync().generate_sync_message(&mut probe).is_none(), "step {step}: automerge had something to say");
             }
             if let Some(m) = docs[i].generate(&mut states[i][j]) {
                 sent += 1;
@@ -349,10 +294,7 @@ mod tests {
                 }
             }
         }
-        assert!(
-            shortcuts > 200 && sent > 200,
-            "the schedule exercised both ways: {shortcuts} shortcuts, {sent} messages"
-        );
+        assert!(shortcuts > 200 && sent > 200, "the schedule exercised both ways: {shortcuts} shortcuts, {sent} messages");
     }
 
     #[test]
@@ -389,10 +331,7 @@ mod tests {
         a.put("2@0000000001", &[8u8; 60]).unwrap();
         let (second, got) = exchange(&mut a, &mut b);
         assert_eq!(got, 1);
-        assert!(
-            second < 2_000 && second * 20 < first,
-            "one entry cost {second} bytes of sync (the first sync {first})"
-        );
+        assert!(second < 2_000 && second * 20 < first, "one entry cost {second} bytes of sync (the first sync {first})");
     }
 
     #[test]
@@ -407,13 +346,7 @@ mod tests {
         assert_eq!(got_a, [("1@b".to_string(), b"uno".to_vec())]);
         let mut got_b = got_b;
         got_b.sort();
-        assert_eq!(
-            got_b,
-            [
-                ("1@a".to_string(), b"one".to_vec()),
-                ("2@a".to_string(), b"two".to_vec())
-            ]
-        );
+        assert_eq!(got_b, [("1@a".to_string(), b"one".to_vec()), ("2@a".to_string(), b"two".to_vec())]);
         assert_eq!(a.entries(), b.entries());
         assert_eq!(a.digest(), b.digest());
         // In step: nothing more to say, nothing received.
@@ -431,16 +364,10 @@ mod tests {
         let mut back = ReplicaDoc::load(&full, &[&inc], b"node-a-2").unwrap();
         assert_eq!(back.entries(), a.entries());
         assert_eq!(back.digest(), a.digest());
-        assert!(
-            back.save_incremental().is_empty(),
-            "nothing new since the load"
-        );
+        assert!(back.save_incremental().is_empty(), "nothing new since the load");
         back.put("k3", b"v3").unwrap();
         let small = back.save_incremental();
-        assert!(
-            !small.is_empty() && small.len() < full.len() + inc.len(),
-            "an increment after a load holds only what is new"
-        );
+        assert!(!small.is_empty() && small.len() < full.len() + inc.len(), "an increment after a load holds only what is new");
         let again = ReplicaDoc::load(&full, &[&inc, &small], b"node-a-3").unwrap();
         assert_eq!(again.get("k3").unwrap(), b"v3");
         assert!(ReplicaDoc::load(b"not a document", &[], b"x").is_err());
@@ -454,9 +381,6 @@ mod tests {
             assert!(a.receive(&mut s, bytes).is_err());
         }
         assert!(a.is_empty());
-        assert_eq!(
-            decode_state(b"damaged").shared_heads,
-            PeerState::new().shared_heads
-        );
+        assert_eq!(decode_state(b"damaged").shared_heads, PeerState::new().shared_heads);
     }
 }

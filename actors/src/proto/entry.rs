@@ -11,9 +11,8 @@ pub struct ContentHash(pub [u8; 32]);
 impl ContentHash {
     /// The hash of zero bytes, used for directories and empty files.
     pub const EMPTY: ContentHash = ContentHash([
-        0xaf, 0x13, 0x49, 0xb9, 0xf5, 0xf9, 0xa1, 0xa6, 0xa0, 0x40, 0x4d, 0xea, 0x36, 0xdc, 0xc9,
-        0x49, 0x9b, 0xcb, 0x25, 0xc9, 0xad, 0xc1, 0x12, 0xb7, 0xcc, 0x9a, 0x93, 0xca, 0xe4, 0x1f,
-        0x32, 0x62,
+        0xaf, 0x13, 0x49, 0xb9, 0xf5, 0xf9, 0xa1, 0xa6, 0xa0, 0x40, 0x4d, 0xea, 0x36, 0xdc, 0xc9, 0x49, 0x9b, 0xcb,
+        0x25, 0xc9, 0xad, 0xc1, 0x12, 0xb7, 0xcc, 0x9a, 0x93, 0xca, 0xe4, 0x1f, 0x32, 0x62,
     ]);
 
     /// Lowercase hex, 64 characters.
@@ -89,13 +88,7 @@ pub struct Entry {
 impl Entry {
     /// A directory entry with the given mode and time.
     pub fn dir(mode: u32, mtime_ms: i64) -> Self {
-        Entry {
-            kind: EntryKind::Dir,
-            hash: ContentHash::EMPTY,
-            size: 0,
-            mode,
-            mtime_ms,
-        }
+        Entry { kind: EntryKind::Dir, hash: ContentHash::EMPTY, size: 0, mode, mtime_ms }
     }
 
     /// What makes two versions "the same" for merging: kind, bytes and mode. The mtime is left
@@ -132,14 +125,8 @@ mod tests {
     fn empty_hash_is_blake3_of_nothing() {
         // Pinned so proto needs no blake3 dependency; checked here against the hex from the
         // BLAKE3 reference test vectors.
-        assert_eq!(
-            ContentHash::EMPTY.to_hex(),
-            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-        );
-        assert_eq!(
-            ContentHash::from_hex(&ContentHash::EMPTY.to_hex()),
-            Some(ContentHash::EMPTY)
-        );
+        assert_eq!(ContentHash::EMPTY.to_hex(), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
+        assert_eq!(ContentHash::from_hex(&ContentHash::EMPTY.to_hex()), Some(ContentHash::EMPTY));
         assert_eq!(ContentHash::from_hex("zz"), None);
     }
 }

@@ -32,11 +32,7 @@ pub fn check_header(header: [u8; FRAME_HEADER_BYTES], max: usize) -> Result<usiz
 /// Appends one frame carrying `payload` to `out`. Panics if the payload exceeds
 /// [`CONTROL_FRAME_BYTES_MAX`]: callers chunk their data (a programmer error otherwise).
 pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
-    assert!(
-        payload.len() <= CONTROL_FRAME_BYTES_MAX,
-        "frame payload of {} bytes: chunk it",
-        payload.len()
-    );
+    assert!(payload.len() <= CONTROL_FRAME_BYTES_MAX, "frame payload of {} bytes: chunk it", payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(payload);
 }
@@ -51,13 +47,7 @@ mod tests {
         encode(b"hello", &mut out);
         assert_eq!(check_header(out[..4].try_into().unwrap(), 16), Ok(5));
         assert_eq!(&out[4..], b"hello");
-        assert_eq!(
-            check_header(u32::MAX.to_be_bytes(), CONTROL_FRAME_BYTES_MAX),
-            Err(FrameError::TooLarge {
-                len: u32::MAX as usize,
-                max: CONTROL_FRAME_BYTES_MAX
-            })
-        );
+        assert_eq!(check_header(u32::MAX.to_be_bytes(), CONTROL_FRAME_BYTES_MAX), Err(FrameError::TooLarge { len: u32::MAX as usize, max: CONTROL_FRAME_BYTES_MAX }));
         encode(b"", &mut out);
         assert_eq!(check_header(out[9..13].try_into().unwrap(), 0), Ok(0));
     }

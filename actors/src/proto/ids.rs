@@ -71,10 +71,7 @@ impl VersionId {
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let b: &[u8; 40] = b.try_into().ok()?;
         let node = NodeId(b[..32].try_into().ok()?);
-        Some(VersionId {
-            node,
-            seq: i64::from_be_bytes(b[32..].try_into().ok()?),
-        })
+        Some(VersionId { node, seq: i64::from_be_bytes(b[32..].try_into().ok()?) })
     }
 }
 
@@ -97,11 +94,7 @@ pub struct VersionRef {
 impl VersionRef {
     /// Parses `17`, `v17`, `17@3f2a` or `v17@3f2a9c1b02`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "{s:?} is not a version id: give one as `alkfs log` prints it (e.g. 17@3f2a9c1b02)"
-            )
-        };
+        let bad = || format!("{s:?} is not a version id: give one as `alkfs log` prints it (e.g. 17@3f2a9c1b02)");
         let body = s.strip_prefix('v').unwrap_or(s);
         let (seq, node) = match body.split_once('@') {
             Some((seq, node)) => (seq, Some(node)),
@@ -113,9 +106,7 @@ impl VersionRef {
         }
         let node_prefix = match node {
             None => None,
-            Some(n) if (4..=64).contains(&n.len()) && n.bytes().all(|c| c.is_ascii_hexdigit()) => {
-                Some(n.to_ascii_lowercase())
-            }
+            Some(n) if (4..=64).contains(&n.len()) && n.bytes().all(|c| c.is_ascii_hexdigit()) => Some(n.to_ascii_lowercase()),
             Some(_) => return Err(bad()),
         };
         Ok(VersionRef { seq, node_prefix })
@@ -179,20 +170,14 @@ impl OrderKey {
     /// The stamp part.
     pub fn stamp(&self) -> Stamp {
         let ms = u64::from_be_bytes(self.0[..8].try_into().expect("8 bytes")) ^ (1 << 63);
-        Stamp {
-            ms: ms as i64,
-            counter: u32::from_be_bytes(self.0[8..12].try_into().expect("4 bytes")),
-        }
+        Stamp { ms: ms as i64, counter: u32::from_be_bytes(self.0[8..12].try_into().expect("4 bytes")) }
     }
 
     /// The version id part.
     pub fn version(&self) -> VersionId {
         let node = NodeId(self.0[12..44].try_into().expect("32 bytes"));
         let seq = u64::from_be_bytes(self.0[44..].try_into().expect("8 bytes")) ^ (1 << 63);
-        VersionId {
-            node,
-            seq: seq as i64,
-        }
+        VersionId { node, seq: seq as i64 }
     }
 }
 
@@ -247,9 +232,7 @@ macro_rules! serde_as_hex {
         impl<'de> serde::Deserialize<'de> for $t {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-                unhex::<{ $n }>(&text)
-                    .map(Self)
-                    .ok_or_else(|| serde::de::Error::custom(concat!("not a ", $what)))
+                unhex::<{ $n }>(&text).map(Self).ok_or_else(|| serde::de::Error::custom(concat!("not a ", $what)))
             }
         }
     };
@@ -269,10 +252,7 @@ impl<'de> serde::Deserialize<'de> for VersionId {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         let bad = || serde::de::Error::custom("not a version id (SEQ@NODE, the node id in full)");
         let (seq, node) = text.split_once('@').ok_or_else(bad)?;
-        Ok(VersionId {
-            seq: seq.parse().map_err(|_| bad())?,
-            node: NodeId::from_hex(node).ok_or_else(bad)?,
-        })
+        Ok(VersionId { seq: seq.parse().map_err(|_| bad())?, node: NodeId::from_hex(node).ok_or_else(bad)? })
     }
 }
 
@@ -299,10 +279,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn vid(node: u8, seq: i64) -> VersionId {
-        VersionId {
-            node: NodeId([node; 32]),
-            seq,
-        }
+        VersionId { node: NodeId([node; 32]), seq }
     }
 
     proptest! {
@@ -332,10 +309,7 @@ mod tests {
             assert!(r.names(&id, &me), "{text}");
             assert!(!r.names(&vid(0x3f, 18), &me), "{text}");
         }
-        assert!(
-            !VersionRef::parse("17").unwrap().names(&vid(0x40, 17), &me),
-            "a bare seq is this node's"
-        );
+        assert!(!VersionRef::parse("17").unwrap().names(&vid(0x40, 17), &me), "a bare seq is this node's");
         for bad in ["", "x", "0", "-3", "17@", "17@3f", "17@zzzz", "17@3f3f@1"] {
             assert!(VersionRef::parse(bad).is_err(), "{bad}");
         }

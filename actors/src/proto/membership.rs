@@ -103,9 +103,7 @@ impl Membership {
         match entry {
             // Written once, by the adder; of two adders racing on one key, the document
             // shows every node the same one.
-            MetaEntry::Member { node, added_by, .. } => {
-                self.added.insert(*node, *added_by) != Some(*added_by)
-            }
+            MetaEntry::Member { node, added_by, .. } => self.added.insert(*node, *added_by) != Some(*added_by),
             MetaEntry::Removed { node, by, seen, .. } => {
                 let r = self.removals.entry(*node).or_default();
                 r.insert(*by, seen.clone()) != Some(seen.clone())
@@ -115,17 +113,8 @@ impl Membership {
     }
 
     /// The removals of `node` that count: by a node whose admission stands.
-    fn removals_of<'a>(
-        &'a self,
-        node: &NodeId,
-        standing: &'a BTreeSet<NodeId>,
-    ) -> impl Iterator<Item = &'a Seen> + 'a {
-        self.removals
-            .get(node)
-            .into_iter()
-            .flatten()
-            .filter(|(by, _)| standing.contains(*by))
-            .map(|(_, seen)| seen)
+    fn removals_of<'a>(&'a self, node: &NodeId, standing: &'a BTreeSet<NodeId>) -> impl Iterator<Item = &'a Seen> + 'a {
+        self.removals.get(node).into_iter().flatten().filter(|(by, _)| standing.contains(*by)).map(|(_, seen)| seen)
     }
 
     /// Which admissions stand: a bucket's first members (added by themselves), then anyone
@@ -141,12 +130,7 @@ impl Membership {
                 admitted.entry(*by).or_default().push(*node);
             }
         }
-        let roots: Vec<NodeId> = self
-            .added
-            .iter()
-            .filter(|(node, by)| node == by)
-            .map(|(node, _)| *node)
-            .collect();
+        let roots: Vec<NodeId> = self.added.iter().filter(|(node, by)| node == by).map(|(node, _)| *node).collect();
         let mut counted: BTreeSet<NodeId> = BTreeSet::new();
         for _ in 0..DECIDE_ROUNDS_MAX {
             let mut standing: BTreeSet<NodeId> = roots.iter().copied().collect();
@@ -154,9 +138,7 @@ impl Membership {
             while let Some(by) = walk.pop() {
                 let removals: Vec<&Seen> = self.removals_of(&by, &counted).collect();
                 for node in admitted.get(&by).into_iter().flatten() {
-                    if !standing.contains(node)
-                        && (removals.is_empty() || removals.iter().any(|seen| seen.admitted(node)))
-                    {
+                    if !standing.contains(node) && (removals.is_empty() || removals.iter().any(|seen| seen.admitted(node))) {
                         standing.insert(*node);
                         walk.push(*node);
                     }
@@ -187,11 +169,7 @@ impl Membership {
 
     /// Every node the document names, each once, in order.
     pub fn nodes(&self) -> BTreeSet<NodeId> {
-        self.added
-            .keys()
-            .chain(self.removals.keys())
-            .copied()
-            .collect()
+        self.added.keys().chain(self.removals.keys()).copied().collect()
     }
 
     /// Which versions of `node` are accepted: all (`None`), or those with a seq up to the
@@ -200,9 +178,7 @@ impl Membership {
         if !self.standing.contains(node) {
             return Some(0);
         }
-        self.removals_of(node, &self.standing)
-            .map(Seen::last_seq)
-            .max()
+        self.removals_of(node, &self.standing).map(Seen::last_seq).max()
     }
 
     /// Whether version `id` is accepted from peers (see [`Self::cutoff`]).
@@ -212,11 +188,7 @@ impl Membership {
 
     /// The nodes `node` admitted, as this document records: what a removal of it says it saw.
     pub fn admitted_by(&self, node: &NodeId) -> Vec<NodeId> {
-        self.added
-            .iter()
-            .filter(|(n, by)| *by == node && *n != node)
-            .map(|(n, _)| *n)
-            .collect()
+        self.added.iter().filter(|(n, by)| *by == node && *n != node).map(|(n, _)| *n).collect()
     }
 }
 
@@ -229,23 +201,11 @@ mod tests {
     }
 
     fn add(node: u8, by: u8) -> MetaEntry {
-        MetaEntry::Member {
-            node: n(node),
-            added_by: n(by),
-            at_ms: 0,
-        }
+        MetaEntry::Member { node: n(node), added_by: n(by), at_ms: 0 }
     }
 
     fn remove(node: u8, by: u8, last_seq: i64, admitted: &[u8]) -> MetaEntry {
-        MetaEntry::Removed {
-            node: n(node),
-            by: n(by),
-            at_ms: 0,
-            seen: Seen::Upto {
-                last_seq,
-                admitted: admitted.iter().map(|&b| n(b)).collect(),
-            },
-        }
+        MetaEntry::Removed { node: n(node), by: n(by), at_ms: 0, seen: Seen::Upto { last_seq, admitted: admitted.iter().map(|&b| n(b)).collect() } }
     }
 
     fn v(node: u8, seq: i64) -> VersionId {
@@ -260,10 +220,7 @@ mod tests {
         assert!(!m.accepts(&v(4, 1)), "a stranger's versions wait");
         let m = Membership::from_entries(&[add(1, 1), add(2, 1), add(3, 2), remove(3, 1, 7, &[])]);
         assert!(!m.is_member(&n(3)) && m.is_removed(&n(3)));
-        assert!(
-            m.accepts(&v(3, 7)) && !m.accepts(&v(3, 8)),
-            "what the remover had seen stays; later writes do not"
-        );
+        assert!(m.accepts(&v(3, 7)) && !m.accepts(&v(3, 8)), "what the remover had seen stays; later writes do not");
         assert!(m.accepts(&v(1, 1_000)));
     }
 
@@ -271,33 +228,17 @@ mod tests {
     fn a_removed_node_admits_nobody_its_remover_had_not_seen() {
         // Seed 656: 4 is removed by 1, who had seen it admit 5; 4, unaware, then admits 6,
         // who admits 7.
-        let entries = [
-            add(1, 1),
-            add(4, 1),
-            add(5, 4),
-            remove(4, 1, 3, &[5]),
-            add(6, 4),
-            add(7, 6),
-        ];
+        let entries = [add(1, 1), add(4, 1), add(5, 4), remove(4, 1, 3, &[5]), add(6, 4), add(7, 6)];
         let m = Membership::from_entries(&entries);
-        assert!(
-            m.is_member(&n(5)),
-            "admitted before the removal, and the remover knew"
-        );
-        assert!(
-            !m.is_member(&n(6)) && !m.is_member(&n(7)),
-            "admitted after it: falls, and so does whom it admitted"
-        );
+        assert!(m.is_member(&n(5)), "admitted before the removal, and the remover knew");
+        assert!(!m.is_member(&n(6)) && !m.is_member(&n(7)), "admitted after it: falls, and so does whom it admitted");
         assert!(!m.accepts(&v(6, 1)) && !m.accepts(&v(7, 1)));
         // Any order of the entries decides the same.
         let mut rev = entries.to_vec();
         rev.reverse();
         let r = Membership::from_entries(&rev);
         for b in 1..8 {
-            assert_eq!(
-                (m.is_member(&n(b)), m.cutoff(&n(b))),
-                (r.is_member(&n(b)), r.cutoff(&n(b)))
-            );
+            assert_eq!((m.is_member(&n(b)), m.cutoff(&n(b))), (r.is_member(&n(b)), r.cutoff(&n(b))));
         }
     }
 
@@ -315,31 +256,14 @@ mod tests {
     #[test]
     fn a_node_whose_admission_fell_cannot_remove_anyone() {
         // 6 was admitted by 4 after 4's removal; its removal of 2 does not count.
-        let m = Membership::from_entries(&[
-            add(1, 1),
-            add(2, 1),
-            add(4, 1),
-            remove(4, 1, 0, &[]),
-            add(6, 4),
-            remove(2, 6, 0, &[]),
-        ]);
+        let m = Membership::from_entries(&[add(1, 1), add(2, 1), add(4, 1), remove(4, 1, 0, &[]), add(6, 4), remove(2, 6, 0, &[])]);
         assert!(m.is_member(&n(2)));
         assert_eq!(m.cutoff(&n(2)), None);
     }
 
     #[test]
     fn a_legacy_removal_keeps_the_past_and_cuts_the_node_off() {
-        let m = Membership::from_entries(&[
-            add(1, 1),
-            add(4, 1),
-            add(5, 4),
-            MetaEntry::Removed {
-                node: n(4),
-                by: n(1),
-                at_ms: 0,
-                seen: Seen::All,
-            },
-        ]);
+        let m = Membership::from_entries(&[add(1, 1), add(4, 1), add(5, 4), MetaEntry::Removed { node: n(4), by: n(1), at_ms: 0, seen: Seen::All }]);
         assert!(!m.is_member(&n(4)) && m.is_member(&n(5)) && m.accepts(&v(4, 1 << 40)));
     }
 
@@ -351,49 +275,18 @@ mod tests {
             b[..4].copy_from_slice(&i.to_be_bytes());
             NodeId(b)
         };
-        let mut entries = vec![MetaEntry::Member {
-            node: id(0),
-            added_by: id(0),
-            at_ms: 0,
-        }];
-        entries.extend((1..20_000).map(|i| MetaEntry::Member {
-            node: id(i),
-            added_by: id(i - 1),
-            at_ms: 0,
-        }));
-        entries.push(MetaEntry::Removed {
-            node: id(10_000),
-            by: id(0),
-            at_ms: 0,
-            seen: Seen::Upto {
-                last_seq: 0,
-                admitted: vec![],
-            },
-        });
+        let mut entries = vec![MetaEntry::Member { node: id(0), added_by: id(0), at_ms: 0 }];
+        entries.extend((1..20_000).map(|i| MetaEntry::Member { node: id(i), added_by: id(i - 1), at_ms: 0 }));
+        entries.push(MetaEntry::Removed { node: id(10_000), by: id(0), at_ms: 0, seen: Seen::Upto { last_seq: 0, admitted: vec![] } });
         let t = std::time::Instant::now();
         let m = Membership::from_entries(&entries);
-        assert!(
-            m.is_member(&id(9_999))
-                && !m.is_member(&id(10_000))
-                && !m.is_member(&id(10_001))
-                && !m.is_member(&id(19_999))
-        );
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(2),
-            "took {:?}",
-            t.elapsed()
-        );
+        assert!(m.is_member(&id(9_999)) && !m.is_member(&id(10_000)) && !m.is_member(&id(10_001)) && !m.is_member(&id(19_999)));
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "took {:?}", t.elapsed());
     }
 
     #[test]
     fn noting_entries_one_by_one_decides_as_reading_them_all() {
-        let entries = [
-            add(1, 1),
-            add(4, 1),
-            add(5, 4),
-            remove(4, 1, 3, &[]),
-            add(6, 5),
-        ];
+        let entries = [add(1, 1), add(4, 1), add(5, 4), remove(4, 1, 3, &[]), add(6, 5)];
         let mut m = Membership::new();
         assert!(entries.iter().all(|e| m.note(e)));
         assert!(!m.note(&entries[0]), "again: nothing new");

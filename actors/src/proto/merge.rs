@@ -35,16 +35,8 @@ pub enum Decision {
 
 /// Three-way decision for one path. `None` means the path has no version in that view;
 /// a tombstone and absence count as the same ("nothing here").
-pub fn decide(
-    base: Option<&Version>,
-    source: Option<&Version>,
-    target: Option<&Version>,
-) -> Decision {
-    let (b, s, t) = (
-        Version::content_key(base),
-        Version::content_key(source),
-        Version::content_key(target),
-    );
+pub fn decide(base: Option<&Version>, source: Option<&Version>, target: Option<&Version>) -> Decision {
+    let (b, s, t) = (Version::content_key(base), Version::content_key(source), Version::content_key(target));
     if s == t || s == b {
         return Decision::Keep;
     }
@@ -65,16 +57,8 @@ pub fn decide(
 /// `written` stamp; then, for equal times, a present entry beats a tombstone, then the larger
 /// (kind, hash, mode). The last steps make it total, so two nodes never disagree.
 pub fn lww(a: Option<&Version>, b: Option<&Version>) -> Ordering {
-    let is_dir = |v: Option<&Version>| {
-        v.and_then(|v| v.entry.as_ref())
-            .is_some_and(|e| e.kind == EntryKind::Dir)
-    };
-    let time = |v: Option<&Version>| {
-        v.map(|v| v.written).unwrap_or(crate::proto::clock::Stamp {
-            ms: i64::MIN,
-            counter: 0,
-        })
-    };
+    let is_dir = |v: Option<&Version>| v.and_then(|v| v.entry.as_ref()).is_some_and(|e| e.kind == EntryKind::Dir);
+    let time = |v: Option<&Version>| v.map(|v| v.written).unwrap_or(crate::proto::clock::Stamp { ms: i64::MIN, counter: 0 });
     is_dir(a)
         .cmp(&is_dir(b))
         .then(time(a).cmp(&time(b)))
@@ -88,183 +72,45 @@ mod tests {
 
     fn file(byte: u8, at: i64) -> Version {
         Version {
-            entry: Some(Entry {
-                kind: EntryKind::File,
-                hash: ContentHash([byte; 32]),
-                size: 1,
-                mode: 0o644,
-                mtime_ms: at,
-            }),
+            entry: Some(Entry { kind: EntryKind::File, hash: ContentHash([byte; 32]), size: 1, mode: 0o644, mtime_ms: at }),
             written: crate::proto::clock::Stamp::at(at),
         }
     }
     fn gone(at: i64) -> Version {
-        Version {
-            entry: None,
-            written: crate::proto::clock::Stamp::at(at),
-        }
+        Version { entry: None, written: crate::proto::clock::Stamp::at(at) }
     }
     fn dir(at: i64) -> Version {
-        Version {
-            entry: Some(Entry::dir(0o755, at)),
-            written: crate::proto::clock::Stamp::at(at),
-        }
+        Version { entry: Some(Entry::dir(0o755, at)), written: crate::proto::clock::Stamp::at(at) }
     }
 
     /// One row of the table: (name, base, source, target, expected).
-    type Case = (
-        &'static str,
-        Option<Version>,
-        Option<Version>,
-        Option<Version>,
-        Decision,
-    );
+    type Case = (&'static str, Option<Version>, Option<Version>, Option<Version>, Decision);
 
     /// The data-driven table of three-way cases.
     #[test]
     fn three_way_table() {
         let (a1, b2, c3) = (file(1, 1), file(2, 2), file(3, 3));
         let cases: Vec<Case> = vec![
-            (
-                "untouched",
-                Some(a1.clone()),
-                Some(a1.clone()),
-                Some(a1.clone()),
-                Decision::Keep,
-            ),
-            (
-                "changed on source only",
-                Some(a1.clone()),
-                Some(b2.clone()),
-                Some(a1.clone()),
-                Decision::Take,
-            ),
-            (
-                "changed on target only",
-                Some(a1.clone()),
-                Some(a1.clone()),
-                Some(b2.clone()),
-                Decision::Keep,
-            ),
-            (
-                "same change both sides",
-                Some(a1.clone()),
-                Some(b2.clone()),
-                Some(b2.clone()),
-                Decision::Keep,
-            ),
-            (
-                "added on source",
-                None,
-                Some(b2.clone()),
-                None,
-                Decision::Take,
-            ),
-            (
-                "added on target",
-                None,
-                None,
-                Some(b2.clone()),
-                Decision::Keep,
-            ),
-            (
-                "deleted on source",
-                Some(a1.clone()),
-                Some(gone(2)),
-                Some(a1.clone()),
-                Decision::Take,
-            ),
-            (
-                "deleted on target",
-                Some(a1.clone()),
-                Some(a1.clone()),
-                Some(gone(2)),
-                Decision::Keep,
-            ),
-            (
-                "deleted on both",
-                Some(a1.clone()),
-                Some(gone(2)),
-                Some(gone(3)),
-                Decision::Keep,
-            ),
-            (
-                "tombstone equals absence",
-                None,
-                Some(gone(2)),
-                None,
-                Decision::Keep,
-            ),
-            (
-                "both changed, source later",
-                Some(a1.clone()),
-                Some(c3.clone()),
-                Some(b2.clone()),
-                Decision::Conflict {
-                    winner: Side::Source,
-                },
-            ),
-            (
-                "both changed, target later",
-                Some(a1.clone()),
-                Some(b2.clone()),
-                Some(c3.clone()),
-                Decision::Conflict {
-                    winner: Side::Target,
-                },
-            ),
-            (
-                "both added differently",
-                None,
-                Some(c3.clone()),
-                Some(b2.clone()),
-                Decision::Conflict {
-                    winner: Side::Source,
-                },
-            ),
-            (
-                "delete vs later edit",
-                Some(a1.clone()),
-                Some(gone(2)),
-                Some(c3.clone()),
-                Decision::Conflict {
-                    winner: Side::Target,
-                },
-            ),
-            (
-                "later delete vs edit",
-                Some(a1.clone()),
-                Some(gone(9)),
-                Some(c3.clone()),
-                Decision::Conflict {
-                    winner: Side::Source,
-                },
-            ),
-            (
-                "dir beats later file",
-                None,
-                Some(file(4, 99)),
-                Some(dir(1)),
-                Decision::Conflict {
-                    winner: Side::Target,
-                },
-            ),
-            (
-                "equal times: larger hash",
-                None,
-                Some(file(9, 5)),
-                Some(file(8, 5)),
-                Decision::Conflict {
-                    winner: Side::Source,
-                },
-            ),
+            ("untouched", Some(a1.clone()), Some(a1.clone()), Some(a1.clone()), Decision::Keep),
+            ("changed on source only", Some(a1.clone()), Some(b2.clone()), Some(a1.clone()), Decision::Take),
+            ("changed on target only", Some(a1.clone()), Some(a1.clone()), Some(b2.clone()), Decision::Keep),
+            ("same change both sides", Some(a1.clone()), Some(b2.clone()), Some(b2.clone()), Decision::Keep),
+            ("added on source", None, Some(b2.clone()), None, Decision::Take),
+            ("added on target", None, None, Some(b2.clone()), Decision::Keep),
+            ("deleted on source", Some(a1.clone()), Some(gone(2)), Some(a1.clone()), Decision::Take),
+            ("deleted on target", Some(a1.clone()), Some(a1.clone()), Some(gone(2)), Decision::Keep),
+            ("deleted on both", Some(a1.clone()), Some(gone(2)), Some(gone(3)), Decision::Keep),
+            ("tombstone equals absence", None, Some(gone(2)), None, Decision::Keep),
+            ("both changed, source later", Some(a1.clone()), Some(c3.clone()), Some(b2.clone()), Decision::Conflict { winner: Side::Source }),
+            ("both changed, target later", Some(a1.clone()), Some(b2.clone()), Some(c3.clone()), Decision::Conflict { winner: Side::Target }),
+            ("both added differently", None, Some(c3.clone()), Some(b2.clone()), Decision::Conflict { winner: Side::Source }),
+            ("delete vs later edit", Some(a1.clone()), Some(gone(2)), Some(c3.clone()), Decision::Conflict { winner: Side::Target }),
+            ("later delete vs edit", Some(a1.clone()), Some(gone(9)), Some(c3.clone()), Decision::Conflict { winner: Side::Source }),
+            ("dir beats later file", None, Some(file(4, 99)), Some(dir(1)), Decision::Conflict { winner: Side::Target }),
+            ("equal times: larger hash", None, Some(file(9, 5)), Some(file(8, 5)), Decision::Conflict { winner: Side::Source }),
         ];
         for (name, base, source, target, expect) in cases {
-            assert_eq!(
-                decide(base.as_ref(), source.as_ref(), target.as_ref()),
-                expect,
-                "{name}"
-            );
+            assert_eq!(decide(base.as_ref(), source.as_ref(), target.as_ref()), expect, "{name}");
         }
     }
 

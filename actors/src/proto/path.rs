@@ -229,11 +229,7 @@ pub fn nfc(text: &str) -> std::borrow::Cow<'_, str> {
 pub fn check_label(kind: &str, name: &str) -> Result<(), String> {
     use super::limits::LABEL_BYTES_MAX;
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty()
-        || name.len() > LABEL_BYTES_MAX
-        || name.starts_with('.')
-        || !name.chars().all(ok_char)
-    {
+    if name.is_empty() || name.len() > LABEL_BYTES_MAX || name.starts_with('.') || !name.chars().all(ok_char) {
         return Err(format!(
             "invalid {kind} name {name:?}: use 1 to {LABEL_BYTES_MAX} letters, digits, '-', '_' or '.', not starting with '.'"
         ));
@@ -246,11 +242,7 @@ mod tests {
     use super::*;
 
     fn check(raw: &str, expect: Result<&str, PathError>) {
-        assert_eq!(
-            TreePath::parse(raw).as_ref().map(|p| p.as_str()),
-            expect.as_ref().map(|s| *s),
-            "input {raw:?}"
-        );
+        assert_eq!(TreePath::parse(raw).as_ref().map(|p| p.as_str()), expect.as_ref().map(|s| *s), "input {raw:?}");
     }
 
     #[test]
@@ -266,10 +258,7 @@ mod tests {
             ("", Err(PathError::Empty)),
             ("../escape", Err(PathError::DotDot("../escape".into()))),
             ("/a/../../b", Err(PathError::DotDot("/a/../../b".into()))),
-            (
-                "a/./b/../../..",
-                Err(PathError::EmptyComponent("a/./b/../../..".into())),
-            ),
+            ("a/./b/../../..", Err(PathError::EmptyComponent("a/./b/../../..".into()))),
             ("/a//b", Err(PathError::EmptyComponent("/a//b".into()))),
             ("//", Err(PathError::EmptyComponent("//".into()))),
             ("/a\0b", Err(PathError::Nul)),
@@ -287,27 +276,16 @@ mod tests {
     #[test]
     fn the_length_limit_applies_to_the_normal_form() {
         // 16 names of 255 bytes and their separators: 4096 bytes with the leading '/'.
-        let names: Vec<String> = (0..16)
-            .map(|i| format!("{i:x}").repeat(255)[..255].to_string())
-            .collect();
+        let names: Vec<String> = (0..16).map(|i| format!("{i:x}").repeat(255)[..255].to_string()).collect();
         let exact = format!("/{}", names.join("/"));
         assert_eq!(exact.len(), PATH_BYTES_MAX);
         assert_eq!(TreePath::parse(&exact).unwrap().as_str(), exact);
         // 17 names of 240 bytes: 4096 bytes as typed without the leading '/', 4097 in normal form.
-        let over = (0..17)
-            .map(|i| format!("{i:x}").repeat(240)[..240].to_string())
-            .collect::<Vec<_>>()
-            .join("/");
+        let over = (0..17).map(|i| format!("{i:x}").repeat(240)[..240].to_string()).collect::<Vec<_>>().join("/");
         assert_eq!(over.len(), PATH_BYTES_MAX);
-        assert_eq!(
-            TreePath::parse(&over),
-            Err(PathError::TooLong(PATH_BYTES_MAX + 1))
-        );
+        assert_eq!(TreePath::parse(&over), Err(PathError::TooLong(PATH_BYTES_MAX + 1)));
         // A trailing '/' takes the input over the limit, not its normal form.
-        assert_eq!(
-            TreePath::parse(&format!("{exact}/")).unwrap().as_str(),
-            exact
-        );
+        assert_eq!(TreePath::parse(&format!("{exact}/")).unwrap().as_str(), exact);
         // A name is measured in NFC too: 100 'é' are 300 bytes as NFD, 200 as NFC.
         assert!(TreePath::parse(&format!("/{}", "e\u{301}".repeat(100))).is_ok());
     }
@@ -317,20 +295,10 @@ mod tests {
         let p = TreePath::parse("/a/b/c").unwrap();
         assert_eq!(p.parent().unwrap().as_str(), "/a/b");
         assert_eq!(p.name(), "c");
-        assert_eq!(
-            p.ancestors().iter().map(|a| a.as_str()).collect::<Vec<_>>(),
-            ["/a", "/a/b"]
-        );
+        assert_eq!(p.ancestors().iter().map(|a| a.as_str()).collect::<Vec<_>>(), ["/a", "/a/b"]);
         assert!(p.is_within(&TreePath::parse("/a").unwrap()));
-        assert!(!TreePath::parse("/ab")
-            .unwrap()
-            .is_within(&TreePath::parse("/a").unwrap()));
-        let moved = p
-            .rebase(
-                &TreePath::parse("/a").unwrap(),
-                &TreePath::parse("/x/y").unwrap(),
-            )
-            .unwrap();
+        assert!(!TreePath::parse("/ab").unwrap().is_within(&TreePath::parse("/a").unwrap()));
+        let moved = p.rebase(&TreePath::parse("/a").unwrap(), &TreePath::parse("/x/y").unwrap()).unwrap();
         assert_eq!(moved.as_str(), "/x/y/b/c");
         assert_eq!(TreePath::root().join("f").unwrap().as_str(), "/f");
         assert!(TreePath::parse_non_root("/").is_err());

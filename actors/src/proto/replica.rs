@@ -194,14 +194,7 @@ pub fn encode(c: &Change) -> Vec<u8> {
     match c.commit {
         None => postcard::to_allocvec(&wire).expect("encoding to memory cannot fail"),
         Some(commit) => {
-            let wire = ChangeWire2 {
-                v1: ChangeWire {
-                    format: CHANGE_FORMAT_COMMIT,
-                    ..wire
-                },
-                commit_first_seq: commit.first_seq,
-                commit_len: commit.len,
-            };
+            let wire = ChangeWire2 { v1: ChangeWire { format: CHANGE_FORMAT_COMMIT, ..wire }, commit_first_seq: commit.first_seq, commit_len: commit.len };
             postcard::to_allocvec(&wire).expect("encoding to memory cannot fail")
         }
     }
@@ -215,27 +208,15 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
         return Err(bad("too large"));
     }
     let (w, commit) = match bytes.first() {
-        Some(&CHANGE_FORMAT) => (
-            postcard::from_bytes::<ChangeWire>(bytes)
-                .map_err(|e| ReplicaError::Malformed(e.to_string()))?,
-            None,
-        ),
+        Some(&CHANGE_FORMAT) => (postcard::from_bytes::<ChangeWire>(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?, None),
         Some(&CHANGE_FORMAT_COMMIT) => {
-            let w2: ChangeWire2 =
-                postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
-            (
-                w2.v1,
-                Some(CommitRef {
-                    first_seq: w2.commit_first_seq,
-                    len: w2.commit_len,
-                }),
-            )
+            let w2: ChangeWire2 = postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+            (w2.v1, Some(CommitRef { first_seq: w2.commit_first_seq, len: w2.commit_len }))
         }
         Some(other) => return Err(ReplicaError::Malformed(format!("unknown format {other}"))),
         None => return Err(bad("empty")),
     };
-    let path =
-        TreePath::parse_non_root(&w.path).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+    let path = TreePath::parse_non_root(&w.path).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
     if path.as_str() != w.path {
         return Err(bad("path not in normal form"));
     }
@@ -244,11 +225,7 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
         return Err(bad("version seq"));
     }
     if let Some(c) = commit {
-        if c.len < 2
-            || c.len > COMMIT_LEN_MAX
-            || c.first_seq <= 0
-            || c.first_seq > key.version().seq
-        {
+        if c.len < 2 || c.len > COMMIT_LEN_MAX || c.first_seq <= 0 || c.first_seq > key.version().seq {
             return Err(bad("operation"));
         }
     }
@@ -271,13 +248,7 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
             if kind == EntryKind::Dir && (e.size != 0 || e.hash != ContentHash::EMPTY.0) {
                 return Err(bad("directory with content"));
             }
-            Some(Entry {
-                kind,
-                hash: ContentHash(e.hash),
-                size: e.size,
-                mode: e.mode,
-                mtime_ms: e.mtime_ms,
-            })
+            Some(Entry { kind, hash: ContentHash(e.hash), size: e.size, mode: e.mode, mtime_ms: e.mtime_ms })
         }
     };
     Ok(Change {
@@ -285,13 +256,7 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
         path,
         key,
         pred,
-        version: Version {
-            entry,
-            written: Stamp {
-                ms: w.written_ms,
-                counter: w.written_lc,
-            },
-        },
+        version: Version { entry, written: Stamp { ms: w.written_ms, counter: w.written_lc } },
         origin: w.origin,
         commit,
     })
@@ -302,15 +267,10 @@ pub fn decode(bytes: &[u8]) -> Result<Change, ReplicaError> {
 /// [`COMMIT_LEN_MAX`] versions travels unmarked (applied as it arrives) rather than in a form
 /// every peer would refuse.
 pub fn mark_commit(changes: &mut [Change]) {
-    let Some(first) = changes.iter().map(|c| c.id().seq).min() else {
-        return;
-    };
+    let Some(first) = changes.iter().map(|c| c.id().seq).min() else { return };
     let len = u32::try_from(changes.len()).unwrap_or(u32::MAX);
     for c in changes.iter_mut() {
-        c.commit = (len > 1 && len <= COMMIT_LEN_MAX).then_some(CommitRef {
-            first_seq: first,
-            len,
-        });
+        c.commit = (len > 1 && len <= COMMIT_LEN_MAX).then_some(CommitRef { first_seq: first, len });
     }
 }
 
@@ -330,22 +290,13 @@ pub struct WholeCommits {
 /// all of them. Given what arrived, the versions of the same operations held from earlier,
 /// and whether a version is already applied here (then its operation was applied whole
 /// before: the rest are repeats).
-pub fn whole_commits(
-    incoming: Vec<Change>,
-    held: Vec<Change>,
-    applied: impl Fn(&Change) -> bool,
-) -> WholeCommits {
+pub fn whole_commits(incoming: Vec<Change>, held: Vec<Change>, applied: impl Fn(&Change) -> bool) -> WholeCommits {
     let mut out = WholeCommits::default();
-    let mut groups: std::collections::BTreeMap<
-        (NodeId, i64),
-        (u32, std::collections::BTreeMap<i64, Change>),
-    > = std::collections::BTreeMap::new();
+    let mut groups: std::collections::BTreeMap<(NodeId, i64), (u32, std::collections::BTreeMap<i64, Change>)> = std::collections::BTreeMap::new();
     for change in held.into_iter().chain(incoming) {
         match change.commit {
             Some(c) if c.len > 1 => {
-                let group = groups
-                    .entry((change.id().node, c.first_seq))
-                    .or_insert_with(|| (c.len, Default::default()));
+                let group = groups.entry((change.id().node, c.first_seq)).or_insert_with(|| (c.len, Default::default()));
                 group.0 = group.0.max(c.len);
                 group.1.insert(change.id().seq, change);
             }
@@ -385,13 +336,8 @@ pub fn doc_key(id: &VersionId) -> String {
 /// without knowing of each other. Given `(id, pred)` of every version of the path on one
 /// branch; returns the ids, in no particular order.
 pub fn tips(versions: &[(VersionId, Option<VersionId>)]) -> Vec<VersionId> {
-    let named: std::collections::HashSet<VersionId> =
-        versions.iter().filter_map(|(_, p)| *p).collect();
-    versions
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| !named.contains(id))
-        .collect()
+    let named: std::collections::HashSet<VersionId> = versions.iter().filter_map(|(_, p)| *p).collect();
+    versions.iter().map(|(id, _)| *id).filter(|id| !named.contains(id)).collect()
 }
 
 /// One version of a path on one branch, as the winner rule sees it.
@@ -440,14 +386,7 @@ pub struct PathOutcome {
 /// for no versions.
 pub fn path_outcome(versions: &[PathVersion]) -> Option<PathOutcome> {
     // Sets and maps, not scans: a peer may send a path many versions at once.
-    let tips: std::collections::HashSet<VersionId> = tips(
-        &versions
-            .iter()
-            .map(|v| (v.key.version(), v.pred))
-            .collect::<Vec<_>>(),
-    )
-    .into_iter()
-    .collect();
+    let tips: std::collections::HashSet<VersionId> = tips(&versions.iter().map(|v| (v.key.version(), v.pred)).collect::<Vec<_>>()).into_iter().collect();
     // A merge's loser is beaten by the first version (by order key) that replaced it: two
     // versions may name one predecessor, and the choice must not depend on arrival.
     let mut by_pred: std::collections::HashMap<VersionId, usize> = std::collections::HashMap::new();
@@ -459,17 +398,11 @@ pub fn path_outcome(versions: &[PathVersion]) -> Option<PathOutcome> {
             }
         }
     }
-    let head = (0..versions.len())
-        .filter(|&i| tips.contains(&versions[i].key.version()))
-        .max_by_key(|&i| versions[i].key)?;
+    let head = (0..versions.len()).filter(|&i| tips.contains(&versions[i].key.version())).max_by_key(|&i| versions[i].key)?;
     let mut losers = Vec::new();
     for (i, v) in versions.iter().enumerate() {
         if v.merge_loser {
-            losers.push((
-                i,
-                by_pred.get(&v.key.version()).copied().unwrap_or(head),
-                LoserKind::Merge,
-            ));
+            losers.push((i, by_pred.get(&v.key.version()).copied().unwrap_or(head), LoserKind::Merge));
         } else if i != head && tips.contains(&v.key.version()) {
             losers.push((i, head, LoserKind::Concurrent));
         }
@@ -505,8 +438,7 @@ impl BranchRecord {
         if bytes.len() > CHANGE_BYTES_MAX {
             return Err(ReplicaError::Malformed("branch record too large".into()));
         }
-        let r: BranchRecord =
-            postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
+        let r: BranchRecord = postcard::from_bytes(bytes).map_err(|e| ReplicaError::Malformed(e.to_string()))?;
         super::path::check_label("branch", &r.name).map_err(ReplicaError::Malformed)?;
         if r.name.len() > LABEL_BYTES_MAX || (r.parent.is_none() != r.fork.is_none()) {
             return Err(ReplicaError::Malformed("branch record fields".into()));
@@ -589,17 +521,8 @@ impl MetaEntry {
         match self {
             MetaEntry::Branch(b) => BranchRecord::doc_key(&b.uid),
             MetaEntry::Member { node, .. } => format!("member/{}", node.to_hex()),
-            MetaEntry::Removed {
-                node,
-                by,
-                seen: Seen::Upto { .. },
-                ..
-            } => format!("removed/{}/{}", node.to_hex(), by.to_hex()),
-            MetaEntry::Removed {
-                node,
-                seen: Seen::All,
-                ..
-            } => format!("removed/{}", node.to_hex()),
+            MetaEntry::Removed { node, by, seen: Seen::Upto { .. }, .. } => format!("removed/{}/{}", node.to_hex(), by.to_hex()),
+            MetaEntry::Removed { node, seen: Seen::All, .. } => format!("removed/{}", node.to_hex()),
             MetaEntry::Addrs { node, .. } => format!("addr/{}", node.to_hex()),
             MetaEntry::BranchDeleted { uid, .. } => format!("deleted/{}", uid.to_hex()),
         }
@@ -609,44 +532,19 @@ impl MetaEntry {
     pub fn value(&self) -> Vec<u8> {
         match self {
             MetaEntry::Branch(b) => b.encode(),
-            MetaEntry::Member {
-                added_by, at_ms, ..
-            } => enc(&ByWhom {
-                by: added_by.0,
-                at_ms: *at_ms,
-            }),
-            MetaEntry::Removed {
-                by,
-                at_ms,
-                seen: Seen::Upto { last_seq, admitted },
-                ..
-            } => enc(&RemovedRecord {
-                by: by.0,
-                at_ms: *at_ms,
-                last_seq: *last_seq,
-                admitted: admitted.iter().map(|n| n.0).collect(),
-            }),
-            MetaEntry::Removed {
-                by,
-                at_ms,
-                seen: Seen::All,
-                ..
-            } => enc(&ByWhom {
-                by: by.0,
-                at_ms: *at_ms,
-            }),
+            MetaEntry::Member { added_by, at_ms, .. } => enc(&ByWhom { by: added_by.0, at_ms: *at_ms }),
+            MetaEntry::Removed { by, at_ms, seen: Seen::Upto { last_seq, admitted }, .. } => {
+                enc(&RemovedRecord { by: by.0, at_ms: *at_ms, last_seq: *last_seq, admitted: admitted.iter().map(|n| n.0).collect() })
+            }
+            MetaEntry::Removed { by, at_ms, seen: Seen::All, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
             MetaEntry::Addrs { addrs, .. } => enc(addrs),
-            MetaEntry::BranchDeleted { by, at_ms, .. } => enc(&ByWhom {
-                by: by.0,
-                at_ms: *at_ms,
-            }),
+            MetaEntry::BranchDeleted { by, at_ms, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
         }
     }
 
     /// Reads an entry of a bucket's document from a peer; keys and values are checked.
     pub fn decode(key: &str, value: &[u8]) -> Result<MetaEntry, ReplicaError> {
-        let bad =
-            |what: &str| ReplicaError::Malformed(format!("{what} in the bucket's document: {key}"));
+        let bad = |what: &str| ReplicaError::Malformed(format!("{what} in the bucket's document: {key}"));
         if value.len() > CHANGE_BYTES_MAX {
             return Err(bad("an oversized entry"));
         }
@@ -662,55 +560,30 @@ impl MetaEntry {
             "removed" if id.contains('/') => {
                 let (node, by) = id.split_once('/').expect("checked");
                 let node = NodeId::from_hex(node).ok_or_else(|| bad("a bad node id"))?;
-                let r: RemovedRecord =
-                    postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
+                let r: RemovedRecord = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
                 if NodeId::from_hex(by) != Some(NodeId(r.by)) {
                     return Err(bad("a removal under another remover's key"));
                 }
                 let admitted = r.admitted.into_iter().map(NodeId).collect();
-                Ok(MetaEntry::Removed {
-                    node,
-                    by: NodeId(r.by),
-                    at_ms: r.at_ms,
-                    seen: Seen::Upto {
-                        last_seq: r.last_seq,
-                        admitted,
-                    },
-                })
+                Ok(MetaEntry::Removed { node, by: NodeId(r.by), at_ms: r.at_ms, seen: Seen::Upto { last_seq: r.last_seq, admitted } })
             }
             "member" | "removed" => {
                 let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
-                let w: ByWhom =
-                    postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
+                let w: ByWhom = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
                 Ok(if kind == "member" {
-                    MetaEntry::Member {
-                        node,
-                        added_by: NodeId(w.by),
-                        at_ms: w.at_ms,
-                    }
+                    MetaEntry::Member { node, added_by: NodeId(w.by), at_ms: w.at_ms }
                 } else {
-                    MetaEntry::Removed {
-                        node,
-                        by: NodeId(w.by),
-                        at_ms: w.at_ms,
-                        seen: Seen::All,
-                    }
+                    MetaEntry::Removed { node, by: NodeId(w.by), at_ms: w.at_ms, seen: Seen::All }
                 })
             }
             "deleted" => {
                 let uid = Uid::from_hex(id).ok_or_else(|| bad("a bad branch id"))?;
-                let w: ByWhom =
-                    postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
-                Ok(MetaEntry::BranchDeleted {
-                    uid,
-                    by: NodeId(w.by),
-                    at_ms: w.at_ms,
-                })
+                let w: ByWhom = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
+                Ok(MetaEntry::BranchDeleted { uid, by: NodeId(w.by), at_ms: w.at_ms })
             }
             "addr" => {
                 let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
-                let addrs: Vec<std::net::SocketAddr> =
-                    postcard::from_bytes(value).map_err(|_| bad("undecodable addresses"))?;
+                let addrs: Vec<std::net::SocketAddr> = postcard::from_bytes(value).map_err(|_| bad("undecodable addresses"))?;
                 if addrs.len() > super::ticket::TICKET_ADDRS_MAX {
                     return Err(bad("too many addresses"));
                 }
@@ -731,31 +604,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn change(path: &str, entry: Option<Entry>) -> Change {
-        let id = VersionId {
-            node: NodeId([7; 32]),
-            seq: 42,
-        };
+        let id = VersionId { node: NodeId([7; 32]), seq: 42 };
         Change {
             branch: Uid([1; 16]),
             path: TreePath::parse(path).unwrap(),
-            key: OrderKey::new(
-                Stamp {
-                    ms: 1_700_000_000_000,
-                    counter: 3,
-                },
-                &id,
-            ),
-            pred: Some(VersionId {
-                node: NodeId([9; 32]),
-                seq: 41,
-            }),
-            version: Version {
-                entry,
-                written: Stamp {
-                    ms: 1_600_000_000_000,
-                    counter: 0,
-                },
-            },
+            key: OrderKey::new(Stamp { ms: 1_700_000_000_000, counter: 3 }, &id),
+            pred: Some(VersionId { node: NodeId([9; 32]), seq: 41 }),
+            version: Version { entry, written: Stamp { ms: 1_600_000_000_000, counter: 0 } },
             origin: Origin::Merge,
             commit: None,
         }
@@ -764,26 +619,18 @@ mod tests {
     #[test]
     fn an_operation_is_released_only_whole_in_any_order_of_arrival() {
         let part = |seq: i64, path: &str| {
-            let id = VersionId {
-                node: NodeId([5; 32]),
-                seq,
-            };
+            let id = VersionId { node: NodeId([5; 32]), seq };
             Change {
                 key: OrderKey::new(Stamp::at(10), &id),
                 pred: None,
-                commit: Some(CommitRef {
-                    first_seq: 7,
-                    len: 3,
-                }),
+                commit: Some(CommitRef { first_seq: 7, len: 3 }),
                 ..change(path, None)
             }
         };
         let (a, b, c) = (part(7, "/a"), part(8, "/b"), part(9, "/c"));
         let single = change("/single", None);
         // Two of three, with a single version: the single goes, the two wait.
-        let first = whole_commits(vec![b.clone(), single.clone(), a.clone()], vec![], |_| {
-            false
-        });
+        let first = whole_commits(vec![b.clone(), single.clone(), a.clone()], vec![], |_| false);
         assert_eq!(first.ready, vec![single]);
         assert_eq!(first.hold.len(), 2);
         assert!(first.released.is_empty());
@@ -797,36 +644,16 @@ mod tests {
         assert!(again.ready.is_empty() && again.hold.is_empty());
         // Through the wire, both formats.
         assert_eq!(decode(&encode(&c)).unwrap(), c);
-        assert_eq!(
-            encode(&change("/x", None))[0],
-            CHANGE_FORMAT,
-            "a single version stays format 1"
-        );
+        assert_eq!(encode(&change("/x", None))[0], CHANGE_FORMAT, "a single version stays format 1");
         let mut bad = c.clone();
-        bad.commit = Some(CommitRef {
-            first_seq: 10,
-            len: 3,
-        });
-        assert!(
-            decode(&encode(&bad)).is_err(),
-            "an operation starting after its own version"
-        );
+        bad.commit = Some(CommitRef { first_seq: 10, len: 3 });
+        assert!(decode(&encode(&bad)).is_err(), "an operation starting after its own version");
     }
 
     #[test]
     fn a_change_survives_the_round_trip_and_garbage_is_refused_not_panicked_on() {
-        let file = Entry {
-            kind: EntryKind::File,
-            hash: ContentHash([5; 32]),
-            size: 9,
-            mode: 0o644,
-            mtime_ms: 12,
-        };
-        for c in [
-            change("/a/b.txt", Some(file)),
-            change("/d", Some(Entry::dir(0o755, 1))),
-            change("/gone", None),
-        ] {
+        let file = Entry { kind: EntryKind::File, hash: ContentHash([5; 32]), size: 9, mode: 0o644, mtime_ms: 12 };
+        for c in [change("/a/b.txt", Some(file)), change("/d", Some(Entry::dir(0o755, 1))), change("/gone", None)] {
             assert_eq!(decode(&encode(&c)).unwrap(), c);
         }
         let good = encode(&change("/x", None));
@@ -846,28 +673,10 @@ mod tests {
         let mut nfd = change("/x", None);
         nfd.path = TreePath::stored("/", "cafe\u{301}");
         assert!(decode(&encode(&nfd)).is_err(), "a name not in NFC");
-        let huge = Entry {
-            kind: EntryKind::File,
-            hash: ContentHash([5; 32]),
-            size: FILE_BYTES_MAX + 1,
-            mode: 0o644,
-            mtime_ms: 0,
-        };
-        assert!(
-            decode(&encode(&change("/x", Some(huge)))).is_err(),
-            "a size past the file limit"
-        );
-        let fat_dir = Entry {
-            kind: EntryKind::Dir,
-            hash: ContentHash([5; 32]),
-            size: 3,
-            mode: 0o755,
-            mtime_ms: 0,
-        };
-        assert!(
-            decode(&encode(&change("/x", Some(fat_dir)))).is_err(),
-            "a directory with bytes"
-        );
+        let huge = Entry { kind: EntryKind::File, hash: ContentHash([5; 32]), size: FILE_BYTES_MAX + 1, mode: 0o644, mtime_ms: 0 };
+        assert!(decode(&encode(&change("/x", Some(huge)))).is_err(), "a size past the file limit");
+        let fat_dir = Entry { kind: EntryKind::Dir, hash: ContentHash([5; 32]), size: 3, mode: 0o755, mtime_ms: 0 };
+        assert!(decode(&encode(&change("/x", Some(fat_dir)))).is_err(), "a directory with bytes");
         assert!(decode(&vec![0u8; CHANGE_BYTES_MAX + 1]).is_err());
     }
 
@@ -893,160 +702,61 @@ mod tests {
         // function is a format change.
         let p = TreePath::parse("/docs/report.txt").unwrap();
         assert_eq!(shard_of(&Uid([0; 16]), &p), shard_of(&Uid([0; 16]), &p));
-        let spread: std::collections::HashSet<u16> = (0..1000)
-            .map(|i| shard_of(&Uid([0; 16]), &TreePath::parse(&format!("/f{i}")).unwrap()))
-            .collect();
-        assert!(
-            spread.len() > 60,
-            "1000 paths fall in {} of {SHARDS} shards",
-            spread.len()
-        );
-        assert_eq!(
-            shard_of(&Uid([0; 16]), &p),
-            46,
-            "FNV-1a 64 of the uid and path, computed independently"
-        );
+        let spread: std::collections::HashSet<u16> =
+            (0..1000).map(|i| shard_of(&Uid([0; 16]), &TreePath::parse(&format!("/f{i}")).unwrap())).collect();
+        assert!(spread.len() > 60, "1000 paths fall in {} of {SHARDS} shards", spread.len());
+        assert_eq!(shard_of(&Uid([0; 16]), &p), 46, "FNV-1a 64 of the uid and path, computed independently");
     }
 
     #[test]
     fn bucket_entries_round_trip_and_keys_must_match() {
         let n = NodeId([3; 32]);
         let entries = [
-            MetaEntry::Member {
-                node: n,
-                added_by: NodeId([4; 32]),
-                at_ms: 5,
-            },
-            MetaEntry::Removed {
-                node: n,
-                by: NodeId([4; 32]),
-                at_ms: 6,
-                seen: Seen::All,
-            },
-            MetaEntry::Removed {
-                node: n,
-                by: NodeId([4; 32]),
-                at_ms: 6,
-                seen: Seen::Upto {
-                    last_seq: 9,
-                    admitted: vec![NodeId([5; 32])],
-                },
-            },
-            MetaEntry::Addrs {
-                node: n,
-                addrs: vec!["127.0.0.1:7".parse().unwrap()],
-            },
-            MetaEntry::BranchDeleted {
-                uid: Uid([5; 16]),
-                by: n,
-                at_ms: 8,
-            },
-            MetaEntry::Branch(BranchRecord {
-                uid: Uid([9; 16]),
-                name: "main".into(),
-                parent: None,
-                fork: None,
-                created_ms: 1,
-            }),
+            MetaEntry::Member { node: n, added_by: NodeId([4; 32]), at_ms: 5 },
+            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6, seen: Seen::All },
+            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6, seen: Seen::Upto { last_seq: 9, admitted: vec![NodeId([5; 32])] } },
+            MetaEntry::Addrs { node: n, addrs: vec!["127.0.0.1:7".parse().unwrap()] },
+            MetaEntry::BranchDeleted { uid: Uid([5; 16]), by: n, at_ms: 8 },
+            MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 }),
         ];
         for e in entries {
             assert_eq!(MetaEntry::decode(&e.key(), &e.value()).unwrap(), e);
         }
-        let branch = MetaEntry::Branch(BranchRecord {
-            uid: Uid([9; 16]),
-            name: "main".into(),
-            parent: None,
-            fork: None,
-            created_ms: 1,
-        });
-        assert!(MetaEntry::decode(
-            &format!("branch/{}", Uid([8; 16]).to_hex()),
-            &branch.value()
-        )
-        .is_err());
+        let branch = MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 });
+        assert!(MetaEntry::decode(&format!("branch/{}", Uid([8; 16]).to_hex()), &branch.value()).is_err());
         assert!(MetaEntry::decode("member/zz", &[]).is_err());
         assert!(MetaEntry::decode("other/x", &[]).is_err());
     }
 
     #[test]
     fn tips_are_the_versions_nobody_replaced_knowingly() {
-        let v = |n: u8, s: i64| VersionId {
-            node: NodeId([n; 32]),
-            seq: s,
-        };
+        let v = |n: u8, s: i64| VersionId { node: NodeId([n; 32]), seq: s };
         // a1 ← a2 (A overwrote its own), b1 written without seeing either.
         let mut t = tips(&[(v(1, 1), None), (v(1, 2), Some(v(1, 1))), (v(2, 1), None)]);
         t.sort();
         assert_eq!(t, [v(1, 2), v(2, 1)]);
         // B then wrote having seen a2, but nobody replaced b1 knowingly: it stays a tip.
-        assert_eq!(
-            tips(&[
-                (v(1, 1), None),
-                (v(1, 2), Some(v(1, 1))),
-                (v(2, 1), None),
-                (v(2, 2), Some(v(1, 2)))
-            ])
-            .len(),
-            2
-        );
-        assert_eq!(
-            tips(&[(v(1, 1), None), (v(2, 2), Some(v(1, 1)))]),
-            [v(2, 2)]
-        );
+        assert_eq!(tips(&[(v(1, 1), None), (v(1, 2), Some(v(1, 1))), (v(2, 1), None), (v(2, 2), Some(v(1, 2)))]).len(), 2);
+        assert_eq!(tips(&[(v(1, 1), None), (v(2, 2), Some(v(1, 1)))]), [v(2, 2)]);
     }
 
     fn pv(node: u8, seq: i64, ms: i64, pred: Option<(u8, i64)>, merge_loser: bool) -> PathVersion {
-        let id = VersionId {
-            node: NodeId([node; 32]),
-            seq,
-        };
-        PathVersion {
-            key: OrderKey::new(Stamp { ms, counter: 0 }, &id),
-            pred: pred.map(|(n, s)| VersionId {
-                node: NodeId([n; 32]),
-                seq: s,
-            }),
-            merge_loser,
-        }
+        let id = VersionId { node: NodeId([node; 32]), seq };
+        PathVersion { key: OrderKey::new(Stamp { ms, counter: 0 }, &id), pred: pred.map(|(n, s)| VersionId { node: NodeId([n; 32]), seq: s }), merge_loser }
     }
 
     #[test]
     fn the_path_rule_picks_the_latest_tip_and_lists_the_other_tips_and_merge_losers() {
         assert_eq!(path_outcome(&[]), None);
         // A knowing overwrite, even one stamped earlier (a clock behind): no conflict.
-        let chain = [
-            pv(1, 1, 2_000, None, false),
-            pv(2, 1, 1_000, Some((1, 1)), false),
-        ];
-        assert_eq!(
-            path_outcome(&chain),
-            Some(PathOutcome {
-                head: 1,
-                losers: vec![]
-            })
-        );
+        let chain = [pv(1, 1, 2_000, None, false), pv(2, 1, 1_000, Some((1, 1)), false)];
+        assert_eq!(path_outcome(&chain), Some(PathOutcome { head: 1, losers: vec![] }));
         // Two writes that did not see each other: the later key wins, the other is listed.
         let race = [pv(1, 1, 1_000, None, false), pv(2, 1, 1_500, None, false)];
-        assert_eq!(
-            path_outcome(&race),
-            Some(PathOutcome {
-                head: 1,
-                losers: vec![(0, 1, LoserKind::Concurrent)]
-            })
-        );
+        assert_eq!(path_outcome(&race), Some(PathOutcome { head: 1, losers: vec![(0, 1, LoserKind::Concurrent)] }));
         // A merge's losing side is beaten by the version that names it, not by the head.
-        let merged = [
-            pv(1, 1, 1_000, None, true),
-            pv(1, 2, 1_100, Some((1, 1)), false),
-            pv(1, 3, 1_200, Some((1, 2)), false),
-        ];
-        assert_eq!(
-            path_outcome(&merged),
-            Some(PathOutcome {
-                head: 2,
-                losers: vec![(0, 1, LoserKind::Merge)]
-            })
-        );
+        let merged = [pv(1, 1, 1_000, None, true), pv(1, 2, 1_100, Some((1, 1)), false), pv(1, 3, 1_200, Some((1, 2)), false)];
+        assert_eq!(path_outcome(&merged), Some(PathOutcome { head: 2, losers: vec![(0, 1, LoserKind::Merge)] }));
     }
 
     proptest! {

@@ -135,17 +135,10 @@ impl Frame {
         if body.len() > SYNC_FRAME_BYTES_MAX {
             return Err(SyncError::TooLarge(body.len()));
         }
-        let frame: Frame =
-            postcard::from_bytes(body).map_err(|e| SyncError::Malformed(e.to_string()))?;
+        let frame: Frame = postcard::from_bytes(body).map_err(|e| SyncError::Malformed(e.to_string()))?;
         let ok = match &frame {
-            Frame::Join { addrs, .. } | Frame::Hello { addrs, .. }
-                if addrs.len() > TICKET_ADDRS_MAX =>
-            {
-                false
-            }
-            Frame::Hello { buckets, .. } | Frame::Welcome { buckets } => {
-                buckets.len() <= SESSION_BUCKETS_MAX
-            }
+            Frame::Join { addrs, .. } | Frame::Hello { addrs, .. } if addrs.len() > TICKET_ADDRS_MAX => false,
+            Frame::Hello { buckets, .. } | Frame::Welcome { buckets } => buckets.len() <= SESSION_BUCKETS_MAX,
             Frame::Summary { digests, .. } => digests.len() == DOCS as usize,
             Frame::Sync { doc, .. } => *doc < DOCS,
             Frame::Refused { reason } => reason.len() <= 4096,
@@ -183,8 +176,7 @@ impl Announcement {
 
     /// Decodes and checks an announcement from the topic.
     pub fn decode(bytes: &[u8]) -> Result<Self, SyncError> {
-        let a: Announcement =
-            postcard::from_bytes(bytes).map_err(|e| SyncError::Malformed(e.to_string()))?;
+        let a: Announcement = postcard::from_bytes(bytes).map_err(|e| SyncError::Malformed(e.to_string()))?;
         if a.docs.len() > DOCS as usize || a.docs.iter().any(|(d, _)| *d >= DOCS) {
             return Err(SyncError::Malformed("announcement out of bounds".into()));
         }
@@ -214,10 +206,7 @@ pub fn topic_of(bucket: &Uid) -> [u8; 32] {
 /// million versions before its inviter's admission would hold them all back, then apply
 /// them twice).
 pub fn differing(ours: &[u64], theirs: &[u64]) -> Vec<u16> {
-    std::iter::once(META_DOC)
-        .chain(0..META_DOC)
-        .filter(|d| ours.get(*d as usize) != theirs.get(*d as usize))
-        .collect()
+    std::iter::once(META_DOC).chain(0..META_DOC).filter(|d| ours.get(*d as usize) != theirs.get(*d as usize)).collect()
 }
 
 /// A digest of a document's heads (sorted hashes of its latest changes): equal digests mean
@@ -249,22 +238,10 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bounds_hold() {
         let frames = [
-            Frame::Hello {
-                buckets: vec![Uid([1; 16])],
-                addrs: vec!["127.0.0.1:9".parse().unwrap()],
-            },
-            Frame::Summary {
-                bucket: Uid([1; 16]),
-                digests: vec![7; DOCS as usize],
-            },
-            Frame::Sync {
-                bucket: Uid([1; 16]),
-                doc: META_DOC,
-                msg: vec![1, 2, 3],
-            },
-            Frame::Refused {
-                reason: "no".into(),
-            },
+            Frame::Hello { buckets: vec![Uid([1; 16])], addrs: vec!["127.0.0.1:9".parse().unwrap()] },
+            Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; DOCS as usize] },
+            Frame::Sync { bucket: Uid([1; 16]), doc: META_DOC, msg: vec![1, 2, 3] },
+            Frame::Refused { reason: "no".into() },
         ];
         for f in frames {
             let bytes = f.encode();
@@ -272,18 +249,9 @@ mod tests {
             assert_eq!(Frame::decode(&bytes[4..4 + len]).unwrap(), f);
         }
         assert!(Frame::body_len(((SYNC_FRAME_BYTES_MAX + 1) as u32).to_be_bytes()).is_err());
-        let bad_doc = Frame::Sync {
-            bucket: Uid([1; 16]),
-            doc: DOCS,
-            msg: vec![],
-        }
-        .encode();
+        let bad_doc = Frame::Sync { bucket: Uid([1; 16]), doc: DOCS, msg: vec![] }.encode();
         assert!(Frame::decode(&bad_doc[4..]).is_err());
-        let short = Frame::Summary {
-            bucket: Uid([1; 16]),
-            digests: vec![7; 3],
-        }
-        .encode();
+        let short = Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; 3] }.encode();
         assert!(Frame::decode(&short[4..]).is_err());
     }
 
@@ -296,22 +264,11 @@ mod tests {
 
     #[test]
     fn announcements_fit_gossip_and_garbage_is_refused() {
-        let a = Announcement {
-            nonce: 1,
-            node: super::super::ids::NodeId([3; 32]),
-            docs: (0..DOCS).map(|d| (d, u64::MAX)).collect(),
-        };
+        let a = Announcement { nonce: 1, node: super::super::ids::NodeId([3; 32]), docs: (0..DOCS).map(|d| (d, u64::MAX)).collect() };
         let bytes = a.encode();
-        assert!(
-            bytes.len() + 128 < GOSSIP_MESSAGE_BYTES_MAX,
-            "a full announcement is {} bytes",
-            bytes.len()
-        );
+        assert!(bytes.len() + 128 < GOSSIP_MESSAGE_BYTES_MAX, "a full announcement is {} bytes", bytes.len());
         assert_eq!(Announcement::decode(&bytes).unwrap(), a);
-        let bad = Announcement {
-            docs: vec![(DOCS, 0)],
-            ..a
-        };
+        let bad = Announcement { docs: vec![(DOCS, 0)], ..a };
         assert!(Announcement::decode(&bad.encode()).is_err());
         assert_ne!(topic_of(&Uid([1; 16])), topic_of(&Uid([2; 16])));
     }
@@ -319,11 +276,7 @@ mod tests {
     #[test]
     fn digests_and_differences() {
         let (a, b) = ([1u8; 32], [2u8; 32]);
-        assert_eq!(
-            heads_digest([&a, &b]),
-            heads_digest([&b, &a]),
-            "order of heads does not matter"
-        );
+        assert_eq!(heads_digest([&a, &b]), heads_digest([&b, &a]), "order of heads does not matter");
         assert_ne!(heads_digest([&a]), heads_digest([&b]));
         let ours = vec![1; DOCS as usize];
         let mut theirs = ours.clone();

@@ -69,19 +69,10 @@ fn checksum(bytes: &[u8]) -> [u8; CHECK_BYTES] {
 impl Ticket {
     /// The ticket as text.
     pub fn encode(&self) -> String {
-        let mut bytes = postcard::to_allocvec(&Wire {
-            format: FORMAT,
-            ticket: self.clone(),
-        })
-        .expect("encoding to memory cannot fail");
+        let mut bytes = postcard::to_allocvec(&Wire { format: FORMAT, ticket: self.clone() }).expect("encoding to memory cannot fail");
         let check = checksum(&bytes);
         bytes.extend_from_slice(&check);
-        format!(
-            "{TICKET_PREFIX}{}",
-            data_encoding::BASE32_NOPAD
-                .encode(&bytes)
-                .to_ascii_lowercase()
-        )
+        format!("{TICKET_PREFIX}{}", data_encoding::BASE32_NOPAD.encode(&bytes).to_ascii_lowercase())
     }
 
     /// Parses a ticket; surrounding whitespace is ignored.
@@ -90,9 +81,7 @@ impl Ticket {
         if text.len() > TICKET_CHARS_MAX {
             return Err(TicketError::Malformed("too long"));
         }
-        let body = text
-            .strip_prefix(TICKET_PREFIX)
-            .ok_or(TicketError::Malformed("it does not start with alkfs1"))?;
+        let body = text.strip_prefix(TICKET_PREFIX).ok_or(TicketError::Malformed("it does not start with alkfs1"))?;
         let bytes = data_encoding::BASE32_NOPAD
             .decode(body.to_ascii_uppercase().as_bytes())
             .map_err(|_| TicketError::Malformed("bad characters or length"))?;
@@ -101,18 +90,13 @@ impl Ticket {
         }
         let (payload, check) = bytes.split_at(bytes.len() - CHECK_BYTES);
         if checksum(payload) != check {
-            return Err(TicketError::Malformed(
-                "checksum mismatch: a character was changed or lost",
-            ));
+            return Err(TicketError::Malformed("checksum mismatch: a character was changed or lost"));
         }
-        let wire: Wire =
-            postcard::from_bytes(payload).map_err(|_| TicketError::Malformed("undecodable"))?;
+        let wire: Wire = postcard::from_bytes(payload).map_err(|_| TicketError::Malformed("undecodable"))?;
         if wire.format != FORMAT {
             return Err(TicketError::Malformed("made by a newer alkfs"));
         }
-        if wire.ticket.addrs.len() > TICKET_ADDRS_MAX
-            || wire.ticket.relay.as_ref().is_some_and(|r| r.len() > 512)
-        {
+        if wire.ticket.addrs.len() > TICKET_ADDRS_MAX || wire.ticket.relay.as_ref().is_some_and(|r| r.len() > 512) {
             return Err(TicketError::Malformed("too many addresses"));
         }
         Ok(wire.ticket)
@@ -141,9 +125,7 @@ pub enum JoinRefusal {
     #[error("the ticket has been used up: ask for a new one (`alkfs invite --uses N`)")]
     UsedUp,
     /// The joiner was removed from the bucket; a ticket does not undo that silently.
-    #[error(
-        "this node was removed from the bucket, and a ticket does not bring a removed member back"
-    )]
+    #[error("this node was removed from the bucket, and a ticket does not bring a removed member back")]
     Removed,
 }
 
@@ -156,10 +138,7 @@ pub fn admit(terms: Option<InviteTerms>, now_ms: i64) -> Result<InviteTerms, Joi
     if terms.uses_left == 0 {
         return Err(JoinRefusal::UsedUp);
     }
-    Ok(InviteTerms {
-        uses_left: terms.uses_left - 1,
-        ..terms
-    })
+    Ok(InviteTerms { uses_left: terms.uses_left - 1, ..terms })
 }
 
 /// Parses a duration as users write it: `90s`, `30m`, `24h`, `7d`. Returns milliseconds.
@@ -175,9 +154,7 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
         "d" => 86_400_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(ms)
-        .filter(|v| *v > 0 && *v <= 366 * 86_400_000)
-        .ok_or_else(|| format!("{s}: give a duration between 1s and 366d"))
+    n.checked_mul(ms).filter(|v| *v > 0 && *v <= 366 * 86_400_000).ok_or_else(|| format!("{s}: give a duration between 1s and 366d"))
 }
 
 #[cfg(test)]
@@ -187,10 +164,7 @@ mod tests {
     fn ticket() -> Ticket {
         Ticket {
             node: NodeId([4; 32]),
-            addrs: vec![
-                "127.0.0.1:4100".parse().unwrap(),
-                "[::1]:4100".parse().unwrap(),
-            ],
+            addrs: vec!["127.0.0.1:4100".parse().unwrap(), "[::1]:4100".parse().unwrap()],
             relay: None,
             bucket: Uid([8; 16]),
             secret: [0x5a; SECRET_BYTES],
@@ -201,22 +175,13 @@ mod tests {
     fn a_ticket_survives_text_and_any_changed_character_is_caught() {
         let t = ticket();
         let text = t.encode();
-        assert!(
-            text.starts_with("alkfs1")
-                && text
-                    .bytes()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
-            "{text}"
-        );
+        assert!(text.starts_with("alkfs1") && text.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "{text}");
         assert_eq!(Ticket::decode(&format!("  {text}\n")).unwrap(), t);
         for i in TICKET_PREFIX.len()..text.len() {
             let mut forged = text.clone().into_bytes();
             forged[i] = if forged[i] == b'x' { b'y' } else { b'x' };
             let forged = String::from_utf8(forged).unwrap();
-            assert!(
-                Ticket::decode(&forged).is_err(),
-                "changed char {i} not caught"
-            );
+            assert!(Ticket::decode(&forged).is_err(), "changed char {i} not caught");
         }
         for cut in 0..text.len() {
             assert!(Ticket::decode(&text[..cut]).is_err(), "truncated at {cut}");
@@ -227,10 +192,7 @@ mod tests {
 
     #[test]
     fn the_inviter_admits_only_a_live_unused_invitation() {
-        let terms = InviteTerms {
-            expires_ms: 1_000,
-            uses_left: 1,
-        };
+        let terms = InviteTerms { expires_ms: 1_000, uses_left: 1 };
         assert_eq!(admit(None, 0), Err(JoinRefusal::UnknownSecret));
         assert_eq!(admit(Some(terms), 1_000), Err(JoinRefusal::Expired));
         let after = admit(Some(terms), 999).unwrap();
@@ -242,16 +204,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration_ms("24h"), Ok(86_400_000));
         assert_eq!(parse_duration_ms("90s"), Ok(90_000));
-        for bad in [
-            "",
-            "h",
-            "24",
-            "24x",
-            "-1h",
-            "0s",
-            "400d",
-            "99999999999999999d",
-        ] {
+        for bad in ["", "h", "24", "24x", "-1h", "0s", "400d", "99999999999999999d"] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
     }

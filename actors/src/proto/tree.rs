@@ -55,10 +55,7 @@ impl ReplicaTree {
         if self.changes.contains_key(&id) {
             return false;
         }
-        let ids = self
-            .paths
-            .entry((change.branch, change.path.clone()))
-            .or_default();
+        let ids = self.paths.entry((change.branch, change.path.clone())).or_default();
         let at = ids.partition_point(|x| *x < id);
         ids.insert(at, id);
         self.changes.insert(id, change);
@@ -113,20 +110,9 @@ impl ReplicaTree {
     }
 
     fn outcome_of<'a>(versions: &[&'a Change]) -> Option<(&'a Change, Vec<Loser<'a>>)> {
-        let input: Vec<PathVersion> = versions
-            .iter()
-            .map(|c| PathVersion {
-                key: c.key,
-                pred: c.pred,
-                merge_loser: c.origin == Origin::ConflictLoser,
-            })
-            .collect();
+        let input: Vec<PathVersion> = versions.iter().map(|c| PathVersion { key: c.key, pred: c.pred, merge_loser: c.origin == Origin::ConflictLoser }).collect();
         let outcome = path_outcome(&input)?;
-        let losers = outcome
-            .losers
-            .iter()
-            .map(|&(l, w, kind)| (versions[l], versions[w], kind))
-            .collect();
+        let losers = outcome.losers.iter().map(|&(l, w, kind)| (versions[l], versions[w], kind)).collect();
         Some((versions[outcome.head], losers))
     }
 
@@ -156,41 +142,20 @@ impl ReplicaTree {
     /// version of it within its bound (a tombstone stops the fall).
     pub fn head_in(&self, chain: &[(Uid, OrderKey)], path: &TreePath) -> Option<&Change> {
         chain.iter().find_map(|(branch, bound)| {
-            let versions: Vec<&Change> = self
-                .versions(branch, path)
-                .into_iter()
-                .filter(|c| c.key <= *bound)
-                .collect();
+            let versions: Vec<&Change> = self.versions(branch, path).into_iter().filter(|c| c.key <= *bound).collect();
             Self::outcome_of(&versions).map(|(head, _)| head)
         })
     }
 
     /// The version each live path reads as through `chain`.
     pub fn heads_in(&self, chain: &[(Uid, OrderKey)]) -> BTreeMap<TreePath, &Change> {
-        let paths: BTreeSet<&TreePath> = self
-            .paths
-            .keys()
-            .filter(|(b, _)| chain.iter().any(|(c, _)| c == b))
-            .map(|(_, p)| p)
-            .collect();
-        paths
-            .into_iter()
-            .filter_map(|p| {
-                Some((
-                    p.clone(),
-                    self.head_in(chain, p)
-                        .filter(|h| h.version.entry.is_some())?,
-                ))
-            })
-            .collect()
+        let paths: BTreeSet<&TreePath> = self.paths.keys().filter(|(b, _)| chain.iter().any(|(c, _)| c == b)).map(|(_, p)| p).collect();
+        paths.into_iter().filter_map(|p| Some((p.clone(), self.head_in(chain, p).filter(|h| h.version.entry.is_some())?))).collect()
     }
 
     /// Every live path read through `chain`, and its entry.
     pub fn listing_in(&self, chain: &[(Uid, OrderKey)]) -> BTreeMap<TreePath, Entry> {
-        self.heads_in(chain)
-            .into_iter()
-            .filter_map(|(p, h)| Some((p, h.version.entry.clone()?)))
-            .collect()
+        self.heads_in(chain).into_iter().filter_map(|(p, h)| Some((p, h.version.entry.clone()?))).collect()
     }
 
     /// Every live path of `branch` and its entry.
@@ -216,12 +181,7 @@ impl ReplicaTree {
             }
             if let Some((_, losers)) = Self::outcome_of(&self.versions(b, path)) {
                 for (loser, winner, kind) in losers {
-                    out.push(Conflict {
-                        path: path.clone(),
-                        loser: loser.id(),
-                        winner: winner.id(),
-                        merge: kind == LoserKind::Merge,
-                    });
+                    out.push(Conflict { path: path.clone(), loser: loser.id(), winner: winner.id(), merge: kind == LoserKind::Merge });
                 }
             }
         }
@@ -232,24 +192,9 @@ impl ReplicaTree {
     /// The change a local write of `version` to `path` on `branch` replicates as: it names
     /// the path's current head as what it replaced (the writer saw it), and is ordered by
     /// `key` (stamped by the writer's [`Hlc`](super::clock::Hlc) after all it has seen).
-    pub fn local_change(
-        &self,
-        branch: Uid,
-        path: TreePath,
-        key: OrderKey,
-        version: Version,
-        origin: Origin,
-    ) -> Change {
+    pub fn local_change(&self, branch: Uid, path: TreePath, key: OrderKey, version: Version, origin: Origin) -> Change {
         let pred = self.head(&branch, &path).map(Change::id);
-        Change {
-            branch,
-            path,
-            key,
-            pred,
-            version,
-            origin,
-            commit: None,
-        }
+        Change { branch, path, key, pred, version, origin, commit: None }
     }
 }
 
@@ -261,26 +206,11 @@ mod tests {
     use crate::proto::ids::NodeId;
 
     fn file(byte: u8) -> Version {
-        Version {
-            entry: Some(Entry {
-                kind: EntryKind::File,
-                hash: ContentHash([byte; 32]),
-                size: 1,
-                mode: 0o644,
-                mtime_ms: 0,
-            }),
-            written: Stamp::default(),
-        }
+        Version { entry: Some(Entry { kind: EntryKind::File, hash: ContentHash([byte; 32]), size: 1, mode: 0o644, mtime_ms: 0 }), written: Stamp::default() }
     }
 
     fn key(ms: i64, node: u8, seq: i64) -> OrderKey {
-        OrderKey::new(
-            Stamp::at(ms),
-            &VersionId {
-                node: NodeId([node; 32]),
-                seq,
-            },
-        )
+        OrderKey::new(Stamp::at(ms), &VersionId { node: NodeId([node; 32]), seq })
     }
 
     #[test]
@@ -307,11 +237,7 @@ mod tests {
             .collect();
         assert!(results.windows(2).all(|w| w[0] == w[1]));
         let (listing, conflicts) = &results[0];
-        assert_eq!(
-            listing[&path].hash,
-            ContentHash([2; 32]),
-            "the later stamp wins"
-        );
+        assert_eq!(listing[&path].hash, ContentHash([2; 32]), "the later stamp wins");
         assert_eq!(conflicts.len(), 1);
         assert_eq!((conflicts[0].loser, conflicts[0].winner), (y.id(), x.id()));
     }
@@ -319,10 +245,7 @@ mod tests {
     #[test]
     fn a_branch_reads_its_parent_as_it_was_at_the_fork_and_its_own_tombstones_stop_the_fall() {
         let (main, feat) = (Uid([1; 16]), Uid([2; 16]));
-        let (a, b) = (
-            TreePath::parse("/a").unwrap(),
-            TreePath::parse("/b").unwrap(),
-        );
+        let (a, b) = (TreePath::parse("/a").unwrap(), TreePath::parse("/b").unwrap());
         let mut t = ReplicaTree::new();
         for (path, k, byte) in [(&a, key(10, 1, 1), 1), (&b, key(10, 1, 2), 2)] {
             let c = t.local_change(main, path.clone(), k, file(byte), Origin::Write);
@@ -330,62 +253,21 @@ mod tests {
         }
         let fork = OrderKey::upto(Stamp::at(20));
         let records: BTreeMap<Uid, BranchRecord> = [
-            (
-                main,
-                BranchRecord {
-                    uid: main,
-                    name: "main".into(),
-                    parent: None,
-                    fork: None,
-                    created_ms: 0,
-                },
-            ),
-            (
-                feat,
-                BranchRecord {
-                    uid: feat,
-                    name: "feat".into(),
-                    parent: Some(main),
-                    fork: Some(fork),
-                    created_ms: 20,
-                },
-            ),
+            (main, BranchRecord { uid: main, name: "main".into(), parent: None, fork: None, created_ms: 0 }),
+            (feat, BranchRecord { uid: feat, name: "feat".into(), parent: Some(main), fork: Some(fork), created_ms: 20 }),
         ]
         .into();
         // After the fork: main rewrites /a; feat deletes /b.
         let later = t.local_change(main, a.clone(), key(30, 1, 3), file(3), Origin::Write);
         t.insert(later);
-        let gone = t.local_change(
-            feat,
-            b.clone(),
-            key(30, 2, 1),
-            Version {
-                entry: None,
-                written: Stamp::default(),
-            },
-            Origin::Delete,
-        );
+        let gone = t.local_change(feat, b.clone(), key(30, 2, 1), Version { entry: None, written: Stamp::default() }, Origin::Delete);
         t.insert(gone);
         let chain = ReplicaTree::chain(&records, &feat).unwrap();
         let listing = t.listing_in(&chain);
-        assert_eq!(
-            listing.keys().collect::<Vec<_>>(),
-            [&a],
-            "the delete on feat hides main's /b"
-        );
-        assert_eq!(
-            listing[&a].hash,
-            ContentHash([1; 32]),
-            "main's write after the fork is not seen"
-        );
-        assert_eq!(
-            t.listing_in(&ReplicaTree::chain(&records, &main).unwrap())[&a].hash,
-            ContentHash([3; 32])
-        );
-        assert!(
-            ReplicaTree::chain(&records, &Uid([9; 16])).is_none(),
-            "no record, no view"
-        );
+        assert_eq!(listing.keys().collect::<Vec<_>>(), [&a], "the delete on feat hides main's /b");
+        assert_eq!(listing[&a].hash, ContentHash([1; 32]), "main's write after the fork is not seen");
+        assert_eq!(t.listing_in(&ReplicaTree::chain(&records, &main).unwrap())[&a].hash, ContentHash([3; 32]));
+        assert!(ReplicaTree::chain(&records, &Uid([9; 16])).is_none(), "no record, no view");
     }
 
     #[test]
@@ -394,26 +276,10 @@ mod tests {
         let mut t = ReplicaTree::new();
         let first = t.local_change(branch, path.clone(), key(50, 1, 1), file(1), Origin::Write);
         t.insert(first.clone());
-        let second = t.local_change(
-            branch,
-            path.clone(),
-            key(60, 2, 1),
-            Version {
-                entry: None,
-                written: Stamp::default(),
-            },
-            Origin::Delete,
-        );
+        let second = t.local_change(branch, path.clone(), key(60, 2, 1), Version { entry: None, written: Stamp::default() }, Origin::Delete);
         t.insert(second.clone());
-        assert_eq!(
-            second.pred,
-            Some(first.id()),
-            "the delete names the write it saw"
-        );
+        assert_eq!(second.pred, Some(first.id()), "the delete names the write it saw");
         assert!(t.listing(&branch).is_empty(), "deleted");
-        assert!(
-            t.conflicts(&branch).is_empty(),
-            "no conflict: the delete saw the write"
-        );
+        assert!(t.conflicts(&branch).is_empty(), "no conflict: the delete saw the write");
     }
 }

@@ -73,12 +73,7 @@ fn merge_base(conn: &Connection, from: &Branch, into: &Branch) -> Result<View, S
     for lf in &vf.links {
         if let Some(li) = vi.link_of(lf.branch) {
             let common = super::branch_by_id(conn, lf.branch)?;
-            return View::within(
-                conn,
-                &common,
-                lf.seq_max.min(li.seq_max),
-                lf.key_max.min(li.key_max),
-            );
+            return View::within(conn, &common, lf.seq_max.min(li.seq_max), lf.key_max.min(li.key_max));
         }
     }
     Ok(View::empty())
@@ -132,20 +127,8 @@ fn merged_upto(conn: &Connection, from: i64, into: i64) -> Result<i64, StoreErro
 /// in): so the scan covers what changed since the two branches were last in step, not whole
 /// histories. Two links of one branch differ by the rows that arrived between their seq
 /// bounds and those ordered between their fork stamps.
-fn changed_between(
-    tx: &Tx<'_>,
-    view: &View,
-    base: &View,
-    floors: &[(i64, i64)],
-    upto: i64,
-    out: &mut BTreeSet<TreePath>,
-) -> Result<bool, StoreError> {
-    let floor = |branch: i64| {
-        floors
-            .iter()
-            .find(|(b, _)| *b == branch)
-            .map_or(0, |(_, seq)| *seq)
-    };
+fn changed_between(tx: &Tx<'_>, view: &View, base: &View, floors: &[(i64, i64)], upto: i64, out: &mut BTreeSet<TreePath>) -> Result<bool, StoreError> {
+    let floor = |branch: i64| floors.iter().find(|(b, _)| *b == branch).map_or(0, |(_, seq)| *seq);
     let mut any = false;
     for (a, b) in [(view, base), (base, view)] {
         for l in &a.links {
@@ -158,14 +141,7 @@ fn changed_between(
                 out.extend(paths);
             }
             if let Some(o) = other.filter(|o| o.key_max < l.key_max) {
-                let paths = read::changed_paths_by_key(
-                    tx.conn(),
-                    l.branch,
-                    &o.key_max,
-                    &l.key_max,
-                    floor(l.branch),
-                    hi,
-                )?;
+                let paths = read::changed_paths_by_key(tx.conn(), l.branch, &o.key_max, &l.key_max, floor(l.branch), hi)?;
                 any |= !paths.is_empty();
                 out.extend(paths);
             }
@@ -179,34 +155,19 @@ impl Tx<'_> {
     /// versions on `into`.
     pub fn merge(&mut self, from: &Branch, into: &Branch) -> Result<MergeReport, StoreError> {
         if from.id == into.id {
-            return Err(StoreError::Invalid(format!(
-                "cannot merge branch {} into itself",
-                from.name
-            )));
+            return Err(StoreError::Invalid(format!("cannot merge branch {} into itself", from.name)));
         }
         if from.bucket_id != into.bucket_id {
-            return Err(StoreError::Invalid(
-                "branches of different buckets cannot be merged".into(),
-            ));
+            return Err(StoreError::Invalid("branches of different buckets cannot be merged".into()));
         }
         let now_seq = self.clock();
         let base = merge_base(self.conn(), from, into)?;
-        let (vf, vi) = (
-            View::head(self.conn(), from)?,
-            View::head(self.conn(), into)?,
-        );
-        let floors = [
-            (from.id, merged_upto(self.conn(), from.id, into.id)?),
-            (into.id, merged_upto(self.conn(), into.id, from.id)?),
-        ];
+        let (vf, vi) = (View::head(self.conn(), from)?, View::head(self.conn(), into)?);
+        let floors = [(from.id, merged_upto(self.conn(), from.id, into.id)?), (into.id, merged_upto(self.conn(), into.id, from.id)?)];
         let mut candidates = BTreeSet::new();
         changed_between(self, &vf, &base, &floors, now_seq, &mut candidates)?;
         let into_changed = changed_between(self, &vi, &base, &floors, now_seq, &mut candidates)?;
-        let mut report = MergeReport {
-            fast_forward: !into_changed,
-            examined: candidates.len() as u64,
-            ..Default::default()
-        };
+        let mut report = MergeReport { fast_forward: !into_changed, examined: candidates.len() as u64, ..Default::default() };
         let first = self.clock() + 1;
         for path in &candidates {
             self.merge_path(from, into, &base, &vf, &vi, path, &mut report)?;
@@ -237,10 +198,7 @@ impl Tx<'_> {
         let s = read::resolve(conn, vf, path)?.map(|r| r.version);
         let t = read::resolve(conn, vi, path)?.map(|r| r.version);
         let now = self.stamp();
-        let tomb = || Version {
-            entry: None,
-            written: now,
-        };
+        let tomb = || Version { entry: None, written: now };
         match decide(b.as_ref(), s.as_ref(), t.as_ref()) {
             Decision::Keep => {}
             Decision::Take => {
@@ -263,14 +221,7 @@ impl Tx<'_> {
 
     /// Writes `lose` then `win` at `path` on `into` and lists the pair as a conflict: the
     /// winner is the head, the loser a version `alkfs conflicts` names and `restore` brings back.
-    fn record_conflict(
-        &mut self,
-        from: &Branch,
-        into: &Branch,
-        path: &TreePath,
-        lose: Version,
-        win: Version,
-    ) -> Result<(), StoreError> {
+    fn record_conflict(&mut self, from: &Branch, into: &Branch, path: &TreePath, lose: Version, win: Version) -> Result<(), StoreError> {
         let loser_seq = self.insert_row(into.id, path, &lose, "conflict-loser")?;
         let winner_seq = self.insert_row(into.id, path, &win, "merge")?;
         self.conn().execute(
@@ -284,13 +235,7 @@ impl Tx<'_> {
     /// live directories, and a candidate that ended as a file or tombstone with live paths
     /// below it needs to be a directory. A missing directory is recreated; a file where a
     /// directory is needed loses to it as a conflict (a directory beats a file, as in `lww`).
-    fn repair_shape(
-        &mut self,
-        from: &Branch,
-        into: &Branch,
-        candidates: &BTreeSet<TreePath>,
-        report: &mut MergeReport,
-    ) -> Result<(), StoreError> {
+    fn repair_shape(&mut self, from: &Branch, into: &Branch, candidates: &BTreeSet<TreePath>, report: &mut MergeReport) -> Result<(), StoreError> {
         let view = View::head(self.conn(), into)?;
         let is_dir = |row: &VersionRow| row.entry().is_some_and(|e| e.kind == EntryKind::Dir);
         let mut needed = BTreeSet::new();
@@ -299,17 +244,12 @@ impl Tx<'_> {
             if row.is_some() {
                 needed.extend(path.ancestors());
             }
-            if !row.as_ref().is_some_and(is_dir)
-                && !read::subtree(self.conn(), &view, path)?.is_empty()
-            {
+            if !row.as_ref().is_some_and(is_dir) && !read::subtree(self.conn(), &view, path)?.is_empty() {
                 needed.insert(path.clone());
             }
         }
         let now = self.stamp();
-        let fresh_dir = || Version {
-            entry: Some(Entry::dir(DIR_MODE_DEFAULT, now.ms)),
-            written: now,
-        };
+        let fresh_dir = || Version { entry: Some(Entry::dir(DIR_MODE_DEFAULT, now.ms)), written: now };
         // Parents before children (BTreeSet order), so each repair sees its parent repaired.
         for dir in needed {
             match read::live(self.conn(), &view, &dir)? {
@@ -318,20 +258,10 @@ impl Tx<'_> {
                     self.insert_row(into.id, &dir, &fresh_dir(), "merge")?;
                 }
                 Some(file) => {
-                    let file_from_source = report.taken.contains(&dir)
-                        || report
-                            .conflicts
-                            .iter()
-                            .any(|(p, w)| p == &dir && *w == Side::Source);
+                    let file_from_source =
+                        report.taken.contains(&dir) || report.conflicts.iter().any(|(p, w)| p == &dir && *w == Side::Source);
                     self.record_conflict(from, into, &dir, file.version, fresh_dir())?;
-                    report.conflicts.push((
-                        dir,
-                        if file_from_source {
-                            Side::Target
-                        } else {
-                            Side::Source
-                        },
-                    ));
+                    report.conflicts.push((dir, if file_from_source { Side::Target } else { Side::Source }));
                 }
             }
         }
@@ -359,19 +289,13 @@ pub struct ConflictRow {
 }
 
 /// Conflicts recorded on `branch`, newest first.
-pub fn conflicts(
-    conn: &rusqlite::Connection,
-    branch: &Branch,
-) -> Result<Vec<ConflictRow>, StoreError> {
+pub fn conflicts(conn: &rusqlite::Connection, branch: &Branch) -> Result<Vec<ConflictRow>, StoreError> {
     let mut st = conn.prepare_cached(
         "SELECT c.path, c.from_branch, c.winner_seq, c.loser_seq, c.at_ms, w.vkey, l.vkey FROM conflict c
          LEFT JOIN version w ON w.seq = c.winner_seq LEFT JOIN version l ON l.seq = c.loser_seq
          WHERE c.branch_id = ?1 ORDER BY c.id DESC",
     )?;
-    let id = |b: Option<Vec<u8>>| {
-        b.and_then(|b| OrderKey::from_bytes(&b))
-            .map(|k| k.version())
-    };
+    let id = |b: Option<Vec<u8>>| b.and_then(|b| OrderKey::from_bytes(&b)).map(|k| k.version());
     let rows = st.query_map([branch.id], |r| {
         Ok(ConflictRow {
             path: r.get(0)?,
@@ -388,11 +312,7 @@ pub fn conflicts(
 
 /// Takes conflicts off `branch`'s list: the one at `path`, or all of them. Their versions then
 /// fall under ordinary retention. Returns how many were dismissed.
-pub fn dismiss_conflicts(
-    conn: &Connection,
-    branch: &Branch,
-    path: Option<&TreePath>,
-) -> Result<usize, StoreError> {
+pub fn dismiss_conflicts(conn: &Connection, branch: &Branch, path: Option<&TreePath>) -> Result<usize, StoreError> {
     // A loser stays a loser when more versions of its path arrive: remember it was
     // dismissed, or the next arrival would list it again.
     conn.execute(
@@ -402,10 +322,7 @@ pub fn dismiss_conflicts(
         params![branch.id, path.map(|p| p.as_str())],
     )?;
     let n = match path {
-        Some(p) => conn.execute(
-            "DELETE FROM conflict WHERE branch_id = ?1 AND path = ?2",
-            params![branch.id, p.as_str()],
-        )?,
+        Some(p) => conn.execute("DELETE FROM conflict WHERE branch_id = ?1 AND path = ?2", params![branch.id, p.as_str()])?,
         None => conn.execute("DELETE FROM conflict WHERE branch_id = ?1", [branch.id])?,
     };
     Ok(n)

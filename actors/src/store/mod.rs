@@ -91,10 +91,7 @@ impl From<rusqlite::Error> for StoreError {
         match e.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => StoreError::DiskFull,
             Some(ErrorCode::DatabaseCorrupt) | Some(ErrorCode::NotADatabase) => {
-                StoreError::Corrupt {
-                    path: PathBuf::new(),
-                    detail: e.to_string(),
-                }
+                StoreError::Corrupt { path: PathBuf::new(), detail: e.to_string() }
             }
             _ => StoreError::Sqlite(e),
         }
@@ -217,12 +214,7 @@ impl Counters {
         let (seq, seq_leased, offset_leased) = conn
             .prepare_cached("SELECT seq, seq_leased, offset_leased FROM clock WHERE id = 0")?
             .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(Counters {
-            seq,
-            offset: outbox::head(conn)?,
-            seq_leased,
-            offset_leased,
-        })
+        Ok(Counters { seq, offset: outbox::head(conn)?, seq_leased, offset_leased })
     }
 
     /// True when `ids` more of each kind stay within the lease.
@@ -230,8 +222,7 @@ impl Counters {
         match ids {
             Ids::AtMost(n) => {
                 let n = i64::try_from(n).unwrap_or(i64::MAX);
-                self.seq.saturating_add(n) <= self.seq_leased
-                    && self.offset.saturating_add(n) <= self.offset_leased
+                self.seq.saturating_add(n) <= self.seq_leased && self.offset.saturating_add(n) <= self.offset_leased
             }
             Ids::Unbounded => false,
         }
@@ -257,24 +248,14 @@ impl TreeStore {
     /// schema. A file that is not a database, or is damaged, is reported as such.
     pub fn open(path: &Path, create: bool) -> Result<Self, StoreError> {
         if !create && !path.exists() {
-            return Err(StoreError::Invalid(format!(
-                "no path-tree database at {}",
-                path.display()
-            )));
+            return Err(StoreError::Invalid(format!("no path-tree database at {}", path.display())));
         }
         let corrupt = |e: StoreError| match e {
-            StoreError::Corrupt { detail, .. } => StoreError::Corrupt {
-                path: path.to_path_buf(),
-                detail,
-            },
+            StoreError::Corrupt { detail, .. } => StoreError::Corrupt { path: path.to_path_buf(), detail },
             other => other,
         };
-        let text = path
-            .to_str()
-            .ok_or_else(|| StoreError::Invalid(format!("data dir path {path:?} is not UTF-8")))?;
-        let mut conn = honker_core::open_conn(text, false)
-            .map_err(StoreError::from)
-            .map_err(corrupt)?;
+        let text = path.to_str().ok_or_else(|| StoreError::Invalid(format!("data dir path {path:?} is not UTF-8")))?;
+        let mut conn = honker_core::open_conn(text, false).map_err(StoreError::from).map_err(corrupt)?;
         honker_core::attach_honker_functions(&conn).map_err(StoreError::from)?;
         // Reading the schema is enough to catch a file that is not a database; damage deeper
         // in shows as SQLITE_CORRUPT where it is met. (A full check reads the whole file:
@@ -284,15 +265,8 @@ impl TreeStore {
         let me = self_node(&conn)?;
         // Read pages through a memory map: a short-lived CLI process otherwise pays one
         // pread per page of every listing.
-        conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}"))
-            .map_err(StoreError::from)?;
-        Ok(TreeStore {
-            conn,
-            path: path.to_path_buf(),
-            me,
-            counters: None,
-            leased: None,
-        })
+        conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)?;
+        Ok(TreeStore { conn, path: path.to_path_buf(), me, counters: None, leased: None })
     }
 
     /// The node this store writes as: the node id of `DATA/node.key`.
@@ -313,12 +287,7 @@ impl TreeStore {
     /// Runs `f` in one write transaction and commits it with its outbox events; on error
     /// nothing of it is kept. `now_ms` stamps every version written; `ids` bounds the ids `f`
     /// may hand out (see [`Ids`]): within the lease the commit is cheap, past it durable.
-    pub fn transact<T, E>(
-        &mut self,
-        ids: Ids,
-        now_ms: i64,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
-    ) -> Result<T, E>
+    pub fn transact<T, E>(&mut self, ids: Ids, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<T, E>
     where
         E: From<StoreError>,
     {
@@ -329,9 +298,7 @@ impl TreeStore {
         let durable = !counters.covers(ids);
         if durable {
             // SQLite refuses to change this inside a transaction, so it is decided up front.
-            self.conn
-                .execute_batch("PRAGMA synchronous = FULL")
-                .map_err(StoreError::from)?;
+            self.conn.execute_batch("PRAGMA synchronous = FULL").map_err(StoreError::from)?;
         }
         let result = Self::run(&mut self.conn, self.me, durable, now_ms, f);
         if durable {
@@ -356,19 +323,11 @@ impl TreeStore {
         }
     }
 
-    fn run<T, E>(
-        conn: &mut Connection,
-        me: NodeId,
-        durable: bool,
-        now_ms: i64,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
-    ) -> Result<(T, Counters), E>
+    fn run<T, E>(conn: &mut Connection, me: NodeId, durable: bool, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<(T, Counters), E>
     where
         E: From<StoreError>,
     {
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(StoreError::from)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(StoreError::from)?;
         let mut tx = Tx::new(tx, me, now_ms, durable).map_err(E::from)?;
         let out = f(&mut tx)?;
         let after = tx.commit()?;
@@ -383,20 +342,9 @@ impl TreeStore {
         if c.seq >= c.seq_leased && c.offset >= c.offset_leased {
             return Ok(());
         }
-        tracing::info!(
-            seq = c.seq,
-            seq_leased = c.seq_leased,
-            offset = c.offset,
-            offset_leased = c.offset_leased,
-            "the last writer did not close cleanly: skipping the ids it had leased"
-        );
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute(
-            "UPDATE clock SET seq = max(seq, seq_leased) WHERE id = 0",
-            [],
-        )?;
+        tracing::info!(seq = c.seq, seq_leased = c.seq_leased, offset = c.offset, offset_leased = c.offset_leased, "the last writer did not close cleanly: skipping the ids it had leased");
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("UPDATE clock SET seq = max(seq, seq_leased) WHERE id = 0", [])?;
         outbox::set_head_at_least(&tx, c.offset_leased)?;
         tx.commit()?;
         self.counters = None;
@@ -407,13 +355,9 @@ impl TreeStore {
     /// the last id handed out. Only the lease this connection took: if another writer has
     /// renewed it since (a restarted store), it is left alone.
     fn release_ids(&mut self) -> Result<(), StoreError> {
-        let Some((seq_leased, offset_leased)) = self.leased else {
-            return Ok(());
-        };
+        let Some((seq_leased, offset_leased)) = self.leased else { return Ok(()) };
         self.conn.execute_batch("PRAGMA synchronous = FULL")?;
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let head = outbox::head(&tx)?;
         tx.execute(
             "UPDATE clock SET seq_leased = seq, offset_leased = ?1 WHERE id = 0 AND seq_leased = ?2 AND offset_leased = ?3",
@@ -430,9 +374,7 @@ impl TreeStore {
 
     /// Every bucket's name, sorted.
     pub fn buckets(&self) -> Result<Vec<String>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT name FROM bucket ORDER BY name")?;
+        let mut st = self.conn.prepare_cached("SELECT name FROM bucket ORDER BY name")?;
         let names = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(names)
     }
@@ -449,9 +391,7 @@ impl TreeStore {
         let mut st = self.conn.prepare_cached(&format!(
             "SELECT {BRANCH_COLS} FROM branch WHERE bucket_id = ?1 AND deleted_seq IS NULL ORDER BY name"
         ))?;
-        let rows = st
-            .query_map([bucket_id], branch_from_row)?
-            .collect::<Result<_, _>>()?;
+        let rows = st.query_map([bucket_id], branch_from_row)?.collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
@@ -471,8 +411,7 @@ impl Drop for TreeStore {
     }
 }
 
-pub(crate) const BRANCH_COLS: &str =
-    "id, bucket_id, name, parent_id, fork_seq, depth, created_ms, fork_key, uid";
+pub(crate) const BRANCH_COLS: &str = "id, bucket_id, name, parent_id, fork_seq, depth, created_ms, fork_key, uid";
 
 pub(crate) fn branch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Branch> {
     Ok(Branch {
@@ -497,8 +436,7 @@ fn bad_blob(i: usize, name: &str) -> rusqlite::Error {
 
 /// The node id the store at `conn` writes as (recorded by the upgrade to schema 3).
 fn self_node(conn: &Connection) -> Result<NodeId, StoreError> {
-    let bytes: Option<Vec<u8>> =
-        conn.query_row("SELECT self_node FROM clock WHERE id = 0", [], |r| r.get(0))?;
+    let bytes: Option<Vec<u8>> = conn.query_row("SELECT self_node FROM clock WHERE id = 0", [], |r| r.get(0))?;
     bytes
         .and_then(|b| b.try_into().ok())
         .map(NodeId)
@@ -528,11 +466,7 @@ pub fn branch_by_id(conn: &Connection, id: i64) -> Result<Branch, StoreError> {
     conn.prepare_cached(&format!("SELECT {BRANCH_COLS} FROM branch WHERE id = ?1"))?
         .query_row([id], branch_from_row)
         .optional()?
-        .ok_or_else(|| {
-            StoreError::Invalid(format!(
-                "branch id {id} is missing: the database is inconsistent"
-            ))
-        })
+        .ok_or_else(|| StoreError::Invalid(format!("branch id {id} is missing: the database is inconsistent")))
 }
 
 /// Decodes the entry columns (kind, hash, size, mode, mtime_ms) of a version row.
@@ -544,19 +478,8 @@ pub(crate) fn entry_from_cols(
     mtime_ms: i64,
 ) -> rusqlite::Result<Option<Entry>> {
     let Some(kind) = kind else { return Ok(None) };
-    let bad = |what: &str| {
-        rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Blob)
-    };
+    let bad = |what: &str| rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Blob);
     let kind = EntryKind::from_code(&kind).ok_or_else(|| bad("kind"))?;
-    let hash: [u8; 32] = hash
-        .ok_or_else(|| bad("hash"))?
-        .try_into()
-        .map_err(|_| bad("hash"))?;
-    Ok(Some(Entry {
-        kind,
-        hash: ContentHash(hash),
-        size: size as u64,
-        mode: mode as u32,
-        mtime_ms,
-    }))
+    let hash: [u8; 32] = hash.ok_or_else(|| bad("hash"))?.try_into().map_err(|_| bad("hash"))?;
+    Ok(Some(Entry { kind, hash: ContentHash(hash), size: size as u64, mode: mode as u32, mtime_ms }))
 }

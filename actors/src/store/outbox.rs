@@ -66,15 +66,7 @@ impl Event {
     }
 
     /// A file, symlink or directory written, with the parent directories it created.
-    pub fn write(
-        branch: &Branch,
-        first: i64,
-        seq: i64,
-        path: &TreePath,
-        kind: EntryKind,
-        hash: ContentHash,
-        size: u64,
-    ) -> Self {
+    pub fn write(branch: &Branch, first: i64, seq: i64, path: &TreePath, kind: EntryKind, hash: ContentHash, size: u64) -> Self {
         Event {
             path: Some(path.to_string()),
             hash: Some(hash.to_hex()),
@@ -86,19 +78,12 @@ impl Event {
 
     /// An operation on one path (mkdir, delete, restore) spanning `first..=last`.
     pub fn path_op(op: &str, branch: &Branch, first: i64, last: i64, path: &TreePath) -> Self {
-        Event {
-            path: Some(path.to_string()),
-            ..Self::base(op, branch, first, last)
-        }
+        Event { path: Some(path.to_string()), ..Self::base(op, branch, first, last) }
     }
 
     /// A rename of `from` to `to`.
     pub fn rename(branch: &Branch, first: i64, last: i64, from: &TreePath, to: &TreePath) -> Self {
-        Event {
-            path: Some(from.to_string()),
-            to: Some(to.to_string()),
-            ..Self::base("rename", branch, first, last)
-        }
+        Event { path: Some(from.to_string()), to: Some(to.to_string()), ..Self::base("rename", branch, first, last) }
     }
 
     /// A branch or bucket created or deleted.
@@ -113,10 +98,7 @@ impl Event {
 
     /// A merge of `from` into `branch`.
     pub fn merge(branch: &Branch, first: i64, last: i64, from: &str) -> Self {
-        Event {
-            to: Some(from.to_string()),
-            ..Self::base("merge", branch, first, last)
-        }
+        Event { to: Some(from.to_string()), ..Self::base("merge", branch, first, last) }
     }
 }
 
@@ -134,26 +116,18 @@ pub(crate) fn publish(conn: &Connection, events: &[Event]) -> Result<(), StoreEr
 }
 
 /// Up to `limit` events after `offset`, with their offsets, in commit order.
-pub fn read_after(
-    conn: &Connection,
-    offset: i64,
-    limit: i64,
-) -> Result<Vec<(i64, Event)>, StoreError> {
+pub fn read_after(conn: &Connection, offset: i64, limit: i64) -> Result<Vec<(i64, Event)>, StoreError> {
     let mut st = conn.prepare_cached(
         "SELECT offset, payload FROM _honker_stream WHERE topic = ?1 AND offset > ?2 ORDER BY offset LIMIT ?3",
     )?;
-    let rows = st.query_map(
-        params![TOPIC, offset, limit.min(READ_BATCH_EVENTS_MAX)],
-        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-    )?;
+    let rows = st.query_map(params![TOPIC, offset, limit.min(READ_BATCH_EVENTS_MAX)], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })?;
     let mut out = Vec::new();
     for row in rows {
         let (off, payload) = row?;
-        let event = serde_json::from_str(&payload).map_err(|e| {
-            StoreError::Invalid(format!(
-                "outbox event {off} is not readable ({e}): the database is damaged"
-            ))
-        })?;
+        let event = serde_json::from_str(&payload)
+            .map_err(|e| StoreError::Invalid(format!("outbox event {off} is not readable ({e}): the database is damaged")))?;
         out.push((off, event));
     }
     Ok(out)
@@ -161,26 +135,13 @@ pub fn read_after(
 
 /// The saved cursor of `consumer` (0 when it has none).
 pub fn cursor(conn: &Connection, consumer: &str) -> Result<i64, StoreError> {
-    Ok(conn.query_row(
-        "SELECT honker_stream_get_offset(?1, ?2)",
-        params![consumer, TOPIC],
-        |r| r.get(0),
-    )?)
+    Ok(conn.query_row("SELECT honker_stream_get_offset(?1, ?2)", params![consumer, TOPIC], |r| r.get(0))?)
 }
 
 /// Moves `consumer`'s cursor forward to `offset` (never back), and records that it was
 /// active at `now_ms`.
-pub fn save_cursor(
-    conn: &Connection,
-    consumer: &str,
-    offset: i64,
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    conn.query_row(
-        "SELECT honker_stream_save_offset(?1, ?2, ?3)",
-        params![consumer, TOPIC, offset],
-        |r| r.get::<_, i64>(0),
-    )?;
+pub fn save_cursor(conn: &Connection, consumer: &str, offset: i64, now_ms: i64) -> Result<(), StoreError> {
+    conn.query_row("SELECT honker_stream_save_offset(?1, ?2, ?3)", params![consumer, TOPIC, offset], |r| r.get::<_, i64>(0))?;
     touch(conn, consumer, now_ms)
 }
 
@@ -217,12 +178,7 @@ pub fn consumers(conn: &Connection, active_since_ms: i64) -> Result<Vec<Consumer
     )?;
     let rows = st.query_map([TOPIC], |r| {
         let seen_ms: i64 = r.get(2)?;
-        Ok(Consumer {
-            name: r.get(0)?,
-            cursor: r.get(1)?,
-            seen_ms,
-            expired: seen_ms < active_since_ms,
-        })
+        Ok(Consumer { name: r.get(0)?, cursor: r.get(1)?, seen_ms, expired: seen_ms < active_since_ms })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -248,9 +204,7 @@ pub fn prune(conn: &Connection, active_since_ms: i64) -> Result<usize, StoreErro
 /// AUTOINCREMENT counter, which is never reissued.
 pub fn head(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn
-        .prepare_cached(
-            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_honker_stream'), 0)",
-        )?
+        .prepare_cached("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_honker_stream'), 0)")?
         .query_row([], |r| r.get(0))?)
 }
 
@@ -268,15 +222,9 @@ pub(crate) fn set_head_at_least(conn: &Connection, floor: i64) -> Result<(), Sto
     if head(conn)? >= floor {
         return Ok(());
     }
-    let updated = conn.execute(
-        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = '_honker_stream'",
-        [floor],
-    )?;
+    let updated = conn.execute("UPDATE sqlite_sequence SET seq = ?1 WHERE name = '_honker_stream'", [floor])?;
     if updated == 0 {
-        conn.execute(
-            "INSERT INTO sqlite_sequence(name, seq) VALUES ('_honker_stream', ?1)",
-            [floor],
-        )?;
+        conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('_honker_stream', ?1)", [floor])?;
     }
     Ok(())
 }

@@ -49,35 +49,16 @@ impl View {
     }
 
     /// The branch's rows up to `seq` and `key`, and its ancestors' as its forks bound them.
-    pub fn within(
-        conn: &Connection,
-        branch: &Branch,
-        seq: i64,
-        key: OrderKey,
-    ) -> Result<View, StoreError> {
-        let mut links = vec![Link {
-            branch: branch.id,
-            seq_max: seq,
-            key_max: key,
-        }];
-        let (mut seq_max, mut key_max) = (
-            seq.min(branch.fork_seq),
-            key.min(branch.fork_key.unwrap_or(OrderKey::MAX)),
-        );
+    pub fn within(conn: &Connection, branch: &Branch, seq: i64, key: OrderKey) -> Result<View, StoreError> {
+        let mut links = vec![Link { branch: branch.id, seq_max: seq, key_max: key }];
+        let (mut seq_max, mut key_max) = (seq.min(branch.fork_seq), key.min(branch.fork_key.unwrap_or(OrderKey::MAX)));
         let mut parent = branch.parent_id;
         while let Some(id) = parent {
             if links.len() > BRANCH_CHAIN_DEPTH_MAX {
-                return Err(StoreError::Invalid(format!(
-                    "branch chain of {} is deeper than {BRANCH_CHAIN_DEPTH_MAX}",
-                    branch.name
-                )));
+                return Err(StoreError::Invalid(format!("branch chain of {} is deeper than {BRANCH_CHAIN_DEPTH_MAX}", branch.name)));
             }
             let p = branch_by_id(conn, id)?;
-            links.push(Link {
-                branch: p.id,
-                seq_max,
-                key_max,
-            });
+            links.push(Link { branch: p.id, seq_max, key_max });
             seq_max = seq_max.min(p.fork_seq);
             key_max = key_max.min(p.fork_key.unwrap_or(OrderKey::MAX));
             parent = p.parent_id;
@@ -124,14 +105,10 @@ fn row_with_path(r: &rusqlite::Row<'_>, path: TreePath) -> rusqlite::Result<Vers
         path,
         version: Version {
             entry: entry_from_cols(r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)?,
-            written: Stamp {
-                ms: r.get(9)?,
-                counter: r.get(11)?,
-            },
+            written: Stamp { ms: r.get(9)?, counter: r.get(11)? },
         },
         origin: r.get(10)?,
-        key: OrderKey::from_bytes(r.get_ref(12)?.as_blob()?)
-            .ok_or_else(|| bad_column(12, "vkey"))?,
+        key: OrderKey::from_bytes(r.get_ref(12)?.as_blob()?).ok_or_else(|| bad_column(12, "vkey"))?,
         pred: match r.get_ref(13)?.as_blob_or_null()? {
             None => None,
             Some(b) => Some(VersionId::from_bytes(b).ok_or_else(|| bad_column(13, "pred"))?),
@@ -152,11 +129,7 @@ pub(crate) fn dir_name(path: &TreePath) -> (String, String) {
 }
 
 /// The newest row of `path` visible in `view` (a tombstone included), if any.
-pub fn resolve(
-    conn: &Connection,
-    view: &View,
-    path: &TreePath,
-) -> Result<Option<VersionRow>, StoreError> {
+pub fn resolve(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<VersionRow>, StoreError> {
     if path.is_root() {
         return Ok(None);
     }
@@ -166,13 +139,7 @@ pub fn resolve(
          ORDER BY vkey DESC LIMIT 1"
     ))?;
     for l in &view.links {
-        if let Some(row) = st
-            .query_row(
-                params![l.branch, dir, name, l.key_max.0, l.seq_max],
-                row_from,
-            )
-            .optional()?
-        {
+        if let Some(row) = st.query_row(params![l.branch, dir, name, l.key_max.0, l.seq_max], row_from).optional()? {
             return Ok(Some(row));
         }
     }
@@ -180,11 +147,7 @@ pub fn resolve(
 }
 
 /// The live row of `path` in `view`: `None` when absent or deleted.
-pub fn live(
-    conn: &Connection,
-    view: &View,
-    path: &TreePath,
-) -> Result<Option<VersionRow>, StoreError> {
+pub fn live(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<VersionRow>, StoreError> {
     Ok(resolve(conn, view, path)?.filter(|r| r.version.entry.is_some()))
 }
 
@@ -205,19 +168,12 @@ pub fn list(conn: &Connection, view: &View, dir: &TreePath) -> Result<Vec<Versio
         let mut rows = st.query(params![l.branch, dir.as_str(), l.key_max.0, l.seq_max])?;
         while let Some(r) = rows.next()? {
             let name = r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?;
-            if link
-                .last()
-                .is_some_and(|prev: &VersionRow| prev.path.name() == name)
-            {
+            if link.last().is_some_and(|prev: &VersionRow| prev.path.name() == name) {
                 continue;
             }
             link.push(make(r)?);
         }
-        merged = if merged.is_empty() {
-            link
-        } else {
-            shadow_merge(merged, link)
-        };
+        merged = if merged.is_empty() { link } else { shadow_merge(merged, link) };
     }
     merged.retain(|r| r.version.entry.is_some());
     Ok(merged)
@@ -246,11 +202,7 @@ fn shadow_merge(near: Vec<VersionRow>, far: Vec<VersionRow>) -> Vec<VersionRow> 
 }
 
 /// Every live path strictly below `root` in `view`, by path (parents before children).
-pub fn subtree(
-    conn: &Connection,
-    view: &View,
-    root: &TreePath,
-) -> Result<BTreeMap<TreePath, VersionRow>, StoreError> {
+pub fn subtree(conn: &Connection, view: &View, root: &TreePath) -> Result<BTreeMap<TreePath, VersionRow>, StoreError> {
     // Rows whose dir is `root` or lies below it: `dir = root OR dir in [root/, root0)`, '0' being
     // the byte after '/'.
     let base = root.as_str().trim_end_matches('/');
@@ -260,11 +212,7 @@ pub fn subtree(
          ORDER BY dir, name, vkey DESC"
     ))?;
     let mut seen: BTreeMap<TreePath, VersionRow> = BTreeMap::new();
-    let root_dir = if root.is_root() {
-        "/".to_string()
-    } else {
-        root.as_str().to_string()
-    };
+    let root_dir = if root.is_root() { "/".to_string() } else { root.as_str().to_string() };
     for l in &view.links {
         let mut rows = st.query(params![l.branch, root_dir, lo, hi, l.key_max.0, l.seq_max])?;
         let mut last: Option<TreePath> = None;
@@ -280,15 +228,9 @@ pub fn subtree(
     seen.retain(|_, r| r.version.entry.is_some());
     // A live row under a dead directory is not reachable: drop it, so callers see a tree.
     let dead_parent = |p: &TreePath, seen: &BTreeMap<TreePath, VersionRow>| {
-        p.ancestors()
-            .iter()
-            .any(|a| a.is_within(root) && a != root && !seen.contains_key(a))
+        p.ancestors().iter().any(|a| a.is_within(root) && a != root && !seen.contains_key(a))
     };
-    let unreachable: Vec<TreePath> = seen
-        .keys()
-        .filter(|p| dead_parent(p, &seen))
-        .cloned()
-        .collect();
+    let unreachable: Vec<TreePath> = seen.keys().filter(|p| dead_parent(p, &seen)).cloned().collect();
     for p in unreachable {
         seen.remove(&p);
     }
@@ -296,11 +238,7 @@ pub fn subtree(
 }
 
 /// Every version of `path` visible in `view`, newest first.
-pub fn history(
-    conn: &Connection,
-    view: &View,
-    path: &TreePath,
-) -> Result<Vec<VersionRow>, StoreError> {
+pub fn history(conn: &Connection, view: &View, path: &TreePath) -> Result<Vec<VersionRow>, StoreError> {
     let (dir, name) = dir_name(path);
     let mut st = conn.prepare_cached(&format!(
         "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND vkey <= ?4 AND seq <= ?5
@@ -308,10 +246,7 @@ pub fn history(
     ))?;
     let mut out = Vec::new();
     for l in &view.links {
-        for row in st.query_map(
-            params![l.branch, dir, name, l.key_max.0, l.seq_max],
-            row_from,
-        )? {
+        for row in st.query_map(params![l.branch, dir, name, l.key_max.0, l.seq_max], row_from)? {
             out.push(row?);
         }
     }
@@ -320,20 +255,10 @@ pub fn history(
 
 /// The rows of version `version` (its writer's seq and a prefix of the writer's id): one,
 /// unless the prefix is too short to tell writers apart.
-pub fn by_version(
-    conn: &Connection,
-    version: &crate::proto::ids::VersionRef,
-    me: &crate::proto::ids::NodeId,
-) -> Result<Vec<VersionRow>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {ROW_COLS} FROM version WHERE vseq = ?1"))?;
-    let rows = stmt
-        .query_map([version.seq], row_from)?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut found: Vec<VersionRow> = rows
-        .into_iter()
-        .filter(|r| version.names(&r.id(), me))
-        .collect();
+pub fn by_version(conn: &Connection, version: &crate::proto::ids::VersionRef, me: &crate::proto::ids::NodeId) -> Result<Vec<VersionRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ROW_COLS} FROM version WHERE vseq = ?1"))?;
+    let rows = stmt.query_map([version.seq], row_from)?.collect::<Result<Vec<_>, _>>()?;
+    let mut found: Vec<VersionRow> = rows.into_iter().filter(|r| version.names(&r.id(), me)).collect();
     found.dedup_by(|a, b| a.id() == b.id());
     Ok(found)
 }
@@ -347,21 +272,11 @@ pub fn by_seq(conn: &Connection, seq: i64) -> Result<Option<VersionRow>, StoreEr
 }
 
 /// Paths with a row on `branch_id` in the seq range `(after, upto]`.
-pub fn changed_paths(
-    conn: &Connection,
-    branch_id: i64,
-    after: i64,
-    upto: i64,
-) -> Result<Vec<TreePath>, StoreError> {
+pub fn changed_paths(conn: &Connection, branch_id: i64, after: i64, upto: i64) -> Result<Vec<TreePath>, StoreError> {
     let mut st = conn.prepare_cached(
         "SELECT DISTINCT dir, name FROM version WHERE branch_id = ?1 AND seq > ?2 AND seq <= ?3",
     )?;
-    let rows = st.query_map(params![branch_id, after, upto], |r| {
-        Ok(TreePath::stored(
-            r.get_ref(0)?.as_str()?,
-            r.get_ref(1)?.as_str()?,
-        ))
-    })?;
+    let rows = st.query_map(params![branch_id, after, upto], |r| Ok(TreePath::stored(r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -379,19 +294,13 @@ pub fn changed_paths_by_key(
         "SELECT DISTINCT dir, name FROM version WHERE branch_id = ?1 AND vkey > ?2 AND vkey <= ?3 AND seq > ?4 AND seq <= ?5",
     )?;
     let rows = st.query_map(params![branch_id, after.0, upto.0, floor, seq_max], |r| {
-        Ok(TreePath::stored(
-            r.get_ref(0)?.as_str()?,
-            r.get_ref(1)?.as_str()?,
-        ))
+        Ok(TreePath::stored(r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// The bytes of inline blob `hash`: `Ok(None)` when the blob is a file blob or unknown.
-pub fn inline_blob(
-    conn: &Connection,
-    hash: &crate::proto::entry::ContentHash,
-) -> Result<Option<Vec<u8>>, StoreError> {
+pub fn inline_blob(conn: &Connection, hash: &crate::proto::entry::ContentHash) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(conn
         .prepare_cached("SELECT data FROM blob WHERE hash = ?1")?
         .query_row([hash.0.to_vec()], |r| r.get::<_, Option<Vec<u8>>>(0))
@@ -411,12 +320,7 @@ pub struct PendingBlob {
 }
 
 /// Up to `limit` blobs after `after` (by hash), all of them or only those not yet indexed.
-pub fn blobs_after(
-    conn: &Connection,
-    after: &[u8],
-    only_pending: bool,
-    limit: i64,
-) -> Result<Vec<PendingBlob>, StoreError> {
+pub fn blobs_after(conn: &Connection, after: &[u8], only_pending: bool, limit: i64) -> Result<Vec<PendingBlob>, StoreError> {
     // Two statements, so the pending one can use the partial index `blob_pending`.
     let sql = if only_pending {
         "SELECT hash, size, data FROM blob WHERE hash > ?1 AND indexed = 0 ORDER BY hash LIMIT ?2"
@@ -426,24 +330,16 @@ pub fn blobs_after(
     let mut st = conn.prepare_cached(sql)?;
     let rows = st.query_map(rusqlite::params![after, limit], |r| {
         let hash: Vec<u8> = r.get(0)?;
-        let hash: [u8; 32] = hash.try_into().map_err(|_| {
-            rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob)
-        })?;
-        Ok(PendingBlob {
-            hash: crate::proto::entry::ContentHash(hash),
-            size: r.get::<_, i64>(1)? as u64,
-            inline: r.get(2)?,
-        })
+        let hash: [u8; 32] = hash
+            .try_into()
+            .map_err(|_| rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob))?;
+        Ok(PendingBlob { hash: crate::proto::entry::ContentHash(hash), size: r.get::<_, i64>(1)? as u64, inline: r.get(2)? })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Marks `hash` as held by the iroh-blobs index.
-pub fn mark_indexed(
-    conn: &Connection,
-    hash: &crate::proto::entry::ContentHash,
-) -> Result<(), StoreError> {
-    conn.prepare_cached("UPDATE blob SET indexed = 1 WHERE hash = ?1")?
-        .execute([hash.0.to_vec()])?;
+pub fn mark_indexed(conn: &Connection, hash: &crate::proto::entry::ContentHash) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE blob SET indexed = 1 WHERE hash = ?1")?.execute([hash.0.to_vec()])?;
     Ok(())
 }

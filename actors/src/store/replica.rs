@@ -17,9 +17,7 @@ use super::{branch_by_id, Branch, StoreError, VersionRow};
 use crate::proto::entry::{ContentHash, EntryKind};
 use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use crate::proto::path::TreePath;
-use crate::proto::replica::{
-    self as rules, path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion,
-};
+use crate::proto::replica::{self as rules, path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion};
 
 /// What applying a batch of changes did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,30 +40,15 @@ impl Tx<'_> {
     /// a rename or half a merge (the rule is `proto::replica::whole_commits`): they wait in
     /// `mesh_held`, committed with the rest of this transaction, until the last of their
     /// operation arrives. Returns what to apply now.
-    pub fn whole_commits(
-        &mut self,
-        bucket_id: i64,
-        incoming: Vec<Change>,
-    ) -> Result<Vec<Change>, StoreError> {
-        let ops: BTreeSet<(NodeId, i64)> = incoming
-            .iter()
-            .filter_map(|c| {
-                c.commit
-                    .filter(|k| k.len > 1)
-                    .map(|k| (c.id().node, k.first_seq))
-            })
-            .collect();
+    pub fn whole_commits(&mut self, bucket_id: i64, incoming: Vec<Change>) -> Result<Vec<Change>, StoreError> {
+        let ops: BTreeSet<(NodeId, i64)> = incoming.iter().filter_map(|c| c.commit.filter(|k| k.len > 1).map(|k| (c.id().node, k.first_seq))).collect();
         if ops.is_empty() {
             return Ok(incoming);
         }
         let mut held = Vec::new();
         for (node, first) in &ops {
-            let mut st = self.conn().prepare_cached(
-                "SELECT data FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3",
-            )?;
-            let rows = st.query_map(params![bucket_id, node.0.to_vec(), first], |r| {
-                r.get::<_, Vec<u8>>(0)
-            })?;
+            let mut st = self.conn().prepare_cached("SELECT data FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3")?;
+            let rows = st.query_map(params![bucket_id, node.0.to_vec(), first], |r| r.get::<_, Vec<u8>>(0))?;
             for data in rows {
                 // Written by this store from a change it decoded: a row that no longer decodes
                 // (a format from a later build, rolled back) is dropped with its operation.
@@ -74,15 +57,9 @@ impl Tx<'_> {
                 }
             }
         }
-        let decided = rules::whole_commits(incoming, held, |c| {
-            self.is_applied(bucket_id, c).unwrap_or(false)
-        });
+        let decided = rules::whole_commits(incoming, held, |c| self.is_applied(bucket_id, c).unwrap_or(false));
         for (node, first) in &decided.released {
-            self.conn()
-                .prepare_cached(
-                    "DELETE FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3",
-                )?
-                .execute(params![bucket_id, node.0.to_vec(), first])?;
+            self.conn().prepare_cached("DELETE FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3")?.execute(params![bucket_id, node.0.to_vec(), first])?;
         }
         for c in &decided.hold {
             let first = c.commit.map_or(0, |k| k.first_seq);
@@ -104,11 +81,7 @@ impl Tx<'_> {
     /// own id and order (and a local seq for when it arrived), the clock moves past every
     /// stamp seen, conflicts are listed where versions were written without seeing each
     /// other, and one outbox event per branch tells watchers what arrived.
-    pub fn apply_changes(
-        &mut self,
-        bucket_id: i64,
-        changes: Vec<Change>,
-    ) -> Result<Applied, StoreError> {
+    pub fn apply_changes(&mut self, bucket_id: i64, changes: Vec<Change>) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
         let mut touched: BTreeSet<(i64, TreePath)> = BTreeSet::new();
         let mut branches: Vec<(Branch, i64, i64)> = Vec::new();
@@ -122,22 +95,9 @@ impl Tx<'_> {
                 continue;
             }
             let seq = self.next_seq();
-            self.write_row(
-                branch.id,
-                &change.path,
-                seq,
-                &change.key,
-                change.pred,
-                &change.version,
-                change.origin.as_str(),
-            )?;
+            self.write_row(branch.id, &change.path, seq, &change.key, change.pred, &change.version, change.origin.as_str())?;
             self.observe(change.key.stamp());
-            if let Some(e) = change
-                .version
-                .entry
-                .as_ref()
-                .filter(|e| e.kind != EntryKind::Dir && e.hash != ContentHash::EMPTY)
-            {
+            if let Some(e) = change.version.entry.as_ref().filter(|e| e.kind != EntryKind::Dir && e.hash != ContentHash::EMPTY) {
                 let new = self
                     .conn()
                     .prepare_cached("INSERT OR IGNORE INTO blob(hash, size, data, indexed, present) VALUES (?1, ?2, NULL, 0, 0)")?
@@ -171,12 +131,7 @@ impl Tx<'_> {
     /// later entry accepts them again). The paths they were on show what they would have
     /// shown without them; conflicts naming them go; one `retracted` event per path tells
     /// watchers.
-    pub fn retract_versions(
-        &mut self,
-        bucket_id: i64,
-        node: &NodeId,
-        above: i64,
-    ) -> Result<Vec<Change>, StoreError> {
+    pub fn retract_versions(&mut self, bucket_id: i64, node: &NodeId, above: i64) -> Result<Vec<Change>, StoreError> {
         let rows: Vec<(i64, i64, Change)> = {
             let mut st = self.conn().prepare_cached(&format!(
                 "SELECT {ROW_COLS}, (SELECT uid FROM branch WHERE branch.id = version.branch_id) FROM version
@@ -200,23 +155,13 @@ impl Tx<'_> {
         for (branch_id, path) in &touched {
             self.relist_conflicts(*branch_id, path)?;
             let branch = branch_by_id(self.conn(), *branch_id)?;
-            let seq = rows
-                .iter()
-                .filter(|(_, b, c)| b == branch_id && c.path == *path)
-                .map(|(s, _, _)| *s)
-                .max()
-                .unwrap_or(0);
+            let seq = rows.iter().filter(|(_, b, c)| b == branch_id && c.path == *path).map(|(s, _, _)| *s).max().unwrap_or(0);
             self.emit(Event::path_op("retracted", &branch, seq, seq, path));
         }
         Ok(rows.into_iter().map(|(_, _, c)| c).collect())
     }
 
-    fn has_version(
-        &self,
-        branch: i64,
-        path: &TreePath,
-        key: &OrderKey,
-    ) -> Result<bool, StoreError> {
+    fn has_version(&self, branch: i64, path: &TreePath, key: &OrderKey) -> Result<bool, StoreError> {
         let (dir, name) = dir_name(path);
         Ok(self
             .conn()
@@ -236,46 +181,28 @@ impl Tx<'_> {
         let (seqs, versions): (Vec<i64>, Vec<PathVersion>) = {
             let mut st = self.conn().prepare_cached("SELECT seq, vkey, pred, origin FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3")?;
             let rows = st.query_map(params![branch, dir, name], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, Option<Vec<u8>>>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, String>(3)?))
             })?;
             let mut out = (Vec::new(), Vec::new());
             for row in rows {
                 let (seq, key, pred, origin) = row?;
-                let key = OrderKey::from_bytes(&key)
-                    .ok_or_else(|| StoreError::Invalid("a stored order key is damaged".into()))?;
+                let key = OrderKey::from_bytes(&key).ok_or_else(|| StoreError::Invalid("a stored order key is damaged".into()))?;
                 out.0.push(seq);
-                out.1.push(PathVersion {
-                    key,
-                    pred: pred.and_then(|p| VersionId::from_bytes(&p)),
-                    merge_loser: origin == Origin::ConflictLoser.as_str(),
-                });
+                out.1.push(PathVersion { key, pred: pred.and_then(|p| VersionId::from_bytes(&p)), merge_loser: origin == Origin::ConflictLoser.as_str() });
             }
             out
         };
-        let Some(outcome) = path_outcome(&versions) else {
-            return Ok(0);
-        };
+        let Some(outcome) = path_outcome(&versions) else { return Ok(0) };
         let conn = self.conn();
         // Concurrent losers listed before and no longer losers (replaced knowingly since).
-        let concurrent: std::collections::HashSet<i64> = outcome
-            .losers
-            .iter()
-            .filter(|l| l.2 == LoserKind::Concurrent)
-            .map(|l| seqs[l.0])
-            .collect();
+        let concurrent: std::collections::HashSet<i64> = outcome.losers.iter().filter(|l| l.2 == LoserKind::Concurrent).map(|l| seqs[l.0]).collect();
         let listed: Vec<i64> = {
             let mut st = conn.prepare_cached("SELECT loser_seq FROM conflict WHERE branch_id = ?1 AND path = ?2 AND kind = 'concurrent'")?;
             let rows = st.query_map(params![branch, path.as_str()], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
         for seq in listed.iter().filter(|s| !concurrent.contains(s)) {
-            conn.prepare_cached("DELETE FROM conflict WHERE branch_id = ?1 AND loser_seq = ?2")?
-                .execute(params![branch, seq])?;
+            conn.prepare_cached("DELETE FROM conflict WHERE branch_id = ?1 AND loser_seq = ?2")?.execute(params![branch, seq])?;
         }
         let mut added = 0;
         for &(l, w, kind) in &outcome.losers {
@@ -323,18 +250,12 @@ impl Tx<'_> {
         let mut name = rec.name.clone();
         if let Ok(other) = super::branch_by_name(self.conn(), bucket_id, &rec.name) {
             let theirs = (rec.fork.map(|k| k.stamp()).unwrap_or_default(), rec.uid);
-            let ours = (
-                other.fork_key.map(|k| k.stamp()).unwrap_or_default(),
-                other.uid,
-            );
+            let ours = (other.fork_key.map(|k| k.stamp()).unwrap_or_default(), other.uid);
             if theirs > ours {
                 name = suffixed(&rec.name, &rec.uid);
             } else {
                 let moved = suffixed(&other.name, &other.uid);
-                self.conn().execute(
-                    "UPDATE branch SET name = ?1 WHERE id = ?2",
-                    params![moved, other.id],
-                )?;
+                self.conn().execute("UPDATE branch SET name = ?1 WHERE id = ?2", params![moved, other.id])?;
                 tracing::info!(branch = %other.name, renamed = %moved, "a branch of the same name came from a peer; ours, made later, is shown under a new name");
             }
         }
@@ -363,11 +284,7 @@ fn suffixed(name: &str, uid: &Uid) -> String {
 }
 
 /// The branch of `bucket_id` with identity `uid`, live or not.
-pub fn branch_by_uid(
-    conn: &Connection,
-    bucket_id: i64,
-    uid: &Uid,
-) -> Result<Option<Branch>, StoreError> {
+pub fn branch_by_uid(conn: &Connection, bucket_id: i64, uid: &Uid) -> Result<Option<Branch>, StoreError> {
     let id: Option<i64> = conn
         .prepare_cached("SELECT id FROM branch WHERE bucket_id = ?1 AND uid = ?2")?
         .query_row(params![bucket_id, uid.0], |r| r.get(0))
@@ -377,12 +294,7 @@ pub fn branch_by_uid(
 
 /// The versions this node wrote with local seqs in `first..=last`, as changes for its peers
 /// (with the uid of the branch each belongs to).
-pub fn own_changes(
-    conn: &Connection,
-    me: &NodeId,
-    first: i64,
-    last: i64,
-) -> Result<Vec<Change>, StoreError> {
+pub fn own_changes(conn: &Connection, me: &NodeId, first: i64, last: i64) -> Result<Vec<Change>, StoreError> {
     let mut st = conn.prepare_cached(&format!(
         "SELECT {ROW_COLS}, (SELECT uid FROM branch WHERE branch.id = version.branch_id) FROM version
          WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq"
@@ -415,18 +327,9 @@ pub fn bucket_changes(conn: &Connection, bucket_id: i64) -> Result<Vec<Change>, 
 fn change_of(r: &rusqlite::Row<'_>) -> Result<Change, StoreError> {
     let row: VersionRow = row_from_cols(r)?;
     let uid: Vec<u8> = r.get(14)?;
-    let uid = Uid::from_bytes(&uid)
-        .ok_or_else(|| StoreError::Invalid("a stored branch uid is damaged".into()))?;
+    let uid = Uid::from_bytes(&uid).ok_or_else(|| StoreError::Invalid("a stored branch uid is damaged".into()))?;
     let origin = Origin::parse(&row.origin).unwrap_or(Origin::Write);
-    Ok(Change {
-        branch: uid,
-        path: row.path,
-        key: row.key,
-        pred: row.pred,
-        version: row.version,
-        origin,
-        commit: None,
-    })
+    Ok(Change { branch: uid, path: row.path, key: row.key, pred: row.pred, version: row.version, origin, commit: None })
 }
 
 /// The record of `branch` for its peers. A fork an older alkfs made by local seq is described
@@ -441,25 +344,14 @@ pub fn branch_record(conn: &Connection, branch: &Branch) -> Result<BranchRecord,
                 Some(k) => k,
                 None => {
                     let newest: Option<Vec<u8>> = conn
-                        .prepare_cached(
-                            "SELECT max(vkey) FROM version WHERE branch_id = ?1 AND seq <= ?2",
-                        )?
+                        .prepare_cached("SELECT max(vkey) FROM version WHERE branch_id = ?1 AND seq <= ?2")?
                         .query_row(params![pid, branch.fork_seq], |r| r.get(0))?;
-                    let stamp = newest
-                        .and_then(|k| OrderKey::from_bytes(&k))
-                        .map(|k| k.stamp())
-                        .unwrap_or_default();
+                    let stamp = newest.and_then(|k| OrderKey::from_bytes(&k)).map(|k| k.stamp()).unwrap_or_default();
                     OrderKey::upto(stamp)
                 }
             };
             (Some(parent.uid), Some(fork))
         }
     };
-    Ok(BranchRecord {
-        uid: branch.uid,
-        name: branch.name.clone(),
-        parent,
-        fork,
-        created_ms: branch.created_ms,
-    })
+    Ok(BranchRecord { uid: branch.uid, name: branch.name.clone(), parent, fork, created_ms: branch.created_ms })
 }

@@ -245,10 +245,7 @@ pub fn migrate(conn: &mut Connection, db_dir: &std::path::Path) -> Result<(), St
     loop {
         let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if current > SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew {
-                found: current,
-                supported: SCHEMA_VERSION,
-            });
+            return Err(StoreError::SchemaTooNew { found: current, supported: SCHEMA_VERSION });
         }
         if current == SCHEMA_VERSION {
             return Ok(());
@@ -291,27 +288,12 @@ fn normalise_stored_names(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreErr
             if new_dir == dir && new_name == name {
                 continue;
             }
-            let joined = if new_dir == "/" {
-                format!("/{new_name}")
-            } else {
-                format!("{new_dir}/{new_name}")
-            };
+            let joined = if new_dir == "/" { format!("/{new_name}") } else { format!("{new_dir}/{new_name}") };
             if TreePath::parse(&joined).is_err() {
-                tracing::warn!(
-                    dir,
-                    name,
-                    "a stored name is not in NFC and its NFC form breaks a limit: left as it was"
-                );
+                tracing::warn!(dir, name, "a stored name is not in NFC and its NFC form breaks a limit: left as it was");
                 continue;
             }
-            changes.push((
-                r.get::<_, i64>(0)?,
-                dir.to_string(),
-                name.to_string(),
-                r.get::<_, i64>(3)?,
-                new_dir.into_owned(),
-                new_name.into_owned(),
-            ));
+            changes.push((r.get::<_, i64>(0)?, dir.to_string(), name.to_string(), r.get::<_, i64>(3)?, new_dir.into_owned(), new_name.into_owned()));
         }
     }
     let mut update = tx.prepare("UPDATE version SET dir = ?5, name = ?6 WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND seq = ?4")?;
@@ -325,17 +307,11 @@ fn normalise_stored_names(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreErr
     };
     for (id, path) in conflicts {
         if let std::borrow::Cow::Owned(normal) = nfc(&path) {
-            tx.execute(
-                "UPDATE conflict SET path = ?1 WHERE id = ?2",
-                rusqlite::params![normal, id],
-            )?;
+            tx.execute("UPDATE conflict SET path = ?1 WHERE id = ?2", rusqlite::params![normal, id])?;
         }
     }
     if !changes.is_empty() {
-        tracing::info!(
-            rows = changes.len(),
-            "stored paths rewritten in Unicode NFC"
-        );
+        tracing::info!(rows = changes.len(), "stored paths rewritten in Unicode NFC");
     }
     Ok(())
 }
@@ -345,14 +321,10 @@ fn normalise_stored_names(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreErr
 /// `seq@this node` and pointing at the version it replaced. Stamps of older rows are made
 /// increasing along each path's history where an old wall clock went back (as the hybrid
 /// clock would have), so every path keeps the head it had.
-fn rekey_versions(
-    tx: &rusqlite::Transaction<'_>,
-    db_dir: &std::path::Path,
-) -> Result<(), StoreError> {
+fn rekey_versions(tx: &rusqlite::Transaction<'_>, db_dir: &std::path::Path) -> Result<(), StoreError> {
     use crate::proto::clock::Stamp;
     use crate::proto::ids::{OrderKey, VersionId};
-    let key =
-        crate::identity::load_or_create(db_dir).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let key = crate::identity::load_or_create(db_dir).map_err(|e| StoreError::Invalid(e.to_string()))?;
     let me = crate::identity::node_id(&key);
     tx.execute("UPDATE clock SET self_node = ?1", [me.0.to_vec()])?;
     {
@@ -370,10 +342,7 @@ fn rekey_versions(
         while let Some(r) = rows.next()? {
             let path: (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
             let seq: i64 = r.get(3)?;
-            let mut stamp = Stamp {
-                ms: r.get(9)?,
-                counter: r.get(10)?,
-            };
+            let mut stamp = Stamp { ms: r.get(9)?, counter: r.get(10)? };
             let mut pred = None;
             if let Some((p, last, id)) = &prev {
                 if *p == path {
@@ -386,20 +355,9 @@ fn rekey_versions(
             let id = VersionId { node: me, seq };
             let vkey = OrderKey::new(stamp, &id);
             write.execute(rusqlite::params![
-                path.0,
-                path.1,
-                path.2,
-                vkey.0.to_vec(),
-                seq,
-                pred,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, Option<Vec<u8>>>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, i64>(8)?,
-                stamp.ms,
-                stamp.counter,
-                r.get::<_, String>(11)?,
+                path.0, path.1, path.2, vkey.0.to_vec(), seq, pred,
+                r.get::<_, Option<String>>(4)?, r.get::<_, Option<Vec<u8>>>(5)?, r.get::<_, i64>(6)?, r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?, stamp.ms, stamp.counter, r.get::<_, String>(11)?,
             ])?;
             latest = latest.max(stamp);
             prev = Some((path, stamp, id));

@@ -9,9 +9,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
-use super::{
-    branch_by_name, bucket_id, Branch, Counters, StoreError, VersionRow, ID_LEASE, ROOT_BRANCH,
-};
+use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, VersionRow, ID_LEASE, ROOT_BRANCH};
 use crate::proto::clock::Stamp;
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::ids::{NodeId, OrderKey, VersionId, VersionRef};
@@ -49,37 +47,14 @@ pub struct Tx<'c> {
 }
 
 impl<'c> Tx<'c> {
-    pub(super) fn new(
-        tx: Transaction<'c>,
-        me: NodeId,
-        now_ms: i64,
-        durable: bool,
-    ) -> Result<Self, StoreError> {
+    pub(super) fn new(tx: Transaction<'c>, me: NodeId, now_ms: i64, durable: bool) -> Result<Self, StoreError> {
         let before = Counters::read(&tx)?;
         let clock = before.seq;
         let stamp_before = tx
             .prepare_cached("SELECT last_ms, last_lc FROM clock WHERE id = 0")?
-            .query_row([], |r| {
-                Ok(Stamp {
-                    ms: r.get(0)?,
-                    counter: r.get(1)?,
-                })
-            })?;
+            .query_row([], |r| Ok(Stamp { ms: r.get(0)?, counter: r.get(1)? }))?;
         let stamp = Stamp::tick(stamp_before, now_ms);
-        Ok(Tx {
-            tx,
-            me,
-            clock,
-            clock_start: clock,
-            before,
-            durable,
-            stamp,
-            stamp_before,
-            stamp_used: false,
-            observed: Stamp::default(),
-            events: Vec::new(),
-            known_dirs: HashSet::new(),
-        })
+        Ok(Tx { tx, me, clock, clock_start: clock, before, durable, stamp, stamp_before, stamp_used: false, observed: Stamp::default(), events: Vec::new(), known_dirs: HashSet::new() })
     }
 
     /// The connection inside the transaction, for reads that must see this transaction's
@@ -129,42 +104,16 @@ impl<'c> Tx<'c> {
     /// durable, then commits. A transaction that is not durable and went past the lease is
     /// refused whole: its ids could come back after a power loss (see [`super::Ids`]).
     pub(super) fn commit(self) -> Result<Counters, StoreError> {
-        let Tx {
-            tx,
-            clock,
-            clock_start,
-            before,
-            durable,
-            stamp,
-            stamp_before,
-            stamp_used,
-            observed,
-            events,
-            ..
-        } = self;
-        let used = if clock != clock_start || stamp_used {
-            stamp
-        } else {
-            stamp_before
-        };
+        let Tx { tx, clock, clock_start, before, durable, stamp, stamp_before, stamp_used, observed, events, .. } = self;
+        let used = if clock != clock_start || stamp_used { stamp } else { stamp_before };
         let last = used.max(observed);
         if clock != clock_start || last != stamp_before {
-            tx.prepare_cached(
-                "UPDATE clock SET seq = ?1, last_ms = ?2, last_lc = ?3 WHERE id = 0",
-            )?
-            .execute(params![clock, last.ms, last.counter])?;
+            tx.prepare_cached("UPDATE clock SET seq = ?1, last_ms = ?2, last_lc = ?3 WHERE id = 0")?
+                .execute(params![clock, last.ms, last.counter])?;
         }
         outbox::publish(&tx, &events)?;
-        let offset = if events.is_empty() {
-            before.offset
-        } else {
-            outbox::head(&tx)?
-        };
-        let mut after = Counters {
-            seq: clock,
-            offset,
-            ..before
-        };
+        let offset = if events.is_empty() { before.offset } else { outbox::head(&tx)? };
+        let mut after = Counters { seq: clock, offset, ..before };
         if durable {
             after.seq_leased = clock + ID_LEASE;
             after.offset_leased = offset + ID_LEASE;
@@ -184,13 +133,7 @@ impl<'c> Tx<'c> {
     /// Appends one version row for `path` on `branch`, written here, and returns its seq. It
     /// is ordered by this transaction's stamp, so it becomes the path's head on the branch, and
     /// it names the head it replaces there as its predecessor.
-    pub(crate) fn insert_row(
-        &mut self,
-        branch: i64,
-        path: &TreePath,
-        version: &Version,
-        origin: &str,
-    ) -> Result<i64, StoreError> {
+    pub(crate) fn insert_row(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str) -> Result<i64, StoreError> {
         let seq = self.next_seq();
         let id = VersionId { node: self.me, seq };
         let key = OrderKey::new(self.stamp, &id);
@@ -200,20 +143,14 @@ impl<'c> Tx<'c> {
     }
 
     /// The id of the newest row of `path` among `branch`'s own rows (not its ancestors').
-    pub(crate) fn own_head(
-        &self,
-        branch: i64,
-        path: &TreePath,
-    ) -> Result<Option<VersionId>, StoreError> {
+    pub(crate) fn own_head(&self, branch: i64, path: &TreePath) -> Result<Option<VersionId>, StoreError> {
         let (dir, name) = dir_name(path);
         let key: Option<Vec<u8>> = self
             .tx
             .prepare_cached("SELECT vkey FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 ORDER BY vkey DESC LIMIT 1")?
             .query_row(params![branch, dir, name], |r| r.get(0))
             .optional()?;
-        Ok(key
-            .and_then(|k| OrderKey::from_bytes(&k))
-            .map(|k| k.version()))
+        Ok(key.and_then(|k| OrderKey::from_bytes(&k)).map(|k| k.version()))
     }
 
     /// Writes one version row as given.
@@ -261,20 +198,12 @@ impl<'c> Tx<'c> {
     }
 
     fn version(&self, entry: Option<Entry>) -> Version {
-        Version {
-            entry,
-            written: self.stamp,
-        }
+        Version { entry, written: self.stamp }
     }
 
     /// Makes every ancestor of `path` a live directory on `branch`, creating missing ones;
     /// fails if one of them is a file or symlink.
-    pub(crate) fn ensure_parents(
-        &mut self,
-        branch: &Branch,
-        view: &View,
-        path: &TreePath,
-    ) -> Result<(), StoreError> {
+    pub(crate) fn ensure_parents(&mut self, branch: &Branch, view: &View, path: &TreePath) -> Result<(), StoreError> {
         for dir in path.ancestors() {
             if self.known_dirs.contains(&(branch.id, dir.clone())) {
                 continue;
@@ -295,12 +224,7 @@ impl<'c> Tx<'c> {
 
     /// Writes `entry` at `path` (a file or symlink, or a directory's attributes), creating
     /// missing parent directories. Refuses to replace a directory with a non-directory.
-    pub fn put(
-        &mut self,
-        branch: &Branch,
-        path: &TreePath,
-        entry: Entry,
-    ) -> Result<i64, StoreError> {
+    pub fn put(&mut self, branch: &Branch, path: &TreePath, entry: Entry) -> Result<i64, StoreError> {
         if path.is_root() {
             return Err(StoreError::IsADirectory("/".into()));
         }
@@ -308,8 +232,7 @@ impl<'c> Tx<'c> {
         let first = self.clock + 1;
         self.ensure_parents(branch, &view, path)?;
         if let Some(cur) = read::live(&self.tx, &view, path)? {
-            if cur.entry().is_some_and(|e| e.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir
-            {
+            if cur.entry().is_some_and(|e| e.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir {
                 return Err(StoreError::IsADirectory(path.to_string()));
             }
         }
@@ -321,21 +244,11 @@ impl<'c> Tx<'c> {
     }
 
     /// Creates directory `path`; with `parents`, missing parents too and no error if it exists.
-    pub fn mkdir(
-        &mut self,
-        branch: &Branch,
-        path: &TreePath,
-        parents: bool,
-        mode: u32,
-    ) -> Result<Option<i64>, StoreError> {
+    pub fn mkdir(&mut self, branch: &Branch, path: &TreePath, parents: bool, mode: u32) -> Result<Option<i64>, StoreError> {
         let view = View::head(&self.tx, branch)?;
         match read::live(&self.tx, &view, path)? {
             Some(row) if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {
-                return if parents || path.is_root() {
-                    Ok(None)
-                } else {
-                    Err(StoreError::Exists(path.to_string()))
-                };
+                return if parents || path.is_root() { Ok(None) } else { Err(StoreError::Exists(path.to_string())) };
             }
             Some(_) => return Err(StoreError::Exists(path.to_string())),
             None if path.is_root() => return Ok(None),
@@ -361,20 +274,12 @@ impl<'c> Tx<'c> {
 
     /// Deletes `path` (with `recursive`, a directory and everything below it) by writing
     /// tombstones. Returns how many paths were removed.
-    pub fn remove(
-        &mut self,
-        branch: &Branch,
-        path: &TreePath,
-        recursive: bool,
-    ) -> Result<usize, StoreError> {
+    pub fn remove(&mut self, branch: &Branch, path: &TreePath, recursive: bool) -> Result<usize, StoreError> {
         if path.is_root() {
-            return Err(StoreError::Invalid(
-                "refusing to remove the root '/'".into(),
-            ));
+            return Err(StoreError::Invalid("refusing to remove the root '/'".into()));
         }
         let view = View::head(&self.tx, branch)?;
-        let cur = read::live(&self.tx, &view, path)?
-            .ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        let cur = read::live(&self.tx, &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
         let mut doomed = vec![path.clone()];
         if cur.entry().is_some_and(|e| e.kind == EntryKind::Dir) {
             let below = read::subtree(&self.tx, &view, path)?;
@@ -395,25 +300,15 @@ impl<'c> Tx<'c> {
     /// Moves `from` (and, for a directory, everything below it) to `to`. An existing file at
     /// `to` is replaced, as rename(2) does; an existing directory or anything below `from`
     /// is refused.
-    pub fn rename(
-        &mut self,
-        branch: &Branch,
-        from: &TreePath,
-        to: &TreePath,
-    ) -> Result<usize, StoreError> {
+    pub fn rename(&mut self, branch: &Branch, from: &TreePath, to: &TreePath) -> Result<usize, StoreError> {
         if from.is_root() || to.is_root() {
-            return Err(StoreError::Invalid(
-                "cannot move the root '/' or onto it".into(),
-            ));
+            return Err(StoreError::Invalid("cannot move the root '/' or onto it".into()));
         }
         if to.is_within(from) {
-            return Err(StoreError::Invalid(format!(
-                "cannot move {from} into itself ({to})"
-            )));
+            return Err(StoreError::Invalid(format!("cannot move {from} into itself ({to})")));
         }
         let view = View::head(&self.tx, branch)?;
-        let src = read::live(&self.tx, &view, from)?
-            .ok_or_else(|| StoreError::NotFound(from.to_string()))?;
+        let src = read::live(&self.tx, &view, from)?.ok_or_else(|| StoreError::NotFound(from.to_string()))?;
         let src_is_dir = src.entry().is_some_and(|e| e.kind == EntryKind::Dir);
         if let Some(dst) = read::live(&self.tx, &view, to)? {
             if dst.entry().is_some_and(|e| e.kind == EntryKind::Dir) || src_is_dir {
@@ -440,16 +335,10 @@ impl<'c> Tx<'c> {
     /// Moves `from` to exactly `to`, as rename(2) does: an existing file at `to` is
     /// replaced by a file, an empty directory by a directory, both in this one transaction.
     /// A non-empty directory, or a file and a directory meeting, is refused.
-    pub fn move_over(
-        &mut self,
-        branch: &Branch,
-        from: &TreePath,
-        to: &TreePath,
-    ) -> Result<usize, StoreError> {
+    pub fn move_over(&mut self, branch: &Branch, from: &TreePath, to: &TreePath) -> Result<usize, StoreError> {
         let view = View::head(&self.tx, branch)?;
         let is_dir = |row: &VersionRow| row.entry().is_some_and(|e| e.kind == EntryKind::Dir);
-        let src = read::live(&self.tx, &view, from)?
-            .ok_or_else(|| StoreError::NotFound(from.to_string()))?;
+        let src = read::live(&self.tx, &view, from)?.ok_or_else(|| StoreError::NotFound(from.to_string()))?;
         if let Some(dst) = read::live(&self.tx, &view, to)? {
             match (is_dir(&src), is_dir(&dst)) {
                 (true, true) => {
@@ -472,20 +361,10 @@ impl<'c> Tx<'c> {
 
     /// Changes the mode and/or mtime of the live entry at `path` (chmod, utimes), keeping its
     /// bytes: one new version.
-    pub fn set_attr(
-        &mut self,
-        branch: &Branch,
-        path: &TreePath,
-        mode: Option<u32>,
-        mtime_ms: Option<i64>,
-    ) -> Result<i64, StoreError> {
+    pub fn set_attr(&mut self, branch: &Branch, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>) -> Result<i64, StoreError> {
         let view = View::head(&self.tx, branch)?;
-        let cur = read::live(&self.tx, &view, path)?
-            .ok_or_else(|| StoreError::NotFound(path.to_string()))?;
-        let mut entry = cur
-            .version
-            .entry
-            .ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        let cur = read::live(&self.tx, &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+        let mut entry = cur.version.entry.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
         if let Some(mode) = mode {
             entry.mode = mode & 0o7777;
         }
@@ -500,26 +379,13 @@ impl<'c> Tx<'c> {
 
     /// Makes `version` of `path` the head again. The version must be in the branch's view of
     /// that path's history, so no version crosses a bucket or an unrelated branch.
-    pub fn restore(
-        &mut self,
-        branch: &Branch,
-        path: &TreePath,
-        version: &VersionRef,
-    ) -> Result<i64, StoreError> {
+    pub fn restore(&mut self, branch: &Branch, path: &TreePath, version: &VersionRef) -> Result<i64, StoreError> {
         let view = View::head(&self.tx, branch)?;
-        let mut found: Vec<VersionRow> = read::history(&self.tx, &view, path)?
-            .into_iter()
-            .filter(|r| version.names(&r.id(), &self.me))
-            .collect();
+        let mut found: Vec<VersionRow> = read::history(&self.tx, &view, path)?.into_iter().filter(|r| version.names(&r.id(), &self.me)).collect();
         if found.len() > 1 {
             return Err(StoreError::Invalid(format!("{path}: several versions match that id; give more digits of the node id (see `alkfs log {path}`)")));
         }
-        let old = found.pop().ok_or_else(|| {
-            StoreError::NotFound(format!(
-                "{path} has no version {version} on branch {} (see `alkfs log {path}`)",
-                branch.name
-            ))
-        })?;
+        let old = found.pop().ok_or_else(|| StoreError::NotFound(format!("{path} has no version {version} on branch {} (see `alkfs log {path}`)", branch.name)))?;
         let first = self.clock + 1;
         if let Some(e) = old.entry() {
             if e.kind != EntryKind::Dir {
@@ -543,10 +409,7 @@ impl<'c> Tx<'c> {
         if bucket_id(&self.tx, name).is_ok() {
             return Err(StoreError::Exists(format!("bucket {name}")));
         }
-        self.tx.execute(
-            "INSERT INTO bucket(name, created_ms, uid) VALUES (?1, ?2, randomblob(16))",
-            params![name, self.stamp.ms],
-        )?;
+        self.tx.execute("INSERT INTO bucket(name, created_ms, uid) VALUES (?1, ?2, randomblob(16))", params![name, self.stamp.ms])?;
         let id = self.tx.last_insert_rowid();
         self.tx.execute(
             "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms, uid) VALUES (?1, ?2, NULL, 0, 0, ?3, randomblob(16))",
@@ -561,18 +424,11 @@ impl<'c> Tx<'c> {
     /// this transaction's stamp: the branch sees the parent's versions ordered up to it, which
     /// means the same on every node (a version of the parent that was written before the fork
     /// elsewhere and arrives later shows through, here as there).
-    pub fn create_branch(
-        &mut self,
-        bucket: &str,
-        from: &Branch,
-        name: &str,
-    ) -> Result<Branch, StoreError> {
+    pub fn create_branch(&mut self, bucket: &str, from: &Branch, name: &str) -> Result<Branch, StoreError> {
         check_label("branch", name).map_err(StoreError::Invalid)?;
         let bucket_id = bucket_id(&self.tx, bucket)?;
         if from.bucket_id != bucket_id {
-            return Err(StoreError::Invalid(
-                "a branch can only fork from a branch of its own bucket".into(),
-            ));
+            return Err(StoreError::Invalid("a branch can only fork from a branch of its own bucket".into()));
         }
         if branch_by_name(&self.tx, bucket_id, name).is_ok() {
             return Err(StoreError::Exists(format!("branch {name}")));
@@ -601,15 +457,10 @@ impl<'c> Tx<'c> {
         let bucket_id = bucket_id(&self.tx, bucket)?;
         let branch = branch_by_name(&self.tx, bucket_id, name)?;
         if branch.parent_id.is_none() {
-            return Err(StoreError::Invalid(format!(
-                "{name} is the bucket's root branch and cannot be deleted"
-            )));
+            return Err(StoreError::Invalid(format!("{name} is the bucket's root branch and cannot be deleted")));
         }
         let seq = self.next_seq();
-        self.tx.execute(
-            "UPDATE branch SET deleted_seq = ?1 WHERE id = ?2",
-            params![seq, branch.id],
-        )?;
+        self.tx.execute("UPDATE branch SET deleted_seq = ?1 WHERE id = ?2", params![seq, branch.id])?;
         self.emit(Event::branch_op("branch-delete", &branch, seq));
         Ok(())
     }

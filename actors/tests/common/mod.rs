@@ -57,10 +57,5 @@ pub fn get(engine: &Engine, scope: &Scope, path: &str) -> Option<Vec<u8>> {
 /// The names in directory `dir`.
 #[allow(dead_code)]
 pub fn names(engine: &Engine, scope: &Scope, dir: &str) -> Vec<String> {
-    engine
-        .list(scope, &p(dir))
-        .unwrap()
-        .iter()
-        .map(|r| r.path.name().to_string())
-        .collect()
+    engine.list(scope, &p(dir)).unwrap().iter().map(|r| r.path.name().to_string()).collect()
 }
