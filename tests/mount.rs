@@ -73,6 +73,24 @@ impl Drop for Mount {
     }
 }
 
+/// A store, its running node and a mount of it, dropped in that order reversed (the mount
+/// first). `None` where this machine cannot mount (a local run without FUSE).
+struct Rig {
+    m: Mount,
+    _node: Node,
+    s: Store,
+}
+
+fn rig() -> Option<Rig> {
+    if !can_mount() {
+        return None;
+    }
+    let s = Store::new();
+    let node = Node::start(&s, &[], &[]);
+    let m = Mount::start(&s, &[]);
+    Some(Rig { m, _node: node, s })
+}
+
 fn sh(dir: &Path, script: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("sh");
     assert!(out.status.success(), "`{script}` failed in {}: {}{}", dir.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -94,12 +112,8 @@ fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
 
 #[test]
 fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() {
-    if !can_mount() {
-        return;
-    }
-    let s = Store::new();
-    let _node = Node::start(&s, &[], &[]);
-    let m = Mount::start(&s, &[]);
+    let Some(rig) = rig() else { return };
+    let (m, s) = (&rig.m, &rig.s);
 
     // cp -r of a tree of files of many sizes (inline and file blobs, one 3 MiB).
     let src = s.scratch().join("src");
@@ -183,13 +197,9 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
 
 #[test]
 fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
-    if !can_mount() {
-        return;
-    }
-    let s = Store::new();
-    let _node = Node::start(&s, &[], &[]);
+    let Some(rig) = rig() else { return };
+    let (m, s) = (&rig.m, &rig.s);
     s.put_bytes("/doc", b"old old old");
-    let m = Mount::start(&s, &[]);
 
     let mut reader = File::open(m.path("doc")).unwrap();
     let mut writer = OpenOptions::new().write(true).truncate(true).open(m.path("doc")).unwrap();
@@ -229,12 +239,8 @@ fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
 
 #[test]
 fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
-    if !can_mount() {
-        return;
-    }
-    let s = Store::new();
-    let _node = Node::start(&s, &[], &[]);
-    let m = Mount::start(&s, &[]);
+    let Some(rig) = rig() else { return };
+    let (m, s) = (&rig.m, &rig.s);
     fs::create_dir_all(m.path("a/b")).unwrap();
     fs::write(m.path("a/b/f"), b"x").unwrap();
     fs::write(m.path("g"), b"y").unwrap();
