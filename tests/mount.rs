@@ -625,18 +625,20 @@ fn rclone_copies_a_tree_to_the_sftp_server_and_back() {
     s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
     let server = SftpServer::start(&s);
     let src = s.scratch().join("src");
-    for i in 0..20u64 {
+    for i in 0..60u64 {
         let sub = src.join(format!("d{}", i % 4));
         fs::create_dir_all(&sub).unwrap();
         common::write_random_file(&sub.join(format!("f{i}")), i * 7919 + 1, i);
     }
+    // rclone moves several files at once on several connections, and sets each one's mtime
+    // after its upload: sessions of one bucket working side by side.
     let rclone = |args: &[&str]| {
         let out = Command::new("rclone")
             .args(args)
             .args(["--config", "/dev/null", "--sftp-host", "127.0.0.1", "--sftp-port", &server.port.to_string(), "--sftp-user", "default"])
             .arg("--sftp-key-file")
             .arg(&key)
-            .args(["--sftp-shell-type", "none", "--sftp-disable-hashcheck", "--low-level-retries", "1", "--retries", "1"])
+            .args(["--sftp-shell-type", "none", "--sftp-disable-hashcheck", "--transfers", "8", "--low-level-retries", "1", "--retries", "1"])
             .output()
             .unwrap();
         assert!(out.status.success(), "rclone {args:?}: {}", String::from_utf8_lossy(&out.stderr));

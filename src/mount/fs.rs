@@ -691,7 +691,7 @@ impl MountFs {
             open.session = Some(session);
             open.writers += 1;
             open.dirty = true;
-            open.fresh = fresh;
+            open.fresh |= fresh; // a close of it still queued is not in the tree either
             open.mtime_ms = now;
         }
         let fh = self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner });
@@ -978,7 +978,8 @@ impl MountFs {
             let idle = st.open.get(&i).is_some_and(|o| o.writers == 0 && o.session.is_none() && o.queued.as_ref().is_some_and(|q| q.ticket == t));
             if idle {
                 st.open.remove(&i);
-                if st.inodes.lookups.get(&i).copied().unwrap_or(0) == 0 {
+                let handled = st.handles.values().any(|h| matches!(h, Handle::Write { ino, .. } | Handle::Read { ino, .. } if *ino == i));
+                if st.inodes.lookups.get(&i).copied().unwrap_or(0) == 0 && !handled {
                     st.inodes.drop_ino(i);
                 }
             } else if let Some(o) = st.open.get_mut(&i) {
@@ -999,17 +1000,29 @@ impl MountFs {
     // ---- changes ----
 
     /// `setattr` of the file at `path` (mode, mtime, size).
+    /// By path (SFTP), the path is what counts: its inode number only finds an open or
+    /// queued session, and may be forgotten meanwhile by another session's commit.
     pub fn setattr(&self, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
         let ino = self.state().inodes.ino_of(path);
-        self.setattr_ino(ino, mode, mtime_ms, size)
+        self.setattr_at(ino, Some(path), mode, mtime_ms, size)
     }
 
     /// `setattr` of inode `ino` (FUSE; SFTP's fsetstat): mode, mtime and size (truncate).
     /// A file with a write session open (even unlinked) takes them into the session;
     /// otherwise each is one commit.
     pub fn setattr_ino(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
+        self.setattr_at(ino, None, mode, mtime_ms, size)
+    }
+
+    /// [`setattr_ino`](Self::setattr_ino) with the path known (`Some`) or found from the
+    /// inode (`None`).
+    fn setattr_at(&self, ino: u64, path: Option<&TreePath>, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
+        let attr_now = |fs: &Self| match path {
+            Some(p) => fs.stat(p),
+            None => fs.getattr(ino, None),
+        };
         if mode.is_none() && mtime_ms.is_none() && size.is_none() {
-            return self.getattr(ino, None);
+            return attr_now(self);
         }
         self.writable()?;
         let changes = self.changes();
@@ -1047,7 +1060,10 @@ impl MountFs {
             }
             self.settle();
         }
-        let path = self.path_of(ino)?;
+        let path = match path {
+            Some(p) => p.clone(),
+            None => self.path_of(ino)?,
+        };
         let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
         if let Some(len) = size {
             if entry.kind == EntryKind::Dir {
@@ -1064,13 +1080,13 @@ impl MountFs {
                 self.commit(ino)?;
             }
             drop(changes);
-            return self.getattr(ino, None);
+            return attr_now(self);
         }
         if !path.is_root() {
             self.call(Request::SetAttr { scope: self.wire(), path: path.to_string(), mode, mtime_ms })?;
         }
         drop(changes);
-        self.getattr(ino, None)
+        attr_now(self)
     }
 
     /// `mkdir`.
