@@ -125,7 +125,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
     common::write_random_file(&src.join("big"), 3 << 20, 99);
     sh(s.scratch(), &format!("cp -r src {}", m.dir.display()));
     sh(s.scratch(), &format!("diff -r src {}", m.path("src").display()));
-    settle(&m);
+    settle(m);
     assert_eq!(s.get_bytes("/src/big"), fs::read(src.join("big")).unwrap(), "the CLI reads what cp wrote");
     assert_eq!(s.get_bytes("/src/d3/f7"), fs::read(src.join("d3/f7")).unwrap());
 
@@ -151,7 +151,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         sh(&repo, "echo more >> a && git -c user.email=t@t -c user.name=t commit -qam two");
         assert_eq!(sh(&repo, "git log --format=%s").lines().collect::<Vec<_>>(), vec!["two", "one"]);
         sh(&repo, "git fsck --strict 2>&1");
-        settle(&m);
+        settle(m);
         assert_eq!(s.get_bytes("/repo/a"), b"hi\nmore\n");
     }
 
@@ -161,7 +161,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         sh(&m.dir, &format!("sqlite3 {} 'create table t(x); insert into t values (1), (2);'", db.display()));
         sh(&m.dir, &format!("sqlite3 {} 'update t set x = x * 10; insert into t values (3);'", db.display()));
         assert_eq!(sh(&m.dir, &format!("sqlite3 {} 'select sum(x) from t; pragma integrity_check;'", db.display())), "33\nok\n");
-        settle(&m);
+        settle(m);
         let copy = s.scratch().join("copy.db");
         fs::write(&copy, s.get_bytes("/app.db")).unwrap();
         assert_eq!(sh(s.scratch(), "sqlite3 copy.db 'select sum(x) from t;'"), "33\n", "the CLI's copy of the database is the updated one");
@@ -172,14 +172,14 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
     sh(&m.dir, "mv -f src/over src/d0/f0");
     assert_eq!(fs::read(m.path("src/d0/f0")).unwrap(), b"new");
     assert!(!m.path("src/over").exists());
-    settle(&m);
+    settle(m);
     assert_eq!(s.get_bytes("/src/d0/f0"), b"new");
     sh(&m.dir, "truncate -s 1000 src/big && printf tail >> src/big");
     let mut want = fs::read(src.join("big")).unwrap();
     want.truncate(1000);
     want.extend_from_slice(b"tail");
     assert_eq!(fs::read(m.path("src/big")).unwrap(), want);
-    settle(&m);
+    settle(m);
     assert_eq!(s.get_bytes("/src/big"), want);
     // A sparse write past the end leaves zeros between.
     {
@@ -188,7 +188,7 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         f.seek(SeekFrom::Start(len + 5000)).unwrap();
         f.write_all(b"end").unwrap();
     }
-    settle(&m);
+    settle(m);
     let got = s.get_bytes("/src/d2/f2");
     assert_eq!(got.len() as u64, fs::metadata(src.join("d2/f2")).unwrap().len() + 5003);
     assert!(got[got.len() - 5003..got.len() - 3].iter().all(|b| *b == 0) && got.ends_with(b"end"));
@@ -216,7 +216,7 @@ fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
 
     drop(writer);
     assert_eq!(fs::read(m.path("doc")).unwrap(), b"NEW CONTENT, LONGER THAN BEFORE", "the mount shows a close at once");
-    settle(&m);
+    settle(m);
     assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE", "close committed it");
     let mut seen = String::new();
     reader.seek(SeekFrom::Start(0)).unwrap();
@@ -233,7 +233,7 @@ fn a_reader_holding_a_file_open_sees_the_old_bytes_until_the_writer_closes() {
     assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE +synced", "fsync committed");
     w.write_all(b" +closed").unwrap();
     drop(w);
-    settle(&m);
+    settle(m);
     assert_eq!(s.get_bytes("/doc"), b"NEW CONTENT, LONGER THAN BEFORE +synced +closed");
 }
 
@@ -264,7 +264,7 @@ fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
     fs::create_dir(m.path("empty")).unwrap();
     fs::rename(m.path("a"), m.path("empty")).unwrap();
     assert_eq!(fs::read(m.path("empty/b/f")).unwrap(), b"x");
-    settle(&m);
+    settle(m);
     assert_eq!(s.get_bytes("/empty/b/f"), b"x");
     assert!(s.run(&["get", "/a/b/f"]).status.code() != Some(0));
     // Nothing half-done: the tree holds exactly what succeeded.
