@@ -649,3 +649,31 @@ fn rclone_copies_a_tree_to_the_sftp_server_and_back() {
     rclone(&["copy", ":sftp:/up", back.to_str().unwrap()]);
     sh(s.scratch(), "diff -r src back");
 }
+
+#[test]
+fn with_its_node_killed_the_mount_reads_on_fails_changes_in_bounded_time_and_commits_once_the_node_is_back() {
+    if !can_mount() {
+        return;
+    }
+    let s = Store::new();
+    let mut node = Node::start(&s, &[], &[]);
+    let m = Mount::start(&s, &[]);
+    fs::write(m.path("kept"), b"before").unwrap();
+    settle(&m);
+    node.kill();
+
+    assert_eq!(fs::read(m.path("kept")).unwrap(), b"before", "reads need no node");
+    fs::write(m.path("while-down"), b"queued").unwrap();
+    assert_eq!(fs::read(m.path("while-down")).unwrap(), b"queued", "a close shows in the mount at once");
+    let t = std::time::Instant::now();
+    let renamed = fs::rename(m.path("kept"), m.path("moved"));
+    assert_eq!(errno_of(renamed), libc::EIO, "a change that needs the node fails");
+    assert!(t.elapsed() < Duration::from_secs(30), "... without hanging the mount: {:?}", t.elapsed());
+    assert_eq!(fs::read(m.path("kept")).unwrap(), b"before", "and changes nothing");
+
+    let _node = Node::start(&s, &[], &[]);
+    await_cond(Duration::from_secs(30), "the close queued while the node was down to commit", || s.run(&["get", "/while-down"]).stdout == b"queued");
+    fs::rename(m.path("kept"), m.path("moved")).unwrap();
+    settle(&m);
+    assert_eq!(s.get_bytes("/moved"), b"before");
+}

@@ -120,13 +120,20 @@ impl Committer {
         true
     }
 
-    /// Waits until everything queued so far is committed.
-    pub fn drain(&self) {
+    /// Waits until everything queued so far is committed, at most `timeout`; false when
+    /// some of it is still waiting then (the node is down or slow).
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
         let mut q = self.inner.lock();
         let target = q.issued;
         while q.done < target && !q.stop {
-            q = self.inner.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self.inner.changed.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0;
         }
+        true
     }
 
     /// Waits up to `timeout` for the queue to empty; returns what is still waiting.

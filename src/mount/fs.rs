@@ -449,9 +449,15 @@ impl MountFs {
     /// Waits until every close so far is committed: before work that builds on the tree,
     /// and for `fsync` of a directory (how a program or a test makes sure other processes
     /// see what it closed).
-    pub fn settle(&self) {
-        if let Some(c) = &self.committer {
-            c.drain();
+    /// A node that does not take them within [`SETTLE_TIMEOUT`] (it is down) gets `EIO`
+    /// rather than a mount that hangs: the closes stay queued and are retried.
+    pub fn settle(&self) -> FsResult<()> {
+        match &self.committer {
+            Some(c) if !c.drain(SETTLE_TIMEOUT) => Err(errno(
+                libc::EIO,
+                format!("closed files are not committed after {}s: is the node running? (they stay queued and are retried)", SETTLE_TIMEOUT.as_secs()),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -657,7 +663,7 @@ impl MountFs {
         match File::open(staging) {
             Ok(file) => Some(Bytes::File { file: Arc::new(file), hash: ContentHash::EMPTY, size: q.size, checked: Box::new(Mutex::new(Checked { upto: 0, hasher: None })) }),
             Err(_) => {
-                self.settle();
+                let _ = self.settle(); // the node took it: read the tree once committed
                 None
             }
         }
@@ -704,7 +710,7 @@ impl MountFs {
     fn join_session(&self, ino: u64, path: &TreePath, truncate: bool, new_mode: Option<u32>) -> FsResult<()> {
         let has_session = self.state().open.get(&ino).is_some_and(|o| o.session.is_some());
         if !has_session && !truncate && self.queued(ino).is_some() {
-            self.settle(); // a new session starts from the committed bytes
+            self.settle()?; // a new session starts from the committed bytes
         }
         if !has_session {
             let mut session = self.new_session(path, truncate)?;
@@ -842,7 +848,7 @@ impl MountFs {
         let path = st.inodes.path(ino)?;
         drop(st);
         if self.queued(ino).is_some() {
-            self.settle();
+            self.settle()?;
         }
         let session = self.new_session(&path, false)?;
         let mut st = self.state();
@@ -865,8 +871,7 @@ impl MountFs {
         let sole = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);
         if sole {
             self.commit(ino)?;
-            self.settle();
-            return Ok(());
+            return self.settle();
         }
         let st = self.state();
         if let Some(s) = st.open.get(&ino).and_then(|o| o.session.as_ref()) {
@@ -1058,7 +1063,7 @@ impl MountFs {
                 }
                 return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q2.mode, mtime_ms: q2.mtime_ms });
             }
-            self.settle();
+            self.settle()?;
         }
         let path = match path {
             Some(p) => p.clone(),
@@ -1135,7 +1140,7 @@ impl MountFs {
     pub fn remove(&self, path: &TreePath, dir: bool) -> FsResult<()> {
         self.writable()?;
         let _changes = self.changes();
-        self.settle();
+        self.settle()?;
         let last = self.stat(path)?;
         match (last.kind == EntryKind::Dir, dir) {
             (false, true) => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
@@ -1162,7 +1167,7 @@ impl MountFs {
     pub fn rename(&self, from: &TreePath, to: &TreePath, noreplace: bool) -> FsResult<()> {
         self.writable()?;
         let _changes = self.changes();
-        self.settle();
+        self.settle()?;
         if from.is_root() || to.is_root() {
             return Err(errno(libc::EBUSY, "the root cannot be moved or replaced"));
         }
@@ -1230,6 +1235,9 @@ impl Drop for MountFs {
         let _ = std::fs::remove_dir_all(&self.staging_dir);
     }
 }
+
+/// How long an operation waits for queued closes to commit before it gives up with `EIO`.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long an ending mount waits for its queued closes to commit.
 const UNMOUNT_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);

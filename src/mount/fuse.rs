@@ -321,8 +321,7 @@ impl Filesystem for Fuse {
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Every close so far is committed once this returns (the write-behind queue drained).
-        self.fs.settle();
-        reply.ok()
+        empty(reply, self.fs.settle())
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

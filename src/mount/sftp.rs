@@ -535,10 +535,8 @@ impl russh_sftp::server::Handler for SftpSession {
                     let released = fs.release(fh);
                     // An SFTP client takes a successful close as "uploaded": it returns once
                     // the file is committed, not only queued.
-                    if write {
-                        fs.settle();
-                    }
-                    flushed.and(released)
+                    let committed = if write { fs.settle() } else { Ok(()) };
+                    flushed.and(released).and(committed)
                 })
                 .await?
             }
