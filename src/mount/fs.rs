@@ -360,11 +360,6 @@ impl MountFs {
         })
     }
 
-    /// The data dir.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The bucket and branch mounted.
     pub fn scope(&self) -> &Scope {
         &self.scope

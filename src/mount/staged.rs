@@ -8,7 +8,7 @@
 //! goes to the node as bytes in the commit request. A session that grows past that spills
 //! to a staging file once and goes on as an ordinary [`WriteSession`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use alknet_actors::content::{ContentError, ContentStore, INLINE_BYTES_MAX};
 use alknet_actors::proto::entry::ContentHash;
@@ -151,16 +151,6 @@ impl Staged {
                 let (staging, size, hash) = (*s).hand_off()?;
                 Ok(Payload::File { staging, size, hash })
             }
-        }
-    }
-}
-
-impl Payload {
-    /// The staging file, if any.
-    pub fn staging(&self) -> Option<&Path> {
-        match self {
-            Payload::Bytes(_) => None,
-            Payload::File { staging, .. } => Some(staging),
         }
     }
 }
