@@ -65,6 +65,8 @@ struct Queue {
     issued: u64,
     /// Every ticket up to this one is committed (or refused for good).
     done: u64,
+    /// Every ticket up to this one is in the batch being sent: too late to amend.
+    sent: u64,
     /// Set when the mount ends.
     stop: bool,
 }
@@ -85,7 +87,7 @@ pub struct Committer {
 impl Committer {
     /// Starts the sending thread; it commits on `node` into `scope`.
     pub fn start(node: Client, scope: WireScope) -> Self {
-        let inner = Arc::new(Inner { queue: Mutex::new(Queue { waiting: VecDeque::new(), issued: 0, done: 0, stop: false }), changed: Condvar::new(), node, scope });
+        let inner = Arc::new(Inner { queue: Mutex::new(Queue { waiting: VecDeque::new(), issued: 0, done: 0, sent: 0, stop: false }), changed: Condvar::new(), node, scope });
         let worker = inner.clone();
         let thread = std::thread::Builder::new().name("alkfs-commits".into()).spawn(move || worker.run()).expect("spawn the commit thread");
         Committer { inner, thread: Some(thread) }
@@ -110,7 +112,8 @@ impl Committer {
     /// `utimes` right after close, as `tar` and `cp -p` do); false once it was sent.
     pub fn amend(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>) -> bool {
         let mut q = self.inner.lock();
-        let Some((_, f)) = q.waiting.iter_mut().rev().find(|(_, f)| f.ino == ino) else { return false };
+        let sent = q.sent;
+        let Some((_, f)) = q.waiting.iter_mut().rev().find(|(t, f)| f.ino == ino && *t > sent) else { return false };
         if let Some(m) = mode {
             f.mode = m;
         }
@@ -174,7 +177,10 @@ impl Inner {
                     return;
                 }
                 let n = q.waiting.len().min(BATCH_FILES_MAX);
-                q.waiting.iter().take(n).cloned().collect()
+                let batch: Vec<(u64, Closed)> = q.waiting.iter().take(n).cloned().collect();
+                // From here on these go as they are: an amendment now would be lost.
+                q.sent = batch.last().map(|(t, _)| *t).unwrap_or(q.sent);
+                batch
             };
             let last = batch.last().map(|(t, _)| *t).unwrap_or(0);
             match self.send(&batch) {
@@ -186,6 +192,8 @@ impl Inner {
                 }
                 Err(e) if e.retry => {
                     tracing::warn!(files = batch.len(), error = %e.message, "the node did not take closed files; retrying (they stay visible in the mount)");
+                    let mut q = self.lock();
+                    q.sent = q.done; // not sent after all: amendable until the next try
                     std::thread::sleep(RETRY_PAUSE);
                 }
                 Err(e) => {
