@@ -108,7 +108,7 @@ impl Writer {
     pub fn mkdir(&mut self, scope: &Scope, path: &TreePath, parents: bool) -> Result<()> {
         match self {
             Writer::Direct(e) => Ok(e.mkdir(scope, path, parents)?),
-            Writer::Node(c) => c.call(&Request::Mkdir { scope: wire(scope), path: path.to_string(), parents }).map(|_| ()),
+            Writer::Node(c) => c.call(&Request::Mkdir { scope: wire(scope), path: path.to_string(), parents, mode: None }).map(|_| ()),
         }
     }
 

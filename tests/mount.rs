@@ -138,10 +138,26 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         assert_eq!(meta.mode() & 0o777, 0o600, "rsync -a kept the mode");
         assert_eq!(meta.mtime(), fs::metadata(src.join("d1/f1")).unwrap().mtime(), "rsync -a kept the mtime");
     }
+    // tar sets a directory's mode and mtime after filling it (queued like closes): the mount
+    // shows them at once, the CLI once committed.
+    fs::set_permissions(src.join("d2"), fs::Permissions::from_mode(0o700)).unwrap();
+    sh(s.scratch(), "touch -d 2001-02-03T04:05:06Z src/d2");
     sh(s.scratch(), "tar cf src.tar src");
     fs::create_dir(m.path("untarred")).unwrap();
     sh(&m.path("untarred"), &format!("tar xf {}", s.scratch().join("src.tar").display()));
     sh(s.scratch(), &format!("diff -r src {}", m.path("untarred/src").display()));
+    let d2 = fs::metadata(m.path("untarred/src/d2")).unwrap();
+    assert_eq!((d2.mode() & 0o7777, d2.mtime()), (0o700, 981_173_106), "tar's directory mode and mtime, through the mount");
+    settle(m);
+    let listed = s.ls_json("/untarred/src");
+    let d2 = listed.iter().find(|e| e["name"] == "d2").expect("d2 listed");
+    assert_eq!((d2["mode"].as_str(), d2["mtime_ms"].as_i64()), (Some("700"), Some(981_173_106_000)), "tar's directory mode and mtime, committed");
+    // chown clears set-user-id (the filesystem does it: HANDLE_KILLPRIV_V2).
+    fs::write(m.path("setuid"), b"x").unwrap();
+    fs::set_permissions(m.path("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    assert_eq!(fs::metadata(m.path("setuid")).unwrap().mode() & 0o7777, 0o4755);
+    sh(&m.dir, "chown $(id -u):$(id -g) setuid");
+    assert_eq!(fs::metadata(m.path("setuid")).unwrap().mode() & 0o7777, 0o755, "chown cleared set-user-id");
 
     // git init, add, commit, and a second commit; fsck finds the repository whole.
     if precondition(common::have_tool("git"), "git") {

@@ -35,7 +35,7 @@ async fn start(dir: &std::path::Path, config: NodeConfig) -> Started {
 async fn put(handle: &NodeHandle, content: &ContentStore, path: &str, bytes: &[u8]) -> Result<i64, String> {
     let blob = content.import_reader(bytes, |_| {}).unwrap();
     let entry = file_entry(&blob, 0o644, 0);
-    let op = WriteOp::Commit { scope: Scope::new("default", "main"), items: vec![(TreePath::parse(path).unwrap(), entry, blob)] };
+    let op = WriteOp::Commit { scope: Scope::new("default", "main"), items: vec![(TreePath::parse(path).unwrap(), entry, blob)], attrs: vec![] };
     match handle.write(op).await.map_err(|e| e.to_string())? {
         WriteOutcome::Seqs(s) => Ok(s[0]),
         other => panic!("unexpected outcome {other:?}"),

@@ -51,7 +51,14 @@ pub enum Request {
     /// Commit closed files of a mount in one transaction: the node takes over each staging
     /// file (inside `content/staging/mount-*`), hashes it unless its hash is given (every
     /// write was an append and the mount hashed them), and moves it into the content store.
-    PutStaged { scope: WireScope, items: Vec<StagedFile> },
+    /// `attrs` (a mount's queued chmod/utimes of directories) commit after the files, in
+    /// the same transaction.
+    PutStaged {
+        scope: WireScope,
+        items: Vec<StagedFile>,
+        #[serde(default)]
+        attrs: Vec<StagedAttr>,
+    },
     /// Make a symbolic link at `path` pointing to `target`.
     Symlink { scope: WireScope, path: String, target: String },
     /// Set the mode and/or mtime of a path, keeping its bytes.
@@ -62,8 +69,14 @@ pub enum Request {
     Remove { scope: WireScope, path: String, recursive: bool },
     /// Rename.
     Rename { scope: WireScope, from: String, to: String },
-    /// Make a directory.
-    Mkdir { scope: WireScope, path: String, parents: bool },
+    /// Make a directory, with permission bits `mode` (else the default, 0755).
+    Mkdir {
+        scope: WireScope,
+        path: String,
+        parents: bool,
+        #[serde(default)]
+        mode: Option<u32>,
+    },
     /// Restore a version.
     Restore { scope: WireScope, path: String, version: String },
     /// Create a branch.
@@ -110,6 +123,17 @@ pub struct StagedFile {
     pub mode: u32,
     /// Modification time.
     pub mtime_ms: i64,
+}
+
+/// A queued attribute change of a mount, for [`Request::PutStaged`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagedAttr {
+    /// Whose (it must exist).
+    pub path: String,
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New modification time.
+    pub mtime_ms: Option<i64>,
 }
 
 /// The node's answer.

@@ -232,7 +232,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<Reply> {
-    match write(ctx, WriteOp::Commit { scope, items: vec![item] }).await? {
+    match write(ctx, WriteOp::Commit { scope, items: vec![item], attrs: Vec::new() }).await? {
         WriteOutcome::Seqs(s) => Ok(Reply::Seq { seq: s.first().copied().unwrap_or(0) }),
         other => bail!("unexpected store outcome {other:?}"),
     }
@@ -273,6 +273,14 @@ fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Checked)> {
         _ => bail!("{}: a closed file carries either its bytes or a staging file", item.path),
     };
     Ok((dest, checked))
+}
+
+/// A queued attribute change, checked: a path, and permission bits only.
+fn check_attr(a: &super::StagedAttr) -> Result<alknet_actors::engine::AttrItem> {
+    if a.mode.is_some_and(|m| m > 0o7777) {
+        bail!("{}: mode {:o} is not permission bits (at most 7777)", a.path, a.mode.unwrap_or(0));
+    }
+    Ok((TreePath::parse(&a.path)?, a.mode, a.mtime_ms))
 }
 
 /// A checked closed file made a commit item: small bytes imported inline, or its staging
@@ -316,7 +324,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             let rt = tokio::runtime::Handle::current();
             let count = blocking(move || {
                 Ok(engine::import_tree(&content, &src, &dest, |items| {
-                    rt.block_on(node.write(WriteOp::Commit { scope: scope.clone(), items }))
+                    rt.block_on(node.write(WriteOp::Commit { scope: scope.clone(), items, attrs: Vec::new() }))
                         .map(|_| ())
                         .map_err(|e| engine::EngineError::Store(alknet_actors::store::StoreError::Invalid(e.to_string())))
                 })?)
@@ -325,18 +333,19 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             Reply::Count { count }
         }
         Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
-        Request::PutStaged { scope: s, items } => {
-            if items.len() > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
-                bail!("{} files in one commit; the limit is {}", items.len(), alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
+        Request::PutStaged { scope: s, items, attrs } => {
+            if items.len() + attrs.len() > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
+                bail!("{} changes in one commit; the limit is {}", items.len() + attrs.len(), alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
             }
+            let attrs = attrs.iter().map(check_attr).collect::<Result<Vec<_>>>()?;
             let content = ctx.content.clone();
             let commit = blocking(move || {
                 let checked = items.iter().map(check_staged).collect::<Result<Vec<_>>>()?;
                 items.iter().zip(checked).map(|(item, (dest, checked))| take_staged(&content, item, dest, checked)).collect::<Result<Vec<CommitItem>>>()
             })
             .await?;
-            let count = commit.len() as u64;
-            write(ctx, WriteOp::Commit { scope: scope(s), items: commit }).await?;
+            let count = (commit.len() + attrs.len()) as u64;
+            write(ctx, WriteOp::Commit { scope: scope(s), items: commit, attrs }).await?;
             Reply::Count { count }
         }
         Request::Symlink { scope: s, path: p, target } => {
@@ -364,8 +373,12 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             WriteOutcome::Path(p) => Reply::Path { path: p.to_string() },
             _ => Reply::Done,
         },
-        Request::Mkdir { scope: s, path: p, parents } => {
-            write(ctx, WriteOp::Mkdir { scope: scope(s), path: path(&p)?, parents }).await?;
+        Request::Mkdir { scope: s, path: p, parents, mode } => {
+            let mode = mode.unwrap_or(alknet_actors::store::tx::DIR_MODE_DEFAULT);
+            if mode > 0o7777 {
+                bail!("mode {mode:o} is not permission bits (at most 7777)");
+            }
+            write(ctx, WriteOp::Mkdir { scope: scope(s), path: path(&p)?, parents, mode }).await?;
             Reply::Done
         }
         Request::Restore { scope: s, path: p, version } => match write(ctx, WriteOp::Restore { scope: scope(s), path: path(&p)?, version: VersionRef::parse(&version).map_err(|e| anyhow!(e))? }).await? {

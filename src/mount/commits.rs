@@ -7,6 +7,9 @@
 //! thousand files a second. Queued, they go a few hundred per transaction while the next
 //! files are written.
 //!
+//! Directory mode and mtime changes (tar sets them after filling a directory) queue the same
+//! way, and commit after the files of their batch.
+//!
 //! What a user sees: the mount shows a closed file's new bytes at once (the filesystem
 //! layer reads queued files from their staging file); other processes (the CLI, a peer)
 //! see it when its batch commits, milliseconds later. Operations that build on the
@@ -24,10 +27,17 @@ use alknet_actors::proto::entry::ContentHash;
 use alknet_actors::proto::path::TreePath;
 
 use crate::control::client::Client;
-use crate::control::{Request, StagedFile, WireScope};
+use crate::control::{Request, StagedAttr, StagedFile, WireScope};
 
 /// Most files sent in one request (one transaction).
-const BATCH_FILES_MAX: usize = 512;
+const BATCH_FILES_MAX: usize = 64;
+/// How long the first close of a batch waits for more before the batch goes, unless someone
+/// waits for the queue ([`Committer::drain`]). Why: a transaction costs the node about half a
+/// millisecond whatever its size, about as long as `tar` takes to write the next small file,
+/// so batches sent at once stayed one or two files long and the node spent a core on
+/// commits. Waiting this long lets a batch gather what arrives meanwhile (tens of files),
+/// and delays what other processes see of a close by at most this much.
+const LINGER: Duration = Duration::from_millis(10);
 /// Pause before resending a batch the node did not take.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -59,14 +69,35 @@ pub struct Closed {
     pub mtime_ms: i64,
 }
 
+/// A change of a directory's mode or mtime waiting to be committed (tar and `cp -a` set
+/// them after filling the directory): queued like a close, so it costs no round trip.
+#[derive(Clone, Debug)]
+pub struct DirAttr {
+    /// The directory.
+    pub path: TreePath,
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New modification time.
+    pub mtime_ms: Option<i64>,
+}
+
+/// What the queue holds.
+#[derive(Clone, Debug)]
+enum Change {
+    Close(Closed),
+    DirAttr(DirAttr),
+}
+
 struct Queue {
-    waiting: VecDeque<(u64, Closed)>,
+    waiting: VecDeque<(u64, Change)>,
     /// Tickets handed out so far (the last one).
     issued: u64,
     /// Every ticket up to this one is committed (or refused for good).
     done: u64,
     /// Every ticket up to this one is in the batch being sent: too late to amend.
     sent: u64,
+    /// Callers of [`Committer::drain`] waiting now: the batch goes without lingering.
+    draining: usize,
     /// Set when the mount ends.
     stop: bool,
 }
@@ -87,7 +118,7 @@ pub struct Committer {
 impl Committer {
     /// Starts the sending thread; it commits on `node` into `scope`.
     pub fn start(node: Client, scope: WireScope) -> Self {
-        let inner = Arc::new(Inner { queue: Mutex::new(Queue { waiting: VecDeque::new(), issued: 0, done: 0, sent: 0, stop: false }), changed: Condvar::new(), node, scope });
+        let inner = Arc::new(Inner { queue: Mutex::new(Queue { waiting: VecDeque::new(), issued: 0, done: 0, sent: 0, draining: 0, stop: false }), changed: Condvar::new(), node, scope });
         let worker = inner.clone();
         let thread = std::thread::Builder::new().name("alkfs-commits".into()).spawn(move || worker.run()).expect("spawn the commit thread");
         Committer { inner, thread: Some(thread) }
@@ -95,12 +126,23 @@ impl Committer {
 
     /// Queues `file`; returns its ticket (see [`is_done`](Self::is_done)).
     pub fn push(&self, file: Closed) -> u64 {
-        let mut q = self.inner.lock();
-        q.issued += 1;
-        let ticket = q.issued;
-        q.waiting.push_back((ticket, file));
-        self.inner.changed.notify_all();
-        ticket
+        self.inner.push(Change::Close(file))
+    }
+
+    /// Queues a directory's new mode and/or mtime; a change of the same directory still
+    /// waiting takes it instead. Returns the ticket that commits it.
+    pub fn push_dir_attr(&self, attr: DirAttr) -> u64 {
+        {
+            let mut q = self.inner.lock();
+            let sent = q.sent;
+            let same = q.waiting.iter_mut().rev().find(|(t, c)| *t > sent && matches!(c, Change::DirAttr(d) if d.path == attr.path));
+            if let Some((t, Change::DirAttr(d))) = same {
+                d.mode = attr.mode.or(d.mode);
+                d.mtime_ms = attr.mtime_ms.or(d.mtime_ms);
+                return *t;
+            }
+        }
+        self.inner.push(Change::DirAttr(attr))
     }
 
     /// Whether ticket `t` is committed (or was refused for good).
@@ -113,7 +155,8 @@ impl Committer {
     pub fn amend(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>) -> bool {
         let mut q = self.inner.lock();
         let sent = q.sent;
-        let Some((_, f)) = q.waiting.iter_mut().rev().find(|(t, f)| f.ino == ino && *t > sent) else { return false };
+        let found = q.waiting.iter_mut().rev().find(|(t, c)| *t > sent && matches!(c, Change::Close(f) if f.ino == ino));
+        let Some((_, Change::Close(f))) = found else { return false };
         if let Some(m) = mode {
             f.mode = m;
         }
@@ -129,20 +172,27 @@ impl Committer {
         let deadline = std::time::Instant::now() + timeout;
         let mut q = self.inner.lock();
         let target = q.issued;
+        q.draining += 1;
+        self.inner.changed.notify_all();
+        let mut drained = true;
         while q.done < target && !q.stop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return false;
+                drained = false;
+                break;
             }
             q = self.inner.changed.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0;
         }
-        true
+        q.draining -= 1;
+        drained
     }
 
     /// Waits up to `timeout` for the queue to empty; returns what is still waiting.
     pub fn finish(mut self, timeout: Duration) -> Vec<Closed> {
         let deadline = std::time::Instant::now() + timeout;
         let mut q = self.inner.lock();
+        q.draining += 1;
+        self.inner.changed.notify_all();
         while q.done < q.issued {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
@@ -151,7 +201,17 @@ impl Committer {
             q = self.inner.changed.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0;
         }
         q.stop = true;
-        let rest = q.waiting.drain(..).map(|(_, f)| f).collect();
+        let rest = q
+            .waiting
+            .drain(..)
+            .filter_map(|(_, c)| match c {
+                Change::Close(f) => Some(f),
+                Change::DirAttr(d) => {
+                    tracing::warn!(path = %d.path, "a directory's mode/mtime change was not committed before unmount");
+                    None
+                }
+            })
+            .collect();
         drop(q);
         self.inner.changed.notify_all();
         if let Some(t) = self.thread.take() {
@@ -166,18 +226,36 @@ impl Inner {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn push(&self, change: Change) -> u64 {
+        let mut q = self.lock();
+        q.issued += 1;
+        let ticket = q.issued;
+        q.waiting.push_back((ticket, change));
+        self.changed.notify_all();
+        ticket
+    }
+
     fn run(&self) {
         loop {
-            let batch: Vec<(u64, Closed)> = {
+            let batch: Vec<(u64, Change)> = {
                 let mut q = self.lock();
                 while q.waiting.is_empty() && !q.stop {
                     q = self.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+                // Linger for more closes (see LINGER), unless someone waits for the queue.
+                let until = std::time::Instant::now() + LINGER;
+                while !q.stop && q.draining == 0 && q.waiting.len() < BATCH_FILES_MAX {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    q = self.changed.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0;
                 }
                 if q.stop {
                     return;
                 }
                 let n = q.waiting.len().min(BATCH_FILES_MAX);
-                let batch: Vec<(u64, Closed)> = q.waiting.iter().take(n).cloned().collect();
+                let batch: Vec<(u64, Change)> = q.waiting.iter().take(n).cloned().collect();
                 // From here on these go as they are: an amendment now would be lost.
                 q.sent = batch.last().map(|(t, _)| *t).unwrap_or(q.sent);
                 batch
@@ -199,14 +277,19 @@ impl Inner {
                 Err(e) => {
                     // Refused for what they are (not for the node being away): send them one
                     // by one so one bad file does not hold the others back.
-                    for (t, f) in &batch {
-                        if let Err(e1) = self.send(std::slice::from_ref(&(*t, f.clone()))) {
+                    for (t, c) in &batch {
+                        if let Err(e1) = self.send(std::slice::from_ref(&(*t, c.clone()))) {
                             if e1.retry {
                                 break;
                             }
-                            tracing::error!(path = %f.path, error = %e1.message, "a closed file could not be committed; its old version stays");
-                            if let ClosedBytes::File(p) = &f.bytes {
-                                let _ = std::fs::remove_file(p);
+                            match c {
+                                Change::Close(f) => {
+                                    tracing::error!(path = %f.path, error = %e1.message, "a closed file could not be committed; its old version stays");
+                                    if let ClosedBytes::File(p) = &f.bytes {
+                                        let _ = std::fs::remove_file(p);
+                                    }
+                                }
+                                Change::DirAttr(d) => tracing::error!(path = %d.path, error = %e1.message, "a directory's mode/mtime change could not be committed"),
                             }
                         }
                         let mut q = self.lock();
@@ -220,18 +303,23 @@ impl Inner {
         }
     }
 
-    fn send(&self, batch: &[(u64, Closed)]) -> Result<(), SendError> {
-        let items = batch
-            .iter()
-            .map(|(_, f)| {
-                let (staging, data) = match &f.bytes {
-                    ClosedBytes::Memory(d) => (None, Some(data_encoding::BASE64.encode(d))),
-                    ClosedBytes::File(p) => (Some(p.clone()), None),
-                };
-                StagedFile { path: f.path.to_string(), staging, data, hash: f.hash.map(|h| h.to_hex()), size: Some(f.size), mode: f.mode, mtime_ms: f.mtime_ms }
-            })
-            .collect();
-        match self.node.call(&Request::PutStaged { scope: self.scope.clone(), items }) {
+    fn send(&self, batch: &[(u64, Change)]) -> Result<(), SendError> {
+        let (mut items, mut attrs) = (Vec::new(), Vec::new());
+        for (_, c) in batch {
+            match c {
+                Change::Close(f) => {
+                    let (staging, data) = match &f.bytes {
+                        ClosedBytes::Memory(d) => (None, Some(data_encoding::BASE64.encode(d))),
+                        ClosedBytes::File(p) => (Some(p.clone()), None),
+                    };
+                    items.push(StagedFile { path: f.path.to_string(), staging, data, hash: f.hash.map(|h| h.to_hex()), size: Some(f.size), mode: f.mode, mtime_ms: f.mtime_ms });
+                }
+                // After the files, in the same transaction: a file commit does not change its
+                // directory's attributes, so the order between the two does not matter.
+                Change::DirAttr(d) => attrs.push(StagedAttr { path: d.path.to_string(), mode: d.mode, mtime_ms: d.mtime_ms }),
+            }
+        }
+        match self.node.call(&Request::PutStaged { scope: self.scope.clone(), items, attrs }) {
             Ok(_) => Ok(()),
             Err(e) => {
                 let message = format!("{e:#}");

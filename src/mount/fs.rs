@@ -295,6 +295,17 @@ struct State {
     open: HashMap<u64, Open>,
     /// Queued closes in ticket order, to forget them once committed.
     queued: std::collections::VecDeque<(u64, u64)>,
+    /// Directories' mode/mtime changes in the write-behind queue, as the mount shows them
+    /// until they commit: what each becomes (None: unchanged) and the ticket that commits it.
+    dir_attrs: HashMap<TreePath, QueuedDirAttr>,
+}
+
+/// A directory's queued mode/mtime change (see [`State::dir_attrs`]).
+#[derive(Clone, Copy, Debug)]
+struct QueuedDirAttr {
+    ticket: u64,
+    mode: Option<u32>,
+    mtime_ms: Option<i64>,
 }
 
 /// A mounted branch: the layer FUSE and SFTP call.
@@ -354,7 +365,7 @@ impl MountFs {
             node,
             spill,
             staging_dir,
-            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default() }),
+            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new() }),
             changes: Mutex::new(()),
             committer,
         })
@@ -434,6 +445,19 @@ impl MountFs {
         queued.filter(|_| !open.unlinked).map(|q| Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms })
     }
 
+    /// Applies directory `path`'s mode/mtime change to `attr` while it waits in the
+    /// write-behind queue (and forgets it once committed).
+    fn queued_dir_attr(&self, path: &TreePath, attr: &mut Attr) {
+        let mut st = self.state();
+        let Some(q) = st.dir_attrs.get(path).copied() else { return };
+        if self.committer.as_ref().is_none_or(|c| c.is_done(q.ticket)) {
+            st.dir_attrs.remove(path);
+            return;
+        }
+        attr.mode = q.mode.unwrap_or(attr.mode);
+        attr.mtime_ms = q.mtime_ms.unwrap_or(attr.mtime_ms);
+    }
+
     /// Inode `ino`'s close waiting in the write-behind queue, if it still waits.
     fn queued(&self, ino: u64) -> Option<Queued> {
         let q = self.state().open.get(&ino).and_then(|o| o.queued.clone())?;
@@ -469,7 +493,11 @@ impl MountFs {
                         return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms });
                     }
                 }
-                Ok(attr_of(ino, &entry))
+                let mut attr = attr_of(ino, &entry);
+                if entry.kind == EntryKind::Dir {
+                    self.queued_dir_attr(path, &mut attr);
+                }
+                Ok(attr)
             }
             None => known
                 .and_then(|ino| self.staged(ino, false).filter(|_| !self.state().open.get(&ino).is_some_and(|o| o.unlinked)))
@@ -568,6 +596,13 @@ impl MountFs {
             for (_, a) in out.iter_mut().filter(|(_, a)| a.ino & (1 << 63) == 0 && a.kind == EntryKind::File) {
                 if let Some(q) = self.queued(a.ino) {
                     (a.size, a.mode, a.mtime_ms) = (q.size, q.mode, q.mtime_ms);
+                }
+            }
+        }
+        if !self.state().dir_attrs.is_empty() {
+            for (name, a) in out.iter_mut().filter(|(_, a)| a.kind == EntryKind::Dir) {
+                if let Ok(child) = path.join(name) {
+                    self.queued_dir_attr(&child, a);
                 }
             }
         }
@@ -1065,6 +1100,22 @@ impl MountFs {
             None => self.path_of(ino)?,
         };
         let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
+        if entry.kind == EntryKind::Dir && size.is_none() && !path.is_root() {
+            if let Some(committer) = &self.committer {
+                // Queued like a close (tar sets a directory's mode and mtime after filling it).
+                let (mode, mtime_ms) = (mode.map(|m| m & 0o7777), mtime_ms);
+                let ticket = committer.push_dir_attr(super::commits::DirAttr { path: path.clone(), mode, mtime_ms });
+                let mut st = self.state();
+                // Tickets commit in order: the newest covers an older change still in flight.
+                let q = st.dir_attrs.entry(path.clone()).or_insert(QueuedDirAttr { ticket, mode: None, mtime_ms: None });
+                q.ticket = ticket;
+                q.mode = mode.or(q.mode);
+                q.mtime_ms = mtime_ms.or(q.mtime_ms);
+                drop(st);
+                drop(changes);
+                return attr_now(self);
+            }
+        }
         if let Some(len) = size {
             if entry.kind == EntryKind::Dir {
                 return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
@@ -1097,10 +1148,7 @@ impl MountFs {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
         }
         self.check_parent(path)?;
-        self.call(Request::Mkdir { scope: self.wire(), path: path.to_string(), parents: false })?;
-        if mode & 0o7777 != DIR_MODE {
-            self.call(Request::SetAttr { scope: self.wire(), path: path.to_string(), mode: Some(mode & 0o7777), mtime_ms: None })?;
-        }
+        self.call(Request::Mkdir { scope: self.wire(), path: path.to_string(), parents: false, mode: Some(mode & 0o7777) })?;
         self.stat(path)
     }
 

@@ -123,13 +123,31 @@ fn open_mode(flags: i32, owner: u32) -> OpenMode {
     }
 }
 
+impl Fuse {
+    /// The mode of file `ino` with its set-user-id bit cleared, and set-group-id when group
+    /// execute is set (what chown(2) and write(2) do), or None when nothing is to clear.
+    fn without_setid(&self, ino: u64) -> Option<u32> {
+        let attr = self.fs.getattr(ino, None).ok()?;
+        if attr.kind != EntryKind::File {
+            return None;
+        }
+        let m = attr.mode;
+        let sgid = m & libc::S_ISGID != 0 && m & libc::S_IXGRP != 0;
+        let cleared = m & !libc::S_ISUID & !(if sgid { libc::S_ISGID } else { 0 });
+        (cleared != m).then_some(cleared)
+    }
+}
+
 impl Filesystem for Fuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE_BYTES);
         let _ = config.set_max_background(64);
         // ATOMIC_O_TRUNC: open(O_TRUNC) arrives as one request, so overwriting a file does
         // not first copy (or fetch from peers) the bytes it is about to drop.
-        for flag in [InitFlags::FUSE_ATOMIC_O_TRUNC, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP, InitFlags::FUSE_PARALLEL_DIROPS] {
+        // HANDLE_KILLPRIV_V2: this filesystem clears set-user/group-id bits itself (see
+        // `setattr` and `write`), which spares the kernel a GETATTR before every chown: tar
+        // run as root chowns every file it writes.
+        for flag in [InitFlags::FUSE_ATOMIC_O_TRUNC, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP, InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_HANDLE_KILLPRIV_V2] {
             if let Err(missing) = config.add_capabilities(flag) {
                 tracing::debug!(?missing, "the kernel does not offer a FUSE capability");
             }
@@ -155,8 +173,8 @@ impl Filesystem for Fuse {
         _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
@@ -169,7 +187,12 @@ impl Filesystem for Fuse {
         reply: ReplyAttr,
     ) {
         // Owners are not stored: every file is the mounting user's, and chown is accepted
-        // as a no-op so that `cp -a`, `rsync -a` and `tar` run as root do not fail.
+        // as a no-op so that `cp -a`, `rsync -a` and `tar` run as root do not fail. As
+        // chown(2) does, it clears the set-user-id bit (and set-group-id with group exec).
+        let mode = match mode {
+            None if uid.is_some() || gid.is_some() => self.without_setid(ino.0),
+            m => m,
+        };
         let r = self.fs.setattr_ino(ino.0, mode, mtime.map(time_ms), size);
         self.attr(reply, r)
     }
@@ -221,7 +244,10 @@ impl Filesystem for Fuse {
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(FuseErrno::NO_XATTR)
+        // Extended attributes are not kept. ENOSYS (rather than "no such attribute") tells
+        // the kernel once for all, so it stops asking for `security.capability` at every
+        // chown; programs then get EOPNOTSUPP, the usual answer of a filesystem without them.
+        reply.error(FuseErrno::ENOSYS)
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
@@ -259,15 +285,24 @@ impl Filesystem for Fuse {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // The kernel asks (HANDLE_KILLPRIV_V2) when an unprivileged write must drop the
+        // set-user/group-id bits.
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Some(m) = self.without_setid(ino.0) {
+                if let Err(e) = self.fs.setattr_ino(ino.0, Some(m), None, None) {
+                    return reply.error(fail(e));
+                }
+            }
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail(e)),

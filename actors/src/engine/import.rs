@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use super::{CommitItem, EngineError, Result};
+use super::{AttrItem, CommitItem, EngineError, Result};
 use crate::content::{ContentStore, Imported};
 use crate::proto::entry::{ContentHash, Entry, EntryKind};
 use crate::proto::limits::COMMIT_ENTRIES_MAX;
@@ -27,6 +27,20 @@ pub fn commit_items(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[Com
         }
     }
     Ok(seqs)
+}
+
+/// [`commit_items`], then the attribute changes `attrs` (each path must exist).
+pub fn commit_changes(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[CommitItem], attrs: &[AttrItem]) -> Result<Vec<i64>, StoreError> {
+    let mut seqs = commit_items(tx, branch, items)?;
+    for (path, mode, mtime_ms) in attrs {
+        seqs.push(tx.set_attr(branch, path, *mode, *mtime_ms)?);
+    }
+    Ok(seqs)
+}
+
+/// The most ids committing `attrs` takes (see [`ids_of`]).
+pub fn ids_of_attrs(attrs: &[AttrItem]) -> u64 {
+    attrs.iter().map(|(path, _, _)| ids_of_path(path)).sum()
 }
 
 /// The most ids committing `items` takes ([`crate::store::Ids`]): per item its version, one

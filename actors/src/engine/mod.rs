@@ -166,6 +166,10 @@ impl DirLock {
 /// One entry of a commit: a path, its entry, and the blob the entry names.
 pub type CommitItem = (TreePath, Entry, Imported);
 
+/// An attribute change to commit along with [`CommitItem`]s: a path, its new mode and/or
+/// mtime (a mount's chmod or utimes of a directory, queued with closed files).
+pub type AttrItem = (TreePath, Option<u32>, Option<i64>);
+
 /// An open data directory.
 pub struct Engine {
     dir: PathBuf,
@@ -357,9 +361,16 @@ impl Engine {
     /// Commits already imported blobs as entries, all in one transaction. A directory entry
     /// is created if missing (as `mkdir -p`) and its seq is 0 when it already existed.
     pub fn commit_entries(&mut self, scope: &Scope, items: &[CommitItem]) -> Result<Vec<i64>> {
+        self.commit_changes(scope, items, &[])
+    }
+
+    /// [`commit_entries`](Self::commit_entries), then attribute changes `attrs`, in one
+    /// transaction; the seqs of both, in that order.
+    pub fn commit_changes(&mut self, scope: &Scope, items: &[CommitItem], attrs: &[AttrItem]) -> Result<Vec<i64>> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
-        let seqs = self.tree.transact(Ids::AtMost(import::ids_of(items)), now, |tx| commit_items(tx, &branch, items))?;
+        let ids = import::ids_of(items) + import::ids_of_attrs(attrs);
+        let seqs = self.tree.transact(Ids::AtMost(ids), now, |tx| import::commit_changes(tx, &branch, items, attrs))?;
         Ok(seqs)
     }
 
@@ -399,9 +410,15 @@ impl Engine {
 
     /// Creates a directory.
     pub fn mkdir(&mut self, scope: &Scope, path: &TreePath, parents: bool) -> Result<()> {
+        self.mkdir_mode(scope, path, parents, crate::store::tx::DIR_MODE_DEFAULT)
+    }
+
+    /// [`mkdir`](Self::mkdir) with permission bits `mode` (a mount's mkdir(2)), in the same
+    /// transaction.
+    pub fn mkdir_mode(&mut self, scope: &Scope, path: &TreePath, parents: bool, mode: u32) -> Result<()> {
         let branch = self.branch(scope)?;
         let (ids, now) = (Ids::AtMost(import::ids_of_path(path)), self.now_ms());
-        self.tree.transact(ids, now, |tx| tx.mkdir(&branch, path, parents, crate::store::tx::DIR_MODE_DEFAULT))?;
+        self.tree.transact(ids, now, |tx| tx.mkdir(&branch, path, parents, mode & 0o7777))?;
         Ok(())
     }
 

@@ -81,6 +81,8 @@ pub struct BlobState {
     given_up: std::collections::HashSet<ContentHash>,
     stats: BlobStats,
     timer_armed: bool,
+    /// A scan was asked for: it runs when the queue is next worked (see [`BlobState::work`]).
+    scan_due: bool,
     scan_gate: super::Coalesce,
     last_commit_ms: Arc<std::sync::atomic::AtomicI64>,
     deferred_since: Option<Instant>,
@@ -106,6 +108,7 @@ impl Actor for BlobActor {
             given_up: Default::default(),
             stats: BlobStats::default(),
             timer_armed: false,
+            scan_due: false,
             scan_gate: Default::default(),
             last_commit_ms: ctx.last_commit_ms.clone(),
             deferred_since: None,
@@ -124,7 +127,7 @@ impl Actor for BlobActor {
                     }
                     super::Admit::Scheduled => return Ok(()),
                 }
-                state.scan()?;
+                state.scan_due = true;
                 state.work(&me).await?;
             }
             BlobMsg::Work => {
@@ -184,10 +187,12 @@ impl BlobState {
         Ok(())
     }
 
-    /// Indexes every queued blob that is due; arms a timer for the earliest retry. Waits for
-    /// the store to be quiet first (see [`QUIET_BEFORE_WORK`]).
+    /// Scans if one is due, then indexes every queued blob that is due; arms a timer for the
+    /// earliest retry. Waits for the store to be quiet first (see [`QUIET_BEFORE_WORK`]),
+    /// the scan too: a scan reads every pending blob (small ones with their bytes), so
+    /// scanning at every commit of a long burst of writes cost more than the writes.
     async fn work(&mut self, me: &ActorRef<BlobMsg>) -> Result<(), ActorProcessingErr> {
-        if self.queue.is_empty() {
+        if self.queue.is_empty() && !self.scan_due {
             return Ok(());
         }
         let since_commit = crate::engine::now_ms() - self.last_commit_ms.load(std::sync::atomic::Ordering::Relaxed);
@@ -200,6 +205,9 @@ impl BlobState {
             return Ok(());
         }
         self.deferred_since = None;
+        if std::mem::take(&mut self.scan_due) {
+            self.scan()?;
+        }
         let now = Instant::now();
         let mut done = Vec::new();
         let mut later = VecDeque::new();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{outbox::OutboxMsg, Child, Names, NodeContext};
-use crate::engine::{commit_items, now_ms, CommitItem, Engine, Scope};
+use crate::engine::{import::commit_changes, now_ms, AttrItem, CommitItem, Engine, Scope};
 use crate::gc::{GcReport, Retention};
 use crate::proto::ids::VersionRef;
 use crate::proto::path::TreePath;
@@ -34,6 +34,8 @@ pub enum WriteOp {
         scope: Scope,
         /// What.
         items: Vec<CommitItem>,
+        /// Attribute changes, after the items, in the same transaction.
+        attrs: Vec<AttrItem>,
     },
     /// Remove a path.
     Remove { scope: Scope, path: TreePath, recursive: bool },
@@ -44,7 +46,7 @@ pub enum WriteOp {
     /// Set the mode and/or mtime, keeping the bytes.
     SetAttr { scope: Scope, path: TreePath, mode: Option<u32>, mtime_ms: Option<i64> },
     /// Create a directory.
-    Mkdir { scope: Scope, path: TreePath, parents: bool },
+    Mkdir { scope: Scope, path: TreePath, parents: bool, mode: u32 },
     /// Make an old version current.
     Restore { scope: Scope, path: TreePath, version: VersionRef },
     /// Create a branch.
@@ -348,7 +350,7 @@ fn wake_outbox(names: &Names) {
 
 fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
     let ids = batch.iter().map(|job| match &job.op {
-        WriteOp::Commit { items, .. } => crate::engine::import::ids_of(items),
+        WriteOp::Commit { items, attrs, .. } => crate::engine::import::ids_of(items) + crate::engine::import::ids_of_attrs(attrs),
         _ => unreachable!("batches hold commits only"),
     });
     let ids = crate::store::Ids::AtMost(ids.sum());
@@ -356,9 +358,9 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
     let shared = engine.tree_mut().transact(ids, now, |tx| {
         let mut all = Vec::with_capacity(batch.len());
         for job in &batch {
-            let WriteOp::Commit { scope, items } = &job.op else { unreachable!("batches hold commits only") };
+            let WriteOp::Commit { scope, items, attrs } = &job.op else { unreachable!("batches hold commits only") };
             let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
-            all.push(commit_items(tx, &branch, items)?);
+            all.push(commit_changes(tx, &branch, items, attrs)?);
         }
         Ok::<_, crate::store::StoreError>(all)
     });
@@ -384,12 +386,12 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
 
 fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
     let result = match op {
-        WriteOp::Commit { scope, items } => engine.commit_entries(&scope, &items).map(WriteOutcome::Seqs),
+        WriteOp::Commit { scope, items, attrs } => engine.commit_changes(&scope, &items, &attrs).map(WriteOutcome::Seqs),
         WriteOp::Remove { scope, path, recursive } => engine.remove(&scope, &path, recursive).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Rename { scope, from, to } => engine.rename(&scope, &from, &to).map(WriteOutcome::Path),
         WriteOp::MoveOver { scope, from, to } => engine.move_over(&scope, &from, &to).map(|_| WriteOutcome::Done),
         WriteOp::SetAttr { scope, path, mode, mtime_ms } => engine.set_attr(&scope, &path, mode, mtime_ms).map(|s| WriteOutcome::Seqs(vec![s])),
-        WriteOp::Mkdir { scope, path, parents } => engine.mkdir(&scope, &path, parents).map(|_| WriteOutcome::Done),
+        WriteOp::Mkdir { scope, path, parents, mode } => engine.mkdir_mode(&scope, &path, parents, mode).map(|_| WriteOutcome::Done),
         WriteOp::Restore { scope, path, version } => engine.restore(&scope, &path, &version).map(|s| WriteOutcome::Seqs(vec![s])),
         WriteOp::CreateBranch { scope, name, from } => engine.create_branch(&scope, &name, from.as_deref()).map(WriteOutcome::Branch),
         WriteOp::DeleteBranch { scope, name } => engine.delete_branch(&scope, &name).map(|_| WriteOutcome::Done),
