@@ -192,6 +192,10 @@ pub enum Command {
         /// Refuse writes (needs no running node).
         #[arg(long)]
         read_only: bool,
+        /// How long the kernel may cache names and attributes. Changes from peers, the CLI
+        /// and SFTP are invalidated as they commit; this bounds what a missed one leaves.
+        #[arg(long, default_value_t = crate::mount::fuse::ATTR_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(0..=86_400))]
+        cache_secs: u64,
     },
     /// Serve the store to other programs.
     #[command(subcommand)]

@@ -529,7 +529,9 @@ fn a_file_written_on_one_node_appears_in_another_nodes_mount_and_its_bytes_are_f
     let _nb = Node::start(&b, &[], &[]);
     let ticket = a.ok(&["invite"]).trim().to_string();
     assert!(b.ok(&["join", &ticket]).contains("joined bucket"));
-    let m = Mount::start(&b, &[]);
+    // The kernel may cache names and attributes for ten minutes here: only invalidation
+    // (the mount follows the outbox) can show changes from elsewhere sooner.
+    let m = Mount::start(&b, &["--cache-secs", "600"]);
 
     // Large enough to be a file blob, which B fetches from A when the file is opened.
     let bytes = common::random_bytes(3 << 20, 42);
@@ -545,6 +547,19 @@ fn a_file_written_on_one_node_appears_in_another_nodes_mount_and_its_bytes_are_f
     fs::write(m.path("from-b.txt"), b"written in B's mount").unwrap();
     settle(&m);
     await_cond(Duration::from_secs(30), "B's file to reach A", || a.run(&["get", "/from-b.txt"]).stdout == b"written in B's mount");
+
+    // Changes from elsewhere reach the kernel's caches: a peer's new size and removal, and
+    // B's own CLI writing over a file the mount has shown.
+    let len = |p: &str| fs::metadata(m.path(p)).map(|md| md.len()).ok();
+    assert_eq!(len("from-a/small.txt"), Some(12));
+    assert_eq!(len("from-b.txt"), Some(20));
+    a.put_bytes("/from-a/small.txt", b"changed on A, and longer");
+    a.ok(&["rm", "/from-a/big.bin"]);
+    b.put_bytes("/from-b.txt", b"rewritten by B's CLI, longer");
+    await_cond(Duration::from_secs(30), "A's new size to show in B's mount", || len("from-a/small.txt") == Some(24));
+    await_cond(Duration::from_secs(30), "A's removal to show in B's mount", || !m.path("from-a/big.bin").exists());
+    await_cond(Duration::from_secs(10), "B's CLI write to show in B's mount", || len("from-b.txt") == Some(28));
+    assert_eq!(fs::read(m.path("from-a/small.txt")).unwrap(), b"changed on A, and longer");
 }
 
 /// An SSH client that trusts any host key: for the hostile client below.

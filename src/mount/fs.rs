@@ -298,6 +298,9 @@ struct State {
     /// Directories' mode/mtime changes in the write-behind queue, as the mount shows them
     /// until they commit: what each becomes (None: unchanged) and the ticket that commits it.
     dir_attrs: HashMap<TreePath, QueuedDirAttr>,
+    /// Paths this mount changed, by when, whose outbox events are still to come: the kernel
+    /// saw those changes happen, so [`super::invalidate`] need not invalidate them.
+    own_changes: HashMap<TreePath, std::time::Instant>,
 }
 
 /// A directory's queued mode/mtime change (see [`State::dir_attrs`]).
@@ -365,10 +368,15 @@ impl MountFs {
             node,
             spill,
             staging_dir,
-            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new() }),
+            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), own_changes: HashMap::new() }),
             changes: Mutex::new(()),
             committer,
         })
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The bucket and branch mounted.
@@ -456,6 +464,34 @@ impl MountFs {
         }
         attr.mode = q.mode.unwrap_or(attr.mode);
         attr.mtime_ms = q.mtime_ms.unwrap_or(attr.mtime_ms);
+    }
+
+    /// Notes that this mount changes `path` (see [`State::own_changes`]).
+    fn own_change(&self, path: &TreePath) {
+        let mut st = self.state();
+        if st.own_changes.len() >= OWN_CHANGES_MAX {
+            st.own_changes.retain(|_, at| at.elapsed() < OWN_CHANGE_TTL);
+        }
+        st.own_changes.insert(path.clone(), std::time::Instant::now());
+    }
+
+    /// Whether the committed change of `path` an outbox event reports is this mount's own
+    /// (and forgets it): one noted within [`OWN_CHANGE_TTL`]. A peer's change of the same
+    /// path committed meanwhile may be taken for it; the next event of the path invalidates.
+    pub fn was_own_change(&self, path: &TreePath) -> bool {
+        self.state().own_changes.remove(path).is_some_and(|at| at.elapsed() < OWN_CHANGE_TTL)
+    }
+
+    /// The inode numbers the kernel may hold for `path` and for its parent directory.
+    pub fn kernel_inodes(&self, path: &TreePath) -> (Option<u64>, Option<u64>) {
+        let st = self.state();
+        let parent = path.parent().and_then(|p| st.inodes.by_path.get(&p).copied());
+        (st.inodes.by_path.get(path).copied(), parent)
+    }
+
+    /// Every path the kernel may hold an inode of, with its number.
+    pub fn kernel_paths(&self) -> Vec<(u64, TreePath)> {
+        self.state().inodes.by_path.iter().map(|(p, i)| (*i, p.clone())).collect()
     }
 
     /// Inode `ino`'s close waiting in the write-behind queue, if it still waits.
@@ -998,6 +1034,7 @@ impl MountFs {
             }
             Payload::File { staging, size, hash } => (ClosedBytes::File(staging), size, hash),
         };
+        self.own_change(&path);
         let ticket = committer.push(super::commits::Closed { ino, path, bytes: bytes.clone(), size, hash, mode, mtime_ms });
         let mut st = self.state();
         if let Some(open) = st.open.get_mut(&ino) {
@@ -1104,6 +1141,7 @@ impl MountFs {
             if let Some(committer) = &self.committer {
                 // Queued like a close (tar sets a directory's mode and mtime after filling it).
                 let (mode, mtime_ms) = (mode.map(|m| m & 0o7777), mtime_ms);
+                self.own_change(&path);
                 let ticket = committer.push_dir_attr(super::commits::DirAttr { path: path.clone(), mode, mtime_ms });
                 let mut st = self.state();
                 // Tickets commit in order: the newest covers an older change still in flight.
@@ -1134,6 +1172,7 @@ impl MountFs {
             return attr_now(self);
         }
         if !path.is_root() {
+            self.own_change(&path);
             self.call(Request::SetAttr { scope: self.wire(), path: path.to_string(), mode, mtime_ms })?;
         }
         drop(changes);
@@ -1148,6 +1187,7 @@ impl MountFs {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
         }
         self.check_parent(path)?;
+        self.own_change(path);
         self.call(Request::Mkdir { scope: self.wire(), path: path.to_string(), parents: false, mode: Some(mode & 0o7777) })?;
         self.stat(path)
     }
@@ -1175,6 +1215,7 @@ impl MountFs {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
         }
         self.check_parent(path)?;
+        self.own_change(path);
         self.call(Request::Symlink { scope: self.wire(), path: path.to_string(), target: target.to_string() })?;
         self.stat(path)
     }
@@ -1281,6 +1322,11 @@ impl Drop for MountFs {
 
 /// How long an operation waits for queued closes to commit before it gives up with `EIO`.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an own change waits for its outbox event (see [`MountFs::was_own_change`]):
+/// past it (the commit failed, or was folded into another), the event invalidates.
+const OWN_CHANGE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Own changes remembered before the stale ones are swept out.
+const OWN_CHANGES_MAX: usize = 100_000;
 
 /// How long an ending mount waits for its queued closes to commit.
 const UNMOUNT_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -5,11 +5,13 @@
 //! files, so a reader's handle reads exactly the version it pinned at open while a writer
 //! stages new bytes (merge on close), and bytes that arrive from peers are never shadowed by
 //! stale pages. `FUSE_DIRECT_IO_ALLOW_MMAP` keeps mmap working (git maps its index and
-//! packs). Attributes and names are cached for [`ATTR_TTL`], so changes from peers and from
-//! the CLI show within that time without remounting.
+//! packs). The kernel caches attributes and names for a while ([`ATTR_TTL`] by default);
+//! changes from peers, the CLI and SFTP are invalidated as they commit ([`super::invalidate`]),
+//! and the TTL bounds what a missed invalidation could leave stale.
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use alknet_actors::proto::entry::EntryKind;
@@ -21,23 +23,26 @@ use fuser::{
 
 use super::fs::{Attr, Errno, FsResult, MountFs, OpenMode};
 
-/// How long the kernel may trust an attribute or a name before asking again: the longest a
-/// change from a peer or the CLI takes to show in the mount.
+/// How long the kernel may trust an attribute or a name before asking again, by default
+/// (`alkfs mount --cache-secs`).
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
+/// The same for a mount of the past (`--at`), which does not change.
+const PAST_TTL: Duration = Duration::from_secs(3600);
 /// Largest write request the kernel sends (bigger requests mean fewer round trips).
 const MAX_WRITE_BYTES: u32 = 1 << 20;
 
 /// The FUSE filesystem over a [`MountFs`].
 pub struct Fuse {
-    fs: MountFs,
+    fs: Arc<MountFs>,
     uid: u32,
     gid: u32,
+    ttl: Duration,
 }
 
 impl Fuse {
     /// A FUSE shell over `fs`; files show as owned by `uid`:`gid` (the mounting user).
-    pub fn new(fs: MountFs, uid: u32, gid: u32) -> Self {
-        Fuse { fs, uid, gid }
+    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration) -> Self {
+        Fuse { fs, uid, gid, ttl }
     }
 
     fn file_attr(&self, a: &Attr) -> FileAttr {
@@ -68,14 +73,14 @@ impl Fuse {
 
     fn entry(&self, reply: ReplyEntry, r: FsResult<Attr>) {
         match r {
-            Ok(a) => reply.entry(&ATTR_TTL, &self.file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &self.file_attr(&a), Generation(0)),
             Err(e) => reply.error(fail(e)),
         }
     }
 
     fn attr(&self, reply: ReplyAttr, r: FsResult<Attr>) {
         match r {
-            Ok(a) => reply.attr(&ATTR_TTL, &self.file_attr(&a)),
+            Ok(a) => reply.attr(&self.ttl, &self.file_attr(&a)),
             Err(e) => reply.error(fail(e)),
         }
     }
@@ -270,7 +275,7 @@ impl Filesystem for Fuse {
         let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, how, flags & libc::O_EXCL != 0));
         let r = r.inspect(|(_, a)| self.fs.count_lookup(a.ino));
         match r {
-            Ok((fh, a)) => reply.created(&ATTR_TTL, &self.file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((fh, a)) => reply.created(&self.ttl, &self.file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
     }
@@ -375,7 +380,8 @@ impl Filesystem for Fuse {
 /// `fusermount3 -u`) or this process is told to stop. The mount goes with the process
 /// whatever ends it (`auto_unmount`: fusermount3 watches it), so a killed mount process
 /// leaves no dead mount point behind.
-pub fn serve(fs: MountFs, mountpoint: &Path) -> anyhow::Result<()> {
+/// The kernel caches names and attributes for `ttl` (a mount of the past: an hour).
+pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration) -> anyhow::Result<()> {
     let found = std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()));
     if !found && std::env::var_os("FUSERMOUNT_PATH").is_none() {
         anyhow::bail!("fusermount3 is not installed: install the fuse3 package (apt-get install fuse3) and mount again");
@@ -391,9 +397,18 @@ pub fn serve(fs: MountFs, mountpoint: &Path) -> anyhow::Result<()> {
     }
     // auto_unmount needs allow_other or allow_root; owner-and-root keeps other users out.
     config.acl = SessionACL::RootAndOwner;
-    let mut session = fuser::Session::new(Fuse::new(fs, uid, gid), mountpoint, &config)
+    let fs = Arc::new(fs);
+    let ttl = if fs.scope().at.is_some() { PAST_TTL } else { ttl };
+    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl), mountpoint, &config)
         .map_err(|e| anyhow::anyhow!("mounting at {}: {e} (is it an empty directory you own, and is fusermount3 installed?)", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
+    // The past does not change; the present does, from peers, the CLI and SFTP.
+    let stop_invalidating = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let invalidator = match fs.scope().at {
+        Some(_) => None,
+        None => Some(super::invalidate::spawn(fs.clone(), fs.data_dir(), session.notifier(), stop_invalidating.clone())?),
+    };
+    drop(fs); // the session and the invalidator hold it; it goes (and commits what is queued) when both end
     let session = session.spawn()?;
     // SIGINT/SIGTERM unmount, which ends the session's loop.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -422,5 +437,9 @@ pub fn serve(fs: MountFs, mountpoint: &Path) -> anyhow::Result<()> {
     let result = session.join();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watcher.join();
+    stop_invalidating.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = invalidator {
+        let _ = t.join();
+    }
     result.map_err(|e| anyhow::anyhow!("the FUSE session ended with an error: {e}"))
 }
