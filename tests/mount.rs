@@ -562,6 +562,41 @@ fn a_file_written_on_one_node_appears_in_another_nodes_mount_and_its_bytes_are_f
     assert_eq!(fs::read(m.path("from-a/small.txt")).unwrap(), b"changed on A, and longer");
 }
 
+#[test]
+fn reading_a_file_whose_bytes_are_on_a_peer_fetches_only_the_ranges_read() {
+    if !can_mount() {
+        return;
+    }
+    let (a, b) = (Store::new(), Store::new());
+    let _na = Node::start(&a, &[], &[]);
+    // Lazy: B fetches bytes only when something reads them.
+    let _nb = Node::start(&b, &["--set", "net.fetch=lazy"], &[]);
+    let ticket = a.ok(&["invite"]).trim().to_string();
+    assert!(b.ok(&["join", &ticket]).contains("joined bucket"));
+    let m = Mount::start(&b, &[]);
+
+    let bytes = common::random_bytes(40 << 20, 7);
+    let local = a.scratch().join("video.bin");
+    fs::write(&local, &bytes).unwrap();
+    a.ok(&["put", local.to_str().unwrap(), "/video.bin"]);
+    await_cond(Duration::from_secs(30), "A's file to show in B's mount", || m.path("video.bin").exists());
+
+    // 64 KiB from the middle: those bytes, and only their range came (the blob is not whole here).
+    let mut f = File::open(m.path("video.bin")).unwrap();
+    let mut got = vec![0u8; 64 << 10];
+    f.seek(SeekFrom::Start(25 << 20)).unwrap();
+    f.read_exact(&mut got).unwrap();
+    assert!(got == bytes[25 << 20..(25 << 20) + (64 << 10)], "the range read is the range written");
+    assert!(b.blob_files().iter().all(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0) < 40 << 20), "reading a range did not fetch the whole blob into B's content store");
+    // The last bytes, and then the whole file in order (fetched ahead, window by window).
+    f.seek(SeekFrom::End(-10)).unwrap();
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).unwrap();
+    assert_eq!(tail, &bytes[bytes.len() - 10..]);
+    drop(f);
+    assert!(fs::read(m.path("video.bin")).unwrap() == bytes, "the whole file read through ranges is what A wrote");
+}
+
 /// An SSH client that trusts any host key: for the hostile client below.
 struct AnyHost;
 

@@ -101,6 +101,9 @@ pub enum Request {
     MembersRemove { bucket: String, node: String },
     /// Fetch a blob whose bytes are still on peers, and answer once it is here.
     Fetch { hash: String, size: u64 },
+    /// Bytes `offset..offset + len` of a blob whose bytes are still on peers: fetched by
+    /// range (only the chunks that cover them), answered as [`Reply::Data`].
+    ReadRange { hash: String, size: u64, offset: u64, len: u64 },
     /// Tests only, when the node was started with fault injection on: panic an actor.
     InjectPanic { actor: String },
 }
@@ -160,6 +163,8 @@ pub enum Reply {
     Ticket { ticket: String },
     /// A join went through.
     Joined { bucket: String, inviter: String },
+    /// Bytes, base64.
+    Data { data: String },
     /// The request failed; the message is for the user.
     Error { message: String },
 }

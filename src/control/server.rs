@@ -420,6 +420,11 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             ctx.node.fetch_now(hash, size).await?;
             Reply::Done
         }
+        Request::ReadRange { hash, size, offset, len } => {
+            let hash = alknet_actors::proto::entry::ContentHash::from_hex(&hash).ok_or_else(|| anyhow!("not a content hash: {hash}"))?;
+            let bytes = ctx.node.read_range(hash, size, offset, len).await?;
+            Reply::Data { data: data_encoding::BASE64.encode(&bytes) }
+        }
         Request::MembersRemove { bucket, node } => {
             let node = alknet_actors::proto::ids::NodeId::from_hex(&node).ok_or_else(|| anyhow!("{node:?} is not a node id: give all 64 hex digits, as `alkfs members` prints them"))?;
             ctx.node.remove_member(bucket, node).await?;

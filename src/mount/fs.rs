@@ -157,6 +157,18 @@ enum Bytes {
     Inline(Arc<Vec<u8>>),
     /// A blob file, checked as it is read in order.
     File { file: Arc<File>, hash: ContentHash, size: u64, checked: Box<Mutex<Checked>> },
+    /// A blob whose bytes are still on peers: each read fetches the range it needs (and
+    /// some ahead) through the node, verified against the hash, until the whole blob is
+    /// here (the node's own fetch landed it); then reads go to the local file.
+    Remote { hash: ContentHash, size: u64, window: Box<Mutex<Window>> },
+}
+
+/// What a [`Bytes::Remote`] handle fetched last, and the local file once there is one.
+#[derive(Default)]
+struct Window {
+    offset: u64,
+    data: Vec<u8>,
+    local: Option<Arc<Bytes>>,
 }
 
 /// How far a blob file has been read in order, and the hash of that prefix.
@@ -825,11 +837,15 @@ impl MountFs {
         Ok(Staged::File(Box::new(self.reader().open_session_in(&self.scope, path, false, Some(&self.staging_dir))?)))
     }
 
-    /// The bytes of `entry` for a read handle; a blob still on a peer is fetched first (the
-    /// node does it, and answers once the bytes are here).
+    /// The bytes of `entry` for a read handle. A small blob still on a peer is fetched first
+    /// (the node does it, and answers once the bytes are here); a larger one is read by
+    /// range as it is read ([`Bytes::Remote`]).
     fn bytes_of(&self, path: &TreePath, entry: &Entry) -> FsResult<Bytes> {
         if !self.reader().has_bytes(&entry.hash)? {
-            self.fetch(entry)?;
+            if entry.size > alknet_actors::content::INLINE_BYTES_MAX as u64 {
+                return Ok(Bytes::Remote { hash: entry.hash, size: entry.size, window: Box::default() });
+            }
+            self.fetch(entry)?; // small: one round trip either way
         }
         if entry.size <= alknet_actors::content::INLINE_BYTES_MAX as u64 {
             let mut data = Vec::with_capacity(entry.size as usize);
@@ -842,16 +858,51 @@ impl MountFs {
     }
 
     fn fetch(&self, entry: &Entry) -> FsResult<()> {
-        let connected;
-        let client = match &self.node {
-            Some(c) => c,
-            None => {
-                connected = Client::connect(&self.dir).ok_or_else(|| errno(libc::EIO, "the bytes are on a peer and no node runs to fetch them: start `alkfs node run`"))?;
-                &connected
-            }
-        };
         let req = Request::Fetch { hash: entry.hash.to_hex(), size: entry.size };
-        client.call(&req).map(|_| ()).map_err(|e| errno(libc::EIO, format!("fetching the bytes from peers: {e:#}")))
+        self.call_node(&req).map(|_| ()).map_err(|e| errno(libc::EIO, format!("fetching the bytes from peers: {e:#}")))
+    }
+
+    /// `req` to the node: the mount's connection, or (a read-only mount has none) a new one.
+    fn call_node(&self, req: &Request) -> anyhow::Result<crate::control::Reply> {
+        match &self.node {
+            Some(c) => c.call(req),
+            None => Client::connect(&self.dir).ok_or_else(|| anyhow::anyhow!("the bytes are on a peer and no node runs to fetch them: start `alkfs node run`"))?.call(req),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of `bytes`, fetching from peers what a remote blob needs.
+    fn read_from(&self, bytes: &Bytes, offset: u64, len: usize) -> FsResult<Vec<u8>> {
+        let Bytes::Remote { hash, size, window } = bytes else { return read_bytes(bytes, offset, len) };
+        let end = (*size).min(offset.saturating_add(len as u64));
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(local) = &w.local {
+            return read_bytes(local, offset, len);
+        }
+        let in_window = offset >= w.offset && end <= w.offset + w.data.len() as u64;
+        if !in_window {
+            if self.reader().has_bytes(hash)? {
+                // The node's fetch of the whole blob landed meanwhile (it checked the hash).
+                let file = self.reader().content().open_file(hash).map_err(|e| errno(libc::EIO, format!("blob {hash}: {e}")))?;
+                let local = Arc::new(Bytes::File { file: Arc::new(file), hash: *hash, size: *size, checked: Box::new(Mutex::new(Checked { upto: 0, hasher: None })) });
+                w.local = Some(local.clone());
+                return read_bytes(&local, offset, len);
+            }
+            let want = (end - offset).max(READ_AHEAD_BYTES);
+            let req = Request::ReadRange { hash: hash.to_hex(), size: *size, offset, len: want };
+            let data = match self.call_node(&req).map_err(|e| errno(libc::EIO, format!("reading bytes {offset}.. of blob {hash} from peers: {e:#}")))? {
+                crate::control::Reply::Data { data } => data_encoding::BASE64.decode(data.as_bytes()).map_err(|e| errno(libc::EIO, format!("the node's bytes: {e}")))?,
+                other => return Err(errno(libc::EIO, format!("the node answered {other:?} to a range read"))),
+            };
+            if (data.len() as u64) < end - offset {
+                return Err(errno(libc::EIO, format!("the node gave {} bytes at {offset} of blob {hash}; {} were asked", data.len(), end - offset)));
+            }
+            (w.offset, w.data) = (offset, data);
+        }
+        let start = (offset - w.offset) as usize;
+        Ok(w.data[start..start + (end - offset) as usize].to_vec())
     }
 
     /// Reads up to `len` bytes at `offset` through handle `fh`.
@@ -862,7 +913,7 @@ impl MountFs {
             _ => return Err(errno(libc::EBADF, "not a file handle")),
         };
         match source {
-            Ok(bytes) => read_bytes(&bytes, offset, len),
+            Ok(bytes) => self.read_from(&bytes, offset, len),
             Err(ino) => {
                 let st = self.state();
                 if let Some(s) = st.open.get(&ino).and_then(|o| o.session.as_ref()) {
@@ -880,7 +931,7 @@ impl MountFs {
                     return read_bytes(&bytes, offset, len);
                 }
                 let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: gone")))?;
-                read_bytes(&self.bytes_of(&path, &entry)?, offset, len)
+                self.read_from(&self.bytes_of(&path, &entry)?, offset, len)
             }
         }
     }
@@ -1322,6 +1373,9 @@ impl Drop for MountFs {
 
 /// How long an operation waits for queued closes to commit before it gives up with `EIO`.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bytes a read of a file still on peers fetches at least: the rest is kept for the reads
+/// that follow (sequential readers), so a peer round trip serves many of them.
+const READ_AHEAD_BYTES: u64 = 4 << 20;
 /// How long an own change waits for its outbox event (see [`MountFs::was_own_change`]):
 /// past it (the commit failed, or was folded into another), the event invalidates.
 const OWN_CHANGE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -1345,8 +1399,10 @@ fn attr_of(ino: u64, e: &Entry) -> Attr {
     Attr { ino, kind: e.kind, size: if e.kind == EntryKind::Dir { 0 } else { e.size }, mode: e.mode & 0o7777, mtime_ms: e.mtime_ms }
 }
 
+/// Reads local `bytes` (a remote blob goes through [`MountFs::read_from`]).
 fn read_bytes(bytes: &Bytes, offset: u64, len: usize) -> FsResult<Vec<u8>> {
     match bytes {
+        Bytes::Remote { hash, .. } => Err(errno(libc::EIO, format!("internal: blob {hash} is not local"))),
         Bytes::Inline(data) => {
             let start = (offset as usize).min(data.len());
             let end = start.saturating_add(len).min(data.len());

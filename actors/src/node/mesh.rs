@@ -550,6 +550,11 @@ pub enum MeshMsg {
     Announced(Uid, Vec<u8>),
     /// Fetch one blob now (a user is waiting for it): answered once it is here.
     FetchNow { hash: ContentHash, size: u64, reply: RpcReplyPort<Result<(), String>> },
+    /// Bytes `offset..offset + len` of blob `hash` (of `size` bytes), whose bytes are still on
+    /// peers: the chunks that cover them are fetched (verified) into the iroh-blobs store
+    /// unless already there, then read from it. A mount reading a file that is not here yet
+    /// waits only for what it reads.
+    ReadRange { hash: ContentHash, size: u64, offset: u64, len: u64, reply: RpcReplyPort<Result<Vec<u8>, String>> },
     /// Fault injection (tests only): panic in the handler.
     Panic,
 }
@@ -796,6 +801,24 @@ impl Actor for MeshActor {
                     state.queue.push_front(hash);
                     pump_fetches(&me, state);
                 }
+            }
+            MeshMsg::ReadRange { hash, size, offset, len, reply } => {
+                // Peers known to hold it first, then every connected one.
+                let mut peers: Vec<NodeId> = state.wanted.get(&hash).map(|(_, ps)| ps.clone()).unwrap_or_default();
+                let others: Vec<NodeId> = state.sessions.keys().copied().filter(|p| !peers.contains(p)).collect();
+                peers.extend(others);
+                let Some(net) = state.net.clone() else {
+                    let _ = reply.send(Err("the mesh is not running: its bytes are on a peer".into()));
+                    return Ok(());
+                };
+                if peers.is_empty() {
+                    let _ = reply.send(Err("its bytes are on a peer and no peer is connected: check `alkfs status` (peers)".into()));
+                    return Ok(());
+                }
+                let (index, endpoint) = (state.ctx.index.clone(), net.endpoint.clone());
+                tokio::spawn(async move {
+                    let _ = reply.send(read_range(&endpoint, &index, &peers, hash, size, offset, len).await);
+                });
             }
             MeshMsg::Panic => panic!("fault injection: mesh actor"),
         }
@@ -1250,6 +1273,59 @@ async fn write_back_while_arriving(paths: Vec<std::path::PathBuf>) {
         })
         .await;
     }
+}
+
+/// Most bytes one [`MeshMsg::ReadRange`] answers.
+pub const READ_RANGE_MAX: u64 = 16 << 20;
+
+/// Bytes `offset..offset + len` (clipped to `size`) of blob `hash`: fetched from the first of
+/// `peers` that serves them, unless the iroh-blobs store already holds them, then read from
+/// the store. The store keeps the chunks it got (tagged like a whole fetch, so its GC leaves
+/// them), and a later fetch of the whole blob asks only for the rest.
+async fn read_range(endpoint: &Endpoint, index: &crate::index::BlobIndex, peers: &[NodeId], hash: ContentHash, size: u64, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    use iroh_blobs::protocol::{ChunkRanges, ChunkRangesExt, GetRequest};
+    let end = offset.saturating_add(len.min(READ_RANGE_MAX)).min(size);
+    if offset >= end {
+        return Ok(Vec::new());
+    }
+    let store = index.store();
+    let blob = iroh_blobs::Hash::from_bytes(hash.0);
+    let _ = store.tags().set(crate::index::tag_name(&hash), blob).await;
+    let request = GetRequest::blob_ranges(blob, ChunkRanges::bytes(offset..end));
+    let mut last_error = String::from("no peer tried");
+    for peer in peers {
+        let local = store.remote().local_for_request(request.clone()).await.map_err(|e| e.to_string())?;
+        if local.is_complete() {
+            break;
+        }
+        let fetched = async {
+            let id = endpoint_id(peer).ok_or("bad peer id")?;
+            let conn = tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN)).await.map_err(|_| "connect timeout".to_string())?.map_err(|e| e.to_string())?;
+            let got = tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get(conn.clone(), local.missing())).await;
+            conn.close(VarInt::from_u32(0), b"done");
+            match got {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        }
+        .await;
+        match fetched {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::debug!(peer = %peer.short(), %hash, offset, error = %e, "a range fetch failed; trying the next peer");
+                last_error = format!("from peer {}: {e}", peer.short());
+            }
+        }
+    }
+    if !store.remote().local_for_request(request).await.map_err(|e| e.to_string())?.is_complete() {
+        return Err(format!("bytes {offset}..{end} did not arrive ({last_error})"));
+    }
+    let bytes = store.blobs().export_ranges(blob, offset..end).concatenate().await.map_err(|e| e.to_string())?;
+    if bytes.len() as u64 != end - offset {
+        return Err(format!("the store gave {} bytes for {offset}..{end}", bytes.len()));
+    }
+    Ok(bytes)
 }
 
 /// Fetches blobs above the inline tier into the iroh-blobs store in one GetMany request and

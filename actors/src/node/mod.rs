@@ -372,6 +372,12 @@ impl NodeHandle {
         self.call(Child::Mesh, |reply| mesh::MeshMsg::FetchNow { hash, size, reply }, FETCH_WAIT).await?.map_err(NodeError::Failed)
     }
 
+    /// Bytes `offset..offset + len` of blob `hash` (of `size` bytes), whose bytes are on peers
+    /// (see [`mesh::MeshMsg::ReadRange`]).
+    pub async fn read_range(&self, hash: crate::proto::entry::ContentHash, size: u64, offset: u64, len: u64) -> Result<Vec<u8>, NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::ReadRange { hash, size, offset, len, reply }, mesh::FETCH_TIMEOUT + mesh::NET_TIMEOUT).await?.map_err(NodeError::Failed)
+    }
+
     /// The mesh's status (peers, fetches).
     pub async fn mesh_status(&self) -> Result<mesh::MeshStatus, NodeError> {
         self.call(Child::Mesh, mesh::MeshMsg::Status, QUERY_TIMEOUT).await
