@@ -210,34 +210,6 @@ fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
     s.ok(&["mkdir", "/d"]); // the lock is free again
 }
 
-/// A tmpfs mounted for the test, unmounted when dropped (also when the test fails).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::TempDir::new().unwrap();
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let out = Command::new("umount").arg(self.dir.path()).output();
-        if !out.as_ref().is_ok_and(|o| o.status.success()) {
-            // Busy (a child still running): detach it lazily rather than leak the mount.
-            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
-        }
-    }
-}
-
 /// Fills a 20 MiB tmpfs with a 50 MiB put (from a file, or from stdin; straight into the store
 /// or through a running node): the put must fail saying the disk is full, and the store must
 /// be as it was, and still writable.
@@ -245,7 +217,7 @@ fn check_full_disk(from_stdin: bool, with_node: bool) {
     if !common::precondition(common::is_root(), "the full-disk checks mount a small tmpfs, which needs root") {
         return;
     }
-    let mnt = Tmpfs::mount("20m");
+    let mnt = common::Tmpfs::mount("20m");
     let s = Store::at(&mnt.path().join("data"));
     let node = with_node.then(|| common::Node::start(&s, &[], &[]));
     let one = s.scratch().join("one");

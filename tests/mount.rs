@@ -597,6 +597,39 @@ fn reading_a_file_whose_bytes_are_on_a_peer_fetches_only_the_ranges_read() {
     assert!(fs::read(m.path("video.bin")).unwrap() == bytes, "the whole file read through ranges is what A wrote");
 }
 
+#[test]
+fn a_full_disk_fails_the_write_with_enospc_and_the_file_keeps_its_old_version() {
+    if !can_mount() || !precondition(common::is_root(), "the full-disk check mounts a small tmpfs, which needs root") {
+        return;
+    }
+    let disk = common::Tmpfs::mount("48m");
+    let s = Store::at(&disk.path().join("data"));
+    let _node = Node::start(&s, &["--set", "net.listen=127.0.0.1:0"], &[]);
+    let m = Mount::start(&s, &[]);
+    fs::write(m.path("keep"), b"the old version").unwrap();
+    settle(&m);
+
+    // 100 MiB over it on a 48 MiB disk, through one descriptor (a shell's `>` or dd would
+    // dup2 and close it first, which commits the truncation as a version of its own): the
+    // writer is told ENOSPC, its close too, and nothing half-written shows.
+    let mut f = File::create(m.path("keep")).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let failed = (0..100).find_map(|_| f.write_all(&chunk).err()).expect("100 MiB fit on a 48 MiB disk");
+    assert_eq!(failed.raw_os_error(), Some(libc::ENOSPC), "the write's error: {failed}");
+    assert_eq!(errno_of(f.write_all(b"more")), libc::ENOSPC, "writes after the failure fail too");
+    assert_eq!(errno_of(f.sync_all()), libc::ENOSPC, "fsync reports it");
+    drop(f);
+    assert_eq!(fs::read(m.path("keep")).unwrap(), b"the old version", "the mount shows the old version");
+    settle(&m);
+    assert_eq!(s.get_bytes("/keep"), b"the old version", "the tree keeps the old version");
+
+    // The failed session's bytes are gone, and the mount and node go on.
+    assert!(common::dir_size(s.data()) < 16 << 20, "the failed write's staged bytes were freed");
+    fs::write(m.path("after"), b"still serving").unwrap();
+    settle(&m);
+    assert_eq!(s.get_bytes("/after"), b"still serving");
+}
+
 /// An SSH client that trusts any host key: for the hostile client below.
 struct AnyHost;
 

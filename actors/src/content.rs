@@ -301,7 +301,10 @@ impl ContentStore {
             source: io::Error::new(io::ErrorKind::InvalidInput, why.to_string()),
         };
         let parent = path.parent().ok_or_else(|| refuse("no parent directory"))?;
-        let in_mount_dir = parent.parent() == Some(self.staging_dir().as_path())
+        // Compared resolved: the node and the mount may name the data dir differently
+        // (one relative, one absolute).
+        let resolved = |p: &Path| fs::canonicalize(p).ok();
+        let in_mount_dir = parent.parent().and_then(resolved).is_some_and(|d| Some(d) == resolved(&self.staging_dir()))
             && parent.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(MOUNT_STAGING_PREFIX));
         if !in_mount_dir || path.file_name().is_none() {
             return Err(refuse("not a mount's staging file of this data dir"));
@@ -485,5 +488,35 @@ impl StagingFile {
     pub fn keep(self) -> Result<PathBuf, ContentError> {
         let path = self.tmp.path().to_path_buf();
         self.tmp.into_temp_path().keep().map_err(|e| ContentError::io("keep staging file", e.error, &path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mounts_staging_file_is_adopted_whichever_way_the_data_dir_is_named_and_no_other_file_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("content");
+        let node = ContentStore::open(&real).unwrap();
+        // The mount names the same directory another way (here a symlink; in life, relative
+        // against absolute).
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let mount = ContentStore::open(&link).unwrap();
+        let staged = mount.stage_in(&mount.mount_staging_dir(7)).unwrap();
+        staged.file().write_all(b"closed on the mount").unwrap();
+        let path = staged.keep().unwrap();
+        assert!(path.starts_with(&link));
+        assert!(node.adopt_staged(&path).is_ok(), "the node takes the mount's staging file");
+
+        let outside = tmp.path().join("mount-7");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("stage-x"), b"not staged").unwrap();
+        assert!(node.adopt_staged(&outside.join("stage-x")).is_err(), "a file outside the staging dir is refused");
+        let plain = node.staging_dir().join("stage-y");
+        fs::write(&plain, b"the node's own staging").unwrap();
+        assert!(node.adopt_staged(&plain).is_err(), "only files in a mount's directory");
     }
 }

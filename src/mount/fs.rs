@@ -207,6 +207,10 @@ struct Open {
     /// Closed and waiting in the write-behind queue (see [`super::commits`]): what the
     /// mount shows of it until its batch commits.
     queued: Option<Queued>,
+    /// A write or truncate failed (a full disk, a size past the limit): what is staged is
+    /// not what the writer meant, so it is never committed. Later writes fail the same way,
+    /// and the close reports it; the file keeps its old version.
+    failed: Option<Errno>,
 }
 
 /// A closed file in the write-behind queue, as the mount shows it meanwhile.
@@ -771,7 +775,7 @@ impl MountFs {
             let fresh = existing.is_none();
             let now = alknet_actors::engine::now_ms();
             let mut st = self.state();
-            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None });
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None });
             open.session = Some(session);
             open.writers += 1;
             open.dirty = true;
@@ -798,7 +802,7 @@ impl MountFs {
             }
             let mut st = self.state();
             let now = alknet_actors::engine::now_ms();
-            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None });
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None });
             open.session = Some(session);
             open.fresh = fresh;
             open.dirty |= truncate || fresh;
@@ -947,9 +951,15 @@ impl MountFs {
         self.ensure_session(ino)?;
         let mut st = self.state();
         let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EBADF, "no write session"))?;
+        if let Some(e) = &open.failed {
+            return Err(e.clone());
+        }
         let session = open.session.as_mut().ok_or_else(|| errno(libc::EBADF, "no write session"))?;
         let at = if append { session.len() } else { offset };
-        session.write_at(at, data, &self.spill)?;
+        if let Err(e) = session.write_at(at, data, &self.spill).map_err(Errno::from) {
+            open.failed = Some(Errno::new(e.code, format!("an earlier write failed: {}", e.message)));
+            return Err(e);
+        }
         open.dirty = true;
         open.mtime_ms = alknet_actors::engine::now_ms();
         Ok(data.len())
@@ -970,7 +980,7 @@ impl MountFs {
         let session = self.new_session(&path, false)?;
         let mut st = self.state();
         let now = alknet_actors::engine::now_ms();
-        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false, queued: None });
+        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false, queued: None, failed: None });
         open.session = Some(session);
         Ok(())
     }
@@ -1067,7 +1077,15 @@ impl MountFs {
         let Some(committer) = &self.committer else { return Err(errno(libc::EROFS, "the mount is read-only")) };
         let (session, path, mtime_ms) = {
             let mut st = self.state();
-            let Some(open) = st.open.get(&ino) else { return Ok(()) };
+            let Some(open) = st.open.get_mut(&ino) else { return Ok(()) };
+            if let Some(e) = open.failed.clone() {
+                // Nothing half-written: the session goes (its staging file with it), the old
+                // version stays, and the close says why.
+                open.session = None;
+                open.dirty = false;
+                tracing::warn!(error = %e, "a write session failed; the file keeps its old version");
+                return Err(e);
+            }
             if !open.dirty || open.unlinked || open.session.is_none() {
                 return Ok(());
             }
@@ -1159,7 +1177,10 @@ impl MountFs {
                 s.set_mode(m & 0o7777);
             }
             if let Some(len) = size {
-                s.truncate(len, &self.spill)?;
+                if let Err(e) = s.truncate(len, &self.spill).map_err(Errno::from) {
+                    open.failed = Some(Errno::new(e.code, format!("an earlier truncate failed: {}", e.message)));
+                    return Err(e);
+                }
             }
             if let Some(ms) = mtime_ms {
                 open.mtime_ms = ms;
@@ -1216,7 +1237,7 @@ impl MountFs {
                     session.set_mode(m & 0o7777);
                 }
                 let ms = mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
-                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false, queued: None });
+                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false, queued: None, failed: None });
                 self.commit(ino)?;
             }
             drop(changes);

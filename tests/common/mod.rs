@@ -769,3 +769,31 @@ pub fn at_time(cmd: &Command, time: &str) -> Command {
     c.envs(faketime_env(&format!("@{time}")));
     c
 }
+
+/// A tmpfs mounted for the test, unmounted when dropped (also when the test fails).
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Self {
+        let dir = tempfile::TempDir::new().unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().unwrap();
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let out = Command::new("umount").arg(self.dir.path()).output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            // Busy (a child still running): detach it lazily rather than leak the mount.
+            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        }
+    }
+}
