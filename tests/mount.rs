@@ -183,6 +183,14 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
         assert_eq!(sh(s.scratch(), "sqlite3 copy.db 'select sum(x) from t;'"), "33\n", "the CLI's copy of the database is the updated one");
     }
 
+    // A shell's `>` opens with O_TRUNC, dup2s and closes the first descriptor before writing:
+    // each redirect is one version, not an empty one first.
+    sh(&m.dir, "echo one > redirected && echo two > redirected && : > emptied");
+    settle(m);
+    assert_eq!(s.log_json(&[], "/redirected").len(), 2, "two redirects, two versions");
+    assert_eq!(s.get_bytes("/redirected"), b"two\n");
+    assert_eq!(s.log_json(&[], "/emptied").len(), 1, "a truncation alone commits once, at the last close");
+
     // mv over an existing file; truncate; append.
     fs::write(m.path("src/over"), b"new").unwrap();
     sh(&m.dir, "mv -f src/over src/d0/f0");

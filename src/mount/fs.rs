@@ -211,6 +211,12 @@ struct Open {
     /// not what the writer meant, so it is never committed. Later writes fail the same way,
     /// and the close reports it; the file keeps its old version.
     failed: Option<Errno>,
+    /// Written to (bytes, size, mode or mtime) since the session began. A close commits
+    /// only then: a shell's `> file` opens with O_TRUNC, then dup2s and closes the first
+    /// descriptor before anything is written, and committing that close made an empty
+    /// version before every real one. What only O_TRUNC or O_CREAT changed commits at the
+    /// last release.
+    written: bool,
 }
 
 /// A closed file in the write-behind queue, as the mount shows it meanwhile.
@@ -775,7 +781,7 @@ impl MountFs {
             let fresh = existing.is_none();
             let now = alknet_actors::engine::now_ms();
             let mut st = self.state();
-            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None });
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None, written: false });
             open.session = Some(session);
             open.writers += 1;
             open.dirty = true;
@@ -802,7 +808,7 @@ impl MountFs {
             }
             let mut st = self.state();
             let now = alknet_actors::engine::now_ms();
-            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None });
+            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None, written: false });
             open.session = Some(session);
             open.fresh = fresh;
             open.dirty |= truncate || fresh;
@@ -961,6 +967,7 @@ impl MountFs {
             return Err(e);
         }
         open.dirty = true;
+        open.written = true;
         open.mtime_ms = alknet_actors::engine::now_ms();
         Ok(data.len())
     }
@@ -980,7 +987,7 @@ impl MountFs {
         let session = self.new_session(&path, false)?;
         let mut st = self.state();
         let now = alknet_actors::engine::now_ms();
-        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false, queued: None, failed: None });
+        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false, queued: None, failed: None, written: false });
         open.session = Some(session);
         Ok(())
     }
@@ -1008,14 +1015,15 @@ impl MountFs {
     }
 
     /// A close(2) of a descriptor of `fh` by process `by` (its thread group): the last
-    /// writer's close by the process that opened it commits.
+    /// writer's close by the process that opened it commits, once something was written
+    /// (see [`Open::written`]); a failed session reports its error.
     pub fn flush(&self, fh: u64, by: u32) -> FsResult<()> {
         let _changes = self.changes();
         let ino = match self.state().handles.get(&fh) {
             Some(Handle::Write { ino, owner, .. }) if same_process(*owner, by) => *ino,
             _ => return Ok(()),
         };
-        let last = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);
+        let last = self.state().open.get(&ino).is_some_and(|o| o.writers == 1 && (o.written || o.failed.is_some()));
         if last {
             self.commit(ino)?;
         }
@@ -1092,6 +1100,7 @@ impl MountFs {
             let path = st.inodes.path(ino)?;
             let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             open.dirty = false;
+            open.written = false;
             let session = open.session.take().ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             (session, path, open.mtime_ms)
         };
@@ -1186,6 +1195,7 @@ impl MountFs {
                 open.mtime_ms = ms;
             }
             open.dirty = true;
+            open.written = true;
             let (len, mode, ms) = (s.len(), s.mode(), open.mtime_ms);
             return Ok(Attr { ino, kind: EntryKind::File, size: len, mode, mtime_ms: ms });
         }
@@ -1237,7 +1247,7 @@ impl MountFs {
                     session.set_mode(m & 0o7777);
                 }
                 let ms = mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
-                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false, queued: None, failed: None });
+                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false, queued: None, failed: None, written: false });
                 self.commit(ino)?;
             }
             drop(changes);
