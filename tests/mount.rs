@@ -284,6 +284,17 @@ fn bad_names_and_renames_get_the_errno_posix_promises_and_change_nothing() {
     // SAFETY: two valid NUL-terminated paths.
     let r = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
     assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EEXIST)));
+    // Past the size limit (1 TiB): EFBIG for the write, the truncate and the close, and the
+    // file keeps what it had.
+    {
+        use std::os::unix::fs::FileExt;
+        let limit = alknet_actors::proto::limits::FILE_BYTES_MAX;
+        let f = OpenOptions::new().write(true).open(m.path("g")).unwrap();
+        assert_eq!(errno_of(f.write_at(b"!", limit)), libc::EFBIG);
+        assert_eq!(errno_of(f.set_len(limit + 1)), libc::EFBIG);
+        assert_eq!(errno_of(f.sync_all()), libc::EFBIG, "the session stays failed");
+    }
+    assert_eq!(fs::read(m.path("g")).unwrap(), b"y");
     // A directory moves over an empty one, with what it holds.
     fs::create_dir(m.path("empty")).unwrap();
     fs::rename(m.path("a"), m.path("empty")).unwrap();

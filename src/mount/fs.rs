@@ -1181,6 +1181,9 @@ impl MountFs {
             self.ensure_session(ino)?;
             let mut st = self.state();
             let open = st.open.get_mut(&ino).ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
+            if let Some(e) = &open.failed {
+                return Err(e.clone());
+            }
             let s = open.session.as_mut().ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
             if let Some(m) = mode {
                 s.set_mode(m & 0o7777);

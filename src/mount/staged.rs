@@ -111,6 +111,12 @@ impl Staged {
 
     /// Sets the length, cutting or zero-extending.
     pub fn truncate(&mut self, len: u64, spill: &Spill) -> Result<(), ContentError> {
+        if len > FILE_BYTES_MAX {
+            return Err(ContentError::Io {
+                context: format!("truncate to {len} bytes"),
+                source: std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("files are limited to {FILE_BYTES_MAX} bytes")),
+            });
+        }
         self.make_room(len, spill)?;
         match self {
             Staged::Memory { data, .. } => {
