@@ -51,13 +51,15 @@ pub enum Request {
     /// Commit closed files of a mount in one transaction: the node takes over each staging
     /// file (inside `content/staging/mount-*`), hashes it unless its hash is given (every
     /// write was an append and the mount hashed them), and moves it into the content store.
-    /// `attrs` (a mount's queued chmod/utimes of directories) commit after the files, in
-    /// the same transaction.
+    /// `dirs` (a mount's queued mkdirs) commit before the files, and `attrs` (its queued
+    /// chmod/utimes of directories) after them, in the same transaction.
     PutStaged {
         scope: WireScope,
         items: Vec<StagedFile>,
         #[serde(default)]
         attrs: Vec<StagedAttr>,
+        #[serde(default)]
+        dirs: Vec<StagedDir>,
     },
     /// Make a symbolic link at `path` pointing to `target`.
     Symlink { scope: WireScope, path: String, target: String },
@@ -122,6 +124,17 @@ pub struct StagedFile {
     /// The length the session wrote; a file of another length is refused (a write that
     /// failed part-way), so a hash given never names other bytes.
     pub size: Option<u64>,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time.
+    pub mtime_ms: i64,
+}
+
+/// A queued mkdir of a mount, for [`Request::PutStaged`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagedDir {
+    /// Where.
+    pub path: String,
     /// Permission bits.
     pub mode: u32,
     /// Modification time.

@@ -275,6 +275,14 @@ fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Checked)> {
     Ok((dest, checked))
 }
 
+/// A queued mkdir, checked: a path below the root, and permission bits only.
+fn check_dir(d: &super::StagedDir) -> Result<CommitItem> {
+    if d.mode > 0o7777 {
+        bail!("{}: mode {:o} is not permission bits (at most 7777)", d.path, d.mode);
+    }
+    Ok(alknet_actors::engine::import::dir_item(path(&d.path)?, d.mode, d.mtime_ms))
+}
+
 /// A queued attribute change, checked: a path, and permission bits only.
 fn check_attr(a: &super::StagedAttr) -> Result<alknet_actors::engine::AttrItem> {
     if a.mode.is_some_and(|m| m > 0o7777) {
@@ -333,15 +341,19 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             Reply::Count { count }
         }
         Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
-        Request::PutStaged { scope: s, items, attrs } => {
-            if items.len() + attrs.len() > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
-                bail!("{} changes in one commit; the limit is {}", items.len() + attrs.len(), alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
+        Request::PutStaged { scope: s, items, attrs, dirs } => {
+            let changes = items.len() + attrs.len() + dirs.len();
+            if changes > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
+                bail!("{changes} changes in one commit; the limit is {}", alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
             }
             let attrs = attrs.iter().map(check_attr).collect::<Result<Vec<_>>>()?;
+            let dirs = dirs.iter().map(check_dir).collect::<Result<Vec<_>>>()?;
             let content = ctx.content.clone();
             let commit = blocking(move || {
                 let checked = items.iter().map(check_staged).collect::<Result<Vec<_>>>()?;
-                items.iter().zip(checked).map(|(item, (dest, checked))| take_staged(&content, item, dest, checked)).collect::<Result<Vec<CommitItem>>>()
+                let files = items.iter().zip(checked).map(|(item, (dest, checked))| take_staged(&content, item, dest, checked));
+                // Directories first: the files of the batch may go into them.
+                dirs.into_iter().map(Ok).chain(files).collect::<Result<Vec<CommitItem>>>()
             })
             .await?;
             let count = (commit.len() + attrs.len()) as u64;

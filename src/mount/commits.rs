@@ -7,8 +7,9 @@
 //! thousand files a second. Queued, they go a few hundred per transaction while the next
 //! files are written.
 //!
-//! Directory mode and mtime changes (tar sets them after filling a directory) queue the same
-//! way, and commit after the files of their batch.
+//! New directories (mkdir) and directory mode and mtime changes (tar sets them after filling
+//! a directory) queue the same way: a batch commits its directories first, then its files,
+//! then its attribute changes.
 //!
 //! What a user sees: the mount shows a closed file's new bytes at once (the filesystem
 //! layer reads queued files from their staging file); other processes (the CLI, a peer)
@@ -27,7 +28,7 @@ use alknet_actors::proto::entry::ContentHash;
 use alknet_actors::proto::path::TreePath;
 
 use crate::control::client::Client;
-use crate::control::{Request, StagedAttr, StagedFile, WireScope};
+use crate::control::{Request, StagedAttr, StagedDir, StagedFile, WireScope};
 
 /// Most files sent in one request (one transaction).
 const BATCH_FILES_MAX: usize = 64;
@@ -81,11 +82,24 @@ pub struct DirAttr {
     pub mtime_ms: Option<i64>,
 }
 
+/// A directory made on the mount, waiting to be committed (queued like a close: `tar x` and
+/// `cp -r` make one per source directory, and a round trip each held them up).
+#[derive(Clone, Debug)]
+pub struct DirMade {
+    /// Where.
+    pub path: TreePath,
+    /// Permission bits.
+    pub mode: u32,
+    /// When.
+    pub mtime_ms: i64,
+}
+
 /// What the queue holds.
 #[derive(Clone, Debug)]
 enum Change {
     Close(Closed),
     DirAttr(DirAttr),
+    Mkdir(DirMade),
 }
 
 struct Queue {
@@ -127,6 +141,11 @@ impl Committer {
     /// Queues `file`; returns its ticket (see [`is_done`](Self::is_done)).
     pub fn push(&self, file: Closed) -> u64 {
         self.inner.push(Change::Close(file))
+    }
+
+    /// Queues a new directory; returns its ticket.
+    pub fn push_mkdir(&self, dir: DirMade) -> u64 {
+        self.inner.push(Change::Mkdir(dir))
     }
 
     /// Queues a directory's new mode and/or mtime; a change of the same directory still
@@ -210,6 +229,10 @@ impl Committer {
                     tracing::warn!(path = %d.path, "a directory's mode/mtime change was not committed before unmount");
                     None
                 }
+                Change::Mkdir(d) => {
+                    tracing::warn!(path = %d.path, "a directory made on the mount was not committed before unmount");
+                    None
+                }
             })
             .collect();
         drop(q);
@@ -290,6 +313,7 @@ impl Inner {
                                     }
                                 }
                                 Change::DirAttr(d) => tracing::error!(path = %d.path, error = %e1.message, "a directory's mode/mtime change could not be committed"),
+                                Change::Mkdir(d) => tracing::error!(path = %d.path, error = %e1.message, "a directory made on the mount could not be committed"),
                             }
                         }
                         let mut q = self.lock();
@@ -304,7 +328,7 @@ impl Inner {
     }
 
     fn send(&self, batch: &[(u64, Change)]) -> Result<(), SendError> {
-        let (mut items, mut attrs) = (Vec::new(), Vec::new());
+        let (mut items, mut attrs, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
         for (_, c) in batch {
             match c {
                 Change::Close(f) => {
@@ -317,9 +341,11 @@ impl Inner {
                 // After the files, in the same transaction: a file commit does not change its
                 // directory's attributes, so the order between the two does not matter.
                 Change::DirAttr(d) => attrs.push(StagedAttr { path: d.path.to_string(), mode: d.mode, mtime_ms: d.mtime_ms }),
+                // Before the files (the node applies them first): files may go into them.
+                Change::Mkdir(d) => dirs.push(StagedDir { path: d.path.to_string(), mode: d.mode, mtime_ms: d.mtime_ms }),
             }
         }
-        match self.node.call(&Request::PutStaged { scope: self.scope.clone(), items, attrs }) {
+        match self.node.call(&Request::PutStaged { scope: self.scope.clone(), items, attrs, dirs }) {
             Ok(_) => Ok(()),
             Err(e) => {
                 let message = format!("{e:#}");

@@ -320,9 +320,20 @@ struct State {
     /// Directories' mode/mtime changes in the write-behind queue, as the mount shows them
     /// until they commit: what each becomes (None: unchanged) and the ticket that commits it.
     dir_attrs: HashMap<TreePath, QueuedDirAttr>,
+    /// Directories made here whose mkdir waits in the write-behind queue: shown from here
+    /// until it commits.
+    queued_dirs: HashMap<TreePath, QueuedDir>,
     /// Paths this mount changed, by when, whose outbox events are still to come: the kernel
     /// saw those changes happen, so [`super::invalidate`] need not invalidate them.
     own_changes: HashMap<TreePath, std::time::Instant>,
+}
+
+/// A directory made here, waiting in the queue (see [`State::queued_dirs`]).
+#[derive(Clone, Copy, Debug)]
+struct QueuedDir {
+    ticket: u64,
+    mode: u32,
+    mtime_ms: i64,
 }
 
 /// A directory's queued mode/mtime change (see [`State::dir_attrs`]).
@@ -390,7 +401,7 @@ impl MountFs {
             node,
             spill,
             staging_dir,
-            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), own_changes: HashMap::new() }),
+            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), queued_dirs: HashMap::new(), own_changes: HashMap::new() }),
             changes: Mutex::new(()),
             committer,
         })
@@ -473,6 +484,22 @@ impl MountFs {
             return Some(Attr { ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms });
         }
         queued.filter(|_| !open.unlinked).map(|q| Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms })
+    }
+
+    /// Directory `path` as this mount shows it while its mkdir waits in the queue (and
+    /// forgets it once committed).
+    fn queued_dir(&self, path: &TreePath) -> Option<Attr> {
+        let mut st = self.state();
+        let q = st.queued_dirs.get(path).copied()?;
+        if self.committer.as_ref().is_none_or(|c| c.is_done(q.ticket)) {
+            st.queued_dirs.remove(path);
+            return None;
+        }
+        let ino = st.inodes.ino_of(path);
+        drop(st);
+        let mut attr = Attr { ino, kind: EntryKind::Dir, size: 0, mode: q.mode, mtime_ms: q.mtime_ms };
+        self.queued_dir_attr(path, &mut attr);
+        Some(attr)
     }
 
     /// Applies directory `path`'s mode/mtime change to `attr` while it waits in the
@@ -559,6 +586,7 @@ impl MountFs {
             }
             None => known
                 .and_then(|ino| self.staged(ino, false).filter(|_| !self.state().open.get(&ino).is_some_and(|o| o.unlinked)))
+                .or_else(|| self.queued_dir(path))
                 .ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file or directory"))),
         }
     }
@@ -620,12 +648,13 @@ impl MountFs {
     /// only names; the kernel looks a name up before using it), so listing a large tree does
     /// not grow the inode table.
     pub fn list(&self, path: &TreePath) -> FsResult<Vec<(String, Attr)>> {
-        match self.entry(path)? {
+        let rows = match self.entry(path)? {
+            // Made here and not committed yet: only what was made in it here.
+            None if self.queued_dir(path).is_some() => Vec::new(),
             None => return Err(errno(libc::ENOENT, format!("{path}: no such directory"))),
             Some(e) if e.kind != EntryKind::Dir => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
-            Some(_) => {}
-        }
-        let rows = read::list(self.reader().tree().conn(), &self.view, path)?;
+            Some(_) => read::list(self.reader().tree().conn(), &self.view, path)?,
+        };
         let st = self.state();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -654,6 +683,14 @@ impl MountFs {
             for (_, a) in out.iter_mut().filter(|(_, a)| a.ino & (1 << 63) == 0 && a.kind == EntryKind::File) {
                 if let Some(q) = self.queued(a.ino) {
                     (a.size, a.mode, a.mtime_ms) = (q.size, q.mode, q.mtime_ms);
+                }
+            }
+        }
+        let made_here: Vec<TreePath> = self.state().queued_dirs.keys().filter(|p| p.parent().as_ref() == Some(path)).cloned().collect();
+        for p in made_here {
+            if !out.iter().any(|(n, _)| n == p.name()) {
+                if let Some(a) = self.queued_dir(&p) {
+                    out.push((p.name().to_string(), a));
                 }
             }
         }
@@ -1221,7 +1258,11 @@ impl MountFs {
             Some(p) => p.clone(),
             None => self.path_of(ino)?,
         };
-        let entry = self.entry(&path)?.ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file")))?;
+        let entry = match self.entry(&path)? {
+            Some(e) => e,
+            None if self.queued_dir(&path).is_some() => Entry::dir(DIR_MODE, 0), // its changes queue after its mkdir
+            None => return Err(errno(libc::ENOENT, format!("{path}: no such file"))),
+        };
         if entry.kind == EntryKind::Dir && size.is_none() && !path.is_root() {
             if let Some(committer) = &self.committer {
                 // Queued like a close (tar sets a directory's mode and mtime after filling it).
@@ -1272,9 +1313,15 @@ impl MountFs {
             return Err(errno(libc::EEXIST, format!("{path}: already exists")));
         }
         self.check_parent(path)?;
+        let Some(committer) = &self.committer else { return Err(errno(libc::EROFS, "the mount is read-only")) };
         self.own_change(path);
-        self.call(Request::Mkdir { scope: self.wire(), path: path.to_string(), parents: false, mode: Some(mode & 0o7777) })?;
-        self.stat(path)
+        // Queued like a close (see `commits`): the mount shows it at once.
+        let (mode, mtime_ms) = (mode & 0o7777, alknet_actors::engine::now_ms());
+        let ticket = committer.push_mkdir(super::commits::DirMade { path: path.clone(), mode, mtime_ms });
+        let mut st = self.state();
+        st.queued_dirs.insert(path.clone(), QueuedDir { ticket, mode, mtime_ms });
+        let ino = st.inodes.ino_of(path);
+        Ok(Attr { ino, kind: EntryKind::Dir, size: 0, mode, mtime_ms })
     }
 
     fn check_parent(&self, path: &TreePath) -> FsResult<()> {
@@ -1282,6 +1329,7 @@ impl MountFs {
         match self.entry(&parent)? {
             Some(e) if e.kind == EntryKind::Dir => Ok(()),
             Some(_) => Err(errno(libc::ENOTDIR, format!("{parent}: not a directory"))),
+            None if self.queued_dir(&parent).is_some() => Ok(()),
             None => Err(errno(libc::ENOENT, format!("{parent}: no such directory"))),
         }
     }
@@ -1290,6 +1338,7 @@ impl MountFs {
     pub fn symlink(&self, path: &TreePath, target: &str) -> FsResult<Attr> {
         self.writable()?;
         let _changes = self.changes();
+        self.settle()?; // the node makes it, in a directory that may still be queued
         if target.is_empty() {
             return Err(errno(libc::ENOENT, "a link target cannot be empty"));
         }

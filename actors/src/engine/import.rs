@@ -173,6 +173,11 @@ pub fn file_entry(blob: &Imported, mode: u32, mtime_ms: i64) -> Entry {
     Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode, mtime_ms }
 }
 
+/// A commit item that makes directory `path` (as `mkdir -p`; kept as it is if it exists).
+pub fn dir_item(path: TreePath, mode: u32, mtime_ms: i64) -> CommitItem {
+    (path, Entry::dir(mode & 0o7777, mtime_ms), empty_blob())
+}
+
 pub(crate) fn empty_blob() -> Imported {
     Imported { hash: ContentHash::EMPTY, size: 0, inline: Some(Vec::new()), hold: None }
 }
