@@ -70,6 +70,30 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// CPU seconds process `pid` has used (utime + stime).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (in parentheses, which may hold spaces): utime and stime
+    // are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f.get(10).copied().unwrap_or(0.0) + f.get(11).copied().unwrap_or(0.0)) / tick
+}
+
+/// Waits (at most a minute) until process `pid` uses less than 2 % of a core over half a
+/// second.
+fn wait_idle(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let before = cpu_secs(pid);
+        std::thread::sleep(Duration::from_millis(500));
+        if cpu_secs(pid) - before < 0.01 {
+            return;
+        }
+    }
+}
+
 fn is_mounted(dir: &Path) -> bool {
     fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == dir.to_str())
 }
@@ -134,6 +158,10 @@ fn main() {
                 let target = dir.join(format!("untar{r}"));
                 fs::create_dir(&target).unwrap();
                 sh("sync");
+                // Both start on a quiet machine: the node indexes what the last mount run
+                // wrote (background work once writes stop, seconds of CPU for 10,000 files),
+                // which would otherwise slow whichever run comes next.
+                wait_idle(node.0.id());
                 let on_mount = dir == &mnt;
                 times.push(timed(|| {
                     run(Command::new("tar").arg("xf").arg(&tar).arg("-C").arg(&target));
@@ -193,6 +221,7 @@ fn main() {
             for (dir, w, c, h) in [(&native, &mut wn, &mut cn, &mut hn), (&mnt, &mut wm, &mut cm, &mut hm)] {
                 let target = dir.join(format!("big{r}"));
                 sh(&format!("cat {} > /dev/null; sync", source.display()));
+                wait_idle(node.0.id());
                 w.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", source.display())).arg(format!("of={}", target.display())).args(["bs=1M", "conv=fsync", "status=none"])))));
                 cold &= drop_caches();
                 c.push(gbs(timed(|| run(Command::new("dd").arg(format!("if={}", target.display())).args(["of=/dev/null", "bs=1M", "status=none"])))));
