@@ -649,6 +649,25 @@ fn a_full_disk_fails_the_write_with_enospc_and_the_file_keeps_its_old_version() 
     assert_eq!(s.get_bytes("/after"), b"still serving");
 }
 
+#[test]
+fn a_mount_batch_with_one_change_that_no_longer_fits_the_tree_commits_the_others() {
+    use alknet_fs::control::{client::Client, Request, StagedAttr, StagedFile, WireScope};
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    // What a mount's write-behind sends: a closed file (its staging file taken over by the
+    // node) and a chmod of a directory that was removed elsewhere meanwhile.
+    let staging = s.data().join("content/staging/mount-4000000");
+    fs::create_dir_all(&staging).unwrap();
+    let bytes = common::random_bytes(100_000, 3);
+    fs::write(staging.join("stage-a"), &bytes).unwrap();
+    let file = StagedFile { path: "/kept".into(), staging: Some(staging.join("stage-a")), data: None, hash: None, size: Some(bytes.len() as u64), mode: 0o644, mtime_ms: 1_000 };
+    let gone = StagedAttr { path: "/removed-elsewhere".into(), mode: Some(0o700), mtime_ms: None };
+    let scope = WireScope { bucket: "default".into(), branch: "main".into() };
+    let node = Client::connect(s.data()).expect("the node's socket");
+    node.call(&Request::PutStaged { scope, items: vec![file], attrs: vec![gone], dirs: vec![] }).expect("the batch is answered");
+    assert!(s.get_bytes("/kept") == bytes, "the file committed although the chmod could not");
+}
+
 /// An SSH client that trusts any host key: for the hostile client below.
 struct AnyHost;
 

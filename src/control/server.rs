@@ -349,15 +349,45 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             let attrs = attrs.iter().map(check_attr).collect::<Result<Vec<_>>>()?;
             let dirs = dirs.iter().map(check_dir).collect::<Result<Vec<_>>>()?;
             let content = ctx.content.clone();
-            let commit = blocking(move || {
+            let (commit, mut failed) = blocking(move || {
+                // Checked whole first: a refusal here moved nothing, and the mount can send
+                // the files again (one by one).
                 let checked = items.iter().map(check_staged).collect::<Result<Vec<_>>>()?;
-                let files = items.iter().zip(checked).map(|(item, (dest, checked))| take_staged(&content, item, dest, checked));
-                // Directories first: the files of the batch may go into them.
-                dirs.into_iter().map(Ok).chain(files).collect::<Result<Vec<CommitItem>>>()
+                // From here on the staging files move into the content store: the mount
+                // cannot send them again, so each that fails is reported and the others go on.
+                let mut failed = Vec::new();
+                let mut commit: Vec<CommitItem> = dirs; // directories first: files may go into them
+                for (item, (dest, checked)) in items.iter().zip(checked) {
+                    match take_staged(&content, item, dest, checked) {
+                        Ok(c) => commit.push(c),
+                        Err(e) => failed.push(format!("{}: {e:#}", item.path)),
+                    }
+                }
+                Ok((commit, failed))
             })
             .await?;
-            let count = (commit.len() + attrs.len()) as u64;
-            write(ctx, WriteOp::Commit { scope: scope(s), items: commit, attrs }).await?;
+            let scope = scope(s);
+            let mut count = (commit.len() + attrs.len()) as u64;
+            let whole = WriteOp::Commit { scope: scope.clone(), items: commit.clone(), attrs: attrs.clone() };
+            if let Err(e) = write(ctx, whole).await {
+                // One change that no longer fits the tree (its directory removed elsewhere, a
+                // file where a directory was made) must not lose the others: each alone.
+                tracing::debug!(error = %e, "a mount's batch did not commit whole; committing its changes one by one");
+                count = 0;
+                let singles = commit.into_iter().map(|c| (c.0.to_string(), vec![c], vec![])).chain(attrs.into_iter().map(|a| (a.0.to_string(), vec![], vec![a])));
+                for (path, items, attrs) in singles {
+                    match write(ctx, WriteOp::Commit { scope: scope.clone(), items, attrs }).await {
+                        Ok(_) => count += 1,
+                        Err(e) => failed.push(format!("{path}: {e:#}")),
+                    }
+                }
+                if count == 0 {
+                    return Err(e);
+                }
+            }
+            for f in &failed {
+                tracing::warn!(change = %f, "a mount's change could not be committed (the others were)");
+            }
             Reply::Count { count }
         }
         Request::Symlink { scope: s, path: p, target } => {

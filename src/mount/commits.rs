@@ -166,7 +166,12 @@ impl Committer {
 
     /// Whether ticket `t` is committed (or was refused for good).
     pub fn is_done(&self, t: u64) -> bool {
-        self.inner.lock().done >= t
+        self.done_upto() >= t
+    }
+
+    /// Every ticket up to this one is committed (or was refused for good).
+    pub fn done_upto(&self) -> u64 {
+        self.inner.lock().done
     }
 
     /// Changes the mode or mtime of inode `ino`'s file while it still waits (`chmod` or
@@ -295,6 +300,7 @@ impl Inner {
                     tracing::warn!(files = batch.len(), error = %e.message, "the node did not take closed files; retrying (they stay visible in the mount)");
                     let mut q = self.lock();
                     q.sent = q.done; // not sent after all: amendable until the next try
+                    drop(q); // the mount asks the queue at every stat of a queued change
                     std::thread::sleep(RETRY_PAUSE);
                 }
                 Err(e) => {

@@ -493,7 +493,14 @@ impl MountFs {
         let q = st.queued_dirs.get(path).copied()?;
         if self.committer.as_ref().is_none_or(|c| c.is_done(q.ticket)) {
             st.queued_dirs.remove(path);
-            return None;
+            let ino = st.inodes.ino_of(path);
+            drop(st);
+            // Committed since the caller read the tree (which then did not have it): read
+            // it again rather than answer that it is not there.
+            let entry = self.entry(path).ok().flatten().filter(|e| e.kind == EntryKind::Dir)?;
+            let mut attr = attr_of(ino, &entry);
+            self.queued_dir_attr(path, &mut attr);
+            return Some(attr);
         }
         let ino = st.inodes.ino_of(path);
         drop(st);
@@ -648,13 +655,14 @@ impl MountFs {
     /// only names; the kernel looks a name up before using it), so listing a large tree does
     /// not grow the inode table.
     pub fn list(&self, path: &TreePath) -> FsResult<Vec<(String, Attr)>> {
-        let rows = match self.entry(path)? {
-            // Made here and not committed yet: only what was made in it here.
-            None if self.queued_dir(path).is_some() => Vec::new(),
+        match self.entry(path)? {
+            // Made here and maybe not committed yet (then the tree lists nothing in it).
+            None if self.queued_dir(path).is_some() => {}
             None => return Err(errno(libc::ENOENT, format!("{path}: no such directory"))),
             Some(e) if e.kind != EntryKind::Dir => return Err(errno(libc::ENOTDIR, format!("{path}: not a directory"))),
-            Some(_) => read::list(self.reader().tree().conn(), &self.view, path)?,
-        };
+            Some(_) => {}
+        }
+        let rows = read::list(self.reader().tree().conn(), &self.view, path)?;
         let st = self.state();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -920,7 +928,8 @@ impl MountFs {
     /// Reads `len` bytes at `offset` of `bytes`, fetching from peers what a remote blob needs.
     fn read_from(&self, bytes: &Bytes, offset: u64, len: usize) -> FsResult<Vec<u8>> {
         let Bytes::Remote { hash, size, window } = bytes else { return read_bytes(bytes, offset, len) };
-        let end = (*size).min(offset.saturating_add(len as u64));
+        // At most one window per read (a short read; the node answers at most that much).
+        let end = (*size).min(offset.saturating_add((len as u64).min(READ_AHEAD_BYTES)));
         if offset >= end {
             return Ok(Vec::new());
         }
@@ -1087,6 +1096,11 @@ impl MountFs {
         }
         let result = self.commit(ino);
         let mut st = self.state();
+        if let Some(o) = st.open.get_mut(&ino).filter(|o| o.writers == 0) {
+            // The next writer starts afresh (a failure was reported to this one).
+            o.failed = None;
+            o.written = false;
+        }
         if st.open.get(&ino).is_some_and(|o| o.writers == 0 && o.queued.is_none()) {
             // An unlinked or failed session's staging file goes with it.
             st.open.remove(&ino);
@@ -1108,6 +1122,8 @@ impl MountFs {
             if open.writers == 0 {
                 open.session = None;
                 open.dirty = false;
+                open.failed = None;
+                open.written = false;
                 if open.queued.is_none() {
                     st.open.remove(&ino);
                 }
@@ -1269,7 +1285,11 @@ impl MountFs {
                 let (mode, mtime_ms) = (mode.map(|m| m & 0o7777), mtime_ms);
                 self.own_change(&path);
                 let ticket = committer.push_dir_attr(super::commits::DirAttr { path: path.clone(), mode, mtime_ms });
+                let done = committer.done_upto();
                 let mut st = self.state();
+                if st.dir_attrs.len() >= OVERLAYS_SWEEP_AT {
+                    st.dir_attrs.retain(|_, q| q.ticket > done);
+                }
                 // Tickets commit in order: the newest covers an older change still in flight.
                 let q = st.dir_attrs.entry(path.clone()).or_insert(QueuedDirAttr { ticket, mode: None, mtime_ms: None });
                 q.ticket = ticket;
@@ -1318,7 +1338,11 @@ impl MountFs {
         // Queued like a close (see `commits`): the mount shows it at once.
         let (mode, mtime_ms) = (mode & 0o7777, alknet_actors::engine::now_ms());
         let ticket = committer.push_mkdir(super::commits::DirMade { path: path.clone(), mode, mtime_ms });
+        let done = committer.done_upto();
         let mut st = self.state();
+        if st.queued_dirs.len() >= OVERLAYS_SWEEP_AT {
+            st.queued_dirs.retain(|_, q| q.ticket > done);
+        }
         st.queued_dirs.insert(path.clone(), QueuedDir { ticket, mode, mtime_ms });
         let ino = st.inodes.ino_of(path);
         Ok(Attr { ino, kind: EntryKind::Dir, size: 0, mode, mtime_ms })
@@ -1456,6 +1480,9 @@ impl Drop for MountFs {
 
 /// How long an operation waits for queued closes to commit before it gives up with `EIO`.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Queued directories (or their attribute changes) the mount shows before it sweeps out
+/// those committed meanwhile (each is also dropped when next looked at).
+const OVERLAYS_SWEEP_AT: usize = 64;
 /// Bytes a read of a file still on peers fetches at least: the rest is kept for the reads
 /// that follow (sequential readers), so a peer round trip serves many of them.
 const READ_AHEAD_BYTES: u64 = 4 << 20;

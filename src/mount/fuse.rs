@@ -131,8 +131,9 @@ fn open_mode(flags: i32, owner: u32) -> OpenMode {
 impl Fuse {
     /// The mode of file `ino` with its set-user-id bit cleared, and set-group-id when group
     /// execute is set (what chown(2) and write(2) do), or None when nothing is to clear.
-    fn without_setid(&self, ino: u64) -> Option<u32> {
-        let attr = self.fs.getattr(ino, None).ok()?;
+    fn without_setid(&self, ino: u64, fh: Option<u64>) -> Option<u32> {
+        // Through the handle, the writer's own view (a mode it set since opening).
+        let attr = self.fs.getattr(ino, fh).ok()?;
         if attr.kind != EntryKind::File {
             return None;
         }
@@ -184,7 +185,7 @@ impl Filesystem for Fuse {
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -195,7 +196,7 @@ impl Filesystem for Fuse {
         // as a no-op so that `cp -a`, `rsync -a` and `tar` run as root do not fail. As
         // chown(2) does, it clears the set-user-id bit (and set-group-id with group exec).
         let mode = match mode {
-            None if uid.is_some() || gid.is_some() => self.without_setid(ino.0),
+            None if uid.is_some() || gid.is_some() => self.without_setid(ino.0, fh.map(|h| h.0)),
             m => m,
         };
         let r = self.fs.setattr_ino(ino.0, mode, mtime.map(time_ms), size);
@@ -302,7 +303,7 @@ impl Filesystem for Fuse {
         // The kernel asks (HANDLE_KILLPRIV_V2) when an unprivileged write must drop the
         // set-user/group-id bits.
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Some(m) = self.without_setid(ino.0) {
+            if let Some(m) = self.without_setid(ino.0, Some(fh.0)) {
                 if let Err(e) = self.fs.setattr_ino(ino.0, Some(m), None, None) {
                     return reply.error(fail(e));
                 }

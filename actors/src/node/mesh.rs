@@ -1275,8 +1275,9 @@ async fn write_back_while_arriving(paths: Vec<std::path::PathBuf>) {
     }
 }
 
-/// Most bytes one [`MeshMsg::ReadRange`] answers.
-pub const READ_RANGE_MAX: u64 = 16 << 20;
+/// Most bytes one [`MeshMsg::ReadRange`] answers (they go back in one control frame, as
+/// base64).
+pub const READ_RANGE_MAX: u64 = 4 << 20;
 
 /// Bytes `offset..offset + len` (clipped to `size`) of blob `hash`: fetched from the first of
 /// `peers` that serves them, unless the iroh-blobs store already holds them, then read from
@@ -1311,7 +1312,7 @@ async fn read_range(endpoint: &Endpoint, index: &crate::index::BlobIndex, peers:
         }
         .await;
         match fetched {
-            Ok(()) => break,
+            Ok(()) => {} // complete? the next turn checks (a peer may hold only part of it)
             Err(e) => {
                 tracing::debug!(peer = %peer.short(), %hash, offset, error = %e, "a range fetch failed; trying the next peer");
                 last_error = format!("from peer {}: {e}", peer.short());
