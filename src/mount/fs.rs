@@ -493,12 +493,11 @@ impl MountFs {
         let q = st.queued_dirs.get(path).copied()?;
         if self.committer.as_ref().is_none_or(|c| c.is_done(q.ticket)) {
             st.queued_dirs.remove(path);
-            let ino = st.inodes.ino_of(path);
             drop(st);
             // Committed since the caller read the tree (which then did not have it): read
             // it again rather than answer that it is not there.
             let entry = self.entry(path).ok().flatten().filter(|e| e.kind == EntryKind::Dir)?;
-            let mut attr = attr_of(ino, &entry);
+            let mut attr = attr_of(self.state().inodes.ino_of(path), &entry);
             self.queued_dir_attr(path, &mut attr);
             return Some(attr);
         }
