@@ -4,7 +4,7 @@
 //!
 //! Why: a close that waited for its own commit costs a round trip to the node and a SQLite
 //! transaction per file, which bounds `tar x` or `cp -r` of many small files at about a
-//! thousand files a second. Queued, they go a few hundred per transaction while the next
+//! thousand files a second. Queued, they go tens per transaction (at most 64) while the next
 //! files are written.
 //!
 //! New directories (mkdir) and directory mode and mtime changes (tar sets them after filling

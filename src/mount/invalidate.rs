@@ -129,11 +129,19 @@ fn invalidate(fs: &MountFs, notifier: &Notifier, stale: Stale) -> std::io::Resul
     Ok(())
 }
 
-/// ENOENT from a notification: the kernel had already forgotten that inode or name.
+/// An error of a notification that ends the invalidator: the kernel connection is gone (the
+/// mount ended). Others (ENOENT: the kernel had already forgotten that inode or name) are
+/// about one entry, and the next go on.
 fn gone_is_fine(r: std::io::Result<()>) -> std::io::Result<()> {
     match r {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::EBADF | libc::ENOTCONN)) => Err(e),
+        Err(e) => {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!(error = %e, "a kernel cache invalidation failed; the attribute TTL covers it");
+            }
+            Ok(())
+        }
+        Ok(()) => Ok(()),
     }
 }
 
