@@ -275,20 +275,23 @@ fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Checked)> {
     Ok((dest, checked))
 }
 
+/// `mode` of `what`, if it is permission bits only (a request cannot set a file type).
+fn check_mode(what: &str, mode: u32) -> Result<u32> {
+    if mode > 0o7777 {
+        bail!("{what}: mode {mode:o} is not permission bits (at most 7777)");
+    }
+    Ok(mode)
+}
+
 /// A queued mkdir, checked: a path below the root, and permission bits only.
 fn check_dir(d: &super::StagedDir) -> Result<CommitItem> {
-    if d.mode > 0o7777 {
-        bail!("{}: mode {:o} is not permission bits (at most 7777)", d.path, d.mode);
-    }
-    Ok(alknet_actors::engine::import::dir_item(path(&d.path)?, d.mode, d.mtime_ms))
+    Ok(alknet_actors::engine::import::dir_item(path(&d.path)?, check_mode(&d.path, d.mode)?, d.mtime_ms))
 }
 
 /// A queued attribute change, checked: a path, and permission bits only.
 fn check_attr(a: &super::StagedAttr) -> Result<alknet_actors::engine::AttrItem> {
-    if a.mode.is_some_and(|m| m > 0o7777) {
-        bail!("{}: mode {:o} is not permission bits (at most 7777)", a.path, a.mode.unwrap_or(0));
-    }
-    Ok((TreePath::parse(&a.path)?, a.mode, a.mtime_ms))
+    let mode = a.mode.map(|m| check_mode(&a.path, m)).transpose()?;
+    Ok((TreePath::parse(&a.path)?, mode, a.mtime_ms))
 }
 
 /// A checked closed file made a commit item: small bytes imported inline, or its staging
@@ -416,10 +419,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             _ => Reply::Done,
         },
         Request::Mkdir { scope: s, path: p, parents, mode } => {
-            let mode = mode.unwrap_or(alknet_actors::store::tx::DIR_MODE_DEFAULT);
-            if mode > 0o7777 {
-                bail!("mode {mode:o} is not permission bits (at most 7777)");
-            }
+            let mode = check_mode(&p, mode.unwrap_or(alknet_actors::store::tx::DIR_MODE_DEFAULT))?;
             write(ctx, WriteOp::Mkdir { scope: scope(s), path: path(&p)?, parents, mode }).await?;
             Reply::Done
         }
