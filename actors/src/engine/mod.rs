@@ -215,6 +215,7 @@ impl Engine {
             }
             Access::Read => {
                 let tree = TreeStore::open(&dir.join(TREE_DB_FILE), false)?;
+                tree.map_for_reads()?;
                 let content = ContentStore::open(&dir.join("content"))?;
                 Ok(Engine { dir: dir.to_path_buf(), tree, content, clock: system_clock(), _lock: None })
             }

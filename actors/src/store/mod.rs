@@ -263,10 +263,15 @@ impl TreeStore {
         let data_dir = path.parent().unwrap_or(Path::new("."));
         schema::migrate(&mut conn, data_dir).map_err(corrupt)?;
         let me = self_node(&conn)?;
-        // Read pages through a memory map: a short-lived CLI process otherwise pays one
-        // pread per page of every listing.
-        conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)?;
         Ok(TreeStore { conn, path: path.to_path_buf(), me, counters: None, leased: None })
+    }
+
+    /// Reads pages through a memory map from now on: a short-lived CLI process otherwise pays
+    /// one pread per page of every listing. Not for a long-lived connection beside writers:
+    /// SQLite drops the whole map whenever another connection commits, and faulting it back
+    /// in cost the node a fifth of its CPU while it committed a burst of small files.
+    pub fn map_for_reads(&self) -> Result<(), StoreError> {
+        self.conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)
     }
 
     /// The node this store writes as: the node id of `DATA/node.key`.

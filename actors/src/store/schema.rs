@@ -224,6 +224,25 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE mesh_member ADD COLUMN cut_seq INTEGER;
     "#,
+    // 7 → 8: `blob` becomes a rowid table. WITHOUT ROWID keeps each row whole in the b-tree
+    // searched by hash, and SQLite compares against a row that overflows its page (inline
+    // bytes over about 1 KiB) by reading all of it: every insert read several small files'
+    // bytes on its way down, most of the node's time while it committed a burst of them.
+    // Now the hash index holds only hashes and a row's bytes are read when asked for.
+    r#"
+    CREATE TABLE blob_rows(
+        hash    BLOB NOT NULL PRIMARY KEY,
+        size    INTEGER NOT NULL,
+        data    BLOB,
+        indexed INTEGER NOT NULL DEFAULT 0,
+        present INTEGER NOT NULL DEFAULT 1
+    );
+    INSERT INTO blob_rows(hash, size, data, indexed, present) SELECT hash, size, data, indexed, present FROM blob;
+    DROP TABLE blob;
+    ALTER TABLE blob_rows RENAME TO blob;
+    CREATE INDEX blob_pending ON blob(hash) WHERE indexed = 0;
+    CREATE INDEX blob_missing ON blob(hash) WHERE present = 0;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
