@@ -332,6 +332,42 @@ fn a_killed_mount_process_leaves_no_mount_point_and_an_unclosed_write_changes_no
     assert_eq!(errno_of(fs::write(m2.path("x"), b"1")), libc::EROFS);
 }
 
+/// The mount's poll threads (see `src/mount/poll.rs`): (scheduling policy, CPU ticks used).
+fn poll_threads(pid: u32) -> Vec<(i64, u64)> {
+    let mut found = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        if fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim() != "alkfs-poll" {
+            continue;
+        }
+        let stat = fs::read_to_string(task.path().join("stat")).unwrap();
+        // Fields after the name: the 3rd is field 1 here; utime 14, stime 15, policy 41.
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let field = |n: usize| f[n - 3].parse::<u64>().unwrap();
+        found.push((field(41) as i64, field(14) + field(15)));
+    }
+    found
+}
+
+#[test]
+fn the_mount_polls_only_through_a_burst_of_requests_and_only_with_idle_time() {
+    let Some(r) = rig() else { return };
+    let pollers = poll_threads(r.m.child.id());
+    assert_eq!(pollers.len(), 2, "two poll threads");
+    assert!(pollers.iter().all(|(policy, _)| *policy == libc::SCHED_IDLE as i64), "they run only on otherwise idle CPUs: {pollers:?}");
+    // A burst: a few hundred files made, each several requests.
+    sh(&r.m.dir, "mkdir burst && for i in $(seq 300); do echo $i > burst/f$i; done");
+    settle(&r.m);
+    std::thread::sleep(Duration::from_millis(100)); // the pollers stop 1 ms after the last request
+    let before: u64 = poll_threads(r.m.child.id()).iter().map(|t| t.1).sum();
+    std::thread::sleep(Duration::from_millis(700));
+    let after: u64 = poll_threads(r.m.child.id()).iter().map(|t| t.1).sum();
+    assert!(after - before <= 1, "an idle mount does not spin: its poll threads used {} ticks in 0.7 s", after - before);
+    assert_eq!(fs::read_to_string(r.m.path("burst/f300")).unwrap(), "300\n");
+    // --no-poll starts none.
+    let quiet = Mount::start(&r.s, &["--no-poll"]);
+    assert!(poll_threads(quiet.child.id()).is_empty(), "--no-poll starts no poll threads");
+}
+
 // ---- SFTP ----
 
 fn ssh_keygen(dir: &Path, name: &str) -> PathBuf {

@@ -22,6 +22,7 @@ use fuser::{
 };
 
 use super::fs::{Attr, Errno, FsResult, MountFs, OpenMode};
+use super::poll::Pollers;
 
 /// How long the kernel may trust an attribute or a name before asking again, by default
 /// (`alkfs mount --cache-secs`).
@@ -37,12 +38,21 @@ pub struct Fuse {
     uid: u32,
     gid: u32,
     ttl: Duration,
+    /// Spin through bursts of requests (see [`super::poll`]); None with `--no-poll`.
+    pollers: Option<Arc<Pollers>>,
 }
 
 impl Fuse {
     /// A FUSE shell over `fs`; files show as owned by `uid`:`gid` (the mounting user).
-    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration) -> Self {
-        Fuse { fs, uid, gid, ttl }
+    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, pollers: Option<Arc<Pollers>>) -> Self {
+        Fuse { fs, uid, gid, ttl, pollers }
+    }
+
+    /// Every request notes itself, so the pollers spin through a burst.
+    fn busy(&self) {
+        if let Some(p) = &self.pollers {
+            p.request()
+        }
     }
 
     fn file_attr(&self, a: &Attr) -> FileAttr {
@@ -162,14 +172,17 @@ impl Filesystem for Fuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.busy();
         self.entry(reply, self.fs.lookup(parent.0, name))
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.busy();
         self.fs.forget(ino.0, nlookup)
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.busy();
         self.attr(reply, self.fs.getattr(ino.0, fh.map(|f| f.0)))
     }
 
@@ -192,6 +205,7 @@ impl Filesystem for Fuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.busy();
         // Owners are not stored: every file is the mounting user's, and chown is accepted
         // as a no-op so that `cp -a`, `rsync -a` and `tar` run as root do not fail. As
         // chown(2) does, it clears the set-user-id bit (and set-group-id with group exec).
@@ -204,6 +218,7 @@ impl Filesystem for Fuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.busy();
         match self.fs.path_of(ino.0).and_then(|p| self.fs.readlink(&p)) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(fail(e)),
@@ -211,19 +226,23 @@ impl Filesystem for Fuse {
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.busy();
         let r = self.child(parent, name).and_then(|p| self.fs.mkdir(&p, mode & !umask)).inspect(|a| self.fs.count_lookup(a.ino));
         self.entry(reply, r)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.child(parent, name).and_then(|p| self.fs.remove(&p, false)))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.child(parent, name).and_then(|p| self.fs.remove(&p, true)))
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.busy();
         let r = self.child(parent, link_name).and_then(|p| {
             let target = target.to_str().ok_or_else(|| Errno::new(libc::EINVAL, "link targets must be UTF-8"))?;
             self.fs.symlink(&p, target)
@@ -233,6 +252,7 @@ impl Filesystem for Fuse {
     }
 
     fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        self.busy();
         if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(FuseErrno::EINVAL);
         }
@@ -245,11 +265,13 @@ impl Filesystem for Fuse {
     }
 
     fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        self.busy();
         // Hard links have no place in a tree of paths; tools (git) fall back to rename.
         reply.error(FuseErrno::EPERM)
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        self.busy();
         // Extended attributes are not kept. ENOSYS (rather than "no such attribute") tells
         // the kernel once for all, so it stops asking for `security.capability` at every
         // chown; programs then get EOPNOTSUPP, the usual answer of a filesystem without them.
@@ -257,6 +279,7 @@ impl Filesystem for Fuse {
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        self.busy();
         if size == 0 {
             reply.size(0)
         } else {
@@ -265,6 +288,7 @@ impl Filesystem for Fuse {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.busy();
         match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, req.pid()))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
@@ -272,6 +296,7 @@ impl Filesystem for Fuse {
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        self.busy();
         let how = open_mode(flags, req.pid());
         let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, how, flags & libc::O_EXCL != 0));
         let r = r.inspect(|(_, a)| self.fs.count_lookup(a.ino));
@@ -282,6 +307,7 @@ impl Filesystem for Fuse {
     }
 
     fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        self.busy();
         match self.fs.read(fh.0, offset, size as usize) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(fail(e)),
@@ -300,6 +326,7 @@ impl Filesystem for Fuse {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.busy();
         // The kernel asks (HANDLE_KILLPRIV_V2) when an unprivileged write must drop the
         // set-user/group-id bits.
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
@@ -316,18 +343,22 @@ impl Filesystem for Fuse {
     }
 
     fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.fs.flush(fh.0, req.pid()))
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.fs.release(fh.0))
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.busy();
         empty(reply, self.fs.fsync(fh.0))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.busy();
         match self.fs.path_of(ino.0).and_then(|p| self.fs.opendir(&p)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail(e)),
@@ -335,6 +366,7 @@ impl Filesystem for Fuse {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.busy();
         let entries = match self.fs.dir_entries(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(fail(e)),
@@ -357,20 +389,24 @@ impl Filesystem for Fuse {
     }
 
     fn readdirplus(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, reply: ReplyDirectoryPlus) {
+        self.busy();
         reply.error(FuseErrno::ENOSYS)
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.busy();
         // Every close so far is committed once this returns (the write-behind queue drained).
         empty(reply, self.fs.settle())
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.busy();
         self.fs.releasedir(fh.0);
         reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.busy();
         const BLOCK: u64 = 4096;
         let (total, free) = self.fs.disk_space();
         reply.statfs(total / BLOCK, free / BLOCK, free / BLOCK, 0, 0, BLOCK as u32, 255, BLOCK as u32)
@@ -381,8 +417,9 @@ impl Filesystem for Fuse {
 /// `fusermount3 -u`) or this process is told to stop. The mount goes with the process
 /// whatever ends it (`auto_unmount`: fusermount3 watches it), so a killed mount process
 /// leaves no dead mount point behind.
-/// The kernel caches names and attributes for `ttl` (a mount of the past: an hour).
-pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration) -> anyhow::Result<()> {
+/// The kernel caches names and attributes for `ttl` (a mount of the past: an hour). With
+/// `poll`, CPUs are kept awake through bursts of requests ([`super::poll`]).
+pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool) -> anyhow::Result<()> {
     let found = std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()));
     if !found && std::env::var_os("FUSERMOUNT_PATH").is_none() {
         anyhow::bail!("fusermount3 is not installed: install the fuse3 package (apt-get install fuse3) and mount again");
@@ -400,7 +437,8 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration) -> anyhow::Result<()
     config.acl = SessionACL::RootAndOwner;
     let fs = Arc::new(fs);
     let ttl = if fs.scope().at.is_some() { PAST_TTL } else { ttl };
-    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl), mountpoint, &config)
+    let pollers = if poll { Some(Pollers::start()?) } else { None };
+    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl, pollers.clone()), mountpoint, &config)
         .map_err(|e| anyhow::anyhow!("mounting at {}: {e} (is it an empty directory you own, and is fusermount3 installed?)", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
     // The past does not change; the present does, from peers, the CLI and SFTP.
@@ -436,6 +474,9 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration) -> anyhow::Result<()
         })
     };
     let result = session.join();
+    if let Some(p) = pollers {
+        p.stop();
+    }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watcher.join();
     stop_invalidating.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //! - [`staged`]: a write session, in memory while small, else in a staging file;
 //! - [`commits`]: the write-behind queue that commits closed files in batches;
 //! - [`fuse`]: `alkfs mount`, the kernel's view of it;
+//! - [`poll`]: keeps the FUSE device polled through a burst of requests;
 //! - [`invalidate`]: tells the kernel what changed elsewhere (peers, the CLI, SFTP);
 //! - [`sftp`]: `alkfs serve sftp`, an SSH server of the `sftp` subsystem only.
 
@@ -11,6 +12,7 @@ pub mod commits;
 pub mod fs;
 pub mod fuse;
 pub mod invalidate;
+pub mod poll;
 pub mod sftp;
 pub mod staged;
 
