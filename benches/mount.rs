@@ -211,8 +211,10 @@ fn main() {
                 }));
             }
         }
-        if let Err(e) = floor_mount.umount_and_join() {
-            eprintln!("unmounting the floor filesystem: {e}");
+        // Lazily, as `alkfs umount` does; fuser's own unmount waits forever here.
+        run(Command::new("fusermount3").arg("-u").arg("-z").arg(&floor_dir));
+        if let Err(e) = floor_mount.join() {
+            eprintln!("the floor filesystem's session: {e}");
         }
         let (n, f, m) = (median(tn), median(tf), median(tm));
         let on = if fresh.is_some() { "native: a fresh ext4; " } else { "native: the bench's dir (NOT a fresh ext4: not root); " };

@@ -196,10 +196,10 @@ pub enum Command {
         /// and SFTP are invalidated as they commit; this bounds what a missed one leaves.
         #[arg(long, default_value_t = crate::mount::fuse::ATTR_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(0..=86_400))]
         cache_secs: u64,
-        /// Do not keep CPUs awake through bursts of requests. By default two lowest-priority
-        /// threads spin while requests keep coming (and 1 ms after), which makes each request
-        /// several times cheaper where waking an idle CPU is slow (virtual machines); they
-        /// use only idle time, but idle time they keep busy.
+        /// Do not keep a CPU awake through bursts of requests. By default a thread of the
+        /// lowest weight (nice 19) spins while requests keep coming (and 1 ms after), which
+        /// makes each request several times cheaper where waking an idle CPU is slow
+        /// (virtual machines); it yields to any other work, but keeps that CPU busy.
         #[arg(long)]
         no_poll: bool,
     },

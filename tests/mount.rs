@@ -332,7 +332,7 @@ fn a_killed_mount_process_leaves_no_mount_point_and_an_unclosed_write_changes_no
     assert_eq!(errno_of(fs::write(m2.path("x"), b"1")), libc::EROFS);
 }
 
-/// The mount's poll threads (see `src/mount/poll.rs`): (scheduling policy, CPU ticks used).
+/// The mount's poll threads (see `src/mount/poll.rs`): (nice value, CPU ticks used).
 fn poll_threads(pid: u32) -> Vec<(i64, u64)> {
     let mut found = Vec::new();
     for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
@@ -340,20 +340,20 @@ fn poll_threads(pid: u32) -> Vec<(i64, u64)> {
             continue;
         }
         let stat = fs::read_to_string(task.path().join("stat")).unwrap();
-        // Fields after the name: the 3rd is field 1 here; utime 14, stime 15, policy 41.
+        // Fields after the name, the 3rd onwards: utime 14, stime 15, nice 19.
         let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-        let field = |n: usize| f[n - 3].parse::<u64>().unwrap();
-        found.push((field(41) as i64, field(14) + field(15)));
+        let field = |n: usize| f[n - 3].parse::<i64>().unwrap();
+        found.push((field(19), (field(14) + field(15)) as u64));
     }
     found
 }
 
 #[test]
-fn the_mount_polls_only_through_a_burst_of_requests_and_only_with_idle_time() {
+fn the_mount_polls_only_through_a_burst_of_requests_and_at_the_lowest_weight() {
     let Some(r) = rig() else { return };
     let pollers = poll_threads(r.m.child.id());
-    assert_eq!(pollers.len(), 2, "two poll threads");
-    assert!(pollers.iter().all(|(policy, _)| *policy == libc::SCHED_IDLE as i64), "they run only on otherwise idle CPUs: {pollers:?}");
+    assert_eq!(pollers.len(), 1, "one poll thread");
+    assert_eq!(pollers[0].0, 19, "it yields to any other work (nice 19)");
     // A burst: a few hundred files made, each several requests.
     sh(&r.m.dir, "mkdir burst && for i in $(seq 300); do echo $i > burst/f$i; done");
     settle(&r.m);
@@ -361,11 +361,11 @@ fn the_mount_polls_only_through_a_burst_of_requests_and_only_with_idle_time() {
     let before: u64 = poll_threads(r.m.child.id()).iter().map(|t| t.1).sum();
     std::thread::sleep(Duration::from_millis(700));
     let after: u64 = poll_threads(r.m.child.id()).iter().map(|t| t.1).sum();
-    assert!(after - before <= 1, "an idle mount does not spin: its poll threads used {} ticks in 0.7 s", after - before);
+    assert!(after - before <= 1, "an idle mount does not spin: its poll thread used {} ticks in 0.7 s", after - before);
     assert_eq!(fs::read_to_string(r.m.path("burst/f300")).unwrap(), "300\n");
     // --no-poll starts none.
     let quiet = Mount::start(&r.s, &["--no-poll"]);
-    assert!(poll_threads(quiet.child.id()).is_empty(), "--no-poll starts no poll threads");
+    assert!(poll_threads(quiet.child.id()).is_empty(), "--no-poll starts no poll thread");
 }
 
 // ---- SFTP ----

@@ -3,14 +3,16 @@
 //! figure cannot go below it, so the bench prints it beside the native one.
 //!
 //! It is mounted like `alkfs mount` (the same options and capabilities, direct I/O, the same
-//! cache time), so the kernel sends it the same requests: only the work behind them differs.
+//! cache time, the same poll threads), so the kernel sends it the same requests and wakes
+//! the same way: only the work behind them differs.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use alknet_fs::mount::poll::Poller;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
     OpenFlags, ReplyAttr, ReplyCreate, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
@@ -27,6 +29,7 @@ struct Node {
 pub struct FloorFs {
     nodes: Mutex<HashMap<u64, Node>>,
     next: Mutex<u64>,
+    poller: Arc<Poller>,
 }
 
 fn attr(ino: u64, kind: FileType, perm: u16) -> FileAttr {
@@ -51,9 +54,9 @@ fn attr(ino: u64, kind: FileType, perm: u16) -> FileAttr {
 }
 
 impl FloorFs {
-    fn new() -> Self {
+    fn new(poller: Arc<Poller>) -> Self {
         let root = Node { attr: attr(1, FileType::Directory, 0o755), children: HashMap::new() };
-        FloorFs { nodes: Mutex::new(HashMap::from([(1, root)])), next: Mutex::new(2) }
+        FloorFs { nodes: Mutex::new(HashMap::from([(1, root)])), next: Mutex::new(2), poller }
     }
 
     fn make(&self, parent: INodeNo, name: &OsStr, kind: FileType, mode: u32) -> Result<FileAttr, Errno> {
@@ -74,6 +77,12 @@ impl FloorFs {
     }
 }
 
+impl Drop for FloorFs {
+    fn drop(&mut self) {
+        self.poller.stop()
+    }
+}
+
 impl Filesystem for FloorFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
@@ -85,6 +94,7 @@ impl Filesystem for FloorFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.poller.request();
         let nodes = self.nodes.lock().unwrap();
         match nodes.get(&parent.0).and_then(|p| p.children.get(name)).and_then(|i| nodes.get(i)) {
             Some(n) => reply.entry(&TTL, &n.attr, Generation(0)),
@@ -93,6 +103,7 @@ impl Filesystem for FloorFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.poller.request();
         match self.nodes.lock().unwrap().get(&ino.0) {
             Some(n) => reply.attr(&TTL, &n.attr),
             None => reply.error(Errno::ENOENT),
@@ -118,6 +129,7 @@ impl Filesystem for FloorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.poller.request();
         let mut nodes = self.nodes.lock().unwrap();
         let Some(n) = nodes.get_mut(&ino.0) else { return reply.error(Errno::ENOENT) };
         if let Some(m) = mode {
@@ -133,6 +145,7 @@ impl Filesystem for FloorFs {
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.poller.request();
         match self.make(parent, name, FileType::Directory, mode & !umask) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -140,6 +153,7 @@ impl Filesystem for FloorFs {
     }
 
     fn create(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _flags: i32, reply: ReplyCreate) {
+        self.poller.request();
         match self.make(parent, name, FileType::RegularFile, mode & !umask) {
             Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(a.ino.0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
@@ -147,6 +161,7 @@ impl Filesystem for FloorFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.poller.request();
         reply.opened(FileHandle(ino.0), FopenFlags::FOPEN_DIRECT_IO)
     }
 
@@ -163,6 +178,7 @@ impl Filesystem for FloorFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.poller.request();
         if let Some(n) = self.nodes.lock().unwrap().get_mut(&ino.0) {
             n.attr.size = n.attr.size.max(offset + data.len() as u64);
         }
@@ -170,31 +186,36 @@ impl Filesystem for FloorFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        self.poller.request();
         reply.ok()
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        self.poller.request();
         reply.ok()
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        self.poller.request();
         reply.error(Errno::ENOSYS)
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.poller.request();
         reply.opened(FileHandle(0), FopenFlags::empty())
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.poller.request();
         reply.ok()
     }
 }
 
 /// Mounts a fresh [`FloorFs`] at `dir`, served by a thread of this process, until the
-/// returned session is dropped.
+/// returned session is unmounted.
 pub fn mount(dir: &Path) -> std::io::Result<fuser::BackgroundSession> {
     let mut config = Config::default();
     config.mount_options = vec![MountOption::FSName("floor".into()), MountOption::AutoUnmount, MountOption::DefaultPermissions];
     config.acl = SessionACL::RootAndOwner;
-    fuser::spawn_mount(FloorFs::new(), dir, &config)
+    fuser::spawn_mount(FloorFs::new(Poller::start()?), dir, &config)
 }

@@ -22,7 +22,7 @@ use fuser::{
 };
 
 use super::fs::{Attr, Errno, FsResult, MountFs, OpenMode};
-use super::poll::Pollers;
+use super::poll::Poller;
 
 /// How long the kernel may trust an attribute or a name before asking again, by default
 /// (`alkfs mount --cache-secs`).
@@ -39,18 +39,18 @@ pub struct Fuse {
     gid: u32,
     ttl: Duration,
     /// Spin through bursts of requests (see [`super::poll`]); None with `--no-poll`.
-    pollers: Option<Arc<Pollers>>,
+    poller: Option<Arc<Poller>>,
 }
 
 impl Fuse {
     /// A FUSE shell over `fs`; files show as owned by `uid`:`gid` (the mounting user).
-    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, pollers: Option<Arc<Pollers>>) -> Self {
-        Fuse { fs, uid, gid, ttl, pollers }
+    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, poller: Option<Arc<Poller>>) -> Self {
+        Fuse { fs, uid, gid, ttl, poller }
     }
 
-    /// Every request notes itself, so the pollers spin through a burst.
+    /// Every request notes itself, so the poller spins through a burst.
     fn busy(&self) {
-        if let Some(p) = &self.pollers {
+        if let Some(p) = &self.poller {
             p.request()
         }
     }
@@ -418,7 +418,7 @@ impl Filesystem for Fuse {
 /// whatever ends it (`auto_unmount`: fusermount3 watches it), so a killed mount process
 /// leaves no dead mount point behind.
 /// The kernel caches names and attributes for `ttl` (a mount of the past: an hour). With
-/// `poll`, CPUs are kept awake through bursts of requests ([`super::poll`]).
+/// `poll`, a CPU is kept awake through bursts of requests ([`super::poll`]).
 pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool) -> anyhow::Result<()> {
     let found = std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()));
     if !found && std::env::var_os("FUSERMOUNT_PATH").is_none() {
@@ -437,8 +437,8 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool) -> anyho
     config.acl = SessionACL::RootAndOwner;
     let fs = Arc::new(fs);
     let ttl = if fs.scope().at.is_some() { PAST_TTL } else { ttl };
-    let pollers = if poll { Some(Pollers::start()?) } else { None };
-    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl, pollers.clone()), mountpoint, &config)
+    let poller = if poll { Some(Poller::start()?) } else { None };
+    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl, poller.clone()), mountpoint, &config)
         .map_err(|e| anyhow::anyhow!("mounting at {}: {e} (is it an empty directory you own, and is fusermount3 installed?)", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
     // The past does not change; the present does, from peers, the CLI and SFTP.
@@ -474,7 +474,7 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool) -> anyho
         })
     };
     let result = session.join();
-    if let Some(p) = pollers {
+    if let Some(p) = poller {
         p.stop();
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
