@@ -32,13 +32,19 @@ use crate::control::{Request, StagedAttr, StagedDir, StagedFile, WireScope};
 
 /// Most files sent in one request (one transaction).
 const BATCH_FILES_MAX: usize = 64;
-/// How long the first close of a batch waits for more before the batch goes, unless someone
-/// waits for the queue ([`Committer::drain`]). Why: a transaction costs the node about half a
-/// millisecond whatever its size, about as long as `tar` takes to write the next small file,
-/// so batches sent at once stayed one or two files long and the node spent a core on
-/// commits. Waiting this long lets a batch gather what arrives meanwhile (tens of files),
-/// and delays what other processes see of a close by at most this much.
+/// How long the first close of a batch waits for more before the batch goes, within a burst
+/// of changes and unless someone waits for the queue ([`Committer::drain`]). Why: a
+/// transaction costs the node about half a millisecond whatever its size, about as long as
+/// `tar` takes to write the next small file, so batches sent at once stayed one or two files
+/// long and the node spent a core on commits. Waiting this long lets a batch gather what
+/// arrives meanwhile (tens of files), and delays what other processes see of a close by at
+/// most this much.
 const LINGER: Duration = Duration::from_millis(10);
+/// A change that comes this long after the last batch went is not part of a burst: it goes
+/// at once, without lingering. An editor's save is then committed (and seen by other
+/// processes) about a millisecond after its close instead of ten, and the time in which a
+/// killed mount would lose it is as short.
+const QUIET_AFTER: Duration = Duration::from_millis(50);
 /// Pause before resending a batch the node did not take.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -112,6 +118,8 @@ struct Queue {
     sent: u64,
     /// Callers of [`Committer::drain`] waiting now: the batch goes without lingering.
     draining: usize,
+    /// When the last batch went (None: none yet).
+    last_sent_at: Option<std::time::Instant>,
     /// Set when the mount ends.
     stop: bool,
 }
@@ -132,7 +140,7 @@ pub struct Committer {
 impl Committer {
     /// Starts the sending thread; it commits on `node` into `scope`.
     pub fn start(node: Client, scope: WireScope) -> Self {
-        let inner = Arc::new(Inner { queue: Mutex::new(Queue { waiting: VecDeque::new(), issued: 0, done: 0, sent: 0, draining: 0, stop: false }), changed: Condvar::new(), node, scope });
+        let inner = Arc::new(Inner { queue: Mutex::new(Queue { waiting: VecDeque::new(), issued: 0, done: 0, sent: 0, draining: 0, last_sent_at: None, stop: false }), changed: Condvar::new(), node, scope });
         let worker = inner.clone();
         let thread = std::thread::Builder::new().name("alkfs-commits".into()).spawn(move || worker.run()).expect("spawn the commit thread");
         Committer { inner, thread: Some(thread) }
@@ -270,9 +278,11 @@ impl Inner {
                 while q.waiting.is_empty() && !q.stop {
                     q = self.changed.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
-                // Linger for more closes (see LINGER), unless someone waits for the queue.
+                // Within a burst, linger for more closes (see LINGER), unless someone waits
+                // for the queue.
+                let burst = q.last_sent_at.is_some_and(|t| t.elapsed() < QUIET_AFTER);
                 let until = std::time::Instant::now() + LINGER;
-                while !q.stop && q.draining == 0 && q.waiting.len() < BATCH_FILES_MAX {
+                while burst && !q.stop && q.draining == 0 && q.waiting.len() < BATCH_FILES_MAX {
                     let left = until.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
                         break;
@@ -286,6 +296,7 @@ impl Inner {
                 let batch: Vec<(u64, Change)> = q.waiting.iter().take(n).cloned().collect();
                 // From here on these go as they are: an amendment now would be lost.
                 q.sent = batch.last().map(|(t, _)| *t).unwrap_or(q.sent);
+                q.last_sent_at = Some(std::time::Instant::now());
                 batch
             };
             let last = batch.last().map(|(t, _)| *t).unwrap_or(0);
