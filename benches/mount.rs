@@ -247,6 +247,7 @@ fn main() {
         // its version is in tree.db, read as the CLI reads it.
         let db = rusqlite::Connection::open_with_flags(data.join("tree.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
         let versions = || db.query_row("SELECT count(*) FROM version", [], |r| r.get::<_, i64>(0)).unwrap();
+        wait_idle(node.0.id()); // done indexing the untarred files
         let mut seen = Vec::new();
         for i in 0..30 {
             std::thread::sleep(Duration::from_millis(200));
