@@ -57,7 +57,8 @@ impl Poller {
     /// Notes a request: the poller spins (again) until [`IDLE_AFTER`] from now.
     pub fn request(&self) {
         self.last_us.store(self.now_us(), Ordering::Relaxed);
-        if !self.polling.swap(true, Ordering::AcqRel) {
+        // The load first: within a burst (nearly every request) no read-modify-write.
+        if !self.polling.load(Ordering::Acquire) && !self.polling.swap(true, Ordering::AcqRel) {
             self.notify();
         }
     }
