@@ -28,7 +28,6 @@ struct Node {
 /// The in-memory filesystem; every operation is a map lookup or insert under one lock.
 pub struct FloorFs {
     nodes: Mutex<HashMap<u64, Node>>,
-    next: Mutex<u64>,
     poller: Arc<Poller>,
 }
 
@@ -56,7 +55,7 @@ fn attr(ino: u64, kind: FileType, perm: u16) -> FileAttr {
 impl FloorFs {
     fn new(poller: Arc<Poller>) -> Self {
         let root = Node { attr: attr(1, FileType::Directory, 0o755), children: HashMap::new() };
-        FloorFs { nodes: Mutex::new(HashMap::from([(1, root)])), next: Mutex::new(2), poller }
+        FloorFs { nodes: Mutex::new(HashMap::from([(1, root)])), poller }
     }
 
     fn make(&self, parent: INodeNo, name: &OsStr, kind: FileType, mode: u32) -> Result<FileAttr, Errno> {
@@ -65,11 +64,7 @@ impl FloorFs {
         if p.children.contains_key(name) {
             return Err(Errno::EEXIST);
         }
-        let ino = {
-            let mut next = self.next.lock().unwrap();
-            *next += 1;
-            *next
-        };
+        let ino = nodes.len() as u64 + 1; // nothing is ever removed
         let a = attr(ino, kind, (mode & 0o7777) as u16);
         nodes.insert(ino, Node { attr: a, children: HashMap::new() });
         nodes.get_mut(&parent.0).unwrap().children.insert(name.to_owned(), ino);

@@ -219,6 +219,13 @@ struct Open {
     written: bool,
 }
 
+impl Open {
+    /// No session yet, nothing to commit; `mtime_ms`: when it was opened.
+    fn new(writers: usize, fresh: bool, mtime_ms: i64) -> Self {
+        Open { session: None, writers, dirty: false, mtime_ms, unlinked: false, fresh, queued: None, failed: None, written: false }
+    }
+}
+
 /// A closed file in the write-behind queue, as the mount shows it meanwhile.
 #[derive(Clone, Debug)]
 struct Queued {
@@ -825,7 +832,7 @@ impl MountFs {
             let fresh = existing.is_none();
             let now = alknet_actors::engine::now_ms();
             let mut st = self.state();
-            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None, written: false });
+            let open = st.open.entry(ino).or_insert(Open::new(0, fresh, now));
             open.session = Some(session);
             open.writers += 1;
             open.dirty = true;
@@ -852,7 +859,7 @@ impl MountFs {
             }
             let mut st = self.state();
             let now = alknet_actors::engine::now_ms();
-            let open = st.open.entry(ino).or_insert(Open { session: None, writers: 0, dirty: false, mtime_ms: now, unlinked: false, fresh, queued: None, failed: None, written: false });
+            let open = st.open.entry(ino).or_insert(Open::new(0, fresh, now));
             open.session = Some(session);
             open.fresh = fresh;
             open.dirty |= truncate || fresh;
@@ -1032,7 +1039,7 @@ impl MountFs {
         let session = self.new_session(&path, false)?;
         let mut st = self.state();
         let now = alknet_actors::engine::now_ms();
-        let open = st.open.entry(ino).or_insert(Open { session: None, writers: 1, dirty: false, mtime_ms: now, unlinked: false, fresh: false, queued: None, failed: None, written: false });
+        let open = st.open.entry(ino).or_insert(Open::new(1, false, now));
         open.session = Some(session);
         Ok(())
     }
@@ -1310,7 +1317,7 @@ impl MountFs {
                     session.set_mode(m & 0o7777);
                 }
                 let ms = mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
-                self.state().open.insert(ino, Open { session: Some(session), writers: 0, dirty: true, mtime_ms: ms, unlinked: false, fresh: false, queued: None, failed: None, written: false });
+                self.state().open.insert(ino, Open { session: Some(session), dirty: true, ..Open::new(0, false, ms) });
                 self.commit(ino)?;
             }
             drop(changes);
