@@ -45,7 +45,7 @@ fn node_client(dir: &Path, what: &str) -> Result<Client> {
 
 /// The point `--at` names, as a bound on the order of versions: a time (RFC 3339), a while
 /// ago (`90m`, `2h`, `7d`), or a version id (the branch just after it was written).
-fn at_key(dir: &Path, raw: &str) -> Result<OrderKey> {
+pub(crate) fn at_key(dir: &Path, raw: &str) -> Result<OrderKey> {
     let is_version = raw.contains('@') || raw.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     if is_version {
         let version = VersionRef::parse(raw).map_err(|e| anyhow::anyhow!(e))?;

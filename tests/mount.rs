@@ -567,6 +567,67 @@ fn time_travel_shows_the_branch_as_it_was_in_ls_get_and_a_read_only_mount() {
     assert_eq!(errno_of(fs::write(m.path("doc"), b"rewrite history")), libc::EROFS);
 }
 
+#[test]
+fn the_past_is_one_directory_away_in_a_mount_and_read_only() {
+    let Some(Rig { m, _node, s }) = rig() else { return };
+    fs::write(m.path("doc"), b"first").unwrap();
+    fs::write(m.path("kept"), b"kept then removed").unwrap();
+    settle(&m);
+    let v_kept = s.log_json(&[], "/kept")[0]["version"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(50));
+    let before = chrono_now_rfc3339();
+    std::thread::sleep(Duration::from_millis(50));
+    fs::write(m.path("doc"), b"second").unwrap();
+    fs::remove_file(m.path("kept")).unwrap();
+    settle(&m);
+
+    // By time and by version, with what was removed since; the present goes on as it is.
+    let at = |point: &str, p: &str| m.path(&format!(".alkfs/at/{point}/{p}"));
+    assert_eq!(fs::read(at(&before, "doc")).unwrap(), b"first");
+    assert_eq!(fs::read(at(&before, "kept")).unwrap(), b"kept then removed", "a removed file reads back from the past");
+    assert_eq!(fs::read(at(&v_kept, "doc")).unwrap(), b"first", "just after a version was written");
+    assert_eq!(listed(&at(&before, "")), vec!["doc", "kept"]);
+    assert_eq!(fs::read(m.path("doc")).unwrap(), b"second");
+    assert!(!m.path("kept").exists());
+    fs::write(m.path("doc"), b"third").unwrap();
+    assert_eq!(fs::read(at(&before, "doc")).unwrap(), b"first", "a point of the past does not move");
+
+    // Not listed, so tools that walk the mount do not walk its history; the points opened
+    // are listed in `at`.
+    assert_eq!(listed(&m.dir), vec!["doc"], "the root's listing");
+    assert_eq!(sh(&m.dir, "find . | sort"), ".\n./doc\n");
+    let opened = listed(&m.path(".alkfs/at"));
+    let mut expected = vec![before.clone(), v_kept.clone()];
+    expected.sort();
+    assert_eq!(opened, expected);
+
+    // Read-only, and not to be made, removed or renamed over; names that are no point of
+    // the past (a while ago would move under the kernel's cache) are not there.
+    assert_eq!(errno_of(fs::write(at(&before, "doc"), b"rewrite history")), libc::EROFS);
+    assert_eq!(errno_of(fs::write(at(&before, "new"), b"x")), libc::EROFS);
+    assert_eq!(errno_of(fs::remove_file(at(&before, "doc"))), libc::EROFS);
+    assert_eq!(errno_of(fs::create_dir(m.path(".alkfs/at/mine"))), libc::EROFS);
+    assert_eq!(errno_of(fs::rename(at(&before, "doc"), m.path("restored"))), libc::EXDEV, "mv copies out of the past");
+    assert_eq!(errno_of(fs::create_dir(m.path(".alkfs"))), libc::EEXIST);
+    assert_eq!(errno_of(fs::remove_dir(m.path(".alkfs"))), libc::EBUSY);
+    assert_eq!(errno_of(fs::rename(m.path(".alkfs"), m.path("mine"))), libc::EBUSY);
+    assert_eq!(errno_of(fs::rename(m.path("doc"), m.path(".alkfs"))), libc::EISDIR, "a file over a directory");
+    for bad in ["2h", "not-a-time", "999@ffff"] {
+        assert!(!m.path(&format!(".alkfs/at/{bad}")).exists(), "{bad} is no point of the past");
+    }
+    sh(&m.dir, &format!("cp .alkfs/at/{before}/kept restored"));
+    settle(&m);
+    assert_eq!(s.get_bytes("/restored"), b"kept then removed", "restoring is a copy out of the past");
+    assert_eq!(s.get_bytes("/doc"), b"third");
+}
+
+/// The names in directory `dir`, sorted.
+fn listed(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    v.sort();
+    v
+}
+
 /// Now as RFC 3339 with milliseconds (UTC).
 fn chrono_now_rfc3339() -> String {
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;

@@ -1468,6 +1468,11 @@ impl MountFs {
 
 impl Drop for MountFs {
     fn drop(&mut self) {
+        if self.read_only {
+            // Nothing staged; and a point of the past opened in a writable mount shares
+            // its process, so the staging dir is the present's.
+            return;
+        }
         // Closed files still queued get a last chance to commit.
         let left = self.committer.take().map(|c| c.finish(UNMOUNT_COMMIT_WAIT)).unwrap_or_default();
         if !left.is_empty() {

@@ -21,7 +21,8 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
-use super::fs::{Attr, Errno, FsResult, MountFs, OpenMode};
+use super::fs::{Attr, Errno, FsResult, MountFs, OpenMode, ROOT_INO};
+use super::past::{self, Past, Target, AT_DIR, AT_INO, CONTROL_DIR, CONTROL_INO};
 use super::poll::Poller;
 
 /// How long the kernel may trust an attribute or a name before asking again, by default
@@ -32,20 +33,33 @@ const PAST_TTL: Duration = Duration::from_secs(3600);
 /// Largest write request the kernel sends (bigger requests mean fewer round trips).
 const MAX_WRITE_BYTES: u32 = 1 << 20;
 
-/// The FUSE filesystem over a [`MountFs`].
+/// The FUSE filesystem over a [`MountFs`], and the past beside it ([`Past`]).
 pub struct Fuse {
     fs: Arc<MountFs>,
+    /// `.alkfs/at/<point>/`: the points of the past opened in this mount.
+    past: Past,
     uid: u32,
     gid: u32,
     ttl: Duration,
+    /// When the mount started: the time the virtual directories show.
+    started: SystemTime,
     /// Spin through bursts of requests (see [`super::poll`]); None with `--no-poll`.
     poller: Option<Arc<Poller>>,
+}
+
+/// A layer that answers for an inode: the present's or a point's, the inode's number
+/// there, and the base that makes it the kernel's number ([`past::global`]).
+struct Layer {
+    fs: Arc<MountFs>,
+    ino: u64,
+    base: u64,
 }
 
 impl Fuse {
     /// A FUSE shell over `fs`; files show as owned by `uid`:`gid` (the mounting user).
     pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, poller: Option<Arc<Poller>>) -> Self {
-        Fuse { fs, uid, gid, ttl, poller }
+        let past = Past::new(fs.data_dir(), fs.scope());
+        Fuse { fs, past, uid, gid, ttl, started: SystemTime::now(), poller }
     }
 
     /// Every request notes itself, so the poller spins through a burst.
@@ -55,7 +69,26 @@ impl Fuse {
         }
     }
 
-    fn file_attr(&self, a: &Attr) -> FileAttr {
+    /// The layer of kernel inode `ino`. The two virtual directories have none: what only
+    /// files and the tree's directories do is refused there as on a read-only filesystem.
+    fn layer(&self, ino: INodeNo) -> FsResult<Layer> {
+        match self.past.route(ino.0)? {
+            Target::Present(ino) => Ok(Layer { fs: self.fs.clone(), ino, base: 0 }),
+            Target::Past { fs, ino, base } => Ok(Layer { fs, ino, base }),
+            Target::Control | Target::At => Err(Errno::new(libc::EROFS, format!("{CONTROL_DIR} is read-only"))),
+        }
+    }
+
+    /// How long the kernel may keep what a layer at `base` answered: the past does not change.
+    fn ttl(&self, base: u64) -> Duration {
+        if base == 0 {
+            self.ttl
+        } else {
+            PAST_TTL
+        }
+    }
+
+    fn file_attr(&self, base: u64, a: &Attr) -> FileAttr {
         let mtime = UNIX_EPOCH + Duration::from_millis(a.mtime_ms.max(0) as u64);
         let kind = match a.kind {
             EntryKind::File => FileType::RegularFile,
@@ -63,7 +96,7 @@ impl Fuse {
             EntryKind::Symlink => FileType::Symlink,
         };
         FileAttr {
-            ino: INodeNo(a.ino),
+            ino: INodeNo(past::global(base, a.ino)),
             size: a.size,
             blocks: a.size.div_ceil(512),
             atime: mtime,
@@ -81,22 +114,49 @@ impl Fuse {
         }
     }
 
-    fn entry(&self, reply: ReplyEntry, r: FsResult<Attr>) {
+    /// `.alkfs` or `.alkfs/at`: read-only directories.
+    fn virtual_attr(&self, ino: u64) -> FileAttr {
+        let mtime = self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let mut a = self.file_attr(0, &Attr { ino, kind: EntryKind::Dir, size: 0, mode: 0o555, mtime_ms: mtime });
+        a.ino = INodeNo(ino);
+        a
+    }
+
+    fn entry(&self, reply: ReplyEntry, base: u64, r: FsResult<Attr>) {
         match r {
-            Ok(a) => reply.entry(&self.ttl, &self.file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl(base), &self.file_attr(base, &a), Generation(0)),
             Err(e) => reply.error(fail(e)),
         }
     }
 
-    fn attr(&self, reply: ReplyAttr, r: FsResult<Attr>) {
+    fn attr(&self, reply: ReplyAttr, base: u64, r: FsResult<Attr>) {
         match r {
-            Ok(a) => reply.attr(&self.ttl, &self.file_attr(&a)),
+            Ok(a) => reply.attr(&self.ttl(base), &self.file_attr(base, &a)),
             Err(e) => reply.error(fail(e)),
         }
     }
 
-    fn child(&self, parent: INodeNo, name: &OsStr) -> FsResult<alknet_actors::proto::path::TreePath> {
-        MountFs::child(&self.fs.path_of(parent.0)?, name)
+    /// The layer of directory `parent` and the path of its child `name` there. The control
+    /// directory's name in the root is taken: `taken` is the errno for using it.
+    fn child(&self, parent: INodeNo, name: &OsStr, taken: i32) -> FsResult<(Layer, alknet_actors::proto::path::TreePath)> {
+        if past::is_control(parent.0, name) {
+            return Err(Errno::new(taken, format!("{CONTROL_DIR} in a mount's root is the way to the past (.alkfs/at/<time>/)")));
+        }
+        let layer = self.layer(parent)?;
+        let path = MountFs::child(&layer.fs.path_of(layer.ino)?, name)?;
+        Ok((layer, path))
+    }
+
+    /// The listing of a virtual directory: `(ino, name)` after `.` and `..`.
+    fn virtual_entries(&self, target: &Target) -> Vec<(u64, FileType, String)> {
+        match target {
+            Target::Control => vec![(CONTROL_INO, FileType::Directory, ".".into()), (ROOT_INO, FileType::Directory, "..".into()), (AT_INO, FileType::Directory, AT_DIR.into())],
+            _ => {
+                let mut out = vec![(AT_INO, FileType::Directory, ".".into()), (CONTROL_INO, FileType::Directory, "..".into())];
+                out.extend(self.past.listing().into_iter().map(|(ino, name)| (ino, FileType::Directory, name)));
+                out
+            }
+        }
     }
 }
 
@@ -138,20 +198,18 @@ fn open_mode(flags: i32, owner: u32) -> OpenMode {
     }
 }
 
-impl Fuse {
-    /// The mode of file `ino` with its set-user-id bit cleared, and set-group-id when group
-    /// execute is set (what chown(2) and write(2) do), or None when nothing is to clear.
-    fn without_setid(&self, ino: u64, fh: Option<u64>) -> Option<u32> {
-        // Through the handle, the writer's own view (a mode it set since opening).
-        let attr = self.fs.getattr(ino, fh).ok()?;
-        if attr.kind != EntryKind::File {
-            return None;
-        }
-        let m = attr.mode;
-        let sgid = m & libc::S_ISGID != 0 && m & libc::S_IXGRP != 0;
-        let cleared = m & !libc::S_ISUID & !(if sgid { libc::S_ISGID } else { 0 });
-        (cleared != m).then_some(cleared)
+/// The mode of file `ino` of `fs` with its set-user-id bit cleared, and set-group-id when
+/// group execute is set (what chown(2) and write(2) do), or None when nothing is to clear.
+fn without_setid(fs: &MountFs, ino: u64, fh: Option<u64>) -> Option<u32> {
+    // Through the handle, the writer's own view (a mode it set since opening).
+    let attr = fs.getattr(ino, fh).ok()?;
+    if attr.kind != EntryKind::File {
+        return None;
     }
+    let m = attr.mode;
+    let sgid = m & libc::S_ISGID != 0 && m & libc::S_IXGRP != 0;
+    let cleared = m & !libc::S_ISUID & !(if sgid { libc::S_ISGID } else { 0 });
+    (cleared != m).then_some(cleared)
 }
 
 impl Filesystem for Fuse {
@@ -173,17 +231,42 @@ impl Filesystem for Fuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.busy();
-        self.entry(reply, self.fs.lookup(parent.0, name))
+        match self.past.route(parent.0) {
+            Ok(Target::Present(p)) if past::is_control(p, name) => reply.entry(&self.ttl, &self.virtual_attr(CONTROL_INO), Generation(0)),
+            Ok(Target::Present(p)) => self.entry(reply, 0, self.fs.lookup(p, name)),
+            Ok(Target::Control) if name == AT_DIR => reply.entry(&self.ttl, &self.virtual_attr(AT_INO), Generation(0)),
+            Ok(Target::Control) => reply.error(FuseErrno::ENOENT),
+            Ok(Target::At) => {
+                let r = self.past.open(name).and_then(|(base, fs)| Ok((base, fs.stat(&alknet_actors::proto::path::TreePath::root())?)));
+                match r {
+                    Ok((base, a)) => self.entry(reply, base, Ok(a)),
+                    Err(e) => reply.error(fail(e)),
+                }
+            }
+            Ok(Target::Past { fs, ino, base }) => self.entry(reply, base, fs.lookup(ino, name)),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.busy();
-        self.fs.forget(ino.0, nlookup)
+        match self.past.route(ino.0) {
+            Ok(Target::Present(i)) => self.fs.forget(i, nlookup),
+            Ok(Target::Past { fs, ino, .. }) => fs.forget(ino, nlookup),
+            _ => {}
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         self.busy();
-        self.attr(reply, self.fs.getattr(ino.0, fh.map(|f| f.0)))
+        match self.past.route(ino.0) {
+            Ok(Target::Control | Target::At) => reply.attr(&self.ttl, &self.virtual_attr(ino.0)),
+            Ok(_) => match self.layer(ino) {
+                Ok(l) => self.attr(reply, l.base, l.fs.getattr(l.ino, fh.map(|f| f.0))),
+                Err(e) => reply.error(fail(e)),
+            },
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -206,20 +289,24 @@ impl Filesystem for Fuse {
         reply: ReplyAttr,
     ) {
         self.busy();
+        let l = match self.layer(ino) {
+            Ok(l) => l,
+            Err(e) => return reply.error(fail(e)),
+        };
         // Owners are not stored: every file is the mounting user's, and chown is accepted
         // as a no-op so that `cp -a`, `rsync -a` and `tar` run as root do not fail. As
         // chown(2) does, it clears the set-user-id bit (and set-group-id with group exec).
         let mode = match mode {
-            None if uid.is_some() || gid.is_some() => self.without_setid(ino.0, fh.map(|h| h.0)),
+            None if uid.is_some() || gid.is_some() => without_setid(&l.fs, l.ino, fh.map(|h| h.0)),
             m => m,
         };
-        let r = self.fs.setattr_ino(ino.0, mode, mtime.map(time_ms), size);
-        self.attr(reply, r)
+        let r = l.fs.setattr_ino(l.ino, mode, mtime.map(time_ms), size);
+        self.attr(reply, l.base, r)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.busy();
-        match self.fs.path_of(ino.0).and_then(|p| self.fs.readlink(&p)) {
+        match self.layer(ino).and_then(|l| l.fs.path_of(l.ino).and_then(|p| l.fs.readlink(&p))) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(fail(e)),
         }
@@ -227,28 +314,35 @@ impl Filesystem for Fuse {
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         self.busy();
-        let r = self.child(parent, name).and_then(|p| self.fs.mkdir(&p, mode & !umask)).inspect(|a| self.fs.count_lookup(a.ino));
-        self.entry(reply, r)
+        match self.child(parent, name, libc::EEXIST) {
+            Ok((l, p)) => {
+                let r = l.fs.mkdir(&p, mode & !umask).inspect(|a| l.fs.count_lookup(a.ino));
+                self.entry(reply, l.base, r)
+            }
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.child(parent, name).and_then(|p| self.fs.remove(&p, false)))
+        empty(reply, self.child(parent, name, libc::EISDIR).and_then(|(l, p)| l.fs.remove(&p, false)))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.child(parent, name).and_then(|p| self.fs.remove(&p, true)))
+        empty(reply, self.child(parent, name, libc::EBUSY).and_then(|(l, p)| l.fs.remove(&p, true)))
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         self.busy();
-        let r = self.child(parent, link_name).and_then(|p| {
+        let r = self.child(parent, link_name, libc::EEXIST).and_then(|(l, p)| {
             let target = target.to_str().ok_or_else(|| Errno::new(libc::EINVAL, "link targets must be UTF-8"))?;
-            self.fs.symlink(&p, target)
+            Ok((l.fs.symlink(&p, target).inspect(|a| l.fs.count_lookup(a.ino))?, l.base))
         });
-        let r = r.inspect(|a| self.fs.count_lookup(a.ino));
-        self.entry(reply, r)
+        match r {
+            Ok((a, base)) => self.entry(reply, base, Ok(a)),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
@@ -257,9 +351,12 @@ impl Filesystem for Fuse {
             return reply.error(FuseErrno::EINVAL);
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        let r = self.child(parent, name).and_then(|from| {
-            let to = self.child(newparent, newname)?;
-            self.fs.rename(&from, &to, noreplace)
+        let r = self.child(parent, name, libc::EBUSY).and_then(|(l, from)| {
+            let (to_layer, to) = self.child(newparent, newname, libc::EBUSY)?;
+            if to_layer.base != l.base {
+                return Err(Errno::new(libc::EXDEV, "a rename between the present and the past"));
+            }
+            l.fs.rename(&from, &to, noreplace)
         });
         empty(reply, r)
     }
@@ -289,7 +386,7 @@ impl Filesystem for Fuse {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.busy();
-        match self.fs.path_of(ino.0).and_then(|p| self.fs.open_file(&p, open_mode(flags.0, req.pid()))) {
+        match self.layer(ino).and_then(|l| l.fs.path_of(l.ino).and_then(|p| l.fs.open_file(&p, open_mode(flags.0, req.pid())))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
@@ -298,17 +395,20 @@ impl Filesystem for Fuse {
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         self.busy();
         let how = open_mode(flags, req.pid());
-        let r = self.child(parent, name).and_then(|p| self.fs.create(&p, mode & !umask, how, flags & libc::O_EXCL != 0));
-        let r = r.inspect(|(_, a)| self.fs.count_lookup(a.ino));
+        let r = self.child(parent, name, libc::EEXIST).and_then(|(l, p)| {
+            let (fh, a) = l.fs.create(&p, mode & !umask, how, flags & libc::O_EXCL != 0)?;
+            l.fs.count_lookup(a.ino);
+            Ok((fh, a, l.base))
+        });
         match r {
-            Ok((fh, a)) => reply.created(&self.ttl, &self.file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((fh, a, base)) => reply.created(&self.ttl(base), &self.file_attr(base, &a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(fail(e)),
         }
     }
 
-    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
         self.busy();
-        match self.fs.read(fh.0, offset, size as usize) {
+        match self.layer(ino).and_then(|l| l.fs.read(fh.0, offset, size as usize)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(fail(e)),
         }
@@ -327,39 +427,47 @@ impl Filesystem for Fuse {
         reply: ReplyWrite,
     ) {
         self.busy();
+        let l = match self.layer(ino) {
+            Ok(l) => l,
+            Err(e) => return reply.error(fail(e)),
+        };
         // The kernel asks (HANDLE_KILLPRIV_V2) when an unprivileged write must drop the
         // set-user/group-id bits.
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Some(m) = self.without_setid(ino.0, Some(fh.0)) {
-                if let Err(e) = self.fs.setattr_ino(ino.0, Some(m), None, None) {
+            if let Some(m) = without_setid(&l.fs, l.ino, Some(fh.0)) {
+                if let Err(e) = l.fs.setattr_ino(l.ino, Some(m), None, None) {
                     return reply.error(fail(e));
                 }
             }
         }
-        match self.fs.write(fh.0, offset, data) {
+        match l.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail(e)),
         }
     }
 
-    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.fs.flush(fh.0, req.pid()))
+        empty(reply, self.layer(ino).and_then(|l| l.fs.flush(fh.0, req.pid())))
     }
 
-    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.fs.release(fh.0))
+        empty(reply, self.layer(ino).and_then(|l| l.fs.release(fh.0)))
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.fs.fsync(fh.0))
+        empty(reply, self.layer(ino).and_then(|l| l.fs.fsync(fh.0)))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.busy();
-        match self.fs.path_of(ino.0).and_then(|p| self.fs.opendir(&p)) {
+        if matches!(self.past.route(ino.0), Ok(Target::Control | Target::At)) {
+            // Listed afresh at every readdir: no state to keep.
+            return reply.opened(FileHandle(0), FopenFlags::empty());
+        }
+        match self.layer(ino).and_then(|l| l.fs.path_of(l.ino).and_then(|p| l.fs.opendir(&p))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail(e)),
         }
@@ -367,7 +475,23 @@ impl Filesystem for Fuse {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         self.busy();
-        let entries = match self.fs.dir_entries(fh.0) {
+        let target = match self.past.route(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(fail(e)),
+        };
+        if matches!(target, Target::Control | Target::At) {
+            for (i, (d_ino, kind, name)) in self.virtual_entries(&target).iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(*d_ino), i as u64 + 1, *kind, name) {
+                    break;
+                }
+            }
+            return reply.ok();
+        }
+        let l = match self.layer(ino) {
+            Ok(l) => l,
+            Err(e) => return reply.error(fail(e)),
+        };
+        let entries = match l.fs.dir_entries(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(fail(e)),
         };
@@ -380,8 +504,12 @@ impl Filesystem for Fuse {
         }
         let start = (offset as usize).saturating_sub(2);
         for (i, (name, a)) in entries.iter().enumerate().skip(start) {
-            let kind = self.file_attr(a).kind;
-            if reply.add(INodeNo(a.ino), i as u64 + 3, kind, name) {
+            // The control directory is not listed (nor a tree path it hides).
+            if past::is_control(ino.0, OsStr::new(name)) {
+                continue;
+            }
+            let kind = self.file_attr(l.base, a).kind;
+            if reply.add(INodeNo(past::global(l.base, a.ino)), i as u64 + 3, kind, name) {
                 break;
             }
         }
@@ -393,15 +521,21 @@ impl Filesystem for Fuse {
         reply.error(FuseErrno::ENOSYS)
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.busy();
         // Every close so far is committed once this returns (the write-behind queue drained).
-        empty(reply, self.fs.settle())
+        match self.past.route(ino.0) {
+            Ok(Target::Present(_)) => empty(reply, self.fs.settle()),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.busy();
-        self.fs.releasedir(fh.0);
+        if let Ok(l) = self.layer(ino) {
+            l.fs.releasedir(fh.0);
+        }
         reply.ok()
     }
 

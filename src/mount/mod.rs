@@ -6,12 +6,14 @@
 //! - [`fuse`]: `alkfs mount`, the kernel's view of it;
 //! - [`poll`]: keeps the FUSE device polled through a burst of requests;
 //! - [`invalidate`]: tells the kernel what changed elsewhere (peers, the CLI, SFTP);
+//! - [`past`]: `.alkfs/at/<point>/`, the branch's past inside a mount;
 //! - [`sftp`]: `alkfs serve sftp`, an SSH server of the `sftp` subsystem only.
 
 pub mod commits;
 pub mod fs;
 pub mod fuse;
 pub mod invalidate;
+pub mod past;
 pub mod poll;
 pub mod sftp;
 pub mod staged;
