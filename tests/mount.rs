@@ -158,6 +158,10 @@ fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() 
     assert_eq!(fs::metadata(m.path("setuid")).unwrap().mode() & 0o7777, 0o4755);
     sh(&m.dir, "chown $(id -u):$(id -g) setuid");
     assert_eq!(fs::metadata(m.path("setuid")).unwrap().mode() & 0o7777, 0o755, "chown cleared set-user-id");
+    // access(2) answers as the kernel would (a mount by root leaves the checks to us): a
+    // file no one may run is not runnable, even for root, until its mode says so.
+    sh(&m.dir, "printf '#!/bin/sh\\necho ran\\n' > script && test -r script && test -w script && ! test -x script");
+    sh(&m.dir, "chmod 0700 script && test -x script && ./script | grep -q ran");
 
     // git init, add, commit, and a second commit; fsck finds the repository whole.
     if precondition(common::have_tool("git"), "git") {
@@ -565,6 +569,33 @@ fn time_travel_shows_the_branch_as_it_was_in_ls_get_and_a_read_only_mount() {
     assert_eq!(fs::read(m.path("kept")).unwrap(), b"kept then removed");
     assert!(!m.path("later").exists());
     assert_eq!(errno_of(fs::write(m.path("doc"), b"rewrite history")), libc::EROFS);
+}
+
+#[test]
+fn a_name_made_elsewhere_in_a_directory_the_mount_made_shows_in_the_mount() {
+    // The mount knows which names are absent in the directories it made (an untar asks for
+    // each new name first); a change from elsewhere must end that knowledge.
+    let Some(Rig { m, _node, s }) = rig() else { return };
+    fs::create_dir_all(m.path("made/below")).unwrap();
+    fs::write(m.path("made/mine"), b"from the mount").unwrap();
+    assert!(!m.path("made/cli").exists() && !m.path("made/below/cli").exists());
+    settle(&m);
+    s.put_bytes("/made/cli", b"from the cli");
+    s.put_bytes("/made/below/cli", b"deeper");
+    await_cond(Duration::from_secs(5), "the CLI's files to show in the mount", || {
+        fs::read(m.path("made/cli")).ok().as_deref() == Some(b"from the cli".as_slice()) && m.path("made/below/cli").exists()
+    });
+    let again = fs::OpenOptions::new().write(true).create_new(true).open(m.path("made/cli"));
+    assert_eq!(errno_of(again), libc::EEXIST, "a create of the name made elsewhere");
+    assert_eq!(fs::read(m.path("made/mine")).unwrap(), b"from the mount");
+    // Made and removed elsewhere while the mount holds its directory's record.
+    fs::create_dir(m.path("second")).unwrap();
+    settle(&m);
+    s.put_bytes("/second/x", b"x");
+    s.ok(&["rm", "/second/x"]);
+    s.put_bytes("/second/y", b"y");
+    await_cond(Duration::from_secs(5), "the CLI's file to show in the mount", || m.path("second/y").exists());
+    assert_eq!(listed(&m.path("second")), vec!["y"]);
 }
 
 #[test]

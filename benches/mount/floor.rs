@@ -210,7 +210,10 @@ impl Filesystem for FloorFs {
 /// returned session is unmounted.
 pub fn mount(dir: &Path) -> std::io::Result<fuser::BackgroundSession> {
     let mut config = Config::default();
-    config.mount_options = vec![MountOption::FSName("floor".into()), MountOption::AutoUnmount, MountOption::DefaultPermissions];
+    config.mount_options = vec![MountOption::FSName("floor".into()), MountOption::AutoUnmount];
+    if unsafe { libc::getuid() } != 0 {
+        config.mount_options.push(MountOption::DefaultPermissions); // as `alkfs mount` does
+    }
     config.acl = SessionACL::RootAndOwner;
     fuser::spawn_mount(FloorFs::new(Poller::start()?), dir, &config)
 }

@@ -267,7 +267,12 @@ impl Inner {
         q.issued += 1;
         let ticket = q.issued;
         q.waiting.push_back((ticket, change));
-        self.changed.notify_all();
+        // The committing thread needs waking only for a first change or a full batch: with
+        // changes waiting it lingers until its deadline anyway, and waking it at every
+        // close of a burst costs the closer a futex call and a CPU a context switch.
+        if q.waiting.len() == 1 || q.waiting.len() >= BATCH_FILES_MAX {
+            self.changed.notify_all();
+        }
         ticket
     }
 

@@ -32,6 +32,7 @@ use alknet_actors::store::read::{self, View};
 use alknet_actors::store::StoreError;
 
 use super::commits::ClosedBytes;
+use super::fresh::FreshDirs;
 use super::staged::{Payload, Spill, Staged};
 use crate::control::client::Client;
 use crate::control::{Request, WireScope};
@@ -333,6 +334,9 @@ struct State {
     /// Paths this mount changed, by when, whose outbox events are still to come: the kernel
     /// saw those changes happen, so [`super::invalidate`] need not invalidate them.
     own_changes: HashMap<TreePath, std::time::Instant>,
+    /// Directories made here and the names made in them ([`FreshDirs`]); None unless an
+    /// outbox follower tells this layer of changes from elsewhere ([`MountFs::follow`]).
+    fresh: Option<FreshDirs>,
 }
 
 /// A directory made here, waiting in the queue (see [`State::queued_dirs`]).
@@ -408,7 +412,7 @@ impl MountFs {
             node,
             spill,
             staging_dir,
-            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), queued_dirs: HashMap::new(), own_changes: HashMap::new() }),
+            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), queued_dirs: HashMap::new(), own_changes: HashMap::new(), fresh: None }),
             changes: Mutex::new(()),
             committer,
         })
@@ -537,6 +541,35 @@ impl MountFs {
         st.own_changes.insert(path.clone(), std::time::Instant::now());
     }
 
+    /// An outbox follower tells this layer of changes from elsewhere from now on
+    /// ([`changed_elsewhere`](Self::changed_elsewhere)), so it may know names absent in the
+    /// directories it makes ([`FreshDirs`]).
+    pub fn follow(&self) {
+        self.state().fresh = Some(FreshDirs::default());
+    }
+
+    /// The follower stopped: nothing is known absent any more.
+    pub fn unfollow(&self) {
+        self.state().fresh = None;
+    }
+
+    /// `path` changed elsewhere (None: anything may have).
+    pub fn changed_elsewhere(&self, path: Option<&TreePath>) {
+        if let Some(f) = self.state().fresh.as_mut() {
+            match path {
+                Some(p) => f.forget(p),
+                None => f.clear(),
+            }
+        }
+    }
+
+    /// `path` is being made here (see [`FreshDirs::named`]).
+    fn named(&self, path: &TreePath) {
+        if let Some(f) = self.state().fresh.as_mut() {
+            f.named(path);
+        }
+    }
+
     /// Whether the committed change of `path` an outbox event reports is this mount's own
     /// (and forgets it): one noted within [`OWN_CHANGE_TTL`]. A peer's change of the same
     /// path committed meanwhile may be taken for it; the next event of the path invalidates.
@@ -608,6 +641,9 @@ impl MountFs {
     fn entry(&self, path: &TreePath) -> FsResult<Option<Entry>> {
         if path.is_root() {
             return Ok(Some(Entry::dir(DIR_MODE, 0)));
+        }
+        if self.state().fresh.as_ref().is_some_and(|f| f.absent(path)) {
+            return Ok(None);
         }
         let row = read::live(self.reader().tree().conn(), &self.view, path)?;
         Ok(row.and_then(|r| r.version.entry))
@@ -822,6 +858,7 @@ impl MountFs {
                 return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
             }
         }
+        self.named(path);
         let ino = self.state().inodes.ino_of(path);
         let joined = self.state().open.get(&ino).is_some_and(|o| o.session.is_some() || o.writers > 0);
         if joined {
@@ -1341,6 +1378,7 @@ impl MountFs {
         self.check_parent(path)?;
         let Some(committer) = &self.committer else { return Err(errno(libc::EROFS, "the mount is read-only")) };
         self.own_change(path);
+        self.named(path);
         // Queued like a close (see `commits`): the mount shows it at once.
         let (mode, mtime_ms) = (mode & 0o7777, alknet_actors::engine::now_ms());
         let ticket = committer.push_mkdir(super::commits::DirMade { path: path.clone(), mode, mtime_ms });
@@ -1351,11 +1389,25 @@ impl MountFs {
         }
         st.queued_dirs.insert(path.clone(), QueuedDir { ticket, mode, mtime_ms });
         let ino = st.inodes.ino_of(path);
+        let epoch = st.fresh.as_ref().map(|f| f.epoch());
+        drop(st);
+        // Nothing is in it, unless the tree kept children of a directory of this name
+        // removed (a peer's concurrent removal and write), which it would show again.
+        if let Some(epoch) = epoch {
+            if read::list(self.reader().tree().conn(), &self.view, path)?.is_empty() {
+                if let Some(f) = self.state().fresh.as_mut() {
+                    f.made(path, epoch);
+                }
+            }
+        }
         Ok(Attr { ino, kind: EntryKind::Dir, size: 0, mode, mtime_ms })
     }
 
     fn check_parent(&self, path: &TreePath) -> FsResult<()> {
         let Some(parent) = path.parent() else { return Ok(()) };
+        if self.state().fresh.as_ref().is_some_and(|f| f.is_fresh(&parent)) {
+            return Ok(());
+        }
         match self.entry(&parent)? {
             Some(e) if e.kind == EntryKind::Dir => Ok(()),
             Some(_) => Err(errno(libc::ENOTDIR, format!("{parent}: not a directory"))),
@@ -1380,6 +1432,7 @@ impl MountFs {
         }
         self.check_parent(path)?;
         self.own_change(path);
+        self.named(path);
         self.call(Request::Symlink { scope: self.wire(), path: path.to_string(), target: target.to_string() })?;
         self.stat(path)
     }
@@ -1401,6 +1454,9 @@ impl MountFs {
             self.call(Request::Remove { scope: self.wire(), path: path.to_string(), recursive: false })?;
         }
         let mut st = self.state();
+        if let Some(f) = st.fresh.as_mut() {
+            f.forget_below(path);
+        }
         if let Some(ino) = st.inodes.by_path.get(path).copied() {
             if let Some(open) = st.open.get_mut(&ino) {
                 open.unlinked = true;
@@ -1439,6 +1495,7 @@ impl MountFs {
             }
         }
         self.check_parent(to)?;
+        self.named(to);
         if self.entry(from)?.is_some() {
             self.call(Request::MoveOver { scope: self.wire(), from: from.to_string(), to: to.to_string() })?;
         }
@@ -1451,6 +1508,10 @@ impl MountFs {
             }
         }
         st.inodes.rename(from, to, replaced);
+        if let Some(f) = st.fresh.as_mut() {
+            f.forget_below(from);
+            f.forget_below(to);
+        }
         Ok(())
     }
 

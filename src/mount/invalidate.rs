@@ -67,7 +67,16 @@ pub fn spawn(fs: Arc<MountFs>, data_dir: &std::path::Path, notifier: Notifier, s
     let config = honker_core::WatcherConfig::default().with_poll_interval(POLL_INTERVAL).map_err(anyhow::Error::msg)?;
     let watcher = honker_core::SharedUpdateWatcher::new_with_config(engine.tree().path().to_path_buf(), config);
     let mut cursor = outbox::head(engine.tree().conn())?;
+    fs.follow();
     let thread = std::thread::Builder::new().name("alkfs-invalidate".into()).spawn(move || {
+        // Whatever ends this thread, the layer stops trusting what only it kept true.
+        struct Unfollow(Arc<MountFs>);
+        impl Drop for Unfollow {
+            fn drop(&mut self) {
+                self.0.unfollow();
+            }
+        }
+        let _unfollow = Unfollow(fs.clone());
         let (_id, wake) = watcher.subscribe();
         let conn = engine.tree().conn();
         while !stop.load(Ordering::Relaxed) {
@@ -106,12 +115,14 @@ fn invalidate(fs: &MountFs, notifier: &Notifier, stale: Stale) -> std::io::Resul
         Stale::Paths(paths) => paths
             .into_iter()
             .filter(|p| !fs.was_own_change(p))
+            .inspect(|p| fs.changed_elsewhere(Some(p)))
             .map(|p| {
                 let (ino, parent) = fs.kernel_inodes(&p);
                 (ino, parent, p)
             })
             .collect(),
         Stale::Everything => {
+            fs.changed_elsewhere(None);
             let known = fs.kernel_paths();
             known.iter().map(|(ino, p)| (Some(*ino), p.parent().and_then(|pp| fs.kernel_inodes(&pp).0), p.clone())).collect()
         }

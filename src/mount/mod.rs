@@ -3,6 +3,7 @@
 //! - [`fs`]: the one filesystem layer (inodes and handles ↔ the path tree, write sessions);
 //! - [`staged`]: a write session, in memory while small, else in a staging file;
 //! - [`commits`]: the write-behind queue that commits closed files in batches;
+//! - [`fresh`]: directories a mount made, where names it did not make are known absent;
 //! - [`fuse`]: `alkfs mount`, the kernel's view of it;
 //! - [`poll`]: keeps the FUSE device polled through a burst of requests;
 //! - [`invalidate`]: tells the kernel what changed elsewhere (peers, the CLI, SFTP);
@@ -10,6 +11,7 @@
 //! - [`sftp`]: `alkfs serve sftp`, an SSH server of the `sftp` subsystem only.
 
 pub mod commits;
+pub mod fresh;
 pub mod fs;
 pub mod fuse;
 pub mod invalidate;
