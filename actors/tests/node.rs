@@ -142,6 +142,39 @@ async fn two_nodes_run_side_by_side_in_one_process() {
     }
 }
 
+/// From `tree.db-shm`, the WAL index SQLite shares between connections (native byte order):
+/// the frames in the log (`mxFrame`, byte 16 of its header) and how many of them are copied
+/// into the database file (`nBackfill`, byte 96).
+fn wal_frames(dir: &std::path::Path) -> (u32, u32) {
+    let shm = std::fs::read(dir.join("tree.db-shm")).unwrap();
+    let at = |o: usize| u32::from_ne_bytes(shm[o..o + 4].try_into().unwrap());
+    (at(16), at(96))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_reach_the_database_file_soon_after_the_store_goes_quiet() {
+    // Commits run with synchronous=NORMAL: the WAL is synced when it is checkpointed. SQLite
+    // alone checkpoints at 10,000 frames (or when the last connection closes), so a node
+    // writing a little would keep its commits off the disk for hours.
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(dir.path(), NodeConfig::default()).await;
+    for i in 0..50 {
+        put(&n.handle, &n.content, &format!("/f{i}"), b"bytes").await.unwrap();
+    }
+    let (frames, _) = wal_frames(dir.path());
+    assert!(frames > 0, "the commits are in the WAL");
+    let t = Instant::now();
+    loop {
+        let (frames, copied) = wal_frames(dir.path());
+        if copied == frames {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "not checkpointed after the store went quiet: {copied} of {frames} frames copied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node::stop(&n.sup).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blobs_get_indexed_and_freed_ones_leave_the_index() {
     let dir = tempfile::tempdir().unwrap();

@@ -222,7 +222,10 @@ impl Actor for StoreActor {
             actor: me,
             names: ctx.names.clone(),
         };
+        let db = engine.tree().path().to_path_buf();
         let thread = std::thread::Builder::new().name("alkfs-store".into()).spawn(move || writer(engine, rx, writer_ctx))?;
+        let (last_commit, running) = (ctx.last_commit_ms.clone(), alive.clone());
+        std::thread::Builder::new().name("alkfs-checkpoint".into()).spawn(move || checkpointer(&db, &last_commit, &running))?;
         *ctx.store_writer.lock().expect("writer thread slot") = Some(thread);
         Ok(StoreState { jobs: Some(tx), thread: ctx.store_writer.clone(), alive })
     }
@@ -274,8 +277,52 @@ impl Drop for DeathNotice {
 
 /// The writer thread: owns the engine, batches commits, answers after commit. Once its actor
 /// is gone (`alive` false) it finishes the job in hand, refuses the rest untouched and ends.
+/// How long the store must have been quiet before its WAL is checkpointed. Commits run with
+/// `synchronous=NORMAL`, which syncs the WAL only at checkpoints: this bounds, in time, how
+/// long a commit can stay off the disk, and keeps the copying (and syncing) of pages into the
+/// database out of a burst of writes, whose commits it would otherwise interrupt.
+pub const CHECKPOINT_QUIET: Duration = Duration::from_millis(250);
+/// WAL pages at which a commit checkpoints anyway (160 MiB): a burst without pause cannot
+/// grow the log without bound.
+pub const WAL_PAGES_MAX: u32 = 40_000;
+
+/// Checkpoints `db`'s WAL once the store has been quiet for [`CHECKPOINT_QUIET`] after a
+/// commit, until `alive` goes false. A passive checkpoint, on a connection of its own: the
+/// writer never waits for it; readers holding older pages only postpone part of it to the
+/// next round.
+fn checkpointer(db: &std::path::Path, last_commit: &std::sync::atomic::AtomicI64, alive: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    let conn = match rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no WAL checkpointer: commits reach the disk at SQLite's own checkpoints only");
+            return;
+        }
+    };
+    let mut synced_upto = 0; // the last commit (ms) whose pages are all in the database file
+    while alive.load(Ordering::SeqCst) {
+        std::thread::sleep(CHECKPOINT_QUIET / 2);
+        let last = last_commit.load(Ordering::Relaxed);
+        if last == synced_upto || now_ms() - last < CHECKPOINT_QUIET.as_millis() as i64 {
+            continue;
+        }
+        let started = Instant::now();
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+            Ok((0, log, copied)) if copied == log => {
+                synced_upto = last;
+                tracing::debug!(pages = log, ms = started.elapsed().as_millis() as u64, "WAL checkpointed");
+            }
+            Ok((busy, log, copied)) => tracing::debug!(busy, log, copied, "WAL checkpoint partial (readers or another checkpoint): again next round"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed: again next round"),
+        }
+    }
+}
+
 fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
     let _notice = DeathNotice(ctx.actor.clone(), ctx.alive.clone());
+    if let Err(e) = engine.tree().conn().execute_batch(&format!("PRAGMA wal_autocheckpoint = {WAL_PAGES_MAX}")) {
+        tracing::warn!(error = %e, "could not move the WAL's checkpoint size; commits checkpoint at SQLite's default");
+    }
     // The mesh's documents live with the one writer of the database they are saved in.
     let mut mesh = crate::engine::mesh::Mesh::new(&engine);
     let alive = || ctx.alive.load(std::sync::atomic::Ordering::SeqCst);

@@ -107,10 +107,13 @@ pub(crate) fn publish(conn: &Connection, events: &[Event]) -> Result<(), StoreEr
     if events.is_empty() {
         return Ok(());
     }
-    let mut st = conn.prepare_cached("SELECT honker_stream_publish(?1, NULL, ?2)")?;
+    // honker's `honker_stream_publish(topic, key, payload)` is this insert into its stream
+    // table, prepared anew at every call: a third of the cost of committing a small file.
+    // The same insert through a cached statement.
+    let mut st = conn.prepare_cached("INSERT INTO _honker_stream (topic, key, payload) VALUES (?1, NULL, ?2)")?;
     for e in events {
         let payload = serde_json::to_string(e).expect("events serialise");
-        st.query_row(params![TOPIC, payload], |r| r.get::<_, i64>(0))?;
+        st.execute(params![TOPIC, payload])?;
     }
     Ok(())
 }
