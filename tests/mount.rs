@@ -582,9 +582,12 @@ fn a_name_made_elsewhere_in_a_directory_the_mount_made_shows_in_the_mount() {
     settle(&m);
     s.put_bytes("/made/cli", b"from the cli");
     s.put_bytes("/made/below/cli", b"deeper");
+    // The store makes the missing directories of a path; the event names the file only.
+    s.put_bytes("/made/new/deeper/file", b"with its parents");
     await_cond(Duration::from_secs(5), "the CLI's files to show in the mount", || {
-        fs::read(m.path("made/cli")).ok().as_deref() == Some(b"from the cli".as_slice()) && m.path("made/below/cli").exists()
+        fs::read(m.path("made/cli")).ok().as_deref() == Some(b"from the cli".as_slice()) && m.path("made/below/cli").exists() && m.path("made/new").is_dir()
     });
+    assert_eq!(fs::read(m.path("made/new/deeper/file")).unwrap(), b"with its parents");
     let again = fs::OpenOptions::new().write(true).create_new(true).open(m.path("made/cli"));
     assert_eq!(errno_of(again), libc::EEXIST, "a create of the name made elsewhere");
     assert_eq!(fs::read(m.path("made/mine")).unwrap(), b"from the mount");
@@ -643,7 +646,7 @@ fn the_past_is_one_directory_away_in_a_mount_and_read_only() {
     assert_eq!(errno_of(fs::remove_dir(m.path(".alkfs"))), libc::EBUSY);
     assert_eq!(errno_of(fs::rename(m.path(".alkfs"), m.path("mine"))), libc::EBUSY);
     assert_eq!(errno_of(fs::rename(m.path("doc"), m.path(".alkfs"))), libc::EISDIR, "a file over a directory");
-    for bad in ["2h", "not-a-time", "999@ffff"] {
+    for bad in ["2h", "not-a-time", "999@ffff", "2999-01-01T00:00:00Z"] {
         assert!(!m.path(&format!(".alkfs/at/{bad}")).exists(), "{bad} is no point of the past");
     }
     sh(&m.dir, &format!("cp .alkfs/at/{before}/kept restored"));

@@ -78,11 +78,12 @@ impl FreshDirs {
         self.dirs.contains_key(dir)
     }
 
-    /// `path` changed in a way the records do not follow (elsewhere; or removed or renamed
-    /// here): the record of its directory goes, and those of it and below it.
+    /// `path` changed elsewhere, in a way the records do not follow: the records of every
+    /// directory above it go (the store makes missing parents of what it writes, and an
+    /// event names only the deepest path), and those of it and below it.
     pub fn forget(&mut self, path: &TreePath) {
-        if let Some(parent) = path.parent() {
-            if let Some(names) = self.dirs.remove(&parent) {
+        for dir in path.ancestors() {
+            if let Some(names) = self.dirs.remove(&dir) {
                 self.names -= names.len();
             }
         }
@@ -147,7 +148,10 @@ mod tests {
         f.named(&p("/a/b/c/file"));
         f.forget(&p("/a/b/new-elsewhere"));
         assert!(!f.is_fresh(&p("/a/b")), "the directory that changed");
-        assert!(f.is_fresh(&p("/a/b/c")) && f.is_fresh(&p("/a")), "its neighbours keep theirs");
+        assert!(f.is_fresh(&p("/a/b/c")), "a directory below it keeps its record");
+        f.forget(&p("/e/made/with/parents"));
+        assert!(!f.is_fresh(&p("/e")), "parents made by the store show only in the deepest path");
+        f.made(&p("/e"), f.epoch());
         f.forget(&p("/a"));
         assert!(!f.is_fresh(&p("/a/b/c")), "below a removed or renamed directory");
         assert!(f.is_fresh(&p("/e")));

@@ -375,6 +375,8 @@ pub struct MountFs {
     changes: Mutex<()>,
     /// The write-behind queue of closed files (none for a read-only mount).
     committer: Option<super::commits::Committer>,
+    /// Something was sent to the node since [`sync`](Self::sync) last synced its log.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl MountFs {
@@ -415,6 +417,7 @@ impl MountFs {
             state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), queued_dirs: HashMap::new(), own_changes: HashMap::new(), fresh: None }),
             changes: Mutex::new(()),
             committer,
+            unsynced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -460,6 +463,7 @@ impl MountFs {
     /// checks before each call give the errnos callers rely on).
     fn call(&self, req: Request) -> FsResult<crate::control::Reply> {
         let client = self.writable()?;
+        self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
         client.call(&req).map_err(|e| {
             let message = format!("{e:#}");
             let code = if message.contains("disk") && message.contains("full") { libc::ENOSPC } else { libc::EIO };
@@ -609,6 +613,27 @@ impl MountFs {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// `fsync`: every change made here so far is committed ([`settle`](Self::settle)) and on
+    /// disk. The node commits with SQLite's `synchronous=NORMAL`, which leaves a commit in the
+    /// page cache until the log is synced; syncing the node's log file from here makes it
+    /// durable at once (the log is replayed, up to its last whole commit, after a power loss).
+    pub fn sync(&self) -> FsResult<()> {
+        self.settle()?;
+        if !self.unsynced.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let log = self.dir.join(format!("{}-wal", alknet_actors::store::TREE_DB_FILE));
+        let synced = match File::open(&log) {
+            Ok(f) => f.sync_data(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()), // checkpointed and gone
+            Err(e) => Err(e),
+        };
+        synced.map_err(|e| {
+            self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
+            errno(e.raw_os_error().unwrap_or(libc::EIO), format!("syncing the node's log {}: {e}", log.display()))
+        })
     }
 
     /// What `path` shows to a reader: the committed entry (a file being written shows its
@@ -1094,7 +1119,7 @@ impl MountFs {
         let sole = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);
         if sole {
             self.commit(ino)?;
-            return self.settle();
+            return self.sync();
         }
         let st = self.state();
         if let Some(s) = st.open.get(&ino).and_then(|o| o.session.as_ref()) {
@@ -1209,6 +1234,7 @@ impl MountFs {
             Payload::File { staging, size, hash } => (ClosedBytes::File(staging), size, hash),
         };
         self.own_change(&path);
+        self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
         let ticket = committer.push(super::commits::Closed { ino, path, bytes: bytes.clone(), size, hash, mode, mtime_ms });
         let mut st = self.state();
         if let Some(open) = st.open.get_mut(&ino) {
@@ -1327,6 +1353,7 @@ impl MountFs {
                 // Queued like a close (tar sets a directory's mode and mtime after filling it).
                 let (mode, mtime_ms) = (mode.map(|m| m & 0o7777), mtime_ms);
                 self.own_change(&path);
+                self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
                 let ticket = committer.push_dir_attr(super::commits::DirAttr { path: path.clone(), mode, mtime_ms });
                 let done = committer.done_upto();
                 let mut st = self.state();
@@ -1381,6 +1408,7 @@ impl MountFs {
         self.named(path);
         // Queued like a close (see `commits`): the mount shows it at once.
         let (mode, mtime_ms) = (mode & 0o7777, alknet_actors::engine::now_ms());
+        self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
         let ticket = committer.push_mkdir(super::commits::DirMade { path: path.clone(), mode, mtime_ms });
         let done = committer.done_upto();
         let mut st = self.state();
@@ -1454,7 +1482,7 @@ impl MountFs {
             self.call(Request::Remove { scope: self.wire(), path: path.to_string(), recursive: false })?;
         }
         let mut st = self.state();
-        if let Some(f) = st.fresh.as_mut() {
+        if let Some(f) = st.fresh.as_mut().filter(|_| dir) {
             f.forget_below(path);
         }
         if let Some(ino) = st.inodes.by_path.get(path).copied() {
@@ -1507,8 +1535,9 @@ impl MountFs {
                 open.unlinked = true;
             }
         }
+        let dirs = src.kind == EntryKind::Dir;
         st.inodes.rename(from, to, replaced);
-        if let Some(f) = st.fresh.as_mut() {
+        if let Some(f) = st.fresh.as_mut().filter(|_| dirs) {
             f.forget_below(from);
             f.forget_below(to);
         }

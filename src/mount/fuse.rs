@@ -552,9 +552,9 @@ impl Filesystem for Fuse {
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.busy();
-        // Every close so far is committed once this returns (the write-behind queue drained).
+        // Every change so far is committed and on disk once this returns.
         match self.past.route(ino.0) {
-            Ok(Target::Present(_)) => empty(reply, self.fs.settle()),
+            Ok(Target::Present(_)) => empty(reply, self.fs.sync()),
             Ok(_) => reply.ok(),
             Err(e) => reply.error(fail(e)),
         }

@@ -84,6 +84,7 @@ pub fn spawn(fs: Arc<MountFs>, data_dir: &std::path::Path, notifier: Notifier, s
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the outbox for changes to invalidate; retrying");
+                    fs.changed_elsewhere(None); // what was missed is not known
                     std::thread::sleep(SAFETY_POLL);
                     continue;
                 }
@@ -91,7 +92,13 @@ pub fn spawn(fs: Arc<MountFs>, data_dir: &std::path::Path, notifier: Notifier, s
             if let Some(&(last, _)) = batch.last() {
                 cursor = last;
                 for (_, event) in &batch {
-                    let changed = |after, upto| read::changed_paths(conn, branch.id, after, upto).unwrap_or_default();
+                    let changed = |after, upto| {
+                        read::changed_paths(conn, branch.id, after, upto).unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "reading the paths a peer changed; the kernel's caches expire with their TTL");
+                            fs.changed_elsewhere(None);
+                            Vec::new()
+                        })
+                    };
                     let Some(stale) = stale_of(event, bucket_id, &branch.name, changed) else { continue };
                     if invalidate(&fs, &notifier, stale).is_err() {
                         return; // the kernel connection is gone: the mount ended

@@ -3,7 +3,8 @@
 //!
 //! - `<point>` is what `alkfs --at` takes, but absolute only: a time (RFC 3339) or a version
 //!   (`17@3f2a9c1b02`). A relative point (`2h`) would name another moment at every lookup
-//!   while the kernel caches the directory it named first, so it is not a name here.
+//!   while the kernel caches the directory it named first, so it is not a name here; nor is
+//!   a time still to come, which would show writes still to be made.
 //! - `.alkfs` is not listed in the mount's root, as ZFS hides `.zfs`: `cp -r`, `rsync`,
 //!   `find` and `du` of a mount do not walk into its whole history. It is there by name.
 //! - Each point opened is a read-only [`MountFs`] of its own (a `--at` mount's layer), with
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use alknet_actors::engine::Scope;
+use alknet_actors::proto::clock::Stamp;
+use alknet_actors::proto::ids::OrderKey;
 
 use super::fs::{Errno, FsResult, MountFs, ROOT_INO};
 
@@ -91,6 +94,12 @@ impl Past {
             return Err(Errno::new(libc::ENOENT, format!(".alkfs/at/{name}: a while ago names another moment at every look; give a time (2026-11-30T10:00:00Z) or a version")));
         }
         let key = crate::commands::at_key(&self.dir, name).map_err(|e| Errno::new(libc::ENOENT, format!(".alkfs/at/{name}: {e:#}")))?;
+        // A point not yet reached would show writes still to come, under a cache kept for
+        // the past (an hour).
+        let now = OrderKey::upto(Stamp { ms: alknet_actors::engine::now_ms(), counter: u32::MAX });
+        if key > now {
+            return Err(Errno::new(libc::ENOENT, format!(".alkfs/at/{name}: a point of the past is not later than now")));
+        }
         if views.len() >= VIEWS_MAX {
             return Err(Errno::new(libc::EMFILE, format!("this mount has opened {VIEWS_MAX} points of the past, its most: mount again (or `alkfs mount --at {name}`)")));
         }

@@ -218,14 +218,15 @@ impl Actor for StoreActor {
             batch_max: ctx.config.batch_max,
             batch_delay: ctx.config.batch_delay,
             last_commit: ctx.last_commit_ms.clone(),
+            commits: Default::default(),
             alive: alive.clone(),
             actor: me,
             names: ctx.names.clone(),
         };
         let db = engine.tree().path().to_path_buf();
+        let (commits, running) = (writer_ctx.commits.clone(), alive.clone());
+        std::thread::Builder::new().name("alkfs-checkpoint".into()).spawn(move || checkpointer(&db, &commits, &running))?;
         let thread = std::thread::Builder::new().name("alkfs-store".into()).spawn(move || writer(engine, rx, writer_ctx))?;
-        let (last_commit, running) = (ctx.last_commit_ms.clone(), alive.clone());
-        std::thread::Builder::new().name("alkfs-checkpoint".into()).spawn(move || checkpointer(&db, &last_commit, &running))?;
         *ctx.store_writer.lock().expect("writer thread slot") = Some(thread);
         Ok(StoreState { jobs: Some(tx), thread: ctx.store_writer.clone(), alive })
     }
@@ -259,6 +260,8 @@ struct WriterCtx {
     batch_max: usize,
     batch_delay: Duration,
     last_commit: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Commits so far, for the checkpointer to see that there were some.
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
     alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
     actor: ActorRef<StoreMsg>,
     names: Names,
@@ -278,19 +281,21 @@ impl Drop for DeathNotice {
 /// The writer thread: owns the engine, batches commits, answers after commit. Once its actor
 /// is gone (`alive` false) it finishes the job in hand, refuses the rest untouched and ends.
 /// How long the store must have been quiet before its WAL is checkpointed. Commits run with
-/// `synchronous=NORMAL`, which syncs the WAL only at checkpoints: this bounds, in time, how
-/// long a commit can stay off the disk, and keeps the copying (and syncing) of pages into the
-/// database out of a burst of writes, whose commits it would otherwise interrupt.
+/// `synchronous=NORMAL`, which syncs the WAL only at checkpoints: waiting for a pause keeps
+/// the copying (and syncing) of pages into the database out of a burst of writes ...
 pub const CHECKPOINT_QUIET: Duration = Duration::from_millis(250);
-/// WAL pages at which a commit checkpoints anyway (160 MiB): a burst without pause cannot
-/// grow the log without bound.
+/// ... but a commit is never left unsynced longer than this, pause or not (steady writes: a
+/// peer replicating, a program saving every 100 ms).
+pub const CHECKPOINT_AGE_MAX: Duration = Duration::from_secs(1);
+/// WAL pages at which a commit checkpoints itself (160 MiB): the checkpointer's passive
+/// checkpoints cannot finish while readers hold old pages, and the log must stay bounded.
 pub const WAL_PAGES_MAX: u32 = 40_000;
 
 /// Checkpoints `db`'s WAL once the store has been quiet for [`CHECKPOINT_QUIET`] after a
-/// commit, until `alive` goes false. A passive checkpoint, on a connection of its own: the
-/// writer never waits for it; readers holding older pages only postpone part of it to the
-/// next round.
-fn checkpointer(db: &std::path::Path, last_commit: &std::sync::atomic::AtomicI64, alive: &std::sync::atomic::AtomicBool) {
+/// commit, or its oldest unsynced commit is [`CHECKPOINT_AGE_MAX`] old, until `alive` goes
+/// false. A passive checkpoint, on a connection of its own: the writer never waits for it;
+/// readers holding older pages only postpone part of it to the next round.
+fn checkpointer(db: &std::path::Path, commits: &std::sync::atomic::AtomicU64, alive: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering;
     let conn = match rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX) {
         Ok(c) => c,
@@ -299,17 +304,30 @@ fn checkpointer(db: &std::path::Path, last_commit: &std::sync::atomic::AtomicI64
             return;
         }
     };
-    let mut synced_upto = 0; // the last commit (ms) whose pages are all in the database file
+    let tick = CHECKPOINT_QUIET / 2;
+    let mut synced = commits.load(Ordering::Relaxed); // commits whose pages are all in the database file
+    let mut seen = synced; // commits counted at the last tick
+    let mut quiet_since = Instant::now();
+    let mut unsynced_since: Option<Instant> = None;
     while alive.load(Ordering::SeqCst) {
-        std::thread::sleep(CHECKPOINT_QUIET / 2);
-        let last = last_commit.load(Ordering::Relaxed);
-        if last == synced_upto || now_ms() - last < CHECKPOINT_QUIET.as_millis() as i64 {
+        std::thread::sleep(tick);
+        let now_count = commits.load(Ordering::Relaxed);
+        if now_count != seen {
+            seen = now_count;
+            quiet_since = Instant::now();
+        }
+        if now_count == synced {
+            unsynced_since = None;
+            continue;
+        }
+        let since = *unsynced_since.get_or_insert_with(Instant::now);
+        if quiet_since.elapsed() < CHECKPOINT_QUIET && since.elapsed() < CHECKPOINT_AGE_MAX {
             continue;
         }
         let started = Instant::now();
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
             Ok((0, log, copied)) if copied == log => {
-                synced_upto = last;
+                (synced, unsynced_since) = (now_count, None);
                 tracing::debug!(pages = log, ms = started.elapsed().as_millis() as u64, "WAL checkpointed");
             }
             Ok((busy, log, copied)) => tracing::debug!(busy, log, copied, "WAL checkpoint partial (readers or another checkpoint): again next round"),
@@ -328,6 +346,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
     let alive = || ctx.alive.load(std::sync::atomic::Ordering::SeqCst);
     let committed = || {
         ctx.last_commit.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        ctx.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         wake_outbox(&ctx.names);
     };
     let mut held: Option<Job> = None;
