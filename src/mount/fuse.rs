@@ -117,9 +117,7 @@ impl Fuse {
     /// `.alkfs` or `.alkfs/at`: read-only directories.
     fn virtual_attr(&self, ino: u64) -> FileAttr {
         let mtime = self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-        let mut a = self.file_attr(0, &Attr { ino, kind: EntryKind::Dir, size: 0, mode: 0o555, mtime_ms: mtime });
-        a.ino = INodeNo(ino);
-        a
+        self.file_attr(0, &Attr { ino, kind: EntryKind::Dir, size: 0, mode: 0o555, mtime_ms: mtime })
     }
 
     fn entry(&self, reply: ReplyEntry, base: u64, r: FsResult<Attr>) {
@@ -259,12 +257,11 @@ impl Filesystem for Fuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         self.busy();
+        let fh = fh.map(|f| f.0);
         match self.past.route(ino.0) {
             Ok(Target::Control | Target::At) => reply.attr(&self.ttl, &self.virtual_attr(ino.0)),
-            Ok(_) => match self.layer(ino) {
-                Ok(l) => self.attr(reply, l.base, l.fs.getattr(l.ino, fh.map(|f| f.0))),
-                Err(e) => reply.error(fail(e)),
-            },
+            Ok(Target::Present(i)) => self.attr(reply, 0, self.fs.getattr(i, fh)),
+            Ok(Target::Past { fs, ino, base }) => self.attr(reply, base, fs.getattr(ino, fh)),
             Err(e) => reply.error(fail(e)),
         }
     }
@@ -389,19 +386,27 @@ impl Filesystem for Fuse {
         // Asked only when the kernel does not check permissions itself (a mount by root).
         // Root may do anything but run a file no one may run; the owner has the owner's
         // bits; nothing is written in the past or in a read-only mount.
-        let l = match self.layer(ino) {
-            Ok(l) => l,
-            Err(_) if mask.contains(AccessFlags::W_OK) => return reply.error(FuseErrno::EROFS),
-            Err(_) => return reply.ok(),
+        let l = match self.past.route(ino.0) {
+            Ok(Target::Control | Target::At) if mask.contains(AccessFlags::W_OK) => return reply.error(FuseErrno::EROFS),
+            Ok(Target::Control | Target::At) => return reply.ok(),
+            Ok(_) => match self.layer(ino) {
+                Ok(l) => l,
+                Err(e) => return reply.error(fail(e)),
+            },
+            Err(e) => return reply.error(fail(e)),
         };
+        if mask.contains(AccessFlags::W_OK) && l.fs.is_read_only() {
+            return reply.error(FuseErrno::EROFS);
+        }
+        if req.uid() == 0 && !mask.contains(AccessFlags::X_OK) {
+            return reply.ok(); // nothing to look up
+        }
         let a = match l.fs.getattr(l.ino, None) {
             Ok(a) => a,
             Err(e) => return reply.error(fail(e)),
         };
-        let allowed = if mask.contains(AccessFlags::W_OK) && l.fs.is_read_only() {
-            return reply.error(FuseErrno::EROFS);
-        } else if req.uid() == 0 {
-            !(mask.contains(AccessFlags::X_OK) && a.kind == EntryKind::File && a.mode & 0o111 == 0)
+        let allowed = if req.uid() == 0 {
+            !(a.kind == EntryKind::File && a.mode & 0o111 == 0)
         } else {
             let want = (mask.bits() as u32 & 0o7) << 6;
             a.mode & want == want
