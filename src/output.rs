@@ -203,6 +203,9 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
     if let Some(m) = &s.mesh {
         writeln!(out, "listening:  {}", m.listen.join(", "))?;
         writeln!(out, "fetches:    {} pending, {} failed (retrying), {} fetched", m.pending_fetches, m.failed_fetches, m.fetched)?;
+        if m.unavailable_blobs > 0 {
+            writeln!(out, "unavailable: {} blobs no connected peer can serve (freed by their GC, or never there); asked for again every hour at most", m.unavailable_blobs)?;
+        }
         writeln!(out, "gossip:     {} topics, {} neighbours", m.gossip_topics, m.gossip_neighbors)?;
         writeln!(out, "peers:")?;
         for p in &m.peers {

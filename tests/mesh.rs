@@ -199,3 +199,42 @@ fn a_node_an_hour_behind_overwrites_what_it_has_seen_and_wins_everywhere() {
         assert!(common::parse_json_array(&m.s.ok(&["conflicts", "--json"])).is_empty(), "B saw A's version: no conflict");
     }
 }
+
+/// A joiner receives versions whose blobs the inviter's GC freed (their entries stay in the
+/// bucket's documents). Those cannot arrive; every other blob must, also those batched with
+/// them in one request, and `status` says what never will without the node asking hot.
+#[test]
+fn blobs_freed_by_the_inviters_gc_do_not_hold_back_the_others_and_are_reported_unavailable() {
+    let a = Member::start();
+    let c = Member::start();
+    // Shared first (the invitation shares the bucket), so old versions go into its documents.
+    let ticket = a.invite(&[]);
+    let big = |i: u64, v: u64| common::random_bytes(40 << 10, i * 10 + v);
+    for i in 0..6u64 {
+        a.s.put_bytes(&format!("/small{i}.txt"), format!("small {i} v1").as_bytes());
+        a.s.put_bytes(&format!("/big{i}.bin"), &big(i, 1));
+    }
+    for i in 0..6u64 {
+        a.s.put_bytes(&format!("/small{i}.txt"), format!("small {i} v2").as_bytes());
+        a.s.put_bytes(&format!("/big{i}.bin"), &big(i, 2));
+    }
+    let gc = a.s.ok(&["gc", "--keep-versions", "0", "--keep-days", "0"]);
+    assert!(gc.starts_with("gc: freed 12 blobs"), "the first versions' blobs were freed: {gc}");
+    c.join(&ticket);
+    for i in 0..6u64 {
+        await_cond(Duration::from_secs(60), "every current file's bytes on the joiner", || {
+            c.get(&format!("/small{i}.txt")).as_deref() == Some(format!("small {i} v2").as_bytes()) && c.get(&format!("/big{i}.bin")) == Some(big(i, 2))
+        });
+    }
+    // The first versions' entries arrived, and their blobs are said to be unavailable.
+    let log = common::parse_json_array(&c.s.ok(&["log", "/big0.bin", "--json"]));
+    assert_eq!(log.len(), 2, "both versions of /big0.bin reached the joiner: {log:?}");
+    let st = common::await_status(c.s.data(), Duration::from_secs(60), "the freed blobs reported unavailable", |st| st["mesh"]["unavailable_blobs"] == 12);
+    assert_eq!(st["blobs_missing"], 12, "{st}");
+    // Not asked for hot: the inviter refuses nothing more for a while.
+    let refusals = || a.node.log().matches("refused a blob request").count();
+    let before = refusals();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(refusals(), before, "the joiner kept asking for blobs nobody has");
+    assert!(!c.node.log().contains("runs past the request"), "a successful fetch was logged as failed");
+}

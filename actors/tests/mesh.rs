@@ -23,6 +23,13 @@ impl Node {
         Node { dir, engine, mesh }
     }
 
+    /// A node whose engine reads the time from a clock the test sets.
+    fn with_clock() -> (Node, std::sync::Arc<alknet_actors::proto::clock::ManualClock>) {
+        let (dir, engine, clock) = common::fresh_with_clock();
+        let mesh = Mesh::new(&engine);
+        (Node { dir, engine, mesh }, clock)
+    }
+
     fn me(&self) -> NodeId {
         self.engine.tree().me()
     }
@@ -239,4 +246,72 @@ fn a_removal_takes_back_what_the_removed_member_did_that_its_remover_had_not_see
     assert_eq!(listed(&b), ["/r-before.txt"]);
     assert_eq!(b.engine.tree().conn().query_row("SELECT count(*) FROM mesh_deferred WHERE bucket_id = ?1", [bucket], |r| r.get::<_, i64>(0)).unwrap(), 2);
     assert_eq!(listed(&r), ["/n.txt", "/r-after.txt", "/r-before.txt"]);
+}
+
+/// A write the mesh has not published yet survives outbox pruning whatever its age and
+/// whoever else has read it: the publisher's cursor holds it (it used to expire after a week
+/// idle, and a `watch` that had read past the event let GC prune it, so peers never got it).
+#[test]
+fn an_unpublished_write_is_never_pruned_from_the_outbox() {
+    use alknet_actors::gc::Retention;
+    use alknet_actors::proto::clock::Clock;
+    use alknet_actors::store::outbox;
+    const DAY_MS: i64 = 86_400_000;
+    let (mut a, clock) = Node::with_clock();
+    clock.set(alknet_actors::engine::now_ms());
+    let mut b = Node::new();
+    let uid = join(&mut a, &mut b);
+    sync(&mut a, &mut b, &uid);
+    // A week and a day later (the publisher idle all along), a write is committed and a
+    // `watch` reads past it before the mesh publishes it.
+    clock.advance(8 * DAY_MS);
+    let s = main_scope();
+    put(&mut a.engine, &s, "/late.txt", b"written while the mesh was idle");
+    let head = outbox::head(a.engine.tree().conn()).unwrap();
+    outbox::save_cursor(a.engine.tree().conn(), "watch", head, clock.now_ms()).unwrap();
+    let report = a.engine.gc(Retention { outbox_keep_days: 7, ..Retention::default() }).unwrap();
+    let kept = outbox::read_after(a.engine.tree().conn(), head - 1, 10).unwrap();
+    assert_eq!(kept.len(), 1, "the unpublished event was pruned ({report:?})");
+    let listed = outbox::consumers(a.engine.tree().conn(), clock.now_ms() - 7 * DAY_MS).unwrap();
+    assert!(listed.iter().any(|c| c.name == mesh::MESH_CONSUMER && !c.expired), "{listed:?}");
+    sync(&mut a, &mut b, &uid);
+    let there = b.engine.file_entry(&s, &p("/late.txt")).expect("the write reached the peer");
+    assert_eq!(there.hash, a.engine.file_entry(&s, &p("/late.txt")).unwrap().hash);
+    // Once published, the event may go.
+    assert!(a.engine.gc(Retention { outbox_keep_days: 7, ..Retention::default() }).unwrap().events_pruned >= 1);
+}
+
+/// A branch record that reaches a node before its parent's (from another member, in an
+/// earlier message) waits in the bucket's document, and is applied when the parent's record
+/// arrives (it used to wait forever: only the records new in a message were read).
+#[test]
+fn a_branch_whose_parent_record_arrives_later_is_applied_when_it_does() {
+    use alknet_actors::engine::Scope;
+    use alknet_actors::proto::doc::ReplicaDoc;
+    use alknet_actors::proto::replica::{BranchRecord, MetaEntry};
+    let (mut a, mut b) = (Node::new(), Node::new());
+    let uid = join(&mut a, &mut b);
+    sync(&mut a, &mut b, &uid);
+    // A makes branch `p` and has not told B yet. A third member, Z, already knows `p` and
+    // made `q` from it, and reaches B first: its record names a parent B has never heard of.
+    let p = a.engine.create_branch(&main_scope(), "p", None).unwrap();
+    let p_rec = alknet_actors::store::replica::branch_record(a.engine.tree().conn(), &p).unwrap();
+    let q = MetaEntry::Branch(BranchRecord { uid: Uid([7; 16]), name: "q".into(), parent: Some(p_rec.uid), fork: p_rec.fork, created_ms: p_rec.created_ms });
+    let z = NodeId([0x5a; 32]);
+    let mut zdoc = ReplicaDoc::new(&[0x5a; 20]);
+    zdoc.put(&q.key(), &q.value()).unwrap();
+    let mut zstate = Default::default();
+    for _ in 0..10 {
+        let Some(m) = zdoc.generate(&mut zstate) else { break };
+        b.mesh.receive(&mut b.engine, &z, &uid, alknet_actors::proto::sync::META_DOC, &m).unwrap();
+        if let Some(back) = b.mesh.generate(&b.engine, &z, &uid, alknet_actors::proto::sync::META_DOC).unwrap() {
+            zdoc.receive(&mut zstate, &back).unwrap();
+        }
+    }
+    assert!(b.engine.branch(&Scope::new("default", "q")).is_err(), "q was applied before its parent was known");
+    // Now `p` arrives from A: `q` comes with it.
+    sync(&mut a, &mut b, &uid);
+    assert!(b.engine.branch(&Scope::new("default", "p")).is_ok());
+    let got = b.engine.branch(&Scope::new("default", "q")).expect("q applied once its parent arrived");
+    assert_eq!(got.depth, 2);
 }

@@ -32,8 +32,8 @@ use crate::store::outbox;
 use crate::store::replica::{branch_record, own_changes, Applied};
 use crate::store::{Ids, StoreError, Tx};
 
-/// The outbox consumer that publishes this node's writes to its peers.
-pub const MESH_CONSUMER: &str = "mesh";
+/// The outbox consumer that publishes this node's writes to its peers (it never expires).
+pub const MESH_CONSUMER: &str = outbox::PUBLISHER;
 
 /// Increments kept per document before it is saved whole again.
 const DOC_PARTS_MAX: i64 = 64;
@@ -562,6 +562,25 @@ impl Mesh {
             0
         };
         let branches_arrived = meta.iter().any(|e| matches!(e, MetaEntry::Branch(_)));
+        if branches_arrived {
+            // A record whose parent was not known when it came stays in the document,
+            // unapplied; any record arriving now may be that parent. So every record of the
+            // document not yet in the tree is tried again (parents first: `apply_meta`).
+            let known: HashSet<Uid> = meta.iter().filter_map(|e| if let MetaEntry::Branch(b) = e { Some(b.uid) } else { None }).collect();
+            let conn = engine.tree().conn();
+            let earlier: Vec<MetaEntry> = self
+                .doc(conn, bucket.id, META_DOC)?
+                .entries()
+                .into_iter()
+                .filter_map(|(k, v)| match MetaEntry::decode(&k, &v) {
+                    Ok(MetaEntry::Branch(b)) if !known.contains(&b.uid) => Some(b),
+                    _ => None,
+                })
+                .filter(|b| matches!(crate::store::replica::branch_by_uid(conn, bucket.id, &b.uid), Ok(None)))
+                .map(MetaEntry::Branch)
+                .collect();
+            meta.extend(earlier);
+        }
         let ids = if branches_arrived || members_changed {
             Ids::Unbounded
         } else {

@@ -23,9 +23,10 @@
 //! - **Blobs.** iroh-blobs serves only members, and only hashes a bucket they belong to names
 //!   (a gate on every connection and request). Missing blobs are fetched in batches of up to
 //!   [`FETCH_BATCH_MAX`] hashes with one `GetMany` request each, at most [`FETCHES_MAX`] at a
-//!   time, each bounded by a timeout; what fails is retried from another peer that has it.
+//!   time, each bounded by a timeout; what fails is retried from another peer that has it,
+//!   and a blob a peer cannot serve is found per hash (the scheduler: [`super::fetch`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh::{Endpoint, EndpointAddr, RelayMode};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use super::fetch::{Attempt, FetchError, Fetches};
 use super::store::{WriteOp, WriteOutcome};
 use super::{Child, Names, NodeContext, NodeHandle};
 use crate::engine::mesh::{Adoption, MeshOp, MeshReply, Received};
@@ -50,10 +52,7 @@ use crate::proto::ticket::Ticket;
 pub const ANTI_ENTROPY: Duration = Duration::from_secs(10);
 /// How long a dial, a handshake or one frame's write may take.
 pub const NET_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most hashes in one fetch request.
-pub const FETCH_BATCH_MAX: usize = 512;
-/// Most fetch requests in flight.
-pub const FETCHES_MAX: usize = 4;
+pub use super::fetch::{FETCHES_MAX, FETCH_BATCH_MAX};
 /// How long one fetch request may take before it is abandoned (and retried).
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait between dials of a peer that is down.
@@ -507,6 +506,10 @@ pub struct MeshStatus {
     pub pending_fetches: usize,
     /// Blobs whose last fetch failed (retried).
     pub failed_fetches: usize,
+    /// Blobs no connected peer could serve (freed by their GC, or never there): asked for
+    /// again after a pause, or when a peer says it has them.
+    #[serde(default)]
+    pub unavailable_blobs: usize,
     /// Blobs fetched since start.
     pub fetched: u64,
     /// Buckets whose gossip topic this node joined.
@@ -534,8 +537,8 @@ pub enum MeshMsg {
     MembersChanged,
     /// Blobs to fetch from a peer that has them.
     Missing(NodeId, Vec<(ContentHash, u64)>),
-    /// A fetch request ended: what arrived, what did not.
-    Fetched { peer: NodeId, got: Vec<ContentHash>, failed: Vec<(ContentHash, u64)> },
+    /// A fetch batch ended: how each of its requests went.
+    Fetched(Vec<Attempt>),
     /// Make a ticket.
     Invite { bucket: String, expires_ms: i64, uses: u32, reply: RpcReplyPort<Result<String, String>> },
     /// Join with a ticket.
@@ -593,18 +596,9 @@ pub struct MeshState {
     me: NodeId,
     sessions: HashMap<NodeId, SessionSlot>,
     peers: HashMap<NodeId, PeerInfo>,
-    /// Blobs to fetch, with the peers known to have them.
-    wanted: HashMap<ContentHash, (u64, Vec<NodeId>)>,
-    queue: VecDeque<ContentHash>,
-    /// Hashes whose last fetch failed: queued again at the next tick (once a second), from
-    /// every connected peer, not in a tight loop.
-    retry: Vec<ContentHash>,
-    in_flight: usize,
-    /// Hashes some fetch is bringing now: never asked for twice at once (a `get` of a blob
-    /// that is arriving waits for that fetch instead of starting its own).
-    fetching: HashSet<ContentHash>,
-    failed: HashSet<ContentHash>,
-    fetched: u64,
+    /// Blobs to fetch, from whom, in which batches (a blob being fetched is never asked for
+    /// twice at once: a `get` of a blob that is arriving waits for that fetch).
+    fetches: Fetches,
     /// Users waiting for blobs.
     waiters: HashMap<ContentHash, Vec<RpcReplyPort<Result<(), String>>>>,
     /// When the store was last scanned for missing blobs.
@@ -641,13 +635,7 @@ impl Actor for MeshActor {
             me: my_id,
             sessions: HashMap::new(),
             peers: HashMap::new(),
-            wanted: HashMap::new(),
-            queue: VecDeque::new(),
-            retry: Vec::new(),
-            in_flight: 0,
-            fetching: HashSet::new(),
-            failed: HashSet::new(),
-            fetched: 0,
+            fetches: Fetches::default(),
             waiters: HashMap::new(),
             last_missing_scan: None,
             topics: HashMap::new(),
@@ -706,37 +694,22 @@ impl Actor for MeshActor {
             }
             MeshMsg::Missing(peer, blobs) => {
                 for (hash, size) in blobs {
-                    let entry = state.wanted.entry(hash).or_insert_with(|| (size, Vec::new()));
-                    if !entry.1.contains(&peer) {
-                        entry.1.push(peer);
-                    }
-                    if !state.fetching.contains(&hash) && !state.queue.contains(&hash) {
-                        state.queue.push_back(hash);
-                    }
+                    state.fetches.add(hash, size, &[peer], false);
                 }
                 pump_fetches(&me, state);
             }
-            MeshMsg::Fetched { peer, got, failed } => {
-                state.in_flight -= 1;
-                state.fetched += got.len() as u64;
-                for h in &got {
-                    state.fetching.remove(h);
-                    state.wanted.remove(h);
-                    state.failed.remove(h);
+            MeshMsg::Fetched(attempts) => {
+                let settled = state.fetches.finished(&attempts, Instant::now());
+                for h in &settled.landed {
                     for w in state.waiters.remove(h).unwrap_or_default() {
                         let _ = w.send(Ok(()));
                     }
                 }
-                for (h, _) in failed {
-                    state.fetching.remove(&h);
-                    state.failed.insert(h);
-                    if let Some(w) = state.wanted.get_mut(&h) {
-                        // Try the other peers first; this one again last. (The peer that told
-                        // us of a version may not have its bytes yet: it may be fetching them.)
-                        w.1.retain(|p| *p != peer);
-                        w.1.push(peer);
+                for h in &settled.unavailable {
+                    tracing::warn!(hash = %h, "no connected peer can serve a blob (freed by their GC, or never there); asked for again later");
+                    for w in state.waiters.remove(h).unwrap_or_default() {
+                        let _ = w.send(Err("no connected peer can serve its bytes (they may have been freed by the peers' GC); see `alkfs status`".into()));
                     }
-                    state.retry.push(h);
                 }
                 pump_fetches(&me, state);
             }
@@ -785,26 +758,17 @@ impl Actor for MeshActor {
             }
             MeshMsg::FetchNow { hash, size, reply } => {
                 let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
-                let entry = state.wanted.entry(hash).or_insert_with(|| (size, Vec::new()));
-                for p in connected {
-                    if !entry.1.contains(&p) {
-                        entry.1.push(p);
-                    }
-                }
-                if entry.1.is_empty() {
+                if connected.is_empty() && state.fetches.candidates(&hash).is_empty() {
                     let _ = reply.send(Err("its bytes are on a peer and no peer is connected: check `alkfs status` (peers)".into()));
                     return Ok(());
                 }
                 state.waiters.entry(hash).or_default().push(reply);
-                if !state.fetching.contains(&hash) {
-                    state.queue.retain(|h| *h != hash);
-                    state.queue.push_front(hash);
-                    pump_fetches(&me, state);
-                }
+                state.fetches.add(hash, size, &connected, true);
+                pump_fetches(&me, state);
             }
             MeshMsg::ReadRange { hash, size, offset, len, reply } => {
                 // Peers known to hold it first, then every connected one.
-                let mut peers: Vec<NodeId> = state.wanted.get(&hash).map(|(_, ps)| ps.clone()).unwrap_or_default();
+                let mut peers: Vec<NodeId> = state.fetches.candidates(&hash);
                 let others: Vec<NodeId> = state.sessions.keys().copied().filter(|p| !peers.contains(p)).collect();
                 peers.extend(others);
                 let Some(net) = state.net.clone() else {
@@ -933,36 +897,21 @@ async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
 async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     let Some(net) = state.net.clone() else { return };
     let scan_due = state.last_missing_scan.is_none_or(|t| t.elapsed() >= MISSING_SCAN);
-    if net.eager_fetch && scan_due && !state.sessions.is_empty() && state.queue.is_empty() && state.in_flight == 0 {
+    let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
+    if net.eager_fetch && scan_due && !connected.is_empty() && state.fetches.is_idle() {
         state.last_missing_scan = Some(Instant::now());
         if let Ok(MeshReply::Blobs(missing)) = mesh(&state.handle, MeshOp::Missing(MISSING_SCAN_MAX)).await {
-            let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
             for (hash, size) in missing {
-                if state.wanted.contains_key(&hash) {
-                    continue;
-                }
-                state.wanted.insert(hash, (size, connected.clone()));
-                state.queue.push_back(hash);
-            }
-            pump_fetches(me, state);
-        }
-    }
-    if !state.retry.is_empty() {
-        let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
-        for h in std::mem::take(&mut state.retry) {
-            if let Some(w) = state.wanted.get_mut(&h) {
-                for p in &connected {
-                    if !w.1.contains(p) {
-                        w.1.insert(0, *p);
-                    }
-                }
-                if !state.queue.contains(&h) {
-                    state.queue.push_back(h);
+                // One the scheduler knows (an unavailable one waiting out its pause among
+                // them) is left where it is.
+                if !state.fetches.is_wanted(&hash) {
+                    state.fetches.add(hash, size, &connected, false);
                 }
             }
         }
-        pump_fetches(me, state);
     }
+    state.fetches.tick(&connected, Instant::now());
+    pump_fetches(me, state);
     for s in state.sessions.values() {
         let _ = s.actor.cast(SessionMsg::Recheck);
     }
@@ -1127,28 +1076,12 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
 
 fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     let Some(net) = state.net.clone() else { return };
-    while state.in_flight < FETCHES_MAX && !state.queue.is_empty() {
-        // One batch: hashes whose first candidate is the same peer.
-        let Some(first) = state.queue.pop_front() else { break };
-        let Some((_, peers)) = state.wanted.get(&first) else { continue };
-        let Some(&peer) = peers.first() else { continue };
-        let mut batch = vec![(first, state.wanted[&first].0)];
-        let mut rest = VecDeque::new();
-        while let Some(h) = state.queue.pop_front() {
-            match state.wanted.get(&h) {
-                Some((size, ps)) if ps.first() == Some(&peer) && batch.len() < FETCH_BATCH_MAX => batch.push((h, *size)),
-                Some(_) => rest.push_back(h),
-                None => {}
-            }
-        }
-        state.queue = rest;
-        state.in_flight += 1;
-        state.fetching.extend(batch.iter().map(|(h, _)| *h));
+    while let Some((peer, batch)) = state.fetches.next_batch() {
         let (me2, index, content, handle) = (me.clone(), state.ctx.index.clone(), state.ctx.content.clone(), state.handle.clone());
         let endpoint = net.endpoint.clone();
         tokio::spawn(async move {
-            let (got, failed) = fetch_batch(&endpoint, &index, &content, &handle, peer, batch).await;
-            let _ = me2.cast(MeshMsg::Fetched { peer, got, failed });
+            let attempts = fetch_batch(&endpoint, &index, &content, &handle, peer, batch).await;
+            let _ = me2.cast(MeshMsg::Fetched(attempts));
         });
     }
 }
@@ -1158,54 +1091,75 @@ fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
 /// against their hash as they stream) into memory and land in `tree.db`: no trip through the
 /// iroh-blobs store, which would have written each one a second time (the blob actor indexes
 /// them later, as it does local writes). Larger ones go into the iroh-blobs store, which
-/// keeps their outboard, and are moved (not copied) from there into `content/`.
-async fn fetch_batch(
-    endpoint: &Endpoint,
-    index: &crate::index::BlobIndex,
-    content: &crate::content::ContentStore,
-    handle: &NodeHandle,
-    peer: NodeId,
-    batch: Vec<(ContentHash, u64)>,
-) -> (Vec<ContentHash>, Vec<(ContentHash, u64)>) {
+/// keeps their outboard, and are moved (not copied) from there into `content/`. Returns how
+/// each request went, for the scheduler to decide what did not arrive.
+async fn fetch_batch(endpoint: &Endpoint, index: &crate::index::BlobIndex, content: &crate::content::ContentStore, handle: &NodeHandle, peer: NodeId, batch: Vec<(ContentHash, u64)>) -> Vec<Attempt> {
     let (small, large): (Vec<_>, Vec<_>) = batch.iter().copied().partition(|(_, size)| *size as usize <= crate::content::INLINE_BYTES_MAX);
+    let mut attempts = Vec::new();
     let mut landed: Vec<(ContentHash, Option<Vec<u8>>)> = Vec::new();
+    let attempt = |asked: Vec<(ContentHash, u64)>, received: usize, error: Option<FetchError>| Attempt { peer, asked, received, landed: HashSet::new(), error };
     let conn = async {
         let id = endpoint_id(&peer).ok_or("bad peer id")?;
         tokio::time::timeout(NET_TIMEOUT, endpoint.connect(id, iroh_blobs::ALPN)).await.map_err(|_| "connect timeout".to_string())?.map_err(|e| e.to_string())
     }
     .await;
     match conn {
-        Err(e) => tracing::warn!(peer = %peer.short(), blobs = batch.len(), error = %e, "cannot reach a peer for blobs; tried again"),
+        Err(e) => {
+            tracing::warn!(peer = %peer.short(), blobs = batch.len(), error = %e, "cannot reach a peer for blobs; tried again");
+            for part in [small, large].into_iter().filter(|p| !p.is_empty()) {
+                attempts.push(attempt(part, 0, Some(FetchError::Unreachable(e.clone()))));
+            }
+        }
         Ok(conn) => {
             if !small.is_empty() {
                 let (got, error) = match tokio::time::timeout(FETCH_TIMEOUT, fetch_inline(conn.clone(), &small)).await {
-                    Ok(r) => r,
-                    Err(_) => (Vec::new(), Some("timed out".to_string())),
+                    Ok((got, error)) => (got, error.map(|e| stopped_or_gone(&conn, e))),
+                    Err(_) => (Vec::new(), Some(FetchError::Unreachable("timed out".into()))),
                 };
-                if let Some(e) = error {
-                    tracing::warn!(peer = %peer.short(), blobs = small.len(), arrived = got.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
+                if let Some(e) = &error {
+                    tracing::debug!(peer = %peer.short(), blobs = small.len(), arrived = got.len(), error = ?e, "a blob request ended early");
                 }
+                let received = got.len();
                 landed.extend(got.into_iter().map(|(h, bytes)| (h, Some(bytes))));
+                attempts.push(attempt(small, received, error));
             }
             if !large.is_empty() {
-                landed.extend(fetch_into_store(&conn, index, content, peer, &large).await.into_iter().map(|h| (h, None)));
+                let (received, got, error) = fetch_into_store(&conn, index, content, peer, &large).await;
+                landed.extend(got.into_iter().map(|h| (h, None)));
+                attempts.push(attempt(large, received, error));
             }
             conn.close(VarInt::from_u32(0), b"done");
         }
     }
-    let arrived: std::collections::HashSet<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
-    let mut failed: Vec<(ContentHash, u64)> = batch.into_iter().filter(|(h, _)| !arrived.contains(h)).collect();
-    // One transaction records the whole batch.
-    let got: Vec<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
+    // One transaction records the whole batch; what it could not record counts as not landed.
+    let got: HashSet<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
     match mesh(handle, MeshOp::BlobsArrived(landed)).await {
-        Ok(_) => (got, failed),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not record fetched blobs");
-            let sizes: std::collections::HashMap<ContentHash, u64> = small.iter().chain(&large).copied().collect();
-            failed.extend(got.into_iter().map(|h| (h, sizes[&h])));
-            (Vec::new(), failed)
+        Ok(_) => {
+            for a in &mut attempts {
+                a.landed = a.asked.iter().map(|(h, _)| *h).filter(|h| got.contains(h)).collect();
+            }
         }
+        Err(e) => tracing::warn!(error = %e, "could not record fetched blobs; fetched again"),
     }
+    attempts
+}
+
+/// A request's failure: the peer stopped the response (it could not serve the blob it stopped
+/// at), unless the connection itself is gone (the peer died or the network broke: nothing is
+/// known of that blob).
+fn stopped_or_gone(conn: &iroh::endpoint::Connection, error: String) -> FetchError {
+    match conn.close_reason() {
+        Some(reason) => FetchError::Unreachable(format!("{error} (connection closed: {reason})")),
+        None => FetchError::Stopped(error),
+    }
+}
+
+/// The ranges of a GetMany of `n` blobs: each whole, exactly `n` of them, so the response's
+/// decoder knows where it ends (`ChunkRangesSeq::all()` asks for unboundedly many children,
+/// and the decoder then reported every successful response as running past the request).
+fn whole_blobs(n: usize) -> iroh_blobs::protocol::ChunkRangesSeq {
+    use iroh_blobs::protocol::{ChunkRanges, ChunkRangesSeq};
+    ChunkRangesSeq::from_ranges(std::iter::repeat_n(ChunkRanges::all(), n))
 }
 
 /// Reads inline-tier blobs `want` from one GetMany response, each verified against its hash
@@ -1213,9 +1167,9 @@ async fn fetch_batch(
 /// checked before a byte is buffered. Returns what arrived before the first error, and it.
 async fn fetch_inline(conn: iroh::endpoint::Connection, want: &[(ContentHash, u64)]) -> (Vec<(ContentHash, Vec<u8>)>, Option<String>) {
     use iroh_blobs::get::fsm::{self, EndBlobNext};
-    use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
+    use iroh_blobs::protocol::GetManyRequest;
     let mut got = Vec::with_capacity(want.len());
-    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
+    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), whole_blobs(want.len()));
     let result: Result<(), String> = async {
         let mut child = match fsm::start_get_many(conn, req, Default::default()).await.map_err(|e| e.to_string())? {
             Ok(child) => child,
@@ -1330,39 +1284,44 @@ async fn read_range(endpoint: &Endpoint, index: &crate::index::BlobIndex, peers:
 }
 
 /// Fetches blobs above the inline tier into the iroh-blobs store in one GetMany request and
-/// moves each complete one into `content/` (fsynced). Returns those that landed.
+/// moves each complete one into `content/` (fsynced). Returns how many of `want`, from the
+/// first, arrived whole; those that landed; and why the response ended early, if it did.
 async fn fetch_into_store(
     conn: &iroh::endpoint::Connection,
     index: &crate::index::BlobIndex,
     content: &crate::content::ContentStore,
     peer: NodeId,
     want: &[(ContentHash, u64)],
-) -> Vec<ContentHash> {
-    use iroh_blobs::protocol::{ChunkRangesSeq, GetManyRequest};
+) -> (usize, Vec<ContentHash>, Option<FetchError>) {
+    use iroh_blobs::protocol::GetManyRequest;
     let store = index.store();
     // Tagged first, so iroh-blobs' own GC never takes one between its arrival and its landing.
     for (h, _) in want {
         let _ = store.tags().set(crate::index::tag_name(h), iroh_blobs::Hash::from_bytes(h.0)).await;
     }
-    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), ChunkRangesSeq::all());
+    let req = GetManyRequest::new(want.iter().map(|(h, _)| iroh_blobs::Hash::from_bytes(h.0)).collect(), whole_blobs(want.len()));
     let started = std::time::Instant::now();
     let arriving: Vec<_> = want.iter().filter(|(_, size)| *size >= WRITEBACK_FROM).map(|(h, _)| index.owned_data_path(h)).collect();
     let writeback = (!arriving.is_empty()).then(|| tokio::spawn(write_back_while_arriving(arriving)));
     let error = match tokio::time::timeout(FETCH_TIMEOUT, store.remote().execute_get_many(conn.clone(), req)).await {
         Ok(Ok(_)) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some("timed out".to_string()),
+        Ok(Err(e)) => Some(stopped_or_gone(conn, e.to_string())),
+        Err(_) => Some(FetchError::Unreachable("timed out".into())),
     };
     if let Some(task) = writeback {
         task.abort();
     }
-    if let Some(e) = error {
-        tracing::warn!(peer = %peer.short(), blobs = want.len(), error = %e, "a blob fetch failed; what did not arrive is tried again");
+    if let Some(e) = &error {
+        tracing::debug!(peer = %peer.short(), blobs = want.len(), error = ?e, "a blob request ended early");
     }
     let transferred = started.elapsed();
     let mut landed = Vec::new();
+    let mut received = 0;
+    let mut in_order = true;
     for &(h, _) in want {
         let hash = iroh_blobs::Hash::from_bytes(h.0);
+        in_order &= store.blobs().has(hash).await.unwrap_or(false);
+        received += usize::from(in_order);
         let result: Result<(), String> = async {
             let target = std::path::absolute(content.blob_path(&h)).map_err(|e| e.to_string())?;
             if target.exists() {
@@ -1390,7 +1349,7 @@ async fn fetch_into_store(
     }
     let bytes: u64 = want.iter().map(|(_, s)| s).sum();
     tracing::debug!(peer = %peer.short(), blobs = want.len(), bytes, transfer_ms = transferred.as_millis() as u64, land_ms = (started.elapsed() - transferred).as_millis() as u64, "fetched blobs into the content store");
-    landed
+    (received, landed, error)
 }
 
 fn status(state: &MeshState) -> MeshStatus {
@@ -1424,12 +1383,14 @@ fn status(state: &MeshState) -> MeshStatus {
         })
         .collect();
     peers.sort_by(|a, b| a.id.cmp(&b.id));
+    let counts = state.fetches.counts();
     MeshStatus {
         listen,
         peers,
-        pending_fetches: state.wanted.len(),
-        failed_fetches: state.failed.len(),
-        fetched: state.fetched,
+        pending_fetches: counts.pending,
+        failed_fetches: counts.failed,
+        unavailable_blobs: counts.unavailable,
+        fetched: counts.fetched,
         gossip_topics: state.topics.len(),
         gossip_neighbors: state.neighbors.load(std::sync::atomic::Ordering::Relaxed),
     }

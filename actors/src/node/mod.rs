@@ -15,6 +15,7 @@
 //! run in one process (tests under `cargo test`, benches).
 
 pub mod blobs;
+pub mod fetch;
 pub mod gc;
 pub mod mesh;
 pub mod outbox;

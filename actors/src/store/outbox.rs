@@ -181,25 +181,36 @@ pub fn consumers(conn: &Connection, active_since_ms: i64) -> Result<Vec<Consumer
     )?;
     let rows = st.query_map([TOPIC], |r| {
         let seen_ms: i64 = r.get(2)?;
-        Ok(Consumer { name: r.get(0)?, cursor: r.get(1)?, seen_ms, expired: seen_ms < active_since_ms })
+        let name: String = r.get(0)?;
+        let expired = seen_ms < active_since_ms && name != PUBLISHER;
+        Ok(Consumer { name, cursor: r.get(1)?, seen_ms, expired })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The consumer that publishes this node's writes to its peers (`engine::mesh`). What it has
+/// not read has not left this node yet, so it never expires: an event after its cursor is
+/// kept whatever its date and whoever else has read it.
+pub const PUBLISHER: &str = "mesh";
+
 /// Deletes the events no active consumer still needs: those every consumer seen since
 /// `active_since_ms` has passed; with no active consumer, those published before
 /// `active_since_ms`. Expired consumers hold nothing back, so one `watch` that never
-/// returns cannot make the outbox grow forever. Returns how many.
+/// returns cannot make the outbox grow forever, with one exception: the [`PUBLISHER`]
+/// never expires, and nothing after its cursor is pruned (a write it has not published
+/// would otherwise never reach the peers). Returns how many.
 pub fn prune(conn: &Connection, active_since_ms: i64) -> Result<usize, StoreError> {
     Ok(conn.execute(
         "WITH active AS (
              SELECT c.offset FROM _honker_stream_consumers c JOIN outbox_consumer s ON s.name = c.name
-             WHERE c.topic = ?1 AND s.seen_ms >= ?2)
-         DELETE FROM _honker_stream WHERE topic = ?1 AND (
-             CASE WHEN EXISTS (SELECT 1 FROM active)
+             WHERE c.topic = ?1 AND s.seen_ms >= ?2),
+         publisher AS (SELECT offset FROM _honker_stream_consumers WHERE topic = ?1 AND name = ?3)
+         DELETE FROM _honker_stream WHERE topic = ?1
+             AND offset <= COALESCE((SELECT offset FROM publisher), offset)
+             AND (CASE WHEN EXISTS (SELECT 1 FROM active)
                   THEN offset <= (SELECT MIN(offset) FROM active)
                   ELSE created_at * 1000 < ?2 END)",
-        params![TOPIC, active_since_ms],
+        params![TOPIC, active_since_ms, PUBLISHER],
     )?)
 }
 
