@@ -66,7 +66,10 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
             stopping: stopping_rx,
             client_timeout: std::time::Duration::from_secs(config.node.client_timeout_secs),
             retention: config.retention(),
+            acked_failures: Default::default(),
         };
+        // What mounts that ended had acknowledged and not committed (their journals).
+        let adopter = tokio::spawn(crate::control::adopt::run(server_ctx.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
         let server = tokio::spawn(server::serve(listener, server_ctx, async move {
             let _ = stop_rx.await;
@@ -80,6 +83,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let _ = stopping_tx.send(true);
         let _ = stop_tx.send(reason);
         let _ = server.await;
+        let _ = adopter.await;
         let escalated = reason == "escalation";
         if !escalated {
             node::stop(&sup).await;

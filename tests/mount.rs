@@ -13,102 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::mount::{can_mount, errno_of, is_mounted, rig, settle, sh, Mount, Rig, MOUNT_TIMEOUT};
 use common::{await_cond, precondition, Node, Store};
-
-/// How long a mount may take to appear or to go.
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Whether this machine can mount FUSE filesystems (CI installs fuse3; `/dev/fuse` is there).
-fn can_mount() -> bool {
-    precondition(Path::new("/dev/fuse").exists(), "/dev/fuse (FUSE) is not available here")
-        && precondition(common::have_tool("fusermount3") || Command::new("fusermount3").arg("-V").status().is_ok(), "fusermount3 (apt-get install fuse3)")
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
-}
-
-/// A running `alkfs mount`, unmounted and reaped when dropped.
-struct Mount {
-    child: std::process::Child,
-    dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Mount {
-    fn start(s: &Store, extra: &[&str]) -> Mount {
-        let dir = s.scratch().join(format!("mnt-{}", extra.join("-").replace(['/', ' '], "_")));
-        fs::create_dir_all(&dir).unwrap();
-        let log = s.scratch().join("mount.log");
-        let mut args = vec!["mount", dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let child = s.cmd(&args).stdout(Stdio::null()).stderr(File::create(&log).unwrap()).spawn().expect("spawn alkfs mount");
-        let mut m = Mount { child, dir, log };
-        await_cond(MOUNT_TIMEOUT, "the mount to appear", || {
-            if let Ok(Some(st)) = m.child.try_wait() {
-                panic!("alkfs mount exited with {st}: {}", fs::read_to_string(&m.log).unwrap_or_default());
-            }
-            is_mounted(&m.dir)
-        });
-        m
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.join(p.trim_start_matches('/'))
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if is_mounted(&self.dir) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.dir).status();
-        }
-    }
-}
-
-/// A store, its running node and a mount of it, dropped in that order reversed (the mount
-/// first). `None` where this machine cannot mount (a local run without FUSE).
-struct Rig {
-    m: Mount,
-    _node: Node,
-    s: Store,
-}
-
-fn rig() -> Option<Rig> {
-    if !can_mount() {
-        return None;
-    }
-    let s = Store::new();
-    let node = Node::start(&s, &[], &[]);
-    let m = Mount::start(&s, &[]);
-    Some(Rig { m, _node: node, s })
-}
-
-fn sh(dir: &Path, script: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("sh");
-    assert!(out.status.success(), "`{script}` failed in {}: {}{}", dir.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Waits until every file closed on the mount is committed (an fsync of its root
-/// directory drains the write-behind queue), so other processes (the CLI) see them.
-fn settle(m: &Mount) {
-    File::open(&m.dir).unwrap().sync_all().unwrap();
-}
-
-fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_os_error().unwrap_or(-1),
-    }
-}
 
 #[test]
 fn ordinary_tools_work_on_the_mount_and_what_they_write_is_what_the_cli_reads() {
@@ -575,7 +481,7 @@ fn time_travel_shows_the_branch_as_it_was_in_ls_get_and_a_read_only_mount() {
 fn a_name_made_elsewhere_in_a_directory_the_mount_made_shows_in_the_mount() {
     // The mount knows which names are absent in the directories it made (an untar asks for
     // each new name first); a change from elsewhere must end that knowledge.
-    let Some(Rig { m, _node, s }) = rig() else { return };
+    let Some(Rig { m, node: _node, s }) = rig() else { return };
     fs::create_dir_all(m.path("made/below")).unwrap();
     fs::write(m.path("made/mine"), b"from the mount").unwrap();
     assert!(!m.path("made/cli").exists() && !m.path("made/below/cli").exists());
@@ -603,7 +509,7 @@ fn a_name_made_elsewhere_in_a_directory_the_mount_made_shows_in_the_mount() {
 
 #[test]
 fn the_past_is_one_directory_away_in_a_mount_and_read_only() {
-    let Some(Rig { m, _node, s }) = rig() else { return };
+    let Some(Rig { m, node: _node, s }) = rig() else { return };
     fs::write(m.path("doc"), b"first").unwrap();
     fs::write(m.path("kept"), b"kept then removed").unwrap();
     settle(&m);
@@ -787,16 +693,23 @@ fn a_mount_batch_with_one_change_that_no_longer_fits_the_tree_commits_the_others
     let _node = Node::start(&s, &[], &[]);
     // What a mount's write-behind sends: a closed file (its staging file taken over by the
     // node) and a chmod of a directory that was removed elsewhere meanwhile.
-    let staging = s.data().join("content/staging/mount-4000000");
-    fs::create_dir_all(&staging).unwrap();
+    // (A mount's staging directory, locked as a running mount's is.)
+    let (staging, _lock) = alknet_fs::mount::journal::make_mount_dir(&s.data().join("content/staging")).unwrap();
     let bytes = common::random_bytes(100_000, 3);
     fs::write(staging.join("stage-a"), &bytes).unwrap();
-    let file = StagedFile { path: "/kept".into(), staging: Some(staging.join("stage-a")), data: None, hash: None, size: Some(bytes.len() as u64), mode: 0o644, mtime_ms: 1_000 };
-    let gone = StagedAttr { path: "/removed-elsewhere".into(), mode: Some(0o700), mtime_ms: None };
+    let seen = alknet_actors::store::acked::Seen::Opened(None);
+    let file = StagedFile { id: "t:1".into(), seen, path: "/kept".into(), staging: Some(staging.join("stage-a")), data: None, hash: None, size: Some(bytes.len() as u64), mode: 0o644, mtime_ms: 1_000 };
+    let gone = StagedAttr { id: "t:2".into(), path: "/removed-elsewhere".into(), mode: Some(0o700), mtime_ms: None };
     let scope = WireScope { bucket: "default".into(), branch: "main".into() };
     let node = Client::connect(s.data()).expect("the node's socket");
-    node.call(&Request::PutStaged { scope, items: vec![file], attrs: vec![gone], dirs: vec![] }).expect("the batch is answered");
+    let request = Request::PutStaged { scope, items: vec![file], attrs: vec![gone], dirs: vec![] };
+    let reply = node.call(&request).expect("the batch is answered");
+    assert!(matches!(&reply, alknet_fs::control::Reply::Staged { failed } if failed.is_empty()), "a chmod of a path gone meanwhile is moot, not a failure: {reply:?}");
     assert!(s.get_bytes("/kept") == bytes, "the file committed although the chmod could not");
+    assert!(!staging.join("stage-a").exists(), "the staging file is consumed by the commit that recorded it");
+    // Sent again (its answer lost, say), nothing is applied twice.
+    node.call(&request).expect("answered again");
+    assert_eq!(common::parse_json_array(&s.ok(&["log", "/kept", "--json"])).len(), 1, "one version of /kept");
 }
 
 /// An SSH client that trusts any host key: for the hostile client below.

@@ -17,7 +17,7 @@
 //! the write path. Local reads do not need the index: they stream the bytes and check the
 //! BLAKE3 as they go.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -291,13 +291,17 @@ impl ContentStore {
         self.staging_dir().join(format!("{MOUNT_STAGING_PREFIX}{pid}"))
     }
 
-    /// Takes over a staging file another process of this machine wrote (a mount's write
-    /// session): it must be a regular file directly inside a `staging/mount-*` directory, so a
-    /// request cannot make the node move any other file. [`finish`](Self::finish) then moves it
-    /// into place; dropping it deletes it.
-    pub fn adopt_staged(&self, path: &Path) -> Result<StagingFile, ContentError> {
+    /// A mount's closed file, a staging file another process of this machine wrote, made a
+    /// blob while the staging file stays where it is: it is consumed only by the commit that
+    /// records it (the caller removes it once that commit is done), so a commit that fails
+    /// can be sent again. It must be a regular file of `size` bytes directly inside a
+    /// `staging/mount-*` directory, so a request cannot make the node read any other file.
+    /// Small content is read inline; larger content is hashed unless `hash` is given (the
+    /// mount hashed its appends), fsynced, and hard-linked into place (no byte copied; the
+    /// directory fsynced after), unless the blob is there already.
+    pub fn import_staged(&self, path: &Path, hash: Option<ContentHash>, size: u64) -> Result<Imported, ContentError> {
         let refuse = |why: &str| ContentError::Io {
-            context: format!("adopt staging file {}", path.display()),
+            context: format!("take staging file {}", path.display()),
             source: io::Error::new(io::ErrorKind::InvalidInput, why.to_string()),
         };
         let parent = path.parent().ok_or_else(|| refuse("no parent directory"))?;
@@ -316,8 +320,35 @@ impl ContentStore {
         if !meta.file_type().is_file() {
             return Err(refuse("not a regular file"));
         }
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| ContentError::io("open staging file", e, &self.root))?;
-        Ok(StagingFile { tmp: tempfile::NamedTempFile::from_parts(file, tempfile::TempPath::try_from_path(path).map_err(|e| ContentError::io("adopt staging file", e, path))?) })
+        if meta.len() != size {
+            return Err(refuse(&format!("{} bytes, not the {size} written", meta.len())));
+        }
+        let io = |what: &str, e| ContentError::io(what.to_string(), e, &self.root);
+        let file = File::open(path).map_err(|e| io("open staging file", e))?;
+        if size <= INLINE_BYTES_MAX as u64 {
+            let mut data = Vec::with_capacity(size as usize);
+            (&file).take(size).read_to_end(&mut data).map_err(|e| io("read staging file", e))?;
+            return Ok(inline(data));
+        }
+        let hash = match hash {
+            Some(h) => h,
+            None => hash_file(&file).map_err(|e| io("hash staging file", e))?.0,
+        };
+        // Hold before looking: once held, GC cannot delete an existing copy we dedup onto.
+        let hold = self.holds.hold(hash);
+        let target = self.blob_path(&hash);
+        if !target.exists() {
+            file.sync_data().map_err(|e| io("fsync staging file", e))?;
+            let dir = target.parent().expect("blob path has a parent");
+            self.make_fan_out_durable(hash.0[0], dir).map_err(|e| io("create blob dir", e))?;
+            match fs::hard_link(path, &target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("link blob into place", e)),
+            }
+            sync_dir(dir).map_err(|e| io("fsync blob dir", e))?;
+        }
+        Ok(Imported { hash, size, inline: None, hold: Some(hold) })
     }
 
     /// A new staging file in `dir` (a mount's staging directory, created if missing).
@@ -484,7 +515,7 @@ impl StagingFile {
     }
 
     /// Leaves the file on disk (another process takes it over, see
-    /// [`ContentStore::adopt_staged`]) and returns its path.
+    /// [`ContentStore::import_staged`]) and returns its path.
     pub fn keep(self) -> Result<PathBuf, ContentError> {
         let path = self.tmp.path().to_path_buf();
         self.tmp.into_temp_path().keep().map_err(|e| ContentError::io("keep staging file", e.error, &path))
@@ -496,7 +527,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_mounts_staging_file_is_adopted_whichever_way_the_data_dir_is_named_and_no_other_file_is() {
+    fn a_mounts_staging_file_is_taken_whichever_way_the_data_dir_is_named_and_no_other_file_is() {
         let tmp = tempfile::tempdir().unwrap();
         let real = tmp.path().join("content");
         let node = ContentStore::open(&real).unwrap();
@@ -509,14 +540,25 @@ mod tests {
         staged.file().write_all(b"closed on the mount").unwrap();
         let path = staged.keep().unwrap();
         assert!(path.starts_with(&link));
-        assert!(node.adopt_staged(&path).is_ok(), "the node takes the mount's staging file");
+        let blob = node.import_staged(&path, None, 19).expect("the node takes the mount's staging file");
+        assert_eq!(blob.inline.as_deref(), Some(&b"closed on the mount"[..]));
+        assert!(path.exists(), "it stays until the commit that records it");
 
         let outside = tmp.path().join("mount-7");
         fs::create_dir_all(&outside).unwrap();
         fs::write(outside.join("stage-x"), b"not staged").unwrap();
-        assert!(node.adopt_staged(&outside.join("stage-x")).is_err(), "a file outside the staging dir is refused");
+        assert!(node.import_staged(&outside.join("stage-x"), None, 10).is_err(), "a file outside the staging dir is refused");
         let plain = node.staging_dir().join("stage-y");
         fs::write(&plain, b"the node's own staging").unwrap();
-        assert!(node.adopt_staged(&plain).is_err(), "only files in a mount's directory");
+        assert!(node.import_staged(&plain, None, 22).is_err(), "only files in a mount's directory");
+        // A large one is linked into place, and the staging file stays.
+        let big = vec![7u8; INLINE_BYTES_MAX + 1];
+        let staged = mount.stage_in(&mount.mount_staging_dir(7)).unwrap();
+        staged.file().write_all(&big).unwrap();
+        let path = staged.keep().unwrap();
+        assert!(node.import_staged(&path, None, big.len() as u64 + 1).is_err(), "another length than written is refused");
+        let blob = node.import_staged(&path, None, big.len() as u64).unwrap();
+        assert_eq!(fs::read(node.blob_path(&blob.hash)).unwrap(), big);
+        assert!(path.exists());
     }
 }

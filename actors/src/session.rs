@@ -118,7 +118,7 @@ impl WriteSession {
     }
 
     /// Ends the session without committing here: the staging file stays on disk for the node
-    /// to take over ([`ContentStore::adopt_staged`](crate::content::ContentStore::adopt_staged)).
+    /// to take over ([`ContentStore::import_staged`](crate::content::ContentStore::import_staged)).
     /// Returns its path, its length, and its hash when every write was an append (so the node
     /// need not read it again).
     pub fn hand_off(self) -> Result<(std::path::PathBuf, u64, Option<crate::proto::entry::ContentHash>), ContentError> {

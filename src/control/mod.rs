@@ -10,6 +10,7 @@
 //! reads the store directly (SQLite's WAL gives it a snapshot; blob files never change), so
 //! `ls`, `get`, `log` give the same answers with or without a node by construction.
 
+pub mod adopt;
 pub mod client;
 pub mod server;
 
@@ -48,11 +49,13 @@ pub enum Request {
     PutTree { scope: WireScope, path: String, src: PathBuf },
     /// Store the bytes that follow in data frames, up to an empty frame.
     PutStream { scope: WireScope, path: String },
-    /// Commit closed files of a mount in one transaction: the node takes over each staging
-    /// file (inside `content/staging/mount-*`), hashes it unless its hash is given (every
-    /// write was an append and the mount hashed them), and moves it into the content store.
-    /// `dirs` (a mount's queued mkdirs) commit before the files, and `attrs` (its queued
-    /// chmod/utimes of directories) after them, in the same transaction.
+    /// Commit changes a mount acknowledged (closed files, mkdirs, directories' chmod/utimes),
+    /// in one transaction when they all can: `dirs` first, then `items`, then `attrs`. The
+    /// node takes each staging file (inside `content/staging/mount-*`), hashes it unless its
+    /// hash is given (every write was an append and the mount hashed them), links it into the
+    /// content store, and removes it once the commit that records it is done. The answer,
+    /// [`Reply::Staged`], names the changes that did not commit (kept by the mount and sent
+    /// again); a change already committed (by its id) is not applied twice.
     PutStaged {
         scope: WireScope,
         items: Vec<StagedFile>,
@@ -65,8 +68,15 @@ pub enum Request {
     Symlink { scope: WireScope, path: String, target: String },
     /// Set the mode and/or mtime of a path, keeping its bytes.
     SetAttr { scope: WireScope, path: String, mode: Option<u32>, mtime_ms: Option<i64> },
-    /// Move to exactly `to` (rename(2)): a file or an empty directory there is replaced.
-    MoveOver { scope: WireScope, from: String, to: String },
+    /// Move to exactly `to` (rename(2)): a file or an empty directory there is replaced,
+    /// unless `noreplace` (RENAME_NOREPLACE: refused when `to` exists when it commits).
+    MoveOver {
+        scope: WireScope,
+        from: String,
+        to: String,
+        #[serde(default)]
+        noreplace: bool,
+    },
     /// Remove.
     Remove { scope: WireScope, path: String, recursive: bool },
     /// Rename.
@@ -113,6 +123,10 @@ pub enum Request {
 /// One closed file of a mount, for [`Request::PutStaged`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StagedFile {
+    /// The change's id (unique: the mount's id and its ticket).
+    pub id: String,
+    /// The version its writer opened (its predecessor).
+    pub seen: alknet_actors::store::acked::Seen,
     /// Where it goes.
     pub path: String,
     /// Its staging file (a file of more than the inline limit).
@@ -130,9 +144,20 @@ pub struct StagedFile {
     pub mtime_ms: i64,
 }
 
+/// A change of a [`Request::PutStaged`] that did not commit, and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailedChange {
+    /// Its id.
+    pub id: String,
+    /// Why, for the user.
+    pub error: String,
+}
+
 /// A queued mkdir of a mount, for [`Request::PutStaged`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StagedDir {
+    /// The change's id.
+    pub id: String,
     /// Where.
     pub path: String,
     /// Permission bits.
@@ -144,7 +169,9 @@ pub struct StagedDir {
 /// A queued attribute change of a mount, for [`Request::PutStaged`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StagedAttr {
-    /// Whose (it must exist).
+    /// The change's id.
+    pub id: String,
+    /// Whose (gone meanwhile: nothing to do).
     pub path: String,
     /// New permission bits.
     pub mode: Option<u32>,
@@ -178,6 +205,8 @@ pub enum Reply {
     Joined { bucket: String, inviter: String },
     /// Bytes, base64.
     Data { data: String },
+    /// Changes of a [`Request::PutStaged`] that did not commit (the others did).
+    Staged { failed: Vec<FailedChange> },
     /// The request failed; the message is for the user.
     Error { message: String },
 }
@@ -218,6 +247,13 @@ pub struct Status {
     /// Each shared bucket's members.
     #[serde(default)]
     pub members: Vec<BucketMembers>,
+    /// Changes mounts acknowledged that failed to commit since the node started (each is
+    /// kept by its mount and sent again: a full disk, say).
+    #[serde(default)]
+    pub acked_failures: u64,
+    /// The last of those: when (ms since the epoch) and why.
+    #[serde(default)]
+    pub acked_last_failure: Option<(i64, String)>,
 }
 
 /// The members of one bucket, for `status`.

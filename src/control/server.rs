@@ -22,7 +22,6 @@ use alknet_actors::gc::Retention;
 use alknet_actors::node::store::{WriteOp, WriteOutcome};
 use alknet_actors::node::{Child, NodeHandle};
 use alknet_actors::proto::frame::{self, CONTROL_FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
-use alknet_actors::content::hash_file;
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::ids::VersionRef;
 use alknet_actors::proto::path::TreePath;
@@ -32,7 +31,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Reply, Request, Status, WireScope};
+use super::{FailedChange, Reply, Request, Status, WireScope};
+use alknet_actors::engine::acked::{Acked, AckedChange};
 
 /// Connections served at once; more wait in the listen backlog.
 pub const CONNECTIONS_MAX: usize = 64;
@@ -68,6 +68,26 @@ pub struct ServerCtx {
     pub client_timeout: Duration,
     /// The configured retention (for `gc` without flags, and consumers' expiry in status).
     pub retention: Retention,
+    /// Mounts' acknowledged changes that did not commit (for `status`).
+    pub acked_failures: AckedFailures,
+}
+
+/// How many of the mounts' acknowledged changes failed to commit since the node started
+/// (each is kept by its mount and sent again), and the last reason: `status` shows them.
+#[derive(Clone, Default)]
+pub struct AckedFailures(Arc<std::sync::Mutex<(u64, Option<(i64, String)>)>>);
+
+impl AckedFailures {
+    fn note(&self, n: u64, error: &str) {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f.0 += n;
+        f.1 = Some((engine::now_ms(), error.to_string()));
+    }
+
+    /// The count, and when the last one failed and why.
+    pub fn get(&self) -> (u64, Option<(i64, String)>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Serves `listener` until `shutdown` resolves, then waits for requests in flight.
@@ -238,43 +258,6 @@ async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<R
     }
 }
 
-/// What a mount's closed file carries, checked.
-enum Checked {
-    /// Small content in the request.
-    Bytes(Vec<u8>),
-    /// A staging file, with the hash the mount computed if any.
-    File(PathBuf, Option<ContentHash>),
-}
-
-/// Checks a mount's closed file before anything is moved: its path, its bytes or its
-/// staging file (there, with the length the mount wrote), its hash. A batch with one bad
-/// file is refused whole and untouched, so the mount can resend the others.
-fn check_staged(item: &super::StagedFile) -> Result<(TreePath, Checked)> {
-    let dest = path(&item.path)?;
-    let hash = match &item.hash {
-        Some(h) => Some(ContentHash::from_hex(h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
-        None => None,
-    };
-    let checked = match (&item.data, &item.staging) {
-        (Some(data), None) => {
-            let bytes = data_encoding::BASE64.decode(data.as_bytes()).map_err(|e| anyhow!("{}: malformed bytes: {e}", item.path))?;
-            if bytes.len() > alknet_actors::content::INLINE_BYTES_MAX || item.size.is_some_and(|n| n != bytes.len() as u64) {
-                bail!("{}: {} bytes sent inline: at most {} and the length written", item.path, bytes.len(), alknet_actors::content::INLINE_BYTES_MAX);
-            }
-            Checked::Bytes(bytes)
-        }
-        (None, Some(staging)) => {
-            let len = std::fs::symlink_metadata(staging).with_context(|| staging.display().to_string())?.len();
-            if item.size.is_some_and(|want| want != len) || (hash.is_some() && item.size.is_none()) {
-                bail!("{}: the staged file is {len} bytes, not the {:?} written: refusing it (nothing was committed)", staging.display(), item.size);
-            }
-            Checked::File(staging.clone(), hash)
-        }
-        _ => bail!("{}: a closed file carries either its bytes or a staging file", item.path),
-    };
-    Ok((dest, checked))
-}
-
 /// `mode` of `what`, if it is permission bits only (a request cannot set a file type).
 fn check_mode(what: &str, mode: u32) -> Result<u32> {
     if mode > 0o7777 {
@@ -283,33 +266,101 @@ fn check_mode(what: &str, mode: u32) -> Result<u32> {
     Ok(mode)
 }
 
-/// A queued mkdir, checked: a path below the root, and permission bits only.
-fn check_dir(d: &super::StagedDir) -> Result<CommitItem> {
-    Ok(alknet_actors::engine::import::dir_item(path(&d.path)?, check_mode(&d.path, d.mode)?, d.mtime_ms))
+/// A mount's acknowledged changes prepared for their commit, in the order they commit
+/// (directories, files, attribute changes), with the staging file of each file that has
+/// one (removed once its commit is done); and those refused before any commit.
+struct Prepared {
+    changes: Vec<AckedChange>,
+    staging: Vec<Option<PathBuf>>,
+    refused: Vec<FailedChange>,
 }
 
-/// A queued attribute change, checked: a path, and permission bits only.
-fn check_attr(a: &super::StagedAttr) -> Result<alknet_actors::engine::AttrItem> {
-    let mode = a.mode.map(|m| check_mode(&a.path, m)).transpose()?;
-    Ok((TreePath::parse(&a.path)?, mode, a.mtime_ms))
-}
-
-/// A checked closed file made a commit item: small bytes imported inline, or its staging
-/// file taken over, hashed unless the mount did, and moved into place.
-fn take_staged(content: &ContentStore, item: &super::StagedFile, dest: TreePath, checked: Checked) -> Result<CommitItem> {
-    let blob = match checked {
-        Checked::Bytes(bytes) => content.import_reader(&bytes[..], |_| {})?,
-        Checked::File(staging, hash) => {
-            let staged = content.adopt_staged(&staging)?;
-            let (hash, size) = match hash {
-                Some(h) => (h, item.size.unwrap_or(0)),
-                None => hash_file(staged.file()).with_context(|| format!("hashing {}", staging.display()))?,
-            };
-            content.finish(staged, hash, size)?
+/// Checks each change and makes the blob of each file: small bytes inline, a staging file
+/// hashed (unless the mount did) and linked into the content store, where it stays until
+/// its commit is done. A staging file already gone means the change was committed by an
+/// earlier request whose answer was lost (the commit checks it was).
+fn prepare_staged(content: &ContentStore, dirs: &[super::StagedDir], items: &[super::StagedFile], attrs: &[super::StagedAttr]) -> Prepared {
+    let mut p = Prepared { changes: Vec::new(), staging: Vec::new(), refused: Vec::new() };
+    let mut take = |id: &str, what: Result<(Acked, Option<PathBuf>)>| match what {
+        Ok((what, staging)) => {
+            p.changes.push(AckedChange { id: id.to_string(), what });
+            p.staging.push(staging);
         }
+        Err(e) => p.refused.push(FailedChange { id: id.to_string(), error: format!("{e:#}") }),
     };
-    let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: item.mode & 0o7777, mtime_ms: item.mtime_ms };
-    Ok((dest, entry, blob))
+    for d in dirs {
+        take(&d.id, (|| Ok((Acked::Dir { path: path(&d.path)?, mode: check_mode(&d.path, d.mode)?, mtime_ms: d.mtime_ms }, None)))());
+    }
+    for f in items {
+        take(&f.id, prepare_file(content, f));
+    }
+    for a in attrs {
+        take(&a.id, (|| Ok((Acked::Attr { path: TreePath::parse(&a.path)?, mode: a.mode.map(|m| check_mode(&a.path, m)).transpose()?, mtime_ms: a.mtime_ms }, None)))());
+    }
+    p
+}
+
+/// One closed file's blob (see [`prepare_staged`]).
+fn prepare_file(content: &ContentStore, f: &super::StagedFile) -> Result<(Acked, Option<PathBuf>)> {
+    let dest = path(&f.path)?;
+    let hash = match &f.hash {
+        Some(h) => Some(ContentHash::from_hex(h).ok_or_else(|| anyhow!("malformed hash {h:?}: 64 hex digits expected"))?),
+        None => None,
+    };
+    let (blob, staging) = match (&f.data, &f.staging) {
+        (Some(data), None) => {
+            let bytes = data_encoding::BASE64.decode(data.as_bytes()).map_err(|e| anyhow!("{}: malformed bytes: {e}", f.path))?;
+            if bytes.len() > alknet_actors::content::INLINE_BYTES_MAX || f.size.is_some_and(|n| n != bytes.len() as u64) {
+                bail!("{}: {} bytes sent inline: at most {} and the length written", f.path, bytes.len(), alknet_actors::content::INLINE_BYTES_MAX);
+            }
+            (content.import_reader(&bytes[..], |_| {})?, None)
+        }
+        (None, Some(staging)) => {
+            let size = f.size.ok_or_else(|| anyhow!("{}: a staging file comes with the length written", f.path))?;
+            if !staging.exists() {
+                return Ok((Acked::Recorded, None));
+            }
+            (content.import_staged(staging, hash, size)?, Some(staging.clone()))
+        }
+        _ => bail!("{}: a closed file carries either its bytes or a staging file", f.path),
+    };
+    let entry = Entry { kind: EntryKind::File, hash: blob.hash, size: blob.size, mode: f.mode & 0o7777, mtime_ms: f.mtime_ms };
+    Ok((Acked::File { path: dest, entry, blob, seen: f.seen.clone() }, staging))
+}
+
+/// Commits a mount's acknowledged changes ([`Request::PutStaged`], or the journal of a mount
+/// that died): returns those that did not commit, which the mount keeps and sends again.
+/// An error means none was looked at (the node is stopping or its store restarting).
+pub(crate) async fn put_staged(ctx: &ServerCtx, scope: Scope, dirs: Vec<super::StagedDir>, items: Vec<super::StagedFile>, attrs: Vec<super::StagedAttr>) -> Result<Vec<FailedChange>> {
+    let changes = items.len() + attrs.len() + dirs.len();
+    if changes > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
+        bail!("{changes} changes in one commit; the limit is {}", alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
+    }
+    let content = ctx.content.clone();
+    let Prepared { changes, staging, mut refused } = blocking(move || Ok(prepare_staged(&content, &dirs, &items, &attrs))).await?;
+    let ids: Vec<String> = changes.iter().map(|c| c.id.clone()).collect();
+    let results = match write(ctx, WriteOp::CommitAcked { scope, changes }).await? {
+        WriteOutcome::Acked(r) => r,
+        other => bail!("unexpected store outcome {other:?}"),
+    };
+    for ((id, result), staged) in ids.into_iter().zip(results).zip(staging) {
+        match result {
+            // Consumed by the commit that recorded it, and only then.
+            Ok(_) => {
+                if let Some(p) = staged {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            Err(error) => refused.push(FailedChange { id, error }),
+        }
+    }
+    if !refused.is_empty() {
+        for f in &refused {
+            tracing::warn!(change = %f.id, error = %f.error, "a mount's change did not commit; it stays staged and is sent again");
+        }
+        ctx.acked_failures.note(refused.len() as u64, &refused[0].error);
+    }
+    Ok(refused)
 }
 
 async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
@@ -344,55 +395,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             Reply::Count { count }
         }
         Request::PutStream { .. } => bail!("internal: streamed puts are served by put_stream"),
-        Request::PutStaged { scope: s, items, attrs, dirs } => {
-            let changes = items.len() + attrs.len() + dirs.len();
-            if changes > alknet_actors::proto::limits::COMMIT_ENTRIES_MAX {
-                bail!("{changes} changes in one commit; the limit is {}", alknet_actors::proto::limits::COMMIT_ENTRIES_MAX);
-            }
-            let attrs = attrs.iter().map(check_attr).collect::<Result<Vec<_>>>()?;
-            let dirs = dirs.iter().map(check_dir).collect::<Result<Vec<_>>>()?;
-            let content = ctx.content.clone();
-            let (commit, mut failed) = blocking(move || {
-                // Checked whole first: a refusal here moved nothing, and the mount can send
-                // the files again (one by one).
-                let checked = items.iter().map(check_staged).collect::<Result<Vec<_>>>()?;
-                // From here on the staging files move into the content store: the mount
-                // cannot send them again, so each that fails is reported and the others go on.
-                let mut failed = Vec::new();
-                let mut commit: Vec<CommitItem> = dirs; // directories first: files may go into them
-                for (item, (dest, checked)) in items.iter().zip(checked) {
-                    match take_staged(&content, item, dest, checked) {
-                        Ok(c) => commit.push(c),
-                        Err(e) => failed.push(format!("{}: {e:#}", item.path)),
-                    }
-                }
-                Ok((commit, failed))
-            })
-            .await?;
-            let scope = scope(s);
-            let mut count = (commit.len() + attrs.len()) as u64;
-            let whole = WriteOp::Commit { scope: scope.clone(), items: commit.clone(), attrs: attrs.clone() };
-            if let Err(e) = write(ctx, whole).await {
-                // One change that no longer fits the tree (its directory removed elsewhere, a
-                // file where a directory was made) must not lose the others: each alone.
-                tracing::debug!(error = %e, "a mount's batch did not commit whole; committing its changes one by one");
-                count = 0;
-                let singles = commit.into_iter().map(|c| (c.0.to_string(), vec![c], vec![])).chain(attrs.into_iter().map(|a| (a.0.to_string(), vec![], vec![a])));
-                for (path, items, attrs) in singles {
-                    match write(ctx, WriteOp::Commit { scope: scope.clone(), items, attrs }).await {
-                        Ok(_) => count += 1,
-                        Err(e) => failed.push(format!("{path}: {e:#}")),
-                    }
-                }
-                if count == 0 {
-                    return Err(e);
-                }
-            }
-            for f in &failed {
-                tracing::warn!(change = %f, "a mount's change could not be committed (the others were)");
-            }
-            Reply::Count { count }
-        }
+        Request::PutStaged { scope: s, items, attrs, dirs } => Reply::Staged { failed: put_staged(ctx, scope(s), dirs, items, attrs).await? },
         Request::Symlink { scope: s, path: p, target } => {
             let dest = path(&p)?;
             if target.is_empty() || target.len() > alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX || target.contains('\0') {
@@ -406,8 +409,8 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             WriteOutcome::Seqs(v) => Reply::Seq { seq: v.first().copied().unwrap_or(0) },
             _ => Reply::Done,
         },
-        Request::MoveOver { scope: s, from, to } => {
-            write(ctx, WriteOp::MoveOver { scope: scope(s), from: path(&from)?, to: path(&to)? }).await?;
+        Request::MoveOver { scope: s, from, to, noreplace } => {
+            write(ctx, WriteOp::MoveOver { scope: scope(s), from: path(&from)?, to: path(&to)?, noreplace }).await?;
             Reply::Done
         }
         Request::Remove { scope: s, path: p, recursive } => match write(ctx, WriteOp::Remove { scope: scope(s), path: path(&p)?, recursive }).await? {
@@ -554,6 +557,7 @@ async fn status(ctx: &ServerCtx) -> Result<Status> {
     })
     .await?;
     let (outbox_cursor, outbox_head) = ctx.node.outbox_stats().await?;
+    let (acked_failures, acked_last_failure) = ctx.acked_failures.get();
     Ok(Status {
         node_id: ctx.node_id.clone(),
         pid: std::process::id(),
@@ -570,6 +574,8 @@ async fn status(ctx: &ServerCtx) -> Result<Status> {
         consumers,
         mesh: ctx.node.mesh_status().await.ok(),
         members,
+        acked_failures,
+        acked_last_failure,
     })
 }
 

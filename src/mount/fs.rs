@@ -28,6 +28,8 @@ use alknet_actors::engine::{Access, Engine, EngineError, Scope};
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
 use alknet_actors::proto::limits::SYMLINK_TARGET_BYTES_MAX;
 use alknet_actors::proto::path::{PathError, TreePath};
+use alknet_actors::proto::ids::VersionId;
+use alknet_actors::store::acked::Seen;
 use alknet_actors::store::read::{self, View};
 use alknet_actors::store::StoreError;
 
@@ -218,12 +220,15 @@ struct Open {
     /// version before every real one. What only O_TRUNC or O_CREAT changed commits at the
     /// last release.
     written: bool,
+    /// What the session's writer opened: the version its close replaces (a version that
+    /// arrived meanwhile is concurrent with it, and one of the two a listed loser).
+    seen: Seen,
 }
 
 impl Open {
     /// No session yet, nothing to commit; `mtime_ms`: when it was opened.
     fn new(writers: usize, fresh: bool, mtime_ms: i64) -> Self {
-        Open { session: None, writers, dirty: false, mtime_ms, unlinked: false, fresh, queued: None, failed: None, written: false }
+        Open { session: None, writers, dirty: false, mtime_ms, unlinked: false, fresh, queued: None, failed: None, written: false, seen: Seen::Opened(None) }
     }
 }
 
@@ -231,6 +236,8 @@ impl Open {
 #[derive(Clone, Debug)]
 struct Queued {
     ticket: u64,
+    /// What its writer had opened.
+    seen: Seen,
     /// Its bytes: small ones in memory, others in the staging file.
     bytes: ClosedBytes,
     size: u64,
@@ -377,6 +384,10 @@ pub struct MountFs {
     committer: Option<super::commits::Committer>,
     /// Something was sent to the node since [`sync`](Self::sync) last synced its log.
     unsynced: std::sync::atomic::AtomicBool,
+    /// The lock on the staging directory, held while the mount runs: a directory whose lock
+    /// nobody holds is a dead mount's, and the node adopts its journal (see
+    /// [`super::journal`]).
+    _staging_lock: Option<std::fs::File>,
 }
 
 impl MountFs {
@@ -398,13 +409,20 @@ impl MountFs {
                 anyhow::anyhow!("no node runs on {}: start it with `alkfs --data {} node run` (or mount --read-only)", dir.display(), dir.display())
             })?)
         };
-        let staging_dir = reader.content().mount_staging_dir(std::process::id());
-        let spill = Spill { content: reader.content().clone(), dir: staging_dir.clone() };
-        let committer = match Client::connect(dir) {
-            Some(c) if !read_only => Some(super::commits::Committer::start(c, WireScope { bucket: scope.bucket.clone(), branch: scope.branch.clone() })),
-            _ => None,
+        // A writable mount journals what it acknowledges in a staging directory of its own,
+        // locked while it runs; a read-only one never stages anything.
+        let (staging_dir, staging_lock, committer) = match Client::connect(dir) {
+            Some(c) if !read_only => {
+                let (staging_dir, lock) = super::journal::make_mount_dir(&reader.content().staging_dir())
+                    .map_err(|e| anyhow::anyhow!("making the mount's staging directory in {}: {e}", reader.content().staging_dir().display()))?;
+                let wire = WireScope { bucket: scope.bucket.clone(), branch: scope.branch.clone() };
+                let journal = super::journal::Journal::create(&staging_dir, wire.clone()).map_err(|e| anyhow::anyhow!("starting the mount's journal in {}: {e}", staging_dir.display()))?;
+                let mount_id = staging_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                (staging_dir, Some(lock), Some(super::commits::Committer::start(c, wire, journal, mount_id)))
+            }
+            _ => (reader.content().mount_staging_dir(std::process::id()), None, None),
         };
-        clear_dead_staging(&reader.content().staging_dir());
+        let spill = Spill { content: reader.content().clone(), dir: staging_dir.clone() };
         Ok(MountFs {
             dir: dir.to_path_buf(),
             scope,
@@ -418,6 +436,7 @@ impl MountFs {
             changes: Mutex::new(()),
             committer,
             unsynced: std::sync::atomic::AtomicBool::new(false),
+            _staging_lock: staging_lock,
         })
     }
 
@@ -607,11 +626,8 @@ impl MountFs {
     /// rather than a mount that hangs: the closes stay queued and are retried.
     pub fn settle(&self) -> FsResult<()> {
         match &self.committer {
-            Some(c) if !c.drain(SETTLE_TIMEOUT) => Err(errno(
-                libc::EIO,
-                format!("closed files are not committed after {}s: is the node running? (they stay queued and are retried)", SETTLE_TIMEOUT.as_secs()),
-            )),
-            _ => Ok(()),
+            Some(c) => c.drain(SETTLE_TIMEOUT).map_err(|why| errno(if why.contains("disk") && why.contains("full") { libc::ENOSPC } else { libc::EIO }, why)),
+            None => Ok(()),
         }
     }
 
@@ -672,6 +688,35 @@ impl MountFs {
         }
         let row = read::live(self.reader().tree().conn(), &self.view, path)?;
         Ok(row.and_then(|r| r.version.entry))
+    }
+
+    /// The live entry at `path` and the branch's own newest version of it (its head), read
+    /// in one snapshot: what a writer opens, and the version its close will replace.
+    fn entry_and_head(&self, path: &TreePath) -> FsResult<(Option<Entry>, Option<VersionId>)> {
+        if path.is_root() || self.state().fresh.as_ref().is_some_and(|f| f.absent(path)) {
+            return Ok((self.entry(path)?, None));
+        }
+        let reader = self.reader();
+        let conn = reader.tree().conn();
+        let snapshot = conn.unchecked_transaction().map_err(StoreError::from)?;
+        let head = read::own_head(&snapshot, self.view.links[0].branch, path)?;
+        let row = read::live(&snapshot, &self.view, path)?;
+        drop(snapshot);
+        Ok((row.and_then(|r| r.version.entry), head))
+    }
+
+    /// What a write session of inode `ino` at `path` starting now replaces: the version
+    /// this mount's queued close of it will write, or else the branch's head of the path.
+    fn seen_now(&self, ino: u64, path: &TreePath) -> FsResult<Seen> {
+        if let (Some(q), Some(c)) = (self.queued(ino), &self.committer) {
+            let or = match q.seen {
+                Seen::Opened(v) => v,
+                Seen::After { or, .. } => or,
+                Seen::AtCommit => None,
+            };
+            return Ok(Seen::After { change: c.change_id(q.ticket), or });
+        }
+        Ok(Seen::Opened(self.entry_and_head(path)?.1))
     }
 
     /// Looks `name` up in directory `parent` and counts the lookup (FUSE forgets it later).
@@ -889,7 +934,13 @@ impl MountFs {
         if joined {
             self.join_session(ino, path, true, Some(mode & 0o7777))?;
         } else {
-            // A new (or emptied) file: an empty session, nothing to read from the tree.
+            // A new (or emptied) file: an empty session, nothing to read from the tree. What
+            // it replaces: nothing, if the path was seen absent (the store takes a deletion
+            // at its head for that); else what is there now.
+            let seen = match existing {
+                None => Seen::Opened(None),
+                Some(_) => self.seen_now(ino, path)?,
+            };
             let session = Staged::empty(path.clone(), mode & 0o7777);
             let fresh = existing.is_none();
             let now = alknet_actors::engine::now_ms();
@@ -900,6 +951,7 @@ impl MountFs {
             open.dirty = true;
             open.fresh |= fresh; // a close of it still queued is not in the tree either
             open.mtime_ms = now;
+            open.seen = seen;
         }
         let fh = self.add_handle(Handle::Write { ino, append: how.append, owner: how.owner });
         let attr = self.staged(ino, true).ok_or_else(|| errno(libc::EIO, "the new file's session vanished"))?;
@@ -914,8 +966,7 @@ impl MountFs {
             self.settle()?; // a new session starts from the committed bytes
         }
         if !has_session {
-            let mut session = self.new_session(path, truncate)?;
-            let fresh = self.entry(path)?.is_none();
+            let (mut session, seen, fresh) = self.new_session(ino, path, truncate)?;
             if let Some(mode) = new_mode {
                 session.set_mode(mode);
             }
@@ -925,6 +976,7 @@ impl MountFs {
             open.session = Some(session);
             open.fresh = fresh;
             open.dirty |= truncate || fresh;
+            open.seen = seen;
         } else if truncate {
             let mut st = self.state();
             if let Some(s) = st.open.get_mut(&ino).and_then(|o| o.session.as_mut()) {
@@ -938,26 +990,36 @@ impl MountFs {
         Ok(())
     }
 
-    /// A new session on `path`: empty with `truncate`, else holding the committed bytes
-    /// (fetched from peers first if they are not here yet); in memory while small.
-    fn new_session(&self, path: &TreePath, truncate: bool) -> FsResult<Staged> {
-        let entry = self.entry(path)?;
+    /// A new session of inode `ino` at `path`: empty with `truncate`, else holding the
+    /// committed bytes (fetched from peers first if they are not here yet); in memory while
+    /// small. With it, the version it replaces (read in the same snapshot as the bytes), and
+    /// whether the path is absent from the tree.
+    fn new_session(&self, ino: u64, path: &TreePath, truncate: bool) -> FsResult<(Staged, Seen, bool)> {
+        let (entry, head) = self.entry_and_head(path)?;
         if let Some(e) = &entry {
             if e.kind == EntryKind::Dir {
                 return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
             }
         }
+        // A close of it still queued (a truncating open does not wait for it): the version
+        // that close writes is what this session replaces.
+        let seen = match self.queued(ino) {
+            Some(_) => self.seen_now(ino, path)?,
+            None => Seen::Opened(head),
+        };
+        let absent = entry.is_none();
         let mode = entry.as_ref().map(|e| e.mode).unwrap_or(alknet_actors::engine::FILE_MODE_DEFAULT);
-        let Some(e) = entry.filter(|_| !truncate) else { return Ok(Staged::empty(path.clone(), mode)) };
+        let Some(e) = entry.filter(|_| !truncate) else { return Ok((Staged::empty(path.clone(), mode), seen, absent)) };
         if e.kind == EntryKind::File && !self.reader().has_bytes(&e.hash)? {
             self.fetch(&e)?;
         }
         if e.size <= alknet_actors::content::INLINE_BYTES_MAX as u64 {
             let mut data = Vec::with_capacity(e.size as usize);
             self.reader().read_entry(&e, &mut data, |_| {})?;
-            return Ok(Staged::Memory { path: path.clone(), mode, data });
+            return Ok((Staged::Memory { path: path.clone(), mode, data }, seen, absent));
         }
-        Ok(Staged::File(Box::new(self.reader().open_session_in(&self.scope, path, false, Some(&self.staging_dir))?)))
+        let session = self.reader().session_of(path, Some(&e), mode, Some(&self.staging_dir))?;
+        Ok((Staged::File(Box::new(session)), seen, absent))
     }
 
     /// The bytes of `entry` for a read handle. A small blob still on a peer is fetched first
@@ -1098,34 +1160,35 @@ impl MountFs {
         if self.queued(ino).is_some() {
             self.settle()?;
         }
-        let session = self.new_session(&path, false)?;
+        let (session, seen, _) = self.new_session(ino, &path, false)?;
         let mut st = self.state();
         let now = alknet_actors::engine::now_ms();
         let open = st.open.entry(ino).or_insert(Open::new(1, false, now));
         open.session = Some(session);
+        open.seen = seen;
         Ok(())
     }
 
-    /// `fsync`: what was written so far is committed (a version), because a program that
-    /// fsyncs (sqlite3, git, an editor) relies on it surviving a crash; readers see it from
-    /// then on. Only the sole writer's fsync commits; with several, the staged bytes are made
-    /// durable where they are and the last close commits.
+    /// `fsync` of a file: returns once what it promises is committed and on disk (sqlite3,
+    /// git and editors treat a successful fsync as durable). Through a write handle it
+    /// commits the file as written so far, by every writer (POSIX: fsync is of the file,
+    /// not of a descriptor); readers see that version from then on. Through a read-only one
+    /// (`sync FILE` after `cp`) it waits for the closes queued so far, the file's latest
+    /// among them. Either way it returns once those are committed and the node's log synced.
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         let _changes = self.changes();
         let ino = match self.state().handles.get(&fh) {
-            Some(Handle::Write { ino, .. }) => *ino,
+            Some(Handle::Write { ino, .. }) => Some(*ino),
+            Some(Handle::Read { .. }) => None,
             _ => return Ok(()),
         };
-        let sole = self.state().open.get(&ino).is_some_and(|o| o.writers == 1);
-        if sole {
+        if self.read_only {
+            return Ok(());
+        }
+        if let Some(ino) = ino {
             self.commit(ino)?;
-            return self.sync();
         }
-        let st = self.state();
-        if let Some(s) = st.open.get(&ino).and_then(|o| o.session.as_ref()) {
-            s.sync()?;
-        }
-        Ok(())
+        self.sync()
     }
 
     /// A close(2) of a descriptor of `fh` by process `by` (its thread group): the last
@@ -1204,7 +1267,7 @@ impl MountFs {
     /// [`changes`](Self::changes).
     fn commit(&self, ino: u64) -> FsResult<()> {
         let Some(committer) = &self.committer else { return Err(errno(libc::EROFS, "the mount is read-only")) };
-        let (session, path, mtime_ms) = {
+        let (session, path, mtime_ms, seen) = {
             let mut st = self.state();
             let Some(open) = st.open.get_mut(&ino) else { return Ok(()) };
             if let Some(e) = open.failed.clone() {
@@ -1223,7 +1286,7 @@ impl MountFs {
             open.dirty = false;
             open.written = false;
             let session = open.session.take().ok_or_else(|| errno(libc::EIO, "write session vanished"))?;
-            (session, path, open.mtime_ms)
+            (session, path, open.mtime_ms, open.seen.clone())
         };
         let mode = session.mode();
         let (bytes, size, hash) = match session.close()? {
@@ -1235,10 +1298,13 @@ impl MountFs {
         };
         self.own_change(&path);
         self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
-        let ticket = committer.push(super::commits::Closed { ino, path, bytes: bytes.clone(), size, hash, mode, mtime_ms });
+        let closed = super::commits::Closed { ino, path, bytes: bytes.clone(), size, hash, mode, mtime_ms, seen: seen.clone() };
+        // Journaled before it is acknowledged; a journal that cannot be written (a full
+        // disk) fails the close, and the file keeps its old version.
+        let ticket = committer.push(closed).map_err(|e| errno(e.0.raw_os_error().unwrap_or(libc::EIO), format!("the close could not be journaled: {}", e.0)))?;
         let mut st = self.state();
         if let Some(open) = st.open.get_mut(&ino) {
-            open.queued = Some(Queued { ticket, bytes, size, mode, mtime_ms });
+            open.queued = Some(Queued { ticket, seen, bytes, size, mode, mtime_ms });
         }
         st.queued.push_back((ticket, ino));
         // Forget the closes committed meanwhile (their files are in the tree now).
@@ -1354,7 +1420,7 @@ impl MountFs {
                 let (mode, mtime_ms) = (mode.map(|m| m & 0o7777), mtime_ms);
                 self.own_change(&path);
                 self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
-                let ticket = committer.push_dir_attr(super::commits::DirAttr { path: path.clone(), mode, mtime_ms });
+                let ticket = committer.push_dir_attr(super::commits::DirAttr { path: path.clone(), mode, mtime_ms }).map_err(|e| errno(libc::EIO, format!("the change could not be journaled: {}", e.0)))?;
                 let done = committer.done_upto();
                 let mut st = self.state();
                 if st.dir_attrs.len() >= OVERLAYS_SWEEP_AT {
@@ -1375,13 +1441,13 @@ impl MountFs {
                 return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
             }
             if len != entry.size || mode.is_some() || mtime_ms.is_some() {
-                let mut session = self.new_session(&path, len == 0)?;
+                let (mut session, seen, _) = self.new_session(ino, &path, len == 0)?;
                 session.truncate(len, &self.spill)?;
                 if let Some(m) = mode {
                     session.set_mode(m & 0o7777);
                 }
                 let ms = mtime_ms.unwrap_or_else(alknet_actors::engine::now_ms);
-                self.state().open.insert(ino, Open { session: Some(session), dirty: true, ..Open::new(0, false, ms) });
+                self.state().open.insert(ino, Open { session: Some(session), dirty: true, seen, ..Open::new(0, false, ms) });
                 self.commit(ino)?;
             }
             drop(changes);
@@ -1409,7 +1475,7 @@ impl MountFs {
         // Queued like a close (see `commits`): the mount shows it at once.
         let (mode, mtime_ms) = (mode & 0o7777, alknet_actors::engine::now_ms());
         self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
-        let ticket = committer.push_mkdir(super::commits::DirMade { path: path.clone(), mode, mtime_ms });
+        let ticket = committer.push_mkdir(super::commits::DirMade { path: path.clone(), mode, mtime_ms }).map_err(|e| errno(libc::EIO, format!("the mkdir could not be journaled: {}", e.0)))?;
         let done = committer.done_upto();
         let mut st = self.state();
         if st.queued_dirs.len() >= OVERLAYS_SWEEP_AT {
@@ -1525,7 +1591,7 @@ impl MountFs {
         self.check_parent(to)?;
         self.named(to);
         if self.entry(from)?.is_some() {
-            self.call(Request::MoveOver { scope: self.wire(), from: from.to_string(), to: to.to_string() })?;
+            self.call(Request::MoveOver { scope: self.wire(), from: from.to_string(), to: to.to_string(), noreplace })?;
         }
         // A file still being written (not in the tree yet) just takes the new name: its
         // close commits there, replacing what `to` holds in that one transaction.
@@ -1565,13 +1631,13 @@ impl Drop for MountFs {
         }
         // Closed files still queued get a last chance to commit.
         let left = self.committer.take().map(|c| c.finish(UNMOUNT_COMMIT_WAIT)).unwrap_or_default();
-        if !left.is_empty() {
-            tracing::error!(
-                files = left.len(),
+        if left > 0 {
+            tracing::warn!(
+                changes = left,
                 dir = %self.staging_dir.display(),
-                "closed files could not be committed before the mount ended (is the node running?); their bytes stay in the staging dir"
+                "changes the mount acknowledged are not committed yet (is the node running?): they stay in its journal, and the node commits them when it runs"
             );
-            return;
+            return; // the lock goes with this value: the node adopts the directory
         }
         // Sessions never closed are dropped (their staging files with them): the old
         // versions stay, as after a crash.
@@ -1631,7 +1697,11 @@ fn read_bytes(bytes: &Bytes, offset: u64, len: usize) -> FsResult<Vec<u8>> {
                     Err(e) => return Err(errno(libc::EIO, format!("reading blob {hash}: {e}"))),
                 }
             }
-            buf.truncate(got);
+            if got < buf.len() {
+                // The entry says the blob has these bytes: a file that ends early is damaged,
+                // and a short read would pass for a shorter file.
+                return Err(errno(libc::EIO, format!("blob {hash} ends at {} bytes; its entry says {size}: the content store is damaged (`alkfs blobs check`)", offset + got as u64)));
+            }
             let mut c = checked.lock().unwrap_or_else(|p| p.into_inner());
             if c.upto == offset {
                 if let Some(h) = c.hasher.as_mut() {
@@ -1659,18 +1729,3 @@ fn same_process(a: u32, b: u32) -> bool {
     a == b || tgid(a).is_some_and(|t| Some(t) == tgid(b))
 }
 
-/// Removes the staging directories of mounts whose process is gone (killed mid-write).
-fn clear_dead_staging(staging: &Path) {
-    let Ok(entries) = std::fs::read_dir(staging) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(alknet_actors::content::MOUNT_STAGING_PREFIX)).and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}

@@ -3,6 +3,7 @@
 //! - [`fs`]: the one filesystem layer (inodes and handles ↔ the path tree, write sessions);
 //! - [`staged`]: a write session, in memory while small, else in a staging file;
 //! - [`commits`]: the write-behind queue that commits closed files in batches;
+//! - [`journal`]: what the mount acknowledged, on disk until the node has it;
 //! - [`fresh`]: directories a mount made, where names it did not make are known absent;
 //! - [`fuse`]: `alkfs mount`, the kernel's view of it;
 //! - [`poll`]: keeps the FUSE device polled through a burst of requests;
@@ -15,6 +16,7 @@ pub mod fresh;
 pub mod fs;
 pub mod fuse;
 pub mod invalidate;
+pub mod journal;
 pub mod past;
 pub mod poll;
 pub mod sftp;

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+pub mod mount;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_alkfs");
 

@@ -17,6 +17,7 @@
 //! - [`replica`]: bucket identities, and versions to and from peers;
 //! - [`mesh`]: the replicated documents of shared buckets, membership, invitations.
 
+pub mod acked;
 pub mod import;
 pub mod maintenance;
 pub mod mesh;
@@ -322,19 +323,22 @@ impl Engine {
     /// mount's, which hands the file to the node at close) instead of the store's own.
     pub fn open_session_in(&self, scope: &Scope, path: &TreePath, truncate: bool, staging_dir: Option<&Path>) -> Result<WriteSession> {
         let (_, view) = self.head(scope)?;
-        let current = read::live(self.tree.conn(), &view, path)?;
-        if let Some(e) = current.as_ref().and_then(|r| r.entry()) {
-            if e.kind == EntryKind::Dir {
-                return Err(StoreError::IsADirectory(path.to_string()).into());
-            }
+        let current = read::live(self.tree.conn(), &view, path)?.and_then(|r| r.version.entry);
+        if current.as_ref().is_some_and(|e| e.kind == EntryKind::Dir) {
+            return Err(StoreError::IsADirectory(path.to_string()).into());
         }
+        self.session_of(path, current.as_ref().filter(|_| !truncate), current.as_ref().map(|e| e.mode).unwrap_or(FILE_MODE_DEFAULT), staging_dir)
+    }
+
+    /// A write session of `path` holding the bytes of `entry` (empty without one), with
+    /// permission bits `mode`, staged in `staging_dir` (else the store's own).
+    pub fn session_of(&self, path: &TreePath, entry: Option<&Entry>, mode: u32, staging_dir: Option<&Path>) -> Result<WriteSession> {
         let staging = match staging_dir {
             Some(dir) => self.content.stage_in(dir)?,
             None => self.content.stage()?,
         };
-        let mode = current.as_ref().and_then(|r| r.entry()).map(|e| e.mode).unwrap_or(FILE_MODE_DEFAULT);
         let mut initial = 0;
-        if let (false, Some(e)) = (truncate, current.as_ref().and_then(|r| r.entry())) {
+        if let Some(e) = entry {
             let mut out = staging.file().try_clone().map_err(|e| ContentError::io("staging", e, self.content.staging_dir().as_path()))?;
             self.read_entry(e, &mut out, |_| {})?;
             initial = e.size;
@@ -445,11 +449,12 @@ impl Engine {
     }
 
     /// Moves `from` to exactly `to`, replacing a file or an empty directory there (rename(2);
-    /// [`rename`](Self::rename) is `mv`'s "into a directory").
-    pub fn move_over(&mut self, scope: &Scope, from: &TreePath, to: &TreePath) -> Result<()> {
+    /// [`rename`](Self::rename) is `mv`'s "into a directory"); with `noreplace`
+    /// (RENAME_NOREPLACE), refused when anything is at `to`.
+    pub fn move_over(&mut self, scope: &Scope, from: &TreePath, to: &TreePath, noreplace: bool) -> Result<()> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
-        self.tree.transact(Ids::Unbounded, now, |tx| tx.move_over(&branch, from, to))?;
+        self.tree.transact(Ids::Unbounded, now, |tx| tx.move_over(&branch, from, to, noreplace))?;
         Ok(())
     }
 

@@ -37,12 +37,15 @@ pub enum WriteOp {
         /// Attribute changes, after the items, in the same transaction.
         attrs: Vec<AttrItem>,
     },
+    /// Commit changes a mount acknowledged before they commit (see `engine::acked`); the
+    /// outcome is one answer per change.
+    CommitAcked { scope: Scope, changes: Vec<crate::engine::acked::AckedChange> },
     /// Remove a path.
     Remove { scope: Scope, path: TreePath, recursive: bool },
     /// Rename (into a directory when the target is one).
     Rename { scope: Scope, from: TreePath, to: TreePath },
     /// Move to exactly a path, replacing a file or an empty directory there.
-    MoveOver { scope: Scope, from: TreePath, to: TreePath },
+    MoveOver { scope: Scope, from: TreePath, to: TreePath, noreplace: bool },
     /// Set the mode and/or mtime, keeping the bytes.
     SetAttr { scope: Scope, path: TreePath, mode: Option<u32>, mtime_ms: Option<i64> },
     /// Create a directory.
@@ -80,6 +83,8 @@ pub enum WriteOutcome {
     Branch(Branch),
     /// A merge's report.
     Merge(MergeReport),
+    /// Per acknowledged change, what it wrote or why it did not commit.
+    Acked(Vec<Result<i64, String>>),
     /// A collection's report.
     Gc(GcReport),
     /// The mesh's answer.
@@ -453,9 +458,10 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
 fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
     let result = match op {
         WriteOp::Commit { scope, items, attrs } => engine.commit_changes(&scope, &items, &attrs).map(WriteOutcome::Seqs),
+        WriteOp::CommitAcked { scope, changes } => engine.commit_acked(&scope, &changes).map(WriteOutcome::Acked),
         WriteOp::Remove { scope, path, recursive } => engine.remove(&scope, &path, recursive).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Rename { scope, from, to } => engine.rename(&scope, &from, &to).map(WriteOutcome::Path),
-        WriteOp::MoveOver { scope, from, to } => engine.move_over(&scope, &from, &to).map(|_| WriteOutcome::Done),
+        WriteOp::MoveOver { scope, from, to, noreplace } => engine.move_over(&scope, &from, &to, noreplace).map(|_| WriteOutcome::Done),
         WriteOp::SetAttr { scope, path, mode, mtime_ms } => engine.set_attr(&scope, &path, mode, mtime_ms).map(|s| WriteOutcome::Seqs(vec![s])),
         WriteOp::Mkdir { scope, path, parents, mode } => engine.mkdir_mode(&scope, &path, parents, mode).map(|_| WriteOutcome::Done),
         WriteOp::Restore { scope, path, version } => engine.restore(&scope, &path, &version).map(|s| WriteOutcome::Seqs(vec![s])),

@@ -13,6 +13,7 @@
 //! - [`replica`]: the versions this node wrote, for its peers, and theirs applied here;
 //! - [`outbox`]: the honker stream of committed events and its consumers' cursors.
 
+pub mod acked;
 pub mod merge;
 pub mod outbox;
 pub mod read;

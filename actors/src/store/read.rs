@@ -146,6 +146,17 @@ pub fn resolve(conn: &Connection, view: &View, path: &TreePath) -> Result<Option
     Ok(None)
 }
 
+/// The id of the newest row of `path` among `branch`'s own rows (not its ancestors'): the
+/// version a write on the branch replaces, its predecessor.
+pub fn own_head(conn: &Connection, branch: i64, path: &TreePath) -> Result<Option<VersionId>, StoreError> {
+    let (dir, name) = dir_name(path);
+    let key: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT vkey FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 ORDER BY vkey DESC LIMIT 1")?
+        .query_row(params![branch, dir, name], |r| r.get(0))
+        .optional()?;
+    Ok(key.and_then(|k| OrderKey::from_bytes(&k)).map(|k| k.version()))
+}
+
 /// The live row of `path` in `view`: `None` when absent or deleted.
 pub fn live(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<VersionRow>, StoreError> {
     Ok(resolve(conn, view, path)?.filter(|r| r.version.entry.is_some()))

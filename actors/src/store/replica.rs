@@ -176,7 +176,7 @@ impl Tx<'_> {
     /// them), and the losers merges wrote (`conflict-loser`, each beaten by the version that
     /// names it). A concurrent loser since replaced knowingly comes off the list; one the user
     /// dismissed here is not listed again. Returns how many losers were newly listed.
-    fn relist_conflicts(&mut self, branch: i64, path: &TreePath) -> Result<usize, StoreError> {
+    pub(crate) fn relist_conflicts(&mut self, branch: i64, path: &TreePath) -> Result<usize, StoreError> {
         let (dir, name) = dir_name(path);
         let (seqs, versions): (Vec<i64>, Vec<PathVersion>) = {
             let mut st = self.conn().prepare_cached("SELECT seq, vkey, pred, origin FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3")?;

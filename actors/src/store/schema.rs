@@ -243,6 +243,18 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX blob_pending ON blob(hash) WHERE indexed = 0;
     CREATE INDEX blob_missing ON blob(hash) WHERE present = 0;
     "#,
+    // 8 → 9: changes a mount acknowledged before they committed (closes, mkdirs, attribute
+    // changes), by the id the mount gave each: sent again (the reply was lost, or a dead
+    // mount's journal is adopted), one already here is not applied twice. `seq` is what it
+    // wrote (a version's seq; 0 for nothing), so a later change can name it as the version
+    // its writer had seen. Pruned by GC after the outbox retention.
+    r#"
+    CREATE TABLE acked_change(
+        id    TEXT NOT NULL PRIMARY KEY,
+        seq   INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).

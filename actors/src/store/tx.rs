@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Transaction};
 
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
@@ -134,23 +134,23 @@ impl<'c> Tx<'c> {
     /// is ordered by this transaction's stamp, so it becomes the path's head on the branch, and
     /// it names the head it replaces there as its predecessor.
     pub(crate) fn insert_row(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str) -> Result<i64, StoreError> {
+        let pred = self.own_head(branch, path)?;
+        self.insert_row_with_pred(branch, path, version, origin, pred)
+    }
+
+    /// [`insert_row`](Self::insert_row) naming `pred` as the version it replaces (the one
+    /// its writer saw, which may not be the head any more).
+    pub(crate) fn insert_row_with_pred(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str, pred: Option<VersionId>) -> Result<i64, StoreError> {
         let seq = self.next_seq();
         let id = VersionId { node: self.me, seq };
         let key = OrderKey::new(self.stamp, &id);
-        let pred = self.own_head(branch, path)?;
         self.write_row(branch, path, seq, &key, pred, version, origin)?;
         Ok(seq)
     }
 
     /// The id of the newest row of `path` among `branch`'s own rows (not its ancestors').
     pub(crate) fn own_head(&self, branch: i64, path: &TreePath) -> Result<Option<VersionId>, StoreError> {
-        let (dir, name) = dir_name(path);
-        let key: Option<Vec<u8>> = self
-            .tx
-            .prepare_cached("SELECT vkey FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 ORDER BY vkey DESC LIMIT 1")?
-            .query_row(params![branch, dir, name], |r| r.get(0))
-            .optional()?;
-        Ok(key.and_then(|k| OrderKey::from_bytes(&k)).map(|k| k.version()))
+        read::own_head(&self.tx, branch, path)
     }
 
     /// Writes one version row as given.
@@ -334,12 +334,17 @@ impl<'c> Tx<'c> {
 
     /// Moves `from` to exactly `to`, as rename(2) does: an existing file at `to` is
     /// replaced by a file, an empty directory by a directory, both in this one transaction.
-    /// A non-empty directory, or a file and a directory meeting, is refused.
-    pub fn move_over(&mut self, branch: &Branch, from: &TreePath, to: &TreePath) -> Result<usize, StoreError> {
+    /// A non-empty directory, or a file and a directory meeting, is refused; with
+    /// `noreplace`, anything at `to` (RENAME_NOREPLACE: checked here, where it commits, so a
+    /// name a peer made meanwhile is not replaced).
+    pub fn move_over(&mut self, branch: &Branch, from: &TreePath, to: &TreePath, noreplace: bool) -> Result<usize, StoreError> {
         let view = View::head(&self.tx, branch)?;
         let is_dir = |row: &VersionRow| row.entry().is_some_and(|e| e.kind == EntryKind::Dir);
         let src = read::live(&self.tx, &view, from)?.ok_or_else(|| StoreError::NotFound(from.to_string()))?;
         if let Some(dst) = read::live(&self.tx, &view, to)? {
+            if noreplace && from != to {
+                return Err(StoreError::Exists(to.to_string()));
+            }
             match (is_dir(&src), is_dir(&dst)) {
                 (true, true) => {
                     if from == to {

@@ -1,0 +1,174 @@
+//! Writes acknowledged before they commit: a mount's closed files, new directories and
+//! directory attribute changes (its write-behind queue, or the journal of a mount that
+//! died). The program was told they succeeded, so nothing that happened meanwhile may drop
+//! them:
+//!
+//! - **The version its writer opened.** A write names as its predecessor the version its
+//!   writer opened (or the path's state when it saw it absent), not the head at commit: a
+//!   version that arrived meanwhile (a peer's save) is concurrent with it, and the loser is
+//!   listed by `conflicts` (on every node: the rule is `proto::replica::path_outcome`).
+//! - **The tree's shape.** A directory removed elsewhere comes back; a file or symlink where
+//!   a directory is needed loses to the directory; a file written where a directory now
+//!   stands loses to the directory. Losers are written as `conflict-loser` versions, listed
+//!   and restorable, as a merge repairs a tree (`store::merge`).
+//! - **Once.** Each change carries the id its mount gave it, recorded with what it wrote
+//!   (`acked_change`): a change sent again (a lost reply, a journal adopted twice) is not
+//!   applied twice.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::outbox::Event;
+use super::read::{self, View};
+use super::tx::DIR_MODE_DEFAULT;
+use super::{Branch, StoreError, Tx};
+use crate::proto::entry::{Entry, EntryKind, Version};
+use crate::proto::ids::VersionId;
+use crate::proto::path::TreePath;
+use crate::proto::replica::Origin;
+
+/// What a write replaces, as its writer saw the path: its predecessor.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Seen {
+    /// Whatever the branch holds when the write commits (a write that read nothing first).
+    AtCommit,
+    /// The branch's own newest version of the path when the writer opened it (`None`: it
+    /// had none, or saw the path absent), whatever arrived since.
+    Opened(Option<VersionId>),
+    /// The version an earlier acknowledged change (by its id) wrote; `or` if that change
+    /// never committed (the writer had opened `or` before it).
+    After {
+        /// The earlier change's id.
+        change: String,
+        /// What the writer had opened before that change.
+        or: Option<VersionId>,
+    },
+}
+
+impl Tx<'_> {
+    /// What acknowledged change `id` wrote (a version's seq, 0 for nothing), if it was
+    /// applied before.
+    pub fn acked(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.conn().prepare_cached("SELECT seq FROM acked_change WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()?)
+    }
+
+    /// Records acknowledged change `id` as applied, having written `seq` (0: nothing).
+    pub fn record_acked(&mut self, id: &str, seq: i64) -> Result<(), StoreError> {
+        let at = self.now_ms();
+        self.conn().prepare_cached("INSERT OR IGNORE INTO acked_change(id, seq, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![id, seq, at])?;
+        Ok(())
+    }
+
+    /// The predecessor `seen` names on `branch` at `path` (see [`Seen`]). A writer that saw
+    /// the path absent replaces a deletion at its head: absent is what it saw (a mount that
+    /// knows a name absent without reading the tree says `Opened(None)`).
+    fn pred_of(&self, branch: i64, path: &TreePath, seen: &Seen) -> Result<Option<VersionId>, StoreError> {
+        Ok(match seen {
+            Seen::AtCommit => self.own_head(branch, path)?,
+            Seen::Opened(None) => match self.own_head(branch, path)? {
+                Some(head) if self.is_tombstone(branch, &head)? => Some(head),
+                _ => None,
+            },
+            Seen::Opened(v) => *v,
+            Seen::After { change, or } => match self.acked(change)?.filter(|s| *s > 0) {
+                Some(seq) => Some(VersionId { node: self.me(), seq }),
+                None => *or,
+            },
+        })
+    }
+
+    /// Whether version `id` of `branch` is a deletion.
+    fn is_tombstone(&self, branch: i64, id: &VersionId) -> Result<bool, StoreError> {
+        let kind: Option<Option<i64>> = self
+            .conn()
+            .prepare_cached("SELECT kind FROM version WHERE vseq = ?1 AND substr(vkey, 13, 32) = ?2 AND branch_id = ?3")?
+            .query_row(params![id.seq, id.node.0.to_vec(), branch], |r| r.get(0))
+            .optional()?;
+        Ok(kind.is_some_and(|k| k.is_none()))
+    }
+
+    /// Writes a file or symlink `entry` at `path` for a write acknowledged before its commit
+    /// (see the module's notes): never refused for the tree's shape. Returns the seq of the
+    /// version holding `entry` (a listed loser when a directory took the path meanwhile).
+    pub fn put_acked(&mut self, branch: &Branch, path: &TreePath, entry: Entry, seen: &Seen) -> Result<i64, StoreError> {
+        if path.is_root() || entry.kind == EntryKind::Dir {
+            return Err(StoreError::Invalid(format!("{path}: an acknowledged write is of a file or symlink below the root")));
+        }
+        let view = View::head(self.conn(), branch)?;
+        let first = self.clock() + 1;
+        self.repair_parents(branch, &view, path)?;
+        let own = self.own_head(branch.id, path)?;
+        let pred = self.pred_of(branch.id, path, seen)?;
+        let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
+        let version = Version { entry: Some(entry), written: self.stamp() };
+        let (seq, lost) = match read::live(self.conn(), &view, path)? {
+            Some(dir) if dir.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {
+                // A directory took the path meanwhile: the write loses to it, kept and listed
+                // (the directory written again names the one that was there).
+                let loser = self.insert_row_with_pred(branch.id, path, &version, Origin::ConflictLoser.as_str(), pred)?;
+                self.insert_row_with_pred(branch.id, path, &dir.version, Origin::Mkdir.as_str(), Some(dir.id()))?;
+                (loser, true)
+            }
+            _ => (self.insert_row_with_pred(branch.id, path, &version, Origin::Write.as_str(), pred)?, false),
+        };
+        if lost || pred != own {
+            self.relist_conflicts(branch.id, path)?;
+        }
+        self.emit(Event::write(branch, first, self.clock(), path, kind, hash, size));
+        Ok(seq)
+    }
+
+    /// Makes directory `path` (and its parents) for a mkdir acknowledged before its commit:
+    /// a directory there already is kept (0 is returned), a file or symlink there loses to
+    /// the new directory, listed. Returns the new directory version's seq.
+    pub fn mkdir_acked(&mut self, branch: &Branch, path: &TreePath, mode: u32, mtime_ms: i64) -> Result<i64, StoreError> {
+        if path.is_root() {
+            return Ok(0);
+        }
+        let view = View::head(self.conn(), branch)?;
+        let first = self.clock() + 1;
+        self.repair_parents(branch, &view, path)?;
+        let seq = match read::live(self.conn(), &view, path)? {
+            Some(row) if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) => return Ok(0),
+            Some(file) => self.lose_to_dir(branch, path, file.version, mode, mtime_ms)?,
+            None => {
+                let v = Version { entry: Some(Entry::dir(mode, mtime_ms)), written: self.stamp() };
+                self.insert_row(branch.id, path, &v, Origin::Mkdir.as_str())?
+            }
+        };
+        self.emit(Event::path_op("mkdir", branch, first, self.clock(), path));
+        Ok(seq)
+    }
+
+    /// Makes every ancestor of `path` a live directory: a missing one is made, a file or
+    /// symlink in the way loses to a new directory and is listed.
+    fn repair_parents(&mut self, branch: &Branch, view: &View, path: &TreePath) -> Result<(), StoreError> {
+        for dir in path.ancestors() {
+            if dir.is_root() {
+                continue;
+            }
+            match read::live(self.conn(), view, &dir)? {
+                Some(row) if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {}
+                None => {
+                    let v = Version { entry: Some(Entry::dir(DIR_MODE_DEFAULT, self.now_ms())), written: self.stamp() };
+                    self.insert_row(branch.id, &dir, &v, Origin::Mkdir.as_str())?;
+                }
+                Some(file) => {
+                    let now = self.now_ms();
+                    self.lose_to_dir(branch, &dir, file.version, DIR_MODE_DEFAULT, now)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `file` (the head of `path`, a file or symlink) again as a listed loser, then a
+    /// directory over it: a directory beats a file, as in a merge. Returns the directory's seq.
+    fn lose_to_dir(&mut self, branch: &Branch, path: &TreePath, file: Version, mode: u32, mtime_ms: i64) -> Result<i64, StoreError> {
+        self.insert_row(branch.id, path, &file, Origin::ConflictLoser.as_str())?;
+        let dir = Version { entry: Some(Entry::dir(mode, mtime_ms)), written: self.stamp() };
+        let seq = self.insert_row(branch.id, path, &dir, Origin::Mkdir.as_str())?;
+        self.relist_conflicts(branch.id, path)?;
+        Ok(seq)
+    }
+}
