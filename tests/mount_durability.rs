@@ -185,3 +185,38 @@ fn a_blob_cut_short_on_disk_reads_as_an_error_not_a_short_file() {
     let read = f.read_to_end(&mut got);
     assert_eq!(errno_of(read), libc::EIO, "read {} of {} bytes and no error", got.len(), data.len());
 }
+
+#[test]
+fn a_read_waiting_for_an_unreachable_peer_holds_up_its_reader_only() {
+    if !common::mount::can_mount() {
+        return;
+    }
+    let (a, b) = (Store::new(), Store::new());
+    let mut na = Node::start(&a, &[], &[]);
+    // Lazy: B fetches bytes only when something reads them.
+    let _nb = Node::start(&b, &["--set", "net.fetch=lazy"], &[]);
+    let ticket = a.ok(&["invite"]).trim().to_string();
+    assert!(b.ok(&["join", &ticket]).contains("joined bucket"));
+    let m = common::mount::Mount::start(&b, &[]);
+    a.put_bytes("/remote.bin", &common::random_bytes(2 << 20, 3));
+    await_cond(Duration::from_secs(30), "A's file to show in B's mount", || m.path("remote.bin").exists());
+    fs::write(m.path("local.txt"), b"here").unwrap();
+    settle(&m);
+    // A stops answering: a read of its bytes waits ...
+    let _paused = Paused::new(&mut na);
+    let path = m.path("remote.bin");
+    let reader = std::thread::spawn(move || fs::read(path).map(|b| b.len()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!reader.is_finished(), "the read did not wait for the peer");
+    // ... and everything else on the mount goes on meanwhile.
+    let started = Instant::now();
+    assert_eq!(fs::read(m.path("local.txt")).unwrap(), b"here");
+    let names: Vec<String> = fs::read_dir(&m.dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.contains(&"local.txt".to_string()), "{names:?}");
+    fs::write(m.path("another.txt"), b"written meanwhile").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "other requests waited {:?} behind the stalled read", started.elapsed());
+    assert!(!reader.is_finished(), "the stalled read was still waiting while the others were served");
+    drop(_paused);
+    let read = reader.join().unwrap();
+    assert_eq!(read.unwrap_or(0), 2 << 20, "the read completes once the peer answers");
+}

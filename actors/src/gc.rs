@@ -162,6 +162,10 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
         drop(unreferenced);
         let outbox_since_ms = now_ms - i64::from(policy.outbox_keep_days.max(1)) * 86_400_000;
         report.events_pruned = outbox::prune(conn, outbox_since_ms)? as u64;
+        // Mounts' acknowledged changes are recorded so one sent again is not applied twice:
+        // a mount resends within seconds, a dead mount's journal is adopted when the node
+        // runs; past the outbox retention the record has served.
+        conn.execute("DELETE FROM acked_change WHERE at_ms < ?1", [outbox_since_ms])?;
         report.blobs_live = conn.query_row("SELECT count(*) FROM blob", [], |r| r.get::<_, i64>(0))? as u64;
         Ok(())
     })?;

@@ -13,6 +13,9 @@ use super::{read_frame, write_frame, Reply, Request, SOCKET_FILE, STREAM_CHUNK_B
 pub struct Client {
     socket: PathBuf,
     stream: std::sync::Mutex<Option<UnixStream>>,
+    /// How long one request's send and its answer may each take (`None`: as long as the
+    /// node needs; the CLI waits for a merge of millions of paths).
+    timeout: Option<std::time::Duration>,
 }
 
 impl Client {
@@ -21,7 +24,20 @@ impl Client {
     pub fn connect(dir: &Path) -> Option<Client> {
         let socket = dir.join(SOCKET_FILE);
         let stream = UnixStream::connect(&socket).ok()?;
-        Some(Client { socket, stream: std::sync::Mutex::new(Some(stream)) })
+        Some(Client { socket, stream: std::sync::Mutex::new(Some(stream)), timeout: None })
+    }
+
+    /// [`connect`](Self::connect), each request failing when its send or its answer takes
+    /// longer than `timeout` (a mount: a node that is stopped or stuck must not hang the
+    /// programs using it). A request that timed out may still be applied by the node.
+    pub fn connect_with_timeout(dir: &Path, timeout: std::time::Duration) -> Option<Client> {
+        let mut c = Self::connect(dir)?;
+        c.timeout = Some(timeout);
+        if let Some(s) = c.stream.get_mut().expect("client stream").as_ref() {
+            s.set_read_timeout(c.timeout).ok()?;
+            s.set_write_timeout(c.timeout).ok()?;
+        }
+        Some(c)
     }
 
     /// The open connection, or a new one. A connection that failed is not reused: after an
@@ -32,7 +48,10 @@ impl Client {
                 return Ok(s);
             }
         }
-        UnixStream::connect(&self.socket).with_context(|| format!("connecting to the node at {} (is it still running?)", self.socket.display()))
+        let stream = UnixStream::connect(&self.socket).with_context(|| format!("connecting to the node at {} (is it still running?)", self.socket.display()))?;
+        stream.set_read_timeout(self.timeout)?;
+        stream.set_write_timeout(self.timeout)?;
+        Ok(stream)
     }
 
     fn give_back(&self, stream: UnixStream) {
@@ -84,7 +103,13 @@ fn answer_after_failed_send(stream: &mut UnixStream, send_error: io::Error) -> a
 }
 
 fn read_reply(stream: &mut UnixStream) -> Result<Reply> {
-    let payload = read_frame(stream).context("the node closed the connection without answering")?;
+    let payload = match read_frame(stream) {
+        Ok(p) => p,
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            return Err(anyhow!("the node did not answer in time (is it stopped or overloaded?); the request may still be applied"))
+        }
+        Err(e) => return Err(e).context("the node closed the connection without answering"),
+    };
     serde_json::from_slice(&payload).map_err(|e| anyhow!("unreadable reply from the node: {e}"))
 }
 

@@ -405,13 +405,13 @@ impl MountFs {
         let node = if read_only {
             None
         } else {
-            Some(Client::connect(dir).ok_or_else(|| {
+            Some(Client::connect_with_timeout(dir, NODE_CALL_TIMEOUT).ok_or_else(|| {
                 anyhow::anyhow!("no node runs on {}: start it with `alkfs --data {} node run` (or mount --read-only)", dir.display(), dir.display())
             })?)
         };
         // A writable mount journals what it acknowledges in a staging directory of its own,
         // locked while it runs; a read-only one never stages anything.
-        let (staging_dir, staging_lock, committer) = match Client::connect(dir) {
+        let (staging_dir, staging_lock, committer) = match Client::connect_with_timeout(dir, COMMIT_CALL_TIMEOUT) {
             Some(c) if !read_only => {
                 let (staging_dir, lock) = super::journal::make_mount_dir(&reader.content().staging_dir())
                     .map_err(|e| anyhow::anyhow!("making the mount's staging directory in {}: {e}", reader.content().staging_dir().display()))?;
@@ -879,6 +879,15 @@ impl MountFs {
         }
         if how.write {
             self.writable()?;
+            // Bytes still on a peer are fetched before the change lock is taken: a slow or
+            // unreachable peer holds up this open only, not every change on the mount.
+            if !how.truncate {
+                if let Some(e) = self.entry(path)?.filter(|e| e.kind == EntryKind::File) {
+                    if !self.reader().has_bytes(&e.hash)? {
+                        self.fetch(&e)?;
+                    }
+                }
+            }
             let _changes = self.changes();
             let ino = self.state().inodes.ino_of(path);
             self.join_session(ino, path, how.truncate, None)?;
@@ -1047,12 +1056,12 @@ impl MountFs {
         self.call_node(&req).map(|_| ()).map_err(|e| errno(libc::EIO, format!("fetching the bytes from peers: {e:#}")))
     }
 
-    /// `req` to the node: the mount's connection, or (a read-only mount has none) a new one.
+    /// `req` (a fetch from peers) to the node on a connection of its own: it may take as
+    /// long as a fetch (other requests go on meanwhile).
     fn call_node(&self, req: &Request) -> anyhow::Result<crate::control::Reply> {
-        match &self.node {
-            Some(c) => c.call(req),
-            None => Client::connect(&self.dir).ok_or_else(|| anyhow::anyhow!("the bytes are on a peer and no node runs to fetch them: start `alkfs node run`"))?.call(req),
-        }
+        Client::connect_with_timeout(&self.dir, FETCH_CALL_TIMEOUT)
+            .ok_or_else(|| anyhow::anyhow!("the bytes are on a peer and no node runs to fetch them: start `alkfs node run`"))?
+            .call(req)
     }
 
     /// Reads `len` bytes at `offset` of `bytes`, fetching from peers what a remote blob needs.
@@ -1513,8 +1522,12 @@ impl MountFs {
     /// `symlink`: a link at `path` to `target`.
     pub fn symlink(&self, path: &TreePath, target: &str) -> FsResult<Attr> {
         self.writable()?;
+        // The node makes it, in a directory that may still be queued: the queue drains
+        // first without the change lock (a slow drain holds up this call, not every
+        // change), then once more under it for what came meanwhile.
+        self.settle()?;
         let _changes = self.changes();
-        self.settle()?; // the node makes it, in a directory that may still be queued
+        self.settle()?;
         if target.is_empty() {
             return Err(errno(libc::ENOENT, "a link target cannot be empty"));
         }
@@ -1534,6 +1547,7 @@ impl MountFs {
     /// `unlink` (files and symlinks) or `rmdir` (empty directories).
     pub fn remove(&self, path: &TreePath, dir: bool) -> FsResult<()> {
         self.writable()?;
+        self.settle()?; // first without the change lock (see `symlink`)
         let _changes = self.changes();
         self.settle()?;
         let last = self.stat(path)?;
@@ -1564,6 +1578,7 @@ impl MountFs {
     /// (unless `noreplace`).
     pub fn rename(&self, from: &TreePath, to: &TreePath, noreplace: bool) -> FsResult<()> {
         self.writable()?;
+        self.settle()?; // first without the change lock (see `symlink`)
         let _changes = self.changes();
         self.settle()?;
         if from.is_root() || to.is_root() {
@@ -1647,6 +1662,15 @@ impl Drop for MountFs {
 
 /// How long an operation waits for queued closes to commit before it gives up with `EIO`.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a change sent to the node (rename, unlink, chmod …) may take before it fails
+/// with `EIO`: a node stopped or stuck must not hang the programs using the mount.
+const NODE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one batch of closes may take the node (it may hash large files the mount could
+/// not): then it is sent again.
+const COMMIT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a fetch of bytes from peers may take (the node's own fetch gives up after
+/// `node::mesh::FETCH_TIMEOUT`, 120 s).
+const FETCH_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
 /// Queued directories (or their attribute changes) the mount shows before it sweeps out
 /// those committed meanwhile (each is also dropped when next looked at).
 const OVERLAYS_SWEEP_AT: usize = 64;

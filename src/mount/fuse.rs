@@ -581,6 +581,9 @@ impl Filesystem for Fuse {
     }
 }
 
+/// Threads serving kernel requests.
+pub const FUSE_THREADS: usize = 4;
+
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted (`alkfs umount`,
 /// `fusermount3 -u`) or this process is told to stop. The mount goes with the process
 /// whatever ends it (`auto_unmount`: fusermount3 watches it), so a killed mount process
@@ -610,6 +613,11 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool) -> anyho
     }
     // auto_unmount needs allow_other or allow_root; owner-and-root keeps other users out.
     config.acl = SessionACL::RootAndOwner;
+    // Requests are served by several threads, each reading its own clone of the FUSE
+    // device: a read waiting for a peer's bytes, or a change waiting for the node, holds up
+    // its caller only. The layer below takes its own locks (reads take none for long).
+    config.n_threads = Some(FUSE_THREADS);
+    config.clone_fd = true;
     let fs = Arc::new(fs);
     let ttl = if fs.scope().at.is_some() { PAST_TTL } else { ttl };
     let poller = if poll { Some(Poller::start()?) } else { None };
