@@ -712,6 +712,39 @@ fn a_mount_batch_with_one_change_that_no_longer_fits_the_tree_commits_the_others
     assert_eq!(common::parse_json_array(&s.ok(&["log", "/kept", "--json"])).len(), 1, "one version of /kept");
 }
 
+#[test]
+fn sftp_truncate_of_a_symlink_truncates_its_target_and_the_link_stays_a_link() {
+    if !precondition(Command::new("ssh-keygen").arg("-?").output().is_ok(), "OpenSSH's ssh-keygen (apt-get install openssh-client)") {
+        return;
+    }
+    let s = Store::new();
+    let _node = Node::start(&s, &[], &[]);
+    s.put_bytes("/target.txt", b"0123456789");
+    let key = ssh_keygen(s.scratch(), "key");
+    s.ok(&["sftp", "allow", "default", key.with_extension("pub").to_str().unwrap()]);
+    let server = SftpServer::start(&s);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config = std::sync::Arc::new(russh::client::Config::default());
+        let mut session = russh::client::connect(config, ("127.0.0.1", server.port), AnyHost).await.unwrap();
+        let private = russh::keys::PrivateKey::from_openssh(fs::read(&key).unwrap()).unwrap();
+        let auth = session.authenticate_publickey("default", russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(private), None)).await.unwrap();
+        assert!(auth.success());
+        let channel = session.channel_open_session().await.unwrap();
+        channel.request_subsystem(true, "sftp").await.unwrap();
+        let sftp = russh_sftp::client::SftpSession::new(channel.into_stream()).await.unwrap();
+        // (OpenSSH's order of the two paths, which our server follows as every client does.)
+        sftp.symlink("/target.txt", "/link").await.unwrap();
+        // SETSTAT with a size on the link: truncate(2) of the path.
+        let attrs = russh_sftp::protocol::FileAttributes { size: Some(4), ..Default::default() };
+        sftp.set_metadata("/link", attrs).await.unwrap();
+    });
+    assert_eq!(s.get_bytes("/target.txt"), b"0123", "the link's target was truncated");
+    let ls = common::parse_json_array(&s.ok(&["ls", "/", "--json"]));
+    let link = ls.iter().find(|e| e["path"] == "/link").expect("the link is listed");
+    assert_eq!(link["kind"], "symlink", "the link is still a link: {link}");
+}
+
 /// An SSH client that trusts any host key: for the hostile client below.
 struct AnyHost;
 

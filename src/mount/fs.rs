@@ -1446,8 +1446,12 @@ impl MountFs {
             }
         }
         if let Some(len) = size {
-            if entry.kind == EntryKind::Dir {
-                return Err(errno(libc::EISDIR, format!("{path}: is a directory")));
+            match entry.kind {
+                EntryKind::Dir => return Err(errno(libc::EISDIR, format!("{path}: is a directory"))),
+                // The callers follow links first; one that did not must not turn a link into
+                // a file holding its target's name.
+                EntryKind::Symlink => return Err(errno(libc::EINVAL, format!("{path}: is a symlink: truncate its target"))),
+                EntryKind::File => {}
             }
             if len != entry.size || mode.is_some() || mtime_ms.is_some() {
                 let (mut session, seen, _) = self.new_session(ino, &path, len == 0)?;

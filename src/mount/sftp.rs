@@ -580,7 +580,9 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn setstat(&mut self, id: u32, path: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
-        let p = resolve(&path)?;
+        // truncate(2), chmod(2) and utimes(2) follow a symlink, as OpenSSH's server does
+        // (inside the bucket): a link is never made a file holding its target's name.
+        let (p, _) = self.follow(resolve(&path)?).await?;
         let (mode, mtime_ms, size) = changes_of(&attrs);
         self.run(move |fs| fs.setattr(&p, mode, mtime_ms, size).map(|_| ())).await?;
         Ok(ok(id))
