@@ -202,6 +202,11 @@ pub enum Command {
         /// (virtual machines); it yields to any other work, but keeps that CPU busy.
         #[arg(long)]
         no_poll: bool,
+        /// Show every symlink's target as stored. By default a mount shows links inside the
+        /// bucket (an absolute target names a path of the bucket, `..` stops at its root),
+        /// so a link a member wrote cannot lead programs here to a file outside the mount.
+        #[arg(long)]
+        outside_links: bool,
     },
     /// Serve the store to other programs.
     #[command(subcommand)]

@@ -249,12 +249,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let client = Client::connect(&dir).context("no node is running")?;
             client.call(&Request::InjectPanic { actor })?;
         }
-        Command::Mount { dir: mountpoint, read_only, cache_secs, no_poll } => {
+        Command::Mount { dir: mountpoint, read_only, cache_secs, no_poll, outside_links } => {
             drop(out);
             crate::logging::init("text", "info");
             let fs = crate::mount::fs::MountFs::open(&dir, scope, read_only)?;
             eprintln!("mounted {}:{} at {} (unmount with `alkfs umount {}`)", cli.bucket, cli.branch, mountpoint.display(), mountpoint.display());
-            crate::mount::fuse::serve(fs, &mountpoint, std::time::Duration::from_secs(cache_secs), !no_poll)?;
+            crate::mount::fuse::serve(fs, &mountpoint, std::time::Duration::from_secs(cache_secs), !no_poll, outside_links)?;
             return Ok(());
         }
         Command::Serve(ServeCmd::Sftp { listen }) => {

@@ -745,6 +745,39 @@ fn sftp_truncate_of_a_symlink_truncates_its_target_and_the_link_stays_a_link() {
     assert_eq!(link["kind"], "symlink", "the link is still a link: {link}");
 }
 
+#[test]
+fn a_members_link_cannot_lead_a_write_on_the_mount_out_of_the_bucket() {
+    let Some(rig) = rig() else { return };
+    let (m, s) = (&rig.m, &rig.s);
+    let victim = s.scratch().join("victim.txt");
+    fs::write(&victim, "a host file").unwrap();
+    // Links a member wrote (a `put -r` of a tree holding them stands for a peer's write):
+    // absolute, and relative climbing above the root, both to the host file.
+    let docs = s.scratch().join("docs");
+    fs::create_dir_all(&docs).unwrap();
+    std::os::unix::fs::symlink(&victim, docs.join("report.txt")).unwrap();
+    let climb = format!("{}{}", "../".repeat(20), victim.display().to_string().trim_start_matches('/'));
+    std::os::unix::fs::symlink(&climb, docs.join("escape.txt")).unwrap();
+    std::os::unix::fs::symlink("inside.txt", docs.join("friendly.txt")).unwrap();
+    s.ok(&["put", "-r", docs.to_str().unwrap(), "/docs"]);
+    fs::write(m.path("docs/inside.txt"), b"in the bucket").unwrap();
+    settle(m);
+    for link in ["docs/report.txt", "docs/escape.txt"] {
+        let shown = fs::read_link(m.path(link)).unwrap();
+        assert!(shown.starts_with(&m.dir), "{link} leads to {} (outside the mount)", shown.display());
+        let appended = OpenOptions::new().append(true).open(m.path(link)).and_then(|mut f| f.write_all(b"pwned"));
+        assert!(appended.is_err(), "appending through {link} succeeded");
+    }
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "a host file", "the host file is untouched");
+    // A link that stays inside works as stored, and one made here to a path in the mount
+    // is stored as the bucket's path (so it leads there on every machine).
+    assert_eq!(fs::read(m.path("docs/friendly.txt")).unwrap(), b"in the bucket");
+    std::os::unix::fs::symlink(m.path("docs/inside.txt"), m.path("abs-link")).unwrap();
+    settle(m);
+    assert_eq!(s.get_bytes("/abs-link"), b"/docs/inside.txt");
+    assert_eq!(fs::read(m.path("abs-link")).unwrap(), b"in the bucket");
+}
+
 /// An SSH client that trusts any host key: for the hostile client below.
 struct AnyHost;
 

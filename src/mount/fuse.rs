@@ -45,6 +45,18 @@ pub struct Fuse {
     started: SystemTime,
     /// Spin through bursts of requests (see [`super::poll`]); None with `--no-poll`.
     poller: Option<Arc<Poller>>,
+    /// Where the mount is (absolute), and whether links are shown as stored
+    /// (`--outside-links`) instead of inside the bucket ([`super::links`]).
+    links: LinkPolicy,
+}
+
+/// How a mount shows symlinks ([`super::links`]).
+#[derive(Clone, Debug)]
+pub struct LinkPolicy {
+    /// The mount point, absolute.
+    pub mountpoint: std::path::PathBuf,
+    /// Show targets as stored, wherever they lead (the user trusts every member).
+    pub outside: bool,
 }
 
 /// A layer that answers for an inode: the present's or a point's, the inode's number
@@ -57,9 +69,9 @@ struct Layer {
 
 impl Fuse {
     /// A FUSE shell over `fs`; files show as owned by `uid`:`gid` (the mounting user).
-    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, poller: Option<Arc<Poller>>) -> Self {
+    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, poller: Option<Arc<Poller>>, links: LinkPolicy) -> Self {
         let past = Past::new(fs.data_dir(), fs.scope());
-        Fuse { fs, past, uid, gid, ttl, started: SystemTime::now(), poller }
+        Fuse { fs, past, uid, gid, ttl, started: SystemTime::now(), poller, links }
     }
 
     /// Every request notes itself, so the poller spins through a burst.
@@ -303,7 +315,12 @@ impl Filesystem for Fuse {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.busy();
-        match self.layer(ino).and_then(|l| l.fs.path_of(l.ino).and_then(|p| l.fs.readlink(&p))) {
+        let shown = self.layer(ino).and_then(|l| {
+            let path = l.fs.path_of(l.ino)?;
+            let target = l.fs.readlink(&path)?;
+            Ok(if self.links.outside { target } else { super::links::shown(&path, &target, &self.links.mountpoint) })
+        });
+        match shown {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(fail(e)),
         }
@@ -334,7 +351,8 @@ impl Filesystem for Fuse {
         self.busy();
         let r = self.child(parent, link_name, libc::EEXIST).and_then(|(l, p)| {
             let target = target.to_str().ok_or_else(|| Errno::new(libc::EINVAL, "link targets must be UTF-8"))?;
-            Ok((l.fs.symlink(&p, target).inspect(|a| l.fs.count_lookup(a.ino))?, l.base))
+            let target = super::links::stored(target, &self.links.mountpoint);
+            Ok((l.fs.symlink(&p, &target).inspect(|a| l.fs.count_lookup(a.ino))?, l.base))
         });
         match r {
             Ok((a, base)) => self.entry(reply, base, Ok(a)),
@@ -590,7 +608,7 @@ pub const FUSE_THREADS: usize = 4;
 /// leaves no dead mount point behind.
 /// The kernel caches names and attributes for `ttl` (a mount of the past: an hour). With
 /// `poll`, a CPU is kept awake through bursts of requests ([`super::poll`]).
-pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool) -> anyhow::Result<()> {
+pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool, outside_links: bool) -> anyhow::Result<()> {
     let found = std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()));
     if !found && std::env::var_os("FUSERMOUNT_PATH").is_none() {
         anyhow::bail!("fusermount3 is not installed: install the fuse3 package (apt-get install fuse3) and mount again");
@@ -621,7 +639,8 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool) -> anyho
     let fs = Arc::new(fs);
     let ttl = if fs.scope().at.is_some() { PAST_TTL } else { ttl };
     let poller = if poll { Some(Poller::start()?) } else { None };
-    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl, poller.clone()), mountpoint, &config)
+    let links = LinkPolicy { mountpoint: std::path::absolute(mountpoint)?, outside: outside_links };
+    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl, poller.clone(), links), mountpoint, &config)
         .map_err(|e| anyhow::anyhow!("mounting at {}: {e} (is it an empty directory you own, and is fusermount3 installed?)", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
     // The past does not change; the present does, from peers, the CLI and SFTP.

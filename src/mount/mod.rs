@@ -4,6 +4,7 @@
 //! - [`staged`]: a write session, in memory while small, else in a staging file;
 //! - [`commits`]: the write-behind queue that commits closed files in batches;
 //! - [`journal`]: what the mount acknowledged, on disk until the node has it;
+//! - [`links`]: where symlinks lead on a mount (inside the bucket);
 //! - [`fresh`]: directories a mount made, where names it did not make are known absent;
 //! - [`fuse`]: `alkfs mount`, the kernel's view of it;
 //! - [`poll`]: keeps the FUSE device polled through a burst of requests;
@@ -17,6 +18,7 @@ pub mod fs;
 pub mod fuse;
 pub mod invalidate;
 pub mod journal;
+pub mod links;
 pub mod past;
 pub mod poll;
 pub mod sftp;
