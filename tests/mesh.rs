@@ -238,3 +238,27 @@ fn blobs_freed_by_the_inviters_gc_do_not_hold_back_the_others_and_are_reported_u
     assert_eq!(refusals(), before, "the joiner kept asking for blobs nobody has");
     assert!(!c.node.log().contains("runs past the request"), "a successful fetch was logged as failed");
 }
+
+#[test]
+fn a_write_made_apart_under_a_directory_removed_elsewhere_is_listed_on_both_after_the_heal() {
+    let a = Member::start();
+    let b = Member::start();
+    b.join(&a.invite(&[]));
+    a.s.put_bytes("/d/old.txt", b"old");
+    converged(&[&a, &b], "the first write");
+    // Apart (B's node down: its CLI writes to its store): B writes below /d, A removes /d.
+    let Member { s: bs, mut node } = b;
+    node.stop_with(libc::SIGTERM, Duration::from_secs(10));
+    bs.put_bytes("/d/new.txt", b"written on B while apart");
+    a.s.ok(&["rm", "-r", "/d"]);
+    let b = Member { node: Node::start(&bs, &[], &[]), s: bs };
+    converged(&[&a, &b], "the two to converge after the heal");
+    for m in [&a, &b] {
+        let tree = m.tree();
+        assert!(tree.iter().any(|(p, k, _)| p == "/d" && k == "dir"), "the directory came back: {tree:?}");
+        assert!(tree.iter().any(|(p, _, _)| p == "/d/new.txt"), "B's write is listed: {tree:?}");
+        assert!(!tree.iter().any(|(p, _, _)| p == "/d/old.txt"), "A's removal of what it had seen stands: {tree:?}");
+        assert_eq!(m.s.ls("/d"), vec!["new.txt".to_string()], "`ls /d` reaches it");
+        await_cond(Duration::from_secs(30), "its bytes", || m.get("/d/new.txt").as_deref() == Some(&b"written on B while apart"[..]));
+    }
+}

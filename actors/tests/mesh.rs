@@ -315,3 +315,74 @@ fn a_branch_whose_parent_record_arrives_later_is_applied_when_it_does() {
     let got = b.engine.branch(&Scope::new("default", "q")).expect("q applied once its parent arrived");
     assert_eq!(got.depth, 2);
 }
+
+/// Every live path of the branch and what `ls -R` shows: they must be the same set (no
+/// file readable that no listing reaches).
+fn shape(engine: &Engine) -> (Vec<String>, Vec<String>) {
+    let s = main_scope();
+    let mut listed = Vec::new();
+    let mut dirs = vec![p("/")];
+    while let Some(d) = dirs.pop() {
+        for r in engine.list(&s, &d).unwrap() {
+            let Some(e) = r.version.entry.as_ref() else { continue };
+            listed.push(r.path.to_string());
+            if e.kind == alknet_actors::proto::entry::EntryKind::Dir {
+                dirs.push(r.path.clone());
+            }
+        }
+    }
+    listed.sort();
+    let mut walked: Vec<String> = engine.walk(&s, &p("/")).unwrap().iter().filter(|r| r.version.entry.is_some()).map(|r| r.path.to_string()).collect();
+    walked.sort();
+    (listed, walked)
+}
+
+/// A write under a directory another node removed, moved or replaced by a file while the
+/// two were apart stays live at its path on both (the directory comes back; a file in its
+/// way is listed), whichever way the versions travel, and the two show the same tree.
+#[test]
+fn a_write_under_a_directory_removed_moved_or_replaced_elsewhere_stays_listed_on_every_node() {
+    for (case, elsewhere) in [("removed", 0), ("moved", 1), ("replaced by a file", 2)] {
+        for a_first in [true, false] {
+            let (mut a, mut b) = (Node::new(), Node::new());
+            let uid = join(&mut a, &mut b);
+            let s = main_scope();
+            put(&mut a.engine, &s, "/d/old.txt", b"old");
+            sync(&mut a, &mut b, &uid);
+            // Apart: B writes below /d; A removes /d, moves it, or puts a file there.
+            put(&mut b.engine, &s, "/d/new.txt", b"written on B");
+            match elsewhere {
+                0 => {
+                    a.engine.remove(&s, &p("/d"), true).unwrap();
+                }
+                1 => {
+                    a.engine.rename(&s, &p("/d"), &p("/e")).unwrap();
+                }
+                _ => {
+                    a.engine.remove(&s, &p("/d"), true).unwrap();
+                    put(&mut a.engine, &s, "/d", b"a file where the directory was");
+                }
+            }
+            if a_first {
+                sync(&mut a, &mut b, &uid);
+            } else {
+                sync(&mut b, &mut a, &uid);
+            }
+            // The repairs each side wrote travel too.
+            sync(&mut a, &mut b, &uid);
+            for (who, n) in [("A", &a), ("B", &b)] {
+                let (listed, walked) = shape(&n.engine);
+                assert_eq!(listed, walked, "{case}, on {who}: a path readable that no listing reaches");
+                assert!(listed.contains(&"/d/new.txt".to_string()), "{case}, on {who}: B's write is not listed: {listed:?}");
+            }
+            assert_eq!(shape(&a.engine), shape(&b.engine), "{case}: the two show the same tree");
+            let listed = |n: &Node| n.engine.conflicts(&s).unwrap().iter().map(|c| (c.path.clone(), c.loser)).collect::<Vec<_>>();
+            assert_eq!(listed(&a), listed(&b), "{case}: the same conflicts on both");
+            if elsewhere == 2 {
+                assert!(listed(&a).iter().any(|(p, _)| p == "/d"), "{case}: the file that stood in the way is listed: {:?}", listed(&a));
+            } else {
+                assert!(listed(&a).is_empty(), "{case}: nothing lost, nothing listed: {:?}", listed(&a));
+            }
+        }
+    }
+}

@@ -51,7 +51,7 @@ pub fn stale_of(e: &Event, bucket_id: i64, branch: &str, changed: impl FnOnce(i6
     }
     let parse = |p: &Option<String>| p.as_deref().and_then(|p| TreePath::parse(p).ok());
     match e.op.as_str() {
-        "replicated" => Some(Stale::Paths(changed(e.first_seq - 1, e.last_seq))),
+        "replicated" | "repair" => Some(Stale::Paths(changed(e.first_seq - 1, e.last_seq))),
         "merge" => Some(Stale::Everything),
         "rename" => Some(Stale::Paths(parse(&e.path).into_iter().chain(parse(&e.to)).collect())),
         _ => parse(&e.path).map(|p| Stale::Paths(vec![p])),

@@ -581,10 +581,13 @@ impl Mesh {
                 .collect();
             meta.extend(earlier);
         }
+        // Each version may leave its ancestors and itself to repair (`store::shape`), and
+        // each branch a repair event.
+        let repairs_max = |depth: usize| depth as u64 + 2;
         let ids = if branches_arrived || members_changed {
             Ids::Unbounded
         } else {
-            Ids::AtMost((changes.len() + meta.len()) as u64 + held)
+            Ids::AtMost(changes.iter().map(|c| repairs_max(c.path.ancestors().len()) + 1).sum::<u64>() + meta.len() as u64 + held * repairs_max(crate::proto::limits::PATH_DEPTH_MAX))
         };
         let touched = HashSet::from([(bucket.id, doc)]);
         let result = engine.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
@@ -616,6 +619,7 @@ impl Mesh {
                     let more = tx.apply_changes(bucket.id, accepted)?;
                     defer(tx, bucket.id, &more.deferred)?;
                     applied.inserted += more.inserted;
+                    applied.repaired += more.repaired;
                     applied.conflicts += more.conflicts;
                     applied.missing_blobs.extend(more.missing_blobs);
                 }

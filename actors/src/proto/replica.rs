@@ -101,6 +101,10 @@ pub enum Origin {
     ConflictLoser,
     /// An old version made current again.
     Restore,
+    /// A directory written to make the tree a tree again: a version arrived (or an
+    /// acknowledged write committed) below a path that was deleted, or is a file. What it
+    /// names as its predecessor, if a file or symlink, lost to it (a directory beats a file).
+    Repair,
 }
 
 impl Origin {
@@ -114,6 +118,7 @@ impl Origin {
             Origin::Merge => "merge",
             Origin::ConflictLoser => "conflict-loser",
             Origin::Restore => "restore",
+            Origin::Repair => "repair",
         }
     }
 
@@ -127,6 +132,7 @@ impl Origin {
             "merge" => Origin::Merge,
             "conflict-loser" => Origin::ConflictLoser,
             "restore" => Origin::Restore,
+            "repair" => Origin::Repair,
             _ => return None,
         })
     }
@@ -349,6 +355,16 @@ pub struct PathVersion {
     pub pred: Option<VersionId>,
     /// Written by a merge as the side that lost (`Origin::ConflictLoser`).
     pub merge_loser: bool,
+    /// What it holds (`None`: a deletion).
+    pub kind: Option<EntryKind>,
+    /// A directory written to repair the tree's shape (`Origin::Repair`).
+    pub repair: bool,
+}
+
+impl PathVersion {
+    fn is_dir(&self) -> bool {
+        self.kind == Some(EntryKind::Dir)
+    }
 }
 
 /// Why a version is listed as a conflict loser.
@@ -358,6 +374,9 @@ pub enum LoserKind {
     Concurrent,
     /// The side a local three-way merge did not take.
     Merge,
+    /// A file or symlink where a directory was needed (something below it was written
+    /// meanwhile): the directory that replaced it won.
+    Shape,
 }
 
 impl LoserKind {
@@ -366,6 +385,7 @@ impl LoserKind {
         match self {
             LoserKind::Concurrent => "concurrent",
             LoserKind::Merge => "merge",
+            LoserKind::Shape => "shape",
         }
     }
 }
@@ -381,8 +401,11 @@ pub struct PathOutcome {
 
 /// The per-path rule every node applies alike, in any order of arrival: of `versions` (all
 /// of one path on one branch), the head is the greatest order key among the tips (versions no
-/// other names as its predecessor); every other tip is a concurrent loser beaten by the head;
-/// a merge's losing side is beaten by the first version that names it (or the head). `None`
+/// other names as its predecessor); every other tip is a concurrent loser beaten by the head,
+/// but for a directory (nothing of it is lost: what it held are paths of their own, kept by
+/// the tree's shape repair; and so a local write, which names the head, never changes what
+/// is listed); a merge's losing side is beaten by the first version that names it (or the
+/// head); a file or symlink that only shape repairs name lost to the first of them. `None`
 /// for no versions.
 pub fn path_outcome(versions: &[PathVersion]) -> Option<PathOutcome> {
     // Sets and maps, not scans: a peer may send a path many versions at once.
@@ -398,13 +421,32 @@ pub fn path_outcome(versions: &[PathVersion]) -> Option<PathOutcome> {
             }
         }
     }
+    // Of the versions that name each one, the first repair, and whether anything else does.
+    let mut by_repair: std::collections::HashMap<VersionId, usize> = std::collections::HashMap::new();
+    let mut knowingly: std::collections::HashSet<VersionId> = std::collections::HashSet::new();
+    for (i, v) in versions.iter().enumerate() {
+        let Some(p) = v.pred else { continue };
+        if v.repair {
+            let first = by_repair.entry(p).or_insert(i);
+            if versions[i].key < versions[*first].key {
+                *first = i;
+            }
+        } else {
+            knowingly.insert(p);
+        }
+    }
     let head = (0..versions.len()).filter(|&i| tips.contains(&versions[i].key.version())).max_by_key(|&i| versions[i].key)?;
     let mut losers = Vec::new();
     for (i, v) in versions.iter().enumerate() {
+        let id = v.key.version();
         if v.merge_loser {
-            losers.push((i, by_pred.get(&v.key.version()).copied().unwrap_or(head), LoserKind::Merge));
-        } else if i != head && tips.contains(&v.key.version()) {
+            losers.push((i, by_pred.get(&id).copied().unwrap_or(head), LoserKind::Merge));
+        } else if i != head && tips.contains(&id) && !v.is_dir() {
             losers.push((i, head, LoserKind::Concurrent));
+        } else if v.kind.is_some_and(|k| k != EntryKind::Dir) && !knowingly.contains(&id) {
+            if let Some(&r) = by_repair.get(&id) {
+                losers.push((i, r, LoserKind::Shape));
+            }
         }
     }
     Some(PathOutcome { head, losers })
@@ -740,9 +782,34 @@ mod tests {
         assert_eq!(tips(&[(v(1, 1), None), (v(2, 2), Some(v(1, 1)))]), [v(2, 2)]);
     }
 
+    #[test]
+    fn directories_never_lose_and_a_file_a_repair_replaced_is_listed_once() {
+        let dir = |node, seq, ms, pred| PathVersion { kind: Some(EntryKind::Dir), ..pv(node, seq, ms, pred, false) };
+        let tomb = |node, seq, ms, pred| PathVersion { kind: None, ..pv(node, seq, ms, pred, false) };
+        let repair = |node, seq, ms, pred| PathVersion { repair: true, ..dir(node, seq, ms, pred) };
+        // mkdir on two nodes at once, and a rm -r concurrent with a directory: no directory
+        // is listed, whichever wins.
+        let o = path_outcome(&[dir(1, 1, 10, None), dir(2, 1, 20, None)]).unwrap();
+        assert_eq!((o.head, o.losers.len()), (1, 0));
+        let o = path_outcome(&[dir(1, 1, 10, None), tomb(2, 2, 30, None), dir(3, 1, 20, None)]).unwrap();
+        assert_eq!((o.head, o.losers.len()), (1, 0));
+        // A file in a directory's way, replaced by repairs on two nodes: listed once, beaten
+        // by the first repair (by key); the two repairs list nothing.
+        let file = pv(1, 5, 10, None, false);
+        let vs = [file, repair(2, 1, 30, Some((1, 5))), repair(3, 1, 20, Some((1, 5)))];
+        let o = path_outcome(&vs).unwrap();
+        assert_eq!(o.losers, vec![(0, 2, LoserKind::Shape)]);
+        // One a writer replaced knowingly is not lost, repairs or not.
+        let vs = [file, repair(2, 1, 30, Some((1, 5))), pv(3, 1, 20, Some((1, 5)), false)];
+        assert!(path_outcome(&vs).unwrap().losers.iter().all(|l| l.2 != LoserKind::Shape));
+        // A repair over a deletion lists nothing.
+        let vs = [tomb(1, 5, 10, None), repair(2, 1, 30, Some((1, 5)))];
+        assert!(path_outcome(&vs).unwrap().losers.is_empty());
+    }
+
     fn pv(node: u8, seq: i64, ms: i64, pred: Option<(u8, i64)>, merge_loser: bool) -> PathVersion {
         let id = VersionId { node: NodeId([node; 32]), seq };
-        PathVersion { key: OrderKey::new(Stamp { ms, counter: 0 }, &id), pred: pred.map(|(n, s)| VersionId { node: NodeId([n; 32]), seq: s }), merge_loser }
+        PathVersion { key: OrderKey::new(Stamp { ms, counter: 0 }, &id), pred: pred.map(|(n, s)| VersionId { node: NodeId([n; 32]), seq: s }), merge_loser, kind: Some(EntryKind::File), repair: false }
     }
 
     #[test]

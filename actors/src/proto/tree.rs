@@ -110,7 +110,10 @@ impl ReplicaTree {
     }
 
     fn outcome_of<'a>(versions: &[&'a Change]) -> Option<(&'a Change, Vec<Loser<'a>>)> {
-        let input: Vec<PathVersion> = versions.iter().map(|c| PathVersion { key: c.key, pred: c.pred, merge_loser: c.origin == Origin::ConflictLoser }).collect();
+        let input: Vec<PathVersion> = versions
+            .iter()
+            .map(|c| PathVersion { key: c.key, pred: c.pred, merge_loser: c.origin == Origin::ConflictLoser, kind: c.version.entry.as_ref().map(|e| e.kind), repair: c.origin == Origin::Repair })
+            .collect();
         let outcome = path_outcome(&input)?;
         let losers = outcome.losers.iter().map(|&(l, w, kind)| (versions[l], versions[w], kind)).collect();
         Some((versions[outcome.head], losers))

@@ -9,8 +9,8 @@
 //!   listed by `conflicts` (on every node: the rule is `proto::replica::path_outcome`).
 //! - **The tree's shape.** A directory removed elsewhere comes back; a file or symlink where
 //!   a directory is needed loses to the directory; a file written where a directory now
-//!   stands loses to the directory. Losers are written as `conflict-loser` versions, listed
-//!   and restorable, as a merge repairs a tree (`store::merge`).
+//!   stands loses to the directory. The directory is a repair (`store::shape`) naming what
+//!   lost, which `conflicts` lists and `restore` brings back.
 //! - **Once.** Each change carries the id its mount gave it, recorded with what it wrote
 //!   (`acked_change`): a change sent again (a lost reply, a journal adopted twice) is not
 //!   applied twice.
@@ -19,7 +19,6 @@ use rusqlite::{params, OptionalExtension};
 
 use super::outbox::Event;
 use super::read::{self, View};
-use super::tx::DIR_MODE_DEFAULT;
 use super::{Branch, StoreError, Tx};
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::ids::VersionId;
@@ -96,7 +95,7 @@ impl Tx<'_> {
         }
         let view = View::head(self.conn(), branch)?;
         let first = self.clock() + 1;
-        self.repair_parents(branch, &view, path)?;
+        self.make_parents(branch, &view, path)?;
         let own = self.own_head(branch.id, path)?;
         let pred = self.pred_of(branch.id, path, seen)?;
         let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
@@ -104,10 +103,11 @@ impl Tx<'_> {
         let (seq, lost) = match read::live(self.conn(), &view, path)? {
             Some(dir) if dir.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {
                 // A directory took the path meanwhile: the write loses to it, kept and listed
-                // (the directory written again names the one that was there).
-                let loser = self.insert_row_with_pred(branch.id, path, &version, Origin::ConflictLoser.as_str(), pred)?;
-                self.insert_row_with_pred(branch.id, path, &dir.version, Origin::Mkdir.as_str(), Some(dir.id()))?;
-                (loser, true)
+                // (the directory, written again as a repair, names the write).
+                let write = self.insert_row_with_pred(branch.id, path, &version, Origin::Write.as_str(), pred)?;
+                let again = Version { entry: dir.version.entry.clone(), written: self.stamp() };
+                self.insert_row(branch.id, path, &again, Origin::Repair.as_str())?;
+                (write, true)
             }
             _ => (self.insert_row_with_pred(branch.id, path, &version, Origin::Write.as_str(), pred)?, false),
         };
@@ -127,48 +127,16 @@ impl Tx<'_> {
         }
         let view = View::head(self.conn(), branch)?;
         let first = self.clock() + 1;
-        self.repair_parents(branch, &view, path)?;
+        self.make_parents(branch, &view, path)?;
         let seq = match read::live(self.conn(), &view, path)? {
             Some(row) if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) => return Ok(0),
-            Some(file) => self.lose_to_dir(branch, path, file.version, mode, mtime_ms)?,
+            Some(_) => self.make_dir(branch, &view, path, mode, mtime_ms)?.unwrap_or(0),
             None => {
                 let v = Version { entry: Some(Entry::dir(mode, mtime_ms)), written: self.stamp() };
                 self.insert_row(branch.id, path, &v, Origin::Mkdir.as_str())?
             }
         };
         self.emit(Event::path_op("mkdir", branch, first, self.clock(), path));
-        Ok(seq)
-    }
-
-    /// Makes every ancestor of `path` a live directory: a missing one is made, a file or
-    /// symlink in the way loses to a new directory and is listed.
-    fn repair_parents(&mut self, branch: &Branch, view: &View, path: &TreePath) -> Result<(), StoreError> {
-        for dir in path.ancestors() {
-            if dir.is_root() {
-                continue;
-            }
-            match read::live(self.conn(), view, &dir)? {
-                Some(row) if row.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {}
-                None => {
-                    let v = Version { entry: Some(Entry::dir(DIR_MODE_DEFAULT, self.now_ms())), written: self.stamp() };
-                    self.insert_row(branch.id, &dir, &v, Origin::Mkdir.as_str())?;
-                }
-                Some(file) => {
-                    let now = self.now_ms();
-                    self.lose_to_dir(branch, &dir, file.version, DIR_MODE_DEFAULT, now)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes `file` (the head of `path`, a file or symlink) again as a listed loser, then a
-    /// directory over it: a directory beats a file, as in a merge. Returns the directory's seq.
-    fn lose_to_dir(&mut self, branch: &Branch, path: &TreePath, file: Version, mode: u32, mtime_ms: i64) -> Result<i64, StoreError> {
-        self.insert_row(branch.id, path, &file, Origin::ConflictLoser.as_str())?;
-        let dir = Version { entry: Some(Entry::dir(mode, mtime_ms)), written: self.stamp() };
-        let seq = self.insert_row(branch.id, path, &dir, Origin::Mkdir.as_str())?;
-        self.relist_conflicts(branch.id, path)?;
         Ok(seq)
     }
 }

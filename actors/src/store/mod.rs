@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod read;
 pub mod replica;
 pub mod schema;
+pub mod shape;
 pub mod tx;
 
 use std::path::{Path, PathBuf};

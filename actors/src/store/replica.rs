@@ -33,6 +33,8 @@ pub struct Applied {
     pub conflicts: usize,
     /// Blobs the new versions name that are not here yet (hash, size).
     pub missing_blobs: Vec<(ContentHash, u64)>,
+    /// Directories made again because versions arrived below a deletion or a file.
+    pub repaired: usize,
 }
 
 impl Tx<'_> {
@@ -122,6 +124,11 @@ impl Tx<'_> {
         for (branch, first, last) in &branches {
             self.emit(Event::replicated(branch, *first, *last));
         }
+        // What arrived may have left live paths below a deletion or a file: made a tree again.
+        for (branch, _, _) in &branches {
+            let paths: BTreeSet<TreePath> = touched.iter().filter(|(b, _)| *b == branch.id).map(|(_, p)| p.clone()).collect();
+            applied.repaired += self.repair_arrivals(branch, &paths)?;
+        }
         Ok(applied)
     }
 
@@ -179,16 +186,23 @@ impl Tx<'_> {
     pub(crate) fn relist_conflicts(&mut self, branch: i64, path: &TreePath) -> Result<usize, StoreError> {
         let (dir, name) = dir_name(path);
         let (seqs, versions): (Vec<i64>, Vec<PathVersion>) = {
-            let mut st = self.conn().prepare_cached("SELECT seq, vkey, pred, origin FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3")?;
+            let mut st = self.conn().prepare_cached("SELECT seq, vkey, pred, origin, kind FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3")?;
             let rows = st.query_map(params![branch, dir, name], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, String>(3)?))
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, String>(3)?, r.get::<_, Option<String>>(4)?))
             })?;
             let mut out = (Vec::new(), Vec::new());
             for row in rows {
-                let (seq, key, pred, origin) = row?;
+                let (seq, key, pred, origin, kind) = row?;
                 let key = OrderKey::from_bytes(&key).ok_or_else(|| StoreError::Invalid("a stored order key is damaged".into()))?;
+                let kind = kind.as_deref().and_then(EntryKind::from_code);
                 out.0.push(seq);
-                out.1.push(PathVersion { key, pred: pred.and_then(|p| VersionId::from_bytes(&p)), merge_loser: origin == Origin::ConflictLoser.as_str() });
+                out.1.push(PathVersion {
+                    key,
+                    pred: pred.and_then(|p| VersionId::from_bytes(&p)),
+                    merge_loser: origin == Origin::ConflictLoser.as_str(),
+                    kind,
+                    repair: origin == Origin::Repair.as_str(),
+                });
             }
             out
         };
