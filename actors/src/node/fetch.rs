@@ -331,6 +331,24 @@ impl Fetches {
         }
     }
 
+    /// `peer` has a new session (it restarted, or came back): what it could not serve
+    /// before it may serve now, so it is a candidate again, and unavailable blobs are
+    /// asked of it at once.
+    pub fn peer_returned(&mut self, peer: NodeId) {
+        let mut due = Vec::new();
+        for (h, w) in self.wanted.iter_mut() {
+            if w.refused.remove(&peer) && !w.candidates.contains(&peer) {
+                w.candidates.push(peer);
+                if matches!(w.stage, Stage::Unavailable { .. }) {
+                    due.push(*h);
+                }
+            }
+        }
+        for h in due {
+            self.queue(h, false);
+        }
+    }
+
     /// The counts `status` shows.
     pub fn counts(&self) -> FetchCounts {
         let mut c = FetchCounts { fetched: self.fetched, ..FetchCounts::default() };
@@ -429,6 +447,13 @@ mod tests {
         assert!(f.next_batch().is_none(), "a peer that refused it is not asked again before the pause");
         f.add(h(1), 10, &[c], false);
         assert_eq!(f.next_batch().map(|(p, _)| p), Some(c));
+        // A peer that refused it and comes back (a new session) is asked again at once.
+        let mut f = Fetches::default();
+        f.add(h(2), 10, &[A], false);
+        let (_, batch) = f.next_batch().unwrap();
+        assert_eq!(f.finished(&[attempt(A, &batch, 0, stopped())], Instant::now()).unavailable, vec![h(2)]);
+        f.peer_returned(A);
+        assert_eq!(f.next_batch().map(|(p, b)| (p, b.len())), Some((A, 1)));
     }
 
     #[test]

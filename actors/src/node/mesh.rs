@@ -1069,6 +1069,9 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
         Ok((actor, _)) => {
             tracing::info!(peer = %peer.short(), "session open");
             state.sessions.insert(peer, SessionSlot { actor, dialer, conn, opened_at: Instant::now() });
+            // What it could not serve before it may serve now (it restarted, or came back).
+            state.fetches.peer_returned(peer);
+            pump_fetches(me, state);
         }
         Err(e) => tracing::warn!(peer = %peer.short(), error = %e, "could not start a session"),
     }
@@ -1117,7 +1120,7 @@ async fn fetch_batch(endpoint: &Endpoint, index: &crate::index::BlobIndex, conte
                     Err(_) => (Vec::new(), Some(FetchError::Unreachable("timed out".into()))),
                 };
                 if let Some(e) = &error {
-                    tracing::debug!(peer = %peer.short(), blobs = small.len(), arrived = got.len(), error = ?e, "a blob request ended early");
+                    tracing::warn!(peer = %peer.short(), blobs = small.len(), arrived = got.len(), error = ?e, "a blob request ended early; what did not arrive is asked for again");
                 }
                 let received = got.len();
                 landed.extend(got.into_iter().map(|(h, bytes)| (h, Some(bytes))));
@@ -1312,7 +1315,7 @@ async fn fetch_into_store(
         task.abort();
     }
     if let Some(e) = &error {
-        tracing::debug!(peer = %peer.short(), blobs = want.len(), error = ?e, "a blob request ended early");
+        tracing::warn!(peer = %peer.short(), blobs = want.len(), error = ?e, "a blob request ended early; what did not arrive is asked for again");
     }
     let transferred = started.elapsed();
     let mut landed = Vec::new();

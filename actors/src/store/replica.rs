@@ -165,6 +165,13 @@ impl Tx<'_> {
             let seq = rows.iter().filter(|(_, b, c)| b == branch_id && c.path == *path).map(|(s, _, _)| *s).max().unwrap_or(0);
             self.emit(Event::path_op("retracted", &branch, seq, seq, path));
         }
+        // A directory taken back may leave others' versions below it without one.
+        let branches: BTreeSet<i64> = touched.iter().map(|(b, _)| *b).collect();
+        for branch_id in branches {
+            let branch = branch_by_id(self.conn(), branch_id)?;
+            let paths: BTreeSet<TreePath> = touched.iter().filter(|(b, _)| *b == branch_id).map(|(_, p)| p.clone()).collect();
+            self.repair_arrivals(&branch, &paths)?;
+        }
         Ok(rows.into_iter().map(|(_, _, c)| c).collect())
     }
 
