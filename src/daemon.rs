@@ -42,7 +42,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         // protocol and on iroh-blobs (both gated by membership).
         let net = mesh::bind(key.clone(), &config.net_config()?).await.map_err(anyhow::Error::msg)?;
         let router = iroh::protocol::Router::builder(net.endpoint.clone())
-            .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone() })
+            .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone(), instance: net.instance })
             .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, &content, dir))
             .accept(iroh_gossip::ALPN, mesh::GatedGossip { gossip: net.gossip.clone(), names: ctx.names.clone() })
             .spawn();

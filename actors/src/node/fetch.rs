@@ -16,11 +16,13 @@
 //!   before any blob arrived may have been refused whole (a gate refuses a request with one
 //!   hash it will not serve): it is split in halves, each asked for at once, until the blob
 //!   it could not serve stands alone. Good blobs batched with a bad one always arrive.
-//! - **Never hot.** A blob every candidate could not serve is *unavailable*: `status` counts
-//!   it, and it is asked for again from every connected peer after a pause that doubles from
-//!   [`UNAVAILABLE_RETRY_MIN`] to [`UNAVAILABLE_RETRY_MAX`], or at once when a peer says it
-//!   has it. Other failures (a peer unreachable, a timeout) are retried at the next tick from
-//!   every connected peer, this one last.
+//! - **Never hot.** A blob every candidate could not serve is *unavailable* (`status` counts
+//!   it): a peer may not have it yet (it is fetching it too), or may never have it (its GC
+//!   freed it). It is asked for again from every connected peer after a pause that doubles
+//!   from [`UNAVAILABLE_RETRY_MIN`] to [`UNAVAILABLE_RETRY_MAX`], or at once when a peer says
+//!   it has it or comes back; a user waiting for it is told once it has been unavailable for
+//!   [`WAITERS_GIVE_UP_AFTER`] rounds. Other failures (a peer unreachable, a timeout) are
+//!   retried at the next tick from every connected peer, this one last.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,9 +35,12 @@ pub const FETCH_BATCH_MAX: usize = 512;
 /// Most fetch requests in flight.
 pub const FETCHES_MAX: usize = 4;
 /// First pause before a blob no peer could serve is asked for again.
-pub const UNAVAILABLE_RETRY_MIN: Duration = Duration::from_secs(60);
+pub const UNAVAILABLE_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest pause before a blob no peer could serve is asked for again.
-pub const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_secs(3600);
+pub const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Rounds in which no peer could serve a blob before the users waiting for it are told
+/// (1 + 2 + 4 + 8 s of asking).
+pub const WAITERS_GIVE_UP_AFTER: u32 = 4;
 
 /// How a fetch request ended, besides the blobs it landed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +73,8 @@ pub struct Attempt {
 pub struct Settled {
     /// Blobs that are here now (waiters are answered).
     pub landed: Vec<ContentHash>,
-    /// Blobs that became unavailable: no candidate could serve them (waiters are told).
+    /// Blobs no candidate could serve for [`WAITERS_GIVE_UP_AFTER`] rounds (waiters are
+    /// told; the blob is still asked for, less and less often).
     pub unavailable: Vec<ContentHash>,
 }
 
@@ -79,10 +85,8 @@ enum Stage {
     Queued(u64),
     /// In a batch being fetched.
     Fetching,
-    /// Its last fetch failed; queued again at the next tick.
-    Failed,
-    /// No candidate could serve it; asked for again at `until` (the pause doubles).
-    Unavailable { until: Instant, pause: Duration },
+    /// Queued again (from every connected peer) at the first tick from `until`.
+    Waiting { until: Instant },
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +97,9 @@ struct Wanted {
     /// Peers that could not serve it since it was last asked for from everyone.
     refused: HashSet<NodeId>,
     stage: Stage,
+    /// Rounds in a row in which every candidate could not serve it (0: it is not
+    /// unavailable); the pause before the next doubles with each.
+    rounds_refused: u32,
 }
 
 /// The scheduler's state.
@@ -128,7 +135,7 @@ impl Fetches {
     /// first (a user waits for it). A blob that was unavailable is asked for again at once
     /// when a peer not known to lack it is named.
     pub fn add(&mut self, hash: ContentHash, size: u64, peers: &[NodeId], urgent: bool) {
-        let w = self.wanted.entry(hash).or_insert_with(|| Wanted { size, candidates: Vec::new(), refused: HashSet::new(), stage: Stage::Failed });
+        let w = self.wanted.entry(hash).or_insert_with(|| Wanted { size, candidates: Vec::new(), refused: HashSet::new(), stage: Stage::Waiting { until: Instant::now() }, rounds_refused: 0 });
         let mut new_peer = false;
         for p in peers {
             if !w.candidates.contains(p) && !w.refused.contains(p) {
@@ -136,11 +143,11 @@ impl Fetches {
                 new_peer = true;
             }
         }
+        let fresh = w.rounds_refused == 0 && w.refused.is_empty();
         let requeue = match w.stage {
             Stage::Fetching => false,
             Stage::Queued(_) => urgent,
-            Stage::Failed => true,
-            Stage::Unavailable { .. } => new_peer || urgent,
+            Stage::Waiting { .. } => fresh || new_peer || urgent,
         };
         if requeue {
             self.queue(hash, urgent);
@@ -162,12 +169,13 @@ impl Fetches {
         self.wanted.get(hash).map(|w| w.candidates.clone()).unwrap_or_default()
     }
 
-    /// Puts `hash` in its first candidate's queue; without one it is unavailable.
+    /// Puts `hash` in its first candidate's queue; without one it waits for the next tick
+    /// (which asks every connected peer).
     fn queue(&mut self, hash: ContentHash, front: bool) {
         let Some(w) = self.wanted.get_mut(&hash) else { return };
         let Some(&peer) = w.candidates.first() else {
-            if !matches!(w.stage, Stage::Unavailable { .. }) {
-                w.stage = Stage::Unavailable { until: Instant::now() + UNAVAILABLE_RETRY_MIN, pause: UNAVAILABLE_RETRY_MIN };
+            if !matches!(w.stage, Stage::Waiting { .. }) {
+                w.stage = Stage::Waiting { until: Instant::now() };
             }
             return;
         };
@@ -266,7 +274,7 @@ impl Fetches {
                 // Other candidates first at the next tick; this one last.
                 w.candidates.retain(|p| *p != a.peer);
                 w.candidates.push(a.peer);
-                w.stage = Stage::Failed;
+                w.stage = Stage::Waiting { until: now };
             }
         }
     }
@@ -279,19 +287,18 @@ impl Fetches {
         }
     }
 
-    /// `peer` could not serve `hash`: the next candidate is tried; true when none is left
-    /// (it is unavailable now).
+    /// `peer` could not serve `hash`: the next candidate is tried; with none left the blob
+    /// is unavailable, and waits a pause that doubles each round. True when it has been so
+    /// for [`WAITERS_GIVE_UP_AFTER`] rounds now (its waiters are told).
     fn refused_by(&mut self, hash: ContentHash, peer: NodeId, now: Instant) -> bool {
         let Some(w) = self.wanted.get_mut(&hash) else { return false };
         w.candidates.retain(|p| *p != peer);
         w.refused.insert(peer);
         if w.candidates.is_empty() {
-            let pause = match w.stage {
-                Stage::Unavailable { pause, .. } => (pause * 2).min(UNAVAILABLE_RETRY_MAX),
-                _ => UNAVAILABLE_RETRY_MIN,
-            };
-            w.stage = Stage::Unavailable { until: now + pause, pause };
-            return true;
+            w.rounds_refused += 1;
+            let pause = UNAVAILABLE_RETRY_MIN.saturating_mul(1 << (w.rounds_refused - 1).min(16)).min(UNAVAILABLE_RETRY_MAX);
+            w.stage = Stage::Waiting { until: now + pause };
+            return w.rounds_refused == WAITERS_GIVE_UP_AFTER;
         }
         self.queue(hash, false);
         false
@@ -303,27 +310,19 @@ impl Fetches {
     pub fn tick(&mut self, connected: &[NodeId], now: Instant) {
         let mut due = Vec::new();
         for (h, w) in self.wanted.iter_mut() {
-            match w.stage {
-                Stage::Failed => {
-                    for p in connected.iter().rev() {
-                        if !w.candidates.contains(p) && !w.refused.contains(p) {
-                            w.candidates.insert(0, *p);
-                        }
-                    }
-                    due.push(*h);
+            let Stage::Waiting { until } = w.stage else { continue };
+            if until > now {
+                continue;
+            }
+            // Everyone connected is asked again (those that failed last, last).
+            w.refused.clear();
+            for p in connected.iter().rev() {
+                if !w.candidates.contains(p) {
+                    w.candidates.insert(0, *p);
                 }
-                Stage::Unavailable { until, .. } if until <= now => {
-                    w.refused.clear();
-                    for p in connected {
-                        if !w.candidates.contains(p) {
-                            w.candidates.push(*p);
-                        }
-                    }
-                    if !w.candidates.is_empty() {
-                        due.push(*h);
-                    }
-                }
-                _ => {}
+            }
+            if !w.candidates.is_empty() {
+                due.push(*h);
             }
         }
         for h in due {
@@ -339,7 +338,7 @@ impl Fetches {
         for (h, w) in self.wanted.iter_mut() {
             if w.refused.remove(&peer) && !w.candidates.contains(&peer) {
                 w.candidates.push(peer);
-                if matches!(w.stage, Stage::Unavailable { .. }) {
+                if matches!(w.stage, Stage::Waiting { .. }) {
                     due.push(*h);
                 }
             }
@@ -355,8 +354,8 @@ impl Fetches {
         for w in self.wanted.values() {
             match w.stage {
                 Stage::Queued(_) | Stage::Fetching => c.pending += 1,
-                Stage::Failed => c.failed += 1,
-                Stage::Unavailable { .. } => c.unavailable += 1,
+                Stage::Waiting { .. } if w.rounds_refused > 0 => c.unavailable += 1,
+                Stage::Waiting { .. } => c.failed += 1,
             }
         }
         c
@@ -410,9 +409,9 @@ mod tests {
                 f.add(h(i), 10, &[A], false);
             }
             let bad: HashSet<ContentHash> = [h(3), h(50), h(51), h(99)].into();
-            let (landed, unavailable, requests) = run(&mut f, &bad, refuse_whole);
+            let (landed, told, requests) = run(&mut f, &bad, refuse_whole);
             assert_eq!(landed.len(), 96, "refuse_whole={refuse_whole}");
-            assert_eq!(unavailable.iter().copied().collect::<HashSet<_>>(), bad);
+            assert!(told.is_empty(), "waiters are told only after several rounds");
             // Halving finds each bad blob in about log2(n) requests (a provider that stops in
             // order names it at once, unless it is the first of a request).
             assert!(requests <= 4 * 2 * 7, "{requests} requests (refuse_whole={refuse_whole})");
@@ -438,8 +437,8 @@ mod tests {
         assert!(s.unavailable.is_empty());
         let (peer, batch) = f.next_batch().unwrap();
         assert_eq!(peer, B, "the next candidate is asked at once");
-        let s = f.finished(&[attempt(B, &batch, 0, stopped())], Instant::now());
-        assert_eq!(s.unavailable, vec![h(1)]);
+        f.finished(&[attempt(B, &batch, 0, stopped())], Instant::now());
+        assert_eq!(f.counts().unavailable, 1);
         assert!(f.next_batch().is_none());
         // A peer that did not refuse it names it: asked again at once.
         let c = NodeId([3; 32]);
@@ -451,10 +450,37 @@ mod tests {
         let mut f = Fetches::default();
         f.add(h(2), 10, &[A], false);
         let (_, batch) = f.next_batch().unwrap();
-        assert_eq!(f.finished(&[attempt(A, &batch, 0, stopped())], Instant::now()).unavailable, vec![h(2)]);
+        f.finished(&[attempt(A, &batch, 0, stopped())], Instant::now());
+        assert_eq!(f.counts().unavailable, 1);
         f.peer_returned(A);
         assert_eq!(f.next_batch().map(|(p, b)| (p, b.len())), Some((A, 1)));
     }
+
+    #[test]
+    fn a_blob_no_one_serves_is_asked_for_less_and_less_often_and_its_waiters_are_told() {
+        let mut f = Fetches::default();
+        f.add(h(1), 10, &[A], true);
+        let mut now = Instant::now();
+        let mut pauses = Vec::new();
+        let (_, mut batch) = f.next_batch().expect("asked");
+        for round in 1..=6u32 {
+            let told = f.finished(&[attempt(A, &batch, 0, stopped())], now).unavailable;
+            assert_eq!(told.len(), usize::from(round == WAITERS_GIVE_UP_AFTER), "round {round}");
+            let mut waited = Duration::ZERO;
+            batch = loop {
+                waited += Duration::from_millis(250);
+                assert!(waited < UNAVAILABLE_RETRY_MAX * 2, "never asked again");
+                f.tick(&[A], now + waited);
+                if let Some((_, b)) = f.next_batch() {
+                    break b;
+                }
+            };
+            pauses.push(waited);
+            now += waited;
+        }
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0] * 2 - Duration::from_millis(250)), "the pause doubles: {pauses:?}");
+    }
+
 
     #[test]
     fn an_unreachable_peer_is_retried_at_the_next_tick_others_first() {

@@ -86,6 +86,8 @@ pub struct Net {
     pub lookup: MemoryLookup,
     /// Fetch arriving versions' bytes at once (else on first read).
     pub eager_fetch: bool,
+    /// This run of the node (random per start; see `Frame::Hello`).
+    pub instance: u64,
 }
 
 /// Binds the node's endpoint. With relays off it touches nothing but the listen address: no
@@ -109,7 +111,8 @@ pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> 
     }
     let endpoint = b.bind().await.map_err(|e| format!("cannot listen on {}: {e} (is another node using the port?)", cfg.listen))?;
     let gossip = iroh_gossip::net::Gossip::builder().max_message_size(crate::proto::sync::GOSSIP_MESSAGE_BYTES_MAX).spawn(endpoint.clone());
-    Ok(Net { endpoint, gossip, lookup, eager_fetch: cfg.eager_fetch })
+    let instance = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    Ok(Net { endpoint, gossip, lookup, eager_fetch: cfg.eager_fetch, instance })
 }
 
 impl Net {
@@ -131,7 +134,9 @@ impl Net {
             for a in addrs {
                 addr = addr.with_ip_addr(*a);
             }
-            self.lookup.add_endpoint_info(addr);
+            // Replaced, not added to: a peer that restarted listens elsewhere, and a dial
+            // (a blob fetch) at its old address waits out a timeout each time.
+            self.lookup.set_endpoint_info(addr);
         }
     }
 }
@@ -185,6 +190,8 @@ async fn refuse(conn: &Connection, send: &mut SendStream, reason: &str) {
 pub struct SyncHandler {
     /// The node's actor names (the mesh actor is looked up per connection).
     pub names: Names,
+    /// This run of the node (see `Frame::Hello`).
+    pub instance: u64,
 }
 
 impl ProtocolHandler for SyncHandler {
@@ -208,17 +215,23 @@ impl ProtocolHandler for SyncHandler {
                 return Ok(());
             }
         };
-        let (asked, addrs) = match first {
+        let (asked, addrs, instance) = match first {
             Frame::Join { bucket, secret, addrs } => {
                 match mesh(&handle, MeshOp::Admit { bucket, secret, joiner: peer, addrs: addrs.clone() }).await {
                     Ok(MeshReply::Admitted(Ok((name, root)))) => {
                         tracing::info!(peer = %peer.short(), bucket = %name, "a new member joined with a ticket");
+                        // Its member entry is new in the bucket's document: the other members
+                        // hear of it now (they admit its sessions once they do), not at the
+                        // next round of summaries.
+                        if let Some(m) = self.names.find::<MeshMsg>(Child::Mesh) {
+                            let _ = m.cast(MeshMsg::Changed(vec![(bucket, crate::proto::sync::META_DOC)]));
+                        }
                         if write_frame(&mut send, &Frame::Joined { bucket, name, root: root.encode() }).await.is_err() {
                             return Ok(());
                         }
                         // It continues as a member: its Hello follows.
                         match tokio::time::timeout(NET_TIMEOUT, read_frame(&mut recv)).await {
-                            Ok(Ok(Frame::Hello { buckets, addrs })) => (buckets, addrs),
+                            Ok(Ok(Frame::Hello { buckets, addrs, instance })) => (buckets, addrs, instance),
                             _ => return Ok(()),
                         }
                     }
@@ -237,7 +250,7 @@ impl ProtocolHandler for SyncHandler {
                     }
                 }
             }
-            Frame::Hello { buckets, addrs } => (buckets, addrs),
+            Frame::Hello { buckets, addrs, instance } => (buckets, addrs, instance),
             _ => {
                 tracing::warn!(peer = %peer.short(), "dropped a peer that did not start with Hello or Join");
                 conn.close(VarInt::from_u32(400), b"expected hello");
@@ -253,12 +266,12 @@ impl ProtocolHandler for SyncHandler {
             refuse(&conn, &mut send, "this node shares no bucket with you (not a member, or removed)").await;
             return Ok(());
         }
-        if write_frame(&mut send, &Frame::Welcome { buckets: accepted.clone() }).await.is_err() {
+        if write_frame(&mut send, &Frame::Welcome { buckets: accepted.clone(), instance: self.instance }).await.is_err() {
             return Ok(());
         }
         match self.names.find::<MeshMsg>(Child::Mesh) {
             Some(m) => {
-                let _ = m.cast(MeshMsg::Opened(Box::new(Opened { peer, dialer: peer, conn, send, recv, buckets: accepted, addrs })));
+                let _ = m.cast(MeshMsg::Opened(Box::new(Opened { peer, dialer: peer, conn, send, recv, buckets: accepted, addrs, instance })));
             }
             None => conn.close(VarInt::from_u32(503), b"restarting"),
         }
@@ -463,6 +476,8 @@ pub struct Opened {
     pub buckets: Vec<Uid>,
     /// Where the peer says it listens.
     pub addrs: Vec<SocketAddr>,
+    /// The peer's run (see `Frame::Hello`).
+    pub instance: u64,
 }
 
 /// What a join reports to the user.
@@ -537,8 +552,8 @@ pub enum MeshMsg {
     MembersChanged,
     /// Blobs to fetch from a peer that has them.
     Missing(NodeId, Vec<(ContentHash, u64)>),
-    /// A fetch batch ended: how each of its requests went.
-    Fetched(Vec<Attempt>),
+    /// A fetch batch ended (its id): how each of its requests went.
+    Fetched(u64, Vec<Attempt>),
     /// Make a ticket.
     Invite { bucket: String, expires_ms: i64, uses: u32, reply: RpcReplyPort<Result<String, String>> },
     /// Join with a ticket.
@@ -570,6 +585,8 @@ struct SessionSlot {
     dialer: NodeId,
     conn: Connection,
     opened_at: Instant,
+    /// The peer's run (see `Frame::Hello`).
+    instance: u64,
 }
 
 /// Two sessions with one peer opened within this long of each other were dialed at once:
@@ -599,6 +616,10 @@ pub struct MeshState {
     /// Blobs to fetch, from whom, in which batches (a blob being fetched is never asked for
     /// twice at once: a `get` of a blob that is arriving waits for that fetch).
     fetches: Fetches,
+    /// Fetch batches in flight, by id: their peer, the task and what it asks for (a batch
+    /// whose peer restarted or went away is abandoned, not left to its timeout).
+    fetch_tasks: HashMap<u64, (NodeId, tokio::task::AbortHandle, Vec<(ContentHash, u64)>)>,
+    next_fetch: u64,
     /// Users waiting for blobs.
     waiters: HashMap<ContentHash, Vec<RpcReplyPort<Result<(), String>>>>,
     /// When the store was last scanned for missing blobs.
@@ -627,6 +648,9 @@ impl Actor for MeshActor {
             }
             me.send_interval(Duration::from_secs(1), || MeshMsg::Tick);
             let _ = me.cast(MeshMsg::Wake);
+            // Dial the members now, not a second from now (a restarted node's first writes
+            // wait for its sessions).
+            let _ = me.cast(MeshMsg::Tick);
         }
         Ok(MeshState {
             ctx,
@@ -636,6 +660,8 @@ impl Actor for MeshActor {
             sessions: HashMap::new(),
             peers: HashMap::new(),
             fetches: Fetches::default(),
+            fetch_tasks: HashMap::new(),
+            next_fetch: 0,
             waiters: HashMap::new(),
             last_missing_scan: None,
             topics: HashMap::new(),
@@ -698,7 +724,10 @@ impl Actor for MeshActor {
                 }
                 pump_fetches(&me, state);
             }
-            MeshMsg::Fetched(attempts) => {
+            MeshMsg::Fetched(id, attempts) => {
+                if state.fetch_tasks.remove(&id).is_none() {
+                    return Ok(()); // abandoned (its peer restarted or left) and settled then
+                }
                 let settled = state.fetches.finished(&attempts, Instant::now());
                 for h in &settled.landed {
                     for w in state.waiters.remove(h).unwrap_or_default() {
@@ -789,7 +818,7 @@ impl Actor for MeshActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _me: ActorRef<MeshMsg>, evt: SupervisionEvent, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(&self, me: ActorRef<MeshMsg>, evt: SupervisionEvent, state: &mut MeshState) -> Result<(), ActorProcessingErr> {
         let ended = match &evt {
             SupervisionEvent::ActorTerminated(cell, _, _) | SupervisionEvent::ActorFailed(cell, _) => Some(cell.get_id()),
             _ => None,
@@ -803,6 +832,9 @@ impl Actor for MeshActor {
                 state.sessions.remove(&peer);
                 let p = state.peers.entry(peer).or_default();
                 p.next_dial = Some(Instant::now() + Duration::from_millis(200));
+                // Its session ended (the peer died, or the network broke): a fetch from it
+                // would wait on a dead connection.
+                abandon_fetches(&me, state, peer);
             }
         }
         Ok(())
@@ -916,13 +948,17 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
         let _ = s.actor.cast(SessionMsg::Recheck);
     }
     let Ok(MeshReply::Peers(peers)) = mesh(&state.handle, MeshOp::Peers).await else { return };
+    // Where the bucket's documents say each member listens; a peer with a session said
+    // where it listens when it opened it, which is fresher (it may have restarted since it
+    // last wrote its addresses, and they may not have arrived yet).
     for (peer, addrs) in &peers {
-        net.learn(peer, addrs);
+        if !state.sessions.contains_key(peer) {
+            net.learn(peer, addrs);
+        }
     }
     join_topics(me, state, &net).await;
     let now = Instant::now();
     for (peer, addrs) in peers {
-        net.learn(&peer, &addrs);
         let p = state.peers.entry(peer).or_default();
         p.addrs = addrs;
         if state.sessions.contains_key(&peer) || p.dialing || p.next_dial.is_some_and(|t| t > now) {
@@ -961,14 +997,14 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let addrs = net.addrs();
     let answer = async {
-        write_frame(&mut send, &Frame::Hello { buckets: asked.clone(), addrs }).await?;
+        write_frame(&mut send, &Frame::Hello { buckets: asked.clone(), addrs, instance: net.instance }).await?;
         match read_frame(&mut recv).await? {
-            Frame::Welcome { buckets } => Ok(buckets),
+            Frame::Welcome { buckets, instance } => Ok((buckets, instance)),
             Frame::Refused { reason } => Err(reason),
             _ => Err("the peer answered something else".to_string()),
         }
     };
-    let buckets = match tokio::time::timeout(NET_TIMEOUT * 3, answer).await {
+    let (buckets, instance) = match tokio::time::timeout(NET_TIMEOUT * 3, answer).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             conn.close(VarInt::from_u32(0), b"refused");
@@ -979,7 +1015,7 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
             return Err("the peer did not answer the handshake in time".into());
         }
     };
-    Ok(Opened { peer: *peer, dialer: *me, conn, send, recv, buckets, addrs: Vec::new() })
+    Ok(Opened { peer: *peer, dialer: *me, conn, send, recv, buckets, addrs: Vec::new(), instance })
 }
 
 /// Joins with a ticket: dials the inviter, proves the secret, adopts the bucket, and keeps
@@ -1025,13 +1061,13 @@ async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: O
             return Err(e);
         }
     }
-    write_frame(&mut send, &Frame::Hello { buckets: vec![ticket.bucket], addrs }).await?;
-    let buckets = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
-        Ok(Ok(Frame::Welcome { buckets })) => buckets,
+    write_frame(&mut send, &Frame::Hello { buckets: vec![ticket.bucket], addrs, instance: net.instance }).await?;
+    let (buckets, instance) = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
+        Ok(Ok(Frame::Welcome { buckets, instance })) => (buckets, instance),
         Ok(Ok(Frame::Refused { reason })) => return Err(reason),
         _ => return Err("the inviter did not welcome the new member".into()),
     };
-    let opened = Opened { peer: ticket.node, dialer: state.me, conn, send, recv, buckets, addrs: ticket.addrs.clone() };
+    let opened = Opened { peer: ticket.node, dialer: state.me, conn, send, recv, buckets, addrs: ticket.addrs.clone(), instance };
     open_session(me, state, opened).await;
     Ok(Joined { bucket: local, inviter: ticket.node.to_hex() })
 }
@@ -1043,8 +1079,15 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
     if let Some(net) = &state.net {
         net.learn(&peer, &opened.addrs);
     }
+    let restarted = state.sessions.get(&peer).is_some_and(|s| s.instance != opened.instance);
+    if restarted {
+        abandon_fetches(me, state, peer);
+    }
     if let Some(existing) = state.sessions.get(&peer) {
-        let keep_new = if existing.opened_at.elapsed() < SIMULTANEOUS_DIAL {
+        let keep_new = if restarted {
+            // The peer started again: its old session is dead, whether it looks it or not.
+            true
+        } else if existing.opened_at.elapsed() < SIMULTANEOUS_DIAL {
             // Dialed at once: both sides keep the one the smaller id dialed.
             opened.dialer == state.me.min(peer) && existing.dialer != state.me.min(peer)
         } else {
@@ -1062,13 +1105,13 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
     p.failures = 0;
     p.next_dial = None;
     let conn = opened.conn.clone();
-    let dialer = opened.dialer;
+    let (dialer, instance) = (opened.dialer, opened.instance);
     let eager_fetch = state.net.as_ref().is_none_or(|n| n.eager_fetch);
     let args = SessionArgs { opened, handle: state.handle.clone(), mesh: me.clone(), eager_fetch };
     match Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await {
         Ok((actor, _)) => {
             tracing::info!(peer = %peer.short(), "session open");
-            state.sessions.insert(peer, SessionSlot { actor, dialer, conn, opened_at: Instant::now() });
+            state.sessions.insert(peer, SessionSlot { actor, dialer, conn, opened_at: Instant::now(), instance });
             // What it could not serve before it may serve now (it restarted, or came back).
             state.fetches.peer_returned(peer);
             pump_fetches(me, state);
@@ -1082,11 +1125,29 @@ fn pump_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     while let Some((peer, batch)) = state.fetches.next_batch() {
         let (me2, index, content, handle) = (me.clone(), state.ctx.index.clone(), state.ctx.content.clone(), state.handle.clone());
         let endpoint = net.endpoint.clone();
-        tokio::spawn(async move {
+        state.next_fetch += 1;
+        let id = state.next_fetch;
+        let asked = batch.clone();
+        let task = tokio::spawn(async move {
             let attempts = fetch_batch(&endpoint, &index, &content, &handle, peer, batch).await;
-            let _ = me2.cast(MeshMsg::Fetched(attempts));
+            let _ = me2.cast(MeshMsg::Fetched(id, attempts));
         });
+        state.fetch_tasks.insert(id, (peer, task.abort_handle(), asked));
     }
+}
+
+/// Abandons the fetches in flight from `peer` (it restarted, or its session ended: their
+/// connection is likely dead, and a fetch on it would wait out its timeout); what they
+/// asked for is asked again at the next tick.
+fn abandon_fetches(me: &ActorRef<MeshMsg>, state: &mut MeshState, peer: NodeId) {
+    let ids: Vec<u64> = state.fetch_tasks.iter().filter(|(_, (p, _, _))| *p == peer).map(|(id, _)| *id).collect();
+    for id in ids {
+        let Some((_, task, asked)) = state.fetch_tasks.remove(&id) else { continue };
+        task.abort();
+        let attempt = Attempt { peer, asked, received: 0, landed: HashSet::new(), error: Some(FetchError::Unreachable("the peer restarted or left".into())) };
+        state.fetches.finished(&[attempt], Instant::now());
+    }
+    pump_fetches(me, state);
 }
 
 /// Fetches `batch` from `peer` over one connection, verified, and lands each blob in the

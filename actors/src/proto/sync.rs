@@ -70,12 +70,18 @@ pub enum Frame {
         buckets: Vec<Uid>,
         /// Where it listens.
         addrs: Vec<SocketAddr>,
+        /// Which run of the node this is (random per start): a session from a new run
+        /// replaces one from an earlier run at once (the peer restarted; the old connection
+        /// may not look dead for a while), where two sessions of one run were dialed at once.
+        instance: u64,
     },
     /// The answer to `Hello`: the buckets of which the caller is a member here (the others
     /// are not mentioned: a non-member learns nothing about them).
     Welcome {
         /// Buckets accepted.
         buckets: Vec<Uid>,
+        /// Which run of the node this is (see `Hello`).
+        instance: u64,
     },
     /// Why the session or join is refused; the connection closes after it.
     Refused {
@@ -138,7 +144,7 @@ impl Frame {
         let frame: Frame = postcard::from_bytes(body).map_err(|e| SyncError::Malformed(e.to_string()))?;
         let ok = match &frame {
             Frame::Join { addrs, .. } | Frame::Hello { addrs, .. } if addrs.len() > TICKET_ADDRS_MAX => false,
-            Frame::Hello { buckets, .. } | Frame::Welcome { buckets } => buckets.len() <= SESSION_BUCKETS_MAX,
+            Frame::Hello { buckets, .. } | Frame::Welcome { buckets, .. } => buckets.len() <= SESSION_BUCKETS_MAX,
             Frame::Summary { digests, .. } => digests.len() == DOCS as usize,
             Frame::Sync { doc, .. } => *doc < DOCS,
             Frame::Refused { reason } => reason.len() <= 4096,
@@ -238,7 +244,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bounds_hold() {
         let frames = [
-            Frame::Hello { buckets: vec![Uid([1; 16])], addrs: vec!["127.0.0.1:9".parse().unwrap()] },
+            Frame::Hello { buckets: vec![Uid([1; 16])], addrs: vec!["127.0.0.1:9".parse().unwrap()], instance: 7 },
             Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; DOCS as usize] },
             Frame::Sync { bucket: Uid([1; 16]), doc: META_DOC, msg: vec![1, 2, 3] },
             Frame::Refused { reason: "no".into() },
