@@ -1,7 +1,9 @@
 //! Figures of the mounts (issue 9), each against its baseline in the same run, printed as a
 //! table. Run with `cargo bench --bench mount` (as root: it drops the page cache before cold
 //! reads and starts an OpenSSH `sshd` for the SFTP baseline); `ALKFS_BENCH_QUICK=1` for a
-//! smoke run with small sizes; `ALKFS_BENCH_ONLY=untar|dd|sftp` for one part.
+//! smoke run with small sizes; `ALKFS_BENCH_ONLY=untar|dd|sftp` for one part;
+//! `ALKFS_BASELINE_BIN=/path/to/an/older/alkfs` adds that build's untar, run alternately with
+//! this one's on its own data dir, node and mount (what a change cost, in the same run).
 //!
 //! | figure | baseline | goal |
 //! |---|---|---|
@@ -44,7 +46,11 @@ impl Drop for Proc {
 }
 
 fn alkfs(data: &Path) -> Command {
-    let mut c = Command::new(ALKFS);
+    alkfs_bin(ALKFS, data)
+}
+
+fn alkfs_bin(bin: &str, data: &Path) -> Command {
+    let mut c = Command::new(bin);
     c.arg("--data").arg(data).env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled");
     c
 }
@@ -193,9 +199,25 @@ fn main() {
         fs::create_dir_all(&floor_dir).unwrap();
         let floor_mount = floor::mount(&floor_dir).expect("mounting the in-memory floor filesystem");
         wait_for("the floor mount", || is_mounted(&floor_dir));
-        let (mut tn, mut tf, mut tm) = (Vec::new(), Vec::new(), Vec::new());
+        // An older build beside this one (ALKFS_BASELINE_BIN): its own data dir, node, mount.
+        let baseline = std::env::var("ALKFS_BASELINE_BIN").ok().map(|bin| {
+            let data = root.join("data-baseline");
+            run(alkfs_bin(&bin, &data).arg("init"));
+            let node = Proc(alkfs_bin(&bin, &data).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+            wait_for("the baseline node to answer", || alkfs_bin(&bin, &data).arg("status").output().is_ok_and(|o| o.status.success()));
+            let mnt = root.join("mnt-baseline");
+            fs::create_dir_all(&mnt).unwrap();
+            let mount = Proc(alkfs_bin(&bin, &data).arg("mount").arg(&mnt).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+            wait_for("the baseline mount", || is_mounted(&mnt));
+            (mnt, node, mount)
+        });
+        let (mut tn, mut tf, mut tm, mut tb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in 0..UNTAR_RUNS {
-            for (dir, times) in [(&native_untar, &mut tn), (&floor_dir, &mut tf), (&mnt, &mut tm)] {
+            let mut runs = vec![(&native_untar, &mut tn), (&floor_dir, &mut tf), (&mnt, &mut tm)];
+            if let Some((bmnt, _, _)) = &baseline {
+                runs.push((bmnt, &mut tb));
+            }
+            for (dir, times) in runs {
                 let target = dir.join(format!("untar{r}"));
                 fs::create_dir(&target).unwrap();
                 sh("sync");
@@ -203,7 +225,10 @@ fn main() {
                 // wrote (background work once writes stop, seconds of CPU for 10,000 files),
                 // which would otherwise slow whichever run comes next.
                 wait_idle(node.0.id());
-                let on_mount = dir == &mnt;
+                if let Some((_, bnode, _)) = &baseline {
+                    wait_idle(bnode.0.id());
+                }
+                let on_mount = dir == &mnt || baseline.as_ref().is_some_and(|(b, _, _)| dir == b);
                 times.push(timed(|| {
                     run(Command::new("tar").arg("xf").arg(&tar).arg("-C").arg(&target));
                     // On the mount, until every file is committed: an fsync of a directory there
@@ -223,7 +248,15 @@ fn main() {
         let on = if fresh.is_some() { "native: a fresh ext4; " } else { "native: the bench's dir (NOT a fresh ext4: not root); " };
         row(&mut table, &format!("untar {files} files ({on}the mount: until committed)"), n, m, "s", m / n, "≤ 3× the time");
         row(&mut table, &format!("untar {files} files onto the in-memory FUSE floor (native as above)"), n, f, "s", f / n, "— (what FUSE alone costs here)");
-        row(&mut table, &format!("untar {files} files: the mount against the floor"), f, m, "s", m / f, "— (what alkfs adds)");
+        row(&mut table, &format!("untar {files} files: the mount against the floor"), f, m, "s", m / f, "≤ 1.5× the floor");
+        if let Some((bmnt, bnode, bmount)) = baseline {
+            let b = median(tb);
+            row(&mut table, &format!("untar {files} files: the baseline build's mount against the floor"), f, b, "s", b / f, "— (ALKFS_BASELINE_BIN)");
+            row(&mut table, &format!("untar {files} files: this build against the baseline build"), b, m, "s", m / b, "— (what the change cost)");
+            run(Command::new("fusermount3").arg("-u").arg("-z").arg(&bmnt));
+            drop(bmount);
+            drop(bnode);
+        }
 
         // What one request to the FUSE process costs (the floor under every per-file figure):
         // fsync of a file open for reading goes to the filesystem every time, and does nothing.
