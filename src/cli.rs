@@ -207,6 +207,18 @@ pub enum Command {
         /// so a link a member wrote cannot lead programs here to a file outside the mount.
         #[arg(long)]
         outside_links: bool,
+        /// Let other users of this machine reach the mount (FUSE's `allow_other`; for a user
+        /// other than root, `/etc/fuse.conf` must say `user_allow_other`). By default only the
+        /// mounting user and root reach it.
+        #[arg(long)]
+        allow_other: bool,
+    },
+    /// Unmounts DIR once standard input ends (the mount process that started it died): what
+    /// a mount by a user other than root leaves behind to unmount itself.
+    #[command(hide = true)]
+    UnmountWhenGone {
+        /// The mount point.
+        dir: PathBuf,
     },
     /// Serve the store to other programs.
     #[command(subcommand)]

@@ -249,12 +249,19 @@ pub fn run(cli: Cli) -> Result<()> {
             let client = Client::connect(&dir).context("no node is running")?;
             client.call(&Request::InjectPanic { actor })?;
         }
-        Command::Mount { dir: mountpoint, read_only, cache_secs, no_poll, outside_links } => {
+        Command::Mount { dir: mountpoint, read_only, cache_secs, no_poll, outside_links, allow_other } => {
             drop(out);
             crate::logging::init("text", "info");
             let fs = crate::mount::fs::MountFs::open(&dir, scope, read_only)?;
-            eprintln!("mounted {}:{} at {} (unmount with `alkfs umount {}`)", cli.bucket, cli.branch, mountpoint.display(), mountpoint.display());
-            crate::mount::fuse::serve(fs, &mountpoint, std::time::Duration::from_secs(cache_secs), !no_poll, outside_links)?;
+            let options = crate::mount::fuse::MountOptions { ttl: std::time::Duration::from_secs(cache_secs), poll: !no_poll, outside_links, allow_other };
+            // Said once the kernel has the mount, not before.
+            let said = || eprintln!("mounted {}:{} at {} (unmount with `alkfs umount {}`)", cli.bucket, cli.branch, mountpoint.display(), mountpoint.display());
+            crate::mount::fuse::serve(fs, &mountpoint, options, said)?;
+            return Ok(());
+        }
+        Command::UnmountWhenGone { dir: mountpoint } => {
+            drop(out);
+            crate::mount::unmount_when_gone(&mountpoint);
             return Ok(());
         }
         Command::Serve(ServeCmd::Sftp { listen }) => {

@@ -868,6 +868,19 @@ impl MountFs {
         }
     }
 
+    /// Whether the file at `path` has its bytes on a peer only (opening it may fetch them).
+    pub fn bytes_elsewhere(&self, path: &TreePath) -> bool {
+        match self.entry(path) {
+            Ok(Some(e)) if e.kind == EntryKind::File => !self.reader().has_bytes(&e.hash).unwrap_or(true),
+            _ => false,
+        }
+    }
+
+    /// Whether reads through handle `fh` fetch bytes from peers (they may wait on the network).
+    pub fn reads_from_peers(&self, fh: u64) -> bool {
+        matches!(self.state().handles.get(&fh), Some(Handle::Read { bytes, .. }) if matches!(**bytes, Bytes::Remote { .. }))
+    }
+
     /// Opens the existing file at `path`. Writing opens (or joins) its write session;
     /// reading alone pins the current version.
     pub fn open_file(&self, path: &TreePath, how: OpenMode) -> FsResult<u64> {

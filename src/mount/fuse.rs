@@ -24,6 +24,7 @@ use fuser::{
 use super::fs::{Attr, Errno, FsResult, MountFs, OpenMode, ROOT_INO};
 use super::past::{self, Past, Target, AT_DIR, AT_INO, CONTROL_DIR, CONTROL_INO};
 use super::poll::Poller;
+use super::workers::Workers;
 
 /// How long the kernel may trust an attribute or a name before asking again, by default
 /// (`alkfs mount --cache-secs`).
@@ -38,9 +39,10 @@ pub struct Fuse {
     fs: Arc<MountFs>,
     /// `.alkfs/at/<point>/`: the points of the past opened in this mount.
     past: Past,
-    uid: u32,
-    gid: u32,
-    ttl: Duration,
+    /// How attributes are shown (owner, cache time).
+    shape: Shape,
+    /// Requests that may wait (see [`super::workers`]).
+    workers: Workers,
     /// When the mount started: the time the virtual directories show.
     started: SystemTime,
     /// Spin through bursts of requests (see [`super::poll`]); None with `--no-poll`.
@@ -59,39 +61,15 @@ pub struct LinkPolicy {
     pub outside: bool,
 }
 
-/// A layer that answers for an inode: the present's or a point's, the inode's number
-/// there, and the base that makes it the kernel's number ([`past::global`]).
-struct Layer {
-    fs: Arc<MountFs>,
-    ino: u64,
-    base: u64,
+/// How the mount shows attributes: files as owned by the mounting user, cached this long.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    uid: u32,
+    gid: u32,
+    ttl: Duration,
 }
 
-impl Fuse {
-    /// A FUSE shell over `fs`; files show as owned by `uid`:`gid` (the mounting user).
-    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, poller: Option<Arc<Poller>>, links: LinkPolicy) -> Self {
-        let past = Past::new(fs.data_dir(), fs.scope());
-        Fuse { fs, past, uid, gid, ttl, started: SystemTime::now(), poller, links }
-    }
-
-    /// Every request notes itself, so the poller spins through a burst.
-    fn busy(&self) {
-        if let Some(p) = &self.poller {
-            p.request()
-        }
-    }
-
-    /// The layer of kernel inode `ino`. The two virtual directories have none: what only
-    /// files and the tree's directories do is refused there as on a read-only filesystem.
-    fn layer(&self, ino: INodeNo) -> FsResult<Layer> {
-        match self.past.route(ino.0)? {
-            Target::Present(ino) => Ok(Layer { fs: self.fs.clone(), ino, base: 0 }),
-            Target::Past { fs, ino, base } => Ok(Layer { fs, ino, base }),
-            Target::Control | Target::At => Err(Errno::new(libc::EROFS, format!("{CONTROL_DIR} is read-only"))),
-        }
-    }
-
-    /// How long the kernel may keep what a layer at `base` answered: the past does not change.
+impl Shape {
     fn ttl(&self, base: u64) -> Duration {
         if base == 0 {
             self.ttl
@@ -126,6 +104,55 @@ impl Fuse {
         }
     }
 
+    fn entry(&self, reply: ReplyEntry, base: u64, r: FsResult<Attr>) {
+        match r {
+            Ok(a) => reply.entry(&self.ttl(base), &self.file_attr(base, &a), Generation(0)),
+            Err(e) => reply.error(fail(e)),
+        }
+    }
+}
+
+/// A layer that answers for an inode: the present's or a point's, the inode's number
+/// there, and the base that makes it the kernel's number ([`past::global`]).
+struct Layer {
+    fs: Arc<MountFs>,
+    ino: u64,
+    base: u64,
+}
+
+impl Fuse {
+    /// A FUSE shell over `fs`; files show as owned by `uid`:`gid` (the mounting user).
+    pub fn new(fs: Arc<MountFs>, uid: u32, gid: u32, ttl: Duration, poller: Option<Arc<Poller>>, links: LinkPolicy) -> std::io::Result<Self> {
+        let past = Past::new(fs.data_dir(), fs.scope());
+        Ok(Fuse { fs, past, shape: Shape { uid, gid, ttl }, workers: Workers::start()?, started: SystemTime::now(), poller, links })
+    }
+
+    /// Every request notes itself, so the poller spins through a burst.
+    fn busy(&self) {
+        if let Some(p) = &self.poller {
+            p.request()
+        }
+    }
+
+    /// The layer of kernel inode `ino`. The two virtual directories have none: what only
+    /// files and the tree's directories do is refused there as on a read-only filesystem.
+    fn layer(&self, ino: INodeNo) -> FsResult<Layer> {
+        match self.past.route(ino.0)? {
+            Target::Present(ino) => Ok(Layer { fs: self.fs.clone(), ino, base: 0 }),
+            Target::Past { fs, ino, base } => Ok(Layer { fs, ino, base }),
+            Target::Control | Target::At => Err(Errno::new(libc::EROFS, format!("{CONTROL_DIR} is read-only"))),
+        }
+    }
+
+    /// How long the kernel may keep what a layer at `base` answered: the past does not change.
+    fn ttl(&self, base: u64) -> Duration {
+        self.shape.ttl(base)
+    }
+
+    fn file_attr(&self, base: u64, a: &Attr) -> FileAttr {
+        self.shape.file_attr(base, a)
+    }
+
     /// `.alkfs` or `.alkfs/at`: read-only directories.
     fn virtual_attr(&self, ino: u64) -> FileAttr {
         let mtime = self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
@@ -133,10 +160,7 @@ impl Fuse {
     }
 
     fn entry(&self, reply: ReplyEntry, base: u64, r: FsResult<Attr>) {
-        match r {
-            Ok(a) => reply.entry(&self.ttl(base), &self.file_attr(base, &a), Generation(0)),
-            Err(e) => reply.error(fail(e)),
-        }
+        self.shape.entry(reply, base, r)
     }
 
     fn attr(&self, reply: ReplyAttr, base: u64, r: FsResult<Attr>) {
@@ -242,9 +266,9 @@ impl Filesystem for Fuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.busy();
         match self.past.route(parent.0) {
-            Ok(Target::Present(p)) if past::is_control(p, name) => reply.entry(&self.ttl, &self.virtual_attr(CONTROL_INO), Generation(0)),
+            Ok(Target::Present(p)) if past::is_control(p, name) => reply.entry(&self.shape.ttl, &self.virtual_attr(CONTROL_INO), Generation(0)),
             Ok(Target::Present(p)) => self.entry(reply, 0, self.fs.lookup(p, name)),
-            Ok(Target::Control) if name == AT_DIR => reply.entry(&self.ttl, &self.virtual_attr(AT_INO), Generation(0)),
+            Ok(Target::Control) if name == AT_DIR => reply.entry(&self.shape.ttl, &self.virtual_attr(AT_INO), Generation(0)),
             Ok(Target::Control) => reply.error(FuseErrno::ENOENT),
             Ok(Target::At) => {
                 let r = self.past.open(name).and_then(|(base, fs)| Ok((base, fs.stat(&alknet_actors::proto::path::TreePath::root())?)));
@@ -271,7 +295,7 @@ impl Filesystem for Fuse {
         self.busy();
         let fh = fh.map(|f| f.0);
         match self.past.route(ino.0) {
-            Ok(Target::Control | Target::At) => reply.attr(&self.ttl, &self.virtual_attr(ino.0)),
+            Ok(Target::Control | Target::At) => reply.attr(&self.shape.ttl, &self.virtual_attr(ino.0)),
             Ok(Target::Present(i)) => self.attr(reply, 0, self.fs.getattr(i, fh)),
             Ok(Target::Past { fs, ino, base }) => self.attr(reply, base, fs.getattr(ino, fh)),
             Err(e) => reply.error(fail(e)),
@@ -337,25 +361,38 @@ impl Filesystem for Fuse {
         }
     }
 
+    // unlink, rmdir, symlink and rename wait for the write-behind queue and the node: on a
+    // worker (see `workers`).
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.child(parent, name, libc::EISDIR).and_then(|(l, p)| l.fs.remove(&p, false)))
+        match self.child(parent, name, libc::EISDIR) {
+            Ok((l, p)) => self.workers.run(move || empty(reply, l.fs.remove(&p, false))),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.child(parent, name, libc::EBUSY).and_then(|(l, p)| l.fs.remove(&p, true)))
+        match self.child(parent, name, libc::EBUSY) {
+            Ok((l, p)) => self.workers.run(move || empty(reply, l.fs.remove(&p, true))),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         self.busy();
         let r = self.child(parent, link_name, libc::EEXIST).and_then(|(l, p)| {
             let target = target.to_str().ok_or_else(|| Errno::new(libc::EINVAL, "link targets must be UTF-8"))?;
-            let target = super::links::stored(target, &self.links.mountpoint);
-            Ok((l.fs.symlink(&p, &target).inspect(|a| l.fs.count_lookup(a.ino))?, l.base))
+            Ok((l, p, super::links::stored(target, &self.links.mountpoint)))
         });
         match r {
-            Ok((a, base)) => self.entry(reply, base, Ok(a)),
+            Ok((l, p, target)) => {
+                let shape = self.shape;
+                self.workers.run(move || {
+                    let made = l.fs.symlink(&p, &target).inspect(|a| l.fs.count_lookup(a.ino));
+                    shape.entry(reply, l.base, made)
+                })
+            }
             Err(e) => reply.error(fail(e)),
         }
     }
@@ -371,9 +408,12 @@ impl Filesystem for Fuse {
             if to_layer.base != l.base {
                 return Err(Errno::new(libc::EXDEV, "a rename between the present and the past"));
             }
-            l.fs.rename(&from, &to, noreplace)
+            Ok((l, from, to))
         });
-        empty(reply, r)
+        match r {
+            Ok((l, from, to)) => self.workers.run(move || empty(reply, l.fs.rename(&from, &to, noreplace))),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
@@ -438,8 +478,15 @@ impl Filesystem for Fuse {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.busy();
-        match self.layer(ino).and_then(|l| l.fs.path_of(l.ino).and_then(|p| l.fs.open_file(&p, open_mode(flags.0, req.pid())))) {
+        let how = open_mode(flags.0, req.pid());
+        let open = move |l: &Layer, p: &alknet_actors::proto::path::TreePath, reply: ReplyOpen| match l.fs.open_file(p, how) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(fail(e)),
+        };
+        match self.layer(ino).and_then(|l| Ok((l.fs.path_of(l.ino)?, l))) {
+            // Its bytes are on a peer (fetched first, for writing or a small file): on a worker.
+            Ok((p, l)) if l.fs.bytes_elsewhere(&p) => self.workers.run(move || open(&l, &p, reply)),
+            Ok((p, l)) => open(&l, &p, reply),
             Err(e) => reply.error(fail(e)),
         }
     }
@@ -460,8 +507,14 @@ impl Filesystem for Fuse {
 
     fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
         self.busy();
-        match self.layer(ino).and_then(|l| l.fs.read(fh.0, offset, size as usize)) {
+        let read = move |l: &Layer, reply: ReplyData| match l.fs.read(fh.0, offset, size as usize) {
             Ok(data) => reply.data(&data),
+            Err(e) => reply.error(fail(e)),
+        };
+        match self.layer(ino) {
+            // Bytes still on a peer, fetched by range: on a worker.
+            Ok(l) if l.fs.reads_from_peers(fh.0) => self.workers.run(move || read(&l, reply)),
+            Ok(l) => read(&l, reply),
             Err(e) => reply.error(fail(e)),
         }
     }
@@ -510,7 +563,11 @@ impl Filesystem for Fuse {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.busy();
-        empty(reply, self.layer(ino).and_then(|l| l.fs.fsync(fh.0)))
+        // It waits for the node: on a worker.
+        match self.layer(ino) {
+            Ok(l) => self.workers.run(move || empty(reply, l.fs.fsync(fh.0))),
+            Err(e) => reply.error(fail(e)),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -577,7 +634,10 @@ impl Filesystem for Fuse {
         self.busy();
         // Every change so far is committed and on disk once this returns.
         match self.past.route(ino.0) {
-            Ok(Target::Present(_)) => empty(reply, self.fs.sync()),
+            Ok(Target::Present(_)) => {
+                let fs = self.fs.clone();
+                self.workers.run(move || empty(reply, fs.sync()))
+            }
             Ok(_) => reply.ok(),
             Err(e) => reply.error(fail(e)),
         }
@@ -599,8 +659,47 @@ impl Filesystem for Fuse {
     }
 }
 
-/// Threads serving kernel requests.
-pub const FUSE_THREADS: usize = 4;
+/// How `alkfs mount` mounts.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// How long the kernel caches names and attributes (a mount of the past: an hour).
+    pub ttl: Duration,
+    /// Keep a CPU awake through bursts of requests ([`super::poll`]).
+    pub poll: bool,
+    /// Show symlinks' targets as stored ([`super::links`]).
+    pub outside_links: bool,
+    /// Let other users of the machine reach the mount (`allow_other`).
+    pub allow_other: bool,
+}
+
+/// What a failed mount says: what went wrong and what to do about it.
+fn mount_error(mountpoint: &Path, e: &std::io::Error, allow_other: bool) -> anyhow::Error {
+    let text = e.to_string();
+    let hint = if text.contains("/dev/fuse") && (text.contains("ermission denied") || e.kind() == std::io::ErrorKind::PermissionDenied) {
+        "this user may not open /dev/fuse: an administrator can allow it (`chmod 0666 /dev/fuse`, as Debian ships it, or a `fuse` group)".to_string()
+    } else if text.contains("user_allow_other") || (allow_other && e.kind() == std::io::ErrorKind::PermissionDenied) {
+        "--allow-other needs `user_allow_other` in /etc/fuse.conf for a user other than root (or mount without it)".to_string()
+    } else {
+        "is it an empty directory you own, and is fusermount3 installed (apt-get install fuse3)?".to_string()
+    };
+    anyhow::anyhow!("mounting at {}: {} ({hint})", mountpoint.display(), text.trim())
+}
+
+/// Starts `alkfs unmount-when-gone` with a pipe for its standard input whose other end this
+/// process holds: when this process ends, however (a SIGKILL included), the pipe closes and
+/// the watcher unmounts the mount point. Returns the end to keep.
+fn spawn_unmount_watcher(mountpoint: &Path) -> anyhow::Result<std::process::ChildStdin> {
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .arg("unmount-when-gone")
+        .arg(mountpoint)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting the watcher that unmounts the mount if this process dies: {e}"))?;
+    child.stdin.ok_or_else(|| anyhow::anyhow!("the unmount watcher has no standard input"))
+}
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted (`alkfs umount`,
 /// `fusermount3 -u`) or this process is told to stop. The mount goes with the process
@@ -608,7 +707,8 @@ pub const FUSE_THREADS: usize = 4;
 /// leaves no dead mount point behind.
 /// The kernel caches names and attributes for `ttl` (a mount of the past: an hour). With
 /// `poll`, a CPU is kept awake through bursts of requests ([`super::poll`]).
-pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool, outside_links: bool) -> anyhow::Result<()> {
+pub fn serve(fs: MountFs, mountpoint: &Path, options: MountOptions, mounted: impl FnOnce()) -> anyhow::Result<()> {
+    let MountOptions { ttl, poll, outside_links, allow_other } = options;
     let found = std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").is_file()));
     if !found && std::env::var_os("FUSERMOUNT_PATH").is_none() {
         anyhow::bail!("fusermount3 is not installed: install the fuse3 package (apt-get install fuse3) and mount again");
@@ -617,8 +717,13 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool, outside_
     let fsname = format!("alkfs:{}:{}", fs.scope().bucket, fs.scope().branch);
     let uid = unsafe { libc::getuid() };
     let gid = unsafe { libc::getgid() };
+    // A mount whose process died (killed before anything unmounted it) is in the way.
+    if std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+        tracing::info!(mountpoint = %mountpoint.display(), "unmounting what a dead mount left at the mount point");
+        let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
+    }
     let mut config = Config::default();
-    config.mount_options = vec![MountOption::FSName(fsname), MountOption::Subtype("alkfs".into()), MountOption::AutoUnmount];
+    config.mount_options = vec![MountOption::FSName(fsname), MountOption::Subtype("alkfs".into())];
     if uid != 0 {
         // The kernel checks permissions against the modes we show. A mount by root is
         // reached by root only (below), whom those checks never stop, and without them the
@@ -629,19 +734,30 @@ pub fn serve(fs: MountFs, mountpoint: &Path, ttl: Duration, poll: bool, outside_
     if read_only {
         config.mount_options.push(MountOption::RO);
     }
-    // auto_unmount needs allow_other or allow_root; owner-and-root keeps other users out.
-    config.acl = SessionACL::RootAndOwner;
-    // Requests are served by several threads, each reading its own clone of the FUSE
-    // device: a read waiting for a peer's bytes, or a change waiting for the node, holds up
-    // its caller only. The layer below takes its own locks (reads take none for long).
-    config.n_threads = Some(FUSE_THREADS);
-    config.clone_fd = true;
+    // Who reaches the mount. fusermount3's auto_unmount (it unmounts when this process ends,
+    // however) needs allow_other or allow_root, which a stock /etc/fuse.conf refuses to
+    // users other than root: root's mount uses it (owner-and-root keeps other users out),
+    // a user's is owner-only and leaves a watcher to unmount it (`unmount_when_gone`).
+    config.acl = match (allow_other, uid == 0) {
+        (true, _) => SessionACL::All,
+        (false, true) => SessionACL::RootAndOwner,
+        (false, false) => SessionACL::Owner,
+    };
+    if config.acl != SessionACL::Owner {
+        config.mount_options.push(MountOption::AutoUnmount);
+    }
+    // One thread reads the device; requests that may wait go to workers (`workers`).
     let fs = Arc::new(fs);
     let ttl = if fs.scope().at.is_some() { PAST_TTL } else { ttl };
     let poller = if poll { Some(Poller::start()?) } else { None };
     let links = LinkPolicy { mountpoint: std::path::absolute(mountpoint)?, outside: outside_links };
-    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl, poller.clone(), links), mountpoint, &config)
-        .map_err(|e| anyhow::anyhow!("mounting at {}: {e} (is it an empty directory you own, and is fusermount3 installed?)", mountpoint.display()))?;
+    let mut session = fuser::Session::new(Fuse::new(fs.clone(), uid, gid, ttl, poller.clone(), links)?, mountpoint, &config).map_err(|e| mount_error(mountpoint, &e, allow_other))?;
+    // The kernel has the mount now.
+    let _watcher = match config.acl {
+        SessionACL::Owner => Some(spawn_unmount_watcher(mountpoint)?),
+        _ => None,
+    };
+    mounted();
     let mut unmounter = session.unmount_callable();
     // The past does not change; the present does, from peers, the CLI and SFTP.
     let stop_invalidating = Arc::new(std::sync::atomic::AtomicBool::new(false));
