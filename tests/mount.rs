@@ -725,13 +725,7 @@ fn sftp_truncate_of_a_symlink_truncates_its_target_and_the_link_stays_a_link() {
     let server = SftpServer::start(&s);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let config = std::sync::Arc::new(russh::client::Config::default());
-        let mut session = russh::client::connect(config, ("127.0.0.1", server.port), AnyHost).await.unwrap();
-        let private = russh::keys::PrivateKey::from_openssh(fs::read(&key).unwrap()).unwrap();
-        let auth = session.authenticate_publickey("default", russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(private), None)).await.unwrap();
-        assert!(auth.success());
-        let channel = session.channel_open_session().await.unwrap();
-        channel.request_subsystem(true, "sftp").await.unwrap();
+        let (_session, channel) = sftp_channel(server.port, &key).await;
         let sftp = russh_sftp::client::SftpSession::new(channel.into_stream()).await.unwrap();
         // (OpenSSH's order of the two paths, which our server follows as every client does.)
         sftp.symlink("/target.txt", "/link").await.unwrap();
@@ -789,6 +783,19 @@ impl russh::client::Handler for AnyHost {
     }
 }
 
+/// An SSH session to `serve sftp` on `port`, logged in to bucket `default` with `key`, and a
+/// channel on its `sftp` subsystem (the session must outlive the channel).
+async fn sftp_channel(port: u16, key: &Path) -> (russh::client::Handle<AnyHost>, russh::Channel<russh::client::Msg>) {
+    let config = std::sync::Arc::new(russh::client::Config::default());
+    let mut session = russh::client::connect(config, ("127.0.0.1", port), AnyHost).await.unwrap();
+    let private = russh::keys::PrivateKey::from_openssh(fs::read(key).unwrap()).unwrap();
+    let auth = session.authenticate_publickey("default", russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(private), None)).await.unwrap();
+    assert!(auth.success());
+    let channel = session.channel_open_session().await.unwrap();
+    channel.request_subsystem(true, "sftp").await.unwrap();
+    (session, channel)
+}
+
 /// An SFTP packet: length, type, then `body`.
 fn sftp_packet(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut p = ((body.len() + 1) as u32).to_be_bytes().to_vec();
@@ -811,13 +818,7 @@ fn an_sftp_client_sending_malformed_packets_gets_errors_and_the_server_keeps_ser
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let replies = rt.block_on(async {
-        let config = std::sync::Arc::new(russh::client::Config::default());
-        let mut session = russh::client::connect(config, ("127.0.0.1", server.port), AnyHost).await.unwrap();
-        let private = russh::keys::PrivateKey::from_openssh(fs::read(&key).unwrap()).unwrap();
-        let auth = session.authenticate_publickey("default", russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(private), None)).await.unwrap();
-        assert!(auth.success());
-        let mut channel = session.channel_open_session().await.unwrap();
-        channel.request_subsystem(true, "sftp").await.unwrap();
+        let (_session, mut channel) = sftp_channel(server.port, &key).await;
         let mut hostile = Vec::new();
         hostile.extend(sftp_packet(1, &3u32.to_be_bytes())); // INIT, version 3
         hostile.extend(sftp_packet(17, &[0, 0, 0, 7, 0xff, 0xff, 0xff, 0xff])); // STAT with a string longer than the packet

@@ -75,7 +75,10 @@ pub struct ServerCtx {
 /// How many of the mounts' acknowledged changes failed to commit since the node started
 /// (each is kept by its mount and sent again), and the last reason: `status` shows them.
 #[derive(Clone, Default)]
-pub struct AckedFailures(Arc<std::sync::Mutex<(u64, Option<(i64, String)>)>>);
+pub struct AckedFailures(Arc<std::sync::Mutex<AckedFailuresSoFar>>);
+
+/// The count, and when the last one failed and why.
+type AckedFailuresSoFar = (u64, Option<(i64, String)>);
 
 impl AckedFailures {
     fn note(&self, n: u64, error: &str) {

@@ -605,6 +605,9 @@ struct PeerInfo {
     addrs: Vec<SocketAddr>,
 }
 
+/// A fetch batch in flight: its peer, its task, what it asks for.
+type FetchTask = (NodeId, tokio::task::AbortHandle, Vec<(ContentHash, u64)>);
+
 /// Its state.
 pub struct MeshState {
     ctx: NodeContext,
@@ -618,7 +621,7 @@ pub struct MeshState {
     fetches: Fetches,
     /// Fetch batches in flight, by id: their peer, the task and what it asks for (a batch
     /// whose peer restarted or went away is abandoned, not left to its timeout).
-    fetch_tasks: HashMap<u64, (NodeId, tokio::task::AbortHandle, Vec<(ContentHash, u64)>)>,
+    fetch_tasks: HashMap<u64, FetchTask>,
     next_fetch: u64,
     /// Users waiting for blobs.
     waiters: HashMap<ContentHash, Vec<RpcReplyPort<Result<(), String>>>>,
