@@ -153,6 +153,7 @@ impl Tx<'_> {
             out
         };
         let mut touched: BTreeSet<(i64, TreePath)> = BTreeSet::new();
+        self.forget_known_dirs();
         for (seq, branch_id, change) in &rows {
             let (dir, name) = dir_name(&change.path);
             self.conn().prepare_cached("DELETE FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND vkey = ?4")?.execute(params![branch_id, dir, name, change.key.0])?;

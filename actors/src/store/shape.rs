@@ -61,11 +61,13 @@ impl Tx<'_> {
     /// what is there, a deletion or a file or symlink (which it names, and which is then a
     /// listed loser). Returns the repair's seq, `None` when `dir` was a directory already.
     pub(crate) fn make_dir(&mut self, branch: &Branch, view: &View, dir: &TreePath, mode: u32, mtime_ms: i64) -> Result<Option<i64>, StoreError> {
-        if dir.is_root() {
+        if dir.is_root() || self.is_known_dir(branch.id, dir) {
             return Ok(None);
         }
         let was = read::live(self.conn(), view, dir)?;
-        if was.is_some_and(|r| r.entry().is_some_and(|e| e.kind == EntryKind::Dir)) {
+        if was.as_ref().is_some_and(|r| r.entry().is_some_and(|e| e.kind == EntryKind::Dir)) {
+            // A batch of a mount's files in one directory reads it once.
+            self.note_dir(branch.id, dir);
             return Ok(None);
         }
         let v = Version { entry: Some(Entry::dir(mode, mtime_ms)), written: self.stamp() };

@@ -197,6 +197,21 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
+    /// Whether `path` is known, in this transaction, to be a live directory of `branch`.
+    pub(super) fn is_known_dir(&self, branch: i64, path: &TreePath) -> bool {
+        self.known_dirs.contains(&(branch, path.clone()))
+    }
+
+    /// Forgets what this transaction knew of directories (rows were deleted under it).
+    pub(super) fn forget_known_dirs(&mut self) {
+        self.known_dirs.clear();
+    }
+
+    /// Notes that `path` is a live directory of `branch` (found so by a read).
+    pub(super) fn note_dir(&mut self, branch: i64, path: &TreePath) {
+        self.known_dirs.insert((branch, path.clone()));
+    }
+
     fn version(&self, entry: Option<Entry>) -> Version {
         Version { entry, written: self.stamp }
     }
