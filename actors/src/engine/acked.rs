@@ -4,6 +4,8 @@
 //! not (the mount keeps those and sends them again). A change already applied (its id is
 //! recorded) is not applied twice.
 
+use std::collections::HashMap;
+
 use super::{Engine, Result, Scope};
 use crate::content::Imported;
 use crate::proto::entry::Entry;
@@ -75,11 +77,11 @@ impl Acked {
     }
 }
 
-/// Applies `c` in the open transaction unless it was applied before; returns what it wrote
-/// (0 for nothing).
-pub fn apply(tx: &mut Tx<'_>, branch: &Branch, c: &AckedChange) -> std::result::Result<i64, StoreError> {
-    if let Some(seq) = tx.acked(&c.id)? {
-        return Ok(seq);
+/// Applies `c` in the open transaction unless it was applied before (`applied` holds the
+/// batch's ids already recorded, read at once); returns what it wrote (0 for nothing).
+pub fn apply(tx: &mut Tx<'_>, branch: &Branch, c: &AckedChange, applied: &HashMap<String, i64>) -> std::result::Result<i64, StoreError> {
+    if let Some(seq) = applied.get(&c.id) {
+        return Ok(*seq);
     }
     let seq = match &c.what {
         Acked::Dir { path, mode, mtime_ms } => tx.mkdir_acked(branch, path, *mode, *mtime_ms)?,
@@ -101,14 +103,31 @@ pub fn apply(tx: &mut Tx<'_>, branch: &Branch, c: &AckedChange) -> std::result::
     Ok(seq)
 }
 
+/// Which of `changes` were applied before, and what each wrote: one read for the batch
+/// (nearly always none: a change is sent again only when an answer was lost).
+fn recorded(conn: &rusqlite::Connection, changes: &[AckedChange]) -> std::result::Result<HashMap<String, i64>, StoreError> {
+    let mut out = HashMap::new();
+    for chunk in changes.chunks(64) {
+        let marks = vec!["?"; chunk.len()].join(",");
+        let mut st = conn.prepare_cached(&format!("SELECT id, seq FROM acked_change WHERE id IN ({marks})"))?;
+        let rows = st.query_map(rusqlite::params_from_iter(chunk.iter().map(|c| c.id.as_str())), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (id, seq) = row?;
+            out.insert(id, seq);
+        }
+    }
+    Ok(out)
+}
+
 impl Engine {
     /// Commits `changes` (see the module's notes): one answer per change, in order, `Err`
     /// with the reason for each that did not commit.
     pub fn commit_acked(&mut self, scope: &Scope, changes: &[AckedChange]) -> Result<Vec<std::result::Result<i64, String>>> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
+        let applied = recorded(self.tree.conn(), changes)?;
         let ids = changes.iter().map(|c| c.what.ids()).sum();
-        let whole = self.tree.transact(Ids::AtMost(ids), now, |tx| changes.iter().map(|c| apply(tx, &branch, c)).collect::<std::result::Result<Vec<i64>, _>>());
+        let whole = self.tree.transact(Ids::AtMost(ids), now, |tx| changes.iter().map(|c| apply(tx, &branch, c, &applied)).collect::<std::result::Result<Vec<i64>, _>>());
         match whole {
             Ok(seqs) => Ok(seqs.into_iter().map(Ok).collect()),
             Err(e) if changes.len() == 1 => Ok(vec![Err(e.to_string())]),
@@ -125,7 +144,7 @@ impl Engine {
                         out.push(Err(format!("{}: waits for an earlier change of the same path, which did not commit", path.map(|p| p.as_str()).unwrap_or_default())));
                         continue;
                     }
-                    let result = self.tree.transact(Ids::AtMost(c.what.ids()), now, |tx| apply(tx, &branch, c)).map_err(|e| e.to_string());
+                    let result = self.tree.transact(Ids::AtMost(c.what.ids()), now, |tx| apply(tx, &branch, c, &applied)).map_err(|e| e.to_string());
                     if let (Err(_), Some(p)) = (&result, path) {
                         failed.insert(p);
                     }

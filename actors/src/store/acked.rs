@@ -58,32 +58,20 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// The predecessor `seen` names on `branch` at `path` (see [`Seen`]). A writer that saw
-    /// the path absent replaces a deletion at its head: absent is what it saw (a mount that
-    /// knows a name absent without reading the tree says `Opened(None)`).
-    fn pred_of(&self, branch: i64, path: &TreePath, seen: &Seen) -> Result<Option<VersionId>, StoreError> {
+    /// The predecessor `seen` names, the branch's own head of the path being `own` (its id,
+    /// and whether it is a deletion). A writer that saw the path absent replaces a deletion
+    /// at its head: absent is what it saw (a mount that knows a name absent without reading
+    /// the tree says `Opened(None)`).
+    fn pred_of(&self, own: Option<(VersionId, bool)>, seen: &Seen) -> Result<Option<VersionId>, StoreError> {
         Ok(match seen {
-            Seen::AtCommit => self.own_head(branch, path)?,
-            Seen::Opened(None) => match self.own_head(branch, path)? {
-                Some(head) if self.is_tombstone(branch, &head)? => Some(head),
-                _ => None,
-            },
+            Seen::AtCommit => own.map(|(id, _)| id),
+            Seen::Opened(None) => own.filter(|(_, deleted)| *deleted).map(|(id, _)| id),
             Seen::Opened(v) => *v,
             Seen::After { change, or } => match self.acked(change)?.filter(|s| *s > 0) {
                 Some(seq) => Some(VersionId { node: self.me(), seq }),
                 None => *or,
             },
         })
-    }
-
-    /// Whether version `id` of `branch` is a deletion.
-    fn is_tombstone(&self, branch: i64, id: &VersionId) -> Result<bool, StoreError> {
-        let kind: Option<Option<i64>> = self
-            .conn()
-            .prepare_cached("SELECT kind FROM version WHERE vseq = ?1 AND substr(vkey, 13, 32) = ?2 AND branch_id = ?3")?
-            .query_row(params![id.seq, id.node.0.to_vec(), branch], |r| r.get(0))
-            .optional()?;
-        Ok(kind.is_some_and(|k| k.is_none()))
     }
 
     /// Writes a file or symlink `entry` at `path` for a write acknowledged before its commit
@@ -96,11 +84,15 @@ impl Tx<'_> {
         let view = View::head(self.conn(), branch)?;
         let first = self.clock() + 1;
         self.make_parents(branch, &view, path)?;
-        let own = self.own_head(branch.id, path)?;
-        let pred = self.pred_of(branch.id, path, seen)?;
+        // One read gives what the path shows and the branch's own head of it (the head
+        // view's first link is the branch's own rows, unbounded).
+        let cur = read::resolve(self.conn(), &view, path)?;
+        let own = cur.as_ref().filter(|r| r.branch_id == branch.id).map(|r| (r.id(), r.version.entry.is_none()));
+        let pred = self.pred_of(own, seen)?;
+        let own = own.map(|(id, _)| id);
         let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
         let version = Version { entry: Some(entry), written: self.stamp() };
-        let (seq, lost) = match read::live(self.conn(), &view, path)? {
+        let (seq, lost) = match cur.filter(|r| r.version.entry.is_some()) {
             Some(dir) if dir.entry().is_some_and(|e| e.kind == EntryKind::Dir) => {
                 // A directory took the path meanwhile: the write loses to it, kept and listed
                 // (the directory, written again as a repair, names the write).
