@@ -163,16 +163,30 @@ fn a_removed_member_gets_nothing_new_within_seconds_while_the_others_go_on() {
     a.s.put_bytes("/before.txt", b"before");
     converged(&[&a, &b, &c], "the first write");
     let cid = c.id();
+    let connected_to_c = |m: &Member| common::status_json(m.s.data()).expect("status")["mesh"]["peers"].as_array().is_some_and(|ps| ps.iter().any(|p| p["id"] == cid.as_str() && p["connected"] == true));
+    for m in [&a, &b] {
+        await_cond(Duration::from_secs(30), "sessions with C before its removal", || connected_to_c(m));
+    }
     a.s.ok(&["members", "remove", &cid]);
     let members = a.s.ok(&["members", "--json"]);
     assert!(members.contains("removed_ms"), "{members}");
-    std::thread::sleep(Duration::from_secs(5));
+    // The removal is carried out: A and B (once the removal reached it) end their sessions
+    // with C, and C gets no new one.
+    let cut_off = |m: &Member| !connected_to_c(m);
+    for m in [&a, &b] {
+        await_cond(Duration::from_secs(30), "the removed member's sessions to end", || cut_off(m));
+    }
+    let sessions_with_c = |m: &Member| m.node.log().lines().filter(|l| l.contains("session open") && l.contains(&cid[..8])).count();
+    let opened = (sessions_with_c(&a), sessions_with_c(&b));
+    assert!(opened.0 > 0 && opened.1 > 0, "the logs name sessions with C (else the check below proves nothing)");
     a.s.put_bytes("/after.txt", b"after");
     b.s.put_bytes("/from-b.txt", b"b");
     await_cond(Duration::from_secs(30), "B to get A's later write", || b.get("/after.txt").as_deref() == Some(&b"after"[..]));
     await_cond(Duration::from_secs(30), "A to get B's", || a.get("/from-b.txt").is_some());
-    // C does not get them, not even as entries, and B learnt of the removal too.
-    std::thread::sleep(Duration::from_secs(3));
+    // Through all of that C had no session with either (a write reaches a node only through
+    // one), and it holds neither write, not even as an entry.
+    assert!(cut_off(&a) && cut_off(&b), "a removed member is connected again");
+    assert_eq!((sessions_with_c(&a), sessions_with_c(&b)), opened, "a removed member got a new session");
     let tree = c.tree();
     assert!(!tree.iter().any(|(p, _, _)| p == "/after.txt" || p == "/from-b.txt"), "a removed member received a new write: {tree:?}");
     let in_b = common::parse_json_array(&b.s.ok(&["members", "--json"]));

@@ -45,6 +45,10 @@ impl Drop for Partition {
     }
 }
 
+fn node_id(s: &Store) -> String {
+    common::status_json(s.data()).expect("status")["node_id"].as_str().expect("a node id").to_string()
+}
+
 fn tree(s: &Store) -> Vec<String> {
     let mut t: Vec<String> = common::parse_json_array(&s.ok(&["ls", "-R", "/", "--json"]))
         .iter()
@@ -77,10 +81,24 @@ fn both_sides_of_a_real_partition_keep_writing_and_converge_after_the_heal() {
     }
     a.put_bytes("/both.txt", b"from a");
     b.put_bytes("/both.txt", b"from b");
-    std::thread::sleep(Duration::from_secs(3));
+    // Held until QUIC's idle timeout (30 s) ends both sides' session: after the heal they
+    // must dial again, resume from their saved sync states and exchange summaries.
+    let cut_at = std::time::Instant::now();
+    for (s, other) in [(&a, &b), (&b, &a)] {
+        let other_id = node_id(other);
+        common::await_status(s.data(), Duration::from_secs(90), "the session to end under the partition", |st| {
+            st["mesh"]["peers"].as_array().is_some_and(|ps| ps.iter().any(|p| p["id"] == other_id.as_str() && p["connected"] == false))
+        });
+    }
+    assert!(cut_at.elapsed() >= Duration::from_secs(20), "the sessions ended after {:?}: before the idle timeout, so not the partition's doing", cut_at.elapsed());
+    // Still cut while more writes are made on both sides, with no session to push them.
+    a.put_bytes("/a/late.txt", b"late a");
+    b.put_bytes("/b/late.txt", b"late b");
     assert!(get(&b, "/a/0.txt").is_none() && get(&a, "/b/0.txt").is_none(), "the partition let writes through");
     drop(cut);
-    await_cond(Duration::from_secs(90), "both sides to converge after the heal", || tree(&a) == tree(&b));
+    let healed = std::time::Instant::now();
+    await_cond(Duration::from_secs(90), "both sides to converge after the heal", || tree(&a) == tree(&b) && get(&a, "/b/late.txt").is_some());
+    eprintln!("partition held {:?}; converged {:?} after the heal", healed - cut_at, healed.elapsed());
     for i in 0..5 {
         for s in [&a, &b] {
             await_cond(Duration::from_secs(30), "every acknowledged write's bytes", || {
@@ -118,6 +136,16 @@ fn a_node_killed_while_it_receives_catches_up_after_a_restart_and_its_store_is_c
     // Kill as soon as something arrived, before all of it did.
     await_cond(Duration::from_secs(30), "the first versions to arrive", || b.ok(&["ls", "-R", "/"]).lines().count() > 1);
     nb.kill();
+    // The kill landed mid-transfer: B's store (read while no node runs) holds part of the
+    // tree or part of its bytes, not all of it.
+    {
+        let db = rusqlite::Connection::open(b.data().join("tree.db")).unwrap();
+        let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+        let (files, missing) = (count("SELECT count(*) FROM version WHERE hash IS NOT NULL"), count("SELECT count(*) FROM blob WHERE present = 0"));
+        assert!(files > 0, "no file version had arrived when the kill landed");
+        assert!(files < 304 || missing > 0, "the transfer had finished before the kill ({files} file versions, no blob missing): not mid-transfer");
+        eprintln!("killed with {files} of 304 file versions and {missing} blobs still missing");
+    }
     let _nb = Node::start(&b, &[], &[]);
     await_cond(Duration::from_secs(120), "B to catch up after the restart", || tree(&a) == tree(&b));
     await_cond(Duration::from_secs(120), "every byte to arrive", || common::status_json(b.data()).unwrap()["blobs_missing"] == 0);

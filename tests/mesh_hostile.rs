@@ -19,7 +19,13 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A bare endpoint on loopback with a fresh identity: no relay, no discovery.
 async fn stranger() -> iroh::Endpoint {
+    stranger_with(iroh::endpoint::QuicTransportConfig::builder().build()).await
+}
+
+/// A bare endpoint with the given QUIC transport settings.
+async fn stranger_with(transport: iroh::endpoint::QuicTransportConfig) -> iroh::Endpoint {
     iroh::Endpoint::builder(presets::Minimal)
+        .transport_config(transport)
         .relay_mode(iroh::RelayMode::Disabled)
         .clear_ip_transports()
         .bind_addr("127.0.0.1:0")
@@ -176,22 +182,30 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
     let _friend_node = Node::start(&friend, &[], &[]);
     friend.ok(&["join", s.ok(&["invite"]).trim()]);
     let rt = runtime();
-    // The staller joins, says Hello, and then never reads a byte (its receive window fills).
-    let (_ep, _conn, _streams) = rt.block_on(async {
-        let ep = stranger().await;
+    // The staller joins, says Hello, asks for every document (an automerge sync message from
+    // an empty document each, so the node pushes it whatever changes next), and then never
+    // reads a byte: its receive window (64 KiB per stream) fills.
+    let (_ep, conn, streams) = rt.block_on(async {
+        let window = iroh::endpoint::VarInt::from_u32(64 << 10);
+        let ep = stranger_with(iroh::endpoint::QuicTransportConfig::builder().stream_receive_window(window).build()).await;
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
         assert!(matches!(read_frame(&mut recv).await, Some(Frame::Joined { .. })));
         send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
         assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })));
+        for doc in 0..alknet_actors::proto::sync::DOCS {
+            use automerge::sync::SyncDoc;
+            let msg = automerge::AutoCommit::new().sync().generate_sync_message(&mut automerge::sync::State::new()).expect("a first message").encode();
+            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg }.encode()).await.unwrap();
+        }
         (ep, conn, (send, recv))
     });
     // Enough new history to fill the staller's window many times over.
     let src = s.scratch().join("many");
     std::fs::create_dir_all(&src).unwrap();
-    // ~8,000 versions of ~250 bytes each in the documents: megabytes of sync messages, past
-    // QUIC's stream window, so the node's writes to the staller block.
+    // ~8,000 versions of ~250 bytes each in the documents: megabytes of sync messages, far
+    // past the staller's stream window, so the node's writes to the staller block.
     for i in 0..8000 {
         std::fs::write(src.join(format!("f{i}")), i.to_string()).unwrap();
     }
@@ -203,6 +217,24 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
     });
     assert!(t.elapsed() < Duration::from_secs(15), "the stalled member held the others up: {:?}", t.elapsed());
     assert!(s.ok(&["status"]).contains("node id"), "the node answers");
+    // The stall was real: the node had more for the staller than its window let through. All
+    // it had received by now (UDP bytes, more than the stream's) is less than what it reads
+    // once it starts reading.
+    let (_send, mut recv) = streams;
+    let received_while_stalled = conn.stats().udp_rx.bytes;
+    let read = rt.block_on(async {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while total <= received_while_stalled + (256 << 10) {
+            match tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
+                Ok(Ok(Some(n))) => total += n as u64,
+                _ => break,
+            }
+        }
+        total
+    });
+    assert!(read > received_while_stalled + (256 << 10), "the staller read {read} bytes, no more than the {received_while_stalled} it had received while stalled: the node never blocked on it");
     assert!(!node.log().contains("panicked"));
 }
 
