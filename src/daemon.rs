@@ -67,6 +67,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
             client_timeout: std::time::Duration::from_secs(config.node.client_timeout_secs),
             retention: config.retention(),
             acked_failures: Default::default(),
+            reader: Default::default(),
         };
         // What mounts that ended had acknowledged and not committed (their journals).
         let adopter = tokio::spawn(crate::control::adopt::run(server_ctx.clone()));

@@ -337,3 +337,43 @@ fn writes_are_pushed_to_every_node_at_once_after_joins_and_after_a_restart() {
     }
     eprintln!("after A's restart: {times:?}");
 }
+
+/// A CLI `put` replaces what the node held when it began: a peer's version that arrived
+/// while the put's bytes were still coming in is concurrent with it, so the one that loses
+/// is listed by `conflicts` on every node (and restorable), not silently replaced.
+#[test]
+fn a_peers_version_that_arrives_during_a_slow_put_is_listed_not_replaced() {
+    use std::io::Write;
+    let a = Member::start();
+    let b = Member::start();
+    b.join(&a.invite(&[]));
+    a.s.put_bytes("/doc.txt", b"version 1");
+    await_cond(Duration::from_secs(30), "version 1 on B", || b.get("/doc.txt").as_deref() == Some(&b"version 1"[..]));
+    // A's put begins: its bytes come in slowly (the node has begun importing them).
+    let mut put = a.s.cmd(&["put", "-", "/doc.txt"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut stdin = put.stdin.take().unwrap();
+    let big = common::random_bytes(1 << 20, 9);
+    stdin.write_all(&big).unwrap();
+    await_cond(Duration::from_secs(10), "A's node to be importing the put", || !a.s.staging_files().is_empty());
+    // Meanwhile B's version 2 arrives at A.
+    b.s.put_bytes("/doc.txt", b"version 2, from B");
+    await_cond(Duration::from_secs(30), "version 2 on A", || a.get("/doc.txt").as_deref() == Some(&b"version 2, from B"[..]));
+    stdin.write_all(b"the end").unwrap();
+    drop(stdin);
+    assert!(put.wait().unwrap().success(), "A's put");
+    let mut losers = Vec::new();
+    for m in [&a, &b] {
+        await_cond(Duration::from_secs(30), "the race listed on every node", || common::parse_json_array(&m.s.ok(&["conflicts", "--json"])).len() == 1);
+        let rows = common::parse_json_array(&m.s.ok(&["conflicts", "--json"]));
+        assert_eq!(rows[0]["path"], "/doc.txt", "{rows:?}");
+        losers.push(rows[0]["loser_version"].as_str().unwrap().to_string());
+    }
+    assert_eq!(losers[0], losers[1], "one loser, named alike on both nodes");
+    let winner = a.get("/doc.txt").unwrap();
+    await_cond(Duration::from_secs(30), "one winner on both", || b.get("/doc.txt").as_deref() == Some(&winner[..]));
+    // Whichever lost is kept: restoring it brings its bytes back.
+    let put_bytes: Vec<u8> = [&big[..], b"the end"].concat();
+    let loser_bytes: &[u8] = if winner == put_bytes { b"version 2, from B" } else { &put_bytes };
+    a.s.ok(&["restore", "/doc.txt", "--version", &losers[0]]);
+    assert_eq!(a.get("/doc.txt").as_deref(), Some(loser_bytes), "the restored loser");
+}

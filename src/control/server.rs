@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 
 use super::{FailedChange, Reply, Request, Status, WireScope};
 use alknet_actors::engine::acked::{Acked, AckedChange};
+use alknet_actors::store::acked::Seen;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const CONNECTIONS_MAX: usize = 64;
@@ -70,6 +71,35 @@ pub struct ServerCtx {
     pub retention: Retention,
     /// Mounts' acknowledged changes that did not commit (for `status`).
     pub acked_failures: AckedFailures,
+    /// A read connection to the path tree, opened on first use (what a put replaces).
+    pub reader: TreeReader,
+}
+
+/// A read connection to the path tree shared by the control connections: a put reads the
+/// version it will replace when it begins (each read takes microseconds).
+#[derive(Clone, Default)]
+pub struct TreeReader(Arc<std::sync::Mutex<Option<alknet_actors::store::TreeStore>>>);
+
+impl TreeReader {
+    /// What a write of `path` in `scope` beginning now replaces: the branch's own newest
+    /// version of it (none when the branch has none, or does not exist: its commit says so).
+    async fn seen_now(&self, dir: &Path, scope: &Scope, path: &TreePath) -> Result<Seen> {
+        let (this, db, scope, path) = (self.clone(), dir.join(alknet_actors::store::TREE_DB_FILE), scope.clone(), path.clone());
+        blocking(move || {
+            let mut slot = this.0.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(alknet_actors::store::TreeStore::open(&db, false)?);
+            }
+            let tree = slot.as_ref().expect("opened above");
+            let branch = match tree.branch(&scope.bucket, &scope.branch) {
+                Ok(b) => b,
+                Err(alknet_actors::store::StoreError::NotFound(_)) => return Ok(Seen::AtCommit),
+                Err(e) => return Err(e.into()),
+            };
+            Ok(Seen::Opened(alknet_actors::store::read::own_head(tree.conn(), branch.id, &path)?))
+        })
+        .await
+    }
 }
 
 /// How many of the mounts' acknowledged changes failed to commit since the node started
@@ -254,8 +284,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("import task failed: {e}"))?
 }
 
-async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem) -> Result<Reply> {
-    match write(ctx, WriteOp::Commit { scope, items: vec![item], attrs: Vec::new() }).await? {
+/// Commits one imported file, replacing what `seen` names (what the path held when the put
+/// began: a version that arrived while the bytes were coming in is kept, listed).
+async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem, seen: Seen) -> Result<Reply> {
+    match write(ctx, WriteOp::PutSeen { scope, item, seen }).await? {
         WriteOutcome::Seqs(s) => Ok(Reply::Seq { seq: s.first().copied().unwrap_or(0) }),
         other => bail!("unexpected store outcome {other:?}"),
     }
@@ -369,7 +401,8 @@ pub(crate) async fn put_staged(ctx: &ServerCtx, scope: Scope, dirs: Vec<super::S
 async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
     Ok(match req {
         Request::PutFile { scope: s, path: p, src } => {
-            let dest = path(&p)?;
+            let (dest, scope) = (path(&p)?, scope(s));
+            let seen = ctx.reader.seen_now(&ctx.dir, &scope, &dest).await?;
             let content = ctx.content.clone();
             let item = blocking(move || {
                 let meta = std::fs::metadata(&src).with_context(|| src.display().to_string())?;
@@ -381,7 +414,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
                 Ok((dest, entry, blob))
             })
             .await?;
-            commit_one(ctx, scope(s), item).await?
+            commit_one(ctx, scope, item, seen).await?
         }
         Request::PutTree { scope: s, path: p, src } => {
             let dest = path(&p)?;
@@ -406,7 +439,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             }
             let blob = ctx.content.import_reader(target.as_bytes(), |_| {})?;
             let entry = Entry { kind: EntryKind::Symlink, hash: blob.hash, size: blob.size, mode: 0o777, mtime_ms: engine::now_ms() };
-            commit_one(ctx, scope(s), (dest, entry, blob)).await?
+            commit_one(ctx, scope(s), (dest, entry, blob), Seen::AtCommit).await?
         }
         Request::SetAttr { scope: s, path: p, mode, mtime_ms } => match write(ctx, WriteOp::SetAttr { scope: scope(s), path: TreePath::parse(&p)?, mode, mtime_ms }).await? {
             WriteOutcome::Seqs(v) => Reply::Seq { seq: v.first().copied().unwrap_or(0) },
@@ -494,11 +527,12 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
 /// imported right here: hashing a few KiB costs less than handing it to a blocking thread.
 async fn put_stream(ctx: &ServerCtx, scope: Scope, raw_path: &str, body: &mut Body<'_>) -> Result<Reply> {
     let dest = path(raw_path)?;
+    let seen = ctx.reader.seen_now(&ctx.dir, &scope, &dest).await?;
     let mut pending = Vec::new();
     match body.next().await? {
-        None => return commit_bytes(ctx, scope, dest, &[]).await,
+        None => return commit_bytes(ctx, scope, dest, &[], seen).await,
         Some(first) if first.len() <= alknet_actors::content::INLINE_BYTES_MAX => match body.next().await? {
-            None => return commit_bytes(ctx, scope, dest, &first).await,
+            None => return commit_bytes(ctx, scope, dest, &first, seen).await,
             Some(next) => pending.extend([first, next]),
         },
         Some(first) => pending.push(first),
@@ -532,14 +566,14 @@ async fn put_stream(ctx: &ServerCtx, scope: Scope, raw_path: &str, body: &mut Bo
     drop(tx);
     let blob = import.await.map_err(|e| anyhow!("import task failed: {e}"))??;
     let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
-    commit_one(ctx, scope, (dest, entry, blob)).await
+    commit_one(ctx, scope, (dest, entry, blob), seen).await
 }
 
-/// Imports `bytes` (small) and commits them at `dest`.
-async fn commit_bytes(ctx: &ServerCtx, scope: Scope, dest: TreePath, bytes: &[u8]) -> Result<Reply> {
+/// Imports `bytes` (small) and commits them at `dest`, replacing `seen`.
+async fn commit_bytes(ctx: &ServerCtx, scope: Scope, dest: TreePath, bytes: &[u8], seen: Seen) -> Result<Reply> {
     let blob = ctx.content.import_reader(bytes, |_| {})?;
     let entry = file_entry(&blob, engine::FILE_MODE_DEFAULT, engine::now_ms());
-    commit_one(ctx, scope, (dest, entry, blob)).await
+    commit_one(ctx, scope, (dest, entry, blob), seen).await
 }
 
 async fn status(ctx: &ServerCtx) -> Result<Status> {

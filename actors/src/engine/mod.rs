@@ -369,6 +369,20 @@ impl Engine {
         self.commit_changes(scope, items, &[])
     }
 
+    /// Commits one imported file at its path, replacing what its writer saw when it began
+    /// (`seen`): a CLI `put` that took a while replaces what the node held when it began, and
+    /// a version that arrived meanwhile is kept as a concurrent one (the loser listed).
+    pub fn put_seen(&mut self, scope: &Scope, item: &CommitItem, seen: &crate::store::acked::Seen) -> Result<i64> {
+        let branch = self.branch(scope)?;
+        let now = self.now_ms();
+        let (path, entry, blob) = item;
+        let seq = self.tree.transact(Ids::AtMost(import::ids_of_path(path)), now, |tx| {
+            tx.record_blob(blob)?;
+            tx.put_seen(&branch, path, entry.clone(), seen)
+        })?;
+        Ok(seq)
+    }
+
     /// [`commit_entries`](Self::commit_entries), then attribute changes `attrs`, in one
     /// transaction; the seqs of both, in that order.
     pub fn commit_changes(&mut self, scope: &Scope, items: &[CommitItem], attrs: &[AttrItem]) -> Result<Vec<i64>> {

@@ -40,6 +40,8 @@ pub enum WriteOp {
     /// Commit changes a mount acknowledged before they commit (see `engine::acked`); the
     /// outcome is one answer per change.
     CommitAcked { scope: Scope, changes: Vec<crate::engine::acked::AckedChange> },
+    /// Commit one imported file, replacing what its writer saw when it began (batchable).
+    PutSeen { scope: Scope, item: CommitItem, seen: crate::store::acked::Seen },
     /// Remove a path.
     Remove { scope: Scope, path: TreePath, recursive: bool },
     /// Rename (into a directory when the target is one).
@@ -68,6 +70,14 @@ pub enum WriteOp {
     MarkIndexed { hashes: Vec<crate::proto::entry::ContentHash> },
     /// The store's half of the mesh (documents, membership).
     Mesh(crate::engine::mesh::MeshOp),
+}
+
+impl WriteOp {
+    /// Whether the writer may commit it in one transaction with others like it (commits of
+    /// imported files, which arrive many at a time).
+    fn batches(&self) -> bool {
+        matches!(self, WriteOp::Commit { .. } | WriteOp::PutSeen { .. })
+    }
 }
 
 /// What a write produced.
@@ -381,7 +391,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
             }
             continue;
         }
-        if !matches!(job.op, WriteOp::Commit { .. }) {
+        if !job.op.batches() {
             let quiet = matches!(job.op, WriteOp::MarkIndexed { .. } | WriteOp::Gc { .. });
             let Job { op, reply } = job;
             reply.answer(run_alone(&mut engine, op));
@@ -399,7 +409,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
                 Err(_) => jobs.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok(),
             };
             match next {
-                Some(j) if matches!(j.op, WriteOp::Commit { .. }) => batch.push(j),
+                Some(j) if j.op.batches() => batch.push(j),
                 Some(j) => {
                     held = Some(j);
                     break;
@@ -422,6 +432,7 @@ fn wake_outbox(names: &Names) {
 fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
     let ids = batch.iter().map(|job| match &job.op {
         WriteOp::Commit { items, attrs, .. } => crate::engine::import::ids_of(items) + crate::engine::import::ids_of_attrs(attrs),
+        WriteOp::PutSeen { item, .. } => crate::engine::import::ids_of_path(&item.0),
         _ => unreachable!("batches hold commits only"),
     });
     let ids = crate::store::Ids::AtMost(ids.sum());
@@ -429,9 +440,18 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
     let shared = engine.tree_mut().transact(ids, now, |tx| {
         let mut all = Vec::with_capacity(batch.len());
         for job in &batch {
-            let WriteOp::Commit { scope, items, attrs } = &job.op else { unreachable!("batches hold commits only") };
-            let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
-            all.push(commit_changes(tx, &branch, items, attrs)?);
+            match &job.op {
+                WriteOp::Commit { scope, items, attrs } => {
+                    let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
+                    all.push(commit_changes(tx, &branch, items, attrs)?);
+                }
+                WriteOp::PutSeen { scope, item: (path, entry, blob), seen } => {
+                    let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
+                    tx.record_blob(blob)?;
+                    all.push(vec![tx.put_seen(&branch, path, entry.clone(), seen)?]);
+                }
+                _ => unreachable!("batches hold commits only"),
+            }
         }
         Ok::<_, crate::store::StoreError>(all)
     });
@@ -459,6 +479,7 @@ fn run_alone(engine: &mut Engine, op: WriteOp) -> WriteResult {
     let result = match op {
         WriteOp::Commit { scope, items, attrs } => engine.commit_changes(&scope, &items, &attrs).map(WriteOutcome::Seqs),
         WriteOp::CommitAcked { scope, changes } => engine.commit_acked(&scope, &changes).map(WriteOutcome::Acked),
+        WriteOp::PutSeen { scope, item, seen } => engine.put_seen(&scope, &item, &seen).map(|s| WriteOutcome::Seqs(vec![s])),
         WriteOp::Remove { scope, path, recursive } => engine.remove(&scope, &path, recursive).map(|n| WriteOutcome::Count(n as u64)),
         WriteOp::Rename { scope, from, to } => engine.rename(&scope, &from, &to).map(WriteOutcome::Path),
         WriteOp::MoveOver { scope, from, to, noreplace } => engine.move_over(&scope, &from, &to, noreplace).map(|_| WriteOutcome::Done),

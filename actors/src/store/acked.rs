@@ -62,7 +62,7 @@ impl Tx<'_> {
     /// and whether it is a deletion). A writer that saw the path absent replaces a deletion
     /// at its head: absent is what it saw (a mount that knows a name absent without reading
     /// the tree says `Opened(None)`).
-    fn pred_of(&self, own: Option<(VersionId, bool)>, seen: &Seen) -> Result<Option<VersionId>, StoreError> {
+    pub(crate) fn pred_of(&self, own: Option<(VersionId, bool)>, seen: &Seen) -> Result<Option<VersionId>, StoreError> {
         Ok(match seen {
             Seen::AtCommit => own.map(|(id, _)| id),
             Seen::Opened(None) => own.filter(|(_, deleted)| *deleted).map(|(id, _)| id),

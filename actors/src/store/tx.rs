@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use rusqlite::{params, Transaction};
 
+use super::acked::Seen;
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
 use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, VersionRow, ID_LEASE, ROOT_BRANCH};
@@ -240,20 +241,32 @@ impl<'c> Tx<'c> {
     /// Writes `entry` at `path` (a file or symlink, or a directory's attributes), creating
     /// missing parent directories. Refuses to replace a directory with a non-directory.
     pub fn put(&mut self, branch: &Branch, path: &TreePath, entry: Entry) -> Result<i64, StoreError> {
+        self.put_seen(branch, path, entry, &Seen::AtCommit)
+    }
+
+    /// [`put`](Self::put) replacing what its writer saw (`seen`), not whatever the branch
+    /// holds now: a version that arrived meanwhile is concurrent, and the loser is listed.
+    pub fn put_seen(&mut self, branch: &Branch, path: &TreePath, entry: Entry, seen: &Seen) -> Result<i64, StoreError> {
         if path.is_root() {
             return Err(StoreError::IsADirectory("/".into()));
         }
         let view = View::head(&self.tx, branch)?;
         let first = self.clock + 1;
         self.ensure_parents(branch, &view, path)?;
-        if let Some(cur) = read::live(&self.tx, &view, path)? {
-            if cur.entry().is_some_and(|e| e.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir {
-                return Err(StoreError::IsADirectory(path.to_string()));
-            }
+        // One read gives what the path shows and the branch's own head of it (the head
+        // view's first link is the branch's own rows, unbounded).
+        let cur = read::resolve(&self.tx, &view, path)?;
+        if cur.as_ref().and_then(|r| r.entry()).is_some_and(|e| e.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir {
+            return Err(StoreError::IsADirectory(path.to_string()));
         }
+        let own = cur.as_ref().filter(|r| r.branch_id == branch.id).map(|r| (r.id(), r.version.entry.is_none()));
+        let pred = self.pred_of(own, seen)?;
         let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
         let v = self.version(Some(entry));
-        let seq = self.insert_row(branch.id, path, &v, "write")?;
+        let seq = self.insert_row_with_pred(branch.id, path, &v, "write", pred)?;
+        if pred != own.map(|(id, _)| id) {
+            self.relist_conflicts(branch.id, path)?;
+        }
         self.emit(Event::write(branch, first, seq, path, kind, hash, size));
         Ok(seq)
     }
