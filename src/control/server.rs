@@ -287,7 +287,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 /// Commits one imported file, replacing what `seen` names (what the path held when the put
 /// began: a version that arrived while the bytes were coming in is kept, listed).
 async fn commit_one(ctx: &ServerCtx, scope: Scope, item: CommitItem, seen: Seen) -> Result<Reply> {
-    match write(ctx, WriteOp::PutSeen { scope, item, seen }).await? {
+    match write(ctx, WriteOp::PutSeen { scope, item: Box::new(item), seen }).await? {
         WriteOutcome::Seqs(s) => Ok(Reply::Seq { seq: s.first().copied().unwrap_or(0) }),
         other => bail!("unexpected store outcome {other:?}"),
     }

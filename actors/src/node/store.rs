@@ -41,7 +41,7 @@ pub enum WriteOp {
     /// outcome is one answer per change.
     CommitAcked { scope: Scope, changes: Vec<crate::engine::acked::AckedChange> },
     /// Commit one imported file, replacing what its writer saw when it began (batchable).
-    PutSeen { scope: Scope, item: CommitItem, seen: crate::store::acked::Seen },
+    PutSeen { scope: Scope, item: Box<CommitItem>, seen: crate::store::acked::Seen },
     /// Remove a path.
     Remove { scope: Scope, path: TreePath, recursive: bool },
     /// Rename (into a directory when the target is one).
@@ -445,7 +445,8 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
                     let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
                     all.push(commit_changes(tx, &branch, items, attrs)?);
                 }
-                WriteOp::PutSeen { scope, item: (path, entry, blob), seen } => {
+                WriteOp::PutSeen { scope, item, seen } => {
+                    let (path, entry, blob) = &**item;
                     let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
                     tx.record_blob(blob)?;
                     all.push(vec![tx.put_seen(&branch, path, entry.clone(), seen)?]);
