@@ -925,3 +925,51 @@ fn with_its_node_killed_the_mount_reads_on_fails_changes_in_bounded_time_and_com
     settle(&m);
     assert_eq!(s.get_bytes("/moved"), b"before");
 }
+
+/// What POSIX tools read and the design cannot keep: special files and foreign owners are
+/// refused with the errno POSIX names (EPERM), not ENOSYS or a silent no-op; an explicitly
+/// set access time is kept (mail readers compare it with the mtime); a change moves the
+/// change time; an open file unlinked reports no links; a directory's link count says
+/// "unknown" (1), never a wrong count of subdirectories.
+#[test]
+fn posix_details_special_files_owners_times_and_link_counts() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    // The store is held to the end: its data dir goes with it.
+    let Some(Rig { m, node: _node, s: _s }) = rig() else { return };
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+    let last_errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    // SAFETY: valid NUL-terminated paths.
+    assert_eq!(unsafe { libc::mkfifo(c(&m.path("fifo")).as_ptr(), 0o644) }, -1);
+    assert_eq!(last_errno(), libc::EPERM, "mkfifo");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::mknod(c(&m.path("dev")).as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(1, 3)) }, -1);
+    assert_eq!(last_errno(), libc::EPERM, "mknod of a device");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::mknod(c(&m.path("plain")).as_ptr(), libc::S_IFREG | 0o600, 0) }, 0, "mknod of a regular file makes one");
+    assert_eq!(fs::metadata(m.path("plain")).unwrap().mode() & 0o7777, 0o600);
+
+    fs::write(m.path("f"), b"x").unwrap();
+    let meta = fs::metadata(m.path("f")).unwrap();
+    assert_eq!(errno_of(std::os::unix::fs::chown(m.path("f"), Some(65534), None)), libc::EPERM, "chown to another user");
+    assert_eq!(errno_of(std::os::unix::fs::chown(m.path("f"), Some(meta.uid()), Some(meta.gid()))), 0, "chown to the owner shown");
+
+    // An access time set explicitly is kept; the mtime is not touched by it.
+    let times = [libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 0 }, libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }];
+    // SAFETY: valid path and a two-element array.
+    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c(&m.path("f")).as_ptr(), times.as_ptr(), 0) }, 0);
+    let after = fs::metadata(m.path("f")).unwrap();
+    assert_eq!((after.atime(), after.mtime()), (1_000_000_000, meta.mtime()), "atime kept, mtime as it was");
+    // A chmod a second later moves the change time.
+    let ctime = after.ctime();
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(fs::metadata(m.path("f")).unwrap().ctime() > ctime, "chmod moves ctime");
+
+    // Unlinked while open: no links.
+    let open = File::open(m.path("f")).unwrap();
+    fs::remove_file(m.path("f")).unwrap();
+    assert_eq!(open.metadata().unwrap().nlink(), 0, "fstat of an unlinked open file");
+    fs::create_dir_all(m.path("d/sub")).unwrap();
+    assert_eq!(fs::metadata(m.path("d")).unwrap().nlink(), 1, "a directory's link count is 'unknown'");
+}

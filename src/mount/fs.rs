@@ -135,6 +135,30 @@ pub struct Attr {
     pub mode: u32,
     /// Modification time, ms since the epoch.
     pub mtime_ms: i64,
+    /// Change time, ms since the epoch: when its version was written (0: as `mtime_ms`).
+    pub ctime_ms: i64,
+    /// Access time set explicitly through this mount (`None`: as `mtime_ms`; reads do not
+    /// move it, as with `noatime`).
+    pub atime_ms: Option<i64>,
+    /// Still at a path (false: unlinked while open, `nlink` 0).
+    pub linked: bool,
+}
+
+impl Attr {
+    /// An entry's attributes with no change or access time of their own (both show the
+    /// mtime until [`MountFs`] adds what it knows).
+    pub fn plain(ino: u64, kind: EntryKind, size: u64, mode: u32, mtime_ms: i64) -> Attr {
+        Attr { ino, kind, size, mode, mtime_ms, ctime_ms: 0, atime_ms: None, linked: true }
+    }
+}
+
+/// What this mount did to an inode that its tree entry does not say.
+#[derive(Clone, Copy, Debug, Default)]
+struct Times {
+    /// When this mount last changed it (its data, mode, times or name).
+    changed_ms: i64,
+    /// An access time set explicitly (utimensat, touch -a).
+    atime_ms: Option<i64>,
 }
 
 /// Which way a handle was opened.
@@ -296,7 +320,7 @@ impl Inodes {
         if let Some(ino) = self.by_path.remove(path) {
             self.by_ino.remove(&ino);
             if let Some(a) = last {
-                self.gone.insert(ino, a);
+                self.gone.insert(ino, Attr { linked: false, ..a });
             }
         }
     }
@@ -344,6 +368,8 @@ struct State {
     /// Directories made here and the names made in them ([`FreshDirs`]); None unless an
     /// outbox follower tells this layer of changes from elsewhere ([`MountFs::follow`]).
     fresh: Option<FreshDirs>,
+    /// Change and access times of inodes this mount changed (forgotten with the inode).
+    times: HashMap<u64, Times>,
 }
 
 /// A directory made here, waiting in the queue (see [`State::queued_dirs`]).
@@ -432,7 +458,7 @@ impl MountFs {
             node,
             spill,
             staging_dir,
-            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), queued_dirs: HashMap::new(), own_changes: HashMap::new(), fresh: None }),
+            state: Mutex::new(State { inodes: Inodes::new(), handles: HashMap::new(), next_fh: 1, open: HashMap::new(), queued: Default::default(), dir_attrs: HashMap::new(), queued_dirs: HashMap::new(), own_changes: HashMap::new(), fresh: None, times: HashMap::new() }),
             changes: Mutex::new(()),
             committer,
             unsynced: std::sync::atomic::AtomicBool::new(false),
@@ -515,9 +541,9 @@ impl MountFs {
         let st = self.state();
         let open = st.open.get(&ino)?;
         if let Some(s) = open.session.as_ref().filter(|_| all || open.fresh) {
-            return Some(Attr { ino, kind: EntryKind::File, size: s.len(), mode: s.mode(), mtime_ms: open.mtime_ms });
+            return Some(Attr { linked: !open.unlinked, ..Attr::plain(ino, EntryKind::File, s.len(), s.mode(), open.mtime_ms) });
         }
-        queued.filter(|_| !open.unlinked).map(|q| Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms })
+        queued.filter(|_| !open.unlinked).map(|q| Attr::plain(ino, EntryKind::File, q.size, q.mode, q.mtime_ms))
     }
 
     /// Directory `path` as this mount shows it while its mkdir waits in the queue (and
@@ -537,7 +563,7 @@ impl MountFs {
         }
         let ino = st.inodes.ino_of(path);
         drop(st);
-        let mut attr = Attr { ino, kind: EntryKind::Dir, size: 0, mode: q.mode, mtime_ms: q.mtime_ms };
+        let mut attr = Attr::plain(ino, EntryKind::Dir, 0, q.mode, q.mtime_ms);
         self.queued_dir_attr(path, &mut attr);
         Some(attr)
     }
@@ -656,16 +682,21 @@ impl MountFs {
     /// old size and bytes until the last writer closes), or a file created here and not yet
     /// closed; else `ENOENT`.
     pub fn stat(&self, path: &TreePath) -> FsResult<Attr> {
+        self.stat_of_tree(path).map(|a| self.shown(a))
+    }
+
+    /// [`stat`](Self::stat) from the tree and the sessions alone.
+    fn stat_of_tree(&self, path: &TreePath) -> FsResult<Attr> {
         let known = self.state().inodes.by_path.get(path).copied();
-        match self.entry(path)? {
-            Some(entry) => {
+        match self.entry_written(path)? {
+            Some((entry, written_ms)) => {
                 let ino = self.state().inodes.ino_of(path);
                 if entry.kind == EntryKind::File {
                     if let Some(q) = self.queued(ino) {
-                        return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q.mode, mtime_ms: q.mtime_ms });
+                        return Ok(Attr::plain(ino, EntryKind::File, q.size, q.mode, q.mtime_ms));
                     }
                 }
-                let mut attr = attr_of(ino, &entry);
+                let mut attr = Attr { ctime_ms: written_ms, ..attr_of(ino, &entry) };
                 if entry.kind == EntryKind::Dir {
                     self.queued_dir_attr(path, &mut attr);
                 }
@@ -676,6 +707,15 @@ impl MountFs {
                 .or_else(|| self.queued_dir(path))
                 .ok_or_else(|| errno(libc::ENOENT, format!("{path}: no such file or directory"))),
         }
+    }
+
+    /// The live entry at `path` and when its version was written (its change time).
+    fn entry_written(&self, path: &TreePath) -> FsResult<Option<(Entry, i64)>> {
+        if path.is_root() || self.state().fresh.as_ref().is_some_and(|f| f.absent(path)) {
+            return Ok(self.entry(path)?.map(|e| (e, 0)));
+        }
+        let row = read::live(self.reader().tree().conn(), &self.view, path)?;
+        Ok(row.and_then(|r| r.version.entry.map(|e| (e, r.version.written.ms))))
     }
 
     /// The live entry at `path` (the root is a directory).
@@ -745,12 +785,44 @@ impl MountFs {
         st.inodes.gone.remove(&ino);
         if !st.open.contains_key(&ino) {
             st.inodes.drop_ino(ino);
+            st.times.remove(&ino);
         }
+    }
+
+    /// `attr` with what this mount knows beyond the tree: when it last changed the inode
+    /// (the change time of a change still in the write-behind queue) and an access time set
+    /// explicitly (kept while the mount runs: the tree keeps no access times).
+    fn shown(&self, mut attr: Attr) -> Attr {
+        if let Some(t) = self.state().times.get(&attr.ino) {
+            attr.ctime_ms = attr.ctime_ms.max(t.changed_ms);
+            attr.atime_ms = t.atime_ms.or(attr.atime_ms);
+        }
+        attr
+    }
+
+    /// Inode `ino` changed through this mount now (its change time moves).
+    fn touched(&self, ino: u64) {
+        self.state().times.entry(ino).or_default().changed_ms = alknet_actors::engine::now_ms();
+    }
+
+    /// Sets inode `ino`'s access time (utimensat, `touch -a`): kept while the mount runs.
+    pub fn set_atime(&self, ino: u64, atime_ms: i64) -> FsResult<()> {
+        self.writable()?;
+        let mut st = self.state();
+        let t = st.times.entry(ino).or_default();
+        t.atime_ms = Some(atime_ms);
+        t.changed_ms = alknet_actors::engine::now_ms();
+        Ok(())
     }
 
     /// The attributes of inode `ino`; through a write handle `fh` (fstat by the writer),
     /// what its session holds.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        self.getattr_of_tree(ino, fh).map(|a| self.shown(a))
+    }
+
+    /// [`getattr`](Self::getattr) from the tree and the sessions alone.
+    fn getattr_of_tree(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
         let writer = fh.is_some_and(|fh| matches!(self.state().handles.get(&fh), Some(Handle::Write { ino: i, .. }) if *i == ino));
         if let Some(a) = self.staged(ino, writer) {
             return Ok(a);
@@ -759,7 +831,7 @@ impl MountFs {
             return Ok(a.clone());
         }
         let path = self.path_of(ino)?;
-        self.stat(&path)
+        self.stat_of_tree(&path)
     }
 
     /// The children of directory `path`, sorted by name. Inode numbers are those this mount
@@ -1364,14 +1436,14 @@ impl MountFs {
     /// queued session, and may be forgotten meanwhile by another session's commit.
     pub fn setattr(&self, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
         let ino = self.state().inodes.ino_of(path);
-        self.setattr_at(ino, Some(path), mode, mtime_ms, size)
+        self.setattr_at(ino, Some(path), mode, mtime_ms, size).map(|a| self.shown(a))
     }
 
     /// `setattr` of inode `ino` (FUSE; SFTP's fsetstat): mode, mtime and size (truncate).
     /// A file with a write session open (even unlinked) takes them into the session;
     /// otherwise each is one commit.
     pub fn setattr_ino(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
-        self.setattr_at(ino, None, mode, mtime_ms, size)
+        self.setattr_at(ino, None, mode, mtime_ms, size).map(|a| self.shown(a))
     }
 
     /// [`setattr_ino`](Self::setattr_ino) with the path known (`Some`) or found from the
@@ -1385,6 +1457,7 @@ impl MountFs {
             return attr_now(self);
         }
         self.writable()?;
+        self.touched(ino);
         let changes = self.changes();
         let in_session = self.state().open.get(&ino).is_some_and(|o| o.writers > 0 || o.session.is_some());
         if in_session {
@@ -1410,7 +1483,7 @@ impl MountFs {
             open.dirty = true;
             open.written = true;
             let (len, mode, ms) = (s.len(), s.mode(), open.mtime_ms);
-            return Ok(Attr { ino, kind: EntryKind::File, size: len, mode, mtime_ms: ms });
+            return Ok(Attr::plain(ino, EntryKind::File, len, mode, ms));
         }
         if let Some(q) = self.queued(ino) {
             // chmod or utimes right after close (tar, cp -p): folded into the queued commit.
@@ -1423,7 +1496,7 @@ impl MountFs {
                 if let Some(ms) = mtime_ms {
                     q2.mtime_ms = ms;
                 }
-                return Ok(Attr { ino, kind: EntryKind::File, size: q.size, mode: q2.mode, mtime_ms: q2.mtime_ms });
+                return Ok(Attr::plain(ino, EntryKind::File, q.size, q2.mode, q2.mtime_ms));
             }
             self.settle()?;
         }
@@ -1520,7 +1593,7 @@ impl MountFs {
                 }
             }
         }
-        Ok(Attr { ino, kind: EntryKind::Dir, size: 0, mode, mtime_ms })
+        Ok(Attr::plain(ino, EntryKind::Dir, 0, mode, mtime_ms))
     }
 
     fn check_parent(&self, path: &TreePath) -> FsResult<()> {
@@ -1714,7 +1787,7 @@ fn listed_ino(path: &TreePath) -> u64 {
 }
 
 fn attr_of(ino: u64, e: &Entry) -> Attr {
-    Attr { ino, kind: e.kind, size: if e.kind == EntryKind::Dir { 0 } else { e.size }, mode: e.mode & 0o7777, mtime_ms: e.mtime_ms }
+    Attr::plain(ino, e.kind, if e.kind == EntryKind::Dir { 0 } else { e.size }, e.mode & 0o7777, e.mtime_ms)
 }
 
 /// Reads local `bytes` (a remote blob goes through [`MountFs::read_from`]).

@@ -79,7 +79,8 @@ impl Shape {
     }
 
     fn file_attr(&self, base: u64, a: &Attr) -> FileAttr {
-        let mtime = UNIX_EPOCH + Duration::from_millis(a.mtime_ms.max(0) as u64);
+        let at = |ms: i64| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+        let mtime = at(a.mtime_ms);
         let kind = match a.kind {
             EntryKind::File => FileType::RegularFile,
             EntryKind::Dir => FileType::Directory,
@@ -89,13 +90,16 @@ impl Shape {
             ino: INodeNo(past::global(base, a.ino)),
             size: a.size,
             blocks: a.size.div_ceil(512),
-            atime: mtime,
+            atime: a.atime_ms.map_or(mtime, at),
             mtime,
-            ctime: mtime,
+            ctime: if a.ctime_ms > 0 { at(a.ctime_ms) } else { mtime },
             crtime: mtime,
             kind,
             perm: (a.mode & 0o7777) as u16,
-            nlink: if a.kind == EntryKind::Dir { 2 } else { 1 },
+            // A directory's count of subdirectories is not kept: 1 says "unknown" (as btrfs
+            // does), so find(1) does not skip subdirectories it counted on. An open file
+            // unlinked here has none.
+            nlink: u32::from(a.linked),
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
@@ -156,7 +160,7 @@ impl Fuse {
     /// `.alkfs` or `.alkfs/at`: read-only directories.
     fn virtual_attr(&self, ino: u64) -> FileAttr {
         let mtime = self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-        self.file_attr(0, &Attr { ino, kind: EntryKind::Dir, size: 0, mode: 0o555, mtime_ms: mtime })
+        self.file_attr(0, &Attr::plain(ino, EntryKind::Dir, 0, 0o555, mtime))
     }
 
     fn entry(&self, reply: ReplyEntry, base: u64, r: FsResult<Attr>) {
@@ -311,7 +315,7 @@ impl Filesystem for Fuse {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -326,13 +330,22 @@ impl Filesystem for Fuse {
             Ok(l) => l,
             Err(e) => return reply.error(fail(e)),
         };
-        // Owners are not stored: every file is the mounting user's, and chown is accepted
-        // as a no-op so that `cp -a`, `rsync -a` and `tar` run as root do not fail. As
-        // chown(2) does, it clears the set-user-id bit (and set-group-id with group exec).
+        // Owners are not stored: every file is the mounting user's. A chown to that owner
+        // (what `cp -a`, `rsync -a` and `tar` do with their own files) succeeds and, as
+        // chown(2) does, clears the set-user-id bit (and set-group-id with group exec);
+        // one to another owner cannot be kept: EPERM, as chown(2) says.
+        if uid.is_some_and(|u| u != self.shape.uid) || gid.is_some_and(|g| g != self.shape.gid) {
+            return reply.error(FuseErrno::EPERM);
+        }
         let mode = match mode {
             None if uid.is_some() || gid.is_some() => without_setid(&l.fs, l.ino, fh.map(|h| h.0)),
             m => m,
         };
+        if let Some(at) = atime {
+            if let Err(e) = l.fs.set_atime(l.ino, time_ms(at)) {
+                return reply.error(fail(e));
+            }
+        }
         let r = l.fs.setattr_ino(l.ino, mode, mtime.map(time_ms), size);
         self.attr(reply, l.base, r)
     }
@@ -501,6 +514,30 @@ impl Filesystem for Fuse {
         });
         match r {
             Ok((fh, a, base)) => reply.created(&self.ttl(base), &self.file_attr(base, &a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(fail(e)),
+        }
+    }
+
+    /// A regular file is made as `create` would (and closed); fifos, sockets and device
+    /// files are not kept (the tree holds files, directories and symlinks): EPERM, the errno
+    /// mknod(2) names for a type the file system does not support (EEXIST first if the
+    /// name is taken).
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
+        self.busy();
+        let r = self.child(parent, name, libc::EEXIST).and_then(|(l, p)| {
+            if mode & libc::S_IFMT != libc::S_IFREG {
+                if l.fs.stat(&p).is_ok() {
+                    return Err(Errno::new(libc::EEXIST, format!("{p} exists")));
+                }
+                return Err(Errno::new(libc::EPERM, format!("{p}: fifos, sockets and device files are not kept on alkfs mounts")));
+            }
+            let (fh, a) = l.fs.create(&p, mode & 0o7777 & !umask, open_mode(libc::O_WRONLY, req.pid()), true)?;
+            l.fs.release(fh)?;
+            l.fs.count_lookup(a.ino);
+            Ok((a, l.base))
+        });
+        match r {
+            Ok((a, base)) => self.entry(reply, base, Ok(a)),
             Err(e) => reply.error(fail(e)),
         }
     }

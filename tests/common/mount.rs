@@ -4,7 +4,7 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use super::{await_cond, precondition, Node, Store};
@@ -39,7 +39,8 @@ impl Mount {
         let log = s.scratch().join("mount.log");
         let mut args = vec!["mount", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let child = s.cmd(&args).stdout(Stdio::null()).stderr(File::create(&log).unwrap()).spawn().expect("spawn alkfs mount");
+        let out = File::create(&log).unwrap();
+        let child = s.cmd(&args).stdout(out.try_clone().unwrap()).stderr(out).spawn().expect("spawn alkfs mount");
         let mut m = Mount { child, dir, log };
         await_cond(MOUNT_TIMEOUT, "the mount to appear", || {
             if let Ok(Some(st)) = m.child.try_wait() {
