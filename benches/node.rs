@@ -6,6 +6,7 @@
 //! | commits through the daemon, 10,000 × 4 KiB from 4 concurrent clients | the engine's direct rate, one file per transaction |
 //! | CPU of an idle node over 60 s | — (goal ≤ 1 % of a core) |
 //! | GC mark + sweep over 100,000 entries and 10,000 blobs | — (goal ≤ 2 s) |
+//! | commits through the daemon, as above | an older build's node (`ALKFS_BASELINE_BIN`), alternating |
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,7 +53,12 @@ impl Drop for Node {
 }
 
 fn start_node(dir: &Path) -> Node {
-    let child = Command::new(ALKFS).arg("--data").arg(dir).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    start_node_of(ALKFS, dir)
+}
+
+/// Starts the node of build `bin` (this one, or `ALKFS_BASELINE_BIN`) on `dir`.
+fn start_node_of(bin: &str, dir: &Path) -> Node {
+    let child = Command::new(bin).arg("--data").arg(dir).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t = Instant::now();
     while Client::connect(dir).is_none() {
         assert!(t.elapsed() < Duration::from_secs(20), "node did not start");
@@ -63,7 +69,12 @@ fn start_node(dir: &Path) -> Node {
 
 /// Commits through the daemon from `clients` threads, each its own connection per file.
 fn daemon_rate(dir: &Path, n: usize, clients: usize) -> (f64, Node) {
-    let node = start_node(dir);
+    daemon_rate_of(ALKFS, dir, n, clients)
+}
+
+/// [`daemon_rate`] of the node of build `bin`.
+fn daemon_rate_of(bin: &str, dir: &Path, n: usize, clients: usize) -> (f64, Node) {
+    let node = start_node_of(bin, dir);
     let t = Instant::now();
     std::thread::scope(|s| {
         for c in 0..clients {
@@ -154,4 +165,22 @@ fn main() {
     println!("| commit {n} x 4 KiB through the daemon, 4 concurrent clients | {daemon:.0} files/s | engine direct, 1 per transaction: {direct:.0} files/s | {:.2}x direct | >= 0.8x |", daemon / direct);
     println!("| CPU of an idle node over {idle_secs} s | {idle_pct:.2} % of a core | - | - | <= 1 % |");
     println!("| GC mark+sweep, {entries} entries / {blobs} blobs (half the entries deleted) | {:.3} s, {freed} blobs freed | - | - | <= 2 s |", gc.as_secs_f64());
+    if let Some(base) = std::env::var_os("ALKFS_BASELINE_BIN") {
+        // An older build's node (`ALKFS_BASELINE_BIN`), alternating with this one's, each on
+        // a fresh data dir: what a change cost the commit rate.
+        let base = base.to_string_lossy().into_owned();
+        let rounds = if quick() { 1 } else { 3 };
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            eprintln!("daemon commits against the baseline, round {} of {rounds} …", r + 1);
+            ours.push(daemon_rate(&tmp.path().join(format!("ours-{r}")), n, 4).0);
+            theirs.push(daemon_rate_of(&base, &tmp.path().join(format!("base-{r}")), n, 4).0);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (o, t) = (median(&mut ours), median(&mut theirs));
+        println!("| commit {n} x 4 KiB through the daemon, against the baseline build (median of {rounds}) | {o:.0} files/s | {base}: {t:.0} files/s | {:.2}x | - |", o / t);
+    }
 }
