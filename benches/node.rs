@@ -52,10 +52,6 @@ impl Drop for Node {
     }
 }
 
-fn start_node(dir: &Path) -> Node {
-    start_node_of(ALKFS, dir)
-}
-
 /// Starts the node of build `bin` (this one, or `ALKFS_BASELINE_BIN`) on `dir`.
 fn start_node_of(bin: &str, dir: &Path) -> Node {
     let child = Command::new(bin).arg("--data").arg(dir).args(["node", "run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();

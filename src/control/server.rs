@@ -83,22 +83,15 @@ pub struct TreeReader(Arc<std::sync::Mutex<Option<alknet_actors::store::TreeStor
 impl TreeReader {
     /// What a write of `path` in `scope` beginning now replaces: the branch's own newest
     /// version of it (none when the branch has none, or does not exist: its commit says so).
-    async fn seen_now(&self, dir: &Path, scope: &Scope, path: &TreePath) -> Result<Seen> {
-        let (this, db, scope, path) = (self.clone(), dir.join(alknet_actors::store::TREE_DB_FILE), scope.clone(), path.clone());
-        blocking(move || {
-            let mut slot = this.0.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                *slot = Some(alknet_actors::store::TreeStore::open(&db, false)?);
-            }
-            let tree = slot.as_ref().expect("opened above");
-            let branch = match tree.branch(&scope.bucket, &scope.branch) {
-                Ok(b) => b,
-                Err(alknet_actors::store::StoreError::NotFound(_)) => return Ok(Seen::AtCommit),
-                Err(e) => return Err(e.into()),
-            };
-            Ok(Seen::Opened(alknet_actors::store::read::own_head(tree.conn(), branch.id, &path)?))
-        })
-        .await
+    /// Read in the calling task: tens of microseconds, which a hop to a blocking thread
+    /// would double.
+    fn seen_now(&self, dir: &Path, scope: &Scope, path: &TreePath) -> Result<Seen> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(alknet_actors::store::TreeStore::open(&dir.join(alknet_actors::store::TREE_DB_FILE), false)?);
+        }
+        let tree = slot.as_ref().expect("opened above");
+        Ok(Seen::Opened(alknet_actors::store::read::own_head_by_name(tree.conn(), &scope.bucket, &scope.branch, path)?))
     }
 }
 
@@ -402,7 +395,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
     Ok(match req {
         Request::PutFile { scope: s, path: p, src } => {
             let (dest, scope) = (path(&p)?, scope(s));
-            let seen = ctx.reader.seen_now(&ctx.dir, &scope, &dest).await?;
+            let seen = ctx.reader.seen_now(&ctx.dir, &scope, &dest)?;
             let content = ctx.content.clone();
             let item = blocking(move || {
                 let meta = std::fs::metadata(&src).with_context(|| src.display().to_string())?;
@@ -527,7 +520,7 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
 /// imported right here: hashing a few KiB costs less than handing it to a blocking thread.
 async fn put_stream(ctx: &ServerCtx, scope: Scope, raw_path: &str, body: &mut Body<'_>) -> Result<Reply> {
     let dest = path(raw_path)?;
-    let seen = ctx.reader.seen_now(&ctx.dir, &scope, &dest).await?;
+    let seen = ctx.reader.seen_now(&ctx.dir, &scope, &dest)?;
     let mut pending = Vec::new();
     match body.next().await? {
         None => return commit_bytes(ctx, scope, dest, &[], seen).await,

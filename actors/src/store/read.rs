@@ -146,6 +146,22 @@ pub fn resolve(conn: &Connection, view: &View, path: &TreePath) -> Result<Option
     Ok(None)
 }
 
+/// [`own_head`] of branch `branch` of bucket `bucket`, by their names, in one statement (a
+/// put reads it as it begins; looking the branch up first took most of the time). `None`
+/// also when there is no such live branch.
+pub fn own_head_by_name(conn: &Connection, bucket: &str, branch: &str, path: &TreePath) -> Result<Option<VersionId>, StoreError> {
+    let (dir, name) = dir_name(path);
+    let key: Option<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT v.vkey FROM bucket k JOIN branch b ON b.bucket_id = k.id AND b.name = ?2 AND b.deleted_seq IS NULL
+             JOIN version v ON v.branch_id = b.id AND v.dir = ?3 AND v.name = ?4
+             WHERE k.name = ?1 ORDER BY v.vkey DESC LIMIT 1",
+        )?
+        .query_row(params![bucket, branch, dir, name], |r| r.get(0))
+        .optional()?;
+    Ok(key.and_then(|k| OrderKey::from_bytes(&k)).map(|k| k.version()))
+}
+
 /// The id of the newest row of `path` among `branch`'s own rows (not its ancestors'): the
 /// version a write on the branch replaces, its predecessor.
 pub fn own_head(conn: &Connection, branch: i64, path: &TreePath) -> Result<Option<VersionId>, StoreError> {
