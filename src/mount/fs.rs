@@ -1436,14 +1436,26 @@ impl MountFs {
     /// queued session, and may be forgotten meanwhile by another session's commit.
     pub fn setattr(&self, path: &TreePath, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
         let ino = self.state().inodes.ino_of(path);
-        self.setattr_at(ino, Some(path), mode, mtime_ms, size).map(|a| self.shown(a))
+        let r = self.setattr_at(ino, Some(path), mode, mtime_ms, size);
+        self.after_setattr(ino, r, mode.is_some() || mtime_ms.is_some() || size.is_some())
     }
 
     /// `setattr` of inode `ino` (FUSE; SFTP's fsetstat): mode, mtime and size (truncate).
     /// A file with a write session open (even unlinked) takes them into the session;
     /// otherwise each is one commit.
     pub fn setattr_ino(&self, ino: u64, mode: Option<u32>, mtime_ms: Option<i64>, size: Option<u64>) -> FsResult<Attr> {
-        self.setattr_at(ino, None, mode, mtime_ms, size).map(|a| self.shown(a))
+        let r = self.setattr_at(ino, None, mode, mtime_ms, size);
+        self.after_setattr(ino, r, mode.is_some() || mtime_ms.is_some() || size.is_some())
+    }
+
+    /// A setattr's answer: a change that succeeded moves the change time (a refused one
+    /// does not), and the attributes show what this mount knows.
+    fn after_setattr(&self, ino: u64, r: FsResult<Attr>, changed: bool) -> FsResult<Attr> {
+        let attr = r?;
+        if changed {
+            self.touched(ino);
+        }
+        Ok(self.shown(attr))
     }
 
     /// [`setattr_ino`](Self::setattr_ino) with the path known (`Some`) or found from the
@@ -1457,7 +1469,6 @@ impl MountFs {
             return attr_now(self);
         }
         self.writable()?;
-        self.touched(ino);
         let changes = self.changes();
         let in_session = self.state().open.get(&ino).is_some_and(|o| o.writers > 0 || o.session.is_some());
         if in_session {
