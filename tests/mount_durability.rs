@@ -3,8 +3,9 @@
 //! with SIGSTOP, so the kill lands before the commit, checked); `sync FILE` after `cp` and
 //! fsync with two writers return only once the file is committed; a save over a version
 //! that changed meanwhile keeps the other version as a listed conflict; a change whose
-//! directory was replaced by a file meanwhile is kept, not dropped; a blob cut short on
-//! disk reads as an error, not as a short file.
+//! directory was replaced by a file meanwhile is kept, not dropped; a close the node cannot
+//! commit stays queued, fails fsync and commits once it can; a blob cut short on disk reads
+//! as an error, not as a short file.
 
 mod common;
 
@@ -219,4 +220,37 @@ fn a_read_waiting_for_an_unreachable_peer_holds_up_its_reader_only() {
     drop(_paused);
     let read = reader.join().unwrap();
     assert_eq!(read.unwrap_or(0), 2 << 20, "the read completes once the peer answers");
+}
+
+/// A close the node cannot commit is never counted done: here its staging file is cut
+/// short on disk after the close returned, so the node refuses it (its length is not the
+/// one written). It stays queued and is sent again, `fsync` fails with the node's words,
+/// `status` counts the failure, and once the file is whole again it commits.
+#[test]
+fn a_close_the_node_cannot_commit_stays_queued_fails_fsync_and_commits_once_it_can() {
+    let Some(Rig { m, mut node, s }) = rig() else { return };
+    let bytes = common::random_bytes(200_000, 11);
+    let staged = {
+        let _paused = Paused::new(&mut node);
+        fs::write(m.path("big.bin"), &bytes).unwrap();
+        // The close returned; its bytes wait in the mount's staging file. Cut it short.
+        let dirs = staging_dirs(&s);
+        let staged = dirs
+            .iter()
+            .flat_map(|d| common::list_dir(&s.data().join("content/staging").join(d)))
+            .find(|p| fs::metadata(p).is_ok_and(|md| md.len() == bytes.len() as u64))
+            .expect("the closed file's staging file");
+        OpenOptions::new().write(true).open(&staged).unwrap().set_len(100_000).unwrap();
+        staged
+    };
+    let st = common::await_status(s.data(), Duration::from_secs(30), "the node to refuse the change", |st| st["acked_failures"].as_u64().is_some_and(|n| n >= 1));
+    assert!(st.to_string().contains("not the 200000 written"), "status says why: {st}");
+    let failed = fs::File::open(&m.dir).unwrap().sync_all();
+    assert_eq!(errno_of(failed), libc::EIO, "fsync reports the change that did not commit");
+    assert!(!s.run(&["get", "/big.bin"]).status.success(), "nothing half-made was committed");
+    assert!(staged.exists(), "the refused change keeps its staging file");
+    // Whole again: a later attempt commits it, and fsync succeeds.
+    fs::write(&staged, &bytes).unwrap();
+    await_cond(Duration::from_secs(30), "the change to commit once it can", || s.run(&["get", "/big.bin"]).stdout == bytes);
+    settle(&m);
 }
