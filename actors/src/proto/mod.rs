@@ -21,6 +21,8 @@
 pub mod clock;
 pub mod doc;
 pub mod entry;
+#[cfg(test)]
+mod fuzz;
 pub mod frame;
 pub mod ids;
 pub mod limits;
