@@ -755,7 +755,7 @@ pub fn serve(fs: MountFs, mountpoint: &Path, options: MountOptions, mounted: imp
     let uid = unsafe { libc::getuid() };
     let gid = unsafe { libc::getgid() };
     // A mount whose process died (killed before anything unmounted it) is in the way.
-    if std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+    if super::is_dead_mount(mountpoint) {
         tracing::info!(mountpoint = %mountpoint.display(), "unmounting what a dead mount left at the mount point");
         let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(mountpoint).status();
     }

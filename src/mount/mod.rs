@@ -44,9 +44,14 @@ pub fn unmount_when_gone(mountpoint: &Path) {
     }
 }
 
+/// Whether `dir` is a FUSE mount whose process is gone (the kernel answers ENOTCONN).
+pub fn is_dead_mount(dir: &Path) -> bool {
+    std::fs::metadata(dir).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
 /// Whether `dir` is a mount point (a FUSE mount's, alive or with its process gone).
 pub fn is_dead_or_mounted(dir: &Path) -> bool {
-    if std::fs::metadata(dir).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+    if is_dead_mount(dir) {
         return true;
     }
     let Ok(canonical) = std::fs::canonicalize(dir) else { return false };

@@ -29,6 +29,14 @@ pub fn commit_items(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[Com
     Ok(seqs)
 }
 
+/// Writes one imported file or symlink in the open transaction, replacing what its writer
+/// saw when it began (`seen`; see [`crate::store::Tx::put_seen`]).
+pub fn put_item_seen(tx: &mut crate::store::Tx<'_>, branch: &Branch, item: &CommitItem, seen: &crate::store::acked::Seen) -> Result<i64, StoreError> {
+    let (path, entry, blob) = item;
+    tx.record_blob(blob)?;
+    tx.put_seen(branch, path, entry.clone(), seen)
+}
+
 /// [`commit_items`], then the attribute changes `attrs` (each path must exist).
 pub fn commit_changes(tx: &mut crate::store::Tx<'_>, branch: &Branch, items: &[CommitItem], attrs: &[AttrItem]) -> Result<Vec<i64>, StoreError> {
     let mut seqs = commit_items(tx, branch, items)?;

@@ -375,12 +375,7 @@ impl Engine {
     pub fn put_seen(&mut self, scope: &Scope, item: &CommitItem, seen: &crate::store::acked::Seen) -> Result<i64> {
         let branch = self.branch(scope)?;
         let now = self.now_ms();
-        let (path, entry, blob) = item;
-        let seq = self.tree.transact(Ids::AtMost(import::ids_of_path(path)), now, |tx| {
-            tx.record_blob(blob)?;
-            tx.put_seen(&branch, path, entry.clone(), seen)
-        })?;
-        Ok(seq)
+        Ok(self.tree.transact(Ids::AtMost(import::ids_of_path(&item.0)), now, |tx| import::put_item_seen(tx, &branch, item, seen))?)
     }
 
     /// [`commit_entries`](Self::commit_entries), then attribute changes `attrs`, in one

@@ -446,10 +446,8 @@ fn commit_batch(engine: &mut Engine, batch: Vec<Job>) {
                     all.push(commit_changes(tx, &branch, items, attrs)?);
                 }
                 WriteOp::PutSeen { scope, item, seen } => {
-                    let (path, entry, blob) = &**item;
                     let branch = crate::store::branch_by_name(tx.conn(), crate::store::bucket_id(tx.conn(), &scope.bucket)?, &scope.branch)?;
-                    tx.record_blob(blob)?;
-                    all.push(vec![tx.put_seen(&branch, path, entry.clone(), seen)?]);
+                    all.push(vec![crate::engine::import::put_item_seen(tx, &branch, item, seen)?]);
                 }
                 _ => unreachable!("batches hold commits only"),
             }

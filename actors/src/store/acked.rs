@@ -19,7 +19,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::outbox::Event;
 use super::read::{self, View};
-use super::{Branch, StoreError, Tx};
+use super::{Branch, StoreError, Tx, VersionRow};
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::ids::VersionId;
 use crate::proto::path::TreePath;
@@ -44,6 +44,16 @@ pub enum Seen {
     },
 }
 
+/// What a path is when a write of it commits.
+pub(crate) struct PathNow {
+    /// Its newest row in the view (a deletion included).
+    pub shown: Option<VersionRow>,
+    /// The branch's own head of it.
+    pub own: Option<VersionId>,
+    /// The predecessor the writer's [`Seen`] names.
+    pub pred: Option<VersionId>,
+}
+
 impl Tx<'_> {
     /// What acknowledged change `id` wrote (a version's seq, 0 for nothing), if it was
     /// applied before.
@@ -62,7 +72,7 @@ impl Tx<'_> {
     /// and whether it is a deletion). A writer that saw the path absent replaces a deletion
     /// at its head: absent is what it saw (a mount that knows a name absent without reading
     /// the tree says `Opened(None)`).
-    pub(crate) fn pred_of(&self, own: Option<(VersionId, bool)>, seen: &Seen) -> Result<Option<VersionId>, StoreError> {
+    fn pred_of(&self, own: Option<(VersionId, bool)>, seen: &Seen) -> Result<Option<VersionId>, StoreError> {
         Ok(match seen {
             Seen::AtCommit => own.map(|(id, _)| id),
             Seen::Opened(None) => own.filter(|(_, deleted)| *deleted).map(|(id, _)| id),
@@ -72,6 +82,15 @@ impl Tx<'_> {
                 None => *or,
             },
         })
+    }
+
+    /// What `path` is when a write of it commits, in one read (the head view's first link
+    /// is the branch's own rows, unbounded).
+    pub(crate) fn path_now(&self, branch: &Branch, view: &View, path: &TreePath, seen: &Seen) -> Result<PathNow, StoreError> {
+        let shown = read::resolve(self.conn(), view, path)?;
+        let own = shown.as_ref().filter(|r| r.branch_id == branch.id).map(|r| (r.id(), r.version.entry.is_none()));
+        let pred = self.pred_of(own, seen)?;
+        Ok(PathNow { shown, own: own.map(|(id, _)| id), pred })
     }
 
     /// Writes a file or symlink `entry` at `path` for a write acknowledged before its commit
@@ -84,12 +103,7 @@ impl Tx<'_> {
         let view = View::head(self.conn(), branch)?;
         let first = self.clock() + 1;
         self.make_parents(branch, &view, path)?;
-        // One read gives what the path shows and the branch's own head of it (the head
-        // view's first link is the branch's own rows, unbounded).
-        let cur = read::resolve(self.conn(), &view, path)?;
-        let own = cur.as_ref().filter(|r| r.branch_id == branch.id).map(|r| (r.id(), r.version.entry.is_none()));
-        let pred = self.pred_of(own, seen)?;
-        let own = own.map(|(id, _)| id);
+        let PathNow { shown: cur, own, pred } = self.path_now(branch, &view, path, seen)?;
         let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
         let version = Version { entry: Some(entry), written: self.stamp() };
         let (seq, lost) = match cur.filter(|r| r.version.entry.is_some()) {

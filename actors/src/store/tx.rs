@@ -253,18 +253,14 @@ impl<'c> Tx<'c> {
         let view = View::head(&self.tx, branch)?;
         let first = self.clock + 1;
         self.ensure_parents(branch, &view, path)?;
-        // One read gives what the path shows and the branch's own head of it (the head
-        // view's first link is the branch's own rows, unbounded).
-        let cur = read::resolve(&self.tx, &view, path)?;
+        let super::acked::PathNow { shown: cur, own, pred } = self.path_now(branch, &view, path, seen)?;
         if cur.as_ref().and_then(|r| r.entry()).is_some_and(|e| e.kind == EntryKind::Dir) && entry.kind != EntryKind::Dir {
             return Err(StoreError::IsADirectory(path.to_string()));
         }
-        let own = cur.as_ref().filter(|r| r.branch_id == branch.id).map(|r| (r.id(), r.version.entry.is_none()));
-        let pred = self.pred_of(own, seen)?;
         let (kind, hash, size) = (entry.kind, entry.hash, entry.size);
         let v = self.version(Some(entry));
         let seq = self.insert_row_with_pred(branch.id, path, &v, "write", pred)?;
-        if pred != own.map(|(id, _)| id) {
+        if pred != own {
             self.relist_conflicts(branch.id, path)?;
         }
         self.emit(Event::write(branch, first, seq, path, kind, hash, size));
