@@ -36,6 +36,12 @@ fn the_machine_has_what_the_end_to_end_tests_need() {
         Need { here: common::have_tool("sqlite3"), what: "sqlite3: the mount tests run it on a mount", install: "sqlite3" },
         Need { here: common::have_tool("rsync"), what: "rsync: the mount tests run it on a mount", install: "rsync" },
         Need { here: common::have_tool("git"), what: "git: the mount tests run it on a mount", install: "git" },
+        Need { here: common::have_tool("cc"), what: "a C compiler: the pjdfstest test builds the POSIX suite", install: "gcc" },
+        Need {
+            here: Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/pjdfstest/pjdfstest.c").exists(),
+            what: "../shared/tools/pjdfstest: the pjdfstest test's sources",
+            install: "the project's shared folder beside the checkout",
+        },
     ];
     let missing: Vec<&Need> = needs.iter().filter(|n| !n.here).collect();
     if missing.is_empty() {
