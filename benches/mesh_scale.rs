@@ -30,7 +30,7 @@ impl Side {
     fn new(dir: std::path::PathBuf) -> Side {
         Engine::init(&dir).unwrap();
         let engine = Engine::open(&dir, Access::Write).unwrap();
-        let mesh = Mesh::new(&engine);
+        let mesh = Mesh::new(&engine).unwrap();
         Side { dir, engine, mesh }
     }
 
@@ -43,7 +43,7 @@ impl Side {
         let dir = self.dir;
         drop(self.engine);
         let engine = Engine::open(&dir, Access::Write).unwrap();
-        let mesh = Mesh::new(&engine);
+        let mesh = Mesh::new(&engine).unwrap();
         Side { dir, engine, mesh }
     }
 }

@@ -43,6 +43,8 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let net = mesh::bind(key.clone(), &config.net_config()?).await.map_err(anyhow::Error::msg)?;
         let router = iroh::protocol::Router::builder(net.endpoint.clone())
             .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone(), instance: net.instance })
+            // After the current one: a peer offering both gets the first registered.
+            .accept(alknet_actors::proto::sync::OLDER_SYNC_ALPNS[0], mesh::OlderProtocol)
             .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, &content, dir))
             .accept(iroh_gossip::ALPN, mesh::GatedGossip { gossip: net.gossip.clone(), names: ctx.names.clone() })
             .spawn();

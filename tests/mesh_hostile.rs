@@ -1,14 +1,22 @@
 //! A hostile peer, played by this test over a real iroh connection to a real node: a
 //! stranger with a valid address is refused on the sync protocol and on blob requests before
 //! any data moves; a member that sends oversized or garbage frames is dropped, and the node
-//! goes on serving the others; a member serving wrong bytes is never believed.
+//! goes on serving the others; a member serving wrong bytes is never believed; a member
+//! forging entries is refused whole.
 
 mod common;
 
 use std::time::Duration;
 
-use alknet_actors::proto::ids::Uid;
-use alknet_actors::proto::sync::{Frame, SYNC_ALPN};
+use alknet_actors::proto::clock::Stamp;
+use alknet_actors::proto::doc::{PeerState, ReplicaDoc};
+use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
+use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
+use alknet_actors::proto::membership::Role;
+use alknet_actors::proto::path::TreePath;
+use alknet_actors::proto::replica::{self, BranchRecord, Change, MetaEntry, Origin};
+use alknet_actors::proto::signed::EntrySigner;
+use alknet_actors::proto::sync::{Frame, META_DOC, SYNC_ALPN};
 use alknet_actors::proto::ticket::Ticket;
 use common::{await_cond, Node, Store};
 use iroh::endpoint::presets;
@@ -355,4 +363,114 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
     let log = _na.log();
     assert!(log.contains("mismatch"), "the bad bytes were logged: {log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Its first sync message of `doc` that carries changes, as if to a peer that has nothing:
+/// what a hostile member pushes unasked.
+fn unasked_message(doc: &mut ReplicaDoc) -> Vec<u8> {
+    let mut empty = ReplicaDoc::new(b"probe");
+    let (mut ours, mut theirs) = (PeerState::new(), PeerState::new());
+    for _ in 0..4 {
+        let m = doc.generate(&mut ours).unwrap();
+        if !empty.receive(&mut theirs, &m, |_| Ok(())).unwrap().is_empty() {
+            return m;
+        }
+        let reply = empty.generate(&mut theirs).unwrap();
+        doc.receive(&mut ours, &reply, |_| Ok(())).unwrap();
+    }
+    panic!("no message carried the changes");
+}
+
+/// A member forging what others write: a version named for another node, a signature that
+/// does not hold, an admission in an owner's name, an entry with no signature. Each message
+/// is refused whole, the peer dropped and the reason logged; nothing of it shows on the node
+/// (not even the valid entries sent with it); the honest member keeps converging.
+#[test]
+fn a_member_forging_entries_is_refused_whole_and_nothing_of_it_is_applied() {
+    let (s, node, ticket, _) = node_with_a_file();
+    let friend = Store::new();
+    let _friend_node = Node::start(&friend, &[], &[]);
+    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    let stranger_id = NodeId([0x5a; 32]);
+    let reasons = runtime().block_on(async {
+        let ep = stranger().await;
+        let me = NodeId(*ep.id().as_bytes());
+        let signer = EntrySigner::new(&ep.secret_key().to_bytes());
+        assert_eq!(signer.id(), me);
+        let victim = ticket.node;
+        let mut reasons = Vec::new();
+        for attack in 0..4 {
+            let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
+            let root = match read_frame(&mut recv).await {
+                Some(Frame::Joined { root, .. }) => BranchRecord::decode(&root).unwrap(),
+                other => panic!("attack {attack}: join: {other:?}"),
+            };
+            send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
+            assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "attack {attack}: welcome");
+            let version = |node: NodeId, path: &str| Change {
+                branch: root.uid,
+                path: TreePath::parse(path).unwrap(),
+                key: OrderKey::new(Stamp::at(1_900_000_000_000), &VersionId { node, seq: 7 }),
+                pred: None,
+                version: Version { entry: Some(Entry { kind: EntryKind::File, hash: ContentHash::EMPTY, size: 0, mode: 0o644, mtime_ms: 0 }), written: Stamp::at(1_900_000_000_000) },
+                origin: Origin::Write,
+                commit: None,
+            };
+            // A valid entry of the member's own goes with each forged one: it must not be applied either.
+            let honest = version(me, "/honest-part.txt");
+            let (doc, forged): (u16, (String, Vec<u8>)) = match attack {
+                0 => {
+                    let c = version(victim, "/forged.txt");
+                    let key = replica::doc_key(&c.id());
+                    (replica::shard_of(&c.branch, &c.path), (key.clone(), signer.seal(&ticket.bucket, &key, &replica::encode(&c))))
+                }
+                1 => {
+                    let c = version(me, "/tampered.txt");
+                    let key = replica::doc_key(&c.id());
+                    let mut value = signer.seal(&ticket.bucket, &key, &replica::encode(&c));
+                    *value.last_mut().unwrap() ^= 1;
+                    (replica::shard_of(&c.branch, &c.path), (key, value))
+                }
+                2 => {
+                    let e = MetaEntry::Member { node: stranger_id, added_by: victim, at_ms: 1, role: Role::Owner };
+                    (META_DOC, (e.key(), signer.seal(&ticket.bucket, &e.key(), &e.value())))
+                }
+                _ => {
+                    let c = version(me, "/unsigned.txt");
+                    (replica::shard_of(&c.branch, &c.path), (replica::doc_key(&c.id()), replica::encode(&c)))
+                }
+            };
+            let mut d = ReplicaDoc::new(&me.0);
+            d.put(&forged.0, &forged.1).unwrap();
+            if doc != META_DOC && replica::shard_of(&honest.branch, &honest.path) == doc {
+                let key = replica::doc_key(&honest.id());
+                d.put(&key, &signer.seal(&ticket.bucket, &key, &replica::encode(&honest))).unwrap();
+            }
+            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+            // Dropped: the stream ends (whatever summaries were already on their way).
+            let ended = tokio::time::timeout(Duration::from_secs(10), async { while read_frame(&mut recv).await.is_some() {} }).await;
+            assert!(ended.is_ok(), "attack {attack}: the node kept the connection");
+            reasons.push(conn.close_reason().map(|r| format!("{r:?}")).unwrap_or_default());
+            conn.close(0u32.into(), b"done");
+        }
+        ep.close().await;
+        reasons
+    });
+    let log = node.log();
+    assert!(!log.contains("panicked"), "{log}");
+    let refusals = log.matches("refused whole").count();
+    assert_eq!(refusals, 4, "each forged message refused whole and logged once ({reasons:?}): {log}");
+    assert!(log.contains("who does not write it"), "the forged writer named: {log}");
+    assert!(log.contains("a bad signature"), "the bad signature named: {log}");
+    assert!(log.contains("older protocol"), "the unsigned entry named: {log}");
+    // Nothing of any message shows.
+    for path in ["/forged.txt", "/tampered.txt", "/unsigned.txt", "/honest-part.txt"] {
+        assert!(!s.run(&["ls", path]).status.success(), "{path} was applied");
+    }
+    assert!(!s.ok(&["members", "--json"]).contains(&stranger_id.to_hex()), "the forged admission was applied");
+    // The honest member still gets new writes.
+    s.put_bytes("/after.txt", b"still serving");
+    await_cond(Duration::from_secs(30), "the honest member to get a write made after the attacks", || friend.run(&["get", "/after.txt"]).stdout == b"still serving");
 }

@@ -19,14 +19,14 @@ struct Node {
 impl Node {
     fn new() -> Node {
         let (dir, engine) = fresh();
-        let mesh = Mesh::new(&engine);
+        let mesh = Mesh::new(&engine).unwrap();
         Node { dir, engine, mesh }
     }
 
     /// A node whose engine reads the time from a clock the test sets.
     fn with_clock() -> (Node, std::sync::Arc<alknet_actors::proto::clock::ManualClock>) {
         let (dir, engine, clock) = common::fresh_with_clock();
-        let mesh = Mesh::new(&engine);
+        let mesh = Mesh::new(&engine).unwrap();
         (Node { dir, engine, mesh }, clock)
     }
 
@@ -126,7 +126,7 @@ fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     let dir = a.dir;
     drop(a.engine);
     let engine = Engine::open(dir.path(), Access::Write).unwrap();
-    let mut a = Node { mesh: Mesh::new(&engine), engine, dir };
+    let mut a = Node { mesh: Mesh::new(&engine).unwrap(), engine, dir };
     assert_eq!(a.mesh.summary(&a.engine, &uid).unwrap(), b.mesh.summary(&b.engine, &uid).unwrap());
     // A removes C; B learns it by sync and no longer counts C as a member.
     a.mesh.remove_member(&mut a.engine, "default", &c.me()).unwrap();
@@ -198,7 +198,7 @@ fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
     let Node { dir, engine, .. } = b;
     drop(engine);
     let engine = Engine::open(dir.path(), Access::Write).unwrap();
-    let mesh = Mesh::new(&engine);
+    let mesh = Mesh::new(&engine).unwrap();
     let mut b = Node { dir, engine, mesh };
     only(shard(&to), &mut a, &mut b);
     assert_eq!(listed(&b), std::slice::from_ref(&to), "the whole rename, once its second half arrived");
@@ -212,6 +212,8 @@ fn a_removal_takes_back_what_the_removed_member_did_that_its_remover_had_not_see
     let s = main_scope();
     let uid = join(&mut a, &mut b);
     join(&mut a, &mut r);
+    // R is an owner (it admits N below).
+    a.mesh.grant_role(&mut a.engine, "default", &r.me(), alknet_actors::proto::membership::Role::Owner).unwrap();
     put(&mut r.engine, &s, "/r-before.txt", b"seen by A");
     sync(&mut a, &mut r, &uid);
     sync(&mut a, &mut b, &uid);
@@ -241,7 +243,7 @@ fn a_removal_takes_back_what_the_removed_member_did_that_its_remover_had_not_see
     let Node { dir, engine, .. } = b;
     drop(engine);
     let engine = Engine::open(dir.path(), Access::Write).unwrap();
-    let mut b = Node { mesh: Mesh::new(&engine), engine, dir };
+    let mut b = Node { mesh: Mesh::new(&engine).unwrap(), engine, dir };
     sync(&mut a, &mut b, &uid);
     assert_eq!(listed(&b), ["/r-before.txt"]);
     assert_eq!(b.engine.tree().conn().query_row("SELECT count(*) FROM mesh_deferred WHERE bucket_id = ?1", [bucket], |r| r.get::<_, i64>(0)).unwrap(), 2);
@@ -296,16 +298,17 @@ fn a_branch_whose_parent_record_arrives_later_is_applied_when_it_does() {
     // made `q` from it, and reaches B first: its record names a parent B has never heard of.
     let p = a.engine.create_branch(&main_scope(), "p", None).unwrap();
     let p_rec = alknet_actors::store::replica::branch_record(a.engine.tree().conn(), &p).unwrap();
-    let q = MetaEntry::Branch(BranchRecord { uid: Uid([7; 16]), name: "q".into(), parent: Some(p_rec.uid), fork: p_rec.fork, created_ms: p_rec.created_ms });
-    let z = NodeId([0x5a; 32]);
+    let zkey = alknet_actors::proto::signed::EntrySigner::new(&[0x5a; 32]);
+    let z = zkey.id();
+    let q = MetaEntry::Branch(BranchRecord { uid: Uid::mint(&z, [7; 8]), name: "q".into(), parent: Some(p_rec.uid), fork: p_rec.fork, created_ms: p_rec.created_ms });
     let mut zdoc = ReplicaDoc::new(&[0x5a; 20]);
-    zdoc.put(&q.key(), &q.value()).unwrap();
+    zdoc.put(&q.key(), &zkey.seal(&uid, &q.key(), &q.value())).unwrap();
     let mut zstate = Default::default();
     for _ in 0..10 {
         let Some(m) = zdoc.generate(&mut zstate) else { break };
         b.mesh.receive(&mut b.engine, &z, &uid, alknet_actors::proto::sync::META_DOC, &m).unwrap();
         if let Some(back) = b.mesh.generate(&b.engine, &z, &uid, alknet_actors::proto::sync::META_DOC).unwrap() {
-            zdoc.receive(&mut zstate, &back).unwrap();
+            zdoc.receive(&mut zstate, &back, |_| Ok(())).unwrap();
         }
     }
     assert!(b.engine.branch(&Scope::new("default", "q")).is_err(), "q was applied before its parent was known");

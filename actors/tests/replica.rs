@@ -45,7 +45,7 @@ fn mesh(n: usize) -> (Vec<Node>, Uid) {
     let mut nodes: Vec<Node> = (0..n)
         .map(|_| {
             let (dir, engine, clock) = fresh_with_clock();
-            let mesh = Mesh::new(&engine);
+            let mesh = Mesh::new(&engine).unwrap();
             Node { _dir: dir, engine, clock, mesh }
         })
         .collect();

@@ -14,7 +14,7 @@ use alknet_actors::proto::doc::{decode_state, encode_state, PeerState, ReplicaDo
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use alknet_actors::proto::path::TreePath;
-use alknet_actors::proto::membership::{Membership, Seen};
+use alknet_actors::proto::membership::{Membership, Role};
 use alknet_actors::proto::merge::{decide, Decision, Side};
 use alknet_actors::proto::replica::{self, doc_key, mark_commit, shard_of, whole_commits, BranchRecord, Change, MetaEntry, Origin};
 use alknet_actors::proto::sync::{heads_digest, DOCS, META_DOC};
@@ -25,6 +25,23 @@ pub const EPOCH_MS: i64 = 1_800_000_000_000;
 
 /// The bucket's root branch.
 pub const MAIN: Uid = Uid([7; 16]);
+
+/// Node `index`'s identity in the mesh of `seed`.
+pub fn node_id(seed: u64, index: usize) -> NodeId {
+    let mut id = [0u8; 32];
+    id[..8].copy_from_slice(&seed.to_be_bytes());
+    id[8..16].copy_from_slice(&(index as u64).to_be_bytes());
+    NodeId(id)
+}
+
+/// The bucket of the mesh of `seed`: node 0 founds it (its first owner).
+pub fn bucket_of(seed: u64) -> Uid {
+    Uid::mint(&node_id(seed, 0), seed.to_be_bytes())
+}
+
+/// The role every member of a simulated mesh has: any member admits and removes, as the
+/// workloads expect.
+pub const MEMBER_ROLE: Role = Role::Owner;
 
 /// The root branch's record, as the founder writes it.
 pub fn main_record() -> BranchRecord {
@@ -75,6 +92,8 @@ pub struct SimNode {
     pub index: usize,
     /// Its identity.
     pub id: NodeId,
+    /// The bucket's identity (minted by node 0, its first owner).
+    pub bucket: Uid,
     /// Running (false between a crash and its restart).
     pub up: bool,
     /// How far its wall clock is off (ms), and how fast it drifts (ppm).
@@ -106,12 +125,10 @@ pub struct SimNode {
 impl SimNode {
     /// Node `index` of a mesh, its identity derived from `seed`.
     pub fn new(index: usize, seed: u64, skew_ms: i64, drift_ppm: i64, broken: Option<Broken>) -> Self {
-        let mut id = [0u8; 32];
-        id[..8].copy_from_slice(&seed.to_be_bytes());
-        id[8..16].copy_from_slice(&(index as u64).to_be_bytes());
         SimNode {
             index,
-            id: NodeId(id),
+            id: node_id(seed, index),
+            bucket: bucket_of(seed),
             up: true,
             skew_ms,
             drift_ppm,
@@ -123,7 +140,7 @@ impl SimNode {
             peers: BTreeMap::new(),
             outbox: Vec::new(),
             arrived: BTreeMap::new(),
-            members: Membership::new(),
+            members: Membership::new(bucket_of(seed)),
             branches: BTreeMap::new(),
             members_changed: false,
             missing: BTreeSet::new(),
@@ -229,7 +246,7 @@ impl SimNode {
     /// here, whom it had admitted).
     pub fn removal_of(&self, node: NodeId, at_ms: i64) -> MetaEntry {
         let last_seq = self.tree.changes().filter(|c| c.id().node == node).map(|c| c.id().seq).max().unwrap_or(0);
-        MetaEntry::Removed { node, by: self.id, at_ms, seen: Seen::Upto { last_seq, admitted: self.members.admitted_by(&node) } }
+        MetaEntry::Removed { node, by: self.id, at_ms, seen: self.members.seen_of(&node, last_seq) }
     }
 
     /// Membership changed: versions of writers no longer accepted leave the tree (they wait
@@ -456,11 +473,11 @@ impl SimNode {
         let (mut ours, mut theirs) = (PeerState::new(), PeerState::new());
         for _ in 0..4 {
             let msg = self.doc(doc).generate(&mut ours)?;
-            if !empty.receive(&mut theirs, &msg).ok()?.is_empty() {
+            if !empty.receive(&mut theirs, &msg, |_| Ok(())).ok()?.is_empty() {
                 return Some(msg);
             }
             let reply = empty.generate(&mut theirs)?;
-            self.doc(doc).receive(&mut ours, &reply).ok()?;
+            self.doc(doc).receive(&mut ours, &reply, |_| Ok(())).ok()?;
         }
         None
     }
@@ -472,7 +489,7 @@ impl SimNode {
             return Err(format!("document {doc} is not one of a bucket's"));
         }
         let mut state = self.peers.remove(&(peer, doc)).unwrap_or_default();
-        let added = self.doc(doc).receive(&mut state, msg);
+        let added = self.doc(doc).receive(&mut state, msg, |_| Ok(()));
         self.peers.insert((peer, doc), state);
         let added = added.map_err(|e| e.to_string())?;
         if doc == META_DOC {
@@ -555,7 +572,7 @@ impl SimNode {
         self.peers.clear();
         self.outbox.clear();
         self.arrived.clear();
-        self.members = Membership::new();
+        self.members = Membership::new(self.bucket);
         self.branches.clear();
         self.missing.clear();
         self.hlc = Hlc::default();

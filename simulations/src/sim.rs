@@ -188,7 +188,7 @@ impl Sim {
             let i = self.add_node();
             if i == 0 {
                 let id = self.nodes[0].id;
-                self.nodes[0].write_meta(MetaEntry::Member { node: id, added_by: id, at_ms: 0 });
+                self.nodes[0].write_meta(MetaEntry::Member { node: id, added_by: id, at_ms: 0, role: crate::node::MEMBER_ROLE });
                 self.nodes[0].write_meta(MetaEntry::Branch(crate::node::main_record()));
             } else {
                 self.join(i, 0);
@@ -659,7 +659,7 @@ impl Sim {
         self.trace.add(&[5, node as u8, via as u8]);
         let (id, by) = (self.nodes[node].id, self.nodes[via].id);
         let now = self.now as i64;
-        self.nodes[via].write_meta(MetaEntry::Member { node: id, added_by: by, at_ms: now });
+        self.nodes[via].write_meta(MetaEntry::Member { node: id, added_by: by, at_ms: now, role: crate::node::MEMBER_ROLE });
         self.nodes[via].take_members_changed();
         let (lo, hi) = (node.min(via), node.max(via));
         let (left, right) = self.nodes.split_at_mut(hi);

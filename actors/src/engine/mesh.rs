@@ -22,10 +22,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::replica::BucketIdentity;
 use super::{Engine, Result};
-use crate::proto::doc::{decode_state, encode_state, PeerState, ReplicaDoc};
+use crate::proto::doc::{decode_state, encode_state, DocError, PeerState, ReplicaDoc};
 use crate::proto::ids::{NodeId, Uid};
-use crate::proto::membership::{Membership, Seen};
+use crate::proto::membership::{Membership, Role};
 use crate::proto::replica::{self as rules, BranchRecord, Change, MetaEntry};
+use crate::proto::signed::{self, EntrySigner};
 use crate::proto::sync::{DOCS, META_DOC};
 use crate::proto::ticket::{admit, InviteTerms, JoinRefusal, SECRET_BYTES};
 use crate::store::outbox;
@@ -52,8 +53,6 @@ pub struct Published {
 pub struct Received {
     /// Versions applied, blobs now missing, conflicts listed.
     pub applied: Applied,
-    /// Entries refused (malformed, or in the wrong document).
-    pub refused: usize,
     /// Membership changed (the network side re-checks its sessions).
     pub members_changed: bool,
 }
@@ -76,6 +75,8 @@ pub struct Member {
 /// The documents of shared buckets and the sync states of connected peers.
 pub struct Mesh {
     me: NodeId,
+    /// Signs every entry this node writes into a document (its node key).
+    signer: EntrySigner,
     /// The automerge actor of this process: the node id and a random part (see
     /// [`ReplicaDoc::new`]).
     actor: Vec<u8>,
@@ -96,12 +97,27 @@ fn invalid(msg: impl Into<String>) -> StoreError {
 }
 
 impl Mesh {
-    /// The mesh state of the store `engine` opened.
-    pub fn new(engine: &Engine) -> Self {
+    /// The mesh state of the store `engine` opened, signing with the node key in its data dir.
+    pub fn new(engine: &Engine) -> Result<Self> {
         let me = engine.tree().me();
+        let key = crate::identity::load_or_create(engine.dir()).map_err(|e| invalid(e.to_string()))?;
+        let signer = EntrySigner::new(&key.to_bytes());
+        if signer.id() != me {
+            return Err(invalid(format!("the node key in {} is not the key of this store's node {me}: restore the data dir's node.key", engine.dir().display())).into());
+        }
         let mut actor = me.0.to_vec();
         actor.extend_from_slice(&std::collections::hash_map::RandomState::new().build_hasher().finish().to_be_bytes());
-        Mesh { me, actor, docs: HashMap::new(), states: HashMap::new(), members: HashMap::new() }
+        Ok(Mesh { me, signer, actor, docs: HashMap::new(), states: HashMap::new(), members: HashMap::new() })
+    }
+
+    /// Signs `body` as the value of `key` and puts it into document `doc` of bucket
+    /// `bucket_id` (whose identity is `uid`); false if the key was there already.
+    fn put_signed(&mut self, conn: &Connection, (bucket_id, uid): (i64, &Uid), doc: u16, key: &str, body: &[u8]) -> Result<bool, StoreError> {
+        if self.doc(conn, bucket_id, doc)?.contains(key) {
+            return Ok(false);
+        }
+        let value = self.signer.seal(uid, key, body);
+        self.doc(conn, bucket_id, doc)?.put(key, &value).map_err(|e| invalid(e.to_string()))
     }
 
     /// This node.
@@ -169,8 +185,9 @@ impl Mesh {
         if let Some(m) = self.members.get(&bucket_id) {
             return Ok(m.clone());
         }
-        let entries: Vec<MetaEntry> = self.doc(conn, bucket_id, META_DOC)?.entries().into_iter().filter_map(|(k, v)| MetaEntry::decode(&k, &v).ok()).collect();
-        let m = Membership::from_entries(&entries);
+        let uid = bucket_uid(conn, bucket_id)?;
+        let entries = meta_entries(self.doc(conn, bucket_id, META_DOC)?);
+        let m = Membership::from_entries(uid, &entries);
         self.members.insert(bucket_id, m.clone());
         Ok(m)
     }
@@ -222,13 +239,14 @@ impl Mesh {
                 }
             }
         }
+        let uids = bucket_uids(engine.tree().conn())?;
         let mut touched = HashSet::new();
-        for (bucket_id, doc, key, value) in &puts {
-            if self.doc(engine.tree().conn(), *bucket_id, *doc)?.put(key, value).map_err(|e| invalid(e.to_string()))? {
+        for (bucket_id, doc, key, body) in &puts {
+            let Some(uid) = uids.get(bucket_id) else { continue };
+            if self.put_signed(engine.tree().conn(), (*bucket_id, uid), *doc, key, body)? {
                 touched.insert((*bucket_id, *doc));
             }
         }
-        let uids = bucket_uids(engine.tree().conn())?;
         let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
             for (bucket_id, doc) in &touched {
                 self.persist(tx, *bucket_id, *doc)?;
@@ -256,28 +274,37 @@ impl Mesh {
         let now = engine.now_ms();
         let mut puts: Vec<(u16, String, Vec<u8>)> = Vec::new();
         if !already && with_history {
-            for rec in engine.branch_records(&bucket.name)? {
+            // Only what this node wrote: it signs for nothing else (a bucket shared afresh
+            // holds only its own versions and branches).
+            for rec in engine.branch_records(&bucket.name)?.into_iter().filter(|r| r.uid.is_minted_by(&self.me)) {
                 let e = MetaEntry::Branch(rec);
                 puts.push((META_DOC, e.key(), e.value()));
             }
-            for change in crate::store::replica::bucket_changes(engine.tree().conn(), bucket.id)? {
+            for change in crate::store::replica::bucket_changes(engine.tree().conn(), bucket.id)?.into_iter().filter(|c| c.id().node == self.me) {
                 puts.push((rules::shard_of(&change.branch, &change.path), rules::doc_key(&change.id()), rules::encode(&change)));
             }
         }
         if !already {
-            let me = MetaEntry::Member { node: self.me, added_by: self.me, at_ms: now };
+            if !bucket.uid.is_minted_by(&self.me) {
+                return Err(invalid(format!("bucket {} was made on another node: join it with a ticket from one of its members", bucket.name)).into());
+            }
+            let me = MetaEntry::Member { node: self.me, added_by: self.me, at_ms: now, role: Role::Owner };
             puts.push((META_DOC, me.key(), me.value()));
         }
-        let addr = MetaEntry::Addrs { node: self.me, addrs: addrs.to_vec() };
+        // Where this node listens, when that changed (entries are written once: a new one
+        // each time; the latest counts).
+        let me = self.me;
+        let latest = latest_addrs(self.doc(engine.tree().conn(), bucket.id, META_DOC)?, &me);
+        if !addrs.is_empty() && latest.as_deref() != Some(addrs) {
+            let e = MetaEntry::Addrs { node: self.me, at_ms: now, addrs: addrs.to_vec() };
+            puts.push((META_DOC, e.key(), e.value()));
+        }
         self.members.remove(&bucket.id);
         let mut touched = HashSet::new();
-        for (doc, key, value) in &puts {
-            if self.doc(engine.tree().conn(), bucket.id, *doc)?.put(key, value).map_err(|e| invalid(e.to_string()))? {
+        for (doc, key, body) in &puts {
+            if self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), *doc, key, body)? {
                 touched.insert((bucket.id, *doc));
             }
-        }
-        if !addrs.is_empty() && self.doc(engine.tree().conn(), bucket.id, META_DOC)?.set(&addr.key(), &addr.value()).map_err(|e| invalid(e.to_string()))? {
-            touched.insert((bucket.id, META_DOC));
         }
         let me = self.me;
         let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
@@ -323,6 +350,9 @@ impl Mesh {
     pub fn invite(&mut self, engine: &mut Engine, name: &str, expires_ms: i64, uses: u32, addrs: &[SocketAddr]) -> Result<(Uid, [u8; SECRET_BYTES])> {
         let bucket = engine.bucket_identity(name)?;
         self.share(engine, &bucket, addrs, true)?;
+        if self.membership(engine.tree().conn(), bucket.id)?.role(&self.me) != Some(Role::Owner) {
+            return Err(invalid(format!("only an owner of bucket {name} can invite (see `alkfs members`); ask one for a ticket")).into());
+        }
         let key = iroh::SecretKey::generate();
         let mut secret = [0u8; SECRET_BYTES];
         secret.copy_from_slice(&key.to_bytes()[..SECRET_BYTES]);
@@ -363,11 +393,11 @@ impl Mesh {
         if removed {
             return Ok(Err(JoinRefusal::Removed));
         }
-        let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now };
-        let addr = MetaEntry::Addrs { node: *joiner, addrs: addrs.to_vec() };
-        let doc = self.doc(engine.tree().conn(), bucket.id, META_DOC)?;
-        doc.put(&member.key(), &member.value()).map_err(|e| invalid(e.to_string()))?;
-        doc.set(&addr.key(), &addr.value()).map_err(|e| invalid(e.to_string()))?;
+        if self.membership(conn, bucket.id)?.role(&self.me) != Some(Role::Owner) {
+            return Ok(Err(JoinRefusal::NotAnOwner));
+        }
+        let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now, role: Role::Writer };
+        self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &member.key(), &member.value())?;
         self.members.remove(&bucket.id);
         let touched = HashSet::from([(bucket.id, META_DOC)]);
         let me = self.me;
@@ -422,20 +452,17 @@ impl Mesh {
         if *node == self.me {
             return Err(invalid("a node cannot remove itself; remove it from another member").into());
         }
+        if self.membership(engine.tree().conn(), bucket.id)?.role(&self.me) != Some(Role::Owner) {
+            return Err(invalid(format!("only an owner of bucket {name} can remove members (see `alkfs members`)")).into());
+        }
         let now = engine.now_ms();
         // What this node had seen of it: its versions here, whom it had admitted. Whatever it
         // does after that (unaware of its removal) falls on every node (proto::membership).
         let conn = engine.tree().conn();
-        let last_seq: i64 = conn
-            .query_row(
-                "SELECT coalesce(max(vseq), 0) FROM version WHERE substr(vkey, 13, 32) = ?1 AND branch_id IN (SELECT id FROM branch WHERE bucket_id = ?2)",
-                params![node.0.to_vec(), bucket.id],
-                |r| r.get(0),
-            )
-            .map_err(StoreError::from)?;
-        let admitted = self.membership(conn, bucket.id)?.admitted_by(node);
-        let entry = MetaEntry::Removed { node: *node, by: self.me, at_ms: now, seen: Seen::Upto { last_seq, admitted } };
-        self.doc(engine.tree().conn(), bucket.id, META_DOC)?.put(&entry.key(), &entry.value()).map_err(|e| invalid(e.to_string()))?;
+        let last_seq = last_seq_of(conn, bucket.id, node)?;
+        let seen = self.membership(conn, bucket.id)?.seen_of(node, last_seq);
+        let entry = MetaEntry::Removed { node: *node, by: self.me, at_ms: now, seen };
+        self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &entry.key(), &entry.value())?;
         self.members.remove(&bucket.id);
         let members = self.membership(engine.tree().conn(), bucket.id)?;
         let touched = HashSet::from([(bucket.id, META_DOC)]);
@@ -444,6 +471,40 @@ impl Mesh {
             self.persist(tx, bucket.id, META_DOC)?;
             reconcile_members(tx, bucket.id, &members, &me, now)?;
             Ok(())
+        });
+        if let Err(e) = result {
+            self.forget(&touched);
+            return Err(e.into());
+        }
+        Ok(bucket.uid)
+    }
+
+    /// Gives member `node` of bucket `name` role `role` (an owner's act; an owner stays one).
+    /// A member made read-only keeps the versions this node had of it.
+    pub fn grant_role(&mut self, engine: &mut Engine, name: &str, node: &NodeId, role: Role) -> Result<Uid> {
+        let bucket = engine.bucket_identity(name)?;
+        let members = self.membership(engine.tree().conn(), bucket.id)?;
+        if members.role(&self.me) != Some(Role::Owner) {
+            return Err(invalid(format!("only an owner of bucket {name} can grant roles (see `alkfs members`)")).into());
+        }
+        match members.role(node) {
+            None => return Err(invalid(format!("{node} is not a member of bucket {name} (see `alkfs members`)")).into()),
+            Some(Role::Owner) => return Err(invalid(format!("{node} is an owner of bucket {name}: an owner is removed, not demoted")).into()),
+            Some(_) => {}
+        }
+        let now = engine.now_ms();
+        let last_seq = last_seq_of(engine.tree().conn(), bucket.id, node)?;
+        let entry = MetaEntry::Grant { node: *node, by: self.me, at_ms: now, role, last_seq };
+        if !self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &entry.key(), &entry.value())? {
+            return Err(invalid("a role was granted to that member this very millisecond; try again").into());
+        }
+        self.members.remove(&bucket.id);
+        let members = self.membership(engine.tree().conn(), bucket.id)?;
+        let touched = HashSet::from([(bucket.id, META_DOC)]);
+        let me = self.me;
+        let result = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<(), StoreError> {
+            self.persist(tx, bucket.id, META_DOC)?;
+            reconcile_members(tx, bucket.id, &members, &me, now)
         });
         if let Err(e) = result {
             self.forget(&touched);
@@ -509,8 +570,12 @@ impl Mesh {
         }
         let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
         let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
-        let added = match d.receive(state, msg) {
+        let added = match d.receive(state, msg, |fresh| check_entries(&bucket.uid, doc, fresh)) {
             Ok(a) => a,
+            Err(DocError::Refused(why)) => {
+                // Nothing of it reached the document.
+                return Err(invalid(format!("a sync message from {} was refused whole: {why}", peer.short())).into());
+            }
             Err(e) => {
                 // Whatever automerge kept of a bad message is not in the database: start over
                 // from what is.
@@ -518,30 +583,17 @@ impl Mesh {
                 return Err(invalid(format!("a sync message from {} was refused: {e}", peer.short())).into());
             }
         };
+        // Every entry was checked as it arrived (`check_entries`; automerge may apply a change
+        // later, once what it depends on is here): read them.
         let mut received = Received::default();
         let mut changes: Vec<Change> = Vec::new();
         let mut meta: Vec<MetaEntry> = Vec::new();
         for (key, value) in &added {
+            let Ok(sealed) = signed::open(value) else { continue };
             if doc == META_DOC {
-                match MetaEntry::decode(key, value) {
-                    Ok(e) => meta.push(e),
-                    Err(e) => {
-                        tracing::warn!(peer = %peer.short(), error = %e, "refused an entry of a bucket document");
-                        received.refused += 1;
-                    }
-                }
+                meta.extend(MetaEntry::decode(key, sealed.body).ok());
             } else {
-                match rules::decode(value) {
-                    Ok(c) if rules::doc_key(&c.id()) == *key && rules::shard_of(&c.branch, &c.path) == doc => changes.push(c),
-                    Ok(_) => {
-                        tracing::warn!(peer = %peer.short(), key, "refused a change filed under the wrong key or shard");
-                        received.refused += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(peer = %peer.short(), key, error = %e, "refused a change");
-                        received.refused += 1;
-                    }
-                }
+                changes.extend(rules::decode(sealed.body).ok());
             }
         }
         received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Removed { .. }));
@@ -568,12 +620,10 @@ impl Mesh {
             // document not yet in the tree is tried again (parents first: `apply_meta`).
             let known: HashSet<Uid> = meta.iter().filter_map(|e| if let MetaEntry::Branch(b) = e { Some(b.uid) } else { None }).collect();
             let conn = engine.tree().conn();
-            let earlier: Vec<MetaEntry> = self
-                .doc(conn, bucket.id, META_DOC)?
-                .entries()
+            let earlier: Vec<MetaEntry> = meta_entries(self.doc(conn, bucket.id, META_DOC)?)
                 .into_iter()
-                .filter_map(|(k, v)| match MetaEntry::decode(&k, &v) {
-                    Ok(MetaEntry::Branch(b)) if !known.contains(&b.uid) => Some(b),
+                .filter_map(|e| match e {
+                    MetaEntry::Branch(b) if !known.contains(&b.uid) => Some(b),
                     _ => None,
                 })
                 .filter(|b| matches!(crate::store::replica::branch_by_uid(conn, bucket.id, &b.uid), Ok(None)))
@@ -592,7 +642,7 @@ impl Mesh {
         let touched = HashSet::from([(bucket.id, doc)]);
         let result = engine.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
             self.persist(tx, bucket.id, doc)?;
-            apply_meta(tx, bucket.id, &meta, now)?;
+            apply_meta(tx, bucket.id, &meta, &members)?;
             let changes = tx.whole_commits(bucket.id, changes)?;
             // Versions of writers the bucket's document does not accept (yet: an admission
             // may still be on its way) wait with those of unknown branches.
@@ -656,6 +706,48 @@ impl Mesh {
     }
 }
 
+/// The check every entry of a peer's sync message passes before anything of the message is
+/// applied: a signed value (`proto::signed`) whose body decodes within bounds, filed under the
+/// key its fields make (and a version in its shard), signed by the node that writes that key
+/// (a version's own writer; the adder, granter, remover, deleter; a node for its addresses; a
+/// branch's creator), with a signature that holds. One entry that fails refuses the message.
+fn check_entries(bucket: &Uid, doc: u16, fresh: &[(String, Vec<u8>)]) -> std::result::Result<(), String> {
+    let mut sealed = Vec::with_capacity(fresh.len());
+    for (key, value) in fresh {
+        let s = signed::open(value).map_err(|e| format!("entry {key}: {e} (the peer may run an older protocol)"))?;
+        let writer_ok = if doc == META_DOC {
+            let e = MetaEntry::decode(key, s.body).map_err(|e| e.to_string())?;
+            e.written_by(&s.signer)
+        } else {
+            let c = rules::decode(s.body).map_err(|e| format!("entry {key}: {e}"))?;
+            if rules::doc_key(&c.id()) != *key || rules::shard_of(&c.branch, &c.path) != doc {
+                return Err(format!("a version filed under the wrong key or shard: {key}"));
+            }
+            c.id().node == s.signer
+        };
+        if !writer_ok {
+            return Err(format!("entry {key} signed by {}, who does not write it", s.signer.short()));
+        }
+        sealed.push((key.as_str(), s));
+    }
+    signed::verify(bucket, &sealed).map_err(|i| format!("entry {}: {}", sealed[i].0, signed::SignedError::Signature(sealed[i].1.signer.short())))
+}
+
+/// The entries of a bucket's document (all checked when they arrived, or written here).
+fn meta_entries(doc: &ReplicaDoc) -> Vec<MetaEntry> {
+    doc.entries().into_iter().filter_map(|(k, v)| MetaEntry::decode(&k, signed::open(&v).ok()?.body).ok()).collect()
+}
+
+/// The addresses `node` last put in a bucket's document.
+fn latest_addrs(doc: &ReplicaDoc, node: &NodeId) -> Option<Vec<SocketAddr>> {
+    let prefix = format!("addr/{}/", node.to_hex());
+    let (key, value) = doc.entries().into_iter().filter(|(k, _)| k.starts_with(&prefix)).max_by(|a, b| a.0.cmp(&b.0))?;
+    match MetaEntry::decode(&key, signed::open(&value).ok()?.body).ok()? {
+        MetaEntry::Addrs { addrs, .. } => Some(addrs),
+        _ => None,
+    }
+}
+
 /// Splits changes from peers into those whose writer the bucket's membership accepts and
 /// those that wait. This node's own versions (coming back after a power loss) are always
 /// taken: it keeps what it wrote whatever it hears.
@@ -685,6 +777,10 @@ fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: 
             .query_row(params![bucket_id, node.0], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let member = members.is_member(&node);
+        if !member && row.is_none() {
+            // Named by an entry without effect (an admission nobody could make): not listed.
+            continue;
+        }
         let removed_ms = match row {
             _ if member => None,
             Some((Some(at), _)) => Some(at),
@@ -709,7 +805,7 @@ fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: 
     Ok(())
 }
 
-fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], now: i64) -> Result<(), StoreError> {
+fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], members: &Membership) -> Result<(), StoreError> {
     // Parents before children, whatever order the records came in; those whose parent is
     // still unknown wait in the document (they are applied when it arrives: every receive
     // re-reads the branch records below).
@@ -733,7 +829,8 @@ fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], now: i64) 
     for e in entries {
         let conn = tx.conn();
         match e {
-            MetaEntry::Member { node, added_by, at_ms } => {
+            // An admission by a node that may not admit has no effect, and no row.
+            MetaEntry::Member { node, added_by, at_ms, .. } if members.is_member(node) => {
                 conn.execute(
                     "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?4)",
                     params![bucket_id, node.0, at_ms, added_by.0],
@@ -746,7 +843,18 @@ fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], now: i64) 
                     params![bucket_id, node.0, at_ms],
                 )?;
             }
-            MetaEntry::Addrs { node, addrs } => record_addrs(conn, node, addrs, now)?,
+            MetaEntry::Addrs { node, at_ms, addrs } => {
+                // The latest a node said (a joiner reads all of them at once, in any order);
+                // what a session's handshake said since is newer.
+                let newer: bool = conn
+                    .query_row("SELECT updated_ms < ?2 FROM mesh_addr WHERE node = ?1", params![node.0, at_ms], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(true);
+                if newer {
+                    record_addrs(conn, node, addrs, *at_ms)?;
+                }
+            }
+            MetaEntry::Member { .. } | MetaEntry::Grant { .. } => {}
             MetaEntry::BranchDeleted { uid, .. } => {
                 if let Some(b) = crate::store::replica::branch_by_uid(tx.conn(), bucket_id, uid)? {
                     if b.parent_id.is_some() {
@@ -784,6 +892,20 @@ fn bucket_uids(conn: &Connection) -> Result<HashMap<i64, Uid>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// The largest seq of `node`'s versions this store holds in bucket `bucket_id` (0: none).
+fn last_seq_of(conn: &Connection, bucket_id: i64, node: &NodeId) -> Result<i64, StoreError> {
+    Ok(conn.query_row(
+        "SELECT coalesce(max(vseq), 0) FROM version WHERE substr(vkey, 13, 32) = ?1 AND branch_id IN (SELECT id FROM branch WHERE bucket_id = ?2)",
+        params![node.0.to_vec(), bucket_id],
+        |r| r.get(0),
+    )?)
+}
+
+fn bucket_uid(conn: &Connection, id: i64) -> Result<Uid, StoreError> {
+    let bytes: Vec<u8> = conn.query_row("SELECT uid FROM bucket WHERE id = ?1", [id], |r| r.get(0))?;
+    Uid::from_bytes(&bytes).ok_or_else(|| invalid(format!("bucket {id} has a damaged identity")))
 }
 
 fn bucket_name(conn: &Connection, id: i64) -> Result<String, StoreError> {

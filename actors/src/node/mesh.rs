@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iroh::address_lookup::MemoryLookup;
-use iroh::endpoint::{presets, Connection, NetReportConfig, PortmapperConfig, RecvStream, SendStream, VarInt};
+use iroh::endpoint::{presets, ConnectOptions, Connection, NetReportConfig, PortmapperConfig, RecvStream, SendStream, VarInt};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh::{Endpoint, EndpointAddr, RelayMode};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -45,7 +45,7 @@ use crate::engine::mesh::{Adoption, MeshOp, MeshReply, Received};
 use crate::proto::entry::ContentHash;
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::replica::BranchRecord;
-use crate::proto::sync::{differing, redial_after_ms, Frame, SyncError, SYNC_ALPN};
+use crate::proto::sync::{differing, redial_after_ms, Frame, SyncError, OLDER_PROTOCOL, OLDER_SYNC_ALPNS, SYNC_ALPN};
 use crate::proto::ticket::Ticket;
 
 /// How often a session sends its summaries again, covering lost announcements.
@@ -182,10 +182,35 @@ async fn refuse(conn: &Connection, send: &mut SendStream, reason: &str) {
     conn.close(VarInt::from_u32(403), b"refused");
 }
 
+/// Dials `id` on the sync protocol, offering the older versions too so that a peer that
+/// speaks only one of them is named as such instead of failing as unreachable.
+async fn connect_sync(endpoint: &Endpoint, id: iroh::EndpointId) -> Result<Connection, String> {
+    let older = ConnectOptions::new().with_additional_alpns(OLDER_SYNC_ALPNS.iter().map(|a| a.to_vec()).collect());
+    let connecting = endpoint.connect_with_opts(id, SYNC_ALPN, older).await.map_err(|e| e.to_string())?;
+    let conn = connecting.await.map_err(|e| e.to_string())?;
+    if conn.alpn() != SYNC_ALPN {
+        conn.close(VarInt::from_u32(426), OLDER_PROTOCOL.as_bytes());
+        return Err(OLDER_PROTOCOL.to_string());
+    }
+    Ok(conn)
+}
+
+/// The handler of the older sync protocols: tells the peer to upgrade and closes.
+#[derive(Debug, Clone)]
+pub struct OlderProtocol;
+
+impl ProtocolHandler for OlderProtocol {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        tracing::warn!(peer = %node_of(conn.remote_id()).short(), alpn = %String::from_utf8_lossy(conn.alpn()), "{OLDER_PROTOCOL}; refused");
+        conn.close(VarInt::from_u32(426), OLDER_PROTOCOL.as_bytes());
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Incoming connections on the sync ALPN.
 
-/// The handler of `/alknet-fs/sync/1`: checks who connects before anything else.
+/// The handler of the sync protocol ([`SYNC_ALPN`]): checks who connects before anything else.
 #[derive(Debug, Clone)]
 pub struct SyncHandler {
     /// The node's actor names (the mesh actor is looked up per connection).
@@ -992,7 +1017,7 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
     if asked.is_empty() {
         return Err("no bucket shared with this peer any more".into());
     }
-    let conn = match tokio::time::timeout(NET_TIMEOUT, net.endpoint.connect(id, SYNC_ALPN)).await {
+    let conn = match tokio::time::timeout(NET_TIMEOUT, connect_sync(&net.endpoint, id)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(format!("cannot reach {}: {e}", peer.short())),
         Err(_) => return Err(format!("cannot reach {}: no answer within {NET_TIMEOUT:?}", peer.short())),
@@ -1036,7 +1061,7 @@ async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: O
     // The handshake's Joined frame carries the bucket's name and root: read it here, then
     // adopt before the session starts applying what the inviter sends.
     let id = endpoint_id(&ticket.node).ok_or("the ticket names an invalid node id")?;
-    let conn = match tokio::time::timeout(NET_TIMEOUT, net.endpoint.connect(id, SYNC_ALPN)).await {
+    let conn = match tokio::time::timeout(NET_TIMEOUT, connect_sync(&net.endpoint, id)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(format!("cannot reach the inviter at {:?}: {e}", ticket.addrs)),
         Err(_) => return Err(format!("cannot reach the inviter at {:?}: no answer within {NET_TIMEOUT:?}", ticket.addrs)),

@@ -357,7 +357,13 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
         tracing::warn!(error = %e, "could not move the WAL's checkpoint size; commits checkpoint at SQLite's default");
     }
     // The mesh's documents live with the one writer of the database they are saved in.
-    let mut mesh = crate::engine::mesh::Mesh::new(&engine);
+    let mut mesh = match crate::engine::mesh::Mesh::new(&engine) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "the store cannot open the mesh's state");
+            return;
+        }
+    };
     let alive = || ctx.alive.load(std::sync::atomic::Ordering::SeqCst);
     let committed = || {
         ctx.last_commit.store(now_ms(), std::sync::atomic::Ordering::Relaxed);

@@ -16,6 +16,10 @@ pub enum DocError {
     /// refuses (bad dependencies, a duplicate sequence number).
     #[error("automerge refused the data: {0}")]
     Automerge(String),
+    /// A message that breaks a rule of write-once entries, or that the caller's check
+    /// refused: nothing of it was applied.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A document of write-once entries.
@@ -77,16 +81,6 @@ impl ReplicaDoc {
             },
             _ => None,
         }
-    }
-
-    /// Sets `key` to `value`, replacing what it held: for entries one node owns and updates
-    /// (its addresses), so no two nodes ever write the key concurrently.
-    pub fn set(&mut self, key: &str, value: &[u8]) -> Result<bool, DocError> {
-        if self.get(key).as_deref() == Some(value) {
-            return Ok(false);
-        }
-        self.doc.put(ROOT, key, ScalarValue::Bytes(value.to_vec())).map_err(am)?;
-        Ok(true)
     }
 
     /// Every (key, value) pair, in key order.
@@ -173,15 +167,38 @@ impl ReplicaDoc {
     }
 
     /// Applies a sync message from the peer whose state is `state`; returns the entries it
-    /// added (key, value), in no particular order. Garbage is refused, not panicked on: a
-    /// message is checked for the Bloom filter parameters automerge itself sends (others
-    /// would make the next `generate` divide by zero or loop), and automerge runs under
-    /// `catch_unwind` all the same.
-    pub fn receive(&mut self, state: &mut PeerState, msg: &[u8]) -> Result<Vec<(String, Vec<u8>)>, DocError> {
+    /// added (key, value), in no particular order. Before anything of it reaches the
+    /// document, its changes are read apart ([`incoming_entries`]): every operation must set
+    /// a new key of the root map to bytes (no overwrite, no delete, no nested object), a key
+    /// already here only to the value it holds, and `check` must accept the new entries — or
+    /// the whole message is refused and nothing of it kept. Garbage is refused, not panicked
+    /// on: a message is checked for the Bloom filter parameters automerge itself sends
+    /// (others would make the next `generate` divide by zero or loop), and automerge runs
+    /// under `catch_unwind` all the same.
+    pub fn receive(
+        &mut self,
+        state: &mut PeerState,
+        msg: &[u8],
+        check: impl FnOnce(&[(String, Vec<u8>)]) -> Result<(), String>,
+    ) -> Result<Vec<(String, Vec<u8>)>, DocError> {
         let msg = sync::Message::decode(msg).map_err(|e| DocError::Automerge(e.to_string()))?;
         if !msg.have.iter().all(|h| sane_bloom(&h.bloom.to_bytes())) {
             return Err(DocError::Automerge("a sync message with a Bloom filter automerge would not send".into()));
         }
+        let mut fresh = Vec::new();
+        let mut seen: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
+        for (key, value) in incoming_entries(&msg)? {
+            match self.get(&key).or_else(|| seen.get(&key).cloned()) {
+                Some(held) if held == value => {}
+                Some(_) => return Err(DocError::Refused(format!("an entry overwrites key {key}, written once"))),
+                None if self.contains(&key) => return Err(DocError::Refused(format!("an entry overwrites key {key}, written once"))),
+                None => {
+                    seen.insert(key.clone(), value.clone());
+                    fresh.push((key, value));
+                }
+            }
+        }
+        check(&fresh).map_err(DocError::Refused)?;
         let mut log = PatchLog::active();
         let doc = &mut self.doc;
         let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -208,6 +225,94 @@ impl ReplicaDoc {
         }
         Ok(added)
     }
+}
+
+/// Every (key, value) the changes of a sync message set, read from the message alone (the
+/// document is not touched): each operation must put bytes under a key of the root map
+/// without replacing anything (an operation that names a predecessor overwrites), or the
+/// message is refused. Change chunks are decoded one by one; a whole document (what a peer
+/// that has nothing is sent) is loaded apart and its changes read the same way.
+pub fn incoming_entries(msg: &sync::Message) -> Result<Vec<(String, Vec<u8>)>, DocError> {
+    let refused = |what: &str| DocError::Refused(what.to_string());
+    let mut out = Vec::new();
+    let mut ops = 0usize;
+    let mut read_change = |change: &automerge::Change, out: &mut Vec<(String, Vec<u8>)>| -> Result<(), DocError> {
+        let expanded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode())).map_err(|_| refused("a change automerge cannot expand"))?;
+        for op in expanded.operations {
+            ops += 1;
+            if ops > MESSAGE_ENTRIES_MAX {
+                return Err(refused("a sync message setting more entries than a node sends at once"));
+            }
+            let (automerge::legacy::ObjectId::Root, automerge::legacy::Key::Map(key), automerge::legacy::OpType::Put(ScalarValue::Bytes(value))) = (&op.obj, &op.key, &op.action) else {
+                return Err(refused("an operation other than setting an entry of the root map"));
+            };
+            if op.insert || !op.pred.is_empty() {
+                return Err(refused("an operation that replaces an entry written once"));
+            }
+            out.push((key.to_string(), value.clone()));
+        }
+        Ok(())
+    };
+    for element in msg.changes.iter() {
+        for (kind, chunk) in split_chunks(element).ok_or_else(|| refused("changes that are not automerge chunks"))? {
+            match kind {
+                CHUNK_DOCUMENT => {
+                    let doc = automerge::Automerge::load(chunk).map_err(am)?;
+                    for change in doc.get_changes(&[]) {
+                        read_change(&change, &mut out)?;
+                    }
+                }
+                CHUNK_CHANGE | CHUNK_COMPRESSED => {
+                    let change = automerge::Change::try_from(chunk).map_err(|e| DocError::Automerge(e.to_string()))?;
+                    read_change(&change, &mut out)?;
+                }
+                _ => return Err(refused("a kind of chunk a sync message does not carry")),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The most entries one sync message may set: more than the changes of one document a node
+/// sends at once in practice (a whole shard of a large bucket goes as a document to a peer
+/// that has none), far less than a peer could make a receiver hold.
+pub const MESSAGE_ENTRIES_MAX: usize = 1 << 20;
+
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED: u8 = 2;
+
+/// Splits bytes into automerge storage chunks (magic, checksum, type, LEB128 length, data):
+/// (type, whole chunk). `None` if they are not a sequence of chunks.
+fn split_chunks(mut bytes: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+            return None;
+        }
+        let kind = bytes[8];
+        let (mut len, mut shift, mut at) = (0u64, 0u32, 9usize);
+        loop {
+            let b = *bytes.get(at)?;
+            at += 1;
+            len |= u64::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return None;
+            }
+        }
+        let end = at.checked_add(usize::try_from(len).ok()?)?;
+        if end > bytes.len() {
+            return None;
+        }
+        out.push((kind, &bytes[..end]));
+        bytes = &bytes[end..];
+    }
+    Some(out)
 }
 
 /// Whether encoded Bloom filter bytes are empty or carry automerge's own parameters: a LEB128
@@ -248,11 +353,11 @@ mod tests {
         loop {
             let mut quiet = true;
             if let Some(m) = a.generate(&mut sa) {
-                got_b.extend(b.receive(&mut sb, &m).unwrap());
+                got_b.extend(b.receive(&mut sb, &m, |_| Ok(())).unwrap());
                 quiet = false;
             }
             if let Some(m) = b.generate(&mut sb) {
-                got_a.extend(a.receive(&mut sa, &m).unwrap());
+                got_a.extend(a.receive(&mut sa, &m, |_| Ok(())).unwrap());
                 quiet = false;
             }
             rounds += 1;
@@ -290,7 +395,7 @@ mod tests {
             if let Some(m) = docs[i].generate(&mut states[i][j]) {
                 sent += 1;
                 if !(x >> 16).is_multiple_of(10) {
-                    docs[j].receive(&mut states[j][i], &m).unwrap();
+                    docs[j].receive(&mut states[j][i], &m, |_| Ok(())).unwrap();
                 }
             }
         }
@@ -310,12 +415,12 @@ mod tests {
                 let mut quiet = true;
                 if let Some(m) = a.generate(&mut sa) {
                     bytes += m.len();
-                    got += b.receive(&mut sb, &m).unwrap().len();
+                    got += b.receive(&mut sb, &m, |_| Ok(())).unwrap().len();
                     quiet = false;
                 }
                 if let Some(m) = b.generate(&mut sb) {
                     bytes += m.len();
-                    a.receive(&mut sa, &m).unwrap();
+                    a.receive(&mut sa, &m, |_| Ok(())).unwrap();
                     quiet = false;
                 }
                 if quiet {
@@ -373,12 +478,74 @@ mod tests {
         assert!(ReplicaDoc::load(b"not a document", &[], b"x").is_err());
     }
 
+    /// A message that replaces or deletes an entry, or that the caller's check refuses, is
+    /// refused whole: nothing of it reaches the document.
+    #[test]
+    fn a_message_breaking_write_once_is_refused_whole() {
+        let (mut a, mut b) = (ReplicaDoc::new(b"node-a"), ReplicaDoc::new(b"node-b"));
+        a.put("k", b"v1").unwrap();
+        sync_pair(&mut a, &mut b);
+        assert_eq!(b.get("k").unwrap(), b"v1");
+        let attempts: [(&str, fn(&mut AutoCommit)); 3] = [
+            ("overwrite", |d| d.put(ROOT, "k", ScalarValue::Bytes(b"v2".to_vec())).unwrap()),
+            ("delete", |d| d.delete(ROOT, "k").unwrap()),
+            ("nested object", |d| {
+                d.put_object(ROOT, "obj", automerge::ObjType::Map).unwrap();
+            }),
+        ];
+        for (what, attack) in attempts {
+            let mut evil = ReplicaDoc::load(&a.save(), &[], b"evil").unwrap();
+            evil.put("new", b"also sent").unwrap();
+            attack(&mut evil.doc);
+            let (mut se, mut sb) = (PeerState::new(), PeerState::new());
+            let mut refused = false;
+            for _ in 0..6 {
+                let Some(m) = evil.generate(&mut se) else { break };
+                match b.receive(&mut sb, &m, |_| Ok(())) {
+                    Err(DocError::Refused(_)) => {
+                        refused = true;
+                        break;
+                    }
+                    Err(e) => panic!("{what}: {e}"),
+                    Ok(_) => {}
+                }
+                if let Some(reply) = b.generate(&mut sb) {
+                    evil.receive(&mut se, &reply, |_| Ok(())).unwrap();
+                }
+            }
+            assert!(refused, "{what}: refused");
+            assert_eq!(b.get("k").unwrap(), b"v1", "{what}: the entry is as written");
+            assert!(!b.contains("new") && !b.contains("obj"), "{what}: nothing else of the message was applied");
+        }
+        // The caller's check refuses: nothing applied; it accepts: applied.
+        a.put("k2", b"v").unwrap();
+        let (mut sa, mut sb) = (PeerState::new(), PeerState::new());
+        let mut seen_by_check = Vec::new();
+        for _ in 0..6 {
+            let Some(m) = a.generate(&mut sa) else { break };
+            let r = b.receive(&mut sb, &m, |fresh| {
+                seen_by_check.extend(fresh.iter().map(|(k, _)| k.clone()));
+                if fresh.is_empty() { Ok(()) } else { Err("not today".into()) }
+            });
+            if r.is_err() {
+                break;
+            }
+            if let Some(reply) = b.generate(&mut sb) {
+                a.receive(&mut sa, &reply, |_| Ok(())).unwrap();
+            }
+        }
+        assert_eq!(seen_by_check, ["k2"], "the check saw only what is new");
+        assert!(!b.contains("k2"));
+        let (_, got_b, _) = sync_pair(&mut a, &mut b);
+        assert_eq!(got_b, [("k2".to_string(), b"v".to_vec())]);
+    }
+
     #[test]
     fn garbage_messages_are_refused() {
         let mut a = ReplicaDoc::new(b"node-a");
         let mut s = PeerState::new();
         for bytes in [&b""[..], b"\x42garbage", &[0u8; 64]] {
-            assert!(a.receive(&mut s, bytes).is_err());
+            assert!(a.receive(&mut s, bytes, |_| Ok(())).is_err());
         }
         assert!(a.is_empty());
         assert_eq!(decode_state(b"damaged").shared_heads, PeerState::new().shared_heads);

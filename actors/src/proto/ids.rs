@@ -207,6 +207,31 @@ impl Uid {
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         Some(Uid(b.try_into().ok()?))
     }
+
+    /// A new identity made by node `creator`: 8 random bytes, then 8 bytes of a hash of the
+    /// creator and those. The identity names its creator for good, so a record of a bucket or
+    /// branch can be checked against the key that signed it: nobody else can write a record
+    /// under an identity another node made (finding a key whose hash matches is 2^64 work),
+    /// and a bucket's first owner is the node that minted its identity.
+    pub fn mint(creator: &NodeId, random: [u8; 8]) -> Uid {
+        let mut uid = [0u8; 16];
+        uid[..8].copy_from_slice(&random);
+        uid[8..].copy_from_slice(&Self::binding(creator, &random));
+        Uid(uid)
+    }
+
+    /// Whether node `creator` minted this identity (see [`Uid::mint`]).
+    pub fn is_minted_by(&self, creator: &NodeId) -> bool {
+        let random: [u8; 8] = self.0[..8].try_into().expect("16 bytes");
+        self.0[8..] == Self::binding(creator, &random)
+    }
+
+    fn binding(creator: &NodeId, random: &[u8; 8]) -> [u8; 8] {
+        let mut h = blake3::Hasher::new_derive_key("alknet-fs 2026 uid minted by");
+        h.update(&creator.0);
+        h.update(random);
+        h.finalize().as_bytes()[..8].try_into().expect("32 bytes")
+    }
 }
 
 impl fmt::Display for Uid {

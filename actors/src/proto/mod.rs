@@ -14,6 +14,7 @@
 //! - [`membership`]: who belongs to a bucket and whose versions are accepted;
 //! - [`ticket`]: invitations to a bucket and the inviter's decision;
 //! - [`doc`]: a replicated document of write-once entries (automerge) and its sync;
+//! - [`signed`]: entries signed by their writer's node key, and the check of a message's;
 //! - [`sync`]: the frames of the sync protocol between two nodes and their limits;
 //! - [`frame`]: length-prefixed frames of the control socket;
 //! - [`limits`]: every bound, named, with units.
@@ -30,6 +31,7 @@ pub mod membership;
 pub mod merge;
 pub mod path;
 pub mod replica;
+pub mod signed;
 pub mod sync;
 pub mod ticket;
 pub mod tree;

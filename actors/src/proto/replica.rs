@@ -24,7 +24,7 @@ use super::clock::Stamp;
 use super::entry::{ContentHash, Entry, EntryKind, Version};
 use super::ids::{NodeId, OrderKey, Uid, VersionId};
 use super::limits::{FILE_BYTES_MAX, LABEL_BYTES_MAX};
-use super::membership::Seen;
+use super::membership::{Role, Seen};
 use super::path::TreePath;
 
 /// How many shards a bucket's history is split into. Fixed forever for a bucket (every node
@@ -494,25 +494,42 @@ impl BranchRecord {
     }
 }
 
-/// What a bucket's own document holds besides branches: who is a member (added by whom),
-/// who was removed, and where each node listens. Keys name the node they are about; a member
-/// record and a removal are written by the member that added or removed, addresses by the
-/// node itself, so no key is ever written by two nodes at once.
+/// What a bucket's own document holds besides branches: who is a member (added by whom,
+/// with what role), roles granted later, who was removed, and where each node listens. Every
+/// key names the node that writes it (the adder, the granter, the remover, the deleter, the
+/// node itself; a branch's identity names its creator: [`Uid::is_minted_by`]), so no key is
+/// ever written by two nodes, and no node can take a key another will need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MetaEntry {
     /// A branch.
     Branch(BranchRecord),
-    /// A member, with who added it and when.
+    /// A member, with who added it, when and as what.
     Member {
         /// The member.
         node: NodeId,
-        /// Who added it (itself, for the bucket's first member).
+        /// Who added it (itself, for the bucket's first owner).
         added_by: NodeId,
         /// When (ms since the epoch).
         at_ms: i64,
+        /// What it may do.
+        role: Role,
+    },
+    /// A role given to a member by an owner (the latest counts; an owner stays one).
+    Grant {
+        /// The member.
+        node: NodeId,
+        /// The owner who granted it.
+        by: NodeId,
+        /// When (ms since the epoch; orders the grants).
+        at_ms: i64,
+        /// The role.
+        role: Role,
+        /// The largest seq of the member's versions the granter held: what stands if the
+        /// role is read-only.
+        last_seq: i64,
     },
     /// A member removed: refused on every protocol from then on. One entry per remover
-    /// (two members may remove a node at once), saying what the remover had seen of it
+    /// (two owners may remove a node at once), saying what the remover had seen of it
     /// (see [`super::membership`]).
     Removed {
         /// The member.
@@ -533,13 +550,30 @@ pub enum MetaEntry {
         /// When.
         at_ms: i64,
     },
-    /// Where a node listens.
+    /// Where a node listens, as of `at_ms` (the latest counts).
     Addrs {
         /// The node.
         node: NodeId,
+        /// When it said so.
+        at_ms: i64,
         /// Its addresses.
         addrs: Vec<std::net::SocketAddr>,
     },
+}
+
+#[derive(Serialize, Deserialize)]
+struct MemberRecord {
+    by: [u8; 32],
+    at_ms: i64,
+    role: Role,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GrantRecord {
+    by: [u8; 32],
+    at_ms: i64,
+    role: Role,
+    last_seq: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -548,13 +582,24 @@ struct ByWhom {
     at_ms: i64,
 }
 
-/// A removal as written since removals say what their remover had seen.
 #[derive(Serialize, Deserialize)]
 struct RemovedRecord {
     by: [u8; 32],
     at_ms: i64,
     last_seq: i64,
     admitted: Vec<[u8; 32]>,
+    removed: Vec<[u8; 32]>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AddrsRecord {
+    at_ms: i64,
+    addrs: Vec<std::net::SocketAddr>,
+}
+
+/// A time in a key: 16 hex digits, so keys of one node sort by time.
+fn time_key(ms: i64) -> String {
+    format!("{:016x}", ms.max(0))
 }
 
 impl MetaEntry {
@@ -562,11 +607,11 @@ impl MetaEntry {
     pub fn key(&self) -> String {
         match self {
             MetaEntry::Branch(b) => BranchRecord::doc_key(&b.uid),
-            MetaEntry::Member { node, .. } => format!("member/{}", node.to_hex()),
-            MetaEntry::Removed { node, by, seen: Seen::Upto { .. }, .. } => format!("removed/{}/{}", node.to_hex(), by.to_hex()),
-            MetaEntry::Removed { node, seen: Seen::All, .. } => format!("removed/{}", node.to_hex()),
-            MetaEntry::Addrs { node, .. } => format!("addr/{}", node.to_hex()),
-            MetaEntry::BranchDeleted { uid, .. } => format!("deleted/{}", uid.to_hex()),
+            MetaEntry::Member { node, added_by, .. } => format!("member/{}/{}", node.to_hex(), added_by.to_hex()),
+            MetaEntry::Grant { node, by, at_ms, .. } => format!("role/{}/{}/{}", node.to_hex(), by.to_hex(), time_key(*at_ms)),
+            MetaEntry::Removed { node, by, .. } => format!("removed/{}/{}", node.to_hex(), by.to_hex()),
+            MetaEntry::Addrs { node, at_ms, .. } => format!("addr/{}/{}", node.to_hex(), time_key(*at_ms)),
+            MetaEntry::BranchDeleted { uid, by, .. } => format!("deleted/{}/{}", uid.to_hex(), by.to_hex()),
         }
     }
 
@@ -574,65 +619,80 @@ impl MetaEntry {
     pub fn value(&self) -> Vec<u8> {
         match self {
             MetaEntry::Branch(b) => b.encode(),
-            MetaEntry::Member { added_by, at_ms, .. } => enc(&ByWhom { by: added_by.0, at_ms: *at_ms }),
-            MetaEntry::Removed { by, at_ms, seen: Seen::Upto { last_seq, admitted }, .. } => {
-                enc(&RemovedRecord { by: by.0, at_ms: *at_ms, last_seq: *last_seq, admitted: admitted.iter().map(|n| n.0).collect() })
+            MetaEntry::Member { added_by, at_ms, role, .. } => enc(&MemberRecord { by: added_by.0, at_ms: *at_ms, role: *role }),
+            MetaEntry::Grant { by, at_ms, role, last_seq, .. } => enc(&GrantRecord { by: by.0, at_ms: *at_ms, role: *role, last_seq: *last_seq }),
+            MetaEntry::Removed { by, at_ms, seen, .. } => {
+                enc(&RemovedRecord {
+                by: by.0,
+                at_ms: *at_ms,
+                last_seq: seen.last_seq,
+                admitted: seen.admitted.iter().map(|n| n.0).collect(),
+                removed: seen.removed.iter().map(|n| n.0).collect(),
+            })
             }
-            MetaEntry::Removed { by, at_ms, seen: Seen::All, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
-            MetaEntry::Addrs { addrs, .. } => enc(addrs),
+            MetaEntry::Addrs { at_ms, addrs, .. } => enc(&AddrsRecord { at_ms: *at_ms, addrs: addrs.clone() }),
             MetaEntry::BranchDeleted { by, at_ms, .. } => enc(&ByWhom { by: by.0, at_ms: *at_ms }),
         }
     }
 
-    /// Reads an entry of a bucket's document from a peer; keys and values are checked.
+    /// Whether `signer` is the node that writes this entry: the adder, granter, remover or
+    /// deleter it names, the node itself for its addresses, a branch's creator.
+    pub fn written_by(&self, signer: &NodeId) -> bool {
+        match self {
+            MetaEntry::Branch(b) => b.uid.is_minted_by(signer),
+            MetaEntry::Member { added_by: by, .. } | MetaEntry::Grant { by, .. } | MetaEntry::Removed { by, .. } | MetaEntry::BranchDeleted { by, .. } => by == signer,
+            MetaEntry::Addrs { node, .. } => node == signer,
+        }
+    }
+
+    /// Reads an entry of a bucket's document from a peer; keys and values are checked
+    /// (the key is the one the value's fields make).
     pub fn decode(key: &str, value: &[u8]) -> Result<MetaEntry, ReplicaError> {
         let bad = |what: &str| ReplicaError::Malformed(format!("{what} in the bucket's document: {key}"));
         if value.len() > CHANGE_BYTES_MAX {
             return Err(bad("an oversized entry"));
         }
-        let (kind, id) = key.split_once('/').ok_or_else(|| bad("an unknown key"))?;
-        match kind {
-            "branch" => {
-                let rec = BranchRecord::decode(value)?;
-                if Uid::from_hex(id) != Some(rec.uid) {
-                    return Err(bad("a branch under another's key"));
-                }
-                Ok(MetaEntry::Branch(rec))
+        let (kind, rest) = key.split_once('/').ok_or_else(|| bad("an unknown key"))?;
+        let node_of = |text: &str| NodeId::from_hex(text).ok_or_else(|| bad("a bad node id"));
+        let undecodable = |_| bad("an undecodable record");
+        let entry = match kind {
+            "branch" => MetaEntry::Branch(BranchRecord::decode(value)?),
+            "member" => {
+                let (node, _) = rest.split_once('/').ok_or_else(|| bad("a member key without its adder"))?;
+                let r: MemberRecord = postcard::from_bytes(value).map_err(undecodable)?;
+                MetaEntry::Member { node: node_of(node)?, added_by: NodeId(r.by), at_ms: r.at_ms, role: r.role }
             }
-            "removed" if id.contains('/') => {
-                let (node, by) = id.split_once('/').expect("checked");
-                let node = NodeId::from_hex(node).ok_or_else(|| bad("a bad node id"))?;
-                let r: RemovedRecord = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
-                if NodeId::from_hex(by) != Some(NodeId(r.by)) {
-                    return Err(bad("a removal under another remover's key"));
-                }
-                let admitted = r.admitted.into_iter().map(NodeId).collect();
-                Ok(MetaEntry::Removed { node, by: NodeId(r.by), at_ms: r.at_ms, seen: Seen::Upto { last_seq: r.last_seq, admitted } })
+            "role" => {
+                let (node, _) = rest.split_once('/').ok_or_else(|| bad("a role key without its granter"))?;
+                let r: GrantRecord = postcard::from_bytes(value).map_err(undecodable)?;
+                MetaEntry::Grant { node: node_of(node)?, by: NodeId(r.by), at_ms: r.at_ms, role: r.role, last_seq: r.last_seq }
             }
-            "member" | "removed" => {
-                let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
-                let w: ByWhom = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
-                Ok(if kind == "member" {
-                    MetaEntry::Member { node, added_by: NodeId(w.by), at_ms: w.at_ms }
-                } else {
-                    MetaEntry::Removed { node, by: NodeId(w.by), at_ms: w.at_ms, seen: Seen::All }
-                })
+            "removed" => {
+                let (node, _) = rest.split_once('/').ok_or_else(|| bad("a removal key without its remover"))?;
+                let r: RemovedRecord = postcard::from_bytes(value).map_err(undecodable)?;
+                let seen = Seen { last_seq: r.last_seq, admitted: r.admitted.into_iter().map(NodeId).collect(), removed: r.removed.into_iter().map(NodeId).collect() };
+                MetaEntry::Removed { node: node_of(node)?, by: NodeId(r.by), at_ms: r.at_ms, seen }
             }
             "deleted" => {
-                let uid = Uid::from_hex(id).ok_or_else(|| bad("a bad branch id"))?;
-                let w: ByWhom = postcard::from_bytes(value).map_err(|_| bad("an undecodable record"))?;
-                Ok(MetaEntry::BranchDeleted { uid, by: NodeId(w.by), at_ms: w.at_ms })
+                let (uid, _) = rest.split_once('/').ok_or_else(|| bad("a deletion key without its deleter"))?;
+                let uid = Uid::from_hex(uid).ok_or_else(|| bad("a bad branch id"))?;
+                let w: ByWhom = postcard::from_bytes(value).map_err(undecodable)?;
+                MetaEntry::BranchDeleted { uid, by: NodeId(w.by), at_ms: w.at_ms }
             }
             "addr" => {
-                let node = NodeId::from_hex(id).ok_or_else(|| bad("a bad node id"))?;
-                let addrs: Vec<std::net::SocketAddr> = postcard::from_bytes(value).map_err(|_| bad("undecodable addresses"))?;
-                if addrs.len() > super::ticket::TICKET_ADDRS_MAX {
+                let (node, _) = rest.split_once('/').ok_or_else(|| bad("an address key without its time"))?;
+                let r: AddrsRecord = postcard::from_bytes(value).map_err(|_| bad("undecodable addresses"))?;
+                if r.addrs.len() > super::ticket::TICKET_ADDRS_MAX {
                     return Err(bad("too many addresses"));
                 }
-                Ok(MetaEntry::Addrs { node, addrs })
+                MetaEntry::Addrs { node: node_of(node)?, at_ms: r.at_ms, addrs: r.addrs }
             }
-            _ => Err(bad("an unknown key")),
+            _ => return Err(bad("an unknown key")),
+        };
+        if entry.key() != key {
+            return Err(bad("an entry under another's key"));
         }
+        Ok(entry)
     }
 }
 
@@ -753,19 +813,29 @@ mod tests {
     #[test]
     fn bucket_entries_round_trip_and_keys_must_match() {
         let n = NodeId([3; 32]);
+        let by = NodeId([4; 32]);
         let entries = [
-            MetaEntry::Member { node: n, added_by: NodeId([4; 32]), at_ms: 5 },
-            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6, seen: Seen::All },
-            MetaEntry::Removed { node: n, by: NodeId([4; 32]), at_ms: 6, seen: Seen::Upto { last_seq: 9, admitted: vec![NodeId([5; 32])] } },
-            MetaEntry::Addrs { node: n, addrs: vec!["127.0.0.1:7".parse().unwrap()] },
+            MetaEntry::Member { node: n, added_by: by, at_ms: 5, role: Role::Writer },
+            MetaEntry::Grant { node: n, by, at_ms: 7, role: Role::ReadOnly, last_seq: 3 },
+            MetaEntry::Removed { node: n, by, at_ms: 6, seen: Seen { last_seq: 9, admitted: vec![NodeId([5; 32])], removed: vec![NodeId([6; 32])] } },
+            MetaEntry::Addrs { node: n, at_ms: 8, addrs: vec!["127.0.0.1:7".parse().unwrap()] },
             MetaEntry::BranchDeleted { uid: Uid([5; 16]), by: n, at_ms: 8 },
-            MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 }),
+            MetaEntry::Branch(BranchRecord { uid: Uid::mint(&n, [1; 8]), name: "main".into(), parent: None, fork: None, created_ms: 1 }),
         ];
-        for e in entries {
-            assert_eq!(MetaEntry::decode(&e.key(), &e.value()).unwrap(), e);
+        for e in &entries {
+            assert_eq!(&MetaEntry::decode(&e.key(), &e.value()).unwrap(), e);
+        }
+        // Each is written by the node it names, and by no other.
+        let writers = [by, by, by, n, n, n];
+        for (e, w) in entries.iter().zip(writers) {
+            assert!(e.written_by(&w) && !e.written_by(&NodeId([6; 32])), "{e:?}");
         }
         let branch = MetaEntry::Branch(BranchRecord { uid: Uid([9; 16]), name: "main".into(), parent: None, fork: None, created_ms: 1 });
         assert!(MetaEntry::decode(&format!("branch/{}", Uid([8; 16]).to_hex()), &branch.value()).is_err());
+        // An entry under a key naming another writer than its record.
+        let member = &entries[0];
+        assert!(MetaEntry::decode(&format!("member/{}/{}", n.to_hex(), NodeId([6; 32]).to_hex()), &member.value()).is_err());
+        assert!(MetaEntry::decode(&format!("member/{}", n.to_hex()), &member.value()).is_err());
         assert!(MetaEntry::decode("member/zz", &[]).is_err());
         assert!(MetaEntry::decode("other/x", &[]).is_err());
     }

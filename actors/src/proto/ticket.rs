@@ -127,6 +127,9 @@ pub enum JoinRefusal {
     /// The joiner was removed from the bucket; a ticket does not undo that silently.
     #[error("this node was removed from the bucket, and a ticket does not bring a removed member back")]
     Removed,
+    /// The inviter is no longer an owner of the bucket (it was removed since it invited).
+    #[error("the node that made the ticket may no longer admit members: ask an owner of the bucket for a new ticket")]
+    NotAnOwner,
 }
 
 /// The inviter's decision on a join with a known secret at `now_ms`.

@@ -13,7 +13,7 @@ use super::read::{self, dir_name, View};
 use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, VersionRow, ID_LEASE, ROOT_BRANCH};
 use crate::proto::clock::Stamp;
 use crate::proto::entry::{Entry, EntryKind, Version};
-use crate::proto::ids::{NodeId, OrderKey, VersionId, VersionRef};
+use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId, VersionRef};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::{check_label, TreePath};
 
@@ -432,17 +432,24 @@ impl<'c> Tx<'c> {
         Ok(new_seq)
     }
 
+    /// A new bucket or branch identity minted by this node (see [`Uid::mint`]).
+    fn mint_uid(&self) -> Result<Uid, StoreError> {
+        let random: Vec<u8> = self.tx.query_row("SELECT randomblob(8)", [], |r| r.get(0))?;
+        Ok(Uid::mint(&self.me, random.try_into().map_err(|_| StoreError::Invalid("randomblob(8) gave other than 8 bytes".into()))?))
+    }
+
     /// Creates bucket `name` with its root branch `main`.
     pub fn create_bucket(&mut self, name: &str) -> Result<Branch, StoreError> {
         check_label("bucket", name).map_err(StoreError::Invalid)?;
         if bucket_id(&self.tx, name).is_ok() {
             return Err(StoreError::Exists(format!("bucket {name}")));
         }
-        self.tx.execute("INSERT INTO bucket(name, created_ms, uid) VALUES (?1, ?2, randomblob(16))", params![name, self.stamp.ms])?;
+        let (bucket_uid, branch_uid) = (self.mint_uid()?, self.mint_uid()?);
+        self.tx.execute("INSERT INTO bucket(name, created_ms, uid) VALUES (?1, ?2, ?3)", params![name, self.stamp.ms, bucket_uid.0])?;
         let id = self.tx.last_insert_rowid();
         self.tx.execute(
-            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms, uid) VALUES (?1, ?2, NULL, 0, 0, ?3, randomblob(16))",
-            params![id, ROOT_BRANCH, self.stamp.ms],
+            "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms, uid) VALUES (?1, ?2, NULL, 0, 0, ?3, ?4)",
+            params![id, ROOT_BRANCH, self.stamp.ms, branch_uid.0],
         )?;
         let branch = branch_by_name(&self.tx, id, ROOT_BRANCH)?;
         self.emit(Event::branch_op("bucket-create", &branch, self.clock));
@@ -470,8 +477,8 @@ impl<'c> Tx<'c> {
         }
         self.tx.execute(
             "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms, fork_key, uid)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, randomblob(16))",
-            params![bucket_id, name, from.id, i64::MAX, from.depth + 1, self.stamp.ms, OrderKey::upto(self.stamp).0],
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![bucket_id, name, from.id, i64::MAX, from.depth + 1, self.stamp.ms, OrderKey::upto(self.stamp).0, self.mint_uid()?.0],
         )?;
         // Stamps after this one sort after the fork, though no version was written.
         self.stamp_used = true;
