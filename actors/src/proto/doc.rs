@@ -486,7 +486,8 @@ mod tests {
         a.put("k", b"v1").unwrap();
         sync_pair(&mut a, &mut b);
         assert_eq!(b.get("k").unwrap(), b"v1");
-        let attempts: [(&str, fn(&mut AutoCommit)); 3] = [
+        type Attack = fn(&mut AutoCommit);
+        let attempts: [(&str, Attack); 3] = [
             ("overwrite", |d| d.put(ROOT, "k", ScalarValue::Bytes(b"v2".to_vec())).unwrap()),
             ("delete", |d| d.delete(ROOT, "k").unwrap()),
             ("nested object", |d| {
