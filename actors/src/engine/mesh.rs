@@ -463,20 +463,26 @@ impl Mesh {
         let seen = self.membership(conn, bucket.id)?.seen_of(node, last_seq);
         let entry = MetaEntry::Removed { node: *node, by: self.me, at_ms: now, seen };
         self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &entry.key(), &entry.value())?;
+        self.membership_changed(engine, &bucket, now)?;
+        Ok(bucket.uid)
+    }
+
+    /// After this node wrote a membership entry into bucket `bucket`'s document: saves it and
+    /// brings the tables and the tree in line with what the membership now decides, in one
+    /// transaction (or forgets the document if that fails).
+    fn membership_changed(&mut self, engine: &mut Engine, bucket: &BucketIdentity, now: i64) -> Result<()> {
         self.members.remove(&bucket.id);
         let members = self.membership(engine.tree().conn(), bucket.id)?;
-        let touched = HashSet::from([(bucket.id, META_DOC)]);
         let me = self.me;
         let result = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<(), StoreError> {
             self.persist(tx, bucket.id, META_DOC)?;
-            reconcile_members(tx, bucket.id, &members, &me, now)?;
-            Ok(())
+            reconcile_members(tx, bucket.id, &members, &me, now)
         });
         if let Err(e) = result {
-            self.forget(&touched);
+            self.forget(&HashSet::from([(bucket.id, META_DOC)]));
             return Err(e.into());
         }
-        Ok(bucket.uid)
+        Ok(())
     }
 
     /// Gives member `node` of bucket `name` role `role` (an owner's act; an owner stays one).
@@ -498,18 +504,7 @@ impl Mesh {
         if !self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &entry.key(), &entry.value())? {
             return Err(invalid("a role was granted to that member this very millisecond; try again").into());
         }
-        self.members.remove(&bucket.id);
-        let members = self.membership(engine.tree().conn(), bucket.id)?;
-        let touched = HashSet::from([(bucket.id, META_DOC)]);
-        let me = self.me;
-        let result = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<(), StoreError> {
-            self.persist(tx, bucket.id, META_DOC)?;
-            reconcile_members(tx, bucket.id, &members, &me, now)
-        });
-        if let Err(e) = result {
-            self.forget(&touched);
-            return Err(e.into());
-        }
+        self.membership_changed(engine, &bucket, now)?;
         Ok(bucket.uid)
     }
 
