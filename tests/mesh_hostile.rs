@@ -62,6 +62,21 @@ async fn read_frame(recv: &mut iroh::endpoint::RecvStream) -> Option<Frame> {
     Frame::decode(&body).ok()
 }
 
+/// Joins with `ticket` for real (a use of it), then opens a session: the connection, its
+/// stream, and the bucket's root branch as the inviter sent it.
+async fn join_as_member(ep: &iroh::Endpoint, ticket: &Ticket) -> (iroh::endpoint::Connection, iroh::endpoint::SendStream, iroh::endpoint::RecvStream, BranchRecord) {
+    let conn = ep.connect(addr_of(ticket), SYNC_ALPN).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
+    let root = match read_frame(&mut recv).await {
+        Some(Frame::Joined { root, .. }) => BranchRecord::decode(&root).unwrap(),
+        other => panic!("join: {other:?}"),
+    };
+    send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
+    assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "welcome");
+    (conn, send, recv, root)
+}
+
 /// A node with a shared bucket holding one file; the ticket it printed.
 fn node_with_a_file() -> (Store, Node, Ticket, String) {
     let s = Store::new();
@@ -126,12 +141,7 @@ fn a_member_sending_oversized_or_garbage_frames_is_dropped_and_the_node_serves_t
         let ep = stranger().await;
         for attack in 0..3 {
             // Join for real (the ticket allows several uses), then misbehave.
-            let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
-            let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
-            assert!(matches!(read_frame(&mut recv).await, Some(Frame::Joined { .. })), "attack {attack}: join");
-            send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
-            assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "attack {attack}: welcome");
+            let (conn, mut send, mut recv, _) = join_as_member(&ep, &ticket).await;
             let bad: Vec<u8> = match attack {
                 0 => u32::MAX.to_be_bytes().to_vec(),                                                                   // an oversized frame
                 1 => Frame::Sync { bucket: ticket.bucket, doc: 3, msg: b"\x42not automerge".to_vec() }.encode(),      // garbage sync
@@ -400,15 +410,7 @@ fn a_member_forging_entries_is_refused_whole_and_nothing_of_it_is_applied() {
         let victim = ticket.node;
         let mut reasons = Vec::new();
         for attack in 0..4 {
-            let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
-            let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
-            let root = match read_frame(&mut recv).await {
-                Some(Frame::Joined { root, .. }) => BranchRecord::decode(&root).unwrap(),
-                other => panic!("attack {attack}: join: {other:?}"),
-            };
-            send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
-            assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "attack {attack}: welcome");
+            let (conn, mut send, mut recv, root) = join_as_member(&ep, &ticket).await;
             let version = |node: NodeId, path: &str| Change {
                 branch: root.uid,
                 path: TreePath::parse(path).unwrap(),

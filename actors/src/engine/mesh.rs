@@ -591,7 +591,7 @@ impl Mesh {
                 changes.extend(rules::decode(sealed.body).ok());
             }
         }
-        received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Removed { .. }));
+        received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Grant { .. } | MetaEntry::Removed { .. }));
         if received.members_changed {
             self.members.remove(&bucket.id);
         }

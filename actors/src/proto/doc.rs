@@ -181,13 +181,17 @@ impl ReplicaDoc {
         msg: &[u8],
         check: impl FnOnce(&[(String, Vec<u8>)]) -> Result<(), String>,
     ) -> Result<Vec<(String, Vec<u8>)>, DocError> {
-        let msg = sync::Message::decode(msg).map_err(|e| DocError::Automerge(e.to_string()))?;
+        // Everything up to `check` reads the message alone: a failure there is a refusal, and
+        // the document is untouched.
+        let msg = sync::Message::decode(msg).map_err(|e| DocError::Refused(format!("not an automerge sync message: {e}")))?;
         if !msg.have.iter().all(|h| sane_bloom(&h.bloom.to_bytes())) {
-            return Err(DocError::Automerge("a sync message with a Bloom filter automerge would not send".into()));
+            return Err(DocError::Refused("a sync message with a Bloom filter automerge would not send".into()));
         }
+        let incoming = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| incoming_entries(&msg)))
+            .map_err(|_| DocError::Refused("automerge failed reading the message's changes".into()))??;
         let mut fresh = Vec::new();
         let mut seen: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
-        for (key, value) in incoming_entries(&msg)? {
+        for (key, value) in incoming {
             match self.get(&key).or_else(|| seen.get(&key).cloned()) {
                 Some(held) if held == value => {}
                 Some(_) => return Err(DocError::Refused(format!("an entry overwrites key {key}, written once"))),
@@ -230,7 +234,7 @@ impl ReplicaDoc {
 /// Every (key, value) the changes of a sync message set, read from the message alone (the
 /// document is not touched): each operation must put bytes under a key of the root map
 /// without replacing anything (an operation that names a predecessor overwrites), or the
-/// message is refused. Change chunks are decoded one by one; a whole document (what a peer
+/// message is refused (every error is [`DocError::Refused`]). Change chunks are decoded one by one; a whole document (what a peer
 /// that has nothing is sent) is loaded apart and its changes read the same way.
 pub fn incoming_entries(msg: &sync::Message) -> Result<Vec<(String, Vec<u8>)>, DocError> {
     let refused = |what: &str| DocError::Refused(what.to_string());
@@ -257,13 +261,13 @@ pub fn incoming_entries(msg: &sync::Message) -> Result<Vec<(String, Vec<u8>)>, D
         for (kind, chunk) in split_chunks(element).ok_or_else(|| refused("changes that are not automerge chunks"))? {
             match kind {
                 CHUNK_DOCUMENT => {
-                    let doc = automerge::Automerge::load(chunk).map_err(am)?;
+                    let doc = automerge::Automerge::load(chunk).map_err(|e| DocError::Refused(format!("a document automerge refuses: {e}")))?;
                     for change in doc.get_changes(&[]) {
                         read_change(&change, &mut out)?;
                     }
                 }
                 CHUNK_CHANGE | CHUNK_COMPRESSED => {
-                    let change = automerge::Change::try_from(chunk).map_err(|e| DocError::Automerge(e.to_string()))?;
+                    let change = automerge::Change::try_from(chunk).map_err(|e| DocError::Refused(format!("a change automerge refuses: {e}")))?;
                     read_change(&change, &mut out)?;
                 }
                 _ => return Err(refused("a kind of chunk a sync message does not carry")),
