@@ -1,7 +1,8 @@
 //! Figures of the mesh (issue 7), measured with real `alkfs` nodes on 127.0.0.1 (relays off),
 //! each beside its baselines in the same run, alternating, and printed as a table of medians.
 //! Run with `cargo bench --bench mesh`; `ALKFS_BENCH_QUICK=1` for a smoke run with small
-//! sizes, `ALKFS_BENCH_ROUNDS=N` rounds, `ALKFS_BENCH_ONLY=small,large,latency,idle,repeat`.
+//! sizes, `ALKFS_BENCH_ROUNDS=N` rounds, `ALKFS_BENCH_ONLY=small,large,latency,idle,repeat`;
+//! `ALKFS_BASELINE_BIN=/path/to/an/older/alkfs` adds that build's small-files sync, alternating.
 //!
 //! | figure | measured as |
 //! |---|---|
@@ -20,14 +21,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ALKFS: &str = env!("CARGO_BIN_EXE_alkfs");
+/// The build under test: this one, or for a baseline round `ALKFS_BASELINE_BIN`.
+static BIN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn bin() -> String {
+    BIN.lock().unwrap().clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_alkfs").to_string())
+}
+
+/// Runs `f` with the older build `other` as the build under test.
+fn with_bin<T>(other: &str, f: impl FnOnce() -> T) -> T {
+    *BIN.lock().unwrap() = Some(other.to_string());
+    let out = f();
+    *BIN.lock().unwrap() = None;
+    out
+}
 
 fn quick() -> bool {
     std::env::var_os("ALKFS_BENCH_QUICK").is_some()
 }
 
 fn alkfs(data: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(ALKFS).arg("--data").arg(data).args(args).env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled").output().unwrap()
+    Command::new(bin()).arg("--data").arg(data).args(args).env("ALKFS_NET_LISTEN", "127.0.0.1:0").env("ALKFS_NET_RELAY", "disabled").output().unwrap()
 }
 
 fn ok(data: &Path, args: &[&str]) -> String {
@@ -44,7 +58,7 @@ impl Node {
     fn start(data: &Path) -> Node {
         ok(data, &["init"]);
         let log = std::fs::File::create(data.with_extension("log")).unwrap();
-        let child = Command::new(ALKFS)
+        let child = Command::new(bin())
             .arg("--data")
             .arg(data)
             .args(["node", "run", "--listen", "127.0.0.1:0", "--relay", "disabled"])
@@ -353,7 +367,7 @@ fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
         let body = format!("change {i}");
         let hash = blake3::hash(body.as_bytes());
         let t = Instant::now();
-        let mut child = Command::new(ALKFS).arg("--data").arg(&a_dir).args(["put", "-", "/latency.txt"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(bin()).arg("--data").arg(&a_dir).args(["put", "-", "/latency.txt"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
         std::io::Write::write_all(child.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
@@ -386,15 +400,21 @@ fn main() {
     // Syncthing script.
     let iroh_docs = env("ALKFS_BENCH_IROH_DOCS");
     let syncthing = env("ALKFS_BENCH_SYNCTHING");
+    // An older build of alkfs (each build syncing with itself), alternating with this one.
+    let older = env("ALKFS_BASELINE_BIN");
     println!("| figure | measured | baseline, same run (alternating) | ratio |");
     println!("|---|---|---|---|");
     if want("small") {
         let r = root.path().join("small");
         std::fs::create_dir_all(&r).unwrap();
-        let (mut ours, mut docs, mut st) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ours, mut docs, mut st, mut old) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             ours.push(many_small(&r, n_small));
             eprintln!("round {round}: alkfs {:.2} s", ours[round]);
+            if let Some(bin) = &older {
+                old.push(with_bin(bin, || many_small(&r, n_small)));
+                eprintln!("round {round}: the older build {:.2} s", old[round]);
+            }
             if let Some(bin) = &iroh_docs {
                 docs.extend(baseline(Command::new(bin).args(["--mode", "import", "-n", &n_small.to_string(), "-s", "4096", "--dir", r.to_str().unwrap()])));
                 eprintln!("round {round}: iroh-docs {:?}", docs.last());
@@ -406,6 +426,9 @@ fn main() {
         }
         let m = median(&ours);
         println!("| {n_small} × 4 KiB on A, all on B from B's join | {} | iroh-docs import {}; Syncthing {} | {:.2}× iroh-docs, {:.2}× Syncthing |", show(&ours), show(&docs), show(&st), m / median(&docs), m / median(&st));
+        if !old.is_empty() {
+            println!("| the same, the older build (ALKFS_BASELINE_BIN) | {} | {} | {:.2}× the older build |", show(&ours), show(&old), m / median(&old));
+        }
     }
     if want("repeat") {
         let r = root.path().join("repeat");

@@ -73,6 +73,10 @@ pub struct NodeSection {
     /// between the data frames of a streamed put (a stalled client is dropped, its staging
     /// file removed). Idle connections between requests get ten times as long.
     pub client_timeout_secs: u64,
+    /// How far ahead of this machine's clock a version's stamp may be, in seconds: a peer's
+    /// version stamped later waits (see `alkfs status`), and this node's clock never moves
+    /// past it. An hour by default.
+    pub clock_offset_max_secs: u64,
 }
 
 /// `[gc]`.
@@ -109,6 +113,7 @@ impl Default for Config {
                 restart_budget: n.restart_budget,
                 restart_window_secs: n.restart_window.as_secs(),
                 client_timeout_secs: CLIENT_TIMEOUT_SECS_DEFAULT,
+                clock_offset_max_secs: (n.clock_bound.ms / 1000) as u64,
             },
             gc: GcSection {
                 interval_secs: n.gc_interval.as_secs(),
@@ -177,6 +182,7 @@ impl Config {
             ("node.outbox_poll_ms", self.node.outbox_poll_ms, POLL_MS_MAX),
             ("node.restart_window_secs", self.node.restart_window_secs, INTERVAL_SECS_MAX),
             ("node.client_timeout_secs", self.node.client_timeout_secs, INTERVAL_SECS_MAX),
+            ("node.clock_offset_max_secs", self.node.clock_offset_max_secs, INTERVAL_SECS_MAX),
             ("gc.interval_secs", self.gc.interval_secs, INTERVAL_SECS_MAX),
             ("gc.keep_days", u64::from(self.gc.keep_days), DAYS_MAX),
             ("gc.outbox_keep_days", u64::from(self.gc.outbox_keep_days), DAYS_MAX),
@@ -186,8 +192,8 @@ impl Config {
                 bail!("{key} = {value} is too large: the most is {max}");
             }
         }
-        if self.node.client_timeout_secs == 0 {
-            bail!("node.client_timeout_secs must be at least 1");
+        if self.node.client_timeout_secs == 0 || self.node.clock_offset_max_secs == 0 {
+            bail!("node.client_timeout_secs and node.clock_offset_max_secs must be at least 1");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\", not {:?}", self.log.format);
@@ -229,7 +235,13 @@ impl Config {
             blob_queue_max: self.node.blob_queue_max,
             restart_budget: self.node.restart_budget,
             restart_window: Duration::from_secs(self.node.restart_window_secs),
+            clock_bound: self.clock_bound(),
         }
+    }
+
+    /// How far ahead of the wall clock a version's stamp may be (`node.clock_offset_max_secs`).
+    pub fn clock_bound(&self) -> alknet_actors::proto::clock::Bound {
+        alknet_actors::proto::clock::Bound { ms: self.node.clock_offset_max_secs as i64 * 1000 }
     }
 }
 

@@ -211,7 +211,28 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
         for p in &m.peers {
             let state = if p.connected { format!("connected ({}, rtt {} ms)", p.path, p.rtt_ms.unwrap_or(0)) } else { format!("not connected ({} failed dials)", p.failures) };
             let last = p.last_sync_ms.map(time).unwrap_or_else(|| "never".into());
-            writeln!(out, "  {}  {state}  last sync {last}  lag {} docs  {}", &p.id[..10], p.lag_docs, p.addrs.join(","))?;
+            let clock = match p.clock_offset_ms {
+                Some(ms) if ms.abs() >= 1000 => format!("  clock {}{} s", if ms > 0 { "+" } else { "-" }, ms.abs() / 1000),
+                _ => String::new(),
+            };
+            writeln!(out, "  {}  {state}  last sync {last}  lag {} docs  {}{clock}", &p.id[..10], p.lag_docs, p.addrs.join(","))?;
+        }
+        for p in m.peers.iter().filter(|p| p.clock_offset_ms.is_some_and(|ms| -ms > m.clock_bound_ms)) {
+            writeln!(
+                out,
+                "clock:      this node's clock is {} s ahead of peer {}'s, beyond node.clock_offset_max_secs: versions written here wait there until their time. Check this machine's clock (timedatectl, NTP)",
+                -p.clock_offset_ms.unwrap_or(0) / 1000,
+                &p.id[..10]
+            )?;
+        }
+        for w in &m.clock_waits {
+            writeln!(
+                out,
+                "clock:      {} versions of {} wait: its clock is {} s ahead of this node's, beyond node.clock_offset_max_secs; they apply when their time comes (or fix that machine's clock)",
+                w.versions,
+                &w.writer[..w.writer.len().min(10)],
+                w.ahead_ms / 1000
+            )?;
         }
     }
     for b in &s.members {

@@ -38,7 +38,8 @@ impl Writer {
         if let Some(client) = Client::connect(dir) {
             return Ok(Writer::Node(client));
         }
-        Ok(Writer::Direct(Box::new(Engine::open(dir, Access::Write)?)))
+        let bound = crate::config::Config::load(dir, &[])?.clock_bound();
+        Ok(Writer::Direct(Box::new(Engine::open(dir, Access::Write)?.with_clock_bound(bound))))
     }
 
     fn seq(reply: Reply) -> Result<i64> {

@@ -72,7 +72,7 @@ async fn join_as_member(ep: &iroh::Endpoint, ticket: &Ticket) -> (iroh::endpoint
         Some(Frame::Joined { root, .. }) => BranchRecord::decode(&root).unwrap(),
         other => panic!("join: {other:?}"),
     };
-    send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
+    send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1, clock_ms: 0 }.encode()).await.unwrap();
     assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "welcome");
     (conn, send, recv, root)
 }
@@ -95,7 +95,7 @@ fn a_stranger_with_a_valid_address_is_refused_on_sync_and_on_blobs() {
         // Sync: a Hello naming the bucket (its id is no secret) gets a refusal, nothing else.
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1, clock_ms: 0 }.encode()).await.unwrap();
         match read_frame(&mut recv).await {
             Some(Frame::Refused { reason }) => assert!(reason.contains("no bucket"), "{reason}"),
             other => panic!("a stranger got {other:?}"),
@@ -210,7 +210,7 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
         assert!(matches!(read_frame(&mut recv).await, Some(Frame::Joined { .. })));
-        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1 }.encode()).await.unwrap();
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![], instance: 1, clock_ms: 0 }.encode()).await.unwrap();
         assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })));
         for doc in 0..alknet_actors::proto::sync::DOCS {
             use automerge::sync::SyncDoc;
@@ -322,7 +322,7 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
         let router = iroh::protocol::Router::builder(ep.clone()).accept(iroh_blobs::ALPN, liar.clone()).spawn();
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![w_listen], instance: 1 }.encode()).await.unwrap();
+        send.write_all(&Frame::Hello { buckets: vec![ticket.bucket], addrs: vec![w_listen], instance: 1, clock_ms: 0 }.encode()).await.unwrap();
         assert!(matches!(read_frame(&mut recv).await, Some(Frame::Welcome { .. })), "the liar is a member");
         // Read (and ignore) whatever the session sends, so it never stalls.
         let drain = tokio::spawn(async move {

@@ -261,12 +261,14 @@ fn an_unpublished_write_is_never_pruned_from_the_outbox() {
     const DAY_MS: i64 = 86_400_000;
     let (mut a, clock) = Node::with_clock();
     clock.set(alknet_actors::engine::now_ms());
-    let mut b = Node::new();
+    let (mut b, clock_b) = Node::with_clock();
+    clock_b.set(clock.now_ms());
     let uid = join(&mut a, &mut b);
     sync(&mut a, &mut b, &uid);
     // A week and a day later (the publisher idle all along), a write is committed and a
     // `watch` reads past it before the mesh publishes it.
     clock.advance(8 * DAY_MS);
+    clock_b.advance(8 * DAY_MS);
     let s = main_scope();
     put(&mut a.engine, &s, "/late.txt", b"written while the mesh was idle");
     let head = outbox::head(a.engine.tree().conn()).unwrap();
@@ -388,4 +390,72 @@ fn a_write_under_a_directory_removed_moved_or_replaced_elsewhere_stays_listed_on
             }
         }
     }
+}
+
+const YEAR_MS: i64 = 365 * 24 * 3_600_000;
+
+/// The stamp (ms) of the newest version of `path`.
+fn written_ms(engine: &Engine, path: &str) -> i64 {
+    engine.log(&main_scope(), &p(path)).unwrap().iter().map(|r| r.key.stamp().ms).max().unwrap()
+}
+
+#[test]
+fn a_peer_ten_years_ahead_waits_for_its_time_and_does_not_drag_the_clock_along() {
+    use alknet_actors::proto::clock::Clock;
+    let s = main_scope();
+    let (mut a, clock_a) = Node::with_clock();
+    let (mut z, clock_z) = Node::with_clock();
+    clock_z.set(clock_a.now_ms() + 10 * YEAR_MS);
+    let uid = join(&mut a, &mut z);
+    put(&mut a.engine, &s, "/from-a.txt", b"a");
+    put(&mut z.engine, &s, "/from-z.txt", b"z");
+    sync(&mut a, &mut z, &uid);
+    // Z applied A's version (it is in Z's past); A holds Z's, unapplied, and says whose.
+    assert!(z.engine.file_entry(&s, &p("/from-a.txt")).is_ok());
+    assert!(a.engine.file_entry(&s, &p("/from-z.txt")).is_err(), "a version ten years ahead is not applied");
+    let waits = mesh::clock_waits(a.engine.tree().conn(), clock_a.now_ms()).unwrap();
+    assert_eq!(waits.len(), 1);
+    assert_eq!(waits[0].writer, z.me().to_hex());
+    assert!(waits[0].ahead_ms > 9 * YEAR_MS, "{waits:?}");
+    // A's clock did not move: its next version is dated now, not ten years on.
+    clock_a.advance(1_000);
+    put(&mut a.engine, &s, "/later.txt", b"a2");
+    assert_eq!(written_ms(&a.engine, "/later.txt"), clock_a.now_ms());
+    // Nothing is due yet; syncing again changes nothing.
+    assert_eq!(a.mesh.release_due(&mut a.engine).unwrap().inserted, 0);
+    sync(&mut a, &mut z, &uid);
+    assert!(a.engine.file_entry(&s, &p("/from-z.txt")).is_err());
+    // Within the bound of its time, it is applied.
+    clock_a.set(written_ms(&z.engine, "/from-z.txt") - 3_000_000);
+    assert_eq!(a.mesh.release_due(&mut a.engine).unwrap().inserted, 1);
+    assert!(a.engine.file_entry(&s, &p("/from-z.txt")).is_ok());
+    assert!(mesh::clock_waits(a.engine.tree().conn(), clock_a.now_ms()).unwrap().is_empty());
+}
+
+#[test]
+fn a_clock_set_right_after_running_years_ahead_stamps_real_time_and_later_writes_still_show() {
+    let s = main_scope();
+    let (mut z, clock) = Node::with_clock();
+    let now = clock_now(&clock);
+    clock.set(now + 10 * YEAR_MS);
+    put(&mut z.engine, &s, "/f.txt", b"written while the clock was wrong");
+    clock.set(now + 1_000);
+    // The clock returns: a new path is dated by the wall clock.
+    put(&mut z.engine, &s, "/g.txt", b"g");
+    assert_eq!(written_ms(&z.engine, "/g.txt"), now + 1_000);
+    // A path whose head is stamped ahead: the new write orders after it, and shows.
+    put(&mut z.engine, &s, "/f.txt", b"after the clock was set right");
+    assert_eq!(get(&z.engine, &s, "/f.txt").unwrap(), b"after the clock was set right");
+    assert!(written_ms(&z.engine, "/f.txt") > now + 9 * YEAR_MS);
+    // And that did not drag the clock ahead again.
+    clock.set(now + 2_000);
+    put(&mut z.engine, &s, "/h.txt", b"h");
+    assert_eq!(written_ms(&z.engine, "/h.txt"), now + 2_000);
+    put(&mut z.engine, &s, "/g.txt", b"g2");
+    assert_eq!(get(&z.engine, &s, "/g.txt").unwrap(), b"g2");
+}
+
+fn clock_now(clock: &alknet_actors::proto::clock::ManualClock) -> i64 {
+    use alknet_actors::proto::clock::Clock;
+    clock.now_ms()
 }

@@ -22,7 +22,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::replica::BucketIdentity;
 use super::{Engine, Result};
-use crate::proto::doc::{decode_state, encode_state, DocError, PeerState, ReplicaDoc};
+use crate::proto::clock::Bound;
+use crate::proto::doc::{decode_state, encode_state, CheckedMessage, DocError, PeerState, ReplicaDoc};
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::membership::{Membership, Role};
 use crate::proto::replica::{self as rules, BranchRecord, Change, MetaEntry};
@@ -555,8 +556,15 @@ impl Mesh {
     }
 
     /// Applies `msg` from `peer` to document `doc` of bucket `uid` (the caller has checked
-    /// that `peer` is a member), and what it added to the tree, in one transaction.
+    /// that `peer` is a member), and what it added to the tree, in one transaction: reads and
+    /// checks it ([`check_message`]) then [`Mesh::receive_checked`].
     pub fn receive(&mut self, engine: &mut Engine, peer: &NodeId, uid: &Uid, doc: u16, msg: &[u8]) -> Result<Received> {
+        let checked = check_message(uid, doc, msg).map_err(|e| refused_whole(peer, e))?;
+        self.receive_checked(engine, peer, uid, doc, checked)
+    }
+
+    /// Applies a message already read and checked (by the session, off this thread).
+    pub fn receive_checked(&mut self, engine: &mut Engine, peer: &NodeId, uid: &Uid, doc: u16, checked: CheckedMessage) -> Result<Received> {
         let bucket = engine.bucket_by_uid(uid)?.ok_or_else(|| invalid(format!("no bucket {uid} here")))?;
         {
             let conn = engine.tree().conn();
@@ -565,11 +573,11 @@ impl Mesh {
         }
         let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
         let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
-        let added = match d.receive(state, msg, |fresh| check_entries(&bucket.uid, doc, fresh)) {
+        let added = match d.receive_checked(state, checked) {
             Ok(a) => a,
             Err(DocError::Refused(why)) => {
                 // Nothing of it reached the document.
-                return Err(invalid(format!("a sync message from {} was refused whole: {why}", peer.short())).into());
+                return Err(refused_whole(peer, why).into());
             }
             Err(e) => {
                 // Whatever automerge kept of a bad message is not in the database: start over
@@ -578,7 +586,7 @@ impl Mesh {
                 return Err(invalid(format!("a sync message from {} was refused: {e}", peer.short())).into());
             }
         };
-        // Every entry was checked as it arrived (`check_entries`; automerge may apply a change
+        // Every entry was checked as it arrived (`check_message`; automerge may apply a change
         // later, once what it depends on is here): read them.
         let mut received = Received::default();
         let mut changes: Vec<Change> = Vec::new();
@@ -597,7 +605,7 @@ impl Mesh {
         }
         let members = self.membership(engine.tree().conn(), bucket.id)?;
         let (me, members_changed) = (self.me, received.members_changed);
-        let now = engine.now_ms();
+        let (now, bound) = (engine.now_ms(), engine.tree().clock_bound());
         // A branch record may release changes that waited for it (applied in this same
         // transaction, so not counted here): then the ids are not known in advance.
         // Versions held from earlier messages may be released with these (see whole_commits):
@@ -639,13 +647,9 @@ impl Mesh {
             self.persist(tx, bucket.id, doc)?;
             apply_meta(tx, bucket.id, &meta, &members)?;
             let changes = tx.whole_commits(bucket.id, changes)?;
-            // Versions of writers the bucket's document does not accept (yet: an admission
-            // may still be on its way) wait with those of unknown branches.
-            let (accepted, waiting) = accepted_changes(changes, &members, &me);
-            defer(tx, bucket.id, &waiting)?;
-            let mut applied = tx.apply_changes(bucket.id, accepted)?;
-            defer(tx, bucket.id, &applied.deferred)?;
-            applied.deferred.clear();
+            // Versions stamped beyond the clock bound wait for their time (`release_due`).
+            let changes = hold_ahead(tx, bucket.id, changes, bound, now, &me)?;
+            let mut applied = apply_accepted(tx, bucket.id, changes, &members, &me)?;
             if members_changed {
                 reconcile_members(tx, bucket.id, &members, &me, now)?;
             }
@@ -659,14 +663,8 @@ impl Mesh {
                 if !waiting.is_empty() {
                     tx.conn().execute("DELETE FROM mesh_deferred WHERE bucket_id = ?1", [bucket.id])?;
                     let again: Vec<Change> = waiting.iter().filter_map(|(_, d)| rules::decode(d).ok()).collect();
-                    let (accepted, still) = accepted_changes(again, &members, &me);
-                    defer(tx, bucket.id, &still)?;
-                    let more = tx.apply_changes(bucket.id, accepted)?;
-                    defer(tx, bucket.id, &more.deferred)?;
-                    applied.inserted += more.inserted;
-                    applied.repaired += more.repaired;
-                    applied.conflicts += more.conflicts;
-                    applied.missing_blobs.extend(more.missing_blobs);
+                    let more = apply_accepted(tx, bucket.id, again, &members, &me)?;
+                    applied.add(more);
                 }
             }
             Ok(applied)
@@ -679,6 +677,37 @@ impl Mesh {
             }
         }
         Ok(received)
+    }
+
+    /// Applies the peers' versions that waited for their stamps to come within the clock
+    /// bound (`mesh_future`), bucket by bucket; what they add is as `receive` reports it.
+    pub fn release_due(&mut self, engine: &mut Engine) -> Result<Applied> {
+        let (now, bound) = (engine.now_ms(), engine.tree().clock_bound());
+        let limit = bound.limit(now);
+        let buckets: Vec<i64> = {
+            let conn = engine.tree().conn();
+            let mut st = conn.prepare_cached("SELECT DISTINCT bucket_id FROM mesh_future WHERE at_ms <= ?1").map_err(StoreError::from)?;
+            let rows = st.query_map([limit], |r| r.get(0)).map_err(StoreError::from)?;
+            rows.collect::<std::result::Result<_, _>>().map_err(StoreError::from)?
+        };
+        let mut total = Applied::default();
+        for bucket_id in buckets {
+            let members = self.membership(engine.tree().conn(), bucket_id)?;
+            let me = self.me;
+            let applied = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<Applied, StoreError> {
+                let due: Vec<Vec<u8>> = {
+                    let mut st = tx.conn().prepare_cached("SELECT data FROM mesh_future WHERE bucket_id = ?1 AND at_ms <= ?2")?;
+                    let rows = st.query_map(params![bucket_id, limit], |r| r.get(0))?;
+                    rows.collect::<std::result::Result<_, _>>()?
+                };
+                tx.conn().execute("DELETE FROM mesh_future WHERE bucket_id = ?1 AND at_ms <= ?2", params![bucket_id, limit])?;
+                let changes: Vec<Change> = due.iter().filter_map(|d| rules::decode(d).ok()).collect();
+                apply_accepted(tx, bucket_id, changes, &members, &me)
+            })?;
+            tracing::info!(versions = applied.inserted, "versions that waited for the clock bound were applied");
+            total.add(applied);
+        }
+        Ok(total)
     }
 
     /// Saves what `peer` and this node agreed on every document, for the next session, and
@@ -699,6 +728,18 @@ impl Mesh {
         })?;
         Ok(())
     }
+}
+
+/// The error for a message refused before anything of it was applied.
+fn refused_whole(peer: &NodeId, why: impl std::fmt::Display) -> StoreError {
+    invalid(format!("a sync message from {} was refused whole: {why}", peer.short()))
+}
+
+/// Reads a peer's sync message for document `doc` of `bucket` and checks every entry it sets
+/// ([`check_entries`]). Needs neither the store nor the document, so a session runs it on
+/// its own thread (signatures cost ~50 µs each) and hands the store only what passed.
+pub fn check_message(bucket: &Uid, doc: u16, msg: &[u8]) -> std::result::Result<CheckedMessage, String> {
+    CheckedMessage::read(msg, |entries| check_entries(bucket, doc, entries)).map_err(|e| e.to_string())
 }
 
 /// The check every entry of a peer's sync message passes before anything of the message is
@@ -748,6 +789,39 @@ fn latest_addrs(doc: &ReplicaDoc, node: &NodeId) -> Option<Vec<SocketAddr>> {
 /// taken: it keeps what it wrote whatever it hears.
 fn accepted_changes(changes: Vec<Change>, members: &Membership, me: &NodeId) -> (Vec<Change>, Vec<Change>) {
     changes.into_iter().partition(|c| c.id().node == *me || members.accepts(&c.id()))
+}
+
+/// Applies changes from peers whose writer the bucket accepts, and keeps the rest (and
+/// those of branches not known yet) in `mesh_deferred`.
+fn apply_accepted(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, members: &Membership, me: &NodeId) -> Result<Applied, StoreError> {
+    // Versions of writers the bucket's document does not accept (yet: an admission may
+    // still be on its way) wait with those of unknown branches.
+    let (accepted, waiting) = accepted_changes(changes, members, me);
+    defer(tx, bucket_id, &waiting)?;
+    let mut applied = tx.apply_changes(bucket_id, accepted)?;
+    defer(tx, bucket_id, &applied.deferred)?;
+    applied.deferred.clear();
+    Ok(applied)
+}
+
+/// Keeps the changes stamped beyond the clock bound in `mesh_future`, by stamp, and returns
+/// the rest. This node's own versions (coming back after a power loss) are never held.
+fn hold_ahead(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, bound: Bound, now: i64, me: &NodeId) -> Result<Vec<Change>, StoreError> {
+    let (ready, ahead): (Vec<Change>, Vec<Change>) = changes.into_iter().partition(|c| c.id().node == *me || bound.within(c.key.stamp(), now));
+    for c in &ahead {
+        tx.conn()
+            .prepare_cached("INSERT INTO mesh_future(bucket_id, writer, at_ms, data) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![bucket_id, c.id().node.0.to_vec(), c.key.stamp().ms, rules::encode(c)])?;
+    }
+    if let Some(c) = ahead.first() {
+        tracing::warn!(
+            writer = %c.id().node.short(),
+            versions = ahead.len(),
+            ahead_s = (c.key.stamp().ms - now) / 1000,
+            "versions stamped beyond the clock bound wait until their time (the writer's clock is ahead: see alkfs status)"
+        );
+    }
+    Ok(ready)
 }
 
 /// Keeps changes in `mesh_deferred` until a branch record or an admission releases them.
@@ -984,6 +1058,30 @@ pub fn may_fetch(conn: &Connection, peer: &NodeId, hash: &crate::proto::entry::C
         .is_some())
 }
 
+/// Versions of one writer waiting for their stamps to come within the clock bound.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClockWait {
+    /// The writer whose clock is ahead (hex node id).
+    pub writer: String,
+    /// Its versions waiting here.
+    pub versions: u64,
+    /// How far ahead of this node's clock its latest stamp is, in ms.
+    pub ahead_ms: i64,
+}
+
+/// What waits for the clock bound here, by writer.
+pub fn clock_waits(conn: &Connection, now_ms: i64) -> Result<Vec<ClockWait>, StoreError> {
+    let mut st = conn.prepare_cached("SELECT writer, count(*), max(at_ms) FROM mesh_future GROUP BY writer ORDER BY writer")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (writer, n, at) = row?;
+        let writer = <[u8; 32]>::try_from(writer.as_slice()).map(|b| NodeId(b).to_hex()).unwrap_or_else(|_| "?".into());
+        out.push(ClockWait { writer, versions: n.max(0) as u64, ahead_ms: at.saturating_sub(now_ms) });
+    }
+    Ok(out)
+}
+
 /// A request to the store's half of the mesh, run by the node's writer (the one owner of the
 /// documents and of the database's write side).
 #[derive(Debug)]
@@ -1042,8 +1140,8 @@ pub enum MeshOp {
         bucket: Uid,
         /// The document.
         doc: u16,
-        /// The message.
-        msg: Vec<u8>,
+        /// The message, read and checked by the session ([`check_message`]).
+        msg: CheckedMessage,
     },
     /// A session with a peer ended.
     EndSession(NodeId),
@@ -1064,6 +1162,9 @@ pub enum MeshOp {
     /// and referenced by the iroh-blobs store), all recorded in one transaction. Inline ones
     /// are left for the blob actor to index (tag) in a quiet moment.
     BlobsArrived(Vec<(crate::proto::entry::ContentHash, Option<Vec<u8>>)>),
+    /// Apply the versions whose stamps came within the clock bound, and say what still
+    /// waits ([`MeshReply::ClockWaits`]).
+    ReleaseDue,
 }
 
 /// What a joiner adopts.
@@ -1108,6 +1209,8 @@ pub enum MeshReply {
     Peers(Vec<(NodeId, Vec<SocketAddr>)>),
     /// Blobs whose bytes are not here (hash, size).
     Blobs(Vec<(crate::proto::entry::ContentHash, u64)>),
+    /// What a release applied (blobs it names that are missing), and what still waits.
+    ClockWaits(Vec<(crate::proto::entry::ContentHash, u64)>, Vec<ClockWait>),
     /// Shared buckets with their other members.
     Shared(Vec<(Uid, Vec<NodeId>)>),
     /// Done.
@@ -1129,7 +1232,7 @@ impl Mesh {
             MeshOp::Remove { bucket, node } => MeshReply::Removed(self.remove_member(engine, &bucket, &node)?),
             MeshOp::Summary(uid) => MeshReply::Summary(self.summary(engine, &uid)?),
             MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?),
-            MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive(engine, &peer, &bucket, doc, &msg)?)),
+            MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive_checked(engine, &peer, &bucket, doc, msg)?)),
             MeshOp::EndSession(peer) => {
                 self.end_session(engine, &peer)?;
                 MeshReply::Done
@@ -1173,6 +1276,18 @@ impl Mesh {
                     Ok(())
                 })?;
                 MeshReply::Done
+            }
+            MeshOp::ReleaseDue => {
+                let mut missing = Vec::new();
+                let due: i64 = engine
+                    .tree()
+                    .conn()
+                    .query_row("SELECT count(*) FROM mesh_future WHERE at_ms <= ?1", [engine.tree().clock_bound().limit(engine.now_ms())], |r| r.get(0))
+                    .map_err(StoreError::from)?;
+                if due > 0 {
+                    missing = self.release_due(engine)?.missing_blobs;
+                }
+                MeshReply::ClockWaits(missing, clock_waits(engine.tree().conn(), engine.now_ms())?)
             }
         })
     }

@@ -239,6 +239,12 @@ impl Engine {
         self
     }
 
+    /// This engine stamping, and accepting peers' stamps, at most `bound` ahead of its clock.
+    pub fn with_clock_bound(mut self, bound: crate::proto::clock::Bound) -> Self {
+        self.tree.set_clock_bound(bound);
+        self
+    }
+
     /// Now, by this engine's clock: what new versions are stamped with.
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()

@@ -41,7 +41,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use super::fetch::{Attempt, FetchError, Fetches};
 use super::store::{WriteOp, WriteOutcome};
 use super::{Child, Names, NodeContext, NodeHandle};
-use crate::engine::mesh::{Adoption, MeshOp, MeshReply, Received};
+use crate::engine::mesh::{check_message, Adoption, ClockWait, MeshOp, MeshReply, Received};
 use crate::proto::entry::ContentHash;
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::replica::BranchRecord;
@@ -240,7 +240,7 @@ impl ProtocolHandler for SyncHandler {
                 return Ok(());
             }
         };
-        let (asked, addrs, instance) = match first {
+        let (asked, addrs, instance, their_clock) = match first {
             Frame::Join { bucket, secret, addrs } => {
                 match mesh(&handle, MeshOp::Admit { bucket, secret, joiner: peer, addrs: addrs.clone() }).await {
                     Ok(MeshReply::Admitted(Ok((name, root)))) => {
@@ -256,7 +256,7 @@ impl ProtocolHandler for SyncHandler {
                         }
                         // It continues as a member: its Hello follows.
                         match tokio::time::timeout(NET_TIMEOUT, read_frame(&mut recv)).await {
-                            Ok(Ok(Frame::Hello { buckets, addrs, instance })) => (buckets, addrs, instance),
+                            Ok(Ok(Frame::Hello { buckets, addrs, instance, clock_ms })) => (buckets, addrs, instance, clock_ms),
                             _ => return Ok(()),
                         }
                     }
@@ -275,7 +275,7 @@ impl ProtocolHandler for SyncHandler {
                     }
                 }
             }
-            Frame::Hello { buckets, addrs, instance } => (buckets, addrs, instance),
+            Frame::Hello { buckets, addrs, instance, clock_ms } => (buckets, addrs, instance, clock_ms),
             _ => {
                 tracing::warn!(peer = %peer.short(), "dropped a peer that did not start with Hello or Join");
                 conn.close(VarInt::from_u32(400), b"expected hello");
@@ -291,12 +291,13 @@ impl ProtocolHandler for SyncHandler {
             refuse(&conn, &mut send, "this node shares no bucket with you (not a member, or removed)").await;
             return Ok(());
         }
-        if write_frame(&mut send, &Frame::Welcome { buckets: accepted.clone(), instance: self.instance }).await.is_err() {
+        if write_frame(&mut send, &Frame::Welcome { buckets: accepted.clone(), instance: self.instance, clock_ms: wall_ms() }).await.is_err() {
             return Ok(());
         }
         match self.names.find::<MeshMsg>(Child::Mesh) {
             Some(m) => {
-                let _ = m.cast(MeshMsg::Opened(Box::new(Opened { peer, dialer: peer, conn, send, recv, buckets: accepted, addrs, instance })));
+                let clock_offset_ms = their_clock.saturating_sub(wall_ms());
+                let _ = m.cast(MeshMsg::Opened(Box::new(Opened { peer, dialer: peer, conn, send, recv, buckets: accepted, addrs, instance, clock_offset_ms })));
             }
             None => conn.close(VarInt::from_u32(503), b"restarting"),
         }
@@ -503,6 +504,14 @@ pub struct Opened {
     pub addrs: Vec<SocketAddr>,
     /// The peer's run (see `Frame::Hello`).
     pub instance: u64,
+    /// How far the peer's wall clock is ahead of this node's (negative: behind), as the
+    /// handshake measured it.
+    pub clock_offset_ms: i64,
+}
+
+/// This machine's wall clock, for the handshake's clock comparison.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// What a join reports to the user.
@@ -533,6 +542,10 @@ pub struct PeerStatus {
     pub lag_docs: usize,
     /// Failed dials since the last session.
     pub failures: u32,
+    /// How far its wall clock is ahead of this node's (ms; negative: behind), as measured
+    /// at the last handshake.
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// The mesh's part of `alkfs status`.
@@ -558,6 +571,12 @@ pub struct MeshStatus {
     /// Gossip neighbours, summed over the topics.
     #[serde(default)]
     pub gossip_neighbors: i64,
+    /// Peers' versions stamped beyond the clock bound, waiting here, by writer.
+    #[serde(default)]
+    pub clock_waits: Vec<ClockWait>,
+    /// The clock bound, in ms (`node.clock_offset_max_secs`).
+    #[serde(default)]
+    pub clock_bound_ms: i64,
 }
 
 /// Messages of the mesh actor (fields named for what they carry).
@@ -628,6 +647,8 @@ struct PeerInfo {
     last_sync_ms: Option<i64>,
     lag_docs: usize,
     addrs: Vec<SocketAddr>,
+    /// How far its wall clock is ahead of this node's, at the last handshake.
+    clock_offset_ms: Option<i64>,
 }
 
 /// A fetch batch in flight: its peer, its task, what it asks for.
@@ -658,6 +679,8 @@ pub struct MeshState {
     neighbors: Arc<std::sync::atomic::AtomicI64>,
     /// Makes announcements distinct.
     nonce: u64,
+    /// Peers' versions waiting for the clock bound, by writer (for status).
+    clock_waits: Vec<ClockWait>,
 }
 
 impl Actor for MeshActor {
@@ -695,6 +718,7 @@ impl Actor for MeshActor {
             topics: HashMap::new(),
             neighbors: Default::default(),
             nonce: std::collections::hash_map::RandomState::new().build_hasher().finish(),
+            clock_waits: Vec::new(),
         })
     }
 
@@ -985,6 +1009,17 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
         }
     }
     join_topics(me, state, &net).await;
+    if let Ok(MeshReply::ClockWaits(missing, waits)) = mesh(&state.handle, MeshOp::ReleaseDue).await {
+        if !missing.is_empty() && net.eager_fetch {
+            for (hash, size) in missing {
+                if !state.fetches.is_wanted(&hash) {
+                    state.fetches.add(hash, size, &connected, false);
+                }
+            }
+            pump_fetches(me, state);
+        }
+        state.clock_waits = waits;
+    }
     let now = Instant::now();
     for (peer, addrs) in peers {
         let p = state.peers.entry(peer).or_default();
@@ -1025,14 +1060,16 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let addrs = net.addrs();
     let answer = async {
-        write_frame(&mut send, &Frame::Hello { buckets: asked.clone(), addrs, instance: net.instance }).await?;
+        let sent_ms = wall_ms();
+        write_frame(&mut send, &Frame::Hello { buckets: asked.clone(), addrs, instance: net.instance, clock_ms: sent_ms }).await?;
         match read_frame(&mut recv).await? {
-            Frame::Welcome { buckets, instance } => Ok((buckets, instance)),
+            // Their clock read `clock_ms` about half a round trip ago.
+            Frame::Welcome { buckets, instance, clock_ms } => Ok((buckets, instance, clock_ms.saturating_sub((sent_ms + wall_ms()) / 2))),
             Frame::Refused { reason } => Err(reason),
             _ => Err("the peer answered something else".to_string()),
         }
     };
-    let (buckets, instance) = match tokio::time::timeout(NET_TIMEOUT * 3, answer).await {
+    let (buckets, instance, clock_offset_ms) = match tokio::time::timeout(NET_TIMEOUT * 3, answer).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             conn.close(VarInt::from_u32(0), b"refused");
@@ -1043,7 +1080,7 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
             return Err("the peer did not answer the handshake in time".into());
         }
     };
-    Ok(Opened { peer: *peer, dialer: *me, conn, send, recv, buckets, addrs: Vec::new(), instance })
+    Ok(Opened { peer: *peer, dialer: *me, conn, send, recv, buckets, addrs: Vec::new(), instance, clock_offset_ms })
 }
 
 /// Joins with a ticket: dials the inviter, proves the secret, adopts the bucket, and keeps
@@ -1089,13 +1126,14 @@ async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: O
             return Err(e);
         }
     }
-    write_frame(&mut send, &Frame::Hello { buckets: vec![ticket.bucket], addrs, instance: net.instance }).await?;
-    let (buckets, instance) = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
-        Ok(Ok(Frame::Welcome { buckets, instance })) => (buckets, instance),
+    let sent_ms = wall_ms();
+    write_frame(&mut send, &Frame::Hello { buckets: vec![ticket.bucket], addrs, instance: net.instance, clock_ms: sent_ms }).await?;
+    let (buckets, instance, clock_offset_ms) = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
+        Ok(Ok(Frame::Welcome { buckets, instance, clock_ms })) => (buckets, instance, clock_ms.saturating_sub((sent_ms + wall_ms()) / 2)),
         Ok(Ok(Frame::Refused { reason })) => return Err(reason),
         _ => return Err("the inviter did not welcome the new member".into()),
     };
-    let opened = Opened { peer: ticket.node, dialer: state.me, conn, send, recv, buckets, addrs: ticket.addrs.clone(), instance };
+    let opened = Opened { peer: ticket.node, dialer: state.me, conn, send, recv, buckets, addrs: ticket.addrs.clone(), instance, clock_offset_ms };
     open_session(me, state, opened).await;
     Ok(Joined { bucket: local, inviter: ticket.node.to_hex() })
 }
@@ -1132,6 +1170,13 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
     let p = state.peers.entry(peer).or_default();
     p.failures = 0;
     p.next_dial = None;
+    p.clock_offset_ms = Some(opened.clock_offset_ms);
+    let bound = state.ctx.config.clock_bound;
+    if opened.clock_offset_ms > bound.ms {
+        tracing::warn!(peer = %peer.short(), ahead_s = opened.clock_offset_ms / 1000, bound_s = bound.ms / 1000, "the peer's clock is ahead of this node's beyond the clock bound: its new versions will wait here until their time (see alkfs status)");
+    } else if -opened.clock_offset_ms > bound.ms {
+        tracing::warn!(peer = %peer.short(), ahead_s = -opened.clock_offset_ms / 1000, bound_s = bound.ms / 1000, "this node's clock is ahead of the peer's beyond the clock bound: versions written here will wait there until their time. Check this machine's clock (timedatectl, NTP)");
+    }
     let conn = opened.conn.clone();
     let (dialer, instance) = (opened.dialer, opened.instance);
     let eager_fetch = state.net.as_ref().is_none_or(|n| n.eager_fetch);
@@ -1471,6 +1516,7 @@ fn status(state: &MeshState) -> MeshStatus {
                 last_sync_ms: p.last_sync_ms,
                 lag_docs: p.lag_docs,
                 failures: p.failures,
+                clock_offset_ms: p.clock_offset_ms,
             }
         })
         .collect();
@@ -1485,6 +1531,8 @@ fn status(state: &MeshState) -> MeshStatus {
         fetched: counts.fetched,
         gossip_topics: state.topics.len(),
         gossip_neighbors: state.neighbors.load(std::sync::atomic::Ordering::Relaxed),
+        clock_waits: state.clock_waits.clone(),
+        clock_bound_ms: state.ctx.config.clock_bound.ms,
     }
 }
 
@@ -1666,7 +1714,16 @@ async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Fr
             }
         }
         Frame::Sync { bucket, doc, msg } if state.buckets.contains(&bucket) => {
-            match mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await {
+            // Reading the message and checking its signatures needs no store: it runs here, on
+            // a blocking thread, and a refused message never reaches the store's thread.
+            let checked = tokio::task::spawn_blocking(move || check_message(&bucket, doc, &msg))
+                .await
+                .unwrap_or_else(|_| Err("checking the message failed".into()));
+            let received = match checked {
+                Ok(msg) => mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await,
+                Err(why) => Err(format!("a sync message from {} was refused whole: {why}", state.peer.short())),
+            };
+            match received {
                 Ok(MeshReply::Received(r)) => {
                     let Received { applied, members_changed, .. } = *r;
                     if !applied.missing_blobs.is_empty() && state.eager_fetch {

@@ -167,6 +167,8 @@ pub struct NodeConfig {
     pub restart_budget: u32,
     /// The window of the restart budget.
     pub restart_window: Duration,
+    /// How far ahead of the wall clock a stamp may be (see [`crate::proto::clock::Bound`]).
+    pub clock_bound: crate::proto::clock::Bound,
 }
 
 impl Default for NodeConfig {
@@ -180,6 +182,7 @@ impl Default for NodeConfig {
             blob_queue_max: 10_000,
             restart_budget: 5,
             restart_window: Duration::from_secs(60),
+            clock_bound: crate::proto::clock::Bound::default(),
         }
     }
 }

@@ -226,7 +226,7 @@ impl Actor for StoreActor {
 
     async fn pre_start(&self, me: ActorRef<StoreMsg>, ctx: NodeContext) -> Result<StoreState, ActorProcessingErr> {
         join_writer(&ctx.store_writer).await;
-        let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?.with_clock(ctx.clock.clone());
+        let engine = Engine::open_under(&ctx.dir, ctx.lock.clone(), ctx.content.clone())?.with_clock(ctx.clock.clone()).with_clock_bound(ctx.config.clock_bound);
         let (tx, rx) = mpsc::channel();
         let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let writer_ctx = WriterCtx {

@@ -102,6 +102,51 @@ impl Hlc {
     }
 }
 
+/// How far ahead of this node's wall clock a stamp may be (`node.clock_offset_max_secs`,
+/// one hour by default). A peer's version stamped later waits, unapplied, and does not move
+/// this node's hybrid clock; a clock that had already moved further (its own wall clock was
+/// wrong, then set right) stamps from the wall clock again. So one machine with its clock
+/// years ahead cannot drag every other node's stamps along for good, and `--at`, retention
+/// by days and last-writer-wins keep meaning real time within the bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bound {
+    /// Milliseconds ahead of the wall clock.
+    pub ms: i64,
+}
+
+/// The default bound: an hour, far more than honest clocks drift, far less than a wrong one.
+pub const CLOCK_OFFSET_MS_DEFAULT: i64 = 3_600_000;
+
+impl Default for Bound {
+    fn default() -> Self {
+        Bound { ms: CLOCK_OFFSET_MS_DEFAULT }
+    }
+}
+
+impl Bound {
+    /// The latest stamp's milliseconds accepted when the wall clock reads `now_ms`.
+    pub fn limit(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_add(self.ms)
+    }
+
+    /// Whether `stamp` is within the bound of `now_ms`.
+    pub fn within(&self, stamp: Stamp, now_ms: i64) -> bool {
+        stamp.ms <= self.limit(now_ms)
+    }
+
+    /// The stamp of a new local event after `last`: [`Stamp::tick`], unless `last` is beyond
+    /// the bound (the clock absorbed a stamp from a wall clock that was wrong): then the wall
+    /// clock's own, and the clock has recovered. Ordering after a path's earlier versions is
+    /// then the writer's to keep, path by path (`store::Tx`).
+    pub fn tick(&self, last: Stamp, now_ms: i64) -> Stamp {
+        if self.within(last, now_ms) {
+            Stamp::tick(last, now_ms)
+        } else {
+            Stamp::at(now_ms)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +172,17 @@ mod tests {
         assert!(next > Stamp::at(20_000) && next > first);
         hlc.observe(Stamp::at(5));
         assert_eq!(hlc.last(), next, "an older stamp changes nothing");
+    }
+
+    #[test]
+    fn a_clock_beyond_the_bound_returns_to_the_wall_clock() {
+        let bound = Bound { ms: 1_000 };
+        let now = 50_000;
+        // Within the bound: the hybrid clock as ever, even ahead of the wall clock.
+        assert_eq!(bound.tick(Stamp::at(now + 1_000), now), Stamp { ms: now + 1_000, counter: 1 });
+        assert!(bound.within(Stamp::at(now + 1_000), now) && !bound.within(Stamp::at(now + 1_001), now));
+        // Ten years ahead: the wall clock's stamp.
+        assert_eq!(bound.tick(Stamp::at(now + 315_360_000_000), now), Stamp::at(now));
+        assert_eq!(Bound { ms: i64::MAX }.limit(now), i64::MAX, "no overflow");
     }
 }

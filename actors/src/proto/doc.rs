@@ -170,7 +170,7 @@ impl ReplicaDoc {
     /// added (key, value), in no particular order. Before anything of it reaches the
     /// document, its changes are read apart ([`incoming_entries`]): every operation must set
     /// a new key of the root map to bytes (no overwrite, no delete, no nested object), a key
-    /// already here only to the value it holds, and `check` must accept the new entries — or
+    /// already here only to the value it holds, and `check` must accept every entry — or
     /// the whole message is refused and nothing of it kept. Garbage is refused, not panicked
     /// on: a message is checked for the Bloom filter parameters automerge itself sends
     /// (others would make the next `generate` divide by zero or loop), and automerge runs
@@ -181,28 +181,21 @@ impl ReplicaDoc {
         msg: &[u8],
         check: impl FnOnce(&[(String, Vec<u8>)]) -> Result<(), String>,
     ) -> Result<Vec<(String, Vec<u8>)>, DocError> {
-        // Everything up to `check` reads the message alone: a failure there is a refusal, and
-        // the document is untouched.
-        let msg = sync::Message::decode(msg).map_err(|e| DocError::Refused(format!("not an automerge sync message: {e}")))?;
-        if !msg.have.iter().all(|h| sane_bloom(&h.bloom.to_bytes())) {
-            return Err(DocError::Refused("a sync message with a Bloom filter automerge would not send".into()));
-        }
-        let incoming = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| incoming_entries(&msg)))
-            .map_err(|_| DocError::Refused("automerge failed reading the message's changes".into()))??;
-        let mut fresh = Vec::new();
-        let mut seen: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
-        for (key, value) in incoming {
-            match self.get(&key).or_else(|| seen.get(&key).cloned()) {
-                Some(held) if held == value => {}
-                Some(_) => return Err(DocError::Refused(format!("an entry overwrites key {key}, written once"))),
-                None if self.contains(&key) => return Err(DocError::Refused(format!("an entry overwrites key {key}, written once"))),
-                None => {
-                    seen.insert(key.clone(), value.clone());
-                    fresh.push((key, value));
-                }
+        let checked = CheckedMessage::read(msg, check)?;
+        self.receive_checked(state, checked)
+    }
+
+    /// [`ReplicaDoc::receive`] of a message already read and checked apart (on another
+    /// thread, say): what is left is the check against this document's entries.
+    pub fn receive_checked(&mut self, state: &mut PeerState, checked: CheckedMessage) -> Result<Vec<(String, Vec<u8>)>, DocError> {
+        let CheckedMessage { msg, entries } = checked;
+        for (key, value) in &entries {
+            match self.get(key) {
+                Some(held) if held == *value => {}
+                None if !self.contains(key) => {}
+                _ => return Err(DocError::Refused(format!("an entry overwrites key {key}, written once"))),
             }
         }
-        check(&fresh).map_err(DocError::Refused)?;
         let mut log = PatchLog::active();
         let doc = &mut self.doc;
         let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -228,6 +221,60 @@ impl ReplicaDoc {
             }
         }
         Ok(added)
+    }
+}
+
+/// A peer's sync message read apart from any document: decoded, its Bloom filters sane, and
+/// every entry its changes set (each key once) accepted by the caller's check. Reading and
+/// checking cost the most (signatures), need no document, and so run off the store thread;
+/// [`ReplicaDoc::receive_checked`] then does only what needs the document.
+pub struct CheckedMessage {
+    msg: sync::Message,
+    entries: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for CheckedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckedMessage").field("entries", &self.entries.len()).finish_non_exhaustive()
+    }
+}
+
+impl CheckedMessage {
+    /// Reads `msg` and hands its entries to `check`. Every failure is
+    /// [`DocError::Refused`]: garbage, a Bloom filter automerge would not send (it would make
+    /// the next `generate` divide by zero or loop), an operation other than setting a new
+    /// key of the root map to bytes, one key set to two values, or `check`'s refusal.
+    pub fn read(msg: &[u8], check: impl FnOnce(&[(String, Vec<u8>)]) -> Result<(), String>) -> Result<Self, DocError> {
+        let msg = sync::Message::decode(msg).map_err(|e| DocError::Refused(format!("not an automerge sync message: {e}")))?;
+        if !msg.have.iter().all(|h| sane_bloom(&h.bloom.to_bytes())) {
+            return Err(DocError::Refused("a sync message with a Bloom filter automerge would not send".into()));
+        }
+        let incoming = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| incoming_entries(&msg)))
+            .map_err(|_| DocError::Refused("automerge failed reading the message's changes".into()))??;
+        let mut seen: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::with_capacity(incoming.len());
+        let mut entries = Vec::with_capacity(incoming.len());
+        for (key, value) in incoming {
+            match seen.get(&key) {
+                Some(held) if *held == value => {}
+                Some(_) => return Err(DocError::Refused(format!("an entry overwrites key {key}, written once"))),
+                None => {
+                    seen.insert(key.clone(), value.clone());
+                    entries.push((key, value));
+                }
+            }
+        }
+        check(&entries).map_err(DocError::Refused)?;
+        Ok(CheckedMessage { msg, entries })
+    }
+
+    /// How many entries the message sets.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it sets none (a message of heads and wants only).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 

@@ -83,6 +83,9 @@ pub enum Frame {
         /// replaces one from an earlier run at once (the peer restarted; the old connection
         /// may not look dead for a while), where two sessions of one run were dialed at once.
         instance: u64,
+        /// The sender's wall clock (ms since the epoch): each side learns how far apart the
+        /// two clocks are, and says so when it is beyond the clock bound.
+        clock_ms: i64,
     },
     /// The answer to `Hello`: the buckets of which the caller is a member here (the others
     /// are not mentioned: a non-member learns nothing about them).
@@ -91,6 +94,8 @@ pub enum Frame {
         buckets: Vec<Uid>,
         /// Which run of the node this is (see `Hello`).
         instance: u64,
+        /// The sender's wall clock (see `Hello`).
+        clock_ms: i64,
     },
     /// Why the session or join is refused; the connection closes after it.
     Refused {
@@ -253,7 +258,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bounds_hold() {
         let frames = [
-            Frame::Hello { buckets: vec![Uid([1; 16])], addrs: vec!["127.0.0.1:9".parse().unwrap()], instance: 7 },
+            Frame::Hello { buckets: vec![Uid([1; 16])], addrs: vec!["127.0.0.1:9".parse().unwrap()], instance: 7, clock_ms: 1_700_000_000_000 },
             Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; DOCS as usize] },
             Frame::Sync { bucket: Uid([1; 16]), doc: META_DOC, msg: vec![1, 2, 3] },
             Frame::Refused { reason: "no".into() },

@@ -243,6 +243,8 @@ pub struct TreeStore {
     /// The lease this connection last took (seq_leased, offset_leased): on drop it gives
     /// back the unused part, if no other writer renewed it since.
     leased: Option<(i64, i64)>,
+    /// How far ahead of the wall clock a stamp may be (see [`crate::proto::clock::Bound`]).
+    clock_bound: crate::proto::clock::Bound,
 }
 
 impl TreeStore {
@@ -265,7 +267,7 @@ impl TreeStore {
         let data_dir = path.parent().unwrap_or(Path::new("."));
         schema::migrate(&mut conn, data_dir).map_err(corrupt)?;
         let me = self_node(&conn)?;
-        Ok(TreeStore { conn, path: path.to_path_buf(), me, counters: None, leased: None })
+        Ok(TreeStore { conn, path: path.to_path_buf(), me, counters: None, leased: None, clock_bound: crate::proto::clock::Bound::default() })
     }
 
     /// Reads pages through a memory map from now on: a short-lived CLI process otherwise pays
@@ -274,6 +276,16 @@ impl TreeStore {
     /// in cost the node a fifth of its CPU while it committed a burst of small files.
     pub fn map_for_reads(&self) -> Result<(), StoreError> {
         self.conn.execute_batch(&format!("PRAGMA mmap_size = {MMAP_BYTES_MAX}")).map_err(StoreError::from)
+    }
+
+    /// Stamps and accepts stamps at most `bound` ahead of the wall clock from now on.
+    pub fn set_clock_bound(&mut self, bound: crate::proto::clock::Bound) {
+        self.clock_bound = bound;
+    }
+
+    /// How far ahead of the wall clock a stamp may be.
+    pub fn clock_bound(&self) -> crate::proto::clock::Bound {
+        self.clock_bound
     }
 
     /// The node this store writes as: the node id of `DATA/node.key`.
@@ -307,7 +319,7 @@ impl TreeStore {
             // SQLite refuses to change this inside a transaction, so it is decided up front.
             self.conn.execute_batch("PRAGMA synchronous = FULL").map_err(StoreError::from)?;
         }
-        let result = Self::run(&mut self.conn, self.me, durable, now_ms, f);
+        let result = Self::run(&mut self.conn, (self.me, self.clock_bound), durable, now_ms, f);
         if durable {
             // The transaction's outcome stands whatever this says: a connection left on FULL
             // is slower, never less safe.
@@ -330,12 +342,12 @@ impl TreeStore {
         }
     }
 
-    fn run<T, E>(conn: &mut Connection, me: NodeId, durable: bool, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<(T, Counters), E>
+    fn run<T, E>(conn: &mut Connection, (me, bound): (NodeId, crate::proto::clock::Bound), durable: bool, now_ms: i64, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<(T, Counters), E>
     where
         E: From<StoreError>,
     {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let mut tx = Tx::new(tx, me, now_ms, durable).map_err(E::from)?;
+        let mut tx = Tx::new(tx, me, now_ms, bound, durable).map_err(E::from)?;
         let out = f(&mut tx)?;
         let after = tx.commit()?;
         Ok((out, after))

@@ -165,12 +165,17 @@ pub fn own_head_by_name(conn: &Connection, bucket: &str, branch: &str, path: &Tr
 /// The id of the newest row of `path` among `branch`'s own rows (not its ancestors'): the
 /// version a write on the branch replaces, its predecessor.
 pub fn own_head(conn: &Connection, branch: i64, path: &TreePath) -> Result<Option<VersionId>, StoreError> {
+    Ok(own_head_key(conn, branch, path)?.map(|k| k.version()))
+}
+
+/// The order key of [`own_head`].
+pub fn own_head_key(conn: &Connection, branch: i64, path: &TreePath) -> Result<Option<OrderKey>, StoreError> {
     let (dir, name) = dir_name(path);
     let key: Option<Vec<u8>> = conn
         .prepare_cached("SELECT vkey FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 ORDER BY vkey DESC LIMIT 1")?
         .query_row(params![branch, dir, name], |r| r.get(0))
         .optional()?;
-    Ok(key.and_then(|k| OrderKey::from_bytes(&k)).map(|k| k.version()))
+    Ok(key.and_then(|k| OrderKey::from_bytes(&k)))
 }
 
 /// The live row of `path` in `view`: `None` when absent or deleted.

@@ -37,6 +37,17 @@ pub struct Applied {
     pub repaired: usize,
 }
 
+impl Applied {
+    /// Adds what another application did (its deferred changes are the caller's to keep).
+    pub fn add(&mut self, more: Applied) {
+        self.inserted += more.inserted;
+        self.duplicates += more.duplicates;
+        self.conflicts += more.conflicts;
+        self.repaired += more.repaired;
+        self.missing_blobs.extend(more.missing_blobs);
+    }
+}
+
 impl Tx<'_> {
     /// Holds back versions of operations that are not wholly here yet, so no reader sees half
     /// a rename or half a merge (the rule is `proto::replica::whole_commits`): they wait in

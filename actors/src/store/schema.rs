@@ -255,6 +255,23 @@ pub const MIGRATIONS: &[&str] = &[
         at_ms INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 9 → 10: the clock bound (`proto::clock::Bound`). `high_ms` is the latest stamp of any
+    // version stored here: while it is ahead of the clock (a clock that was wrong wrote or
+    // absorbed it, then recovered), each local write checks its path's head and orders after
+    // it. Peers' versions stamped too far ahead of the wall clock wait in `mesh_future` (by
+    // their stamp, to be released when it comes within the bound) instead of being applied.
+    r#"
+    ALTER TABLE clock ADD COLUMN high_ms INTEGER NOT NULL DEFAULT 0;
+    UPDATE clock SET high_ms = last_ms;
+    CREATE TABLE mesh_future(
+        id        INTEGER PRIMARY KEY,
+        bucket_id INTEGER NOT NULL,
+        writer    BLOB NOT NULL,
+        at_ms     INTEGER NOT NULL,
+        data      BLOB NOT NULL
+    );
+    CREATE INDEX mesh_future_due ON mesh_future(at_ms);
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).

@@ -11,7 +11,7 @@ use super::acked::Seen;
 use super::outbox::{self, Event};
 use super::read::{self, dir_name, View};
 use super::{branch_by_name, bucket_id, Branch, Counters, StoreError, VersionRow, ID_LEASE, ROOT_BRANCH};
-use crate::proto::clock::Stamp;
+use crate::proto::clock::{Bound, Stamp};
 use crate::proto::entry::{Entry, EntryKind, Version};
 use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId, VersionRef};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
@@ -41,6 +41,14 @@ pub struct Tx<'c> {
     /// (the hybrid clock's receive rule), so what this node writes next is later than
     /// everything it has seen.
     observed: Stamp,
+    /// Versions stored here may be stamped at or after `stamp` (this node's clock was beyond
+    /// the bound and has recovered, see [`crate::proto::clock::Bound`]): each write then
+    /// orders after its path's head itself.
+    check_heads: bool,
+    /// The latest stamp of a version stored here (`clock.high_ms`), and of one written by
+    /// this transaction after such a head.
+    high_ms: i64,
+    bumped: Stamp,
     events: Vec<Event>,
     /// Directories known to exist in this transaction, by (branch, path): saves re-resolving
     /// the parents of every file in a bulk import.
@@ -48,14 +56,41 @@ pub struct Tx<'c> {
 }
 
 impl<'c> Tx<'c> {
-    pub(super) fn new(tx: Transaction<'c>, me: NodeId, now_ms: i64, durable: bool) -> Result<Self, StoreError> {
+    pub(super) fn new(tx: Transaction<'c>, me: NodeId, now_ms: i64, bound: Bound, durable: bool) -> Result<Self, StoreError> {
         let before = Counters::read(&tx)?;
         let clock = before.seq;
-        let stamp_before = tx
-            .prepare_cached("SELECT last_ms, last_lc FROM clock WHERE id = 0")?
-            .query_row([], |r| Ok(Stamp { ms: r.get(0)?, counter: r.get(1)? }))?;
-        let stamp = Stamp::tick(stamp_before, now_ms);
-        Ok(Tx { tx, me, clock, clock_start: clock, before, durable, stamp, stamp_before, stamp_used: false, observed: Stamp::default(), events: Vec::new(), known_dirs: HashSet::new() })
+        let (stamp_before, high_ms) = tx
+            .prepare_cached("SELECT last_ms, last_lc, high_ms FROM clock WHERE id = 0")?
+            .query_row([], |r| Ok((Stamp { ms: r.get(0)?, counter: r.get(1)? }, r.get::<_, i64>(2)?)))?;
+        let stamp = bound.tick(stamp_before, now_ms);
+        if stamp < stamp_before {
+            tracing::warn!(
+                stamped_ms = stamp_before.ms,
+                now_ms,
+                "this node's clock had stamped versions {} s ahead of its wall clock, beyond the bound of {} s: it stamps from the wall clock again (versions it wrote that far ahead wait on every peer until then)",
+                (stamp_before.ms - now_ms) / 1000,
+                bound.ms / 1000
+            );
+        }
+        // Normally every stored version is at or before `stamp_before`, and `stamp` after it.
+        let check_heads = stamp.ms <= high_ms && !(stamp > stamp_before && stamp_before.ms >= high_ms);
+        Ok(Tx {
+            tx,
+            me,
+            clock,
+            clock_start: clock,
+            before,
+            durable,
+            stamp,
+            stamp_before,
+            stamp_used: false,
+            observed: Stamp::default(),
+            check_heads,
+            high_ms,
+            bumped: Stamp::default(),
+            events: Vec::new(),
+            known_dirs: HashSet::new(),
+        })
     }
 
     /// The connection inside the transaction, for reads that must see this transaction's
@@ -105,12 +140,15 @@ impl<'c> Tx<'c> {
     /// durable, then commits. A transaction that is not durable and went past the lease is
     /// refused whole: its ids could come back after a power loss (see [`super::Ids`]).
     pub(super) fn commit(self) -> Result<Counters, StoreError> {
-        let Tx { tx, clock, clock_start, before, durable, stamp, stamp_before, stamp_used, observed, events, .. } = self;
+        let Tx { tx, clock, clock_start, before, durable, stamp, stamp_before, stamp_used, observed, high_ms, bumped, events, .. } = self;
         let used = if clock != clock_start || stamp_used { stamp } else { stamp_before };
+        // A clock that recovered (see `Bound::tick`) goes back here: `last` may be earlier
+        // than `stamp_before`. `high_ms` only grows.
         let last = used.max(observed);
-        if clock != clock_start || last != stamp_before {
-            tx.prepare_cached("UPDATE clock SET seq = ?1, last_ms = ?2, last_lc = ?3 WHERE id = 0")?
-                .execute(params![clock, last.ms, last.counter])?;
+        let high = high_ms.max(last.ms).max(bumped.ms);
+        if clock != clock_start || last != stamp_before || high != high_ms {
+            tx.prepare_cached("UPDATE clock SET seq = ?1, last_ms = ?2, last_lc = ?3, high_ms = ?4 WHERE id = 0")?
+                .execute(params![clock, last.ms, last.counter, high])?;
         }
         outbox::publish(&tx, &events)?;
         let offset = if events.is_empty() { before.offset } else { outbox::head(&tx)? };
@@ -144,8 +182,22 @@ impl<'c> Tx<'c> {
     pub(crate) fn insert_row_with_pred(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str, pred: Option<VersionId>) -> Result<i64, StoreError> {
         let seq = self.next_seq();
         let id = VersionId { node: self.me, seq };
-        let key = OrderKey::new(self.stamp, &id);
-        self.write_row(branch, path, seq, &key, pred, version, origin)?;
+        let mut stamp = self.stamp;
+        if self.check_heads {
+            // The path's head may be stamped after this transaction (see `check_heads`):
+            // order after it, so the write shows.
+            if let Some(head) = read::own_head_key(&self.tx, branch, path)?.map(|k| k.stamp()).filter(|h| *h >= stamp) {
+                stamp = Stamp { ms: head.ms, counter: head.counter.saturating_add(1) };
+                self.bumped = self.bumped.max(stamp);
+            }
+        }
+        let key = OrderKey::new(stamp, &id);
+        if stamp != self.stamp && version.written == self.stamp {
+            let version = Version { written: stamp, ..version.clone() };
+            self.write_row(branch, path, seq, &key, pred, &version, origin)?;
+        } else {
+            self.write_row(branch, path, seq, &key, pred, version, origin)?;
+        }
         Ok(seq)
     }
 
