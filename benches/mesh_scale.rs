@@ -122,7 +122,7 @@ fn main() {
     let write_s = t.elapsed().as_secs_f64();
     // B joins A's bucket.
     let t = Instant::now();
-    let (uid, secret) = a.mesh.invite(&mut a.engine, "default", 3_600_000, 1, &[]).unwrap();
+    let (uid, secret) = a.mesh.invite(&mut a.engine, "default", (3_600_000, 1, alknet_actors::proto::membership::Role::Writer), &[]).unwrap();
     let (name, root_branch) = a.mesh.admit(&mut a.engine, &uid, &secret, &b.me(), &[]).unwrap().unwrap();
     b.mesh.adopt(&mut b.engine, &Adoption { name, bucket: uid, root: root_branch, inviter: a.me(), inviter_addrs: vec![], my_addrs: vec![] }).unwrap();
     a.mesh.publish(&mut a.engine).unwrap();

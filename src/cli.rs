@@ -152,6 +152,10 @@ pub enum Command {
         /// How many nodes may join with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// Admit read-only members: they receive everything, their writes are refused (a
+        /// backup machine, a viewer).
+        #[arg(long)]
+        read_only: bool,
     },
     /// Join the bucket a ticket shares (through the running node); returns once the first
     /// sync has started.
@@ -266,6 +270,14 @@ pub enum MembersCmd {
     Remove {
         /// Its node id (as `alkfs members` or its `alkfs status` shows it).
         node: String,
+    },
+    /// Give a member a role on every node: read-only (receives, may not write), writer, or
+    /// owner (admits, removes, grants). An owner stays one.
+    Grant {
+        /// Its node id (as `alkfs members` shows it).
+        node: String,
+        /// read-only, writer or owner.
+        role: String,
     },
 }
 

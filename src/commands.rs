@@ -120,9 +120,9 @@ pub fn run(cli: Cli) -> Result<()> {
             let rows = engine.list(&scope, &tree_path(&path)?)?;
             output::list(&mut out, &rows, long, json)?;
         }
-        Command::Invite { expires, uses } => {
+        Command::Invite { expires, uses, read_only } => {
             let client = node_client(&dir, "invite")?;
-            match client.call(&Request::Invite { bucket: scope.bucket.clone(), expires_ms: expires, uses })? {
+            match client.call(&Request::Invite { bucket: scope.bucket.clone(), expires_ms: expires, uses, read_only })? {
                 Reply::Ticket { ticket } => writeln!(out, "{ticket}")?,
                 Reply::Error { message } => bail!(message),
                 other => bail!("unexpected reply to invite: {other:?}"),
@@ -149,6 +149,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let client = node_client(&dir, "members remove")?;
             match client.call(&Request::MembersRemove { bucket: scope.bucket.clone(), node: node.clone() })? {
                 Reply::Done => writeln!(out, "removed {node} from bucket {}", scope.bucket)?,
+                Reply::Error { message } => bail!(message),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+        }
+        Command::Members { action: Some(MembersCmd::Grant { node, role }), .. } => {
+            let client = node_client(&dir, "members grant")?;
+            match client.call(&Request::MembersGrant { bucket: scope.bucket.clone(), node: node.clone(), role: role.clone() })? {
+                Reply::Done => writeln!(out, "{node} is now {role} in bucket {}", scope.bucket)?,
                 Reply::Error { message } => bail!(message),
                 other => bail!("unexpected reply: {other:?}"),
             }

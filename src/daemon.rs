@@ -41,12 +41,13 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         // The network: the node's key is its endpoint's identity; peers reach it on the sync
         // protocol and on iroh-blobs (both gated by membership).
         let net = mesh::bind(key.clone(), &config.net_config()?).await.map_err(anyhow::Error::msg)?;
+        net.gate.attach(dir).map_err(anyhow::Error::msg)?;
         let router = iroh::protocol::Router::builder(net.endpoint.clone())
-            .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone(), instance: net.instance })
+            .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone(), instance: net.instance, gate: net.gate.clone() })
             // After the current one: a peer offering both gets the first registered.
             .accept(alknet_actors::proto::sync::OLDER_SYNC_ALPNS[0], mesh::OlderProtocol)
-            .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, &content, dir))
-            .accept(iroh_gossip::ALPN, mesh::GatedGossip { gossip: net.gossip.clone(), names: ctx.names.clone() })
+            .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, &content, &net.gate))
+            .accept(iroh_gossip::ALPN, mesh::GatedGossip { gossip: net.gossip.clone(), gate: net.gate.clone() })
             .spawn();
         tracing::info!(listen = ?net.addrs(), "listening for peers");
         ctx.net = Some(net);

@@ -171,7 +171,8 @@ pub fn members(out: &mut impl Write, members: &[alknet_actors::engine::mesh::Mem
         };
         let this = if m.node == *me { " (this node)" } else { "" };
         let addrs: Vec<String> = m.addrs.iter().map(|a| a.to_string()).collect();
-        writeln!(out, "{}  {state}  {}{this}", m.node, addrs.join(","))?;
+        let role = m.role.map_or("-", |r| r.as_str());
+        writeln!(out, "{}  {role:<9}  {state}  {}{this}", m.node, addrs.join(","))?;
     }
     Ok(())
 }
@@ -224,6 +225,9 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
                 -p.clock_offset_ms.unwrap_or(0) / 1000,
                 &p.id[..10]
             )?;
+        }
+        for b in &m.bounds_hit {
+            writeln!(out, "bound hit:  {} ({}) refused {} times since the node started", b.name, b.limit, b.hits)?;
         }
         for w in &m.clock_waits {
             writeln!(

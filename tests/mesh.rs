@@ -377,3 +377,85 @@ fn a_peers_version_that_arrives_during_a_slow_put_is_listed_not_replaced() {
     a.s.ok(&["restore", "/doc.txt", "--version", &losers[0]]);
     assert_eq!(a.get("/doc.txt").as_deref(), Some(loser_bytes), "the restored loser");
 }
+
+/// `log --json` of `path`: each version's `written_ms`.
+fn written_ms(m: &Member, path: &str) -> Vec<i64> {
+    common::parse_json_array(&m.s.ok(&["log", path, "--json"])).iter().filter_map(|r| r["written_ms"].as_i64()).collect()
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+#[test]
+fn a_node_ten_years_ahead_waits_on_the_others_and_leaves_their_clocks_alone() {
+    if !common::precondition(common::libfaketime().is_some(), "libfaketime (apt install faketime) sets Z's clock ten years ahead") {
+        return;
+    }
+    const YEAR_MS: i64 = 365 * 86_400_000;
+    let env = common::faketime_env("+3650d");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (a, b) = (Member::start(), Member::start());
+    let z = Member::start_with(&env);
+    b.join(&a.invite(&[]));
+    z.join(&a.invite(&[]));
+    let zid = z.id();
+    z.s.put_bytes("/from-z.txt", b"written ten years ahead");
+    assert!(written_ms(&z, "/from-z.txt")[0] > wall_ms() + 9 * YEAR_MS, "Z's clock really is ten years ahead");
+    // A and B hold Z's version unapplied, and say whose clock is ahead and by how much.
+    for m in [&a, &b] {
+        await_cond(Duration::from_secs(30), "Z's version to wait, named in status", || {
+            let st = common::status_json(m.s.data()).expect("status");
+            st["mesh"]["clock_waits"].as_array().is_some_and(|w| w.iter().any(|w| w["writer"] == zid.as_str() && w["ahead_ms"].as_i64().unwrap_or(0) > 9 * YEAR_MS))
+        });
+        assert!(m.get("/from-z.txt").is_none(), "a version ten years ahead is not applied");
+    }
+    // Their own new versions, and those they pass on, are dated by real time.
+    a.s.put_bytes("/from-a.txt", b"a");
+    await_cond(Duration::from_secs(30), "A's write to reach B", || b.get("/from-a.txt").is_some());
+    for m in [&a, &b] {
+        let at = written_ms(m, "/from-a.txt")[0];
+        assert!((at - wall_ms()).abs() < 3_600_000, "A's version is dated {at}, not now");
+    }
+    b.s.put_bytes("/from-b.txt", b"b");
+    assert!((written_ms(&b, "/from-b.txt")[0] - wall_ms()).abs() < 3_600_000, "B's clock was not dragged along");
+    // Z is told: its status names the peers whose clocks are behind its own.
+    let st = z.s.ok(&["status"]);
+    assert!(st.contains("this node's clock is") && st.contains("versions written here wait there"), "{st}");
+}
+
+#[test]
+fn a_read_only_member_receives_everything_and_its_writes_are_refused_until_it_is_made_a_writer() {
+    let (a, r) = (Member::start(), Member::start());
+    r.join(&a.invite(&["--read-only"]));
+    let rid = r.id();
+    a.s.put_bytes("/from-a.txt", b"a");
+    await_cond(Duration::from_secs(30), "A's write to reach the read-only member", || r.get("/from-a.txt").as_deref() == Some(&b"a"[..]));
+    // Both list its role.
+    for m in [&a, &r] {
+        await_cond(Duration::from_secs(30), "roles listed", || {
+            let ms = common::parse_json_array(&m.s.ok(&["members", "--json"]));
+            ms.iter().any(|x| x["node"] == rid.as_str() && x["role"] == "ReadOnly") && ms.iter().any(|x| x["node"] != rid.as_str() && x["role"] == "Owner")
+        });
+    }
+    assert!(a.s.ok(&["members"]).contains("read-only"));
+    // Its own CLI refuses writes with a clear error, and nothing is written.
+    let out = r.s.run(&["put", "-", "/from-r.txt"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("read-only member"), "{err}");
+    assert!(r.get("/from-r.txt").is_none());
+    // It cannot invite, remove or grant.
+    for args in [&["invite"][..], &["members", "remove", &a.id()], &["members", "grant", &rid, "writer"]] {
+        let out = r.s.run(args);
+        assert!(!out.status.success(), "{args:?} succeeded on a read-only member");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("owner"), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Made a writer, it writes, and A gets it.
+    a.s.ok(&["members", "grant", &rid, "writer"]);
+    await_cond(Duration::from_secs(30), "the grant to reach R", || {
+        common::parse_json_array(&r.s.ok(&["members", "--json"])).iter().any(|x| x["node"] == rid.as_str() && x["role"] == "Writer")
+    });
+    r.s.put_bytes("/from-r.txt", b"r");
+    await_cond(Duration::from_secs(30), "R's write to reach A", || a.get("/from-r.txt").as_deref() == Some(&b"r"[..]));
+}

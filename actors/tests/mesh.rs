@@ -71,7 +71,7 @@ fn adoption(name: String, bucket: Uid, root: alknet_actors::proto::replica::Bran
 }
 
 fn join(inviter: &mut Node, joiner: &mut Node) -> Uid {
-    let (uid, secret) = inviter.mesh.invite(&mut inviter.engine, "default", 3_600_000, 1, &[]).unwrap();
+    let (uid, secret) = inviter.mesh.invite(&mut inviter.engine, "default", (3_600_000, 1, alknet_actors::proto::membership::Role::Writer), &[]).unwrap();
     let (name, root) = inviter.mesh.admit(&mut inviter.engine, &uid, &secret, &joiner.me(), &[]).unwrap().unwrap();
     joiner.mesh.adopt(&mut joiner.engine, &adoption(name, uid, root, inviter.me())).unwrap();
     // A used-up ticket is refused.
@@ -116,7 +116,7 @@ fn a_joined_node_gets_the_history_and_both_converge() {
 fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     let (mut a, mut b, mut c) = (Node::new(), Node::new(), Node::new());
     let uid = join(&mut a, &mut b);
-    let (uid2, secret) = a.mesh.invite(&mut a.engine, "default", 3_600_000, 1, &[]).unwrap();
+    let (uid2, secret) = a.mesh.invite(&mut a.engine, "default", (3_600_000, 1, alknet_actors::proto::membership::Role::Writer), &[]).unwrap();
     assert_eq!(uid, uid2);
     let (name, root) = a.mesh.admit(&mut a.engine, &uid, &secret, &c.me(), &[]).unwrap().unwrap();
     c.mesh.adopt(&mut c.engine, &adoption(name, uid, root, a.me())).unwrap();
@@ -135,7 +135,7 @@ fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     assert!(in_b.is_empty(), "B still counts C as a member: {in_b:?}");
     assert!(mesh::buckets_of(b.engine.tree().conn(), &a.me()).unwrap().iter().any(|(_, u)| *u == uid));
     // C was a member and is not any more: its admission with another ticket is refused.
-    let (_, secret) = a.mesh.invite(&mut a.engine, "default", 3_600_000, 1, &[]).unwrap();
+    let (_, secret) = a.mesh.invite(&mut a.engine, "default", (3_600_000, 1, alknet_actors::proto::membership::Role::Writer), &[]).unwrap();
     assert!(a.mesh.admit(&mut a.engine, &uid, &secret, &c.me(), &[]).unwrap().is_err());
     assert!(b.engine.file_entry(&main_scope(), &p("/x")).is_ok(), "B has the entry; its bytes are still on A (no blob transfer here)");
     assert_eq!(get(&a.engine, &main_scope(), "/x").unwrap(), b"x");

@@ -51,7 +51,7 @@ fn mesh(n: usize) -> (Vec<Node>, Uid) {
         .collect();
     let (first, rest) = nodes.split_at_mut(1);
     let inviter = &mut first[0];
-    let (uid, secret) = inviter.mesh.invite(&mut inviter.engine, "default", 3_600_000, n as u32, &[]).unwrap();
+    let (uid, secret) = inviter.mesh.invite(&mut inviter.engine, "default", (3_600_000, n as u32, alknet_actors::proto::membership::Role::Writer), &[]).unwrap();
     for node in rest {
         let me = node.engine.tree().me();
         let (name, root) = inviter.mesh.admit(&mut inviter.engine, &uid, &secret, &me, &[]).unwrap().unwrap();

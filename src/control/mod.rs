@@ -106,11 +106,20 @@ pub enum Request {
     /// The node's status.
     Status,
     /// Make a ticket for a bucket.
-    Invite { bucket: String, expires_ms: i64, uses: u32 },
+    Invite {
+        bucket: String,
+        expires_ms: i64,
+        uses: u32,
+        /// Admit read-only members.
+        #[serde(default)]
+        read_only: bool,
+    },
     /// Join with a ticket (under `name` locally, or the inviter's name).
     Join { ticket: String, name: Option<String> },
     /// Remove a member of a bucket everywhere.
     MembersRemove { bucket: String, node: String },
+    /// Give a member of a bucket a role (`read-only`, `writer`, `owner`).
+    MembersGrant { bucket: String, node: String, role: String },
     /// Fetch a blob whose bytes are still on peers, and answer once it is here.
     Fetch { hash: String, size: u64 },
     /// Bytes `offset..offset + len` of a blob whose bytes are still on peers: fetched by

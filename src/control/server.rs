@@ -23,6 +23,7 @@ use alknet_actors::node::store::{WriteOp, WriteOutcome};
 use alknet_actors::node::{Child, NodeHandle};
 use alknet_actors::proto::frame::{self, CONTROL_FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
+use alknet_actors::proto::membership::Role;
 use alknet_actors::proto::ids::VersionRef;
 use alknet_actors::proto::path::TreePath;
 use anyhow::{anyhow, bail, Context, Result};
@@ -484,7 +485,10 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             }
         }
         Request::Status => Reply::Status { status: Box::new(status(ctx).await?) },
-        Request::Invite { bucket, expires_ms, uses } => Reply::Ticket { ticket: ctx.node.invite(bucket, expires_ms, uses).await? },
+        Request::Invite { bucket, expires_ms, uses, read_only } => {
+            let role = if read_only { Role::ReadOnly } else { Role::Writer };
+            Reply::Ticket { ticket: ctx.node.invite(bucket, expires_ms, uses, role).await? }
+        }
         Request::Join { ticket, name } => {
             let joined = ctx.node.join(ticket, name).await?;
             Reply::Joined { bucket: joined.bucket, inviter: joined.inviter }
@@ -502,6 +506,12 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
         Request::MembersRemove { bucket, node } => {
             let node = alknet_actors::proto::ids::NodeId::from_hex(&node).ok_or_else(|| anyhow!("{node:?} is not a node id: give all 64 hex digits, as `alkfs members` prints them"))?;
             ctx.node.remove_member(bucket, node).await?;
+            Reply::Done
+        }
+        Request::MembersGrant { bucket, node, role } => {
+            let node = alknet_actors::proto::ids::NodeId::from_hex(&node).ok_or_else(|| anyhow!("{node:?} is not a node id: give all 64 hex digits, as `alkfs members` prints them"))?;
+            let role = Role::parse(&role).ok_or_else(|| anyhow!("{role:?} is not a role: give read-only, writer or owner"))?;
+            ctx.node.grant_role(bucket, node, role).await?;
             Reply::Done
         }
         Request::InjectPanic { actor } => {

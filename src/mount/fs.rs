@@ -82,6 +82,7 @@ impl From<StoreError> for Errno {
             StoreError::DirectoryNotEmpty(_) => libc::ENOTEMPTY,
             StoreError::Invalid(_) => libc::EINVAL,
             StoreError::DiskFull => libc::ENOSPC,
+            StoreError::ReadOnly(_) => libc::EROFS,
             _ => libc::EIO,
         };
         Errno::new(code, e.to_string())
@@ -427,7 +428,13 @@ impl MountFs {
         // The node writes all the time; a memory map of the database would be remapped at
         // every read as it grows. Plain reads through SQLite's cache are cheaper here.
         reader.tree().conn().execute_batch("PRAGMA mmap_size = 0").map_err(StoreError::from)?;
-        let read_only = read_only || scope.at.is_some(); // the past is read-only
+        // A read-only member of the bucket mounts it read-only: every write would be refused.
+        let bucket = reader.bucket_identity(&scope.bucket)?;
+        let member_read_only = alknet_actors::engine::mesh::role_of(reader.tree().conn(), bucket.id, &reader.tree().me())? == Some(alknet_actors::proto::membership::Role::ReadOnly);
+        if member_read_only && !read_only {
+            tracing::warn!(bucket = %scope.bucket, "this node is a read-only member of the bucket: mounted read-only (an owner can make it a writer with `alkfs members grant`)");
+        }
+        let read_only = read_only || scope.at.is_some() || member_read_only; // the past is read-only
         let node = if read_only {
             None
         } else {

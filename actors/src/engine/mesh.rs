@@ -71,6 +71,8 @@ pub struct Member {
     pub removed_ms: Option<i64>,
     /// Where it listens, as last announced.
     pub addrs: Vec<SocketAddr>,
+    /// What it may do, as the bucket's document says (`None` until this node has read it).
+    pub role: Option<Role>,
 }
 
 /// The documents of shared buckets and the sync states of connected peers.
@@ -308,6 +310,7 @@ impl Mesh {
             }
         }
         let me = self.me;
+        let my_role = self.membership(engine.tree().conn(), bucket.id)?.role(&me).map(Role::as_str);
         let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
             for (bucket_id, doc) in &touched {
                 self.persist(tx, *bucket_id, *doc)?;
@@ -317,6 +320,7 @@ impl Mesh {
                 "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?2)",
                 params![bucket.id, me.0, now],
             )?;
+            conn.execute("UPDATE mesh_member SET role = ?3 WHERE bucket_id = ?1 AND node = ?2 AND ?3 IS NOT NULL", params![bucket.id, me.0, my_role])?;
             if !addrs.is_empty() {
                 record_addrs(conn, &me, addrs, now)?;
             }
@@ -348,7 +352,8 @@ impl Mesh {
 
     /// Makes an invitation to bucket `name`: returns the bucket's id and the secret, of which
     /// only a hash is kept. The bucket becomes shared if it was not.
-    pub fn invite(&mut self, engine: &mut Engine, name: &str, expires_ms: i64, uses: u32, addrs: &[SocketAddr]) -> Result<(Uid, [u8; SECRET_BYTES])> {
+    pub fn invite(&mut self, engine: &mut Engine, name: &str, terms: (i64, u32, Role), addrs: &[SocketAddr]) -> Result<(Uid, [u8; SECRET_BYTES])> {
+        let (expires_ms, uses, role) = terms;
         let bucket = engine.bucket_identity(name)?;
         self.share(engine, &bucket, addrs, true)?;
         if self.membership(engine.tree().conn(), bucket.id)?.role(&self.me) != Some(Role::Owner) {
@@ -360,8 +365,8 @@ impl Mesh {
         let now = engine.now_ms();
         engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
             tx.conn().execute(
-                "INSERT INTO mesh_invite(secret_hash, bucket_id, expires_ms, uses_left, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![blake3::hash(&secret).as_bytes().to_vec(), bucket.id, now.saturating_add(expires_ms), uses, now],
+                "INSERT INTO mesh_invite(secret_hash, bucket_id, expires_ms, uses_left, created_ms, role) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![blake3::hash(&secret).as_bytes().to_vec(), bucket.id, now.saturating_add(expires_ms), uses, now, role.as_str()],
             )?;
             Ok(())
         })?;
@@ -375,29 +380,16 @@ impl Mesh {
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(Err(JoinRefusal::UnknownSecret)) };
         let now = engine.now_ms();
         let hash = blake3::hash(secret).as_bytes().to_vec();
-        let conn = engine.tree().conn();
-        let terms: Option<InviteTerms> = conn
-            .query_row("SELECT expires_ms, uses_left FROM mesh_invite WHERE secret_hash = ?1 AND bucket_id = ?2", params![hash, bucket.id], |r| {
-                Ok(InviteTerms { expires_ms: r.get(0)?, uses_left: r.get(1)? })
-            })
-            .optional()
-            .map_err(StoreError::from)?;
-        let after = match admit(terms, now) {
-            Ok(t) => t,
+        let after = match admissible(engine.tree().conn(), uid, secret, joiner, now)? {
+            Ok(after) => after,
             Err(why) => return Ok(Err(why)),
         };
-        let removed: bool = conn
-            .query_row("SELECT removed_ms IS NOT NULL FROM mesh_member WHERE bucket_id = ?1 AND node = ?2", params![bucket.id, joiner.0], |r| r.get(0))
-            .optional()
-            .map_err(StoreError::from)?
-            .unwrap_or(false);
-        if removed {
-            return Ok(Err(JoinRefusal::Removed));
-        }
-        if self.membership(conn, bucket.id)?.role(&self.me) != Some(Role::Owner) {
+        if self.membership(engine.tree().conn(), bucket.id)?.role(&self.me) != Some(Role::Owner) {
             return Ok(Err(JoinRefusal::NotAnOwner));
         }
-        let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now, role: Role::Writer };
+        let role: String = engine.tree().conn().query_row("SELECT role FROM mesh_invite WHERE secret_hash = ?1", [&hash], |r| r.get(0)).map_err(StoreError::from)?;
+        let role = Role::parse(&role).unwrap_or(Role::Writer);
+        let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now, role };
         self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &member.key(), &member.value())?;
         self.members.remove(&bucket.id);
         let touched = HashSet::from([(bucket.id, META_DOC)]);
@@ -407,8 +399,8 @@ impl Mesh {
             let conn = tx.conn();
             conn.execute("UPDATE mesh_invite SET uses_left = ?1 WHERE secret_hash = ?2", params![after.uses_left, hash])?;
             conn.execute(
-                "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?4)",
-                params![bucket.id, joiner.0, now, me.0],
+                "INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by, role) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![bucket.id, joiner.0, now, me.0, role.as_str()],
             )?;
             record_addrs(conn, joiner, addrs, now)?;
             Ok(())
@@ -430,7 +422,8 @@ impl Mesh {
         let now = engine.now_ms();
         engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
             let conn = tx.conn();
-            conn.execute("INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by) VALUES (?1, ?2, ?3, ?2)", params![bucket.id, inviter.0, now])?;
+            // Only an owner admits.
+            conn.execute("INSERT OR IGNORE INTO mesh_member(bucket_id, node, added_ms, added_by, role) VALUES (?1, ?2, ?3, ?2, 'owner')", params![bucket.id, inviter.0, now])?;
             // Its own admission is the inviter's entry (it arrives with the bucket's
             // document): the joiner writes none of its own, which would make it a first
             // member that no removal of its inviter could reach (proto::membership).
@@ -856,12 +849,13 @@ fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: 
             _ => Some(now),
         };
         let cut = if node == *me { None } else { members.cutoff(&node) };
+        let role = members.role(&node).map(Role::as_str);
         tx.conn()
             .prepare_cached(
-                "INSERT INTO mesh_member(bucket_id, node, added_ms, removed_ms, cut_seq) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(bucket_id, node) DO UPDATE SET removed_ms = excluded.removed_ms, cut_seq = excluded.cut_seq",
+                "INSERT INTO mesh_member(bucket_id, node, added_ms, removed_ms, cut_seq, role) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(bucket_id, node) DO UPDATE SET removed_ms = excluded.removed_ms, cut_seq = excluded.cut_seq, role = COALESCE(excluded.role, role)",
             )?
-            .execute(params![bucket_id, node.0, now, removed_ms, cut])?;
+            .execute(params![bucket_id, node.0, now, removed_ms, cut, role])?;
         let before = row.and_then(|(_, c)| c);
         if let Some(above) = cut.filter(|c| before.is_none_or(|b| *c < b)) {
             let out = tx.retract_versions(bucket_id, &node, above)?;
@@ -991,15 +985,15 @@ pub fn shared_bucket_ids(conn: &Connection) -> Result<HashSet<i64>, StoreError> 
 /// The members of bucket `bucket_id`, removed ones included (with when).
 pub fn members(conn: &Connection, bucket_id: i64) -> Result<Vec<Member>, StoreError> {
     let mut st = conn.prepare_cached(
-        "SELECT m.node, m.added_ms, m.added_by, m.removed_ms, a.addrs FROM mesh_member m LEFT JOIN mesh_addr a ON a.node = m.node
+        "SELECT m.node, m.added_ms, m.added_by, m.removed_ms, a.addrs, m.role FROM mesh_member m LEFT JOIN mesh_addr a ON a.node = m.node
          WHERE m.bucket_id = ?1 ORDER BY m.added_ms, m.node",
     )?;
     let rows = st.query_map([bucket_id], |r| {
-        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, Option<String>>(4)?))
+        Ok(((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, Option<String>>(4)?), r.get::<_, Option<String>>(5)?))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (node, added_ms, by, removed_ms, addrs) = row?;
+        let ((node, added_ms, by, removed_ms, addrs), role) = row?;
         let Ok(node) = <[u8; 32]>::try_from(node) else { continue };
         out.push(Member {
             node: NodeId(node),
@@ -1007,9 +1001,19 @@ pub fn members(conn: &Connection, bucket_id: i64) -> Result<Vec<Member>, StoreEr
             added_by: by.and_then(|b| <[u8; 32]>::try_from(b).ok()).map(NodeId),
             removed_ms,
             addrs: addrs.and_then(|a| serde_json::from_str(&a).ok()).unwrap_or_default(),
+            role: role.as_deref().and_then(Role::parse),
         });
     }
     Ok(out)
+}
+
+/// The role of `node` in bucket `bucket_id` as this node last read it (`None`: not a member,
+/// or not known yet).
+pub fn role_of(conn: &Connection, bucket_id: i64, node: &NodeId) -> Result<Option<Role>, StoreError> {
+    let role: Option<Option<String>> = conn
+        .query_row("SELECT role FROM mesh_member WHERE bucket_id = ?1 AND node = ?2 AND removed_ms IS NULL", params![bucket_id, node.0], |r| r.get(0))
+        .optional()?;
+    Ok(role.flatten().as_deref().and_then(Role::parse))
 }
 
 /// The buckets (uids) of which `node` is a member here, not removed: what it may sync, and
@@ -1027,6 +1031,41 @@ pub fn buckets_of(conn: &Connection, node: &NodeId) -> Result<Vec<(i64, Uid)>, S
         }
     }
     Ok(out)
+}
+
+/// Whether `joiner` may join bucket `uid` with `secret` at `now_ms`, read only: the
+/// invitation's terms after this use, or why not. (The store's `admit` decides again in the
+/// transaction that uses the invitation; the network gate asks first, off the store's
+/// thread, so a stranger's guess costs the writer nothing.)
+pub fn admissible(conn: &Connection, uid: &Uid, secret: &[u8; SECRET_BYTES], joiner: &NodeId, now_ms: i64) -> Result<std::result::Result<InviteTerms, JoinRefusal>, StoreError> {
+    let Some(bucket_id) = conn.query_row("SELECT id FROM bucket WHERE uid = ?1", [uid.0], |r| r.get::<_, i64>(0)).optional()? else {
+        return Ok(Err(JoinRefusal::UnknownSecret));
+    };
+    let hash = blake3::hash(secret).as_bytes().to_vec();
+    let terms: Option<InviteTerms> = conn
+        .query_row("SELECT expires_ms, uses_left FROM mesh_invite WHERE secret_hash = ?1 AND bucket_id = ?2", params![hash, bucket_id], |r| {
+            Ok(InviteTerms { expires_ms: r.get(0)?, uses_left: r.get(1)? })
+        })
+        .optional()?;
+    let after = match admit(terms, now_ms) {
+        Ok(t) => t,
+        Err(why) => return Ok(Err(why)),
+    };
+    let removed: bool = conn
+        .query_row("SELECT removed_ms IS NOT NULL FROM mesh_member WHERE bucket_id = ?1 AND node = ?2", params![bucket_id, joiner.0], |r| r.get(0))
+        .optional()?
+        .unwrap_or(false);
+    if removed {
+        return Ok(Err(JoinRefusal::Removed));
+    }
+    Ok(Ok(after))
+}
+
+/// The buckets among `asked` (every one, when empty) this node shares and `peer` is a member
+/// of, not removed.
+pub fn shared_with(conn: &Connection, peer: &NodeId, asked: &[Uid]) -> Result<Vec<Uid>, StoreError> {
+    let mine = shared_bucket_ids(conn)?;
+    Ok(buckets_of(conn, peer)?.into_iter().filter(|(id, uid)| mine.contains(id) && (asked.is_empty() || asked.contains(uid))).map(|(_, u)| u).collect())
 }
 
 /// Every other node this one shares a bucket with (not removed), with its addresses.
@@ -1098,6 +1137,8 @@ pub enum MeshOp {
         expires_ms: i64,
         /// This many joins.
         uses: u32,
+        /// The role they join with.
+        role: Role,
         /// Where this node listens.
         addrs: Vec<SocketAddr>,
     },
@@ -1120,6 +1161,15 @@ pub enum MeshOp {
         bucket: String,
         /// The member.
         node: NodeId,
+    },
+    /// Give a member a role.
+    Grant {
+        /// The bucket.
+        bucket: String,
+        /// The member.
+        node: NodeId,
+        /// Its role from now on.
+        role: Role,
     },
     /// Digests of a bucket's documents.
     Summary(Uid),
@@ -1196,7 +1246,7 @@ pub enum MeshReply {
     /// The adopted bucket.
     Adopted(BucketIdentity),
     /// A removal from bucket (uid).
-    Removed(Uid),
+    MemberChanged(Uid),
     /// Digests.
     Summary(Vec<u64>),
     /// A sync message, if any.
@@ -1223,13 +1273,14 @@ impl Mesh {
         Ok(match op {
             MeshOp::Publish => MeshReply::Changed(self.publish(engine)?.changed),
             MeshOp::AnnounceAddrs(addrs) => MeshReply::Changed(self.announce_addrs(engine, &addrs)?),
-            MeshOp::Invite { bucket, expires_ms, uses, addrs } => {
-                let (uid, secret) = self.invite(engine, &bucket, expires_ms, uses, &addrs)?;
+            MeshOp::Invite { bucket, expires_ms, uses, role, addrs } => {
+                let (uid, secret) = self.invite(engine, &bucket, (expires_ms, uses, role), &addrs)?;
                 MeshReply::Invited(uid, secret)
             }
             MeshOp::Admit { bucket, secret, joiner, addrs } => MeshReply::Admitted(self.admit(engine, &bucket, &secret, &joiner, &addrs)?),
             MeshOp::Adopt(a) => MeshReply::Adopted(self.adopt(engine, &a)?),
-            MeshOp::Remove { bucket, node } => MeshReply::Removed(self.remove_member(engine, &bucket, &node)?),
+            MeshOp::Remove { bucket, node } => MeshReply::MemberChanged(self.remove_member(engine, &bucket, &node)?),
+            MeshOp::Grant { bucket, node, role } => MeshReply::MemberChanged(self.grant_role(engine, &bucket, &node, role)?),
             MeshOp::Summary(uid) => MeshReply::Summary(self.summary(engine, &uid)?),
             MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?),
             MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive_checked(engine, &peer, &bucket, doc, msg)?)),
@@ -1237,12 +1288,7 @@ impl Mesh {
                 self.end_session(engine, &peer)?;
                 MeshReply::Done
             }
-            MeshOp::Accept { peer, asked } => {
-                let theirs = buckets_of(engine.tree().conn(), &peer)?;
-                let mine = shared_bucket_ids(engine.tree().conn())?;
-                let ok = theirs.into_iter().filter(|(id, uid)| mine.contains(id) && (asked.is_empty() || asked.contains(uid))).map(|(_, u)| u).collect();
-                MeshReply::Buckets(ok)
-            }
+            MeshOp::Accept { peer, asked } => MeshReply::Buckets(shared_with(engine.tree().conn(), &peer, &asked)?),
             MeshOp::Peers => MeshReply::Peers(peers(engine.tree().conn())?),
             MeshOp::Shared => {
                 let conn = engine.tree().conn();

@@ -39,11 +39,13 @@ use iroh::{Endpoint, EndpointAddr, RelayMode};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::fetch::{Attempt, FetchError, Fetches};
+use super::gate::{BoundHit, Gate};
 use super::store::{WriteOp, WriteOutcome};
 use super::{Child, Names, NodeContext, NodeHandle};
 use crate::engine::mesh::{check_message, Adoption, ClockWait, MeshOp, MeshReply, Received};
 use crate::proto::entry::ContentHash;
 use crate::proto::ids::{NodeId, Uid};
+use crate::proto::limits::{HANDSHAKE_FRAME_BYTES_MAX, SYNC_FRAME_BYTES_MAX};
 use crate::proto::replica::BranchRecord;
 use crate::proto::sync::{differing, redial_after_ms, Frame, SyncError, OLDER_PROTOCOL, OLDER_SYNC_ALPNS, SYNC_ALPN};
 use crate::proto::ticket::Ticket;
@@ -88,11 +90,15 @@ pub struct Net {
     pub eager_fetch: bool,
     /// This run of the node (random per start; see `Frame::Hello`).
     pub instance: u64,
+    /// The door strangers knock at: handshake slots, membership read off the store's
+    /// thread, and the counts of bounds hit.
+    pub gate: Arc<Gate>,
 }
 
 /// Binds the node's endpoint. With relays off it touches nothing but the listen address: no
 /// DNS, no relay, no UPnP, no probes (DESIGN.md, "Staying local in tests").
 pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> {
+    let gate = Gate::new();
     let lookup = MemoryLookup::new();
     let mode = match &cfg.relay {
         None => RelayMode::Disabled,
@@ -110,9 +116,9 @@ pub async fn bind(key: iroh::SecretKey, cfg: &NetConfig) -> Result<Net, String> 
         b = b.portmapper_config(PortmapperConfig::Disabled).net_report_config(NetReportConfig::minimal());
     }
     let endpoint = b.bind().await.map_err(|e| format!("cannot listen on {}: {e} (is another node using the port?)", cfg.listen))?;
-    let gossip = iroh_gossip::net::Gossip::builder().max_message_size(crate::proto::sync::GOSSIP_MESSAGE_BYTES_MAX).spawn(endpoint.clone());
+    let gossip = iroh_gossip::net::Gossip::builder().max_message_size(crate::proto::limits::GOSSIP_MESSAGE_BYTES_MAX).spawn(endpoint.clone());
     let instance = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    Ok(Net { endpoint, gossip, lookup, eager_fetch: cfg.eager_fetch, instance })
+    Ok(Net { endpoint, gossip, lookup, eager_fetch: cfg.eager_fetch, instance, gate })
 }
 
 impl Net {
@@ -158,12 +164,38 @@ async fn mesh(handle: &NodeHandle, op: MeshOp) -> Result<MeshReply, String> {
 }
 
 async fn read_frame(recv: &mut RecvStream) -> Result<Frame, String> {
+    read_frame_max(recv, SYNC_FRAME_BYTES_MAX).await.map_err(|e| e.to_string())
+}
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+enum ReadError {
+    /// Its header announced more than the limit (nothing more was read).
+    TooLarge(usize),
+    /// Anything else: the stream, or bytes that are not a frame.
+    Other(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::TooLarge(n) => write!(f, "a frame of {n} bytes, over the limit"),
+            ReadError::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Reads one frame of at most `max` bytes: a larger one is refused from its header.
+async fn read_frame_max(recv: &mut RecvStream, max: usize) -> Result<Frame, ReadError> {
     let mut header = [0u8; 4];
-    recv.read_exact(&mut header).await.map_err(|e| format!("read: {e}"))?;
-    let len = Frame::body_len(header).map_err(|e: SyncError| e.to_string())?;
+    recv.read_exact(&mut header).await.map_err(|e| ReadError::Other(format!("read: {e}")))?;
+    let len = Frame::body_len(header).map_err(|e: SyncError| ReadError::Other(e.to_string()))?;
+    if len > max {
+        return Err(ReadError::TooLarge(len));
+    }
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| format!("read: {e}"))?;
-    Frame::decode(&body).map_err(|e| e.to_string())
+    recv.read_exact(&mut body).await.map_err(|e| ReadError::Other(format!("read: {e}")))?;
+    Frame::decode(&body).map_err(|e| ReadError::Other(e.to_string()))
 }
 
 async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), String> {
@@ -217,18 +249,31 @@ pub struct SyncHandler {
     pub names: Names,
     /// This run of the node (see `Frame::Hello`).
     pub instance: u64,
+    /// The door (see [`Gate`]).
+    pub gate: Arc<Gate>,
 }
 
 impl ProtocolHandler for SyncHandler {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let peer = node_of(conn.remote_id());
+        // Until the peer proves membership it holds one of a bounded number of slots, sends
+        // one small frame, and costs the store's writer nothing.
+        let Some(slot) = self.gate.handshake() else {
+            conn.close(VarInt::from_u32(503), b"busy: too many handshakes, try again");
+            return Ok(());
+        };
         let handle = NodeHandle::new(self.names.clone());
         let (mut send, mut recv) = match tokio::time::timeout(NET_TIMEOUT, conn.accept_bi()).await {
             Ok(Ok(s)) => s,
             _ => return Ok(()),
         };
-        let first = match tokio::time::timeout(NET_TIMEOUT, read_frame(&mut recv)).await {
+        let first = match tokio::time::timeout(NET_TIMEOUT, read_frame_max(&mut recv, HANDSHAKE_FRAME_BYTES_MAX)).await {
             Ok(Ok(f)) => f,
+            Ok(Err(ReadError::TooLarge(len))) => {
+                self.gate.oversized_handshake(&peer, len);
+                conn.close(VarInt::from_u32(413), b"first frame too large");
+                return Ok(());
+            }
             Ok(Err(e)) => {
                 tracing::warn!(peer = %peer.short(), error = %e, "dropped a peer that sent a bad first frame");
                 conn.close(VarInt::from_u32(400), b"bad frame");
@@ -242,6 +287,12 @@ impl ProtocolHandler for SyncHandler {
         };
         let (asked, addrs, instance, their_clock) = match first {
             Frame::Join { bucket, secret, addrs } => {
+                // A wrong or used-up secret is answered from the gate's own reads.
+                if let Err(why) = self.gate.may_join(bucket, secret, peer, wall_ms()).await {
+                    tracing::warn!(peer = %peer.short(), reason = %why, "refused a join");
+                    refuse(&conn, &mut send, &why.to_string()).await;
+                    return Ok(());
+                }
                 match mesh(&handle, MeshOp::Admit { bucket, secret, joiner: peer, addrs: addrs.clone() }).await {
                     Ok(MeshReply::Admitted(Ok((name, root)))) => {
                         tracing::info!(peer = %peer.short(), bucket = %name, "a new member joined with a ticket");
@@ -255,7 +306,7 @@ impl ProtocolHandler for SyncHandler {
                             return Ok(());
                         }
                         // It continues as a member: its Hello follows.
-                        match tokio::time::timeout(NET_TIMEOUT, read_frame(&mut recv)).await {
+                        match tokio::time::timeout(NET_TIMEOUT, read_frame_max(&mut recv, HANDSHAKE_FRAME_BYTES_MAX)).await {
                             Ok(Ok(Frame::Hello { buckets, addrs, instance, clock_ms })) => (buckets, addrs, instance, clock_ms),
                             _ => return Ok(()),
                         }
@@ -282,10 +333,7 @@ impl ProtocolHandler for SyncHandler {
                 return Ok(());
             }
         };
-        let accepted = match mesh(&handle, MeshOp::Accept { peer, asked }).await {
-            Ok(MeshReply::Buckets(b)) => b,
-            _ => Vec::new(),
-        };
+        let accepted = self.gate.member_buckets(peer, asked).await;
         if accepted.is_empty() {
             tracing::warn!(peer = %peer.short(), "refused a session: not a member of any bucket it asked for");
             refuse(&conn, &mut send, "this node shares no bucket with you (not a member, or removed)").await;
@@ -294,6 +342,7 @@ impl ProtocolHandler for SyncHandler {
         if write_frame(&mut send, &Frame::Welcome { buckets: accepted.clone(), instance: self.instance, clock_ms: wall_ms() }).await.is_err() {
             return Ok(());
         }
+        drop(slot);
         match self.names.find::<MeshMsg>(Child::Mesh) {
             Some(m) => {
                 let clock_offset_ms = their_clock.saturating_sub(wall_ms());
@@ -314,15 +363,19 @@ impl ProtocolHandler for SyncHandler {
 pub struct GatedGossip {
     /// The gossip instance.
     pub gossip: iroh_gossip::net::Gossip,
-    /// The node's actor names (the store answers who is a member).
-    pub names: Names,
+    /// The door (see [`Gate`]): it answers who is a member.
+    pub gate: Arc<Gate>,
 }
 
 impl ProtocolHandler for GatedGossip {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let peer = node_of(conn.remote_id());
-        let handle = NodeHandle::new(self.names.clone());
-        let member = matches!(mesh(&handle, MeshOp::Accept { peer, asked: Vec::new() }).await, Ok(MeshReply::Buckets(b)) if !b.is_empty());
+        let Some(slot) = self.gate.handshake() else {
+            conn.close(VarInt::from_u32(503), b"busy");
+            return Ok(());
+        };
+        let member = !self.gate.member_buckets(peer, Vec::new()).await.is_empty();
+        drop(slot);
         if !member {
             tracing::warn!(peer = %peer.short(), "refused a gossip connection from a node that shares no bucket");
             conn.close(VarInt::from_u32(403), b"not a member");
@@ -342,7 +395,7 @@ impl ProtocolHandler for GatedGossip {
 /// Builds the iroh-blobs protocol handler with its gate; the gate runs until the node stops.
 /// A permitted request for a blob the iroh-blobs store does not hold yet (the blob actor
 /// indexes in quiet moments) has it indexed on the spot, so a peer never waits for that.
-pub fn gated_blobs(index: &Arc<crate::index::BlobIndex>, content: &crate::content::ContentStore, dir: &std::path::Path) -> iroh_blobs::BlobsProtocol {
+pub fn gated_blobs(index: &Arc<crate::index::BlobIndex>, content: &crate::content::ContentStore, gate: &Arc<Gate>) -> iroh_blobs::BlobsProtocol {
     use iroh_blobs::provider::events::{ConnectMode, EventMask, EventSender, ObserveMode, RequestMode, ThrottleMode};
     let mask = EventMask {
         connected: ConnectMode::Intercept,
@@ -353,8 +406,10 @@ pub fn gated_blobs(index: &Arc<crate::index::BlobIndex>, content: &crate::conten
         throttle: ThrottleMode::None,
     };
     let (events, rx) = EventSender::channel(64, mask);
-    let db = dir.join(crate::store::TREE_DB_FILE);
-    tokio::spawn(blob_gate(rx, db, index.clone(), content.clone()));
+    match gate.tree() {
+        Some(tree) => drop(tokio::spawn(blob_gate(rx, tree, index.clone(), content.clone()))),
+        None => tracing::error!("the blob gate cannot read the tree: serving no blobs"),
+    }
     iroh_blobs::BlobsProtocol::new(index.store(), Some(events))
 }
 
@@ -401,18 +456,11 @@ async fn index_now(tree: &Arc<std::sync::Mutex<crate::store::TreeStore>>, index:
 
 async fn blob_gate(
     mut rx: tokio::sync::mpsc::Receiver<iroh_blobs::provider::events::ProviderMessage>,
-    db: std::path::PathBuf,
+    tree: Arc<std::sync::Mutex<crate::store::TreeStore>>,
     index: Arc<crate::index::BlobIndex>,
     content: crate::content::ContentStore,
 ) {
     use iroh_blobs::provider::events::{AbortReason, ProviderMessage};
-    let tree = match crate::store::TreeStore::open(&db, false) {
-        Ok(t) => Arc::new(std::sync::Mutex::new(t)),
-        Err(e) => {
-            tracing::error!(error = %e, "the blob gate cannot read the tree: serving no blobs");
-            return;
-        }
-    };
     let mut peers: HashMap<u64, NodeId> = HashMap::new();
     let check = |tree: Arc<std::sync::Mutex<crate::store::TreeStore>>, peer: NodeId, hashes: Vec<[u8; 32]>| async move {
         tokio::task::spawn_blocking(move || {
@@ -577,6 +625,9 @@ pub struct MeshStatus {
     /// The clock bound, in ms (`node.clock_offset_max_secs`).
     #[serde(default)]
     pub clock_bound_ms: i64,
+    /// Bounds on what peers may cost this node (`proto::limits`) that refused something.
+    #[serde(default)]
+    pub bounds_hit: Vec<BoundHit>,
 }
 
 /// Messages of the mesh actor (fields named for what they carry).
@@ -599,11 +650,13 @@ pub enum MeshMsg {
     /// A fetch batch ended (its id): how each of its requests went.
     Fetched(u64, Vec<Attempt>),
     /// Make a ticket.
-    Invite { bucket: String, expires_ms: i64, uses: u32, reply: RpcReplyPort<Result<String, String>> },
+    Invite { bucket: String, expires_ms: i64, uses: u32, role: crate::proto::membership::Role, reply: RpcReplyPort<Result<String, String>> },
     /// Join with a ticket.
     Join { ticket: String, name: Option<String>, reply: RpcReplyPort<Result<Joined, String>> },
     /// Remove a member.
     Remove { bucket: String, node: NodeId, reply: RpcReplyPort<Result<(), String>> },
+    /// Give a member a role.
+    Grant { bucket: String, node: NodeId, role: crate::proto::membership::Role, reply: RpcReplyPort<Result<(), String>> },
     /// A sync message arrived from a peer (for status).
     Synced(NodeId, usize),
     /// Status.
@@ -794,13 +847,13 @@ impl Actor for MeshActor {
                 }
                 pump_fetches(&me, state);
             }
-            MeshMsg::Invite { bucket, expires_ms, uses, reply } => {
+            MeshMsg::Invite { bucket, expires_ms, uses, role, reply } => {
                 let Some(net) = &state.net else {
                     let _ = reply.send(Err("this node runs without a network endpoint".into()));
                     return Ok(());
                 };
                 let addrs = net.addrs();
-                let answer = match mesh(&state.handle, MeshOp::Invite { bucket, expires_ms, uses, addrs: addrs.clone() }).await {
+                let answer = match mesh(&state.handle, MeshOp::Invite { bucket, expires_ms, uses, role, addrs: addrs.clone() }).await {
                     Ok(MeshReply::Invited(uid, secret)) => {
                         // The home relay, when the node uses one, lets a joiner behind NAT reach it.
                         let relay = net.endpoint.addr().relay_urls().next().map(|u| u.to_string());
@@ -816,17 +869,11 @@ impl Actor for MeshActor {
                 let _ = reply.send(result);
             }
             MeshMsg::Remove { bucket, node, reply } => {
-                let result = match mesh(&state.handle, MeshOp::Remove { bucket, node }).await {
-                    Ok(MeshReply::Removed(uid)) => {
-                        broadcast(state, &[(uid, crate::proto::sync::META_DOC)]);
-                        for s in state.sessions.values() {
-                            let _ = s.actor.cast(SessionMsg::Recheck);
-                        }
-                        Ok(())
-                    }
-                    Ok(_) => Err("unexpected answer from the store".into()),
-                    Err(e) => Err(e),
-                };
+                let result = member_changed(state, MeshOp::Remove { bucket, node }).await;
+                let _ = reply.send(result);
+            }
+            MeshMsg::Grant { bucket, node, role, reply } => {
+                let result = member_changed(state, MeshOp::Grant { bucket, node, role }).await;
                 let _ = reply.send(result);
             }
             MeshMsg::Synced(peer, lag) => {
@@ -898,6 +945,22 @@ impl Actor for MeshActor {
             s.conn.close(VarInt::from_u32(0), b"node stopping");
         }
         Ok(())
+    }
+}
+
+/// Runs a removal or a grant, then tells every session: the bucket's document changed, and
+/// who may sync is to be checked again.
+async fn member_changed(state: &MeshState, op: MeshOp) -> Result<(), String> {
+    match mesh(&state.handle, op).await {
+        Ok(MeshReply::MemberChanged(uid)) => {
+            broadcast(state, &[(uid, crate::proto::sync::META_DOC)]);
+            for s in state.sessions.values() {
+                let _ = s.actor.cast(SessionMsg::Recheck);
+            }
+            Ok(())
+        }
+        Ok(_) => Err("unexpected answer from the store".into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -1533,6 +1596,7 @@ fn status(state: &MeshState) -> MeshStatus {
         gossip_neighbors: state.neighbors.load(std::sync::atomic::Ordering::Relaxed),
         clock_waits: state.clock_waits.clone(),
         clock_bound_ms: state.ctx.config.clock_bound.ms,
+        bounds_hit: state.net.as_ref().map(|n| n.gate.hits.report()).unwrap_or_default(),
     }
 }
 

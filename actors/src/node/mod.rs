@@ -16,6 +16,7 @@
 
 pub mod blobs;
 pub mod fetch;
+pub mod gate;
 pub mod gc;
 pub mod mesh;
 pub mod outbox;
@@ -351,8 +352,8 @@ impl NodeHandle {
     }
 
     /// A ticket to bucket `bucket`, valid `expires_ms`, for `uses` joins.
-    pub async fn invite(&self, bucket: String, expires_ms: i64, uses: u32) -> Result<String, NodeError> {
-        self.call(Child::Mesh, |reply| mesh::MeshMsg::Invite { bucket: bucket.clone(), expires_ms, uses, reply }, JOIN_TIMEOUT)
+    pub async fn invite(&self, bucket: String, expires_ms: i64, uses: u32, role: crate::proto::membership::Role) -> Result<String, NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Invite { bucket: bucket.clone(), expires_ms, uses, role, reply }, JOIN_TIMEOUT)
             .await?
             .map_err(NodeError::Failed)
     }
@@ -367,6 +368,13 @@ impl NodeHandle {
     /// Removes `node` from bucket `bucket` everywhere.
     pub async fn remove_member(&self, bucket: String, node: crate::proto::ids::NodeId) -> Result<(), NodeError> {
         self.call(Child::Mesh, |reply| mesh::MeshMsg::Remove { bucket: bucket.clone(), node, reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
+    }
+
+    /// Gives member `node` of `bucket` role `role` (an owner's act).
+    pub async fn grant_role(&self, bucket: String, node: crate::proto::ids::NodeId, role: crate::proto::membership::Role) -> Result<(), NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::Grant { bucket: bucket.clone(), node, role, reply }, JOIN_TIMEOUT)
             .await?
             .map_err(NodeError::Failed)
     }

@@ -7,6 +7,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, AutoCommit, ChangeHash, PatchLog, ReadDoc, ScalarValue, Value, ROOT};
 use automerge::transaction::Transactable;
 
+use super::limits::MESSAGE_ENTRIES_MAX;
 use super::sync::heads_digest;
 
 /// Why a document or a message from a peer was refused.
@@ -323,11 +324,6 @@ pub fn incoming_entries(msg: &sync::Message) -> Result<Vec<(String, Vec<u8>)>, D
     }
     Ok(out)
 }
-
-/// The most entries one sync message may set: more than the changes of one document a node
-/// sends at once in practice (a whole shard of a large bucket goes as a document to a peer
-/// that has none), far less than a peer could make a receiver hold.
-pub const MESSAGE_ENTRIES_MAX: usize = 1 << 20;
 
 const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const CHUNK_DOCUMENT: u8 = 0;

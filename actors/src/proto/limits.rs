@@ -20,3 +20,25 @@ pub const FILE_BYTES_MAX: u64 = 1 << 40;
 /// Most entries one commit (one SQLite transaction) may carry; bigger imports commit in
 /// batches of this size.
 pub const COMMIT_ENTRIES_MAX: usize = 4096;
+
+// The mesh: what a member, or a stranger, can cost this node. Each bound a peer hits is
+// counted, logged and shown in `alkfs status` (`node::gate::BoundHits`).
+
+/// Largest frame a member may send: a sync message carrying a shard's first full exchange (a
+/// shard of a 1M-path bucket holds ~16k versions of ~300 bytes) fits several times over.
+pub const SYNC_FRAME_BYTES_MAX: usize = 32 << 20;
+/// Largest first frame of a connection (`Hello` or `Join`), read before the peer is known:
+/// a `Hello` naming [`SESSION_BUCKETS_MAX`] buckets and its addresses fits.
+pub const HANDSHAKE_FRAME_BYTES_MAX: usize = 24 << 10;
+/// Connections in their handshake at once; one more is closed at once (a member retries
+/// at its next dial). Strangers can take these slots for a handshake's timeout at most; they
+/// never reach sessions already open.
+pub const HANDSHAKES_MAX: usize = 64;
+/// Most buckets one session carries.
+pub const SESSION_BUCKETS_MAX: usize = 1024;
+/// Most entries one sync message may set: more than the changes of one document a node
+/// sends at once in practice (a whole shard of a large bucket goes as a document to a peer
+/// that has none), far less than a peer could make a receiver hold.
+pub const MESSAGE_ENTRIES_MAX: usize = 1 << 20;
+/// Gossip's message size limit, the same on every node (iroh-gossip's default).
+pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 4096;

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::frame::FRAME_HEADER_BYTES;
+use super::limits::{SESSION_BUCKETS_MAX, SYNC_FRAME_BYTES_MAX};
 use super::ids::Uid;
 use super::replica::SHARDS;
 use super::ticket::{SECRET_BYTES, TICKET_ADDRS_MAX};
@@ -38,18 +39,11 @@ pub const OLDER_SYNC_ALPNS: &[&[u8]] = &[b"/alknet-fs/sync/1"];
 /// What a node of an older protocol is told, and what is logged of it.
 pub const OLDER_PROTOCOL: &str = "the peer runs an older protocol of alknet-fs: upgrade it (this node speaks /alknet-fs/sync/2)";
 
-/// The largest frame accepted: a sync message carrying a shard's first full exchange (a
-/// shard of a 1M-path bucket holds ~16k versions of ~200 bytes) fits several times over.
-pub const SYNC_FRAME_BYTES_MAX: usize = 32 << 20;
-
 /// The document of a bucket that holds its branches and members (the shards are `0..SHARDS`).
 pub const META_DOC: u16 = SHARDS;
 
 /// Documents per bucket: the shards and the bucket's own.
 pub const DOCS: u16 = SHARDS + 1;
-
-/// Most buckets one session carries.
-pub const SESSION_BUCKETS_MAX: usize = 1024;
 
 /// One frame of a session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,9 +179,6 @@ pub struct Announcement {
     pub docs: Vec<(u16, u64)>,
 }
 
-/// Gossip's message size limit, the same on every node (iroh-gossip's default).
-pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 4096;
-
 impl Announcement {
     /// Encodes for gossip.
     pub fn encode(&self) -> Vec<u8> {
@@ -253,6 +244,7 @@ pub fn redial_after_ms(failures: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::limits::GOSSIP_MESSAGE_BYTES_MAX;
     use proptest::prelude::*;
 
     #[test]

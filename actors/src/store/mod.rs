@@ -57,6 +57,9 @@ pub enum StoreError {
     /// Bad request that the message explains.
     #[error("{0}")]
     Invalid(String),
+    /// A write to a bucket of which this node is a read-only member.
+    #[error("this node is a read-only member of bucket {0:?}: it receives every change but may not write (an owner can make it a writer: `alkfs members grant <this node's id> writer` on the owner's node)")]
+    ReadOnly(String),
     /// No such bucket.
     #[error("no bucket {0:?}: create it with `alkfs bucket create {0}` or pick one from `alkfs bucket list`")]
     NoBucket(String),

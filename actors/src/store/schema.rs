@@ -272,6 +272,13 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX mesh_future_due ON mesh_future(at_ms);
     "#,
+    // 10 → 11: roles (`proto::membership::Role`). An invitation admits with its role; each
+    // member's role as the bucket's document decides it, for `alkfs members` and for this
+    // node's own writes (a read-only member's are refused here before anything is written).
+    r#"
+    ALTER TABLE mesh_invite ADD COLUMN role TEXT NOT NULL DEFAULT 'writer';
+    ALTER TABLE mesh_member ADD COLUMN role TEXT;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).

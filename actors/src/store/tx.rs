@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{params, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::acked::Seen;
 use super::outbox::{self, Event};
@@ -49,6 +49,9 @@ pub struct Tx<'c> {
     /// this transaction after such a head.
     high_ms: i64,
     bumped: Stamp,
+    /// Branches written in this transaction, and whether this node is a read-only member of
+    /// their bucket.
+    read_only: std::collections::HashMap<i64, bool>,
     events: Vec<Event>,
     /// Directories known to exist in this transaction, by (branch, path): saves re-resolving
     /// the parents of every file in a bulk import.
@@ -88,6 +91,7 @@ impl<'c> Tx<'c> {
             check_heads,
             high_ms,
             bumped: Stamp::default(),
+            read_only: std::collections::HashMap::new(),
             events: Vec::new(),
             known_dirs: HashSet::new(),
         })
@@ -180,6 +184,7 @@ impl<'c> Tx<'c> {
     /// [`insert_row`](Self::insert_row) naming `pred` as the version it replaces (the one
     /// its writer saw, which may not be the head any more).
     pub(crate) fn insert_row_with_pred(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str, pred: Option<VersionId>) -> Result<i64, StoreError> {
+        self.check_writable(branch)?;
         let seq = self.next_seq();
         let id = VersionId { node: self.me, seq };
         let mut stamp = self.stamp;
@@ -199,6 +204,27 @@ impl<'c> Tx<'c> {
             self.write_row(branch, path, seq, &key, pred, version, origin)?;
         }
         Ok(seq)
+    }
+
+    /// Refuses a write on `branch` when this node is a read-only member of its bucket (every
+    /// other member would refuse the version; it is not written at all). Once per branch per
+    /// transaction.
+    fn check_writable(&mut self, branch: i64) -> Result<(), StoreError> {
+        if let Some(read_only) = self.read_only.get(&branch) {
+            return if *read_only { Err(StoreError::ReadOnly(self.bucket_name_of(branch)?)) } else { Ok(()) };
+        }
+        let role: Option<Option<String>> = self
+            .tx
+            .prepare_cached("SELECT m.role FROM branch b JOIN mesh_member m ON m.bucket_id = b.bucket_id WHERE b.id = ?1 AND m.node = ?2 AND m.removed_ms IS NULL")?
+            .query_row(params![branch, self.me.0], |r| r.get(0))
+            .optional()?;
+        let read_only = matches!(role, Some(Some(r)) if r == crate::proto::membership::Role::ReadOnly.as_str());
+        self.read_only.insert(branch, read_only);
+        self.check_writable(branch)
+    }
+
+    fn bucket_name_of(&self, branch: i64) -> Result<String, StoreError> {
+        Ok(self.tx.query_row("SELECT k.name FROM branch b JOIN bucket k ON k.id = b.bucket_id WHERE b.id = ?1", [branch], |r| r.get(0))?)
     }
 
     /// The id of the newest row of `path` among `branch`'s own rows (not its ancestors').
@@ -518,6 +544,7 @@ impl<'c> Tx<'c> {
         if from.bucket_id != bucket_id {
             return Err(StoreError::Invalid("a branch can only fork from a branch of its own bucket".into()));
         }
+        self.check_writable(from.id)?;
         if branch_by_name(&self.tx, bucket_id, name).is_ok() {
             return Err(StoreError::Exists(format!("branch {name}")));
         }
@@ -547,6 +574,7 @@ impl<'c> Tx<'c> {
         if branch.parent_id.is_none() {
             return Err(StoreError::Invalid(format!("{name} is the bucket's root branch and cannot be deleted")));
         }
+        self.check_writable(branch.id)?;
         let seq = self.next_seq();
         self.tx.execute("UPDATE branch SET deleted_seq = ?1 WHERE id = ?2", params![seq, branch.id])?;
         self.emit(Event::branch_op("branch-delete", &branch, seq));
