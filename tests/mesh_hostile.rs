@@ -476,3 +476,90 @@ fn a_member_forging_entries_is_refused_whole_and_nothing_of_it_is_applied() {
     s.put_bytes("/after.txt", b"still serving");
     await_cond(Duration::from_secs(30), "the honest member to get a write made after the attacks", || friend.run(&["get", "/after.txt"]).stdout == b"still serving");
 }
+
+/// The node's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
+}
+
+#[test]
+fn a_huge_first_frame_and_hundreds_of_strangers_at_once_cost_the_node_little_and_members_go_on() {
+    const STRANGERS: usize = 100;
+    const CONNECTIONS_EACH: usize = 5;
+    let (s, node, ticket, _) = node_with_a_file();
+    let friend = Store::new();
+    let _friend_node = Node::start(&friend, &[], &[]);
+    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    await_cond(Duration::from_secs(30), "the friend to have the file", || friend.run(&["get", "/secret.txt"]).status.success());
+    let rss_before = rss_kib(node.pid());
+    let started = std::time::Instant::now();
+    runtime().block_on(async {
+        // A first frame announcing 32 MiB: refused from its header, before any of it is read.
+        let ep = stranger().await;
+        let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&((32u32 << 20).to_be_bytes())).await.unwrap();
+        let _ = send.write_all(&vec![0u8; 1 << 20]).await;
+        match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+            Ok(iroh::endpoint::ConnectionError::ApplicationClosed(c)) => assert_eq!(c.error_code.into_inner(), 413),
+            other => panic!("a 32 MiB first frame was not refused: {other:?}"),
+        }
+        // Hundreds of strangers connecting at once, each saying nothing: they take the
+        // handshake slots (the rest are closed at once) and never reach the members' sessions.
+        let mut eps = Vec::new();
+        for _ in 0..STRANGERS {
+            eps.push(stranger().await);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for ep in &eps {
+            for _ in 0..CONNECTIONS_EACH {
+                let (ep, addr) = (ep.clone(), addr_of(&ticket));
+                tasks.spawn(async move {
+                    let conn = ep.connect(addr, SYNC_ALPN).await.ok()?;
+                    let (mut send, _recv) = conn.open_bi().await.ok()?;
+                    send.write_all(&[0u8]).await.ok()?; // a frame header never finished
+                    tokio::time::sleep(Duration::from_secs(8)).await;
+                    Some(conn)
+                });
+            }
+        }
+        // Meanwhile a member's write reaches the other member.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.put_bytes("/during.txt", b"written while strangers knock");
+        let arrived = tokio::task::spawn_blocking({
+            let friend_dir = friend.data().to_path_buf();
+            move || {
+                let t = std::time::Instant::now();
+                while t.elapsed() < Duration::from_secs(10) {
+                    let out = std::process::Command::new(env!("CARGO_BIN_EXE_alkfs")).arg("--data").arg(&friend_dir).args(["get", "/during.txt"]).output().unwrap();
+                    if out.status.success() {
+                        return Some(t.elapsed());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None
+            }
+        })
+        .await
+        .unwrap();
+        assert!(arrived.is_some(), "a member's write did not reach the other member while strangers knocked");
+        while tasks.join_next().await.is_some() {}
+        for ep in eps {
+            ep.close().await;
+        }
+        ep.close().await;
+    });
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // The bounds were hit, counted, and logged once each (not once per stranger).
+    let st = common::status_json(s.data()).expect("status");
+    let hits = st["mesh"]["bounds_hit"].as_array().cloned().unwrap_or_default();
+    let hit = |name: &str| hits.iter().find(|h| h["name"] == name).and_then(|h| h["hits"].as_u64()).unwrap_or(0);
+    assert!(hit("HANDSHAKES_MAX") > 0, "{hits:?}");
+    assert_eq!(hit("HANDSHAKE_FRAME_BYTES_MAX"), 1, "{hits:?}");
+    let log = node.log();
+    assert_eq!(log.lines().filter(|l| l.contains("too many handshakes")).count(), 1, "logged once, with a count");
+    assert!(s.ok(&["status"]).contains("HANDSHAKES_MAX"));
+    let grown_mib = rss_kib(node.pid()).saturating_sub(rss_before) / 1024;
+    assert!(grown_mib <= 64, "the node grew by {grown_mib} MiB under the strangers");
+}

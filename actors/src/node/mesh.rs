@@ -734,6 +734,10 @@ pub struct MeshState {
     nonce: u64,
     /// Peers' versions waiting for the clock bound, by writer (for status).
     clock_waits: Vec<ClockWait>,
+    /// Signs this node's gossip announcements.
+    signer: crate::proto::signed::EntrySigner,
+    /// Each shared bucket's members now (not removed): whose announcements count.
+    members: HashMap<Uid, HashSet<NodeId>>,
 }
 
 impl Actor for MeshActor {
@@ -745,7 +749,9 @@ impl Actor for MeshActor {
         ctx.faults.check_start(Child::Mesh)?;
         let handle = NodeHandle::new(ctx.names.clone());
         let net = ctx.net.clone();
-        let my_id = crate::identity::node_id(&crate::identity::load_or_create(&ctx.dir)?);
+        let key = crate::identity::load_or_create(&ctx.dir)?;
+        let my_id = crate::identity::node_id(&key);
+        let signer = crate::proto::signed::EntrySigner::new(&key.to_bytes());
         if let Some(net) = &net {
             if let Ok(MeshReply::Changed(changed)) = mesh(&handle, MeshOp::AnnounceAddrs(net.addrs())).await {
                 let _ = me.cast(MeshMsg::Changed(changed));
@@ -772,6 +778,8 @@ impl Actor for MeshActor {
             neighbors: Default::default(),
             nonce: std::collections::hash_map::RandomState::new().build_hasher().finish(),
             clock_waits: Vec::new(),
+            signer,
+            members: HashMap::new(),
         })
     }
 
@@ -791,11 +799,21 @@ impl Actor for MeshActor {
             }
             MeshMsg::Changed(changed) => broadcast(state, &changed),
             MeshMsg::Announced(bucket, bytes) => {
-                let Ok(a) = crate::proto::sync::Announcement::decode(&bytes) else {
-                    tracing::debug!("ignored a malformed gossip announcement");
-                    return Ok(());
+                // Signed by the node it names, for this bucket, and that node a member now: a
+                // stranger's, a removed member's or another bucket's announcement is dropped
+                // (and makes this node track nothing).
+                let a = match crate::proto::sync::Announcement::open(&bucket, &bytes) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "dropped a gossip announcement");
+                        return Ok(());
+                    }
                 };
                 if a.node == state.me {
+                    return Ok(());
+                }
+                if !state.members.get(&bucket).is_some_and(|m| m.contains(&a.node)) {
+                    tracing::debug!(sender = %a.node.short(), "dropped a gossip announcement from a node that is not a member of the bucket");
                     return Ok(());
                 }
                 match state.sessions.get(&a.node) {
@@ -805,7 +823,11 @@ impl Actor for MeshActor {
                         let _ = s.actor.cast(SessionMsg::Changed(a.docs.iter().map(|(d, _)| (bucket, *d)).collect()));
                     }
                     // None: dial the announcer at the next tick.
-                    None => state.peers.entry(a.node).or_default().next_dial = None,
+                    None => {
+                        if let Some(p) = state.peers.get_mut(&a.node) {
+                            p.next_dial = None;
+                        }
+                    }
                 }
             }
             MeshMsg::Tick => tick(&me, state).await,
@@ -986,7 +1008,7 @@ async fn announce(state: &mut MeshState, changed: &[(Uid, u16)]) {
             node: state.me,
             docs: docs.iter().map(|d| (*d, digests.get(*d as usize).copied().unwrap_or(0))).collect(),
         };
-        if let Err(e) = sender.broadcast(a.encode().into()).await {
+        if let Err(e) = sender.broadcast(a.seal(&bucket, &state.signer).into()).await {
             tracing::debug!(error = %e, "gossip announcement not sent");
         }
     }
@@ -996,6 +1018,7 @@ async fn announce(state: &mut MeshState, changed: &[(Uid, u16)]) {
 /// newly known members to join.
 async fn join_topics(me: &ActorRef<MeshMsg>, state: &mut MeshState, net: &Net) {
     let Ok(MeshReply::Shared(shared)) = mesh(&state.handle, MeshOp::Shared).await else { return };
+    state.members = shared.iter().map(|(b, m)| (*b, m.iter().copied().collect())).collect();
     for (bucket, members) in shared {
         let ids: Vec<iroh::EndpointId> = members.iter().filter_map(endpoint_id).collect();
         match state.topics.get_mut(&bucket) {

@@ -79,6 +79,7 @@ proptest! {
         let good = Frame::Sync { bucket: Uid([1; 16]), doc: DOCS - 1, msg: vec![1, 2, 3] }.encode();
         let _ = Frame::decode(&mutated(&good[4..], &flips));
         let _ = Announcement::decode(&bytes);
+        let _ = Announcement::open(&crate::proto::ids::Uid([1; 16]), &bytes);
         let header: [u8; 4] = [bytes.first().copied().unwrap_or(0), bytes.get(1).copied().unwrap_or(0), bytes.get(2).copied().unwrap_or(0), bytes.get(3).copied().unwrap_or(0)];
         let _ = Frame::body_len(header);
     }

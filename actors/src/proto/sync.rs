@@ -179,7 +179,28 @@ pub struct Announcement {
     pub docs: Vec<(u16, u64)>,
 }
 
+/// The key announcements are signed under: no document entry has it (every document key
+/// names its writer), so neither can pass for the other.
+pub const ANNOUNCE_KEY: &str = "announce";
+
 impl Announcement {
+    /// Sealed by its sender for gossip on `bucket`'s topic (see [`super::signed`]).
+    pub fn seal(&self, bucket: &Uid, signer: &super::signed::EntrySigner) -> Vec<u8> {
+        signer.seal(bucket, ANNOUNCE_KEY, &self.encode())
+    }
+
+    /// An announcement from gossip on `bucket`'s topic: signed, for this bucket, by the node
+    /// it names. (Whether that node is a member is the receiver's to check.)
+    pub fn open(bucket: &Uid, bytes: &[u8]) -> Result<Self, SyncError> {
+        let sealed = super::signed::open(bytes).map_err(|e| SyncError::Malformed(e.to_string()))?;
+        super::signed::verify(bucket, &[(ANNOUNCE_KEY, sealed)]).map_err(|_| SyncError::Malformed("an announcement whose signature does not hold".into()))?;
+        let a = Self::decode(sealed.body)?;
+        if a.node != sealed.signer {
+            return Err(SyncError::Malformed("an announcement signed by another node than the one it names".into()));
+        }
+        Ok(a)
+    }
+
     /// Encodes for gossip.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("encoding to memory cannot fail")
@@ -278,8 +299,18 @@ mod tests {
     fn announcements_fit_gossip_and_garbage_is_refused() {
         let a = Announcement { nonce: 1, node: super::super::ids::NodeId([3; 32]), docs: (0..DOCS).map(|d| (d, u64::MAX)).collect() };
         let bytes = a.encode();
-        assert!(bytes.len() + 128 < GOSSIP_MESSAGE_BYTES_MAX, "a full announcement is {} bytes", bytes.len());
         assert_eq!(Announcement::decode(&bytes).unwrap(), a);
+        // Sealed: it fits gossip's limit, opens on its bucket only, and only for its signer.
+        let signer = crate::proto::signed::EntrySigner::new(&[4; 32]);
+        let a = Announcement { node: signer.id(), ..a };
+        let sealed = a.seal(&Uid([1; 16]), &signer);
+        assert!(sealed.len() + 128 < GOSSIP_MESSAGE_BYTES_MAX, "a full announcement is {} bytes", sealed.len());
+        assert_eq!(Announcement::open(&Uid([1; 16]), &sealed).unwrap(), a);
+        assert!(Announcement::open(&Uid([2; 16]), &sealed).is_err(), "another bucket's");
+        let other = crate::proto::signed::EntrySigner::new(&[5; 32]);
+        assert!(Announcement::open(&Uid([1; 16]), &a.seal(&Uid([1; 16]), &other)).is_err(), "signed by another node than it names");
+        assert!(Announcement::open(&Uid([1; 16]), &a.encode()).is_err(), "unsigned");
+        let a = Announcement { node: super::super::ids::NodeId([3; 32]), ..a };
         let bad = Announcement { docs: vec![(DOCS, 0)], ..a };
         assert!(Announcement::decode(&bad.encode()).is_err());
         assert_ne!(topic_of(&Uid([1; 16])), topic_of(&Uid([2; 16])));
