@@ -563,3 +563,70 @@ fn a_huge_first_frame_and_hundreds_of_strangers_at_once_cost_the_node_little_and
     let grown_mib = rss_kib(node.pid()).saturating_sub(rss_before) / 1024;
     assert!(grown_mib <= 64, "the node grew by {grown_mib} MiB under the strangers");
 }
+
+/// Bucket isolation: a member of one bucket names, in a version of its own, the hash of a
+/// file only another bucket of the node holds. The version is applied (it is the member's to
+/// write), but the node serves that hash only to members of buckets it came into by a write
+/// here or a fetch from their members: the member gets no byte of it. The bucket's own file
+/// is served to it (the check can pass).
+#[test]
+fn a_member_naming_a_hash_only_another_bucket_holds_gets_none_of_its_bytes() {
+    let s = Store::new();
+    let node = Node::start(&s, &[], &[]);
+    s.ok(&["bucket", "create", "private"]);
+    let secret = vec![0x5e; 100_000];
+    s.put_bytes_with(&["--bucket", "private"], "/diary.bin", &secret);
+    s.put_bytes("/public.txt", b"for the members of default");
+    let hash_of = |flags: &[&str], path: &str| {
+        let mut args = flags.to_vec();
+        args.extend(["ls", "--json", path]);
+        ContentHash::from_hex(common::parse_json_array(&s.ok(&args))[0]["hash"].as_str().unwrap()).unwrap()
+    };
+    let (private, public) = (hash_of(&["--bucket", "private"], "/diary.bin"), hash_of(&[], "/public.txt"));
+    let ticket = Ticket::decode(&s.ok(&["invite"])).unwrap();
+    runtime().block_on(async {
+        let ep = stranger().await;
+        let me = NodeId(*ep.id().as_bytes());
+        let signer = EntrySigner::new(&ep.secret_key().to_bytes());
+        let (_conn, mut send, _recv, root) = join_as_member(&ep, &ticket).await;
+        // A version of the member's own, in the shared bucket, naming the private hash.
+        let c = Change {
+            branch: root.uid,
+            path: TreePath::parse("/named.bin").unwrap(),
+            key: OrderKey::new(Stamp::at(common_now_ms()), &VersionId { node: me, seq: 1 }),
+            pred: None,
+            version: Version { entry: Some(Entry { kind: EntryKind::File, hash: private, size: secret.len() as u64, mode: 0o644, mtime_ms: 0 }), written: Stamp::at(common_now_ms()) },
+            origin: Origin::Write,
+            commit: None,
+        };
+        let key = replica::doc_key(&c.id());
+        let mut d = ReplicaDoc::new(&me.0);
+        d.put(&key, &signer.seal(&ticket.bucket, &key, &replica::encode(&c))).unwrap();
+        let doc = replica::shard_of(&c.branch, &c.path);
+        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+        await_cond(Duration::from_secs(20), "the member's version to be applied", || s.run(&["ls", "/named.bin"]).status.success());
+        // Asked for directly: the private bytes are refused; the bucket's own are served.
+        let fetch = |hash: ContentHash| {
+            let ep = ep.clone();
+            let addr = addr_of(&ticket);
+            async move {
+                let store = iroh_blobs::store::mem::MemStore::new();
+                let h = iroh_blobs::Hash::from_bytes(hash.0);
+                let conn = ep.connect(addr, iroh_blobs::ALPN).await.ok()?;
+                let ok = tokio::time::timeout(Duration::from_secs(10), store.remote().fetch(conn, h)).await.ok().map(|r| r.is_ok());
+                Some((ok, store.blobs().has(h).await.unwrap_or(false)))
+            }
+        };
+        let (ok, has) = fetch(private).await.unwrap_or((Some(false), false));
+        assert_ne!(ok, Some(true), "a member of one bucket fetched another bucket's bytes");
+        assert!(!has, "no byte of the other bucket's file arrived");
+        assert_eq!(fetch(public).await.map(|(ok, has)| (ok, has)), Some((Some(true), true)), "the bucket's own file is served to its member");
+        ep.close().await;
+    });
+    let log = node.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+fn common_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}

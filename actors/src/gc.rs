@@ -147,6 +147,7 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
             Ok((hash, r.get::<_, bool>(1)?, r.get::<_, i64>(2)? as u64))
         })?;
         let mut delete = conn.prepare("DELETE FROM blob WHERE hash = ?1")?;
+        let mut unserve = conn.prepare("DELETE FROM bucket_blob WHERE hash = ?1")?;
         for row in rows {
             let (raw, is_file, size) = row?;
             let Ok(bytes) = <[u8; 32]>::try_from(raw.as_slice()) else { continue };
@@ -156,9 +157,10 @@ pub fn collect(tree: &mut TreeStore, content: &ContentStore, policy: Retention, 
                 continue;
             }
             delete.execute([&raw])?;
+            unserve.execute([&raw])?;
             doomed.push((hash, is_file, size));
         }
-        drop(delete);
+        drop((delete, unserve));
         drop(unreferenced);
         let outbox_since_ms = now_ms - i64::from(policy.outbox_keep_days.max(1)) * 86_400_000;
         report.events_pruned = outbox::prune(conn, outbox_since_ms)? as u64;

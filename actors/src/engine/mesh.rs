@@ -1087,10 +1087,17 @@ pub fn peers(conn: &Connection) -> Result<Vec<(NodeId, Vec<SocketAddr>)>, StoreE
 
 /// Whether `peer` may fetch blob `hash`: some version in a bucket it is a member of names it.
 pub fn may_fetch(conn: &Connection, peer: &NodeId, hash: &crate::proto::entry::ContentHash) -> Result<bool, StoreError> {
+    // The hash came into one of the peer's buckets by a write of this node there (a version
+    // whose writer, in its order key, is this node), or by a fetch from that bucket's members.
     Ok(conn
         .prepare_cached(
-            "SELECT 1 FROM version v JOIN branch b ON b.id = v.branch_id
-             WHERE v.hash = ?1 AND b.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = ?2 AND removed_ms IS NULL) LIMIT 1",
+            "SELECT 1 FROM bucket_blob WHERE hash = ?1
+               AND bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = ?2 AND removed_ms IS NULL)
+             UNION ALL
+             SELECT 1 FROM version v JOIN branch b ON b.id = v.branch_id
+             WHERE v.hash = ?1 AND substr(v.vkey, 13, 32) = (SELECT self_node FROM clock WHERE id = 0)
+               AND b.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = ?2 AND removed_ms IS NULL)
+             LIMIT 1",
         )?
         .query_row(params![hash.0.to_vec(), peer.0], |_| Ok(()))
         .optional()?
@@ -1211,7 +1218,7 @@ pub enum MeshOp {
     /// The bytes of blobs arrived (inline ones carry them; larger ones are in place, tagged
     /// and referenced by the iroh-blobs store), all recorded in one transaction. Inline ones
     /// are left for the blob actor to index (tag) in a quiet moment.
-    BlobsArrived(Vec<(crate::proto::entry::ContentHash, Option<Vec<u8>>)>),
+    BlobsArrived(NodeId, Vec<(crate::proto::entry::ContentHash, Option<Vec<u8>>)>),
     /// Apply the versions whose stamps came within the clock bound, and say what still
     /// waits ([`MeshReply::ClockWaits`]).
     ReleaseDue,
@@ -1312,12 +1319,19 @@ impl Mesh {
                     .collect();
                 MeshReply::Blobs(rows)
             }
-            MeshOp::BlobsArrived(blobs) => {
+            MeshOp::BlobsArrived(peer, blobs) => {
                 let now = engine.now_ms();
                 engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
                     let mut st = tx.conn().prepare_cached("UPDATE blob SET present = 1, indexed = (?2 IS NULL), data = COALESCE(?2, data) WHERE hash = ?1")?;
+                    // Servable from now on to the members of each bucket of `peer` that names it.
+                    let mut mark = tx.conn().prepare_cached(
+                        "INSERT OR IGNORE INTO bucket_blob(bucket_id, hash)
+                         SELECT DISTINCT b.bucket_id, ?1 FROM version v JOIN branch b ON b.id = v.branch_id
+                         WHERE v.hash = ?1 AND b.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = ?2 AND removed_ms IS NULL)",
+                    )?;
                     for (hash, inline) in &blobs {
                         st.execute(params![hash.0.to_vec(), inline])?;
+                        mark.execute(params![hash.0.to_vec(), peer.0])?;
                     }
                     Ok(())
                 })?;

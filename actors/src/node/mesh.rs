@@ -1356,7 +1356,7 @@ async fn fetch_batch(endpoint: &Endpoint, index: &crate::index::BlobIndex, conte
     }
     // One transaction records the whole batch; what it could not record counts as not landed.
     let got: HashSet<ContentHash> = landed.iter().map(|(h, _)| *h).collect();
-    match mesh(handle, MeshOp::BlobsArrived(landed)).await {
+    match mesh(handle, MeshOp::BlobsArrived(peer, landed)).await {
         Ok(_) => {
             for a in &mut attempts {
                 a.landed = a.asked.iter().map(|(h, _)| *h).filter(|h| got.contains(h)).collect();

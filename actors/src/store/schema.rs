@@ -279,6 +279,21 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE mesh_invite ADD COLUMN role TEXT NOT NULL DEFAULT 'writer';
     ALTER TABLE mesh_member ADD COLUMN role TEXT;
     "#,
+    // 11 → 12: blobs by bucket, for serving (`engine::mesh::may_fetch`): a blob this node
+    // fetched from a member of a bucket, for a version of that bucket. (Those a version this
+    // node wrote names count without a row.) A peer's entry that merely names a hash held for
+    // another bucket does not make it servable there. What was here before counts as fetched
+    // for every bucket naming it.
+    r#"
+    CREATE TABLE bucket_blob(
+        bucket_id INTEGER NOT NULL,
+        hash      BLOB NOT NULL,
+        PRIMARY KEY (bucket_id, hash)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO bucket_blob(bucket_id, hash)
+        SELECT DISTINCT b.bucket_id, v.hash FROM version v JOIN branch b ON b.id = v.branch_id JOIN blob ON blob.hash = v.hash
+        WHERE v.hash IS NOT NULL AND blob.present = 1;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
