@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use alknet_actors::proto::clock::Stamp;
-use alknet_actors::proto::doc::{PeerState, ReplicaDoc};
+use alknet_actors::proto::doc::ReplicaDoc;
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use alknet_actors::proto::membership::Role;
@@ -378,17 +378,7 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
 /// Its first sync message of `doc` that carries changes, as if to a peer that has nothing:
 /// what a hostile member pushes unasked.
 fn unasked_message(doc: &mut ReplicaDoc) -> Vec<u8> {
-    let mut empty = ReplicaDoc::new(b"probe");
-    let (mut ours, mut theirs) = (PeerState::new(), PeerState::new());
-    for _ in 0..4 {
-        let m = doc.generate(&mut ours).unwrap();
-        if !empty.receive(&mut theirs, &m, |_| Ok(())).unwrap().is_empty() {
-            return m;
-        }
-        let reply = empty.generate(&mut theirs).unwrap();
-        doc.receive(&mut ours, &reply, |_| Ok(())).unwrap();
-    }
-    panic!("no message carried the changes");
+    doc.message_to_empty_peer().expect("no message carried the changes")
 }
 
 /// A member forging what others write: a version named for another node, a signature that

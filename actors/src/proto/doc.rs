@@ -167,6 +167,21 @@ impl ReplicaDoc {
         state.in_flight || (state.their_heads.as_deref() == Some(heads) && state.their_need.as_ref().is_none_or(|n| n.is_empty()))
     }
 
+    /// The first sync message that carries this document's changes to a peer that has
+    /// nothing (what a new peer is sent unasked; tests and fuzzing build messages with it).
+    pub fn message_to_empty_peer(&mut self) -> Option<Vec<u8>> {
+        let (mut empty, mut ours, mut theirs) = (ReplicaDoc::new(b"empty-peer"), PeerState::new(), PeerState::new());
+        for _ in 0..4 {
+            let m = self.generate(&mut ours)?;
+            if !empty.receive(&mut theirs, &m, |_| Ok(())).ok()?.is_empty() {
+                return Some(m);
+            }
+            let reply = empty.generate(&mut theirs)?;
+            self.receive(&mut ours, &reply, |_| Ok(())).ok()?;
+        }
+        None
+    }
+
     /// Applies a sync message from the peer whose state is `state`; returns the entries it
     /// added (key, value), in no particular order. Before anything of it reaches the
     /// document, its changes are read apart ([`incoming_entries`]): every operation must set
