@@ -46,6 +46,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
             .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone(), instance: net.instance, gate: net.gate.clone() })
             // After the current one: a peer offering both gets the first registered.
             .accept(alknet_actors::proto::sync::OLDER_SYNC_ALPNS[0], mesh::OlderProtocol)
+            .accept(alknet_actors::proto::sync::OLDER_SYNC_ALPNS[1], mesh::OlderProtocol)
             .accept(iroh_blobs::ALPN, mesh::gated_blobs(&index, &content, &net.gate))
             .accept(iroh_gossip::ALPN, mesh::GatedGossip { gossip: net.gossip.clone(), gate: net.gate.clone() })
             .spawn();

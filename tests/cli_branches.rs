@@ -82,20 +82,21 @@ fn put_at(s: &Store, branch: &str, bytes: &[u8], time: &str) {
 }
 
 /// One three-way conflict on /shared.txt: `first` writes its side at noon, then `second`
-/// writes its side with the machine's clock set an hour *back*. The second write still came
-/// later (versions carry a hybrid logical clock stamp, later than every earlier one), so
-/// merging `feat` into main must keep it, whatever the clock said.
+/// writes its side with the machine's clock set half an hour *back*. The second write still
+/// came later (versions carry a hybrid logical clock stamp, later than every earlier one), so
+/// merging `feat` into main must keep it, whatever the clock said. (Within the clock bound of
+/// an hour: a clock set back further stamps from the wall clock again, see `proto::clock`.)
 fn check_conflict(first: &str, second: &str) {
     let s = Store::new();
     s.put_bytes("/shared.txt", b"common ancestor");
     s.ok(&["branch", "create", "feat"]);
     let (early, late) = (format!("early write on {first}").into_bytes(), format!("late write on {second}").into_bytes());
     put_at(&s, first, &early, "2027-06-01 12:00:00");
-    put_at(&s, second, &late, "2027-06-01 11:00:00");
+    put_at(&s, second, &late, "2027-06-01 11:30:00");
     let written = |b: &str| s.log_json(&on(b), "/shared.txt")[0]["written_ms"].as_i64().unwrap();
     let noon_ms = 1_811_851_200_000; // 2027-06-01T12:00:00Z: after any real write of this test
     assert!((noon_ms..noon_ms + 5_000).contains(&written(first)), "the first write is stamped with its clock: {}", written(first));
-    assert_eq!(written(second), written(first), "a clock an hour behind does not stamp the later write earlier");
+    assert_eq!(written(second), written(first), "a clock half an hour behind does not stamp the later write earlier");
 
     let report = s.ok(&["merge", "feat", "--into", "main"]);
     assert!(report.contains("1 conflicts") && report.contains("conflict /shared.txt"), "{report}");

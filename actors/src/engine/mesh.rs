@@ -388,7 +388,8 @@ impl Mesh {
             return Ok(Err(JoinRefusal::NotAnOwner));
         }
         let role: String = engine.tree().conn().query_row("SELECT role FROM mesh_invite WHERE secret_hash = ?1", [&hash], |r| r.get(0)).map_err(StoreError::from)?;
-        let role = Role::parse(&role).unwrap_or(Role::Writer);
+        // A role this build does not know grants the least.
+        let role = Role::parse(&role).unwrap_or(Role::ReadOnly);
         let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now, role };
         self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &member.key(), &member.value())?;
         self.members.remove(&bucket.id);
@@ -800,7 +801,12 @@ fn apply_accepted(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, members
 /// Keeps the changes stamped beyond the clock bound in `mesh_future`, by stamp, and returns
 /// the rest. This node's own versions (coming back after a power loss) are never held.
 fn hold_ahead(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, bound: Bound, now: i64, me: &NodeId) -> Result<Vec<Change>, StoreError> {
-    let (ready, ahead): (Vec<Change>, Vec<Change>) = changes.into_iter().partition(|c| c.id().node == *me || bound.within(c.key.stamp(), now));
+    // An operation waits whole: one version of it ahead holds all of it (a rename must not
+    // arrive as its tombstone alone).
+    let ahead_ops: HashSet<(NodeId, i64)> = changes.iter().filter(|c| c.id().node != *me && !bound.within(c.key.stamp(), now)).filter_map(|c| c.commit.map(|k| (c.id().node, k.first_seq))).collect();
+    let (ready, ahead): (Vec<Change>, Vec<Change>) = changes
+        .into_iter()
+        .partition(|c| c.id().node == *me || (bound.within(c.key.stamp(), now) && !c.commit.is_some_and(|k| ahead_ops.contains(&(c.id().node, k.first_seq)))));
     for c in &ahead {
         tx.conn()
             .prepare_cached("INSERT INTO mesh_future(bucket_id, writer, at_ms, data) VALUES (?1, ?2, ?3, ?4)")?
@@ -1323,11 +1329,15 @@ impl Mesh {
                 let now = engine.now_ms();
                 engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
                     let mut st = tx.conn().prepare_cached("UPDATE blob SET present = 1, indexed = (?2 IS NULL), data = COALESCE(?2, data) WHERE hash = ?1")?;
-                    // Servable from now on to the members of each bucket of `peer` that names it.
+                    // Servable from now on to the members of each bucket in which `peer` itself
+                    // wrote a version naming it: it had the bytes there. (Not every bucket of
+                    // `peer` that names the hash: `peer` may have served it on account of
+                    // another bucket, and a third member's entry may name it only to get it.)
                     let mut mark = tx.conn().prepare_cached(
                         "INSERT OR IGNORE INTO bucket_blob(bucket_id, hash)
                          SELECT DISTINCT b.bucket_id, ?1 FROM version v JOIN branch b ON b.id = v.branch_id
-                         WHERE v.hash = ?1 AND b.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = ?2 AND removed_ms IS NULL)",
+                         WHERE v.hash = ?1 AND substr(v.vkey, 13, 32) = ?2
+                           AND b.bucket_id IN (SELECT bucket_id FROM mesh_member WHERE node = ?2 AND removed_ms IS NULL)",
                     )?;
                     for (hash, inline) in &blobs {
                         st.execute(params![hash.0.to_vec(), inline])?;
@@ -1347,7 +1357,9 @@ impl Mesh {
                 if due > 0 {
                     missing = self.release_due(engine)?.missing_blobs;
                 }
-                MeshReply::ClockWaits(missing, clock_waits(engine.tree().conn(), engine.now_ms())?)
+                let any: bool = engine.tree().conn().query_row("SELECT EXISTS(SELECT 1 FROM mesh_future)", [], |r| r.get(0)).map_err(StoreError::from)?;
+                let waits = if any { clock_waits(engine.tree().conn(), engine.now_ms())? } else { Vec::new() };
+                MeshReply::ClockWaits(missing, waits)
             }
         })
     }

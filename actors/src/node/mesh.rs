@@ -256,12 +256,15 @@ pub struct SyncHandler {
 impl ProtocolHandler for SyncHandler {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let peer = node_of(conn.remote_id());
-        // Until the peer proves membership it holds one of a bounded number of slots, sends
-        // one small frame, and costs the store's writer nothing.
-        let Some(slot) = self.gate.handshake() else {
+        // The peer's key is proven by the connection: a member goes on at once. Anyone else
+        // (a stranger, or a joiner with a ticket) holds one of a bounded number of slots,
+        // sends one small frame, and costs the store's writer nothing until it is admitted.
+        let member = !self.gate.member_buckets(peer, Vec::new()).await.is_empty();
+        let slot = if member { None } else { self.gate.handshake() };
+        if !member && slot.is_none() {
             conn.close(VarInt::from_u32(503), b"busy: too many handshakes, try again");
             return Ok(());
-        };
+        }
         let handle = NodeHandle::new(self.names.clone());
         let (mut send, mut recv) = match tokio::time::timeout(NET_TIMEOUT, conn.accept_bi()).await {
             Ok(Ok(s)) => s,
@@ -345,7 +348,7 @@ impl ProtocolHandler for SyncHandler {
         drop(slot);
         match self.names.find::<MeshMsg>(Child::Mesh) {
             Some(m) => {
-                let clock_offset_ms = their_clock.saturating_sub(wall_ms());
+                let clock_offset_ms = clock_offset(their_clock, wall_ms());
                 let _ = m.cast(MeshMsg::Opened(Box::new(Opened { peer, dialer: peer, conn, send, recv, buckets: accepted, addrs, instance, clock_offset_ms })));
             }
             None => conn.close(VarInt::from_u32(503), b"restarting"),
@@ -370,12 +373,7 @@ pub struct GatedGossip {
 impl ProtocolHandler for GatedGossip {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let peer = node_of(conn.remote_id());
-        let Some(slot) = self.gate.handshake() else {
-            conn.close(VarInt::from_u32(503), b"busy");
-            return Ok(());
-        };
         let member = !self.gate.member_buckets(peer, Vec::new()).await.is_empty();
-        drop(slot);
         if !member {
             tracing::warn!(peer = %peer.short(), "refused a gossip connection from a node that shares no bucket");
             conn.close(VarInt::from_u32(403), b"not a member");
@@ -555,6 +553,14 @@ pub struct Opened {
     /// How far the peer's wall clock is ahead of this node's (negative: behind), as the
     /// handshake measured it.
     pub clock_offset_ms: i64,
+}
+
+/// How far apart two clocks are said to be at most (a peer's wild `clock_ms` is clamped to it).
+const CLOCK_OFFSET_SHOWN_MAX_MS: i64 = 100 * 365 * 86_400_000;
+
+/// `theirs - ours`, clamped to ±[`CLOCK_OFFSET_SHOWN_MAX_MS`].
+fn clock_offset(theirs: i64, ours: i64) -> i64 {
+    theirs.saturating_sub(ours).clamp(-CLOCK_OFFSET_SHOWN_MAX_MS, CLOCK_OFFSET_SHOWN_MAX_MS)
 }
 
 /// This machine's wall clock, for the handshake's clock comparison.
@@ -834,6 +840,10 @@ impl Actor for MeshActor {
             MeshMsg::MembersChanged => {
                 for s in state.sessions.values() {
                     let _ = s.actor.cast(SessionMsg::Recheck);
+                }
+                // Whose announcements count, now, not at the next tick.
+                if let Some(net) = state.net.clone() {
+                    join_topics(&me, state, &net).await;
                 }
             }
             MeshMsg::Opened(opened) => open_session(&me, state, *opened).await,
@@ -1150,7 +1160,7 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
         write_frame(&mut send, &Frame::Hello { buckets: asked.clone(), addrs, instance: net.instance, clock_ms: sent_ms }).await?;
         match read_frame(&mut recv).await? {
             // Their clock read `clock_ms` about half a round trip ago.
-            Frame::Welcome { buckets, instance, clock_ms } => Ok((buckets, instance, clock_ms.saturating_sub((sent_ms + wall_ms()) / 2))),
+            Frame::Welcome { buckets, instance, clock_ms } => Ok((buckets, instance, clock_offset(clock_ms, (sent_ms + wall_ms()) / 2))),
             Frame::Refused { reason } => Err(reason),
             _ => Err("the peer answered something else".to_string()),
         }
@@ -1215,7 +1225,7 @@ async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: O
     let sent_ms = wall_ms();
     write_frame(&mut send, &Frame::Hello { buckets: vec![ticket.bucket], addrs, instance: net.instance, clock_ms: sent_ms }).await?;
     let (buckets, instance, clock_offset_ms) = match tokio::time::timeout(NET_TIMEOUT * 3, read_frame(&mut recv)).await {
-        Ok(Ok(Frame::Welcome { buckets, instance, clock_ms })) => (buckets, instance, clock_ms.saturating_sub((sent_ms + wall_ms()) / 2)),
+        Ok(Ok(Frame::Welcome { buckets, instance, clock_ms })) => (buckets, instance, clock_offset(clock_ms, (sent_ms + wall_ms()) / 2)),
         Ok(Ok(Frame::Refused { reason })) => return Err(reason),
         _ => return Err("the inviter did not welcome the new member".into()),
     };

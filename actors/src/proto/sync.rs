@@ -29,15 +29,16 @@ use super::ticket::{SECRET_BYTES, TICKET_ADDRS_MAX};
 
 /// The protocol's name on the wire; the version is part of it. Version 2: every entry of a
 /// document is signed by its writer (`proto::signed`), and version 1's unsigned entries are
-/// refused, so the two never sync.
-pub const SYNC_ALPN: &[u8] = b"/alknet-fs/sync/2";
+/// refused, so the two never sync. Version 3: the handshake carries each side's wall clock,
+/// and gossip announcements are sealed by their sender.
+pub const SYNC_ALPN: &[u8] = b"/alknet-fs/sync/3";
 
 /// Earlier versions of the protocol: a node answers them only to say the peer must upgrade
 /// (never a silent split), and offers them when dialing to learn that a peer is older.
-pub const OLDER_SYNC_ALPNS: &[&[u8]] = &[b"/alknet-fs/sync/1"];
+pub const OLDER_SYNC_ALPNS: &[&[u8]] = &[b"/alknet-fs/sync/2", b"/alknet-fs/sync/1"];
 
 /// What a node of an older protocol is told, and what is logged of it.
-pub const OLDER_PROTOCOL: &str = "the peer runs an older protocol of alknet-fs: upgrade it (this node speaks /alknet-fs/sync/2)";
+pub const OLDER_PROTOCOL: &str = "the peer runs an older protocol of alknet-fs: upgrade it (this node speaks /alknet-fs/sync/3)";
 
 /// The document of a bucket that holds its branches and members (the shards are `0..SHARDS`).
 pub const META_DOC: u16 = SHARDS;

@@ -282,13 +282,13 @@ pub const MIGRATIONS: &[&str] = &[
     // 11 → 12: blobs by bucket, for serving (`engine::mesh::may_fetch`): a blob this node
     // fetched from a member of a bucket, for a version of that bucket. (Those a version this
     // node wrote names count without a row.) A peer's entry that merely names a hash held for
-    // another bucket does not make it servable there. What was here before counts as fetched
-    // for every bucket naming it.
+    // another bucket does not make it servable there. What was here before is trusted on
+    // upgrade: servable to every bucket naming it (which the rule above would not all allow).
     r#"
     CREATE TABLE bucket_blob(
-        bucket_id INTEGER NOT NULL,
         hash      BLOB NOT NULL,
-        PRIMARY KEY (bucket_id, hash)
+        bucket_id INTEGER NOT NULL,
+        PRIMARY KEY (hash, bucket_id)
     ) WITHOUT ROWID;
     INSERT OR IGNORE INTO bucket_blob(bucket_id, hash)
         SELECT DISTINCT b.bucket_id, v.hash FROM version v JOIN branch b ON b.id = v.branch_id JOIN blob ON blob.hash = v.hash

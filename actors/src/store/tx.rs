@@ -66,7 +66,9 @@ impl<'c> Tx<'c> {
             .prepare_cached("SELECT last_ms, last_lc, high_ms FROM clock WHERE id = 0")?
             .query_row([], |r| Ok((Stamp { ms: r.get(0)?, counter: r.get(1)? }, r.get::<_, i64>(2)?)))?;
         let stamp = bound.tick(stamp_before, now_ms);
-        if stamp < stamp_before {
+        // Said once per process: every transaction until the first write would say it again.
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if stamp < stamp_before && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
                 stamped_ms = stamp_before.ms,
                 now_ms,
@@ -184,7 +186,11 @@ impl<'c> Tx<'c> {
     /// [`insert_row`](Self::insert_row) naming `pred` as the version it replaces (the one
     /// its writer saw, which may not be the head any more).
     pub(crate) fn insert_row_with_pred(&mut self, branch: i64, path: &TreePath, version: &Version, origin: &str, pred: Option<VersionId>) -> Result<i64, StoreError> {
-        self.check_writable(branch)?;
+        // A repair (a directory made again so that what arrived stays listed) is the tree's
+        // own consequence of peers' versions, which a read-only member applies like anyone.
+        if origin != crate::proto::replica::Origin::Repair.as_str() {
+            self.check_writable(branch)?;
+        }
         let seq = self.next_seq();
         let id = VersionId { node: self.me, seq };
         let mut stamp = self.stamp;
@@ -204,6 +210,17 @@ impl<'c> Tx<'c> {
             self.write_row(branch, path, seq, &key, pred, version, origin)?;
         }
         Ok(seq)
+    }
+
+    /// What a branch forked now sees its parent up to: this transaction's stamp, or, while
+    /// versions stored here are stamped later (the clock ran ahead and recovered), the latest
+    /// of those, so the new branch shows what its parent shows.
+    fn fork_stamp(&self) -> Stamp {
+        if self.check_heads {
+            self.stamp.max(Stamp { ms: self.high_ms.max(self.bumped.ms), counter: u32::MAX })
+        } else {
+            self.stamp
+        }
     }
 
     /// Refuses a write on `branch` when this node is a read-only member of its bucket (every
@@ -557,7 +574,7 @@ impl<'c> Tx<'c> {
         self.tx.execute(
             "INSERT INTO branch(bucket_id, name, parent_id, fork_seq, depth, created_ms, fork_key, uid)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![bucket_id, name, from.id, i64::MAX, from.depth + 1, self.stamp.ms, OrderKey::upto(self.stamp).0, self.mint_uid()?.0],
+            params![bucket_id, name, from.id, i64::MAX, from.depth + 1, self.stamp.ms, OrderKey::upto(self.fork_stamp()).0, self.mint_uid()?.0],
         )?;
         // Stamps after this one sort after the fork, though no version was written.
         self.stamp_used = true;
