@@ -790,7 +790,12 @@ impl MountFs {
         }
         st.inodes.lookups.remove(&ino);
         st.inodes.gone.remove(&ino);
-        if !st.open.contains_key(&ino) {
+        // An access time set explicitly is kept while the mount runs (the tree keeps none):
+        // its inode stays, so the next lookup finds it under the same number. (The kernel
+        // may forget an inode between a `utimensat` and the next `stat`, e.g. once a commit
+        // invalidated its entry; the access time then read back as the mtime.)
+        let atime_set = st.times.get(&ino).is_some_and(|t| t.atime_ms.is_some());
+        if !st.open.contains_key(&ino) && !atime_set {
             st.inodes.drop_ino(ino);
             st.times.remove(&ino);
         }
