@@ -87,6 +87,15 @@ fn node_with_a_file() -> (Store, Node, Ticket, String) {
     (s, node, ticket, hash)
 }
 
+/// An honest member joined to the node of `s` (its store and running node): the one whose
+/// sync must go on whatever the hostile peer does.
+fn honest_member_of(s: &Store) -> (Store, Node) {
+    let friend = Store::new();
+    let node = Node::start(&friend, &[], &[]);
+    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    (friend, node)
+}
+
 #[test]
 fn a_stranger_with_a_valid_address_is_refused_on_sync_and_on_blobs() {
     let (s, mut node, ticket, hash) = node_with_a_file();
@@ -134,9 +143,7 @@ fn a_stranger_with_a_valid_address_is_refused_on_sync_and_on_blobs() {
 #[test]
 fn a_member_sending_oversized_or_garbage_frames_is_dropped_and_the_node_serves_the_others() {
     let (s, node, ticket, _) = node_with_a_file();
-    let friend = Store::new();
-    let _friend_node = Node::start(&friend, &[], &[]);
-    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    let (friend, _friend_node) = honest_member_of(&s);
     runtime().block_on(async {
         let ep = stranger().await;
         for attack in 0..3 {
@@ -196,9 +203,7 @@ fn with_lazy_fetching_a_file_whose_bytes_are_on_a_peer_is_fetched_when_read() {
 #[test]
 fn a_member_that_stops_reading_stalls_only_its_own_session() {
     let (s, node, ticket, _) = node_with_a_file();
-    let friend = Store::new();
-    let _friend_node = Node::start(&friend, &[], &[]);
-    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    let (friend, _friend_node) = honest_member_of(&s);
     let rt = runtime();
     // The staller joins, says Hello, asks for every document (an automerge sync message from
     // an empty document each, so the node pushes it whatever changes next), and then never
@@ -388,9 +393,7 @@ fn unasked_message(doc: &mut ReplicaDoc) -> Vec<u8> {
 #[test]
 fn a_member_forging_entries_is_refused_whole_and_nothing_of_it_is_applied() {
     let (s, node, ticket, _) = node_with_a_file();
-    let friend = Store::new();
-    let _friend_node = Node::start(&friend, &[], &[]);
-    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    let (friend, _friend_node) = honest_member_of(&s);
     let stranger_id = NodeId([0x5a; 32]);
     let reasons = runtime().block_on(async {
         let ep = stranger().await;
@@ -478,9 +481,7 @@ fn a_huge_first_frame_and_hundreds_of_strangers_at_once_cost_the_node_little_and
     const STRANGERS: usize = 100;
     const CONNECTIONS_EACH: usize = 5;
     let (s, node, ticket, _) = node_with_a_file();
-    let friend = Store::new();
-    let _friend_node = Node::start(&friend, &[], &[]);
-    friend.ok(&["join", s.ok(&["invite"]).trim()]);
+    let (friend, _friend_node) = honest_member_of(&s);
     await_cond(Duration::from_secs(30), "the friend to have the file", || friend.run(&["get", "/secret.txt"]).status.success());
     let rss_before = rss_kib(node.pid());
     let started = std::time::Instant::now();

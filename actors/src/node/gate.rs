@@ -114,8 +114,7 @@ impl Gate {
 
     /// Counts a first frame over [`HANDSHAKE_FRAME_BYTES_MAX`].
     pub fn oversized_handshake(&self, peer: &NodeId, len: usize) {
-        let _ = len;
-        self.hits.hit("HANDSHAKE_FRAME_BYTES_MAX", HANDSHAKE_FRAME_BYTES_MAX as u64, &format!("dropped a connection whose first frame was over the limit (last: {})", peer.short()));
+        self.hits.hit("HANDSHAKE_FRAME_BYTES_MAX", HANDSHAKE_FRAME_BYTES_MAX as u64, &format!("dropped a connection whose first frame announced {len} bytes, over the limit (last from {})", peer.short()));
     }
 
     /// Runs `f` on the gate's read connection, on a blocking thread.

@@ -227,17 +227,23 @@ impl<'c> Tx<'c> {
     /// other member would refuse the version; it is not written at all). Once per branch per
     /// transaction.
     fn check_writable(&mut self, branch: i64) -> Result<(), StoreError> {
-        if let Some(read_only) = self.read_only.get(&branch) {
-            return if *read_only { Err(StoreError::ReadOnly(self.bucket_name_of(branch)?)) } else { Ok(()) };
+        let read_only = match self.read_only.get(&branch) {
+            Some(r) => *r,
+            None => {
+                let role: Option<Option<String>> = self
+                    .tx
+                    .prepare_cached("SELECT m.role FROM branch b JOIN mesh_member m ON m.bucket_id = b.bucket_id WHERE b.id = ?1 AND m.node = ?2 AND m.removed_ms IS NULL")?
+                    .query_row(params![branch, self.me.0], |r| r.get(0))
+                    .optional()?;
+                let r = matches!(role, Some(Some(r)) if r == crate::proto::membership::Role::ReadOnly.as_str());
+                self.read_only.insert(branch, r);
+                r
+            }
+        };
+        if read_only {
+            return Err(StoreError::ReadOnly(self.bucket_name_of(branch)?));
         }
-        let role: Option<Option<String>> = self
-            .tx
-            .prepare_cached("SELECT m.role FROM branch b JOIN mesh_member m ON m.bucket_id = b.bucket_id WHERE b.id = ?1 AND m.node = ?2 AND m.removed_ms IS NULL")?
-            .query_row(params![branch, self.me.0], |r| r.get(0))
-            .optional()?;
-        let read_only = matches!(role, Some(Some(r)) if r == crate::proto::membership::Role::ReadOnly.as_str());
-        self.read_only.insert(branch, read_only);
-        self.check_writable(branch)
+        Ok(())
     }
 
     fn bucket_name_of(&self, branch: i64) -> Result<String, StoreError> {
