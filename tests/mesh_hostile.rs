@@ -2,7 +2,7 @@
 //! stranger with a valid address is refused on the sync protocol and on blob requests before
 //! any data moves; a member that sends oversized or garbage frames is dropped, and the node
 //! goes on serving the others; a member serving wrong bytes is never believed; a member
-//! forging entries is refused whole.
+//! forging or rewriting entries is refused whole; an operation never finished is held.
 
 mod common;
 
@@ -14,7 +14,7 @@ use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind, Version};
 use alknet_actors::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use alknet_actors::proto::membership::Role;
 use alknet_actors::proto::path::TreePath;
-use alknet_actors::proto::replica::{self, BranchRecord, Change, MetaEntry, Origin};
+use alknet_actors::proto::replica::{self, BranchRecord, Change, CommitRef, MetaEntry, Origin};
 use alknet_actors::proto::signed::EntrySigner;
 use alknet_actors::proto::sync::{Frame, META_DOC, SYNC_ALPN};
 use alknet_actors::proto::ticket::Ticket;
@@ -468,6 +468,102 @@ fn a_member_forging_entries_is_refused_whole_and_nothing_of_it_is_applied() {
     // The honest member still gets new writes.
     s.put_bytes("/after.txt", b"still serving");
     await_cond(Duration::from_secs(30), "the honest member to get a write made after the attacks", || friend.run(&["get", "/after.txt"]).stdout == b"still serving");
+}
+
+/// A member rewriting history: overwriting one of its own entries (a valid signature, by
+/// the right writer) and deleting one. Each message is refused whole, the peer dropped and
+/// the reason logged, the entry stays as first written. An operation that claims a thousand
+/// versions and sends one is held out of the tree (bounded and dated: `store::waiting`, whose
+/// expiry the engine tests drive with a clock). The honest member keeps converging.
+#[test]
+fn a_member_overwriting_deleting_or_never_finishing_is_refused_or_held_and_the_others_go_on() {
+    let (s, node, ticket, _) = node_with_a_file();
+    let (friend, _friend_node) = honest_member_of(&s);
+    runtime().block_on(async {
+        let ep = stranger().await;
+        let me = NodeId(*ep.id().as_bytes());
+        let signer = EntrySigner::new(&ep.secret_key().to_bytes());
+        let (conn, mut send, recv, root) = join_as_member(&ep, &ticket).await;
+        let version = |path: &str, seq: i64, size: u64, commit: Option<CommitRef>| Change {
+            branch: root.uid,
+            path: TreePath::parse(path).unwrap(),
+            key: OrderKey::new(Stamp::at(common_now_ms()), &VersionId { node: me, seq }),
+            pred: None,
+            version: Version { entry: Some(Entry { kind: EntryKind::File, hash: ContentHash::EMPTY, size, mode: 0o644, mtime_ms: 0 }), written: Stamp::at(common_now_ms()) },
+            origin: Origin::Write,
+            commit,
+        };
+        let sealed = |c: &Change| {
+            let key = replica::doc_key(&c.id());
+            (replica::shard_of(&c.branch, &c.path), key.clone(), signer.seal(&ticket.bucket, &key, &replica::encode(c)))
+        };
+        // Its own entry, honestly: applied (the control).
+        let mine = version("/mine.txt", 1, 0, None);
+        let (doc, key, value) = sealed(&mine);
+        let mut d = ReplicaDoc::new(&me.0);
+        d.put(&key, &value).unwrap();
+        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+        let mut saw = false;
+        for _ in 0..300 {
+            if s.run(&["ls", "/mine.txt"]).status.success() {
+                saw = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(saw, "the member's own honest entry was applied");
+        drop((send, recv));
+        conn.close(0u32.into(), b"next");
+        // Rewrites: the same key with other content (signed by its writer), and a deletion.
+        let rewritten = version("/mine.txt", 1, 7, None);
+        let (_, _, other) = sealed(&rewritten);
+        for attack in ["overwrite", "delete"] {
+            let (conn, mut send, mut recv, _) = join_as_member(&ep, &ticket).await;
+            let mut raw = automerge::AutoCommit::load(&d.save()).unwrap().with_actor(automerge::ActorId::from(&b"rewriter"[..]));
+            match attack {
+                "overwrite" => automerge::transaction::Transactable::put(&mut raw, automerge::ROOT, &key, automerge::ScalarValue::Bytes(other.clone())).unwrap(),
+                _ => automerge::transaction::Transactable::delete(&mut raw, automerge::ROOT, &key).unwrap(),
+            }
+            // Every change, the rewrite last, as one sync message (an honest document would
+            // not make it: `ReplicaDoc` refuses to).
+            let changes: Vec<Vec<u8>> = raw.get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect();
+            let msg = automerge::sync::Message { heads: raw.get_heads(), need: vec![], have: vec![], changes: changes.into(), flags: None, version: automerge::sync::MessageVersion::V1 }.encode();
+            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg }.encode()).await.unwrap();
+            let ended = tokio::time::timeout(Duration::from_secs(10), async { while read_frame(&mut recv).await.is_some() {} }).await;
+            assert!(ended.is_ok(), "{attack}: the node kept the connection");
+            conn.close(0u32.into(), b"done");
+        }
+        // An operation of a thousand versions of which one is sent: held, not shown.
+        let (conn, mut send, _recv, _) = join_as_member(&ep, &ticket).await;
+        let part = version("/part-of-a-thousand.txt", 2, 0, Some(CommitRef { first_seq: 2, len: 1000 }));
+        let (doc, key, value) = sealed(&part);
+        let mut d = ReplicaDoc::new(&me.0);
+        d.put(&key, &value).unwrap();
+        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+        let tree = rusqlite::Connection::open_with_flags(s.data().join(alknet_actors::store::TREE_DB_FILE), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let mut held = 0;
+        for _ in 0..300 {
+            held = tree.query_row("SELECT count(*) FROM mesh_held", [], |r| r.get::<_, i64>(0)).unwrap();
+            if held > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(held, 1, "the part was held");
+        conn.close(0u32.into(), b"done");
+        ep.close().await;
+    });
+    let log = node.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(log.matches("refused whole").count(), 2, "each rewrite refused whole and logged once: {log}");
+    assert!(log.contains("replaces an entry written once"), "the overwrite named: {log}");
+    assert!(log.contains("other than setting an entry"), "the deletion named: {log}");
+    let entry = common::parse_json_array(&s.ok(&["ls", "--json", "/mine.txt"]));
+    assert_eq!(entry[0]["size"], 0, "the entry is as first written");
+    assert!(!s.run(&["ls", "/part-of-a-thousand.txt"]).status.success(), "a part of an unfinished operation was shown");
+    s.put_bytes("/after.txt", b"still serving");
+    await_cond(Duration::from_secs(30), "the honest member to get a write made after the attacks", || friend.run(&["get", "/after.txt"]).stdout == b"still serving");
+    assert!(friend.run(&["ls", "/mine.txt"]).status.success(), "the honest member has what the node accepted");
 }
 
 /// The node's resident memory, in KiB.

@@ -66,6 +66,27 @@ fn sync(a: &mut Node, b: &mut Node, uid: &Uid) -> usize {
     messages
 }
 
+/// Runs the sync protocol for document `doc` of bucket `uid` only, between `a` and `b`,
+/// until neither has anything to say (what they have not published yet stays out).
+fn sync_doc(a: &mut Node, b: &mut Node, uid: &Uid, doc: u16) {
+    let (ida, idb) = (a.me(), b.me());
+    for _ in 0..100 {
+        let mut quiet = true;
+        if let Some(m) = a.mesh.generate(&a.engine, &idb, uid, doc).unwrap() {
+            b.mesh.receive(&mut b.engine, &ida, uid, doc, &m).unwrap();
+            quiet = false;
+        }
+        if let Some(m) = b.mesh.generate(&b.engine, &ida, uid, doc).unwrap() {
+            a.mesh.receive(&mut a.engine, &idb, uid, doc, &m).unwrap();
+            quiet = false;
+        }
+        if quiet {
+            return;
+        }
+    }
+    panic!("sync of doc {doc} did not settle");
+}
+
 fn adoption(name: String, bucket: Uid, root: alknet_actors::proto::replica::BranchRecord, inviter: NodeId) -> mesh::Adoption {
     mesh::Adoption { name, bucket, root, inviter, inviter_addrs: vec![], my_addrs: vec![] }
 }
@@ -176,23 +197,7 @@ fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
     assert_eq!(listed(&b), std::slice::from_ref(&from));
     a.engine.rename(&s, &p(&from), &p(&to)).unwrap();
     a.mesh.publish(&mut a.engine).unwrap();
-    let (ida, idb) = (a.me(), b.me());
-    // Only the document holding the delete of `from`, until quiet.
-    let only = |doc: u16, a: &mut Node, b: &mut Node| loop {
-        let mut quiet = true;
-        if let Some(m) = a.mesh.generate(&a.engine, &idb, &uid, doc).unwrap() {
-            b.mesh.receive(&mut b.engine, &ida, &uid, doc, &m).unwrap();
-            quiet = false;
-        }
-        if let Some(m) = b.mesh.generate(&b.engine, &ida, &uid, doc).unwrap() {
-            a.mesh.receive(&mut a.engine, &idb, &uid, doc, &m).unwrap();
-            quiet = false;
-        }
-        if quiet {
-            break;
-        }
-    };
-    only(shard(&from), &mut a, &mut b);
+    sync_doc(&mut a, &mut b, &uid, shard(&from));
     assert_eq!(listed(&b), std::slice::from_ref(&from), "half a rename shown");
     // B restarts in between: what it held back is still held.
     let Node { dir, engine, .. } = b;
@@ -200,7 +205,7 @@ fn a_rename_arrives_whole_even_when_its_halves_travel_apart() {
     let engine = Engine::open(dir.path(), Access::Write).unwrap();
     let mesh = Mesh::new(&engine).unwrap();
     let mut b = Node { dir, engine, mesh };
-    only(shard(&to), &mut a, &mut b);
+    sync_doc(&mut a, &mut b, &uid, shard(&to));
     assert_eq!(listed(&b), std::slice::from_ref(&to), "the whole rename, once its second half arrived");
 }
 
@@ -458,4 +463,138 @@ fn a_clock_set_right_after_running_years_ahead_stamps_real_time_and_later_writes
 fn clock_now(clock: &alknet_actors::proto::clock::ManualClock) -> i64 {
     use alknet_actors::proto::clock::Clock;
     clock.now_ms()
+}
+
+const DAY_MS: i64 = 24 * 3_600_000;
+
+/// The paths B lists on main.
+fn listed(n: &Node) -> Vec<String> {
+    n.engine.walk(&main_scope(), &p("/")).unwrap().iter().map(|r| r.path.to_string()).collect()
+}
+
+fn count_rows(n: &Node, table: &str) -> i64 {
+    n.engine.tree().conn().query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+}
+
+/// Renames (from, to) of files whose four versions' shards differ from each other's, so
+/// each half travels alone.
+fn renames_apart(a: &Node, n: usize) -> Vec<(String, String)> {
+    let root = a.engine.branch_records("default").unwrap().into_iter().find(|r| r.parent.is_none()).unwrap().uid;
+    let shard = |path: &str| alknet_actors::proto::replica::shard_of(&root, &p(path));
+    let mut used = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for i in 0..1000 {
+        let (from, to) = (format!("/from{i}"), format!("/to{i}"));
+        let (sf, st) = (shard(&from), shard(&to));
+        if sf != st && !used.contains(&sf) && !used.contains(&st) {
+            used.extend([sf, st]);
+            out.push((from, to));
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// A member that starts operations and never finishes them costs a bounded wait: past the
+/// writer's bound its oldest operation is applied as it stands, and past its time so is the
+/// rest; the missing halves, when they come at last, apply at once. Nothing is lost.
+#[test]
+fn an_operation_that_never_wholly_arrives_is_applied_as_it_stands_past_its_bound_or_its_time() {
+    let (mut a, _clock_a) = Node::with_clock();
+    let (mut b, clock_b) = Node::with_clock();
+    b.mesh.set_wait_bounds(alknet_actors::store::waiting::WaitBounds { held_per_writer: 1, ..Default::default() });
+    let s = main_scope();
+    let uid = join(&mut a, &mut b);
+    let pairs = renames_apart(&a, 2);
+    let root = a.engine.branch_records("default").unwrap().into_iter().find(|r| r.parent.is_none()).unwrap().uid;
+    let shard = |path: &str| alknet_actors::proto::replica::shard_of(&root, &p(path));
+    for (from, _) in &pairs {
+        put(&mut a.engine, &s, from, b"moving");
+    }
+    sync(&mut a, &mut b, &uid);
+    let mut from: Vec<String> = pairs.iter().map(|(f, _)| f.clone()).collect();
+    from.sort();
+    assert_eq!(listed(&b), from);
+    for (from, to) in &pairs {
+        a.engine.rename(&s, &p(from), &p(to)).unwrap();
+    }
+    a.mesh.publish(&mut a.engine).unwrap();
+    // The first rename's delete arrives alone: held, within the bound of one version.
+    sync_doc(&mut a, &mut b, &uid, shard(&pairs[0].0));
+    assert!(listed(&b).contains(&pairs[0].0), "half a rename shown");
+    assert_eq!(count_rows(&b, "mesh_held"), 1);
+    // The second's: the writer now holds two, over its bound; its oldest operation goes as
+    // it stands (the first file's delete shows), the second waits.
+    sync_doc(&mut a, &mut b, &uid, shard(&pairs[1].0));
+    assert_eq!(count_rows(&b, "mesh_held"), 1);
+    let now = listed(&b);
+    assert!(!now.contains(&pairs[0].0) && now.contains(&pairs[1].0), "{now:?}");
+    let hits = b.mesh.take_wait_hits();
+    assert_eq!(hits.iter().map(|h| h.name).collect::<Vec<_>>(), ["HELD_VERSIONS_PER_WRITER_MAX"], "{hits:?}");
+    // A day later the second goes as it stands too.
+    clock_b.advance(DAY_MS - 1_000);
+    b.mesh.release_due(&mut b.engine).unwrap();
+    assert_eq!(count_rows(&b, "mesh_held"), 1, "held before its time ran out");
+    clock_b.advance(1_000);
+    b.mesh.release_due(&mut b.engine).unwrap();
+    assert_eq!(count_rows(&b, "mesh_held"), 0);
+    assert!(listed(&b).is_empty(), "{:?}", listed(&b));
+    assert_eq!(b.mesh.take_wait_hits().iter().map(|h| h.name).collect::<Vec<_>>(), ["HELD_OPERATION_SECS_MAX"]);
+    // The other halves, when they come, apply at once: both files are where A put them.
+    sync(&mut a, &mut b, &uid);
+    let mut want: Vec<String> = pairs.iter().map(|(_, t)| t.clone()).collect();
+    want.sort();
+    assert_eq!(listed(&b), want);
+    assert_eq!(count_rows(&b, "mesh_held"), 0);
+}
+
+/// Versions of a writer whose admission has not arrived wait, within a bucket's bound and
+/// for a bounded time; those that leave the wait are not lost: once the admission arrives,
+/// the bucket's documents are read again and they are applied.
+#[test]
+fn versions_that_left_the_wait_over_its_bound_or_past_its_time_are_applied_once_their_writer_is_admitted() {
+    for over_time in [false, true] {
+        let (mut a, _clock_a) = Node::with_clock();
+        let (mut b, clock_b) = Node::with_clock();
+        let (mut c, _clock_c) = Node::with_clock();
+        b.mesh.set_wait_bounds(alknet_actors::store::waiting::WaitBounds { deferred_per_bucket: if over_time { 100 } else { 1 }, ..Default::default() });
+        let s = main_scope();
+        let uid = join(&mut a, &mut b);
+        sync(&mut a, &mut b, &uid);
+        join(&mut a, &mut c);
+        sync(&mut a, &mut c, &uid);
+        let files = ["/c1.txt", "/c2.txt", "/c3.txt"];
+        for f in files {
+            put(&mut c.engine, &s, f, f.as_bytes());
+        }
+        sync(&mut a, &mut c, &uid);
+        // B hears of C's versions before C's admission.
+        a.mesh.publish(&mut a.engine).unwrap();
+        for doc in 0..alknet_actors::proto::sync::DOCS {
+            if doc != alknet_actors::proto::sync::META_DOC {
+                sync_doc(&mut a, &mut b, &uid, doc);
+            }
+        }
+        assert!(listed(&b).is_empty(), "a version of a writer B has not seen admitted was applied");
+        let hits: Vec<&str> = b.mesh.take_wait_hits().iter().map(|h| h.name).collect();
+        if over_time {
+            assert_eq!(count_rows(&b, "mesh_deferred"), 3);
+            clock_b.advance(7 * DAY_MS);
+            b.mesh.release_due(&mut b.engine).unwrap();
+            assert_eq!(b.mesh.take_wait_hits().iter().map(|h| h.name).collect::<Vec<_>>(), ["DEFERRED_SECS_MAX"]);
+        } else {
+            assert!(!hits.is_empty() && hits.iter().all(|h| *h == "DEFERRED_VERSIONS_PER_BUCKET_MAX"), "{hits:?}");
+        }
+        assert_eq!(count_rows(&b, "mesh_deferred"), if over_time { 0 } else { 1 });
+        assert_eq!(count_rows(&b, "mesh_rescan"), 1);
+        // The admission arrives: what still waited applies at once, the rest when the
+        // documents are read again (at the next tick).
+        sync_doc(&mut a, &mut b, &uid, alknet_actors::proto::sync::META_DOC);
+        assert_eq!(listed(&b).len(), if over_time { 0 } else { 1 });
+        b.mesh.release_due(&mut b.engine).unwrap();
+        assert_eq!(listed(&b), files, "over_time: {over_time}");
+        assert_eq!(count_rows(&b, "mesh_rescan"), 0, "the documents hold nothing more that waits");
+    }
 }

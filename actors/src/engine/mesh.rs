@@ -32,6 +32,7 @@ use crate::proto::sync::{DOCS, META_DOC};
 use crate::proto::ticket::{admit, InviteTerms, JoinRefusal, SECRET_BYTES};
 use crate::store::outbox;
 use crate::store::replica::{branch_record, own_changes, Applied};
+use crate::store::waiting::{self, WaitBounds, WaitHit, Waiting};
 use crate::store::{Ids, StoreError, Tx};
 
 /// The outbox consumer that publishes this node's writes to its peers (it never expires).
@@ -87,6 +88,8 @@ pub struct Mesh {
     states: HashMap<(NodeId, i64, u16), PeerState>,
     /// Each shared bucket's membership, read from its document (dropped when that changes).
     members: HashMap<i64, Membership>,
+    /// What waits for peers: its bounds, its counts, the bounds hit (`store::waiting`).
+    waiting: Waiting,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -110,7 +113,7 @@ impl Mesh {
         }
         let mut actor = me.0.to_vec();
         actor.extend_from_slice(&std::collections::hash_map::RandomState::new().build_hasher().finish().to_be_bytes());
-        Ok(Mesh { me, signer, actor, docs: HashMap::new(), states: HashMap::new(), members: HashMap::new() })
+        Ok(Mesh { me, signer, actor, docs: HashMap::new(), states: HashMap::new(), members: HashMap::new(), waiting: Waiting::default() })
     }
 
     /// Signs `body` as the value of `key` and puts it into document `doc` of bucket
@@ -121,6 +124,17 @@ impl Mesh {
         }
         let value = self.signer.seal(uid, key, body);
         self.doc(conn, bucket_id, doc)?.put(key, &value).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Bounds what waits for peers by `bounds` instead of `proto::limits`' (tests make them
+    /// small).
+    pub fn set_wait_bounds(&mut self, bounds: WaitBounds) {
+        self.waiting = Waiting::new(bounds);
+    }
+
+    /// The bounds on what waits that were hit since the last call, for `alkfs status`.
+    pub fn take_wait_hits(&mut self) -> Vec<WaitHit> {
+        self.waiting.take_hits()
     }
 
     /// This node.
@@ -471,7 +485,7 @@ impl Mesh {
         let me = self.me;
         let result = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<(), StoreError> {
             self.persist(tx, bucket.id, META_DOC)?;
-            reconcile_members(tx, bucket.id, &members, &me, now)
+            reconcile_members(tx, bucket.id, &members, &me, now, &mut self.waiting)
         });
         if let Err(e) = result {
             self.forget(&HashSet::from([(bucket.id, META_DOC)]));
@@ -640,26 +654,17 @@ impl Mesh {
         let result = engine.tree_mut().transact(ids, now, |tx| -> Result<Applied, StoreError> {
             self.persist(tx, bucket.id, doc)?;
             apply_meta(tx, bucket.id, &meta, &members)?;
-            let changes = tx.whole_commits(bucket.id, changes)?;
-            // Versions stamped beyond the clock bound wait for their time (`release_due`).
-            let changes = hold_ahead(tx, bucket.id, changes, bound, now, &me)?;
-            let mut applied = apply_accepted(tx, bucket.id, changes, &members, &me)?;
+            let admission = Admission { members: &members, me, bound, now };
+            let mut applied = take_in(tx, bucket.id, changes, &admission, &mut self.waiting)?;
             if members_changed {
-                reconcile_members(tx, bucket.id, &members, &me, now)?;
+                reconcile_members(tx, bucket.id, &members, &me, now, &mut self.waiting)?;
             }
             if branches_arrived || members_changed {
-                // Changes that waited for a branch's record or for their writer's admission.
-                let waiting: Vec<(i64, Vec<u8>)> = {
-                    let mut st = tx.conn().prepare("SELECT id, data FROM mesh_deferred WHERE bucket_id = ?1")?;
-                    let rows = st.query_map([bucket.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                    rows.collect::<Result<_, _>>()?
-                };
-                if !waiting.is_empty() {
-                    tx.conn().execute("DELETE FROM mesh_deferred WHERE bucket_id = ?1", [bucket.id])?;
-                    let again: Vec<Change> = waiting.iter().filter_map(|(_, d)| rules::decode(d).ok()).collect();
-                    let more = apply_accepted(tx, bucket.id, again, &members, &me)?;
-                    applied.add(more);
-                }
+                // Changes that waited for a branch's record or for their writer's admission
+                // (and, if some left the wait, the documents are due to be read again).
+                let again = tx.take_deferred(bucket.id, &mut self.waiting)?;
+                applied.add(take_in(tx, bucket.id, again, &admission, &mut self.waiting)?);
+                tx.rescan_may_help(bucket.id)?;
             }
             Ok(applied)
         });
@@ -673,21 +678,27 @@ impl Mesh {
         Ok(received)
     }
 
-    /// Applies the peers' versions that waited for their stamps to come within the clock
-    /// bound (`mesh_future`), bucket by bucket; what they add is as `receive` reports it.
+    /// Takes in what waited and is due, bucket by bucket: peers' versions whose stamps came
+    /// within the clock bound (`mesh_future`), operations held past their time (applied as
+    /// they stand), and, where versions left the wait and the bucket's members or branches
+    /// changed since, the versions its documents hold that are now accepted and missing from
+    /// the tree (`store::waiting`). Deferred versions past their time leave the wait. What
+    /// this adds is as `receive` reports it.
     pub fn release_due(&mut self, engine: &mut Engine) -> Result<Applied> {
         let (now, bound) = (engine.now_ms(), engine.tree().clock_bound());
         let limit = bound.limit(now);
-        let buckets: Vec<i64> = {
+        let mut buckets: std::collections::BTreeSet<i64> = {
             let conn = engine.tree().conn();
             let mut st = conn.prepare_cached("SELECT DISTINCT bucket_id FROM mesh_future WHERE at_ms <= ?1").map_err(StoreError::from)?;
             let rows = st.query_map([limit], |r| r.get(0)).map_err(StoreError::from)?;
             rows.collect::<std::result::Result<_, _>>().map_err(StoreError::from)?
         };
+        buckets.extend(waiting::buckets_due(engine.tree().conn(), now, &self.waiting.bounds)?);
         let mut total = Applied::default();
         for bucket_id in buckets {
             let members = self.membership(engine.tree().conn(), bucket_id)?;
             let me = self.me;
+            let rescan = if waiting::rescan_due(engine.tree().conn(), bucket_id, now, &self.waiting.bounds)? { Some(self.missing_versions(engine.tree().conn(), bucket_id, &members)?) } else { None };
             let applied = engine.tree_mut().transact(Ids::Unbounded, now, |tx| -> Result<Applied, StoreError> {
                 let due: Vec<Vec<u8>> = {
                     let mut st = tx.conn().prepare_cached("SELECT data FROM mesh_future WHERE bucket_id = ?1 AND at_ms <= ?2")?;
@@ -695,13 +706,58 @@ impl Mesh {
                     rows.collect::<std::result::Result<_, _>>()?
                 };
                 tx.conn().execute("DELETE FROM mesh_future WHERE bucket_id = ?1 AND at_ms <= ?2", params![bucket_id, limit])?;
-                let changes: Vec<Change> = due.iter().filter_map(|d| rules::decode(d).ok()).collect();
-                apply_accepted(tx, bucket_id, changes, &members, &me)
+                let mut changes: Vec<Change> = due.iter().filter_map(|d| rules::decode(d).ok()).collect();
+                let released = changes.len();
+                changes.extend(tx.expired_held(bucket_id, now, EXPIRED_OPS_PER_TICK, &mut self.waiting)?);
+                tx.expire_deferred(bucket_id, now, &mut self.waiting)?;
+                if let Some((found, settled)) = &rescan {
+                    changes.extend(found.iter().cloned());
+                    tx.rescanned(bucket_id, now, *settled)?;
+                }
+                let admission = Admission { members: &members, me, bound, now };
+                let applied = take_in(tx, bucket_id, changes, &admission, &mut self.waiting)?;
+                if released > 0 {
+                    tracing::info!(versions = released, "versions that waited for the clock bound were taken in");
+                }
+                Ok(applied)
             })?;
-            tracing::info!(versions = applied.inserted, "versions that waited for the clock bound were applied");
+            if let Some((found, _)) = &rescan {
+                tracing::info!(bucket = bucket_id, versions = found.len(), applied = applied.inserted, "read the bucket's documents again for versions that had left the wait");
+            }
             total.add(applied);
         }
         Ok(total)
+    }
+
+    /// The versions bucket `bucket_id`'s documents hold whose writer the membership accepts
+    /// and which the tree lacks, with whether that is all the documents hold beyond the tree
+    /// (else some still wait for an admission or a branch). Reads every document of the
+    /// bucket: run only when versions left the wait (`store::waiting`).
+    fn missing_versions(&mut self, conn: &Connection, bucket_id: i64, members: &Membership) -> Result<(Vec<Change>, bool), StoreError> {
+        let mut found = Vec::new();
+        let mut settled = true;
+        for doc in 0..DOCS {
+            if doc == META_DOC {
+                continue;
+            }
+            for (_, value) in self.doc(conn, bucket_id, doc)?.entries() {
+                let Some(c) = signed::open(&value).ok().and_then(|s| rules::decode(s.body).ok()) else { continue };
+                let branch = crate::store::replica::branch_by_uid(conn, bucket_id, &c.branch)?;
+                let in_tree = match &branch {
+                    Some(b) => crate::store::replica::has_version(conn, b.id, &c.path, &c.key)?,
+                    None => false,
+                };
+                if in_tree {
+                    continue;
+                }
+                if branch.is_some() && (c.id().node == self.me || members.accepts(&c.id())) {
+                    found.push(c);
+                } else {
+                    settled = false;
+                }
+            }
+        }
+        Ok((found, settled))
     }
 
     /// Saves what `peer` and this node agreed on every document, for the next session, and
@@ -785,15 +841,29 @@ fn accepted_changes(changes: Vec<Change>, members: &Membership, me: &NodeId) -> 
     changes.into_iter().partition(|c| c.id().node == *me || members.accepts(&c.id()))
 }
 
-/// Applies changes from peers whose writer the bucket accepts, and keeps the rest (and
-/// those of branches not known yet) in `mesh_deferred`.
-fn apply_accepted(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, members: &Membership, me: &NodeId) -> Result<Applied, StoreError> {
-    // Versions of writers the bucket's document does not accept (yet: an admission may
-    // still be on its way) wait with those of unknown branches.
-    let (accepted, waiting) = accepted_changes(changes, members, me);
-    defer(tx, bucket_id, &waiting)?;
-    let mut applied = tx.apply_changes(bucket_id, accepted)?;
-    defer(tx, bucket_id, &applied.deferred)?;
+/// What changes from peers are taken in against: the bucket's membership, this node, the
+/// clock bound and the time.
+struct Admission<'a> {
+    members: &'a Membership,
+    me: NodeId,
+    bound: Bound,
+    now: i64,
+}
+
+/// Most operations applied as they stand in one tick (the rest at the next ones).
+const EXPIRED_OPS_PER_TICK: usize = 256;
+
+/// Takes changes from peers into bucket `bucket_id` through every wait: a writer the bucket
+/// does not accept (yet: an admission may still be on its way) or a branch not known yet →
+/// `mesh_deferred`; an operation not wholly here → `mesh_held`; a stamp beyond the clock
+/// bound → `mesh_future`. The rest is applied.
+fn take_in(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, a: &Admission<'_>, w: &mut Waiting) -> Result<Applied, StoreError> {
+    let (accepted, waiting) = accepted_changes(changes, a.members, &a.me);
+    tx.defer(bucket_id, &waiting, a.now, w)?;
+    let whole = tx.whole_commits(bucket_id, accepted, a.now, w)?;
+    let ready = hold_ahead(tx, bucket_id, whole, a.bound, a.now, &a.me)?;
+    let mut applied = tx.apply_changes(bucket_id, ready)?;
+    tx.defer(bucket_id, &applied.deferred, a.now, w)?;
     applied.deferred.clear();
     Ok(applied)
 }
@@ -823,21 +893,13 @@ fn hold_ahead(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, bound: Boun
     Ok(ready)
 }
 
-/// Keeps changes in `mesh_deferred` until a branch record or an admission releases them.
-fn defer(tx: &mut Tx<'_>, bucket_id: i64, changes: &[Change]) -> Result<(), StoreError> {
-    for c in changes {
-        tx.conn().prepare_cached("INSERT INTO mesh_deferred(bucket_id, data) VALUES (?1, ?2)")?.execute(params![bucket_id, rules::encode(c)])?;
-    }
-    Ok(())
-}
-
 /// Brings what the network side consults (`mesh_member.removed_ms`: refused on every
 /// protocol) and the tree in line with the bucket's membership: a node that is not a member
 /// by the rule is cut off, and its versions past what the rule accepts are taken back out of
 /// the tree into `mesh_deferred` (`cut_seq` records how far, so this runs once per change of
 /// the bound); this node's own versions stay. Deferred versions the rule now accepts are the
 /// caller's to apply.
-fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: &NodeId, now: i64) -> Result<(), StoreError> {
+fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: &NodeId, now: i64, w: &mut Waiting) -> Result<(), StoreError> {
     for node in members.nodes() {
         let row: Option<(Option<i64>, Option<i64>)> = tx
             .conn()
@@ -868,7 +930,7 @@ fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: 
             if !out.is_empty() {
                 tracing::info!(node = %node.short(), versions = out.len(), above_seq = above, "took back versions the bucket's membership no longer accepts");
             }
-            defer(tx, bucket_id, &out)?;
+            tx.defer(bucket_id, &out, now, w)?;
         }
     }
     Ok(())
@@ -1225,8 +1287,8 @@ pub enum MeshOp {
     /// and referenced by the iroh-blobs store), all recorded in one transaction. Inline ones
     /// are left for the blob actor to index (tag) in a quiet moment.
     BlobsArrived(NodeId, Vec<(crate::proto::entry::ContentHash, Option<Vec<u8>>)>),
-    /// Apply the versions whose stamps came within the clock bound, and say what still
-    /// waits ([`MeshReply::ClockWaits`]).
+    /// Take in what waited and is due ([`Mesh::release_due`]), and say what still waits for
+    /// the clock and which bounds on waiting were hit ([`MeshReply::ClockWaits`]).
     ReleaseDue,
 }
 
@@ -1272,8 +1334,9 @@ pub enum MeshReply {
     Peers(Vec<(NodeId, Vec<SocketAddr>)>),
     /// Blobs whose bytes are not here (hash, size).
     Blobs(Vec<(crate::proto::entry::ContentHash, u64)>),
-    /// What a release applied (blobs it names that are missing), and what still waits.
-    ClockWaits(Vec<(crate::proto::entry::ContentHash, u64)>, Vec<ClockWait>),
+    /// What a release applied (blobs it names that are missing), what still waits for the
+    /// clock, and the bounds on waiting hit since the last release.
+    ClockWaits(Vec<(crate::proto::entry::ContentHash, u64)>, Vec<ClockWait>, Vec<WaitHit>),
     /// Shared buckets with their other members.
     Shared(Vec<(Uid, Vec<NodeId>)>),
     /// Done.
@@ -1350,7 +1413,7 @@ impl Mesh {
             MeshOp::ReleaseDue => {
                 // Both cost next to nothing while `mesh_future` is empty (all but a wrong clock).
                 let missing = self.release_due(engine)?.missing_blobs;
-                MeshReply::ClockWaits(missing, clock_waits(engine.tree().conn(), engine.now_ms())?)
+                MeshReply::ClockWaits(missing, clock_waits(engine.tree().conn(), engine.now_ms())?, self.take_wait_hits())
             }
         })
     }

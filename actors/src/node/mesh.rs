@@ -1105,7 +1105,10 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
         }
     }
     join_topics(me, state, &net).await;
-    if let Ok(MeshReply::ClockWaits(missing, waits)) = mesh(&state.handle, MeshOp::ReleaseDue).await {
+    if let Ok(MeshReply::ClockWaits(missing, waits, hits)) = mesh(&state.handle, MeshOp::ReleaseDue).await {
+        for h in hits {
+            net.gate.hits.hit(h.name, h.limit, &h.what);
+        }
         if !missing.is_empty() && net.eager_fetch {
             for (hash, size) in missing {
                 if !state.fetches.is_wanted(&hash) {

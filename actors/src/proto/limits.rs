@@ -42,3 +42,24 @@ pub const SESSION_BUCKETS_MAX: usize = 1024;
 pub const MESSAGE_ENTRIES_MAX: usize = 1 << 20;
 /// Gossip's message size limit, the same on every node (iroh-gossip's default).
 pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 4096;
+
+// What waits for a peer (`store::waiting`): bounded and dated, so a member that never
+// finishes what it starts costs a bounded amount of disk, for a bounded time.
+
+/// Most versions of one writer held back because their operation (a rename, a merge) has not
+/// wholly arrived. Past it, the writer's oldest operations are applied as they stand (their
+/// later versions apply as they come). A merge of a million paths still arrives whole.
+pub const HELD_VERSIONS_PER_WRITER_MAX: u64 = 1 << 20;
+/// How long an operation waits for the rest of its versions before what arrived is applied
+/// as it stands: a day, so a partition in the middle of a transfer still heals whole.
+pub const HELD_OPERATION_SECS_MAX: i64 = 24 * 3600;
+/// Most versions of one bucket waiting for their writer's admission or their branch's
+/// record. Past it, the oldest are dropped from the wait (they stay in the documents, which
+/// are read again when the bucket's members or branches change).
+pub const DEFERRED_VERSIONS_PER_BUCKET_MAX: u64 = 1 << 18;
+/// How long a version waits for its writer's admission or its branch's record before it is
+/// dropped from the wait (as above: the documents keep it).
+pub const DEFERRED_SECS_MAX: i64 = 7 * 24 * 3600;
+/// Least time between two readings of a bucket's documents for versions dropped from the
+/// wait: a member that keeps changing branches cannot make this node re-read all the time.
+pub const RESCAN_SECS_MIN: i64 = 600;

@@ -294,8 +294,9 @@ pub struct WholeCommits {
 /// The rule that no node shows half an operation: a version of an operation that wrote
 /// several (a rename's two paths live in two shards and travel apart) is applied only with
 /// all of them. Given what arrived, the versions of the same operations held from earlier,
-/// and whether a version is already applied here (then its operation was applied whole
-/// before: the rest are repeats).
+/// and whether a version is already applied here (then its operation was applied before,
+/// whole, or as it stood when its wait ran out: `store::waiting`): the rest go as they come,
+/// repeats among them (applying one is a no-op).
 pub fn whole_commits(incoming: Vec<Change>, held: Vec<Change>, applied: impl Fn(&Change) -> bool) -> WholeCommits {
     let mut out = WholeCommits::default();
     let mut groups: std::collections::BTreeMap<(NodeId, i64), (u32, std::collections::BTreeMap<i64, Change>)> = std::collections::BTreeMap::new();
@@ -312,6 +313,7 @@ pub fn whole_commits(incoming: Vec<Change>, held: Vec<Change>, applied: impl Fn(
     for (key, (len, versions)) in groups {
         if versions.values().any(&applied) {
             out.released.push(key);
+            out.ready.extend(versions.into_values());
         } else if versions.len() as u64 >= u64::from(len) {
             out.released.push(key);
             out.ready.extend(versions.into_values());
@@ -741,9 +743,11 @@ mod tests {
         assert_eq!(second.ready, vec![a.clone(), b.clone(), c.clone()]);
         assert!(second.hold.is_empty());
         assert_eq!(second.released, vec![(NodeId([5; 32]), 7)]);
-        // A repeat after the operation was applied: dropped, nothing held.
-        let again = whole_commits(vec![b.clone()], vec![], |x| x.key == b.key);
-        assert!(again.ready.is_empty() && again.hold.is_empty());
+        // After the operation was applied (whole, or as it stood): the rest goes as it comes,
+        // repeats and all, and nothing is held.
+        let again = whole_commits(vec![b.clone(), c.clone()], vec![], |x| x.key == b.key);
+        assert_eq!(again.ready, vec![b.clone(), c.clone()]);
+        assert!(again.hold.is_empty());
         // Through the wire, both formats.
         assert_eq!(decode(&encode(&c)).unwrap(), c);
         assert_eq!(encode(&change("/x", None))[0], CHANGE_FORMAT, "a single version stays format 1");

@@ -21,6 +21,7 @@ pub mod replica;
 pub mod schema;
 pub mod shape;
 pub mod tx;
+pub mod waiting;
 
 use std::path::{Path, PathBuf};
 

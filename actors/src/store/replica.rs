@@ -17,7 +17,7 @@ use super::{branch_by_id, Branch, StoreError, VersionRow};
 use crate::proto::entry::{ContentHash, EntryKind};
 use crate::proto::ids::{NodeId, OrderKey, Uid, VersionId};
 use crate::proto::path::TreePath;
-use crate::proto::replica::{self as rules, path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion};
+use crate::proto::replica::{path_outcome, BranchRecord, Change, LoserKind, Origin, PathVersion};
 
 /// What applying a batch of changes did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,41 +49,7 @@ impl Applied {
 }
 
 impl Tx<'_> {
-    /// Holds back versions of operations that are not wholly here yet, so no reader sees half
-    /// a rename or half a merge (the rule is `proto::replica::whole_commits`): they wait in
-    /// `mesh_held`, committed with the rest of this transaction, until the last of their
-    /// operation arrives. Returns what to apply now.
-    pub fn whole_commits(&mut self, bucket_id: i64, incoming: Vec<Change>) -> Result<Vec<Change>, StoreError> {
-        let ops: BTreeSet<(NodeId, i64)> = incoming.iter().filter_map(|c| c.commit.filter(|k| k.len > 1).map(|k| (c.id().node, k.first_seq))).collect();
-        if ops.is_empty() {
-            return Ok(incoming);
-        }
-        let mut held = Vec::new();
-        for (node, first) in &ops {
-            let mut st = self.conn().prepare_cached("SELECT data FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3")?;
-            let rows = st.query_map(params![bucket_id, node.0.to_vec(), first], |r| r.get::<_, Vec<u8>>(0))?;
-            for data in rows {
-                // Written by this store from a change it decoded: a row that no longer decodes
-                // (a format from a later build, rolled back) is dropped with its operation.
-                if let Ok(c) = rules::decode(&data?) {
-                    held.push(c);
-                }
-            }
-        }
-        let decided = rules::whole_commits(incoming, held, |c| self.is_applied(bucket_id, c).unwrap_or(false));
-        for (node, first) in &decided.released {
-            self.conn().prepare_cached("DELETE FROM mesh_held WHERE bucket_id = ?1 AND node = ?2 AND first_seq = ?3")?.execute(params![bucket_id, node.0.to_vec(), first])?;
-        }
-        for c in &decided.hold {
-            let first = c.commit.map_or(0, |k| k.first_seq);
-            self.conn()
-                .prepare_cached("INSERT OR IGNORE INTO mesh_held(bucket_id, node, first_seq, seq, data) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![bucket_id, c.id().node.0.to_vec(), first, c.id().seq, rules::encode(c)])?;
-        }
-        Ok(decided.ready)
-    }
-
-    fn is_applied(&self, bucket_id: i64, c: &Change) -> Result<bool, StoreError> {
+    pub(super) fn is_applied(&self, bucket_id: i64, c: &Change) -> Result<bool, StoreError> {
         match branch_by_uid(self.conn(), bucket_id, &c.branch)? {
             Some(branch) => self.has_version(branch.id, &c.path, &c.key),
             None => Ok(false),
@@ -188,14 +154,9 @@ impl Tx<'_> {
     }
 
     fn has_version(&self, branch: i64, path: &TreePath, key: &OrderKey) -> Result<bool, StoreError> {
-        let (dir, name) = dir_name(path);
-        Ok(self
-            .conn()
-            .prepare_cached("SELECT 1 FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND vkey = ?4")?
-            .query_row(params![branch, dir, name, key.0], |_| Ok(()))
-            .optional()?
-            .is_some())
+        has_version(self.conn(), branch, path, key)
     }
+
 
     /// Lists the losers of `path` on `branch`, as every node that holds the same versions
     /// lists them: the versions written without seeing each other (all but the head among
@@ -314,6 +275,16 @@ impl Tx<'_> {
 
 fn suffixed(name: &str, uid: &Uid) -> String {
     format!("{name}~{}", &uid.to_hex()[..8])
+}
+
+/// Whether branch `branch` holds the version of `path` ordered by `key`.
+pub fn has_version(conn: &Connection, branch: i64, path: &TreePath, key: &OrderKey) -> Result<bool, StoreError> {
+    let (dir, name) = dir_name(path);
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM version WHERE branch_id = ?1 AND dir = ?2 AND name = ?3 AND vkey = ?4")?
+        .query_row(params![branch, dir, name, key.0], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// The branch of `bucket_id` with identity `uid`, live or not.

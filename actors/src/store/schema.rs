@@ -294,6 +294,31 @@ pub const MIGRATIONS: &[&str] = &[
         SELECT DISTINCT b.bucket_id, v.hash FROM version v JOIN branch b ON b.id = v.branch_id JOIN blob ON blob.hash = v.hash
         WHERE v.hash IS NOT NULL AND blob.present = 1;
     "#,
+    // 12 → 13: what waits for a peer is bounded and expires (`engine::mesh::WaitBounds`).
+    // `since_ms` dates each waiting row; `writer` says whose a deferred version is (bounded
+    // per writer). An operation held past its time is applied as it stands and listed in
+    // `mesh_op_released`, so its later versions apply as they come. Deferred versions dropped
+    // over a bound or past their time stay in the documents: `mesh_rescan` marks the bucket,
+    // and its documents are read again when its branches or members change.
+    r#"
+    ALTER TABLE mesh_held ADD COLUMN since_ms INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX mesh_held_since ON mesh_held(since_ms);
+    ALTER TABLE mesh_deferred ADD COLUMN writer BLOB;
+    ALTER TABLE mesh_deferred ADD COLUMN since_ms INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX mesh_deferred_writer ON mesh_deferred(bucket_id, writer);
+    CREATE INDEX mesh_deferred_since ON mesh_deferred(since_ms);
+    CREATE TABLE mesh_op_released(
+        bucket_id INTEGER NOT NULL,
+        node      BLOB NOT NULL,
+        first_seq INTEGER NOT NULL,
+        PRIMARY KEY(bucket_id, node, first_seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE mesh_rescan(
+        bucket_id INTEGER PRIMARY KEY,
+        dirty     INTEGER NOT NULL,
+        last_ms   INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
