@@ -311,10 +311,7 @@ pub fn whole_commits(incoming: Vec<Change>, held: Vec<Change>, applied: impl Fn(
         }
     }
     for (key, (len, versions)) in groups {
-        if versions.values().any(&applied) {
-            out.released.push(key);
-            out.ready.extend(versions.into_values());
-        } else if versions.len() as u64 >= u64::from(len) {
+        if versions.len() as u64 >= u64::from(len) || versions.values().any(&applied) {
             out.released.push(key);
             out.ready.extend(versions.into_values());
         } else {
