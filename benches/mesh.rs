@@ -1,7 +1,7 @@
 //! Figures of the mesh (issue 7), measured with real `alkfs` nodes on 127.0.0.1 (relays off),
 //! each beside its baselines in the same run, alternating, and printed as a table of medians.
 //! Run with `cargo bench --bench mesh`; `ALKFS_BENCH_QUICK=1` for a smoke run with small
-//! sizes, `ALKFS_BENCH_ROUNDS=N` rounds, `ALKFS_BENCH_ONLY=small,large,latency,idle,repeat`;
+//! sizes, `ALKFS_BENCH_ROUNDS=N` rounds, `ALKFS_BENCH_ONLY=small,large,latency,idle,repeat,attack`;
 //! `ALKFS_BASELINE_BIN=/path/to/an/older/alkfs` adds that build's small-files sync, alternating.
 //!
 //! | figure | measured as |
@@ -11,11 +11,15 @@
 //! | one 1 GiB file A→B | the same from B's join; and from the write on A with B already joined |
 //! | a one-file change on A readable on B | p50 / p99 over 200 changes, polled through B's store |
 //! | an idle node with two connected peers | CPU over 30 s, % of one core |
+//! | a one-file change under attack (`attack`) | p50 / p99 A→B while 500 strangers and a hostile member hammer A, against the same quiet; A's RSS growth |
 //!
 //! Baselines: a raw iroh-blobs transfer of the same bytes (here: both stores in this process,
 //! and A's in a second copy of this binary); iroh-docs (`ALKFS_BENCH_IROH_DOCS`, the
 //! ../shared/bench/iroh-docs-baseline binary, `import` mode) and Syncthing
 //! (`ALKFS_BENCH_SYNCTHING`, ../shared/bench/syncthing-baseline.sh) when given.
+
+#[path = "attack/mod.rs"]
+mod attack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -361,17 +365,23 @@ fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
     ok(&b_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
     ok(&c_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
     std::thread::sleep(Duration::from_secs(3));
+    let samples = changes_seen(&a_dir, &b_dir, n, || {});
+    (percentile(&samples, 0.5), percentile(&samples, 0.99), a, b, c)
+}
+
+/// `n` one-file changes written on A, each polled for on B until readable (the version is
+/// there and its bytes are too); `between` runs after each. The times in ms, sorted.
+fn changes_seen(a_dir: &Path, b_dir: &Path, n: usize, mut between: impl FnMut()) -> Vec<f64> {
     let reader = rusqlite::Connection::open(b_dir.join("tree.db")).unwrap();
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
-        let body = format!("change {i}");
+        let body = format!("change {i} {:?}", Instant::now());
         let hash = blake3::hash(body.as_bytes());
         let t = Instant::now();
-        let mut child = Command::new(bin()).arg("--data").arg(&a_dir).args(["put", "-", "/latency.txt"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(bin()).arg("--data").arg(a_dir).args(["put", "-", "/latency.txt"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
         std::io::Write::write_all(child.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
-        // Readable on B: the version is there and its bytes are too.
         wait(Duration::from_secs(30), || {
             reader
                 .query_row("SELECT present FROM blob WHERE hash = ?1", [hash.as_bytes().to_vec()], |r| r.get::<_, i64>(0))
@@ -379,10 +389,68 @@ fn change_latency(root: &Path, n: usize) -> (f64, f64, Node, Node, Node) {
                 .unwrap_or(false)
         });
         samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        between();
     }
     samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    (p(0.5), p(0.99), a, b, c)
+    samples
+}
+
+/// The `q` quantile of sorted `samples`.
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)]
+}
+
+/// A process's resident memory, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// This process's CPU time so far, in seconds (user + system, every thread).
+fn own_cpu_s() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Two honest members A and B; one-file changes A→B measured quiet, then while
+/// `attack::STRANGERS` stranger connections and one hostile member hammer A (from this
+/// process: its CPU is the attack's, bounded at one core). Prints the figures.
+fn under_attack(root: &Path, n: usize) {
+    let (a_dir, b_dir) = (root.join("a"), root.join("b"));
+    let (a, _b) = (Node::start(&a_dir), Node::start(&b_dir));
+    ok(&b_dir, &["join", ok(&a_dir, &["invite"]).trim()]);
+    std::thread::sleep(Duration::from_secs(3));
+    let quiet = changes_seen(&a_dir, &b_dir, n, || {});
+    let rss_before = rss_mib(a.child.id());
+    let ticket = ok(&a_dir, &["invite"]);
+    let (cpu0, t0) = (own_cpu_s(), Instant::now());
+    let attack = attack::Attack::start(ticket.trim());
+    // Let the strangers take every handshake slot before measuring.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut rss_max = rss_mib(a.child.id());
+    let hot = changes_seen(&a_dir, &b_dir, n, || rss_max = rss_max.max(rss_mib(a.child.id())));
+    let (conns, forged) = (attack.connections.load(std::sync::atomic::Ordering::Relaxed), attack.forged.load(std::sync::atomic::Ordering::Relaxed));
+    let secs = t0.elapsed().as_secs_f64();
+    let attack_cpu = (own_cpu_s() - cpu0) / secs * 100.0;
+    attack.stop();
+    let (qp50, qp99, hp50, hp99) = (percentile(&quiet, 0.5), percentile(&quiet, 0.99), percentile(&hot, 0.5), percentile(&hot, 0.99));
+    println!(
+        "| a one-file change A→B ({n} changes) while {} strangers and a hostile member hammer A | p50 {hp50:.0} ms, p99 {hp99:.0} ms | quiet, same nodes: p50 {qp50:.0} ms, p99 {qp99:.0} ms | {:.2}× quiet p99 |",
+        attack::STRANGERS,
+        hp99 / qp99
+    );
+    println!(
+        "| ... A's RSS growth during the attack | {:.1} MiB ({rss_before:.0} → max {rss_max:.0} MiB) | — | — |",
+        rss_max - rss_before
+    );
+    println!(
+        "| ... the attack (this process, one thread) | {:.0} stranger connections/s, {:.1} forged messages/s, {attack_cpu:.0} % of a core | — | — |",
+        conns as f64 / secs,
+        forged as f64 / secs
+    );
 }
 
 fn main() {
@@ -393,8 +461,9 @@ fn main() {
     let (n_small, big, changes, idle_secs) = if quick() { (500, 64 << 20, 20, 5) } else { (10_000, 1 << 30, 200, 30) };
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let rounds: usize = env("ALKFS_BENCH_ROUNDS").and_then(|v| v.parse().ok()).unwrap_or(if quick() { 1 } else { 3 });
-    // ALKFS_BENCH_ONLY=small,large,latency,idle,repeat picks figures (default: all but repeat).
-    let only = env("ALKFS_BENCH_ONLY").unwrap_or_else(|| "small,large,latency,idle".into());
+    // ALKFS_BENCH_ONLY=small,large,latency,idle,repeat,attack picks figures (default: all but
+    // repeat).
+    let only = env("ALKFS_BENCH_ONLY").unwrap_or_else(|| "small,large,latency,idle,attack".into());
     let want = |f: &str| only.split(',').any(|o| o == f);
     // The baselines of ../shared/bench, when given: an iroh-docs-baseline binary, the
     // Syncthing script.
@@ -460,6 +529,11 @@ fn main() {
         println!("| ... the same | | raw iroh-blobs, server in a process of its own {} | {:.2}× its throughput |", show(&raw2), median(&raw2) / m);
         println!("| ... the same | | iroh-docs import {} | {:.2}× iroh-docs' time |", show(&docs), m / median(&docs));
         println!("| one {} MiB file, from the write on A (B joined) to its bytes on B | {} ({:.0} MiB/s) | — | — |", big >> 20, show(&live), mib / median(&live));
+    }
+    if want("attack") {
+        let r = root.path().join("attack");
+        std::fs::create_dir_all(&r).unwrap();
+        under_attack(&r, changes);
     }
     let latency = want("latency") || want("idle");
     if latency {

@@ -43,6 +43,7 @@ pub fn run(dir: &Path, config: &Config) -> Result<i32> {
         let net = mesh::bind(key.clone(), &config.net_config()?).await.map_err(anyhow::Error::msg)?;
         net.gate.attach(dir).map_err(anyhow::Error::msg)?;
         let router = iroh::protocol::Router::builder(net.endpoint.clone())
+            .incoming_filter(net.gate.incoming_filter(net.endpoint.clone()))
             .accept(alknet_actors::proto::sync::SYNC_ALPN, mesh::SyncHandler { names: ctx.names.clone(), instance: net.instance, gate: net.gate.clone() })
             // After the current one: a peer offering both gets the first registered.
             .accept(alknet_actors::proto::sync::OLDER_SYNC_ALPNS[0], mesh::OlderProtocol)

@@ -643,6 +643,7 @@ fn a_huge_first_frame_and_hundreds_of_strangers_at_once_cost_the_node_little_and
     let hits = st["mesh"]["bounds_hit"].as_array().cloned().unwrap_or_default();
     let hit = |name: &str| hits.iter().find(|h| h["name"] == name).and_then(|h| h["hits"].as_u64()).unwrap_or(0);
     assert!(hit("HANDSHAKES_MAX") > 0, "{hits:?}");
+    assert!(hit("CONNECTIONS_PER_SEC_MAX") > 0, "500 connections at once: most refused before their handshake: {hits:?}");
     assert_eq!(hit("HANDSHAKE_FRAME_BYTES_MAX"), 1, "{hits:?}");
     let log = node.log();
     assert_eq!(log.lines().filter(|l| l.contains("too many handshakes")).count(), 1, "logged once, with a count");

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::proto::ids::{NodeId, Uid};
-use crate::proto::limits::{HANDSHAKES_MAX, HANDSHAKE_FRAME_BYTES_MAX};
+use crate::proto::limits::{CONNECTIONS_MAX, CONNECTIONS_PER_SEC_MAX, HANDSHAKES_MAX, HANDSHAKE_FRAME_BYTES_MAX};
 use crate::proto::ticket::{JoinRefusal, SECRET_BYTES};
 use crate::store::TreeStore;
 
@@ -76,6 +76,10 @@ pub struct Gate {
     /// member (an endpoint bound for a benchmark serves no sessions).
     tree: std::sync::OnceLock<Arc<Mutex<TreeStore>>>,
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// The members of shared buckets and where they listen ([`Gate::know_members`]): their
+    /// connections pass the connection bounds (checked before anyone is known by key, so by
+    /// source address, or by the id a relay vouches for).
+    members: Mutex<(std::collections::HashSet<NodeId>, std::collections::HashSet<std::net::SocketAddr>)>,
     /// Bounds hit, by name (every part of the mesh counts here).
     pub hits: Arc<BoundHits>,
 }
@@ -92,7 +96,12 @@ pub type HandshakeSlot = tokio::sync::OwnedSemaphorePermit;
 impl Gate {
     /// A gate that admits nobody until attached to a node's tree.
     pub fn new() -> Arc<Gate> {
-        Arc::new(Gate { tree: std::sync::OnceLock::new(), handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX)), hits: Arc::new(BoundHits::default()) })
+        Arc::new(Gate {
+            tree: std::sync::OnceLock::new(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX)),
+            members: Mutex::default(),
+            hits: Arc::new(BoundHits::default()),
+        })
     }
 
     /// Opens a read connection of its own to the tree of the node whose data dir is `dir`.
@@ -135,6 +144,58 @@ impl Gate {
         self.read(move |conn| crate::engine::mesh::admissible(conn, &bucket, &secret, &joiner, now_ms).unwrap_or(Err(JoinRefusal::UnknownSecret)).map(|_| ()))
             .await
             .unwrap_or(Err(JoinRefusal::UnknownSecret))
+    }
+
+    /// The filter every incoming connection passes before its handshake: refused, at the cost
+    /// of one packet, beyond [`CONNECTIONS_PER_SEC_MAX`] new connections a second (a burst
+    /// of [`HANDSHAKES_MAX`]) or while [`CONNECTIONS_MAX`] are open. A connection's state
+    /// costs the node memory from its first packet until it has drained, whoever it turns out
+    /// to be: 500 strangers reconnecting as fast as they were refused kept ~500 connections
+    /// alive at ~230 KiB each (`benches/mesh.rs`, `attack`). Sessions already open are
+    /// untouched; a member refused meanwhile retries at its next dial.
+    pub fn incoming_filter(self: &Arc<Self>, endpoint: iroh::Endpoint) -> iroh::protocol::IncomingFilter {
+        let gate = self.clone();
+        let bucket = Mutex::new((HANDSHAKES_MAX as f64, Instant::now()));
+        Arc::new(move |incoming| {
+            if gate.is_member_addr(&incoming.remote_addr()) {
+                return iroh::protocol::IncomingFilterOutcome::Accept;
+            }
+            let socket = &endpoint.metrics().socket;
+            let open = socket.num_conns_opened.get().saturating_sub(socket.num_conns_closed.get());
+            if open >= CONNECTIONS_MAX as u64 {
+                gate.hits.hit("CONNECTIONS_MAX", CONNECTIONS_MAX as u64, "refused a connection before its handshake: too many open (strangers connecting, or many members at once; members retry)");
+                return iroh::protocol::IncomingFilterOutcome::Reject;
+            }
+            let mut b = bucket.lock().expect("connection rate");
+            let now = Instant::now();
+            b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * CONNECTIONS_PER_SEC_MAX as f64).min(HANDSHAKES_MAX as f64);
+            b.1 = now;
+            if b.0 < 1.0 {
+                drop(b);
+                gate.hits.hit("CONNECTIONS_PER_SEC_MAX", CONNECTIONS_PER_SEC_MAX as u64, "refused a connection before its handshake: too many new ones a second (strangers connecting; members retry)");
+                return iroh::protocol::IncomingFilterOutcome::Reject;
+            }
+            b.0 -= 1.0;
+            iroh::protocol::IncomingFilterOutcome::Accept
+        })
+    }
+
+    /// Records the members of shared buckets and where they listen (every mesh tick).
+    pub fn know_members(&self, members: &[(NodeId, Vec<std::net::SocketAddr>)]) {
+        let ids = members.iter().map(|(n, _)| *n).collect();
+        let addrs = members.iter().flat_map(|(_, a)| a.iter().copied()).collect();
+        *self.members.lock().expect("gate members") = (ids, addrs);
+    }
+
+    /// Whether a connection from `addr` is a member's, as far as can be told before its
+    /// handshake.
+    fn is_member_addr(&self, addr: &iroh::endpoint::IncomingAddr) -> bool {
+        let known = self.members.lock().expect("gate members");
+        match addr {
+            iroh::endpoint::IncomingAddr::Ip(a) => known.1.contains(a),
+            iroh::endpoint::IncomingAddr::Relay { endpoint_id, .. } => known.0.contains(&NodeId(*endpoint_id.as_bytes())),
+            _ => false,
+        }
     }
 
     /// The gate's read connection, shared with the blob gate (`None` until attached).

@@ -1104,6 +1104,7 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
             net.learn(peer, addrs);
         }
     }
+    net.gate.know_members(&peers);
     join_topics(me, state, &net).await;
     if let Ok(MeshReply::ClockWaits(missing, waits, hits)) = mesh(&state.handle, MeshOp::ReleaseDue).await {
         for h in hits {

@@ -34,6 +34,14 @@ pub const HANDSHAKE_FRAME_BYTES_MAX: usize = 24 << 10;
 /// at its next dial). Strangers can take these slots for a handshake's timeout at most; they
 /// never reach sessions already open.
 pub const HANDSHAKES_MAX: usize = 64;
+/// Connections open at once (sessions, handshakes, blob transfers, gossip); one more is
+/// refused before its handshake. A node has a few per member, so this is far above what
+/// members need and far below what a stranger reconnecting in a loop would make it hold.
+pub const CONNECTIONS_MAX: usize = 256;
+/// New connections a second (after a burst of [`HANDSHAKES_MAX`]); one more is refused
+/// before its handshake. Members connect a few times a minute; a stranger reconnecting in a
+/// loop would otherwise keep hundreds of connections' state alive.
+pub const CONNECTIONS_PER_SEC_MAX: usize = 100;
 /// Most buckets one session carries.
 pub const SESSION_BUCKETS_MAX: usize = 1024;
 /// Most entries one sync message may set: more than the changes of one document a node
