@@ -533,6 +533,7 @@ fn main() {
     if want("attack") {
         let r = root.path().join("attack");
         std::fs::create_dir_all(&r).unwrap();
+        // (Not against an older build: the attacker speaks this build's protocol.)
         under_attack(&r, changes);
     }
     let latency = want("latency") || want("idle");

@@ -683,3 +683,136 @@ fn ssh_string(data: &[u8]) -> Result<(String, &[u8]), StatusReply> {
     let s = String::from_utf8(body.to_vec()).map_err(|_| bad())?;
     Ok((s, &data[4 + len..]))
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! SFTP packets from a hostile or broken client, through russh-sftp's decoder into this
+    //! server's handler over an in-memory stream: valid requests of every kind (paths that
+    //! climb out with `..`, handles never issued, writes far past the end) with bytes
+    //! flipped, and noise. The session must end when the client does, without a panic, and
+    //! the store must still answer. `PROPTEST_CASES` sets the count.
+
+    use super::*;
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One SFTP packet: its length, type, request id and fields (strings length-prefixed).
+    fn packet(ty: u8, id: u32, fields: &[Field]) -> Vec<u8> {
+        let mut body = vec![ty];
+        body.extend_from_slice(&id.to_be_bytes());
+        for f in fields {
+            match f {
+                Field::Str(s) => {
+                    body.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                    body.extend_from_slice(s);
+                }
+                Field::U32(v) => body.extend_from_slice(&v.to_be_bytes()),
+                Field::U64(v) => body.extend_from_slice(&v.to_be_bytes()),
+            }
+        }
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    enum Field {
+        Str(Vec<u8>),
+        U32(u32),
+        U64(u64),
+    }
+
+    /// Valid requests of every kind the server handles, on paths good and bad.
+    fn requests(path: &[u8], handle: &[u8], data: &[u8]) -> Vec<Vec<u8>> {
+        use Field::*;
+        let (p, h) = (|| Str(path.to_vec()), || Str(handle.to_vec()));
+        vec![
+            packet(3, 1, &[p(), U32(0x1a), U32(0)]),                 // open write|creat|trunc
+            packet(3, 2, &[p(), U32(0x01), U32(0)]),                 // open read
+            packet(6, 3, &[h(), U64(1 << 40), Str(data.to_vec())]), // write far out
+            packet(6, 4, &[h(), U64(0), Str(data.to_vec())]),
+            packet(5, 5, &[h(), U64(0), U32(u32::MAX)]), // read
+            packet(4, 6, &[h()]),                        // close
+            packet(7, 7, &[p()]),                        // lstat
+            packet(17, 8, &[p()]),                       // stat
+            packet(11, 9, &[p()]),                       // opendir
+            packet(12, 10, &[h()]),                      // readdir
+            packet(13, 11, &[p()]),                      // remove
+            packet(14, 12, &[p(), U32(0)]),              // mkdir
+            packet(15, 13, &[p()]),                      // rmdir
+            packet(16, 14, &[p()]),                      // realpath
+            packet(18, 15, &[p(), Str(b"/renamed".to_vec())]),
+            packet(9, 16, &[p(), U32(0x4), U32(0o7777)]), // setstat permissions
+            packet(20, 17, &[p(), Str(b"../../../etc/passwd".to_vec())]), // symlink
+            packet(19, 18, &[p()]),                      // readlink
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_packets_end_the_session_cleanly_and_the_store_still_answers(
+            picks in proptest::collection::vec((0usize..18, 0usize..6, 0usize..3), 1..12),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+            noise in prop_oneof![Just(Vec::new()), proptest::collection::vec(any::<u8>(), 1..64)],
+        ) {
+            let (rt, fs) = &*SERVER;
+            let paths: [&[u8]; 6] = [b"/a.txt", b"/../../etc/passwd", b"", b"/d/../../x", b"//", b"/\xff\xfe"];
+            let handles: [&[u8]; 3] = [b"1", b"999999", b"\x00"];
+            let mut wire = packet(1, 3, &[]); // INIT: its "id" is the version, 3
+            for (kind, path, handle) in &picks {
+                wire.extend(requests(paths[*path], handles[*handle], b"bytes")[*kind].clone());
+            }
+            if !wire.is_empty() {
+                // Flip bytes after INIT (the version exchange is russh-sftp's alone).
+                for (at, mask) in &flips {
+                    let i = 9 + at % (wire.len() - 9).max(1);
+                    if i < wire.len() {
+                        wire[i] ^= (*mask).max(1);
+                    }
+                }
+            }
+            let clean = flips.is_empty() && noise.is_empty();
+            wire.extend(noise);
+            let fs = fs.clone();
+            let ended = rt.block_on(async move {
+                let (mut client, server) = tokio::io::duplex(1 << 16);
+                let session = tokio::spawn(russh_sftp::server::run(server, SftpSession { fs, handles: HashMap::new(), next: 1 }));
+                let (mut rx, mut tx) = tokio::io::split(&mut client);
+                let mut replies = Vec::new();
+                let reading = async { let _ = rx.read_to_end(&mut replies).await; };
+                let writing = async { let _ = tx.write_all(&wire).await; let _ = tx.shutdown().await; };
+                let _ = tokio::time::timeout(Duration::from_secs(10), futures_join(reading, writing)).await;
+                drop(client);
+                (tokio::time::timeout(Duration::from_secs(10), session).await, replies)
+            });
+            let (ended, replies) = ended;
+            if clean {
+                // Unharmed requests are answered: the version, then a reply per request.
+                prop_assert_eq!(replies.get(4), Some(&2u8), "no VERSION reply: {:?}", replies);
+                let mut n = 0;
+                let mut at = 0;
+                while at + 4 <= replies.len() {
+                    at += 4 + u32::from_be_bytes(replies[at..at + 4].try_into().unwrap()) as usize;
+                    n += 1;
+                }
+                prop_assert_eq!(n, picks.len() + 1, "a reply per request");
+            }
+            let joined = ended.expect("the session ended when the client did");
+            prop_assert!(joined.is_ok(), "the session panicked: {:?}", joined.err());
+            prop_assert!(SERVER.1.opendir(&TreePath::root()).is_ok(), "the store still answers");
+        }
+    }
+
+    async fn futures_join(a: impl std::future::Future<Output = ()>, b: impl std::future::Future<Output = ()>) {
+        tokio::join!(a, b);
+    }
+
+    /// One store and one runtime for every case (opening a store per case would be most of
+    /// the time). Read-only: a writable mount needs a running node; the write requests are
+    /// decoded and refused (EROFS) all the same.
+    static SERVER: std::sync::LazyLock<(tokio::runtime::Runtime, Arc<MountFs>)> = std::sync::LazyLock::new(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        alknet_actors::engine::Engine::init(&dir).unwrap();
+        let fs = Arc::new(MountFs::open(&dir, Scope::new("default", "main"), true).unwrap());
+        (tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap(), fs)
+    });
+}
