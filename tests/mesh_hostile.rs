@@ -18,48 +18,16 @@ use alknet_actors::proto::replica::{self, BranchRecord, Change, CommitRef, MetaE
 use alknet_actors::proto::signed::EntrySigner;
 use alknet_actors::proto::sync::{Frame, META_DOC, SYNC_ALPN};
 use alknet_actors::proto::ticket::Ticket;
+use common::peer::{addr_of, read_frame};
 use common::{await_cond, Node, Store};
-use iroh::endpoint::presets;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// A bare endpoint on loopback with a fresh identity: no relay, no discovery.
+/// A stranger: a bare endpoint with a fresh identity.
 async fn stranger() -> iroh::Endpoint {
-    stranger_with(iroh::endpoint::QuicTransportConfig::builder().build()).await
-}
-
-/// A bare endpoint with the given QUIC transport settings.
-async fn stranger_with(transport: iroh::endpoint::QuicTransportConfig) -> iroh::Endpoint {
-    iroh::Endpoint::builder(presets::Minimal)
-        .transport_config(transport)
-        .relay_mode(iroh::RelayMode::Disabled)
-        .clear_ip_transports()
-        .bind_addr("127.0.0.1:0")
-        .unwrap()
-        .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
-        .net_report_config(iroh::endpoint::NetReportConfig::minimal())
-        .bind()
-        .await
-        .unwrap()
-}
-
-fn addr_of(ticket: &Ticket) -> iroh::EndpointAddr {
-    let mut addr = iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&ticket.node.0).unwrap());
-    for a in &ticket.addrs {
-        addr = addr.with_ip_addr(*a);
-    }
-    addr
-}
-
-async fn read_frame(recv: &mut iroh::endpoint::RecvStream) -> Option<Frame> {
-    let mut header = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut header)).await.ok()?.ok()?;
-    let len = Frame::body_len(header).ok()?;
-    let mut body = vec![0u8; len];
-    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut body)).await.ok()?.ok()?;
-    Frame::decode(&body).ok()
+    common::peer::endpoint().await
 }
 
 /// Joins with `ticket` for real (a use of it), then opens a session: the connection, its
@@ -210,7 +178,7 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
     // reads a byte: its receive window (64 KiB per stream) fills.
     let (_ep, conn, streams) = rt.block_on(async {
         let window = iroh::endpoint::VarInt::from_u32(64 << 10);
-        let ep = stranger_with(iroh::endpoint::QuicTransportConfig::builder().stream_receive_window(window).build()).await;
+        let ep = common::peer::endpoint_with(iroh::endpoint::QuicTransportConfig::builder().stream_receive_window(window).build()).await;
         let conn = ep.connect(addr_of(&ticket), SYNC_ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
@@ -313,7 +281,7 @@ fn a_member_serving_wrong_bytes_is_never_believed_and_the_right_bytes_arrive_lat
     let liar = Liar { size: Default::default(), asked: Default::default() };
     let rt = runtime();
     let (router, session) = rt.block_on(async {
-        let ep = iroh::Endpoint::builder(presets::Minimal)
+        let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
             .secret_key(iroh::SecretKey::from_bytes(&key))
             .relay_mode(iroh::RelayMode::Disabled)
             .clear_ip_transports()

@@ -18,6 +18,10 @@ use alknet_actors::proto::signed::EntrySigner;
 use alknet_actors::proto::sync::{Frame, SYNC_ALPN};
 use alknet_actors::proto::ticket::Ticket;
 
+#[path = "../../tests/common/peer.rs"]
+mod peer;
+use peer::{addr_of, endpoint, read_frame};
+
 /// Stranger connections open at once.
 pub const STRANGERS: usize = 500;
 const IDENTITIES: usize = 100;
@@ -56,36 +60,6 @@ impl Attack {
             let _ = t.join();
         }
     }
-}
-
-async fn endpoint() -> iroh::Endpoint {
-    iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
-        .relay_mode(iroh::RelayMode::Disabled)
-        .clear_ip_transports()
-        .bind_addr("127.0.0.1:0")
-        .unwrap()
-        .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
-        .net_report_config(iroh::endpoint::NetReportConfig::minimal())
-        .bind()
-        .await
-        .unwrap()
-}
-
-fn addr_of(ticket: &Ticket) -> iroh::EndpointAddr {
-    let mut addr = iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&ticket.node.0).unwrap());
-    for a in &ticket.addrs {
-        addr = addr.with_ip_addr(*a);
-    }
-    addr
-}
-
-async fn read_frame(recv: &mut iroh::endpoint::RecvStream) -> Option<Frame> {
-    let mut header = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut header)).await.ok()?.ok()?;
-    let len = Frame::body_len(header).ok()?;
-    let mut body = vec![0u8; len];
-    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut body)).await.ok()?.ok()?;
-    Frame::decode(&body).ok()
 }
 
 async fn run(ticket: Ticket, stop: Arc<AtomicBool>, connections: Arc<AtomicU64>, forged: Arc<AtomicU64>, ready: std::sync::mpsc::Sender<()>) {

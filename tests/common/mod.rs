@@ -13,6 +13,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 pub mod mount;
+pub mod peer;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_alkfs");
