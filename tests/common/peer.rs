@@ -16,6 +16,10 @@ pub async fn endpoint() -> iroh::Endpoint {
 
 /// A bare endpoint with the given QUIC transport settings.
 pub async fn endpoint_with(transport: iroh::endpoint::QuicTransportConfig) -> iroh::Endpoint {
+    builder(transport).bind().await.unwrap()
+}
+
+fn builder(transport: iroh::endpoint::QuicTransportConfig) -> iroh::endpoint::Builder {
     iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
         .transport_config(transport)
         .relay_mode(iroh::RelayMode::Disabled)
@@ -24,9 +28,6 @@ pub async fn endpoint_with(transport: iroh::endpoint::QuicTransportConfig) -> ir
         .unwrap()
         .portmapper_config(iroh::endpoint::PortmapperConfig::Disabled)
         .net_report_config(iroh::endpoint::NetReportConfig::minimal())
-        .bind()
-        .await
-        .unwrap()
 }
 
 /// The address of the node that made `ticket`.

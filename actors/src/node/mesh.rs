@@ -808,10 +808,17 @@ impl Actor for MeshActor {
                 // Signed by the node it names, for this bucket, and that node a member now: a
                 // stranger's, a removed member's or another bucket's announcement is dropped
                 // (and makes this node track nothing).
+                // Counted and logged like a bound (once, then once a minute): iroh-gossip
+                // admits per node, so a member of another bucket here can reach this topic.
+                let refused = |name: &'static str, what: String| {
+                    if let Some(net) = &state.net {
+                        net.gate.hits.hit(name, 0, &what);
+                    }
+                };
                 let a = match crate::proto::sync::Announcement::open(&bucket, &bytes) {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::debug!(error = %e, "dropped a gossip announcement");
+                        refused("GOSSIP_UNSEALED", format!("dropped a gossip announcement not sealed for its bucket by the node it names: {e}"));
                         return Ok(());
                     }
                 };
@@ -819,7 +826,7 @@ impl Actor for MeshActor {
                     return Ok(());
                 }
                 if !state.members.get(&bucket).is_some_and(|m| m.contains(&a.node)) {
-                    tracing::debug!(sender = %a.node.short(), "dropped a gossip announcement from a node that is not a member of the bucket");
+                    refused("GOSSIP_NOT_A_MEMBER", format!("dropped a gossip announcement from {}, not a member of the bucket", a.node.short()));
                     return Ok(());
                 }
                 match state.sessions.get(&a.node) {
