@@ -16,17 +16,24 @@ fn port_of(s: &Store) -> u16 {
     listen.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// Drops every UDP packet between two loopback ports while it lives.
+/// Drops every UDP packet between two loopback ports while it lives. Its rules carry the
+/// test process's pid in a comment: a test killed before its guard dropped (a timeout's
+/// SIGKILL) leaves rules that the next partition removes.
 struct Partition {
     rules: Vec<Vec<String>>,
 }
 
+/// The comment that marks this test process's rules.
+const RULE_TAG: &str = "alkfs-test-partition-";
+
 impl Partition {
     fn new(a: u16, b: u16) -> Partition {
+        remove_stale_rules();
+        let tag = format!("{RULE_TAG}{}", std::process::id());
         let rules: Vec<Vec<String>> = [(a, b), (b, a)]
             .iter()
             .map(|(from, to)| {
-                ["INPUT", "-p", "udp", "-s", "127.0.0.1", "--sport", &from.to_string(), "--dport", &to.to_string(), "-j", "DROP"].map(String::from).to_vec()
+                ["INPUT", "-p", "udp", "-s", "127.0.0.1", "--sport", &from.to_string(), "--dport", &to.to_string(), "-m", "comment", "--comment", &tag, "-j", "DROP"].map(String::from).to_vec()
             })
             .collect();
         for r in &rules {
@@ -42,6 +49,19 @@ impl Drop for Partition {
         for r in &self.rules {
             let _ = Command::new("iptables").arg("-D").args(r).status();
         }
+    }
+}
+
+/// Removes the partition rules of test processes that are gone.
+fn remove_stale_rules() {
+    let out = Command::new("iptables").args(["-S", "INPUT"]).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(pid) = line.split(RULE_TAG).nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()) else { continue };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let Some(rule) = line.strip_prefix("-A ") else { continue };
+        let _ = Command::new("sh").arg("-c").arg(format!("iptables -D {rule}")).status();
     }
 }
 

@@ -23,6 +23,22 @@ pub fn is_mounted(dir: &Path) -> bool {
     fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
 }
 
+/// Unmounts the alkfs mounts whose process is gone (a test killed before its guard
+/// dropped leaves one; reading it fails with ENOTCONN). Live mounts of tests running
+/// alongside answer and are left alone.
+fn unmount_dead() {
+    for line in fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines() {
+        let (fields, fstype) = match line.split_once(" - ") {
+            Some((f, rest)) => (f, rest.split(' ').next().unwrap_or_default()),
+            None => continue,
+        };
+        let Some(point) = fields.split(' ').nth(4) else { continue };
+        if fstype == "fuse.alkfs" && fs::metadata(point).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN) {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(point).status();
+        }
+    }
+}
+
 /// A running `alkfs mount`, unmounted and reaped when dropped.
 pub struct Mount {
     /// The `alkfs mount` process.
@@ -34,6 +50,7 @@ pub struct Mount {
 
 impl Mount {
     pub fn start(s: &Store, extra: &[&str]) -> Mount {
+        unmount_dead();
         let dir = s.scratch().join(format!("mnt-{}", extra.join("-").replace(['/', ' '], "_")));
         fs::create_dir_all(&dir).unwrap();
         let log = s.scratch().join("mount.log");

@@ -102,10 +102,6 @@ impl Waiting {
         self.counts.insert(key, real.min(cap));
         Ok(real.saturating_sub(cap))
     }
-
-    fn forget(&mut self, bucket_id: i64) {
-        self.counts.retain(|(b, _), _| *b != bucket_id);
-    }
 }
 
 /// Rows of `sql` (a `SELECT 1 … WHERE` with the given params), stopping at `limit`.
@@ -184,7 +180,6 @@ impl Tx<'_> {
                 versions += op.len();
                 ready.extend(op);
             }
-            w.counts.remove(&(bucket_id, Some(node)));
             w.hits.push(WaitHit {
                 name: "HELD_VERSIONS_PER_WRITER_MAX",
                 limit: cap,
@@ -237,7 +232,6 @@ impl Tx<'_> {
             });
             out.extend(op);
         }
-        w.forget(bucket_id);
         Ok(out)
     }
 
@@ -298,7 +292,6 @@ impl Tx<'_> {
         let n = self.conn().execute("DELETE FROM mesh_deferred WHERE bucket_id = ?1 AND since_ms <= ?2", params![bucket_id, now - w.bounds.deferred_ms])?;
         if n > 0 {
             self.mark_rescan(bucket_id)?;
-            w.forget(bucket_id);
             w.hits.push(WaitHit {
                 name: "DEFERRED_SECS_MAX",
                 limit: (w.bounds.deferred_ms / 1000) as u64,
