@@ -279,6 +279,13 @@ pub enum MembersCmd {
         /// read-only, writer or owner.
         role: String,
     },
+    /// Say who may invite to the bucket on every node: `owners` (the default) or `writers`
+    /// too (a writer's ticket admits a writer or a read-only member). Back to `owners`, the
+    /// members writers admitted so far stay; later ones fall.
+    Invites {
+        /// owners or writers.
+        who: String,
+    },
 }
 
 /// Serve subcommands.

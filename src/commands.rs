@@ -143,7 +143,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let engine = Engine::open(&dir, Access::Read)?;
             let bucket = engine.bucket_identity(&scope.bucket)?;
             let members = alknet_actors::engine::mesh::members(engine.tree().conn(), bucket.id)?;
-            output::members(&mut out, &members, &engine.tree().me(), json)?;
+            let members_invite = alknet_actors::engine::mesh::members_invite(engine.tree().conn(), bucket.id)?;
+            output::members(&mut out, &members, members_invite, &engine.tree().me(), json)?;
         }
         Command::Members { action: Some(MembersCmd::Remove { node }), .. } => {
             let client = node_client(&dir, "members remove")?;
@@ -157,6 +158,19 @@ pub fn run(cli: Cli) -> Result<()> {
             let client = node_client(&dir, "members grant")?;
             match client.call(&Request::MembersGrant { bucket: scope.bucket.clone(), node: node.clone(), role: role.clone() })? {
                 Reply::Done => writeln!(out, "{node} is now {role} in bucket {}", scope.bucket)?,
+                Reply::Error { message } => bail!(message),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+        }
+        Command::Members { action: Some(MembersCmd::Invites { who }), .. } => {
+            let members_invite = match who.as_str() {
+                "owners" => false,
+                "writers" => true,
+                _ => bail!("{who:?}: say `owners` (only owners invite) or `writers` (writers too)"),
+            };
+            let client = node_client(&dir, "members invites")?;
+            match client.call(&Request::MembersInvite { bucket: scope.bucket.clone(), members_invite })? {
+                Reply::Done => writeln!(out, "in bucket {}, {} may invite", scope.bucket, if members_invite { "owners and writers" } else { "only owners" })?,
                 Reply::Error { message } => bail!(message),
                 other => bail!("unexpected reply: {other:?}"),
             }

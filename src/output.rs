@@ -156,14 +156,17 @@ pub fn walk(out: &mut impl Write, rows: &[VersionRow], json: bool) -> Result<()>
 }
 
 /// `members`.
-pub fn members(out: &mut impl Write, members: &[alknet_actors::engine::mesh::Member], me: &alknet_actors::proto::ids::NodeId, json: bool) -> Result<()> {
+pub fn members(out: &mut impl Write, members: &[alknet_actors::engine::mesh::Member], members_invite: bool, me: &alknet_actors::proto::ids::NodeId, json: bool) -> Result<()> {
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(members)?)?;
         return Ok(());
     }
     if members.is_empty() {
         writeln!(out, "this bucket is not shared: `alkfs invite` makes a ticket for another node")?;
+        return Ok(());
     }
+    let who = if members_invite { "owners and writers (`alkfs members invites owners` to change)" } else { "owners (`alkfs members invites writers` lets writers too)" };
+    writeln!(out, "who may invite: {who}")?;
     for m in members {
         let state = match m.removed_ms {
             Some(at) => format!("removed {}", time(at)),

@@ -459,3 +459,38 @@ fn a_read_only_member_receives_everything_and_its_writes_are_refused_until_it_is
     r.s.put_bytes("/from-r.txt", b"r");
     await_cond(Duration::from_secs(30), "R's write to reach A", || a.get("/from-r.txt").as_deref() == Some(&b"r"[..]));
 }
+
+#[test]
+fn a_writer_invites_once_an_owner_lets_writers_invite_and_its_invitees_stay_when_that_ends() {
+    let (a, w, c) = (Member::start(), Member::start(), Member::start());
+    w.join(&a.invite(&[]));
+    let wid = w.id();
+    await_cond(Duration::from_secs(30), "the writer to know its role", || {
+        common::parse_json_array(&w.s.ok(&["members", "--json"])).iter().any(|x| x["node"] == wid.as_str() && x["role"] == "Writer")
+    });
+    // Only owners invite until an owner says otherwise; the writer is told why.
+    let out = w.s.run(&["invite"]);
+    assert!(!out.status.success(), "a writer invited by default");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not let writers invite"), "{err}");
+    assert!(w.s.ok(&["members"]).contains("who may invite: owners ("));
+    a.s.ok(&["members", "invites", "writers"]);
+    await_cond(Duration::from_secs(30), "the policy to reach the writer", || w.s.ok(&["members"]).contains("who may invite: owners and writers"));
+    // The writer's ticket admits C, and every member takes it as a writer.
+    c.join(&w.invite(&[]));
+    let cid = c.id();
+    for m in [&a, &w, &c] {
+        await_cond(Duration::from_secs(30), "C listed as a writer", || {
+            common::parse_json_array(&m.s.ok(&["members", "--json"])).iter().any(|x| x["node"] == cid.as_str() && x["role"] == "Writer")
+        });
+    }
+    c.s.put_bytes("/from-c.txt", b"c");
+    await_cond(Duration::from_secs(30), "C's write to reach A", || a.get("/from-c.txt").as_deref() == Some(&b"c"[..]));
+    // Back to owners only: the writer may not invite again, and C stays.
+    a.s.ok(&["members", "invites", "owners"]);
+    await_cond(Duration::from_secs(30), "the policy to reach the writer", || w.s.ok(&["members"]).contains("who may invite: owners ("));
+    assert!(!w.s.run(&["invite"]).status.success(), "a writer invited after inviting was turned off");
+    assert!(common::parse_json_array(&a.s.ok(&["members", "--json"])).iter().any(|x| x["node"] == cid.as_str() && x["removed_ms"].is_null()));
+    c.s.put_bytes("/from-c-2.txt", b"c2");
+    await_cond(Duration::from_secs(30), "C's later write to reach A", || a.get("/from-c-2.txt").as_deref() == Some(&b"c2"[..]));
+}

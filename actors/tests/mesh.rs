@@ -598,3 +598,152 @@ fn versions_that_left_the_wait_over_its_bound_or_past_its_time_are_applied_once_
         assert_eq!(count_rows(&b, "mesh_rescan"), 0, "the documents hold nothing more that waits");
     }
 }
+
+/// One step of [`a_pair_of_nodes_matches_a_model_through_random_ops_restarts_and_peer_messages`].
+#[derive(Clone, Debug)]
+enum Step {
+    /// Node `0` (A) or `1` (B) writes `bytes` at path number `path`.
+    Write(usize, usize, Vec<u8>),
+    /// A node removes a path, if it shows one there.
+    Remove(usize, usize),
+    /// A node renames a path it shows to another it does not.
+    Rename(usize, usize, usize),
+    /// A node's process stops and starts again on its data dir.
+    Restart(usize),
+    /// The two run the sync protocol until quiet.
+    Sync,
+    /// B's next message to A arrives damaged at `flips`; both end the session (as a node
+    /// drops a peer that sent one), then sync.
+    Damaged(u16, Vec<(usize, u8)>),
+}
+
+const MODEL_PATHS: [&str; 5] = ["/f0", "/f1", "/d/f2", "/d/f3", "/d/e/f4"];
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let node = 0usize..2;
+    let path = 0usize..MODEL_PATHS.len();
+    prop_oneof![
+        4 => (node.clone(), path.clone(), proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(n, p, b)| Step::Write(n, p, b)),
+        2 => (node.clone(), path.clone()).prop_map(|(n, p)| Step::Remove(n, p)),
+        1 => (node.clone(), path.clone(), path).prop_map(|(n, a, b)| Step::Rename(n, a, b)),
+        1 => node.prop_map(Step::Restart),
+        2 => Just(Step::Sync),
+        1 => (0u16..DOCS, proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4)).prop_map(|(d, f)| Step::Damaged(d, f)),
+    ]
+}
+
+/// What a node should show: each path's last write or removal it knows of, with when it
+/// happened (every step happens at its own, later millisecond, so the last writer wins).
+type Known = std::collections::BTreeMap<&'static str, (i64, Option<String>)>;
+
+/// The files a node shows, as (path, hash).
+fn files_of(engine: &Engine) -> Vec<(String, String)> {
+    let rows = engine.walk(&main_scope(), &p("/")).unwrap();
+    rows.iter()
+        .filter_map(|r| r.version.entry.as_ref().filter(|e| e.kind == alknet_actors::proto::entry::EntryKind::File).map(|e| (r.path.to_string(), e.hash.to_hex())))
+        .collect()
+}
+
+fn shown(known: &Known) -> Vec<(String, String)> {
+    known.iter().filter_map(|(p, (_, h))| h.as_ref().map(|h| (p.to_string(), h.clone()))).collect()
+}
+
+fn reopened(node: Node, clock: &std::sync::Arc<alknet_actors::proto::clock::ManualClock>) -> Node {
+    let dir = node.dir;
+    drop(node.mesh);
+    drop(node.engine);
+    let engine = Engine::open(dir.path(), Access::Write).unwrap().with_clock(clock.clone());
+    Node { mesh: Mesh::new(&engine).unwrap(), engine, dir }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(16),
+        ..Default::default()
+    })]
+
+    /// The model-based target: two real stores sharing a bucket take random writes,
+    /// removals, renames, restarts, syncs and damaged messages from each other, and after
+    /// every step each shows what a plain model says (its own writes at once; the other's
+    /// after a sync; the last writer of a path wins), and a sync leaves both the same.
+    #[test]
+    fn a_pair_of_nodes_matches_a_model_through_random_ops_restarts_and_peer_messages(steps in proptest::collection::vec(step(), 1..40)) {
+        let clock = std::sync::Arc::new(alknet_actors::proto::clock::ManualClock::new(1_767_225_600_000));
+        let node = || {
+            let (dir, engine) = common::fresh();
+            let engine = engine.with_clock(clock.clone());
+            Node { mesh: Mesh::new(&engine).unwrap(), engine, dir }
+        };
+        let mut nodes = [Some(node()), Some(node())];
+        let uid = {
+            let [a, b] = &mut nodes;
+            join(a.as_mut().unwrap(), b.as_mut().unwrap())
+        };
+        let mut known: [Known; 2] = Default::default();
+        let s = main_scope();
+        for (i, step) in steps.iter().enumerate() {
+            clock.advance(1_000);
+            let t = i as i64;
+            match step {
+                Step::Write(n, path, bytes) => {
+                    let node = nodes[*n].as_mut().unwrap();
+                    put(&mut node.engine, &s, MODEL_PATHS[*path], bytes);
+                    known[*n].insert(MODEL_PATHS[*path], (t, Some(blake3::hash(bytes).to_hex().to_string())));
+                }
+                Step::Remove(n, path) => {
+                    if known[*n].get(MODEL_PATHS[*path]).is_some_and(|(_, h)| h.is_some()) {
+                        let node = nodes[*n].as_mut().unwrap();
+                        node.engine.remove(&s, &p(MODEL_PATHS[*path]), false).unwrap();
+                        known[*n].insert(MODEL_PATHS[*path], (t, None));
+                    }
+                }
+                Step::Rename(n, from, to) => {
+                    let (from, to) = (MODEL_PATHS[*from], MODEL_PATHS[*to]);
+                    let hash = known[*n].get(from).and_then(|(_, h)| h.clone());
+                    let free = known[*n].get(to).is_none_or(|(_, h)| h.is_none()) && !MODEL_PATHS.iter().any(|q| q.starts_with(&format!("{to}/")));
+                    if let (Some(hash), true) = (hash, free && from != to) {
+                        let node = nodes[*n].as_mut().unwrap();
+                        node.engine.rename(&s, &p(from), &p(to)).unwrap();
+                        known[*n].insert(from, (t, None));
+                        known[*n].insert(to, (t, Some(hash)));
+                    }
+                }
+                Step::Restart(n) => {
+                    let node = nodes[*n].take().unwrap();
+                    nodes[*n] = Some(reopened(node, &clock));
+                }
+                Step::Sync | Step::Damaged(..) => {
+                    let [a, b] = &mut nodes;
+                    let (a, b) = (a.as_mut().unwrap(), b.as_mut().unwrap());
+                    if let Step::Damaged(doc, flips) = step {
+                        b.mesh.publish(&mut b.engine).unwrap();
+                        if let Some(m) = b.mesh.generate(&b.engine, &a.me(), &uid, *doc).unwrap() {
+                            let mut bad = m.clone();
+                            for (at, mask) in flips {
+                                let k = at % bad.len();
+                                bad[k] ^= (*mask).max(1);
+                            }
+                            let _ = a.mesh.receive(&mut a.engine, &b.me(), &uid, *doc, &bad);
+                            let (ida, idb) = (a.me(), b.me());
+                            a.mesh.end_session(&mut a.engine, &idb).unwrap();
+                            b.mesh.end_session(&mut b.engine, &ida).unwrap();
+                        }
+                    }
+                    sync(a, b, &uid);
+                    let mut merged = known[0].clone();
+                    for (path, (at, h)) in &known[1] {
+                        if merged.get(path).is_none_or(|(mine, _)| mine < at) {
+                            merged.insert(path, (*at, h.clone()));
+                        }
+                    }
+                    known = [merged.clone(), merged];
+                }
+            }
+            for n in 0..2 {
+                let node = nodes[n].as_ref().unwrap();
+                proptest::prop_assert_eq!(files_of(&node.engine), shown(&known[n]), "node {} after step {} ({:?})", n, i, step);
+            }
+        }
+    }
+}

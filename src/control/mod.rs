@@ -120,6 +120,8 @@ pub enum Request {
     MembersRemove { bucket: String, node: String },
     /// Give a member of a bucket a role (`read-only`, `writer`, `owner`).
     MembersGrant { bucket: String, node: String, role: String },
+    /// Say who may invite to a bucket: writers too (`members_invite`), or owners only.
+    MembersInvite { bucket: String, members_invite: bool },
     /// Fetch a blob whose bytes are still on peers, and answer once it is here.
     Fetch { hash: String, size: u64 },
     /// Bytes `offset..offset + len` of a blob whose bytes are still on peers: fetched by
@@ -303,6 +305,7 @@ mod fuzz {
             Request::Status,
             Request::Invite { bucket: "default".into(), expires_ms: 60_000, uses: 1, read_only: true },
             Request::MembersGrant { bucket: "default".into(), node: "00".repeat(32), role: "writer".into() },
+            Request::MembersInvite { bucket: "default".into(), members_invite: true },
             Request::Remove { scope, path: "/a/../b".into(), recursive: true },
         ]
         .iter()

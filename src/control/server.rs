@@ -514,6 +514,10 @@ async fn dispatch(req: Request, ctx: &ServerCtx) -> Result<Reply> {
             ctx.node.grant_role(bucket, node, role).await?;
             Reply::Done
         }
+        Request::MembersInvite { bucket, members_invite } => {
+            ctx.node.set_invite_policy(bucket, members_invite).await?;
+            Reply::Done
+        }
         Request::InjectPanic { actor } => {
             if !ctx.fault_injection {
                 bail!("fault injection is off (start the node with ALKFS_FAULT_INJECTION=1, for tests only)");

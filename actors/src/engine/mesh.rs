@@ -370,8 +370,17 @@ impl Mesh {
         let (expires_ms, uses, role) = terms;
         let bucket = engine.bucket_identity(name)?;
         self.share(engine, &bucket, addrs, true)?;
-        if self.membership(engine.tree().conn(), bucket.id)?.role(&self.me) != Some(Role::Owner) {
-            return Err(invalid(format!("only an owner of bucket {name} can invite (see `alkfs members`); ask one for a ticket")).into());
+        let members = self.membership(engine.tree().conn(), bucket.id)?;
+        if !members.may_invite(&self.me) {
+            let why = match members.role(&self.me) {
+                Some(Role::Writer) => ", and it does not let writers invite",
+                Some(_) => ", and this node is a read-only member",
+                None => ", and this node is not a member of it yet (its admission may still be on its way)",
+            };
+            return Err(invalid(format!("only an owner of bucket {name} can invite{why} (see `alkfs members`); ask an owner for a ticket")).into());
+        }
+        if role == Role::Owner && members.role(&self.me) != Some(Role::Owner) {
+            return Err(invalid(format!("only an owner of bucket {name} can invite an owner; invite a writer or a read-only member")).into());
         }
         let key = iroh::SecretKey::generate();
         let mut secret = [0u8; SECRET_BYTES];
@@ -398,12 +407,13 @@ impl Mesh {
             Ok(after) => after,
             Err(why) => return Ok(Err(why)),
         };
-        if self.membership(engine.tree().conn(), bucket.id)?.role(&self.me) != Some(Role::Owner) {
+        let members = self.membership(engine.tree().conn(), bucket.id)?;
+        if !members.may_invite(&self.me) {
             return Ok(Err(JoinRefusal::NotAnOwner));
         }
         let role: String = engine.tree().conn().query_row("SELECT role FROM mesh_invite WHERE secret_hash = ?1", [&hash], |r| r.get(0)).map_err(StoreError::from)?;
-        // A role this build does not know grants the least.
-        let role = Role::parse(&role).unwrap_or(Role::ReadOnly);
+        // A role this build does not know grants the least; a writer admits a writer at most.
+        let role = Role::parse(&role).unwrap_or(Role::ReadOnly).min(members.role(&self.me).unwrap_or(Role::ReadOnly));
         let member = MetaEntry::Member { node: *joiner, added_by: self.me, at_ms: now, role };
         self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &member.key(), &member.value())?;
         self.members.remove(&bucket.id);
@@ -509,9 +519,28 @@ impl Mesh {
         }
         let now = engine.now_ms();
         let last_seq = last_seq_of(engine.tree().conn(), bucket.id, node)?;
-        let entry = MetaEntry::Grant { node: *node, by: self.me, at_ms: now, role, last_seq };
+        let admitted = members.seen_of(node, last_seq).admitted;
+        let entry = MetaEntry::Grant { node: *node, by: self.me, at_ms: now, role, last_seq, admitted };
         if !self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &entry.key(), &entry.value())? {
             return Err(invalid("a role was granted to that member this very millisecond; try again").into());
+        }
+        self.membership_changed(engine, &bucket, now)?;
+        Ok(bucket.uid)
+    }
+
+    /// Lets writers of bucket `name` invite (`members_invite`), or only owners (an owner's
+    /// act). Turning it off keeps the members writers had admitted so far, as this node
+    /// knows them; later ones fall.
+    pub fn set_invite_policy(&mut self, engine: &mut Engine, name: &str, members_invite: bool) -> Result<Uid> {
+        let bucket = engine.bucket_identity(name)?;
+        let members = self.membership(engine.tree().conn(), bucket.id)?;
+        if members.role(&self.me) != Some(Role::Owner) {
+            return Err(invalid(format!("only an owner of bucket {name} can say who may invite (see `alkfs members`)")).into());
+        }
+        let now = engine.now_ms();
+        let entry = MetaEntry::Policy { by: self.me, at_ms: now, members_invite, admitted: members.admitted_by_members() };
+        if !self.put_signed(engine.tree().conn(), (bucket.id, &bucket.uid), META_DOC, &entry.key(), &entry.value())? {
+            return Err(invalid("the policy was set this very millisecond; try again").into());
         }
         self.membership_changed(engine, &bucket, now)?;
         Ok(bucket.uid)
@@ -607,7 +636,7 @@ impl Mesh {
                 changes.extend(rules::decode(sealed.body).ok());
             }
         }
-        received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Grant { .. } | MetaEntry::Removed { .. }));
+        received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Grant { .. } | MetaEntry::Policy { .. } | MetaEntry::Removed { .. }));
         if received.members_changed {
             self.members.remove(&bucket.id);
         }
@@ -900,6 +929,9 @@ fn hold_ahead(tx: &mut Tx<'_>, bucket_id: i64, changes: Vec<Change>, bound: Boun
 /// the bound); this node's own versions stay. Deferred versions the rule now accepts are the
 /// caller's to apply.
 fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: &NodeId, now: i64, w: &mut Waiting) -> Result<(), StoreError> {
+    tx.conn()
+        .prepare_cached("INSERT INTO mesh_policy(bucket_id, members_invite) VALUES (?1, ?2) ON CONFLICT(bucket_id) DO UPDATE SET members_invite = excluded.members_invite")?
+        .execute(params![bucket_id, members.members_invite()])?;
     for node in members.nodes() {
         let row: Option<(Option<i64>, Option<i64>)> = tx
             .conn()
@@ -985,7 +1017,7 @@ fn apply_meta(tx: &mut Tx<'_>, bucket_id: i64, entries: &[MetaEntry], members: &
                     record_addrs(conn, node, addrs, *at_ms)?;
                 }
             }
-            MetaEntry::Member { .. } | MetaEntry::Grant { .. } => {}
+            MetaEntry::Member { .. } | MetaEntry::Grant { .. } | MetaEntry::Policy { .. } => {}
             MetaEntry::BranchDeleted { uid, .. } => {
                 if let Some(b) = crate::store::replica::branch_by_uid(tx.conn(), bucket_id, uid)? {
                     if b.parent_id.is_some() {
@@ -1073,6 +1105,11 @@ pub fn members(conn: &Connection, bucket_id: i64) -> Result<Vec<Member>, StoreEr
         });
     }
     Ok(out)
+}
+
+/// Whether writers of bucket `bucket_id` may invite, as this node last read its document.
+pub fn members_invite(conn: &Connection, bucket_id: i64) -> Result<bool, StoreError> {
+    Ok(conn.query_row("SELECT members_invite FROM mesh_policy WHERE bucket_id = ?1", [bucket_id], |r| r.get(0)).optional()?.unwrap_or(false))
 }
 
 /// The role of `node` in bucket `bucket_id` as this node last read it (`None`: not a member,
@@ -1246,6 +1283,13 @@ pub enum MeshOp {
         /// Its role from now on.
         role: Role,
     },
+    /// Say who may invite to a bucket.
+    InvitePolicy {
+        /// The bucket.
+        bucket: String,
+        /// Writers too (else only owners).
+        members_invite: bool,
+    },
     /// Digests of a bucket's documents.
     Summary(Uid),
     /// The next sync message for a peer.
@@ -1357,6 +1401,7 @@ impl Mesh {
             MeshOp::Adopt(a) => MeshReply::Adopted(self.adopt(engine, &a)?),
             MeshOp::Remove { bucket, node } => MeshReply::MemberChanged(self.remove_member(engine, &bucket, &node)?),
             MeshOp::Grant { bucket, node, role } => MeshReply::MemberChanged(self.grant_role(engine, &bucket, &node, role)?),
+            MeshOp::InvitePolicy { bucket, members_invite } => MeshReply::MemberChanged(self.set_invite_policy(engine, &bucket, members_invite)?),
             MeshOp::Summary(uid) => MeshReply::Summary(self.summary(engine, &uid)?),
             MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?),
             MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive_checked(engine, &peer, &bucket, doc, msg)?)),

@@ -663,6 +663,8 @@ pub enum MeshMsg {
     Remove { bucket: String, node: NodeId, reply: RpcReplyPort<Result<(), String>> },
     /// Give a member a role.
     Grant { bucket: String, node: NodeId, role: crate::proto::membership::Role, reply: RpcReplyPort<Result<(), String>> },
+    /// Say who may invite: writers too, or owners only.
+    InvitePolicy { bucket: String, members_invite: bool, reply: RpcReplyPort<Result<(), String>> },
     /// A sync message arrived from a peer (for status).
     Synced(NodeId, usize),
     /// Status.
@@ -913,6 +915,10 @@ impl Actor for MeshActor {
             }
             MeshMsg::Grant { bucket, node, role, reply } => {
                 let result = member_changed(state, MeshOp::Grant { bucket, node, role }).await;
+                let _ = reply.send(result);
+            }
+            MeshMsg::InvitePolicy { bucket, members_invite, reply } => {
+                let result = member_changed(state, MeshOp::InvitePolicy { bucket, members_invite }).await;
                 let _ = reply.send(result);
             }
             MeshMsg::Synced(peer, lag) => {

@@ -379,6 +379,13 @@ impl NodeHandle {
             .map_err(NodeError::Failed)
     }
 
+    /// Lets writers of `bucket` invite too (`members_invite`), or only owners (an owner's act).
+    pub async fn set_invite_policy(&self, bucket: String, members_invite: bool) -> Result<(), NodeError> {
+        self.call(Child::Mesh, |reply| mesh::MeshMsg::InvitePolicy { bucket: bucket.clone(), members_invite, reply }, JOIN_TIMEOUT)
+            .await?
+            .map_err(NodeError::Failed)
+    }
+
     /// Fetches blob `hash` from peers now and waits until it is here.
     pub async fn fetch_now(&self, hash: crate::proto::entry::ContentHash, size: u64) -> Result<(), NodeError> {
         self.call(Child::Mesh, |reply| mesh::MeshMsg::FetchNow { hash, size, reply }, FETCH_WAIT).await?.map_err(NodeError::Failed)

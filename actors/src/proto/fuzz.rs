@@ -100,9 +100,12 @@ proptest! {
         let _ = replica::decode(&bytes);
         let _ = BranchRecord::decode(&bytes);
         let _ = MetaEntry::decode(&key, &bytes);
-        for known in ["member/", "removed/", "branch/", "addrs/", "deleted/"] {
-            let _ = MetaEntry::decode(&format!("{known}{key}"), &bytes);
+        let mut decoded = Vec::new();
+        for known in ["member/", "removed/", "role/", "policy/", "branch/", "addr/", "deleted/"] {
+            decoded.extend(MetaEntry::decode(&format!("{known}{key}"), &bytes));
         }
+        // What decodes, membership reads without a panic.
+        let _ = super::membership::Membership::from_entries(Uid([1; 16]), &decoded);
     }
 
     /// A peer's sync message is read, and each entry's signature checked, before anything of

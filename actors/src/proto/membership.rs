@@ -5,8 +5,10 @@
 //! **Authority.** A bucket's first owner is the node that minted its identity
 //! ([`Uid::is_minted_by`]): its self-admission is the only one that counts, so nobody makes
 //! itself a root with a key of its own. Owners admit (with a role), remove, and grant roles;
-//! a writer writes; a read-only member receives everything and writes nothing anyone
-//! accepts. An owner is never demoted, only removed. Every entry is signed by the node it
+//! a writer writes, and invites too (a writer or a read-only member, never an owner) while an
+//! owner's policy lets writers invite (`policy/…` entries, the latest by a standing owner
+//! counts; turned off, what the owner had seen writers admit stands, as with removals); a
+//! read-only member receives everything and writes nothing anyone accepts. An owner is never demoted, only removed. Every entry is signed by the node it
 //! names as its writer (`proto::signed`), so what an entry says of its author is true; what
 //! it may *do* is decided here, and an entry by a node without the authority stays in the
 //! document without effect.
@@ -33,7 +35,7 @@
 //! ([`Membership::cutoff`]); the documents keep them (their entries are write-once), so a
 //! decision that changes with later entries can be made again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -95,12 +97,21 @@ impl Seen {
     }
 }
 
-/// A role given to a member after its admission, and what the granter had seen of its
-/// versions (those stand if the role is read-only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A role given to a member after its admission, and what the granter had seen of it
+/// (its versions, and whom it had invited: those stand if the role is read-only).
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Grant {
     role: Role,
     last_seq: i64,
+    admitted: Vec<NodeId>,
+}
+
+/// Whether plain members (writers) may invite, as an owner set it, and the admissions by
+/// plain members the owner had seen (those stand when it turns inviting off).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Policy {
+    members_invite: bool,
+    admitted: Vec<NodeId>,
 }
 
 /// The membership entries of one bucket's document and what they decide.
@@ -114,10 +125,16 @@ pub struct Membership {
     removals: BTreeMap<NodeId, BTreeMap<NodeId, Seen>>,
     /// Roles granted to each node, by (when, granter).
     grants: BTreeMap<NodeId, BTreeMap<(i64, NodeId), Grant>>,
+    /// The bucket's invitation policies, by (when, owner).
+    policies: BTreeMap<(i64, NodeId), Policy>,
     /// Nodes whose admission stands (decided from the above; see [`Self::decide`]).
     standing: BTreeSet<NodeId>,
     /// Standing nodes that are owners.
     owners: BTreeSet<NodeId>,
+    /// The role each standing node was admitted with (see [`Self::decide`]).
+    admitted_roles: BTreeMap<NodeId, Role>,
+    /// Whether plain members may invite (the policy in force).
+    members_invite: bool,
     /// The removals that count, by removed node (decided with the above).
     counted: BTreeMap<NodeId, Vec<Seen>>,
 }
@@ -130,6 +147,32 @@ const DECIDE_ROUNDS_MAX: usize = 16;
 /// Deepest chain of removals (of removers of removers…) walked when deciding one removal;
 /// past it, the remover is taken as standing (the same on every node).
 const DECIDE_DEPTH_MAX: usize = 4096;
+
+/// What one round of [`Membership::decide`] found.
+#[derive(Default)]
+struct Round {
+    standing: BTreeSet<NodeId>,
+    /// Owners in order of seniority (the first owner, then as the walk found them).
+    owners: Vec<NodeId>,
+    /// The role each standing node was admitted with, and whether an owner admitted it.
+    roles: BTreeMap<NodeId, (bool, Role)>,
+    members_invite: bool,
+}
+
+impl Round {
+    /// Notes an admission of `node` as `role` (by an owner or not) that stands. An owner's
+    /// admission outranks a plain member's, so nobody invites its way past the role an
+    /// owner gave; a plain member admits a writer at most.
+    fn note_role(&mut self, node: NodeId, by_owner: bool, role: Role) {
+        let role = role.min(Role::Writer);
+        let noted = self.roles.entry(node).or_insert((by_owner, role));
+        if by_owner && !noted.0 {
+            *noted = (true, role);
+        } else if by_owner == noted.0 {
+            noted.1 = noted.1.max(role);
+        }
+    }
+}
 
 impl Membership {
     /// No entries yet for bucket `bucket`: nobody is a member.
@@ -163,9 +206,13 @@ impl Membership {
                 let r = self.removals.entry(*node).or_default();
                 r.insert(*by, seen.clone()) != Some(seen.clone())
             }
-            MetaEntry::Grant { node, by, at_ms, role, last_seq } => {
-                let g = Grant { role: *role, last_seq: *last_seq };
-                self.grants.entry(*node).or_default().insert((*at_ms, *by), g) != Some(g)
+            MetaEntry::Grant { node, by, at_ms, role, last_seq, admitted } => {
+                let g = Grant { role: *role, last_seq: *last_seq, admitted: admitted.clone() };
+                self.grants.entry(*node).or_default().insert((*at_ms, *by), g.clone()) != Some(g)
+            }
+            MetaEntry::Policy { by, at_ms, members_invite, admitted } => {
+                let p = Policy { members_invite: *members_invite, admitted: admitted.clone() };
+                self.policies.insert((*at_ms, *by), p.clone()) != Some(p)
             }
             _ => false,
         }
@@ -238,10 +285,15 @@ impl Membership {
 
     /// Which admissions stand and who owns: the first owner, then anyone added by a standing
     /// owner that is not removed, or whose admission some removal of that owner had seen;
-    /// an owner is a standing node added as one or granted ownership the same way. Each
-    /// round walks from the first owner, counting the removals the owners of the round before
-    /// made (none in the first), until a round changes nothing: linear in the entries per
-    /// round, whatever the depth of the chains. A function of the entries alone.
+    /// an owner is a standing node added as one or granted ownership the same way. Plain
+    /// members' admissions are walked after the owners': one stands if the policy in force
+    /// lets plain members invite and its inviter is a writer, or if the owner who turned
+    /// inviting off, or made the inviter read-only, had seen it (the rule of removals); it
+    /// admits a writer at most, and a node an owner admitted keeps the role the owner gave.
+    /// Each round walks from the first owner, counting the removals (and reading the policy
+    /// and grants) the owners of the round before made (none in the first), until a round
+    /// changes nothing: linear in the entries per round, whatever the depth of the chains.
+    /// A function of the entries alone.
     fn decide(&mut self) {
         let mut by_adder: BTreeMap<NodeId, Vec<(NodeId, Role)>> = BTreeMap::new();
         for (node, adders) in &self.added {
@@ -261,51 +313,90 @@ impl Membership {
         }
         let root = self.root();
         self.counted = BTreeMap::new();
-        let mut decided: (BTreeSet<NodeId>, Vec<NodeId>) = (BTreeSet::new(), Vec::new());
+        let mut decided = Round::default();
         for _ in 0..DECIDE_ROUNDS_MAX {
-            let mut standing: BTreeSet<NodeId> = root.into_iter().collect();
-            let mut owners: Vec<NodeId> = root.into_iter().collect();
-            let mut is_owner: BTreeSet<NodeId> = standing.clone();
-            // Nodes a standing owner made owners before they were known to stand.
-            let mut pending_owner: BTreeSet<NodeId> = BTreeSet::new();
-            let mut walk: std::collections::VecDeque<NodeId> = owners.iter().copied().collect();
-            while let Some(by) = walk.pop_front() {
-                let removals: Vec<&Seen> = self.removals_of(&by).collect();
-                let stands = |node: &NodeId| removals.is_empty() || removals.iter().any(|seen| seen.admitted(node));
-                let mut promote = |node: NodeId, owners: &mut Vec<NodeId>, walk: &mut std::collections::VecDeque<NodeId>| {
-                    if is_owner.insert(node) {
-                        owners.push(node);
-                        walk.push_back(node);
-                    }
-                };
-                for (node, role) in by_adder.get(&by).into_iter().flatten() {
-                    if !stands(node) {
-                        continue;
-                    }
-                    standing.insert(*node);
-                    if *role == Role::Owner || pending_owner.contains(node) {
-                        promote(*node, &mut owners, &mut walk);
-                    }
-                }
-                for node in made_owner_by.get(&by).into_iter().flatten() {
-                    if !stands(node) {
-                        continue;
-                    }
-                    if standing.contains(node) {
-                        promote(*node, &mut owners, &mut walk);
-                    } else {
-                        pending_owner.insert(*node);
-                    }
-                }
+            let round = self.walk(root, &by_adder, &made_owner_by, &decided);
+            let settled = (&round.standing, &round.owners) == (&decided.standing, &decided.owners);
+            if !settled {
+                self.counted = self.count_removals(&round.owners);
             }
-            if (&standing, &owners) == (&decided.0, &decided.1) {
+            decided = round;
+            if settled {
                 break;
             }
-            self.counted = self.count_removals(&owners);
-            decided = (standing, owners);
         }
-        self.standing = decided.0;
-        self.owners = decided.1.into_iter().collect();
+        self.standing = decided.standing;
+        self.owners = decided.owners.into_iter().collect();
+        self.admitted_roles = decided.roles.into_iter().map(|(n, (_, r))| (n, r)).collect();
+        self.members_invite = decided.members_invite;
+    }
+
+    /// One round of [`Self::decide`]: the walk from the first owner, reading removals,
+    /// grants and the policy as the round before (`before`) decided them.
+    fn walk(&self, root: Option<NodeId>, by_adder: &BTreeMap<NodeId, Vec<(NodeId, Role)>>, made_owner_by: &BTreeMap<NodeId, Vec<NodeId>>, before: &Round) -> Round {
+        let owner_member = |n: &NodeId| before.owners.contains(n) && !self.counted.contains_key(n);
+        let policy = self.policies.iter().rev().find(|((_, by), _)| owner_member(by)).map(|(_, p)| p);
+        let members_invite = policy.is_some_and(|p| p.members_invite);
+        let grant_of = |node: &NodeId| self.grants.get(node).into_iter().flatten().rev().find(|((_, by), g)| g.role != Role::Owner && owner_member(by)).map(|(_, g)| g);
+        let mut round = Round { members_invite, ..Round::default() };
+        round.standing.extend(root);
+        round.owners.extend(root);
+        let mut is_owner: BTreeSet<NodeId> = round.standing.clone();
+        // Nodes a standing owner made owners before they were known to stand.
+        let mut pending_owner: BTreeSet<NodeId> = BTreeSet::new();
+        let mut owner_walk: VecDeque<NodeId> = round.owners.iter().copied().collect();
+        let mut plain_walk: VecDeque<NodeId> = VecDeque::new();
+        let mut plain_walked: BTreeSet<NodeId> = BTreeSet::new();
+        loop {
+            let (by, as_owner) = match owner_walk.pop_front() {
+                Some(by) => (by, true),
+                None => match plain_walk.pop_front() {
+                    Some(by) if !is_owner.contains(&by) => (by, false),
+                    Some(_) => continue,
+                    None => break,
+                },
+            };
+            let removals: Vec<&Seen> = self.removals_of(&by).collect();
+            let stands = |node: &NodeId| removals.is_empty() || removals.iter().any(|seen| seen.admitted(node));
+            // What `by` may do, if it is a plain member: invite (its role now), or have
+            // what it did stand (an owner had seen it).
+            let grant = if as_owner { None } else { grant_of(&by) };
+            let role_now = grant.map(|g| g.role).or_else(|| round.roles.get(&by).map(|(_, r)| *r)).unwrap_or(Role::ReadOnly);
+            let may_invite = as_owner || (members_invite && role_now == Role::Writer);
+            let seen = |node: &NodeId| policy.is_some_and(|p| p.admitted.contains(node)) || grant.is_some_and(|g| g.role == Role::ReadOnly && g.admitted.contains(node));
+            for (node, role) in by_adder.get(&by).into_iter().flatten() {
+                if !stands(node) || !(may_invite || seen(node)) {
+                    continue;
+                }
+                round.standing.insert(*node);
+                round.note_role(*node, as_owner, *role);
+                if (as_owner && *role == Role::Owner) || pending_owner.contains(node) {
+                    if is_owner.insert(*node) {
+                        round.owners.push(*node);
+                        owner_walk.push_back(*node);
+                    }
+                } else if plain_walked.insert(*node) {
+                    plain_walk.push_back(*node);
+                }
+            }
+            if !as_owner {
+                continue;
+            }
+            for node in made_owner_by.get(&by).into_iter().flatten() {
+                if !stands(node) {
+                    continue;
+                }
+                if round.standing.contains(node) {
+                    if is_owner.insert(*node) {
+                        round.owners.push(*node);
+                        owner_walk.push_back(*node);
+                    }
+                } else {
+                    pending_owner.insert(*node);
+                }
+            }
+        }
+        round
     }
 
     /// Whether `node` is a member: its admission stands and no removal of it counts.
@@ -336,15 +427,7 @@ impl Membership {
         if let Some((_, g)) = granted {
             return (g.role, g.last_seq);
         }
-        let admitted = self
-            .added
-            .get(node)
-            .into_iter()
-            .flatten()
-            .filter(|(by, _)| self.owners.contains(*by))
-            .map(|(_, r)| (*r).min(Role::Writer))
-            .max()
-            .unwrap_or(Role::ReadOnly);
+        let admitted = self.admitted_roles.get(node).copied().unwrap_or(Role::ReadOnly);
         (admitted, 0)
     }
 
@@ -396,6 +479,27 @@ impl Membership {
     pub fn owners(&self) -> impl Iterator<Item = &NodeId> {
         self.owners.iter()
     }
+
+    /// Whether the bucket lets plain members (writers) invite (an owner's policy; off until
+    /// an owner turns it on).
+    pub fn members_invite(&self) -> bool {
+        self.members_invite
+    }
+
+    /// Whether `node` may invite: an owner, or a writer while the policy lets members invite.
+    pub fn may_invite(&self, node: &NodeId) -> bool {
+        match self.role(node) {
+            Some(Role::Owner) => true,
+            Some(Role::Writer) => self.members_invite,
+            _ => false,
+        }
+    }
+
+    /// The nodes plain members (not owners) admitted, as this document records: what an
+    /// owner turning inviting off has seen (those admissions stand).
+    pub fn admitted_by_members(&self) -> Vec<NodeId> {
+        self.added.iter().filter(|(node, by)| by.keys().any(|b| b != *node && !self.owners.contains(b))).map(|(n, _)| *n).collect()
+    }
 }
 
 #[cfg(test)]
@@ -434,7 +538,17 @@ mod tests {
     }
 
     fn grant(node: u8, by: u8, at_ms: i64, role: Role, last_seq: i64) -> MetaEntry {
-        MetaEntry::Grant { node: n(node), by: n(by), at_ms, role, last_seq }
+        grant_seeing(node, by, at_ms, role, last_seq, &[])
+    }
+
+    fn grant_seeing(node: u8, by: u8, at_ms: i64, role: Role, last_seq: i64, admitted: &[u8]) -> MetaEntry {
+        MetaEntry::Grant { node: n(node), by: n(by), at_ms, role, last_seq, admitted: admitted.iter().map(|&b| n(b)).collect() }
+    }
+
+    /// Owner (or not) `by` says at `at_ms` whether writers may invite, having seen writers
+    /// admit `admitted`.
+    fn policy(by: u8, at_ms: i64, members_invite: bool, admitted: &[u8]) -> MetaEntry {
+        MetaEntry::Policy { by: n(by), at_ms, members_invite, admitted: admitted.iter().map(|&b| n(b)).collect() }
     }
 
     fn v(node: u8, seq: i64) -> VersionId {
@@ -509,6 +623,66 @@ mod tests {
         assert!(!m.is_member(&n(4)), "admitted by a writer");
         assert!(m.is_member(&n(3)) && m.cutoff(&n(3)).is_none(), "removed by a writer");
         assert_eq!(m.role(&n(2)), Some(Role::Writer), "a writer making itself an owner");
+    }
+
+    #[test]
+    fn a_writer_invites_only_while_an_owner_lets_writers_invite() {
+        use Role::{ReadOnly, Writer};
+        let base = [add(1, 1), add_as(2, 1, Writer), add_as(3, 2, Writer)];
+        let m = same_in_every_order(&base);
+        assert!(!m.is_member(&n(3)) && !m.members_invite() && !m.may_invite(&n(2)), "no policy: only owners invite");
+        let on = [&base[..], &[policy(1, 10, true, &[]), add_as(4, 2, Role::Owner), add_as(5, 3, ReadOnly)]].concat();
+        let m = same_in_every_order(&on);
+        assert!(m.members_invite() && m.may_invite(&n(2)) && m.may_invite(&n(1)));
+        assert_eq!(m.role(&n(3)), Some(Writer), "a writer's invitee");
+        assert_eq!(m.role(&n(4)), Some(Writer), "a writer admits a writer at most");
+        assert!(m.owners().all(|o| *o == n(1)));
+        assert_eq!((m.role(&n(5)), m.cutoff(&n(5))), (Some(ReadOnly), Some(0)), "the invitee of an invitee, read-only");
+        assert!(!m.may_invite(&n(5)), "a read-only member never invites");
+        // The policy counts only from a standing owner: a writer turning it on, or an owner
+        // removed since, does nothing.
+        let m = same_in_every_order(&[&base[..], &[policy(2, 10, true, &[])]].concat());
+        assert!(!m.is_member(&n(3)) && !m.members_invite());
+        let m = same_in_every_order(&[add(1, 1), add(6, 1), add_as(2, 1, Writer), policy(6, 10, true, &[]), remove(6, 1, 0, &[]), add_as(3, 2, Writer)]);
+        assert!(!m.is_member(&n(3)), "the policy of a removed owner");
+        // The latest policy by an owner counts.
+        let m = same_in_every_order(&[&base[..], &[policy(1, 10, true, &[]), policy(1, 20, false, &[3])]].concat());
+        assert!(!m.members_invite() && m.is_member(&n(3)));
+        let m = same_in_every_order(&[&base[..], &[policy(1, 20, true, &[]), policy(1, 10, false, &[])]].concat());
+        assert!(m.members_invite() && m.is_member(&n(3)));
+    }
+
+    #[test]
+    fn what_a_writer_invited_stands_as_far_as_the_owner_who_stopped_it_had_seen() {
+        use Role::{ReadOnly, Writer};
+        // Inviting turned off having seen 3, not 4.
+        let m = same_in_every_order(&[add(1, 1), add_as(2, 1, Writer), policy(1, 10, true, &[]), add_as(3, 2, Writer), policy(1, 20, false, &[3]), add_as(4, 2, Writer)]);
+        assert!(m.is_member(&n(3)) && !m.is_member(&n(4)));
+        // The inviter made read-only, its granter having seen 3: 4 falls, and it invites no more.
+        let m = same_in_every_order(&[add(1, 1), add_as(2, 1, Writer), policy(1, 10, true, &[]), add_as(3, 2, Writer), grant_seeing(2, 1, 30, ReadOnly, 0, &[3]), add_as(4, 2, Writer)]);
+        assert!(m.is_member(&n(3)) && !m.is_member(&n(4)) && !m.may_invite(&n(2)));
+        // The inviter removed, its remover having seen 3: the same.
+        let m = same_in_every_order(&[add(1, 1), add_as(2, 1, Writer), policy(1, 10, true, &[]), add_as(3, 2, Writer), remove(2, 1, 0, &[3]), add_as(4, 2, Writer)]);
+        assert!(m.is_member(&n(3)) && !m.is_member(&n(4)) && !m.is_member(&n(2)));
+        // A member admitted read-only invites nobody.
+        let m = same_in_every_order(&[add(1, 1), add_as(2, 1, ReadOnly), policy(1, 10, true, &[]), add_as(3, 2, Writer)]);
+        assert!(!m.is_member(&n(3)));
+    }
+
+    #[test]
+    fn a_writers_invitee_gets_no_more_than_the_owners_gave_and_no_authority() {
+        use Role::{ReadOnly, Writer};
+        // 3 was admitted read-only by the owner; a writer admitting it again as a writer
+        // does not raise it.
+        let m = same_in_every_order(&[add(1, 1), add_as(2, 1, Writer), add_as(3, 1, ReadOnly), policy(1, 10, true, &[]), add_as(3, 2, Writer)]);
+        assert_eq!((m.role(&n(3)), m.cutoff(&n(3))), (Some(ReadOnly), Some(0)));
+        // A writer's invitee removes nobody and grants nothing.
+        let m = same_in_every_order(&[add(1, 1), add_as(2, 1, Writer), policy(1, 10, true, &[]), add_as(3, 2, Writer), remove(1, 3, 0, &[]), grant(3, 3, 5, Role::Owner, 0)]);
+        assert!(m.is_member(&n(1)) && m.cutoff(&n(1)).is_none());
+        assert_eq!(m.role(&n(3)), Some(Writer));
+        // An owner may make it an owner; then it admits as one.
+        let m = same_in_every_order(&[add(1, 1), add_as(2, 1, Writer), policy(1, 10, true, &[]), add_as(3, 2, Writer), grant(3, 1, 20, Role::Owner, 0), add(4, 3)]);
+        assert_eq!((m.role(&n(3)), m.role(&n(4))), (Some(Role::Owner), Some(Role::Owner)));
     }
 
     #[test]

@@ -526,6 +526,21 @@ pub enum MetaEntry {
         /// The largest seq of the member's versions the granter held: what stands if the
         /// role is read-only.
         last_seq: i64,
+        /// The nodes the member had invited, as far as the granter knew: those stand if the
+        /// role is read-only.
+        admitted: Vec<NodeId>,
+    },
+    /// Whether plain members (writers) may invite, set by an owner (the latest counts).
+    Policy {
+        /// The owner who set it.
+        by: NodeId,
+        /// When (ms since the epoch; orders the policies).
+        at_ms: i64,
+        /// Whether writers may invite.
+        members_invite: bool,
+        /// The nodes plain members had admitted, as far as the owner knew: those stand when
+        /// inviting is turned off.
+        admitted: Vec<NodeId>,
     },
     /// A member removed: refused on every protocol from then on. One entry per remover
     /// (two owners may remove a node at once), saying what the remover had seen of it
@@ -573,6 +588,14 @@ struct GrantRecord {
     at_ms: i64,
     role: Role,
     last_seq: i64,
+    admitted: Vec<[u8; 32]>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PolicyRecord {
+    at_ms: i64,
+    members_invite: bool,
+    admitted: Vec<[u8; 32]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -608,6 +631,7 @@ impl MetaEntry {
             MetaEntry::Branch(b) => BranchRecord::doc_key(&b.uid),
             MetaEntry::Member { node, added_by, .. } => format!("member/{}/{}", node.to_hex(), added_by.to_hex()),
             MetaEntry::Grant { node, by, at_ms, .. } => format!("role/{}/{}/{}", node.to_hex(), by.to_hex(), time_key(*at_ms)),
+            MetaEntry::Policy { by, at_ms, .. } => format!("policy/{}/{}", by.to_hex(), time_key(*at_ms)),
             MetaEntry::Removed { node, by, .. } => format!("removed/{}/{}", node.to_hex(), by.to_hex()),
             MetaEntry::Addrs { node, at_ms, .. } => format!("addr/{}/{}", node.to_hex(), time_key(*at_ms)),
             MetaEntry::BranchDeleted { uid, by, .. } => format!("deleted/{}/{}", uid.to_hex(), by.to_hex()),
@@ -619,7 +643,12 @@ impl MetaEntry {
         match self {
             MetaEntry::Branch(b) => b.encode(),
             MetaEntry::Member { added_by, at_ms, role, .. } => enc(&MemberRecord { by: added_by.0, at_ms: *at_ms, role: *role }),
-            MetaEntry::Grant { by, at_ms, role, last_seq, .. } => enc(&GrantRecord { by: by.0, at_ms: *at_ms, role: *role, last_seq: *last_seq }),
+            MetaEntry::Grant { by, at_ms, role, last_seq, admitted, .. } => {
+                enc(&GrantRecord { by: by.0, at_ms: *at_ms, role: *role, last_seq: *last_seq, admitted: admitted.iter().map(|n| n.0).collect() })
+            }
+            MetaEntry::Policy { at_ms, members_invite, admitted, .. } => {
+                enc(&PolicyRecord { at_ms: *at_ms, members_invite: *members_invite, admitted: admitted.iter().map(|n| n.0).collect() })
+            }
             MetaEntry::Removed { by, at_ms, seen, .. } => {
                 enc(&RemovedRecord {
                 by: by.0,
@@ -639,7 +668,11 @@ impl MetaEntry {
     pub fn written_by(&self, signer: &NodeId) -> bool {
         match self {
             MetaEntry::Branch(b) => b.uid.is_minted_by(signer),
-            MetaEntry::Member { added_by: by, .. } | MetaEntry::Grant { by, .. } | MetaEntry::Removed { by, .. } | MetaEntry::BranchDeleted { by, .. } => by == signer,
+            MetaEntry::Member { added_by: by, .. }
+            | MetaEntry::Grant { by, .. }
+            | MetaEntry::Policy { by, .. }
+            | MetaEntry::Removed { by, .. }
+            | MetaEntry::BranchDeleted { by, .. } => by == signer,
             MetaEntry::Addrs { node, .. } => node == signer,
         }
     }
@@ -664,7 +697,13 @@ impl MetaEntry {
             "role" => {
                 let (node, _) = rest.split_once('/').ok_or_else(|| bad("a role key without its granter"))?;
                 let r: GrantRecord = postcard::from_bytes(value).map_err(undecodable)?;
-                MetaEntry::Grant { node: node_of(node)?, by: NodeId(r.by), at_ms: r.at_ms, role: r.role, last_seq: r.last_seq }
+                let admitted = r.admitted.into_iter().map(NodeId).collect();
+                MetaEntry::Grant { node: node_of(node)?, by: NodeId(r.by), at_ms: r.at_ms, role: r.role, last_seq: r.last_seq, admitted }
+            }
+            "policy" => {
+                let (by, _) = rest.split_once('/').ok_or_else(|| bad("a policy key without its time"))?;
+                let r: PolicyRecord = postcard::from_bytes(value).map_err(undecodable)?;
+                MetaEntry::Policy { by: node_of(by)?, at_ms: r.at_ms, members_invite: r.members_invite, admitted: r.admitted.into_iter().map(NodeId).collect() }
             }
             "removed" => {
                 let (node, _) = rest.split_once('/').ok_or_else(|| bad("a removal key without its remover"))?;
@@ -817,7 +856,8 @@ mod tests {
         let by = NodeId([4; 32]);
         let entries = [
             MetaEntry::Member { node: n, added_by: by, at_ms: 5, role: Role::Writer },
-            MetaEntry::Grant { node: n, by, at_ms: 7, role: Role::ReadOnly, last_seq: 3 },
+            MetaEntry::Grant { node: n, by, at_ms: 7, role: Role::ReadOnly, last_seq: 3, admitted: vec![by] },
+            MetaEntry::Policy { by, at_ms: 8, members_invite: true, admitted: vec![n] },
             MetaEntry::Removed { node: n, by, at_ms: 6, seen: Seen { last_seq: 9, admitted: vec![NodeId([5; 32])], removed: vec![NodeId([6; 32])] } },
             MetaEntry::Addrs { node: n, at_ms: 8, addrs: vec!["127.0.0.1:7".parse().unwrap()] },
             MetaEntry::BranchDeleted { uid: Uid([5; 16]), by: n, at_ms: 8 },

@@ -319,6 +319,14 @@ pub const MIGRATIONS: &[&str] = &[
         last_ms   INTEGER NOT NULL
     );
     "#,
+    // 13 → 14: who may invite to a shared bucket, as its membership last decided (the
+    // bucket's document holds the owners' policies; this row is what `alkfs members` shows).
+    r#"
+    CREATE TABLE mesh_policy(
+        bucket_id      INTEGER PRIMARY KEY,
+        members_invite INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
