@@ -43,6 +43,7 @@ use super::gate::{BoundHit, Gate};
 use super::store::{WriteOp, WriteOutcome};
 use super::{Child, Names, NodeContext, NodeHandle};
 use crate::engine::mesh::{check_message, Adoption, ClockWait, MeshOp, MeshReply, Received};
+use crate::proto::doc::CheckedMessage;
 use crate::proto::entry::ContentHash;
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::limits::{HANDSHAKE_FRAME_BYTES_MAX, SYNC_FRAME_BYTES_MAX};
@@ -1655,8 +1656,17 @@ fn status(state: &MeshState) -> MeshStatus {
 
 /// Messages of a session.
 pub enum SessionMsg {
-    /// A frame from the peer.
+    /// A frame from the peer (other than a sync message).
     Frame(Frame),
+    /// A sync message from the peer, read and checked by the session's reader.
+    Sync {
+        /// Its bucket.
+        bucket: Uid,
+        /// Its document.
+        doc: u16,
+        /// The message, or why it was refused whole.
+        checked: Result<CheckedMessage, String>,
+    },
     /// The peer's stream ended.
     Closed(String),
     /// Documents changed here.
@@ -1700,18 +1710,26 @@ impl Actor for SessionActor {
     async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
         let Opened { peer, conn, send, mut recv, buckets, .. } = args.opened;
         let me2 = me.clone();
+        // The reader reads each sync message and checks its signatures (`check_message`, on a
+        // blocking thread) before the session sees it: a refused message never reaches the
+        // store's thread, and the next message is checked while the store applies this one.
         let reader = tokio::spawn(async move {
             loop {
-                match read_frame(&mut recv).await {
-                    Ok(f) => {
-                        if me2.cast(SessionMsg::Frame(f)).is_err() {
-                            return;
-                        }
+                let msg = match read_frame(&mut recv).await {
+                    Ok(Frame::Sync { bucket, doc, msg }) => {
+                        let checked = tokio::task::spawn_blocking(move || check_message(&bucket, doc, &msg))
+                            .await
+                            .unwrap_or_else(|_| Err("checking the message failed".into()));
+                        SessionMsg::Sync { bucket, doc, checked }
                     }
+                    Ok(f) => SessionMsg::Frame(f),
                     Err(e) => {
                         let _ = me2.cast(SessionMsg::Closed(e));
                         return;
                     }
+                };
+                if me2.cast(msg).is_err() {
+                    return;
                 }
             }
         });
@@ -1756,6 +1774,8 @@ impl SessionActor {
     async fn handle_inner(&self, me: &ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Frame(frame) => on_frame(me, state, frame).await?,
+            SessionMsg::Sync { bucket, doc, checked } if state.buckets.contains(&bucket) => on_sync(me, state, bucket, doc, checked).await?,
+            SessionMsg::Sync { .. } => tracing::warn!(peer = %state.peer.short(), "ignored a sync message for a bucket outside the session"),
             SessionMsg::Closed(why) => {
                 tracing::info!(peer = %state.peer.short(), reason = %why, "session closed");
                 me.stop(None);
@@ -1827,41 +1847,6 @@ async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Fr
                 send_generated(state, bucket, doc).await?;
             }
         }
-        Frame::Sync { bucket, doc, msg } if state.buckets.contains(&bucket) => {
-            // Reading the message and checking its signatures needs no store: it runs here, on
-            // a blocking thread, and a refused message never reaches the store's thread.
-            let checked = tokio::task::spawn_blocking(move || check_message(&bucket, doc, &msg))
-                .await
-                .unwrap_or_else(|_| Err("checking the message failed".into()));
-            let received = match checked {
-                Ok(msg) => mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await,
-                Err(why) => Err(format!("a sync message from {} was refused whole: {why}", state.peer.short())),
-            };
-            match received {
-                Ok(MeshReply::Received(r)) => {
-                    let Received { applied, members_changed, .. } = *r;
-                    if !applied.missing_blobs.is_empty() && state.eager_fetch {
-                        let _ = state.mesh.cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
-                    }
-                    if members_changed {
-                        let _ = state.mesh.cast(MeshMsg::MembersChanged);
-                    }
-                    if applied.inserted > 0 {
-                        // Others may want what just arrived.
-                        let _ = state.mesh.cast(MeshMsg::Changed(vec![(bucket, doc)]));
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(peer = %state.peer.short(), error = %e, "dropped a peer whose sync message was refused");
-                    state.conn.close(VarInt::from_u32(400), b"bad sync message");
-                    me.stop(None);
-                    return Ok(());
-                }
-            }
-            send_generated(state, bucket, doc).await?;
-            let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
-        }
         Frame::Refused { reason } => {
             tracing::warn!(peer = %state.peer.short(), reason, "the peer ended the session");
             me.stop(None);
@@ -1871,6 +1856,40 @@ async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Fr
             tracing::warn!(peer = %state.peer.short(), frame = ?std::mem::discriminant(&other), "ignored a frame outside the session's buckets");
         }
     }
+    Ok(())
+}
+
+/// A sync message of the session's bucket `bucket`, document `doc`, as the reader checked it:
+/// applied (or the peer dropped if it was refused), then answered.
+async fn on_sync(me: &ActorRef<SessionMsg>, state: &mut SessionState, bucket: Uid, doc: u16, checked: Result<CheckedMessage, String>) -> Result<(), ActorProcessingErr> {
+    let received = match checked {
+        Ok(msg) => mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await,
+        Err(why) => Err(format!("a sync message from {} was refused whole: {why}", state.peer.short())),
+    };
+    match received {
+        Ok(MeshReply::Received(r)) => {
+            let Received { applied, members_changed, .. } = *r;
+            if !applied.missing_blobs.is_empty() && state.eager_fetch {
+                let _ = state.mesh.cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
+            }
+            if members_changed {
+                let _ = state.mesh.cast(MeshMsg::MembersChanged);
+            }
+            if applied.inserted > 0 {
+                // Others may want what just arrived.
+                let _ = state.mesh.cast(MeshMsg::Changed(vec![(bucket, doc)]));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(peer = %state.peer.short(), error = %e, "dropped a peer whose sync message was refused");
+            state.conn.close(VarInt::from_u32(400), b"bad sync message");
+            me.stop(None);
+            return Ok(());
+        }
+    }
+    send_generated(state, bucket, doc).await?;
+    let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
     Ok(())
 }
 

@@ -867,7 +867,7 @@ mod tests {
             assert_eq!(&MetaEntry::decode(&e.key(), &e.value()).unwrap(), e);
         }
         // Each is written by the node it names, and by no other.
-        let writers = [by, by, by, n, n, n];
+        let writers = [by, by, by, by, n, n, n];
         for (e, w) in entries.iter().zip(writers) {
             assert!(e.written_by(&w) && !e.written_by(&NodeId([6; 32])), "{e:?}");
         }
