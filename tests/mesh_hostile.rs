@@ -30,12 +30,13 @@ async fn stranger() -> iroh::Endpoint {
     common::peer::endpoint().await
 }
 
-/// Joins with `ticket` for real (a use of it), then opens a session: the connection, its
-/// stream, and the bucket's root branch as the inviter sent it.
+/// Joins with `ticket` for real (a use of it, saying where this endpoint listens, as a node
+/// does), then opens a session: the connection, its stream, and the bucket's root branch as
+/// the inviter sent it.
 async fn join_as_member(ep: &iroh::Endpoint, ticket: &Ticket) -> (iroh::endpoint::Connection, iroh::endpoint::SendStream, iroh::endpoint::RecvStream, BranchRecord) {
     let conn = ep.connect(addr_of(ticket), SYNC_ALPN).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: vec![] }.encode()).await.unwrap();
+    send.write_all(&Frame::Join { bucket: ticket.bucket, secret: ticket.secret, addrs: ep.bound_sockets() }.encode()).await.unwrap();
     let root = match read_frame(&mut recv).await {
         Some(Frame::Joined { root, .. }) => BranchRecord::decode(&root).unwrap(),
         other => panic!("join: {other:?}"),
@@ -685,4 +686,86 @@ fn a_member_naming_a_hash_only_another_bucket_holds_gets_none_of_its_bytes() {
 
 fn common_now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Cross-bucket gossip: a member of bucket `default` only, knowing bucket `private`'s id,
+/// joins its gossip topic (iroh-gossip admits per node, and it is a member of something
+/// here) and announces there, as itself and as a member of `private` it is not. The node
+/// drops both (counted, logged once each) and tracks nothing for them, and `private`'s
+/// honest member keeps converging.
+#[test]
+fn a_member_of_another_bucket_announcing_on_a_buckets_topic_is_dropped_and_counted() {
+    use alknet_actors::proto::sync::{topic_of, Announcement};
+    let s = Store::new();
+    let node = Node::start(&s, &[], &[]);
+    s.ok(&["bucket", "create", "private"]);
+    s.put_bytes_with(&["--bucket", "private"], "/diary.txt", b"private");
+    let private_ticket = s.ok(&["--bucket", "private", "invite"]);
+    let private = Ticket::decode(private_ticket.trim()).unwrap().bucket;
+    let friend = Store::new();
+    let _friend_node = Node::start(&friend, &[], &[]);
+    friend.ok(&["join", private_ticket.trim()]);
+    await_cond(Duration::from_secs(30), "the honest member of private to get its file", || {
+        friend.run(&["--bucket", "private", "get", "/diary.txt"]).status.success()
+    });
+    let friend_id = NodeId::from_hex(common::status_json(friend.data()).unwrap()["node_id"].as_str().unwrap()).unwrap();
+    let ticket = Ticket::decode(&s.ok(&["invite"])).unwrap();
+    let received = runtime().block_on(async {
+        let ep = stranger().await;
+        let me = NodeId(*ep.id().as_bytes());
+        let signer = EntrySigner::new(&ep.secret_key().to_bytes());
+        let (_conn, _send, _recv, _root) = join_as_member(&ep, &ticket).await;
+        // Gossip dials by id: the node's address, as its ticket gives it.
+        let lookup = iroh::address_lookup::MemoryLookup::new();
+        lookup.add_endpoint_info(addr_of(&ticket));
+        ep.address_lookup().unwrap().add(lookup);
+        let gossip = iroh_gossip::net::Gossip::builder().spawn(ep.clone());
+        let router = iroh::protocol::Router::builder(ep.clone()).accept(iroh_gossip::ALPN, gossip.clone()).spawn();
+        let topic = iroh_gossip::TopicId::from_bytes(topic_of(&private));
+        let node_id = iroh::EndpointId::from_bytes(&ticket.node.0).unwrap();
+        // The node joins the topic on its next tick after the bucket is shared; a Join that
+        // comes before is dropped by iroh-gossip, so the attacker asks again, as a node would.
+        let mut sub = None;
+        for _ in 0..6 {
+            if let Ok(joined) = tokio::time::timeout(Duration::from_secs(5), gossip.subscribe_and_join(topic, vec![node_id])).await {
+                sub = Some(joined.unwrap());
+                break;
+            }
+        }
+        let sub = sub.expect("the member of default joined private's topic within 30 s");
+        let (sender, mut receiver) = sub.split();
+        for (nonce, named) in [(1, me), (2, friend_id)] {
+            let a = Announcement { nonce, node: named, docs: vec![(META_DOC, 1)] };
+            sender.broadcast(a.seal(&private, &signer).into()).await.unwrap();
+        }
+        // What reaches it of private's announcements while the owner writes there.
+        let mut received = 0;
+        for i in 0..3 {
+            s.put_bytes_with(&["--bucket", "private"], &format!("/later-{i}.txt"), b"later");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        use futures_lite::StreamExt;
+        while let Ok(Some(Ok(event))) = tokio::time::timeout_at(deadline, receiver.next()).await {
+            if let iroh_gossip::api::Event::Received(m) = event {
+                let a = Announcement::open(&private, &m.content);
+                assert!(a.is_ok(), "what arrives is a sealed announcement, nothing of the documents");
+                received += 1;
+            }
+        }
+        router.shutdown().await.unwrap();
+        ep.close().await;
+        received
+    });
+    let hit = |name: &str| {
+        let st = common::status_json(s.data()).expect("status");
+        st["mesh"]["bounds_hit"].as_array().cloned().unwrap_or_default().iter().find(|h| h["name"] == name).and_then(|h| h["hits"].as_u64()).unwrap_or(0)
+    };
+    await_cond(Duration::from_secs(20), "both announcements dropped and counted", || hit("GOSSIP_NOT_A_MEMBER") >= 1 && hit("GOSSIP_UNSEALED") >= 1);
+    let log = node.log();
+    assert_eq!(log.lines().filter(|l| l.contains("not a member of the bucket")).count(), 1, "logged once");
+    assert!(!log.contains("panicked"), "{log}");
+    // The honest member goes on.
+    s.put_bytes_with(&["--bucket", "private"], "/after.txt", b"after");
+    await_cond(Duration::from_secs(30), "the honest member to get the later write", || friend.run(&["--bucket", "private", "get", "/after.txt"]).status.success());
+    eprintln!("announcements of private that reached the member of default: {received}");
 }
