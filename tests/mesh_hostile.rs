@@ -2,7 +2,8 @@
 //! stranger with a valid address is refused on the sync protocol and on blob requests before
 //! any data moves; a member that sends oversized or garbage frames is dropped, and the node
 //! goes on serving the others; a member serving wrong bytes is never believed; a member
-//! forging or rewriting entries is refused whole; an operation never finished is held.
+//! forging or rewriting entries is refused whole; an operation never finished is held; a
+//! member of another bucket announcing on a bucket's gossip topic is dropped and counted.
 
 mod common;
 

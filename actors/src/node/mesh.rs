@@ -1713,10 +1713,13 @@ impl Actor for SessionActor {
         // The reader reads each sync message and checks its signatures (`check_message`, on a
         // blocking thread) before the session sees it: a refused message never reaches the
         // store's thread, and the next message is checked while the store applies this one.
+        // Only messages of the session's buckets are checked (the session may drop buckets
+        // later, never add one); others go to the session as they are, to be ignored.
+        let session_buckets: HashSet<Uid> = buckets.iter().copied().collect();
         let reader = tokio::spawn(async move {
             loop {
                 let msg = match read_frame(&mut recv).await {
-                    Ok(Frame::Sync { bucket, doc, msg }) => {
+                    Ok(Frame::Sync { bucket, doc, msg }) if session_buckets.contains(&bucket) => {
                         let checked = tokio::task::spawn_blocking(move || check_message(&bucket, doc, &msg))
                             .await
                             .unwrap_or_else(|_| Err("checking the message failed".into()));
