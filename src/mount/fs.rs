@@ -1773,8 +1773,12 @@ impl Drop for MountFs {
     }
 }
 
-/// How long an operation waits for queued closes to commit before it gives up with `EIO`.
-const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an operation waits for queued closes to commit before it gives up with `EIO`:
+/// the time a batch of closes may take the node, and a retry. A node that is down fails the
+/// wait sooner (as soon as an attempt made during the wait fails); a node that is busy
+/// hashing a large close (pjdfstest's 2 GiB sparse file on a loaded machine took more than
+/// 10 s) is waited for, so an `unlink` after it does not fail.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(COMMIT_CALL_TIMEOUT.as_secs() + 10);
 /// How long a change sent to the node (rename, unlink, chmod …) may take before it fails
 /// with `EIO`: a node stopped or stuck must not hang the programs using the mount.
 const NODE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
