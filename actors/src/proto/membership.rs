@@ -8,10 +8,11 @@
 //! a writer writes, and invites too (a writer or a read-only member, never an owner) while an
 //! owner's policy lets writers invite (`policy/…` entries, the latest by a standing owner
 //! counts; turned off, what the owner had seen writers admit stands, as with removals); a
-//! read-only member receives everything and writes nothing anyone accepts. An owner is never demoted, only removed. Every entry is signed by the node it
-//! names as its writer (`proto::signed`), so what an entry says of its author is true; what
-//! it may *do* is decided here, and an entry by a node without the authority stays in the
-//! document without effect.
+//! read-only member receives everything and writes nothing anyone accepts. An owner is
+//! never demoted, only removed. Every entry is signed by the node it names as its writer
+//! (`proto::signed`), so what an entry says of its author is true; what it may *do* is
+//! decided here, and an entry by a node without the authority stays in the document without
+//! effect.
 //!
 //! **Removals.** A removed node does not hear of its removal until someone tells it, and
 //! everyone who knows refuses it. Meanwhile it still believes it is a member: it may write,
