@@ -2,7 +2,8 @@
 //! each beside its baselines in the same run, alternating, and printed as a table of medians.
 //! Run with `cargo bench --bench mesh`; `ALKFS_BENCH_QUICK=1` for a smoke run with small
 //! sizes, `ALKFS_BENCH_ROUNDS=N` rounds, `ALKFS_BENCH_ONLY=small,large,latency,idle,repeat,attack`;
-//! `ALKFS_BASELINE_BIN=/path/to/an/older/alkfs` adds that build's small-files sync, alternating.
+//! `ALKFS_BASELINE_BIN=/path/to/an/older/alkfs` adds that build's small-files sync, alternating,
+//! and its fan-out (`fanout`: `ALKFS_BENCH_NODES` nodes in a full mesh, default 5 and 10).
 //!
 //! | figure | measured as |
 //! |---|---|
@@ -11,6 +12,7 @@
 //! | one 1 GiB file A→B | the same from B's join; and from the write on A with B already joined |
 //! | a one-file change on A readable on B | p50 / p99 over 200 changes, polled through B's store |
 //! | an idle node with two connected peers | CPU over 30 s, % of one core |
+//! | fan-out (`fanout`) | N nodes in a full mesh, one-file writes on each in turn: sync frames received per write and the share that brought nothing (`status --json`), each write until readable on every other node, then each node's idle CPU |
 //! | a one-file change under attack (`attack`) | p50 / p99 A→B while 500 strangers and a hostile member hammer A, against the same quiet; A's RSS growth |
 //!
 //! Baselines: a raw iroh-blobs transfer of the same bytes (here: both stores in this process,
@@ -415,6 +417,107 @@ fn own_cpu_s() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
+/// Sync frames a node counted since start (`status --json`, `mesh.frames`): sent,
+/// received, brought something. `None` for a build that does not count them.
+fn frames(data: &Path) -> Option<(u64, u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&ok(data, &["status", "--json"])).ok()?;
+    let f = v.get("mesh")?.get("frames")?;
+    let n = |k: &str| f.get(k).and_then(|x| x.as_u64());
+    Some((n("sent")?, n("received")?, n("useful")?))
+}
+
+/// What [`full_mesh`] measured.
+struct FanOut {
+    /// Sync frames received per write, over every node (`None`: the build does not count).
+    frames_per_write: Option<f64>,
+    /// Of those, the share that brought nothing.
+    useless: Option<f64>,
+    /// From the write to its bytes readable on every other node: p50, p99 (ms).
+    p50: f64,
+    p99: f64,
+    /// Each node's CPU while idle, % of a core: the mean and the highest.
+    idle_mean: f64,
+    idle_max: f64,
+}
+
+/// `n` nodes in a full mesh (node 0 invites the others); `writes` one-file changes, each
+/// on the next node in turn, each timed until every other node holds its bytes. Then the
+/// nodes sit idle for `idle_secs`.
+fn full_mesh(root: &Path, n: usize, writes: usize, idle_secs: u64) -> FanOut {
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root).unwrap();
+    let dirs: Vec<PathBuf> = (0..n).map(|i| root.join(format!("n{i}"))).collect();
+    let nodes: Vec<Node> = dirs.iter().map(|d| Node::start(d)).collect();
+    for d in &dirs[1..] {
+        ok(d, &["join", ok(&dirs[0], &["invite"]).trim()]);
+    }
+    // Every node connected to every other (each learns the others from the bucket's document).
+    let connected = |d: &Path| -> usize {
+        let v: serde_json::Value = serde_json::from_str(&ok(d, &["status", "--json"])).unwrap();
+        v["mesh"]["peers"].as_array().map(|ps| ps.iter().filter(|p| p["connected"].as_bool() == Some(true)).count()).unwrap_or(0)
+    };
+    wait(Duration::from_secs(120), || dirs.iter().all(|d| connected(d) == n - 1));
+    std::thread::sleep(Duration::from_secs(2));
+    let before: Vec<Option<(u64, u64, u64)>> = dirs.iter().map(|d| frames(d)).collect();
+    let readers: Vec<rusqlite::Connection> = dirs.iter().map(|d| rusqlite::Connection::open(d.join("tree.db")).unwrap()).collect();
+    let mut samples = Vec::with_capacity(writes);
+    for i in 0..writes {
+        let w = i % n;
+        let body = format!("fan-out {i} {:?}", Instant::now());
+        let hash = blake3::hash(body.as_bytes());
+        let t = Instant::now();
+        let mut child = Command::new(bin()).arg("--data").arg(&dirs[w]).args(["put", "-", &format!("/fanout/{i}.txt")]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        for (j, r) in readers.iter().enumerate() {
+            if j == w {
+                continue;
+            }
+            wait(Duration::from_secs(60), || {
+                r.query_row("SELECT present FROM blob WHERE hash = ?1", [hash.as_bytes().to_vec()], |row| row.get::<_, i64>(0)).map(|p| p == 1).unwrap_or(false)
+            });
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    // Answers still in flight settle (anti-entropy is 10 s away: not counted).
+    std::thread::sleep(Duration::from_secs(2));
+    let after: Vec<Option<(u64, u64, u64)>> = dirs.iter().map(|d| frames(d)).collect();
+    let (mut received, mut useful, mut counted) = (0u64, 0u64, true);
+    for (b, a) in before.iter().zip(&after) {
+        match (b, a) {
+            (Some(b), Some(a)) => {
+                received += a.1 - b.1;
+                useful += a.2 - b.2;
+            }
+            _ => counted = false,
+        }
+    }
+    samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks: Vec<u64> = nodes.iter().map(|x| x.cpu_ticks()).collect();
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let idle: Vec<f64> = nodes.iter().zip(&ticks).map(|(x, t)| (x.cpu_ticks() - t) as f64 / hz / idle_secs as f64 * 100.0).collect();
+    drop(nodes);
+    FanOut {
+        frames_per_write: counted.then(|| received as f64 / writes as f64),
+        useless: counted.then(|| (received - useful.min(received)) as f64 / received.max(1) as f64),
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
+        idle_mean: idle.iter().sum::<f64>() / n as f64,
+        idle_max: idle.iter().cloned().fold(0.0, f64::max),
+    }
+}
+
+/// One line of the fan-out table.
+fn fan_out_row(what: &str, f: &FanOut) -> String {
+    let frames = match (f.frames_per_write, f.useless) {
+        (Some(x), Some(u)) => format!("{x:.2} frames/write, {:.1} % bringing nothing", u * 100.0),
+        _ => "frames not counted by this build".into(),
+    };
+    format!("{what}: {frames}; readable on all p50 {:.0} ms, p99 {:.0} ms; idle {:.2} % of a core (highest {:.2} %)", f.p50, f.p99, f.idle_mean, f.idle_max)
+}
+
 /// Two honest members A and B; one-file changes A→B measured quiet, then while
 /// `attack::STRANGERS` stranger connections and one hostile member hammer A (from this
 /// process: its CPU is the attack's, bounded at one core). Prints the figures.
@@ -535,6 +638,27 @@ fn main() {
         std::fs::create_dir_all(&r).unwrap();
         // (Not against an older build: the attacker speaks this build's protocol.)
         under_attack(&r, changes);
+    }
+    if want("fanout") {
+        // ALKFS_BENCH_NODES=5,10 picks the mesh sizes.
+        let sizes: Vec<usize> = env("ALKFS_BENCH_NODES").unwrap_or_else(|| "5,10".into()).split(',').filter_map(|x| x.parse().ok()).collect();
+        let writes = if quick() { 20 } else { 200 };
+        for n in sizes {
+            let r = root.path().join(format!("fanout-{n}"));
+            for round in 0..rounds {
+                let ours = full_mesh(&r, n, writes, idle_secs);
+                let older = older.as_ref().map(|bin| with_bin(bin, || full_mesh(&r, n, writes, idle_secs)));
+                let ratio = match (&older, ours.frames_per_write) {
+                    (Some(o), _) => format!("p50 {:.2}×, p99 {:.2}×, idle {:.2}× the older build", ours.p50 / o.p50, ours.p99 / o.p99, ours.idle_mean / o.idle_mean.max(0.001)),
+                    _ => "—".into(),
+                };
+                println!(
+                    "| {n} nodes, full mesh, {writes} one-file writes in turn (round {round}) | {} | {} | {ratio} |",
+                    fan_out_row("this build", &ours),
+                    older.as_ref().map(|o| fan_out_row("older build", o)).unwrap_or_else(|| "—".into())
+                );
+            }
+        }
     }
     let latency = want("latency") || want("idle");
     if latency {

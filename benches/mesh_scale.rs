@@ -86,13 +86,19 @@ fn settle(a: &mut Side, b: &mut Side, uid: &Uid, docs: &[u16]) -> (usize, usize)
     for &doc in docs {
         loop {
             let mut quiet = true;
-            if let Some(m) = timed(false, || a.mesh.generate(&a.engine, &idb, uid, doc).unwrap()) {
-                timed(true, || b.mesh.receive(&mut b.engine, &ida, uid, doc, &m).unwrap());
-                (quiet, messages, bytes) = (false, messages + 1, bytes + m.len());
-            }
-            if let Some(m) = timed(false, || b.mesh.generate(&b.engine, &ida, uid, doc).unwrap()) {
-                timed(true, || a.mesh.receive(&mut a.engine, &idb, uid, doc, &m).unwrap());
-                (quiet, messages, bytes) = (false, messages + 1, bytes + m.len());
+            // Each side speaks; the other answers while it has something to say (a store's
+            // answer is made as it receives: its work is in the receive's time).
+            for (x, y, idx, idy) in [(&mut *a, &mut *b, ida, idb), (&mut *b, &mut *a, idb, ida)] {
+                let mut next = timed(false, || x.mesh.generate(&x.engine, &idy, uid, doc).unwrap()).map(|m| (true, m));
+                while let Some((to_y, m)) = next.take() {
+                    (quiet, messages, bytes) = (false, messages + 1, bytes + m.len());
+                    let r = if to_y {
+                        timed(true, || y.mesh.receive(&mut y.engine, &idx, uid, doc, &m).unwrap())
+                    } else {
+                        timed(true, || x.mesh.receive(&mut x.engine, &idy, uid, doc, &m).unwrap())
+                    };
+                    next = r.answer.map(|a| (!to_y, a));
+                }
             }
             if quiet {
                 break;

@@ -211,6 +211,8 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
             writeln!(out, "unavailable: {} blobs no connected peer can serve (freed by their GC, or never there); asked for again every hour at most", m.unavailable_blobs)?;
         }
         writeln!(out, "gossip:     {} topics, {} neighbours", m.gossip_topics, m.gossip_neighbors)?;
+        let f = m.frames;
+        writeln!(out, "sync:       {} frames sent, {} received ({} brought something)", f.sent, f.received, f.useful)?;
         writeln!(out, "peers:")?;
         for p in &m.peers {
             let state = if p.connected { format!("connected ({}, rtt {} ms)", p.path, p.rtt_ms.unwrap_or(0)) } else { format!("not connected ({} failed dials)", p.failures) };

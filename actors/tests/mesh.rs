@@ -8,7 +8,7 @@ use alknet_actors::proto::ids::{NodeId, Uid};
 use alknet_actors::proto::sync::DOCS;
 
 mod common;
-use common::{fresh, get, main_scope, p, put};
+use common::{deliver, fresh, get, main_scope, p, put};
 
 struct Node {
     dir: tempfile::TempDir,
@@ -40,48 +40,33 @@ impl Node {
 fn sync(a: &mut Node, b: &mut Node, uid: &Uid) -> usize {
     a.mesh.publish(&mut a.engine).unwrap();
     b.mesh.publish(&mut b.engine).unwrap();
-    let (ida, idb) = (a.me(), b.me());
+    // Summaries both ways, as a session opens: each side learns where the other is in step.
     let ours = a.mesh.summary(&a.engine, uid).unwrap();
     let theirs = b.mesh.summary(&b.engine, uid).unwrap();
-    let mut messages = 0;
-    for doc in alknet_actors::proto::sync::differing(&ours, &theirs) {
-        loop {
-            let mut quiet = true;
-            if let Some(m) = a.mesh.generate(&a.engine, &idb, uid, doc).unwrap() {
-                b.mesh.receive(&mut b.engine, &ida, uid, doc, &m).unwrap();
-                quiet = false;
-                messages += 1;
-            }
-            if let Some(m) = b.mesh.generate(&b.engine, &ida, uid, doc).unwrap() {
-                a.mesh.receive(&mut a.engine, &idb, uid, doc, &m).unwrap();
-                quiet = false;
-                messages += 1;
-            }
-            if quiet {
-                break;
-            }
-            assert!(messages < 10 * DOCS as usize, "sync did not settle");
-        }
-    }
-    messages
+    let differ = a.mesh.compare(&a.engine, &b.me(), uid, &theirs).unwrap();
+    assert_eq!(b.mesh.compare(&b.engine, &a.me(), uid, &ours).unwrap(), differ);
+    differ.into_iter().map(|doc| sync_doc(a, b, uid, doc)).sum()
 }
 
-/// Runs the sync protocol for document `doc` of bucket `uid` only, between `a` and `b`,
-/// until neither has anything to say (what they have not published yet stays out).
-fn sync_doc(a: &mut Node, b: &mut Node, uid: &Uid, doc: u16) {
+/// Runs the sync protocol for document `doc` of bucket `uid` only, between `a` and `b`, as
+/// sessions do (each side speaks, the other answers while it has something to say) until
+/// neither has anything to say (what they have not published yet stays out). Returns the
+/// number of messages.
+fn sync_doc(a: &mut Node, b: &mut Node, uid: &Uid, doc: u16) -> usize {
     let (ida, idb) = (a.me(), b.me());
-    for _ in 0..100 {
+    let mut messages = 0;
+    for _ in 0..20 {
         let mut quiet = true;
         if let Some(m) = a.mesh.generate(&a.engine, &idb, uid, doc).unwrap() {
-            b.mesh.receive(&mut b.engine, &ida, uid, doc, &m).unwrap();
+            messages += deliver((&mut a.mesh, &mut a.engine), (&mut b.mesh, &mut b.engine), uid, doc, m);
             quiet = false;
         }
         if let Some(m) = b.mesh.generate(&b.engine, &ida, uid, doc).unwrap() {
-            a.mesh.receive(&mut a.engine, &idb, uid, doc, &m).unwrap();
+            messages += deliver((&mut b.mesh, &mut b.engine), (&mut a.mesh, &mut a.engine), uid, doc, m);
             quiet = false;
         }
         if quiet {
-            return;
+            return messages;
         }
     }
     panic!("sync of doc {doc} did not settle");
@@ -131,6 +116,33 @@ fn a_joined_node_gets_the_history_and_both_converge() {
         want.sort();
         assert_eq!(members, want);
     }
+}
+
+/// `proto::fanout` on real stores: a pushed change is applied and not answered, and a
+/// message that brings nothing writes nothing (no transaction) and is not answered either.
+#[test]
+fn a_push_is_not_answered_and_a_message_that_brings_nothing_writes_nothing() {
+    let (mut a, mut b) = (Node::new(), Node::new());
+    let s = main_scope();
+    let uid = join(&mut a, &mut b);
+    sync(&mut a, &mut b, &uid);
+    let (ida, idb) = (a.me(), b.me());
+    put(&mut a.engine, &s, "/pushed.txt", b"a");
+    let changed = a.mesh.publish(&mut a.engine).unwrap().changed;
+    assert_eq!(changed.len(), 1, "one document changed: {changed:?}");
+    let (_, doc) = changed[0];
+    let push = a.mesh.generate(&a.engine, &idb, &uid, doc).unwrap().expect("a pushes its change");
+    let got = b.mesh.receive(&mut b.engine, &ida, &uid, doc, &push).unwrap();
+    assert_eq!((got.entries, got.applied.inserted), (1, 1));
+    assert!(got.answer.is_none(), "b only got what it lacked: nothing to answer");
+    assert_eq!(listed(&b), listed(&a), "b shows what a wrote");
+    // b's own message on that document now says only what a has: heads it already holds.
+    let news = b.mesh.generate(&b.engine, &ida, &uid, doc).unwrap().expect("b's heads changed since it last spoke");
+    let before = a.engine.tree().conn().total_changes();
+    let nothing = a.mesh.receive(&mut a.engine, &idb, &uid, doc, &news).unwrap();
+    assert_eq!(nothing.entries, 0);
+    assert!(nothing.answer.is_none(), "a message that brings nothing is not answered");
+    assert_eq!(a.engine.tree().conn().total_changes(), before, "a message that brings nothing costs no write");
 }
 
 #[test]
@@ -313,8 +325,8 @@ fn a_branch_whose_parent_record_arrives_later_is_applied_when_it_does() {
     let mut zstate = Default::default();
     for _ in 0..10 {
         let Some(m) = zdoc.generate(&mut zstate) else { break };
-        b.mesh.receive(&mut b.engine, &z, &uid, alknet_actors::proto::sync::META_DOC, &m).unwrap();
-        if let Some(back) = b.mesh.generate(&b.engine, &z, &uid, alknet_actors::proto::sync::META_DOC).unwrap() {
+        let got = b.mesh.receive(&mut b.engine, &z, &uid, alknet_actors::proto::sync::META_DOC, &m).unwrap();
+        if let Some(back) = got.answer {
             zdoc.receive(&mut zstate, &back, |_| Ok(())).unwrap();
         }
     }

@@ -15,7 +15,7 @@ use alknet_actors::proto::clock::ManualClock;
 use alknet_actors::proto::ids::{Uid, VersionRef};
 
 mod common;
-use common::{fresh_with_clock, main_scope, p, put};
+use common::{deliver, fresh_with_clock, main_scope, p, put};
 
 /// A small deterministic generator (xorshift64*), so a failing seed replays exactly.
 struct Rng(u64);
@@ -64,17 +64,28 @@ fn mesh(n: usize) -> (Vec<Node>, Uid) {
 /// One round of the sync protocol from `from` to `to` and back on document `doc`; whether
 /// anything was sent.
 fn round(nodes: &mut [Node], uid: &Uid, from: usize, to: usize, doc: u16) -> bool {
-    let (ida, idb) = (nodes[from].engine.tree().me(), nodes[to].engine.tree().me());
     let mut sent = false;
-    for (x, y, idx, idy) in [(from, to, ida, idb), (to, from, idb, ida)] {
-        let msg = { let n = &mut nodes[x]; n.mesh.generate(&n.engine, &idy, uid, doc).unwrap() };
-        if let Some(m) = msg {
-            let n = &mut nodes[y];
-            n.mesh.receive(&mut n.engine, &idx, uid, doc, &m).unwrap();
+    for (x, y) in [(from, to), (to, from)] {
+        let (nx, ny) = two(nodes, x, y);
+        let idy = ny.engine.tree().me();
+        if let Some(m) = nx.mesh.generate(&nx.engine, &idy, uid, doc).unwrap() {
+            deliver((&mut nx.mesh, &mut nx.engine), (&mut ny.mesh, &mut ny.engine), uid, doc, m);
             sent = true;
         }
     }
     sent
+}
+
+/// Nodes `x` and `y` (distinct) of `nodes`, both writable.
+fn two(nodes: &mut [Node], x: usize, y: usize) -> (&mut Node, &mut Node) {
+    assert_ne!(x, y);
+    if x < y {
+        let (lo, hi) = nodes.split_at_mut(y);
+        (&mut lo[x], &mut hi[0])
+    } else {
+        let (lo, hi) = nodes.split_at_mut(x);
+        (&mut hi[0], &mut lo[y])
+    }
 }
 
 /// A session between `from` and `to` as the schedule makes it: both publish, the documents

@@ -135,16 +135,22 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         trace.add_u64(r.trace);
     }
     let scenario = args.scenario.as_deref().unwrap_or("soak");
-    println!("| scenario | nodes | ops/seed | seeds | events | faults | violations | failing seeds | seeds/s | events/s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    // Sync frames per step of the schedules, and the share that brought nothing (`proto::fanout`).
+    let frames: u64 = reports.iter().map(|r| r.frames).sum();
+    let useful: u64 = reports.iter().map(|r| r.useful).sum();
+    let steps: usize = reports.iter().map(|r| r.steps).sum();
+    println!("| scenario | nodes | ops/seed | seeds | events | faults | violations | failing seeds | seeds/s | events/s | frames/op | frames bringing nothing |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {scenario} | {} | {} | {} | {events} | {faults} | {violations} | {} | {:.1} | {:.0} |",
+        "| {scenario} | {} | {} | {} | {events} | {faults} | {violations} | {} | {:.1} | {:.0} | {:.2} | {:.1} % |",
         w.nodes,
         w.ops,
         reports.len(),
         failing.len(),
         reports.len() as f64 / secs,
-        events as f64 / secs
+        events as f64 / secs,
+        frames as f64 / steps.max(1) as f64,
+        100.0 * (frames - useful.min(frames)) as f64 / frames.max(1) as f64
     );
     for (i, r) in failing.iter().enumerate() {
         println!("seed {} failed: {}", r.seed, r.violations[0].what);

@@ -465,6 +465,38 @@ impl SimNode {
         msg
     }
 
+    /// The answer to a sync message of document `doc` just received from `peer`, when there
+    /// is something to say (`proto::fanout`).
+    pub fn answer(&mut self, peer: usize, doc: u16) -> Option<Vec<u8>> {
+        let mut state = self.peers.remove(&(peer, doc)).unwrap_or_default();
+        let msg = self.doc(doc).answer(&mut state);
+        self.peers.insert((peer, doc), state);
+        msg
+    }
+
+    /// The documents that differ from `theirs`, a summary from `peer`; on the others the
+    /// peer is in step, and its sync states say so (as the node's `Mesh::compare`).
+    pub fn compare(&mut self, peer: usize, theirs: &[u64]) -> Vec<u16> {
+        let ours = self.summary();
+        let differ = alknet_actors::proto::sync::differing(&ours, theirs);
+        for doc in &differ {
+            if let Some(state) = self.peers.get_mut(&(peer, *doc)) {
+                alknet_actors::proto::fanout::speak_again(state);
+            }
+        }
+        let same: Vec<u16> = (0..DOCS).filter(|d| !differ.contains(d) && self.docs.contains_key(d)).collect();
+        for doc in same {
+            let heads = self.doc(doc).heads();
+            alknet_actors::proto::fanout::in_step(self.peers.entry((peer, doc)).or_default(), &heads);
+        }
+        differ
+    }
+
+    /// The digest of document `doc`'s heads.
+    pub fn digest(&mut self, doc: u16) -> u64 {
+        self.doc(doc).digest()
+    }
+
     /// A sync message of document `doc` that carries its changes to a peer that has none,
     /// sent unasked (what a hostile peer pushes): found by running the protocol against an
     /// empty document until a message brings changes.

@@ -13,10 +13,11 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use alknet_actors::proto::entry::{ContentHash, Entry, EntryKind};
+use alknet_actors::proto::fanout::ANTI_ENTROPY_MS;
 use alknet_actors::proto::ids::Uid;
 use alknet_actors::proto::path::TreePath;
 use alknet_actors::proto::replica::{MetaEntry, Origin};
-use alknet_actors::proto::sync::{differing, META_DOC};
+use alknet_actors::proto::sync::META_DOC;
 
 use crate::node::{Broken, SimNode, MAIN};
 use crate::rng::{Rng, TraceHash};
@@ -99,6 +100,10 @@ pub struct Stats {
     pub violations: u64,
     /// Messages refused because their sender is not a member (in the receiver's view).
     pub refused: u64,
+    /// Sync frames (summaries and sync messages) delivered.
+    pub frames: u64,
+    /// Delivered sync frames that brought something ([`alknet_actors::proto::fanout`]).
+    pub useful: u64,
 }
 
 /// A simulated mesh. Build one with [`Sim::new`], script it, and assert on its trees.
@@ -129,6 +134,8 @@ pub struct Sim {
     broken: Option<Broken>,
     /// Skews and drifts given to nodes made from here on.
     skews: Vec<(i64, i64)>,
+    /// When each node last sent its anti-entropy summaries.
+    summarized_at: BTreeMap<usize, u64>,
 }
 
 /// A node's handle in a [`Sim`]: its index.
@@ -158,6 +165,7 @@ impl Sim {
             seed,
             broken: None,
             skews: Vec::new(),
+            summarized_at: BTreeMap::new(),
         }
     }
 
@@ -340,12 +348,9 @@ impl Sim {
         self.send(from, to, Msg::Summary(digests));
     }
 
-    /// Sends every linked peer (but `except`) what it lacks of documents `docs`.
-    fn offer(&mut self, from: usize, docs: &[u16], except: Option<usize>) {
+    /// Pushes to every linked peer what it lacks of documents `docs` (changes made here).
+    fn offer(&mut self, from: usize, docs: &[u16]) {
         for peer in self.linked(from) {
-            if Some(peer) == except {
-                continue;
-            }
             for &d in docs {
                 if let Some(m) = self.nodes[from].generate(peer, d) {
                     self.send(from, peer, Msg::Sync(d, m));
@@ -386,11 +391,17 @@ impl Sim {
                     return;
                 }
                 self.nodes[n].persist();
+                // As the node does (`proto::fanout`): its own changes pushed at once, and the
+                // dialer's summaries (here the smaller index) every ANTI_ENTROPY_MS.
                 let docs = self.nodes[n].publish();
-                self.offer(n, &docs, None);
+                self.offer(n, &docs);
                 let peers = self.linked(n);
-                for &p in &peers {
-                    self.send_summary(n, p);
+                let last = self.summarized_at.get(&n).copied();
+                if last.is_none_or(|t| self.now >= t + ANTI_ENTROPY_MS) {
+                    self.summarized_at.insert(n, self.now);
+                    for &p in peers.iter().filter(|&&p| p > n) {
+                        self.send_summary(n, p);
+                    }
                 }
                 let missing = self.nodes[n].missing_blobs();
                 if !missing.is_empty() && !peers.is_empty() {
@@ -413,22 +424,29 @@ impl Sim {
                 }
                 match msg {
                     Msg::Summary(theirs) => {
-                        let ours = self.nodes[to].summary();
-                        for d in differing(&ours, &theirs) {
+                        self.stats.frames += 1;
+                        let mut useful = false;
+                        for d in self.nodes[to].compare(from, &theirs) {
                             if let Some(m) = self.nodes[to].generate(from, d) {
+                                useful = true;
                                 self.send(to, from, Msg::Sync(d, m));
                             }
                         }
+                        self.stats.useful += u64::from(useful);
                     }
                     Msg::Sync(doc, bytes) => {
+                        self.stats.frames += 1;
                         self.trace.add_u64(bytes.len() as u64);
+                        let before = self.nodes[to].digest(doc);
                         match self.nodes[to].receive(from, doc, &bytes) {
                             Ok(applied) => {
                                 if doc == META_DOC && self.nodes[to].take_members_changed() {
-                                    self.offer(to, &[META_DOC], Some(from));
                                     self.relink();
                                 }
-                                if let Some(m) = self.nodes[to].generate(from, doc) {
+                                // Answered only when there is something to say; not forwarded.
+                                let answer = self.nodes[to].answer(from, doc);
+                                self.stats.useful += u64::from(answer.is_some() || self.nodes[to].digest(doc) != before);
+                                if let Some(m) = answer {
                                     self.send(to, from, Msg::Sync(doc, m));
                                 }
                                 if !applied.is_empty() {
@@ -443,7 +461,6 @@ impl Sim {
                                     if !want.is_empty() {
                                         self.send(to, from, Msg::BlobGet(want));
                                     }
-                                    self.offer(to, &[doc], Some(from));
                                     self.check_paths(to, applied.iter().map(|c| (c.branch, c.path.clone())).collect());
                                     self.check_whole(to, &applied);
                                 }
@@ -500,7 +517,7 @@ impl Sim {
             }
         }
         let docs = self.nodes[n].publish();
-        self.offer(n, &docs, None);
+        self.offer(n, &docs);
     }
 
     fn path(p: &str) -> TreePath {
@@ -537,7 +554,7 @@ impl Sim {
         if !self.nodes[n].create_branch(now, Uid(uid), name, parent) {
             return false;
         }
-        self.offer(n, &[META_DOC], None);
+        self.offer(n, &[META_DOC]);
         true
     }
 
@@ -669,7 +686,7 @@ impl Sim {
             return false;
         }
         self.nodes[node].take_members_changed();
-        self.offer(via, &[META_DOC], None);
+        self.offer(via, &[META_DOC]);
         self.relink();
         true
     }
@@ -686,7 +703,7 @@ impl Sim {
         let removal = self.nodes[by].removal_of(id, now);
         self.nodes[by].write_meta(removal);
         self.nodes[by].take_members_changed();
-        self.offer(by, &[META_DOC], None);
+        self.offer(by, &[META_DOC]);
         self.relink();
         true
     }

@@ -165,6 +165,12 @@ pub struct SeedReport {
     pub violation_count: u64,
     /// The hash of the run's events.
     pub trace: u64,
+    /// Steps of its schedule played (operations and faults).
+    pub steps: usize,
+    /// Sync frames delivered.
+    pub frames: u64,
+    /// Of those, the ones that brought something.
+    pub useful: u64,
 }
 
 fn file_path(i: usize) -> String {
@@ -335,7 +341,17 @@ pub fn run(seed: u64, w: &Workload, broken: Option<Broken>, steps: &[Step], keep
     }
     let _ = sim.run_until_quiet();
     let stats = sim.stats();
-    SeedReport { seed, events: stats.events, faults: stats.faults, violations: sim.violations().to_vec(), violation_count: stats.violations, trace: sim.trace_hash() }
+    SeedReport {
+        seed,
+        events: stats.events,
+        faults: stats.faults,
+        violations: sim.violations().to_vec(),
+        violation_count: stats.violations,
+        trace: sim.trace_hash(),
+        steps: steps.iter().enumerate().filter(|(i, _)| keep.is_none_or(|k| k.contains(i))).count(),
+        frames: stats.frames,
+        useful: stats.useful,
+    }
 }
 
 /// Reduces a failing schedule to a short one that still fails (delta debugging: drop

@@ -24,6 +24,7 @@ use super::replica::BucketIdentity;
 use super::{Engine, Result};
 use crate::proto::clock::Bound;
 use crate::proto::doc::{decode_state, encode_state, CheckedMessage, DocError, PeerState, ReplicaDoc};
+use crate::proto::fanout;
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::membership::{Membership, Role};
 use crate::proto::replica::{self as rules, BranchRecord, Change, MetaEntry};
@@ -57,6 +58,11 @@ pub struct Received {
     pub applied: Applied,
     /// Membership changed (the network side re-checks its sessions).
     pub members_changed: bool,
+    /// Entries the message added to the document.
+    pub entries: usize,
+    /// The answer to send back, when there is something to say
+    /// ([`crate::proto::fanout::worth_answering`]).
+    pub answer: Option<Vec<u8>>,
 }
 
 /// A member of a bucket, for `alkfs members`.
@@ -180,10 +186,10 @@ impl Mesh {
             }
         }
         conn.prepare_cached(
-            "INSERT INTO mesh_digest(bucket_id, doc, digest) VALUES (?1, ?2, ?3)
-             ON CONFLICT(bucket_id, doc) DO UPDATE SET digest = excluded.digest",
+            "INSERT INTO mesh_digest(bucket_id, doc, digest, heads) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(bucket_id, doc) DO UPDATE SET digest = excluded.digest, heads = excluded.heads",
         )?
-        .execute(params![bucket_id, doc, d.digest() as i64])?;
+        .execute(params![bucket_id, doc, d.digest() as i64, fanout::encode_heads(&d.heads())])?;
         Ok(())
     }
 
@@ -569,6 +575,37 @@ impl Mesh {
         Ok(out)
     }
 
+    /// The documents of bucket `uid` whose digests differ from `theirs`, a summary `peer`
+    /// sent; the next message on each speaks (`proto::fanout::speak_again`). On the others the peer is in step with this node: its sync states are set so
+    /// (`proto::fanout::in_step`), so the next change there goes in one frame. Heads come from
+    /// documents in memory or from beside their digests; none are loaded for this.
+    pub fn compare(&mut self, engine: &Engine, peer: &NodeId, uid: &Uid, theirs: &[u64]) -> Result<Vec<u16>> {
+        let ours = self.summary(engine, uid)?;
+        let differ = crate::proto::sync::differing(&ours, theirs);
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(differ) };
+        let conn = engine.tree().conn();
+        let saved: HashMap<u16, (u64, Vec<u8>)> = (|| -> Result<_, StoreError> {
+            let mut st = conn.prepare_cached("SELECT doc, digest, heads FROM mesh_digest WHERE bucket_id = ?1 AND heads IS NOT NULL")?;
+            let rows = st.query_map([bucket.id], |r| Ok((r.get::<_, i64>(0)? as u16, (r.get::<_, i64>(1)? as u64, r.get::<_, Vec<u8>>(2)?))))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })()?;
+        for doc in &differ {
+            if let Some(state) = self.states.get_mut(&(*peer, bucket.id, *doc)) {
+                fanout::speak_again(state);
+            }
+        }
+        for doc in (0..DOCS).filter(|d| !differ.contains(d) && (*d as usize) < theirs.len()) {
+            let heads = match self.docs.get_mut(&(bucket.id, doc)) {
+                Some(d) => Some(d.heads()),
+                None => saved.get(&doc).filter(|(digest, _)| *digest == theirs[doc as usize]).and_then(|(_, h)| fanout::decode_heads(h)),
+            };
+            if let Some(heads) = heads {
+                fanout::in_step(self.state(conn, peer, bucket.id, doc)?, &heads);
+            }
+        }
+        Ok(differ)
+    }
+
     fn state(&mut self, conn: &Connection, peer: &NodeId, bucket_id: i64, doc: u16) -> Result<&mut PeerState, StoreError> {
         match self.states.entry((*peer, bucket_id, doc)) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
@@ -610,6 +647,7 @@ impl Mesh {
         }
         let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
         let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
+        let heads_before = d.heads();
         let added = match d.receive_checked(state, checked) {
             Ok(a) => a,
             Err(DocError::Refused(why)) => {
@@ -623,9 +661,13 @@ impl Mesh {
                 return Err(invalid(format!("a sync message from {} was refused: {e}", peer.short())).into());
             }
         };
+        if added.is_empty() && d.heads() == heads_before {
+            // It brought nothing: no transaction, only perhaps an answer.
+            return Ok(Received { answer: d.answer(state), ..Received::default() });
+        }
         // Every entry was checked as it arrived (`check_message`; automerge may apply a change
         // later, once what it depends on is here): read them.
-        let mut received = Received::default();
+        let mut received = Received { entries: added.len(), ..Received::default() };
         let mut changes: Vec<Change> = Vec::new();
         let mut meta: Vec<MetaEntry> = Vec::new();
         for (key, value) in &added {
@@ -703,6 +745,9 @@ impl Mesh {
                 self.forget(&touched);
                 return Err(e.into());
             }
+        }
+        if let (Some(state), Some(d)) = (self.states.get_mut(&(*peer, bucket.id, doc)), self.docs.get_mut(&(bucket.id, doc))) {
+            received.answer = d.answer(state);
         }
         Ok(received)
     }
@@ -1292,6 +1337,15 @@ pub enum MeshOp {
     },
     /// Digests of a bucket's documents.
     Summary(Uid),
+    /// A peer's summary of a bucket: the documents that differ ([`Mesh::compare`]).
+    Compare {
+        /// The peer.
+        peer: NodeId,
+        /// The bucket.
+        bucket: Uid,
+        /// Its digests.
+        digests: Vec<u64>,
+    },
     /// The next sync message for a peer.
     Generate {
         /// The peer.
@@ -1368,6 +1422,8 @@ pub enum MeshReply {
     MemberChanged(Uid),
     /// Digests.
     Summary(Vec<u64>),
+    /// Documents that differ.
+    Differing(Vec<u16>),
     /// A sync message, if any.
     Message(Option<Vec<u8>>),
     /// What a received message did.
@@ -1403,6 +1459,7 @@ impl Mesh {
             MeshOp::Grant { bucket, node, role } => MeshReply::MemberChanged(self.grant_role(engine, &bucket, &node, role)?),
             MeshOp::InvitePolicy { bucket, members_invite } => MeshReply::MemberChanged(self.set_invite_policy(engine, &bucket, members_invite)?),
             MeshOp::Summary(uid) => MeshReply::Summary(self.summary(engine, &uid)?),
+            MeshOp::Compare { peer, bucket, digests } => MeshReply::Differing(self.compare(engine, &peer, &bucket, &digests)?),
             MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?),
             MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive_checked(engine, &peer, &bucket, doc, msg)?)),
             MeshOp::EndSession(peer) => {

@@ -14,8 +14,10 @@
 //! - **Sessions.** Every node dials the members it has no session with (backoff 1 s → 15 s);
 //!   if two sessions with one peer open at once, both keep the one the smaller node id dialed.
 //!   A session first exchanges a summary (a digest per document) per bucket, then runs
-//!   automerge's sync protocol on the documents that differ. New local changes are pushed to
-//!   every session at once; a summary every [`ANTI_ENTROPY`] covers anything lost.
+//!   automerge's sync protocol on the documents that differ. How changes spread is
+//!   [`crate::proto::fanout`]'s: new local changes are pushed to every session at once, what
+//!   arrives is not forwarded, a message is answered only when there is something to say,
+//!   and the dialer's summary every [`ANTI_ENTROPY`] covers anything lost.
 //! - **Membership.** A peer is admitted to a session only for buckets it is a member of
 //!   (read from the store for each session), and refused before any data moves otherwise.
 //!   Sessions re-check every second and drop buckets whose membership ended: a removed member
@@ -45,14 +47,16 @@ use super::{Child, Names, NodeContext, NodeHandle};
 use crate::engine::mesh::{check_message, Adoption, ClockWait, MeshOp, MeshReply, Received};
 use crate::proto::doc::CheckedMessage;
 use crate::proto::entry::ContentHash;
+use crate::proto::fanout::{FrameCounts, ANTI_ENTROPY_MS};
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::limits::{HANDSHAKE_FRAME_BYTES_MAX, SYNC_FRAME_BYTES_MAX};
 use crate::proto::replica::BranchRecord;
-use crate::proto::sync::{differing, redial_after_ms, Frame, SyncError, OLDER_PROTOCOL, OLDER_SYNC_ALPNS, SYNC_ALPN};
+use crate::proto::sync::{redial_after_ms, Frame, SyncError, OLDER_PROTOCOL, OLDER_SYNC_ALPNS, SYNC_ALPN};
 use crate::proto::ticket::Ticket;
 
-/// How often a session sends its summaries again, covering lost announcements.
-pub const ANTI_ENTROPY: Duration = Duration::from_secs(10);
+/// How often the node that dialed a session sends its summaries again, covering what was
+/// lost ([`crate::proto::fanout`]).
+pub const ANTI_ENTROPY: Duration = Duration::from_millis(ANTI_ENTROPY_MS);
 /// How long a dial, a handshake or one frame's write may take.
 pub const NET_TIMEOUT: Duration = Duration::from_secs(10);
 pub use super::fetch::{FETCHES_MAX, FETCH_BATCH_MAX};
@@ -635,6 +639,9 @@ pub struct MeshStatus {
     /// Bounds on what peers may cost this node (`proto::limits`) that refused something.
     #[serde(default)]
     pub bounds_hit: Vec<BoundHit>,
+    /// Sync frames sent and received since start, and those that brought something.
+    #[serde(default)]
+    pub frames: FrameCounts,
 }
 
 /// Messages of the mesh actor (fields named for what they carry).
@@ -747,6 +754,27 @@ pub struct MeshState {
     signer: crate::proto::signed::EntrySigner,
     /// Each shared bucket's members now (not removed): whose announcements count.
     members: HashMap<Uid, HashSet<NodeId>>,
+    /// Sync frames of every session since start (for status).
+    frames: Arc<FrameCounters>,
+}
+
+/// Sync frames counted across sessions ([`crate::proto::fanout::FrameCounts`]).
+#[derive(Default)]
+pub struct FrameCounters {
+    sent: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+    useful: std::sync::atomic::AtomicU64,
+}
+
+impl FrameCounters {
+    fn add(n: &std::sync::atomic::AtomicU64) {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> FrameCounts {
+        let get = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        FrameCounts { sent: get(&self.sent), received: get(&self.received), useful: get(&self.useful) }
+    }
 }
 
 impl Actor for MeshActor {
@@ -789,6 +817,7 @@ impl Actor for MeshActor {
             clock_waits: Vec::new(),
             signer,
             members: HashMap::new(),
+            frames: Arc::default(),
         })
     }
 
@@ -832,17 +861,19 @@ impl Actor for MeshActor {
                     refused("GOSSIP_NOT_A_MEMBER", format!("dropped a gossip announcement from {}, not a member of the bucket", a.node.short()));
                     return Ok(());
                 }
-                match state.sessions.get(&a.node) {
-                    // A session: sync those documents now (our side speaks first; the peer
-                    // answers with what we lack).
-                    Some(s) => {
-                        let _ = s.actor.cast(SessionMsg::Changed(a.docs.iter().map(|(d, _)| (bucket, *d)).collect()));
+                // With a session, the announcer pushes its changes itself (`proto::fanout`).
+                // Without one: dial it at the next tick, and meanwhile ask one peer that
+                // shares the bucket, which may have the change already.
+                if !state.sessions.contains_key(&a.node) {
+                    if let Some(p) = state.peers.get_mut(&a.node) {
+                        p.next_dial = None;
                     }
-                    // None: dial the announcer at the next tick.
-                    None => {
-                        if let Some(p) = state.peers.get_mut(&a.node) {
-                            p.next_dial = None;
-                        }
+                    let members = state.members.get(&bucket);
+                    let mut asked: Vec<&SessionSlot> = state.sessions.iter().filter(|(p, _)| members.is_some_and(|m| m.contains(p))).map(|(_, s)| s).collect();
+                    if !asked.is_empty() {
+                        state.nonce = state.nonce.wrapping_add(1);
+                        let s = asked.swap_remove((state.nonce % asked.len() as u64) as usize);
+                        let _ = s.actor.cast(SessionMsg::Ask(bucket));
                     }
                 }
             }
@@ -1294,7 +1325,7 @@ async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Ope
     let conn = opened.conn.clone();
     let (dialer, instance) = (opened.dialer, opened.instance);
     let eager_fetch = state.net.as_ref().is_none_or(|n| n.eager_fetch);
-    let args = SessionArgs { opened, handle: state.handle.clone(), mesh: me.clone(), eager_fetch };
+    let args = SessionArgs { opened, handle: state.handle.clone(), mesh: me.clone(), eager_fetch, frames: state.frames.clone() };
     match Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await {
         Ok((actor, _)) => {
             tracing::info!(peer = %peer.short(), "session open");
@@ -1648,6 +1679,7 @@ fn status(state: &MeshState) -> MeshStatus {
         clock_waits: state.clock_waits.clone(),
         clock_bound_ms: state.ctx.config.clock_bound.ms,
         bounds_hit: state.net.as_ref().map(|n| n.gate.hits.report()).unwrap_or_default(),
+        frames: state.frames.counts(),
     }
 }
 
@@ -1671,6 +1703,9 @@ pub enum SessionMsg {
     Closed(String),
     /// Documents changed here.
     Changed(Vec<(Uid, u16)>),
+    /// Send the summary of this bucket now (a member this node cannot reach announced a
+    /// change: the peer may have it).
+    Ask(Uid),
     /// Re-check membership; every [`ANTI_ENTROPY`], send summaries again.
     Recheck,
 }
@@ -1681,6 +1716,7 @@ pub struct SessionArgs {
     handle: NodeHandle,
     mesh: ActorRef<MeshMsg>,
     eager_fetch: bool,
+    frames: Arc<FrameCounters>,
 }
 
 /// A session actor.
@@ -1696,10 +1732,15 @@ pub struct SessionState {
     mesh: ActorRef<MeshMsg>,
     reader: tokio::task::JoinHandle<()>,
     last_summary: Instant,
+    /// Summaries went out at least once (both sides send the first).
+    summaries_sent: bool,
     /// Documents that differed at the last summary and have not settled.
     lagging: HashSet<(Uid, u16)>,
     /// Fetch the bytes of what arrives at once.
     eager_fetch: bool,
+    /// This node dialed the session: it sends the summaries every [`ANTI_ENTROPY`].
+    dialed_here: bool,
+    frames: Arc<FrameCounters>,
 }
 
 impl Actor for SessionActor {
@@ -1708,7 +1749,7 @@ impl Actor for SessionActor {
     type Arguments = SessionArgs;
 
     async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
-        let Opened { peer, conn, send, mut recv, buckets, .. } = args.opened;
+        let Opened { peer, dialer, conn, send, mut recv, buckets, .. } = args.opened;
         let me2 = me.clone();
         // The reader reads each sync message and checks its signatures (`check_message`, on a
         // blocking thread) before the session sees it: a refused message never reaches the
@@ -1745,8 +1786,11 @@ impl Actor for SessionActor {
             mesh: args.mesh,
             reader,
             last_summary: Instant::now(),
+            summaries_sent: false,
             lagging: HashSet::new(),
             eager_fetch: args.eager_fetch,
+            dialed_here: dialer != peer,
+            frames: args.frames,
         };
         // The first summaries go out from the handler, where a peer that already left ends
         // the session quietly instead of failing its start.
@@ -1776,9 +1820,18 @@ impl Actor for SessionActor {
 impl SessionActor {
     async fn handle_inner(&self, me: &ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
         match msg {
-            SessionMsg::Frame(frame) => on_frame(me, state, frame).await?,
-            SessionMsg::Sync { bucket, doc, checked } if state.buckets.contains(&bucket) => on_sync(me, state, bucket, doc, checked).await?,
-            SessionMsg::Sync { .. } => tracing::warn!(peer = %state.peer.short(), "ignored a sync message for a bucket outside the session"),
+            SessionMsg::Frame(frame) => {
+                FrameCounters::add(&state.frames.received);
+                on_frame(me, state, frame).await?
+            }
+            SessionMsg::Sync { bucket, doc, checked } if state.buckets.contains(&bucket) => {
+                FrameCounters::add(&state.frames.received);
+                on_sync(me, state, bucket, doc, checked).await?
+            }
+            SessionMsg::Sync { .. } => {
+                FrameCounters::add(&state.frames.received);
+                tracing::warn!(peer = %state.peer.short(), "ignored a sync message for a bucket outside the session")
+            }
             SessionMsg::Closed(why) => {
                 tracing::info!(peer = %state.peer.short(), reason = %why, "session closed");
                 me.stop(None);
@@ -1788,6 +1841,11 @@ impl SessionActor {
                     if state.buckets.contains(&bucket) {
                         send_generated(state, bucket, doc).await?;
                     }
+                }
+            }
+            SessionMsg::Ask(bucket) => {
+                if state.buckets.contains(&bucket) {
+                    send_summary(state, bucket).await?;
                 }
             }
             SessionMsg::Recheck => {
@@ -1805,7 +1863,8 @@ impl SessionActor {
                     me.stop(None);
                     return Ok(());
                 }
-                if state.last_summary.elapsed() >= ANTI_ENTROPY {
+                // The first summaries go both ways; then the dialer's alone do the work.
+                if state.last_summary.elapsed() >= ANTI_ENTROPY && (state.dialed_here || !state.summaries_sent) {
                     send_summaries(state).await?;
                 }
             }
@@ -1816,38 +1875,55 @@ impl SessionActor {
 
 async fn send_summaries(state: &mut SessionState) -> Result<(), ActorProcessingErr> {
     state.last_summary = Instant::now();
+    state.summaries_sent = true;
     let buckets: Vec<Uid> = state.buckets.iter().copied().collect();
     for bucket in buckets {
-        if let MeshReply::Summary(digests) = mesh(&state.handle, MeshOp::Summary(bucket)).await? {
-            write_frame(&mut state.send, &Frame::Summary { bucket, digests }).await?;
-        }
+        send_summary(state, bucket).await?;
     }
     Ok(())
 }
 
-async fn send_generated(state: &mut SessionState, bucket: Uid, doc: u16) -> Result<(), ActorProcessingErr> {
-    if let MeshReply::Message(Some(msg)) = mesh(&state.handle, MeshOp::Generate { peer: state.peer, bucket, doc }).await? {
-        write_frame(&mut state.send, &Frame::Sync { bucket, doc, msg }).await?;
-    } else {
-        state.lagging.remove(&(bucket, doc));
+async fn send_summary(state: &mut SessionState, bucket: Uid) -> Result<(), ActorProcessingErr> {
+    if let MeshReply::Summary(digests) = mesh(&state.handle, MeshOp::Summary(bucket)).await? {
+        send(state, &Frame::Summary { bucket, digests }).await?;
     }
     Ok(())
+}
+
+async fn send(state: &mut SessionState, frame: &Frame) -> Result<(), ActorProcessingErr> {
+    write_frame(&mut state.send, frame).await?;
+    FrameCounters::add(&state.frames.sent);
+    Ok(())
+}
+
+/// Sends what the peer lacks of one document, if anything; says whether something went.
+async fn send_generated(state: &mut SessionState, bucket: Uid, doc: u16) -> Result<bool, ActorProcessingErr> {
+    if let MeshReply::Message(Some(msg)) = mesh(&state.handle, MeshOp::Generate { peer: state.peer, bucket, doc }).await? {
+        send(state, &Frame::Sync { bucket, doc, msg }).await?;
+        Ok(true)
+    } else {
+        state.lagging.remove(&(bucket, doc));
+        Ok(false)
+    }
 }
 
 async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Frame) -> Result<(), ActorProcessingErr> {
     match frame {
         Frame::Summary { bucket, digests } if state.buckets.contains(&bucket) => {
-            let ours = match mesh(&state.handle, MeshOp::Summary(bucket)).await? {
-                MeshReply::Summary(d) => d,
+            let docs = match mesh(&state.handle, MeshOp::Compare { peer: state.peer, bucket, digests }).await? {
+                MeshReply::Differing(d) => d,
                 _ => Vec::new(),
             };
-            let docs = differing(&ours, &digests);
             for doc in &docs {
                 state.lagging.insert((bucket, *doc));
             }
             let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
+            let mut sent = false;
             for doc in docs {
-                send_generated(state, bucket, doc).await?;
+                sent |= send_generated(state, bucket, doc).await?;
+            }
+            if sent {
+                FrameCounters::add(&state.frames.useful);
             }
         }
         Frame::Refused { reason } => {
@@ -1871,16 +1947,22 @@ async fn on_sync(me: &ActorRef<SessionMsg>, state: &mut SessionState, bucket: Ui
     };
     match received {
         Ok(MeshReply::Received(r)) => {
-            let Received { applied, members_changed, .. } = *r;
+            let Received { applied, members_changed, entries, answer } = *r;
             if !applied.missing_blobs.is_empty() && state.eager_fetch {
                 let _ = state.mesh.cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
             }
             if members_changed {
                 let _ = state.mesh.cast(MeshMsg::MembersChanged);
             }
-            if applied.inserted > 0 {
-                // Others may want what just arrived.
-                let _ = state.mesh.cast(MeshMsg::Changed(vec![(bucket, doc)]));
+            // Not forwarded: its writer pushes it to its own peers (`proto::fanout`).
+            if entries > 0 || answer.is_some() {
+                FrameCounters::add(&state.frames.useful);
+            }
+            match answer {
+                Some(msg) => send(state, &Frame::Sync { bucket, doc, msg }).await?,
+                None => {
+                    state.lagging.remove(&(bucket, doc));
+                }
             }
         }
         Ok(_) => {}
@@ -1891,7 +1973,6 @@ async fn on_sync(me: &ActorRef<SessionMsg>, state: &mut SessionState, bucket: Ui
             return Ok(());
         }
     }
-    send_generated(state, bucket, doc).await?;
     let _ = state.mesh.cast(MeshMsg::Synced(state.peer, state.lagging.len()));
     Ok(())
 }

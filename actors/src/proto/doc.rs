@@ -154,6 +154,16 @@ impl ReplicaDoc {
             })
     }
 
+    /// The answer to a message just received from the peer whose state is `state`, when
+    /// there is something to say ([`super::fanout::worth_answering`]); `None` when the
+    /// message only told this node what it already had.
+    pub fn answer(&mut self, state: &mut PeerState) -> Option<Vec<u8>> {
+        if !super::fanout::worth_answering(state, &self.doc.get_heads()) {
+            return None;
+        }
+        self.generate(state)
+    }
+
     /// True when automerge would answer `None` for this state, known without its work: it
     /// builds a Bloom filter of the changes since the shared heads before deciding, which a
     /// node pays for every peer each time any document changes. Our heads are the ones last

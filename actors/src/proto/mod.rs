@@ -14,6 +14,7 @@
 //! - [`membership`]: who belongs to a bucket and whose versions are accepted;
 //! - [`ticket`]: invitations to a bucket and the inviter's decision;
 //! - [`doc`]: a replicated document of write-once entries (automerge) and its sync;
+//! - [`fanout`]: how a change spreads through a mesh (push, answer, anti-entropy);
 //! - [`signed`]: entries signed by their writer's node key, and the check of a message's;
 //! - [`sync`]: the frames of the sync protocol between two nodes and their limits;
 //! - [`frame`]: length-prefixed frames of the control socket;
@@ -22,6 +23,7 @@
 pub mod clock;
 pub mod doc;
 pub mod entry;
+pub mod fanout;
 #[cfg(test)]
 mod fuzz;
 pub mod frame;

@@ -327,6 +327,12 @@ pub const MIGRATIONS: &[&str] = &[
         members_invite INTEGER NOT NULL
     );
     "#,
+    // 14 → 15: each document's heads beside its digest, so a summary that shows a peer in
+    // step on a document sets the sync state from them without loading the document
+    // (`proto::fanout::in_step`). NULL until the document next changes.
+    r#"
+    ALTER TABLE mesh_digest ADD COLUMN heads BLOB;
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).

@@ -59,3 +59,20 @@ pub fn get(engine: &Engine, scope: &Scope, path: &str) -> Option<Vec<u8>> {
 pub fn names(engine: &Engine, scope: &Scope, dir: &str) -> Vec<String> {
     engine.list(scope, &p(dir)).unwrap().iter().map(|r| r.path.name().to_string()).collect()
 }
+
+/// Delivers sync message `msg` of document `doc` from store `x` to store `y`, then each
+/// answer back the other way, until a side has nothing to say: what a session does with a
+/// message (`proto::fanout`; a store's answer counts as sent once made). Returns how many
+/// messages were delivered. (Used by the mesh and replica tests.)
+#[allow(dead_code)]
+pub fn deliver(x: (&mut alknet_actors::engine::mesh::Mesh, &mut Engine), y: (&mut alknet_actors::engine::mesh::Mesh, &mut Engine), uid: &alknet_actors::proto::ids::Uid, doc: u16, msg: Vec<u8>) -> usize {
+    let (idx, idy) = (x.1.tree().me(), y.1.tree().me());
+    let (mut n, mut next) = (0, Some((true, msg)));
+    while let Some((to_y, m)) = next.take() {
+        n += 1;
+        assert!(n < 100, "no end to the exchange on document {doc}");
+        let received = if to_y { y.0.receive(y.1, &idx, uid, doc, &m) } else { x.0.receive(x.1, &idy, uid, doc, &m) };
+        next = received.unwrap().answer.map(|a| (!to_y, a));
+    }
+    n
+}
