@@ -152,6 +152,11 @@ fn small_tree(root: &Path, n: usize) -> PathBuf {
 
 /// A has the files (one `put -r`, indexed); B joins: seconds until every file is on B.
 fn many_small(root: &Path, n: usize) -> f64 {
+    many_small_cpu(root, n).0
+}
+
+/// [`many_small`], and the CPU both nodes spent from the join until B was complete (s).
+fn many_small_cpu(root: &Path, n: usize) -> (f64, f64) {
     let _ = std::fs::remove_dir_all(root.join("a"));
     let _ = std::fs::remove_dir_all(root.join("b"));
     let (a_dir, b_dir) = (root.join("a"), root.join("b"));
@@ -162,11 +167,58 @@ fn many_small(root: &Path, n: usize) -> f64 {
     let b = Node::start(&b_dir);
     let ticket = ok(&a_dir, &["invite"]);
     let t = Instant::now();
+    let ticks = a.cpu_ticks() + b.cpu_ticks();
     ok(&b_dir, &["join", ticket.trim()]);
     wait_complete(&b_dir, n as i64, n + n.div_ceil(100) + 1); // files, their directories, /data
     let secs = t.elapsed().as_secs_f64();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (a.cpu_ticks() + b.cpu_ticks() - ticks) as f64 / hz;
     drop((a, b));
-    secs
+    (secs, cpu)
+}
+
+/// The fetch scheduler's CPU (s) for a join of `n` pending blobs, driven as the mesh actor
+/// drives it: every blob added (as the join's messages name them), batches handed out and
+/// landed as they come back, and once per `per_sec` blobs landed (a second of transfer) a
+/// tick with the mesh's idle check and the counts `status` reads.
+fn scheduler_cpu(n: usize, per_sec: usize) -> f64 {
+    use alknet_actors::node::fetch::{Attempt, Fetches};
+    use alknet_actors::proto::entry::ContentHash;
+    use alknet_actors::proto::ids::NodeId;
+    let peers = [NodeId([1; 32])];
+    let hash = |i: usize| ContentHash(*blake3::hash(&i.to_le_bytes()).as_bytes());
+    let hashes: Vec<ContentHash> = (0..n).map(hash).collect();
+    let c0 = own_cpu_s();
+    let mut f = Fetches::default();
+    for h in &hashes {
+        f.add(*h, 4096, &peers, false);
+    }
+    let (mut landed, mut since_tick, mut now) = (0, 0, Instant::now());
+    loop {
+        let mut batches = Vec::new();
+        while let Some(b) = f.next_batch() {
+            batches.push(b);
+        }
+        if batches.is_empty() {
+            break;
+        }
+        for (peer, asked) in batches {
+            let got = asked.len();
+            let attempt = Attempt { peer, landed: asked.iter().map(|(h, _)| *h).collect(), received: got, asked, error: None };
+            f.finished(&[attempt], now);
+            landed += got;
+            since_tick += got;
+            if since_tick >= per_sec {
+                since_tick = 0;
+                now += Duration::from_secs(1);
+                std::hint::black_box(f.is_idle());
+                f.tick(&peers, now);
+                std::hint::black_box(f.counts());
+            }
+        }
+    }
+    assert_eq!(landed, n);
+    own_cpu_s() - c0
 }
 
 /// "100 of 100 runs complete": A holds `n` files; `runs` fresh nodes join it one after
@@ -638,6 +690,23 @@ fn main() {
         std::fs::create_dir_all(&r).unwrap();
         // (Not against an older build: the attacker speaks this build's protocol.)
         under_attack(&r, changes);
+    }
+    if want("scheduler") {
+        // The transfer's CPU per blob, measured on real nodes; the scheduler's for a join of a
+        // million blobs (ALKFS_BENCH_BLOBS) at that rate.
+        let r = root.path().join("scheduler");
+        std::fs::create_dir_all(&r).unwrap();
+        let blobs: usize = env("ALKFS_BENCH_BLOBS").and_then(|v| v.parse().ok()).unwrap_or(if quick() { 100_000 } else { 1_000_000 });
+        let (secs, cpu) = many_small_cpu(&r, n_small);
+        let per_blob = cpu / n_small as f64;
+        let rate = (n_small as f64 / secs) as usize;
+        let sched = scheduler_cpu(blobs, rate.max(1));
+        let transfer = per_blob * blobs as f64;
+        println!(
+            "| a join of {blobs} pending blobs: the fetch scheduler's CPU | {sched:.2} s | the transfer's CPU at {:.0} µs a blob ({n_small} × 4 KiB between two nodes: {cpu:.2} s in {secs:.2} s): {transfer:.0} s | {:.2} % of the transfer's |",
+            per_blob * 1e6,
+            100.0 * sched / transfer
+        );
     }
     if want("fanout") {
         // ALKFS_BENCH_NODES=5,10 picks the mesh sizes.

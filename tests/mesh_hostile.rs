@@ -773,3 +773,34 @@ fn a_member_of_another_bucket_announcing_on_a_buckets_topic_is_dropped_and_count
     await_cond(Duration::from_secs(30), "the honest member to get the later write", || friend.run(&["--bucket", "private", "get", "/after.txt"]).status.success());
     eprintln!("announcements of private that reached the member of default: {received}");
 }
+
+/// An inviter that takes a joiner's first frame and then says nothing holds up that join
+/// only: while `alkfs join` waits on it, the node's writes still reach its peer at once.
+#[test]
+fn a_stalling_inviter_holds_up_only_its_join() {
+    let (s, _node, _ticket, _) = node_with_a_file();
+    let (friend, _friend_node) = honest_member_of(&s);
+    let rt = runtime();
+    let (heard, stall) = std::sync::mpsc::channel::<()>();
+    let ep = rt.block_on(common::peer::listening(&[SYNC_ALPN]));
+    let ticket = Ticket { node: NodeId(*ep.id().as_bytes()), addrs: ep.bound_sockets(), relay: None, bucket: Uid::mint(&NodeId(*ep.id().as_bytes()), [5; 8]), secret: [9; 16] };
+    let ep2 = ep.clone();
+    rt.spawn(async move {
+        let conn = ep2.accept().await.unwrap().await.unwrap();
+        let (_send, mut recv) = conn.accept_bi().await.unwrap();
+        if matches!(read_frame(&mut recv).await, Some(Frame::Join { .. })) {
+            heard.send(()).unwrap();
+        }
+        // Silent from here on, the connection held open.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        drop(conn);
+    });
+    let join = common::KillOnDrop(s.cmd(&["join", &ticket.encode()]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap());
+    stall.recv_timeout(Duration::from_secs(30)).expect("the join reached the stalling inviter");
+    s.put_bytes("/during-the-join.txt", b"written while a join waits");
+    let t = std::time::Instant::now();
+    await_cond(Duration::from_secs(20), "the write to reach the peer during the join", || friend.run(&["get", "/during-the-join.txt"]).stdout == b"written while a join waits");
+    assert!(t.elapsed() < Duration::from_secs(5), "the write took {:?} to reach the peer while a join waited", t.elapsed());
+    drop(join);
+    drop(rt);
+}

@@ -161,9 +161,18 @@ fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     let engine = Engine::open(dir.path(), Access::Write).unwrap();
     let mut a = Node { mesh: Mesh::new(&engine).unwrap(), engine, dir };
     assert_eq!(a.mesh.summary(&a.engine, &uid).unwrap(), b.mesh.summary(&b.engine, &uid).unwrap());
+    // A synced with C, whose session ended (its sync states saved) and started again.
+    let sync_rows = |n: &Node, peer: &NodeId| n.engine.tree().conn().query_row("SELECT count(*) FROM mesh_sync WHERE peer = ?1", [peer.0.to_vec()], |r| r.get::<_, i64>(0)).unwrap();
+    sync(&mut a, &mut c, &uid);
+    a.mesh.end_session(&mut a.engine, &c.me()).unwrap();
+    assert!(sync_rows(&a, &c.me()) > 0, "a session's states are saved when it ends");
+    sync(&mut a, &mut c, &uid);
     // A removes C; B learns it by sync and no longer counts C as a member.
     a.mesh.remove_member(&mut a.engine, "default", &c.me()).unwrap();
+    a.mesh.end_session(&mut a.engine, &c.me()).unwrap();
+    assert_eq!(sync_rows(&a, &c.me()), 0, "a departed peer's sync states go, and its session's end does not write them back");
     sync(&mut a, &mut b, &uid);
+    assert_eq!(sync_rows(&b, &c.me()), 0);
     let in_b = mesh::buckets_of(b.engine.tree().conn(), &c.me()).unwrap();
     assert!(in_b.is_empty(), "B still counts C as a member: {in_b:?}");
     assert!(mesh::buckets_of(b.engine.tree().conn(), &a.me()).unwrap().iter().any(|(_, u)| *u == uid));

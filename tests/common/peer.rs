@@ -19,6 +19,11 @@ pub async fn endpoint_with(transport: iroh::endpoint::QuicTransportConfig) -> ir
     builder(transport).bind().await.unwrap()
 }
 
+/// A bare endpoint that accepts connections for `alpns`.
+pub async fn listening(alpns: &[&[u8]]) -> iroh::Endpoint {
+    builder(iroh::endpoint::QuicTransportConfig::builder().build()).alpns(alpns.iter().map(|a| a.to_vec()).collect()).bind().await.unwrap()
+}
+
 fn builder(transport: iroh::endpoint::QuicTransportConfig) -> iroh::endpoint::Builder {
     iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
         .transport_config(transport)

@@ -841,12 +841,15 @@ impl Mesh {
         let saved: Vec<(i64, u16, Vec<u8>)> = keys.iter().filter_map(|k| self.states.remove(k).map(|s| (k.1, k.2, encode_state(&s)))).collect();
         let now = engine.now_ms();
         engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+            // Kept only for buckets the peer is still a member of: a removed member's states
+            // went with its removal and are not written back.
+            let mut save = tx.conn().prepare_cached(
+                "INSERT INTO mesh_sync(peer, bucket_id, doc, state)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM mesh_member WHERE bucket_id = ?2 AND node = ?1 AND removed_ms IS NULL)
+                 ON CONFLICT(peer, bucket_id, doc) DO UPDATE SET state = excluded.state",
+            )?;
             for (bucket_id, doc, state) in &saved {
-                tx.conn().execute(
-                    "INSERT INTO mesh_sync(peer, bucket_id, doc, state) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(peer, bucket_id, doc) DO UPDATE SET state = excluded.state",
-                    params![peer.0, bucket_id, doc, state],
-                )?;
+                save.execute(params![peer.0, bucket_id, doc, state])?;
             }
             Ok(())
         })?;
@@ -993,6 +996,10 @@ fn reconcile_members(tx: &mut Tx<'_>, bucket_id: i64, members: &Membership, me: 
             Some((Some(at), _)) => Some(at),
             _ => Some(now),
         };
+        if !member {
+            // A departed peer's sync states go with it.
+            tx.conn().prepare_cached("DELETE FROM mesh_sync WHERE peer = ?1 AND bucket_id = ?2")?.execute(params![node.0, bucket_id])?;
+        }
         let cut = if node == *me { None } else { members.cutoff(&node) };
         let role = members.role(&node).map(Role::as_str);
         tx.conn()

@@ -23,8 +23,14 @@
 //!   it has it or comes back; a user waiting for it is told once it has been unavailable for
 //!   [`WAITERS_GIVE_UP_AFTER`] rounds. Other failures (a peer unreachable, a timeout) are
 //!   retried at the next tick from every connected peer, this one last.
+//! - **Linear.** Every step costs O(1) or O(log n) per blob it touches, never a pass over
+//!   every blob wanted: blobs that wait are kept in the order they are due (a tick takes only
+//!   the due ones), the counts `status` shows are kept as blobs move, and each peer's
+//!   refusals are indexed (a peer that comes back revives only what it refused). A join of a
+//!   million blobs costs the scheduler a small share of what the transfer costs
+//!   (BENCHMARKS.md, "Scale").
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::proto::entry::ContentHash;
@@ -102,10 +108,33 @@ struct Wanted {
     rounds_refused: u32,
 }
 
+impl Wanted {
+    /// Which count of [`FetchCounts`] it is in.
+    fn category(&self) -> usize {
+        match self.stage {
+            Stage::Queued(_) => QUEUED,
+            Stage::Fetching => FETCHING,
+            Stage::Waiting { .. } if self.rounds_refused > 0 => UNAVAILABLE,
+            Stage::Waiting { .. } => FAILED,
+        }
+    }
+}
+
+const QUEUED: usize = 0;
+const FETCHING: usize = 1;
+const FAILED: usize = 2;
+const UNAVAILABLE: usize = 3;
+
 /// The scheduler's state.
 #[derive(Debug, Default)]
 pub struct Fetches {
     wanted: HashMap<ContentHash, Wanted>,
+    /// Blobs in each category (queued, fetching, failed, unavailable).
+    counts: [usize; 4],
+    /// Blobs that wait, by when they are due.
+    waiting: BTreeSet<(Instant, ContentHash)>,
+    /// Per peer, the blobs it could not serve since they were last asked for from everyone.
+    refusals: HashMap<NodeId, HashSet<ContentHash>>,
     /// Per peer, blobs queued for it first (with the ticket that queued them).
     queues: HashMap<NodeId, VecDeque<(ContentHash, u64)>>,
     /// Peers with something queued, taken in turn.
@@ -135,7 +164,13 @@ impl Fetches {
     /// first (a user waits for it). A blob that was unavailable is asked for again at once
     /// when a peer not known to lack it is named.
     pub fn add(&mut self, hash: ContentHash, size: u64, peers: &[NodeId], urgent: bool) {
-        let w = self.wanted.entry(hash).or_insert_with(|| Wanted { size, candidates: Vec::new(), refused: HashSet::new(), stage: Stage::Waiting { until: Instant::now() }, rounds_refused: 0 });
+        if !self.wanted.contains_key(&hash) {
+            let until = Instant::now();
+            self.wanted.insert(hash, Wanted { size, candidates: Vec::new(), refused: HashSet::new(), stage: Stage::Waiting { until }, rounds_refused: 0 });
+            self.counts[FAILED] += 1;
+            self.waiting.insert((until, hash));
+        }
+        let w = self.wanted.get_mut(&hash).expect("just made");
         let mut new_peer = false;
         for p in peers {
             if !w.candidates.contains(p) && !w.refused.contains(p) {
@@ -161,7 +196,40 @@ impl Fetches {
 
     /// Whether nothing is queued or in flight (the store may be scanned for more).
     pub fn is_idle(&self) -> bool {
-        self.in_flight == 0 && self.ready.is_empty() && self.wanted.values().all(|w| !matches!(w.stage, Stage::Queued(_)))
+        self.in_flight == 0 && self.ready.is_empty() && self.counts[QUEUED] == 0
+    }
+
+    /// Changes what is wanted of `hash` with `f`, keeping the counts and the waiting order.
+    fn update(&mut self, hash: &ContentHash, f: impl FnOnce(&mut Wanted)) {
+        let Some(w) = self.wanted.get_mut(hash) else { return };
+        let (before, was) = (w.category(), w.stage);
+        f(w);
+        let (after, now) = (w.category(), w.stage);
+        self.counts[before] -= 1;
+        self.counts[after] += 1;
+        if was != now {
+            if let Stage::Waiting { until } = was {
+                self.waiting.remove(&(until, *hash));
+            }
+            if let Stage::Waiting { until } = now {
+                self.waiting.insert((until, *hash));
+            }
+        }
+    }
+
+    /// `hash` is no longer wanted (it landed).
+    fn forget(&mut self, hash: &ContentHash) -> bool {
+        let Some(w) = self.wanted.remove(hash) else { return false };
+        self.counts[w.category()] -= 1;
+        if let Stage::Waiting { until } = w.stage {
+            self.waiting.remove(&(until, *hash));
+        }
+        for p in &w.refused {
+            if let Some(r) = self.refusals.get_mut(p) {
+                r.remove(hash);
+            }
+        }
+        true
     }
 
     /// The peers a blob is asked from, first first (for a range read).
@@ -172,15 +240,16 @@ impl Fetches {
     /// Puts `hash` in its first candidate's queue; without one it waits for the next tick
     /// (which asks every connected peer).
     fn queue(&mut self, hash: ContentHash, front: bool) {
-        let Some(w) = self.wanted.get_mut(&hash) else { return };
+        let Some(w) = self.wanted.get(&hash) else { return };
         let Some(&peer) = w.candidates.first() else {
             if !matches!(w.stage, Stage::Waiting { .. }) {
-                w.stage = Stage::Waiting { until: Instant::now() };
+                self.update(&hash, |w| w.stage = Stage::Waiting { until: Instant::now() });
             }
             return;
         };
         self.next_ticket += 1;
-        w.stage = Stage::Queued(self.next_ticket);
+        let ticket = self.next_ticket;
+        self.update(&hash, |w| w.stage = Stage::Queued(ticket));
         let q = self.queues.entry(peer).or_default();
         if q.is_empty() {
             self.turn.push_back(peer);
@@ -206,10 +275,13 @@ impl Fetches {
             let mut batch = Vec::new();
             while batch.len() < FETCH_BATCH_MAX {
                 let Some((hash, ticket)) = q.pop_front() else { break };
-                match self.wanted.get_mut(&hash) {
+                match self.wanted.get(&hash) {
                     Some(w) if w.stage == Stage::Queued(ticket) => {
-                        w.stage = Stage::Fetching;
                         batch.push((hash, w.size));
+                        let (before, after) = (QUEUED, FETCHING);
+                        self.counts[before] -= 1;
+                        self.counts[after] += 1;
+                        self.wanted.get_mut(&hash).expect("just read").stage = Stage::Fetching;
                     }
                     _ => {} // stale: decided otherwise since
                 }
@@ -241,7 +313,7 @@ impl Fetches {
 
     fn settle(&mut self, a: &Attempt, now: Instant, settled: &mut Settled) {
         for (h, _) in &a.asked {
-            if a.landed.contains(h) && self.wanted.remove(h).is_some() {
+            if a.landed.contains(h) && self.forget(h) {
                 self.fetched += 1;
                 settled.landed.push(*h);
             }
@@ -270,12 +342,12 @@ impl Fetches {
             _ => failed.extend(rest.iter().map(|(h, _)| *h)),
         }
         for h in failed {
-            if let Some(w) = self.wanted.get_mut(&h) {
-                // Other candidates first at the next tick; this one last.
+            // Other candidates first at the next tick; this one last.
+            self.update(&h, |w| {
                 w.candidates.retain(|p| *p != a.peer);
                 w.candidates.push(a.peer);
                 w.stage = Stage::Waiting { until: now };
-            }
+            });
         }
     }
 
@@ -294,11 +366,16 @@ impl Fetches {
         let Some(w) = self.wanted.get_mut(&hash) else { return false };
         w.candidates.retain(|p| *p != peer);
         w.refused.insert(peer);
+        self.refusals.entry(peer).or_default().insert(hash);
         if w.candidates.is_empty() {
-            w.rounds_refused += 1;
-            let pause = UNAVAILABLE_RETRY_MIN.saturating_mul(1 << (w.rounds_refused - 1).min(16)).min(UNAVAILABLE_RETRY_MAX);
-            w.stage = Stage::Waiting { until: now + pause };
-            return w.rounds_refused == WAITERS_GIVE_UP_AFTER;
+            let mut told = false;
+            self.update(&hash, |w| {
+                w.rounds_refused += 1;
+                let pause = UNAVAILABLE_RETRY_MIN.saturating_mul(1 << (w.rounds_refused - 1).min(16)).min(UNAVAILABLE_RETRY_MAX);
+                w.stage = Stage::Waiting { until: now + pause };
+                told = w.rounds_refused == WAITERS_GIVE_UP_AFTER;
+            });
+            return told;
         }
         self.queue(hash, false);
         false
@@ -307,25 +384,31 @@ impl Fetches {
     /// Once a second: failed blobs are queued again with every `connected` peer as a
     /// candidate (those that failed last), and unavailable ones whose pause is over are
     /// asked for again from everyone connected.
+    /// With no peer connected nothing is due: the blobs wait for one.
     pub fn tick(&mut self, connected: &[NodeId], now: Instant) {
-        let mut due = Vec::new();
-        for (h, w) in self.wanted.iter_mut() {
-            let Stage::Waiting { until } = w.stage else { continue };
+        if connected.is_empty() {
+            return;
+        }
+        while let Some(&(until, h)) = self.waiting.first() {
             if until > now {
-                continue;
+                break;
             }
+            self.waiting.pop_first();
+            let Some(w) = self.wanted.get_mut(&h) else { continue };
             // Everyone connected is asked again (those that failed last, last).
-            w.refused.clear();
+            for p in w.refused.drain() {
+                if let Some(r) = self.refusals.get_mut(&p) {
+                    r.remove(&h);
+                }
+            }
             for p in connected.iter().rev() {
                 if !w.candidates.contains(p) {
                     w.candidates.insert(0, *p);
                 }
             }
-            if !w.candidates.is_empty() {
-                due.push(*h);
-            }
-        }
-        for h in due {
+            // Out of the waiting order already; `queue` moves its count.
+            w.stage = Stage::Waiting { until: now };
+            self.waiting.insert((now, h));
             self.queue(h, false);
         }
     }
@@ -335,11 +418,12 @@ impl Fetches {
     /// asked of it at once.
     pub fn peer_returned(&mut self, peer: NodeId) {
         let mut due = Vec::new();
-        for (h, w) in self.wanted.iter_mut() {
+        for h in self.refusals.remove(&peer).unwrap_or_default() {
+            let Some(w) = self.wanted.get_mut(&h) else { continue };
             if w.refused.remove(&peer) && !w.candidates.contains(&peer) {
                 w.candidates.push(peer);
                 if matches!(w.stage, Stage::Waiting { .. }) {
-                    due.push(*h);
+                    due.push(h);
                 }
             }
         }
@@ -350,15 +434,7 @@ impl Fetches {
 
     /// The counts `status` shows.
     pub fn counts(&self) -> FetchCounts {
-        let mut c = FetchCounts { fetched: self.fetched, ..FetchCounts::default() };
-        for w in self.wanted.values() {
-            match w.stage {
-                Stage::Queued(_) | Stage::Fetching => c.pending += 1,
-                Stage::Waiting { .. } if w.rounds_refused > 0 => c.unavailable += 1,
-                Stage::Waiting { .. } => c.failed += 1,
-            }
-        }
-        c
+        FetchCounts { pending: self.counts[QUEUED] + self.counts[FETCHING], failed: self.counts[FAILED], unavailable: self.counts[UNAVAILABLE], fetched: self.fetched }
     }
 }
 
@@ -495,6 +571,59 @@ mod tests {
         f.tick(&[A, B], Instant::now());
         let (peer, batch) = f.next_batch().unwrap();
         assert_eq!((peer, batch.len()), (B, 2));
+    }
+
+    impl Fetches {
+        /// The kept counts, waiting order and refusal index agree with the blobs' stages.
+        fn check(&self) {
+            let mut counts = [0; 4];
+            let mut waiting = BTreeSet::new();
+            let mut refusals: HashMap<NodeId, HashSet<ContentHash>> = HashMap::new();
+            for (h, w) in &self.wanted {
+                counts[w.category()] += 1;
+                if let Stage::Waiting { until } = w.stage {
+                    waiting.insert((until, *h));
+                }
+                for p in &w.refused {
+                    refusals.entry(*p).or_default().insert(*h);
+                }
+            }
+            assert_eq!(counts, self.counts);
+            assert_eq!(waiting, self.waiting);
+            let kept: HashMap<NodeId, HashSet<ContentHash>> = self.refusals.iter().filter(|(_, r)| !r.is_empty()).map(|(p, r)| (*p, r.clone())).collect();
+            assert_eq!(refusals, kept);
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever happens to blobs (added, fetched in batches that land, stop or fail,
+        /// ticks, peers coming back), the kept counts and orders are those of the stages.
+        #[test]
+        fn the_kept_counts_and_orders_follow_every_step(ops in proptest::collection::vec((0u8..6, 0u8..40, 0u8..3, 0u8..8), 1..200)) {
+            let peers = [A, B, NodeId([3; 32])];
+            let mut f = Fetches::default();
+            let mut now = Instant::now();
+            let mut flying: Vec<(NodeId, Vec<(ContentHash, u64)>)> = Vec::new();
+            for (op, x, p, k) in ops {
+                match op {
+                    0 | 1 => f.add(h(x), 10, &[peers[p as usize]], op == 1),
+                    2 => flying.extend(f.next_batch()),
+                    3 => if !flying.is_empty() {
+                        let (peer, batch) = flying.remove(x as usize % flying.len());
+                        let received = (k as usize).min(batch.len());
+                        let error = match k % 3 { 0 => None, 1 => stopped(), _ => Some(FetchError::Unreachable("gone".into())) };
+                        let error = if received == batch.len() { None } else { error.or(stopped()) };
+                        f.finished(&[attempt(peer, &batch, received, error)], now);
+                    },
+                    4 => {
+                        now += Duration::from_millis(250 * u64::from(k));
+                        f.tick(&peers[..=p as usize], now);
+                    }
+                    _ => f.peer_returned(peers[p as usize]),
+                }
+                f.check();
+            }
+        }
     }
 
     #[test]

@@ -457,6 +457,11 @@ async fn index_now(tree: &Arc<std::sync::Mutex<crate::store::TreeStore>>, index:
     while running.join_next().await.is_some() {}
 }
 
+/// Blob requests the gate decides at once (each may index blobs first): requests of
+/// different peers go on side by side, one peer's slow request holds up no one else's, and a
+/// peer that floods requests waits for a slot.
+const GATE_IN_FLIGHT: usize = 8;
+
 async fn blob_gate(
     mut rx: tokio::sync::mpsc::Receiver<iroh_blobs::provider::events::ProviderMessage>,
     tree: Arc<std::sync::Mutex<crate::store::TreeStore>>,
@@ -464,7 +469,10 @@ async fn blob_gate(
     content: crate::content::ContentStore,
 ) {
     use iroh_blobs::provider::events::{AbortReason, ProviderMessage};
-    let mut peers: HashMap<u64, NodeId> = HashMap::new();
+    type Peers = Arc<std::sync::Mutex<HashMap<u64, NodeId>>>;
+    let peers: Peers = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(GATE_IN_FLIGHT));
+    let peer_of = |peers: &Peers, connection: u64| peers.lock().expect("gate peers").get(&connection).copied();
     let check = |tree: Arc<std::sync::Mutex<crate::store::TreeStore>>, peer: NodeId, hashes: Vec<[u8; 32]>| async move {
         tokio::task::spawn_blocking(move || {
             let t = tree.lock().expect("gate db");
@@ -474,7 +482,9 @@ async fn blob_gate(
         .unwrap_or(false)
     };
     while let Some(msg) = rx.recv().await {
-        match msg {
+        // A connection's coming and going is decided here, in order (a short read); requests
+        // go to tasks of their own.
+        let msg = match msg {
             ProviderMessage::ClientConnected(msg) => {
                 let peer = msg.endpoint_id.map(node_of);
                 let tree2 = tree.clone();
@@ -488,49 +498,59 @@ async fn blob_gate(
                     None => false,
                 };
                 if member {
-                    peers.insert(msg.connection_id, peer.expect("checked"));
+                    peers.lock().expect("gate peers").insert(msg.connection_id, peer.expect("checked"));
                     msg.tx.send(Ok(())).await.ok();
                 } else {
                     tracing::warn!(peer = ?peer.map(|p| p.short()), "refused a blob connection from a non-member");
                     msg.tx.send(Err(AbortReason::Permission)).await.ok();
                 }
+                continue;
             }
             ProviderMessage::ConnectionClosed(msg) => {
-                peers.remove(&msg.connection_id);
+                peers.lock().expect("gate peers").remove(&msg.connection_id);
+                continue;
             }
-            ProviderMessage::GetRequestReceived(msg) => {
-                let hashes = vec![*msg.request.hash.as_bytes()];
-                let ok = match peers.get(&msg.connection_id) {
-                    Some(p) if msg.request.ranges.is_blob() => check(tree.clone(), *p, hashes.clone()).await,
-                    _ => false,
-                };
-                if ok {
-                    index_now(&tree, &index, &content, &hashes).await;
+            other => other,
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let (tree, index, content, peers) = (tree.clone(), index.clone(), content.clone(), peers.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            match msg {
+                ProviderMessage::GetRequestReceived(msg) => {
+                    let hashes = vec![*msg.request.hash.as_bytes()];
+                    let ok = match peer_of(&peers, msg.connection_id) {
+                        Some(p) if msg.request.ranges.is_blob() => check(tree.clone(), p, hashes.clone()).await,
+                        _ => false,
+                    };
+                    if ok {
+                        index_now(&tree, &index, &content, &hashes).await;
+                    }
+                    msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
                 }
-                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
-            }
-            ProviderMessage::GetManyRequestReceived(msg) => {
-                let hashes: Vec<[u8; 32]> = msg.request.hashes.iter().map(|h| *h.as_bytes()).collect();
-                let ok = match peers.get(&msg.connection_id) {
-                    Some(p) => check(tree.clone(), *p, hashes.clone()).await,
-                    None => false,
-                };
-                if ok {
-                    index_now(&tree, &index, &content, &hashes).await;
-                } else {
-                    tracing::warn!("refused a blob request for hashes outside the peer's buckets");
+                ProviderMessage::GetManyRequestReceived(msg) => {
+                    let hashes: Vec<[u8; 32]> = msg.request.hashes.iter().map(|h| *h.as_bytes()).collect();
+                    let ok = match peer_of(&peers, msg.connection_id) {
+                        Some(p) => check(tree.clone(), p, hashes.clone()).await,
+                        None => false,
+                    };
+                    if ok {
+                        index_now(&tree, &index, &content, &hashes).await;
+                    } else {
+                        tracing::warn!("refused a blob request for hashes outside the peer's buckets");
+                    }
+                    msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
                 }
-                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
+                ProviderMessage::ObserveRequestReceived(msg) => {
+                    let ok = match peer_of(&peers, msg.connection_id) {
+                        Some(p) => check(tree.clone(), p, vec![*msg.request.hash.as_bytes()]).await,
+                        None => false,
+                    };
+                    msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
+                }
+                _ => {}
             }
-            ProviderMessage::ObserveRequestReceived(msg) => {
-                let ok = match peers.get(&msg.connection_id) {
-                    Some(p) => check(tree.clone(), *p, vec![*msg.request.hash.as_bytes()]).await,
-                    None => false,
-                };
-                msg.tx.send(if ok { Ok(()) } else { Err(AbortReason::Permission) }).await.ok();
-            }
-            _ => {}
-        }
+        });
     }
 }
 
@@ -667,6 +687,9 @@ pub enum MeshMsg {
     Invite { bucket: String, expires_ms: i64, uses: u32, role: crate::proto::membership::Role, reply: RpcReplyPort<Result<String, String>> },
     /// Join with a ticket.
     Join { ticket: String, name: Option<String>, reply: RpcReplyPort<Result<Joined, String>> },
+    /// A join's handshake with the inviter is done (run outside the actor's loop: an inviter
+    /// that stalls stalls only its join): the session starts, the joiner is answered.
+    JoinOpened(Box<Opened>, Joined, RpcReplyPort<Result<Joined, String>>),
     /// Remove a member.
     Remove { bucket: String, node: NodeId, reply: RpcReplyPort<Result<(), String>> },
     /// Give a member a role.
@@ -938,8 +961,21 @@ impl Actor for MeshActor {
                 let _ = reply.send(answer);
             }
             MeshMsg::Join { ticket, name, reply } => {
-                let result = join(&me, state, &ticket, name).await;
-                let _ = reply.send(result);
+                let (me2, handle, net, my_id) = (me.clone(), state.handle.clone(), state.net.clone(), state.me);
+                tokio::spawn(async move {
+                    match join(&handle, net, my_id, &ticket, name).await {
+                        Ok((opened, joined)) => {
+                            let _ = me2.cast(MeshMsg::JoinOpened(Box::new(opened), joined, reply));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                });
+            }
+            MeshMsg::JoinOpened(opened, joined, reply) => {
+                open_session(&me, state, *opened).await;
+                let _ = reply.send(Ok(joined));
             }
             MeshMsg::Remove { bucket, node, reply } => {
                 let result = member_changed(state, MeshOp::Remove { bucket, node }).await;
@@ -1230,10 +1266,12 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
 
 /// Joins with a ticket: dials the inviter, proves the secret, adopts the bucket, and keeps
 /// the connection as the first session (the first sync has started when this returns).
-async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: Option<String>) -> Result<Joined, String> {
-    let net = state.net.clone().ok_or("this node runs without a network endpoint")?;
+/// Runs a join's handshake with the inviter and adopts the bucket; the session it opened is
+/// the mesh actor's to start.
+async fn join(handle: &NodeHandle, net: Option<Net>, my_id: NodeId, text: &str, name: Option<String>) -> Result<(Opened, Joined), String> {
+    let net = net.ok_or("this node runs without a network endpoint")?;
     let ticket = Ticket::decode(text).map_err(|e| e.to_string())?;
-    if ticket.node == state.me {
+    if ticket.node == my_id {
         return Err("this ticket was made by this node: give it to another node".into());
     }
     net.learn(&ticket.node, &ticket.addrs);
@@ -1262,7 +1300,7 @@ async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: O
     };
     let local = name.unwrap_or_else(|| remote_name.clone());
     let adoption = Adoption { name: local.clone(), bucket: ticket.bucket, root, inviter: ticket.node, inviter_addrs: ticket.addrs.clone(), my_addrs: addrs.clone() };
-    match mesh(&state.handle, MeshOp::Adopt(Box::new(adoption))).await {
+    match mesh(handle, MeshOp::Adopt(Box::new(adoption))).await {
         Ok(MeshReply::Adopted(_)) => {}
         Ok(_) => return Err("unexpected answer from the store".into()),
         Err(e) => {
@@ -1278,9 +1316,8 @@ async fn join(me: &ActorRef<MeshMsg>, state: &mut MeshState, text: &str, name: O
         Ok(Ok(Frame::Refused { reason })) => return Err(reason),
         _ => return Err("the inviter did not welcome the new member".into()),
     };
-    let opened = Opened { peer: ticket.node, dialer: state.me, conn, send, recv, buckets, addrs: ticket.addrs.clone(), instance, clock_offset_ms };
-    open_session(me, state, opened).await;
-    Ok(Joined { bucket: local, inviter: ticket.node.to_hex() })
+    let opened = Opened { peer: ticket.node, dialer: my_id, conn, send, recv, buckets, addrs: ticket.addrs.clone(), instance, clock_offset_ms };
+    Ok((opened, Joined { bucket: local, inviter: ticket.node.to_hex() }))
 }
 
 async fn open_session(me: &ActorRef<MeshMsg>, state: &mut MeshState, opened: Opened) {
