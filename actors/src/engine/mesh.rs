@@ -576,9 +576,10 @@ impl Mesh {
     }
 
     /// The documents of bucket `uid` whose digests differ from `theirs`, a summary `peer`
-    /// sent; the next message on each speaks (`proto::fanout::speak_again`). On the others the peer is in step with this node: its sync states are set so
-    /// (`proto::fanout::in_step`), so the next change there goes in one frame. Heads come from
-    /// documents in memory or from beside their digests; none are loaded for this.
+    /// sent; the next message on each speaks (`proto::fanout::speak_again`). On the others
+    /// the peer is in step with this node: its sync states are set so (`proto::fanout::in_step`),
+    /// so the next change there goes in one frame. Heads come from documents in memory or
+    /// from beside their digests; none are loaded for this.
     pub fn compare(&mut self, engine: &Engine, peer: &NodeId, uid: &Uid, theirs: &[u64]) -> Result<Vec<u16>> {
         let ours = self.summary(engine, uid)?;
         let differ = crate::proto::sync::differing(&ours, theirs);

@@ -1264,10 +1264,9 @@ async fn dial(handle: &NodeHandle, net: &Net, me: &NodeId, peer: &NodeId) -> Res
     Ok(Opened { peer: *peer, dialer: *me, conn, send, recv, buckets, addrs: Vec::new(), instance, clock_offset_ms })
 }
 
-/// Joins with a ticket: dials the inviter, proves the secret, adopts the bucket, and keeps
-/// the connection as the first session (the first sync has started when this returns).
-/// Runs a join's handshake with the inviter and adopts the bucket; the session it opened is
-/// the mesh actor's to start.
+/// Joins with a ticket: dials the inviter, proves the secret and adopts the bucket. Runs in a
+/// task of its own; the connection it opened becomes the first session when the mesh actor
+/// starts it (`MeshMsg::JoinOpened`).
 async fn join(handle: &NodeHandle, net: Option<Net>, my_id: NodeId, text: &str, name: Option<String>) -> Result<(Opened, Joined), String> {
     let net = net.ok_or("this node runs without a network endpoint")?;
     let ticket = Ticket::decode(text).map_err(|e| e.to_string())?;
