@@ -81,29 +81,35 @@ fn timed<T>(receive: bool, f: impl FnOnce() -> T) -> T {
 
 /// Sync messages both ways on `docs` until both are quiet. Returns (messages, bytes).
 fn settle(a: &mut Side, b: &mut Side, uid: &Uid, docs: &[u16]) -> (usize, usize) {
-    let (ida, idb) = (a.me(), b.me());
     let (mut messages, mut bytes) = (0, 0);
     for &doc in docs {
         loop {
-            let mut quiet = true;
-            // Each side speaks; the other answers while it has something to say (a store's
-            // answer is made as it receives: its work is in the receive's time).
-            for (x, y, idx, idy) in [(&mut *a, &mut *b, ida, idb), (&mut *b, &mut *a, idb, ida)] {
-                let mut next = timed(false, || x.mesh.generate(&x.engine, &idy, uid, doc).unwrap()).map(|m| (true, m));
-                while let Some((to_y, m)) = next.take() {
-                    (quiet, messages, bytes) = (false, messages + 1, bytes + m.len());
-                    let r = if to_y {
-                        timed(true, || y.mesh.receive(&mut y.engine, &idx, uid, doc, &m).unwrap())
-                    } else {
-                        timed(true, || x.mesh.receive(&mut x.engine, &idy, uid, doc, &m).unwrap())
-                    };
-                    next = r.answer.map(|a| (!to_y, a));
-                }
-            }
-            if quiet {
+            // Each side speaks; the other answers while it has something to say.
+            let (m1, b1) = speak(a, b, uid, doc);
+            let (m2, b2) = speak(b, a, uid, doc);
+            (messages, bytes) = (messages + m1 + m2, bytes + b1 + b2);
+            if m1 + m2 == 0 {
                 break;
             }
         }
+    }
+    (messages, bytes)
+}
+
+/// `x`'s next message on `doc` to `y`, if any, and the answers that follow (a store's answer
+/// is made as it receives: its work is in the receive's time). Returns (messages, bytes).
+fn speak(x: &mut Side, y: &mut Side, uid: &Uid, doc: u16) -> (usize, usize) {
+    let (idx, idy) = (x.me(), y.me());
+    let (mut messages, mut bytes) = (0, 0);
+    let mut next = timed(false, || x.mesh.generate(&x.engine, &idy, uid, doc).unwrap()).map(|m| (true, m));
+    while let Some((to_y, m)) = next.take() {
+        (messages, bytes) = (messages + 1, bytes + m.len());
+        let r = if to_y {
+            timed(true, || y.mesh.receive(&mut y.engine, &idx, uid, doc, &m).unwrap())
+        } else {
+            timed(true, || x.mesh.receive(&mut x.engine, &idy, uid, doc, &m).unwrap())
+        };
+        next = r.answer.map(|a| (!to_y, a));
     }
     (messages, bytes)
 }
@@ -147,6 +153,15 @@ fn main() {
     let mut cpu = Vec::new();
     let mut wall = Vec::new();
     let changes: usize = std::env::var("ALKFS_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    // With a memory budget for documents (ALKFS_BENCH_DOC_MIB), kept as the node keeps it:
+    // trimmed after every operation.
+    let budget: Option<usize> = std::env::var("ALKFS_BENCH_DOC_MIB").ok().and_then(|v| v.parse::<usize>().ok()).map(|m| m << 20);
+    if let Some(bytes) = budget {
+        for side in [&mut a, &mut b] {
+            side.mesh.set_doc_budget(bytes);
+            side.mesh.trim();
+        }
+    }
     eprintln!("changes start");
     SPLIT.with(|s| s.set((0.0, 0.0)));
     let mut publish_cpu = 0.0;
@@ -158,6 +173,10 @@ fn main() {
         publish_cpu += thread_cpu() - c0;
         let docs: Vec<u16> = published.changed.iter().map(|(_, d)| *d).collect();
         settle(&mut a, &mut b, &uid, &docs);
+        if budget.is_some() {
+            a.mesh.trim();
+            b.mesh.trim();
+        }
         cpu.push((thread_cpu() - c0) * 1000.0);
         wall.push(t0.elapsed().as_secs_f64() * 1000.0);
         let entry = b.engine.file_entry(&scope, &items[0].0).unwrap();
@@ -167,7 +186,8 @@ fn main() {
     let per = |x: f64| x * 1000.0 / changes as f64;
     cpu.sort_by(|x, y| x.partial_cmp(y).unwrap());
     wall.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    println!("| one change's sync CPU, A's publish to B applied and both quiet ({changes} changes) | p50 {:.1} ms, max {:.1} ms (wall p50 {:.1} ms) |", cpu[changes / 2], cpu[changes - 1], wall[changes / 2]);
+    let with = budget.map(|b| format!(", documents kept to {} MiB a side", b >> 20)).unwrap_or_default();
+    println!("| one change's sync CPU, A's publish to B applied and both quiet ({changes} changes{with}) | p50 {:.1} ms, max {:.1} ms (wall p50 {:.1} ms) |", cpu[changes / 2], cpu[changes - 1], wall[changes / 2]);
     println!("| ... of which, per change: publish on A; generating messages; receiving them | {:.1} ms; {:.1} ms; {:.1} ms |", per(publish_cpu), per(gen_cpu), per(recv_cpu));
     // Reconnecting an in-sync peer.
     let reconnect = |a: &mut Side, b: &mut Side| -> (f64, usize) {
@@ -188,4 +208,28 @@ fn main() {
     let (cold_ms, cold_msgs) = reconnect(&mut a, &mut b);
     println!("| reconnecting an in-sync peer, documents in memory | {warm_ms:.1} ms ({warm_msgs} sync messages) |");
     println!("| reconnecting an in-sync peer, both nodes just restarted | {cold_ms:.1} ms ({cold_msgs} sync messages) |");
+    // What the documents take in memory against their saved size: every document of both
+    // sides loaded (a sync of each), the process's resident memory before and after.
+    for side in [&mut a, &mut b] {
+        side.mesh.set_doc_budget(usize::MAX);
+    }
+    let before = heap_mib();
+    let t = Instant::now();
+    settle(&mut a, &mut b, &uid, &all_docs());
+    let load_s = t.elapsed().as_secs_f64();
+    let after = heap_mib();
+    let (docs, est) = (a.mesh.docs_in_memory().0 + b.mesh.docs_in_memory().0, a.mesh.docs_in_memory().1 + b.mesh.docs_in_memory().1);
+    let saved_mib = est as f64 / alknet_actors::engine::doc_cache::MEMORY_PER_SAVED_BYTE as f64 / (1 << 20) as f64;
+    println!(
+        "| every document of both sides loaded ({docs}) | {load_s:.1} s; heap in use {before:.0} → {after:.0} MiB: {:.0} MiB for {saved_mib:.0} MiB saved ({:.1} bytes a saved byte) |",
+        after - before,
+        (after - before) / saved_mib.max(0.001)
+    );
+}
+
+/// The heap this process has in use (allocated, not freed), MiB: what the documents take,
+/// where the resident size keeps what earlier ones freed.
+fn heap_mib() -> f64 {
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as f64 / (1 << 20) as f64
 }

@@ -77,6 +77,9 @@ pub struct NodeSection {
     /// version stamped later waits (see `alkfs status`), and this node's clock never moves
     /// past it. An hour by default.
     pub clock_offset_max_secs: u64,
+    /// The memory the shared buckets' documents may take, MiB (the least recently used are
+    /// dropped past it and read back from tree.db when next used).
+    pub doc_cache_mib: u64,
 }
 
 /// `[gc]`.
@@ -114,6 +117,7 @@ impl Default for Config {
                 restart_window_secs: n.restart_window.as_secs(),
                 client_timeout_secs: CLIENT_TIMEOUT_SECS_DEFAULT,
                 clock_offset_max_secs: (n.clock_bound.ms / 1000) as u64,
+                doc_cache_mib: (n.doc_budget >> 20) as u64,
             },
             gc: GcSection {
                 interval_secs: n.gc_interval.as_secs(),
@@ -183,6 +187,7 @@ impl Config {
             ("node.restart_window_secs", self.node.restart_window_secs, INTERVAL_SECS_MAX),
             ("node.client_timeout_secs", self.node.client_timeout_secs, INTERVAL_SECS_MAX),
             ("node.clock_offset_max_secs", self.node.clock_offset_max_secs, INTERVAL_SECS_MAX),
+            ("node.doc_cache_mib", self.node.doc_cache_mib, DOC_CACHE_MIB_MAX),
             ("gc.interval_secs", self.gc.interval_secs, INTERVAL_SECS_MAX),
             ("gc.keep_days", u64::from(self.gc.keep_days), DAYS_MAX),
             ("gc.outbox_keep_days", u64::from(self.gc.outbox_keep_days), DAYS_MAX),
@@ -236,6 +241,7 @@ impl Config {
             restart_budget: self.node.restart_budget,
             restart_window: Duration::from_secs(self.node.restart_window_secs),
             clock_bound: self.clock_bound(),
+            doc_budget: (self.node.doc_cache_mib as usize) << 20,
         }
     }
 
@@ -251,6 +257,8 @@ pub const BATCH_DELAY_MS_MAX: u64 = 10_000;
 pub const POLL_MS_MAX: u64 = 3_600_000;
 /// Longest interval or window in seconds (a year).
 pub const INTERVAL_SECS_MAX: u64 = 366 * 86_400;
+/// The largest document budget, MiB (1 TiB: beyond any machine this runs on).
+pub const DOC_CACHE_MIB_MAX: u64 = 1 << 20;
 /// Longest retention in days (a hundred years).
 pub const DAYS_MAX: u64 = 36_600;
 

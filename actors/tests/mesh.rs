@@ -145,6 +145,37 @@ fn a_push_is_not_answered_and_a_message_that_brings_nothing_writes_nothing() {
     assert_eq!(a.engine.tree().conn().total_changes(), before, "a message that brings nothing costs no write");
 }
 
+/// Documents past the memory budget are dropped, least recently used first, and read back
+/// from the database when next used: the node syncs as before.
+#[test]
+fn documents_past_their_budget_are_dropped_and_read_back_when_next_used() {
+    let (mut a, mut b) = (Node::new(), Node::new());
+    let s = main_scope();
+    let uid = join(&mut a, &mut b);
+    for i in 0..300 {
+        put(&mut a.engine, &s, &format!("/f{i}"), format!("file {i}").as_bytes());
+    }
+    sync(&mut a, &mut b, &uid);
+    let (docs, bytes) = a.mesh.docs_in_memory();
+    assert!(docs > DOCS as usize / 2 && bytes > 0, "{docs} documents, {bytes} bytes in memory");
+    a.mesh.set_doc_budget(bytes / 4);
+    let dropped = a.mesh.trim();
+    let (left, left_bytes) = a.mesh.docs_in_memory();
+    assert!(dropped > 0 && left + dropped == docs, "{dropped} dropped of {docs}");
+    assert!(left_bytes <= bytes / 4, "{left_bytes} bytes left, budget {}", bytes / 4);
+    // Used again: read back, written to, synced.
+    for i in 300..400 {
+        put(&mut a.engine, &s, &format!("/f{i}"), format!("file {i}").as_bytes());
+        put(&mut b.engine, &s, &format!("/g{i}"), format!("file {i}").as_bytes());
+    }
+    assert!(sync(&mut a, &mut b, &uid) > 0);
+    a.mesh.trim();
+    assert!(a.mesh.docs_in_memory().1 <= bytes / 4);
+    assert_eq!(listed(&a), listed(&b));
+    assert_eq!(listed(&a).len(), 500);
+    assert_eq!(a.mesh.summary(&a.engine, &uid).unwrap(), b.mesh.summary(&b.engine, &uid).unwrap());
+}
+
 #[test]
 fn documents_survive_a_restart_and_a_removal_reaches_the_other_member() {
     let (mut a, mut b, mut c) = (Node::new(), Node::new(), Node::new());

@@ -24,6 +24,7 @@ use super::replica::BucketIdentity;
 use super::{Engine, Result};
 use crate::proto::clock::Bound;
 use crate::proto::doc::{decode_state, encode_state, CheckedMessage, DocError, PeerState, ReplicaDoc};
+use super::doc_cache::DocCache;
 use crate::proto::fanout;
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::membership::{Membership, Role};
@@ -90,7 +91,8 @@ pub struct Mesh {
     /// The automerge actor of this process: the node id and a random part (see
     /// [`ReplicaDoc::new`]).
     actor: Vec<u8>,
-    docs: HashMap<(i64, u16), ReplicaDoc>,
+    /// Documents in memory, within a budget (`node.doc_cache_mib`).
+    docs: DocCache,
     states: HashMap<(NodeId, i64, u16), PeerState>,
     /// Each shared bucket's membership, read from its document (dropped when that changes).
     members: HashMap<i64, Membership>,
@@ -119,7 +121,24 @@ impl Mesh {
         }
         let mut actor = me.0.to_vec();
         actor.extend_from_slice(&std::collections::hash_map::RandomState::new().build_hasher().finish().to_be_bytes());
-        Ok(Mesh { me, signer, actor, docs: HashMap::new(), states: HashMap::new(), members: HashMap::new(), waiting: Waiting::default() })
+        Ok(Mesh { me, signer, actor, docs: DocCache::default(), states: HashMap::new(), members: HashMap::new(), waiting: Waiting::default() })
+    }
+
+    /// The most memory documents in memory may take (bytes, estimated); [`Mesh::trim`]
+    /// keeps to it.
+    pub fn set_doc_budget(&mut self, bytes: usize) {
+        self.docs.set_budget(bytes);
+    }
+
+    /// Drops the least recently used documents over the budget (they are read back when
+    /// next used). The node calls it after every operation ([`Mesh::run`]).
+    pub fn trim(&mut self) -> usize {
+        self.docs.trim()
+    }
+
+    /// Documents in memory, and the memory they take (bytes, estimated).
+    pub fn docs_in_memory(&self) -> (usize, usize) {
+        (self.docs.len(), self.docs.bytes())
     }
 
     /// Signs `body` as the value of `key` and puts it into document `doc` of bucket
@@ -148,20 +167,23 @@ impl Mesh {
         self.me
     }
 
-    fn load(&self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<ReplicaDoc, StoreError> {
+    /// Reads document `doc` of bucket `bucket_id` from the database, and its saved size.
+    fn load(&self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<(ReplicaDoc, usize), StoreError> {
         let mut st = conn.prepare_cached("SELECT data FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2 ORDER BY part")?;
         let parts: Vec<Vec<u8>> = st.query_map(params![bucket_id, doc], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let saved = parts.iter().map(Vec::len).sum();
         let (full, increments) = match parts.split_first() {
             Some((full, rest)) => (full.as_slice(), rest.iter().map(|p| p.as_slice()).collect::<Vec<_>>()),
             None => (&[][..], Vec::new()),
         };
-        ReplicaDoc::load(full, &increments, &self.actor).map_err(|e| invalid(format!("the saved replica of bucket {bucket_id} doc {doc} is damaged: {e}")))
+        let loaded = ReplicaDoc::load(full, &increments, &self.actor).map_err(|e| invalid(format!("the saved replica of bucket {bucket_id} doc {doc} is damaged: {e}")))?;
+        Ok((loaded, saved))
     }
 
     fn doc(&mut self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<&mut ReplicaDoc, StoreError> {
         if !self.docs.contains_key(&(bucket_id, doc)) {
-            let loaded = self.load(conn, bucket_id, doc)?;
-            self.docs.insert((bucket_id, doc), loaded);
+            let (loaded, saved) = self.load(conn, bucket_id, doc)?;
+            self.docs.insert((bucket_id, doc), loaded, saved);
         }
         Ok(self.docs.get_mut(&(bucket_id, doc)).expect("just loaded"))
     }
@@ -177,19 +199,24 @@ impl Mesh {
                 let inc = d.save_incremental();
                 if !inc.is_empty() {
                     conn.execute("INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, ?3, ?4)", params![bucket_id, doc, n + 1, inc])?;
+                    self.docs.grew(&(bucket_id, doc), inc.len());
                 }
             }
             _ => {
                 let full = d.save();
                 conn.execute("DELETE FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2", params![bucket_id, doc])?;
                 conn.execute("INSERT INTO mesh_doc(bucket_id, doc, part, data) VALUES (?1, ?2, 0, ?3)", params![bucket_id, doc, full])?;
+                self.docs.saved_as(&(bucket_id, doc), full.len());
             }
         }
+        let d = self.docs.get_mut(&(bucket_id, doc)).expect("persisted docs are loaded");
+        let digest = d.digest() as i64;
+        let heads = fanout::encode_heads(&d.heads());
         conn.prepare_cached(
             "INSERT INTO mesh_digest(bucket_id, doc, digest, heads) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(bucket_id, doc) DO UPDATE SET digest = excluded.digest, heads = excluded.heads",
         )?
-        .execute(params![bucket_id, doc, d.digest() as i64, fanout::encode_heads(&d.heads())])?;
+        .execute(params![bucket_id, doc, digest, heads])?;
         Ok(())
     }
 
@@ -1452,8 +1479,14 @@ pub enum MeshReply {
 }
 
 impl Mesh {
-    /// Runs one request.
+    /// Runs one request, then keeps the documents in memory to their budget.
     pub fn run(&mut self, engine: &mut Engine, op: MeshOp) -> Result<MeshReply> {
+        let reply = self.run_op(engine, op);
+        self.trim();
+        reply
+    }
+
+    fn run_op(&mut self, engine: &mut Engine, op: MeshOp) -> Result<MeshReply> {
         Ok(match op {
             MeshOp::Publish => MeshReply::Changed(self.publish(engine)?.changed),
             MeshOp::AnnounceAddrs(addrs) => MeshReply::Changed(self.announce_addrs(engine, &addrs)?),

@@ -170,6 +170,9 @@ pub struct NodeConfig {
     pub restart_window: Duration,
     /// How far ahead of the wall clock a stamp may be (see [`crate::proto::clock::Bound`]).
     pub clock_bound: crate::proto::clock::Bound,
+    /// The memory the shared buckets' documents may take (bytes, estimated; the least
+    /// recently used are dropped past it and read back when next used).
+    pub doc_budget: usize,
 }
 
 impl Default for NodeConfig {
@@ -184,6 +187,7 @@ impl Default for NodeConfig {
             restart_budget: 5,
             restart_window: Duration::from_secs(60),
             clock_bound: crate::proto::clock::Bound::default(),
+            doc_budget: crate::engine::doc_cache::BUDGET_DEFAULT_BYTES,
         }
     }
 }

@@ -232,6 +232,7 @@ impl Actor for StoreActor {
         let writer_ctx = WriterCtx {
             batch_max: ctx.config.batch_max,
             batch_delay: ctx.config.batch_delay,
+            doc_budget: ctx.config.doc_budget,
             last_commit: ctx.last_commit_ms.clone(),
             commits: Default::default(),
             alive: alive.clone(),
@@ -274,6 +275,8 @@ impl Actor for StoreActor {
 struct WriterCtx {
     batch_max: usize,
     batch_delay: Duration,
+    /// The memory the mesh's documents may take (bytes, estimated).
+    doc_budget: usize,
     last_commit: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// Commits so far, for the checkpointer to see that there were some.
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -358,7 +361,10 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
     }
     // The mesh's documents live with the one writer of the database they are saved in.
     let mut mesh = match crate::engine::mesh::Mesh::new(&engine) {
-        Ok(m) => m,
+        Ok(mut m) => {
+            m.set_doc_budget(ctx.doc_budget);
+            m
+        }
         Err(e) => {
             tracing::error!(error = %e, "the store cannot open the mesh's state");
             return;

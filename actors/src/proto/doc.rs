@@ -105,6 +105,12 @@ impl ReplicaDoc {
         heads_digest(heads.iter().map(|h| &h.0))
     }
 
+    /// Whether it holds changes whose dependencies have not arrived (automerge keeps them
+    /// in memory until they do; they are in no save).
+    pub fn waits_for_dependencies(&mut self) -> bool {
+        !self.doc.get_missing_deps(&[]).is_empty()
+    }
+
     /// Its heads.
     pub fn heads(&mut self) -> Vec<ChangeHash> {
         self.doc.get_heads()
