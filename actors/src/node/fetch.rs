@@ -275,13 +275,13 @@ impl Fetches {
             let mut batch = Vec::new();
             while batch.len() < FETCH_BATCH_MAX {
                 let Some((hash, ticket)) = q.pop_front() else { break };
-                match self.wanted.get(&hash) {
+                match self.wanted.get_mut(&hash) {
                     Some(w) if w.stage == Stage::Queued(ticket) => {
+                        // Queued to fetching: neither waits, so only the counts move.
+                        w.stage = Stage::Fetching;
+                        self.counts[QUEUED] -= 1;
+                        self.counts[FETCHING] += 1;
                         batch.push((hash, w.size));
-                        let (before, after) = (QUEUED, FETCHING);
-                        self.counts[before] -= 1;
-                        self.counts[after] += 1;
-                        self.wanted.get_mut(&hash).expect("just read").stage = Stage::Fetching;
                     }
                     _ => {} // stale: decided otherwise since
                 }
@@ -407,8 +407,6 @@ impl Fetches {
                 }
             }
             // Out of the waiting order already; `queue` moves its count.
-            w.stage = Stage::Waiting { until: now };
-            self.waiting.insert((now, h));
             self.queue(h, false);
         }
     }
