@@ -115,6 +115,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let rows = engine.walk(&scope, &tree_path(&path)?)?;
             output::walk(&mut out, &rows, json)?;
         }
+        Command::Ls { path, long: false, json: false, .. } => {
+            let engine = Engine::open(&dir, Access::Read)?;
+            output::names(&mut out, &engine.list_names(&scope, &tree_path(&path)?)?)?;
+        }
         Command::Ls { path, long, json, .. } => {
             let engine = Engine::open(&dir, Access::Read)?;
             let rows = engine.list(&scope, &tree_path(&path)?)?;

@@ -75,6 +75,15 @@ pub fn list(out: &mut impl Write, rows: &[VersionRow], long: bool, json: bool) -
     Ok(())
 }
 
+/// Plain `ls`: one name a line, directories marked with `/` (as `list` prints them).
+pub fn names(out: &mut impl Write, names: &[(String, EntryKind)]) -> Result<()> {
+    for (name, kind) in names {
+        let suffix = if *kind == EntryKind::Dir { "/" } else { "" };
+        writeln!(out, "{name}{suffix}")?;
+    }
+    Ok(())
+}
+
 /// `log`.
 pub fn log(out: &mut impl Write, engine: &Engine, rows: &[VersionRow], json: bool) -> Result<()> {
     if json {

@@ -550,6 +550,18 @@ impl Engine {
         Ok(read::list(self.tree.conn(), &view, path)?)
     }
 
+    /// What [`Engine::list`] lists, as names and kinds only: what a plain `ls` prints.
+    pub fn list_names(&self, scope: &Scope, path: &TreePath) -> Result<Vec<(String, EntryKind)>> {
+        let (_, view) = self.head(scope)?;
+        if !path.is_root() {
+            let row = read::live(self.tree.conn(), &view, path)?.ok_or_else(|| StoreError::NotFound(path.to_string()))?;
+            if let Some(e) = row.entry().filter(|e| e.kind != EntryKind::Dir) {
+                return Ok(vec![(path.name().to_string(), e.kind)]);
+            }
+        }
+        Ok(read::list_names(self.tree.conn(), &view, path)?)
+    }
+
     /// Everything below `path` (and `path` itself unless it is the root), parents before
     /// children: what `ls -R` shows. A file lists as itself.
     pub fn walk(&self, scope: &Scope, path: &TreePath) -> Result<Vec<VersionRow>> {

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{branch_by_id, entry_from_cols, Branch, StoreError, VersionRow};
 use crate::proto::clock::Stamp;
-use crate::proto::entry::Version;
+use crate::proto::entry::{EntryKind, Version};
 use crate::proto::ids::{OrderKey, VersionId};
 use crate::proto::limits::BRANCH_CHAIN_DEPTH_MAX;
 use crate::proto::path::TreePath;
@@ -104,7 +104,7 @@ fn row_with_path(r: &rusqlite::Row<'_>, path: TreePath) -> rusqlite::Result<Vers
         branch_id: r.get(1)?,
         path,
         version: Version {
-            entry: entry_from_cols(r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)?,
+            entry: entry_from_cols(r.get_ref(4)?.as_str_or_null()?, r.get_ref(5)?.as_blob_or_null()?, r.get(6)?, r.get(7)?, r.get(8)?)?,
             written: Stamp { ms: r.get(9)?, counter: r.get(11)? },
         },
         origin: r.get(10)?,
@@ -186,38 +186,71 @@ pub fn live(conn: &Connection, view: &View, path: &TreePath) -> Result<Option<Ve
 /// The live children of directory `dir` in `view`, sorted by name. Does not check that `dir`
 /// is a directory; callers that care call [`live`] on it first.
 pub fn list(conn: &Connection, view: &View, dir: &TreePath) -> Result<Vec<VersionRow>, StoreError> {
+    let make = row_in(dir);
+    // A row's name is its path after `dir/`: no split of the path per comparison.
+    let after = dir.as_str().trim_end_matches('/').len() + 1;
+    list_with(conn, view, dir, ROW_COLS, make, |r| &r.path.as_str()[after..], |r| r.version.entry.is_some())
+}
+
+/// The names and kinds of the live children of `dir` in `view`, sorted by name: what a plain
+/// `ls` prints, read as two columns instead of a whole row each (the column reads were the
+/// larger part of listing 10,000 entries).
+pub fn list_names(conn: &Connection, view: &View, dir: &TreePath) -> Result<Vec<(String, EntryKind)>, StoreError> {
+    let make = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, Option<EntryKind>)> {
+        let kind = match r.get_ref(1)?.as_str_or_null()? {
+            None => None,
+            Some(code) => Some(EntryKind::from_code(code).ok_or_else(|| bad_column(1, "kind"))?),
+        };
+        Ok((r.get_ref(0)?.as_str()?.to_string(), kind))
+    };
+    let rows = list_with(conn, view, dir, "name, kind", make, |r| r.0.as_str(), |r| r.1.is_some())?;
+    Ok(rows.into_iter().filter_map(|(name, kind)| Some((name, kind?))).collect())
+}
+
+/// The listing of `dir` in `view` as `cols` (of which `name` is one) made into `T`s by `make`:
+/// the newest row of each name within each link, nearer links shadowing farther ones,
+/// tombstones included until the end; then only the rows `live` keeps.
+fn list_with<T>(
+    conn: &Connection,
+    view: &View,
+    dir: &TreePath,
+    cols: &str,
+    make: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    name: impl Fn(&T) -> &str + Copy,
+    live: impl Fn(&T) -> bool,
+) -> Result<Vec<T>, StoreError> {
     // The clustered key is (branch, dir, name, vkey DESC): the first row of each name's run is
     // its newest within the limits, and later rows of the run are skipped. Each link's rows
     // arrive sorted by name (BINARY collation, the same order as Rust's `str`), so the links
     // are combined by a merge, nearer links shadowing farther ones, tombstones included.
     let mut st = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLS} FROM version WHERE branch_id = ?1 AND dir = ?2 AND vkey <= ?3 AND seq <= ?4 ORDER BY name, vkey DESC"
+        "SELECT {cols} FROM version WHERE branch_id = ?1 AND dir = ?2 AND vkey <= ?3 AND seq <= ?4 ORDER BY name, vkey DESC"
     ))?;
-    let make = row_in(dir);
-    let mut merged: Vec<VersionRow> = Vec::new();
+    let name_col = st.column_index("name")?;
+    let mut merged: Vec<T> = Vec::new();
     for l in &view.links {
         let mut link = Vec::new();
         let mut rows = st.query(params![l.branch, dir.as_str(), l.key_max.0, l.seq_max])?;
         while let Some(r) = rows.next()? {
-            let name = r.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?;
-            if link.last().is_some_and(|prev: &VersionRow| prev.path.name() == name) {
+            let this = r.get_ref(name_col)?.as_str().map_err(rusqlite::Error::from)?;
+            if link.last().is_some_and(|prev: &T| name(prev) == this) {
                 continue;
             }
             link.push(make(r)?);
         }
-        merged = if merged.is_empty() { link } else { shadow_merge(merged, link) };
+        merged = if merged.is_empty() { link } else { shadow_merge(merged, link, name) };
     }
-    merged.retain(|r| r.version.entry.is_some());
+    merged.retain(live);
     Ok(merged)
 }
 
 /// Merges two name-sorted listings; on equal names the `near` row wins.
-fn shadow_merge(near: Vec<VersionRow>, far: Vec<VersionRow>) -> Vec<VersionRow> {
+fn shadow_merge<T>(near: Vec<T>, far: Vec<T>, name: impl Fn(&T) -> &str) -> Vec<T> {
     let mut out = Vec::with_capacity(near.len() + far.len());
     let (mut a, mut b) = (near.into_iter().peekable(), far.into_iter().peekable());
     loop {
         let order = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) => x.path.name().cmp(y.path.name()),
+            (Some(x), Some(y)) => name(x).cmp(name(y)),
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (None, None) => return out,
