@@ -5,7 +5,7 @@
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, AutoCommit, ChangeHash, PatchLog, ReadDoc, ScalarValue, Value, ROOT};
-use automerge::transaction::Transactable;
+use automerge::transaction::{CommitOptions, Transactable};
 
 use super::limits::MESSAGE_ENTRIES_MAX;
 use super::sync::heads_digest;
@@ -57,6 +57,39 @@ impl ReplicaDoc {
         }
         let saved = doc.get_heads();
         Ok(ReplicaDoc { doc: doc.with_actor(ActorId::from(actor)), saved })
+    }
+
+    /// A document holding `entries` and nothing else, made alike on every node: one change by
+    /// `genesis_actor`, stamped time 0, its keys put in order. Nodes that build it from the
+    /// same entries and actor make the same change (the same hash), so none needs another's
+    /// copy (an epoch's documents, `super::compaction`). Later changes are made as `actor`.
+    pub fn genesis(genesis_actor: &[u8], entries: &[(String, Vec<u8>)], actor: &[u8]) -> Result<Self, DocError> {
+        let mut sorted: Vec<&(String, Vec<u8>)> = entries.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        sorted.dedup_by(|a, b| a.0 == b.0);
+        let mut doc = AutoCommit::new().with_actor(ActorId::from(genesis_actor));
+        for (key, value) in sorted {
+            doc.put(ROOT, key.as_str(), ScalarValue::Bytes(value.clone())).map_err(am)?;
+        }
+        doc.commit_with(CommitOptions::default().with_time(0));
+        doc.set_actor(ActorId::from(actor));
+        Ok(ReplicaDoc { doc, saved: Vec::new() })
+    }
+
+    /// Every (key, value) pair as the document stood at `heads`, in key order; `None` if it
+    /// lacks one of them.
+    pub fn entries_at(&mut self, heads: &[ChangeHash]) -> Option<Vec<(String, Vec<u8>)>> {
+        if heads.iter().any(|h| self.doc.get_change_by_hash(h).is_none()) {
+            return None;
+        }
+        let value = |k: &str| match self.doc.get_at(ROOT, k, heads) {
+            Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Bytes(b) => Some(b.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        Some(self.doc.keys_at(ROOT, heads).filter_map(|k| value(&k).map(|v| (k, v))).collect())
     }
 
     /// Whether `key` has a value.
@@ -443,6 +476,38 @@ mod tests {
                 return (got_a, got_b, rounds);
             }
         }
+    }
+
+    /// Two nodes that agreed on a document's heads, one of which has written more since,
+    /// build the same genesis from those heads: the same change, the same bytes, and a sync
+    /// between the two genesis documents has nothing to send but the later entry.
+    #[test]
+    fn a_genesis_from_agreed_heads_is_the_same_on_every_node() {
+        let (mut a, mut b) = (ReplicaDoc::new(b"a"), ReplicaDoc::new(b"b"));
+        for i in 0..50 {
+            a.put(&format!("{i}@a"), &[i as u8; 40]).unwrap();
+            b.put(&format!("{i}@b"), &[i as u8; 40]).unwrap();
+        }
+        sync_pair(&mut a, &mut b);
+        let agreed = a.heads();
+        assert_eq!(agreed, b.heads());
+        b.put("later@b", b"late").unwrap();
+        let (from_a, from_b) = (a.entries_at(&agreed).unwrap(), b.entries_at(&agreed).unwrap());
+        assert_eq!(from_a.len(), 100);
+        assert_eq!(from_a, from_b, "entries at the agreed heads");
+        let mut ga = ReplicaDoc::genesis(b"epoch-1", &from_a, b"a2").unwrap();
+        let mut gb = ReplicaDoc::genesis(b"epoch-1", &from_b, b"b2").unwrap();
+        assert_eq!(ga.heads(), gb.heads());
+        assert_eq!(ga.save(), gb.save());
+        assert_eq!(ga.entries(), from_a);
+        // What b wrote after the agreed heads goes into the new epoch as its own change.
+        gb.put("later@b", b"late").unwrap();
+        let (to_a, to_b, _) = sync_pair(&mut ga, &mut gb);
+        assert_eq!(to_a, vec![("later@b".to_string(), b"late".to_vec())]);
+        assert!(to_b.is_empty());
+        // Heads the document does not hold read as nothing, not as an empty document.
+        let mut empty = ReplicaDoc::new(b"c");
+        assert!(empty.entries_at(&agreed).is_none());
     }
 
     /// The shortcut in `generate` answers "nothing" only where automerge itself would: three

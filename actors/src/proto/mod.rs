@@ -21,6 +21,7 @@
 //! - [`limits`]: every bound, named, with units.
 
 pub mod clock;
+pub mod compaction;
 pub mod doc;
 pub mod entry;
 pub mod fanout;

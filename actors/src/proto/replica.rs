@@ -361,6 +361,17 @@ pub struct PathVersion {
 }
 
 impl PathVersion {
+    /// What the winner rule sees of `change`.
+    pub fn of(change: &Change) -> Self {
+        PathVersion {
+            key: change.key,
+            pred: change.pred,
+            merge_loser: change.origin == Origin::ConflictLoser,
+            kind: change.version.entry.as_ref().map(|e| e.kind),
+            repair: change.origin == Origin::Repair,
+        }
+    }
+
     fn is_dir(&self) -> bool {
         self.kind == Some(EntryKind::Dir)
     }

@@ -110,10 +110,7 @@ impl ReplicaTree {
     }
 
     fn outcome_of<'a>(versions: &[&'a Change]) -> Option<(&'a Change, Vec<Loser<'a>>)> {
-        let input: Vec<PathVersion> = versions
-            .iter()
-            .map(|c| PathVersion { key: c.key, pred: c.pred, merge_loser: c.origin == Origin::ConflictLoser, kind: c.version.entry.as_ref().map(|e| e.kind), repair: c.origin == Origin::Repair })
-            .collect();
+        let input: Vec<PathVersion> = versions.iter().map(|c| PathVersion::of(c)).collect();
         let outcome = path_outcome(&input)?;
         let losers = outcome.losers.iter().map(|&(l, w, kind)| (versions[l], versions[w], kind)).collect();
         Some((versions[outcome.head], losers))

@@ -1,0 +1,309 @@
+//! Which versions a compacted bucket keeps: the first piece of bounded storage (ARCHITECTURE.md,
+//! "Keeping documents bounded").
+//!
+//! Automerge keeps every op, and a bucket's shards hold a key per version ever written, so a
+//! bucket whose few paths churn grows without end. An epoch replaces the shards with documents
+//! holding only what a node needs to show every branch as it is shown now: [`kept`] is that
+//! set. It is a pure function of the versions and branch records at heads every member agreed
+//! on, so each member derives the same set (and from it byte-identical documents) with no
+//! member trusted to choose what others lose.
+//!
+//! What must not change is what [`path_outcome`] decides, for every path on every branch, in
+//! every view a node can take of it: the branch's own (everything) and each descendant's
+//! (the branch's versions up to a fork key, the least along the chain of forks down to that
+//! descendant). For one path on one branch the rule reads: which versions are tips (nobody
+//! names them as predecessor), the merge losers, and for a version named by others, the
+//! first that names it, the first repair that does, and whether any non-repair does. So:
+//!
+//! - every version that is a tip in some view is kept (a version is a tip in the views whose
+//!   bound lies at or past its key and before the first version that names it), and so is
+//!   every merge loser and every file or symlink a repair names (a shape loser in some view);
+//! - every kept version keeps the first version that names it, the first repair that names
+//!   it, and the first non-repair that names it: then in every view it is named exactly when
+//!   it was, first by the same version, knowingly or not as before;
+//! - every version of an operation that has a kept version is kept (a receiver applies an
+//!   operation whole, and would wait for the rest forever);
+//!
+//! repeated until nothing is added. A path written over and over on one branch keeps its head;
+//! history a view can still see (behind a fork, or a conflict nobody resolved) stays.
+
+use std::collections::{HashMap, HashSet};
+
+use super::ids::{NodeId, OrderKey, Uid, VersionId};
+use super::limits::BRANCH_CHAIN_DEPTH_MAX;
+use super::path::TreePath;
+use super::replica::{BranchRecord, Change, Origin, PathVersion};
+
+/// The versions of `changes` (every version of one bucket at agreed heads) that a compacted
+/// bucket keeps, given its branch records. See the module's doc for the rule.
+pub fn kept(changes: &[Change], branches: &[BranchRecord]) -> HashSet<VersionId> {
+    let bounds = fork_bounds(branches);
+    let mut groups: HashMap<(Uid, &TreePath), Vec<usize>> = HashMap::new();
+    let mut ops: HashMap<(NodeId, i64), Vec<usize>> = HashMap::new();
+    for (i, c) in changes.iter().enumerate() {
+        groups.entry((c.branch, &c.path)).or_default().push(i);
+        if let Some(op) = c.commit {
+            ops.entry((c.id().node, op.first_seq)).or_default().push(i);
+        }
+    }
+    // For each version, the versions of its group that it needs kept beside it.
+    let mut needs: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
+    let mut seeds: Vec<usize> = Vec::new();
+    let no_bounds = Vec::new();
+    for ((branch, _), members) in &groups {
+        let bounds = bounds.get(branch).unwrap_or(&no_bounds);
+        let index: HashMap<VersionId, usize> = members.iter().map(|&i| (changes[i].id(), i)).collect();
+        // Of the versions naming each one: the first, the first repair, the first non-repair.
+        let mut first: HashMap<usize, [Option<usize>; 3]> = HashMap::new();
+        for &i in members {
+            let Some(&named) = changes[i].pred.as_ref().and_then(|p| index.get(p)) else { continue };
+            let slots = first.entry(named).or_default();
+            let repair = changes[i].origin == Origin::Repair;
+            for slot in [Some(0), Some(if repair { 1 } else { 2 })].into_iter().flatten() {
+                if slots[slot].is_none_or(|j| changes[i].key < changes[j].key) {
+                    slots[slot] = Some(i);
+                }
+            }
+        }
+        for &i in members {
+            let c = &changes[i];
+            let slots = first.get(&i).copied().unwrap_or_default();
+            needs[i].extend(slots.iter().flatten().copied());
+            let tip_in_some_view = match slots[0] {
+                None => true,
+                Some(namer) => bounds.iter().any(|b| c.key <= *b && *b < changes[namer].key),
+            };
+            let v = PathVersion::of(c);
+            let shape_candidate = slots[1].is_some() && v.kind.is_some_and(|k| k != super::entry::EntryKind::Dir);
+            if tip_in_some_view || v.merge_loser || shape_candidate {
+                seeds.push(i);
+            }
+        }
+    }
+    let mut keep = vec![false; changes.len()];
+    let mut work = seeds;
+    while let Some(i) = work.pop() {
+        if std::mem::replace(&mut keep[i], true) {
+            continue;
+        }
+        work.extend(needs[i].iter().copied().filter(|&j| !keep[j]));
+        if let Some(op) = changes[i].commit {
+            let op = ops.get(&(changes[i].id().node, op.first_seq)).map(Vec::as_slice).unwrap_or_default();
+            work.extend(op.iter().copied().filter(|&j| !keep[j]));
+        }
+    }
+    (0..changes.len()).filter(|&i| keep[i]).map(|i| changes[i].id()).collect()
+}
+
+/// For each branch, the bounds under which its descendants see it: for a descendant, the
+/// least fork key along the chain of forks from it up to the branch (as `store::read::View`
+/// takes them). A chain that loops or runs past the depth limit stops there.
+pub fn fork_bounds(branches: &[BranchRecord]) -> HashMap<Uid, Vec<OrderKey>> {
+    let by_uid: HashMap<Uid, &BranchRecord> = branches.iter().map(|b| (b.uid, b)).collect();
+    let mut out: HashMap<Uid, Vec<OrderKey>> = HashMap::new();
+    for b in branches {
+        let (mut bound, mut at) = (OrderKey::MAX, b);
+        for _ in 0..BRANCH_CHAIN_DEPTH_MAX {
+            let Some(parent) = at.parent else { break };
+            bound = bound.min(at.fork.unwrap_or(OrderKey::MAX));
+            out.entry(parent).or_default().push(bound);
+            match by_uid.get(&parent) {
+                Some(p) => at = p,
+                None => break,
+            }
+        }
+    }
+    for bounds in out.values_mut() {
+        bounds.sort();
+        bounds.dedup();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::clock::Stamp;
+    use crate::proto::entry::{ContentHash, Entry, EntryKind, Version};
+    use crate::proto::replica::{path_outcome, CommitRef};
+    use proptest::prelude::*;
+
+    fn key(ms: i64, node: u8, seq: i64) -> OrderKey {
+        OrderKey::new(Stamp { ms, counter: 0 }, &VersionId { node: NodeId([node; 32]), seq })
+    }
+
+    fn change(branch: u8, path: &str, key: OrderKey, pred: Option<OrderKey>, kind: Option<EntryKind>, origin: Origin) -> Change {
+        Change {
+            branch: Uid([branch; 16]),
+            path: TreePath::parse(path).unwrap(),
+            key,
+            pred: pred.map(|k| k.version()),
+            version: Version {
+                entry: kind.map(|kind| Entry { kind, hash: ContentHash([key.0[51]; 32]), size: 1, mode: 0o644, mtime_ms: 0 }),
+                written: Stamp { ms: 0, counter: 0 },
+            },
+            origin,
+            commit: None,
+        }
+    }
+
+    fn branch(uid: u8, parent: Option<u8>, fork: Option<OrderKey>) -> BranchRecord {
+        BranchRecord { uid: Uid([uid; 16]), name: format!("b{uid}"), parent: parent.map(|p| Uid([p; 16])), fork, created_ms: 0 }
+    }
+
+    /// What every view of every path shows, by version id: (branch, path, bound) → (head,
+    /// losers as (loser, beaten by, why)).
+    type Shown = Vec<((Uid, String, OrderKey), Option<(VersionId, Vec<(VersionId, VersionId, &'static str)>)>)>;
+
+    fn shown(changes: &[Change], branches: &[BranchRecord]) -> Shown {
+        let bounds = fork_bounds(branches);
+        let mut groups: std::collections::BTreeMap<(Uid, String), Vec<&Change>> = Default::default();
+        for c in changes {
+            groups.entry((c.branch, c.path.as_str().to_string())).or_default().push(c);
+        }
+        let mut out = Vec::new();
+        for ((b, path), versions) in groups {
+            let mut views = bounds.get(&b).cloned().unwrap_or_default();
+            views.push(OrderKey::MAX);
+            for bound in views {
+                let seen: Vec<&Change> = versions.iter().copied().filter(|c| c.key <= bound).collect();
+                let input: Vec<PathVersion> = seen.iter().map(|c| PathVersion::of(c)).collect();
+                let outcome = path_outcome(&input).map(|o| {
+                    let mut losers: Vec<_> = o.losers.iter().map(|&(l, w, why)| (seen[l].id(), seen[w].id(), why.as_str())).collect();
+                    losers.sort();
+                    (seen[o.head].id(), losers)
+                });
+                out.push(((b, path.clone(), bound), outcome));
+            }
+        }
+        out
+    }
+
+    fn compacted(changes: &[Change], branches: &[BranchRecord]) -> Vec<Change> {
+        let keep = kept(changes, branches);
+        changes.iter().filter(|c| keep.contains(&c.id())).cloned().collect()
+    }
+
+    #[test]
+    fn a_path_written_over_and_over_keeps_its_head_alone() {
+        let mut changes = Vec::new();
+        let mut prev = None;
+        for seq in 1..=1000 {
+            let k = key(seq, 1, seq);
+            changes.push(change(1, "/f", k, prev, Some(EntryKind::File), Origin::Write));
+            prev = Some(k);
+        }
+        let keep = kept(&changes, &[branch(1, None, None)]);
+        assert_eq!(keep.len(), 1);
+        assert!(keep.contains(&key(1000, 1, 1000).version()));
+    }
+
+    #[test]
+    fn what_a_fork_still_sees_stays() {
+        // main: v1 (t=10) then v2 (t=30, names v1); a branch forked at t=20 sees v1.
+        let (v1, v2) = (key(10, 1, 1), key(30, 1, 2));
+        let changes = vec![change(1, "/f", v1, None, Some(EntryKind::File), Origin::Write), change(1, "/f", v2, Some(v1), Some(EntryKind::File), Origin::Write)];
+        let branches = [branch(1, None, None), branch(2, Some(1), Some(key(20, 9, 0)))];
+        assert_eq!(kept(&changes, &branches).len(), 2);
+        // Forked after v2 instead: v1 goes.
+        let branches = [branch(1, None, None), branch(2, Some(1), Some(key(40, 9, 0)))];
+        assert_eq!(kept(&changes, &branches).len(), 1);
+        // A grandchild forked (from the later child) before v2 sees v1 through both forks.
+        let branches = [branch(1, None, None), branch(2, Some(1), Some(key(40, 9, 0))), branch(3, Some(2), Some(key(20, 9, 0)))];
+        assert_eq!(kept(&changes, &branches).len(), 2);
+    }
+
+    #[test]
+    fn an_operation_is_kept_whole() {
+        // A rename: /a deleted and /b written by one operation; then /b is overwritten. The
+        // rename's /b version goes, so its /a half does not hold it... but /a's tombstone is
+        // /a's head, kept, so the /b half stays with it.
+        let (a1, del, b1, b2) = (key(10, 1, 1), key(20, 1, 2), key(20, 1, 3), key(30, 1, 4));
+        let op = Some(CommitRef { first_seq: 2, len: 2 });
+        let mut changes = vec![
+            change(1, "/a", a1, None, Some(EntryKind::File), Origin::Write),
+            change(1, "/a", del, Some(a1), None, Origin::Rename),
+            change(1, "/b", b1, None, Some(EntryKind::File), Origin::Rename),
+            change(1, "/b", b2, Some(b1), Some(EntryKind::File), Origin::Write),
+        ];
+        changes[1].commit = op;
+        changes[2].commit = op;
+        let keep = kept(&changes, &[branch(1, None, None)]);
+        assert!(keep.contains(&del.version()) && keep.contains(&b1.version()) && keep.contains(&b2.version()));
+        assert!(!keep.contains(&a1.version()));
+    }
+
+    /// A random history: versions of a few paths on a few branches (each branch forked from
+    /// an earlier one at some key), each naming an earlier version of its path on its branch
+    /// (or none), of random kinds and origins, some grouped into operations.
+    fn history() -> impl Strategy<Value = (Vec<Change>, Vec<BranchRecord>)> {
+        let branches = proptest::collection::vec((0u8..3, 0i64..60), 0..3);
+        let versions = proptest::collection::vec((0u8..3, 0u8..3, 1i64..60, 1u8..4, prop::option::of(0usize..40), 0u8..8, 0u8..3), 1..40);
+        (branches, versions).prop_map(|(forks, specs)| {
+            let mut records = vec![branch(1, None, None)];
+            for (i, (parent, at)) in forks.iter().enumerate() {
+                let parent = 1 + (*parent as usize % records.len()) as u8;
+                records.push(branch(2 + i as u8, Some(parent), Some(key(*at, 0, 0))));
+            }
+            let mut changes: Vec<Change> = Vec::new();
+            for (seq, (b, p, ms, node, pred, what, op)) in specs.into_iter().enumerate() {
+                let b = 1 + (b as usize % records.len()) as u8;
+                let path = format!("/p{p}");
+                let k = key(ms, node, seq as i64 + 1);
+                let earlier: Vec<&Change> = changes.iter().filter(|c| c.branch == Uid([b; 16]) && c.path.as_str() == path).collect();
+                let pred = pred.and_then(|i| earlier.get(i % earlier.len().max(1)).map(|c| c.key));
+                let (kind, origin) = match what {
+                    0 => (None, Origin::Delete),
+                    1 => (Some(EntryKind::Dir), Origin::Mkdir),
+                    2 => (Some(EntryKind::Dir), Origin::Repair),
+                    3 => (Some(EntryKind::File), Origin::ConflictLoser),
+                    4 => (Some(EntryKind::Symlink), Origin::Write),
+                    _ => (Some(EntryKind::File), Origin::Write),
+                };
+                let mut c = change(b, &path, k, pred, kind, origin);
+                // Operations of one writer: consecutive versions with the same `op` mark.
+                if op > 0 {
+                    c.commit = Some(CommitRef { first_seq: i64::from(op) * 1000 + i64::from(node), len: 2 });
+                }
+                changes.push(c);
+            }
+            (changes, records)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_view_of_every_path_shows_the_same_after_compaction((changes, branches) in history()) {
+            let after = compacted(&changes, &branches);
+            let before_shown = shown(&changes, &branches);
+            let after_shown: std::collections::HashMap<_, _> = shown(&after, &branches).into_iter().collect();
+            for (view, outcome) in before_shown {
+                // A view with nothing left in it showed nothing before either.
+                prop_assert_eq!(after_shown.get(&view).cloned().flatten(), outcome, "view {:?}", view);
+            }
+        }
+
+        #[test]
+        fn operations_are_kept_whole_or_not_at_all((changes, branches) in history()) {
+            let keep = kept(&changes, &branches);
+            let mut ops: HashMap<(NodeId, i64), (usize, usize)> = HashMap::new();
+            for c in &changes {
+                if let Some(op) = c.commit {
+                    let e = ops.entry((c.id().node, op.first_seq)).or_default();
+                    e.0 += 1;
+                    e.1 += usize::from(keep.contains(&c.id()));
+                }
+            }
+            for (op, (all, kept)) in ops {
+                prop_assert!(kept == 0 || kept == all, "operation {:?}: {} of {} kept", op, kept, all);
+            }
+        }
+
+        #[test]
+        fn compacting_again_keeps_everything((changes, branches) in history()) {
+            let once = compacted(&changes, &branches);
+            let twice = compacted(&once, &branches);
+            prop_assert_eq!(once.len(), twice.len());
+        }
+    }
+}
