@@ -2,6 +2,7 @@
 //! invitation and admission, publishing from the outbox, the sync protocol over the bucket's
 //! documents until quiet, membership, and a restart that reads the documents back.
 
+use alknet_actors::engine::compaction as mesh_epoch;
 use alknet_actors::engine::mesh::{self, Mesh};
 use alknet_actors::engine::{Access, Engine};
 use alknet_actors::proto::ids::{NodeId, Uid};
@@ -798,4 +799,110 @@ proptest::proptest! {
             }
         }
     }
+}
+
+/// The saved size of a node's shards of bucket `uid`.
+fn shard_bytes(n: &Node, uid: &Uid) -> u64 {
+    let bucket = n.engine.bucket_by_uid(uid).unwrap().unwrap();
+    alknet_actors::engine::compaction::shard_bytes(n.engine.tree().conn(), bucket.id).unwrap()
+}
+
+/// What a node shows of a branch: every live path with its version, and its conflicts.
+fn showing(n: &Node, branch: &str) -> (Vec<(String, alknet_actors::proto::ids::VersionId)>, Vec<(String, Option<alknet_actors::proto::ids::VersionId>)>) {
+    let scope = alknet_actors::engine::Scope::new("default", branch);
+    let files = n.engine.walk(&scope, &p("/")).unwrap().iter().filter(|r| r.version.entry.is_some()).map(|r| (r.path.to_string(), r.key.version())).collect();
+    let mut conflicts: Vec<_> = n.engine.conflicts(&scope).unwrap().into_iter().map(|c| (c.path, c.loser)).collect();
+    conflicts.sort();
+    (files, conflicts)
+}
+
+/// A bucket whose one path was written hundreds of times compacts: both members derive the
+/// same documents from the heads they agreed on (in step at once: nothing to send), the
+/// documents shrink to what is live, and every branch shows what it showed, a branch forked
+/// late included (it keeps the versions from its fork point on: the one it sees must stay
+/// named by the next on main, or main would list it as a conflict). Writes after the epoch
+/// sync as before.
+#[test]
+fn a_compacted_bucket_shows_the_same_on_every_branch_and_its_documents_shrink() {
+    let (mut a, mut b) = (Node::new(), Node::new());
+    let uid = join(&mut a, &mut b);
+    let s = main_scope();
+    put(&mut a.engine, &s, "/cold/x", b"cold");
+    for i in 0..300 {
+        put(&mut a.engine, &s, "/hot", format!("hot {i}").as_bytes());
+        if i == 280 {
+            a.engine.create_branch(&s, "midway", Some("main")).unwrap();
+        }
+    }
+    sync(&mut a, &mut b, &uid);
+    let before = (showing(&a, "main"), showing(&a, "midway"));
+    assert_eq!((showing(&b, "main"), showing(&b, "midway")), before);
+    assert_eq!(get(&a.engine, &alknet_actors::engine::Scope::new("default", "midway"), "/hot"), Some(b"hot 280".to_vec()));
+    let bytes_before = shard_bytes(&a, &uid);
+
+    let base = a.mesh.compact(&mut a.engine, &uid).unwrap();
+    assert_eq!(base.epoch, 1);
+    assert_eq!(b.mesh.take_epoch(&mut b.engine, &uid, &base).unwrap(), mesh_epoch::TakenEpoch::Derived);
+    assert_eq!(a.mesh.summary(&a.engine, &uid).unwrap(), b.mesh.summary(&b.engine, &uid).unwrap(), "both derived the same documents");
+    assert_eq!(sync(&mut a, &mut b, &uid), 0, "nothing to send after the epoch");
+    let bytes_after = shard_bytes(&a, &uid);
+    assert!(bytes_after * 5 < bytes_before, "shards {bytes_before} bytes before, {bytes_after} after");
+    assert_eq!((showing(&a, "main"), showing(&a, "midway")), before);
+    assert_eq!((showing(&b, "main"), showing(&b, "midway")), before);
+    // Taken again (another member announces it too): nothing changes.
+    assert_eq!(b.mesh.take_epoch(&mut b.engine, &uid, &base).unwrap(), mesh_epoch::TakenEpoch::Ignored);
+
+    put(&mut b.engine, &s, "/hot", b"after the epoch");
+    sync(&mut a, &mut b, &uid);
+    assert_eq!(showing(&a, "main"), showing(&b, "main"));
+    assert_ne!(showing(&a, "main"), before.0, "b's write after the epoch reached a");
+    assert!(shard_bytes(&a, &uid) < bytes_before / 4);
+}
+
+/// A member away while the others compacted keeps what it wrote meanwhile: it cannot derive
+/// the epoch (it lacks the heads), so it starts it from nothing, receives the documents and
+/// puts back its own writes past the cut; the others get them. A node that joins afterwards
+/// shows what everyone shows, conflicts included: nothing stale came back.
+#[test]
+fn a_member_away_during_an_epoch_keeps_its_writes_and_a_later_joiner_sees_the_same() {
+    let (mut a, mut b, mut c) = (Node::new(), Node::new(), Node::new());
+    let uid = join(&mut a, &mut b);
+    let (cuid, secret) = a.mesh.invite(&mut a.engine, "default", (3_600_000, 1, alknet_actors::proto::membership::Role::Writer), &[]).unwrap();
+    assert_eq!(cuid, uid);
+    let (name, root) = a.mesh.admit(&mut a.engine, &uid, &secret, &c.me(), &[]).unwrap().unwrap();
+    c.mesh.adopt(&mut c.engine, &adoption(name, uid, root, a.me())).unwrap();
+    let s = main_scope();
+    for i in 0..50 {
+        put(&mut a.engine, &s, "/hot", format!("hot {i}").as_bytes());
+    }
+    sync(&mut a, &mut b, &uid);
+    sync(&mut a, &mut c, &uid);
+    assert_eq!(showing(&c, "main"), showing(&a, "main"));
+    // C goes away and writes; A and B go on and compact.
+    put(&mut c.engine, &s, "/away.txt", b"written while away");
+    put(&mut c.engine, &s, "/hot", b"c's hot, while away");
+    for i in 50..100 {
+        put(&mut a.engine, &s, "/hot", format!("hot {i}").as_bytes());
+    }
+    sync(&mut a, &mut b, &uid);
+    let base = a.mesh.compact(&mut a.engine, &uid).unwrap();
+    assert_eq!(b.mesh.take_epoch(&mut b.engine, &uid, &base).unwrap(), mesh_epoch::TakenEpoch::Derived);
+    // C comes back.
+    c.mesh.publish(&mut c.engine).unwrap();
+    assert_eq!(c.mesh.take_epoch(&mut c.engine, &uid, &base).unwrap(), mesh_epoch::TakenEpoch::FromNothing);
+    sync(&mut c, &mut a, &uid);
+    sync(&mut a, &mut b, &uid);
+    let away = showing(&c, "main").0.into_iter().find(|(path, _)| path == "/away.txt").expect("c shows its own write");
+    for n in [&a, &b] {
+        assert!(showing(n, "main").0.contains(&away), "{} shows c's write while away", n.me().short());
+    }
+    assert_eq!(showing(&a, "main"), showing(&c, "main"));
+    assert_eq!(showing(&a, "main"), showing(&b, "main"));
+    assert!(!showing(&a, "main").1.is_empty(), "c's /hot while away and a's later ones are listed as a conflict");
+    // A joiner now: from nothing, the documents whole.
+    let mut d = Node::new();
+    join(&mut a, &mut d);
+    assert_eq!(d.mesh.take_epoch(&mut d.engine, &uid, &base).unwrap(), mesh_epoch::TakenEpoch::FromNothing);
+    sync(&mut a, &mut d, &uid);
+    assert_eq!(showing(&d, "main"), showing(&a, "main"));
 }

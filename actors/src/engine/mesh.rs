@@ -90,10 +90,10 @@ pub struct Mesh {
     signer: EntrySigner,
     /// The automerge actor of this process: the node id and a random part (see
     /// [`ReplicaDoc::new`]).
-    actor: Vec<u8>,
+    pub(super) actor: Vec<u8>,
     /// Documents in memory, within a budget (`node.doc_cache_mib`).
-    docs: DocCache,
-    states: HashMap<(NodeId, i64, u16), PeerState>,
+    pub(super) docs: DocCache,
+    pub(super) states: HashMap<(NodeId, i64, u16), PeerState>,
     /// Each shared bucket's membership, read from its document (dropped when that changes).
     members: HashMap<i64, Membership>,
     /// What waits for peers: its bounds, its counts, the bounds hit (`store::waiting`).
@@ -180,7 +180,7 @@ impl Mesh {
         Ok((loaded, saved))
     }
 
-    fn doc(&mut self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<&mut ReplicaDoc, StoreError> {
+    pub(super) fn doc(&mut self, conn: &Connection, bucket_id: i64, doc: u16) -> Result<&mut ReplicaDoc, StoreError> {
         if !self.docs.contains_key(&(bucket_id, doc)) {
             let (loaded, saved) = self.load(conn, bucket_id, doc)?;
             self.docs.insert((bucket_id, doc), loaded, saved);
@@ -190,7 +190,7 @@ impl Mesh {
 
     /// Saves what changed in `doc` since its last save, in the open transaction: an
     /// increment, or the whole document when it has gathered many.
-    fn persist(&mut self, tx: &Tx<'_>, bucket_id: i64, doc: u16) -> Result<(), StoreError> {
+    pub(super) fn persist(&mut self, tx: &Tx<'_>, bucket_id: i64, doc: u16) -> Result<(), StoreError> {
         let d = self.docs.get_mut(&(bucket_id, doc)).expect("persisted docs are loaded");
         let conn = tx.conn();
         let last: Option<i64> = conn.query_row("SELECT max(part) FROM mesh_doc WHERE bucket_id = ?1 AND doc = ?2", params![bucket_id, doc], |r| r.get(0))?;
@@ -925,7 +925,7 @@ fn check_entries(bucket: &Uid, doc: u16, fresh: &[(String, Vec<u8>)]) -> std::re
 }
 
 /// The entries of a bucket's document (all checked when they arrived, or written here).
-fn meta_entries(doc: &ReplicaDoc) -> Vec<MetaEntry> {
+pub(super) fn meta_entries(doc: &ReplicaDoc) -> Vec<MetaEntry> {
     doc.entries().into_iter().filter_map(|(k, v)| MetaEntry::decode(&k, signed::open(&v).ok()?.body).ok()).collect()
 }
 

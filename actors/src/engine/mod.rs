@@ -18,6 +18,7 @@
 //! - [`mesh`]: the replicated documents of shared buckets, membership, invitations.
 
 pub mod acked;
+pub mod compaction;
 pub mod doc_cache;
 pub mod import;
 pub mod maintenance;

@@ -29,15 +29,63 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde::{Deserialize, Serialize};
+
 use super::ids::{NodeId, OrderKey, Uid, VersionId};
 use super::limits::BRANCH_CHAIN_DEPTH_MAX;
 use super::path::TreePath;
 use super::replica::{BranchRecord, Change, Origin, PathVersion};
 
+/// An epoch of a bucket's shards as a member announces it: its number, the heads of each
+/// shard (of the epoch before) it was derived from, and for each shard the highest seq of
+/// each writer's versions those heads held. A member that holds every head derives the
+/// epoch itself ([`kept`] at those heads, [`super::doc::ReplicaDoc::genesis`]); one that
+/// does not (it was away) starts the epoch from nothing, receives its documents whole, and
+/// puts back what it holds past `seen` (written after the cut, so no peer compacted it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochBase {
+    /// The epoch (the first compaction makes epoch 1).
+    pub epoch: u32,
+    /// Per shard, the heads it was derived from.
+    pub heads: Vec<Vec<[u8; 32]>>,
+    /// Per shard, (writer, highest seq of its versions in those heads).
+    pub seen: Vec<Vec<(NodeId, i64)>>,
+}
+
+impl EpochBase {
+    /// The automerge actor of shard `shard`'s genesis change in this epoch of `bucket`: the
+    /// same on every member that derives it from the same heads, and another for other heads
+    /// (two different geneses never share an actor and sequence number).
+    pub fn genesis_actor(&self, bucket: &Uid, shard: u16) -> [u8; 16] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"alknet-fs epoch genesis");
+        h.update(&bucket.0);
+        h.update(&self.epoch.to_be_bytes());
+        h.update(&shard.to_be_bytes());
+        for heads in &self.heads {
+            h.update(&(heads.len() as u64).to_be_bytes());
+            for head in heads {
+                h.update(head);
+            }
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+
+    /// Whether `writer`'s version `seq` in shard `shard` came after the cut (not in the
+    /// heads the epoch was derived from).
+    pub fn after_cut(&self, shard: u16, writer: &NodeId, seq: i64) -> bool {
+        let seen = self.seen.get(shard as usize).and_then(|s| s.iter().find(|(w, _)| w == writer)).map(|(_, s)| *s);
+        seen.is_none_or(|s| seq > s)
+    }
+}
+
 /// The versions of `changes` (every version of one bucket at agreed heads) that a compacted
-/// bucket keeps, given its branch records. See the module's doc for the rule.
-pub fn kept(changes: &[Change], branches: &[BranchRecord]) -> HashSet<VersionId> {
-    let bounds = fork_bounds(branches);
+/// bucket keeps, given its branch records and the branches deleted (no view is taken from a
+/// deleted branch; one a live branch sees through still counts). See the module's doc.
+pub fn kept(changes: &[Change], branches: &[BranchRecord], deleted: &HashSet<Uid>) -> HashSet<VersionId> {
+    let bounds = fork_bounds(branches, deleted);
     let mut groups: HashMap<(Uid, &TreePath), Vec<usize>> = HashMap::new();
     let mut ops: HashMap<(NodeId, i64), Vec<usize>> = HashMap::new();
     for (i, c) in changes.iter().enumerate() {
@@ -97,11 +145,12 @@ pub fn kept(changes: &[Change], branches: &[BranchRecord]) -> HashSet<VersionId>
 
 /// For each branch, the bounds under which its descendants see it: for a descendant, the
 /// least fork key along the chain of forks from it up to the branch (as `store::read::View`
-/// takes them). A chain that loops or runs past the depth limit stops there.
-pub fn fork_bounds(branches: &[BranchRecord]) -> HashMap<Uid, Vec<OrderKey>> {
+/// takes them), for each descendant not in `deleted`. A chain that loops or runs past the
+/// depth limit stops there.
+pub fn fork_bounds(branches: &[BranchRecord], deleted: &HashSet<Uid>) -> HashMap<Uid, Vec<OrderKey>> {
     let by_uid: HashMap<Uid, &BranchRecord> = branches.iter().map(|b| (b.uid, b)).collect();
     let mut out: HashMap<Uid, Vec<OrderKey>> = HashMap::new();
-    for b in branches {
+    for b in branches.iter().filter(|b| !deleted.contains(&b.uid)) {
         let (mut bound, mut at) = (OrderKey::MAX, b);
         for _ in 0..BRANCH_CHAIN_DEPTH_MAX {
             let Some(parent) = at.parent else { break };
@@ -156,7 +205,7 @@ mod tests {
     type Shown = Vec<((Uid, String, OrderKey), Option<(VersionId, Vec<(VersionId, VersionId, &'static str)>)>)>;
 
     fn shown(changes: &[Change], branches: &[BranchRecord]) -> Shown {
-        let bounds = fork_bounds(branches);
+        let bounds = fork_bounds(branches, &HashSet::new());
         let mut groups: std::collections::BTreeMap<(Uid, String), Vec<&Change>> = Default::default();
         for c in changes {
             groups.entry((c.branch, c.path.as_str().to_string())).or_default().push(c);
@@ -180,7 +229,7 @@ mod tests {
     }
 
     fn compacted(changes: &[Change], branches: &[BranchRecord]) -> Vec<Change> {
-        let keep = kept(changes, branches);
+        let keep = kept(changes, branches, &HashSet::new());
         changes.iter().filter(|c| keep.contains(&c.id())).cloned().collect()
     }
 
@@ -193,7 +242,7 @@ mod tests {
             changes.push(change(1, "/f", k, prev, Some(EntryKind::File), Origin::Write));
             prev = Some(k);
         }
-        let keep = kept(&changes, &[branch(1, None, None)]);
+        let keep = kept(&changes, &[branch(1, None, None)], &HashSet::new());
         assert_eq!(keep.len(), 1);
         assert!(keep.contains(&key(1000, 1, 1000).version()));
     }
@@ -204,13 +253,13 @@ mod tests {
         let (v1, v2) = (key(10, 1, 1), key(30, 1, 2));
         let changes = vec![change(1, "/f", v1, None, Some(EntryKind::File), Origin::Write), change(1, "/f", v2, Some(v1), Some(EntryKind::File), Origin::Write)];
         let branches = [branch(1, None, None), branch(2, Some(1), Some(key(20, 9, 0)))];
-        assert_eq!(kept(&changes, &branches).len(), 2);
+        assert_eq!(kept(&changes, &branches, &HashSet::new()).len(), 2);
         // Forked after v2 instead: v1 goes.
         let branches = [branch(1, None, None), branch(2, Some(1), Some(key(40, 9, 0)))];
-        assert_eq!(kept(&changes, &branches).len(), 1);
+        assert_eq!(kept(&changes, &branches, &HashSet::new()).len(), 1);
         // A grandchild forked (from the later child) before v2 sees v1 through both forks.
         let branches = [branch(1, None, None), branch(2, Some(1), Some(key(40, 9, 0))), branch(3, Some(2), Some(key(20, 9, 0)))];
-        assert_eq!(kept(&changes, &branches).len(), 2);
+        assert_eq!(kept(&changes, &branches, &HashSet::new()).len(), 2);
     }
 
     #[test]
@@ -228,7 +277,7 @@ mod tests {
         ];
         changes[1].commit = op;
         changes[2].commit = op;
-        let keep = kept(&changes, &[branch(1, None, None)]);
+        let keep = kept(&changes, &[branch(1, None, None)], &HashSet::new());
         assert!(keep.contains(&del.version()) && keep.contains(&b1.version()) && keep.contains(&b2.version()));
         assert!(!keep.contains(&a1.version()));
     }
@@ -285,7 +334,7 @@ mod tests {
 
         #[test]
         fn operations_are_kept_whole_or_not_at_all((changes, branches) in history()) {
-            let keep = kept(&changes, &branches);
+            let keep = kept(&changes, &branches, &HashSet::new());
             let mut ops: HashMap<(NodeId, i64), (usize, usize)> = HashMap::new();
             for c in &changes {
                 if let Some(op) = c.commit {

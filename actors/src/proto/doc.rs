@@ -67,6 +67,11 @@ impl ReplicaDoc {
         let mut sorted: Vec<&(String, Vec<u8>)> = entries.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         sorted.dedup_by(|a, b| a.0 == b.0);
+        if sorted.is_empty() {
+            // Nothing kept: an empty document (an empty change would cost every node a
+            // document's overhead for nothing).
+            return Ok(ReplicaDoc::new(actor));
+        }
         let mut doc = AutoCommit::new().with_actor(ActorId::from(genesis_actor));
         for (key, value) in sorted {
             doc.put(ROOT, key.as_str(), ScalarValue::Bytes(value.clone())).map_err(am)?;

@@ -333,6 +333,15 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE mesh_digest ADD COLUMN heads BLOB;
     "#,
+    // 15 → 16: each shared bucket's epoch (`engine::compaction`): its shards were compacted
+    // `epoch` times, the last time into documents that saved as `saved_bytes`.
+    r#"
+    CREATE TABLE mesh_epoch(
+        bucket_id   INTEGER PRIMARY KEY,
+        epoch       INTEGER NOT NULL,
+        saved_bytes INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Indexes of the version table as of schema 3 (made after its rows are in place).
