@@ -80,6 +80,9 @@ pub struct NodeSection {
     /// The memory the shared buckets' documents may take, MiB (the least recently used are
     /// dropped past it and read back from tree.db when next used).
     pub doc_cache_mib: u64,
+    /// A shared bucket's shards are compacted (a new epoch) once their saved size passes
+    /// twice what the last epoch began with and at least this many KiB.
+    pub compact_after_kib: u64,
 }
 
 /// `[gc]`.
@@ -118,6 +121,7 @@ impl Default for Config {
                 client_timeout_secs: CLIENT_TIMEOUT_SECS_DEFAULT,
                 clock_offset_max_secs: (n.clock_bound.ms / 1000) as u64,
                 doc_cache_mib: (n.doc_budget >> 20) as u64,
+                compact_after_kib: n.compact_after >> 10,
             },
             gc: GcSection {
                 interval_secs: n.gc_interval.as_secs(),
@@ -188,6 +192,7 @@ impl Config {
             ("node.client_timeout_secs", self.node.client_timeout_secs, INTERVAL_SECS_MAX),
             ("node.clock_offset_max_secs", self.node.clock_offset_max_secs, INTERVAL_SECS_MAX),
             ("node.doc_cache_mib", self.node.doc_cache_mib, DOC_CACHE_MIB_MAX),
+            ("node.compact_after_kib", self.node.compact_after_kib, COMPACT_AFTER_KIB_MAX),
             ("gc.interval_secs", self.gc.interval_secs, INTERVAL_SECS_MAX),
             ("gc.keep_days", u64::from(self.gc.keep_days), DAYS_MAX),
             ("gc.outbox_keep_days", u64::from(self.gc.outbox_keep_days), DAYS_MAX),
@@ -242,6 +247,7 @@ impl Config {
             restart_window: Duration::from_secs(self.node.restart_window_secs),
             clock_bound: self.clock_bound(),
             doc_budget: (self.node.doc_cache_mib as usize) << 20,
+            compact_after: self.node.compact_after_kib << 10,
         }
     }
 
@@ -259,6 +265,9 @@ pub const POLL_MS_MAX: u64 = 3_600_000;
 pub const INTERVAL_SECS_MAX: u64 = 366 * 86_400;
 /// The largest document budget, MiB (1 TiB: beyond any machine this runs on).
 pub const DOC_CACHE_MIB_MAX: u64 = 1 << 20;
+
+/// The largest `node.compact_after_kib` (1 TiB).
+pub const COMPACT_AFTER_KIB_MAX: u64 = 1 << 30;
 /// Longest retention in days (a hundred years).
 pub const DAYS_MAX: u64 = 36_600;
 

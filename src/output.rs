@@ -222,6 +222,9 @@ pub fn status(out: &mut impl Write, s: &crate::control::Status, json: bool) -> R
         writeln!(out, "gossip:     {} topics, {} neighbours", m.gossip_topics, m.gossip_neighbors)?;
         let f = m.frames;
         writeln!(out, "sync:       {} frames sent, {} received ({} brought something)", f.sent, f.received, f.useful)?;
+        for e in &m.epochs {
+            writeln!(out, "bucket {}: shards at epoch {}, {} KiB saved ({} KiB when it began)", e.bucket, e.epoch, e.shard_bytes >> 10, e.began_bytes >> 10)?;
+        }
         writeln!(out, "peers:")?;
         for p in &m.peers {
             let state = if p.connected { format!("connected ({}, rtt {} ms)", p.path, p.rtt_ms.unwrap_or(0)) } else { format!("not connected ({} failed dials)", p.failures) };

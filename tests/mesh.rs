@@ -494,3 +494,39 @@ fn a_writer_invites_once_an_owner_lets_writers_invite_and_its_invitees_stay_when
     c.s.put_bytes("/from-c-2.txt", b"c2");
     await_cond(Duration::from_secs(30), "C's later write to reach A", || a.get("/from-c-2.txt").as_deref() == Some(&b"c2"[..]));
 }
+
+/// Churn on one path compacts the bucket on every member by itself: once every member is at
+/// the same heads, each derives the same epoch (or takes it from a peer that did), the saved
+/// shards shrink everywhere, every node shows the same tree, and writes after the epoch
+/// still reach everyone.
+#[test]
+fn churn_compacts_the_bucket_on_every_member_and_the_tree_stays_the_same() {
+    let start = || {
+        let s = Store::new();
+        std::fs::write(s.data().join("config.toml"), "[node]\ncompact_after_kib = 16\n").unwrap();
+        let node = Node::start(&s, &[], &[]);
+        Member { s, node }
+    };
+    let (a, b, c) = (start(), start(), start());
+    b.join(&a.invite(&[]));
+    c.join(&a.invite(&[]));
+    for i in 0..300 {
+        a.s.put_bytes("/hot", format!("hot {i}").as_bytes());
+    }
+    b.s.put_bytes("/from-b", b"b");
+    converged(&[&a, &b, &c], "the churn to reach every member");
+    let epoch = |m: &Member| common::status_json(m.s.data()).map(|st| (st["mesh"]["epochs"][0]["epoch"].as_u64().unwrap_or(0), st["mesh"]["epochs"][0]["shard_bytes"].as_u64().unwrap_or(0)));
+    for m in [&a, &b, &c] {
+        common::await_status(m.s.data(), Duration::from_secs(90), "the bucket's first epoch", |st| st["mesh"]["epochs"][0]["epoch"].as_u64().unwrap_or(0) >= 1);
+    }
+    // An epoch began only past 16 KiB of shards (`node.compact_after_kib`); what is live
+    // (three paths, the last branch records) saves in a few.
+    for m in [&a, &b, &c] {
+        let (e, bytes) = epoch(m).unwrap();
+        assert!(bytes < 6 << 10, "{}: epoch {e}, shards {bytes} bytes", m.id());
+    }
+    converged(&[&a, &b, &c], "the same tree on every member after the epoch");
+    c.s.put_bytes("/after", b"after the epoch");
+    converged(&[&a, &b, &c], "a write after the epoch to reach every member");
+    assert_eq!(a.get("/hot").as_deref(), Some(&b"hot 299"[..]));
+}

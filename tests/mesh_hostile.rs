@@ -121,8 +121,8 @@ fn a_member_sending_oversized_or_garbage_frames_is_dropped_and_the_node_serves_t
             let (conn, mut send, mut recv, _) = join_as_member(&ep, &ticket).await;
             let bad: Vec<u8> = match attack {
                 0 => u32::MAX.to_be_bytes().to_vec(),                                                                   // an oversized frame
-                1 => Frame::Sync { bucket: ticket.bucket, doc: 3, msg: b"\x42not automerge".to_vec() }.encode(),      // garbage sync
-                _ => Frame::Sync { bucket: Uid([9; 16]), doc: 3, msg: vec![1, 2, 3] }.encode(),                      // a bucket not in the session
+                1 => Frame::Sync { bucket: ticket.bucket, doc: 3, epoch: 0, msg: b"\x42not automerge".to_vec() }.encode(),      // garbage sync
+                _ => Frame::Sync { bucket: Uid([9; 16]), doc: 3, epoch: 0, msg: vec![1, 2, 3] }.encode(),                      // a bucket not in the session
             };
             send.write_all(&bad).await.unwrap();
             if attack < 2 {
@@ -190,7 +190,7 @@ fn a_member_that_stops_reading_stalls_only_its_own_session() {
         for doc in 0..alknet_actors::proto::sync::DOCS {
             use automerge::sync::SyncDoc;
             let msg = automerge::AutoCommit::new().sync().generate_sync_message(&mut automerge::sync::State::new()).expect("a first message").encode();
-            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg }.encode()).await.unwrap();
+            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, epoch: 0, msg }.encode()).await.unwrap();
         }
         (ep, conn, (send, recv))
     });
@@ -413,7 +413,7 @@ fn a_member_forging_entries_is_refused_whole_and_nothing_of_it_is_applied() {
                 let key = replica::doc_key(&honest.id());
                 d.put(&key, &signer.seal(&ticket.bucket, &key, &replica::encode(&honest))).unwrap();
             }
-            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, epoch: 0, msg: unasked_message(&mut d) }.encode()).await.unwrap();
             // Dropped: the stream ends (whatever summaries were already on their way).
             let ended = tokio::time::timeout(Duration::from_secs(10), async { while read_frame(&mut recv).await.is_some() {} }).await;
             assert!(ended.is_ok(), "attack {attack}: the node kept the connection");
@@ -472,7 +472,7 @@ fn a_member_overwriting_deleting_or_never_finishing_is_refused_or_held_and_the_o
         let (doc, key, value) = sealed(&mine);
         let mut d = ReplicaDoc::new(&me.0);
         d.put(&key, &value).unwrap();
-        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, epoch: 0, msg: unasked_message(&mut d) }.encode()).await.unwrap();
         let mut saw = false;
         for _ in 0..300 {
             if s.run(&["ls", "/mine.txt"]).status.success() {
@@ -498,7 +498,7 @@ fn a_member_overwriting_deleting_or_never_finishing_is_refused_or_held_and_the_o
             // not make it: `ReplicaDoc` refuses to).
             let changes: Vec<Vec<u8>> = raw.get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect();
             let msg = automerge::sync::Message { heads: raw.get_heads(), need: vec![], have: vec![], changes: changes.into(), flags: None, version: automerge::sync::MessageVersion::V1 }.encode();
-            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg }.encode()).await.unwrap();
+            send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, epoch: 0, msg }.encode()).await.unwrap();
             let ended = tokio::time::timeout(Duration::from_secs(10), async { while read_frame(&mut recv).await.is_some() {} }).await;
             assert!(ended.is_ok(), "{attack}: the node kept the connection");
             conn.close(0u32.into(), b"done");
@@ -509,7 +509,7 @@ fn a_member_overwriting_deleting_or_never_finishing_is_refused_or_held_and_the_o
         let (doc, key, value) = sealed(&part);
         let mut d = ReplicaDoc::new(&me.0);
         d.put(&key, &value).unwrap();
-        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, epoch: 0, msg: unasked_message(&mut d) }.encode()).await.unwrap();
         let tree = rusqlite::Connection::open_with_flags(s.data().join(alknet_actors::store::TREE_DB_FILE), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
         let mut held = 0;
         for _ in 0..300 {
@@ -664,7 +664,7 @@ fn a_member_naming_a_hash_only_another_bucket_holds_gets_none_of_its_bytes() {
         let mut d = ReplicaDoc::new(&me.0);
         d.put(&key, &signer.seal(&ticket.bucket, &key, &replica::encode(&c))).unwrap();
         let doc = replica::shard_of(&c.branch, &c.path);
-        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, msg: unasked_message(&mut d) }.encode()).await.unwrap();
+        send.write_all(&Frame::Sync { bucket: ticket.bucket, doc, epoch: 0, msg: unasked_message(&mut d) }.encode()).await.unwrap();
         await_cond(Duration::from_secs(20), "the member's version to be applied", || s.run(&["ls", "/named.bin"]).status.success());
         // Asked for directly: the private bytes are refused; the bucket's own are served.
         let fetch = |hash: ContentHash| {

@@ -122,7 +122,7 @@ async fn run(ticket: Ticket, stop: Arc<AtomicBool>, connections: Arc<AtomicU64>,
         let mut d = ReplicaDoc::new(&me.0);
         d.put(&key, &signer.seal(&ticket.bucket, &key, &replica::encode(&c))).unwrap();
         let msg = d.message_to_empty_peer().unwrap();
-        let _ = send.write_all(&Frame::Sync { bucket: ticket.bucket, doc: replica::shard_of(&c.branch, &c.path), msg }.encode()).await;
+        let _ = send.write_all(&Frame::Sync { bucket: ticket.bucket, doc: replica::shard_of(&c.branch, &c.path), epoch: 0, msg }.encode()).await;
         forged.fetch_add(1, Ordering::Relaxed);
         while read_frame(&mut recv).await.is_some() {}
         conn.close(0u32.into(), b"again");

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+
 use super::mesh::{meta_entries, Mesh};
 use super::{Engine, Result};
 use crate::proto::compaction::{kept, EpochBase};
@@ -28,6 +29,10 @@ use crate::proto::replica::{self as rules, BranchRecord, Change, MetaEntry, SHAR
 use crate::proto::signed;
 use crate::proto::sync::META_DOC;
 use crate::store::{Ids, StoreError};
+
+/// The least saved size of a bucket's shards before they are compacted (and then only past
+/// twice what the last epoch began with): below it, history costs less than the work.
+pub const COMPACT_AFTER_DEFAULT_BYTES: u64 = 1 << 20;
 
 /// How a node took an epoch a peer announced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +52,31 @@ pub fn epoch_of(conn: &Connection, bucket_id: i64) -> Result<(u32, u64), StoreEr
         .query_row("SELECT epoch, saved_bytes FROM mesh_epoch WHERE bucket_id = ?1", [bucket_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     Ok(row.map(|(e, b)| (e as u32, b.max(0) as u64)).unwrap_or((0, 0)))
+}
+
+/// A shared bucket's epoch, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketEpoch {
+    /// The bucket's name here.
+    pub bucket: String,
+    /// Its epoch.
+    pub epoch: u32,
+    /// The saved size of its shards now.
+    pub shard_bytes: u64,
+    /// Their saved size when the epoch began.
+    pub began_bytes: u64,
+}
+
+/// Every shared bucket's epoch.
+pub fn epochs(conn: &Connection) -> Result<Vec<BucketEpoch>, StoreError> {
+    let mut out = Vec::new();
+    for bucket_id in super::mesh::shared_bucket_ids(conn)? {
+        let bucket: String = conn.query_row("SELECT name FROM bucket WHERE id = ?1", [bucket_id], |r| r.get(0))?;
+        let (epoch, began_bytes) = epoch_of(conn, bucket_id)?;
+        out.push(BucketEpoch { bucket, epoch, shard_bytes: shard_bytes(conn, bucket_id)?, began_bytes });
+    }
+    out.sort_by(|a, b| a.bucket.cmp(&b.bucket));
+    Ok(out)
 }
 
 /// The saved size of bucket `bucket_id`'s shards now.
@@ -78,6 +108,66 @@ fn changes(held: &[Held]) -> Vec<Change> {
 }
 
 impl Mesh {
+    /// Compacts a bucket's shards once their saved size passes twice what the last epoch
+    /// began with and at least `bytes` (`node.compact_after_kib`).
+    pub fn set_compact_after(&mut self, bytes: u64) {
+        self.compact_after = bytes;
+    }
+
+    /// The epoch of bucket `uid`'s shards here (0 for a bucket not here).
+    pub fn epoch(&self, engine: &Engine, uid: &Uid) -> Result<u32> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(0) };
+        Ok(epoch_of(engine.tree().conn(), bucket.id)?.0)
+    }
+
+    /// What bucket `uid`'s current epoch was derived from, to announce to a peer at an
+    /// earlier one (`None` at epoch 0).
+    pub fn epoch_base(&self, engine: &Engine, uid: &Uid) -> Result<Option<EpochBase>> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(None) };
+        let base: Option<Vec<u8>> = engine.tree().conn().query_row("SELECT base FROM mesh_epoch WHERE bucket_id = ?1", [bucket.id], |r| r.get(0)).optional().map_err(StoreError::from)?;
+        Ok(base.and_then(|b| postcard::from_bytes(&b).ok()))
+    }
+
+    /// Whether bucket `uid`'s shards have grown enough to be compacted.
+    pub fn compaction_due(&self, engine: &Engine, uid: &Uid) -> Result<bool> {
+        let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(false) };
+        let conn = engine.tree().conn();
+        let (_, began) = epoch_of(conn, bucket.id)?;
+        Ok(shard_bytes(conn, bucket.id)? >= self.compact_after.max(began.saturating_mul(2)))
+    }
+
+    /// Compacts each shared bucket that is due ([`Mesh::compaction_due`]) and whose members
+    /// are all at this node's heads: every member with a session (`connected`) last sent a
+    /// summary equal to this node's, and none of those it waits for (`waited`: members that
+    /// had a session lately) is away. A member away longer is left behind: it takes the
+    /// epoch from nothing when it comes back ([`Mesh::take_epoch`]). Returns the epochs to
+    /// announce.
+    pub fn compact_due(&mut self, engine: &mut Engine, connected: &[NodeId], waited: &[NodeId]) -> Result<Vec<(Uid, EpochBase)>> {
+        let mut out = Vec::new();
+        let conn = engine.tree().conn();
+        let shared: Vec<i64> = super::mesh::shared_bucket_ids(conn)?.into_iter().collect();
+        for bucket_id in shared {
+            let uid = super::mesh::bucket_uid_of(engine.tree().conn(), bucket_id)?;
+            if !self.compaction_due(engine, &uid)? {
+                continue;
+            }
+            let (epoch, _) = epoch_of(engine.tree().conn(), bucket_id)?;
+            let ours = self.summary(engine, &uid)?;
+            let others: Vec<NodeId> = super::mesh::members(engine.tree().conn(), bucket_id)?.into_iter().filter(|m| m.removed_ms.is_none() && m.node != self.me()).map(|m| m.node).collect();
+            let in_step = others.iter().all(|m| {
+                if connected.contains(m) {
+                    self.peer_summaries.get(&(*m, bucket_id)).is_some_and(|(e, d)| *e == epoch && *d == ours)
+                } else {
+                    !waited.contains(m)
+                }
+            });
+            if in_step {
+                out.push((uid, self.compact(engine, &uid)?));
+            }
+        }
+        Ok(out)
+    }
+
     /// Starts epoch n+1 of bucket `uid` from this node's heads of every shard and returns
     /// it, to announce to the members. The caller decides when: once every member showed
     /// these heads, each derives the same documents.
@@ -188,9 +278,9 @@ impl Mesh {
             }
             let saved: i64 = conn.query_row("SELECT coalesce(sum(length(data)), 0) FROM mesh_doc WHERE bucket_id = ?1 AND doc < ?2", params![bucket_id, SHARDS], |r| r.get(0))?;
             conn.execute(
-                "INSERT INTO mesh_epoch(bucket_id, epoch, saved_bytes) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(bucket_id) DO UPDATE SET epoch = excluded.epoch, saved_bytes = excluded.saved_bytes",
-                params![bucket_id, base.epoch, saved],
+                "INSERT INTO mesh_epoch(bucket_id, epoch, base, saved_bytes) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(bucket_id) DO UPDATE SET epoch = excluded.epoch, base = excluded.base, saved_bytes = excluded.saved_bytes",
+                params![bucket_id, base.epoch, postcard::to_allocvec(&base).expect("encoding to memory cannot fail"), saved],
             )?;
             Ok(())
         });

@@ -64,6 +64,8 @@ pub struct Received {
     /// The answer to send back, when there is something to say
     /// ([`crate::proto::fanout::worth_answering`]).
     pub answer: Option<Vec<u8>>,
+    /// The epoch of the bucket's shards here (what the answer is of).
+    pub epoch: u32,
 }
 
 /// A member of a bucket, for `alkfs members`.
@@ -98,6 +100,11 @@ pub struct Mesh {
     members: HashMap<i64, Membership>,
     /// What waits for peers: its bounds, its counts, the bounds hit (`store::waiting`).
     waiting: Waiting,
+    /// Each connected peer's last summary of each bucket (epoch, digests): whether every
+    /// member is at this node's heads, for compaction (`engine::compaction`).
+    pub(super) peer_summaries: HashMap<(NodeId, i64), (u32, Vec<u64>)>,
+    /// When a bucket's shards are compacted (`node.compact_after_kib`).
+    pub(super) compact_after: u64,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -121,7 +128,17 @@ impl Mesh {
         }
         let mut actor = me.0.to_vec();
         actor.extend_from_slice(&std::collections::hash_map::RandomState::new().build_hasher().finish().to_be_bytes());
-        Ok(Mesh { me, signer, actor, docs: DocCache::default(), states: HashMap::new(), members: HashMap::new(), waiting: Waiting::default() })
+        Ok(Mesh {
+            me,
+            signer,
+            actor,
+            docs: DocCache::default(),
+            states: HashMap::new(),
+            members: HashMap::new(),
+            waiting: Waiting::default(),
+            peer_summaries: HashMap::new(),
+            compact_after: super::compaction::COMPACT_AFTER_DEFAULT_BYTES,
+        })
     }
 
     /// The most memory documents in memory may take (bytes, estimated); [`Mesh::trim`]
@@ -612,6 +629,8 @@ impl Mesh {
         let differ = crate::proto::sync::differing(&ours, theirs);
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(differ) };
         let conn = engine.tree().conn();
+        let (epoch, _) = super::compaction::epoch_of(conn, bucket.id)?;
+        self.peer_summaries.insert((*peer, bucket.id), (epoch, theirs.to_vec()));
         let saved: HashMap<u16, (u64, Vec<u8>)> = (|| -> Result<_, StoreError> {
             let mut st = conn.prepare_cached("SELECT doc, digest, heads FROM mesh_digest WHERE bucket_id = ?1 AND heads IS NOT NULL")?;
             let rows = st.query_map([bucket.id], |r| Ok((r.get::<_, i64>(0)? as u16, (r.get::<_, i64>(1)? as u64, r.get::<_, Vec<u8>>(2)?))))?;
@@ -689,13 +708,14 @@ impl Mesh {
                 return Err(invalid(format!("a sync message from {} was refused: {e}", peer.short())).into());
             }
         };
+        let epoch = super::compaction::epoch_of(engine.tree().conn(), bucket.id)?.0;
         if added.is_empty() && d.heads() == heads_before {
             // It brought nothing: no transaction, only perhaps an answer.
-            return Ok(Received { answer: d.answer(state), ..Received::default() });
+            return Ok(Received { answer: d.answer(state), epoch, ..Received::default() });
         }
         // Every entry was checked as it arrived (`check_message`; automerge may apply a change
         // later, once what it depends on is here): read them.
-        let mut received = Received { entries: added.len(), ..Received::default() };
+        let mut received = Received { entries: added.len(), epoch, ..Received::default() };
         let mut changes: Vec<Change> = Vec::new();
         let mut meta: Vec<MetaEntry> = Vec::new();
         for (key, value) in &added {
@@ -865,6 +885,7 @@ impl Mesh {
     /// Saves what `peer` and this node agreed on every document, for the next session, and
     /// forgets the in-flight rest.
     pub fn end_session(&mut self, engine: &mut Engine, peer: &NodeId) -> Result<()> {
+        self.peer_summaries.retain(|(p, _), _| p != peer);
         let keys: Vec<(NodeId, i64, u16)> = self.states.keys().filter(|(p, _, _)| p == peer).copied().collect();
         let saved: Vec<(i64, u16, Vec<u8>)> = keys.iter().filter_map(|k| self.states.remove(k).map(|s| (k.1, k.2, encode_state(&s)))).collect();
         let now = engine.now_ms();
@@ -1146,6 +1167,11 @@ fn last_seq_of(conn: &Connection, bucket_id: i64, node: &NodeId) -> Result<i64, 
     )?)
 }
 
+/// The identity of bucket `id`.
+pub(super) fn bucket_uid_of(conn: &Connection, id: i64) -> Result<Uid, StoreError> {
+    bucket_uid(conn, id)
+}
+
 fn bucket_uid(conn: &Connection, id: i64) -> Result<Uid, StoreError> {
     let bytes: Vec<u8> = conn.query_row("SELECT uid FROM bucket WHERE id = ?1", [id], |r| r.get(0))?;
     Uid::from_bytes(&bytes).ok_or_else(|| invalid(format!("bucket {id} has a damaged identity")))
@@ -1370,16 +1396,35 @@ pub enum MeshOp {
         /// Writers too (else only owners).
         members_invite: bool,
     },
-    /// Digests of a bucket's documents.
+    /// Digests of a bucket's documents, and the epoch of its shards.
     Summary(Uid),
-    /// A peer's summary of a bucket: the documents that differ ([`Mesh::compare`]).
+    /// A peer's summary of a bucket: the documents that differ ([`Mesh::compare`]), or that
+    /// its epoch is not this node's.
     Compare {
         /// The peer.
         peer: NodeId,
         /// The bucket.
         bucket: Uid,
+        /// Its epoch.
+        epoch: u32,
         /// Its digests.
         digests: Vec<u64>,
+    },
+    /// A peer announced an epoch of a bucket's shards ([`Mesh::take_epoch`]).
+    TakeEpoch {
+        /// The bucket.
+        bucket: Uid,
+        /// The epoch.
+        base: crate::proto::compaction::EpochBase,
+    },
+    /// Each shared bucket's epoch, for `status`.
+    Epochs,
+    /// Compact the shared buckets that are due ([`Mesh::compact_due`]).
+    CompactDue {
+        /// Peers with a session now.
+        connected: Vec<NodeId>,
+        /// Members to wait for though they have no session (they had one lately).
+        waited: Vec<NodeId>,
     },
     /// The next sync message for a peer.
     Generate {
@@ -1398,6 +1443,8 @@ pub enum MeshOp {
         bucket: Uid,
         /// The document.
         doc: u16,
+        /// The epoch the message is of (a shard's, of another epoch, is not applied).
+        epoch: u32,
         /// The message, read and checked by the session ([`check_message`]).
         msg: CheckedMessage,
     },
@@ -1455,12 +1502,24 @@ pub enum MeshReply {
     Adopted(BucketIdentity),
     /// A removal from bucket (uid).
     MemberChanged(Uid),
-    /// Digests.
-    Summary(Vec<u64>),
-    /// Documents that differ.
-    Differing(Vec<u16>),
-    /// A sync message, if any.
-    Message(Option<Vec<u8>>),
+    /// The epoch of a bucket's shards and the digests of its documents.
+    Summary(u32, Vec<u64>),
+    /// Documents that differ, and whether to send this node's summary back (a peer's
+    /// summaries say whether it is in step for compaction: the side that did not dial sends
+    /// its own back while the bucket is due one).
+    Differing(Vec<u16>, bool),
+    /// The peer's shards are of an earlier epoch: this one is to be announced to it.
+    PeerBehind(crate::proto::compaction::EpochBase),
+    /// The peer's shards are of a later epoch: it announces it.
+    PeerAhead,
+    /// How an announced epoch was taken.
+    Taken(super::compaction::TakenEpoch),
+    /// Each shared bucket's epoch.
+    Epochs(Vec<super::compaction::BucketEpoch>),
+    /// Buckets compacted, with their new epochs to announce.
+    Compacted(Vec<(Uid, crate::proto::compaction::EpochBase)>),
+    /// A sync message, if any, and the epoch it is of.
+    Message(Option<Vec<u8>>, u32),
     /// What a received message did.
     Received(Box<Received>),
     /// Buckets.
@@ -1499,10 +1558,35 @@ impl Mesh {
             MeshOp::Remove { bucket, node } => MeshReply::MemberChanged(self.remove_member(engine, &bucket, &node)?),
             MeshOp::Grant { bucket, node, role } => MeshReply::MemberChanged(self.grant_role(engine, &bucket, &node, role)?),
             MeshOp::InvitePolicy { bucket, members_invite } => MeshReply::MemberChanged(self.set_invite_policy(engine, &bucket, members_invite)?),
-            MeshOp::Summary(uid) => MeshReply::Summary(self.summary(engine, &uid)?),
-            MeshOp::Compare { peer, bucket, digests } => MeshReply::Differing(self.compare(engine, &peer, &bucket, &digests)?),
-            MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?),
-            MeshOp::Receive { peer, bucket, doc, msg } => MeshReply::Received(Box::new(self.receive_checked(engine, &peer, &bucket, doc, msg)?)),
+            MeshOp::Summary(uid) => MeshReply::Summary(self.epoch(engine, &uid)?, self.summary(engine, &uid)?),
+            MeshOp::Compare { peer, bucket, epoch, digests } => {
+                let ours = self.epoch(engine, &bucket)?;
+                match epoch.cmp(&ours) {
+                    std::cmp::Ordering::Equal => {
+                        let differ = self.compare(engine, &peer, &bucket, &digests)?;
+                        MeshReply::Differing(differ, self.compaction_due(engine, &bucket)?)
+                    }
+                    std::cmp::Ordering::Greater => MeshReply::PeerAhead,
+                    std::cmp::Ordering::Less => match self.epoch_base(engine, &bucket)? {
+                        Some(base) => MeshReply::PeerBehind(base),
+                        None => MeshReply::PeerAhead,
+                    },
+                }
+            }
+            MeshOp::Epochs => MeshReply::Epochs(super::compaction::epochs(engine.tree().conn())?),
+            MeshOp::TakeEpoch { bucket, base } => MeshReply::Taken(self.take_epoch(engine, &bucket, &base)?),
+            MeshOp::CompactDue { connected, waited } => MeshReply::Compacted(self.compact_due(engine, &connected, &waited)?),
+            MeshOp::Generate { peer, bucket, doc } => MeshReply::Message(self.generate(engine, &peer, &bucket, doc)?, self.epoch(engine, &bucket)?),
+            MeshOp::Receive { peer, bucket, doc, epoch, msg } => {
+                let ours = self.epoch(engine, &bucket)?;
+                if doc != META_DOC && epoch != ours {
+                    // A shard of another epoch: the summaries sort the epochs out first.
+                    tracing::debug!(peer = %peer.short(), theirs = epoch, ours, "a sync message of another epoch was not applied");
+                    MeshReply::Received(Box::new(Received { epoch: ours, ..Received::default() }))
+                } else {
+                    MeshReply::Received(Box::new(self.receive_checked(engine, &peer, &bucket, doc, msg)?))
+                }
+            }
             MeshOp::EndSession(peer) => {
                 self.end_session(engine, &peer)?;
                 MeshReply::Done

@@ -67,6 +67,11 @@ pub const REDIAL_MAX: Duration = Duration::from_secs(15);
 /// How often the node looks in the store for versions whose bytes never arrived (a restart
 /// forgets the fetch queue; the store remembers what is missing).
 pub const MISSING_SCAN: Duration = Duration::from_secs(5);
+
+/// How long a member away (no session) still holds up its buckets' compaction: past it, it
+/// is left behind and takes the epoch from nothing when it comes back
+/// (`engine::compaction`). After a start, every member counts as just seen.
+pub const MEMBER_AWAY_MAX: Duration = Duration::from_secs(3600);
 /// Most missing blobs one scan queues.
 pub const MISSING_SCAN_MAX: usize = 10_000;
 
@@ -662,6 +667,9 @@ pub struct MeshStatus {
     /// Sync frames sent and received since start, and those that brought something.
     #[serde(default)]
     pub frames: FrameCounts,
+    /// Each shared bucket's epoch and the saved size of its shards (`engine::compaction`).
+    #[serde(default)]
+    pub epochs: Vec<crate::engine::compaction::BucketEpoch>,
 }
 
 /// Messages of the mesh actor (fields named for what they carry).
@@ -709,6 +717,8 @@ pub enum MeshMsg {
     /// unless already there, then read from it. A mount reading a file that is not here yet
     /// waits only for what it reads.
     ReadRange { hash: ContentHash, size: u64, offset: u64, len: u64, reply: RpcReplyPort<Result<Vec<u8>, String>> },
+    /// A session took a new epoch of a bucket's shards: every session sends its summary.
+    EpochTaken(Uid),
     /// Fault injection (tests only): panic in the handler.
     Panic,
 }
@@ -741,6 +751,8 @@ struct PeerInfo {
     addrs: Vec<SocketAddr>,
     /// How far its wall clock is ahead of this node's, at the last handshake.
     clock_offset_ms: Option<i64>,
+    /// When its last session ended.
+    last_session: Option<Instant>,
 }
 
 /// A fetch batch in flight: its peer, its task, what it asks for.
@@ -779,6 +791,8 @@ pub struct MeshState {
     members: HashMap<Uid, HashSet<NodeId>>,
     /// Sync frames of every session since start (for status).
     frames: Arc<FrameCounters>,
+    /// When this actor started (a member not seen since counts as seen then).
+    started: Instant,
 }
 
 /// Sync frames counted across sessions ([`crate::proto::fanout::FrameCounts`]).
@@ -841,6 +855,7 @@ impl Actor for MeshActor {
             signer,
             members: HashMap::new(),
             frames: Arc::default(),
+            started: Instant::now(),
         })
     }
 
@@ -901,6 +916,11 @@ impl Actor for MeshActor {
                 }
             }
             MeshMsg::Tick => tick(&me, state).await,
+            MeshMsg::EpochTaken(bucket) => {
+                for s in state.sessions.values() {
+                    let _ = s.actor.cast(SessionMsg::Ask(bucket));
+                }
+            }
             MeshMsg::MembersChanged => {
                 for s in state.sessions.values() {
                     let _ = s.actor.cast(SessionMsg::Recheck);
@@ -995,7 +1015,11 @@ impl Actor for MeshActor {
                 p.lag_docs = lag;
             }
             MeshMsg::Status(reply) => {
-                let _ = reply.send(status(state));
+                let mut st = status(state);
+                if let Ok(MeshReply::Epochs(epochs)) = mesh(&state.handle, MeshOp::Epochs).await {
+                    st.epochs = epochs;
+                }
+                let _ = reply.send(st);
             }
             MeshMsg::FetchNow { hash, size, reply } => {
                 let connected: Vec<NodeId> = state.sessions.keys().copied().collect();
@@ -1044,6 +1068,7 @@ impl Actor for MeshActor {
                 state.sessions.remove(&peer);
                 let p = state.peers.entry(peer).or_default();
                 p.next_dial = Some(Instant::now() + Duration::from_millis(200));
+                p.last_session = Some(Instant::now());
                 // Its session ended (the peer died, or the network broke): a fetch from it
                 // would wait on a dead connection.
                 abandon_fetches(&me, state, peer);
@@ -1083,6 +1108,28 @@ fn broadcast(state: &MeshState, changed: &[(Uid, u16)]) {
     }
 }
 
+/// Compacts the shared buckets that are due and whose members are all at this node's heads
+/// (`Mesh::compact_due`), and announces each new epoch to every session.
+async fn compact_due(state: &mut MeshState, connected: &[NodeId]) {
+    let waited: Vec<NodeId> = state
+        .peers
+        .iter()
+        .filter(|(p, info)| !connected.contains(p) && info.last_session.unwrap_or(state.started).elapsed() < MEMBER_AWAY_MAX)
+        .map(|(p, _)| *p)
+        .collect();
+    match mesh(&state.handle, MeshOp::CompactDue { connected: connected.to_vec(), waited }).await {
+        Ok(MeshReply::Compacted(done)) => {
+            for (bucket, base) in done {
+                for s in state.sessions.values() {
+                    let _ = s.actor.cast(SessionMsg::Epoch(bucket, Box::new(base.clone())));
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "compacting the shared buckets failed; tried again at the next tick"),
+    }
+}
+
 /// Announces changed documents on their buckets' gossip topics (reaching members this node
 /// has no session with, e.g. across a node that relays gossip).
 async fn announce(state: &mut MeshState, changed: &[(Uid, u16)]) {
@@ -1092,7 +1139,7 @@ async fn announce(state: &mut MeshState, changed: &[(Uid, u16)]) {
     }
     for (bucket, docs) in by_bucket {
         let Some((sender, _)) = state.topics.get(&bucket) else { continue };
-        let Ok(MeshReply::Summary(digests)) = mesh(&state.handle, MeshOp::Summary(bucket)).await else { continue };
+        let Ok(MeshReply::Summary(_, digests)) = mesh(&state.handle, MeshOp::Summary(bucket)).await else { continue };
         state.nonce = state.nonce.wrapping_add(1);
         let a = crate::proto::sync::Announcement {
             nonce: state.nonce,
@@ -1176,6 +1223,7 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     for s in state.sessions.values() {
         let _ = s.actor.cast(SessionMsg::Recheck);
     }
+    compact_due(state, &connected).await;
     let Ok(MeshReply::Peers(peers)) = mesh(&state.handle, MeshOp::Peers).await else { return };
     // Where the bucket's documents say each member listens; a peer with a session said
     // where it listens when it opened it, which is fresher (it may have restarted since it
@@ -1716,6 +1764,7 @@ fn status(state: &MeshState) -> MeshStatus {
         clock_bound_ms: state.ctx.config.clock_bound.ms,
         bounds_hit: state.net.as_ref().map(|n| n.gate.hits.report()).unwrap_or_default(),
         frames: state.frames.counts(),
+        epochs: Vec::new(),
     }
 }
 
@@ -1732,6 +1781,8 @@ pub enum SessionMsg {
         bucket: Uid,
         /// Its document.
         doc: u16,
+        /// The epoch it is of.
+        epoch: u32,
         /// The message, or why it was refused whole.
         checked: Result<CheckedMessage, String>,
     },
@@ -1744,6 +1795,8 @@ pub enum SessionMsg {
     Ask(Uid),
     /// Re-check membership; every [`ANTI_ENTROPY`], send summaries again.
     Recheck,
+    /// A bucket's shards began an epoch here: tell the peer.
+    Epoch(Uid, Box<crate::proto::compaction::EpochBase>),
 }
 
 /// What a session starts with.
@@ -1796,11 +1849,11 @@ impl Actor for SessionActor {
         let reader = tokio::spawn(async move {
             loop {
                 let msg = match read_frame(&mut recv).await {
-                    Ok(Frame::Sync { bucket, doc, msg }) if session_buckets.contains(&bucket) => {
+                    Ok(Frame::Sync { bucket, doc, epoch, msg }) if session_buckets.contains(&bucket) => {
                         let checked = tokio::task::spawn_blocking(move || check_message(&bucket, doc, &msg))
                             .await
                             .unwrap_or_else(|_| Err("checking the message failed".into()));
-                        SessionMsg::Sync { bucket, doc, checked }
+                        SessionMsg::Sync { bucket, doc, epoch, checked }
                     }
                     Ok(f) => SessionMsg::Frame(f),
                     Err(e) => {
@@ -1860,9 +1913,9 @@ impl SessionActor {
                 FrameCounters::add(&state.frames.received);
                 on_frame(me, state, frame).await?
             }
-            SessionMsg::Sync { bucket, doc, checked } if state.buckets.contains(&bucket) => {
+            SessionMsg::Sync { bucket, doc, epoch, checked } if state.buckets.contains(&bucket) => {
                 FrameCounters::add(&state.frames.received);
-                on_sync(me, state, bucket, doc, checked).await?
+                on_sync(me, state, (bucket, doc, epoch), checked).await?
             }
             SessionMsg::Sync { .. } => {
                 FrameCounters::add(&state.frames.received);
@@ -1882,6 +1935,11 @@ impl SessionActor {
             SessionMsg::Ask(bucket) => {
                 if state.buckets.contains(&bucket) {
                     send_summary(state, bucket).await?;
+                }
+            }
+            SessionMsg::Epoch(bucket, base) => {
+                if state.buckets.contains(&bucket) {
+                    send(state, &Frame::Epoch { bucket, base: *base }).await?;
                 }
             }
             SessionMsg::Recheck => {
@@ -1920,8 +1978,8 @@ async fn send_summaries(state: &mut SessionState) -> Result<(), ActorProcessingE
 }
 
 async fn send_summary(state: &mut SessionState, bucket: Uid) -> Result<(), ActorProcessingErr> {
-    if let MeshReply::Summary(digests) = mesh(&state.handle, MeshOp::Summary(bucket)).await? {
-        send(state, &Frame::Summary { bucket, digests }).await?;
+    if let MeshReply::Summary(epoch, digests) = mesh(&state.handle, MeshOp::Summary(bucket)).await? {
+        send(state, &Frame::Summary { bucket, epoch, digests }).await?;
     }
     Ok(())
 }
@@ -1934,8 +1992,8 @@ async fn send(state: &mut SessionState, frame: &Frame) -> Result<(), ActorProces
 
 /// Sends what the peer lacks of one document, if anything; says whether something went.
 async fn send_generated(state: &mut SessionState, bucket: Uid, doc: u16) -> Result<bool, ActorProcessingErr> {
-    if let MeshReply::Message(Some(msg)) = mesh(&state.handle, MeshOp::Generate { peer: state.peer, bucket, doc }).await? {
-        send(state, &Frame::Sync { bucket, doc, msg }).await?;
+    if let MeshReply::Message(Some(msg), epoch) = mesh(&state.handle, MeshOp::Generate { peer: state.peer, bucket, doc }).await? {
+        send(state, &Frame::Sync { bucket, doc, epoch, msg }).await?;
         Ok(true)
     } else {
         state.lagging.remove(&(bucket, doc));
@@ -1945,9 +2003,26 @@ async fn send_generated(state: &mut SessionState, bucket: Uid, doc: u16) -> Resu
 
 async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Frame) -> Result<(), ActorProcessingErr> {
     match frame {
-        Frame::Summary { bucket, digests } if state.buckets.contains(&bucket) => {
-            let docs = match mesh(&state.handle, MeshOp::Compare { peer: state.peer, bucket, digests }).await? {
-                MeshReply::Differing(d) => d,
+        Frame::Summary { bucket, epoch, digests } if state.buckets.contains(&bucket) => {
+            let docs = match mesh(&state.handle, MeshOp::Compare { peer: state.peer, bucket, epoch, digests }).await? {
+                MeshReply::Differing(d, answer) => {
+                    // While the bucket is due a compaction, the side that did not dial
+                    // answers the dialer's summaries with its own: each then knows whether
+                    // the other is at its heads (`Mesh::compact_due`).
+                    if answer && !state.dialed_here {
+                        send_summary(state, bucket).await?;
+                    }
+                    d
+                }
+                MeshReply::PeerBehind(base) => {
+                    send(state, &Frame::Epoch { bucket, base }).await?;
+                    Vec::new()
+                }
+                MeshReply::PeerAhead => {
+                    // Ours is the earlier epoch: our summary makes the peer announce its own.
+                    send_summary(state, bucket).await?;
+                    Vec::new()
+                }
                 _ => Vec::new(),
             };
             for doc in &docs {
@@ -1960,6 +2035,16 @@ async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Fr
             }
             if sent {
                 FrameCounters::add(&state.frames.useful);
+            }
+        }
+        Frame::Epoch { bucket, base } if state.buckets.contains(&bucket) => {
+            let epoch = base.epoch;
+            if let MeshReply::Taken(how) = mesh(&state.handle, MeshOp::TakeEpoch { bucket, base }).await? {
+                if how != crate::engine::compaction::TakenEpoch::Ignored {
+                    tracing::info!(peer = %state.peer.short(), epoch, how = ?how, "took a new epoch of a bucket's shards");
+                    // Every peer learns of it from our summaries.
+                    let _ = state.mesh.cast(MeshMsg::EpochTaken(bucket));
+                }
             }
         }
         Frame::Refused { reason } => {
@@ -1976,14 +2061,14 @@ async fn on_frame(me: &ActorRef<SessionMsg>, state: &mut SessionState, frame: Fr
 
 /// A sync message of the session's bucket `bucket`, document `doc`, as the reader checked it:
 /// applied (or the peer dropped if it was refused), then answered.
-async fn on_sync(me: &ActorRef<SessionMsg>, state: &mut SessionState, bucket: Uid, doc: u16, checked: Result<CheckedMessage, String>) -> Result<(), ActorProcessingErr> {
+async fn on_sync(me: &ActorRef<SessionMsg>, state: &mut SessionState, (bucket, doc, epoch): (Uid, u16, u32), checked: Result<CheckedMessage, String>) -> Result<(), ActorProcessingErr> {
     let received = match checked {
-        Ok(msg) => mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, msg }).await,
+        Ok(msg) => mesh(&state.handle, MeshOp::Receive { peer: state.peer, bucket, doc, epoch, msg }).await,
         Err(why) => Err(format!("a sync message from {} was refused whole: {why}", state.peer.short())),
     };
     match received {
         Ok(MeshReply::Received(r)) => {
-            let Received { applied, members_changed, entries, answer } = *r;
+            let Received { applied, members_changed, entries, answer, epoch } = *r;
             if !applied.missing_blobs.is_empty() && state.eager_fetch {
                 let _ = state.mesh.cast(MeshMsg::Missing(state.peer, applied.missing_blobs));
             }
@@ -1995,7 +2080,7 @@ async fn on_sync(me: &ActorRef<SessionMsg>, state: &mut SessionState, bucket: Ui
                 FrameCounters::add(&state.frames.useful);
             }
             match answer {
-                Some(msg) => send(state, &Frame::Sync { bucket, doc, msg }).await?,
+                Some(msg) => send(state, &Frame::Sync { bucket, doc, epoch, msg }).await?,
                 None => {
                     state.lagging.remove(&(bucket, doc));
                 }

@@ -173,6 +173,9 @@ pub struct NodeConfig {
     /// The memory the shared buckets' documents may take (bytes, estimated; the least
     /// recently used are dropped past it and read back when next used).
     pub doc_budget: usize,
+    /// Shards of a shared bucket are compacted once their saved size passes twice what the
+    /// last epoch began with and at least this (bytes; `engine::compaction`).
+    pub compact_after: u64,
 }
 
 impl Default for NodeConfig {
@@ -188,6 +191,7 @@ impl Default for NodeConfig {
             restart_window: Duration::from_secs(60),
             clock_bound: crate::proto::clock::Bound::default(),
             doc_budget: crate::engine::doc_cache::BUDGET_DEFAULT_BYTES,
+            compact_after: crate::engine::compaction::COMPACT_AFTER_DEFAULT_BYTES,
         }
     }
 }

@@ -233,6 +233,7 @@ impl Actor for StoreActor {
             batch_max: ctx.config.batch_max,
             batch_delay: ctx.config.batch_delay,
             doc_budget: ctx.config.doc_budget,
+            compact_after: ctx.config.compact_after,
             last_commit: ctx.last_commit_ms.clone(),
             commits: Default::default(),
             alive: alive.clone(),
@@ -277,6 +278,8 @@ struct WriterCtx {
     batch_delay: Duration,
     /// The memory the mesh's documents may take (bytes, estimated).
     doc_budget: usize,
+    /// When the mesh compacts a bucket's shards (bytes; see `NodeConfig::compact_after`).
+    compact_after: u64,
     last_commit: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// Commits so far, for the checkpointer to see that there were some.
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -363,6 +366,7 @@ fn writer(mut engine: Engine, jobs: Receiver<Job>, ctx: WriterCtx) {
     let mut mesh = match crate::engine::mesh::Mesh::new(&engine) {
         Ok(mut m) => {
             m.set_doc_budget(ctx.doc_budget);
+            m.set_compact_after(ctx.compact_after);
             m
         }
         Err(e) => {

@@ -34,7 +34,13 @@ use serde::{Deserialize, Serialize};
 use super::ids::{NodeId, OrderKey, Uid, VersionId};
 use super::limits::BRANCH_CHAIN_DEPTH_MAX;
 use super::path::TreePath;
-use super::replica::{BranchRecord, Change, Origin, PathVersion};
+use super::replica::{BranchRecord, Change, Origin, PathVersion, SHARDS};
+
+/// The most heads a shard of an announced epoch may have (concurrent writers at the cut).
+pub const EPOCH_HEADS_MAX: usize = 256;
+
+/// The most writers a shard of an announced epoch may name.
+pub const EPOCH_WRITERS_MAX: usize = 4096;
 
 /// An epoch of a bucket's shards as a member announces it: its number, the heads of each
 /// shard (of the epoch before) it was derived from, and for each shard the highest seq of
@@ -71,6 +77,15 @@ impl EpochBase {
         let mut out = [0u8; 16];
         out.copy_from_slice(&h.finalize().as_bytes()[..16]);
         out
+    }
+
+    /// Whether a peer's announcement has the shape this build makes: a list of heads and of
+    /// writers per shard, each within bounds (the frame's size bounds the rest).
+    pub fn within_bounds(&self) -> bool {
+        self.heads.len() == SHARDS as usize
+            && self.seen.len() == SHARDS as usize
+            && self.heads.iter().all(|h| h.len() <= EPOCH_HEADS_MAX)
+            && self.seen.iter().all(|s| s.len() <= EPOCH_WRITERS_MAX)
     }
 
     /// Whether `writer`'s version `seq` in shard `shard` came after the cut (not in the

@@ -87,7 +87,7 @@ proptest! {
             let again = f.encode();
             prop_assert_eq!(Frame::decode(&again[4..]).unwrap(), f);
         }
-        let good = Frame::Sync { bucket: Uid([1; 16]), doc: DOCS - 1, msg: vec![1, 2, 3] }.encode();
+        let good = Frame::Sync { bucket: Uid([1; 16]), doc: DOCS - 1, epoch: 0, msg: vec![1, 2, 3] }.encode();
         let _ = Frame::decode(&mutated(&good[4..], &flips));
         let _ = Announcement::decode(&bytes);
         let _ = Announcement::open(&crate::proto::ids::Uid([1; 16]), &bytes);

@@ -24,21 +24,24 @@ use serde::{Deserialize, Serialize};
 use super::frame::FRAME_HEADER_BYTES;
 use super::limits::{SESSION_BUCKETS_MAX, SYNC_FRAME_BYTES_MAX};
 use super::ids::Uid;
+use super::compaction::EpochBase;
 use super::replica::SHARDS;
 use super::ticket::{SECRET_BYTES, TICKET_ADDRS_MAX};
 
 /// The protocol's name on the wire; the version is part of it. Version 2: every entry of a
 /// document is signed by its writer (`proto::signed`), and version 1's unsigned entries are
 /// refused, so the two never sync. Version 3: the handshake carries each side's wall clock,
-/// and gossip announcements are sealed by their sender.
-pub const SYNC_ALPN: &[u8] = b"/alknet-fs/sync/3";
+/// and gossip announcements are sealed by their sender. Version 4: a bucket's shards have
+/// epochs (`super::compaction`): summaries and shard messages say which, and an `Epoch`
+/// frame announces one.
+pub const SYNC_ALPN: &[u8] = b"/alknet-fs/sync/4";
 
 /// Earlier versions of the protocol: a node answers them only to say the peer must upgrade
 /// (never a silent split), and offers them when dialing to learn that a peer is older.
-pub const OLDER_SYNC_ALPNS: &[&[u8]] = &[b"/alknet-fs/sync/2", b"/alknet-fs/sync/1"];
+pub const OLDER_SYNC_ALPNS: &[&[u8]] = &[b"/alknet-fs/sync/3", b"/alknet-fs/sync/2", b"/alknet-fs/sync/1"];
 
 /// What a node of an older protocol is told, and what is logged of it.
-pub const OLDER_PROTOCOL: &str = "the peer runs an older protocol of alknet-fs: upgrade it (this node speaks /alknet-fs/sync/3)";
+pub const OLDER_PROTOCOL: &str = "the peer runs an older protocol of alknet-fs: upgrade it (this node speaks /alknet-fs/sync/4)";
 
 /// The document of a bucket that holds its branches and members (the shards are `0..SHARDS`).
 pub const META_DOC: u16 = SHARDS;
@@ -101,6 +104,8 @@ pub enum Frame {
     Summary {
         /// The bucket.
         bucket: Uid,
+        /// The epoch of its shards here.
+        epoch: u32,
         /// One digest per document, index = document.
         digests: Vec<u64>,
     },
@@ -110,8 +115,19 @@ pub enum Frame {
         bucket: Uid,
         /// The document (shard, or [`META_DOC`]).
         doc: u16,
+        /// The epoch of the shards the message is of (a shard's message of another epoch
+        /// than the receiver's is not applied; ignored for [`META_DOC`]).
+        epoch: u32,
         /// The encoded automerge sync message.
         msg: Vec<u8>,
+    },
+    /// The sender's shards of `bucket` are at epoch `base.epoch`, derived from `base`: sent
+    /// to a peer whose summary shows an earlier epoch.
+    Epoch {
+        /// The bucket.
+        bucket: Uid,
+        /// The epoch and what it was derived from.
+        base: EpochBase,
     },
 }
 
@@ -155,6 +171,7 @@ impl Frame {
             Frame::Join { addrs, .. } | Frame::Hello { addrs, .. } if addrs.len() > TICKET_ADDRS_MAX => false,
             Frame::Hello { buckets, .. } | Frame::Welcome { buckets, .. } => buckets.len() <= SESSION_BUCKETS_MAX,
             Frame::Summary { digests, .. } => digests.len() == DOCS as usize,
+            Frame::Epoch { base, .. } => base.within_bounds(),
             Frame::Sync { doc, .. } => *doc < DOCS,
             Frame::Refused { reason } => reason.len() <= 4096,
             Frame::Joined { name, root, .. } => name.len() <= 256 && root.len() <= 4096,
@@ -273,8 +290,8 @@ mod tests {
     fn frames_round_trip_and_bounds_hold() {
         let frames = [
             Frame::Hello { buckets: vec![Uid([1; 16])], addrs: vec!["127.0.0.1:9".parse().unwrap()], instance: 7, clock_ms: 1_700_000_000_000 },
-            Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; DOCS as usize] },
-            Frame::Sync { bucket: Uid([1; 16]), doc: META_DOC, msg: vec![1, 2, 3] },
+            Frame::Summary { bucket: Uid([1; 16]), epoch: 0, digests: vec![7; DOCS as usize] },
+            Frame::Sync { bucket: Uid([1; 16]), doc: META_DOC, epoch: 0, msg: vec![1, 2, 3] },
             Frame::Refused { reason: "no".into() },
         ];
         for f in frames {
@@ -283,9 +300,9 @@ mod tests {
             assert_eq!(Frame::decode(&bytes[4..4 + len]).unwrap(), f);
         }
         assert!(Frame::body_len(((SYNC_FRAME_BYTES_MAX + 1) as u32).to_be_bytes()).is_err());
-        let bad_doc = Frame::Sync { bucket: Uid([1; 16]), doc: DOCS, msg: vec![] }.encode();
+        let bad_doc = Frame::Sync { bucket: Uid([1; 16]), doc: DOCS, epoch: 0, msg: vec![] }.encode();
         assert!(Frame::decode(&bad_doc[4..]).is_err());
-        let short = Frame::Summary { bucket: Uid([1; 16]), digests: vec![7; 3] }.encode();
+        let short = Frame::Summary { bucket: Uid([1; 16]), epoch: 0, digests: vec![7; 3] }.encode();
         assert!(Frame::decode(&short[4..]).is_err());
     }
 

@@ -334,11 +334,13 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE mesh_digest ADD COLUMN heads BLOB;
     "#,
     // 15 → 16: each shared bucket's epoch (`engine::compaction`): its shards were compacted
-    // `epoch` times, the last time into documents that saved as `saved_bytes`.
+    // `epoch` times, the last time from `base` (what is announced to a peer still at an
+    // earlier epoch) into documents that saved as `saved_bytes`.
     r#"
     CREATE TABLE mesh_epoch(
         bucket_id   INTEGER PRIMARY KEY,
         epoch       INTEGER NOT NULL,
+        base        BLOB NOT NULL,
         saved_bytes INTEGER NOT NULL
     );
     "#,
