@@ -85,6 +85,14 @@ pub fn shard_bytes(conn: &Connection, bucket_id: i64) -> Result<u64, StoreError>
     Ok(n.max(0) as u64)
 }
 
+/// The automerge actor of the genesis of shard `doc` in bucket `uid`'s current epoch (`None`
+/// at epoch 0): what a receiver recognizes the genesis by.
+pub fn genesis_actor_of(engine: &Engine, uid: &Uid, doc: u16) -> Result<Option<Vec<u8>>> {
+    let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(None) };
+    let base: Option<Vec<u8>> = engine.tree().conn().query_row("SELECT base FROM mesh_epoch WHERE bucket_id = ?1", [bucket.id], |r| r.get(0)).optional().map_err(StoreError::from)?;
+    Ok(base.and_then(|b| postcard::from_bytes::<EpochBase>(&b).ok()).map(|b| b.genesis_actor(uid, doc).to_vec()))
+}
+
 /// A version as its document holds it: the key, the signed value, and the change inside.
 struct Held {
     shard: u16,

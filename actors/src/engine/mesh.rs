@@ -718,12 +718,22 @@ impl Mesh {
         let mut received = Received { entries: added.len(), epoch, ..Received::default() };
         let mut changes: Vec<Change> = Vec::new();
         let mut meta: Vec<MetaEntry> = Vec::new();
+        // The genesis of an epoch holds what compaction kept of operations long applied
+        // everywhere, not whole (`proto::compaction`): its versions go in as they come.
+        let genesis = if doc != META_DOC && epoch > 0 {
+            super::compaction::genesis_actor_of(engine, uid, doc)?
+        } else {
+            None
+        };
         for (key, value) in &added {
             let Ok(sealed) = signed::open(value) else { continue };
             if doc == META_DOC {
                 meta.extend(MetaEntry::decode(key, sealed.body).ok());
-            } else {
-                changes.extend(rules::decode(sealed.body).ok());
+            } else if let Ok(mut change) = rules::decode(sealed.body) {
+                if genesis.is_some() && self.docs.get_mut(&(bucket.id, doc)).and_then(|d| d.author_of(key)) == genesis {
+                    change.commit = None;
+                }
+                changes.push(change);
             }
         }
         received.members_changed = meta.iter().any(|e| matches!(e, MetaEntry::Member { .. } | MetaEntry::Grant { .. } | MetaEntry::Policy { .. } | MetaEntry::Removed { .. }));

@@ -21,11 +21,15 @@
 //! - every kept version keeps the first version that names it, the first repair that names
 //!   it, and the first non-repair that names it: then in every view it is named exactly when
 //!   it was, first by the same version, knowingly or not as before;
-//! - every version of an operation that has a kept version is kept (a receiver applies an
-//!   operation whole, and would wait for the rest forever);
 //!
 //! repeated until nothing is added. A path written over and over on one branch keeps its head;
 //! history a view can still see (behind a fork, or a conflict nobody resolved) stays.
+//!
+//! Operations are not kept whole: an operation's versions on other paths may have been
+//! replaced since (keeping them would keep every version that replaced them, and so on to
+//! the heads: all history). A receiver applies what a genesis holds as it comes, not waiting
+//! for the rest of its operations, which were applied everywhere long before
+//! (`engine::mesh`, by the genesis's actor, [`EpochBase::genesis_actor`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -102,12 +106,8 @@ impl EpochBase {
 pub fn kept(changes: &[Change], branches: &[BranchRecord], deleted: &HashSet<Uid>) -> HashSet<VersionId> {
     let bounds = fork_bounds(branches, deleted);
     let mut groups: HashMap<(Uid, &TreePath), Vec<usize>> = HashMap::new();
-    let mut ops: HashMap<(NodeId, i64), Vec<usize>> = HashMap::new();
     for (i, c) in changes.iter().enumerate() {
         groups.entry((c.branch, &c.path)).or_default().push(i);
-        if let Some(op) = c.commit {
-            ops.entry((c.id().node, op.first_seq)).or_default().push(i);
-        }
     }
     // For each version, the versions of its group that it needs kept beside it.
     let mut needs: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
@@ -150,10 +150,6 @@ pub fn kept(changes: &[Change], branches: &[BranchRecord], deleted: &HashSet<Uid
             continue;
         }
         work.extend(needs[i].iter().copied().filter(|&j| !keep[j]));
-        if let Some(op) = changes[i].commit {
-            let op = ops.get(&(changes[i].id().node, op.first_seq)).map(Vec::as_slice).unwrap_or_default();
-            work.extend(op.iter().copied().filter(|&j| !keep[j]));
-        }
     }
     (0..changes.len()).filter(|&i| keep[i]).map(|i| changes[i].id()).collect()
 }
@@ -278,23 +274,24 @@ mod tests {
     }
 
     #[test]
-    fn an_operation_is_kept_whole() {
-        // A rename: /a deleted and /b written by one operation; then /b is overwritten. The
-        // rename's /b version goes, so its /a half does not hold it... but /a's tombstone is
-        // /a's head, kept, so the /b half stays with it.
-        let (a1, del, b1, b2) = (key(10, 1, 1), key(20, 1, 2), key(20, 1, 3), key(30, 1, 4));
-        let op = Some(CommitRef { first_seq: 2, len: 2 });
+    fn an_operation_whose_other_paths_were_written_since_keeps_only_what_is_live() {
+        // One operation made /d and wrote /d/a and /d/b; both files were written again since:
+        // the directory's version stays, the files' first versions go (keeping them would
+        // keep what replaced them too).
+        let (d, a1, b1, a2, b2) = (key(10, 1, 1), key(10, 1, 2), key(10, 1, 3), key(20, 1, 4), key(20, 1, 5));
+        let op = Some(CommitRef { first_seq: 1, len: 3 });
         let mut changes = vec![
-            change(1, "/a", a1, None, Some(EntryKind::File), Origin::Write),
-            change(1, "/a", del, Some(a1), None, Origin::Rename),
-            change(1, "/b", b1, None, Some(EntryKind::File), Origin::Rename),
-            change(1, "/b", b2, Some(b1), Some(EntryKind::File), Origin::Write),
+            change(1, "/d", d, None, Some(EntryKind::Dir), Origin::Mkdir),
+            change(1, "/d/a", a1, None, Some(EntryKind::File), Origin::Write),
+            change(1, "/d/b", b1, None, Some(EntryKind::File), Origin::Write),
+            change(1, "/d/a", a2, Some(a1), Some(EntryKind::File), Origin::Write),
+            change(1, "/d/b", b2, Some(b1), Some(EntryKind::File), Origin::Write),
         ];
-        changes[1].commit = op;
-        changes[2].commit = op;
+        for c in &mut changes[..3] {
+            c.commit = op;
+        }
         let keep = kept(&changes, &[branch(1, None, None)], &HashSet::new());
-        assert!(keep.contains(&del.version()) && keep.contains(&b1.version()) && keep.contains(&b2.version()));
-        assert!(!keep.contains(&a1.version()));
+        assert_eq!(keep, HashSet::from([d.version(), a2.version(), b2.version()]));
     }
 
     /// A random history: versions of a few paths on a few branches (each branch forked from
@@ -344,22 +341,6 @@ mod tests {
             for (view, outcome) in before_shown {
                 // A view with nothing left in it showed nothing before either.
                 prop_assert_eq!(after_shown.get(&view).cloned().flatten(), outcome, "view {:?}", view);
-            }
-        }
-
-        #[test]
-        fn operations_are_kept_whole_or_not_at_all((changes, branches) in history()) {
-            let keep = kept(&changes, &branches, &HashSet::new());
-            let mut ops: HashMap<(NodeId, i64), (usize, usize)> = HashMap::new();
-            for c in &changes {
-                if let Some(op) = c.commit {
-                    let e = ops.entry((c.id().node, op.first_seq)).or_default();
-                    e.0 += 1;
-                    e.1 += usize::from(keep.contains(&c.id()));
-                }
-            }
-            for (op, (all, kept)) in ops {
-                prop_assert!(kept == 0 || kept == all, "operation {:?}: {} of {} kept", op, kept, all);
             }
         }
 

@@ -97,6 +97,15 @@ impl ReplicaDoc {
         Some(self.doc.keys_at(ROOT, heads).filter_map(|k| value(&k).map(|v| (k, v))).collect())
     }
 
+    /// The automerge actor of the change that set `key` (the winning one, were two to
+    /// race), if it is set.
+    pub fn author_of(&self, key: &str) -> Option<Vec<u8>> {
+        match self.doc.get(ROOT, key) {
+            Ok(Some((_, automerge::ObjId::Id(_, actor, _)))) => Some(actor.to_bytes().to_vec()),
+            _ => None,
+        }
+    }
+
     /// Whether `key` has a value.
     pub fn contains(&self, key: &str) -> bool {
         matches!(self.doc.get(ROOT, key), Ok(Some(_)))
