@@ -155,7 +155,7 @@ impl Mesh {
         let conn = engine.tree().conn();
         let shared: Vec<i64> = super::mesh::shared_bucket_ids(conn)?.into_iter().collect();
         for bucket_id in shared {
-            let uid = super::mesh::bucket_uid_of(engine.tree().conn(), bucket_id)?;
+            let uid = super::mesh::bucket_uid(engine.tree().conn(), bucket_id)?;
             if !self.compaction_due(engine, &uid)? {
                 continue;
             }

@@ -1178,11 +1178,7 @@ fn last_seq_of(conn: &Connection, bucket_id: i64, node: &NodeId) -> Result<i64, 
 }
 
 /// The identity of bucket `id`.
-pub(super) fn bucket_uid_of(conn: &Connection, id: i64) -> Result<Uid, StoreError> {
-    bucket_uid(conn, id)
-}
-
-fn bucket_uid(conn: &Connection, id: i64) -> Result<Uid, StoreError> {
+pub(super) fn bucket_uid(conn: &Connection, id: i64) -> Result<Uid, StoreError> {
     let bytes: Vec<u8> = conn.query_row("SELECT uid FROM bucket WHERE id = ?1", [id], |r| r.get(0))?;
     Uid::from_bytes(&bytes).ok_or_else(|| invalid(format!("bucket {id} has a damaged identity")))
 }
