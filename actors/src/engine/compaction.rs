@@ -22,7 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::mesh::{meta_entries, Mesh};
 use super::{Engine, Result};
-use crate::proto::compaction::{kept, EpochBase};
+use crate::proto::compaction::{kept, EpochBase, EPOCH_MAX};
 use crate::proto::doc::ReplicaDoc;
 use crate::proto::ids::{NodeId, Uid};
 use crate::proto::replica::{self as rules, BranchRecord, Change, MetaEntry, SHARDS};
@@ -45,13 +45,27 @@ pub enum TakenEpoch {
     Ignored,
 }
 
-/// Bucket `bucket_id`'s epoch (0 before its first compaction) and the saved size of its
-/// shards when that epoch began.
-pub fn epoch_of(conn: &Connection, bucket_id: i64) -> Result<(u32, u64), StoreError> {
-    let row: Option<(i64, i64)> = conn
-        .query_row("SELECT epoch, saved_bytes FROM mesh_epoch WHERE bucket_id = ?1", [bucket_id], |r| Ok((r.get(0)?, r.get(1)?)))
+/// A bucket's epoch as this node holds it (`mesh_epoch`; read once, then kept by the mesh:
+/// every message received asks for it).
+#[derive(Clone, Debug, Default)]
+pub struct EpochRow {
+    /// The epoch (0 before the first compaction).
+    pub epoch: u32,
+    /// The saved size of the shards when it began.
+    pub began_bytes: u64,
+    /// What it was derived from (`None` at epoch 0).
+    pub base: Option<EpochBase>,
+}
+
+/// Bucket `bucket_id`'s epoch, from the database.
+pub fn read_epoch(conn: &Connection, bucket_id: i64) -> Result<EpochRow, StoreError> {
+    let row: Option<(i64, Vec<u8>, i64)> = conn
+        .query_row("SELECT epoch, base, saved_bytes FROM mesh_epoch WHERE bucket_id = ?1", [bucket_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    Ok(row.map(|(e, b)| (e as u32, b.max(0) as u64)).unwrap_or((0, 0)))
+    Ok(match row {
+        None => EpochRow::default(),
+        Some((epoch, base, began)) => EpochRow { epoch: epoch as u32, began_bytes: began.max(0) as u64, base: postcard::from_bytes(&base).ok() },
+    })
 }
 
 /// A shared bucket's epoch, as `status` shows it.
@@ -72,8 +86,8 @@ pub fn epochs(conn: &Connection) -> Result<Vec<BucketEpoch>, StoreError> {
     let mut out = Vec::new();
     for bucket_id in super::mesh::shared_bucket_ids(conn)? {
         let bucket: String = conn.query_row("SELECT name FROM bucket WHERE id = ?1", [bucket_id], |r| r.get(0))?;
-        let (epoch, began_bytes) = epoch_of(conn, bucket_id)?;
-        out.push(BucketEpoch { bucket, epoch, shard_bytes: shard_bytes(conn, bucket_id)?, began_bytes });
+        let row = read_epoch(conn, bucket_id)?;
+        out.push(BucketEpoch { bucket, epoch: row.epoch, shard_bytes: shard_bytes(conn, bucket_id)?, began_bytes: row.began_bytes });
     }
     out.sort_by(|a, b| a.bucket.cmp(&b.bucket));
     Ok(out)
@@ -85,13 +99,6 @@ pub fn shard_bytes(conn: &Connection, bucket_id: i64) -> Result<u64, StoreError>
     Ok(n.max(0) as u64)
 }
 
-/// The automerge actor of the genesis of shard `doc` in bucket `uid`'s current epoch (`None`
-/// at epoch 0): what a receiver recognizes the genesis by.
-pub fn genesis_actor_of(engine: &Engine, uid: &Uid, doc: u16) -> Result<Option<Vec<u8>>> {
-    let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(None) };
-    let base: Option<Vec<u8>> = engine.tree().conn().query_row("SELECT base FROM mesh_epoch WHERE bucket_id = ?1", [bucket.id], |r| r.get(0)).optional().map_err(StoreError::from)?;
-    Ok(base.and_then(|b| postcard::from_bytes::<EpochBase>(&b).ok()).map(|b| b.genesis_actor(uid, doc).to_vec()))
-}
 
 /// A version as its document holds it: the key, the signed value, and the change inside.
 struct Held {
@@ -122,26 +129,37 @@ impl Mesh {
         self.compact_after = bytes;
     }
 
+    /// Bucket `bucket_id`'s epoch, read from the database the first time.
+    pub(super) fn epoch_row(&mut self, conn: &Connection, bucket_id: i64) -> Result<&EpochRow, StoreError> {
+        if !self.epochs.contains_key(&bucket_id) {
+            let row = read_epoch(conn, bucket_id)?;
+            self.epochs.insert(bucket_id, row);
+        }
+        Ok(self.epochs.get(&bucket_id).expect("just read"))
+    }
+
     /// The epoch of bucket `uid`'s shards here (0 for a bucket not here).
-    pub fn epoch(&self, engine: &Engine, uid: &Uid) -> Result<u32> {
+    pub fn epoch(&mut self, engine: &Engine, uid: &Uid) -> Result<u32> {
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(0) };
-        Ok(epoch_of(engine.tree().conn(), bucket.id)?.0)
+        Ok(self.epoch_row(engine.tree().conn(), bucket.id)?.epoch)
     }
 
     /// What bucket `uid`'s current epoch was derived from, to announce to a peer at an
     /// earlier one (`None` at epoch 0).
-    pub fn epoch_base(&self, engine: &Engine, uid: &Uid) -> Result<Option<EpochBase>> {
+    pub fn epoch_base(&mut self, engine: &Engine, uid: &Uid) -> Result<Option<EpochBase>> {
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(None) };
-        let base: Option<Vec<u8>> = engine.tree().conn().query_row("SELECT base FROM mesh_epoch WHERE bucket_id = ?1", [bucket.id], |r| r.get(0)).optional().map_err(StoreError::from)?;
-        Ok(base.and_then(|b| postcard::from_bytes(&b).ok()))
+        Ok(self.epoch_row(engine.tree().conn(), bucket.id)?.base.clone())
     }
 
     /// Whether bucket `uid`'s shards have grown enough to be compacted.
-    pub fn compaction_due(&self, engine: &Engine, uid: &Uid) -> Result<bool> {
+    pub fn compaction_due(&mut self, engine: &Engine, uid: &Uid) -> Result<bool> {
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(false) };
-        let conn = engine.tree().conn();
-        let (_, began) = epoch_of(conn, bucket.id)?;
-        Ok(shard_bytes(conn, bucket.id)? >= self.compact_after.max(began.saturating_mul(2)))
+        Ok(self.due(engine.tree().conn(), bucket.id)?)
+    }
+
+    fn due(&mut self, conn: &Connection, bucket_id: i64) -> Result<bool, StoreError> {
+        let began = self.epoch_row(conn, bucket_id)?.began_bytes;
+        Ok(shard_bytes(conn, bucket_id)? >= self.compact_after.max(began.saturating_mul(2)))
     }
 
     /// Compacts each shared bucket that is due ([`Mesh::compaction_due`]) and whose members
@@ -155,11 +173,11 @@ impl Mesh {
         let conn = engine.tree().conn();
         let shared: Vec<i64> = super::mesh::shared_bucket_ids(conn)?.into_iter().collect();
         for bucket_id in shared {
-            let uid = super::mesh::bucket_uid(engine.tree().conn(), bucket_id)?;
-            if !self.compaction_due(engine, &uid)? {
+            if !self.due(engine.tree().conn(), bucket_id)? {
                 continue;
             }
-            let (epoch, _) = epoch_of(engine.tree().conn(), bucket_id)?;
+            let uid = super::mesh::bucket_uid(engine.tree().conn(), bucket_id)?;
+            let epoch = self.epoch_row(engine.tree().conn(), bucket_id)?.epoch;
             let ours = self.summary(engine, &uid)?;
             let others: Vec<NodeId> = super::mesh::members(engine.tree().conn(), bucket_id)?.into_iter().filter(|m| m.removed_ms.is_none() && m.node != self.me()).map(|m| m.node).collect();
             let in_step = others.iter().all(|m| {
@@ -182,20 +200,21 @@ impl Mesh {
     pub fn compact(&mut self, engine: &mut Engine, uid: &Uid) -> Result<EpochBase> {
         let bucket = engine.bucket_by_uid(uid)?.ok_or_else(|| StoreError::Invalid(format!("no bucket {uid} here")))?;
         let conn = engine.tree().conn();
-        let (epoch, _) = epoch_of(conn, bucket.id)?;
+        let epoch = self.epoch_row(conn, bucket.id)?.epoch;
+        let next = epoch.checked_add(1).filter(|e| *e <= EPOCH_MAX).ok_or_else(|| StoreError::Invalid(format!("bucket {uid} has had every epoch it may have")))?;
         let mut heads = Vec::with_capacity(SHARDS as usize);
         for shard in 0..SHARDS {
             heads.push(self.doc(conn, bucket.id, shard)?.heads().iter().map(|h| h.0).collect());
         }
-        let base = EpochBase { epoch: epoch + 1, heads, seen: Vec::new() };
+        let base = EpochBase { epoch: next, heads, seen: Vec::new() };
         Ok(self.switch(engine, bucket.id, uid, base)?.0)
     }
 
     /// Takes epoch `base` of bucket `uid`, announced by a peer (see [`TakenEpoch`]).
     pub fn take_epoch(&mut self, engine: &mut Engine, uid: &Uid, base: &EpochBase) -> Result<TakenEpoch> {
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(TakenEpoch::Ignored) };
-        let (epoch, _) = epoch_of(engine.tree().conn(), bucket.id)?;
-        if base.epoch <= epoch || base.heads.len() != SHARDS as usize {
+        let epoch = self.epoch_row(engine.tree().conn(), bucket.id)?.epoch;
+        if base.epoch <= epoch || !base.within_bounds() {
             return Ok(TakenEpoch::Ignored);
         }
         let (_, derived) = self.switch(engine, bucket.id, uid, base.clone())?;
@@ -208,7 +227,7 @@ impl Mesh {
     /// with `seen` as derived (or as announced, when it could not be), and whether it was.
     fn switch(&mut self, engine: &mut Engine, bucket_id: i64, uid: &Uid, mut base: EpochBase) -> Result<(EpochBase, bool)> {
         let conn = engine.tree().conn();
-        let (epoch, _) = epoch_of(conn, bucket_id)?;
+        let epoch = self.epoch_row(conn, bucket_id)?.epoch;
         let (mut branches, mut deleted): (Vec<BranchRecord>, HashSet<Uid>) = Default::default();
         for e in meta_entries(self.doc(conn, bucket_id, META_DOC)?) {
             match e {
@@ -276,7 +295,7 @@ impl Mesh {
         }
         let now = engine.now_ms();
         let mut docs = Some(docs);
-        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<(), StoreError> {
+        let result = engine.tree_mut().transact(Ids::AtMost(0), now, |tx| -> Result<u64, StoreError> {
             let conn = tx.conn();
             conn.execute("DELETE FROM mesh_doc WHERE bucket_id = ?1 AND doc < ?2", params![bucket_id, SHARDS])?;
             conn.execute("DELETE FROM mesh_sync WHERE bucket_id = ?1 AND doc < ?2", params![bucket_id, SHARDS])?;
@@ -284,23 +303,28 @@ impl Mesh {
                 self.docs.insert((bucket_id, shard as u16), d, 0);
                 self.persist(tx, bucket_id, shard as u16)?;
             }
-            let saved: i64 = conn.query_row("SELECT coalesce(sum(length(data)), 0) FROM mesh_doc WHERE bucket_id = ?1 AND doc < ?2", params![bucket_id, SHARDS], |r| r.get(0))?;
+            let saved = shard_bytes(conn, bucket_id)?;
             conn.execute(
                 "INSERT INTO mesh_epoch(bucket_id, epoch, base, saved_bytes) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(bucket_id) DO UPDATE SET epoch = excluded.epoch, base = excluded.base, saved_bytes = excluded.saved_bytes",
-                params![bucket_id, base.epoch, postcard::to_allocvec(&base).expect("encoding to memory cannot fail"), saved],
+                params![bucket_id, base.epoch, postcard::to_allocvec(&base).expect("encoding to memory cannot fail"), saved as i64],
             )?;
-            Ok(())
+            Ok(saved)
         });
         // Sync states of the old epoch mean nothing in the new one.
         self.states.retain(|(_, b, doc), _| !(*b == bucket_id && *doc < SHARDS));
-        if let Err(e) = result {
-            // The documents in memory may be the new epoch's: read back what the database has.
-            for shard in 0..SHARDS {
-                self.docs.remove(&(bucket_id, shard));
+        let saved = match result {
+            Ok(saved) => saved,
+            Err(e) => {
+                // The documents in memory may be the new epoch's: read back what the database has.
+                for shard in 0..SHARDS {
+                    self.docs.remove(&(bucket_id, shard));
+                }
+                self.epochs.remove(&bucket_id);
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
+        self.epochs.insert(bucket_id, EpochRow { epoch: base.epoch, began_bytes: saved, base: Some(base.clone()) });
         let derived = at_base.is_some();
         tracing::info!(bucket = %uid, epoch = base.epoch, derived, versions_before = old.len(), put_back, "the bucket's shards began a new epoch");
         Ok((base, derived))

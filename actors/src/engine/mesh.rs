@@ -105,6 +105,8 @@ pub struct Mesh {
     pub(super) peer_summaries: HashMap<(NodeId, i64), (u32, Vec<u64>)>,
     /// When a bucket's shards are compacted (`node.compact_after_kib`).
     pub(super) compact_after: u64,
+    /// Each shared bucket's epoch, read once (`engine::compaction`).
+    pub(super) epochs: HashMap<i64, super::compaction::EpochRow>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -138,6 +140,7 @@ impl Mesh {
             waiting: Waiting::default(),
             peer_summaries: HashMap::new(),
             compact_after: super::compaction::COMPACT_AFTER_DEFAULT_BYTES,
+            epochs: HashMap::new(),
         })
     }
 
@@ -629,7 +632,7 @@ impl Mesh {
         let differ = crate::proto::sync::differing(&ours, theirs);
         let Some(bucket) = engine.bucket_by_uid(uid)? else { return Ok(differ) };
         let conn = engine.tree().conn();
-        let (epoch, _) = super::compaction::epoch_of(conn, bucket.id)?;
+        let epoch = self.epoch_row(conn, bucket.id)?.epoch;
         self.peer_summaries.insert((*peer, bucket.id), (epoch, theirs.to_vec()));
         let saved: HashMap<u16, (u64, Vec<u8>)> = (|| -> Result<_, StoreError> {
             let mut st = conn.prepare_cached("SELECT doc, digest, heads FROM mesh_digest WHERE bucket_id = ?1 AND heads IS NOT NULL")?;
@@ -687,11 +690,16 @@ impl Mesh {
     /// Applies a message already read and checked (by the session, off this thread).
     pub fn receive_checked(&mut self, engine: &mut Engine, peer: &NodeId, uid: &Uid, doc: u16, checked: CheckedMessage) -> Result<Received> {
         let bucket = engine.bucket_by_uid(uid)?.ok_or_else(|| invalid(format!("no bucket {uid} here")))?;
-        {
+        // The genesis of an epoch holds what compaction kept of operations long applied
+        // everywhere, not whole (`proto::compaction`): its versions go in as they come, and
+        // a receiver knows them by the genesis's actor.
+        let (epoch, genesis) = {
             let conn = engine.tree().conn();
             self.doc(conn, bucket.id, doc)?;
             self.state(conn, peer, bucket.id, doc)?;
-        }
+            let row = self.epoch_row(conn, bucket.id)?;
+            (row.epoch, row.base.as_ref().filter(|_| doc != META_DOC).map(|b| b.genesis_actor(uid, doc).to_vec()))
+        };
         let state = self.states.get_mut(&(*peer, bucket.id, doc)).expect("loaded");
         let d = self.docs.get_mut(&(bucket.id, doc)).expect("loaded");
         let heads_before = d.heads();
@@ -708,7 +716,6 @@ impl Mesh {
                 return Err(invalid(format!("a sync message from {} was refused: {e}", peer.short())).into());
             }
         };
-        let epoch = super::compaction::epoch_of(engine.tree().conn(), bucket.id)?.0;
         if added.is_empty() && d.heads() == heads_before {
             // It brought nothing: no transaction, only perhaps an answer.
             return Ok(Received { answer: d.answer(state), epoch, ..Received::default() });
@@ -718,13 +725,6 @@ impl Mesh {
         let mut received = Received { entries: added.len(), epoch, ..Received::default() };
         let mut changes: Vec<Change> = Vec::new();
         let mut meta: Vec<MetaEntry> = Vec::new();
-        // The genesis of an epoch holds what compaction kept of operations long applied
-        // everywhere, not whole (`proto::compaction`): its versions go in as they come.
-        let genesis = if doc != META_DOC && epoch > 0 {
-            super::compaction::genesis_actor_of(engine, uid, doc)?
-        } else {
-            None
-        };
         for (key, value) in &added {
             let Ok(sealed) = signed::open(value) else { continue };
             if doc == META_DOC {

@@ -793,6 +793,8 @@ pub struct MeshState {
     frames: Arc<FrameCounters>,
     /// When this actor started (a member not seen since counts as seen then).
     started: Instant,
+    /// When the shared buckets were last checked for compaction.
+    last_compact_check: Option<Instant>,
 }
 
 /// Sync frames counted across sessions ([`crate::proto::fanout::FrameCounts`]).
@@ -856,6 +858,7 @@ impl Actor for MeshActor {
             members: HashMap::new(),
             frames: Arc::default(),
             started: Instant::now(),
+            last_compact_check: None,
         })
     }
 
@@ -1223,7 +1226,11 @@ async fn tick(me: &ActorRef<MeshMsg>, state: &mut MeshState) {
     for s in state.sessions.values() {
         let _ = s.actor.cast(SessionMsg::Recheck);
     }
-    compact_due(state, &connected).await;
+    // Whether members are in step changes with their summaries, every ANTI_ENTROPY.
+    if state.last_compact_check.is_none_or(|t| t.elapsed() >= ANTI_ENTROPY) {
+        state.last_compact_check = Some(Instant::now());
+        compact_due(state, &connected).await;
+    }
     let Ok(MeshReply::Peers(peers)) = mesh(&state.handle, MeshOp::Peers).await else { return };
     // Where the bucket's documents say each member listens; a peer with a session said
     // where it listens when it opened it, which is fresher (it may have restarted since it

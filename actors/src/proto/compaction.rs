@@ -43,6 +43,10 @@ use super::replica::{BranchRecord, Change, Origin, PathVersion, SHARDS};
 /// The most heads a shard of an announced epoch may have (concurrent writers at the cut).
 pub const EPOCH_HEADS_MAX: usize = 256;
 
+/// The highest epoch: an announced one past it is refused (no counter a peer names can be
+/// made to overflow here).
+pub const EPOCH_MAX: u32 = u32::MAX / 2;
+
 /// The most writers a shard of an announced epoch may name.
 pub const EPOCH_WRITERS_MAX: usize = 4096;
 
@@ -86,7 +90,8 @@ impl EpochBase {
     /// Whether a peer's announcement has the shape this build makes: a list of heads and of
     /// writers per shard, each within bounds (the frame's size bounds the rest).
     pub fn within_bounds(&self) -> bool {
-        self.heads.len() == SHARDS as usize
+        self.epoch <= EPOCH_MAX
+            && self.heads.len() == SHARDS as usize
             && self.seen.len() == SHARDS as usize
             && self.heads.iter().all(|h| h.len() <= EPOCH_HEADS_MAX)
             && self.seen.iter().all(|s| s.len() <= EPOCH_WRITERS_MAX)
